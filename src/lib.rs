@@ -1,0 +1,2 @@
+//! attnc: an attention compiler.
+pub mod syntax;

@@ -1,0 +1,466 @@
+//! The parser: source text to [`ast::File`](super::ast::File).
+//!
+//! Stage: syntax. Consumes the text of one `.attn` file, produces the AST or the
+//! first syntax error. pest does the tokenising and the precedence layering
+//! (see `grammar/attn.pest`); this module builds spanned AST nodes from the
+//! pest pairs and turns pest's errors into [`SyntaxError`]s that speak the
+//! user's words.
+
+use pest::error::{ErrorVariant, InputLocation};
+use pest::iterators::Pair;
+use pest::Parser;
+
+use super::ast::*;
+use super::SyntaxError;
+
+#[derive(pest_derive::Parser)]
+#[grammar = "../grammar/attn.pest"]
+struct AttnParser;
+
+/// Parses a whole `.attn` file.
+pub fn parse(source: &str) -> Result<File, SyntaxError> {
+    let mut pairs = AttnParser::parse(Rule::file, source).map_err(|e| convert_error(source, e))?;
+    let file = pairs.next().expect("grammar: file rule always yields one pair");
+    let mut attentions = Vec::new();
+    for pair in file.into_inner() {
+        match pair.as_rule() {
+            Rule::attention => attentions.push(build_attention(pair)?),
+            Rule::EOI => {}
+            r => unreachable!("grammar: unexpected {r:?} in file"),
+        }
+    }
+    if attentions.is_empty() {
+        return Err(SyntaxError::new(
+            Span::new(0, source.len().min(1)),
+            "expected an `attention` block, found an empty file",
+            "this file defines no attention block",
+        )
+        .with_help("a spec starts with `attention NAME { mask = ... }`"));
+    }
+    Ok(File { attentions })
+}
+
+/// The span of a pair without the whitespace and comments pest lets trail it.
+/// The language has no string literals, so `//` always starts a comment.
+fn span_of(pair: &Pair<'_, Rule>) -> Span {
+    let s = pair.as_span();
+    let mut text = pair.as_str();
+    loop {
+        text = text.trim_end();
+        let line_start = text.rfind('\n').map_or(0, |i| i + 1);
+        match text[line_start..].find("//") {
+            Some(c) => text = &text[..line_start + c],
+            None => break,
+        }
+    }
+    Span::new(s.start(), s.start() + text.len())
+}
+
+fn ident(pair: Pair<'_, Rule>) -> Ident {
+    debug_assert_eq!(pair.as_rule(), Rule::ident);
+    Ident { name: pair.as_str().to_string(), span: span_of(&pair) }
+}
+
+fn build_attention(pair: Pair<'_, Rule>) -> Result<Attention, SyntaxError> {
+    let span = span_of(&pair);
+    let mut inner = pair.into_inner();
+    inner.next(); // kw_attention
+    let name = ident(inner.next().expect("grammar: attention name"));
+    let items = inner.map(build_item).collect::<Result<Vec<_>, _>>()?;
+    Ok(Attention { name, items, span })
+}
+
+fn build_item(pair: Pair<'_, Rule>) -> Result<Item, SyntaxError> {
+    let span = span_of(&pair);
+    let rule = pair.as_rule();
+    let mut inner = pair.into_inner();
+    inner.next(); // the keyword
+    let kind = match rule {
+        Rule::param_item => {
+            let name = ident(inner.next().unwrap());
+            let ty = type_name(inner.next().unwrap());
+            let value = build_literal(inner.next().unwrap())?;
+            ItemKind::Param { name, ty, value }
+        }
+        Rule::buffer_item => {
+            let name = ident(inner.next().unwrap());
+            let mut dims = Vec::new();
+            let mut elem = None;
+            for p in inner {
+                match p.as_rule() {
+                    Rule::dim => dims.push(build_dim(p)?),
+                    Rule::type_name => elem = Some(type_name(p)),
+                    r => unreachable!("grammar: unexpected {r:?} in buffer"),
+                }
+            }
+            ItemKind::Buffer { name, dims, elem: elem.expect("grammar: buffer type") }
+        }
+        Rule::let_item => {
+            let name = ident(inner.next().unwrap());
+            let value = build_expr(inner.next().unwrap())?;
+            ItemKind::Let { name, value }
+        }
+        Rule::mask_item => ItemKind::Mask(build_expr(inner.next().unwrap())?),
+        Rule::score_item => ItemKind::Score(build_expr(inner.next().unwrap())?),
+        Rule::scale_item => ItemKind::Scale(build_expr(inner.next().unwrap())?),
+        r => unreachable!("grammar: unexpected {r:?} as item"),
+    };
+    Ok(Item { kind, span })
+}
+
+fn type_name(pair: Pair<'_, Rule>) -> TypeName {
+    let kind = match pair.as_str() {
+        "int" => ScalarKind::Int,
+        "float" => ScalarKind::Float,
+        _ => ScalarKind::Bool,
+    };
+    TypeName { kind, span: span_of(&pair) }
+}
+
+fn parse_uint(pair: &Pair<'_, Rule>) -> Result<u64, SyntaxError> {
+    pair.as_str().parse::<u64>().map_err(|_| {
+        SyntaxError::new(
+            span_of(pair),
+            format!("integer literal `{}` is too large", pair.as_str()),
+            "does not fit in 64 bits",
+        )
+    })
+}
+
+fn parse_int(pair: &Pair<'_, Rule>, negative: bool) -> Result<i64, SyntaxError> {
+    let magnitude = parse_uint(pair)?;
+    let limit = if negative { i64::MAX as u64 + 1 } else { i64::MAX as u64 };
+    if magnitude > limit {
+        return Err(SyntaxError::new(
+            span_of(pair),
+            format!("integer literal `{}` is too large", pair.as_str()),
+            "ints are signed 64-bit",
+        ));
+    }
+    Ok(if negative { (magnitude as i64).wrapping_neg() } else { magnitude as i64 })
+}
+
+fn parse_float(pair: &Pair<'_, Rule>) -> Result<f64, SyntaxError> {
+    let v: f64 = pair.as_str().parse().expect("grammar: float literal");
+    if !v.is_finite() {
+        return Err(SyntaxError::new(
+            span_of(pair),
+            format!("float literal `{}` is out of range", pair.as_str()),
+            "overflows to infinity",
+        ));
+    }
+    Ok(v)
+}
+
+fn build_literal(pair: Pair<'_, Rule>) -> Result<Literal, SyntaxError> {
+    let span = span_of(&pair);
+    let mut negative = false;
+    let mut value = None;
+    for p in pair.into_inner() {
+        match p.as_rule() {
+            Rule::neg => negative = true,
+            Rule::uint => value = Some(LitValue::Int(parse_int(&p, negative)?)),
+            Rule::float => {
+                let v = parse_float(&p)?;
+                value = Some(LitValue::Float(if negative { -v } else { v }));
+            }
+            Rule::bool_lit => value = Some(LitValue::Bool(p.as_str() == "true")),
+            r => unreachable!("grammar: unexpected {r:?} in literal"),
+        }
+    }
+    Ok(Literal { value: value.expect("grammar: literal value"), span })
+}
+
+fn build_dim(pair: Pair<'_, Rule>) -> Result<Dim, SyntaxError> {
+    let span = span_of(&pair);
+    let inner = pair.into_inner().next().expect("grammar: dim");
+    let kind = match inner.as_rule() {
+        Rule::uint => DimKind::Lit(parse_uint(&inner)?),
+        Rule::ident => DimKind::Shape(ident(inner)),
+        Rule::dim_div => {
+            let mut it = inner.into_inner();
+            let shape = ident(it.next().unwrap());
+            let n = it.next().unwrap();
+            let divisor = parse_uint(&n)?;
+            if divisor == 0 {
+                return Err(SyntaxError::new(
+                    span_of(&n),
+                    "buffer dimension divided by zero",
+                    "the divisor of a dimension must be at least 1",
+                ));
+            }
+            DimKind::CeilDiv(shape, divisor)
+        }
+        r => unreachable!("grammar: unexpected {r:?} in dim"),
+    };
+    Ok(Dim { kind, span })
+}
+
+fn binary_op(pair: &Pair<'_, Rule>) -> BinaryOp {
+    match pair.as_str() {
+        "||" => BinaryOp::Or,
+        "&&" => BinaryOp::And,
+        "==" => BinaryOp::Eq,
+        "!=" => BinaryOp::Ne,
+        "<" => BinaryOp::Lt,
+        "<=" => BinaryOp::Le,
+        ">" => BinaryOp::Gt,
+        ">=" => BinaryOp::Ge,
+        "+" => BinaryOp::Add,
+        "-" => BinaryOp::Sub,
+        "*" => BinaryOp::Mul,
+        "/" => BinaryOp::Div,
+        "%" => BinaryOp::Rem,
+        s => unreachable!("grammar: unknown operator {s}"),
+    }
+}
+
+fn build_expr(pair: Pair<'_, Rule>) -> Result<Expr, SyntaxError> {
+    let span = span_of(&pair);
+    match pair.as_rule() {
+        Rule::expr | Rule::paren => build_expr(pair.into_inner().next().unwrap()),
+        Rule::or_expr | Rule::and_expr | Rule::cmp_expr | Rule::add_expr | Rule::mul_expr => {
+            let is_cmp = pair.as_rule() == Rule::cmp_expr;
+            let mut inner = pair.into_inner();
+            let mut lhs = build_expr(inner.next().unwrap())?;
+            while let Some(op_pair) = inner.next() {
+                let op = binary_op(&op_pair);
+                let rhs = build_expr(inner.next().unwrap())?;
+                if is_cmp {
+                    if let ExprKind::Binary(prev, _, _) = &lhs.kind {
+                        if prev.is_comparison() && lhs.span.start == span.start {
+                            return Err(SyntaxError::new(
+                                span_of(&op_pair),
+                                format!(
+                                    "comparison operators cannot be chained: found `{}` after `{}`",
+                                    op.symbol(),
+                                    prev.symbol()
+                                ),
+                                "second comparison",
+                            )
+                            .with_help("split it with `&&`, e.g. `a < b && b < c`"));
+                        }
+                    }
+                }
+                let s = lhs.span.to(rhs.span);
+                lhs = Expr { kind: ExprKind::Binary(op, Box::new(lhs), Box::new(rhs)), span: s };
+            }
+            Ok(lhs)
+        }
+        Rule::unary => {
+            let mut ops = Vec::new();
+            let mut operand = None;
+            for p in pair.into_inner() {
+                if p.as_rule() == Rule::unary_op {
+                    ops.push((p.as_str() == "-", span_of(&p)));
+                } else {
+                    operand = Some(build_expr(p)?);
+                }
+            }
+            let mut e = operand.expect("grammar: unary operand");
+            for (neg, op_span) in ops.into_iter().rev() {
+                // Fold `-LITERAL` into the literal so `-9223372036854775808` works.
+                if neg {
+                    if let ExprKind::Float(x) = e.kind {
+                        e = Expr { kind: ExprKind::Float(-x), span: op_span.to(e.span) };
+                        continue;
+                    }
+                }
+                let op = if neg { UnaryOp::Neg } else { UnaryOp::Not };
+                e = Expr { kind: ExprKind::Unary(op, Box::new(e)), span: op_span.to(span) };
+            }
+            Ok(e)
+        }
+        Rule::uint => Ok(Expr { kind: ExprKind::Int(parse_int(&pair, false)?), span }),
+        Rule::float => Ok(Expr { kind: ExprKind::Float(parse_float(&pair)?), span }),
+        Rule::bool_lit => Ok(Expr { kind: ExprKind::Bool(pair.as_str() == "true"), span }),
+        Rule::ident => Ok(Expr { kind: ExprKind::Name(ident(pair)), span }),
+        Rule::call | Rule::index => {
+            let is_call = pair.as_rule() == Rule::call;
+            let mut inner = pair.into_inner();
+            let name = ident(inner.next().unwrap());
+            let args = inner.map(build_expr).collect::<Result<Vec<_>, _>>()?;
+            let kind = if is_call { ExprKind::Call(name, args) } else { ExprKind::Index(name, args) };
+            Ok(Expr { kind, span })
+        }
+        Rule::if_expr => {
+            let mut inner = pair.into_inner();
+            inner.next(); // kw_if
+            let cond = build_expr(inner.next().unwrap())?;
+            let then = build_expr(inner.next().unwrap())?;
+            inner.next(); // kw_else
+            let otherwise = build_expr(inner.next().unwrap())?;
+            Ok(Expr { kind: ExprKind::If(Box::new(cond), Box::new(then), Box::new(otherwise)), span })
+        }
+        r => unreachable!("grammar: unexpected {r:?} in expression"),
+    }
+}
+
+/// The words users know for each grammar rule pest may say it expected.
+fn rule_name(rule: &Rule) -> Option<&'static str> {
+    Some(match rule {
+        Rule::attention | Rule::kw_attention => "`attention`",
+        Rule::ident => "a name",
+        Rule::type_name => "a type (`int`, `float` or `bool`)",
+        Rule::literal => "a literal",
+        Rule::dim | Rule::dim_div => "a dimension (an integer, a shape name, or `SHAPE / INT`)",
+        Rule::expr | Rule::or_expr | Rule::and_expr | Rule::cmp_expr | Rule::add_expr
+        | Rule::mul_expr | Rule::unary | Rule::paren | Rule::call | Rule::index | Rule::if_expr => {
+            "an expression"
+        }
+        Rule::float | Rule::uint => "a number",
+        Rule::bool_lit => "`true` or `false`",
+        Rule::op_or | Rule::op_and | Rule::cmp_op | Rule::add_op | Rule::mul_op => "an operator",
+        Rule::unary_op => "an expression",
+        Rule::kw_param | Rule::kw_buffer | Rule::kw_let | Rule::kw_mask | Rule::kw_score
+        | Rule::kw_scale | Rule::param_item | Rule::buffer_item | Rule::let_item | Rule::mask_item
+        | Rule::score_item | Rule::scale_item => {
+            "an item (`param`, `buffer`, `let`, `mask`, `score` or `scale`)"
+        }
+        Rule::kw_if => "`if`",
+        Rule::kw_else => "`else`",
+        Rule::neg => "`-`",
+        Rule::EOI => "end of file",
+        _ => return None,
+    })
+}
+
+/// Describes the text at `pos` for "found ..." messages, and its span.
+fn found_at(source: &str, pos: usize) -> (String, Span) {
+    let rest = &source[pos..];
+    let Some(c) = rest.chars().next() else {
+        return ("end of file".to_string(), Span::new(pos, pos));
+    };
+    let len = if c.is_ascii_alphanumeric() || c == '_' {
+        rest.find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_')).unwrap_or(rest.len())
+    } else {
+        const OPS: [&str; 8] = ["&&", "||", "==", "!=", "<=", ">=", "//", "->"];
+        OPS.iter().find(|op| rest.starts_with(**op)).map(|op| op.len()).unwrap_or(c.len_utf8())
+    };
+    (format!("`{}`", &rest[..len]), Span::new(pos, pos + len))
+}
+
+fn convert_error(source: &str, err: pest::error::Error<Rule>) -> SyntaxError {
+    let pos = match err.location {
+        InputLocation::Pos(p) => p,
+        InputLocation::Span((s, _)) => s,
+    };
+    let (found, span) = found_at(source, pos);
+    let expected = match &err.variant {
+        ErrorVariant::ParsingError { positives, .. } => {
+            let mut names: Vec<&str> = Vec::new();
+            for r in positives {
+                if let Some(n) = rule_name(r) {
+                    if !names.contains(&n) {
+                        names.push(n);
+                    }
+                }
+            }
+            match names.len() {
+                0 => "something else".to_string(),
+                1 => names[0].to_string(),
+                _ => {
+                    let last = names.pop().unwrap();
+                    format!("{} or {}", names.join(", "), last)
+                }
+            }
+        }
+        ErrorVariant::CustomError { message } => message.clone(),
+    };
+    let mut e = SyntaxError::new(
+        span,
+        format!("expected {expected}, found {found}"),
+        format!("expected {expected} here"),
+    );
+    if let Some(help) = syntax_hint(source, pos, &found) {
+        e = e.with_help(help);
+    }
+    e
+}
+
+/// Targeted advice for common slips.
+fn syntax_hint(source: &str, pos: usize, found: &str) -> Option<String> {
+    let rest = &source[pos..];
+    if rest.starts_with('=') && !rest.starts_with("==") {
+        let before = source[..pos].trim_end();
+        if before.ends_with("mask") || before.ends_with("score") || before.ends_with("scale") {
+            return None;
+        }
+        return Some("to compare values use `==`".to_string());
+    }
+    if rest.starts_with('&') && !rest.starts_with("&&") {
+        return Some("logical and is written `&&`".to_string());
+    }
+    if rest.starts_with('|') && !rest.starts_with("||") {
+        return Some("logical or is written `||`".to_string());
+    }
+    if rest.starts_with("else") || rest.starts_with('?') {
+        return Some("conditionals are written `if COND { A } else { B }`".to_string());
+    }
+    match found {
+        "`attention`" | "`param`" | "`buffer`" | "`let`" | "`if`" | "`else`" | "`true`"
+        | "`false`" => Some(format!("{found} is a keyword and cannot be used as a name")),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(src: &str) -> String {
+        parse(src).unwrap().to_string()
+    }
+
+    #[test]
+    fn precedence_and_assoc() {
+        let s = ok("attention a { mask = q - kv - 1 < 2 * 3 + 4 || !causal && true }");
+        assert!(
+            s.contains("(|| (< (- (- q kv) 1) (+ (* 2 3) 4)) (&& (! causal) true))"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn items_and_literals() {
+        let s = ok("attention a {\n param w: int = -5\n param c: float = 1.5e1\n buffer doc[KV, Q / 64, 3]: bool\n let x = if causal { 1 } else if q > 2 { 2 } else { 3 }\n score = tanh(score) + doc[q, kv, 0]\n scale = 0.5 }");
+        assert!(s.contains("param w: int = -5"), "{s}");
+        assert!(s.contains("param c: float = 15.0"), "{s}");
+        assert!(s.contains("buffer doc[KV, Q / 64, 3]: bool"), "{s}");
+        assert!(s.contains("(if causal 1 (if (> q 2) 2 3))"), "{s}");
+        assert!(s.contains("(+ tanh(score) doc[q, kv, 0])"), "{s}");
+    }
+
+    #[test]
+    fn spans_cover_source() {
+        let src = "attention a { mask = q >= kv }";
+        let f = parse(src).unwrap();
+        let ItemKind::Mask(e) = &f.attentions[0].items[0].kind else { panic!() };
+        assert_eq!(&src[e.span.start..e.span.end], "q >= kv");
+    }
+
+    #[test]
+    fn chained_comparison_is_an_error() {
+        let e = parse("attention a { mask = 0 < q < 5 }").unwrap_err();
+        assert!(e.to_string().contains("cannot be chained"), "{e}");
+    }
+
+    #[test]
+    fn errors_say_expected_and_found() {
+        let e = parse("attention a { mask = q >= }").unwrap_err();
+        assert_eq!(e.to_string(), "expected an expression, found `}`");
+        let e = parse("attention a { mask = q = kv }").unwrap_err();
+        assert!(e.help.as_deref().unwrap_or("").contains("=="), "{e:?}");
+        let e = parse("").unwrap_err();
+        assert!(e.to_string().contains("empty file"));
+        let e = parse("attention let { }").unwrap_err();
+        assert!(e.help.as_deref().unwrap_or("").contains("keyword"), "{e:?}");
+    }
+
+    #[test]
+    fn big_literals() {
+        assert!(parse("attention a { param x: int = 99999999999999999999 }").is_err());
+        assert!(ok("attention a { param x: int = -9223372036854775808 }").contains("-9223372036854775808"));
+        assert!(parse("attention a { param x: float = 1e999 }").is_err());
+    }
+}
