@@ -1,2 +1,36 @@
 //! attnc: an attention compiler.
+//!
+//! A `.attn` spec describes an attention variant as a mask and a score mod;
+//! attnc checks it, analyses the mask per tile, and runs it. The pipeline
+//! (see `docs/architecture.md`):
+//!
+//! ```text
+//! source --syntax::parse--> ast::File --sema::check--> sema::Spec --> backend --> Outputs
+//! ```
+//!
+//! Library use:
+//!
+//! ```
+//! use attnc::{load, Inputs, SourceFile, SpecOptions};
+//! use ndarray::Array4;
+//!
+//! let src = SourceFile::new("causal.attn", "attention causal { mask = causal }");
+//! let program = load(src, &SpecOptions::default()).unwrap();
+//! let q = Array4::<f32>::ones((1, 2, 5, 8));
+//! let k = Array4::<f32>::ones((1, 2, 5, 8));
+//! let v = Array4::<f32>::ones((1, 2, 5, 8));
+//! let out = program.run_reference(&Inputs::new(q.view(), k.view(), v.view()).with_lse()).unwrap();
+//! assert_eq!(out.out.shape(), &[1, 2, 5, 8]);
+//! ```
+
+pub mod bind;
+pub mod buffer;
+pub mod driver;
+pub mod npy;
+pub mod reference;
+pub mod sema;
 pub mod syntax;
+
+pub use bind::{Inputs, Outputs};
+pub use buffer::BufferData;
+pub use driver::{load, Error, Program, SourceFile, SpecOptions};

@@ -1,1 +1,150 @@
-fn main(){}
+//! The `attnc` command-line tool.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use attnc::driver::{self, Error, SourceFile, SpecOptions};
+use attnc::{npy, Inputs};
+
+#[derive(Parser)]
+#[command(name = "attnc", version, about = "An attention compiler: .attn specs of masks and score mods to fused attention kernels")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Parse and check a spec; print every diagnostic. Exits 1 on error.
+    #[command(after_help = "Example:\n  attnc check examples/gemma2_local.attn")]
+    Check {
+        /// The `.attn` file.
+        spec: PathBuf,
+    },
+    /// Run a spec on .npy inputs and write .npy outputs.
+    #[command(after_help = "Example:\n  attnc run examples/packed_docs.attn --q q.npy --k k.npy --v v.npy \\\n      --buffer doc=doc.npy --out out.npy --lse lse.npy\n\n\
+q is float32 [B, H, Q, D]; k and v are float32 [B or 1, HKV, KV, D]. Buffers are read in their\n\
+declared type: int from int32/int64, float from float32, bool from bool.")]
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct SpecArgs {
+    /// The `.attn` file.
+    spec: PathBuf,
+    /// The attention block to use when the file holds several.
+    #[arg(long, value_name = "NAME")]
+    entry: Option<String>,
+    /// Override a param: `--param window=128` (repeatable).
+    #[arg(long = "param", value_name = "NAME=VALUE")]
+    params: Vec<String>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    spec: SpecArgs,
+    /// Queries, float32 [B, H, Q, D].
+    #[arg(long, value_name = "FILE.npy")]
+    q: PathBuf,
+    /// Keys, float32 [B or 1, HKV, KV, D].
+    #[arg(long, value_name = "FILE.npy")]
+    k: PathBuf,
+    /// Values, float32 [B or 1, HKV, KV, D].
+    #[arg(long, value_name = "FILE.npy")]
+    v: PathBuf,
+    /// Bind a buffer: `--buffer doc=doc.npy` (repeatable).
+    #[arg(long = "buffer", value_name = "NAME=FILE.npy")]
+    buffers: Vec<String>,
+    /// Absolute position of query row 0 (for decoding with a KV cache).
+    #[arg(long, default_value_t = 0, value_name = "N", allow_negative_numbers = true)]
+    q_offset: i64,
+    /// Where to write the output, float32 [B, H, Q, D].
+    #[arg(long, value_name = "FILE.npy")]
+    out: PathBuf,
+    /// Also write the log-sum-exp of every row, float32 [B, H, Q].
+    #[arg(long, value_name = "FILE.npy")]
+    lse: Option<PathBuf>,
+    /// Which backend runs the spec.
+    #[arg(long, value_enum, default_value_t = Backend::Reference)]
+    backend: Backend,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Backend {
+    /// The f64 reference interpreter.
+    Reference,
+}
+
+fn split_assignment(s: &str, flag: &str) -> Result<(String, String), Error> {
+    match s.split_once('=') {
+        Some((n, v)) if !n.trim().is_empty() => Ok((n.trim().to_string(), v.to_string())),
+        _ => Err(Error::Usage(format!("`--{flag} {s}` must have the form NAME=VALUE"))),
+    }
+}
+
+fn spec_options(args: &SpecArgs) -> Result<SpecOptions, Error> {
+    let params = args.params.iter().map(|p| split_assignment(p, "param")).collect::<Result<_, _>>()?;
+    Ok(SpecOptions { entry: args.entry.clone(), params })
+}
+
+fn run(cmd: Command) -> Result<(), Error> {
+    match cmd {
+        Command::Check { spec } => {
+            let file = std::sync::Arc::new(SourceFile::read(&spec)?);
+            let module = driver::check(&file)?;
+            let names: Vec<&str> = module.specs.iter().map(|s| s.name.as_str()).collect();
+            println!("{}: ok ({} attention block{}: {})", spec.display(), names.len(), if names.len() == 1 { "" } else { "s" }, names.join(", "));
+            Ok(())
+        }
+        Command::Run(args) => {
+            let program = driver::load(SourceFile::read(&args.spec.spec)?, &spec_options(&args.spec)?)?;
+            let q = npy::read_f32_4d(&args.q, "q")?;
+            let k = npy::read_f32_4d(&args.k, "k")?;
+            let v = npy::read_f32_4d(&args.v, "v")?;
+            let mut inputs = Inputs::new(q.view(), k.view(), v.view()).q_offset(args.q_offset);
+            inputs.want_lse = args.lse.is_some();
+            for b in &args.buffers {
+                let (name, path) = split_assignment(b, "buffer")?;
+                let Some(id) = program.spec.buffer_id(&name) else {
+                    return Err(attnc::bind::unknown_buffer(&program.spec, &name).into());
+                };
+                let data = npy::read_buffer(Path::new(&path), &name, program.spec.buffer(id).elem)?;
+                inputs.buffers.insert(name, data);
+            }
+            let outputs = match args.backend {
+                Backend::Reference => program.run_reference(&inputs)?,
+            };
+            npy::write_f32(&args.out, &outputs.out)?;
+            if let (Some(path), Some(lse)) = (&args.lse, &outputs.lse) {
+                npy::write_f32(path, lse)?;
+            }
+            let sh = outputs.out.shape();
+            eprintln!(
+                "{}: wrote out [{}, {}, {}, {}] to {}{}",
+                program.spec.name,
+                sh[0],
+                sh[1],
+                sh[2],
+                sh[3],
+                args.out.display(),
+                args.lse.as_ref().map(|p| format!(" and lse to {}", p.display())).unwrap_or_default()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprint!("{}", driver::render(&e, std::io::stderr().is_terminal()));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Reading and writing `.npy` files for the CLI and tests.
+//!
+//! q, k, v, out and lse are float32; buffers are read in their declared
+//! element type (int buffers from int32 or int64 files, float from float32,
+//! bool from bool).
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use ndarray::{Array, ArrayD, Dimension, Ix4};
+use ndarray_npy::{ReadNpyExt, WriteNpyExt};
+
+use crate::buffer::BufferData;
+use crate::driver::Error;
+use crate::sema::Type;
+
+fn open(path: &Path) -> Result<BufReader<File>, Error> {
+    File::open(path)
+        .map(BufReader::new)
+        .map_err(|e| Error::Io { what: format!("cannot read `{}`", path.display()), reason: e.to_string() })
+}
+
+fn read_as<T: ndarray_npy::ReadableElement>(path: &Path) -> Result<ArrayD<T>, String> {
+    let f = File::open(path).map_err(|e| e.to_string())?;
+    ArrayD::<T>::read_npy(BufReader::new(f)).map_err(|e| e.to_string())
+}
+
+/// Reads a 4-D float32 array (q, k or v).
+pub fn read_f32_4d(path: &Path, what: &str) -> Result<Array<f32, Ix4>, Error> {
+    open(path)?;
+    let a = read_as::<f32>(path).map_err(|reason| Error::Io {
+        what: format!("cannot read {what} from `{}` (expected a float32 .npy)", path.display()),
+        reason,
+    })?;
+    let shape = a.shape().to_vec();
+    a.into_dimensionality::<Ix4>().map_err(|_| Error::Io {
+        what: format!("{what} in `{}` has shape {shape:?}", path.display()),
+        reason: format!("{what} must be 4-dimensional: {}", if what == "q" { "[B, H, Q, D]" } else { "[B, HKV, KV, D]" }),
+    })
+}
+
+/// Reads a buffer in its declared element type.
+pub fn read_buffer(path: &Path, name: &str, ty: Type) -> Result<BufferData, Error> {
+    open(path)?;
+    let wrong = |reason: String| Error::Io {
+        what: format!(
+            "cannot read buffer `{name}` from `{}`: it is declared {ty}, which takes {}",
+            path.display(),
+            match ty {
+                Type::Int => "int32 or int64 data",
+                Type::Float => "float32 data",
+                Type::Bool => "bool data",
+            }
+        ),
+        reason,
+    };
+    Ok(match ty {
+        Type::Int => match read_as::<i64>(path) {
+            Ok(a) => BufferData::Int(a),
+            Err(_) => BufferData::Int(read_as::<i32>(path).map_err(wrong)?.mapv(i64::from)),
+        },
+        Type::Float => BufferData::Float(read_as::<f32>(path).map_err(wrong)?),
+        Type::Bool => BufferData::Bool(read_as::<bool>(path).map_err(wrong)?),
+    })
+}
+
+/// Writes a float32 array.
+pub fn write_f32<D: Dimension>(path: &Path, a: &Array<f32, D>) -> Result<(), Error> {
+    let io = |reason: String| Error::Io { what: format!("cannot write `{}`", path.display()), reason };
+    let f = File::create(path).map_err(|e| io(e.to_string()))?;
+    a.write_npy(std::io::BufWriter::new(f)).map_err(|e| io(e.to_string()))
+}
+
+/// Reads any float32 array (for tests and tools).
+pub fn read_f32_dyn(path: &Path) -> Result<ArrayD<f32>, Error> {
+    read_as::<f32>(path).map_err(|reason| Error::Io { what: format!("cannot read `{}`", path.display()), reason })
+}
+

@@ -1,0 +1,879 @@
+//! The checker: AST to checked spec.
+//!
+//! Stage: sema. Consumes an [`ast::File`], produces a [`Module`] or every error
+//! it can find. Names are resolved in declaration order (an item sees the
+//! items above it), int/float mixes get explicit conversions, `causal` is
+//! expanded, and each expression's dependence on `b`, `h`, `q`, `kv`, `score`
+//! and buffers is recorded.
+
+use std::collections::HashMap;
+
+use super::ir::*;
+use super::{Diag, Label};
+use crate::syntax::ast::{self, ExprKind, ItemKind, LitValue, ScalarKind};
+use crate::syntax::Span;
+
+/// Names the language gives meaning to; a declaration may not reuse them.
+const BUILTIN_NAMES: [&str; 12] = ["b", "h", "q", "kv", "score", "causal", "B", "H", "HKV", "Q", "KV", "D"];
+
+/// Checks a parsed file. Returns every error found, not only the first.
+pub fn check(file: &ast::File) -> Result<Module, Vec<Diag>> {
+    let mut diags = Vec::new();
+    let mut specs = Vec::new();
+    let mut seen: HashMap<&str, Span> = HashMap::new();
+    for att in &file.attentions {
+        if let Some(prev) = seen.insert(&att.name.name, att.name.span) {
+            let mut d = Diag::error(
+                "attnc::sema::duplicate",
+                format!("attention block `{}` is defined twice", att.name.name),
+                Label::new(att.name.span, "second definition"),
+            );
+            d.with_label(Label::new(prev, "first defined here"))
+                .with_help("give each attention block in a file its own name");
+            diags.push(d);
+        }
+        let mut checker = Checker::new(att);
+        checker.check_items(&att.items);
+        diags.append(&mut checker.diags);
+        specs.push(checker.spec);
+    }
+    if diags.is_empty() {
+        Ok(Module { specs })
+    } else {
+        Err(diags)
+    }
+}
+
+/// What a name in scope refers to.
+#[derive(Clone, Copy)]
+enum Binding {
+    Param(ParamId),
+    Buffer(BufferId),
+    Let { value: ExprId, score_use: Option<Span> },
+}
+
+/// The expression being checked, which decides what it may use.
+#[derive(Clone, Copy, PartialEq)]
+enum Context {
+    Let,
+    Mask,
+    Score,
+    Scale,
+}
+
+
+struct Checker {
+    spec: Spec,
+    scope: HashMap<String, (Binding, Span)>,
+    /// Names declared anywhere in the block, to say "declared below" rather than "unknown".
+    declared_later: HashMap<String, Span>,
+    diags: Vec<Diag>,
+    /// The first `score` used in the expression under checking.
+    score_use: Option<Span>,
+}
+
+impl Checker {
+    fn new(att: &ast::Attention) -> Checker {
+        let mut declared_later = HashMap::new();
+        for item in &att.items {
+            let name = match &item.kind {
+                ItemKind::Param { name, .. } | ItemKind::Buffer { name, .. } | ItemKind::Let { name, .. } => name,
+                _ => continue,
+            };
+            declared_later.entry(name.name.clone()).or_insert(name.span);
+        }
+        Checker {
+            spec: Spec {
+                name: att.name.name.clone(),
+                span: att.span,
+                params: vec![],
+                buffers: vec![],
+                lets: vec![],
+                exprs: vec![],
+                types: vec![],
+                deps: vec![],
+                spans: vec![],
+                mask: None,
+                score: None,
+                scale: None,
+            },
+            scope: HashMap::new(),
+            declared_later,
+            diags: vec![],
+            score_use: None,
+        }
+    }
+
+    fn error(&mut self, code: &'static str, message: String, label: Label) -> &mut Diag {
+        self.diags.push(Diag::error(code, message, label));
+        self.diags.last_mut().unwrap()
+    }
+
+    fn push(&mut self, e: Expr, ty: Type, span: Span) -> ExprId {
+        let deps = match &e {
+            Expr::Var(v) => Deps::of_var(*v),
+            Expr::Score => Deps::SCORE,
+            Expr::Load { .. } | Expr::Ancestor { .. } => Deps::BUFFER,
+            _ => Deps::NONE,
+        };
+        let deps = e.operands().iter().fold(deps, |d, o| d.union(self.spec.deps(*o)));
+        let id = ExprId(self.spec.exprs.len() as u32);
+        self.spec.exprs.push(e);
+        self.spec.types.push(ty);
+        self.spec.deps.push(deps);
+        self.spec.spans.push(span);
+        id
+    }
+
+    fn check_items(&mut self, items: &[ast::Item]) {
+        let mut seen_main: HashMap<&'static str, Span> = HashMap::new();
+        for item in items {
+            match &item.kind {
+                ItemKind::Param { name, ty, value } => {
+                    if !self.declare(name) {
+                        continue;
+                    }
+                    let ty = sema_type(ty.kind);
+                    let v = match (ty, value.value) {
+                        (Type::Int, LitValue::Int(i)) => Some(Value::Int(i)),
+                        (Type::Float, LitValue::Float(x)) => Some(Value::Float(x)),
+                        (Type::Float, LitValue::Int(i)) => Some(Value::Float(i as f64)),
+                        (Type::Bool, LitValue::Bool(b)) => Some(Value::Bool(b)),
+                        _ => None,
+                    };
+                    let Some(v) = v else {
+                        let found = lit_type(value.value);
+                        self.error(
+                            "attnc::sema::type_mismatch",
+                            format!("param `{}` is declared {ty} but its default is {found}", name.name),
+                            Label::new(value.span, format!("this is {found}")),
+                        )
+                        .with_help(format!("write a {ty} literal, or declare the param as {found}"));
+                        continue;
+                    };
+                    let id = ParamId(self.spec.params.len() as u32);
+                    self.spec.params.push(Param { name: name.name.clone(), ty, value: v, span: name.span });
+                    self.scope.insert(name.name.clone(), (Binding::Param(id), name.span));
+                }
+                ItemKind::Buffer { name, dims, elem } => {
+                    if !self.declare(name) {
+                        continue;
+                    }
+                    let mut ok = true;
+                    let mut out = Vec::new();
+                    for d in dims {
+                        match &d.kind {
+                            ast::DimKind::Lit(n) => out.push(Dim::Lit(*n)),
+                            ast::DimKind::Shape(s) | ast::DimKind::CeilDiv(s, _) => {
+                                let Some(sv) = ShapeVar::from_name(&s.name) else {
+                                    ok = false;
+                                    let help = match suggest(&s.name, ShapeVar::ALL.iter().map(|s| s.name())) {
+                                        Some(n) => format!("did you mean `{n}`? dimensions use the shapes B, H, HKV, Q, KV, D or integer literals"),
+                                        None => "dimensions use the shapes B, H, HKV, Q, KV, D or integer literals".to_string(),
+                                    };
+                                    self.error(
+                                        "attnc::sema::unknown_shape",
+                                        format!("unknown shape `{}` in the dimensions of buffer `{}`", s.name, name.name),
+                                        Label::new(s.span, "not a shape"),
+                                    )
+                                    .with_help(help);
+                                    continue;
+                                };
+                                out.push(match &d.kind {
+                                    ast::DimKind::CeilDiv(_, n) => Dim::CeilDiv(sv, *n),
+                                    _ => Dim::Shape(sv),
+                                });
+                            }
+                        }
+                    }
+                    if !ok {
+                        continue;
+                    }
+                    let id = BufferId(self.spec.buffers.len() as u32);
+                    self.spec.buffers.push(Buffer {
+                        name: name.name.clone(),
+                        dims: out,
+                        elem: sema_type(elem.kind),
+                        span: name.span,
+                    });
+                    self.scope.insert(name.name.clone(), (Binding::Buffer(id), name.span));
+                }
+                ItemKind::Let { name, value } => {
+                    self.score_use = None;
+                    let checked = self.expr(value, Context::Let);
+                    let score_use = self.score_use.take();
+                    if !self.declare(name) {
+                        continue;
+                    }
+                    if let Some((id, _)) = checked {
+                        self.spec.lets.push(Let { name: name.name.clone(), value: id, span: name.span });
+                        self.scope.insert(name.name.clone(), (Binding::Let { value: id, score_use }, name.span));
+                    }
+                }
+                ItemKind::Mask(e) | ItemKind::Score(e) | ItemKind::Scale(e) => {
+                    let kw = item.kind.keyword();
+                    let kw_span = Span::new(item.span.start, item.span.start + kw.len());
+                    if let Some(prev) = seen_main.insert(kw, kw_span) {
+                        self.error(
+                            "attnc::sema::duplicate",
+                            format!("`{kw}` is defined twice in attention `{}`", self.spec.name),
+                            Label::new(kw_span, "second definition"),
+                        )
+                        .with_label(Label::new(prev, "first defined here"))
+                        .with_help(format!("combine them into one `{kw} = ...`"));
+                        continue;
+                    }
+                    self.check_main(&item.kind, e);
+                }
+            }
+        }
+    }
+
+    /// Checks `mask`, `score` or `scale` and records it in the spec.
+    fn check_main(&mut self, kind: &ItemKind, e: &ast::Expr) {
+        let (ctx, want) = match kind {
+            ItemKind::Mask(_) => (Context::Mask, "bool"),
+            ItemKind::Score(_) => (Context::Score, "float"),
+            _ => (Context::Scale, "float"),
+        };
+        self.score_use = None;
+        let Some((id, ty)) = self.expr(e, ctx) else { return };
+        let id = match (ctx, ty) {
+            (Context::Mask, Type::Bool) => id,
+            (Context::Score | Context::Scale, Type::Float) => id,
+            (Context::Score | Context::Scale, Type::Int) => self.to_float(id),
+            _ => {
+                let help = match ctx {
+                    Context::Mask => "a mask is a condition, e.g. `q >= kv` or `doc[q] == doc[kv]`".to_string(),
+                    _ => format!("`{}` must be a number; use `if COND {{ A }} else {{ B }}` to choose between numbers", kind.keyword()),
+                };
+                self.error(
+                    "attnc::sema::type_mismatch",
+                    format!("`{}` must be {want}, found {ty}", kind.keyword()),
+                    Label::new(e.span, format!("this is {ty}")),
+                )
+                .with_help(help);
+                return;
+            }
+        };
+        match ctx {
+            Context::Mask => self.spec.mask = Some(id),
+            Context::Score => self.spec.score = Some(id),
+            _ => self.spec.scale = Some(id),
+        }
+    }
+
+    /// Registers a declared name; reports duplicates and builtin clashes.
+    fn declare(&mut self, name: &ast::Ident) -> bool {
+        if BUILTIN_NAMES.contains(&name.name.as_str()) || Func::from_name(&name.name).is_some() || name.name == "ancestor" || matches!(name.name.as_str(), "mask" | "scale") {
+            self.error(
+                "attnc::sema::reserved_name",
+                format!("`{}` is a built-in name and cannot be declared", name.name),
+                Label::new(name.span, "reserved"),
+            )
+            .with_help("pick another name");
+            return false;
+        }
+        if let Some((_, prev)) = self.scope.get(&name.name) {
+            let prev = *prev;
+            self.error(
+                "attnc::sema::duplicate",
+                format!("`{}` is defined twice", name.name),
+                Label::new(name.span, "second definition"),
+            )
+            .with_label(Label::new(prev, "first defined here"))
+            .with_help("rename one of them");
+            return false;
+        }
+        true
+    }
+
+    fn to_float(&mut self, id: ExprId) -> ExprId {
+        if self.spec.ty(id) == Type::Float {
+            return id;
+        }
+        if let Expr::Const(Value::Int(i)) = self.spec.expr(id) {
+            let v = *i as f64;
+            let span = self.spec.span(id);
+            return self.push(Expr::Const(Value::Float(v)), Type::Float, span);
+        }
+        let span = self.spec.span(id);
+        self.push(Expr::Call(Func::Float, vec![id]), Type::Float, span)
+    }
+
+    /// Brings numeric operands to one type: int if all are int, else float.
+    fn unify_numeric(&mut self, ids: &mut [ExprId]) -> Type {
+        if ids.iter().all(|i| self.spec.ty(*i) == Type::Int) {
+            return Type::Int;
+        }
+        for id in ids.iter_mut() {
+            *id = self.to_float(*id);
+        }
+        Type::Float
+    }
+
+    fn expr(&mut self, e: &ast::Expr, ctx: Context) -> Option<(ExprId, Type)> {
+        let span = e.span;
+        match &e.kind {
+            ExprKind::Int(i) => Some((self.push(Expr::Const(Value::Int(*i)), Type::Int, span), Type::Int)),
+            ExprKind::Float(x) => Some((self.push(Expr::Const(Value::Float(*x)), Type::Float, span), Type::Float)),
+            ExprKind::Bool(b) => Some((self.push(Expr::Const(Value::Bool(*b)), Type::Bool, span), Type::Bool)),
+            ExprKind::Name(n) => self.name(n, ctx),
+            ExprKind::Unary(op, a) => {
+                let (a_id, a_ty) = self.expr(a, ctx)?;
+                match (op, a_ty) {
+                    (ast::UnaryOp::Neg, Type::Int | Type::Float) => Some((self.push(Expr::Unary(UnaryOp::Neg, a_id), a_ty, span), a_ty)),
+                    (ast::UnaryOp::Not, Type::Bool) => Some((self.push(Expr::Unary(UnaryOp::Not, a_id), Type::Bool, span), Type::Bool)),
+                    (ast::UnaryOp::Neg, _) => {
+                        self.error("attnc::sema::type_mismatch", "cannot negate a bool with `-`".into(), Label::new(a.span, "this is bool"))
+                            .with_help("use `!` for logical not");
+                        None
+                    }
+                    (ast::UnaryOp::Not, t) => {
+                        self.error("attnc::sema::type_mismatch", format!("`!` expects bool, found {t}"), Label::new(a.span, format!("this is {t}")))
+                            .with_help("use `-` to negate a number, or compare it, e.g. `x != 0`");
+                        None
+                    }
+                }
+            }
+            ExprKind::Binary(op, a, b) => {
+                let lhs = self.expr(a, ctx);
+                let rhs = self.expr(b, ctx);
+                let ((mut l, lt), (mut r, rt)) = (lhs?, rhs?);
+                let sop = sema_binop(*op);
+                match sop {
+                    BinaryOp::And | BinaryOp::Or => {
+                        for (t, sub) in [(lt, a), (rt, b)] {
+                            if t != Type::Bool {
+                                self.error(
+                                    "attnc::sema::type_mismatch",
+                                    format!("`{}` expects bool operands, found {t}", op.symbol()),
+                                    Label::new(sub.span, format!("this is {t}")),
+                                )
+                                .with_help("compare the number to make a condition, e.g. `x != 0`");
+                                return None;
+                            }
+                        }
+                        Some((self.push(Expr::Binary(sop, l, r), Type::Bool, span), Type::Bool))
+                    }
+                    _ if sop.is_comparison() => {
+                        let ok = (lt.is_numeric() && rt.is_numeric())
+                            || (lt == Type::Bool && rt == Type::Bool && matches!(sop, BinaryOp::Eq | BinaryOp::Ne));
+                        if !ok {
+                            self.error(
+                                "attnc::sema::type_mismatch",
+                                format!("cannot compare {lt} with {rt} using `{}`", op.symbol()),
+                                Label::new(span, format!("{lt} {} {rt}", op.symbol())),
+                            )
+                            .with_help(if lt == Type::Bool && rt == Type::Bool {
+                                "bools can only be compared with `==` and `!=`"
+                            } else {
+                                "both sides must be numbers, or both bool; `float(x)` and `int(x)` convert"
+                            });
+                            return None;
+                        }
+                        if lt.is_numeric() {
+                            let mut ids = [l, r];
+                            self.unify_numeric(&mut ids);
+                            [l, r] = ids;
+                        }
+                        Some((self.push(Expr::Binary(sop, l, r), Type::Bool, span), Type::Bool))
+                    }
+                    _ => {
+                        for (t, sub) in [(lt, a), (rt, b)] {
+                            if t == Type::Bool {
+                                self.error(
+                                    "attnc::sema::type_mismatch",
+                                    format!("`{}` expects numbers, found bool", op.symbol()),
+                                    Label::new(sub.span, "this is bool"),
+                                )
+                                .with_help("use `if COND { 1 } else { 0 }` or `int(COND)` to turn a condition into a number");
+                                return None;
+                            }
+                        }
+                        let mut ids = [l, r];
+                        let t = self.unify_numeric(&mut ids);
+                        Some((self.push(Expr::Binary(sop, ids[0], ids[1]), t, span), t))
+                    }
+                }
+            }
+            ExprKind::If(c, a, b) => {
+                let cond = self.expr(c, ctx);
+                let then = self.expr(a, ctx);
+                let other = self.expr(b, ctx);
+                let ((cid, ct), (mut tid, tt), (mut oid, ot)) = (cond?, then?, other?);
+                if ct != Type::Bool {
+                    self.error(
+                        "attnc::sema::type_mismatch",
+                        format!("the condition of `if` must be bool, found {ct}"),
+                        Label::new(c.span, format!("this is {ct}")),
+                    )
+                    .with_help("compare it, e.g. `if x != 0 { ... }`");
+                    return None;
+                }
+                let t = if tt == ot {
+                    tt
+                } else if tt.is_numeric() && ot.is_numeric() {
+                    let mut ids = [tid, oid];
+                    let t = self.unify_numeric(&mut ids);
+                    [tid, oid] = ids;
+                    t
+                } else {
+                    self.error(
+                        "attnc::sema::type_mismatch",
+                        format!("the branches of `if` have different types: {tt} and {ot}"),
+                        Label::new(a.span, format!("this is {tt}")),
+                    )
+                    .with_label(Label::new(b.span, format!("this is {ot}")))
+                    .with_help("both branches must be numbers, or both bool");
+                    return None;
+                };
+                Some((self.push(Expr::Select { cond: cid, then: tid, otherwise: oid }, t, span), t))
+            }
+            ExprKind::Index(name, args) => self.index(name, args, span, ctx),
+            ExprKind::Call(name, args) => self.call(name, args, span, ctx),
+        }
+    }
+
+    fn name(&mut self, n: &ast::Ident, ctx: Context) -> Option<(ExprId, Type)> {
+        let span = n.span;
+        let index_var = |s: &str| match s {
+            "b" => Some(Var::B),
+            "h" => Some(Var::H),
+            "q" => Some(Var::Q),
+            "kv" => Some(Var::Kv),
+            _ => None,
+        };
+        if let Some(v) = index_var(&n.name) {
+            if ctx == Context::Scale {
+                self.error(
+                    "attnc::sema::scale_not_constant",
+                    format!("`scale` cannot depend on the index `{}`", n.name),
+                    Label::new(span, "varies per element"),
+                )
+                .with_help("the scale is one number per call; fold per-element factors into `score = ...` instead");
+                return None;
+            }
+            return Some((self.push(Expr::Var(v), Type::Int, span), Type::Int));
+        }
+        if let Some(s) = ShapeVar::from_name(&n.name) {
+            return Some((self.push(Expr::Shape(s), Type::Int, span), Type::Int));
+        }
+        match n.name.as_str() {
+            "score" => {
+                return match ctx {
+                    Context::Score => Some((self.push(Expr::Score, Type::Float, span), Type::Float)),
+                    Context::Let => {
+                        self.score_use.get_or_insert(span);
+                        Some((self.push(Expr::Score, Type::Float, span), Type::Float))
+                    }
+                    Context::Mask => {
+                        self.error(
+                            "attnc::sema::score_outside_score",
+                            "`score` cannot be used in `mask`".into(),
+                            Label::new(span, "the mask is decided before scores exist"),
+                        )
+                        .with_help("a mask may use only indices, shapes, params and buffers; move score-dependent logic into `score = ...` (e.g. `if COND { score } else { -1e30 }`)");
+                        None
+                    }
+                    Context::Scale => {
+                        self.error(
+                            "attnc::sema::score_outside_score",
+                            "`score` cannot be used in `scale`".into(),
+                            Label::new(span, "the scale is applied before the score exists"),
+                        )
+                        .with_help("use `score = ...` to transform scores");
+                        None
+                    }
+                };
+            }
+            "causal" => {
+                if ctx == Context::Scale {
+                    self.error(
+                        "attnc::sema::scale_not_constant",
+                        "`scale` cannot depend on `causal`".into(),
+                        Label::new(span, "varies per element"),
+                    );
+                    return None;
+                }
+                let q = self.push(Expr::Var(Var::Q), Type::Int, span);
+                let kv = self.push(Expr::Var(Var::Kv), Type::Int, span);
+                return Some((self.push(Expr::Binary(BinaryOp::Ge, q, kv), Type::Bool, span), Type::Bool));
+            }
+            _ => {}
+        }
+        match self.scope.get(&n.name).map(|(b, s)| (*b, *s)) {
+            Some((Binding::Param(id), _)) => {
+                let ty = self.spec.param(id).ty;
+                Some((self.push(Expr::Param(id), ty, span), ty))
+            }
+            Some((Binding::Let { value, score_use }, decl)) => {
+                if let Some(use_span) = score_use {
+                    match ctx {
+                        Context::Let => {
+                            self.score_use.get_or_insert(use_span);
+                        }
+                        Context::Mask | Context::Scale => {
+                            let what = if ctx == Context::Mask { "mask" } else { "scale" };
+                            self.error(
+                                "attnc::sema::score_outside_score",
+                                format!("`{what}` uses `{}`, which depends on `score`", n.name),
+                                Label::new(span, format!("used in `{what}` here")),
+                            )
+                            .with_label(Label::new(use_span, "`score` is used here"))
+                            .with_label(Label::new(decl, "declared here"))
+                            .with_help("`score` is only available in `score = ...`");
+                            return None;
+                        }
+                        Context::Score => {}
+                    }
+                }
+                if ctx == Context::Scale && self.spec.deps(value).intersects(Deps(Deps::B.0 | Deps::H.0 | Deps::Q.0 | Deps::KV.0 | Deps::BUFFER.0)) {
+                    self.error(
+                        "attnc::sema::scale_not_constant",
+                        format!("`scale` cannot use `{}`, which varies per element", n.name),
+                        Label::new(span, "depends on indices or buffers"),
+                    )
+                    .with_label(Label::new(decl, "declared here"))
+                    .with_help("the scale is one number per call: use params, shapes and literals only");
+                    return None;
+                }
+                Some((value, self.spec.ty(value)))
+            }
+            Some((Binding::Buffer(id), _)) => {
+                let b = self.spec.buffer(id);
+                let dims = b.dims.len();
+                let example = (0..dims).map(|i| ["i", "j", "k", "l"].get(i).copied().unwrap_or("x")).collect::<Vec<_>>().join(", ");
+                self.error(
+                    "attnc::sema::buffer_not_indexed",
+                    format!("buffer `{}` must be indexed", n.name),
+                    Label::new(span, format!("a {}-dimensional buffer", dims)),
+                )
+                .with_help(format!("read one element with `{}[{example}]`", n.name));
+                None
+            }
+            None => {
+                self.unknown_name(n, "name");
+                None
+            }
+        }
+    }
+
+    fn unknown_name(&mut self, n: &ast::Ident, what: &str) {
+        if let Some(later) = self.declared_later.get(&n.name).copied() {
+            if later.start > n.span.start {
+                self.error(
+                    "attnc::sema::used_before_declared",
+                    format!("`{}` is used before it is declared", n.name),
+                    Label::new(n.span, "used here"),
+                )
+                .with_label(Label::new(later, "declared here"))
+                .with_help("move the declaration above its first use");
+                return;
+            }
+        }
+        let mut candidates: Vec<String> = self.scope.keys().cloned().collect();
+        candidates.extend(BUILTIN_NAMES.iter().map(|s| s.to_string()));
+        if what == "function" {
+            candidates = Func::ALL.iter().map(|f| f.name().to_string()).chain(["ancestor".to_string()]).collect();
+        }
+        candidates.sort();
+        let help = match suggest(&n.name, candidates.iter().map(|s| s.as_str())) {
+            Some(s) => format!("did you mean `{s}`?"),
+            None if what == "function" => "the functions are abs min max clamp exp exp2 log log2 sqrt rsqrt tanh sigmoid floor ceil round float int ancestor".to_string(),
+            None => "names in scope: b h q kv (indices), B H HKV Q KV D (shapes), causal, score (in `score =`), and params, buffers and lets declared above".to_string(),
+        };
+        self.error(
+            "attnc::sema::unknown_name",
+            format!("unknown {what} `{}`", n.name),
+            Label::new(n.span, format!("not a known {what}")),
+        )
+        .with_help(help);
+    }
+
+    fn index(&mut self, name: &ast::Ident, args: &[ast::Expr], span: Span, ctx: Context) -> Option<(ExprId, Type)> {
+        let checked: Vec<_> = args.iter().map(|a| self.expr(a, ctx)).collect();
+        let id = match self.scope.get(&name.name).map(|(b, _)| *b) {
+            Some(Binding::Buffer(id)) => id,
+            Some(_) => {
+                self.error(
+                    "attnc::sema::not_a_buffer",
+                    format!("`{}` is not a buffer and cannot be indexed", name.name),
+                    Label::new(name.span, "not a buffer"),
+                )
+                .with_help("only names declared with `buffer` can be indexed");
+                return None;
+            }
+            None => {
+                self.unknown_name(name, "buffer");
+                return None;
+            }
+        };
+        if ctx == Context::Scale {
+            self.error(
+                "attnc::sema::scale_not_constant",
+                format!("`scale` cannot read buffer `{}`", name.name),
+                Label::new(span, "varies per element"),
+            )
+            .with_help("the scale is one number per call: use params, shapes and literals only");
+            return None;
+        }
+        let buf = self.spec.buffer(id).clone();
+        if args.len() != buf.dims.len() {
+            let dims = buf.dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+            self.error(
+                "attnc::sema::wrong_index_count",
+                format!("buffer `{}` has {} dimension{} but is indexed with {}", name.name, buf.dims.len(), plural(buf.dims.len()), args.len()),
+                Label::new(span, format!("{} ind{}", args.len(), if args.len() == 1 { "ex" } else { "ices" })),
+            )
+            .with_label(Label::new(buf.span, format!("declared as `{}[{dims}]`", name.name)))
+            .with_help(format!("give one int index per dimension: `{}[{}]`", name.name, (0..buf.dims.len()).map(|_| "_").collect::<Vec<_>>().join(", ")));
+            return None;
+        }
+        let mut indices = Vec::new();
+        let mut ok = true;
+        for (a, c) in args.iter().zip(checked) {
+            let Some((i, t)) = c else {
+                ok = false;
+                continue;
+            };
+            if t != Type::Int {
+                ok = false;
+                self.error(
+                    "attnc::sema::type_mismatch",
+                    format!("buffer indices must be int, found {t}"),
+                    Label::new(a.span, format!("this is {t}")),
+                )
+                .with_help(if t == Type::Float { "convert with `int(x)` (truncates) or `int(floor(x))`" } else { "use `if COND { 1 } else { 0 }`" });
+            }
+            indices.push(i);
+        }
+        if !ok {
+            return None;
+        }
+        Some((self.push(Expr::Load { buffer: id, indices }, buf.elem, span), buf.elem))
+    }
+
+    fn call(&mut self, name: &ast::Ident, args: &[ast::Expr], span: Span, ctx: Context) -> Option<(ExprId, Type)> {
+        if name.name == "ancestor" {
+            return self.ancestor(name, args, span, ctx);
+        }
+        let Some(func) = Func::from_name(&name.name) else {
+            for a in args {
+                self.expr(a, ctx);
+            }
+            if let Some((Binding::Buffer(_), _)) = self.scope.get(&name.name) {
+                self.error(
+                    "attnc::sema::not_a_function",
+                    format!("`{}` is a buffer, not a function", name.name),
+                    Label::new(name.span, "a buffer"),
+                )
+                .with_help(format!("index buffers with brackets: `{}[...]`", name.name));
+                return None;
+            }
+            self.unknown_name(name, "function");
+            return None;
+        };
+        let checked: Vec<_> = args.iter().map(|a| self.expr(a, ctx)).collect();
+        if args.len() != func.arity() {
+            let sig = match func {
+                Func::Min | Func::Max => format!("{}(a, b)", func.name()),
+                Func::Clamp => "clamp(x, lo, hi)".to_string(),
+                _ => format!("{}(x)", func.name()),
+            };
+            self.error(
+                "attnc::sema::wrong_arity",
+                format!("`{}` takes {} argument{}, found {}", func.name(), func.arity(), plural(func.arity()), args.len()),
+                Label::new(span, format!("{} argument{}", args.len(), plural(args.len()))),
+            )
+            .with_help(format!("call it as `{sig}`"));
+            return None;
+        }
+        let mut ids = Vec::new();
+        let mut types = Vec::new();
+        for c in checked {
+            let (i, t) = c?;
+            ids.push(i);
+            types.push(t);
+        }
+        let bool_arg = types.iter().position(|t| *t == Type::Bool);
+        let ty = match func {
+            Func::Float => {
+                if types[0] == Type::Float {
+                    return Some((ids[0], Type::Float));
+                }
+                Type::Float
+            }
+            Func::Int => {
+                if types[0] == Type::Int {
+                    return Some((ids[0], Type::Int));
+                }
+                Type::Int
+            }
+            _ => {
+                if let Some(i) = bool_arg {
+                    self.error(
+                        "attnc::sema::type_mismatch",
+                        format!("`{}` expects numbers, found bool", func.name()),
+                        Label::new(args[i].span, "this is bool"),
+                    )
+                    .with_help("convert a condition with `int(c)` or `float(c)`");
+                    return None;
+                }
+                match func {
+                    Func::Abs | Func::Min | Func::Max | Func::Clamp => self.unify_numeric(&mut ids),
+                    _ => {
+                        ids[0] = self.to_float(ids[0]);
+                        Type::Float
+                    }
+                }
+            }
+        };
+        Some((self.push(Expr::Call(func, ids), ty, span), ty))
+    }
+
+    fn ancestor(&mut self, name: &ast::Ident, args: &[ast::Expr], span: Span, ctx: Context) -> Option<(ExprId, Type)> {
+        if args.len() != 3 {
+            for a in args {
+                self.expr(a, ctx);
+            }
+            self.error(
+                "attnc::sema::wrong_arity",
+                format!("`ancestor` takes 3 arguments, found {}", args.len()),
+                Label::new(span, format!("{} argument{}", args.len(), plural(args.len()))),
+            )
+            .with_help("call it as `ancestor(parent, i, j)` with `parent` a 1-dimensional int buffer");
+            return None;
+        }
+        let parent = match &args[0].kind {
+            ExprKind::Name(n) => match self.scope.get(&n.name).map(|(b, _)| *b) {
+                Some(Binding::Buffer(id)) => Some(id),
+                None => {
+                    self.unknown_name(n, "buffer");
+                    None
+                }
+                Some(_) => {
+                    self.error(
+                        "attnc::sema::type_mismatch",
+                        format!("the first argument of `ancestor` must be a buffer, `{}` is not", n.name),
+                        Label::new(n.span, "not a buffer"),
+                    )
+                    .with_help("pass the parent buffer by name: `ancestor(parent, q, kv)`");
+                    None
+                }
+            },
+            _ => {
+                self.error(
+                    "attnc::sema::type_mismatch",
+                    "the first argument of `ancestor` must be a buffer name".into(),
+                    Label::new(args[0].span, "expected a buffer name"),
+                )
+                .with_help("pass the parent buffer by name: `ancestor(parent, q, kv)`");
+                None
+            }
+        };
+        let i = self.expr(&args[1], ctx);
+        let j = self.expr(&args[2], ctx);
+        let parent = parent?;
+        let buf = self.spec.buffer(parent).clone();
+        if buf.dims.len() != 1 || buf.elem != Type::Int {
+            self.error(
+                "attnc::sema::type_mismatch",
+                format!("`ancestor` needs a 1-dimensional int buffer, `{}` is {}[{}]", buf.name, buf.elem, buf.dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+                Label::new(args[0].span, "wrong kind of buffer"),
+            )
+            .with_label(Label::new(buf.span, "declared here"))
+            .with_help("declare the tree as `buffer parent[KV]: int` (-1 marks a root)");
+            return None;
+        }
+        let ((i, it), (j, jt)) = (i?, j?);
+        for (t, a) in [(it, &args[1]), (jt, &args[2])] {
+            if t != Type::Int {
+                self.error(
+                    "attnc::sema::type_mismatch",
+                    format!("`ancestor` positions must be int, found {t}"),
+                    Label::new(a.span, format!("this is {t}")),
+                );
+                return None;
+            }
+        }
+        if ctx == Context::Scale {
+            self.error(
+                "attnc::sema::scale_not_constant",
+                "`scale` cannot read buffers".into(),
+                Label::new(name.span, "varies per element"),
+            );
+            return None;
+        }
+        Some((self.push(Expr::Ancestor { parent, i, j }, Type::Bool, span), Type::Bool))
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+fn sema_type(k: ScalarKind) -> Type {
+    match k {
+        ScalarKind::Int => Type::Int,
+        ScalarKind::Float => Type::Float,
+        ScalarKind::Bool => Type::Bool,
+    }
+}
+
+fn lit_type(v: LitValue) -> Type {
+    match v {
+        LitValue::Int(_) => Type::Int,
+        LitValue::Float(_) => Type::Float,
+        LitValue::Bool(_) => Type::Bool,
+    }
+}
+
+fn sema_binop(op: ast::BinaryOp) -> BinaryOp {
+    use ast::BinaryOp as A;
+    match op {
+        A::Or => BinaryOp::Or,
+        A::And => BinaryOp::And,
+        A::Eq => BinaryOp::Eq,
+        A::Ne => BinaryOp::Ne,
+        A::Lt => BinaryOp::Lt,
+        A::Le => BinaryOp::Le,
+        A::Gt => BinaryOp::Gt,
+        A::Ge => BinaryOp::Ge,
+        A::Add => BinaryOp::Add,
+        A::Sub => BinaryOp::Sub,
+        A::Mul => BinaryOp::Mul,
+        A::Div => BinaryOp::Div,
+        A::Rem => BinaryOp::Rem,
+    }
+}
+
+/// The closest candidate by edit distance, if it is close enough to be a likely typo.
+pub fn suggest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let mut best: Option<(usize, &str)> = None;
+    for c in candidates {
+        let d = edit_distance(&name.to_lowercase(), &c.to_lowercase());
+        let limit = (name.len().max(c.len()) / 3).max(1);
+        if d <= limit && best.is_none_or(|(bd, _)| d < bd) {
+            best = Some((d, c));
+        }
+    }
+    best.map(|(_, c)| c)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}

@@ -1,0 +1,461 @@
+//! The checked spec: names resolved, types known, every expression in an arena.
+//!
+//! Stage: sema. Produced by [`super::check`], consumed by the block-map
+//! analysis, the loop-IR builder and the reference interpreter.
+//!
+//! What the nodes mean:
+//! - [`Expr::Var`] is one of the index variables `b`, `h`, `q`, `kv`; `q` is the
+//!   absolute query position (row index plus the call's query offset).
+//! - [`Expr::Shape`] is one of `B`, `H`, `HKV`, `Q`, `KV`, `D`; `Q` is the number
+//!   of query rows of the call.
+//! - [`Expr::Score`] is `q·k × scale`, legal only inside the score expression.
+//! - [`Expr::Binary`] operands have the same type: int and float are unified by
+//!   explicit [`Func::Float`] conversions inserted by the checker. Int `/` and
+//!   `%` are floor division and floor modulo. `And` and `Or` short-circuit.
+//! - [`Expr::Load`] has one int index per buffer dimension.
+//! - `causal` has been expanded to `q >= kv`, and `let`s are shared subtrees.
+//!
+//! Illegal (the checker never produces them): `Score` outside `score`, a `Var`,
+//! `Load` or `Score` inside `scale`, a non-bool mask, a bool score.
+
+use std::fmt;
+
+use crate::syntax::Span;
+
+/// A typed index into [`Spec::exprs`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExprId(pub u32);
+
+/// A typed index into [`Spec::params`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ParamId(pub u32);
+
+/// A typed index into [`Spec::buffers`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BufferId(pub u32);
+
+impl fmt::Display for ExprId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "e{}", self.0)
+    }
+}
+
+/// The scalar types of the language.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Type {
+    Int,
+    Float,
+    Bool,
+}
+
+impl Type {
+    pub fn is_numeric(self) -> bool {
+        matches!(self, Type::Int | Type::Float)
+    }
+}
+
+impl fmt::Display for Type {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Type::Int => "int",
+            Type::Float => "float",
+            Type::Bool => "bool",
+        })
+    }
+}
+
+/// A constant value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Value {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl Value {
+    pub fn ty(self) -> Type {
+        match self {
+            Value::Int(_) => Type::Int,
+            Value::Float(_) => Type::Float,
+            Value::Bool(_) => Type::Bool,
+        }
+    }
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Int(i) => write!(f, "{i}"),
+            Value::Float(x) => write!(f, "{x:?}"),
+            Value::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+/// An index variable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Var {
+    B,
+    H,
+    Q,
+    Kv,
+}
+
+impl Var {
+    pub const ALL: [Var; 4] = [Var::B, Var::H, Var::Q, Var::Kv];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Var::B => "b",
+            Var::H => "h",
+            Var::Q => "q",
+            Var::Kv => "kv",
+        }
+    }
+}
+
+/// A shape of the call, known when buffers are bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ShapeVar {
+    B,
+    H,
+    Hkv,
+    Q,
+    Kv,
+    D,
+}
+
+impl ShapeVar {
+    pub const ALL: [ShapeVar; 6] =
+        [ShapeVar::B, ShapeVar::H, ShapeVar::Hkv, ShapeVar::Q, ShapeVar::Kv, ShapeVar::D];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ShapeVar::B => "B",
+            ShapeVar::H => "H",
+            ShapeVar::Hkv => "HKV",
+            ShapeVar::Q => "Q",
+            ShapeVar::Kv => "KV",
+            ShapeVar::D => "D",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<ShapeVar> {
+        ShapeVar::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnaryOp {
+    Neg,
+    Not,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Rem,
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    And,
+    Or,
+}
+
+impl BinaryOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+            BinaryOp::Rem => "rem",
+            BinaryOp::Eq => "eq",
+            BinaryOp::Ne => "ne",
+            BinaryOp::Lt => "lt",
+            BinaryOp::Le => "le",
+            BinaryOp::Gt => "gt",
+            BinaryOp::Ge => "ge",
+            BinaryOp::And => "and",
+            BinaryOp::Or => "or",
+        }
+    }
+
+    pub fn is_comparison(self) -> bool {
+        matches!(
+            self,
+            BinaryOp::Eq | BinaryOp::Ne | BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge
+        )
+    }
+}
+
+/// The built-in functions (except `ancestor`, which is [`Expr::Ancestor`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Func {
+    Abs,
+    Min,
+    Max,
+    Clamp,
+    Exp,
+    Exp2,
+    Log,
+    Log2,
+    Sqrt,
+    Rsqrt,
+    Tanh,
+    Sigmoid,
+    Floor,
+    Ceil,
+    Round,
+    /// int or bool to float.
+    Float,
+    /// float (truncated toward zero) or bool to int.
+    Int,
+}
+
+impl Func {
+    pub const ALL: [Func; 17] = [
+        Func::Abs,
+        Func::Min,
+        Func::Max,
+        Func::Clamp,
+        Func::Exp,
+        Func::Exp2,
+        Func::Log,
+        Func::Log2,
+        Func::Sqrt,
+        Func::Rsqrt,
+        Func::Tanh,
+        Func::Sigmoid,
+        Func::Floor,
+        Func::Ceil,
+        Func::Round,
+        Func::Float,
+        Func::Int,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Func::Abs => "abs",
+            Func::Min => "min",
+            Func::Max => "max",
+            Func::Clamp => "clamp",
+            Func::Exp => "exp",
+            Func::Exp2 => "exp2",
+            Func::Log => "log",
+            Func::Log2 => "log2",
+            Func::Sqrt => "sqrt",
+            Func::Rsqrt => "rsqrt",
+            Func::Tanh => "tanh",
+            Func::Sigmoid => "sigmoid",
+            Func::Floor => "floor",
+            Func::Ceil => "ceil",
+            Func::Round => "round",
+            Func::Float => "float",
+            Func::Int => "int",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Func> {
+        Func::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    pub fn arity(self) -> usize {
+        match self {
+            Func::Min | Func::Max => 2,
+            Func::Clamp => 3,
+            _ => 1,
+        }
+    }
+}
+
+/// One node of the checked expression graph.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Expr {
+    Const(Value),
+    Var(Var),
+    Shape(ShapeVar),
+    Score,
+    Param(ParamId),
+    Load { buffer: BufferId, indices: Vec<ExprId> },
+    Unary(UnaryOp, ExprId),
+    Binary(BinaryOp, ExprId, ExprId),
+    Select { cond: ExprId, then: ExprId, otherwise: ExprId },
+    Call(Func, Vec<ExprId>),
+    /// True iff `j == i` or `j` is reached from `i` by following `parent` (-1 = root).
+    Ancestor { parent: BufferId, i: ExprId, j: ExprId },
+}
+
+impl Expr {
+    /// The operands of this node, in order.
+    pub fn operands(&self) -> Vec<ExprId> {
+        match self {
+            Expr::Const(_) | Expr::Var(_) | Expr::Shape(_) | Expr::Score | Expr::Param(_) => vec![],
+            Expr::Load { indices, .. } => indices.clone(),
+            Expr::Unary(_, a) => vec![*a],
+            Expr::Binary(_, a, b) => vec![*a, *b],
+            Expr::Select { cond, then, otherwise } => vec![*cond, *then, *otherwise],
+            Expr::Call(_, args) => args.clone(),
+            Expr::Ancestor { i, j, .. } => vec![*i, *j],
+        }
+    }
+}
+
+/// What an expression depends on, as a bit set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Deps(pub u8);
+
+impl Deps {
+    pub const NONE: Deps = Deps(0);
+    pub const B: Deps = Deps(1);
+    pub const H: Deps = Deps(2);
+    pub const Q: Deps = Deps(4);
+    pub const KV: Deps = Deps(8);
+    pub const SCORE: Deps = Deps(16);
+    /// Reads a run-time buffer.
+    pub const BUFFER: Deps = Deps(32);
+
+    pub fn of_var(v: Var) -> Deps {
+        match v {
+            Var::B => Deps::B,
+            Var::H => Deps::H,
+            Var::Q => Deps::Q,
+            Var::Kv => Deps::KV,
+        }
+    }
+
+    pub fn union(self, o: Deps) -> Deps {
+        Deps(self.0 | o.0)
+    }
+
+    pub fn contains(self, o: Deps) -> bool {
+        self.0 & o.0 == o.0
+    }
+
+    pub fn intersects(self, o: Deps) -> bool {
+        self.0 & o.0 != 0
+    }
+}
+
+impl fmt::Display for Deps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names = [(Deps::B, "b"), (Deps::H, "h"), (Deps::Q, "q"), (Deps::KV, "kv"), (Deps::SCORE, "score"), (Deps::BUFFER, "buf")];
+        let list: Vec<&str> = names.iter().filter(|(d, _)| self.contains(*d)).map(|(_, n)| *n).collect();
+        if list.is_empty() {
+            f.write_str("const")
+        } else {
+            f.write_str(&list.join(","))
+        }
+    }
+}
+
+/// A `param` declaration with its current value (the default or an override).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Param {
+    pub name: String,
+    pub ty: Type,
+    pub value: Value,
+    pub span: Span,
+}
+
+/// One dimension of a buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dim {
+    Lit(u64),
+    Shape(ShapeVar),
+    /// `ceil(SHAPE / n)`.
+    CeilDiv(ShapeVar, u64),
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::Lit(n) => write!(f, "{n}"),
+            Dim::Shape(s) => f.write_str(s.name()),
+            Dim::CeilDiv(s, n) => write!(f, "{} / {n}", s.name()),
+        }
+    }
+}
+
+/// A `buffer` declaration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Buffer {
+    pub name: String,
+    pub dims: Vec<Dim>,
+    pub elem: Type,
+    pub span: Span,
+}
+
+/// A `let` binding, kept for printing and diagnostics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Let {
+    pub name: String,
+    pub value: ExprId,
+    pub span: Span,
+}
+
+/// One checked attention block.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Spec {
+    pub name: String,
+    pub span: Span,
+    pub params: Vec<Param>,
+    pub buffers: Vec<Buffer>,
+    pub lets: Vec<Let>,
+    pub exprs: Vec<Expr>,
+    /// Parallel to `exprs`.
+    pub types: Vec<Type>,
+    /// Parallel to `exprs`.
+    pub deps: Vec<Deps>,
+    /// Parallel to `exprs`: where each node was written.
+    pub spans: Vec<Span>,
+    pub mask: Option<ExprId>,
+    pub score: Option<ExprId>,
+    pub scale: Option<ExprId>,
+}
+
+impl Spec {
+    pub fn expr(&self, id: ExprId) -> &Expr {
+        &self.exprs[id.0 as usize]
+    }
+
+    pub fn ty(&self, id: ExprId) -> Type {
+        self.types[id.0 as usize]
+    }
+
+    pub fn deps(&self, id: ExprId) -> Deps {
+        self.deps[id.0 as usize]
+    }
+
+    pub fn span(&self, id: ExprId) -> Span {
+        self.spans[id.0 as usize]
+    }
+
+    pub fn param(&self, id: ParamId) -> &Param {
+        &self.params[id.0 as usize]
+    }
+
+    pub fn buffer(&self, id: BufferId) -> &Buffer {
+        &self.buffers[id.0 as usize]
+    }
+
+    pub fn buffer_id(&self, name: &str) -> Option<BufferId> {
+        self.buffers.iter().position(|b| b.name == name).map(|i| BufferId(i as u32))
+    }
+
+    pub fn param_id(&self, name: &str) -> Option<ParamId> {
+        self.params.iter().position(|p| p.name == name).map(|i| ParamId(i as u32))
+    }
+}
+
+/// A checked file: one spec per attention block, in source order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Module {
+    pub specs: Vec<Spec>,
+}

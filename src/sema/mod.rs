@@ -1,0 +1,184 @@
+//! Stage 2, sema: the AST to a checked spec.
+//!
+//! Entry points: [`check`] (names, types, dependences; every error found) and
+//! [`Spec::set_param`] (param overrides before compiling). The checked
+//! [`Spec`] is what every later stage consumes; none of them sees the AST.
+//! [`eval`] evaluates checked expressions on concrete values; it is shared by
+//! the reference interpreter and the block-map analysis.
+
+mod check;
+pub mod eval;
+pub mod ir;
+mod print;
+
+use std::fmt;
+
+pub use check::{check, suggest};
+pub use ir::*;
+
+use crate::syntax::Span;
+
+/// A secondary or primary label of a diagnostic.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Label {
+    pub span: Span,
+    pub text: String,
+}
+
+impl Label {
+    pub fn new(span: Span, text: impl Into<String>) -> Label {
+        Label { span, text: text.into() }
+    }
+}
+
+/// A checker diagnostic: a code, a message saying what was expected and what
+/// was found, labelled spans, and a suggested fix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Diag {
+    pub code: &'static str,
+    pub message: String,
+    pub labels: Vec<Label>,
+    pub help: Option<String>,
+}
+
+impl Diag {
+    pub fn error(code: &'static str, message: String, primary: Label) -> Diag {
+        Diag { code, message, labels: vec![primary], help: None }
+    }
+
+    pub fn with_label(&mut self, label: Label) -> &mut Diag {
+        self.labels.push(label);
+        self
+    }
+
+    pub fn with_help(&mut self, help: impl Into<String>) -> &mut Diag {
+        self.help = Some(help.into());
+        self
+    }
+}
+
+impl fmt::Display for Diag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Diag {}
+
+impl miette::Diagnostic for Diag {
+    fn code<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
+        Some(Box::new(self.code))
+    }
+
+    fn help<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
+        self.help.as_ref().map(|h| Box::new(h) as Box<dyn fmt::Display>)
+    }
+
+    fn labels(&self) -> Option<Box<dyn Iterator<Item = miette::LabeledSpan> + '_>> {
+        Some(Box::new(self.labels.iter().enumerate().map(|(i, l)| {
+            let span: miette::SourceSpan = l.span.into();
+            if i == 0 {
+                miette::LabeledSpan::new_primary_with_span(Some(l.text.clone()), span)
+            } else {
+                miette::LabeledSpan::new_with_span(Some(l.text.clone()), span)
+            }
+        })))
+    }
+}
+
+/// A param override that does not fit its declaration.
+#[derive(Clone, Debug, PartialEq, thiserror::Error, miette::Diagnostic)]
+pub enum ParamError {
+    #[error("attention `{spec}` has no param `{name}`")]
+    #[diagnostic(code(attnc::param::unknown))]
+    Unknown {
+        spec: String,
+        name: String,
+        #[help]
+        help: String,
+    },
+    #[error("param `{name}` is declared {ty}, but the override `{value}` is not {article} {ty}")]
+    #[diagnostic(code(attnc::param::type_mismatch))]
+    WrongType {
+        name: String,
+        ty: Type,
+        article: &'static str,
+        value: String,
+        #[label("declared {ty} here")]
+        span: miette::SourceSpan,
+        #[help]
+        help: String,
+    },
+}
+
+impl Spec {
+    /// Overrides a param's value, given as text (`--param window=128`).
+    /// An int param takes an integer, a float param any number, a bool param
+    /// `true` or `false`.
+    pub fn set_param(&mut self, name: &str, text: &str) -> Result<(), ParamError> {
+        let Some(id) = self.param_id(name) else {
+            let names: Vec<&str> = self.params.iter().map(|p| p.name.as_str()).collect();
+            let help = match suggest(name, names.iter().copied()) {
+                Some(s) => format!("did you mean `{s}`?"),
+                None if names.is_empty() => "this attention block declares no params".to_string(),
+                None => format!("its params are: {}", names.join(", ")),
+            };
+            return Err(ParamError::Unknown { spec: self.name.clone(), name: name.to_string(), help });
+        };
+        let p = &mut self.params[id.0 as usize];
+        let t = text.trim();
+        let value = match p.ty {
+            Type::Int => t.parse::<i64>().ok().map(Value::Int),
+            Type::Float => t.parse::<f64>().ok().filter(|x| x.is_finite()).map(Value::Float),
+            Type::Bool => match t {
+                "true" => Some(Value::Bool(true)),
+                "false" => Some(Value::Bool(false)),
+                _ => None,
+            },
+        };
+        match value {
+            Some(v) => {
+                p.value = v;
+                Ok(())
+            }
+            None => Err(ParamError::WrongType {
+                name: name.to_string(),
+                ty: p.ty,
+                article: if p.ty == Type::Int { "an" } else { "a" },
+                value: text.to_string(),
+                span: p.span.into(),
+                help: match p.ty {
+                    Type::Int => format!("write an integer, e.g. `{name}=128`"),
+                    Type::Float => format!("write a finite number, e.g. `{name}=0.5`"),
+                    Type::Bool => format!("write `{name}=true` or `{name}=false`"),
+                },
+            }),
+        }
+    }
+}
+
+impl Module {
+    /// Picks a spec by name, or the only one when `name` is `None`.
+    pub fn entry(&self, name: Option<&str>) -> Result<&Spec, EntryError> {
+        let names = || self.specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>().join(", ");
+        match name {
+            Some(n) => self.specs.iter().find(|s| s.name == n).ok_or_else(|| EntryError::Unknown {
+                name: n.to_string(),
+                available: names(),
+            }),
+            None if self.specs.len() == 1 => Ok(&self.specs[0]),
+            None => Err(EntryError::Ambiguous { available: names() }),
+        }
+    }
+}
+
+/// Choosing an attention block of a file failed.
+#[derive(Clone, Debug, PartialEq, thiserror::Error, miette::Diagnostic)]
+pub enum EntryError {
+    #[error("no attention block named `{name}`")]
+    #[diagnostic(code(attnc::entry::unknown), help("the file defines: {available}"))]
+    Unknown { name: String, available: String },
+    #[error("the file defines several attention blocks; choose one")]
+    #[diagnostic(code(attnc::entry::ambiguous), help("pass `--entry NAME`; the file defines: {available}"))]
+    Ambiguous { available: String },
+}

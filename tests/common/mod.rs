@@ -1,0 +1,96 @@
+//! Helpers shared by the integration tests: loading the FlexAttention
+//! fixtures in `tests/fixtures/` and comparing outputs.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use attnc::{npy, BufferData, Outputs, SourceFile, SpecOptions};
+use ndarray::{Array3, Array4, Ix3};
+
+/// One fixture case: a spec, its inputs, and FlexAttention's outputs.
+pub struct Case {
+    pub name: String,
+    pub spec_path: PathBuf,
+    pub options: SpecOptions,
+    pub q: Array4<f32>,
+    pub k: Array4<f32>,
+    pub v: Array4<f32>,
+    pub buffers: BTreeMap<String, BufferData>,
+    pub q_offset: i64,
+    pub out: Array4<f32>,
+    pub lse: Array3<f32>,
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root().join("tests/fixtures"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("case.json").exists())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+pub fn load_case(dir: &Path) -> Case {
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let spec_path = root().join(meta["spec"].as_str().unwrap());
+    let params = meta["params"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
+        .collect();
+    let options = SpecOptions { entry: meta["entry"].as_str().map(str::to_string), params };
+    let program = attnc::load(SourceFile::read(&spec_path).unwrap(), &options).unwrap();
+    let mut buffers = BTreeMap::new();
+    for decl in &program.spec.buffers {
+        let data = npy::read_buffer(&dir.join(format!("{}.npy", decl.name)), &decl.name, decl.elem).unwrap();
+        buffers.insert(decl.name.clone(), data);
+    }
+    Case {
+        name: dir.file_name().unwrap().to_string_lossy().into_owned(),
+        spec_path,
+        options,
+        q: npy::read_f32_4d(&dir.join("q.npy"), "q").unwrap(),
+        k: npy::read_f32_4d(&dir.join("k.npy"), "k").unwrap(),
+        v: npy::read_f32_4d(&dir.join("v.npy"), "v").unwrap(),
+        buffers,
+        q_offset: meta["q_offset"].as_i64().unwrap(),
+        out: npy::read_f32_4d(&dir.join("out.npy"), "out").unwrap(),
+        lse: npy::read_f32_dyn(&dir.join("lse.npy")).unwrap().into_dimensionality::<Ix3>().unwrap(),
+    }
+}
+
+impl Case {
+    pub fn inputs(&self) -> attnc::Inputs<'_> {
+        let mut i = attnc::Inputs::new(self.q.view(), self.k.view(), self.v.view()).q_offset(self.q_offset).with_lse();
+        i.buffers = self.buffers.clone();
+        i
+    }
+
+    pub fn program(&self) -> attnc::Program {
+        attnc::load(SourceFile::read(&self.spec_path).unwrap(), &self.options).unwrap()
+    }
+}
+
+/// Largest absolute difference, treating equal infinities as equal; NaN is a mismatch.
+pub fn max_abs_diff<'a>(a: impl IntoIterator<Item = &'a f32>, b: impl IntoIterator<Item = &'a f32>) -> f32 {
+    a.into_iter()
+        .zip(b)
+        .map(|(x, y)| if x == y { 0.0 } else if x.is_nan() || y.is_nan() { f32::INFINITY } else { (x - y).abs() })
+        .fold(0.0, f32::max)
+}
+
+/// Asserts that outputs match expected ones to `tol` (absolute), lse included.
+pub fn assert_close(what: &str, got: &Outputs, out: &Array4<f32>, lse: &Array3<f32>, tol: f32) {
+    assert_eq!(got.out.shape(), out.shape(), "{what}: out shape");
+    let d_out = max_abs_diff(got.out.iter(), out.iter());
+    let got_lse = got.lse.as_ref().expect("lse requested");
+    let d_lse = max_abs_diff(got_lse.iter(), lse.iter());
+    assert!(d_out <= tol && d_lse <= tol, "{what}: max |out diff| = {d_out:e}, max |lse diff| = {d_lse:e} (tolerance {tol:e})");
+}
