@@ -141,16 +141,22 @@ impl Checker {
                         (Type::Bool, LitValue::Bool(b)) => Some(Value::Bool(b)),
                         _ => None,
                     };
-                    let Some(v) = v else {
+                    let v = v.unwrap_or_else(|| {
                         let found = lit_type(value.value);
+                        let article = if ty == Type::Int { "an" } else { "a" };
                         self.error(
                             "attnc::sema::type_mismatch",
                             format!("param `{}` is declared {ty} but its default is {found}", name.name),
                             Label::new(value.span, format!("this is {found}")),
                         )
-                        .with_help(format!("write a {ty} literal, or declare the param as {found}"));
-                        continue;
-                    };
+                        .with_help(format!("write {article} {ty} literal, or declare the param as {found}"));
+                        // Keep the declaration so later uses do not cascade into more errors.
+                        match ty {
+                            Type::Int => Value::Int(0),
+                            Type::Float => Value::Float(0.0),
+                            Type::Bool => Value::Bool(false),
+                        }
+                    });
                     let id = ParamId(self.spec.params.len() as u32);
                     self.spec.params.push(Param { name: name.name.clone(), ty, value: v, span: name.span });
                     self.scope.insert(name.name.clone(), (Binding::Param(id), name.span));
@@ -854,12 +860,14 @@ fn sema_binop(op: ast::BinaryOp) -> BinaryOp {
 
 /// The closest candidate by edit distance, if it is close enough to be a likely typo.
 pub fn suggest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    let mut best: Option<(usize, &str)> = None;
+    // Rank by case-insensitive distance, then by exact-case distance.
+    let mut best: Option<((usize, usize), &str)> = None;
     for c in candidates {
         let d = edit_distance(&name.to_lowercase(), &c.to_lowercase());
         let limit = (name.len().max(c.len()) / 3).max(1);
-        if d <= limit && best.is_none_or(|(bd, _)| d < bd) {
-            best = Some((d, c));
+        let key = (d, edit_distance(name, c));
+        if d <= limit && best.is_none_or(|(bk, _)| key < bk) {
+            best = Some((key, c));
         }
     }
     best.map(|(_, c)| c)
