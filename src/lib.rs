@@ -25,11 +25,15 @@
 
 pub mod bind;
 pub mod buffer;
+pub mod codegen;
 pub mod driver;
+pub mod mask;
 pub mod npy;
 pub mod reference;
+pub mod runtime;
 pub mod sema;
 pub mod syntax;
+pub mod tile;
 
 pub use bind::{Inputs, Outputs};
 pub use buffer::BufferData;

@@ -1,0 +1,246 @@
+//! Lowering a checked spec under a schedule into the loop IR.
+//!
+//! Params become constants, `&&`/`||`/`if` become non-short-circuit bool ops
+//! and selects whose trapping operations (range-checked loads, `ancestor`,
+//! integer division by a value that may be zero) carry the condition under
+//! which the spec evaluates them as a guard. The score on PARTIAL tiles is
+//! additionally guarded by the mask, because the score mod is only evaluated
+//! where the mask allows.
+
+use std::collections::HashMap;
+
+use super::builder::{Builder, KernelRoots};
+use super::ir::*;
+use crate::sema::{BinaryOp, Expr, ExprId, Func, ShapeVar, Spec, Type, UnaryOp, Value};
+
+/// Lowers `spec` under `schedule`, without optimisations.
+pub fn build(spec: &Spec, schedule: &Schedule) -> Kernel {
+    let mut lower = Lower { spec, schedule, b: Builder::default(), memo: HashMap::new(), score: None };
+    let scale = match spec.scale {
+        Some(s) => {
+            let v = lower.expr(s, None);
+            lower.to_float(v)
+        }
+        None => {
+            let d = lower.shape(ShapeVar::D);
+            let df = lower.b.add(Op::IToF(d), Ty::F32, None, None);
+            lower.b.add(Op::Call(Func::Rsqrt, df), Ty::F32, None, None)
+        }
+    };
+    let q_prescale = if schedule.exp2 {
+        let log2e = lower.b.fconst(std::f32::consts::LOG2_E);
+        lower.b.binary(BinOp::FMul, scale, log2e)
+    } else {
+        scale
+    };
+    let tile = lower.b.add(Op::TileScore, Ty::F32, None, None);
+    // The score the mod sees is in natural-log units.
+    lower.score = Some(if schedule.exp2 {
+        let ln2 = lower.b.fconst(std::f32::consts::LN_2);
+        lower.b.binary(BinOp::FMul, tile, ln2)
+    } else {
+        tile
+    });
+    let mask = spec.mask.map(|m| lower.expr(m, None));
+    let score_in_exp_units = |lower: &mut Lower, guard: Option<ValueId>| match spec.score {
+        None => tile,
+        Some(s) => {
+            let v = lower.expr(s, guard);
+            let v = lower.to_float(v);
+            if schedule.exp2 {
+                let log2e = lower.b.fconst(std::f32::consts::LOG2_E);
+                lower.b.binary(BinOp::FMul, v, log2e)
+            } else {
+                v
+            }
+        }
+    };
+    let score_full = score_in_exp_units(&mut lower, None);
+    let score_partial = score_in_exp_units(&mut lower, mask);
+    let roots = KernelRoots { scale, q_prescale, mask, score_full, score_partial };
+    let (insts, spans, roots) = lower.b.finish(roots);
+    let params = spec.params.iter().map(|p| (p.name.clone(), p.value.to_string())).collect();
+    let buffers = spec
+        .buffers
+        .iter()
+        .map(|b| BufferDecl { name: b.name.clone(), elem: ty_of(b.elem), dims: b.dims.clone() })
+        .collect();
+    let k = Kernel {
+        name: spec.name.clone(),
+        schedule: *schedule,
+        params,
+        buffers,
+        insts,
+        spans,
+        scale,
+        q_prescale,
+        mask,
+        score_full,
+        score_partial,
+    };
+    k.with_roots(roots)
+}
+
+pub fn ty_of(t: Type) -> Ty {
+    match t {
+        Type::Int => Ty::I64,
+        Type::Float => Ty::F32,
+        Type::Bool => Ty::Bool,
+    }
+}
+
+struct Lower<'a> {
+    spec: &'a Spec,
+    schedule: &'a Schedule,
+    b: Builder,
+    /// (expression, guard) to value: the same expression under another guard
+    /// is lowered again, since its trapping operations differ.
+    memo: HashMap<(ExprId, Option<ValueId>), ValueId>,
+    score: Option<ValueId>,
+}
+
+impl Lower<'_> {
+    fn shape(&mut self, s: ShapeVar) -> ValueId {
+        match (s, self.schedule.dim) {
+            (ShapeVar::D, Some(d)) => self.b.iconst(d as i64),
+            _ => self.b.add(Op::Shape(s), Ty::I64, None, None),
+        }
+    }
+
+    fn to_float(&mut self, v: ValueId) -> ValueId {
+        match self.b.ty(v) {
+            Ty::F32 => v,
+            Ty::I64 => self.b.add(Op::IToF(v), Ty::F32, None, None),
+            Ty::Bool => {
+                let i = self.b.add(Op::BToI(v), Ty::I64, None, None);
+                self.b.add(Op::IToF(i), Ty::F32, None, None)
+            }
+        }
+    }
+
+    fn not(&mut self, v: ValueId) -> ValueId {
+        self.b.add(Op::Unary(UnOp::Not, v), Ty::Bool, None, None)
+    }
+
+    fn expr(&mut self, id: ExprId, guard: Option<ValueId>) -> ValueId {
+        if let Some(&v) = self.memo.get(&(id, guard)) {
+            return v;
+        }
+        let v = self.compute(id, guard);
+        self.memo.insert((id, guard), v);
+        v
+    }
+
+    fn compute(&mut self, id: ExprId, guard: Option<ValueId>) -> ValueId {
+        let spec = self.spec;
+        let span = Some(spec.span(id));
+        let ty = ty_of(spec.ty(id));
+        match spec.expr(id) {
+            Expr::Const(Value::Int(i)) => self.b.iconst(*i),
+            Expr::Const(Value::Float(x)) => self.b.fconst(*x as f32),
+            Expr::Const(Value::Bool(x)) => self.b.bconst(*x),
+            Expr::Param(p) => match spec.param(*p).value {
+                Value::Int(i) => self.b.iconst(i),
+                Value::Float(x) => self.b.fconst(x as f32),
+                Value::Bool(x) => self.b.bconst(x),
+            },
+            Expr::Var(v) => self.b.add(Op::Var(*v), Ty::I64, None, None),
+            Expr::Shape(s) => self.shape(*s),
+            Expr::Score => self.score.expect("score is lowered after the tile score exists"),
+            Expr::Unary(UnaryOp::Not, a) => {
+                let a = self.expr(*a, guard);
+                self.not(a)
+            }
+            Expr::Unary(UnaryOp::Neg, a) => {
+                let a = self.expr(*a, guard);
+                let op = if ty == Ty::I64 { UnOp::INeg } else { UnOp::FNeg };
+                self.b.add(Op::Unary(op, a), ty, None, None)
+            }
+            Expr::Binary(BinaryOp::And, a, c) => {
+                let a = self.expr(*a, guard);
+                let g = self.b.and_guard(guard, a);
+                let c = self.expr(*c, g);
+                self.b.binary(BinOp::And, a, c)
+            }
+            Expr::Binary(BinaryOp::Or, a, c) => {
+                let a = self.expr(*a, guard);
+                let na = self.not(a);
+                let g = self.b.and_guard(guard, na);
+                let c = self.expr(*c, g);
+                self.b.binary(BinOp::Or, a, c)
+            }
+            Expr::Binary(op, a, c) => {
+                let operand_ty = ty_of(spec.ty(*a));
+                let (a, c) = (self.expr(*a, guard), self.expr(*c, guard));
+                if op.is_comparison() {
+                    if operand_ty == Ty::Bool {
+                        let bop = if *op == BinaryOp::Eq { BinOp::BEq } else { BinOp::BNe };
+                        return self.b.binary(bop, a, c);
+                    }
+                    let cmp = match op {
+                        BinaryOp::Eq => CmpOp::Eq,
+                        BinaryOp::Ne => CmpOp::Ne,
+                        BinaryOp::Lt => CmpOp::Lt,
+                        BinaryOp::Le => CmpOp::Le,
+                        BinaryOp::Gt => CmpOp::Gt,
+                        _ => CmpOp::Ge,
+                    };
+                    return self.b.add(Op::Cmp(cmp, a, c), Ty::Bool, None, None);
+                }
+                let int = operand_ty == Ty::I64;
+                let bop = match (op, int) {
+                    (BinaryOp::Add, true) => BinOp::IAdd,
+                    (BinaryOp::Sub, true) => BinOp::ISub,
+                    (BinaryOp::Mul, true) => BinOp::IMul,
+                    (BinaryOp::Div, true) => BinOp::IDiv,
+                    (BinaryOp::Rem, true) => BinOp::IRem,
+                    (BinaryOp::Add, false) => BinOp::FAdd,
+                    (BinaryOp::Sub, false) => BinOp::FSub,
+                    (BinaryOp::Mul, false) => BinOp::FMul,
+                    (BinaryOp::Div, false) => BinOp::FDiv,
+                    (BinaryOp::Rem, false) => BinOp::FRem,
+                    _ => unreachable!("logical and comparison ops handled above"),
+                };
+                self.b.add(Op::Binary(bop, a, c), ty, guard, span)
+            }
+            Expr::Select { cond, then, otherwise } => {
+                let c = self.expr(*cond, guard);
+                let g_then = self.b.and_guard(guard, c);
+                let t = self.expr(*then, g_then);
+                let nc = self.not(c);
+                let g_else = self.b.and_guard(guard, nc);
+                let e = self.expr(*otherwise, g_else);
+                self.b.add(Op::Select(c, t, e), ty, None, None)
+            }
+            Expr::Call(f, args) => {
+                let args: Vec<ValueId> = args.iter().map(|a| self.expr(*a, guard)).collect();
+                let int = ty == Ty::I64;
+                let (min, max) = if int { (BinOp::IMin, BinOp::IMax) } else { (BinOp::FMin, BinOp::FMax) };
+                match f {
+                    Func::Min => self.b.binary(min, args[0], args[1]),
+                    Func::Max => self.b.binary(max, args[0], args[1]),
+                    Func::Clamp => {
+                        let lo = self.b.binary(max, args[0], args[1]);
+                        self.b.binary(min, lo, args[2])
+                    }
+                    Func::Float => self.to_float(args[0]),
+                    Func::Int => match self.b.ty(args[0]) {
+                        Ty::F32 => self.b.add(Op::FToI(args[0]), Ty::I64, None, None),
+                        Ty::Bool => self.b.add(Op::BToI(args[0]), Ty::I64, None, None),
+                        Ty::I64 => args[0],
+                    },
+                    f => self.b.add(Op::Call(*f, args[0]), ty, None, None),
+                }
+            }
+            Expr::Load { buffer, indices } => {
+                let idx = indices.iter().map(|i| self.expr(*i, guard)).collect();
+                self.b.add(Op::Load { buffer: buffer.0, indices: idx, checked: true }, ty, guard, span)
+            }
+            Expr::Ancestor { parent, i, j } => {
+                let (i, j) = (self.expr(*i, guard), self.expr(*j, guard));
+                self.b.add(Op::Ancestor { parent: parent.0, i, j }, Ty::Bool, guard, span)
+            }
+        }
+    }
+}
+

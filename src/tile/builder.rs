@@ -1,0 +1,265 @@
+//! Instruction construction with hash-consing (so every pass gets common
+//! subexpression elimination for free), level inference, and the final
+//! clean-up (dead-code removal and section assignment).
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+
+use super::ir::*;
+use crate::syntax::Span;
+
+/// Hash-consing key: an op compared bit-for-bit (so `0.0` and `-0.0` differ).
+#[derive(Clone, Debug)]
+struct Key(Op, Option<ValueId>);
+
+impl PartialEq for Key {
+    fn eq(&self, o: &Key) -> bool {
+        self.1 == o.1
+            && match (&self.0, &o.0) {
+                (Op::FConst(a), Op::FConst(b)) => a.to_bits() == b.to_bits(),
+                (a, b) => a == b,
+            }
+    }
+}
+
+impl Eq for Key {}
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        std::mem::discriminant(&self.0).hash(h);
+        self.1.hash(h);
+        match &self.0 {
+            Op::IConst(i) => i.hash(h),
+            Op::FConst(x) => x.to_bits().hash(h),
+            Op::BConst(b) => b.hash(h),
+            Op::Var(v) => v.hash(h),
+            Op::Shape(s) => s.hash(h),
+            Op::TileScore => {}
+            Op::Unary(o, a) => (o, a).hash(h),
+            Op::Binary(o, a, b) => (o, a, b).hash(h),
+            Op::Cmp(o, a, b) => (o, a, b).hash(h),
+            Op::Select(c, a, b) => (c, a, b).hash(h),
+            Op::Call(f, a) => (f, a).hash(h),
+            Op::IToF(a) | Op::FToI(a) | Op::BToI(a) => a.hash(h),
+            Op::Load { buffer, indices, checked } => (buffer, indices, checked).hash(h),
+            Op::Ancestor { parent, i, j } => (parent, i, j).hash(h),
+        }
+    }
+}
+
+/// Builds the instruction list of a kernel.
+#[derive(Default)]
+pub struct Builder {
+    pub insts: Vec<Inst>,
+    pub spans: Vec<Option<Span>>,
+    intern: HashMap<Key, ValueId>,
+}
+
+impl Builder {
+    pub fn inst(&self, v: ValueId) -> &Inst {
+        &self.insts[v.0 as usize]
+    }
+
+    pub fn ty(&self, v: ValueId) -> Ty {
+        self.inst(v).ty
+    }
+
+    pub fn const_int(&self, v: ValueId) -> Option<i64> {
+        match self.inst(v).op {
+            Op::IConst(i) => Some(i),
+            _ => None,
+        }
+    }
+
+    pub fn const_bool(&self, v: ValueId) -> Option<bool> {
+        match self.inst(v).op {
+            Op::BConst(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Adds (or finds) an instruction. The guard is kept only on ops that may
+    /// trap; the level is the join of the operands' and the guard's levels.
+    pub fn add(&mut self, op: Op, ty: Ty, guard: Option<ValueId>, span: Option<Span>) -> ValueId {
+        let traps = op.may_trap(|v| self.const_int(v).is_some_and(|c| c != 0));
+        let guard = if traps { guard.filter(|g| self.const_bool(*g) != Some(true)) } else { None };
+        let key = Key(op, guard);
+        if let Some(&v) = self.intern.get(&key) {
+            if self.spans[v.0 as usize].is_none() {
+                self.spans[v.0 as usize] = span;
+            }
+            return v;
+        }
+        let Key(op, guard) = key.clone();
+        let base = match &op {
+            Op::Var(crate::sema::Var::B) | Op::Var(crate::sema::Var::H) => Level::Head,
+            Op::Var(crate::sema::Var::Q) => Level::Row,
+            Op::Var(crate::sema::Var::Kv) => Level::Col,
+            Op::TileScore => Level::Elem,
+            _ => Level::Call,
+        };
+        let level = op.operands().iter().chain(guard.iter()).fold(base, |l, o| l.join(self.inst(*o).level));
+        let v = ValueId(self.insts.len() as u32);
+        self.insts.push(Inst { op, ty, level, section: Section::Shared, guard });
+        self.spans.push(span);
+        self.intern.insert(key, v);
+        v
+    }
+
+    pub fn iconst(&mut self, i: i64) -> ValueId {
+        self.add(Op::IConst(i), Ty::I64, None, None)
+    }
+
+    pub fn fconst(&mut self, x: f32) -> ValueId {
+        self.add(Op::FConst(x), Ty::F32, None, None)
+    }
+
+    pub fn bconst(&mut self, b: bool) -> ValueId {
+        self.add(Op::BConst(b), Ty::Bool, None, None)
+    }
+
+    pub fn binary(&mut self, op: BinOp, a: ValueId, b: ValueId) -> ValueId {
+        let ty = match op {
+            BinOp::And | BinOp::Or | BinOp::BEq | BinOp::BNe => Ty::Bool,
+            _ => self.ty(a),
+        };
+        self.add(Op::Binary(op, a, b), ty, None, None)
+    }
+
+    /// `guard && cond`, where a missing guard means true.
+    pub fn and_guard(&mut self, guard: Option<ValueId>, cond: ValueId) -> Option<ValueId> {
+        Some(match guard {
+            None => cond,
+            Some(g) => self.binary(BinOp::And, g, cond),
+        })
+    }
+
+    /// Finishes a kernel: drops dead instructions, renumbers, assigns sections.
+    pub fn finish(self, template: KernelRoots) -> (Vec<Inst>, Vec<Option<Span>>, KernelRoots) {
+        let n = self.insts.len();
+        let mut used_full = vec![false; n];
+        let mut used_partial = vec![false; n];
+        let mark = |roots: &[ValueId], used: &mut Vec<bool>, insts: &[Inst]| {
+            let mut stack = roots.to_vec();
+            while let Some(v) = stack.pop() {
+                if std::mem::replace(&mut used[v.0 as usize], true) {
+                    continue;
+                }
+                let inst = &insts[v.0 as usize];
+                stack.extend(inst.op.operands());
+                stack.extend(inst.guard);
+            }
+        };
+        let mut full_roots = vec![template.scale, template.q_prescale, template.score_full];
+        let mut partial_roots = vec![template.scale, template.q_prescale, template.score_partial];
+        partial_roots.extend(template.mask);
+        full_roots.dedup();
+        mark(&full_roots, &mut used_full, &self.insts);
+        mark(&partial_roots, &mut used_partial, &self.insts);
+        let mut remap = vec![None; n];
+        let mut insts = Vec::new();
+        let mut spans = Vec::new();
+        for (i, inst) in self.insts.into_iter().enumerate() {
+            if !used_full[i] && !used_partial[i] {
+                continue;
+            }
+            let section = match (inst.level, used_full[i], used_partial[i]) {
+                (Level::Col | Level::Elem, true, false) => Section::Full,
+                (Level::Col | Level::Elem, false, true) => Section::Partial,
+                _ => Section::Shared,
+            };
+            let new = ValueId(insts.len() as u32);
+            remap[i] = Some(new);
+            let map = |v: ValueId| remap[v.0 as usize].expect("operands precede users");
+            insts.push(Inst {
+                op: inst.op.map_operands(map),
+                ty: inst.ty,
+                level: inst.level,
+                section,
+                guard: inst.guard.map(map),
+            });
+            spans.push(self.spans[i]);
+        }
+        let map = |v: ValueId| remap[v.0 as usize].expect("roots are live");
+        let roots = KernelRoots {
+            scale: map(template.scale),
+            q_prescale: map(template.q_prescale),
+            mask: template.mask.map(map),
+            score_full: map(template.score_full),
+            score_partial: map(template.score_partial),
+        };
+        (insts, spans, roots)
+    }
+}
+
+/// The root values of a kernel, while it is being built or rewritten.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KernelRoots {
+    pub scale: ValueId,
+    pub q_prescale: ValueId,
+    pub mask: Option<ValueId>,
+    pub score_full: ValueId,
+    pub score_partial: ValueId,
+}
+
+impl KernelRoots {
+    pub fn of(k: &Kernel) -> KernelRoots {
+        KernelRoots {
+            scale: k.scale,
+            q_prescale: k.q_prescale,
+            mask: k.mask,
+            score_full: k.score_full,
+            score_partial: k.score_partial,
+        }
+    }
+
+    pub fn map(self, f: impl Fn(ValueId) -> ValueId) -> KernelRoots {
+        KernelRoots {
+            scale: f(self.scale),
+            q_prescale: f(self.q_prescale),
+            mask: self.mask.map(&f),
+            score_full: f(self.score_full),
+            score_partial: f(self.score_partial),
+        }
+    }
+}
+
+/// Rebuilds a kernel instruction by instruction. `rewrite` sees each old
+/// instruction with operands and guard already mapped into the new builder
+/// and may return a replacement value; otherwise the instruction is re-added.
+pub fn rewrite(k: &Kernel, mut rewrite: impl FnMut(&mut Builder, &Inst, Option<Span>) -> Option<ValueId>) -> Kernel {
+    let mut b = Builder::default();
+    let mut remap: Vec<ValueId> = Vec::with_capacity(k.insts.len());
+    for (i, inst) in k.insts.iter().enumerate() {
+        let mapped = Inst {
+            op: inst.op.map_operands(|v| remap[v.0 as usize]),
+            ty: inst.ty,
+            level: inst.level,
+            section: inst.section,
+            guard: inst.guard.map(|v| remap[v.0 as usize]),
+        };
+        let span = k.spans.get(i).copied().flatten();
+        let new = match rewrite(&mut b, &mapped, span) {
+            Some(v) => v,
+            None => b.add(mapped.op, mapped.ty, mapped.guard, span),
+        };
+        remap.push(new);
+    }
+    let roots = KernelRoots::of(k).map(|v| remap[v.0 as usize]);
+    let (insts, spans, roots) = b.finish(roots);
+    Kernel { insts, spans, ..k.with_roots(roots) }
+}
+
+impl Kernel {
+    /// A copy with other roots (instructions unchanged).
+    pub fn with_roots(&self, r: KernelRoots) -> Kernel {
+        Kernel {
+            scale: r.scale,
+            q_prescale: r.q_prescale,
+            mask: r.mask,
+            score_full: r.score_full,
+            score_partial: r.score_partial,
+            ..self.clone()
+        }
+    }
+}

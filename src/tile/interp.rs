@@ -1,0 +1,400 @@
+//! The loop-IR interpreter (`--backend interp`).
+//!
+//! Executes a [`Kernel`] directly, tile by tile, in f32 with the same
+//! online-softmax arithmetic a compiled kernel uses: each level's values are
+//! computed in their own loop (call, head, row, column, element), FULL tiles
+//! skip the mask, PARTIAL tiles apply it, EMPTY tiles are never visited. It
+//! proves the lowering and the optimisations right before native code exists.
+
+use ndarray::{Array3, Array4};
+
+use super::ir::*;
+use crate::bind::{Bound, Inputs, Outputs};
+use crate::buffer::BufferData;
+use crate::mask::BlockMaps;
+use crate::sema::eval::{floor_div, floor_mod, EvalError, Point, Shapes};
+use crate::sema::{Func, Var};
+
+/// A scalar value of the loop IR.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Scalar {
+    I(i64),
+    F(f32),
+    B(bool),
+}
+
+impl Scalar {
+    pub fn zero(ty: Ty) -> Scalar {
+        match ty {
+            Ty::I64 => Scalar::I(0),
+            Ty::F32 => Scalar::F(0.0),
+            Ty::Bool => Scalar::B(false),
+        }
+    }
+
+    pub fn i(self) -> i64 {
+        match self {
+            Scalar::I(i) => i,
+            s => unreachable!("verified IR: expected i64, found {s:?}"),
+        }
+    }
+
+    pub fn f(self) -> f32 {
+        match self {
+            Scalar::F(x) => x,
+            s => unreachable!("verified IR: expected f32, found {s:?}"),
+        }
+    }
+
+    pub fn b(self) -> bool {
+        match self {
+            Scalar::B(b) => b,
+            s => unreachable!("verified IR: expected bool, found {s:?}"),
+        }
+    }
+}
+
+/// Evaluates an op that reads no index, shape, tile or buffer: the
+/// arithmetic shared by the interpreter and constant folding. `None` for
+/// other ops and for integer division by zero.
+pub fn eval_pure(op: &Op, get: impl Fn(ValueId) -> Scalar) -> Option<Scalar> {
+    use Scalar::*;
+    Some(match op {
+        Op::IConst(i) => I(*i),
+        Op::FConst(x) => F(*x),
+        Op::BConst(b) => B(*b),
+        Op::Unary(UnOp::INeg, a) => I(get(*a).i().wrapping_neg()),
+        Op::Unary(UnOp::FNeg, a) => F(-get(*a).f()),
+        Op::Unary(UnOp::Not, a) => B(!get(*a).b()),
+        Op::Binary(op, a, b) => {
+            let (x, y) = (get(*a), get(*b));
+            match op {
+                BinOp::IAdd => I(x.i().wrapping_add(y.i())),
+                BinOp::ISub => I(x.i().wrapping_sub(y.i())),
+                BinOp::IMul => I(x.i().wrapping_mul(y.i())),
+                BinOp::IDiv => I(floor_div(x.i(), y.i())?),
+                BinOp::IRem => I(floor_mod(x.i(), y.i())?),
+                BinOp::IShr => I(x.i() >> y.i()),
+                BinOp::IAnd => I(x.i() & y.i()),
+                BinOp::IMin => I(x.i().min(y.i())),
+                BinOp::IMax => I(x.i().max(y.i())),
+                BinOp::FAdd => F(x.f() + y.f()),
+                BinOp::FSub => F(x.f() - y.f()),
+                BinOp::FMul => F(x.f() * y.f()),
+                BinOp::FDiv => F(x.f() / y.f()),
+                BinOp::FRem => F(x.f() - y.f() * (x.f() / y.f()).floor()),
+                BinOp::FMin => F(x.f().min(y.f())),
+                BinOp::FMax => F(x.f().max(y.f())),
+                BinOp::And => B(x.b() && y.b()),
+                BinOp::Or => B(x.b() || y.b()),
+                BinOp::BEq => B(x.b() == y.b()),
+                BinOp::BNe => B(x.b() != y.b()),
+            }
+        }
+        Op::Cmp(op, a, b) => {
+            let ord = match (get(*a), get(*b)) {
+                (I(x), I(y)) => x.partial_cmp(&y),
+                (F(x), F(y)) => x.partial_cmp(&y),
+                (x, y) => unreachable!("verified IR: comparison of {x:?} and {y:?}"),
+            };
+            use std::cmp::Ordering::*;
+            B(match (op, ord) {
+                (_, None) => *op == CmpOp::Ne,
+                (CmpOp::Eq, Some(o)) => o == Equal,
+                (CmpOp::Ne, Some(o)) => o != Equal,
+                (CmpOp::Lt, Some(o)) => o == Less,
+                (CmpOp::Le, Some(o)) => o != Greater,
+                (CmpOp::Gt, Some(o)) => o == Greater,
+                (CmpOp::Ge, Some(o)) => o != Less,
+            })
+        }
+        Op::Select(c, a, b) => {
+            if get(*c).b() {
+                get(*a)
+            } else {
+                get(*b)
+            }
+        }
+        Op::Call(Func::Abs, a) => match get(*a) {
+            I(i) => I(i.wrapping_abs()),
+            F(x) => F(x.abs()),
+            B(_) => unreachable!("verified IR: abs of bool"),
+        },
+        Op::Call(f, a) => {
+            let x = get(*a).f();
+            F(match f {
+                Func::Exp => x.exp(),
+                Func::Exp2 => x.exp2(),
+                Func::Log => x.ln(),
+                Func::Log2 => x.log2(),
+                Func::Sqrt => x.sqrt(),
+                Func::Rsqrt => 1.0 / x.sqrt(),
+                Func::Tanh => x.tanh(),
+                Func::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+                Func::Floor => x.floor(),
+                Func::Ceil => x.ceil(),
+                Func::Round => x.round_ties_even(),
+                _ => unreachable!("verified IR: `{}` is lowered to other ops", f.name()),
+            })
+        }
+        Op::IToF(a) => F(get(*a).i() as f32),
+        Op::FToI(a) => I(get(*a).f() as i64),
+        Op::BToI(a) => I(i64::from(get(*a).b())),
+        _ => return None,
+    })
+}
+
+/// What the element being computed is.
+#[derive(Clone, Copy, Default)]
+struct Here {
+    b: i64,
+    h: i64,
+    q: i64,
+    kv: i64,
+    tile_score: f32,
+}
+
+struct Machine<'a> {
+    k: &'a Kernel,
+    shapes: Shapes,
+    buffers: &'a [BufferData],
+    vals: Vec<Scalar>,
+}
+
+impl Machine<'_> {
+    fn error_point(here: &Here) -> Point {
+        Point { b: here.b, h: here.h, q: here.q, kv: here.kv, score: 0.0 }
+    }
+
+    fn span(&self, v: usize) -> miette::SourceSpan {
+        self.k.spans[v].unwrap_or_default().into()
+    }
+
+    fn read(&self, buffer: u32, index: &[i64], v: usize, here: &Here) -> Result<Scalar, EvalError> {
+        let data = &self.buffers[buffer as usize];
+        match data.get(index) {
+            Some(crate::sema::Value::Int(i)) => Ok(Scalar::I(i)),
+            Some(crate::sema::Value::Float(x)) => Ok(Scalar::F(x as f32)),
+            Some(crate::sema::Value::Bool(b)) => Ok(Scalar::B(b)),
+            None => Err(EvalError::OutOfRange {
+                buffer: self.k.buffers[buffer as usize].name.clone(),
+                index: index.to_vec(),
+                shape: data.shape().to_vec(),
+                at: Self::error_point(here),
+                span: self.span(v),
+            }),
+        }
+    }
+
+    fn eval(&mut self, v: usize, here: &Here) -> Result<(), EvalError> {
+        let inst = &self.k.insts[v];
+        if let Some(g) = inst.guard {
+            if !self.vals[g.0 as usize].b() {
+                self.vals[v] = Scalar::zero(inst.ty);
+                return Ok(());
+            }
+        }
+        let vals = &self.vals;
+        let get = |x: ValueId| vals[x.0 as usize];
+        let result = match &inst.op {
+            Op::Var(Var::B) => Scalar::I(here.b),
+            Op::Var(Var::H) => Scalar::I(here.h),
+            Op::Var(Var::Q) => Scalar::I(here.q),
+            Op::Var(Var::Kv) => Scalar::I(here.kv),
+            Op::Shape(s) => Scalar::I(self.shapes.get(*s) as i64),
+            Op::TileScore => Scalar::F(here.tile_score),
+            Op::Load { buffer, indices, .. } => {
+                let idx: Vec<i64> = indices.iter().map(|i| get(*i).i()).collect();
+                // Unchecked loads are proven in range; reading through the
+                // checked path anyway keeps the interpreter safe if a proof were wrong.
+                self.read(*buffer, &idx, v, here)?
+            }
+            Op::Ancestor { parent, i, j } => {
+                let (i, j) = (get(*i).i(), get(*j).i());
+                let mut found = i == j;
+                if !found {
+                    let len = self.buffers[*parent as usize].len();
+                    let mut x = i;
+                    let mut steps = 0;
+                    loop {
+                        x = self.read(*parent, &[x], v, here)?.i();
+                        if x == j {
+                            found = true;
+                            break;
+                        }
+                        if x < 0 {
+                            break;
+                        }
+                        steps += 1;
+                        if steps > len {
+                            return Err(EvalError::AncestorCycle {
+                                buffer: self.k.buffers[*parent as usize].name.clone(),
+                                start: i,
+                                span: self.span(v),
+                            });
+                        }
+                    }
+                }
+                Scalar::B(found)
+            }
+            op => eval_pure(op, get).ok_or_else(|| EvalError::DivisionByZero { at: Self::error_point(here), span: self.span(v) })?,
+        };
+        self.vals[v] = result;
+        Ok(())
+    }
+
+    /// Evaluates every instruction of `level` that the given loop runs.
+    fn run_level(&mut self, level: Level, section: Section, here: &Here) -> Result<(), EvalError> {
+        for v in 0..self.k.insts.len() {
+            let inst = &self.k.insts[v];
+            if inst.level == level && (inst.section == Section::Shared || inst.section == section) {
+                self.eval(v, here)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn ids_at(&self, level: Level) -> Vec<usize> {
+        (0..self.k.insts.len()).filter(|&v| self.k.insts[v].level == level).collect()
+    }
+}
+
+/// Runs the kernel on bound inputs, walking the given block maps.
+pub fn run(k: &Kernel, inputs: &Inputs<'_>, bound: &Bound, maps: &BlockMaps) -> Result<Outputs, EvalError> {
+    let sh = bound.shapes;
+    let (bq, bkv) = (k.schedule.bq, k.schedule.bkv);
+    if let Some(d) = k.schedule.dim {
+        assert_eq!(d, sh.d, "the kernel is specialised on D = {d}");
+    }
+    let mut m = Machine { k, shapes: sh, buffers: &bound.buffers, vals: vec![Scalar::I(0); k.insts.len()] };
+    let mut out = Array4::<f32>::zeros((sh.b, sh.h, sh.q, sh.d));
+    let mut lse = Array3::<f32>::from_elem((sh.b, sh.h, sh.q), f32::NEG_INFINITY);
+    let here0 = Here::default();
+    m.run_level(Level::Call, Section::Shared, &here0)?;
+    let prescale = m.vals[k.q_prescale.0 as usize].f();
+    let row_ids = m.ids_at(Level::Row);
+    let col_ids = m.ids_at(Level::Col);
+    let q_tiles = sh.q.div_ceil(bq);
+    for b in 0..sh.b {
+        let kb = bound.kv_batch_index(b);
+        for h in 0..sh.h {
+            let kh = bound.kv_head(h);
+            let head = Here { b: b as i64, h: h as i64, ..here0 };
+            m.run_level(Level::Head, Section::Shared, &head)?;
+            let map = maps.get(b, h);
+            for qt in 0..q_tiles {
+                let row0 = qt * bq;
+                let rows = bq.min(sh.q - row0);
+                // Q tile, scaled once.
+                let qs: Vec<Vec<f32>> = (0..rows)
+                    .map(|i| (0..sh.d).map(|d| inputs.q[[b, h, row0 + i, d]] * prescale).collect())
+                    .collect();
+                // Row-level values, computed once per row.
+                let mut row_vals = Vec::with_capacity(rows);
+                for i in 0..rows {
+                    let here = Here { q: (row0 + i) as i64 + bound.q_offset, ..head };
+                    m.run_level(Level::Row, Section::Shared, &here)?;
+                    row_vals.push(row_ids.iter().map(|&v| m.vals[v]).collect::<Vec<_>>());
+                }
+                let mut mx = vec![f32::NEG_INFINITY; rows];
+                let mut l = vec![0f32; rows];
+                let mut acc = vec![vec![0f32; sh.d]; rows];
+                let full = map.full_ranges(qt).iter().flat_map(|r| r.clone()).map(|kt| (kt as usize, Section::Full));
+                let partial = map.partial(qt).iter().map(|&kt| (kt as usize, Section::Partial));
+                for (kt, section) in full.chain(partial) {
+                    let col0 = kt * bkv;
+                    let cols = bkv.min(sh.kv - col0);
+                    let mut col_vals = Vec::with_capacity(cols);
+                    for j in 0..cols {
+                        let here = Here { kv: (col0 + j) as i64, ..head };
+                        m.run_level(Level::Col, section, &here)?;
+                        col_vals.push(col_ids.iter().map(|&v| m.vals[v]).collect::<Vec<_>>());
+                    }
+                    let mut s = vec![vec![f32::NEG_INFINITY; cols]; rows];
+                    for i in 0..rows {
+                        for (&v, val) in row_ids.iter().zip(&row_vals[i]) {
+                            m.vals[v] = *val;
+                        }
+                        for j in 0..cols {
+                            for (&v, val) in col_ids.iter().zip(&col_vals[j]) {
+                                m.vals[v] = *val;
+                            }
+                            let mut dot = 0f32;
+                            for d in 0..sh.d {
+                                dot += qs[i][d] * inputs.k[[kb, kh, col0 + j, d]];
+                            }
+                            let here = Here {
+                                q: (row0 + i) as i64 + bound.q_offset,
+                                kv: (col0 + j) as i64,
+                                tile_score: dot,
+                                ..head
+                            };
+                            m.run_level(Level::Elem, section, &here)?;
+                            s[i][j] = match section {
+                                Section::Partial => {
+                                    let visible = k.mask.is_none_or(|mv| m.vals[mv.0 as usize].b());
+                                    if visible {
+                                        m.vals[k.score_partial.0 as usize].f()
+                                    } else {
+                                        f32::NEG_INFINITY
+                                    }
+                                }
+                                _ => m.vals[k.score_full.0 as usize].f(),
+                            };
+                        }
+                    }
+                    online_softmax(&mut s, &mut mx, &mut l, &mut acc, k.schedule.exp2, |j, d| {
+                        inputs.v[[kb, kh, col0 + j, d]]
+                    });
+                }
+                for i in 0..rows {
+                    if l[i] == 0.0 || mx[i] == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    for d in 0..sh.d {
+                        out[[b, h, row0 + i, d]] = acc[i][d] / l[i];
+                    }
+                    lse[[b, h, row0 + i]] =
+                        if k.schedule.exp2 { (mx[i] + l[i].log2()) * std::f32::consts::LN_2 } else { mx[i] + l[i].ln() };
+                }
+            }
+        }
+    }
+    Ok(Outputs { out, lse: inputs.want_lse.then_some(lse) })
+}
+
+/// One online-softmax step over a score tile: new running max, rescale of
+/// the row sum and accumulator, `p = exp(s - m)`, and `acc += p V`.
+fn online_softmax(
+    s: &mut [Vec<f32>],
+    mx: &mut [f32],
+    l: &mut [f32],
+    acc: &mut [Vec<f32>],
+    exp2: bool,
+    v: impl Fn(usize, usize) -> f32,
+) {
+    let e = |x: f32| if exp2 { x.exp2() } else { x.exp() };
+    for (i, row) in s.iter_mut().enumerate() {
+        let tile_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let m_new = mx[i].max(tile_max);
+        if m_new == f32::NEG_INFINITY {
+            continue; // nothing visible yet
+        }
+        let alpha = e(mx[i] - m_new);
+        l[i] *= alpha;
+        for a in acc[i].iter_mut() {
+            *a *= alpha;
+        }
+        for (j, x) in row.iter_mut().enumerate() {
+            let p = e(*x - m_new);
+            *x = p;
+            l[i] += p;
+            if p != 0.0 {
+                for (d, a) in acc[i].iter_mut().enumerate() {
+                    *a += p * v(j, d);
+                }
+            }
+        }
+        mx[i] = m_new;
+    }
+}

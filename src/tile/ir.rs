@@ -1,0 +1,374 @@
+//! The tiled online-softmax loop IR.
+//!
+//! Stage: tile. Built from a checked spec and a [`Schedule`] by
+//! [`super::build`], optimised by [`super::opt`], checked by
+//! [`super::verify`], executed by [`super::interp`] and translated by the
+//! backends. It never refers to the AST or to sema's expression arena.
+//!
+//! A [`Kernel`] is a fixed FlashAttention-2 loop nest with straight-line SSA
+//! code placed at the loop level where it is computed:
+//!
+//! ```text
+//! call:                       once per call            (Level::Call)
+//! grid b, h, qt parallel:
+//!   head:                     once per (b, h)          (Level::Head)
+//!   row i:                    once per query row        (Level::Row)
+//!   for kt in full(qt):       FULL key tiles, no mask code
+//!     col j:                  once per key column       (Level::Col)
+//!     elem.full i, j:         once per element          (Level::Elem)
+//!   for kt in partial(qt):    PARTIAL key tiles, mask applied
+//!     col j: ...
+//!     elem.partial i, j: ...
+//!   finish: out = acc / l, lse
+//! ```
+//!
+//! Values at `Col` and `Elem` level are shared by the two key-tile loops
+//! unless they belong to one of them (`Inst::section`). Each kernel has the
+//! roots `scale` and `q_prescale` (call level), `mask` (evaluated on partial
+//! tiles only), and `score_full` / `score_partial` (the score fed to the
+//! softmax, in the kernel's exp units: log2 units when `exp2` is the base).
+//!
+//! Invariants (checked by `verify`): operands precede their users; an
+//! instruction's level is at least the level of its operands and guard;
+//! `TileScore` appears only at `Elem` level; loads index with ints and
+//! have one index per buffer dimension; guards are bool.
+
+use std::fmt;
+
+use crate::sema::{Dim, Func, ShapeVar, Var};
+
+/// How a spec is tiled and specialised. The algorithm (the spec) says what to
+/// compute; the schedule says how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Schedule {
+    /// Query rows per tile.
+    pub bq: usize,
+    /// Key columns per tile.
+    pub bkv: usize,
+    /// Head dim to specialise on (`D` becomes a constant), or generic.
+    pub dim: Option<usize>,
+    /// Use base-2 exponentials (log2(e) folded into the query prescale).
+    pub exp2: bool,
+}
+
+impl Default for Schedule {
+    fn default() -> Schedule {
+        Schedule { bq: 64, bkv: 64, dim: Some(64), exp2: true }
+    }
+}
+
+/// A typed SSA value id, printed `vN`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ValueId(pub u32);
+
+impl fmt::Display for ValueId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "v{}", self.0)
+    }
+}
+
+/// Value types: ints are 64-bit, floats are f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Ty {
+    I64,
+    F32,
+    Bool,
+}
+
+impl fmt::Display for Ty {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Ty::I64 => "i64",
+            Ty::F32 => "f32",
+            Ty::Bool => "bool",
+        })
+    }
+}
+
+/// Where in the loop nest a value is computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Level {
+    Call,
+    Head,
+    Row,
+    Col,
+    Elem,
+}
+
+impl Level {
+    /// The level of a value computed from values at `self` and `o`.
+    pub fn join(self, o: Level) -> Level {
+        match (self, o) {
+            (Level::Row, Level::Col) | (Level::Col, Level::Row) => Level::Elem,
+            (a, b) => a.max(b),
+        }
+    }
+
+    /// Whether a value at level `self` is available where `o` runs.
+    pub fn available_in(self, o: Level) -> bool {
+        self.join(o) == o
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Call => "call",
+            Level::Head => "head",
+            Level::Row => "row",
+            Level::Col => "col",
+            Level::Elem => "elem",
+        }
+    }
+}
+
+/// Which key-tile loop a `Col`/`Elem` value belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Section {
+    /// Used by both loops (or not at `Col`/`Elem` level).
+    Shared,
+    /// Only FULL tiles.
+    Full,
+    /// Only PARTIAL tiles.
+    Partial,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnOp {
+    INeg,
+    FNeg,
+    Not,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinOp {
+    IAdd,
+    ISub,
+    IMul,
+    /// Floor division (traps, as an error from the call, on zero).
+    IDiv,
+    /// Floor modulo (traps on zero).
+    IRem,
+    /// Arithmetic shift right: floor division by a power of two.
+    IShr,
+    /// Bitwise and: floor modulo by a power of two (mask).
+    IAnd,
+    IMin,
+    IMax,
+    FAdd,
+    FSub,
+    FMul,
+    FDiv,
+    /// `a - b * floor(a / b)`.
+    FRem,
+    FMin,
+    FMax,
+    And,
+    Or,
+    /// Equality of bools.
+    BEq,
+    BNe,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl CmpOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            CmpOp::Eq => "eq",
+            CmpOp::Ne => "ne",
+            CmpOp::Lt => "lt",
+            CmpOp::Le => "le",
+            CmpOp::Gt => "gt",
+            CmpOp::Ge => "ge",
+        }
+    }
+
+    /// The comparison with operands swapped: `a op b == b op.swap() a`.
+    pub fn swap(self) -> CmpOp {
+        match self {
+            CmpOp::Lt => CmpOp::Gt,
+            CmpOp::Le => CmpOp::Ge,
+            CmpOp::Gt => CmpOp::Lt,
+            CmpOp::Ge => CmpOp::Le,
+            c => c,
+        }
+    }
+}
+
+impl BinOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            BinOp::IAdd => "iadd",
+            BinOp::ISub => "isub",
+            BinOp::IMul => "imul",
+            BinOp::IDiv => "idiv",
+            BinOp::IRem => "irem",
+            BinOp::IShr => "ishr",
+            BinOp::IAnd => "iand",
+            BinOp::IMin => "imin",
+            BinOp::IMax => "imax",
+            BinOp::FAdd => "fadd",
+            BinOp::FSub => "fsub",
+            BinOp::FMul => "fmul",
+            BinOp::FDiv => "fdiv",
+            BinOp::FRem => "frem",
+            BinOp::FMin => "fmin",
+            BinOp::FMax => "fmax",
+            BinOp::And => "band",
+            BinOp::Or => "bor",
+            BinOp::BEq => "beq",
+            BinOp::BNe => "bne",
+        }
+    }
+
+    /// Whether the op may trap (integer division by a value that may be zero).
+    pub fn may_trap(self) -> bool {
+        matches!(self, BinOp::IDiv | BinOp::IRem)
+    }
+}
+
+/// One operation of the expression sub-IR.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    IConst(i64),
+    FConst(f32),
+    BConst(bool),
+    /// `b`, `h` (head level), `q` (row level, absolute position), `kv` (col level).
+    Var(Var),
+    /// A shape of the call (call level).
+    Shape(ShapeVar),
+    /// The element of the S = Q Kᵀ tile, already multiplied by `q_prescale`.
+    TileScore,
+    Unary(UnOp, ValueId),
+    Binary(BinOp, ValueId, ValueId),
+    /// Comparison of two ints or two floats.
+    Cmp(CmpOp, ValueId, ValueId),
+    Select(ValueId, ValueId, ValueId),
+    /// Float functions of one argument (and `abs`).
+    Call(Func, ValueId),
+    /// int to float.
+    IToF(ValueId),
+    /// float to int (truncating, saturating, NaN to 0).
+    FToI(ValueId),
+    /// bool to 0/1.
+    BToI(ValueId),
+    /// Buffer read. `checked`: not proven in range, so range-checked at run
+    /// time (an error from the call). Performed only where `guard` is true.
+    Load { buffer: u32, indices: Vec<ValueId>, checked: bool },
+    /// `ancestor(parent, i, j)`; always range- and cycle-checked.
+    Ancestor { parent: u32, i: ValueId, j: ValueId },
+}
+
+impl Op {
+    pub fn operands(&self) -> Vec<ValueId> {
+        match self {
+            Op::IConst(_) | Op::FConst(_) | Op::BConst(_) | Op::Var(_) | Op::Shape(_) | Op::TileScore => vec![],
+            Op::Unary(_, a) | Op::Call(_, a) | Op::IToF(a) | Op::FToI(a) | Op::BToI(a) => vec![*a],
+            Op::Binary(_, a, b) | Op::Cmp(_, a, b) => vec![*a, *b],
+            Op::Select(c, a, b) => vec![*c, *a, *b],
+            Op::Load { indices, .. } => indices.clone(),
+            Op::Ancestor { i, j, .. } => vec![*i, *j],
+        }
+    }
+
+    /// Rebuilds the op with operands mapped through `f`.
+    pub fn map_operands(&self, mut f: impl FnMut(ValueId) -> ValueId) -> Op {
+        match self {
+            Op::Unary(o, a) => Op::Unary(*o, f(*a)),
+            Op::Call(o, a) => Op::Call(*o, f(*a)),
+            Op::IToF(a) => Op::IToF(f(*a)),
+            Op::FToI(a) => Op::FToI(f(*a)),
+            Op::BToI(a) => Op::BToI(f(*a)),
+            Op::Binary(o, a, b) => Op::Binary(*o, f(*a), f(*b)),
+            Op::Cmp(o, a, b) => Op::Cmp(*o, f(*a), f(*b)),
+            Op::Select(c, a, b) => Op::Select(f(*c), f(*a), f(*b)),
+            Op::Load { buffer, indices, checked } => {
+                Op::Load { buffer: *buffer, indices: indices.iter().map(|i| f(*i)).collect(), checked: *checked }
+            }
+            Op::Ancestor { parent, i, j } => Op::Ancestor { parent: *parent, i: f(*i), j: f(*j) },
+            o => o.clone(),
+        }
+    }
+
+    /// Whether executing the op where it is not wanted could fail.
+    pub fn may_trap(&self, is_const_nonzero: impl Fn(ValueId) -> bool) -> bool {
+        match self {
+            Op::Load { checked, .. } => *checked,
+            Op::Ancestor { .. } => true,
+            Op::Binary(op, _, b) if op.may_trap() => !is_const_nonzero(*b),
+            _ => false,
+        }
+    }
+}
+
+/// One instruction: an op, its type, where it runs, and (for ops that may
+/// trap) the condition under which it is performed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Inst {
+    pub op: Op,
+    pub ty: Ty,
+    pub level: Level,
+    pub section: Section,
+    /// Performed only where this bool is true; elsewhere the value is a
+    /// harmless zero. `None` = always.
+    pub guard: Option<ValueId>,
+}
+
+/// A buffer as the kernel sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BufferDecl {
+    pub name: String,
+    pub elem: Ty,
+    pub dims: Vec<Dim>,
+}
+
+/// The whole kernel of one spec under one schedule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    pub name: String,
+    pub schedule: Schedule,
+    /// Baked param values, for the header only.
+    pub params: Vec<(String, String)>,
+    pub buffers: Vec<BufferDecl>,
+    pub insts: Vec<Inst>,
+    /// Parallel to `insts`: the source span of trapping instructions, for
+    /// errors from the call. Not part of the text form.
+    pub spans: Vec<Option<crate::syntax::Span>>,
+    /// The softmax scale (call level, f32).
+    pub scale: ValueId,
+    /// What each Q tile is multiplied by when loaded (`scale`, times log2(e) with exp2).
+    pub q_prescale: ValueId,
+    /// The mask, applied on PARTIAL tiles; `None` = every key visible.
+    pub mask: Option<ValueId>,
+    /// The score fed to the softmax on FULL tiles, in exp units.
+    pub score_full: ValueId,
+    /// The same on PARTIAL tiles (its trapping ops guarded by the mask).
+    pub score_partial: ValueId,
+}
+
+impl Kernel {
+    pub fn inst(&self, v: ValueId) -> &Inst {
+        &self.insts[v.0 as usize]
+    }
+
+    pub fn roots(&self) -> Vec<ValueId> {
+        let mut r = vec![self.scale, self.q_prescale, self.score_full, self.score_partial];
+        r.extend(self.mask);
+        r
+    }
+
+    /// The constant int value of `v`, if it is one.
+    pub fn const_int(&self, v: ValueId) -> Option<i64> {
+        match self.inst(v).op {
+            Op::IConst(i) => Some(i),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! Stage 4, tile: the tiled online-softmax loop IR.
+//!
+//! Entry points: [`build`] (checked spec + schedule → kernel), [`optimize`],
+//! [`verify`], [`interp::run`], and the text form (`Display` on [`Kernel`]).
+//! The IR is generic over batch, heads and lengths; it specialises on the
+//! schedule (tile sizes, exp base, optionally the head dim).
+
+mod build;
+pub mod builder;
+pub mod interp;
+pub mod ir;
+pub mod opt;
+mod print;
+pub mod verify;
+
+pub use build::build;
+pub use ir::*;
+pub use opt::optimize;
+pub use verify::{verify, VerifyError};
+
+/// Lowers and optimises a spec: the kernel every backend translates.
+pub fn lower(spec: &crate::sema::Spec, schedule: &Schedule) -> Kernel {
+    optimize(&build(spec, schedule))
+}

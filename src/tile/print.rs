@@ -1,0 +1,145 @@
+//! The text form of the loop IR (`attnc emit --stage tile`).
+//!
+//! Deterministic: values are numbered in creation order, floats print so
+//! they round-trip, and nothing depends on addresses or paths. Each value
+//! prints as `vN = op operands [if GUARD] : type` inside the loop level
+//! that computes it.
+
+use std::fmt;
+
+use super::ir::*;
+use crate::sema::Dim;
+
+fn dims(d: &[Dim]) -> String {
+    d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+impl Kernel {
+    fn write_inst(&self, f: &mut fmt::Formatter<'_>, indent: &str, v: ValueId) -> fmt::Result {
+        let inst = self.inst(v);
+        write!(f, "{indent}{v} = ")?;
+        match &inst.op {
+            Op::IConst(i) => write!(f, "iconst {i}")?,
+            Op::FConst(x) => write!(f, "fconst {x:?}")?,
+            Op::BConst(b) => write!(f, "bconst {b}")?,
+            Op::Var(var) => write!(f, "var {}", var.name())?,
+            Op::Shape(s) => write!(f, "shape {}", s.name())?,
+            Op::TileScore => write!(f, "tile_score")?,
+            Op::Unary(op, a) => write!(
+                f,
+                "{} {a}",
+                match op {
+                    UnOp::INeg => "ineg",
+                    UnOp::FNeg => "fneg",
+                    UnOp::Not => "bnot",
+                }
+            )?,
+            Op::Binary(op, a, b) => write!(f, "{} {a}, {b}", op.name())?,
+            Op::Cmp(op, a, b) => {
+                let p = if self.inst(*a).ty == Ty::F32 { "fcmp" } else { "icmp" };
+                write!(f, "{p}.{} {a}, {b}", op.name())?
+            }
+            Op::Select(c, a, b) => write!(f, "select {c}, {a}, {b}")?,
+            Op::Call(func, a) => write!(f, "{} {a}", func.name())?,
+            Op::IToF(a) => write!(f, "itof {a}")?,
+            Op::FToI(a) => write!(f, "ftoi {a}")?,
+            Op::BToI(a) => write!(f, "btoi {a}")?,
+            Op::Load { buffer, indices, checked } => {
+                let idx = indices.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+                let kind = if *checked { "load.checked" } else { "load" };
+                write!(f, "{kind} {}[{idx}]", self.buffers[*buffer as usize].name)?
+            }
+            Op::Ancestor { parent, i, j } => {
+                write!(f, "ancestor.checked {}, {i}, {j}", self.buffers[*parent as usize].name)?
+            }
+        }
+        if let Some(g) = inst.guard {
+            write!(f, " if {g}")?;
+        }
+        writeln!(f, " : {}", inst.ty)
+    }
+
+    fn write_level(&self, f: &mut fmt::Formatter<'_>, indent: &str, level: Level, section: Option<Section>) -> fmt::Result {
+        for (i, inst) in self.insts.iter().enumerate() {
+            let in_section = match section {
+                None => true,
+                Some(s) => inst.section == Section::Shared || inst.section == s,
+            };
+            if inst.level == level && in_section {
+                self.write_inst(f, indent, ValueId(i as u32))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether any value is computed at `level` for the given loop.
+    fn has_level(&self, level: Level, section: Section) -> bool {
+        self.insts.iter().any(|i| i.level == level && (i.section == Section::Shared || i.section == section))
+    }
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.schedule;
+        let d = s.dim.map_or("D".to_string(), |d| d.to_string());
+        writeln!(f, "; attnc tile IR of `{}`", self.name)?;
+        writeln!(
+            f,
+            "; schedule: bq={} bkv={} dim={} exp={}",
+            s.bq,
+            s.bkv,
+            s.dim.map_or("generic".to_string(), |d| d.to_string()),
+            if s.exp2 { "exp2" } else { "exp" }
+        )?;
+        if !self.params.is_empty() {
+            let p = self.params.iter().map(|(n, v)| format!("{n} = {v}")).collect::<Vec<_>>().join(", ");
+            writeln!(f, "; params: {p}")?;
+        }
+        writeln!(
+            f,
+            "kernel @{}(q: f32[B, H, Q, {d}], k: f32[B|1, HKV, KV, {d}], v: f32[B|1, HKV, KV, {d}]) -> (out: f32[B, H, Q, {d}], lse: f32[B, H, Q]) {{",
+            self.name
+        )?;
+        for (i, b) in self.buffers.iter().enumerate() {
+            writeln!(f, "    buffer{i} {}: {}[{}]", b.name, b.elem, dims(&b.dims))?;
+        }
+        writeln!(f, "  call:")?;
+        self.write_level(f, "    ", Level::Call, None)?;
+        writeln!(f, "    scale = {}", self.scale)?;
+        writeln!(f, "    q_prescale = {}", self.q_prescale)?;
+        writeln!(f, "  grid b in 0..B, h in 0..H, qt in 0..ceil(Q / {}) parallel:", s.bq)?;
+        writeln!(f, "    head:")?;
+        self.write_level(f, "      ", Level::Head, None)?;
+        writeln!(f, "    q_tile = load_q b, h, qt, scaled by q_prescale")?;
+        writeln!(f, "    m = -inf, l = 0, acc = 0")?;
+        writeln!(f, "    row i (q = qt * {} + i + q_offset, i < min({}, Q - qt * {})):", s.bq, s.bq, s.bq)?;
+        self.write_level(f, "      ", Level::Row, None)?;
+        let exp = if s.exp2 { "exp2" } else { "exp" };
+        for (section, what) in [(Section::Full, "full"), (Section::Partial, "partial")] {
+            writeln!(f, "    for kt in {what}(qt):")?;
+            writeln!(f, "      s = qk q_tile, k[b, h / (H / HKV), kt]")?;
+            if self.has_level(Level::Col, section) {
+                writeln!(f, "      col j (kv = kt * {} + j, j < min({}, KV - kt * {})):", s.bkv, s.bkv, s.bkv)?;
+                self.write_level(f, "        ", Level::Col, Some(section))?;
+            }
+            if self.has_level(Level::Elem, section) {
+                writeln!(f, "      elem.{what} i, j:")?;
+                self.write_level(f, "        ", Level::Elem, Some(section))?;
+            }
+            if section == Section::Partial {
+                match self.mask {
+                    Some(m) => writeln!(f, "      s = select {m}, {}, -inf", self.score_partial)?,
+                    None => writeln!(f, "      s = {}", self.score_partial)?,
+                }
+            } else {
+                writeln!(f, "      s = {}", self.score_full)?;
+            }
+            writeln!(f, "      online_softmax s, m, l, acc   ; m' = max(m, rowmax s), p = {exp}(s - m'), l = l * {exp}(m - m') + rowsum p")?;
+            writeln!(f, "      acc += pv p, v[b, h / (H / HKV), kt]")?;
+        }
+        writeln!(f, "    finish:")?;
+        let lse = if s.exp2 { "(m + log2(l)) * ln(2)" } else { "m + log(l)" };
+        writeln!(f, "      out = acc / l, lse = {lse}   ; l = 0: out = 0, lse = -inf")?;
+        writeln!(f, "}}")
+    }
+}
