@@ -70,6 +70,9 @@ pub enum Error {
     /// Evaluating the spec on the inputs failed (e.g. an out-of-range read).
     #[error("{error}")]
     Eval { file: Arc<SourceFile>, error: EvalError },
+    /// The block map could not be built (bad tiling, overflow).
+    #[error(transparent)]
+    Mask(crate::mask::MaskError),
     /// A file could not be read or written, or holds the wrong kind of data.
     #[error("{what}: {reason}")]
     Io { what: String, reason: String },
@@ -90,6 +93,7 @@ impl Diagnostic for Error {
         match self {
             Error::Spec { problems, .. } if problems.len() == 1 => problems[0].code(),
             Error::Bind(e) => e.code(),
+            Error::Mask(e) => e.code(),
             Error::Eval { error, .. } => error.code(),
             Error::Io { .. } => Some(Box::new("attnc::io")),
             Error::Usage(_) => Some(Box::new("attnc::usage")),
@@ -101,6 +105,7 @@ impl Diagnostic for Error {
         match self {
             Error::Spec { problems, .. } if problems.len() == 1 => problems[0].help(),
             Error::Bind(e) => e.help(),
+            Error::Mask(e) => e.help(),
             Error::Eval { error, .. } => error.help(),
             _ => None,
         }
@@ -246,6 +251,29 @@ pub fn load(file: SourceFile, options: &SpecOptions) -> Result<Program, Error> {
 }
 
 impl Program {
+    /// Lowers the spec to the optimised loop IR under `schedule`.
+    pub fn kernel(&self, schedule: &crate::tile::Schedule) -> crate::tile::Kernel {
+        crate::tile::lower(&self.spec, schedule)
+    }
+
+    /// Runs the loop-IR interpreter with `bq x bkv` tiles.
+    pub fn run_interp(&self, inputs: &Inputs<'_>, bq: usize, bkv: usize) -> Result<Outputs, Error> {
+        let bound = bind(&self.spec, inputs)?;
+        let tiling = crate::mask::Tiling::new(bq, bkv).map_err(|e| self.mask_error(e))?;
+        let maps = crate::mask::classify(&self.spec, &bound, tiling).map_err(|e| self.mask_error(e))?;
+        let schedule = crate::tile::Schedule { bq, bkv, dim: Some(bound.shapes.d), exp2: true };
+        let kernel = self.kernel(&schedule);
+        crate::tile::interp::run(&kernel, inputs, &bound, &maps)
+            .map_err(|error| Error::Eval { file: self.file.clone(), error })
+    }
+
+    fn mask_error(&self, e: crate::mask::MaskError) -> Error {
+        match e {
+            crate::mask::MaskError::Eval(error) => Error::Eval { file: self.file.clone(), error },
+            e => Error::Mask(e),
+        }
+    }
+
     /// Runs the reference interpreter.
     pub fn run_reference(&self, inputs: &Inputs<'_>) -> Result<Outputs, Error> {
         let bound = bind(&self.spec, inputs)?;

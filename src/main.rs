@@ -29,6 +29,53 @@ enum Command {
 q is float32 [B, H, Q, D]; k and v are float32 [B or 1, HKV, KV, D]. Buffers are read in their\n\
 declared type: int from int32/int64, float from float32, bool from bool.")]
     Run(RunArgs),
+    /// Print a compiler stage's output for a spec.
+    #[command(after_help = "Examples:\n  attnc emit examples/alibi.attn --stage tile\n  attnc emit examples/sliding_window.attn --stage tile --block 32x128 --dim 128 --param window=512\n  attnc emit examples/causal.attn --stage checked\n\n\
+Stages: ast (the parsed syntax tree with byte spans), checked (the checked spec: typed, names\n\
+resolved, with dependences), tile (the optimised loop IR; --stage tile-unopt for the IR before\n\
+optimisation). The tile IR is generic over batch, heads and lengths; it specialises on the\n\
+tile sizes (--block, default 64x64) and the head dim (--dim, default 64; `--dim generic` keeps D symbolic).")]
+    Emit(EmitArgs),
+}
+
+#[derive(Args)]
+struct EmitArgs {
+    #[command(flatten)]
+    spec: SpecArgs,
+    /// The stage to print.
+    #[arg(long, value_enum, default_value_t = Stage::Tile)]
+    stage: Stage,
+    /// Tile sizes BQxBKV (or N for NxN).
+    #[arg(long, default_value = "64x64", value_name = "BQxBKV")]
+    block: String,
+    /// Head dim to specialise on, or `generic`.
+    #[arg(long, default_value = "64", value_name = "D|generic")]
+    dim: String,
+    /// Exponential base of the softmax in the kernel.
+    #[arg(long, value_enum, default_value_t = ExpBase::Exp2)]
+    exp: ExpBase,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum Stage {
+    Ast,
+    Checked,
+    TileUnopt,
+    Tile,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum ExpBase {
+    /// exp2 with log2(e) folded into the query scale.
+    Exp2,
+    /// Natural exp.
+    Exp,
+}
+
+/// Parses `64x128` or `64`.
+fn parse_block(text: &str) -> Result<(usize, usize), Error> {
+    let t: attnc::mask::Tiling = text.parse().map_err(Error::Mask)?;
+    Ok((t.bq, t.bkv))
 }
 
 #[derive(Args)]
@@ -71,12 +118,17 @@ struct RunArgs {
     /// Which backend runs the spec.
     #[arg(long, value_enum, default_value_t = Backend::Reference)]
     backend: Backend,
+    /// Tile sizes BQxBKV for the tiled backends (or N for NxN).
+    #[arg(long, default_value = "64x64", value_name = "BQxBKV")]
+    block: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Backend {
     /// The f64 reference interpreter.
     Reference,
+    /// The loop-IR interpreter (f32, tile by tile).
+    Interp,
 }
 
 fn split_assignment(s: &str, flag: &str) -> Result<(String, String), Error> {
@@ -93,6 +145,35 @@ fn spec_options(args: &SpecArgs) -> Result<SpecOptions, Error> {
 
 fn run(cmd: Command) -> Result<(), Error> {
     match cmd {
+        Command::Emit(args) => {
+            let file = SourceFile::read(&args.spec.spec)?;
+            match args.stage {
+                Stage::Ast => print!("{}", driver::parse(&std::sync::Arc::new(file))?),
+                Stage::Checked | Stage::Tile | Stage::TileUnopt => {
+                    let program = driver::load(file, &spec_options(&args.spec)?)?;
+                    if args.stage == Stage::Checked {
+                        print!("{}", program.spec);
+                        return Ok(());
+                    }
+                    let (bq, bkv) = parse_block(&args.block)?;
+                    let dim = match args.dim.as_str() {
+                        "generic" => None,
+                        d => match d.parse::<usize>() {
+                            Ok(d) if d > 0 => Some(d),
+                            _ => return Err(Error::Usage(format!("`--dim {d}` must be a positive integer or `generic`"))),
+                        },
+                    };
+                    let schedule = attnc::tile::Schedule { bq, bkv, dim, exp2: args.exp == ExpBase::Exp2 };
+                    let kernel = attnc::tile::build(&program.spec, &schedule);
+                    if args.stage == Stage::TileUnopt {
+                        print!("{kernel}");
+                    } else {
+                        print!("{}", attnc::tile::optimize(&kernel));
+                    }
+                }
+            }
+            Ok(())
+        }
         Command::Check { spec } => {
             let file = std::sync::Arc::new(SourceFile::read(&spec)?);
             let module = driver::check(&file)?;
@@ -117,6 +198,10 @@ fn run(cmd: Command) -> Result<(), Error> {
             }
             let outputs = match args.backend {
                 Backend::Reference => program.run_reference(&inputs)?,
+                Backend::Interp => {
+                    let (bq, bkv) = parse_block(&args.block)?;
+                    program.run_interp(&inputs, bq, bkv)?
+                }
             };
             npy::write_f32(&args.out, &outputs.out)?;
             if let (Some(path), Some(lse)) = (&args.lse, &outputs.lse) {
