@@ -82,7 +82,18 @@ impl Builder {
     /// trap; the level is the join of the operands' and the guard's levels.
     pub fn add(&mut self, op: Op, ty: Ty, guard: Option<ValueId>, span: Option<Span>) -> ValueId {
         let traps = op.may_trap(|v| self.const_int(v).is_some_and(|c| c != 0));
-        let guard = if traps { guard.filter(|g| self.const_bool(*g) != Some(true)) } else { None };
+        let guard = if traps || Self::keeps_guard(&op) { guard } else { None };
+        self.add_guarded(op, ty, guard, span)
+    }
+
+    /// Unchecked loads keep a guard when they are only safe under it.
+    fn keeps_guard(op: &Op) -> bool {
+        matches!(op, Op::Load { checked: false, .. })
+    }
+
+    /// Adds an instruction with exactly this guard (a const-true guard is dropped).
+    pub fn add_guarded(&mut self, op: Op, ty: Ty, guard: Option<ValueId>, span: Option<Span>) -> ValueId {
+        let guard = guard.filter(|g| self.const_bool(*g) != Some(true));
         let key = Key(op, guard);
         if let Some(&v) = self.intern.get(&key) {
             if self.spans[v.0 as usize].is_none() {

@@ -317,7 +317,8 @@ pub struct Inst {
     pub level: Level,
     pub section: Section,
     /// Performed only where this bool is true; elsewhere the value is a
-    /// harmless zero. `None` = always.
+    /// harmless zero. `None` = always. Kept on ops that may trap and on
+    /// reads that are proven in range only where the guard holds.
     pub guard: Option<ValueId>,
 }
 

@@ -408,25 +408,45 @@ fn in_range(k: &Kernel, x: ValueId, guard: Option<ValueId>, dim: Dim) -> bool {
     lo.iter().any(|b| b.affine.nonneg()) && hi.iter().any(|b| below_dim(*b, dim))
 }
 
-/// Drops the run-time check and the guard of every read proven in range.
+/// How a read was proven in range.
+#[derive(Clone, Copy, PartialEq)]
+enum Proof {
+    None,
+    /// Only where its guard holds: the read stays guarded.
+    UnderGuard,
+    /// Everywhere: the read may run unguarded (and be hoisted).
+    Always,
+}
+
+/// Drops the run-time check of every read proven in range, and its guard
+/// too when the proof did not need the guard's facts.
 pub fn prove_bounds(k: &Kernel) -> Kernel {
-    let mut proven = vec![false; k.insts.len()];
+    let mut proofs = vec![Proof::None; k.insts.len()];
     for (i, inst) in k.insts.iter().enumerate() {
         if let Op::Load { buffer, indices, checked: true } = &inst.op {
             let dims = &k.buffers[*buffer as usize].dims;
-            proven[i] = indices.iter().zip(dims).all(|(x, d)| in_range(k, *x, inst.guard, *d));
+            let all = |guard| indices.iter().zip(dims).all(|(x, d)| in_range(k, *x, guard, *d));
+            proofs[i] = if all(None) {
+                Proof::Always
+            } else if inst.guard.is_some() && all(inst.guard) {
+                Proof::UnderGuard
+            } else {
+                Proof::None
+            };
         }
     }
     let mut idx = 0;
     rewrite(k, |b, inst, span| {
         let i = idx;
         idx += 1;
-        match &inst.op {
-            Op::Load { buffer, indices, .. } if proven[i] => {
-                Some(b.add(Op::Load { buffer: *buffer, indices: indices.clone(), checked: false }, inst.ty, None, span))
-            }
-            _ => None,
-        }
+        let Op::Load { buffer, indices, .. } = &inst.op else { return None };
+        let guard = match proofs[i] {
+            Proof::None => return None,
+            Proof::UnderGuard => inst.guard,
+            Proof::Always => None,
+        };
+        let op = Op::Load { buffer: *buffer, indices: indices.clone(), checked: false };
+        Some(b.add_guarded(op, inst.ty, guard, span))
     })
 }
 
