@@ -1,0 +1,312 @@
+//! `attnc bench`: random inputs, warm-up, timed runs, and a report.
+//!
+//! The report counts the dense work `4·B·H·Q·KV·D` flops and the useful work
+//! (only visible entries, counted exactly: FULL tiles whole, PARTIAL tiles
+//! element by element, EMPTY tiles not at all).
+
+use std::time::Instant;
+
+use ndarray::{Array4, ArrayD, IxDyn};
+
+use crate::bind::{bind, Inputs, Outputs};
+use crate::buffer::BufferData;
+use crate::driver::{Error, Program};
+use crate::mask::{classify, Tiling, TileClass};
+use crate::sema::eval::{Evaluator, Point, Shapes};
+use crate::sema::{Buffer, Type};
+
+/// Shapes and repetitions of a benchmark.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub dim: usize,
+    pub q_offset: i64,
+    pub runs: usize,
+    pub warmup: usize,
+    pub seed: u64,
+}
+
+/// What `attnc bench` prints.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BenchReport {
+    pub spec: String,
+    pub backend: String,
+    pub shapes: Shapes,
+    pub runs: usize,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub compile_ms: f64,
+    pub gflops_dense: f64,
+    pub gflops_useful: f64,
+    /// Fraction of the Q x KV entries that are visible.
+    pub visible_fraction: f64,
+    pub peak_rss_mib: f64,
+}
+
+impl BenchReport {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "spec": self.spec,
+            "backend": self.backend,
+            "batch": self.shapes.b,
+            "heads": self.shapes.h,
+            "kv_heads": self.shapes.hkv,
+            "q_len": self.shapes.q,
+            "kv_len": self.shapes.kv,
+            "dim": self.shapes.d,
+            "runs": self.runs,
+            "median_ms": self.median_ms,
+            "min_ms": self.min_ms,
+            "compile_ms": self.compile_ms,
+            "gflops_dense": self.gflops_dense,
+            "gflops_useful": self.gflops_useful,
+            "visible_fraction": self.visible_fraction,
+            "peak_rss_mib": self.peak_rss_mib,
+        })
+    }
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.shapes;
+        writeln!(
+            f,
+            "{} on {}: B={} H={} HKV={} Q={} KV={} D={}, {} runs",
+            self.spec, self.backend, s.b, s.h, s.hkv, s.q, s.kv, s.d, self.runs
+        )?;
+        writeln!(f, "  median {:.3} ms, min {:.3} ms, compile {:.3} ms", self.median_ms, self.min_ms, self.compile_ms)?;
+        writeln!(
+            f,
+            "  {:.1} GFLOP/s dense-equivalent, {:.1} GFLOP/s useful ({:.1}% of entries visible)",
+            self.gflops_dense,
+            self.gflops_useful,
+            100.0 * self.visible_fraction
+        )?;
+        write!(f, "  peak RSS {:.1} MiB", self.peak_rss_mib)
+    }
+}
+
+/// A tiny deterministic generator (SplitMix64) so benchmarks are reproducible.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    pub fn array4(&mut self, shape: (usize, usize, usize, usize)) -> Array4<f32> {
+        Array4::from_shape_simple_fn(shape, || self.uniform())
+    }
+}
+
+/// Generates a buffer from a recipe:
+/// `docs:N` (int, N equal contiguous documents), `alibi` (float, ALiBi
+/// slopes 2^(-8(i+1)/n)), `uniform` (float in [-1, 1)), `iota` (int, 0, 1, ...),
+/// `bernoulli:P` (bool, true with probability P), `const:V` (any type).
+pub fn generate_buffer(decl: &Buffer, shapes: &Shapes, recipe: &str, rng: &mut Rng) -> Result<BufferData, Error> {
+    let shape: Vec<usize> = decl.dims.iter().map(|d| shapes.dim(*d)).collect();
+    let n: usize = shape.iter().product();
+    let bad = |why: String| {
+        Error::Usage(format!(
+            "cannot generate buffer `{}` ({}) from `{recipe}`: {why}; recipes: docs:N, alibi, uniform, iota, bernoulli:P, const:V",
+            decl.name, decl.elem
+        ))
+    };
+    let (kind, arg) = recipe.split_once(':').unwrap_or((recipe, ""));
+    let want = |t: Type| if decl.elem == t { Ok(()) } else { Err(bad(format!("`{kind}` makes {t} data"))) };
+    let dyn_shape = IxDyn(&shape);
+    let shape = &shape;
+    let last = *shape.last().unwrap_or(&1).max(&1);
+    Ok(match kind {
+        "docs" => {
+            want(Type::Int)?;
+            let docs: usize = arg.parse().ok().filter(|d| *d > 0).ok_or_else(|| bad("N must be a positive integer".into()))?;
+            let per = last.div_ceil(docs);
+            BufferData::Int(ArrayD::from_shape_fn(dyn_shape, |i| (i[shape.len() - 1] / per) as i64))
+        }
+        "iota" => {
+            want(Type::Int)?;
+            BufferData::Int(ArrayD::from_shape_fn(dyn_shape, |i| i[shape.len() - 1] as i64))
+        }
+        "alibi" => {
+            want(Type::Float)?;
+            BufferData::Float(ArrayD::from_shape_fn(dyn_shape, |i| 2f32.powf(-8.0 * (i[shape.len() - 1] + 1) as f32 / last as f32)))
+        }
+        "uniform" => {
+            want(Type::Float)?;
+            BufferData::Float(ArrayD::from_shape_vec(dyn_shape, (0..n).map(|_| rng.uniform()).collect()).unwrap())
+        }
+        "bernoulli" => {
+            want(Type::Bool)?;
+            let p: f64 = arg.parse().ok().filter(|p| (0.0..=1.0).contains(p)).ok_or_else(|| bad("P must be in [0, 1]".into()))?;
+            BufferData::Bool(
+                ArrayD::from_shape_vec(dyn_shape, (0..n).map(|_| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p).collect())
+                    .unwrap(),
+            )
+        }
+        "const" => match decl.elem {
+            Type::Int => BufferData::Int(ArrayD::from_elem(dyn_shape, arg.parse().map_err(|_| bad("V must be an integer".into()))?)),
+            Type::Float => BufferData::Float(ArrayD::from_elem(dyn_shape, arg.parse().map_err(|_| bad("V must be a number".into()))?)),
+            Type::Bool => BufferData::Bool(ArrayD::from_elem(dyn_shape, arg.parse().map_err(|_| bad("V must be true or false".into()))?)),
+        },
+        _ => return Err(bad("unknown recipe".into())),
+    })
+}
+
+/// Counts the visible (q, kv) entries of one (b, h) exactly, using the block
+/// map: FULL tiles count whole, PARTIAL tiles element by element.
+pub fn count_visible(program: &Program, inputs: &Inputs<'_>) -> Result<u64, Error> {
+    let bound = bind(&program.spec, inputs)?;
+    let Some(mask) = program.spec.mask else {
+        return Ok((bound.shapes.q * bound.shapes.kv * bound.shapes.b * bound.shapes.h) as u64);
+    };
+    let tiling = Tiling::new(64, 64).expect("64x64 is a valid tiling");
+    let maps = classify(&program.spec, &bound, tiling).map_err(Error::Mask)?;
+    let mut ev = Evaluator::new(&program.spec, bound.shapes, &bound.buffers);
+    let mut total = 0u64;
+    let per_map = if maps.is_shared() { (bound.shapes.b * bound.shapes.h) as u64 } else { 1 };
+    let heads: Vec<(usize, usize)> = if maps.is_shared() {
+        vec![(0, 0)]
+    } else {
+        (0..bound.shapes.b).flat_map(|b| (0..bound.shapes.h).map(move |h| (b, h))).collect()
+    };
+    for (b, h) in heads {
+        let map = maps.get(b, h);
+        let mut count = 0u64;
+        for qt in 0..map.q_tiles() {
+            for (kt, class) in map.tiles(qt) {
+                let rows = map.q_rows(qt);
+                let cols = map.kv_cols(kt as usize);
+                match class {
+                    TileClass::Full => count += (rows.len() * cols.len()) as u64,
+                    TileClass::Partial => {
+                        for r in rows {
+                            for c in cols.clone() {
+                                let p = Point { b: b as i64, h: h as i64, q: r as i64 + bound.q_offset, kv: c as i64, score: 0.0 };
+                                if ev.eval_bool(mask, p).map_err(|error| Error::Eval { file: program.file.clone(), error })? {
+                                    count += 1;
+                                }
+                            }
+                        }
+                    }
+                    TileClass::Empty => {}
+                }
+            }
+        }
+        total += count * per_map;
+    }
+    Ok(total)
+}
+
+/// Peak resident memory of this process, from `/proc/self/status` (0 where unavailable).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Times `run` on `inputs`: `warmup` untimed calls, then `runs` timed ones.
+pub fn measure(
+    program: &Program,
+    backend: &str,
+    config: &BenchConfig,
+    inputs: &Inputs<'_>,
+    compile_ms: f64,
+    mut run: impl FnMut(&Inputs<'_>) -> Result<Outputs, Error>,
+) -> Result<BenchReport, Error> {
+    for _ in 0..config.warmup {
+        run(inputs)?;
+    }
+    let mut times = Vec::with_capacity(config.runs);
+    for _ in 0..config.runs.max(1) {
+        let t = Instant::now();
+        let out = run(inputs)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        drop(out);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median_ms = if times.len() % 2 == 1 {
+        times[times.len() / 2]
+    } else {
+        (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0
+    };
+    let shapes = Shapes {
+        b: config.batch,
+        h: config.heads,
+        hkv: config.kv_heads,
+        q: config.q_len,
+        kv: config.kv_len,
+        d: config.dim,
+    };
+    let dense = (shapes.b * shapes.h * shapes.q * shapes.kv) as f64;
+    let visible = count_visible(program, inputs)? as f64;
+    let flops_per_entry = 4.0 * shapes.d as f64;
+    Ok(BenchReport {
+        spec: program.spec.name.clone(),
+        backend: backend.to_string(),
+        shapes,
+        runs: times.len(),
+        median_ms,
+        min_ms: times[0],
+        compile_ms,
+        gflops_dense: dense * flops_per_entry / (median_ms * 1e6),
+        gflops_useful: visible * flops_per_entry / (median_ms * 1e6),
+        visible_fraction: if dense > 0.0 { visible / dense } else { 0.0 },
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::{load, SourceFile, SpecOptions};
+
+    #[test]
+    fn visible_count_of_causal_is_exact() {
+        let p = load(SourceFile::new("c.attn", "attention c { mask = causal }"), &SpecOptions::default()).unwrap();
+        let q = Array4::<f32>::zeros((1, 2, 100, 4));
+        let k = Array4::<f32>::zeros((1, 1, 100, 4));
+        let inputs = Inputs::new(q.view(), k.view(), k.view());
+        assert_eq!(count_visible(&p, &inputs).unwrap(), 2 * 100 * 101 / 2);
+    }
+
+    #[test]
+    fn buffer_recipes() {
+        let p = load(
+            SourceFile::new("d.attn", "attention d { buffer doc[KV]: int\n buffer s[H]: float\n mask = doc[q] == doc[kv] }"),
+            &SpecOptions::default(),
+        )
+        .unwrap();
+        let shapes = Shapes { b: 1, h: 4, hkv: 1, q: 8, kv: 8, d: 4 };
+        let mut rng = Rng::new(1);
+        let BufferData::Int(doc) = generate_buffer(&p.spec.buffers[0], &shapes, "docs:4", &mut rng).unwrap() else { panic!() };
+        assert_eq!(doc.iter().copied().collect::<Vec<_>>(), vec![0, 0, 1, 1, 2, 2, 3, 3]);
+        let BufferData::Float(s) = generate_buffer(&p.spec.buffers[1], &shapes, "alibi", &mut rng).unwrap() else { panic!() };
+        assert_eq!(s[[0]], 0.25);
+        assert!(generate_buffer(&p.spec.buffers[0], &shapes, "alibi", &mut rng).is_err());
+        assert!(generate_buffer(&p.spec.buffers[0], &shapes, "docs:0", &mut rng).is_err());
+    }
+}
