@@ -61,7 +61,7 @@ pub enum EvalError {
     #[error("read out of range: `{buffer}[{}]` with shape [{}] (at b={}, h={}, q={}, kv={})", join(index), join(shape), at.b, at.h, at.q, at.kv)]
     #[diagnostic(
         code(attnc::run::out_of_range),
-        help("guard the read so it only happens in range, e.g. `x >= 0 && x < KV && {buffer}[x]`, or bind a larger buffer")
+        help("guard the read so it only happens in range, e.g. `if x >= 0 && x < KV {{ {buffer}[x] }} else {{ ... }}`, or bind a larger buffer")
     )]
     OutOfRange {
         buffer: String,
@@ -239,11 +239,11 @@ impl<'a> Evaluator<'a> {
                         Value::Int(p) => p,
                         v => unreachable!("int buffer gave {v:?}"),
                     };
-                    if x == j {
-                        return Ok(Value::Bool(true));
-                    }
                     if x < 0 {
                         return Ok(Value::Bool(false));
+                    }
+                    if x == j {
+                        return Ok(Value::Bool(true));
                     }
                 }
                 return Err(EvalError::AncestorCycle {

@@ -218,11 +218,11 @@ impl Machine<'_> {
                     let mut steps = 0;
                     loop {
                         x = self.read(*parent, &[x], v, here)?.i();
-                        if x == j {
-                            found = true;
+                        if x < 0 {
                             break;
                         }
-                        if x < 0 {
+                        if x == j {
+                            found = true;
                             break;
                         }
                         steps += 1;
