@@ -73,6 +73,9 @@ pub enum Error {
     /// The block map could not be built (bad tiling, overflow).
     #[error(transparent)]
     Mask(crate::mask::MaskError),
+    /// Native code generation failed.
+    #[error(transparent)]
+    Codegen(#[from] crate::codegen::CodegenError),
     /// A file could not be read or written, or holds the wrong kind of data.
     #[error("{what}: {reason}")]
     Io { what: String, reason: String },
@@ -95,6 +98,7 @@ impl Diagnostic for Error {
             Error::Bind(e) => e.code(),
             Error::Mask(e) => e.code(),
             Error::Eval { error, .. } => error.code(),
+            Error::Codegen(_) => Some(Box::new("attnc::codegen")),
             Error::Io { .. } => Some(Box::new("attnc::io")),
             Error::Usage(_) => Some(Box::new("attnc::usage")),
             Error::Spec { .. } => Some(Box::new("attnc::spec")),
@@ -250,6 +254,43 @@ pub fn load(file: SourceFile, options: &SpecOptions) -> Result<Program, Error> {
     Ok(Program { file, spec })
 }
 
+/// A spec compiled to native code: run it many times on new inputs.
+#[derive(Debug)]
+pub struct JitKernel {
+    program: Program,
+    tiling: crate::mask::Tiling,
+    compiled: crate::codegen::clif::kernel::CompiledKernel,
+}
+
+impl JitKernel {
+    /// Runs the kernel: binds the inputs, builds the block maps, runs the tasks.
+    pub fn run(&self, inputs: &Inputs<'_>) -> Result<Outputs, Error> {
+        let bound = bind(&self.program.spec, inputs)?;
+        let maps = crate::mask::classify(&self.program.spec, &bound, self.tiling).map_err(|e| self.program.mask_error(e))?;
+        self.run_with_maps(inputs, &bound, &maps)
+    }
+
+    /// Runs the kernel with block maps built by the caller (reuse them across
+    /// layers that share a mask and shapes).
+    pub fn run_with_maps(&self, inputs: &Inputs<'_>, bound: &crate::bind::Bound, maps: &crate::mask::BlockMaps) -> Result<Outputs, Error> {
+        if maps.tiling() != self.tiling {
+            return Err(Error::Usage(format!("block maps were built with {} tiles, the kernel uses {}", maps.tiling(), self.tiling)));
+        }
+        crate::runtime::exec::run(&self.compiled, inputs, bound, maps)
+            .map_err(|error| Error::Eval { file: self.program.file.clone(), error })
+    }
+
+    /// Time spent in Cranelift for this kernel.
+    pub fn compile_time(&self) -> std::time::Duration {
+        self.compiled.compile_time
+    }
+
+    /// The tile-product implementation in use.
+    pub fn gemm(&self) -> String {
+        self.compiled.gemm.name()
+    }
+}
+
 impl Program {
     /// Lowers the spec to the optimised loop IR under `schedule`.
     pub fn kernel(&self, schedule: &crate::tile::Schedule) -> crate::tile::Kernel {
@@ -272,6 +313,17 @@ impl Program {
             crate::mask::MaskError::Eval(error) => Error::Eval { file: self.file.clone(), error },
             e => Error::Mask(e),
         }
+    }
+
+    /// Compiles the spec to native code for this CPU with `bq x bkv` tiles
+    /// (`bkv` a multiple of 16). The kernel is generic over batch, heads,
+    /// lengths and head dim: one compilation serves every call.
+    pub fn compile_jit(&self, bq: usize, bkv: usize, gemm: crate::codegen::clif::GemmImpl) -> Result<JitKernel, Error> {
+        let tiling = crate::mask::Tiling::new(bq, bkv).map_err(|e| self.mask_error(e))?;
+        let schedule = crate::tile::Schedule { bq, bkv, dim: None, exp2: true };
+        let kernel = self.kernel(&schedule);
+        let compiled = crate::codegen::clif::kernel::compile(&kernel, gemm, &crate::codegen::clif::JitOptions::default())?;
+        Ok(JitKernel { program: self.clone(), tiling, compiled })
     }
 
     /// Runs the reference interpreter.

@@ -1,0 +1,919 @@
+//! JIT-generated f32x4 tile products: the portable implementation of `qk` and `pv`,
+//! with exactly the C ABI, packed layouts and semantics of the native kernels in
+//! `runtime::gemm` (see that module for the contracts), so either can serve a kernel
+//! ([`GemmImpl`]).
+//!
+//! Shapes (after the measurements in the Cranelift notes):
+//!
+//! * `qk`: register tile of 8 query rows x 4 f32x4 vectors (16 keys, one packed panel),
+//!   reduction over `d` unrolled by 4, then tiles of 4, 2 and 1 rows for the leftover
+//!   rows. A ragged last panel is computed whole (the packing zero-pads it) and stored
+//!   through a stack buffer, `n_cols` scalars per row.
+//! * `pv`: register tile of 8 rows x 4 vectors (16 columns of the head dimension),
+//!   reduction over the tile's keys unrolled by 4; a ragged last column block is loaded
+//!   and stored through a stack buffer.
+//!
+//! All loops are top-tested (the header branches to the body or the exit), which lets
+//! x64 fold the loads into `vbroadcastss [mem]` and `vfmadd231ps [mem]`; code is meant
+//! for `opt_level = "none"`.
+
+use super::jit::{JitModule, JitOptions};
+use super::vmath::{VMath, F32X4};
+use crate::codegen::CodegenError;
+use crate::runtime::gemm::{
+    symbol, NativeIsa, PvFn, QkFn, SoftmaxUpdateFn, TileKernels, UnsupportedIsa, PANEL,
+};
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{
+    types, BlockArg, InstBuilder, MemFlagsData, StackSlotData, StackSlotKind, Type, Value,
+};
+use cranelift_frontend::FunctionBuilder;
+use cranelift_module::FuncId;
+use std::sync::Arc;
+
+/// Unroll factor of the reduction loops.
+pub const UNROLL: usize = 4;
+
+/// The register tile of a JIT'd tile product: `rows` rows (a power of two, at most 16)
+/// by `vecs` f32x4 vectors (1, 2 or 4) of output columns. Leftover rows go through
+/// tiles of the smaller powers of two.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MicroTile {
+    /// Rows per register tile.
+    pub rows: usize,
+    /// f32x4 vectors per row.
+    pub vecs: usize,
+}
+
+impl MicroTile {
+    /// The default: 8 rows x 1 vector, 8 accumulators (x64 has 16 xmm registers; wider
+    /// tiles spill, see the benchmark `benches/gemm.rs`).
+    pub const DEFAULT: MicroTile = MicroTile { rows: 8, vecs: 1 };
+
+    fn check(&self) {
+        assert!(
+            self.rows.is_power_of_two() && self.rows <= 16 && matches!(self.vecs, 1 | 2 | 4),
+            "unsupported micro-tile {self:?}"
+        );
+    }
+
+    /// Output columns per tile.
+    fn cols(&self) -> usize {
+        self.vecs * 4
+    }
+
+    /// Row counts of the leftover tiles, largest first.
+    fn leftover_rows(&self) -> impl Iterator<Item = usize> {
+        let rows = self.rows;
+        (0..rows.trailing_zeros()).rev().map(|p| 1usize << p)
+    }
+}
+
+impl Default for MicroTile {
+    fn default() -> Self {
+        MicroTile::DEFAULT
+    }
+}
+
+/// Which implementation serves the tile products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GemmImpl {
+    /// The JIT-generated f32x4 kernels of this module (portable; 128-bit vectors).
+    Jit,
+    /// The native Rust kernels for one instruction set.
+    Native(NativeIsa),
+}
+
+impl GemmImpl {
+    /// The faster implementation on this CPU: native AVX-512 or AVX2 where available
+    /// (4x / 2x the f32x4 FMA width), else the JIT kernels.
+    pub fn detect() -> GemmImpl {
+        match NativeIsa::detect() {
+            NativeIsa::Portable => GemmImpl::Jit,
+            isa => GemmImpl::Native(isa),
+        }
+    }
+
+    /// A short name: `jit` or `native-avx512` / `native-avx2` / `native-portable`.
+    pub fn name(&self) -> String {
+        match self {
+            GemmImpl::Jit => "jit".to_string(),
+            GemmImpl::Native(isa) => format!("native-{isa}"),
+        }
+    }
+
+    /// The symbols a [`JitModule`] must be created with for [`Self::declare_in`]: the
+    /// native kernels (for `Jit`, only the native online-softmax step).
+    pub fn symbols(&self) -> Result<Vec<(&'static str, *const u8)>, UnsupportedIsa> {
+        let native = match self {
+            GemmImpl::Jit => TileKernels::native_detected(),
+            GemmImpl::Native(isa) => TileKernels::native(*isa)?,
+        };
+        let all = native.symbols();
+        Ok(match self {
+            GemmImpl::Jit => all
+                .into_iter()
+                .filter(|(name, _)| *name == symbol::SOFTMAX_UPDATE)
+                .collect(),
+            GemmImpl::Native(_) => all.to_vec(),
+        })
+    }
+
+    /// Makes the tile operations callable from functions of `jit`: native ones are
+    /// imported by symbol (the module must have been created with [`Self::symbols`]),
+    /// JIT ones are defined in the module. Call them with `call` and the signatures of
+    /// `QkFn`, `PvFn`, `SoftmaxUpdateFn`.
+    pub fn declare_in(&self, jit: &mut JitModule) -> Result<TileFuncs, CodegenError> {
+        let softmax_sig = softmax_signature(jit);
+        let softmax_update = jit.declare_import(symbol::SOFTMAX_UPDATE, &softmax_sig)?;
+        let (qk, pv) = match self {
+            GemmImpl::Jit => (
+                define_qk(jit, "attnc_jit_qk")?,
+                define_pv(jit, "attnc_jit_pv")?,
+            ),
+            GemmImpl::Native(_) => (
+                jit.declare_import(symbol::QK, &qk_signature(jit))?,
+                jit.declare_import(symbol::PV, &pv_signature(jit))?,
+            ),
+        };
+        Ok(TileFuncs {
+            qk,
+            pv,
+            softmax_update,
+        })
+    }
+
+    /// Standalone tile kernels (for the interpreter, tests and benchmarks). `Jit`
+    /// compiles a small module that the result keeps alive.
+    pub fn kernels(&self) -> Result<TileKernels, CodegenError> {
+        match self {
+            GemmImpl::Native(isa) => {
+                TileKernels::native(*isa).map_err(|e| CodegenError::Isa(e.to_string()))
+            }
+            GemmImpl::Jit => {
+                let native = TileKernels::native_detected();
+                let mut jit = JitModule::new(&JitOptions::default(), &[])?;
+                define_qk(&mut jit, "attnc_jit_qk")?;
+                define_pv(&mut jit, "attnc_jit_pv")?;
+                let code = Arc::new(jit.finalize()?);
+                // SAFETY: the functions were generated with the QkFn / PvFn signatures
+                // and implement their contracts; `code` is kept alive by the result.
+                unsafe {
+                    let qk: QkFn = code.function("attnc_jit_qk")?;
+                    let pv: PvFn = code.function("attnc_jit_pv")?;
+                    let softmax: SoftmaxUpdateFn = native.softmax_update;
+                    Ok(TileKernels::from_raw("jit-f32x4", qk, pv, softmax, code))
+                }
+            }
+        }
+    }
+}
+
+/// The tile operations as functions of one module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TileFuncs {
+    /// `QkFn`.
+    pub qk: FuncId,
+    /// `PvFn`.
+    pub pv: FuncId,
+    /// `SoftmaxUpdateFn`.
+    pub softmax_update: FuncId,
+}
+
+/// The Cranelift signature of `QkFn`.
+pub fn qk_signature(jit: &JitModule) -> cranelift_codegen::ir::Signature {
+    let p = jit.pointer_type();
+    jit.signature(&[p, p, p, p, p, p, p, p, types::F32], &[])
+}
+
+/// The Cranelift signature of `PvFn`.
+pub fn pv_signature(jit: &JitModule) -> cranelift_codegen::ir::Signature {
+    let p = jit.pointer_type();
+    jit.signature(&[p; 9], &[])
+}
+
+/// The Cranelift signature of `SoftmaxUpdateFn`.
+pub fn softmax_signature(jit: &JitModule) -> cranelift_codegen::ir::Signature {
+    let p = jit.pointer_type();
+    jit.signature(&[p, p, p, p, p, p, p, p, p, types::I32], &[])
+}
+
+fn flags() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+fn args(values: &[Value]) -> Vec<BlockArg> {
+    values.iter().map(|&v| BlockArg::Value(v)).collect()
+}
+
+/// Emits a top-tested loop carrying `init`: the header evaluates `cond` on the carried
+/// values and branches to the body or out; the body returns the next values. Leaves the
+/// builder in the exit block and returns the carried values as seen there (the header's
+/// parameters, which dominate the exit).
+pub fn emit_while(
+    b: &mut FunctionBuilder<'_>,
+    init: &[Value],
+    cond: impl FnOnce(&mut FunctionBuilder<'_>, &[Value]) -> Value,
+    body: impl FnOnce(&mut FunctionBuilder<'_>, &[Value]) -> Vec<Value>,
+) -> Vec<Value> {
+    let header = b.create_block();
+    let body_block = b.create_block();
+    let exit = b.create_block();
+    let types: Vec<Type> = init.iter().map(|&v| b.func.dfg.value_type(v)).collect();
+    let params: Vec<Value> = types
+        .iter()
+        .map(|&t| b.append_block_param(header, t))
+        .collect();
+    b.ins().jump(header, &args(init));
+    b.switch_to_block(header);
+    let c = cond(b, &params);
+    b.ins().brif(c, body_block, &[], exit, &[]);
+    b.switch_to_block(body_block);
+    let next = body(b, &params);
+    assert_eq!(next.len(), params.len(), "a loop body returns every carried value");
+    b.ins().jump(header, &args(&next));
+    b.switch_to_block(exit);
+    params
+}
+
+/// Emits `if cond { then }`, leaving the builder after it.
+pub fn emit_if(
+    b: &mut FunctionBuilder<'_>,
+    cond: Value,
+    then: impl FnOnce(&mut FunctionBuilder<'_>),
+) {
+    let then_block = b.create_block();
+    let merge = b.create_block();
+    b.ins().brif(cond, then_block, &[], merge, &[]);
+    b.switch_to_block(then_block);
+    then(b);
+    b.ins().jump(merge, &[]);
+    b.switch_to_block(merge);
+}
+
+/// Emits `if cond { then } else { other }`, leaving the builder after it.
+pub fn emit_if_else(
+    b: &mut FunctionBuilder<'_>,
+    cond: Value,
+    then: impl FnOnce(&mut FunctionBuilder<'_>),
+    other: impl FnOnce(&mut FunctionBuilder<'_>),
+) {
+    let then_block = b.create_block();
+    let else_block = b.create_block();
+    let merge = b.create_block();
+    b.ins().brif(cond, then_block, &[], else_block, &[]);
+    b.switch_to_block(then_block);
+    then(b);
+    b.ins().jump(merge, &[]);
+    b.switch_to_block(else_block);
+    other(b);
+    b.ins().jump(merge, &[]);
+    b.switch_to_block(merge);
+}
+
+/// Emits a copy of `n` f32 (a runtime count) from `src` to `dst`.
+fn emit_copy_f32(b: &mut FunctionBuilder<'_>, ptr: Type, src: Value, dst: Value, n: Value) {
+    let zero = b.ins().iconst(ptr, 0);
+    emit_while(
+        b,
+        &[zero],
+        |b, v| b.ins().icmp(IntCC::UnsignedLessThan, v[0], n),
+        |b, v| {
+            let off = b.ins().ishl_imm_s(v[0], 2);
+            let s = b.ins().iadd(src, off);
+            let d = b.ins().iadd(dst, off);
+            let x = b.ins().load(types::F32, flags(), s, 0);
+            b.ins().store(flags(), x, d, 0);
+            vec![b.ins().iadd_imm_s(v[0], 1)]
+        },
+    );
+}
+
+/// `[0, stride, 2·stride, ...]` (`n` byte offsets).
+fn row_offsets(b: &mut FunctionBuilder<'_>, ptr: Type, stride: Value, n: usize) -> Vec<Value> {
+    let mut offs = vec![b.ins().iconst(ptr, 0)];
+    for i in 1..n {
+        let prev = offs[i - 1];
+        offs.push(b.ins().iadd(prev, stride));
+    }
+    offs
+}
+
+/// Values shared by the tiles of one `qk` function.
+struct QkEnv {
+    ptr: Type,
+    q_stride_b: Value,
+    s_stride_b: Value,
+    d: Value,
+    d_main: Value,
+    scale: Value,
+    slot_addr: Value,
+    vm: VMath,
+    vecs: usize,
+}
+
+/// One `qk` register tile of `rows` rows at `q_base` / `s_base` against the panel at
+/// `k_panel`.
+fn emit_qk_tile(
+    b: &mut FunctionBuilder<'_>,
+    env: &QkEnv,
+    rows: usize,
+    q_base: Value,
+    k_panel: Value,
+    s_base: Value,
+    n_cols: Value,
+) {
+    let ptr = env.ptr;
+    let q_offs = row_offsets(b, ptr, env.q_stride_b, rows);
+    let zero = env.vm.splat(b, 0.0);
+    let n_acc = rows * env.vecs;
+    // One step of the reduction at `q_ptr` / `k_ptr` + `u`.
+    let step = |b: &mut FunctionBuilder<'_>, q_ptr: Value, k_ptr: Value, u: usize, acc: &mut [Value]| {
+        let bv: Vec<Value> = (0..env.vecs)
+            .map(|v| {
+                let off = (u * PANEL + v * 4) * 4;
+                b.ins().load(F32X4, flags(), k_ptr, off as i32)
+            })
+            .collect();
+        for (i, &q_off) in q_offs.iter().enumerate() {
+            let addr = b.ins().iadd(q_ptr, q_off);
+            let a = b.ins().load(types::F32, flags(), addr, (u * 4) as i32);
+            let a = b.ins().splat(F32X4, a);
+            for v in 0..env.vecs {
+                let c = &mut acc[i * env.vecs + v];
+                *c = env.vm.fma(b, a, bv[v], *c);
+            }
+        }
+    };
+    let k_main_end = {
+        let bytes = b.ins().imul_imm_s(env.d_main, (PANEL * 4) as i64);
+        b.ins().iadd(k_panel, bytes)
+    };
+    let k_end = {
+        let bytes = b.ins().imul_imm_s(env.d, (PANEL * 4) as i64);
+        b.ins().iadd(k_panel, bytes)
+    };
+    let mut init = vec![q_base, k_panel];
+    init.extend(std::iter::repeat_n(zero, n_acc));
+    let carried = emit_while(
+        b,
+        &init,
+        |b, v| b.ins().icmp(IntCC::UnsignedLessThan, v[1], k_main_end),
+        |b, v| {
+            let mut acc = v[2..].to_vec();
+            for u in 0..UNROLL {
+                step(b, v[0], v[1], u, &mut acc);
+            }
+            let q_next = b.ins().iadd_imm_s(v[0], (UNROLL * 4) as i64);
+            let k_next = b.ins().iadd_imm_s(v[1], (UNROLL * PANEL * 4) as i64);
+            let mut next = vec![q_next, k_next];
+            next.extend(acc);
+            next
+        },
+    );
+    let carried = emit_while(
+        b,
+        &carried,
+        |b, v| b.ins().icmp(IntCC::UnsignedLessThan, v[1], k_end),
+        |b, v| {
+            let mut acc = v[2..].to_vec();
+            step(b, v[0], v[1], 0, &mut acc);
+            let q_next = b.ins().iadd_imm_s(v[0], 4);
+            let k_next = b.ins().iadd_imm_s(v[1], (PANEL * 4) as i64);
+            let mut next = vec![q_next, k_next];
+            next.extend(acc);
+            next
+        },
+    );
+    let acc: Vec<Value> = carried[2..]
+        .iter()
+        .map(|&c| b.ins().fmul(c, env.scale))
+        .collect();
+    let s_offs = row_offsets(b, ptr, env.s_stride_b, rows);
+    let full = b.ins().icmp_imm_s(IntCC::Equal, n_cols, env.vecs as i64 * 4);
+    emit_if_else(
+        b,
+        full,
+        |b| {
+            for (i, &s_off) in s_offs.iter().enumerate() {
+                let row = b.ins().iadd(s_base, s_off);
+                for v in 0..env.vecs {
+                    b.ins()
+                        .store(flags(), acc[i * env.vecs + v], row, (v * 16) as i32);
+                }
+            }
+        },
+        |b| {
+            for (i, &s_off) in s_offs.iter().enumerate() {
+                for v in 0..env.vecs {
+                    b.ins().store(
+                        flags(),
+                        acc[i * env.vecs + v],
+                        env.slot_addr,
+                        (v * 16) as i32,
+                    );
+                }
+                let row = b.ins().iadd(s_base, s_off);
+                emit_copy_f32(b, ptr, env.slot_addr, row, n_cols);
+            }
+        },
+    );
+}
+
+/// Defines a `QkFn` named `name` in `jit` with the default [`MicroTile`].
+pub fn define_qk(jit: &mut JitModule, name: &str) -> Result<FuncId, CodegenError> {
+    define_qk_tiled(jit, name, MicroTile::DEFAULT)
+}
+
+/// Defines a `QkFn` named `name` in `jit` with register tile `tile`.
+pub fn define_qk_tiled(
+    jit: &mut JitModule,
+    name: &str,
+    tile: MicroTile,
+) -> Result<FuncId, CodegenError> {
+    tile.check();
+    let sig = qk_signature(jit);
+    let id = jit.declare_function(name, &sig)?;
+    let ptr = jit.pointer_type();
+    let vm = VMath::new(jit.has_native_fma());
+    jit.define_function(id, |b, _| {
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let p = b.block_params(entry).to_vec();
+        let (q, q_stride, k, d, rows, cols, s, s_stride, scale) =
+            (p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]);
+        let slot = b.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            (PANEL * 4) as u32,
+            4,
+        ));
+        let slot_addr = b.ins().stack_addr(ptr, slot, 0);
+        let env = QkEnv {
+            ptr,
+            q_stride_b: b.ins().ishl_imm_s(q_stride, 2),
+            s_stride_b: b.ins().ishl_imm_s(s_stride, 2),
+            d,
+            d_main: b.ins().band_imm_s(d, -(UNROLL as i64)),
+            scale: b.ins().splat(F32X4, scale),
+            slot_addr,
+            vm,
+            vecs: tile.vecs,
+        };
+        let key_bytes = b.ins().ishl_imm_s(d, 2);
+        let zero = b.ins().iconst(ptr, 0);
+        emit_while(
+            b,
+            &[zero],
+            |b, v| b.ins().icmp(IntCC::UnsignedLessThan, v[0], cols),
+            |b, v| {
+                let c0 = v[0];
+                let left = b.ins().isub(cols, c0);
+                let width = b.ins().iconst(ptr, tile.cols() as i64);
+                let n_cols = b.ins().umin(left, width);
+                // Panel c0 / 16 starts at (c0 / 16)·d·16 floats; the tile sits at
+                // column c0 % 16 inside it.
+                let panel_key = b.ins().band_imm_s(c0, -(PANEL as i64));
+                let k_off = b.ins().imul(panel_key, key_bytes);
+                let in_panel = b.ins().band_imm_s(c0, PANEL as i64 - 1);
+                let in_panel = b.ins().ishl_imm_s(in_panel, 2);
+                let k_off = b.ins().iadd(k_off, in_panel);
+                let k_panel = b.ins().iadd(k, k_off);
+                let s_off = b.ins().ishl_imm_s(c0, 2);
+                let s_col = b.ins().iadd(s, s_off);
+                // Full 8-row tiles.
+                let r_end = emit_while(
+                    b,
+                    &[zero],
+                    |b, v| {
+                        let next = b.ins().iadd_imm_s(v[0], tile.rows as i64);
+                        b.ins().icmp(IntCC::UnsignedLessThanOrEqual, next, rows)
+                    },
+                    |b, v| {
+                        let r = v[0];
+                        let q_off = b.ins().imul(r, env.q_stride_b);
+                        let q_base = b.ins().iadd(q, q_off);
+                        let s_off = b.ins().imul(r, env.s_stride_b);
+                        let s_base = b.ins().iadd(s_col, s_off);
+                        emit_qk_tile(b, &env, tile.rows, q_base, k_panel, s_base, n_cols);
+                        vec![b.ins().iadd_imm_s(r, tile.rows as i64)]
+                    },
+                )[0];
+                // Leftover rows: a tile of each power of two set in rem, at
+                // r_end + (rem with the lower bits cleared).
+                let rem = b.ins().isub(rows, r_end);
+                for size in tile.leftover_rows() {
+                    let bit = b.ins().band_imm_s(rem, size as i64);
+                    emit_if(b, bit, |b| {
+                        let mask = !(2 * size as i64 - 1) & (tile.rows as i64 - 1);
+                        let before = b.ins().band_imm_s(rem, mask);
+                        let r = b.ins().iadd(r_end, before);
+                        let q_off = b.ins().imul(r, env.q_stride_b);
+                        let q_base = b.ins().iadd(q, q_off);
+                        let s_off = b.ins().imul(r, env.s_stride_b);
+                        let s_base = b.ins().iadd(s_col, s_off);
+                        emit_qk_tile(b, &env, size, q_base, k_panel, s_base, n_cols);
+                    });
+                }
+                vec![b.ins().iadd_imm_s(c0, tile.cols() as i64)]
+            },
+        );
+        b.ins().return_(&[]);
+        Ok(())
+    })?;
+    Ok(id)
+}
+
+/// Values shared by the tiles of one `pv` function.
+struct PvEnv {
+    ptr: Type,
+    p_stride_b: Value,
+    v_stride_b: Value,
+    acc_stride_b: Value,
+    n_keys: Value,
+    keys_main: Value,
+    slot_addr: Value,
+    vm: VMath,
+    vecs: usize,
+}
+
+/// One `pv` register tile of `rows` rows at `p_base` / `acc_base` over the V columns at
+/// `v_base`; `full` says whether all 16 columns are inside `d`.
+#[allow(clippy::too_many_arguments)]
+fn emit_pv_tile(
+    b: &mut FunctionBuilder<'_>,
+    env: &PvEnv,
+    rows: usize,
+    p_base: Value,
+    v_base: Value,
+    acc_base: Value,
+    full: Value,
+    n_cols: Value,
+) {
+    let ptr = env.ptr;
+    let p_offs = row_offsets(b, ptr, env.p_stride_b, rows);
+    let acc_offs = row_offsets(b, ptr, env.acc_stride_b, rows);
+    let v_offs = row_offsets(b, ptr, env.v_stride_b, UNROLL);
+    let zero = env.vm.splat(b, 0.0);
+    let n_acc = rows * env.vecs;
+
+    // Load the accumulator tile (through the zeroed stack buffer when ragged).
+    let load_tile = |b: &mut FunctionBuilder<'_>, from_slot: bool| -> Vec<Value> {
+        let mut acc = Vec::with_capacity(n_acc);
+        for &off in &acc_offs {
+            let row = b.ins().iadd(acc_base, off);
+            let src = if from_slot {
+                for v in 0..env.vecs {
+                    b.ins().store(flags(), zero, env.slot_addr, (v * 16) as i32);
+                }
+                emit_copy_f32(b, ptr, row, env.slot_addr, n_cols);
+                env.slot_addr
+            } else {
+                row
+            };
+            for v in 0..env.vecs {
+                acc.push(b.ins().load(F32X4, flags(), src, (v * 16) as i32));
+            }
+        }
+        acc
+    };
+    // The ragged case reloads through the buffer; both paths meet with the tile in
+    // block parameters.
+    let loaded = b.create_block();
+    let acc_params: Vec<Value> = (0..n_acc)
+        .map(|_| b.append_block_param(loaded, F32X4))
+        .collect();
+    let full_block = b.create_block();
+    let ragged_block = b.create_block();
+    b.ins().brif(full, full_block, &[], ragged_block, &[]);
+    b.switch_to_block(full_block);
+    let acc = load_tile(b, false);
+    b.ins().jump(loaded, &args(&acc));
+    b.switch_to_block(ragged_block);
+    let acc = load_tile(b, true);
+    b.ins().jump(loaded, &args(&acc));
+    b.switch_to_block(loaded);
+
+    let step = |b: &mut FunctionBuilder<'_>, p_ptr: Value, v_ptr: Value, u: usize, acc: &mut [Value]| {
+        let v_row = if u == 0 {
+            v_ptr
+        } else {
+            b.ins().iadd(v_ptr, v_offs[u])
+        };
+        let bv: Vec<Value> = (0..env.vecs)
+            .map(|v| b.ins().load(F32X4, flags(), v_row, (v * 16) as i32))
+            .collect();
+        for (i, &p_off) in p_offs.iter().enumerate() {
+            let addr = b.ins().iadd(p_ptr, p_off);
+            let a = b.ins().load(types::F32, flags(), addr, (u * 4) as i32);
+            let a = b.ins().splat(F32X4, a);
+            for v in 0..env.vecs {
+                let c = &mut acc[i * env.vecs + v];
+                *c = env.vm.fma(b, a, bv[v], *c);
+            }
+        }
+    };
+    let v_step = b.ins().ishl_imm_s(env.v_stride_b, 2);
+    let zero_i = b.ins().iconst(ptr, 0);
+    let mut init = vec![zero_i, p_base, v_base];
+    init.extend(acc_params);
+    let carried = emit_while(
+        b,
+        &init,
+        |b, v| b.ins().icmp(IntCC::UnsignedLessThan, v[0], env.keys_main),
+        |b, v| {
+            let mut acc = v[3..].to_vec();
+            for u in 0..UNROLL {
+                step(b, v[1], v[2], u, &mut acc);
+            }
+            let mut next = vec![
+                b.ins().iadd_imm_s(v[0], UNROLL as i64),
+                b.ins().iadd_imm_s(v[1], (UNROLL * 4) as i64),
+                b.ins().iadd(v[2], v_step),
+            ];
+            next.extend(acc);
+            next
+        },
+    );
+    let carried = emit_while(
+        b,
+        &carried,
+        |b, v| b.ins().icmp(IntCC::UnsignedLessThan, v[0], env.n_keys),
+        |b, v| {
+            let mut acc = v[3..].to_vec();
+            step(b, v[1], v[2], 0, &mut acc);
+            let mut next = vec![
+                b.ins().iadd_imm_s(v[0], 1),
+                b.ins().iadd_imm_s(v[1], 4),
+                b.ins().iadd(v[2], env.v_stride_b),
+            ];
+            next.extend(acc);
+            next
+        },
+    );
+    let acc = carried[3..].to_vec();
+    emit_if_else(
+        b,
+        full,
+        |b| {
+            for (i, &off) in acc_offs.iter().enumerate() {
+                let row = b.ins().iadd(acc_base, off);
+                for v in 0..env.vecs {
+                    b.ins()
+                        .store(flags(), acc[i * env.vecs + v], row, (v * 16) as i32);
+                }
+            }
+        },
+        |b| {
+            for (i, &off) in acc_offs.iter().enumerate() {
+                for v in 0..env.vecs {
+                    b.ins().store(
+                        flags(),
+                        acc[i * env.vecs + v],
+                        env.slot_addr,
+                        (v * 16) as i32,
+                    );
+                }
+                let row = b.ins().iadd(acc_base, off);
+                emit_copy_f32(b, ptr, env.slot_addr, row, n_cols);
+            }
+        },
+    );
+}
+
+/// Defines a `PvFn` named `name` in `jit` with the default [`MicroTile`].
+pub fn define_pv(jit: &mut JitModule, name: &str) -> Result<FuncId, CodegenError> {
+    define_pv_tiled(jit, name, MicroTile::DEFAULT)
+}
+
+/// Defines a `PvFn` named `name` in `jit` with register tile `tile`.
+pub fn define_pv_tiled(
+    jit: &mut JitModule,
+    name: &str,
+    tile: MicroTile,
+) -> Result<FuncId, CodegenError> {
+    tile.check();
+    let sig = pv_signature(jit);
+    let id = jit.declare_function(name, &sig)?;
+    let ptr = jit.pointer_type();
+    let vm = VMath::new(jit.has_native_fma());
+    jit.define_function(id, |b, _| {
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let p = b.block_params(entry).to_vec();
+        let (pm, p_stride, v, v_stride, d, rows, cols, acc, acc_stride) =
+            (p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]);
+        let slot = b.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            (PANEL * 4) as u32,
+            4,
+        ));
+        let slot_addr = b.ins().stack_addr(ptr, slot, 0);
+        let env = PvEnv {
+            ptr,
+            p_stride_b: b.ins().ishl_imm_s(p_stride, 2),
+            v_stride_b: b.ins().ishl_imm_s(v_stride, 2),
+            acc_stride_b: b.ins().ishl_imm_s(acc_stride, 2),
+            n_keys: cols,
+            keys_main: b.ins().band_imm_s(cols, -(UNROLL as i64)),
+            slot_addr,
+            vm,
+            vecs: tile.vecs,
+        };
+        let zero = b.ins().iconst(ptr, 0);
+        emit_while(
+            b,
+            &[zero],
+            |b, vals| b.ins().icmp(IntCC::UnsignedLessThan, vals[0], d),
+            |b, vals| {
+                let c0 = vals[0];
+                let left = b.ins().isub(d, c0);
+                let block = b.ins().iconst(ptr, tile.cols() as i64);
+                let n_cols = b.ins().umin(left, block);
+                let full = b.ins().icmp_imm_s(IntCC::Equal, n_cols, tile.cols() as i64);
+                let col_off = b.ins().ishl_imm_s(c0, 2);
+                let v_col = b.ins().iadd(v, col_off);
+                let acc_col = b.ins().iadd(acc, col_off);
+                let r_end = emit_while(
+                    b,
+                    &[zero],
+                    |b, vals| {
+                        let next = b.ins().iadd_imm_s(vals[0], tile.rows as i64);
+                        b.ins().icmp(IntCC::UnsignedLessThanOrEqual, next, rows)
+                    },
+                    |b, vals| {
+                        let r = vals[0];
+                        let p_off = b.ins().imul(r, env.p_stride_b);
+                        let p_base = b.ins().iadd(pm, p_off);
+                        let a_off = b.ins().imul(r, env.acc_stride_b);
+                        let a_base = b.ins().iadd(acc_col, a_off);
+                        emit_pv_tile(b, &env, tile.rows, p_base, v_col, a_base, full, n_cols);
+                        vec![b.ins().iadd_imm_s(r, tile.rows as i64)]
+                    },
+                )[0];
+                let rem = b.ins().isub(rows, r_end);
+                for size in tile.leftover_rows() {
+                    let bit = b.ins().band_imm_s(rem, size as i64);
+                    emit_if(b, bit, |b| {
+                        let mask = !(2 * size as i64 - 1) & (tile.rows as i64 - 1);
+                        let before = b.ins().band_imm_s(rem, mask);
+                        let r = b.ins().iadd(r_end, before);
+                        let p_off = b.ins().imul(r, env.p_stride_b);
+                        let p_base = b.ins().iadd(pm, p_off);
+                        let a_off = b.ins().imul(r, env.acc_stride_b);
+                        let a_base = b.ins().iadd(acc_col, a_off);
+                        emit_pv_tile(b, &env, size, p_base, v_col, a_base, full, n_cols);
+                    });
+                }
+                vec![b.ins().iadd_imm_s(c0, tile.cols() as i64)]
+            },
+        );
+        b.ins().return_(&[]);
+        Ok(())
+    })?;
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::gemm::testing::{check_online_softmax, check_pv, check_qk, shapes, Rng};
+    use crate::runtime::gemm::{pack_k, PackedK};
+
+    fn impls() -> Vec<GemmImpl> {
+        let mut out = vec![GemmImpl::Jit];
+        out.extend(
+            NativeIsa::ALL
+                .into_iter()
+                .filter(|isa| isa.is_supported())
+                .map(GemmImpl::Native),
+        );
+        out
+    }
+
+    #[test]
+    fn jit_qk_matches_f64() {
+        let kernels = GemmImpl::Jit.kernels().unwrap();
+        assert_eq!(kernels.name(), "jit-f32x4");
+        let mut rng = Rng::new(11);
+        for (d, rows, cols) in shapes() {
+            check_qk(&kernels, d, rows, cols, &mut rng);
+        }
+    }
+
+    #[test]
+    fn jit_pv_matches_f64() {
+        let kernels = GemmImpl::Jit.kernels().unwrap();
+        let mut rng = Rng::new(12);
+        for (d, rows, cols) in shapes() {
+            check_pv(&kernels, d, rows, cols, &mut rng);
+        }
+    }
+
+    #[test]
+    fn jit_online_softmax_pipeline_matches_dense_softmax() {
+        let kernels = GemmImpl::Jit.kernels().unwrap();
+        let mut rng = Rng::new(13);
+        for &d in &[16usize, 80] {
+            check_online_softmax(&kernels, d, 11, false, &mut rng);
+        }
+    }
+
+    /// The JIT and native kernels agree with each other on the same tiles.
+    #[test]
+    fn jit_and_native_agree() {
+        let jit = GemmImpl::Jit.kernels().unwrap();
+        let native = TileKernels::native_detected();
+        let mut rng = Rng::new(14);
+        let (d, rows, cols) = (64, 37, 50);
+        let q = rng.matrix(rows, d);
+        let k = rng.matrix(cols, d);
+        let layout = PackedK { d, kv_len: cols };
+        let mut packed = vec![0.0; layout.len()];
+        pack_k(k.view(), &mut packed).unwrap();
+        let mut s_jit = vec![0.0; rows * cols];
+        let mut s_native = vec![0.0; rows * cols];
+        let q = q.as_slice().unwrap();
+        jit.qk(q, d, &packed, d, rows, cols, &mut s_jit, cols, 0.125).unwrap();
+        native.qk(q, d, &packed, d, rows, cols, &mut s_native, cols, 0.125).unwrap();
+        for (a, b) in s_jit.iter().zip(&s_native) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+
+    /// A JIT'd function calls the tile kernels through `declare_in`, for every
+    /// implementation: imported native symbols and in-module JIT functions alike.
+    #[test]
+    fn tile_functions_are_callable_from_jit_code() {
+        for gemm in impls() {
+            let symbols = gemm.symbols().unwrap();
+            let mut jit = JitModule::new(&JitOptions::default(), &symbols).unwrap();
+            let funcs = gemm.declare_in(&mut jit).unwrap();
+            let sig = qk_signature(&jit);
+            let id = jit.declare_function("forward_qk", &sig).unwrap();
+            jit.define_function(id, |b, refs| {
+                let entry = b.create_block();
+                b.append_block_params_for_function_params(entry);
+                b.switch_to_block(entry);
+                let params = b.block_params(entry).to_vec();
+                let callee = refs.func_ref(b, funcs.qk);
+                b.ins().call(callee, &params);
+                b.ins().return_(&[]);
+                Ok(())
+            })
+            .unwrap();
+            let code = jit.finalize().unwrap();
+            let forward: QkFn = unsafe { code.function("forward_qk") }.unwrap();
+            // SAFETY: `forward` is kept alive by `code` in the owner below.
+            let kernels = unsafe {
+                TileKernels::from_raw(
+                    "forward",
+                    forward,
+                    crate::runtime::gemm::TileKernels::native_detected().pv,
+                    crate::runtime::gemm::TileKernels::native_detected().softmax_update,
+                    Arc::new(code),
+                )
+            };
+            let mut rng = Rng::new(15);
+            check_qk(&kernels, 32, 9, 20, &mut rng);
+            assert!(!gemm.name().is_empty());
+        }
+    }
+
+    #[test]
+    fn detect_prefers_wide_native_kernels() {
+        match GemmImpl::detect() {
+            GemmImpl::Jit => assert_eq!(NativeIsa::detect(), NativeIsa::Portable),
+            GemmImpl::Native(isa) => assert_eq!(isa, NativeIsa::detect()),
+        }
+    }
+
+    /// The main tile loop keeps its accumulators in registers and folds its loads into
+    /// `vbroadcastss` / `vfmadd` memory operands (checked on the machine-code listing).
+    #[test]
+    fn main_loops_fold_loads_and_do_not_spill() {
+        if !cfg!(target_arch = "x86_64") || !std::arch::is_x86_feature_detected!("avx") {
+            return;
+        }
+        let options = JitOptions {
+            keep_disasm: true,
+            ..JitOptions::default()
+        };
+        let mut jit = JitModule::new(&options, &[]).unwrap();
+        define_qk(&mut jit, "qk").unwrap();
+        define_pv(&mut jit, "pv").unwrap();
+        for info in jit.infos() {
+            let listing = info.disasm.as_deref().unwrap();
+            assert!(listing.contains("vbroadcastss"), "{}: no broadcast from memory", info.name);
+            assert!(listing.contains("vfmadd"), "{}: no fused multiply-add", info.name);
+            eprintln!(
+                "{}: {} bytes, {:?}, {} lines",
+                info.name,
+                info.code_size,
+                info.compile_time,
+                listing.lines().count()
+            );
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! Running a compiled kernel: packing, the parallel task grid, and results.
+//!
+//! Consumes a [`CompiledKernel`], bound inputs and block maps; produces
+//! `out` and `lse`. K and V are packed once per call and (batch, kv-head);
+//! tasks (b, h, query tile) run in parallel on rayon's pool, most expensive
+//! first, each with its own scratch (no allocation per tile, no O(Q x KV)
+//! memory). The task function leaves m, l and acc of its rows in scratch;
+//! this module finishes them (`out = acc / l`, `lse`) and turns error codes
+//! into [`EvalError`]s naming the buffer, the index and the expression.
+
+use std::borrow::Cow;
+
+use ndarray::{Array3, Array4, Axis};
+use rayon::prelude::*;
+
+use crate::bind::{Bound, Inputs, Outputs};
+use crate::buffer::BufferData;
+use crate::codegen::clif::kernel::*;
+use crate::mask::BlockMaps;
+use crate::runtime::gemm::{pack_k, pack_v, PackedK, PackedV};
+use crate::sema::eval::{EvalError, Point};
+
+/// The block maps flattened for generated code.
+struct FlatMap {
+    /// Per query tile: offset into `full` (in ranges) and count.
+    full_at: Vec<(usize, usize)>,
+    full: Vec<u32>,
+    part_at: Vec<(usize, usize)>,
+    part: Vec<u32>,
+}
+
+impl FlatMap {
+    fn new(map: &crate::mask::BlockMap) -> FlatMap {
+        let mut f = FlatMap { full_at: vec![], full: vec![], part_at: vec![], part: vec![] };
+        for qt in 0..map.q_tiles() {
+            let ranges = map.full_ranges(qt);
+            f.full_at.push((f.full.len() / 2, ranges.len()));
+            for r in ranges {
+                f.full.push(r.start);
+                f.full.push(r.end);
+            }
+            let part = map.partial(qt);
+            f.part_at.push((f.part.len(), part.len()));
+            f.part.extend_from_slice(part);
+        }
+        f
+    }
+
+    /// Key tiles visited by query tile `qt` (for scheduling).
+    fn work(&self, qt: usize) -> usize {
+        let (o, n) = self.full_at[qt];
+        let full: usize = (0..n).map(|r| (self.full[2 * (o + r) + 1] - self.full[2 * (o + r)]) as usize).sum();
+        full + self.part_at[qt].1
+    }
+}
+
+/// A pointer that may cross threads; tasks write disjoint rows through it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `SendPtr`).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Per-thread scratch.
+struct Scratch {
+    q: Vec<f32>,
+    s: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+    acc: Vec<f32>,
+    rowvals: Vec<u64>,
+    colvals: Vec<u64>,
+    err: [i64; E_LEN],
+}
+
+/// Runs `compiled` on bound inputs with the given block maps.
+pub fn run(compiled: &CompiledKernel, inputs: &Inputs<'_>, bound: &Bound, maps: &BlockMaps) -> Result<Outputs, EvalError> {
+    let k = &compiled.kernel;
+    let sh = bound.shapes;
+    let (bq, bkv) = (k.schedule.bq, k.schedule.bkv);
+    if let Some(d) = k.schedule.dim {
+        assert_eq!(d, sh.d, "the kernel is specialised on D = {d}");
+    }
+    let d = sh.d;
+    // Pack K and V once per (kv batch, kv head).
+    let heads: Vec<(usize, usize)> = (0..bound.kv_batch).flat_map(|b| (0..sh.hkv).map(move |h| (b, h))).collect();
+    let klay = PackedK { d, kv_len: sh.kv };
+    let vlay = PackedV { d, kv_len: sh.kv };
+    let packed: Vec<(Vec<f32>, Vec<f32>)> = heads
+        .par_iter()
+        .map(|&(b, h)| {
+            let mut kp = vec![0f32; klay.len()];
+            let mut vp = vec![0f32; vlay.len()];
+            pack_k(inputs.k.index_axis(Axis(0), b).index_axis(Axis(0), h), &mut kp).expect("sized by the layout");
+            pack_v(inputs.v.index_axis(Axis(0), b).index_axis(Axis(0), h), &mut vp).expect("sized by the layout");
+            (kp, vp)
+        })
+        .collect();
+    // Q in standard layout, so a tile is `rows` rows of `d` floats.
+    let q: Cow<'_, [f32]> = match inputs.q.as_slice() {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(inputs.q.iter().copied().collect()),
+    };
+    // Buffer descriptors (pointer, dims, strides), over standard-layout data.
+    let buffers: Vec<BufferData> = bound.buffers.iter().map(standard).collect();
+    let mut descs = vec![0i64; buffers.len().max(1) * DESC_LEN];
+    for (i, buf) in buffers.iter().enumerate() {
+        let (ptr, shape) = match buf {
+            BufferData::Int(a) => (a.as_ptr() as i64, a.shape()),
+            BufferData::Float(a) => (a.as_ptr() as i64, a.shape()),
+            BufferData::Bool(a) => (a.as_ptr() as i64, a.shape()),
+        };
+        let base = i * DESC_LEN;
+        descs[base] = ptr;
+        let mut stride = 1i64;
+        for n in (0..shape.len()).rev() {
+            descs[base + 1 + n] = shape[n] as i64;
+            descs[base + 5 + n] = stride;
+            stride *= shape[n] as i64;
+        }
+    }
+    let shapes = [sh.b as i64, sh.h as i64, sh.hkv as i64, sh.q as i64, sh.kv as i64, sh.d as i64];
+    let flat: Vec<FlatMap> = maps.maps().iter().map(FlatMap::new).collect();
+    let map_index = |b: usize, h: usize| if maps.is_shared() { 0 } else { b * sh.h + h };
+    let q_tiles = sh.q.div_ceil(bq);
+    let mut tasks: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(sh.b * sh.h * q_tiles);
+    for b in 0..sh.b {
+        for h in 0..sh.h {
+            let fm = &flat[map_index(b, h)];
+            for qt in 0..q_tiles {
+                tasks.push((fm.work(qt), b, h, qt));
+            }
+        }
+    }
+    // Longest rows first, so the parallel tail is short.
+    tasks.sort_by(|a, b| b.0.cmp(&a.0));
+    let mut out = Array4::<f32>::zeros((sh.b, sh.h, sh.q, d));
+    let mut lse = Array3::<f32>::from_elem((sh.b, sh.h, sh.q), f32::NEG_INFINITY);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let lse_ptr = SendPtr(lse.as_mut_ptr());
+    let n_row = compiled.slots.row.len();
+    let n_col = compiled.slots.col.len();
+    let result: Result<(), EvalError> = tasks.par_iter().try_for_each_init(
+        || Scratch {
+            q: vec![0.0; bq * d],
+            s: vec![0.0; bq * bkv],
+            m: vec![0.0; bq],
+            l: vec![0.0; bq],
+            acc: vec![0.0; bq * d],
+            rowvals: vec![0; n_row.max(1) * bq],
+            colvals: vec![0; n_col.max(1) * bkv],
+            err: [0; E_LEN],
+        },
+        |scratch, &(_, b, h, qt)| {
+            let row0 = qt * bq;
+            let rows = bq.min(sh.q - row0);
+            let fm = &flat[map_index(b, h)];
+            let head = bound.kv_batch_index(b) * sh.hkv + bound.kv_head(h);
+            let (kp, vp) = &packed[head];
+            let q_off = ((b * sh.h + h) * sh.q + row0) * d;
+            scratch.q[..rows * d].copy_from_slice(&q[q_off..q_off + rows * d]);
+            scratch.m[..rows].fill(f32::NEG_INFINITY);
+            scratch.l[..rows].fill(0.0);
+            scratch.acc[..rows * d].fill(0.0);
+            let (fo, fnum) = fm.full_at[qt];
+            let (po, pnum) = fm.part_at[qt];
+            let mut task = [0i64; T_LEN];
+            task[T_B] = b as i64;
+            task[T_H] = h as i64;
+            task[T_QSTART] = row0 as i64 + bound.q_offset;
+            task[T_ROWS] = rows as i64;
+            task[T_Q] = scratch.q.as_ptr() as i64;
+            task[T_K] = kp.as_ptr() as i64;
+            task[T_V] = vp.as_ptr() as i64;
+            task[T_VSTRIDE] = vlay.row_stride() as i64;
+            task[T_FULL] = fm.full.as_ptr().wrapping_add(2 * fo) as i64;
+            task[T_NFULL] = fnum as i64;
+            task[T_PART] = fm.part.as_ptr().wrapping_add(po) as i64;
+            task[T_NPART] = pnum as i64;
+            task[T_KVLEN] = sh.kv as i64;
+            task[T_D] = d as i64;
+            task[T_S] = scratch.s.as_mut_ptr() as i64;
+            task[T_M] = scratch.m.as_mut_ptr() as i64;
+            task[T_L] = scratch.l.as_mut_ptr() as i64;
+            task[T_ACC] = scratch.acc.as_mut_ptr() as i64;
+            task[T_ROWVALS] = scratch.rowvals.as_mut_ptr() as i64;
+            task[T_COLVALS] = scratch.colvals.as_mut_ptr() as i64;
+            task[T_ERR] = scratch.err.as_mut_ptr() as i64;
+            task[T_BUFS] = descs.as_ptr() as i64;
+            task[T_SHAPES] = shapes.as_ptr() as i64;
+            // SAFETY: every pointer in `task` is valid for the sizes the task
+            // function's contract states (scratch sized by bq, bkv, d and the
+            // slot counts; packed heads by their layouts; buffers by their descriptors).
+            let code = unsafe { (compiled.task)(task.as_ptr()) };
+            if code != 0 {
+                return Err(error(compiled, &buffers, &scratch.err, b, h));
+            }
+            let ln2 = std::f32::consts::LN_2;
+            for i in 0..rows {
+                let (m, l) = (scratch.m[i], scratch.l[i]);
+                if l == 0.0 || m == f32::NEG_INFINITY {
+                    continue; // a row that saw no key: out stays 0, lse -inf
+                }
+                let base = ((b * sh.h + h) * sh.q + row0 + i) * d;
+                // SAFETY: each (b, h, row) is written by exactly one task.
+                unsafe {
+                    let o = std::slice::from_raw_parts_mut(out_ptr.get().add(base), d);
+                    for (x, a) in o.iter_mut().zip(&scratch.acc[i * d..(i + 1) * d]) {
+                        *x = a / l;
+                    }
+                    *lse_ptr.get().add((b * sh.h + h) * sh.q + row0 + i) =
+                        if k.schedule.exp2 { (m + l.log2()) * ln2 } else { m + l.ln() };
+                }
+            }
+            Ok(())
+        },
+    );
+    result?;
+    Ok(Outputs { out, lse: inputs.want_lse.then_some(lse) })
+}
+
+fn standard(b: &BufferData) -> BufferData {
+    match b {
+        BufferData::Int(a) => BufferData::Int(a.as_standard_layout().into_owned()),
+        BufferData::Float(a) => BufferData::Float(a.as_standard_layout().into_owned()),
+        BufferData::Bool(a) => BufferData::Bool(a.as_standard_layout().into_owned()),
+    }
+}
+
+/// Turns an error code and slot into the error the reference interpreter gives.
+fn error(compiled: &CompiledKernel, buffers: &[BufferData], err: &[i64; E_LEN], b: usize, h: usize) -> EvalError {
+    let k = &compiled.kernel;
+    let v = err[E_VALUE] as usize;
+    let span: miette::SourceSpan = k.spans.get(v).copied().flatten().unwrap_or_default().into();
+    let at = Point { b: b as i64, h: h as i64, q: err[E_Q], kv: err[E_KV], score: 0.0 };
+    let buffer_of = |op: &crate::tile::Op| match op {
+        crate::tile::Op::Load { buffer, indices, .. } => Some((*buffer as usize, indices.len())),
+        crate::tile::Op::Ancestor { parent, .. } => Some((*parent as usize, 1)),
+        _ => None,
+    };
+    match err[E_CODE] {
+        ERR_DIV_ZERO => EvalError::DivisionByZero { at, span },
+        ERR_CYCLE => {
+            let (buf, _) = buffer_of(&k.insts[v].op).expect("cycles come from ancestor");
+            EvalError::AncestorCycle { buffer: k.buffers[buf].name.clone(), start: -1, span }
+        }
+        _ => {
+            let (buf, n) = buffer_of(&k.insts[v].op).expect("out-of-range errors come from reads");
+            EvalError::OutOfRange {
+                buffer: k.buffers[buf].name.clone(),
+                index: err[E_INDEX..E_INDEX + n].to_vec(),
+                shape: buffers[buf].shape().to_vec(),
+                at,
+                span,
+            }
+        }
+    }
+}
+

@@ -1,0 +1,309 @@
+//! The vector primitives the native tile kernels are written against.
+//!
+//! Each instruction set is a zero-sized type implementing [`Simd`]; the kernels in
+//! `kernels.rs` are generic over it, so one kernel text serves AVX-512, AVX2 and the
+//! portable fallback and only these primitives differ.
+//!
+//! The primitives are `#[inline(always)]` and not themselves `#[target_feature]`
+//! functions: they are inlined into the kernel entry points, which carry the target
+//! features, and there the intrinsics they call are inlined in turn. Calling any of
+//! them outside such an entry point (on a CPU without the feature) is undefined
+//! behaviour, which is why every method is `unsafe`.
+
+/// A vector instruction set with `LANES` f32 lanes.
+///
+/// # Safety
+///
+/// Implementations may only be used inside functions compiled with the matching
+/// target features, on CPUs that have them. Pointers passed to loads and stores must be
+/// valid for `LANES` elements (or the first `n` lanes for the masked forms).
+pub(crate) unsafe trait Simd: Copy {
+    /// Number of f32 lanes.
+    const LANES: usize;
+    /// A vector of `LANES` f32.
+    type V: Copy;
+    /// A lane mask selecting the first `n` lanes.
+    type M: Copy;
+
+    unsafe fn splat(x: f32) -> Self::V;
+    unsafe fn load(p: *const f32) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// Mask of the first `n` lanes, `n <= LANES`.
+    unsafe fn first_lanes(n: usize) -> Self::M;
+    /// Loads the masked lanes; other lanes take `fill` and their memory is not touched.
+    unsafe fn load_masked(p: *const f32, m: Self::M, fill: Self::V) -> Self::V;
+    /// Stores the masked lanes; other memory is not touched.
+    unsafe fn store_masked(p: *mut f32, m: Self::M, v: Self::V);
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    /// `a * b + c`, fused where the instruction set has FMA.
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// Lane-wise maximum with x86 `maxps` semantics: `a > b ? a : b`, so a NaN in
+    /// either operand yields `b`.
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    /// Horizontal maximum of all lanes (NaN handling as a chain of [`Simd::max`]).
+    unsafe fn reduce_max(v: Self::V) -> f32;
+    /// Horizontal sum of all lanes.
+    unsafe fn reduce_sum(v: Self::V) -> f32;
+    /// `2^n` for `t = n + 1.5 * 2^23` (the magic-number rounding of `n`), built by
+    /// shifting `n + 127` into the exponent field; exact for `-126 <= n <= 127` and
+    /// `0.0` for `n = -127`.
+    unsafe fn pow2_from_magic(t: Self::V) -> Self::V;
+}
+
+/// The portable fallback: plain arrays of four lanes, which the compiler
+/// auto-vectorises to the baseline vector unit (SSE2 on x86-64, NEON on aarch64).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Portable;
+
+// SAFETY: every method only touches the memory its contract allows and needs no CPU
+// feature.
+unsafe impl Simd for Portable {
+    const LANES: usize = 4;
+    type V = [f32; 4];
+    type M = usize;
+
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> [f32; 4] {
+        [x; 4]
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> [f32; 4] {
+        std::ptr::read_unaligned(p as *const [f32; 4])
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: [f32; 4]) {
+        std::ptr::write_unaligned(p as *mut [f32; 4], v)
+    }
+    #[inline(always)]
+    unsafe fn first_lanes(n: usize) -> usize {
+        n
+    }
+    #[inline(always)]
+    unsafe fn load_masked(p: *const f32, n: usize, fill: [f32; 4]) -> [f32; 4] {
+        let mut v = fill;
+        for (i, lane) in v.iter_mut().enumerate().take(n) {
+            *lane = *p.add(i);
+        }
+        v
+    }
+    #[inline(always)]
+    unsafe fn store_masked(p: *mut f32, n: usize, v: [f32; 4]) {
+        for (i, lane) in v.iter().enumerate().take(n) {
+            *p.add(i) = *lane;
+        }
+    }
+    #[inline(always)]
+    unsafe fn add(a: [f32; 4], b: [f32; 4]) -> [f32; 4] {
+        std::array::from_fn(|i| a[i] + b[i])
+    }
+    #[inline(always)]
+    unsafe fn sub(a: [f32; 4], b: [f32; 4]) -> [f32; 4] {
+        std::array::from_fn(|i| a[i] - b[i])
+    }
+    #[inline(always)]
+    unsafe fn mul(a: [f32; 4], b: [f32; 4]) -> [f32; 4] {
+        std::array::from_fn(|i| a[i] * b[i])
+    }
+    #[inline(always)]
+    unsafe fn fma(a: [f32; 4], b: [f32; 4], c: [f32; 4]) -> [f32; 4] {
+        // Unfused: a fused multiply-add without hardware support is a slow libm call.
+        std::array::from_fn(|i| a[i] * b[i] + c[i])
+    }
+    #[inline(always)]
+    unsafe fn max(a: [f32; 4], b: [f32; 4]) -> [f32; 4] {
+        std::array::from_fn(|i| if a[i] > b[i] { a[i] } else { b[i] })
+    }
+    #[inline(always)]
+    unsafe fn reduce_max(v: [f32; 4]) -> f32 {
+        let a = if v[0] > v[2] { v[0] } else { v[2] };
+        let b = if v[1] > v[3] { v[1] } else { v[3] };
+        if a > b {
+            a
+        } else {
+            b
+        }
+    }
+    #[inline(always)]
+    unsafe fn reduce_sum(v: [f32; 4]) -> f32 {
+        (v[0] + v[2]) + (v[1] + v[3])
+    }
+    #[inline(always)]
+    unsafe fn pow2_from_magic(t: [f32; 4]) -> [f32; 4] {
+        std::array::from_fn(|i| f32::from_bits(t[i].to_bits().wrapping_add(127) << 23))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{Avx2, Avx512};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Simd;
+    use std::arch::x86_64::*;
+
+    /// AVX2 + FMA, 8 lanes.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct Avx2;
+
+    // SAFETY: only used inside `#[target_feature(enable = "avx2,fma")]` entry points
+    // that are called after run-time detection of both features.
+    unsafe impl Simd for Avx2 {
+        const LANES: usize = 8;
+        type V = __m256;
+        type M = __m256i;
+
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m256 {
+            _mm256_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m256) {
+            _mm256_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn first_lanes(n: usize) -> __m256i {
+            let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), idx)
+        }
+        #[inline(always)]
+        unsafe fn load_masked(p: *const f32, m: __m256i, fill: __m256) -> __m256 {
+            let loaded = _mm256_maskload_ps(p, m);
+            _mm256_blendv_ps(fill, loaded, _mm256_castsi256_ps(m))
+        }
+        #[inline(always)]
+        unsafe fn store_masked(p: *mut f32, m: __m256i, v: __m256) {
+            _mm256_maskstore_ps(p, m, v)
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            _mm256_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+            _mm256_sub_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            _mm256_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m256, b: __m256) -> __m256 {
+            _mm256_max_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn reduce_max(v: __m256) -> f32 {
+            let lo = _mm256_castps256_ps128(v);
+            let hi = _mm256_extractf128_ps(v, 1);
+            let m = _mm_max_ps(lo, hi);
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+            _mm_cvtss_f32(m)
+        }
+        #[inline(always)]
+        unsafe fn reduce_sum(v: __m256) -> f32 {
+            let lo = _mm256_castps256_ps128(v);
+            let hi = _mm256_extractf128_ps(v, 1);
+            let s = _mm_add_ps(lo, hi);
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            _mm_cvtss_f32(s)
+        }
+        #[inline(always)]
+        unsafe fn pow2_from_magic(t: __m256) -> __m256 {
+            let bits = _mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127));
+            _mm256_castsi256_ps(_mm256_slli_epi32(bits, 23))
+        }
+    }
+
+    /// AVX-512F, 16 lanes.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct Avx512;
+
+    // SAFETY: only used inside `#[target_feature(enable = "avx512f")]` entry points that
+    // are called after run-time detection of the feature.
+    unsafe impl Simd for Avx512 {
+        const LANES: usize = 16;
+        type V = __m512;
+        type M = __mmask16;
+
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m512 {
+            _mm512_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            _mm512_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn first_lanes(n: usize) -> __mmask16 {
+            ((1u32 << n) - 1) as __mmask16
+        }
+        #[inline(always)]
+        unsafe fn load_masked(p: *const f32, m: __mmask16, fill: __m512) -> __m512 {
+            _mm512_mask_loadu_ps(fill, m, p)
+        }
+        #[inline(always)]
+        unsafe fn store_masked(p: *mut f32, m: __mmask16, v: __m512) {
+            _mm512_mask_storeu_ps(p, m, v)
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            _mm512_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+            _mm512_sub_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            _mm512_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m512, b: __m512) -> __m512 {
+            _mm512_max_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn reduce_max(v: __m512) -> f32 {
+            let lo = _mm512_castps512_ps256(v);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+            let m = _mm256_max_ps(lo, hi);
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+            _mm_cvtss_f32(m)
+        }
+        #[inline(always)]
+        unsafe fn reduce_sum(v: __m512) -> f32 {
+            let lo = _mm512_castps512_ps256(v);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+            let s = _mm256_add_ps(lo, hi);
+            let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            _mm_cvtss_f32(s)
+        }
+        #[inline(always)]
+        unsafe fn pow2_from_magic(t: __m512) -> __m512 {
+            let bits = _mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<23>(bits))
+        }
+    }
+}
