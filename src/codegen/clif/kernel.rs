@@ -221,6 +221,22 @@ fn flags() -> MemFlagsData {
     MemFlagsData::new().with_notrap()
 }
 
+/// Flags of lane-reinterpreting bitcasts.
+fn lane_flags() -> MemFlagsData {
+    MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little)
+}
+
+/// An element-level value over four columns.
+#[derive(Clone, Copy, Debug)]
+enum VVal {
+    /// f32x4.
+    F(Value),
+    /// i32x4 lane mask (all ones = true).
+    M(Value),
+    /// Lanes 0-1 and 2-3 as i64x2.
+    I(Value, Value),
+}
+
 fn clif_ty(t: Ty) -> Type {
     match t {
         Ty::I64 => types::I64,
@@ -414,9 +430,25 @@ impl Emitter<'_> {
                     self.load_slots(b, Level::Row, section, rowvals, bq, i);
                     let row_off = b.ins().imul_imm_s(i, bkv * 4);
                     let srow = b.ins().iadd(s, row_off);
-                    emit_while(
+                    // Four columns at a time in f32x4, then the scalar tail.
+                    let after_vec = emit_while(
                         b,
                         &[zero],
+                        |b, w| {
+                            let j4 = b.ins().iadd_imm_s(w[0], 4);
+                            b.ins().icmp(IntCC::SignedLessThanOrEqual, j4, cols)
+                        },
+                        |b, w| {
+                            let j = w[0];
+                            let kv = b.ins().iadd(col0, j);
+                            let h2 = Here { q: Some(q), kv: Some(kv), ..*here };
+                            self.elem_vector(b, section, score, &h2, colvals, bkv, j, srow);
+                            vec![b.ins().iadd_imm_s(j, 4)]
+                        },
+                    );
+                    emit_while(
+                        b,
+                        &[after_vec[0]],
                         |b, w| b.ins().icmp(IntCC::SignedLessThan, w[0], cols),
                         |b, w| {
                             let j = w[0];
@@ -456,31 +488,377 @@ impl Emitter<'_> {
         b.ins().call(self.funcs.pv, &[s, s_stride, vaddr, vstride, d, rows, cols, acc, d]);
     }
 
+    /// Element code for four consecutive columns `j .. j + 4` of one row:
+    /// f32 values as f32x4, bools as i32x4 lane masks, ints as two i64x2.
+    /// Operations without a vector form (gathers, guarded and trapping ops,
+    /// int/float conversions, integer division) run lane by lane.
+    #[allow(clippy::too_many_arguments)]
+    fn elem_vector(
+        &mut self,
+        b: &mut FunctionBuilder<'_>,
+        section: Section,
+        score: ValueId,
+        here: &Here,
+        colvals: Value,
+        bkv: i64,
+        j: Value,
+        srow: Value,
+    ) {
+        let k = self.k;
+        let mut vv: Vec<Option<VVal>> = vec![None; k.insts.len()];
+        // Column values of the four columns.
+        let mut list: Vec<(usize, usize)> = self.slots.col.iter().map(|(&v, &s)| (v, s)).collect();
+        list.sort();
+        for (v, slot) in list {
+            let inst = &k.insts[v];
+            if !(inst.section == Section::Shared || inst.section == section) {
+                continue;
+            }
+            let idx = b.ins().iadd_imm_s(j, slot as i64 * bkv);
+            let off = b.ins().imul_imm_s(idx, 8);
+            let addr = b.ins().iadd(colvals, off);
+            vv[v] = Some(match inst.ty {
+                Ty::I64 => {
+                    let lo = b.ins().load(types::I64X2, flags(), addr, 0);
+                    let hi = b.ins().load(types::I64X2, flags(), addr, 16);
+                    VVal::I(lo, hi)
+                }
+                Ty::F32 => {
+                    let lanes: Vec<Value> = (0..4).map(|l| b.ins().load(types::F32, flags(), addr, l * 8)).collect();
+                    VVal::F(self.build_f32(b, &lanes))
+                }
+                Ty::Bool => {
+                    let lanes: Vec<Value> = (0..4).map(|l| b.ins().load(types::I8, flags(), addr, l * 8)).collect();
+                    VVal::M(self.build_mask(b, &lanes))
+                }
+            });
+        }
+        // `s` at column j: the row pointer plus j floats.
+        let off = b.ins().imul_imm_s(j, 4);
+        let addr = b.ins().iadd(srow, off);
+        let ts = b.ins().load(types::F32X4, flags(), addr, 0);
+        for v in 0..k.insts.len() {
+            let inst = &k.insts[v];
+            if inst.level != Level::Elem || !(inst.section == Section::Shared || inst.section == section) {
+                continue;
+            }
+            let val = match &inst.op {
+                Op::TileScore => Some(VVal::F(ts)),
+                _ if inst.guard.is_some() => None,
+                op => self.vector_op(b, op, inst.ty, &vv),
+            };
+            vv[v] = Some(match val {
+                Some(x) => x,
+                None => self.scalarize(b, v, &vv, here, ts),
+            });
+        }
+        let mut out = self.as_f32(b, &vv, score);
+        if section == Section::Partial {
+            if let Some(m) = k.mask {
+                let mask = self.as_mask(b, &vv, m);
+                let mf = b.ins().bitcast(types::F32X4, lane_flags(), mask);
+                let ninf = self.vm.splat(b, f32::NEG_INFINITY);
+                out = b.ins().bitselect(mf, out, ninf);
+            }
+        }
+        b.ins().store(flags(), out, addr, 0);
+    }
+
+    fn build_f32(&self, b: &mut FunctionBuilder<'_>, lanes: &[Value]) -> Value {
+        let mut v = b.ins().splat(types::F32X4, lanes[0]);
+        for (l, &x) in lanes.iter().enumerate().skip(1) {
+            v = b.ins().insertlane(v, x, l as u8);
+        }
+        v
+    }
+
+    /// Four i8 bools to an i32x4 lane mask.
+    fn build_mask(&self, b: &mut FunctionBuilder<'_>, lanes: &[Value]) -> Value {
+        let mut v = b.ins().iconst(types::I32, 0);
+        let mut out = b.ins().splat(types::I32X4, v);
+        for (l, &x) in lanes.iter().enumerate() {
+            let w = b.ins().uextend(types::I32, x);
+            v = b.ins().ineg(w);
+            out = b.ins().insertlane(out, v, l as u8);
+        }
+        out
+    }
+
+    fn build_i64(&self, b: &mut FunctionBuilder<'_>, lanes: &[Value]) -> VVal {
+        let lo = b.ins().splat(types::I64X2, lanes[0]);
+        let lo = b.ins().insertlane(lo, lanes[1], 1);
+        let hi = b.ins().splat(types::I64X2, lanes[2]);
+        let hi = b.ins().insertlane(hi, lanes[3], 1);
+        VVal::I(lo, hi)
+    }
+
+    /// The vector form of `v`: computed at element level, or a uniform
+    /// (call, head or row level) value splatted.
+    fn vget(&self, b: &mut FunctionBuilder<'_>, vv: &[Option<VVal>], v: ValueId) -> VVal {
+        if let Some(x) = vv[v.0 as usize] {
+            return x;
+        }
+        let s = self.get(v);
+        match self.k.inst(v).ty {
+            Ty::F32 => VVal::F(b.ins().splat(types::F32X4, s)),
+            Ty::I64 => {
+                let x = b.ins().splat(types::I64X2, s);
+                VVal::I(x, x)
+            }
+            Ty::Bool => {
+                let w = b.ins().uextend(types::I32, s);
+                let m = b.ins().ineg(w);
+                VVal::M(b.ins().splat(types::I32X4, m))
+            }
+        }
+    }
+
+    fn as_f32(&self, b: &mut FunctionBuilder<'_>, vv: &[Option<VVal>], v: ValueId) -> Value {
+        match self.vget(b, vv, v) {
+            VVal::F(x) => x,
+            _ => unreachable!("verified IR: {v} is f32"),
+        }
+    }
+
+    fn as_mask(&self, b: &mut FunctionBuilder<'_>, vv: &[Option<VVal>], v: ValueId) -> Value {
+        match self.vget(b, vv, v) {
+            VVal::M(x) => x,
+            _ => unreachable!("verified IR: {v} is bool"),
+        }
+    }
+
+    fn as_i64(&self, b: &mut FunctionBuilder<'_>, vv: &[Option<VVal>], v: ValueId) -> (Value, Value) {
+        match self.vget(b, vv, v) {
+            VVal::I(lo, hi) => (lo, hi),
+            _ => unreachable!("verified IR: {v} is i64"),
+        }
+    }
+
+    /// Two i64x2 lane masks to one i32x4 lane mask.
+    fn narrow_mask(&self, b: &mut FunctionBuilder<'_>, lo: Value, hi: Value) -> Value {
+        let lo8 = b.ins().bitcast(types::I8X16, lane_flags(), lo);
+        let hi8 = b.ins().bitcast(types::I8X16, lane_flags(), hi);
+        let perm: Vec<u8> = vec![0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27];
+        let imm = b.func.dfg.immediates.push(cranelift_codegen::ir::ConstantData::from(perm));
+        let m = b.ins().shuffle(lo8, hi8, imm);
+        b.ins().bitcast(types::I32X4, lane_flags(), m)
+    }
+
+    /// The vector form of an op, or `None` where it has none.
+    fn vector_op(&mut self, b: &mut FunctionBuilder<'_>, op: &Op, ty: Ty, vv: &[Option<VVal>]) -> Option<VVal> {
+        let f = |s: &Self, b: &mut FunctionBuilder<'_>, v: &ValueId| s.as_f32(b, vv, *v);
+        Some(match op {
+            Op::FConst(_) | Op::IConst(_) | Op::BConst(_) => return None,
+            Op::Unary(UnOp::FNeg, a) => {
+                let x = f(self, b, a);
+                VVal::F(b.ins().fneg(x))
+            }
+            Op::Unary(UnOp::Not, a) => {
+                let m = self.as_mask(b, vv, *a);
+                VVal::M(b.ins().bnot(m))
+            }
+            Op::Unary(UnOp::INeg, a) => {
+                let (lo, hi) = self.as_i64(b, vv, *a);
+                VVal::I(b.ins().ineg(lo), b.ins().ineg(hi))
+            }
+            Op::Binary(op, x, y) => match op {
+                BinOp::FAdd | BinOp::FSub | BinOp::FMul | BinOp::FDiv | BinOp::FRem | BinOp::FMin | BinOp::FMax => {
+                    let (x, y) = (f(self, b, x), f(self, b, y));
+                    VVal::F(match op {
+                        BinOp::FAdd => b.ins().fadd(x, y),
+                        BinOp::FSub => b.ins().fsub(x, y),
+                        BinOp::FMul => b.ins().fmul(x, y),
+                        BinOp::FDiv => b.ins().fdiv(x, y),
+                        BinOp::FRem => {
+                            let q = b.ins().fdiv(x, y);
+                            let fl = b.ins().floor(q);
+                            let m = b.ins().fmul(y, fl);
+                            b.ins().fsub(x, m)
+                        }
+                        _ => {
+                            let cc = if *op == BinOp::FMin { FloatCC::LessThan } else { FloatCC::GreaterThan };
+                            let c = b.ins().fcmp(cc, x, y);
+                            let c = b.ins().bitcast(types::F32X4, lane_flags(), c);
+                            let pick = b.ins().bitselect(c, x, y);
+                            let ynan = b.ins().fcmp(FloatCC::Unordered, y, y);
+                            let ynan = b.ins().bitcast(types::F32X4, lane_flags(), ynan);
+                            b.ins().bitselect(ynan, x, pick)
+                        }
+                    })
+                }
+                BinOp::And | BinOp::Or | BinOp::BEq | BinOp::BNe => {
+                    let (x, y) = (self.as_mask(b, vv, *x), self.as_mask(b, vv, *y));
+                    VVal::M(match op {
+                        BinOp::And => b.ins().band(x, y),
+                        BinOp::Or => b.ins().bor(x, y),
+                        BinOp::BEq => b.ins().icmp(IntCC::Equal, x, y),
+                        _ => b.ins().icmp(IntCC::NotEqual, x, y),
+                    })
+                }
+                BinOp::IAdd | BinOp::ISub | BinOp::IAnd | BinOp::IMin | BinOp::IMax => {
+                    let ((a0, a1), (b0, b1)) = (self.as_i64(b, vv, *x), self.as_i64(b, vv, *y));
+                    let pair = |b: &mut FunctionBuilder<'_>, p: Value, q: Value| match op {
+                        BinOp::IAdd => b.ins().iadd(p, q),
+                        BinOp::ISub => b.ins().isub(p, q),
+                        BinOp::IAnd => b.ins().band(p, q),
+                        _ => {
+                            let cc = if *op == BinOp::IMin { IntCC::SignedLessThan } else { IntCC::SignedGreaterThan };
+                            let c = b.ins().icmp(cc, p, q);
+                            b.ins().bitselect(c, p, q)
+                        }
+                    };
+                    let lo = pair(b, a0, b0);
+                    let hi = pair(b, a1, b1);
+                    VVal::I(lo, hi)
+                }
+                _ => return None,
+            },
+            Op::Cmp(cmp, x, y) => {
+                if self.k.inst(*x).ty == Ty::F32 {
+                    let (x, y) = (f(self, b, x), f(self, b, y));
+                    let cc = match cmp {
+                        CmpOp::Eq => FloatCC::Equal,
+                        CmpOp::Ne => FloatCC::NotEqual,
+                        CmpOp::Lt => FloatCC::LessThan,
+                        CmpOp::Le => FloatCC::LessThanOrEqual,
+                        CmpOp::Gt => FloatCC::GreaterThan,
+                        CmpOp::Ge => FloatCC::GreaterThanOrEqual,
+                    };
+                    VVal::M(b.ins().fcmp(cc, x, y))
+                } else {
+                    let ((a0, a1), (b0, b1)) = (self.as_i64(b, vv, *x), self.as_i64(b, vv, *y));
+                    let cc = match cmp {
+                        CmpOp::Eq => IntCC::Equal,
+                        CmpOp::Ne => IntCC::NotEqual,
+                        CmpOp::Lt => IntCC::SignedLessThan,
+                        CmpOp::Le => IntCC::SignedLessThanOrEqual,
+                        CmpOp::Gt => IntCC::SignedGreaterThan,
+                        CmpOp::Ge => IntCC::SignedGreaterThanOrEqual,
+                    };
+                    let lo = b.ins().icmp(cc, a0, b0);
+                    let hi = b.ins().icmp(cc, a1, b1);
+                    VVal::M(self.narrow_mask(b, lo, hi))
+                }
+            }
+            Op::Select(c, x, y) => {
+                let m = self.as_mask(b, vv, *c);
+                match ty {
+                    Ty::F32 => {
+                        let (x, y) = (f(self, b, x), f(self, b, y));
+                        let mf = b.ins().bitcast(types::F32X4, lane_flags(), m);
+                        VVal::F(b.ins().bitselect(mf, x, y))
+                    }
+                    Ty::Bool => {
+                        let (x, y) = (self.as_mask(b, vv, *x), self.as_mask(b, vv, *y));
+                        VVal::M(b.ins().bitselect(m, x, y))
+                    }
+                    Ty::I64 => {
+                        let ((a0, a1), (b0, b1)) = (self.as_i64(b, vv, *x), self.as_i64(b, vv, *y));
+                        let m0 = b.ins().swiden_low(m);
+                        let m1 = b.ins().swiden_high(m);
+                        VVal::I(b.ins().bitselect(m0, a0, b0), b.ins().bitselect(m1, a1, b1))
+                    }
+                }
+            }
+            Op::Call(func, a) if ty == Ty::F32 => {
+                let x = f(self, b, a);
+                VVal::F(match func {
+                    Func::Abs => b.ins().fabs(x),
+                    Func::Exp => self.vm.exp(b, x),
+                    Func::Exp2 => self.vm.exp2(b, x),
+                    Func::Log => self.vm.log(b, x),
+                    Func::Log2 => self.vm.log2(b, x),
+                    Func::Sqrt => b.ins().sqrt(x),
+                    Func::Rsqrt => {
+                        let s = b.ins().sqrt(x);
+                        let one = self.vm.splat(b, 1.0);
+                        b.ins().fdiv(one, s)
+                    }
+                    Func::Tanh => self.vm.tanh(b, x),
+                    Func::Sigmoid => self.vm.sigmoid(b, x),
+                    Func::Floor => b.ins().floor(x),
+                    Func::Ceil => b.ins().ceil(x),
+                    Func::Round => b.ins().nearest(x),
+                    _ => return None,
+                })
+            }
+            Op::BToI(a) => {
+                let m = self.as_mask(b, vv, *a);
+                let lo = b.ins().swiden_low(m);
+                let hi = b.ins().swiden_high(m);
+                VVal::I(b.ins().ineg(lo), b.ins().ineg(hi))
+            }
+            _ => return None,
+        })
+    }
+
+    /// Runs instruction `v` lane by lane with the scalar emitter.
+    fn scalarize(&mut self, b: &mut FunctionBuilder<'_>, v: usize, vv: &[Option<VVal>], here: &Here, ts: Value) -> VVal {
+        let inst = &self.k.insts[v];
+        let mut deps: Vec<ValueId> = inst.op.operands();
+        deps.extend(inst.guard);
+        let saved: Vec<(ValueId, Option<Value>)> = deps.iter().map(|d| (*d, self.vals[d.0 as usize])).collect();
+        let mut lanes = Vec::with_capacity(4);
+        for lane in 0..4u8 {
+            for d in &deps {
+                if let Some(x) = vv[d.0 as usize] {
+                    let scalar = match x {
+                        VVal::F(x) => b.ins().extractlane(x, lane),
+                        VVal::M(m) => {
+                            let w = b.ins().extractlane(m, lane);
+                            b.ins().icmp_imm_s(IntCC::NotEqual, w, 0)
+                        }
+                        VVal::I(lo, hi) => b.ins().extractlane(if lane < 2 { lo } else { hi }, lane % 2),
+                    };
+                    self.vals[d.0 as usize] = Some(scalar);
+                }
+            }
+            let kv = here.kv.map(|kv| b.ins().iadd_imm_s(kv, i64::from(lane)));
+            let t = b.ins().extractlane(ts, lane);
+            let h2 = Here { kv, tile_score: Some(t), ..*here };
+            lanes.push(self.guarded_op(b, v, &h2));
+        }
+        for (d, x) in saved {
+            self.vals[d.0 as usize] = x;
+        }
+        match inst.ty {
+            Ty::F32 => VVal::F(self.build_f32(b, &lanes)),
+            Ty::Bool => VVal::M(self.build_mask(b, &lanes)),
+            Ty::I64 => self.build_i64(b, &lanes),
+        }
+    }
+
+    /// The scalar value of instruction `v`, performed only under its guard.
+    fn guarded_op(&mut self, b: &mut FunctionBuilder<'_>, v: usize, here: &Here) -> Value {
+        let inst = &self.k.insts[v];
+        match inst.guard {
+            None => self.op(b, v, here),
+            Some(g) => {
+                let g = self.vals[g.0 as usize].unwrap();
+                let ty = clif_ty(inst.ty);
+                let then_block = b.create_block();
+                let else_block = b.create_block();
+                let merge = b.create_block();
+                let result = b.append_block_param(merge, ty);
+                b.ins().brif(g, then_block, &[], else_block, &[]);
+                b.switch_to_block(then_block);
+                let x = self.op(b, v, here);
+                b.ins().jump(merge, &[BlockArg::Value(x)]);
+                b.switch_to_block(else_block);
+                let z = self.zero(b, inst.ty);
+                b.ins().jump(merge, &[BlockArg::Value(z)]);
+                b.switch_to_block(merge);
+                result
+            }
+        }
+    }
+
     /// Emits every instruction of `level` that the given loop runs.
     fn level(&mut self, b: &mut FunctionBuilder<'_>, level: Level, section: Section, here: &Here) {
         for v in 0..self.k.insts.len() {
             let inst = &self.k.insts[v];
             if inst.level == level && (inst.section == Section::Shared || inst.section == section) {
-                let val = match inst.guard {
-                    None => self.op(b, v, here),
-                    Some(g) => {
-                        let g = self.vals[g.0 as usize].unwrap();
-                        let ty = clif_ty(inst.ty);
-                        let then_block = b.create_block();
-                        let else_block = b.create_block();
-                        let merge = b.create_block();
-                        let result = b.append_block_param(merge, ty);
-                        b.ins().brif(g, then_block, &[], else_block, &[]);
-                        b.switch_to_block(then_block);
-                        let x = self.op(b, v, here);
-                        b.ins().jump(merge, &[BlockArg::Value(x)]);
-                        b.switch_to_block(else_block);
-                        let z = self.zero(b, inst.ty);
-                        b.ins().jump(merge, &[BlockArg::Value(z)]);
-                        b.switch_to_block(merge);
-                        result
-                    }
-                };
+                let val = self.guarded_op(b, v, here);
                 self.vals[v] = Some(val);
             }
         }
