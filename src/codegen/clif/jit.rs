@@ -181,15 +181,18 @@ impl JitModule {
     /// what `extern "C"` uses).
     pub fn signature(&self, params: &[Type], returns: &[Type]) -> Signature {
         let mut sig = self.module.make_signature();
-        sig.params
-            .extend(params.iter().map(|&t| AbiParam::new(t)));
+        sig.params.extend(params.iter().map(|&t| AbiParam::new(t)));
         sig.returns
             .extend(returns.iter().map(|&t| AbiParam::new(t)));
         sig
     }
 
     /// Declares a function defined in this module (later, by [`Self::define_function`]).
-    pub fn declare_function(&mut self, name: &str, sig: &Signature) -> Result<FuncId, CodegenError> {
+    pub fn declare_function(
+        &mut self,
+        name: &str,
+        sig: &Signature,
+    ) -> Result<FuncId, CodegenError> {
         self.module
             .declare_function(name, Linkage::Local, sig)
             .map_err(|e| cranelift_error(name, e))
@@ -205,7 +208,11 @@ impl JitModule {
     /// Defines the function `id`: `build` fills the body through the builder (whose
     /// signature is already set), the builder is sealed and finalized, and Cranelift
     /// compiles it.
-    pub fn define_function<F>(&mut self, id: FuncId, build: F) -> Result<&FunctionInfo, CodegenError>
+    pub fn define_function<F>(
+        &mut self,
+        id: FuncId,
+        build: F,
+    ) -> Result<&FunctionInfo, CodegenError>
     where
         F: FnOnce(&mut FunctionBuilder<'_>, &mut FuncRefs<'_>) -> Result<(), CodegenError>,
     {
@@ -260,7 +267,12 @@ impl JitModule {
         let functions = self
             .defined
             .iter()
-            .map(|(id, name)| (name.clone(), self.module.get_finalized_function(*id) as usize))
+            .map(|(id, name)| {
+                (
+                    name.clone(),
+                    self.module.get_finalized_function(*id) as usize,
+                )
+            })
             .collect();
         Ok(JitCode {
             module: Some(self.module),
@@ -328,7 +340,10 @@ impl Drop for JitCode {
 impl std::fmt::Debug for JitCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JitCode")
-            .field("functions", &self.functions.iter().map(|(n, _)| n).collect::<Vec<_>>())
+            .field(
+                "functions",
+                &self.functions.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -374,7 +389,8 @@ mod tests {
         assert!(info.disasm.as_deref().is_some_and(|d| !d.is_empty()));
         assert!(info.code_size > 0);
         let code = jit.finalize().unwrap();
-        let func: extern "C" fn(i64) -> i64 = unsafe { code.function("add_one_then_triple") }.unwrap();
+        let func: extern "C" fn(i64) -> i64 =
+            unsafe { code.function("add_one_then_triple") }.unwrap();
         assert_eq!(func(4), 15);
         assert!(matches!(
             code.address("missing"),
@@ -404,7 +420,8 @@ mod tests {
             .map(|t| {
                 let code = code.clone();
                 std::thread::spawn(move || {
-                    let func: extern "C" fn(i64) -> i64 = unsafe { code.function("square") }.unwrap();
+                    let func: extern "C" fn(i64) -> i64 =
+                        unsafe { code.function("square") }.unwrap();
                     (0..100).map(|i| func(i + t)).sum::<i64>()
                 })
             })
@@ -418,7 +435,10 @@ mod tests {
     fn host_has_fma_flag_on_x86() {
         let jit = JitModule::new(&JitOptions::default(), &[]).unwrap();
         if cfg!(target_arch = "x86_64") {
-            assert_eq!(jit.has_native_fma(), std::arch::is_x86_feature_detected!("fma"));
+            assert_eq!(
+                jit.has_native_fma(),
+                std::arch::is_x86_feature_detected!("fma")
+            );
         }
         assert_eq!(jit.pointer_type(), types::I64);
     }

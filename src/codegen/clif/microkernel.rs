@@ -34,9 +34,9 @@ use std::sync::Arc;
 /// Unroll factor of the reduction loops.
 pub const UNROLL: usize = 4;
 
-/// The register tile of a JIT'd tile product: `rows` rows (a power of two, at most 16)
-/// by `vecs` f32x4 vectors (1, 2 or 4) of output columns. Leftover rows go through
-/// tiles of the smaller powers of two.
+/// The register tile of a JIT'd tile product: `rows` rows (1 to 8) by `vecs` f32x4
+/// vectors (1, 2 or 4) of output columns. Leftover rows go through tiles of 4, 2 and 1
+/// rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MicroTile {
     /// Rows per register tile.
@@ -52,7 +52,7 @@ impl MicroTile {
 
     fn check(&self) {
         assert!(
-            self.rows.is_power_of_two() && self.rows <= 16 && matches!(self.vecs, 1 | 2 | 4),
+            (1..=8).contains(&self.rows) && matches!(self.vecs, 1 | 2 | 4),
             "unsupported micro-tile {self:?}"
         );
     }
@@ -62,10 +62,11 @@ impl MicroTile {
         self.vecs * 4
     }
 
-    /// Row counts of the leftover tiles, largest first.
+    /// Row counts of the leftover tiles (the powers of two below `rows`), largest
+    /// first; the leftover count `rem < rows <= 8` is the sum of those set in it.
     fn leftover_rows(&self) -> impl Iterator<Item = usize> {
         let rows = self.rows;
-        (0..rows.trailing_zeros()).rev().map(|p| 1usize << p)
+        [4usize, 2, 1].into_iter().filter(move |&size| size < rows)
     }
 }
 
@@ -230,7 +231,11 @@ pub fn emit_while(
     b.ins().brif(c, body_block, &[], exit, &[]);
     b.switch_to_block(body_block);
     let next = body(b, &params);
-    assert_eq!(next.len(), params.len(), "a loop body returns every carried value");
+    assert_eq!(
+        next.len(),
+        params.len(),
+        "a loop body returns every carried value"
+    );
     b.ins().jump(header, &args(&next));
     b.switch_to_block(exit);
     params
@@ -299,10 +304,53 @@ fn row_offsets(b: &mut FunctionBuilder<'_>, ptr: Type, stride: Value, n: usize) 
     offs
 }
 
+/// Row strides for addressing tile rows with few registers: rows are grouped in threes
+/// around loop-carried base pointers, and row `r` is `base[r / 3] + (r % 3)·stride`,
+/// which x64 folds into `[base]`, `[base + stride]`, `[base + stride·2]`.
+#[derive(Clone, Copy)]
+struct RowStrides {
+    one: Value,
+    two: Value,
+    three: Value,
+}
+
+impl RowStrides {
+    fn new(b: &mut FunctionBuilder<'_>, stride_bytes: Value) -> RowStrides {
+        let two = b.ins().ishl_imm_s(stride_bytes, 1);
+        let three = b.ins().iadd(two, stride_bytes);
+        RowStrides {
+            one: stride_bytes,
+            two,
+            three,
+        }
+    }
+
+    /// The group bases of `rows` rows starting at `first`.
+    fn bases(&self, b: &mut FunctionBuilder<'_>, first: Value, rows: usize) -> Vec<Value> {
+        let mut bases = vec![first];
+        for j in 1..rows.div_ceil(3) {
+            let prev = bases[j - 1];
+            bases.push(b.ins().iadd(prev, self.three));
+        }
+        bases
+    }
+
+    /// The address of row `r` from the group bases.
+    fn row(&self, b: &mut FunctionBuilder<'_>, bases: &[Value], r: usize) -> Value {
+        let base = bases[r / 3];
+        match r % 3 {
+            0 => base,
+            1 => b.ins().iadd(base, self.one),
+            _ => b.ins().iadd(base, self.two),
+        }
+    }
+}
+
 /// Values shared by the tiles of one `qk` function.
 struct QkEnv {
     ptr: Type,
     q_stride_b: Value,
+    q_rows: RowStrides,
     s_stride_b: Value,
     d: Value,
     d_main: Value,
@@ -324,19 +372,23 @@ fn emit_qk_tile(
     n_cols: Value,
 ) {
     let ptr = env.ptr;
-    let q_offs = row_offsets(b, ptr, env.q_stride_b, rows);
     let zero = env.vm.splat(b, 0.0);
     let n_acc = rows * env.vecs;
-    // One step of the reduction at `q_ptr` / `k_ptr` + `u`.
-    let step = |b: &mut FunctionBuilder<'_>, q_ptr: Value, k_ptr: Value, u: usize, acc: &mut [Value]| {
+    let n_bases = rows.div_ceil(3);
+    // One step of the reduction at the Q row bases / `k_ptr`, plus `u`.
+    let step = |b: &mut FunctionBuilder<'_>,
+                bases: &[Value],
+                k_ptr: Value,
+                u: usize,
+                acc: &mut [Value]| {
         let bv: Vec<Value> = (0..env.vecs)
             .map(|v| {
                 let off = (u * PANEL + v * 4) * 4;
                 b.ins().load(F32X4, flags(), k_ptr, off as i32)
             })
             .collect();
-        for (i, &q_off) in q_offs.iter().enumerate() {
-            let addr = b.ins().iadd(q_ptr, q_off);
+        for i in 0..rows {
+            let addr = env.q_rows.row(b, bases, i);
             let a = b.ins().load(types::F32, flags(), addr, (u * 4) as i32);
             let a = b.ins().splat(F32X4, a);
             for v in 0..env.vecs {
@@ -353,44 +405,48 @@ fn emit_qk_tile(
         let bytes = b.ins().imul_imm_s(env.d, (PANEL * 4) as i64);
         b.ins().iadd(k_panel, bytes)
     };
-    let mut init = vec![q_base, k_panel];
+    // Carried: k pointer, Q row-group bases, accumulators.
+    let mut init = vec![k_panel];
+    init.extend(env.q_rows.bases(b, q_base, rows));
     init.extend(std::iter::repeat_n(zero, n_acc));
+    let advance = |b: &mut FunctionBuilder<'_>, v: &[Value], acc: Vec<Value>, steps: usize| {
+        let mut next = vec![b.ins().iadd_imm_s(v[0], (steps * PANEL * 4) as i64)];
+        for &base in &v[1..1 + n_bases] {
+            next.push(b.ins().iadd_imm_s(base, (steps * 4) as i64));
+        }
+        next.extend(acc);
+        next
+    };
     let carried = emit_while(
         b,
         &init,
-        |b, v| b.ins().icmp(IntCC::UnsignedLessThan, v[1], k_main_end),
+        |b, v| b.ins().icmp(IntCC::UnsignedLessThan, v[0], k_main_end),
         |b, v| {
-            let mut acc = v[2..].to_vec();
+            let mut acc = v[1 + n_bases..].to_vec();
             for u in 0..UNROLL {
-                step(b, v[0], v[1], u, &mut acc);
+                step(b, &v[1..1 + n_bases], v[0], u, &mut acc);
             }
-            let q_next = b.ins().iadd_imm_s(v[0], (UNROLL * 4) as i64);
-            let k_next = b.ins().iadd_imm_s(v[1], (UNROLL * PANEL * 4) as i64);
-            let mut next = vec![q_next, k_next];
-            next.extend(acc);
-            next
+            advance(b, v, acc, UNROLL)
         },
     );
     let carried = emit_while(
         b,
         &carried,
-        |b, v| b.ins().icmp(IntCC::UnsignedLessThan, v[1], k_end),
+        |b, v| b.ins().icmp(IntCC::UnsignedLessThan, v[0], k_end),
         |b, v| {
-            let mut acc = v[2..].to_vec();
-            step(b, v[0], v[1], 0, &mut acc);
-            let q_next = b.ins().iadd_imm_s(v[0], 4);
-            let k_next = b.ins().iadd_imm_s(v[1], (PANEL * 4) as i64);
-            let mut next = vec![q_next, k_next];
-            next.extend(acc);
-            next
+            let mut acc = v[1 + n_bases..].to_vec();
+            step(b, &v[1..1 + n_bases], v[0], 0, &mut acc);
+            advance(b, v, acc, 1)
         },
     );
-    let acc: Vec<Value> = carried[2..]
+    let acc: Vec<Value> = carried[1 + n_bases..]
         .iter()
         .map(|&c| b.ins().fmul(c, env.scale))
         .collect();
     let s_offs = row_offsets(b, ptr, env.s_stride_b, rows);
-    let full = b.ins().icmp_imm_s(IntCC::Equal, n_cols, env.vecs as i64 * 4);
+    let full = b
+        .ins()
+        .icmp_imm_s(IntCC::Equal, n_cols, env.vecs as i64 * 4);
     emit_if_else(
         b,
         full,
@@ -449,9 +505,11 @@ pub fn define_qk_tiled(
             4,
         ));
         let slot_addr = b.ins().stack_addr(ptr, slot, 0);
+        let q_stride_b = b.ins().ishl_imm_s(q_stride, 2);
         let env = QkEnv {
             ptr,
-            q_stride_b: b.ins().ishl_imm_s(q_stride, 2),
+            q_stride_b,
+            q_rows: RowStrides::new(b, q_stride_b),
             s_stride_b: b.ins().ishl_imm_s(s_stride, 2),
             d,
             d_main: b.ins().band_imm_s(d, -(UNROLL as i64)),
@@ -505,7 +563,7 @@ pub fn define_qk_tiled(
                 for size in tile.leftover_rows() {
                     let bit = b.ins().band_imm_s(rem, size as i64);
                     emit_if(b, bit, |b| {
-                        let mask = !(2 * size as i64 - 1) & (tile.rows as i64 - 1);
+                        let mask = !(2 * size as i64 - 1) & 7;
                         let before = b.ins().band_imm_s(rem, mask);
                         let r = b.ins().iadd(r_end, before);
                         let q_off = b.ins().imul(r, env.q_stride_b);
@@ -528,6 +586,8 @@ pub fn define_qk_tiled(
 struct PvEnv {
     ptr: Type,
     p_stride_b: Value,
+    p_rows: RowStrides,
+    v_rows: RowStrides,
     v_stride_b: Value,
     acc_stride_b: Value,
     n_keys: Value,
@@ -551,9 +611,7 @@ fn emit_pv_tile(
     n_cols: Value,
 ) {
     let ptr = env.ptr;
-    let p_offs = row_offsets(b, ptr, env.p_stride_b, rows);
     let acc_offs = row_offsets(b, ptr, env.acc_stride_b, rows);
-    let v_offs = row_offsets(b, ptr, env.v_stride_b, UNROLL);
     let zero = env.vm.splat(b, 0.0);
     let n_acc = rows * env.vecs;
 
@@ -594,17 +652,18 @@ fn emit_pv_tile(
     b.ins().jump(loaded, &args(&acc));
     b.switch_to_block(loaded);
 
-    let step = |b: &mut FunctionBuilder<'_>, p_ptr: Value, v_ptr: Value, u: usize, acc: &mut [Value]| {
-        let v_row = if u == 0 {
-            v_ptr
-        } else {
-            b.ins().iadd(v_ptr, v_offs[u])
-        };
+    let n_bases = rows.div_ceil(3);
+    // One step of the reduction at the P row bases / V row `v_row`, plus `u` keys.
+    let step = |b: &mut FunctionBuilder<'_>,
+                bases: &[Value],
+                v_row: Value,
+                u: usize,
+                acc: &mut [Value]| {
         let bv: Vec<Value> = (0..env.vecs)
             .map(|v| b.ins().load(F32X4, flags(), v_row, (v * 16) as i32))
             .collect();
-        for (i, &p_off) in p_offs.iter().enumerate() {
-            let addr = b.ins().iadd(p_ptr, p_off);
+        for i in 0..rows {
+            let addr = env.p_rows.row(b, bases, i);
             let a = b.ins().load(types::F32, flags(), addr, (u * 4) as i32);
             let a = b.ins().splat(F32X4, a);
             for v in 0..env.vecs {
@@ -613,45 +672,57 @@ fn emit_pv_tile(
             }
         }
     };
-    let v_step = b.ins().ishl_imm_s(env.v_stride_b, 2);
-    let zero_i = b.ins().iconst(ptr, 0);
-    let mut init = vec![zero_i, p_base, v_base];
+    let v_main_end = {
+        let bytes = b.ins().imul(env.keys_main, env.v_stride_b);
+        b.ins().iadd(v_base, bytes)
+    };
+    let v_end = {
+        let bytes = b.ins().imul(env.n_keys, env.v_stride_b);
+        b.ins().iadd(v_base, bytes)
+    };
+    // Carried: V row pointer, P row-group bases, accumulators.
+    let mut init = vec![v_base];
+    init.extend(env.p_rows.bases(b, p_base, rows));
     init.extend(acc_params);
+    let advance = |b: &mut FunctionBuilder<'_>, v: &[Value], acc: Vec<Value>, steps: usize| {
+        let v_next = if steps == 1 {
+            b.ins().iadd(v[0], env.v_stride_b)
+        } else {
+            let four = b.ins().ishl_imm_s(env.v_stride_b, 2);
+            b.ins().iadd(v[0], four)
+        };
+        let mut next = vec![v_next];
+        for &base in &v[1..1 + n_bases] {
+            next.push(b.ins().iadd_imm_s(base, (steps * 4) as i64));
+        }
+        next.extend(acc);
+        next
+    };
     let carried = emit_while(
         b,
         &init,
-        |b, v| b.ins().icmp(IntCC::UnsignedLessThan, v[0], env.keys_main),
+        |b, v| b.ins().icmp(IntCC::UnsignedLessThan, v[0], v_main_end),
         |b, v| {
-            let mut acc = v[3..].to_vec();
+            let mut acc = v[1 + n_bases..].to_vec();
+            let v_bases = env.v_rows.bases(b, v[0], UNROLL);
             for u in 0..UNROLL {
-                step(b, v[1], v[2], u, &mut acc);
+                let v_row = env.v_rows.row(b, &v_bases, u);
+                step(b, &v[1..1 + n_bases], v_row, u, &mut acc);
             }
-            let mut next = vec![
-                b.ins().iadd_imm_s(v[0], UNROLL as i64),
-                b.ins().iadd_imm_s(v[1], (UNROLL * 4) as i64),
-                b.ins().iadd(v[2], v_step),
-            ];
-            next.extend(acc);
-            next
+            advance(b, v, acc, UNROLL)
         },
     );
     let carried = emit_while(
         b,
         &carried,
-        |b, v| b.ins().icmp(IntCC::UnsignedLessThan, v[0], env.n_keys),
+        |b, v| b.ins().icmp(IntCC::UnsignedLessThan, v[0], v_end),
         |b, v| {
-            let mut acc = v[3..].to_vec();
-            step(b, v[1], v[2], 0, &mut acc);
-            let mut next = vec![
-                b.ins().iadd_imm_s(v[0], 1),
-                b.ins().iadd_imm_s(v[1], 4),
-                b.ins().iadd(v[2], env.v_stride_b),
-            ];
-            next.extend(acc);
-            next
+            let mut acc = v[1 + n_bases..].to_vec();
+            step(b, &v[1..1 + n_bases], v[0], 0, &mut acc);
+            advance(b, v, acc, 1)
         },
     );
-    let acc = carried[3..].to_vec();
+    let acc = carried[1 + n_bases..].to_vec();
     emit_if_else(
         b,
         full,
@@ -710,10 +781,14 @@ pub fn define_pv_tiled(
             4,
         ));
         let slot_addr = b.ins().stack_addr(ptr, slot, 0);
+        let p_stride_b = b.ins().ishl_imm_s(p_stride, 2);
+        let v_stride_b = b.ins().ishl_imm_s(v_stride, 2);
         let env = PvEnv {
             ptr,
-            p_stride_b: b.ins().ishl_imm_s(p_stride, 2),
-            v_stride_b: b.ins().ishl_imm_s(v_stride, 2),
+            p_stride_b,
+            p_rows: RowStrides::new(b, p_stride_b),
+            v_rows: RowStrides::new(b, v_stride_b),
+            v_stride_b,
             acc_stride_b: b.ins().ishl_imm_s(acc_stride, 2),
             n_keys: cols,
             keys_main: b.ins().band_imm_s(cols, -(UNROLL as i64)),
@@ -756,7 +831,7 @@ pub fn define_pv_tiled(
                 for size in tile.leftover_rows() {
                     let bit = b.ins().band_imm_s(rem, size as i64);
                     emit_if(b, bit, |b| {
-                        let mask = !(2 * size as i64 - 1) & (tile.rows as i64 - 1);
+                        let mask = !(2 * size as i64 - 1) & 7;
                         let before = b.ins().band_imm_s(rem, mask);
                         let r = b.ins().iadd(r_end, before);
                         let p_off = b.ins().imul(r, env.p_stride_b);
@@ -835,8 +910,11 @@ mod tests {
         let mut s_jit = vec![0.0; rows * cols];
         let mut s_native = vec![0.0; rows * cols];
         let q = q.as_slice().unwrap();
-        jit.qk(q, d, &packed, d, rows, cols, &mut s_jit, cols, 0.125).unwrap();
-        native.qk(q, d, &packed, d, rows, cols, &mut s_native, cols, 0.125).unwrap();
+        jit.qk(q, d, &packed, d, rows, cols, &mut s_jit, cols, 0.125)
+            .unwrap();
+        native
+            .qk(q, d, &packed, d, rows, cols, &mut s_native, cols, 0.125)
+            .unwrap();
         for (a, b) in s_jit.iter().zip(&s_native) {
             assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
         }
@@ -905,8 +983,16 @@ mod tests {
         define_pv(&mut jit, "pv").unwrap();
         for info in jit.infos() {
             let listing = info.disasm.as_deref().unwrap();
-            assert!(listing.contains("vbroadcastss"), "{}: no broadcast from memory", info.name);
-            assert!(listing.contains("vfmadd"), "{}: no fused multiply-add", info.name);
+            assert!(
+                listing.contains("vbroadcastss"),
+                "{}: no broadcast from memory",
+                info.name
+            );
+            assert!(
+                listing.contains("vfmadd"),
+                "{}: no fused multiply-add",
+                info.name
+            );
             eprintln!(
                 "{}: {} bytes, {:?}, {} lines",
                 info.name,

@@ -61,7 +61,9 @@ impl VMath {
     }
 
     fn const_bits(&self, b: &mut FunctionBuilder<'_>, ty: Type, bits: u32) -> Value {
-        let bytes: Vec<u8> = std::iter::repeat_n(bits.to_le_bytes(), 4).flatten().collect();
+        let bytes: Vec<u8> = std::iter::repeat_n(bits.to_le_bytes(), 4)
+            .flatten()
+            .collect();
         let handle = b.func.dfg.constants.insert(ConstantData::from(bytes));
         b.ins().vconst(ty, handle)
     }
@@ -101,7 +103,11 @@ impl VMath {
     /// Lanes of `x` swapped by the byte permutation `perm` (a `shuffle` on i8x16).
     fn permute(&self, b: &mut FunctionBuilder<'_>, x: Value, perm: [u8; 16]) -> Value {
         let bytes = b.ins().bitcast(types::I8X16, lane_flags(), x);
-        let imm = b.func.dfg.immediates.push(ConstantData::from(perm.to_vec()));
+        let imm = b
+            .func
+            .dfg
+            .immediates
+            .push(ConstantData::from(perm.to_vec()));
         let shuffled = b.ins().shuffle(bytes, bytes, imm);
         b.ins().bitcast(F32X4, lane_flags(), shuffled)
     }
@@ -440,7 +446,10 @@ mod tests {
     /// JIT-compiles `dst[i] = f(src[i])` over whole f32x4 vectors (and, as
     /// `name_scalar`, the same through a scalar emitter when given).
     fn jit_maps(
-        fns: &[(&str, &dyn Fn(&VMath, &mut FunctionBuilder<'_>, Value) -> Value)],
+        fns: &[(
+            &str,
+            &dyn Fn(&VMath, &mut FunctionBuilder<'_>, Value) -> Value,
+        )],
     ) -> JitCode {
         let mut jit = JitModule::new(&JitOptions::default(), &[]).unwrap();
         let ptr = jit.pointer_type();
@@ -576,7 +585,16 @@ mod tests {
         assert!(max_ulp(&code, "exp2_np", &sweep(-126.0, 0.0, n), f64::exp2) <= 1.0);
         assert!(max_ulp(&code, "exp_s", &sweep(-20.0, 20.0, 4096), f64::exp) <= 1.0);
 
-        let specials = [f32::NEG_INFINITY, f32::INFINITY, f32::NAN, 0.0, -0.0, 89.0, 200.0, -200.0];
+        let specials = [
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+            f32::NAN,
+            0.0,
+            -0.0,
+            89.0,
+            200.0,
+            -200.0,
+        ];
         let y = run(&code, "exp", &specials);
         assert_eq!(&y[..2], &[0.0, f32::INFINITY]);
         assert!(y[2].is_nan());
@@ -607,7 +625,19 @@ mod tests {
         assert!(max_ulp(&code, "log2", &xs, f64::log2) <= 2.0);
         assert!(max_ulp(&code, "log_s", &sweep(0.01, 100.0, 4096), f64::ln) <= 1.0);
         for name in ["log", "log2"] {
-            let y = run(&code, name, &[0.0, -0.0, -1.0, f32::NAN, f32::INFINITY, 1.0, f32::NEG_INFINITY]);
+            let y = run(
+                &code,
+                name,
+                &[
+                    0.0,
+                    -0.0,
+                    -1.0,
+                    f32::NAN,
+                    f32::INFINITY,
+                    1.0,
+                    f32::NEG_INFINITY,
+                ],
+            );
             assert_eq!(&y[..2], &[f32::NEG_INFINITY, f32::NEG_INFINITY], "{name}");
             assert!(y[2].is_nan() && y[3].is_nan() && y[6].is_nan(), "{name}");
             assert_eq!(&y[4..6], &[f32::INFINITY, 0.0], "{name}");
@@ -624,13 +654,21 @@ mod tests {
         let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
         assert!(max_ulp(&code, "sigmoid", &sweep(-87.0, 30.0, n), sig) <= 2.1);
         assert!(max_ulp(&code, "sigmoid", &sweep(-103.0, -87.0, 4096), sig) <= 1.0);
-        let y = run(&code, "tanh", &[f32::NEG_INFINITY, f32::INFINITY, f32::NAN, 0.0, -0.0, 1e-30]);
+        let y = run(
+            &code,
+            "tanh",
+            &[f32::NEG_INFINITY, f32::INFINITY, f32::NAN, 0.0, -0.0, 1e-30],
+        );
         assert_eq!(&y[..2], &[-1.0, 1.0]);
         assert!(y[2].is_nan());
         assert_eq!(y[3].to_bits(), 0.0f32.to_bits());
         assert_eq!(y[4].to_bits(), (-0.0f32).to_bits());
         assert_eq!(y[5], 1e-30);
-        let y = run(&code, "sigmoid", &[f32::NEG_INFINITY, f32::INFINITY, f32::NAN, 0.0]);
+        let y = run(
+            &code,
+            "sigmoid",
+            &[f32::NEG_INFINITY, f32::INFINITY, f32::NAN, 0.0],
+        );
         assert_eq!(y[0], 0.0);
         assert_eq!(y[1], 1.0);
         assert!(y[2].is_nan());

@@ -205,7 +205,10 @@ pub fn pack_k(k: ArrayView2<f32>, dst: &mut [f32]) -> Result<PackedK, PackError>
             found: dst.len(),
         });
     }
-    for (panel_idx, panel) in dst.chunks_exact_mut(layout.panel_stride().max(1)).enumerate() {
+    for (panel_idx, panel) in dst
+        .chunks_exact_mut(layout.panel_stride().max(1))
+        .enumerate()
+    {
         let key0 = panel_idx * PANEL;
         let n_keys = PANEL.min(kv_len - key0);
         for (c, out) in panel.chunks_exact_mut(PANEL).enumerate() {
@@ -234,7 +237,10 @@ pub fn pack_v(v: ArrayView2<f32>, dst: &mut [f32]) -> Result<PackedV, PackError>
     {
         match row.as_slice() {
             Some(src) => out[..d].copy_from_slice(src),
-            None => out[..d].iter_mut().zip(row.iter()).for_each(|(o, &x)| *o = x),
+            None => out[..d]
+                .iter_mut()
+                .zip(row.iter())
+                .for_each(|(o, &x)| *o = x),
         }
         out[d..].fill(0.0);
     }
@@ -327,7 +333,9 @@ pub struct TileKernels {
 
 impl fmt::Debug for TileKernels {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TileKernels").field("name", &self.name).finish()
+        f.debug_struct("TileKernels")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -547,7 +555,12 @@ impl TileKernels {
         check("softmax_update", "s", span(rows, cols, s_stride), s.len())?;
         check("softmax_update", "m", rows, m.len())?;
         check("softmax_update", "l", rows, l.len())?;
-        check("softmax_update", "acc", span(rows, d, acc_stride), acc.len())?;
+        check(
+            "softmax_update",
+            "acc",
+            span(rows, d, acc_stride),
+            acc.len(),
+        )?;
         if rows > 1 {
             check("softmax_update", "s_stride", cols, s_stride)?;
             check("softmax_update", "acc_stride", d, acc_stride)?;
@@ -618,7 +631,13 @@ mod tests {
         pack_k(copy.view(), &mut b).unwrap();
         assert_eq!(a, b);
         let err = pack_k(copy.view(), &mut [0.0; 3]).unwrap_err();
-        assert_eq!(err, PackError { expected: layout.len(), found: 3 });
+        assert_eq!(
+            err,
+            PackError {
+                expected: layout.len(),
+                found: 3
+            }
+        );
         assert!(err.to_string().contains("needs 160"));
     }
 
@@ -694,7 +713,11 @@ mod tests {
             assert_eq!(m[0], f32::NEG_INFINITY, "{}", kernels.name());
             assert_eq!(l[0], 0.0);
             assert!(s[..cols].iter().all(|&p| p == 0.0));
-            assert!(l[1].is_nan(), "{}: a NaN score poisons its row", kernels.name());
+            assert!(
+                l[1].is_nan(),
+                "{}: a NaN score poisons its row",
+                kernels.name()
+            );
             assert_eq!(acc, vec![0.0; 6]);
         }
     }
@@ -703,11 +726,15 @@ mod tests {
     fn bounds_are_checked() {
         let kernels = TileKernels::native(NativeIsa::Portable).unwrap();
         let mut s = vec![0.0; 10];
-        let err = kernels.qk(&[0.0; 4], 4, &[0.0; 64], 4, 2, 5, &mut s, 5, 1.0).unwrap_err();
+        let err = kernels
+            .qk(&[0.0; 4], 4, &[0.0; 64], 4, 2, 5, &mut s, 5, 1.0)
+            .unwrap_err();
         assert_eq!(err.operand, "q");
         assert!(err.to_string().contains("q of qk has 4 elements"));
         let mut acc = vec![0.0; 4];
-        let err = kernels.pv(&[0.0; 2], 2, &[0.0; 16], 16, 4, 1, 2, &mut acc, 4).unwrap_err();
+        let err = kernels
+            .pv(&[0.0; 2], 2, &[0.0; 16], 16, 4, 1, 2, &mut acc, 4)
+            .unwrap_err();
         assert_eq!(err.operand, "v");
     }
 
@@ -715,7 +742,9 @@ mod tests {
     fn detection_and_unsupported_isas() {
         let detected = NativeIsa::detect();
         assert!(detected.is_supported());
-        assert!(TileKernels::native_detected().name().ends_with(detected.name()));
+        assert!(TileKernels::native_detected()
+            .name()
+            .ends_with(detected.name()));
         for isa in NativeIsa::ALL {
             match TileKernels::native(isa) {
                 Ok(k) => assert_eq!(k.name(), format!("native-{isa}")),
@@ -734,7 +763,9 @@ mod tests {
         let n = 1 << 16;
         for base2 in [false, true] {
             let lo = if base2 { -126.0f64 } else { -87.3 };
-            let xs: Vec<f32> = (0..n).map(|i| (lo * i as f64 / (n - 1) as f64) as f32).collect();
+            let xs: Vec<f32> = (0..n)
+                .map(|i| (lo * i as f64 / (n - 1) as f64) as f32)
+                .collect();
             let mut runs: Vec<(&str, Vec<f32>)> = Vec::new();
             let mut ys = xs.clone();
             kernels::exp_in_place_portable(&mut ys, base2);
@@ -759,14 +790,31 @@ mod tests {
                     .iter()
                     .zip(&ys)
                     .map(|(&x, &y)| {
-                        let want = if base2 { (x as f64).exp2() } else { (x as f64).exp() };
+                        let want = if base2 {
+                            (x as f64).exp2()
+                        } else {
+                            (x as f64).exp()
+                        };
                         ulp_error(y, want)
                     })
                     .fold(0.0, f64::max);
                 assert!(worst <= 2.0, "{name} base2={base2}: {worst} ulp");
                 eprintln!("{name} softmax exp (base2={base2}): max {worst:.3} ulp");
             }
-            let mut specials = [f32::NEG_INFINITY, 0.0, -0.0, f32::NAN, -1000.0, -200.0, -150.0, -90.0, -88.5, -128.0, -127.5, -1e-30];
+            let mut specials = [
+                f32::NEG_INFINITY,
+                0.0,
+                -0.0,
+                f32::NAN,
+                -1000.0,
+                -200.0,
+                -150.0,
+                -90.0,
+                -88.5,
+                -128.0,
+                -127.5,
+                -1e-30,
+            ];
             let mut portable = specials;
             kernels::exp_in_place_portable(&mut portable[..8], base2);
             kernels::exp_in_place_portable(&mut portable[8..], base2);
@@ -778,7 +826,9 @@ mod tests {
             assert_eq!(portable[4], 0.0);
             assert_eq!(portable[5], 0.0);
             assert_eq!(portable[11], 1.0);
-            assert!(portable.iter().all(|&p| p.is_nan() || (0.0..=1.0).contains(&p)));
+            assert!(portable
+                .iter()
+                .all(|&p| p.is_nan() || (0.0..=1.0).contains(&p)));
         }
     }
 }

@@ -70,13 +70,20 @@ pub(crate) fn check_qk(kernels: &TileKernels, d: usize, rows: usize, cols: usize
     let q_flat = q.as_slice().unwrap();
     let k_tile = &packed[layout.tile_offset(key0)..];
     kernels
-        .qk(q_flat, q_stride, k_tile, d, rows, cols, &mut s, s_stride, scale)
+        .qk(
+            q_flat, q_stride, k_tile, d, rows, cols, &mut s, s_stride, scale,
+        )
         .unwrap();
     for r in 0..rows.max(1) {
         for c in 0..s_stride {
             let got = s[r * s_stride + c];
             if r >= rows || c >= cols {
-                assert_eq!(got, SENTINEL, "{}: qk wrote outside the tile at ({r}, {c})", kernels.name());
+                assert_eq!(
+                    got,
+                    SENTINEL,
+                    "{}: qk wrote outside the tile at ({r}, {c})",
+                    kernels.name()
+                );
                 continue;
             }
             let mut exact = 0.0f64;
@@ -161,7 +168,13 @@ pub(crate) fn check_pv(kernels: &TileKernels, d: usize, rows: usize, cols: usize
 /// Runs FlashAttention-2 over one query block with `softmax_update` and `pv`, tile by
 /// tile, and compares `out = acc / l` with a dense f64 softmax; scores are random with
 /// some `-inf` (masked) entries, and one row fully masked in the first tile.
-pub(crate) fn check_online_softmax(kernels: &TileKernels, d: usize, rows: usize, base2: bool, rng: &mut Rng) {
+pub(crate) fn check_online_softmax(
+    kernels: &TileKernels,
+    d: usize,
+    rows: usize,
+    base2: bool,
+    rng: &mut Rng,
+) {
     let n_keys = 70;
     let tile = 32;
     let mut scores = Array2::from_shape_simple_fn((rows, n_keys), || 4.0 * rng.unit());
@@ -182,21 +195,49 @@ pub(crate) fn check_online_softmax(kernels: &TileKernels, d: usize, rows: usize,
     let mut c0 = 0;
     while c0 < n_keys {
         let cols = tile.min(n_keys - c0);
-        let mut s: Vec<f32> = scores.slice(s![.., c0..c0 + cols]).iter().copied().collect();
+        let mut s: Vec<f32> = scores
+            .slice(s![.., c0..c0 + cols])
+            .iter()
+            .copied()
+            .collect();
         kernels
-            .softmax_update(&mut s, cols, rows, cols, &mut m, &mut l, &mut acc, d, d, base2)
+            .softmax_update(
+                &mut s, cols, rows, cols, &mut m, &mut l, &mut acc, d, d, base2,
+            )
             .unwrap();
         kernels
-            .pv(&s, cols, &packed[layout.tile_offset(c0)..], layout.row_stride(), d, rows, cols, &mut acc, d)
+            .pv(
+                &s,
+                cols,
+                &packed[layout.tile_offset(c0)..],
+                layout.row_stride(),
+                d,
+                rows,
+                cols,
+                &mut acc,
+                d,
+            )
             .unwrap();
         c0 += cols;
     }
     for r in 0..rows {
-        let to_e = |x: f32| if base2 { (x as f64) * std::f64::consts::LN_2 } else { x as f64 };
-        let mx = (0..n_keys).map(|c| to_e(scores[[r, c]])).fold(f64::NEG_INFINITY, f64::max);
-        let w: Vec<f64> = (0..n_keys).map(|c| (to_e(scores[[r, c]]) - mx).exp()).collect();
+        let to_e = |x: f32| {
+            if base2 {
+                (x as f64) * std::f64::consts::LN_2
+            } else {
+                x as f64
+            }
+        };
+        let mx = (0..n_keys)
+            .map(|c| to_e(scores[[r, c]]))
+            .fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = (0..n_keys)
+            .map(|c| (to_e(scores[[r, c]]) - mx).exp())
+            .collect();
         let sum: f64 = w.iter().sum();
-        let m_exact = (0..n_keys).map(|c| scores[[r, c]]).fold(f32::NEG_INFINITY, f32::max);
+        let m_exact = (0..n_keys)
+            .map(|c| scores[[r, c]])
+            .fold(f32::NEG_INFINITY, f32::max);
         assert_eq!(m[r], m_exact, "{}: running max of row {r}", kernels.name());
         for t in 0..d {
             let exact: f64 = (0..n_keys).map(|c| w[c] * v[[c, t]] as f64).sum::<f64>() / sum;
@@ -214,7 +255,11 @@ pub(crate) fn check_online_softmax(kernels: &TileKernels, d: usize, rows: usize,
 /// exact result (subnormal results count in subnormal ulps).
 pub(crate) fn ulp_error(got: f32, want: f64) -> f64 {
     if got.is_nan() || want.is_nan() {
-        return if got.is_nan() && want.is_nan() { 0.0 } else { f64::INFINITY };
+        return if got.is_nan() && want.is_nan() {
+            0.0
+        } else {
+            f64::INFINITY
+        };
     }
     if got as f64 == want {
         return 0.0;

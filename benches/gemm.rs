@@ -1,0 +1,272 @@
+//! Micro-benchmarks of the tile kernels: GFLOP/s of `qk` and `pv` for every
+//! implementation this CPU runs (JIT f32x4 and the native instruction sets), the
+//! online-softmax step, and the throughput of the JIT'd vector exp.
+//!
+//! Run: `cargo bench --bench gemm` (add `-- --threads 2` to also run both cores,
+//! `-- --tiles` to compare JIT register-tile shapes). One thread by default; the
+//! figures are the best of several timed repetitions (the machine is shared and noisy).
+
+use attnc::codegen::clif::jit::{JitModule, JitOptions};
+use attnc::codegen::clif::microkernel::{define_pv_tiled, define_qk_tiled, GemmImpl, MicroTile};
+use attnc::codegen::clif::vmath::{VMath, F32X4};
+use attnc::runtime::gemm::{pack_k, pack_v, NativeIsa, PackedK, PackedV, PvFn, QkFn, TileKernels};
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData};
+use ndarray::Array2;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+
+const BQ: usize = 64;
+const BKV: usize = 64;
+const KV: usize = 1024;
+
+fn matrix(rows: usize, cols: usize, seed: u32) -> Array2<f32> {
+    let mut x = seed.wrapping_mul(2654435761) | 1;
+    Array2::from_shape_simple_fn((rows, cols), || {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        (x >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+    })
+}
+
+/// Best seconds per call of `f` over `reps` timed batches of `iters` calls.
+fn best_time(iters: usize, reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        best = best.min(t.elapsed().as_secs_f64() / iters as f64);
+    }
+    best
+}
+
+/// GFLOP/s of a sweep of `qk` (one query block against all KV tiles) per thread.
+fn bench_qk(kernels: &TileKernels, d: usize, threads: usize) -> f64 {
+    let q = matrix(BQ, d, 1);
+    let k = matrix(KV, d, 2);
+    let layout = PackedK { d, kv_len: KV };
+    let mut packed = vec![0.0; layout.len()];
+    pack_k(k.view(), &mut packed).unwrap();
+    let flops = 2.0 * (BQ * KV * d) as f64;
+    let run = |s: &mut Vec<f32>| {
+        for kv0 in (0..KV).step_by(BKV) {
+            kernels
+                .qk(
+                    q.as_slice().unwrap(),
+                    d,
+                    &packed[layout.tile_offset(kv0)..],
+                    d,
+                    BQ,
+                    BKV,
+                    s,
+                    BKV,
+                    0.125,
+                )
+                .unwrap();
+        }
+        black_box(&s);
+    };
+    parallel_gflops(threads, flops, || {
+        let mut s = vec![0.0f32; BQ * BKV];
+        best_time(4, 60, || run(&mut s))
+    })
+}
+
+/// GFLOP/s of a sweep of `pv` (one query block against all KV tiles) per thread.
+fn bench_pv(kernels: &TileKernels, d: usize, threads: usize) -> f64 {
+    let p = matrix(BQ, BKV, 3);
+    let v = matrix(KV, d, 4);
+    let layout = PackedV { d, kv_len: KV };
+    let mut packed = vec![0.0; layout.len()];
+    pack_v(v.view(), &mut packed).unwrap();
+    let flops = 2.0 * (BQ * KV * d) as f64;
+    let run = |acc: &mut Vec<f32>| {
+        for kv0 in (0..KV).step_by(BKV) {
+            kernels
+                .pv(
+                    p.as_slice().unwrap(),
+                    BKV,
+                    &packed[layout.tile_offset(kv0)..],
+                    layout.row_stride(),
+                    d,
+                    BQ,
+                    BKV,
+                    acc,
+                    d,
+                )
+                .unwrap();
+        }
+        black_box(&acc);
+    };
+    parallel_gflops(threads, flops, || {
+        let mut acc = vec![0.0f32; BQ * d];
+        best_time(4, 60, || run(&mut acc))
+    })
+}
+
+/// Runs `time_one` on `threads` threads at once; returns the summed GFLOP/s.
+fn parallel_gflops(threads: usize, flops: f64, time_one: impl Fn() -> f64 + Sync) -> f64 {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads).map(|_| s.spawn(&time_one)).collect();
+        handles
+            .into_iter()
+            .map(|h| flops / h.join().unwrap() / 1e9)
+            .sum()
+    })
+}
+
+/// Nanoseconds per score of the online-softmax step on a 64 x 64 tile.
+fn bench_softmax(kernels: &TileKernels, d: usize) -> f64 {
+    let s0 = matrix(BQ, BKV, 5);
+    let mut s = s0.as_slice().unwrap().to_vec();
+    let mut m = vec![0.0f32; BQ];
+    let mut l = vec![0.0f32; BQ];
+    let mut acc = vec![0.0f32; BQ * d];
+    let t = best_time(2000, 15, || {
+        s.copy_from_slice(s0.as_slice().unwrap());
+        // m stays 0 >= every score, so alpha = 1 and every call does the same work.
+        kernels
+            .softmax_update(&mut s, BKV, BQ, BKV, &mut m, &mut l, &mut acc, d, d, false)
+            .unwrap();
+        black_box(&s);
+    });
+    t * 1e9 / (BQ * BKV) as f64
+}
+
+type MapFn = unsafe extern "C" fn(*const f32, *mut f32, usize);
+
+/// Exps per nanosecond of the JIT'd f32x4 `exp_nonpositive` and `exp` over 4096 values.
+fn bench_jit_exp() -> (f64, f64) {
+    let mut jit = JitModule::new(
+        &JitOptions {
+            verify: false,
+            ..JitOptions::default()
+        },
+        &[],
+    )
+    .unwrap();
+    let ptr = jit.pointer_type();
+    let vm = VMath::new(jit.has_native_fma());
+    for (name, full) in [("exp_np", false), ("exp", true)] {
+        let sig = jit.signature(&[ptr, ptr, ptr], &[]);
+        let id = jit.declare_function(name, &sig).unwrap();
+        jit.define_function(id, |b, _| {
+            let entry = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            let p = b.block_params(entry).to_vec();
+            let zero = b.ins().iconst(ptr, 0);
+            let bytes = b.ins().ishl_imm_s(p[2], 2);
+            attnc::codegen::clif::microkernel::emit_while(
+                b,
+                &[zero],
+                |b, v| b.ins().icmp(IntCC::UnsignedLessThan, v[0], bytes),
+                |b, v| {
+                    let src = b.ins().iadd(p[0], v[0]);
+                    let dst = b.ins().iadd(p[1], v[0]);
+                    // Two independent vectors per iteration.
+                    for off in [0, 16] {
+                        let x = b.ins().load(F32X4, MemFlagsData::new(), src, off);
+                        let y = if full {
+                            vm.exp(b, x)
+                        } else {
+                            vm.exp_nonpositive(b, x)
+                        };
+                        b.ins().store(MemFlagsData::new(), y, dst, off);
+                    }
+                    vec![b.ins().iadd_imm_s(v[0], 32)]
+                },
+            );
+            b.ins().return_(&[]);
+            Ok(())
+        })
+        .unwrap();
+    }
+    let code = jit.finalize().unwrap();
+    let n = 4096;
+    let xs: Vec<f32> = (0..n).map(|i| -(i as f32) * 0.02).collect();
+    let mut ys = vec![0.0f32; n];
+    let mut rate = |name: &str| {
+        let f: MapFn = unsafe { code.function(name) }.unwrap();
+        let t = best_time(200, 15, || unsafe { f(xs.as_ptr(), ys.as_mut_ptr(), n) });
+        n as f64 / (t * 1e9)
+    };
+    (rate("exp_np"), rate("exp"))
+}
+
+/// JIT kernels with a given register tile.
+fn jit_tiled(tile: MicroTile) -> TileKernels {
+    let mut jit = JitModule::new(
+        &JitOptions {
+            verify: false,
+            ..JitOptions::default()
+        },
+        &[],
+    )
+    .unwrap();
+    define_qk_tiled(&mut jit, "qk", tile).unwrap();
+    define_pv_tiled(&mut jit, "pv", tile).unwrap();
+    let code = Arc::new(jit.finalize().unwrap());
+    unsafe {
+        let qk: QkFn = code.function("qk").unwrap();
+        let pv: PvFn = code.function("pv").unwrap();
+        let native = TileKernels::native_detected();
+        TileKernels::from_raw(
+            format!("jit-{}x{}", tile.rows, tile.vecs),
+            qk,
+            pv,
+            native.softmax_update,
+            code,
+        )
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let threads = args
+        .iter()
+        .position(|a| a == "--threads")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(1usize);
+    let mut impls: Vec<TileKernels> = vec![GemmImpl::Jit.kernels().unwrap()];
+    for isa in NativeIsa::ALL {
+        if isa.is_supported() {
+            impls.push(TileKernels::native(isa).unwrap());
+        } else {
+            println!("(this CPU lacks {isa}: not measured)");
+        }
+    }
+    if args.iter().any(|a| a == "--tiles") {
+        for (rows, vecs) in [(8, 1), (4, 2), (5, 2), (6, 2), (8, 2), (3, 4), (4, 4)] {
+            impls.push(jit_tiled(MicroTile { rows, vecs }));
+        }
+    }
+    println!("tile products, bq = {BQ}, bkv = {BKV}, kv = {KV}, {threads} thread(s), GFLOP/s:");
+    println!(
+        "{:<18} {:>9} {:>9} {:>9} {:>9}",
+        "kernels", "qk d=64", "qk d=128", "pv d=64", "pv d=128"
+    );
+    for k in &impls {
+        println!(
+            "{:<18} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+            k.name(),
+            bench_qk(k, 64, threads),
+            bench_qk(k, 128, threads),
+            bench_pv(k, 64, threads),
+            bench_pv(k, 128, threads),
+        );
+    }
+    println!("online-softmax step (64 x 64 scores, d = 64), ns per score:");
+    for isa in NativeIsa::ALL.into_iter().filter(|i| i.is_supported()) {
+        let k = TileKernels::native(isa).unwrap();
+        println!("{:<18} {:>9.3}", k.name(), bench_softmax(&k, 64));
+    }
+    let (np, full) = bench_jit_exp();
+    println!("JIT f32x4 exp, exps per ns (one thread): exp_nonpositive {np:.2}, exp {full:.2}");
+}
