@@ -36,6 +36,52 @@ resolved, with dependences), tile (the optimised loop IR; --stage tile-unopt for
 optimisation). The tile IR is generic over batch, heads and lengths; it specialises on the\n\
 tile sizes (--block, default 64x64) and the head dim (--dim, default 64; `--dim generic` keeps D symbolic).")]
     Emit(EmitArgs),
+    /// Classify the tiles of a spec's mask (full / partial / empty) and draw the block map.
+    #[command(after_help = "Examples:\n  attnc blocks examples/causal.attn --q-len 4096 --kv-len 4096 --block 128x128\n  \
+attnc blocks examples/packed_docs.attn --q-len 1024 --kv-len 1024 --buffer doc=doc.npy --json\n  \
+attnc blocks examples/sliding_window.attn --q-len 8192 --kv-len 8192 --param window=1024 --png map.png\n\n\
+The grid has one character per (query tile, key tile): # full (no mask code), + partial (mask\n\
+applied), . empty (skipped). Maps larger than 64 x 128 tiles are folded: a cell then stands for a\n\
+rectangle of tiles and shows # if all are full, . if all are empty, + otherwise. The shapes B, H\n\
+(--b, --h) and HKV = H, D = 1 are used to check buffer shapes; masks that depend on b or h get one\n\
+map per (b, h), and the grid shows the one chosen with --at.")]
+    Blocks(BlocksArgs),
+}
+
+#[derive(Args)]
+struct BlocksArgs {
+    #[command(flatten)]
+    spec: SpecArgs,
+    /// Number of query rows Q.
+    #[arg(long, value_name = "N")]
+    q_len: usize,
+    /// Number of keys KV.
+    #[arg(long, value_name = "N")]
+    kv_len: usize,
+    /// Tile sizes BQxBKV (or N for NxN).
+    #[arg(long, default_value = "64x64", value_name = "BQxBKV")]
+    block: String,
+    /// Absolute position of query row 0.
+    #[arg(long, default_value_t = 0, value_name = "N", allow_negative_numbers = true)]
+    q_offset: i64,
+    /// Bind a buffer: `--buffer doc=doc.npy` (repeatable).
+    #[arg(long = "buffer", value_name = "NAME=FILE.npy")]
+    buffers: Vec<String>,
+    /// Batch size B.
+    #[arg(long = "b", default_value_t = 1, value_name = "N")]
+    batch: usize,
+    /// Number of query heads H.
+    #[arg(long = "h", default_value_t = 1, value_name = "N")]
+    heads: usize,
+    /// The (b, h) whose map is drawn when maps differ per batch or head.
+    #[arg(long, default_value = "0,0", value_name = "B,H")]
+    at: String,
+    /// Print a JSON object instead of the grid.
+    #[arg(long)]
+    json: bool,
+    /// Also write a PNG picture of the map.
+    #[arg(long, value_name = "FILE.png")]
+    png: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -174,6 +220,7 @@ fn run(cmd: Command) -> Result<(), Error> {
             }
             Ok(())
         }
+        Command::Blocks(args) => blocks(args),
         Command::Check { spec } => {
             let file = std::sync::Arc::new(SourceFile::read(&spec)?);
             let module = driver::check(&file)?;
@@ -221,6 +268,89 @@ fn run(cmd: Command) -> Result<(), Error> {
             Ok(())
         }
     }
+}
+
+/// `attnc blocks`: builds the block maps and prints or draws them.
+fn blocks(args: BlocksArgs) -> Result<(), Error> {
+    use attnc::mask::{self, render, MaskError};
+    let program = driver::load(SourceFile::read(&args.spec.spec)?, &spec_options(&args.spec)?)?;
+    let tiling: mask::Tiling = args.block.parse().map_err(Error::Mask)?;
+    for (flag, n) in [("b", args.batch), ("h", args.heads)] {
+        if n == 0 {
+            return Err(Error::Usage(format!("--{flag} must be at least 1, found 0")));
+        }
+    }
+    let at = args
+        .at
+        .split_once(',')
+        .and_then(|(b, h)| Some((b.trim().parse::<usize>().ok()?, h.trim().parse::<usize>().ok()?)))
+        .ok_or_else(|| Error::Usage(format!("`--at {}` must have the form B,H (e.g. 0,3)", args.at)))?;
+    if at.0 >= args.batch || at.1 >= args.heads {
+        return Err(Error::Usage(format!("`--at {},{}` is outside B = {}, H = {}", at.0, at.1, args.batch, args.heads)));
+    }
+    // Only the shapes of q, k and v matter here: zero-stride views, D = 1.
+    let one = ndarray::Array4::<f32>::zeros((1, 1, 1, 1));
+    let q = one.broadcast((args.batch, args.heads, args.q_len, 1)).expect("broadcast of a single element");
+    let kv = one.broadcast((args.batch, args.heads, args.kv_len, 1)).expect("broadcast of a single element");
+    let mut inputs = Inputs::new(q, kv.clone(), kv).q_offset(args.q_offset);
+    for b in &args.buffers {
+        let (name, path) = split_assignment(b, "buffer")?;
+        let Some(id) = program.spec.buffer_id(&name) else {
+            return Err(attnc::bind::unknown_buffer(&program.spec, &name).into());
+        };
+        let data = npy::read_buffer(Path::new(&path), &name, program.spec.buffer(id).elem)?;
+        inputs.buffers.insert(name, data);
+    }
+    let bound = attnc::bind::bind(&program.spec, &inputs)?;
+    let start = std::time::Instant::now();
+    let maps = mask::classify(&program.spec, &bound, tiling).map_err(|e| match e {
+        MaskError::Eval(error) => Error::Eval { file: program.file.clone(), error },
+        e => Error::Mask(e),
+    })?;
+    let build_ms = start.elapsed().as_secs_f64() * 1e3;
+    let map = maps.get(at.0, at.1);
+    let n_pairs = args.batch * args.heads;
+    let stats = if maps.is_shared() { map.stats() } else { maps.stats_total() };
+    if let Some(path) = &args.png {
+        let bytes = render::png(map).map_err(|e| Error::Io { what: "cannot encode the PNG".into(), reason: e.to_string() })?;
+        std::fs::write(path, bytes)
+            .map_err(|e| Error::Io { what: format!("cannot write `{}`", path.display()), reason: e.to_string() })?;
+    }
+    if args.json {
+        let v = serde_json::json!({
+            "spec": program.spec.name,
+            "q_len": args.q_len,
+            "kv_len": args.kv_len,
+            "q_offset": args.q_offset,
+            "block": [tiling.bq, tiling.bkv],
+            "q_tiles": map.q_tiles(),
+            "kv_tiles": map.kv_tiles(),
+            "full": stats.full,
+            "partial": stats.partial,
+            "empty": stats.empty,
+            "density": stats.density,
+            "work_fraction": stats.work_fraction,
+            "build_ms": build_ms,
+            "shared": maps.is_shared(),
+            "maps": maps.maps().len(),
+            "summed_over_bh": !maps.is_shared(),
+            "counts": if maps.is_shared() { "one (b, h) map, shared by all".to_string() } else { format!("summed over all {n_pairs} (b, h) pairs") },
+        });
+        println!("{v:#}");
+        return Ok(());
+    }
+    println!("{}", render::title(&program.spec.name, map));
+    if !maps.is_shared() {
+        println!("map of (b, h) = ({}, {}); the mask depends on{}{}", at.0, at.1, if maps.depends_on_b() { " b" } else { "" }, if maps.depends_on_h() { " h" } else { "" });
+    }
+    print!("{}", render::grid(map, render::GRID_ROWS, render::GRID_COLS));
+    print!("{}", render::stats_text(&stats));
+    if maps.is_shared() {
+        println!("built in {build_ms:.3} ms; one map shared by all (b, h)");
+    } else {
+        println!("built in {build_ms:.3} ms; counts summed over all {n_pairs} (b, h) pairs ({} distinct maps)", maps.maps().len());
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -1,0 +1,883 @@
+//! Abstract evaluation of a mask over a box of (q, kv) positions.
+//!
+//! Stage: mask analysis (helper of [`super::classify`]). Consumes the checked
+//! expression graph of a [`Spec`] and a [`QBox`] (a product of a q range and a
+//! kv range, with `b` and `h` fixed) and produces an [`Abs`]: a value that
+//! over-approximates the set of values the expression takes at the points of
+//! the box, and a flag saying whether evaluating it at some point of the box
+//! might fail (an out-of-range read, a division by zero, a cycle in an
+//! `ancestor` buffer).
+//!
+//! The domains:
+//! - int: an interval `[lo, hi]`, plus an optional affine form
+//!   `a*q + b*kv + c` that equals the value at every point of the box. The
+//!   interval of an affine value is its exact range over the box, and the
+//!   difference of two affine values is compared exactly, so a comparison of
+//!   affine forms is decided exactly (causal, windows, prefixes, sinks).
+//!   Every node is computed in i128 and must fit in i64, otherwise it becomes
+//!   [`IntRange::TOP`] (the concrete evaluator wraps; TOP covers every i64).
+//! - float: an interval of finite values, or `Top` (may be anything, NaN
+//!   included). Only operations whose IEEE rounding is monotone keep an
+//!   interval (+, -, *, /, conversions, floor, ceil, round, min, max, abs);
+//!   transcendental functions give `Top`.
+//! - bool: [`Tri`]: always true, always false, or unknown.
+//!
+//! Soundness: if `may_fail` is false, the concrete evaluator succeeds at
+//! every point of the box and its value lies in the abstract value. A value
+//! whose `may_fail` is true says nothing; callers fall back to element-wise
+//! evaluation there. `&&`, `||` and `if` follow the evaluator's short-circuit
+//! rules, so a read the evaluator never performs never makes a box fail.
+
+use crate::sema::eval::{floor_div, floor_mod, Shapes};
+use crate::sema::{BinaryOp, Expr, ExprId, Func, ShapeVar, Spec, Type, UnaryOp, Value, Var};
+
+use super::summary::Summaries;
+
+/// A box of positions: absolute query positions `q0..=q1` and key positions
+/// `k0..=k1` (both non-empty), at fixed `b` and `h`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QBox {
+    pub q0: i64,
+    pub q1: i64,
+    pub k0: i64,
+    pub k1: i64,
+}
+
+impl QBox {
+    /// Number of points, saturating.
+    pub fn size(&self) -> u128 {
+        ((self.q1 - self.q0 + 1) as u128) * ((self.k1 - self.k0 + 1) as u128)
+    }
+}
+
+/// A three-valued truth value over a box.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tri {
+    False,
+    True,
+    Unknown,
+}
+
+impl Tri {
+    fn of(b: bool) -> Tri {
+        if b {
+            Tri::True
+        } else {
+            Tri::False
+        }
+    }
+
+    fn not(self) -> Tri {
+        match self {
+            Tri::True => Tri::False,
+            Tri::False => Tri::True,
+            Tri::Unknown => Tri::Unknown,
+        }
+    }
+
+    fn join(self, o: Tri) -> Tri {
+        if self == o {
+            self
+        } else {
+            Tri::Unknown
+        }
+    }
+}
+
+/// `q * self.q + kv * self.kv + self.c`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Affine {
+    pub q: i64,
+    pub kv: i64,
+    pub c: i64,
+}
+
+/// The exact range of an affine form (given in i128) over a box.
+fn affine_range(q: i128, kv: i128, c: i128, bx: &QBox) -> (i128, i128) {
+    let (q0, q1, k0, k1) = (bx.q0 as i128, bx.q1 as i128, bx.k0 as i128, bx.k1 as i128);
+    let (qa, qb) = (q * q0, q * q1);
+    let (ka, kb) = (kv * k0, kv * k1);
+    (c + qa.min(qb) + ka.min(kb), c + qa.max(qb) + ka.max(kb))
+}
+
+fn fits(x: i128) -> bool {
+    x >= i64::MIN as i128 && x <= i64::MAX as i128
+}
+
+/// An int abstract value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IntRange {
+    pub lo: i64,
+    pub hi: i64,
+    /// Equals the value at every point of the box, when known.
+    pub aff: Option<Affine>,
+}
+
+impl IntRange {
+    pub const TOP: IntRange = IntRange {
+        lo: i64::MIN,
+        hi: i64::MAX,
+        aff: None,
+    };
+
+    pub fn point(v: i64) -> IntRange {
+        IntRange {
+            lo: v,
+            hi: v,
+            aff: Some(Affine { q: 0, kv: 0, c: v }),
+        }
+    }
+
+    /// An interval computed exactly in i128: TOP when it leaves i64.
+    fn interval(lo: i128, hi: i128) -> IntRange {
+        if fits(lo) && fits(hi) {
+            if lo == hi {
+                IntRange::point(lo as i64)
+            } else {
+                IntRange {
+                    lo: lo as i64,
+                    hi: hi as i64,
+                    aff: None,
+                }
+            }
+        } else {
+            IntRange::TOP
+        }
+    }
+
+    /// An affine form (coefficients in i128) over a box.
+    fn affine(q: i128, kv: i128, c: i128, bx: &QBox) -> IntRange {
+        let (lo, hi) = affine_range(q, kv, c, bx);
+        if !(fits(lo) && fits(hi)) {
+            return IntRange::TOP;
+        }
+        let aff = (fits(q) && fits(kv) && fits(c)).then(|| Affine {
+            q: q as i64,
+            kv: kv as i64,
+            c: c as i64,
+        });
+        IntRange {
+            lo: lo as i64,
+            hi: hi as i64,
+            aff,
+        }
+    }
+
+    fn is_point(&self) -> Option<i64> {
+        (self.lo == self.hi).then_some(self.lo)
+    }
+
+    fn hull(a: IntRange, b: IntRange) -> IntRange {
+        if a == b {
+            return a;
+        }
+        let aff = if a.aff.is_some() && a.aff == b.aff {
+            a.aff
+        } else {
+            None
+        };
+        IntRange {
+            lo: a.lo.min(b.lo),
+            hi: a.hi.max(b.hi),
+            aff,
+        }
+    }
+}
+
+/// A float abstract value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum FloatRange {
+    /// Any value, including NaN and infinities.
+    Top,
+    /// Finite bounds, `lo <= hi`; the value is never NaN.
+    Range(f64, f64),
+}
+
+impl FloatRange {
+    fn new(lo: f64, hi: f64) -> FloatRange {
+        if lo.is_finite() && hi.is_finite() && lo <= hi {
+            FloatRange::Range(lo, hi)
+        } else {
+            FloatRange::Top
+        }
+    }
+
+    fn point(x: f64) -> FloatRange {
+        FloatRange::new(x, x)
+    }
+
+    fn hull(a: FloatRange, b: FloatRange) -> FloatRange {
+        match (a, b) {
+            (FloatRange::Range(a0, a1), FloatRange::Range(b0, b1)) => {
+                FloatRange::new(a0.min(b0), a1.max(b1))
+            }
+            _ => FloatRange::Top,
+        }
+    }
+
+    /// Applies a monotone non-decreasing function to both ends.
+    fn monotone(self, f: impl Fn(f64) -> f64) -> FloatRange {
+        match self {
+            FloatRange::Range(lo, hi) => FloatRange::new(f(lo), f(hi)),
+            FloatRange::Top => FloatRange::Top,
+        }
+    }
+
+    /// Combines with the four corners of an operation that is monotone in
+    /// each argument on sign-constant domains.
+    fn corners(a: FloatRange, b: FloatRange, f: impl Fn(f64, f64) -> f64) -> FloatRange {
+        match (a, b) {
+            (FloatRange::Range(a0, a1), FloatRange::Range(b0, b1)) => {
+                let c = [f(a0, b0), f(a0, b1), f(a1, b0), f(a1, b1)];
+                if c.iter().any(|x| !x.is_finite()) {
+                    return FloatRange::Top;
+                }
+                FloatRange::new(
+                    c.iter().copied().fold(f64::INFINITY, f64::min),
+                    c.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                )
+            }
+            _ => FloatRange::Top,
+        }
+    }
+}
+
+/// An abstract value of any type.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum AVal {
+    Int(IntRange),
+    Float(FloatRange),
+    Bool(Tri),
+}
+
+impl AVal {
+    pub fn top(ty: Type) -> AVal {
+        match ty {
+            Type::Int => AVal::Int(IntRange::TOP),
+            Type::Float => AVal::Float(FloatRange::Top),
+            Type::Bool => AVal::Bool(Tri::Unknown),
+        }
+    }
+
+    fn of_value(v: Value) -> AVal {
+        match v {
+            Value::Int(i) => AVal::Int(IntRange::point(i)),
+            Value::Float(x) => AVal::Float(FloatRange::point(x)),
+            Value::Bool(b) => AVal::Bool(Tri::of(b)),
+        }
+    }
+
+    fn int(self) -> IntRange {
+        match self {
+            AVal::Int(r) => r,
+            v => unreachable!("checked int expression gave {v:?}"),
+        }
+    }
+
+    fn float(self) -> FloatRange {
+        match self {
+            AVal::Float(r) => r,
+            v => unreachable!("checked float expression gave {v:?}"),
+        }
+    }
+
+    fn tri(self) -> Tri {
+        match self {
+            AVal::Bool(t) => t,
+            v => unreachable!("checked bool expression gave {v:?}"),
+        }
+    }
+
+    fn hull(a: AVal, b: AVal) -> AVal {
+        match (a, b) {
+            (AVal::Int(x), AVal::Int(y)) => AVal::Int(IntRange::hull(x, y)),
+            (AVal::Float(x), AVal::Float(y)) => AVal::Float(FloatRange::hull(x, y)),
+            (AVal::Bool(x), AVal::Bool(y)) => AVal::Bool(x.join(y)),
+            (x, y) => unreachable!("join of {x:?} and {y:?}"),
+        }
+    }
+}
+
+/// The result of abstract evaluation: a value and whether evaluation might
+/// fail somewhere in the box (then the value must not be used).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Abs {
+    pub v: AVal,
+    pub may_fail: bool,
+}
+
+impl Abs {
+    fn ok(v: AVal) -> Abs {
+        Abs { v, may_fail: false }
+    }
+
+    fn fail(ty: Type) -> Abs {
+        Abs {
+            v: AVal::top(ty),
+            may_fail: true,
+        }
+    }
+
+    /// The decided truth value of a bool result, if evaluation cannot fail.
+    pub fn decided(&self) -> Option<bool> {
+        if self.may_fail {
+            return None;
+        }
+        match self.v {
+            AVal::Bool(Tri::True) => Some(true),
+            AVal::Bool(Tri::False) => Some(false),
+            _ => None,
+        }
+    }
+}
+
+/// Evaluates expressions of one spec over boxes. Shared subtrees are
+/// memoised per box.
+pub struct AbsEval<'s> {
+    spec: &'s Spec,
+    shapes: Shapes,
+    memo: Vec<(u64, Abs)>,
+    generation: u64,
+    bx: QBox,
+    b: i64,
+    h: i64,
+}
+
+impl<'s> AbsEval<'s> {
+    pub fn new(spec: &'s Spec, shapes: Shapes) -> AbsEval<'s> {
+        AbsEval {
+            spec,
+            shapes,
+            memo: vec![(0, Abs::ok(AVal::Bool(Tri::Unknown))); spec.exprs.len()],
+            generation: 0,
+            bx: QBox {
+                q0: 0,
+                q1: 0,
+                k0: 0,
+                k1: 0,
+            },
+            b: 0,
+            h: 0,
+        }
+    }
+
+    /// Sets the batch and head the following boxes are at.
+    pub fn set_head(&mut self, b: i64, h: i64) {
+        self.b = b;
+        self.h = h;
+    }
+
+    /// Evaluates `id` over `bx`.
+    pub fn eval(&mut self, id: ExprId, bx: QBox, sums: &mut Summaries<'_>) -> Abs {
+        debug_assert!(bx.q0 <= bx.q1 && bx.k0 <= bx.k1);
+        self.generation += 1;
+        self.bx = bx;
+        self.go(id, sums)
+    }
+
+    fn go(&mut self, id: ExprId, sums: &mut Summaries<'_>) -> Abs {
+        let slot = self.memo[id.0 as usize];
+        if slot.0 == self.generation {
+            return slot.1;
+        }
+        let r = self.compute(id, sums);
+        self.memo[id.0 as usize] = (self.generation, r);
+        r
+    }
+
+    fn compute(&mut self, id: ExprId, sums: &mut Summaries<'_>) -> Abs {
+        let spec = self.spec;
+        let bx = self.bx;
+        match spec.expr(id) {
+            Expr::Const(v) => Abs::ok(AVal::of_value(*v)),
+            Expr::Var(v) => Abs::ok(AVal::Int(match v {
+                Var::B => IntRange::point(self.b),
+                Var::H => IntRange::point(self.h),
+                Var::Q => IntRange::affine(1, 0, 0, &bx),
+                Var::Kv => IntRange::affine(0, 1, 0, &bx),
+            })),
+            Expr::Shape(s) => Abs::ok(AVal::Int(IntRange::point(self.shape(*s)))),
+            // Never inside a mask; the checker rejects it.
+            Expr::Score => Abs::ok(AVal::Float(FloatRange::Top)),
+            Expr::Param(p) => Abs::ok(AVal::of_value(spec.param(*p).value)),
+            Expr::Load { buffer, indices } => {
+                let ty = spec.ty(id);
+                let mut ranges = [(0i64, 0i64); MAX_DIMS];
+                if indices.len() > MAX_DIMS {
+                    return Abs::fail(ty);
+                }
+                let mut may_fail = false;
+                for (k, &i) in indices.iter().enumerate() {
+                    let a = self.go(i, sums);
+                    let r = a.v.int();
+                    if a.may_fail || r.lo < 0 || r.hi as u64 >= sums.shape(*buffer)[k] as u64 {
+                        may_fail = true;
+                    }
+                    ranges[k] = (r.lo, r.hi);
+                }
+                if may_fail {
+                    return Abs::fail(ty);
+                }
+                Abs::ok(sums.summary(*buffer, &ranges[..indices.len()]))
+            }
+            Expr::Unary(UnaryOp::Neg, a) => {
+                let a = self.go(*a, sums);
+                let v = match a.v {
+                    AVal::Int(r) => AVal::Int(neg(r, &bx)),
+                    AVal::Float(r) => AVal::Float(match r {
+                        FloatRange::Range(lo, hi) => FloatRange::new(-hi, -lo),
+                        FloatRange::Top => FloatRange::Top,
+                    }),
+                    v => unreachable!("neg of {v:?}"),
+                };
+                Abs {
+                    v,
+                    may_fail: a.may_fail,
+                }
+            }
+            Expr::Unary(UnaryOp::Not, a) => {
+                let a = self.go(*a, sums);
+                Abs {
+                    v: AVal::Bool(a.v.tri().not()),
+                    may_fail: a.may_fail,
+                }
+            }
+            Expr::Binary(op @ (BinaryOp::And | BinaryOp::Or), x, y) => {
+                let a = self.go(*x, sums);
+                if a.may_fail {
+                    return Abs::fail(Type::Bool);
+                }
+                // The value of `x` that makes the right side irrelevant.
+                let short = if *op == BinaryOp::And {
+                    Tri::False
+                } else {
+                    Tri::True
+                };
+                match a.v.tri() {
+                    t if t == short => Abs::ok(AVal::Bool(t)),
+                    Tri::Unknown => {
+                        let b = self.go(*y, sums);
+                        let t = if b.v.tri() == short {
+                            short
+                        } else {
+                            Tri::Unknown
+                        };
+                        Abs {
+                            v: AVal::Bool(t),
+                            may_fail: b.may_fail,
+                        }
+                    }
+                    _ => self.go(*y, sums),
+                }
+            }
+            Expr::Binary(op, x, y) => {
+                let (a, b) = (self.go(*x, sums), self.go(*y, sums));
+                let may_fail = a.may_fail || b.may_fail;
+                match binary(*op, a.v, b.v, &bx) {
+                    Some(v) => Abs { v, may_fail },
+                    // A divisor that may be zero.
+                    None => Abs::fail(spec.ty(id)),
+                }
+            }
+            Expr::Select {
+                cond,
+                then,
+                otherwise,
+            } => {
+                let c = self.go(*cond, sums);
+                if c.may_fail {
+                    return Abs::fail(spec.ty(id));
+                }
+                match c.v.tri() {
+                    Tri::True => self.go(*then, sums),
+                    Tri::False => self.go(*otherwise, sums),
+                    Tri::Unknown => {
+                        let (a, b) = (self.go(*then, sums), self.go(*otherwise, sums));
+                        Abs {
+                            v: AVal::hull(a.v, b.v),
+                            may_fail: a.may_fail || b.may_fail,
+                        }
+                    }
+                }
+            }
+            Expr::Call(f, args) => {
+                let mut vals = [AVal::Bool(Tri::Unknown); 3];
+                let mut may_fail = false;
+                for (slot, &a) in vals.iter_mut().zip(args) {
+                    let r = self.go(a, sums);
+                    may_fail |= r.may_fail;
+                    *slot = r.v;
+                }
+                Abs {
+                    v: call(*f, &vals[..args.len()], &bx),
+                    may_fail,
+                }
+            }
+            Expr::Ancestor { parent, i, j } => {
+                let (a, b) = (self.go(*i, sums), self.go(*j, sums));
+                if a.may_fail || b.may_fail {
+                    return Abs::fail(Type::Bool);
+                }
+                let (i, j) = (a.v.int(), b.v.int());
+                if i.is_point().is_some() && i.is_point() == j.is_point() {
+                    // `ancestor(p, x, x)` is true without reading `p`.
+                    return Abs::ok(AVal::Bool(Tri::True));
+                }
+                let forest = sums.forest(*parent);
+                if !forest.valid || i.lo < 0 || i.hi as u64 >= forest.len as u64 {
+                    return Abs::fail(Type::Bool);
+                }
+                // In an ordered forest every ancestor of i is below i.
+                if forest.ordered && j.lo > i.hi {
+                    return Abs::ok(AVal::Bool(Tri::False));
+                }
+                Abs::ok(AVal::Bool(Tri::Unknown))
+            }
+        }
+    }
+
+    fn shape(&self, s: ShapeVar) -> i64 {
+        self.shapes.get(s) as i64
+    }
+}
+
+/// The most buffer dimensions summarised; more fall back to elements.
+pub const MAX_DIMS: usize = 8;
+
+fn neg(r: IntRange, bx: &QBox) -> IntRange {
+    match r.aff {
+        Some(a) => IntRange::affine(-(a.q as i128), -(a.kv as i128), -(a.c as i128), bx),
+        None => IntRange::interval(-(r.hi as i128), -(r.lo as i128)),
+    }
+}
+
+fn add(a: IntRange, b: IntRange, sign: i128, bx: &QBox) -> IntRange {
+    match (a.aff, b.aff) {
+        (Some(x), Some(y)) => IntRange::affine(
+            x.q as i128 + sign * y.q as i128,
+            x.kv as i128 + sign * y.kv as i128,
+            x.c as i128 + sign * y.c as i128,
+            bx,
+        ),
+        _ => {
+            let (blo, bhi) = if sign > 0 {
+                (b.lo as i128, b.hi as i128)
+            } else {
+                (-(b.hi as i128), -(b.lo as i128))
+            };
+            IntRange::interval(a.lo as i128 + blo, a.hi as i128 + bhi)
+        }
+    }
+}
+
+fn mul(a: IntRange, b: IntRange, bx: &QBox) -> IntRange {
+    let scale = |r: IntRange, k: i64| -> Option<IntRange> {
+        r.aff.map(|x| {
+            IntRange::affine(
+                x.q as i128 * k as i128,
+                x.kv as i128 * k as i128,
+                x.c as i128 * k as i128,
+                bx,
+            )
+        })
+    };
+    if let Some(k) = b.is_point() {
+        if let Some(r) = scale(a, k) {
+            return r;
+        }
+    }
+    if let Some(k) = a.is_point() {
+        if let Some(r) = scale(b, k) {
+            return r;
+        }
+    }
+    let c = [
+        a.lo as i128 * b.lo as i128,
+        a.lo as i128 * b.hi as i128,
+        a.hi as i128 * b.lo as i128,
+        a.hi as i128 * b.hi as i128,
+    ];
+    IntRange::interval(*c.iter().min().unwrap(), *c.iter().max().unwrap())
+}
+
+/// Floor division; `None` when the divisor may be zero.
+fn div(a: IntRange, b: IntRange) -> Option<IntRange> {
+    if b.lo <= 0 && b.hi >= 0 {
+        return None;
+    }
+    // Floor division is monotone in each argument on a sign-constant divisor,
+    // so the corners bound it. Computed in i128 (i64::MIN / -1 overflows).
+    let fd = |x: i64, y: i64| -> i128 {
+        let (x, y) = (x as i128, y as i128);
+        let q = x / y;
+        if x % y != 0 && ((x < 0) != (y < 0)) {
+            q - 1
+        } else {
+            q
+        }
+    };
+    let c = [
+        fd(a.lo, b.lo),
+        fd(a.lo, b.hi),
+        fd(a.hi, b.lo),
+        fd(a.hi, b.hi),
+    ];
+    Some(IntRange::interval(
+        *c.iter().min().unwrap(),
+        *c.iter().max().unwrap(),
+    ))
+}
+
+/// Floor modulo; `None` when the divisor may be zero.
+fn rem(a: IntRange, b: IntRange, bx: &QBox) -> Option<IntRange> {
+    if b.lo <= 0 && b.hi >= 0 {
+        return None;
+    }
+    if let Some(c) = b.is_point() {
+        let (qlo, qhi) = (floor_div(a.lo, c)?, floor_div(a.hi, c)?);
+        if qlo == qhi {
+            // One quotient k over the box: a % c = a - c*k, monotone in a.
+            if let Some(x) = a.aff {
+                let k = qlo as i128 * c as i128;
+                return Some(IntRange::affine(
+                    x.q as i128,
+                    x.kv as i128,
+                    x.c as i128 - k,
+                    bx,
+                ));
+            }
+            return Some(IntRange::interval(
+                floor_mod(a.lo, c)? as i128,
+                floor_mod(a.hi, c)? as i128,
+            ));
+        }
+    }
+    // The remainder has the divisor's sign and is smaller in magnitude.
+    Some(if b.lo > 0 {
+        if a.lo >= 0 && a.hi < b.lo {
+            a
+        } else {
+            IntRange::interval(0, b.hi as i128 - 1)
+        }
+    } else {
+        IntRange::interval(b.lo as i128 + 1, 0)
+    })
+}
+
+/// Compares two int values: the truth of `d OP 0` where `d = a - b`.
+fn compare_int(op: BinaryOp, a: IntRange, b: IntRange, bx: &QBox) -> Tri {
+    // The exact range of a - b.
+    let (dlo, dhi) = match (a.aff, b.aff) {
+        (Some(x), Some(y)) => affine_range(
+            x.q as i128 - y.q as i128,
+            x.kv as i128 - y.kv as i128,
+            x.c as i128 - y.c as i128,
+            bx,
+        ),
+        _ => (a.lo as i128 - b.hi as i128, a.hi as i128 - b.lo as i128),
+    };
+    compare_diff(op, dlo, dhi)
+}
+
+fn compare_diff<T: PartialOrd + Default>(op: BinaryOp, dlo: T, dhi: T) -> Tri {
+    let z = T::default();
+    let (always, never) = match op {
+        BinaryOp::Lt => (dhi < z, dlo >= z),
+        BinaryOp::Le => (dhi <= z, dlo > z),
+        BinaryOp::Gt => (dlo > z, dhi <= z),
+        BinaryOp::Ge => (dlo >= z, dhi < z),
+        BinaryOp::Eq => (dlo == z && dhi == z, dlo > z || dhi < z),
+        BinaryOp::Ne => (dlo > z || dhi < z, dlo == z && dhi == z),
+        _ => unreachable!("not a comparison"),
+    };
+    if always {
+        Tri::True
+    } else if never {
+        Tri::False
+    } else {
+        Tri::Unknown
+    }
+}
+
+fn compare_float(op: BinaryOp, a: FloatRange, b: FloatRange) -> Tri {
+    let (FloatRange::Range(a0, a1), FloatRange::Range(b0, b1)) = (a, b) else {
+        return Tri::Unknown;
+    };
+    // Bounds of a - b, computed without rounding by comparing the ends.
+    let always_lt = a1 < b0;
+    let never_lt = a0 >= b1;
+    let always_le = a1 <= b0;
+    let never_le = a0 > b1;
+    let always_eq = a0 == a1 && b0 == b1 && a0 == b0;
+    let never_eq = a1 < b0 || b1 < a0;
+    let (always, never) = match op {
+        BinaryOp::Lt => (always_lt, never_lt),
+        BinaryOp::Le => (always_le, never_le),
+        BinaryOp::Gt => (never_le, always_le),
+        BinaryOp::Ge => (never_lt, always_lt),
+        BinaryOp::Eq => (always_eq, never_eq),
+        BinaryOp::Ne => (never_eq, always_eq),
+        _ => unreachable!("not a comparison"),
+    };
+    if always {
+        Tri::True
+    } else if never {
+        Tri::False
+    } else {
+        Tri::Unknown
+    }
+}
+
+/// A non-short-circuit binary operator; `None` when an int divisor may be 0.
+fn binary(op: BinaryOp, a: AVal, b: AVal, bx: &QBox) -> Option<AVal> {
+    use BinaryOp::*;
+    Some(match (a, b) {
+        (AVal::Int(x), AVal::Int(y)) => match op {
+            Add => AVal::Int(add(x, y, 1, bx)),
+            Sub => AVal::Int(add(x, y, -1, bx)),
+            Mul => AVal::Int(mul(x, y, bx)),
+            Div => AVal::Int(match y.is_point() {
+                // One quotient over the box: a constant.
+                Some(c) if c > 0 && floor_div(x.lo, c) == floor_div(x.hi, c) => {
+                    IntRange::point(floor_div(x.lo, c)?)
+                }
+                _ => div(x, y)?,
+            }),
+            Rem => AVal::Int(rem(x, y, bx)?),
+            Eq | Ne | Lt | Le | Gt | Ge => AVal::Bool(compare_int(op, x, y, bx)),
+            And | Or => unreachable!("logical op on ints"),
+        },
+        (AVal::Float(x), AVal::Float(y)) => match op {
+            Add => AVal::Float(FloatRange::corners(x, y, |p, q| p + q)),
+            Sub => AVal::Float(FloatRange::corners(x, y, |p, q| p - q)),
+            Mul => AVal::Float(FloatRange::corners(x, y, |p, q| p * q)),
+            Div => AVal::Float(match y {
+                FloatRange::Range(lo, hi) if lo > 0.0 || hi < 0.0 => {
+                    FloatRange::corners(x, y, |p, q| p / q)
+                }
+                _ => FloatRange::Top,
+            }),
+            Rem => AVal::Float(FloatRange::Top),
+            Eq | Ne | Lt | Le | Gt | Ge => AVal::Bool(compare_float(op, x, y)),
+            And | Or => unreachable!("logical op on floats"),
+        },
+        (AVal::Bool(x), AVal::Bool(y)) => AVal::Bool(match op {
+            Eq | Ne => {
+                let t = match (x, y) {
+                    (Tri::Unknown, _) | (_, Tri::Unknown) => Tri::Unknown,
+                    (p, q) => Tri::of(p == q),
+                };
+                if op == Eq {
+                    t
+                } else {
+                    t.not()
+                }
+            }
+            _ => unreachable!("arithmetic on bools"),
+        }),
+        (x, y) => unreachable!("checked binary op on {x:?} and {y:?}"),
+    })
+}
+
+fn int_min(a: IntRange, b: IntRange) -> IntRange {
+    if a.hi <= b.lo {
+        a
+    } else if b.hi <= a.lo {
+        b
+    } else {
+        IntRange {
+            lo: a.lo.min(b.lo),
+            hi: a.hi.min(b.hi),
+            aff: None,
+        }
+    }
+}
+
+fn int_max(a: IntRange, b: IntRange) -> IntRange {
+    if a.lo >= b.hi {
+        a
+    } else if b.lo >= a.hi {
+        b
+    } else {
+        IntRange {
+            lo: a.lo.max(b.lo),
+            hi: a.hi.max(b.hi),
+            aff: None,
+        }
+    }
+}
+
+fn float_min(a: FloatRange, b: FloatRange) -> FloatRange {
+    FloatRange::corners(a, b, f64::min)
+}
+
+fn float_max(a: FloatRange, b: FloatRange) -> FloatRange {
+    FloatRange::corners(a, b, f64::max)
+}
+
+/// A built-in function on checked arguments.
+fn call(f: Func, args: &[AVal], bx: &QBox) -> AVal {
+    match f {
+        Func::Float => AVal::Float(match args[0] {
+            AVal::Int(r) => FloatRange::new(r.lo as f64, r.hi as f64),
+            AVal::Bool(Tri::True) => FloatRange::point(1.0),
+            AVal::Bool(Tri::False) => FloatRange::point(0.0),
+            AVal::Bool(Tri::Unknown) => FloatRange::new(0.0, 1.0),
+            AVal::Float(r) => r,
+        }),
+        Func::Int => AVal::Int(match args[0] {
+            // Truncation (saturating) is monotone non-decreasing.
+            AVal::Float(FloatRange::Range(lo, hi)) => {
+                IntRange::interval(lo as i64 as i128, hi as i64 as i128)
+            }
+            AVal::Float(FloatRange::Top) => IntRange::TOP,
+            AVal::Bool(Tri::True) => IntRange::point(1),
+            AVal::Bool(Tri::False) => IntRange::point(0),
+            AVal::Bool(Tri::Unknown) => IntRange::interval(0, 1),
+            AVal::Int(r) => r,
+        }),
+        Func::Abs => match args[0] {
+            AVal::Int(r) => AVal::Int(if r.lo >= 0 {
+                r
+            } else if r.hi <= 0 {
+                neg(r, bx)
+            } else {
+                IntRange::interval(0, (-(r.lo as i128)).max(r.hi as i128))
+            }),
+            AVal::Float(r) => AVal::Float(match r {
+                FloatRange::Range(lo, _) if lo >= 0.0 => r,
+                FloatRange::Range(lo, hi) if hi <= 0.0 => FloatRange::new(-hi, -lo),
+                FloatRange::Range(lo, hi) => FloatRange::new(0.0, (-lo).max(hi)),
+                FloatRange::Top => FloatRange::Top,
+            }),
+            v => unreachable!("abs of {v:?}"),
+        },
+        Func::Min | Func::Max | Func::Clamp => {
+            let pick_min = |a: AVal, b: AVal| match (a, b) {
+                (AVal::Int(x), AVal::Int(y)) => AVal::Int(int_min(x, y)),
+                (a, b) => AVal::Float(float_min(a.float(), b.float())),
+            };
+            let pick_max = |a: AVal, b: AVal| match (a, b) {
+                (AVal::Int(x), AVal::Int(y)) => AVal::Int(int_max(x, y)),
+                (a, b) => AVal::Float(float_max(a.float(), b.float())),
+            };
+            match f {
+                Func::Min => pick_min(args[0], args[1]),
+                Func::Max => pick_max(args[0], args[1]),
+                _ => pick_min(pick_max(args[0], args[1]), args[2]),
+            }
+        }
+        Func::Floor => AVal::Float(args[0].float().monotone(f64::floor)),
+        Func::Ceil => AVal::Float(args[0].float().monotone(f64::ceil)),
+        Func::Round => AVal::Float(args[0].float().monotone(f64::round_ties_even)),
+        // Transcendental functions: libm gives no monotonicity guarantee.
+        Func::Exp
+        | Func::Exp2
+        | Func::Log
+        | Func::Log2
+        | Func::Sqrt
+        | Func::Rsqrt
+        | Func::Tanh
+        | Func::Sigmoid => AVal::Float(FloatRange::Top),
+    }
+}

@@ -1,0 +1,370 @@
+//! Tile classification: the driver of the analysis.
+//!
+//! Stage: mask analysis. Consumes a checked [`Spec`], a [`Bound`] problem and
+//! a [`Tiling`]; produces [`BlockMaps`].
+//!
+//! For each query tile, the key tiles are cut into runs by abstract
+//! evaluation ([`super::absint`]) over boxes spanning many key tiles:
+//! 1. If the box of all remaining key tiles is decided, it is one run.
+//! 2. Otherwise the next key tile is decided on its own; if it is decided,
+//!    its run is grown as far as the box stays decided with the same class,
+//!    starting from a guess taken from the previous query tile's run and
+//!    galloping (doubling steps) then bisecting. A run of length L costs
+//!    O(log L) evaluations, and O(1) when the previous row's guess is right,
+//!    as it is for causal and sliding-window masks.
+//! 3. A key tile that is not decided is explored: a few of its elements are
+//!    evaluated concretely (corners, centre), then it is split into halves
+//!    that are evaluated abstractly, down to leaves of at most [`LEAF`]
+//!    elements that are evaluated concretely with [`Evaluator`]. Exploration
+//!    stops as soon as a visible and a masked element are found (PARTIAL)...
+//! 4. ...except in boxes where evaluation might fail (a read that may be out
+//!    of range, a divisor that may be zero): those are always evaluated
+//!    element by element, so an error the reference interpreter would hit
+//!    while evaluating the mask is reported here too, and every FULL or
+//!    EMPTY tile is known to evaluate without error.
+//!
+//! Result: the classification is exact (it equals the element-wise one), and
+//! `classify` fails if and only if evaluating the mask at some element of
+//! the problem fails.
+
+use crate::bind::Bound;
+use crate::sema::eval::{EvalError, Evaluator, Point};
+use crate::sema::{Deps, ExprId, Spec};
+
+use super::absint::{AbsEval, QBox};
+use super::map::{BlockMap, BlockMaps, TileClass, Tiling};
+use super::summary::Summaries;
+use super::MaskError;
+
+/// Boxes of at most this many elements are evaluated element by element.
+const LEAF: u128 = 32;
+
+/// Classifies every (query tile, key tile) of every (b, h) that needs its
+/// own map. See the module docs.
+pub fn classify(spec: &Spec, bound: &Bound, tiling: Tiling) -> Result<BlockMaps, MaskError> {
+    let tiling = Tiling::new(tiling.bq, tiling.bkv)?;
+    let sh = bound.shapes;
+    let q_tiles = sh.q.div_ceil(tiling.bq);
+    let kv_tiles = sh.kv.div_ceil(tiling.bkv);
+    for (axis, n) in [("query", q_tiles), ("key", kv_tiles)] {
+        if n > u32::MAX as usize {
+            return Err(MaskError::TooManyTiles { axis, tiles: n });
+        }
+    }
+    if (bound.q_offset as i128) + (sh.q as i128) > i64::MAX as i128
+        || sh.kv as u128 > i64::MAX as u128
+    {
+        return Err(MaskError::PositionOverflow {
+            q_offset: bound.q_offset,
+            q: sh.q,
+            kv: sh.kv,
+        });
+    }
+    let deps = spec.mask.map(|m| spec.deps(m)).unwrap_or(Deps::NONE);
+    let (by_b, by_h) = (deps.contains(Deps::B), deps.contains(Deps::H));
+    let n_b = if by_b { sh.b } else { 1 };
+    let n_h = if by_h { sh.h } else { 1 };
+    let mut maps = Vec::with_capacity(n_b * n_h);
+    match spec.mask {
+        None => {
+            let mut m = BlockMap::with_capacity(tiling, sh.q, sh.kv, bound.q_offset);
+            for _ in 0..q_tiles {
+                m.push_row((kv_tiles > 0).then_some((0, kv_tiles as u32, TileClass::Full)));
+            }
+            maps.push(m);
+        }
+        Some(mask) => {
+            let mut c = Classifier {
+                mask,
+                tiling,
+                q_len: sh.q,
+                kv_len: sh.kv,
+                q_offset: bound.q_offset,
+                abs: AbsEval::new(spec, sh),
+                ev: Evaluator::new(spec, sh, &bound.buffers),
+                sums: Summaries::new(&bound.buffers),
+                b: 0,
+                h: 0,
+            };
+            for b in 0..n_b {
+                for h in 0..n_h {
+                    maps.push(c.map(b as i64, h as i64)?);
+                }
+            }
+        }
+    }
+    debug_assert!(maps.iter().all(BlockMap::is_complete));
+    Ok(BlockMaps {
+        b: sh.b,
+        h: sh.h,
+        by_b,
+        by_h,
+        maps,
+    })
+}
+
+/// A run of key tiles `start..end` of one class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Seg {
+    start: u32,
+    end: u32,
+    class: TileClass,
+}
+
+/// Whether a visible and a masked element have been seen in a tile.
+#[derive(Default)]
+struct Witness {
+    visible: bool,
+    masked: bool,
+}
+
+impl Witness {
+    fn both(&self) -> bool {
+        self.visible && self.masked
+    }
+
+    fn record(&mut self, v: bool) {
+        if v {
+            self.visible = true;
+        } else {
+            self.masked = true;
+        }
+    }
+}
+
+struct Classifier<'a> {
+    mask: ExprId,
+    tiling: Tiling,
+    q_len: usize,
+    kv_len: usize,
+    q_offset: i64,
+    abs: AbsEval<'a>,
+    ev: Evaluator<'a>,
+    sums: Summaries<'a>,
+    b: i64,
+    h: i64,
+}
+
+impl<'a> Classifier<'a> {
+    fn map(&mut self, b: i64, h: i64) -> Result<BlockMap, EvalError> {
+        self.b = b;
+        self.h = h;
+        self.abs.set_head(b, h);
+        let mut map = BlockMap::with_capacity(self.tiling, self.q_len, self.kv_len, self.q_offset);
+        let mut prev: Vec<Seg> = Vec::new();
+        let mut cur: Vec<Seg> = Vec::new();
+        for qt in 0..map.q_tiles() {
+            self.sums.next_row();
+            cur.clear();
+            self.row(qt, map.kv_tiles() as u32, &prev, &mut cur)?;
+            map.push_row(cur.iter().map(|s| (s.start, s.end, s.class)));
+            std::mem::swap(&mut prev, &mut cur);
+        }
+        Ok(map)
+    }
+
+    /// The box of query tile `qt` and key tiles `ka..kb`.
+    fn tile_box(&self, qt: usize, ka: u32, kb: u32) -> QBox {
+        let r0 = qt * self.tiling.bq;
+        let r1 = ((qt + 1) * self.tiling.bq).min(self.q_len) - 1;
+        let k0 = ka as usize * self.tiling.bkv;
+        let k1 = (kb as usize * self.tiling.bkv).min(self.kv_len) - 1;
+        QBox {
+            q0: r0 as i64 + self.q_offset,
+            q1: r1 as i64 + self.q_offset,
+            k0: k0 as i64,
+            k1: k1 as i64,
+        }
+    }
+
+    /// The class of key tiles `ka..kb` if abstract evaluation decides it.
+    fn decide(&mut self, qt: usize, ka: u32, kb: u32) -> Option<TileClass> {
+        let bx = self.tile_box(qt, ka, kb);
+        let a = self.abs.eval(self.mask, bx, &mut self.sums);
+        a.decided()
+            .map(|v| if v { TileClass::Full } else { TileClass::Empty })
+    }
+
+    /// Whether `ka..kb` is decided with class `class`.
+    fn holds(&mut self, qt: usize, ka: u32, kb: u32, class: TileClass) -> bool {
+        self.decide(qt, ka, kb) == Some(class)
+    }
+
+    /// Cuts the key tiles of query tile `qt` into runs.
+    fn row(
+        &mut self,
+        qt: usize,
+        n: u32,
+        prev: &[Seg],
+        out: &mut Vec<Seg>,
+    ) -> Result<(), EvalError> {
+        let mut a = 0u32;
+        let mut hint = 0usize;
+        let push = |out: &mut Vec<Seg>, s: Seg| match out.last_mut() {
+            Some(l) if l.class == s.class && l.end == s.start && s.class != TileClass::Partial => {
+                l.end = s.end
+            }
+            _ => out.push(s),
+        };
+        while a < n {
+            if let Some(class) = self.decide(qt, a, n) {
+                push(
+                    out,
+                    Seg {
+                        start: a,
+                        end: n,
+                        class,
+                    },
+                );
+                break;
+            }
+            let Some(class) = self.decide(qt, a, a + 1) else {
+                let class = self.explore_tile(qt, a)?;
+                push(
+                    out,
+                    Seg {
+                        start: a,
+                        end: a + 1,
+                        class,
+                    },
+                );
+                a += 1;
+                continue;
+            };
+            // Guess the end of the run from the previous query tile.
+            while hint < prev.len() && prev[hint].end <= a {
+                hint += 1;
+            }
+            let guess = match prev.get(hint) {
+                Some(s) if s.start <= a && s.class == class => s.end,
+                _ => a + 1,
+            };
+            // [a, good) holds; [a, bad) does not (bad = None: not yet found).
+            let mut good = a + 1;
+            let mut bad: Option<u32> = None;
+            if guess > good {
+                if self.holds(qt, a, guess, class) {
+                    good = guess;
+                } else {
+                    bad = Some(guess);
+                }
+            }
+            if bad.is_none() {
+                // Gallop forward from `good`; [a, n) is known not to hold.
+                let mut step = 1u32;
+                loop {
+                    let cand = good.saturating_add(step).min(n);
+                    if cand == n || !self.holds(qt, a, cand, class) {
+                        bad = Some(cand);
+                        break;
+                    }
+                    good = cand;
+                    step = step.saturating_mul(2);
+                }
+            }
+            let mut bad = bad.unwrap();
+            while bad - good > 1 {
+                let mid = good + (bad - good) / 2;
+                if self.holds(qt, a, mid, class) {
+                    good = mid;
+                } else {
+                    bad = mid;
+                }
+            }
+            push(
+                out,
+                Seg {
+                    start: a,
+                    end: good,
+                    class,
+                },
+            );
+            a = good;
+        }
+        Ok(())
+    }
+
+    fn eval_at(&mut self, q: i64, kv: i64) -> Result<bool, EvalError> {
+        self.ev.eval_bool(
+            self.mask,
+            Point {
+                b: self.b,
+                h: self.h,
+                q,
+                kv,
+                score: 0.0,
+            },
+        )
+    }
+
+    /// Classifies one key tile that abstract evaluation did not decide.
+    fn explore_tile(&mut self, qt: usize, kt: u32) -> Result<TileClass, EvalError> {
+        let bx = self.tile_box(qt, kt, kt + 1);
+        let top = self.abs.eval(self.mask, bx, &mut self.sums);
+        let mut w = Witness::default();
+        if !top.may_fail {
+            // Cheap witnesses first: the corners and the centre.
+            let (qm, km) = (bx.q0 + (bx.q1 - bx.q0) / 2, bx.k0 + (bx.k1 - bx.k0) / 2);
+            for (q, kv) in [
+                (bx.q1, bx.k0),
+                (bx.q0, bx.k1),
+                (bx.q0, bx.k0),
+                (bx.q1, bx.k1),
+                (qm, km),
+            ] {
+                let v = self.eval_at(q, kv)?;
+                w.record(v);
+                if w.both() {
+                    return Ok(TileClass::Partial);
+                }
+            }
+        }
+        self.explore(bx, top.may_fail, &mut w)?;
+        Ok(match (w.visible, w.masked) {
+            (true, true) => TileClass::Partial,
+            (true, false) => TileClass::Full,
+            (false, true) => TileClass::Empty,
+            (false, false) => unreachable!("a tile holds at least one element"),
+        })
+    }
+
+    /// Looks for witnesses in `bx`, whose abstract evaluation gave
+    /// `may_fail`; explores every element of boxes that may fail.
+    fn explore(&mut self, bx: QBox, may_fail: bool, w: &mut Witness) -> Result<(), EvalError> {
+        if !may_fail && w.both() {
+            return Ok(());
+        }
+        if bx.size() <= LEAF {
+            for q in bx.q0..=bx.q1 {
+                for kv in bx.k0..=bx.k1 {
+                    let v = self.eval_at(q, kv)?;
+                    w.record(v);
+                    if !may_fail && w.both() {
+                        return Ok(());
+                    }
+                }
+            }
+            return Ok(());
+        }
+        let halves = if bx.q1 - bx.q0 >= bx.k1 - bx.k0 {
+            let m = bx.q0 + (bx.q1 - bx.q0) / 2;
+            [QBox { q1: m, ..bx }, QBox { q0: m + 1, ..bx }]
+        } else {
+            let m = bx.k0 + (bx.k1 - bx.k0) / 2;
+            [QBox { k1: m, ..bx }, QBox { k0: m + 1, ..bx }]
+        };
+        let results = halves.map(|h| (h, self.abs.eval(self.mask, h, &mut self.sums)));
+        // Decided halves give witnesses at once; then the others.
+        let mut rest = Vec::with_capacity(2);
+        for (h, a) in results {
+            match a.decided() {
+                Some(v) => w.record(v),
+                None => rest.push((h, a.may_fail)),
+            }
+        }
+        for (h, mf) in rest {
+            self.explore(h, mf, w)?;
+        }
+        Ok(())
+    }
+}
