@@ -4,4 +4,5 @@
 //! Consumes tensors (ndarray views) and tile pointers; produces packed heads and tile
 //! results. Nothing here depends on the spec being compiled.
 
+pub mod exec;
 pub mod gemm;

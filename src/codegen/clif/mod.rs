@@ -12,6 +12,7 @@
 //! and schedules, because Cranelift's optimiser spills heavily on register-tiled code.
 
 pub mod jit;
+pub mod kernel;
 pub mod microkernel;
 pub mod vmath;
 
