@@ -782,6 +782,33 @@ impl Emitter<'_> {
                     _ => return None,
                 })
             }
+            Op::IToF(a) => {
+                // Fast path: every lane fits in i32 (cvtdq2ps); else convert lane by lane.
+                let (lo, hi) = self.as_i64(b, vv, *a);
+                let narrow = self.narrow_mask(b, lo, hi);
+                let fast = b.ins().fcvt_from_sint(types::F32X4, narrow);
+                let w0 = b.ins().swiden_low(narrow);
+                let w1 = b.ins().swiden_high(narrow);
+                let e0 = b.ins().icmp(IntCC::Equal, w0, lo);
+                let e1 = b.ins().icmp(IntCC::Equal, w1, hi);
+                let both = b.ins().band(e0, e1);
+                let fits = b.ins().vall_true(both);
+                let slow_block = b.create_block();
+                let merge = b.create_block();
+                let result = b.append_block_param(merge, types::F32X4);
+                b.ins().brif(fits, merge, &[BlockArg::Value(fast)], slow_block, &[]);
+                b.switch_to_block(slow_block);
+                let lanes: Vec<Value> = (0..4u8)
+                    .map(|l| {
+                        let x = b.ins().extractlane(if l < 2 { lo } else { hi }, l % 2);
+                        b.ins().fcvt_from_sint(types::F32, x)
+                    })
+                    .collect();
+                let slow = self.build_f32(b, &lanes);
+                b.ins().jump(merge, &[BlockArg::Value(slow)]);
+                b.switch_to_block(merge);
+                VVal::F(result)
+            }
             Op::BToI(a) => {
                 let m = self.as_mask(b, vv, *a);
                 let lo = b.ins().swiden_low(m);
