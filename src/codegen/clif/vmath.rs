@@ -443,14 +443,11 @@ mod tests {
 
     type MapFn = unsafe extern "C" fn(*const f32, *mut f32, usize);
 
-    /// JIT-compiles `dst[i] = f(src[i])` over whole f32x4 vectors (and, as
-    /// `name_scalar`, the same through a scalar emitter when given).
-    fn jit_maps(
-        fns: &[(
-            &str,
-            &dyn Fn(&VMath, &mut FunctionBuilder<'_>, Value) -> Value,
-        )],
-    ) -> JitCode {
+    type Emitter<'a> = &'a dyn Fn(&VMath, &mut FunctionBuilder<'_>, Value) -> Value;
+
+    /// JIT-compiles one function `dst[i] = f(src[i])` over whole f32x4 vectors per
+    /// `(name, f)`.
+    fn jit_maps(fns: &[(&str, Emitter<'_>)]) -> JitCode {
         let mut jit = JitModule::new(&JitOptions::default(), &[]).unwrap();
         let ptr = jit.pointer_type();
         let vm = VMath::new(jit.has_native_fma());

@@ -121,7 +121,7 @@ pub(crate) unsafe fn qk<S: Simd, const MR: usize, const NV: usize>(
 ) {
     let lanes = S::LANES;
     let tile_cols = NV * lanes;
-    debug_assert!(tile_cols % PANEL == 0 && NV <= 4);
+    debug_assert!(tile_cols.is_multiple_of(PANEL) && NV <= 4);
     let panel_stride = d * PANEL;
     let mut c0 = 0;
     while c0 < cols {

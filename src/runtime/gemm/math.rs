@@ -17,7 +17,7 @@ pub const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// `ln(2)`.
 pub const LN2: f32 = std::f32::consts::LN_2;
 /// High part of `ln(2)` with 9 significant bits, so `n · LN2_HI` is exact for `|n| < 2^15`.
-pub const LN2_HI: f32 = 0.693_359_375;
+pub const LN2_HI: f32 = 355.0 / 512.0;
 /// `ln(2) - LN2_HI`.
 pub const LN2_LO: f32 = -2.121_944_4e-4;
 /// `P(r)` in `exp(r) = 1 + r + r²·P(r)`, lowest degree first.
@@ -33,7 +33,7 @@ pub const EXP_P: [f32; 6] = [
 /// lowest degree first (minimax relative error 7.5e-10 in exact arithmetic).
 pub const LOG_P: [f32; 9] = [
     0.333_333_13,
-    -0.250_000_09,
+    -0.250_000_1,
     0.200_021_19,
     -0.166_679_95,
     0.142_195_46,

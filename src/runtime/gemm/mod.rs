@@ -146,7 +146,10 @@ impl PackedK {
     /// Element offset of the panel holding `key`; a `qk` tile starting at `key` (a
     /// multiple of [`PANEL`]) takes its `k` pointer here.
     pub fn tile_offset(&self, key: usize) -> usize {
-        debug_assert!(key % PANEL == 0, "qk tiles start at multiples of {PANEL}");
+        debug_assert!(
+            key.is_multiple_of(PANEL),
+            "qk tiles start at multiples of {PANEL}"
+        );
         (key / PANEL) * self.panel_stride()
     }
     /// Element offset of key `key`, dimension `c`.
