@@ -39,13 +39,23 @@ tile sizes (--block, default 64x64) and the head dim (--dim, default 64; `--dim 
     /// Classify the tiles of a spec's mask (full / partial / empty) and draw the block map.
     #[command(after_help = "Examples:\n  attnc blocks examples/causal.attn --q-len 4096 --kv-len 4096 --block 128x128\n  \
 attnc blocks examples/packed_docs.attn --q-len 1024 --kv-len 1024 --buffer doc=doc.npy --json\n  \
+attnc blocks examples/packed_docs.attn --q-len 65536 --kv-len 65536 --buffer doc=docs:8 --block 128\n  \
 attnc blocks examples/sliding_window.attn --q-len 8192 --kv-len 8192 --param window=1024 --png map.png\n\n\
+Buffers come from .npy files or from recipes (the seed is fixed): docs:N, iota, bernoulli:P,\n\
+const:V, uniform, alibi; see `attnc bench --help`.\n\n\
 The grid has one character per (query tile, key tile): # full (no mask code), + partial (mask\n\
 applied), . empty (skipped). Maps larger than 64 x 128 tiles are folded: a cell then stands for a\n\
 rectangle of tiles and shows # if all are full, . if all are empty, + otherwise. The shapes B, H\n\
 (--b, --h) and HKV = H, D = 1 are used to check buffer shapes; masks that depend on b or h get one\n\
 map per (b, h), and the grid shows the one chosen with --at.")]
     Blocks(BlocksArgs),
+    /// Benchmark a spec on random inputs.
+    #[command(after_help = "Examples:\n  attnc bench examples/causal.attn --q-len 4096 --heads 8 --dim 64\n  attnc bench examples/packed_docs.attn --q-len 4096 --heads 8 --dim 64 --buffer doc=docs:4 --json\n  attnc bench examples/alibi.attn --q-len 1024 --heads 8 --dim 64 --buffer slope=alibi --backend interp\n\n\
+Buffers come from .npy files (`--buffer NAME=FILE.npy`) or recipes (`--buffer NAME=RECIPE`):\n\
+docs:N (int: N equal contiguous documents along the last dim), iota (int: 0, 1, 2, ...),\n\
+alibi (float: ALiBi slopes 2^(-8(i+1)/n)), uniform (float in [-1, 1)), bernoulli:P (bool),\n\
+const:V (any type). GFLOP/s count 4*B*H*Q*KV*D flops (dense) or only visible entries (useful).")]
+    Bench(BenchArgs),
 }
 
 #[derive(Args)]
@@ -64,8 +74,9 @@ struct BlocksArgs {
     /// Absolute position of query row 0.
     #[arg(long, default_value_t = 0, value_name = "N", allow_negative_numbers = true)]
     q_offset: i64,
-    /// Bind a buffer: `--buffer doc=doc.npy` (repeatable).
-    #[arg(long = "buffer", value_name = "NAME=FILE.npy")]
+    /// Bind a buffer to a .npy file or a recipe: `--buffer doc=doc.npy`,
+    /// `--buffer doc=docs:8` (repeatable; recipes as for `attnc bench`).
+    #[arg(long = "buffer", value_name = "NAME=FILE.npy|RECIPE")]
     buffers: Vec<String>,
     /// Batch size B.
     #[arg(long = "b", default_value_t = 1, value_name = "N")]
@@ -82,6 +93,60 @@ struct BlocksArgs {
     /// Also write a PNG picture of the map.
     #[arg(long, value_name = "FILE.png")]
     png: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    spec: SpecArgs,
+    /// Query length Q.
+    #[arg(long, value_name = "N")]
+    q_len: usize,
+    /// Key length KV (default: Q).
+    #[arg(long, value_name = "N")]
+    kv_len: Option<usize>,
+    /// Batch size B.
+    #[arg(long, default_value_t = 1, value_name = "B")]
+    batch: usize,
+    /// Query heads H.
+    #[arg(long, default_value_t = 8, value_name = "H")]
+    heads: usize,
+    /// Key/value heads HKV (default: H).
+    #[arg(long, value_name = "HKV")]
+    kv_heads: Option<usize>,
+    /// Head dim D.
+    #[arg(long, default_value_t = 64, value_name = "D")]
+    dim: usize,
+    /// Query offset.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    q_offset: i64,
+    /// Bind a buffer from a file or a recipe: `--buffer doc=docs:4` (repeatable).
+    #[arg(long = "buffer", value_name = "NAME=FILE.npy|RECIPE")]
+    buffers: Vec<String>,
+    /// Which backend runs the spec.
+    #[arg(long, value_enum, default_value_t = Backend::Jit)]
+    backend: Backend,
+    /// Tile products of the jit backend.
+    #[arg(long, value_enum, default_value_t = Gemm::Auto)]
+    gemm: Gemm,
+    /// Worker threads (default: all cores).
+    #[arg(long, value_name = "T")]
+    threads: Option<usize>,
+    /// Tile sizes BQxBKV for the tiled backends.
+    #[arg(long, default_value = "64x64", value_name = "BQxBKV")]
+    block: String,
+    /// Timed runs (the median is reported).
+    #[arg(long, default_value_t = 5, value_name = "R")]
+    runs: usize,
+    /// Untimed warm-up runs.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    warmup: usize,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    seed: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -162,8 +227,11 @@ struct RunArgs {
     #[arg(long, value_name = "FILE.npy")]
     lse: Option<PathBuf>,
     /// Which backend runs the spec.
-    #[arg(long, value_enum, default_value_t = Backend::Reference)]
+    #[arg(long, value_enum, default_value_t = Backend::Jit)]
     backend: Backend,
+    /// Tile products of the jit backend.
+    #[arg(long, value_enum, default_value_t = Gemm::Auto)]
+    gemm: Gemm,
     /// Tile sizes BQxBKV for the tiled backends (or N for NxN).
     #[arg(long, default_value = "64x64", value_name = "BQxBKV")]
     block: String,
@@ -175,6 +243,27 @@ enum Backend {
     Reference,
     /// The loop-IR interpreter (f32, tile by tile).
     Interp,
+    /// Native code for this CPU, compiled with Cranelift.
+    Jit,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum Gemm {
+    /// The fastest tile products on this CPU (native AVX-512/AVX2 where available).
+    Auto,
+    /// JIT-generated f32x4 tile products (portable).
+    Jit,
+    /// Native Rust tile products for the detected instruction set.
+    Native,
+}
+
+fn gemm_impl(g: Gemm) -> attnc::codegen::clif::GemmImpl {
+    use attnc::codegen::clif::GemmImpl;
+    match g {
+        Gemm::Auto => GemmImpl::detect(),
+        Gemm::Jit => GemmImpl::Jit,
+        Gemm::Native => GemmImpl::Native(attnc::runtime::gemm::NativeIsa::detect()),
+    }
 }
 
 fn split_assignment(s: &str, flag: &str) -> Result<(String, String), Error> {
@@ -189,8 +278,98 @@ fn spec_options(args: &SpecArgs) -> Result<SpecOptions, Error> {
     Ok(SpecOptions { entry: args.entry.clone(), params })
 }
 
+fn bench(args: BenchArgs) -> Result<(), Error> {
+    use attnc::bench::{generate_buffer, measure, BenchConfig, Rng};
+    let t0 = std::time::Instant::now();
+    let program = driver::load(SourceFile::read(&args.spec.spec)?, &spec_options(&args.spec)?)?;
+    let (bq, bkv) = parse_block(&args.block)?;
+    let schedule = attnc::tile::Schedule { bq, bkv, dim: Some(args.dim), exp2: true };
+    if matches!(args.backend, Backend::Interp) {
+        let _ = program.kernel(&schedule);
+    }
+    let jit = match args.backend {
+        Backend::Jit => Some(program.compile_jit(bq, bkv, gemm_impl(args.gemm))?),
+        _ => None,
+    };
+    let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
+    if let Some(t) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .map_err(|e| Error::Usage(format!("cannot start {t} threads: {e}")))?;
+    }
+    let config = BenchConfig {
+        batch: args.batch,
+        heads: args.heads,
+        kv_heads: args.kv_heads.unwrap_or(args.heads),
+        q_len: args.q_len,
+        kv_len: args.kv_len.unwrap_or(args.q_len),
+        dim: args.dim,
+        q_offset: args.q_offset,
+        runs: args.runs,
+        warmup: args.warmup,
+        seed: args.seed,
+    };
+    let mut rng = Rng::new(config.seed);
+    let q = rng.array4((config.batch, config.heads, config.q_len, config.dim));
+    let k = rng.array4((config.batch, config.kv_heads, config.kv_len, config.dim));
+    let v = rng.array4((config.batch, config.kv_heads, config.kv_len, config.dim));
+    let mut inputs = Inputs::new(q.view(), k.view(), v.view()).q_offset(config.q_offset);
+    let shapes = attnc::sema::eval::Shapes {
+        b: config.batch,
+        h: config.heads,
+        hkv: config.kv_heads,
+        q: config.q_len,
+        kv: config.kv_len,
+        d: config.dim,
+    };
+    for b in &args.buffers {
+        let (name, source) = split_assignment(b, "buffer")?;
+        let Some(id) = program.spec.buffer_id(&name) else {
+            return Err(attnc::bind::unknown_buffer(&program.spec, &name).into());
+        };
+        let decl = program.spec.buffer(id);
+        let data = if source.ends_with(".npy") {
+            npy::read_buffer(Path::new(&source), &name, decl.elem)?
+        } else {
+            generate_buffer(decl, &shapes, &source, &mut rng)?
+        };
+        inputs.buffers.insert(name, data);
+    }
+    if let Some(missing) = program.spec.buffers.iter().find(|b| !inputs.buffers.contains_key(&b.name)) {
+        return Err(Error::Usage(format!(
+            "buffer `{}` is not bound: pass `--buffer {}=FILE.npy` or a recipe such as `--buffer {}={}`",
+            missing.name,
+            missing.name,
+            missing.name,
+            match missing.elem {
+                attnc::sema::Type::Int => "docs:4",
+                attnc::sema::Type::Float => "uniform",
+                attnc::sema::Type::Bool => "bernoulli:0.5",
+            }
+        )));
+    }
+    let backend_name = match args.backend {
+        Backend::Reference => "reference".to_string(),
+        Backend::Interp => "interp".to_string(),
+        Backend::Jit => format!("jit ({})", jit.as_ref().map(|j| j.gemm()).unwrap_or_default()),
+    };
+    let report = measure(&program, &backend_name, &config, &inputs, compile_ms, |i| match args.backend {
+        Backend::Reference => program.run_reference(i),
+        Backend::Interp => program.run_interp(i, bq, bkv),
+        Backend::Jit => jit.as_ref().expect("compiled above").run(i),
+    })?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}
+
 fn run(cmd: Command) -> Result<(), Error> {
     match cmd {
+        Command::Bench(args) => bench(args),
         Command::Emit(args) => {
             let file = SourceFile::read(&args.spec.spec)?;
             match args.stage {
@@ -249,6 +428,10 @@ fn run(cmd: Command) -> Result<(), Error> {
                     let (bq, bkv) = parse_block(&args.block)?;
                     program.run_interp(&inputs, bq, bkv)?
                 }
+                Backend::Jit => {
+                    let (bq, bkv) = parse_block(&args.block)?;
+                    program.compile_jit(bq, bkv, gemm_impl(args.gemm))?.run(&inputs)?
+                }
             };
             npy::write_f32(&args.out, &outputs.out)?;
             if let (Some(path), Some(lse)) = (&args.lse, &outputs.lse) {
@@ -293,12 +476,26 @@ fn blocks(args: BlocksArgs) -> Result<(), Error> {
     let q = one.broadcast((args.batch, args.heads, args.q_len, 1)).expect("broadcast of a single element");
     let kv = one.broadcast((args.batch, args.heads, args.kv_len, 1)).expect("broadcast of a single element");
     let mut inputs = Inputs::new(q, kv.clone(), kv).q_offset(args.q_offset);
+    let shapes = attnc::sema::eval::Shapes {
+        b: args.batch,
+        h: args.heads,
+        hkv: args.heads,
+        q: args.q_len,
+        kv: args.kv_len,
+        d: 1,
+    };
+    let mut rng = attnc::bench::Rng::new(0);
     for b in &args.buffers {
-        let (name, path) = split_assignment(b, "buffer")?;
+        let (name, source) = split_assignment(b, "buffer")?;
         let Some(id) = program.spec.buffer_id(&name) else {
             return Err(attnc::bind::unknown_buffer(&program.spec, &name).into());
         };
-        let data = npy::read_buffer(Path::new(&path), &name, program.spec.buffer(id).elem)?;
+        let decl = program.spec.buffer(id);
+        let data = if source.ends_with(".npy") {
+            npy::read_buffer(Path::new(&source), &name, decl.elem)?
+        } else {
+            attnc::bench::generate_buffer(decl, &shapes, &source, &mut rng)?
+        };
         inputs.buffers.insert(name, data);
     }
     let bound = attnc::bind::bind(&program.spec, &inputs)?;
@@ -331,6 +528,8 @@ fn blocks(args: BlocksArgs) -> Result<(), Error> {
             "density": stats.density,
             "work_fraction": stats.work_fraction,
             "build_ms": build_ms,
+            "box_evaluations": maps.counts().box_evaluations,
+            "element_evaluations": maps.counts().element_evaluations,
             "shared": maps.is_shared(),
             "maps": maps.maps().len(),
             "summed_over_bh": !maps.is_shared(),
@@ -345,10 +544,15 @@ fn blocks(args: BlocksArgs) -> Result<(), Error> {
     }
     print!("{}", render::grid(map, render::GRID_ROWS, render::GRID_COLS));
     print!("{}", render::stats_text(&stats));
+    let work = maps.counts();
+    let work = format!("{} box and {} element evaluations of the mask", work.box_evaluations, work.element_evaluations);
     if maps.is_shared() {
-        println!("built in {build_ms:.3} ms; one map shared by all (b, h)");
+        println!("built in {build_ms:.3} ms ({work}); one map shared by all (b, h)");
     } else {
-        println!("built in {build_ms:.3} ms; counts summed over all {n_pairs} (b, h) pairs ({} distinct maps)", maps.maps().len());
+        println!(
+            "built in {build_ms:.3} ms ({work}); counts summed over all {n_pairs} (b, h) pairs ({} distinct maps)",
+            maps.maps().len()
+        );
     }
     Ok(())
 }
