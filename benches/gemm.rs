@@ -320,6 +320,21 @@ fn main() {
             bench_pv(k, 128, threads),
         );
     }
+    let (kv, d) = (16384, 128);
+    let k = matrix(kv, d, 6);
+    let mut packed_k = vec![0.0; PackedK { d, kv_len: kv }.len()];
+    let mut packed_v = vec![0.0; PackedV { d, kv_len: kv }.len()];
+    let t_k = best_time(3, 10, || {
+        pack_k(k.view(), &mut packed_k).unwrap();
+    });
+    let t_v = best_time(3, 10, || {
+        pack_v(k.view(), &mut packed_v).unwrap();
+    });
+    println!(
+        "packing one head of {kv} x {d}: pack_k {:.2} ms, pack_v {:.2} ms",
+        t_k * 1e3,
+        t_v * 1e3
+    );
     println!("online-softmax step (64 x 64 scores, d = 64), ns per score:");
     for isa in NativeIsa::ALL.into_iter().filter(|i| i.is_supported()) {
         let k = TileKernels::native(isa).unwrap();

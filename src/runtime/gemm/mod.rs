@@ -214,9 +214,31 @@ pub fn pack_k(k: ArrayView2<f32>, dst: &mut [f32]) -> Result<PackedK, PackError>
     {
         let key0 = panel_idx * PANEL;
         let n_keys = PANEL.min(kv_len - key0);
-        for (c, out) in panel.chunks_exact_mut(PANEL).enumerate() {
-            for (j, o) in out.iter_mut().enumerate() {
-                *o = if j < n_keys { k[[key0 + j, c]] } else { 0.0 };
+        let mut slices: [&[f32]; PANEL] = [&[]; PANEL];
+        let mut contiguous = true;
+        for (j, slot) in slices.iter_mut().enumerate().take(n_keys) {
+            match k.row(key0 + j).to_slice() {
+                Some(row) => *slot = row,
+                None => contiguous = false,
+            }
+        }
+        if contiguous {
+            // Key by key: sequential reads, stores strided by one panel row (in L1).
+            for (j, row) in slices[..n_keys].iter().enumerate() {
+                for (out, &x) in panel.chunks_exact_mut(PANEL).zip(row.iter()) {
+                    out[j] = x;
+                }
+            }
+        } else {
+            for (c, out) in panel.chunks_exact_mut(PANEL).enumerate() {
+                for (j, o) in out.iter_mut().enumerate().take(n_keys) {
+                    *o = k[[key0 + j, c]];
+                }
+            }
+        }
+        if n_keys < PANEL {
+            for out in panel.chunks_exact_mut(PANEL) {
+                out[n_keys..].fill(0.0);
             }
         }
     }
