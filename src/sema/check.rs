@@ -70,6 +70,9 @@ struct Checker {
     diags: Vec<Diag>,
     /// The first `score` used in the expression under checking.
     score_use: Option<Span>,
+    /// Declarations that failed to check (already reported); their uses
+    /// are not reported again as unknown names.
+    poisoned: std::collections::HashSet<String>,
 }
 
 impl Checker {
@@ -101,6 +104,7 @@ impl Checker {
             declared_later,
             diags: vec![],
             score_use: None,
+            poisoned: Default::default(),
         }
     }
 
@@ -193,6 +197,7 @@ impl Checker {
                         }
                     }
                     if !ok {
+                        self.poisoned.insert(name.name.clone());
                         continue;
                     }
                     let id = BufferId(self.spec.buffers.len() as u32);
@@ -214,6 +219,8 @@ impl Checker {
                     if let Some((id, _)) = checked {
                         self.spec.lets.push(Let { name: name.name.clone(), value: id, span: name.span });
                         self.scope.insert(name.name.clone(), (Binding::Let { value: id, score_use }, name.span));
+                    } else {
+                        self.poisoned.insert(name.name.clone());
                     }
                 }
                 ItemKind::Mask(e) | ItemKind::Score(e) | ItemKind::Scale(e) => {
@@ -549,7 +556,19 @@ impl Checker {
             Some((Binding::Buffer(id), _)) => {
                 let b = self.spec.buffer(id);
                 let dims = b.dims.len();
-                let example = (0..dims).map(|i| ["i", "j", "k", "l"].get(i).copied().unwrap_or("x")).collect::<Vec<_>>().join(", ");
+                let example = b
+                    .dims
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| match d {
+                        Dim::Shape(ShapeVar::B) => "b",
+                        Dim::Shape(ShapeVar::H) => "h",
+                        Dim::Shape(ShapeVar::Q) => "q",
+                        Dim::Shape(ShapeVar::Kv) => "kv",
+                        _ => ["i", "j", "k", "l"].get(i).copied().unwrap_or("x"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 self.error(
                     "attnc::sema::buffer_not_indexed",
                     format!("buffer `{}` must be indexed", n.name),
@@ -566,6 +585,9 @@ impl Checker {
     }
 
     fn unknown_name(&mut self, n: &ast::Ident, what: &str) {
+        if self.poisoned.contains(&n.name) && what != "function" {
+            return;
+        }
         if let Some(later) = self.declared_later.get(&n.name).copied() {
             if later.start > n.span.start {
                 self.error(
@@ -864,7 +886,9 @@ pub fn suggest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Opt
     let mut best: Option<((usize, usize), &str)> = None;
     for c in candidates {
         let d = edit_distance(&name.to_lowercase(), &c.to_lowercase());
-        let limit = (name.len().max(c.len()) / 3).max(1);
+        // Any letter is one edit from any other, so a one-letter name only
+        // suggests the same letter in another case (`d` -> `D`).
+        let limit = if name.chars().count() <= 1 { 0 } else { (name.len().max(c.len()) / 3).max(1) };
         let key = (d, edit_distance(name, c));
         if d <= limit && best.is_none_or(|(bk, _)| key < bk) {
             best = Some((key, c));
@@ -909,5 +933,26 @@ mod tests {
         assert_eq!(suggest("dco", ["doc", "q", "kv"].into_iter()), Some("doc"));
         assert_eq!(suggest("kvv", ["kv", "KV", "q"].into_iter()), Some("kv"));
         assert_eq!(suggest("zzzz", ["kv", "q"].into_iter()), None);
+    }
+
+    #[test]
+    fn one_letter_names_suggest_only_a_case_change() {
+        let shapes = ["B", "H", "HKV", "Q", "KV", "D"];
+        assert_eq!(suggest("N", shapes.into_iter()), None);
+        assert_eq!(suggest("d", shapes.into_iter()), Some("D"));
+    }
+
+    fn diags(src: &str) -> Vec<Diag> {
+        check(&crate::syntax::parse(src).unwrap()).unwrap_err()
+    }
+
+    #[test]
+    fn a_failed_declaration_is_reported_once() {
+        // The bad dimension is the only error; the uses of `doc` are not unknown names.
+        let d = diags("attention a { buffer doc[N]: int  mask = doc[q] == doc[kv] }");
+        assert_eq!(d.iter().map(|d| d.code).collect::<Vec<_>>(), ["attnc::sema::unknown_shape"]);
+        // A let whose value fails is not reported again where it is used.
+        let d = diags("attention a { let far = q - kv > windw  mask = far || causal }");
+        assert_eq!(d.iter().map(|d| d.message.as_str()).collect::<Vec<_>>(), ["unknown name `windw`"]);
     }
 }

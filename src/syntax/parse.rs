@@ -19,6 +19,9 @@ struct AttnParser;
 
 /// Parses a whole `.attn` file.
 pub fn parse(source: &str) -> Result<File, SyntaxError> {
+    // Track the literal tokens each failed attempt expected, for messages
+    // like "expected `:`, found `=`" (a process-wide switch, only ever set on).
+    pest::set_error_detail(true);
     let mut pairs = AttnParser::parse(Rule::file, source).map_err(|e| convert_error(source, e))?;
     let file = pairs.next().expect("grammar: file rule always yields one pair");
     let mut attentions = Vec::new();
@@ -124,6 +127,7 @@ fn parse_uint(pair: &Pair<'_, Rule>) -> Result<u64, SyntaxError> {
             format!("integer literal `{}` is too large", pair.as_str()),
             "does not fit in 64 bits",
         )
+        .with_help("ints range from -9223372036854775808 to 9223372036854775807")
     })
 }
 
@@ -135,7 +139,8 @@ fn parse_int(pair: &Pair<'_, Rule>, negative: bool) -> Result<i64, SyntaxError> 
             span_of(pair),
             format!("integer literal `{}` is too large", pair.as_str()),
             "ints are signed 64-bit",
-        ));
+        )
+        .with_help("ints range from -9223372036854775808 to 9223372036854775807"));
     }
     Ok(if negative { (magnitude as i64).wrapping_neg() } else { magnitude as i64 })
 }
@@ -147,7 +152,8 @@ fn parse_float(pair: &Pair<'_, Rule>) -> Result<f64, SyntaxError> {
             span_of(pair),
             format!("float literal `{}` is out of range", pair.as_str()),
             "overflows to infinity",
-        ));
+        )
+        .with_help("floats are 64-bit; the largest is about 1.8e308"));
     }
     Ok(v)
 }
@@ -187,7 +193,8 @@ fn build_dim(pair: Pair<'_, Rule>) -> Result<Dim, SyntaxError> {
                     span_of(&n),
                     "buffer dimension divided by zero",
                     "the divisor of a dimension must be at least 1",
-                ));
+                )
+                .with_help("`SHAPE / N` is SHAPE divided by N, rounded up, e.g. `Q / 64` query blocks of 64"));
             }
             DimKind::CeilDiv(shape, divisor)
         }
@@ -296,6 +303,9 @@ fn build_expr(pair: Pair<'_, Rule>) -> Result<Expr, SyntaxError> {
     }
 }
 
+/// How an expected item is named when it is the only thing expected.
+const AN_ITEM: &str = "an item (`param`, `buffer`, `let`, `mask`, `score` or `scale`)";
+
 /// The words users know for each grammar rule pest may say it expected.
 fn rule_name(rule: &Rule) -> Option<&'static str> {
     Some(match rule {
@@ -304,23 +314,64 @@ fn rule_name(rule: &Rule) -> Option<&'static str> {
         Rule::type_name => "a type (`int`, `float` or `bool`)",
         Rule::literal => "a literal",
         Rule::dim | Rule::dim_div => "a dimension (an integer, a shape name, or `SHAPE / INT`)",
-        Rule::expr | Rule::or_expr | Rule::and_expr | Rule::cmp_expr | Rule::add_expr
-        | Rule::mul_expr | Rule::unary | Rule::paren | Rule::call | Rule::index | Rule::if_expr => {
-            "an expression"
-        }
+        Rule::expr
+        | Rule::or_expr
+        | Rule::and_expr
+        | Rule::cmp_expr
+        | Rule::add_expr
+        | Rule::mul_expr
+        | Rule::unary
+        | Rule::paren
+        | Rule::call
+        | Rule::index
+        | Rule::if_expr => "an expression",
         Rule::float | Rule::uint => "a number",
         Rule::bool_lit => "`true` or `false`",
         Rule::op_or | Rule::op_and | Rule::cmp_op | Rule::add_op | Rule::mul_op => "an operator",
         Rule::unary_op => "an expression",
-        Rule::kw_param | Rule::kw_buffer | Rule::kw_let | Rule::kw_mask | Rule::kw_score
-        | Rule::kw_scale | Rule::param_item | Rule::buffer_item | Rule::let_item | Rule::mask_item
-        | Rule::score_item | Rule::scale_item => {
-            "an item (`param`, `buffer`, `let`, `mask`, `score` or `scale`)"
-        }
+        Rule::kw_param
+        | Rule::kw_buffer
+        | Rule::kw_let
+        | Rule::kw_mask
+        | Rule::kw_score
+        | Rule::kw_scale
+        | Rule::param_item
+        | Rule::buffer_item
+        | Rule::let_item
+        | Rule::mask_item
+        | Rule::score_item
+        | Rule::scale_item => AN_ITEM,
         Rule::kw_if => "`if`",
         Rule::kw_else => "`else`",
         Rule::neg => "`-`",
         Rule::EOI => "end of file",
+        _ => return None,
+    })
+}
+
+/// Punctuation that closes or separates constructs. pest reports these
+/// literal tokens only through its parse attempts, not as rules.
+const STRUCTURAL: [&str; 7] = [":", "=", ",", "{", "]", ")", "}"];
+
+/// The words for a literal token pest expected, when its rules say nothing
+/// better (see [`convert_error`]).
+fn token_name(token: &str) -> Option<&'static str> {
+    Some(match token {
+        "param" | "buffer" | "let" | "mask" | "score" | "scale" => AN_ITEM,
+        "else" => "`else`",
+        "if" | "true" | "false" | "!" | "(" => "an expression",
+        "+" | "-" | "*" | "%" | "<" | "<=" | ">" | ">=" | "==" | "!=" | "&&" | "||" => {
+            "an operator"
+        }
+        "/" => "`/`",
+        ":" => "`:`",
+        "=" => "`=`",
+        "," => "`,`",
+        "{" => "`{`",
+        "[" => "`[`",
+        "]" => "`]`",
+        ")" => "`)`",
+        "}" => "`}`",
         _ => return None,
     })
 }
@@ -331,58 +382,137 @@ fn found_at(source: &str, pos: usize) -> (String, Span) {
     let Some(c) = rest.chars().next() else {
         return ("end of file".to_string(), Span::new(pos, pos));
     };
-    let len = if c.is_ascii_alphanumeric() || c == '_' {
-        rest.find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_')).unwrap_or(rest.len())
+    let len = if c.is_ascii_digit() {
+        // A number, with its fraction (`2.0`, `1.5e3`).
+        rest.find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_' || ch == '.'))
+            .unwrap_or(rest.len())
+    } else if c.is_ascii_alphanumeric() || c == '_' {
+        rest.find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+            .unwrap_or(rest.len())
     } else {
         const OPS: [&str; 8] = ["&&", "||", "==", "!=", "<=", ">=", "//", "->"];
-        OPS.iter().find(|op| rest.starts_with(**op)).map(|op| op.len()).unwrap_or(c.len_utf8())
+        OPS.iter()
+            .find(|op| rest.starts_with(**op))
+            .map(|op| op.len())
+            .unwrap_or(c.len_utf8())
     };
     (format!("`{}`", &rest[..len]), Span::new(pos, pos + len))
 }
 
+/// The source before `pos` without trailing whitespace and comments.
+fn text_before(source: &str, pos: usize) -> &str {
+    let mut text = &source[..pos];
+    loop {
+        text = text.trim_end();
+        let line_start = text.rfind('\n').map_or(0, |i| i + 1);
+        match text[line_start..].find("//") {
+            Some(c) => text = &text[..line_start + c],
+            None => return text,
+        }
+    }
+}
+
+/// Joins alternatives as `a, b or c`.
+fn one_of(mut names: Vec<&str>) -> String {
+    match names.len() {
+        0 => "something else".to_string(),
+        1 => names[0].to_string(),
+        _ => {
+            let last = names.pop().unwrap();
+            format!("{} or {}", names.join(", "), last)
+        }
+    }
+}
+
 fn convert_error(source: &str, err: pest::error::Error<Rule>) -> SyntaxError {
-    let pos = match err.location {
+    let mut pos = match err.location {
         InputLocation::Pos(p) => p,
         InputLocation::Span((s, _)) => s,
     };
-    let (found, span) = found_at(source, pos);
-    let expected = match &err.variant {
-        ErrorVariant::ParsingError { positives, .. } => {
-            let mut names: Vec<&str> = Vec::new();
-            for r in positives {
-                if let Some(n) = rule_name(r) {
+    let mut names: Vec<&str> = Vec::new();
+    if let ErrorVariant::ParsingError { positives, .. } = &err.variant {
+        for r in positives {
+            if let Some(n) = rule_name(r) {
+                if !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+        }
+    }
+    // pest's rule positives only name rules; the parse attempts also know
+    // the literal tokens (`:`, `}`, ...) and the furthest position reached,
+    // which is where the mistake is.
+    if let Some(attempts) = err.parse_attempts() {
+        let tokens: Vec<String> = attempts
+            .expected_tokens()
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        if attempts.max_position > pos && attempts.max_position <= source.len() {
+            let further: Vec<&str> = tokens.iter().filter_map(|t| token_name(t)).collect();
+            if !further.is_empty() {
+                pos = attempts.max_position;
+                names.clear();
+                for n in further {
                     if !names.contains(&n) {
                         names.push(n);
                     }
                 }
             }
-            match names.len() {
-                0 => "something else".to_string(),
-                1 => names[0].to_string(),
-                _ => {
-                    let last = names.pop().unwrap();
-                    format!("{} or {}", names.join(", "), last)
+        } else if attempts.max_position == pos {
+            for t in STRUCTURAL {
+                if tokens.iter().any(|x| x == t) {
+                    let n = token_name(t).unwrap();
+                    if !names.contains(&n) {
+                        names.push(n);
+                    }
                 }
             }
         }
-        ErrorVariant::CustomError { message } => message.clone(),
-    };
-    let mut e = SyntaxError::new(
-        span,
-        format!("expected {expected}, found {found}"),
-        format!("expected {expected} here"),
-    );
-    if let Some(help) = syntax_hint(source, pos, &found) {
+    }
+    // Closers read best last: "an operator, the next item or `}`".
+    names.sort_by_key(|n| matches!(*n, "`]`" | "`)`" | "`}`"));
+    let raw_names = names.clone();
+    if names.len() > 2 {
+        for n in names.iter_mut() {
+            if *n == AN_ITEM {
+                *n = "the next item";
+            }
+        }
+    }
+    let expected = one_of(names.clone());
+    let (found, mut span) = found_at(source, pos);
+    let mut label = format!("expected {expected} here");
+    let before = text_before(source, pos);
+    // Something missing at the end of a line is reported after the last token,
+    // not at the start of the next line; nothing can be underlined at the end
+    // of the file either. (A wrong item at the start of a line is its own culprit.)
+    let missing_at_line_end = source[before.len()..pos].contains('\n') && !raw_names.contains(&AN_ITEM);
+    if found == "end of file" || missing_at_line_end {
+        if let Some(c) = before.chars().next_back() {
+            span = Span::new(before.len() - c.len_utf8(), before.len());
+            label = format!("expected {expected} after this");
+        }
+    }
+    let mut e = SyntaxError::new(span, format!("expected {expected}, found {found}"), label);
+    if let Some(help) = syntax_hint(source, pos, &found, &raw_names) {
         e = e.with_help(help);
     }
     e
 }
 
 /// Targeted advice for common slips.
-fn syntax_hint(source: &str, pos: usize, found: &str) -> Option<String> {
+fn syntax_hint(source: &str, pos: usize, found: &str, expected: &[&str]) -> Option<String> {
     let rest = &source[pos..];
+    let before = text_before(source, pos);
+    let expects = |what: &str| expected.contains(&what);
+    if found == "end of file" && expects("`}`") {
+        return Some("close the attention block with `}`".to_string());
+    }
     if rest.starts_with('=') && !rest.starts_with("==") {
-        let before = source[..pos].trim_end();
+        if expects("`:`") {
+            return Some("a param is declared `param NAME: int|float|bool = VALUE`".to_string());
+        }
         if before.ends_with("mask") || before.ends_with("score") || before.ends_with("scale") {
             return None;
         }
@@ -394,14 +524,77 @@ fn syntax_hint(source: &str, pos: usize, found: &str) -> Option<String> {
     if rest.starts_with('|') && !rest.starts_with("||") {
         return Some("logical or is written `||`".to_string());
     }
+    if expects("`else`") {
+        return Some("`if` is an expression and always needs an `else`: `if COND { A } else { B }`".to_string());
+    }
     if rest.starts_with("else") || rest.starts_with('?') {
         return Some("conditionals are written `if COND { A } else { B }`".to_string());
     }
-    match found {
-        "`attention`" | "`param`" | "`buffer`" | "`let`" | "`if`" | "`else`" | "`true`"
-        | "`false`" => Some(format!("{found} is a keyword and cannot be used as a name")),
-        _ => None,
+    if expects("a name") {
+        if let "`attention`" | "`param`" | "`buffer`" | "`let`" | "`if`" | "`else`" | "`true`"
+        | "`false`" = found
+        {
+            return Some(format!("{found} is a keyword and cannot be used as a name"));
+        }
+        if before.ends_with("attention") {
+            return Some("name the block: `attention NAME { ... }`".to_string());
+        }
     }
+    if expects("`:`")
+        && before
+            .rsplit(|c: char| c.is_whitespace())
+            .nth(1)
+            .is_some_and(|w| w.starts_with("param"))
+    {
+        return Some("a param is declared `param NAME: int|float|bool = VALUE`".to_string());
+    }
+    if expects("`:`") && before.ends_with(']') {
+        return Some("a buffer is declared `buffer NAME[DIM, ...]: int|float|bool`".to_string());
+    }
+    if expects("`]`") && expects("`,`") {
+        return Some(if expects("an operator") {
+            "separate the indices with `,` and close them with `]`, e.g. `layout[q / 64, kv / 64]`"
+        } else {
+            "close the dimensions with `]`, e.g. `buffer doc[KV]: int`"
+        }
+        .to_string());
+    }
+    if expects("`)`") && expects("`,`") {
+        return Some("separate the arguments with `,` and close the call with `)`, e.g. `clamp(x, -1.0, 1.0)`".to_string());
+    }
+    if expects("`{`") {
+        let last_line = &before[before.rfind('\n').map_or(0, |i| i + 1)..];
+        let words: Vec<&str> = last_line.split_whitespace().collect();
+        if words.len() == 2 && words[0] == "attention" {
+            return Some("a block is written `attention NAME { ... }`".to_string());
+        }
+        if words.contains(&"if") || words.contains(&"else") {
+            return Some("conditionals are written `if COND { A } else { B }`".to_string());
+        }
+    }
+    if expects(AN_ITEM)
+        && found.starts_with('`')
+        && found[1..].starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+    {
+        let name = found.trim_matches('`');
+        return Some(format!(
+            "every item starts with `param`, `buffer`, `let`, `mask`, `score` or `scale`; to name a value write `let {name} = ...`"
+        ));
+    }
+    if expects("an expression") && expected.len() == 1 {
+        const OPS: [&str; 15] = [
+            "||", "&&", "==", "!=", "<=", ">=", "<", ">", "+", "-", "*", "/", "%", "!", "=",
+        ];
+        if let Some(op) = OPS.iter().find(|op| before.ends_with(**op)) {
+            return Some(if *op == "=" {
+                "write an expression after `=`, e.g. `mask = q >= kv`".to_string()
+            } else {
+                format!("`{op}` needs an operand after it")
+            });
+        }
+        return Some("an expression is a number, a name, `buf[i]`, `f(x)`, `(...)` or `if C { A } else { B }`".to_string());
+    }
+    None
 }
 
 #[cfg(test)]
@@ -455,6 +648,25 @@ mod tests {
         assert!(e.to_string().contains("empty file"));
         let e = parse("attention let { }").unwrap_err();
         assert!(e.help.as_deref().unwrap_or("").contains("keyword"), "{e:?}");
+    }
+
+    #[test]
+    fn errors_name_missing_punctuation_where_it_is_missing() {
+        // pest's rule positives alone would report `param` at the item start.
+        let src = "attention a {\n param w = 1\n}";
+        let e = parse(src).unwrap_err();
+        assert_eq!(e.to_string(), "expected `:`, found `=`");
+        assert_eq!(e.span.offset(), src.find(" = ").unwrap() + 1);
+        // A missing `}` at the end of the file is reported after the last token.
+        let src = "attention a {\n mask = causal // done\n";
+        let e = parse(src).unwrap_err();
+        assert_eq!(e.to_string(), "expected an operator, the next item or `}`, found end of file");
+        assert_eq!(e.span.offset(), src.find("causal").unwrap() + 5);
+        assert!(e.help.as_deref().unwrap_or("").contains("`}`"), "{e:?}");
+        let e = parse("attention a { score = if causal { score } }").unwrap_err();
+        assert_eq!(e.to_string(), "expected `else`, found `}`");
+        let e = parse("attention a { score = clamp(score, 1.0 2.0) }").unwrap_err();
+        assert_eq!(e.to_string(), "expected an operator, `,` or `)`, found `2.0`");
     }
 
     #[test]
