@@ -361,6 +361,11 @@ impl<'s> AbsEval<'s> {
         }
     }
 
+    /// Number of boxes evaluated so far.
+    pub fn evaluations(&self) -> u64 {
+        self.generation
+    }
+
     /// Sets the batch and head the following boxes are at.
     pub fn set_head(&mut self, b: i64, h: i64) {
         self.b = b;
@@ -393,8 +398,16 @@ impl<'s> AbsEval<'s> {
             Expr::Var(v) => Abs::ok(AVal::Int(match v {
                 Var::B => IntRange::point(self.b),
                 Var::H => IntRange::point(self.h),
-                Var::Q => IntRange::affine(1, 0, 0, &bx),
-                Var::Kv => IntRange::affine(0, 1, 0, &bx),
+                Var::Q => IntRange {
+                    lo: bx.q0,
+                    hi: bx.q1,
+                    aff: Some(Affine { q: 1, kv: 0, c: 0 }),
+                },
+                Var::Kv => IntRange {
+                    lo: bx.k0,
+                    hi: bx.k1,
+                    aff: Some(Affine { q: 0, kv: 1, c: 0 }),
+                },
             })),
             Expr::Shape(s) => Abs::ok(AVal::Int(IntRange::point(self.shape(*s)))),
             // Never inside a mask; the checker rejects it.
@@ -879,5 +892,235 @@ fn call(f: Func, args: &[AVal], bx: &QBox) -> AVal {
         | Func::Rsqrt
         | Func::Tanh
         | Func::Sigmoid => AVal::Float(FloatRange::Top),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::BufferData;
+    use crate::driver::{load, SourceFile, SpecOptions};
+    use crate::sema::eval::{Evaluator, Point};
+
+    fn spec(mask: &str) -> Spec {
+        load(
+            SourceFile::new("t.attn", format!("attention t {{ mask = {mask} }}")),
+            &SpecOptions::default(),
+        )
+        .unwrap()
+        .spec
+    }
+
+    fn shapes() -> Shapes {
+        Shapes {
+            b: 1,
+            h: 1,
+            hkv: 1,
+            q: 1000,
+            kv: 1000,
+            d: 1,
+        }
+    }
+
+    /// Evaluates the mask over a box abstractly.
+    fn eval(mask: &str, bx: QBox) -> Abs {
+        let s = spec(mask);
+        let buffers: [BufferData; 0] = [];
+        let mut sums = Summaries::new(&buffers);
+        AbsEval::new(&s, shapes()).eval(s.mask.unwrap(), bx, &mut sums)
+    }
+
+    fn bx(q0: i64, q1: i64, k0: i64, k1: i64) -> QBox {
+        QBox { q0, q1, k0, k1 }
+    }
+
+    /// Checks that an abstract result is sound against every point, and
+    /// returns the set of concrete values seen.
+    fn sound(mask: &str, b: QBox) -> (bool, bool) {
+        let s = spec(mask);
+        let a = eval(mask, b);
+        let buffers: [BufferData; 0] = [];
+        let mut ev = Evaluator::new(&s, shapes(), &buffers);
+        let (mut t, mut f) = (false, false);
+        for q in b.q0..=b.q1 {
+            for kv in b.k0..=b.k1 {
+                match ev.eval_bool(
+                    s.mask.unwrap(),
+                    Point {
+                        q,
+                        kv,
+                        ..Point::default()
+                    },
+                ) {
+                    Ok(true) => t = true,
+                    Ok(false) => f = true,
+                    Err(_) => assert!(
+                        a.may_fail,
+                        "`{mask}` fails at ({q}, {kv}) but the box was proved not to fail"
+                    ),
+                }
+            }
+        }
+        if let Some(v) = a.decided() {
+            assert!(
+                if v { !f } else { !t },
+                "`{mask}` decided {v} over {b:?} but both values occur"
+            );
+        }
+        (t, f)
+    }
+
+    #[test]
+    fn affine_comparisons_are_decided_exactly() {
+        // Causal: a box entirely below, above and across the diagonal.
+        assert_eq!(eval("causal", bx(100, 199, 0, 99)).decided(), Some(true));
+        assert_eq!(eval("causal", bx(0, 99, 100, 199)).decided(), Some(false));
+        assert_eq!(eval("causal", bx(0, 99, 50, 149)).decided(), None);
+        // The same variable on both sides: only affine forms decide this.
+        assert_eq!(
+            eval("q + kv < 2 * q", bx(100, 199, 0, 99)).decided(),
+            Some(true)
+        );
+        assert_eq!(
+            eval("q - kv - (q - kv) == 0", bx(0, 999, 0, 999)).decided(),
+            Some(true)
+        );
+        // A window edge.
+        assert_eq!(
+            eval("q - kv < 128", bx(128, 191, 64, 127)).decided(),
+            Some(true)
+        );
+        assert_eq!(eval("q - kv < 128", bx(128, 191, 0, 63)).decided(), None);
+    }
+
+    #[test]
+    fn division_and_modulo_by_constants() {
+        // Both q and kv in one chunk of 96.
+        assert_eq!(
+            eval("q / 96 == kv / 96", bx(100, 150, 96, 191)).decided(),
+            Some(true)
+        );
+        assert_eq!(
+            eval("q / 96 == kv / 96", bx(100, 150, 0, 95)).decided(),
+            Some(false)
+        );
+        assert_eq!(
+            eval("q / 96 == kv / 96", bx(100, 150, 0, 100)).decided(),
+            None
+        );
+        // Floor semantics on negatives: (q - kv) / 4 over q - kv in [-8, -5] is -2.
+        assert_eq!(
+            eval("(q - kv) / 4 == -2", bx(0, 3, 8, 8)).decided(),
+            Some(true)
+        );
+        assert_eq!(eval("(q - kv) / 4 == -2", bx(0, 4, 9, 9)).decided(), None);
+        // One quotient keeps the remainder affine: q % 16 = q - 32 here.
+        assert_eq!(
+            eval("q % 16 - kv % 16 == q - kv - 16", bx(32, 47, 16, 31)).decided(),
+            Some(true)
+        );
+        assert_eq!(
+            eval("q % 16 < 16 && q % 16 >= 0", bx(0, 999, 0, 999)).decided(),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn abs_min_max_clamp_if_and_floats() {
+        assert_eq!(
+            eval("abs(q - kv) <= 10", bx(100, 105, 98, 104)).decided(),
+            Some(true)
+        );
+        assert_eq!(
+            eval("abs(q - kv) <= 10", bx(100, 105, 200, 300)).decided(),
+            Some(false)
+        );
+        assert_eq!(
+            eval("min(q, kv) >= 50", bx(60, 70, 50, 90)).decided(),
+            Some(true)
+        );
+        assert_eq!(
+            eval("max(q, kv) < 50", bx(60, 70, 0, 10)).decided(),
+            Some(false)
+        );
+        assert_eq!(
+            eval("clamp(q - kv, 0, 8) == 8", bx(100, 110, 0, 50)).decided(),
+            Some(true)
+        );
+        assert_eq!(
+            eval(
+                "if q > 500 { kv < 10 } else { kv >= 0 }",
+                bx(0, 100, 0, 999)
+            )
+            .decided(),
+            Some(true)
+        );
+        assert_eq!(
+            eval("if q > 50 { kv < 10 } else { kv >= 0 }", bx(0, 100, 0, 5)).decided(),
+            Some(true)
+        );
+        assert_eq!(
+            eval("float(q - kv) * 0.5 < 3.0", bx(0, 5, 0, 10)).decided(),
+            Some(true)
+        );
+        assert_eq!(
+            eval("float(q - kv) * 0.5 < 3.0", bx(0, 10, 0, 10)).decided(),
+            None
+        );
+        assert_eq!(
+            eval("float(q) * 0.5 > float(kv)", bx(100, 110, 0, 40)).decided(),
+            Some(true)
+        );
+        // Transcendental functions are not trusted to be monotone.
+        assert_eq!(
+            eval("exp(float(kv - q)) < 1.0", bx(100, 110, 0, 40)).decided(),
+            None
+        );
+    }
+
+    #[test]
+    fn short_circuits_and_failures() {
+        // A divisor that may be zero fails, unless a guard rules it out first.
+        assert!(eval("kv / (q - 5) > 0", bx(0, 10, 0, 10)).may_fail);
+        assert!(!eval("kv / (q - 5) > 0", bx(6, 10, 0, 10)).may_fail);
+        assert!(!eval("q > 20 && kv / (q - 5) > 0", bx(0, 10, 0, 10)).may_fail);
+        assert!(eval("q > 2 && kv / (q - 5) > 0", bx(0, 10, 0, 10)).may_fail);
+        // || with a true left side never evaluates its right side.
+        assert_eq!(
+            eval("kv < 100 || kv / (q - 5) > 0", bx(0, 10, 0, 10)).decided(),
+            Some(true)
+        );
+        // Overflow makes a value unknown, never wrong.
+        let huge = eval("q * 4611686018427387904 * 4 < 0", bx(1, 2, 0, 0));
+        assert!(!huge.may_fail);
+        assert_eq!(huge.decided(), None);
+    }
+
+    #[test]
+    fn abstract_results_are_sound_on_small_boxes() {
+        let masks = [
+            "causal",
+            "q - kv < 7 && causal",
+            "(q - kv) % 3 == 0",
+            "q / 5 != kv / 7",
+            "abs(q / 4 - kv / 4) <= 1 && abs(q % 4 - kv % 4) <= 1",
+            "min(q, kv) * 2 > max(q, kv) + 3",
+            "!(kv < 4) || q + kv > 20",
+            "if q % 2 == 0 { kv <= q } else { kv >= q }",
+            "clamp(kv - q, -3, 3) == q % 7 - 3",
+            "float(q) / float(kv + 1) > 1.5",
+            "q != 6 && kv / (q - 6) >= 1",
+            "kv / (q - 6) >= 0",
+            "(q * q - kv) % 5 < 2",
+        ];
+        for mask in masks {
+            for q0 in (0..24).step_by(5) {
+                for k0 in (0..24).step_by(3) {
+                    for (dq, dk) in [(0, 0), (3, 0), (0, 4), (5, 6), (12, 2)] {
+                        sound(mask, bx(q0, q0 + dq, k0, k0 + dk));
+                    }
+                }
+            }
+        }
     }
 }

@@ -31,8 +31,8 @@ use crate::bind::Bound;
 use crate::sema::eval::{EvalError, Evaluator, Point};
 use crate::sema::{Deps, ExprId, Spec};
 
-use super::absint::{AbsEval, QBox};
-use super::map::{BlockMap, BlockMaps, TileClass, Tiling};
+use super::absint::{Abs, AbsEval, QBox};
+use super::map::{AnalysisCounts, BlockMap, BlockMaps, TileClass, Tiling};
 use super::summary::Summaries;
 use super::MaskError;
 
@@ -65,6 +65,7 @@ pub fn classify(spec: &Spec, bound: &Bound, tiling: Tiling) -> Result<BlockMaps,
     let n_b = if by_b { sh.b } else { 1 };
     let n_h = if by_h { sh.h } else { 1 };
     let mut maps = Vec::with_capacity(n_b * n_h);
+    let mut counts = AnalysisCounts::default();
     match spec.mask {
         None => {
             let mut m = BlockMap::with_capacity(tiling, sh.q, sh.kv, bound.q_offset);
@@ -85,12 +86,18 @@ pub fn classify(spec: &Spec, bound: &Bound, tiling: Tiling) -> Result<BlockMaps,
                 sums: Summaries::new(&bound.buffers),
                 b: 0,
                 h: 0,
+                single: None,
+                element_evaluations: 0,
             };
             for b in 0..n_b {
                 for h in 0..n_h {
                     maps.push(c.map(b as i64, h as i64)?);
                 }
             }
+            counts = AnalysisCounts {
+                box_evaluations: c.abs.evaluations(),
+                element_evaluations: c.element_evaluations,
+            };
         }
     }
     debug_assert!(maps.iter().all(BlockMap::is_complete));
@@ -100,7 +107,14 @@ pub fn classify(spec: &Spec, bound: &Bound, tiling: Tiling) -> Result<BlockMaps,
         by_b,
         by_h,
         maps,
+        counts,
     })
+}
+
+/// The class a decided abstract result gives a box.
+fn decided_class(a: &Abs) -> Option<TileClass> {
+    a.decided()
+        .map(|v| if v { TileClass::Full } else { TileClass::Empty })
 }
 
 /// A run of key tiles `start..end` of one class.
@@ -143,6 +157,9 @@ struct Classifier<'a> {
     sums: Summaries<'a>,
     b: i64,
     h: i64,
+    /// The last single-tile evaluation of the current query tile.
+    single: Option<(u32, Abs)>,
+    element_evaluations: u64,
 }
 
 impl<'a> Classifier<'a> {
@@ -177,20 +194,38 @@ impl<'a> Classifier<'a> {
         }
     }
 
-    /// The class of key tiles `ka..kb` if abstract evaluation decides it.
-    fn decide(&mut self, qt: usize, ka: u32, kb: u32) -> Option<TileClass> {
+    /// Abstract evaluation of the mask over key tiles `ka..kb` of query tile
+    /// `qt`; single-tile results are remembered for [`Self::single_tile`].
+    fn eval_tiles(&mut self, qt: usize, ka: u32, kb: u32) -> Abs {
         let bx = self.tile_box(qt, ka, kb);
         let a = self.abs.eval(self.mask, bx, &mut self.sums);
-        a.decided()
-            .map(|v| if v { TileClass::Full } else { TileClass::Empty })
+        if kb == ka + 1 {
+            self.single = Some((ka, a));
+        }
+        a
     }
 
-    /// Whether `ka..kb` is decided with class `class`.
-    fn holds(&mut self, qt: usize, ka: u32, kb: u32, class: TileClass) -> bool {
-        self.decide(qt, ka, kb) == Some(class)
+    /// The abstract result of key tile `kt` alone, reusing the last
+    /// single-tile evaluation of this query tile.
+    fn single_tile(&mut self, qt: usize, kt: u32) -> Abs {
+        match self.single {
+            Some((k, a)) if k == kt => a,
+            _ => self.eval_tiles(qt, kt, kt + 1),
+        }
+    }
+
+    /// Whether key tiles `ka..kb` are decided with class `class`.
+    fn chunk_holds(&mut self, qt: usize, ka: u32, kb: u32, class: TileClass) -> bool {
+        decided_class(&self.eval_tiles(qt, ka, kb)) == Some(class)
     }
 
     /// Cuts the key tiles of query tile `qt` into runs.
+    ///
+    /// A run of class `c` grows chunk by chunk: the union of boxes that are
+    /// each decided with class `c` is decided with class `c`, and a smaller
+    /// box evaluates at least as precisely. The first chunk is guessed from
+    /// the previous query tile's run at the same key tile; then chunks of
+    /// 1, 2, 4, ... tiles are tried, and the first that fails is bisected.
     fn row(
         &mut self,
         qt: usize,
@@ -198,6 +233,7 @@ impl<'a> Classifier<'a> {
         prev: &[Seg],
         out: &mut Vec<Seg>,
     ) -> Result<(), EvalError> {
+        self.single = None;
         let mut a = 0u32;
         let mut hint = 0usize;
         let push = |out: &mut Vec<Seg>, s: Seg| match out.last_mut() {
@@ -207,19 +243,9 @@ impl<'a> Classifier<'a> {
             _ => out.push(s),
         };
         while a < n {
-            if let Some(class) = self.decide(qt, a, n) {
-                push(
-                    out,
-                    Seg {
-                        start: a,
-                        end: n,
-                        class,
-                    },
-                );
-                break;
-            }
-            let Some(class) = self.decide(qt, a, a + 1) else {
-                let class = self.explore_tile(qt, a)?;
+            let first = self.single_tile(qt, a);
+            let Some(class) = decided_class(&first) else {
+                let class = self.explore_tile(qt, a, first)?;
                 push(
                     out,
                     Seg {
@@ -231,7 +257,6 @@ impl<'a> Classifier<'a> {
                 a += 1;
                 continue;
             };
-            // Guess the end of the run from the previous query tile.
             while hint < prev.len() && prev[hint].end <= a {
                 hint += 1;
             }
@@ -239,37 +264,29 @@ impl<'a> Classifier<'a> {
                 Some(s) if s.start <= a && s.class == class => s.end,
                 _ => a + 1,
             };
-            // [a, good) holds; [a, bad) does not (bad = None: not yet found).
             let mut good = a + 1;
-            let mut bad: Option<u32> = None;
-            if guess > good {
-                if self.holds(qt, a, guess, class) {
-                    good = guess;
-                } else {
-                    bad = Some(guess);
-                }
+            if guess > good && self.chunk_holds(qt, good, guess, class) {
+                good = guess;
             }
-            if bad.is_none() {
-                // Gallop forward from `good`; [a, n) is known not to hold.
-                let mut step = 1u32;
-                loop {
-                    let cand = good.saturating_add(step).min(n);
-                    if cand == n || !self.holds(qt, a, cand, class) {
-                        bad = Some(cand);
-                        break;
-                    }
-                    good = cand;
+            let mut step = 1u32;
+            while good < n {
+                let end = good.saturating_add(step).min(n);
+                if self.chunk_holds(qt, good, end, class) {
+                    good = end;
                     step = step.saturating_mul(2);
+                    continue;
                 }
-            }
-            let mut bad = bad.unwrap();
-            while bad - good > 1 {
-                let mid = good + (bad - good) / 2;
-                if self.holds(qt, a, mid, class) {
-                    good = mid;
-                } else {
-                    bad = mid;
+                // `good..end` fails: keep its longest prefix that holds.
+                let mut bad = end;
+                while bad - good > 1 {
+                    let mid = good + (bad - good) / 2;
+                    if self.chunk_holds(qt, good, mid, class) {
+                        good = mid;
+                    } else {
+                        bad = mid;
+                    }
                 }
+                break;
             }
             push(
                 out,
@@ -285,6 +302,7 @@ impl<'a> Classifier<'a> {
     }
 
     fn eval_at(&mut self, q: i64, kv: i64) -> Result<bool, EvalError> {
+        self.element_evaluations += 1;
         self.ev.eval_bool(
             self.mask,
             Point {
@@ -298,9 +316,8 @@ impl<'a> Classifier<'a> {
     }
 
     /// Classifies one key tile that abstract evaluation did not decide.
-    fn explore_tile(&mut self, qt: usize, kt: u32) -> Result<TileClass, EvalError> {
+    fn explore_tile(&mut self, qt: usize, kt: u32, top: Abs) -> Result<TileClass, EvalError> {
         let bx = self.tile_box(qt, kt, kt + 1);
-        let top = self.abs.eval(self.mask, bx, &mut self.sums);
         let mut w = Witness::default();
         if !top.may_fail {
             // Cheap witnesses first: the corners and the centre.

@@ -498,6 +498,17 @@ pub struct BlockMaps {
     pub(crate) by_h: bool,
     /// `(by_b ? B : 1) x (by_h ? H : 1)`, row-major.
     pub(crate) maps: Vec<BlockMap>,
+    pub(crate) counts: AnalysisCounts,
+}
+
+/// How much work the analysis did (all maps together).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AnalysisCounts {
+    /// Abstract evaluations of the mask over boxes (runs of tiles, tiles and
+    /// parts of tiles).
+    pub box_evaluations: u64,
+    /// Concrete evaluations of the mask at single elements.
+    pub element_evaluations: u64,
 }
 
 impl BlockMaps {
@@ -532,6 +543,11 @@ impl BlockMaps {
     /// The distinct maps, row-major over `(b if it matters, h if it matters)`.
     pub fn maps(&self) -> &[BlockMap] {
         &self.maps
+    }
+
+    /// How much work building the maps took.
+    pub fn counts(&self) -> AnalysisCounts {
+        self.counts
     }
 
     pub fn tiling(&self) -> Tiling {

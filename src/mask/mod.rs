@@ -31,7 +31,7 @@ pub mod render;
 mod summary;
 
 pub use classify::classify;
-pub use map::{BlockMap, BlockMaps, BlockStats, FlexLayout, TileClass, Tiling};
+pub use map::{AnalysisCounts, BlockMap, BlockMaps, BlockStats, FlexLayout, TileClass, Tiling};
 
 use crate::sema::eval::EvalError;
 

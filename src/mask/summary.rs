@@ -25,10 +25,10 @@ use std::collections::HashMap;
 use crate::buffer::BufferData;
 use crate::sema::BufferId;
 
-use super::absint::{AVal, FloatRange, IntRange, Tri};
+use super::absint::{AVal, FloatRange, IntRange, Tri, MAX_DIMS};
 
 /// Elements per block of a line summary.
-pub const BLOCK: usize = 64;
+pub const BLOCK: usize = 32;
 /// Boxes with at most this many elements are scanned directly.
 const SCAN_LIMIT: u128 = 512;
 /// The most lines one query may combine (the product of the extents of the
@@ -202,6 +202,9 @@ pub struct Summaries<'a> {
     strides: Vec<Vec<usize>>,
     cache: Cache,
     forests: Vec<Option<Forest>>,
+    /// The last few box queries and their answers.
+    recent: [(RecentKey, Option<(i64, i64)>); RECENT],
+    recent_next: usize,
 }
 
 /// Cached line summaries.
@@ -250,6 +253,15 @@ impl<'a> Summaries<'a> {
                 stamp: 0,
             },
             forests: vec![None; buffers.len()],
+            recent: [(
+                RecentKey {
+                    id: u32::MAX,
+                    n: 0,
+                    ranges: [(0, 0); MAX_DIMS],
+                },
+                None,
+            ); RECENT],
+            recent_next: 0,
         }
     }
 
@@ -302,47 +314,73 @@ impl<'a> Summaries<'a> {
     }
 
     fn min_max(&mut self, id: usize, ranges: &[(i64, i64)]) -> Option<(i64, i64)> {
-        let extents: Vec<u128> = ranges.iter().map(|r| (r.1 - r.0 + 1) as u128).collect();
-        let count: u128 = extents.iter().product();
+        // The same box is often asked for again (e.g. `doc[q]` over the query
+        // tile, for every run of key tiles).
+        let key = RecentKey::new(id, ranges)?;
+        if let Some(hit) = self.recent.iter().find(|(k, _)| k.same(&key)) {
+            return hit.1;
+        }
+        let result = self.min_max_uncached(id, ranges);
+        self.recent[self.recent_next] = (key, result);
+        self.recent_next = (self.recent_next + 1) % RECENT;
+        result
+    }
+
+    fn min_max_uncached(&mut self, id: usize, ranges: &[(i64, i64)]) -> Option<(i64, i64)> {
+        let n = ranges.len();
+        let mut extents = [0u128; MAX_DIMS];
+        for (e, r) in extents.iter_mut().zip(ranges) {
+            *e = (r.1 - r.0 + 1) as u128;
+        }
+        let count: u128 = extents[..n].iter().product();
         let strides = &self.strides[id];
-        if count <= SCAN_LIMIT || ranges.len() == 0 {
+        if n == 1 && count <= BLOCK as u128 * 2 {
+            let (l, r) = (ranges[0].0 as usize, ranges[0].1 as usize);
+            return Some(match &self.flat[id] {
+                Flat::Int(d) => scan(d, 0, 1, l, r),
+                Flat::Bool(d) => scan(d, 0, 1, l, r),
+                Flat::Float => unreachable!("float buffers are not summarised"),
+            });
+        }
+        if count <= SCAN_LIMIT || n == 0 {
             return Some(match &self.flat[id] {
                 Flat::Int(d) => scan_box(d, strides, ranges),
                 Flat::Bool(d) => scan_box(d, strides, ranges),
-                Flat::Float => unreachable!(),
+                Flat::Float => unreachable!("float buffers are not summarised"),
             });
         }
-        let axis = (0..ranges.len()).max_by_key(|&d| (extents[d], d)).unwrap();
+        let axis = (0..n).max_by_key(|&d| (extents[d], d)).unwrap();
         let others = count / extents[axis];
         if others > LINE_LIMIT {
             return None;
         }
         // Iterate over the other axes with the line axis pinned at 0.
-        let mut fixed: Vec<(i64, i64)> = ranges.to_vec();
+        let mut fixed = [(0i64, 0i64); MAX_DIMS];
+        fixed[..n].copy_from_slice(ranges);
         fixed[axis] = (0, 0);
         let (l, r) = (ranges[axis].0 as usize, ranges[axis].1 as usize);
         let (mut lo, mut hi) = (i64::MAX, i64::MIN);
-        let mut idx: Vec<i64> = fixed.iter().map(|r| r.0).collect();
+        let mut idx = [0i64; MAX_DIMS];
+        for d in 0..n {
+            idx[d] = fixed[d].0;
+        }
         loop {
-            let start: usize = idx
+            let start: usize = idx[..n]
                 .iter()
                 .zip(strides.iter())
                 .map(|(&i, &s)| i as usize * s)
                 .sum();
-            let (a, b) = line_query(
-                &mut self.cache,
-                &self.flat[id],
+            let line = LineAt {
                 id,
                 axis,
-                strides[axis],
-                self.shapes[id][axis],
+                stride: strides[axis],
+                len: self.shapes[id][axis],
                 start,
-                l,
-                r,
-            );
+            };
+            let (a, b) = line_query(&mut self.cache, &self.flat[id], line, l, r);
             lo = lo.min(a);
             hi = hi.max(b);
-            let mut d = idx.len();
+            let mut d = n;
             loop {
                 if d == 0 {
                     return Some((lo, hi));
@@ -376,27 +414,27 @@ impl<'a> Summaries<'a> {
     }
 }
 
-/// Min and max of elements `l..=r` of one line, from the cache or built.
-#[allow(clippy::too_many_arguments)]
-fn line_query(
-    cache: &mut Cache,
-    flat: &Flat<'_>,
+/// Where a line lies in a buffer's flat data.
+#[derive(Clone, Copy)]
+struct LineAt {
     id: usize,
     axis: usize,
     stride: usize,
     len: usize,
+    /// Flat offset of the line's first element.
     start: usize,
-    l: usize,
-    r: usize,
-) -> (i64, i64) {
-    let key = (id as u32, axis as u8, start);
+}
+
+/// Min and max of elements `l..=r` of one line, from the cache or built.
+fn line_query(cache: &mut Cache, flat: &Flat<'_>, at: LineAt, l: usize, r: usize) -> (i64, i64) {
+    let key = (at.id as u32, at.axis as u8, at.start);
     let stamp = cache.stamp;
     let line = match cache.lines.entry(key) {
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
         std::collections::hash_map::Entry::Vacant(e) => {
             let line = match flat {
-                Flat::Int(d) => Line::build(d, start, stride, len, stamp),
-                Flat::Bool(d) => Line::build(d, start, stride, len, stamp),
+                Flat::Int(d) => Line::build(d, at.start, at.stride, at.len, stamp),
+                Flat::Bool(d) => Line::build(d, at.start, at.stride, at.len, stamp),
                 Flat::Float => unreachable!("float buffers are not summarised"),
             };
             cache.bytes += line.bytes();
@@ -410,6 +448,38 @@ fn line_query(
         Flat::Float => unreachable!("float buffers are not summarised"),
     }
 }
+
+/// A box of one buffer, for the cache of recent queries.
+#[derive(Clone, Copy)]
+struct RecentKey {
+    id: u32,
+    n: u8,
+    ranges: [(i64, i64); MAX_DIMS],
+}
+
+impl RecentKey {
+    fn new(id: usize, ranges: &[(i64, i64)]) -> Option<RecentKey> {
+        if ranges.len() > MAX_DIMS {
+            return None;
+        }
+        let mut r = [(0, 0); MAX_DIMS];
+        r[..ranges.len()].copy_from_slice(ranges);
+        Some(RecentKey {
+            id: id as u32,
+            n: ranges.len() as u8,
+            ranges: r,
+        })
+    }
+
+    fn same(&self, o: &RecentKey) -> bool {
+        self.id == o.id
+            && self.n == o.n
+            && self.ranges[..self.n as usize] == o.ranges[..o.n as usize]
+    }
+}
+
+/// Number of recent box queries remembered.
+const RECENT: usize = 8;
 
 /// Checks a parent array: entries in `-1..len`, no cycles, and ordering.
 fn forest_of(parent: &[i64]) -> Forest {
