@@ -159,6 +159,11 @@ pub fn render(err: &Error, color: bool) -> String {
     let mut out = String::new();
     let named;
     let with_name: &dyn Diagnostic = match err {
+        Error::Spec { file, .. } | Error::Eval { file, .. } if too_wide(err, &file.text) => {
+            let plain = Unsnipped::new(err, file);
+            handler.render_report(&mut out, &plain).expect("rendering to a String cannot fail");
+            return out;
+        }
         Error::Spec { file, .. } | Error::Eval { file, .. } => {
             named = Named { inner: err, source: file.named() };
             &named
@@ -167,6 +172,78 @@ pub fn render(err: &Error, color: bool) -> String {
     };
     handler.render_report(&mut out, with_name).expect("rendering to a String cannot fail");
     out
+}
+
+/// The widest column at which a snippet is drawn. miette pads the caret line
+/// with format widths, which Rust caps at 65535 (beyond, it panics), and a
+/// snippet that wide is unreadable anyway.
+const MAX_SNIPPET_COLUMN: usize = 10_000;
+
+/// The 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset.min(text.len())).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (before.matches('\n').count() + 1, before[line_start..].chars().count() + 1)
+}
+
+/// Whether a label of `err` (or of the errors it lists) starts or ends
+/// beyond [`MAX_SNIPPET_COLUMN`].
+fn too_wide(err: &dyn Diagnostic, text: &str) -> bool {
+    let far = |offset: usize| line_col(text, offset).1 > MAX_SNIPPET_COLUMN;
+    err.labels().into_iter().flatten().any(|l| far(l.offset()) || far(l.offset() + l.len()))
+        || err.related().into_iter().flatten().any(|r| too_wide(r, text))
+}
+
+/// A diagnostic shown without source snippets: each label is written as
+/// `at FILE:LINE:COLUMN: LABEL` under the message instead.
+struct Unsnipped<'a> {
+    inner: &'a dyn Diagnostic,
+    message: String,
+    related: Vec<Unsnipped<'a>>,
+}
+
+impl<'a> Unsnipped<'a> {
+    fn new(inner: &'a dyn Diagnostic, file: &SourceFile) -> Unsnipped<'a> {
+        let mut message = inner.to_string();
+        for l in inner.labels().into_iter().flatten() {
+            let (line, col) = line_col(&file.text, l.offset());
+            message += &format!("\n  at {}:{line}:{col}", file.name);
+            if let Some(text) = l.label() {
+                message += &format!(": {text}");
+            }
+        }
+        let related = inner.related().into_iter().flatten().map(|r| Unsnipped::new(r, file)).collect();
+        Unsnipped { inner, message, related }
+    }
+}
+
+impl fmt::Debug for Unsnipped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl fmt::Display for Unsnipped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Unsnipped<'_> {}
+
+impl Diagnostic for Unsnipped<'_> {
+    fn code<'b>(&'b self) -> Option<Box<dyn fmt::Display + 'b>> {
+        self.inner.code()
+    }
+    fn help<'b>(&'b self) -> Option<Box<dyn fmt::Display + 'b>> {
+        self.inner.help()
+    }
+    fn related<'b>(&'b self) -> Option<Box<dyn Iterator<Item = &'b dyn Diagnostic> + 'b>> {
+        if self.related.is_empty() {
+            return None;
+        }
+        Some(Box::new(self.related.iter().map(|r| r as &dyn Diagnostic)))
+    }
 }
 
 /// Attaches a file name to the source of a diagnostic.
@@ -254,6 +331,57 @@ pub fn load(file: SourceFile, options: &SpecOptions) -> Result<Program, Error> {
     Ok(Program { file, spec })
 }
 
+/// Bound inputs and their block maps, reusable across calls with the same
+/// mask, shapes and buffers.
+#[derive(Debug)]
+pub struct Plan {
+    bound: crate::bind::Bound,
+    maps: crate::mask::BlockMaps,
+}
+
+impl Plan {
+    pub fn maps(&self) -> &crate::mask::BlockMaps {
+        &self.maps
+    }
+}
+
+/// How to compile a spec for the CPU.
+#[derive(Clone, Debug)]
+pub struct CompileOptions {
+    /// Which block, and param overrides.
+    pub spec: SpecOptions,
+    /// Query rows per tile.
+    pub bq: usize,
+    /// Keys per tile (a multiple of 16).
+    pub bkv: usize,
+    /// Tile products: native (AVX-512/AVX2) or JIT-generated f32x4.
+    pub gemm: crate::codegen::clif::GemmImpl,
+    /// Keep the Cranelift IR text (see [`JitKernel::clif`]).
+    pub keep_clif: bool,
+}
+
+impl Default for CompileOptions {
+    fn default() -> CompileOptions {
+        CompileOptions { spec: SpecOptions::default(), bq: 64, bkv: 64, gemm: crate::codegen::clif::GemmImpl::detect(), keep_clif: false }
+    }
+}
+
+/// Compiles a spec to native code for this CPU: parse, check, param
+/// overrides, loop IR, Cranelift. The kernel runs on any batch, heads,
+/// lengths and head dim without recompiling.
+///
+/// ```
+/// use attnc::{compile, CompileOptions, Inputs, SourceFile};
+/// let kernel = compile(SourceFile::new("c.attn", "attention c { mask = causal }"), &CompileOptions::default()).unwrap();
+/// let q = ndarray::Array4::<f32>::ones((1, 2, 100, 32));
+/// let out = kernel.run(&Inputs::new(q.view(), q.view(), q.view())).unwrap();
+/// assert_eq!(out.out.shape(), &[1, 2, 100, 32]);
+/// ```
+pub fn compile(file: SourceFile, options: &CompileOptions) -> Result<JitKernel, Error> {
+    let program = load(file, &options.spec)?;
+    program.compile_jit_with(options)
+}
+
 /// A spec compiled to native code: run it many times on new inputs.
 #[derive(Debug)]
 pub struct JitKernel {
@@ -270,8 +398,33 @@ impl JitKernel {
         self.run_with_maps(inputs, &bound, &maps)
     }
 
-    /// Runs the kernel with block maps built by the caller (reuse them across
-    /// layers that share a mask and shapes).
+    /// Binds `inputs` and builds their block maps once, for callers that run
+    /// many layers with the same mask, shapes and buffers.
+    pub fn plan(&self, inputs: &Inputs<'_>) -> Result<Plan, Error> {
+        let bound = bind(&self.program.spec, inputs)?;
+        let maps = crate::mask::classify(&self.program.spec, &bound, self.tiling).map_err(|e| self.program.mask_error(e))?;
+        Ok(Plan { bound, maps })
+    }
+
+    /// Runs the kernel with a plan made by [`JitKernel::plan`]. The inputs must
+    /// have the plan's shapes, query offset and buffers (checked).
+    pub fn run_planned(&self, inputs: &Inputs<'_>, plan: &Plan) -> Result<Outputs, Error> {
+        let bound = bind(&self.program.spec, inputs)?;
+        if bound.shapes != plan.bound.shapes || bound.q_offset != plan.bound.q_offset || bound.buffers != plan.bound.buffers {
+            return Err(Error::Usage(format!(
+                "the plan was made for other inputs (shapes {:?}, query offset {}); make a new plan for these",
+                plan.bound.shapes, plan.bound.q_offset
+            )));
+        }
+        self.run_with_maps(inputs, &bound, &plan.maps)
+    }
+
+    /// The Cranelift IR of the task function, when compiled with `keep_clif`.
+    pub fn clif(&self) -> Option<&str> {
+        self.compiled.clif.as_deref()
+    }
+
+    /// Runs the kernel with block maps built by the caller.
     pub fn run_with_maps(&self, inputs: &Inputs<'_>, bound: &crate::bind::Bound, maps: &crate::mask::BlockMaps) -> Result<Outputs, Error> {
         if maps.tiling() != self.tiling {
             return Err(Error::Usage(format!("block maps were built with {} tiles, the kernel uses {}", maps.tiling(), self.tiling)));
@@ -319,10 +472,16 @@ impl Program {
     /// (`bkv` a multiple of 16). The kernel is generic over batch, heads,
     /// lengths and head dim: one compilation serves every call.
     pub fn compile_jit(&self, bq: usize, bkv: usize, gemm: crate::codegen::clif::GemmImpl) -> Result<JitKernel, Error> {
-        let tiling = crate::mask::Tiling::new(bq, bkv).map_err(|e| self.mask_error(e))?;
-        let schedule = crate::tile::Schedule { bq, bkv, dim: None, exp2: true };
+        self.compile_jit_with(&CompileOptions { bq, bkv, gemm, ..CompileOptions::default() })
+    }
+
+    /// [`Program::compile_jit`] with all options.
+    pub fn compile_jit_with(&self, options: &CompileOptions) -> Result<JitKernel, Error> {
+        let tiling = crate::mask::Tiling::new(options.bq, options.bkv).map_err(|e| self.mask_error(e))?;
+        let schedule = crate::tile::Schedule { bq: options.bq, bkv: options.bkv, dim: None, exp2: true };
         let kernel = self.kernel(&schedule);
-        let compiled = crate::codegen::clif::kernel::compile(&kernel, gemm, &crate::codegen::clif::JitOptions::default())?;
+        let jit_options = crate::codegen::clif::JitOptions { keep_clif: options.keep_clif, ..Default::default() };
+        let compiled = crate::codegen::clif::kernel::compile(&kernel, options.gemm, &jit_options)?;
         Ok(JitKernel { program: self.clone(), tiling, compiled })
     }
 

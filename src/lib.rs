@@ -24,6 +24,7 @@
 //! ```
 
 pub mod bind;
+pub mod bench;
 pub mod buffer;
 pub mod codegen;
 pub mod driver;
@@ -37,4 +38,4 @@ pub mod tile;
 
 pub use bind::{Inputs, Outputs};
 pub use buffer::BufferData;
-pub use driver::{load, Error, Program, SourceFile, SpecOptions};
+pub use driver::{compile, load, CompileOptions, Error, JitKernel, Plan, Program, SourceFile, SpecOptions};

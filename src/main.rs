@@ -168,6 +168,24 @@ struct EmitArgs {
     /// Exponential base of the softmax in the kernel.
     #[arg(long, value_enum, default_value_t = ExpBase::Exp2)]
     exp: ExpBase,
+    /// Emit code for a target instead of a stage: `ptx` (CUDA PTX for the loop IR).
+    #[arg(long, value_enum)]
+    target: Option<Target>,
+    /// GPU architecture of the PTX: sm_80 (A100) or sm_90 (H100/H200).
+    #[arg(long, default_value = "sm_80", value_name = "sm_80|sm_90")]
+    arch: String,
+    /// Element type of q, k and v in the PTX kernel: f16, bf16 (tensor cores) or f32 (FMA).
+    #[arg(long, default_value = "f16", value_name = "f16|bf16|f32")]
+    dtype: String,
+    /// Write the output to this file instead of stdout.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum Target {
+    /// CUDA PTX text (one kernel; see docs/ptx.md).
+    Ptx,
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -176,6 +194,8 @@ enum Stage {
     Checked,
     TileUnopt,
     Tile,
+    /// The Cranelift IR of the CPU kernel.
+    Clif,
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -238,6 +258,9 @@ struct RunArgs {
     /// Tile sizes BQxBKV for the tiled backends (or N for NxN).
     #[arg(long, default_value = "64x64", value_name = "BQxBKV")]
     block: String,
+    /// Element type of q, k and v on the GPU (`--backend cuda`): f32 (FMA), f16 or bf16 (tensor cores).
+    #[arg(long, default_value = "f32", value_name = "f32|f16|bf16")]
+    dtype: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -248,6 +271,8 @@ enum Backend {
     Interp,
     /// Native code for this CPU, compiled with Cranelift.
     Jit,
+    /// An NVIDIA GPU through the CUDA driver (PTX kernels; needs a build with `--features cuda`).
+    Cuda,
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -356,11 +381,15 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         Backend::Reference => "reference".to_string(),
         Backend::Interp => "interp".to_string(),
         Backend::Jit => format!("jit ({})", jit.as_ref().map(|j| j.gemm()).unwrap_or_default()),
+        Backend::Cuda => {
+            return Err(Error::Usage("`bench` measures the CPU backends; GPU benchmarks are in scripts/gpu-check.sh".into()))
+        }
     };
     let report = measure(&program, &backend_name, &config, &inputs, compile_ms, |i| match args.backend {
         Backend::Reference => program.run_reference(i),
         Backend::Interp => program.run_interp(i, bq, bkv),
         Backend::Jit => jit.as_ref().expect("compiled above").run(i),
+        Backend::Cuda => unreachable!("rejected above"),
     })?;
     if args.json {
         println!("{}", report.to_json());
@@ -373,11 +402,12 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
 fn run(cmd: Command) -> Result<(), Error> {
     match cmd {
         Command::Bench(args) => bench(args),
+        Command::Emit(args) if args.target == Some(Target::Ptx) => emit_ptx(args),
         Command::Emit(args) => {
             let file = SourceFile::read(&args.spec.spec)?;
             match args.stage {
                 Stage::Ast => print!("{}", driver::parse(&std::sync::Arc::new(file))?),
-                Stage::Checked | Stage::Tile | Stage::TileUnopt => {
+                Stage::Checked | Stage::Tile | Stage::TileUnopt | Stage::Clif => {
                     let program = driver::load(file, &spec_options(&args.spec)?)?;
                     if args.stage == Stage::Checked {
                         print!("{}", program.spec);
@@ -392,6 +422,12 @@ fn run(cmd: Command) -> Result<(), Error> {
                         },
                     };
                     let schedule = attnc::tile::Schedule { bq, bkv, dim, exp2: args.exp == ExpBase::Exp2 };
+                    if args.stage == Stage::Clif {
+                        let options = attnc::CompileOptions { bq, bkv, keep_clif: true, ..Default::default() };
+                        let jit = program.compile_jit_with(&options)?;
+                        print!("{}", jit.clif().unwrap_or_default());
+                        return Ok(());
+                    }
                     let kernel = attnc::tile::build(&program.spec, &schedule);
                     if args.stage == Stage::TileUnopt {
                         print!("{kernel}");
@@ -435,6 +471,7 @@ fn run(cmd: Command) -> Result<(), Error> {
                     let (bq, bkv) = parse_block(&args.block)?;
                     program.compile_jit(bq, bkv, gemm_impl(args.gemm))?.run(&inputs)?
                 }
+                Backend::Cuda => run_cuda(&program, &inputs, &args.dtype)?,
             };
             npy::write_f32(&args.out, &outputs.out)?;
             if let (Some(path), Some(lse)) = (&args.lse, &outputs.lse) {
@@ -541,6 +578,7 @@ fn blocks(args: BlocksArgs) -> Result<(), Error> {
             "build_ms": build_ms,
             "build_ms_median": median_ms,
             "repeat": times.len(),
+            "map_bytes": maps.maps().iter().map(|m| m.heap_bytes()).sum::<usize>(),
             "box_evaluations": maps.counts().box_evaluations,
             "element_evaluations": maps.counts().element_evaluations,
             "shared": maps.is_shared(),
@@ -568,6 +606,64 @@ fn blocks(args: BlocksArgs) -> Result<(), Error> {
         );
     }
     Ok(())
+}
+
+/// `attnc emit --target ptx`: the PTX of the spec's kernel.
+fn emit_ptx(args: EmitArgs) -> Result<(), Error> {
+    use attnc::codegen::ptx::{self, PtxOptions};
+    let program = driver::load(SourceFile::read(&args.spec.spec)?, &spec_options(&args.spec)?)?;
+    let arch = args.arch.parse().map_err(Error::Usage)?;
+    let dtype = args.dtype.parse().map_err(Error::Usage)?;
+    let (bq, bkv) = parse_block(&args.block)?;
+    let dim = match args.dim.parse::<usize>() {
+        Ok(d) if d > 0 => d,
+        _ => return Err(Error::Usage(format!("`--dim {}`: PTX kernels need a fixed positive head dim, e.g. `--dim 64`", args.dim))),
+    };
+    let schedule = attnc::tile::Schedule { bq, bkv, dim: Some(dim), exp2: args.exp == ExpBase::Exp2 };
+    let kernel = program.kernel(&schedule);
+    let text = ptx::emit(&kernel, &PtxOptions { arch, dtype }).map_err(|e| Error::Usage(ptx_error_text(&e)))?;
+    match &args.output {
+        Some(path) => std::fs::write(path, text)
+            .map_err(|e| Error::Io { what: format!("cannot write `{}`", path.display()), reason: e.to_string() }),
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    }
+}
+
+/// A PTX error with its help line.
+fn ptx_error_text(e: &attnc::codegen::ptx::PtxError) -> String {
+    use miette::Diagnostic;
+    match e.help() {
+        Some(h) => format!("{e}\n  help: {h}"),
+        None => e.to_string(),
+    }
+}
+
+/// `attnc run --backend cuda`.
+#[cfg(feature = "cuda")]
+fn run_cuda(program: &driver::Program, inputs: &Inputs<'_>, dtype: &str) -> Result<attnc::Outputs, Error> {
+    use attnc::runtime::cuda::{CudaError, CudaRuntime};
+    let dtype = dtype.parse().map_err(Error::Usage)?;
+    let run = || CudaRuntime::new(0)?.run(&program.spec, inputs, dtype);
+    run().map_err(|e| match e {
+        CudaError::Bind(e) => Error::Bind(e),
+        CudaError::Eval(error) | CudaError::Mask(attnc::mask::MaskError::Eval(error)) => Error::Eval { file: program.file.clone(), error },
+        CudaError::Mask(e) => Error::Mask(e),
+        CudaError::Codegen(e) => Error::Usage(ptx_error_text(&e)),
+        e => {
+            use miette::Diagnostic;
+            let help = e.help().map(|h| format!(" ({h})")).unwrap_or_default();
+            Error::Io { what: "the CUDA backend failed".into(), reason: format!("{e}{help}") }
+        }
+    })
+}
+
+/// `attnc run --backend cuda` in a build without the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_: &driver::Program, _: &Inputs<'_>, _: &str) -> Result<attnc::Outputs, Error> {
+    Err(Error::Usage("this attnc was built without CUDA support: rebuild with `cargo build --release --features cuda`".into()))
 }
 
 fn main() -> ExitCode {

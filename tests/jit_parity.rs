@@ -71,3 +71,51 @@ fn jit_matches_reference_on_focused_specs_with_random_inputs() {
         }
     });
 }
+
+#[test]
+fn compile_api_plans_and_no_recompilation_across_shapes() {
+    let src = "attention docs { buffer doc[KV]: int\n mask = doc[q] == doc[kv] && causal }";
+    let kernel = attnc::compile(attnc::SourceFile::new("docs.attn", src), &attnc::CompileOptions::default()).unwrap();
+    let program = attnc::load(attnc::SourceFile::new("docs.attn", src), &Default::default()).unwrap();
+    // One compiled kernel serves several shapes, batches, heads and head dims.
+    for (b, h, hkv, n, d) in [(1, 4, 2, 150, 16), (2, 2, 1, 33, 40), (1, 1, 1, 1, 7)] {
+        let mut rng = attnc::bench::Rng::new(n as u64);
+        let q = rng.array4((b, h, n, d));
+        let k = rng.array4((b, hkv, n, d));
+        let v = rng.array4((b, hkv, n, d));
+        let doc = attnc::BufferData::Int(ndarray::ArrayD::from_shape_fn(vec![n], |i| (i[0] / 40) as i64));
+        let inputs = attnc::Inputs::new(q.view(), k.view(), v.view()).buffer("doc", doc).with_lse();
+        let reference = program.run_reference(&inputs).unwrap();
+        let plan = kernel.plan(&inputs).unwrap();
+        for _ in 0..2 {
+            let got = kernel.run_planned(&inputs, &plan).unwrap();
+            common::assert_close("planned", &got, &reference.out, reference.lse.as_ref().unwrap(), 1e-5);
+        }
+        // A plan made for other buffers is refused, not silently reused.
+        if n <= 10 {
+            continue; // both buffers are all zeros
+        }
+        let other = attnc::BufferData::Int(ndarray::ArrayD::from_shape_fn(vec![n], |i| (i[0] / 10) as i64));
+        let changed = attnc::Inputs::new(q.view(), k.view(), v.view()).buffer("doc", other);
+        assert!(kernel.run_planned(&changed, &plan).unwrap_err().to_string().contains("plan was made for other inputs"));
+    }
+}
+
+#[test]
+fn bad_inputs_are_errors_not_crashes() {
+    let kernel = attnc::compile(attnc::SourceFile::new("t.attn", "attention t { buffer t[4]: float\n score = score + t[kv] }"), &attnc::CompileOptions::default()).unwrap();
+    let q = ndarray::Array4::<f32>::zeros((1, 1, 8, 4));
+    let t = attnc::BufferData::Float(ndarray::ArrayD::zeros(vec![4]));
+    // kv runs to 7 but t has 4 entries: an error naming the buffer and index.
+    let err = kernel.run(&attnc::Inputs::new(q.view(), q.view(), q.view()).buffer("t", t)).unwrap_err();
+    let text = err.render();
+    assert!(text.contains("`t[4]`") && text.contains("t[kv]"), "{text}");
+    // Non-contiguous inputs work (a transposed view).
+    let big = attnc::bench::Rng::new(3).array4((1, 8, 1, 4));
+    let view = big.view().permuted_axes([0, 2, 1, 3]);
+    let causal = attnc::compile(attnc::SourceFile::new("c.attn", "attention c { mask = causal }"), &attnc::CompileOptions::default()).unwrap();
+    let p = attnc::load(attnc::SourceFile::new("c.attn", "attention c { mask = causal }"), &Default::default()).unwrap();
+    let i = attnc::Inputs::new(view, view, view).with_lse();
+    let r = p.run_reference(&i).unwrap();
+    common::assert_close("strided", &causal.run(&i).unwrap(), &r.out, r.lse.as_ref().unwrap(), 1e-5);
+}
