@@ -93,11 +93,11 @@ pub enum BindError {
     #[error("k and v must have the same shape: k is {k:?}, v is {v:?}")]
     #[diagnostic(code(attnc::bind::kv_shape))]
     KvShape { k: Vec<usize>, v: Vec<usize> },
-    #[error("head dim differs: q has D = {q}, k and v have D = {kv}")]
+    #[error("head dim differs: q has D = {q} (shape {q_shape:?}), k and v have D = {kv} (shape {kv_shape:?})")]
     #[diagnostic(code(attnc::bind::head_dim), help("q is [B, H, Q, D] and k, v are [B, HKV, KV, D] with the same D"))]
-    HeadDim { q: usize, kv: usize },
-    #[error("the head dim D must be at least 1")]
-    #[diagnostic(code(attnc::bind::head_dim))]
+    HeadDim { q: usize, kv: usize, q_shape: Vec<usize>, kv_shape: Vec<usize> },
+    #[error("the head dim D must be at least 1, found 0")]
+    #[diagnostic(code(attnc::bind::head_dim), help("q is [B, H, Q, D] and k, v are [B, HKV, KV, D]; the last axis is D"))]
     ZeroHeadDim,
     #[error("batch differs: q has B = {q}, k and v have B = {kv}")]
     #[diagnostic(code(attnc::bind::batch), help("k and v must have the batch of q, or 1 to broadcast over it"))]
@@ -106,7 +106,7 @@ pub enum BindError {
     #[diagnostic(code(attnc::bind::heads), help("GQA/MQA needs H to be a multiple of HKV (query head h reads key/value head h / (H / HKV))"))]
     Heads { h: usize, hkv: usize },
     #[error("the query offset must be >= 0, found {0}")]
-    #[diagnostic(code(attnc::bind::q_offset))]
+    #[diagnostic(code(attnc::bind::q_offset), help("the offset is the absolute position of query row 0: 0 for prefill, KV - Q when decoding with a KV cache"))]
     NegativeOffset(i64),
     #[error("missing buffer `{name}`: attention `{spec}` declares `buffer {name}[{dims}]: {ty}`")]
     #[diagnostic(code(attnc::bind::missing_buffer), help("bind it, e.g. `--buffer {name}=FILE.npy`"))]
@@ -140,7 +140,7 @@ pub fn bind(spec: &Spec, inputs: &Inputs<'_>) -> Result<Bound, BindError> {
         return Err(BindError::KvShape { k: ks.to_vec(), v: vs.to_vec() });
     }
     if qs[3] != ks[3] {
-        return Err(BindError::HeadDim { q: qs[3], kv: ks[3] });
+        return Err(BindError::HeadDim { q: qs[3], kv: ks[3], q_shape: qs.to_vec(), kv_shape: ks.to_vec() });
     }
     if qs[3] == 0 {
         return Err(BindError::ZeroHeadDim);
