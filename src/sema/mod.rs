@@ -9,14 +9,24 @@
 mod check;
 pub mod eval;
 pub mod ir;
+mod limits;
 mod print;
 
 use std::fmt;
 
-pub use check::{check, suggest};
+pub use check::suggest;
 pub use ir::*;
+pub use limits::MAX_DEPTH;
 
-use crate::syntax::Span;
+use crate::syntax::{ast, Span};
+
+/// Checks a parsed file: names, types, dependences, and the depth limit of
+/// expressions ([`MAX_DEPTH`]). Returns every error found, not only the first.
+pub fn check(file: &ast::File) -> Result<Module, Vec<Diag>> {
+    let module = check::check(file)?;
+    limits::check_depth(&module)?;
+    Ok(module)
+}
 
 /// A secondary or primary label of a diagnostic.
 #[derive(Clone, Debug, PartialEq)]

@@ -5,10 +5,20 @@
 //! the source text and file name when it renders the diagnostic).
 
 pub mod ast;
+mod limits;
 mod parse;
 
 pub use ast::Span;
-pub use parse::parse;
+pub use limits::{MAX_BRACKETS, MAX_NESTING};
+
+/// Parses a whole `.attn` file: its AST, or the first syntax error. Brackets
+/// nested deeper than [`MAX_BRACKETS`] and expressions deeper than
+/// [`MAX_NESTING`] are errors, so that no stage can run out of stack
+/// recursing over an expression.
+pub fn parse(source: &str) -> Result<ast::File, SyntaxError> {
+    limits::check_text(source)?;
+    limits::check_depth(parse::parse(source)?)
+}
 
 /// A syntax error: what was expected, what was found, and where.
 #[derive(Debug, Clone, PartialEq, thiserror::Error, miette::Diagnostic)]
