@@ -21,7 +21,7 @@ pub fn run(spec: &Spec, inputs: &Inputs<'_>, bound: &Bound) -> Result<Outputs, E
     let sh = bound.shapes;
     let mut ev = Evaluator::new(spec, sh, &bound.buffers);
     let scale = match spec.scale {
-        Some(s) => ev.eval_constant(s),
+        Some(s) => ev.eval_constant(s)?,
         None => 1.0 / (sh.d as f64).sqrt(),
     };
     let mut out = Array4::<f32>::zeros((sh.b, sh.h, sh.q, sh.d));
@@ -54,7 +54,15 @@ pub fn run(spec: &Spec, inputs: &Inputs<'_>, bound: &Bound) -> Result<Outputs, E
                         None => s,
                     };
                 }
-                let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                // NaN if any score is NaN (`f64::max` would skip it), so NaN
+                // reaches out and lse instead of passing for a masked row.
+                let m = scores.iter().fold(f64::NEG_INFINITY, |m, &s| {
+                    if m.is_nan() || s.is_nan() {
+                        f64::NAN
+                    } else {
+                        m.max(s)
+                    }
+                });
                 if m == f64::NEG_INFINITY {
                     continue; // out stays 0, lse stays -inf
                 }

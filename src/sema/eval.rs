@@ -256,10 +256,11 @@ impl<'a> Evaluator<'a> {
     }
 
     /// Evaluates an expression with a float or int result that depends on no
-    /// index, score or buffer (the `scale`).
-    pub fn eval_constant(&mut self, id: ExprId) -> f64 {
+    /// index, score or buffer (the `scale`). It can still fail on the shapes
+    /// of a call: `float(1 / (D - D))` divides by zero.
+    pub fn eval_constant(&mut self, id: ExprId) -> Result<f64, EvalError> {
         debug_assert!(!self.spec.deps(id).intersects(Deps(0b111111)));
-        self.eval_float(id, Point::default()).expect("constant expressions cannot fail")
+        self.eval_float(id, Point::default())
     }
 }
 
