@@ -619,15 +619,17 @@ fn div(a: IntRange, b: IntRange) -> Option<IntRange> {
         return None;
     }
     // Floor division is monotone in each argument on a sign-constant divisor,
-    // so the corners bound it. Computed in i128 (i64::MIN / -1 overflows).
+    // so the corners bound it. Only i64::MIN / -1 leaves i64.
     let fd = |x: i64, y: i64| -> i128 {
-        let (x, y) = (x as i128, y as i128);
+        if x == i64::MIN && y == -1 {
+            return -(i64::MIN as i128);
+        }
         let q = x / y;
-        if x % y != 0 && ((x < 0) != (y < 0)) {
+        (if x % y != 0 && ((x < 0) != (y < 0)) {
             q - 1
         } else {
             q
-        }
+        }) as i128
     };
     let c = [
         fd(a.lo, b.lo),

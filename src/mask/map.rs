@@ -384,6 +384,14 @@ impl BlockMap {
         (end - start) as u128
     }
 
+    /// Bytes of heap memory the map holds (its offsets, ranges and lists).
+    pub fn heap_bytes(&self) -> usize {
+        (self.full_offsets.capacity() + self.partial_offsets.capacity())
+            * std::mem::size_of::<usize>()
+            + self.full.capacity() * std::mem::size_of::<Range<u32>>()
+            + self.partial.capacity() * std::mem::size_of::<u32>()
+    }
+
     /// Counts, density and the fraction of dense work that remains.
     pub fn stats(&self) -> BlockStats {
         let mut s = BlockStats {

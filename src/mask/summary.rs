@@ -35,7 +35,7 @@ const SCAN_LIMIT: u128 = 512;
 /// other axes); larger boxes get an unknown value.
 const LINE_LIMIT: u128 = 256;
 /// Memory above which unused cached lines are dropped.
-const CACHE_BUDGET: usize = 64 << 20;
+const CACHE_BUDGET: usize = 16 << 20;
 
 /// The data of one buffer in row-major order.
 enum Flat<'a> {
@@ -65,12 +65,34 @@ struct Line {
     /// `mins[k][b]` = min over blocks `b .. b + 2^k`.
     mins: Vec<Vec<i64>>,
     maxs: Vec<Vec<i64>>,
+    /// Bool lines: `trues[i]` = number of true elements before `i`.
+    trues: Vec<u32>,
     last_used: u64,
 }
 
 impl Line {
     fn bytes(&self) -> usize {
-        self.mins.iter().map(|v| v.len() * 16).sum::<usize>() + 64
+        self.mins.iter().map(|v| v.len() * 16).sum::<usize>() + self.trues.len() * 4 + 64
+    }
+
+    /// A bool line: prefix counts answer any/all in O(1).
+    fn build_bool(data: &[bool], start: usize, stride: usize, len: usize, stamp: u64) -> Line {
+        let mut trues = Vec::with_capacity(len + 1);
+        let mut n = 0u32;
+        trues.push(0);
+        for i in 0..len {
+            n += u32::from(data[start + i * stride]);
+            trues.push(n);
+        }
+        Line {
+            start,
+            stride,
+            len,
+            mins: Vec::new(),
+            maxs: Vec::new(),
+            trues,
+            last_used: stamp,
+        }
     }
 
     fn build<T: Copy + Into<i64>>(
@@ -116,6 +138,7 @@ impl Line {
             len,
             mins,
             maxs,
+            trues: Vec::new(),
             last_used: stamp,
         }
     }
@@ -123,6 +146,11 @@ impl Line {
     /// Min and max of elements `l..=r` of the line.
     fn query<T: Copy + Into<i64>>(&self, data: &[T], l: usize, r: usize) -> (i64, i64) {
         debug_assert!(l <= r && r < self.len);
+        if !self.trues.is_empty() {
+            let t = self.trues[r + 1] - self.trues[l];
+            let all = (r - l + 1) as u32;
+            return (i64::from(t == all), i64::from(t > 0));
+        }
         let (bl, br) = (l / BLOCK, r / BLOCK);
         if br <= bl + 1 || self.mins.is_empty() {
             return scan(data, self.start, self.stride, l, r);
@@ -207,10 +235,45 @@ pub struct Summaries<'a> {
     recent_next: usize,
 }
 
+/// A multiplicative hasher for the small integer keys of the line cache
+/// (the default SipHash costs more than the queries it guards).
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+type LineKey = (u32, u8, usize);
+
 /// Cached line summaries.
 struct Cache {
     /// Keyed by (buffer, axis, flat offset of the line's first element).
-    lines: HashMap<(u32, u8, usize), Line>,
+    lines: HashMap<LineKey, Line, std::hash::BuildHasherDefault<KeyHasher>>,
     bytes: usize,
     /// Counts query tiles, for dropping lines no longer used.
     stamp: u64,
@@ -248,7 +311,7 @@ impl<'a> Summaries<'a> {
             shapes,
             strides,
             cache: Cache {
-                lines: HashMap::new(),
+                lines: HashMap::default(),
                 bytes: 0,
                 stamp: 0,
             },
@@ -339,6 +402,23 @@ impl<'a> Summaries<'a> {
             return Some(match &self.flat[id] {
                 Flat::Int(d) => scan(d, 0, 1, l, r),
                 Flat::Bool(d) => scan(d, 0, 1, l, r),
+                Flat::Float => unreachable!("float buffers are not summarised"),
+            });
+        }
+        // Boxes with one axis longer than 1 are strided lines.
+        let long_axes = extents[..n].iter().filter(|&&e| e > 1).count();
+        if n > 0 && long_axes <= 1 && count <= SCAN_LIMIT {
+            let axis = (0..n).find(|&d| extents[d] > 1).unwrap_or(0);
+            let start: usize = ranges
+                .iter()
+                .zip(strides.iter())
+                .enumerate()
+                .map(|(d, (r, &st))| if d == axis { 0 } else { r.0 as usize * st })
+                .sum();
+            let (l, r) = (ranges[axis].0 as usize, ranges[axis].1 as usize);
+            return Some(match &self.flat[id] {
+                Flat::Int(d) => scan(d, start, strides[axis], l, r),
+                Flat::Bool(d) => scan(d, start, strides[axis], l, r),
                 Flat::Float => unreachable!("float buffers are not summarised"),
             });
         }
@@ -434,7 +514,7 @@ fn line_query(cache: &mut Cache, flat: &Flat<'_>, at: LineAt, l: usize, r: usize
         std::collections::hash_map::Entry::Vacant(e) => {
             let line = match flat {
                 Flat::Int(d) => Line::build(d, at.start, at.stride, at.len, stamp),
-                Flat::Bool(d) => Line::build(d, at.start, at.stride, at.len, stamp),
+                Flat::Bool(d) => Line::build_bool(d, at.start, at.stride, at.len, stamp),
                 Flat::Float => unreachable!("float buffers are not summarised"),
             };
             cache.bytes += line.bytes();
