@@ -127,7 +127,12 @@ pub fn run(compiled: &CompiledKernel, inputs: &Inputs<'_>, bound: &Bound, maps: 
     }
     let shapes = [sh.b as i64, sh.h as i64, sh.hkv as i64, sh.q as i64, sh.kv as i64, sh.d as i64];
     let flat: Vec<FlatMap> = maps.maps().iter().map(FlatMap::new).collect();
-    let map_index = |b: usize, h: usize| if maps.is_shared() { 0 } else { b * sh.h + h };
+    // The flattened map of (b, h): maps may be shared, per batch, per head or per (b, h).
+    let all = maps.maps();
+    let map_index = |b: usize, h: usize| {
+        let m: *const crate::mask::BlockMap = maps.get(b, h);
+        all.iter().position(|x| std::ptr::eq(x, m)).expect("get returns one of the maps")
+    };
     let q_tiles = sh.q.div_ceil(bq);
     let mut tasks: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(sh.b * sh.h * q_tiles);
     for b in 0..sh.b {

@@ -41,7 +41,15 @@ pub fn build(spec: &Spec, schedule: &Schedule) -> Kernel {
     } else {
         tile
     });
+    let traps = |b: &Builder, from: usize| -> Vec<ValueId> {
+        (from..b.insts.len())
+            .filter(|&i| b.insts[i].op.may_trap(|c| b.const_int(c).is_some_and(|x| x != 0)))
+            .map(|i| ValueId(i as u32))
+            .collect()
+    };
+    let start = lower.b.insts.len();
     let mask = spec.mask.map(|m| lower.expr(m, None));
+    let mask_effects = traps(&lower.b, start);
     let score_in_exp_units = |lower: &mut Lower, guard: Option<ValueId>| match spec.score {
         None => tile,
         Some(s) => {
@@ -55,9 +63,14 @@ pub fn build(spec: &Spec, schedule: &Schedule) -> Kernel {
             }
         }
     };
+    let start = lower.b.insts.len();
     let score_full = score_in_exp_units(&mut lower, None);
+    let effects_full = traps(&lower.b, start);
+    let start = lower.b.insts.len();
     let score_partial = score_in_exp_units(&mut lower, mask);
-    let roots = KernelRoots { scale, q_prescale, mask, score_full, score_partial };
+    let mut effects_partial = mask_effects;
+    effects_partial.extend(traps(&lower.b, start));
+    let roots = KernelRoots { scale, q_prescale, mask, score_full, score_partial, effects_full, effects_partial };
     let (insts, spans, roots) = lower.b.finish(roots);
     let params = spec.params.iter().map(|p| (p.name.clone(), p.value.to_string())).collect();
     let buffers = spec
@@ -77,6 +90,8 @@ pub fn build(spec: &Spec, schedule: &Schedule) -> Kernel {
         mask,
         score_full,
         score_partial,
+        effects_full: vec![],
+        effects_partial: vec![],
     };
     k.with_roots(roots)
 }

@@ -162,8 +162,10 @@ impl Builder {
             }
         };
         let mut full_roots = vec![template.scale, template.q_prescale, template.score_full];
+        full_roots.extend(&template.effects_full);
         let mut partial_roots = vec![template.scale, template.q_prescale, template.score_partial];
         partial_roots.extend(template.mask);
+        partial_roots.extend(&template.effects_partial);
         full_roots.dedup();
         mark(&full_roots, &mut used_full, &self.insts);
         mark(&partial_roots, &mut used_partial, &self.insts);
@@ -174,9 +176,9 @@ impl Builder {
             if !used_full[i] && !used_partial[i] {
                 continue;
             }
-            let section = match (inst.level, used_full[i], used_partial[i]) {
-                (Level::Col | Level::Elem, true, false) => Section::Full,
-                (Level::Col | Level::Elem, false, true) => Section::Partial,
+            let section = match (used_full[i], used_partial[i]) {
+                (true, false) => Section::Full,
+                (false, true) => Section::Partial,
                 _ => Section::Shared,
             };
             let new = ValueId(insts.len() as u32);
@@ -198,19 +200,40 @@ impl Builder {
             mask: template.mask.map(map),
             score_full: map(template.score_full),
             score_partial: map(template.score_partial),
+            effects_full: effects(&template.effects_full, &insts, &remap),
+            effects_partial: effects(&template.effects_partial, &insts, &remap),
         };
         (insts, spans, roots)
     }
 }
 
+/// The still-trapping effects among `list`, renumbered, sorted, deduplicated.
+fn effects(list: &[ValueId], insts: &[Inst], remap: &[Option<ValueId>]) -> Vec<ValueId> {
+    let mut out: Vec<ValueId> = list
+        .iter()
+        .filter_map(|v| remap[v.0 as usize])
+        .filter(|v| {
+            let inst = &insts[v.0 as usize];
+            inst.op.may_trap(|c| matches!(insts[c.0 as usize].op, Op::IConst(x) if x != 0))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The root values of a kernel, while it is being built or rewritten.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct KernelRoots {
     pub scale: ValueId,
     pub q_prescale: ValueId,
     pub mask: Option<ValueId>,
     pub score_full: ValueId,
     pub score_partial: ValueId,
+    /// Trapping operations the spec evaluates even when their value is not
+    /// used (a checked read whose result is discarded must still fail).
+    pub effects_full: Vec<ValueId>,
+    pub effects_partial: Vec<ValueId>,
 }
 
 impl KernelRoots {
@@ -221,6 +244,8 @@ impl KernelRoots {
             mask: k.mask,
             score_full: k.score_full,
             score_partial: k.score_partial,
+            effects_full: k.effects_full.clone(),
+            effects_partial: k.effects_partial.clone(),
         }
     }
 
@@ -231,6 +256,8 @@ impl KernelRoots {
             mask: self.mask.map(&f),
             score_full: f(self.score_full),
             score_partial: f(self.score_partial),
+            effects_full: self.effects_full.iter().map(|v| f(*v)).collect(),
+            effects_partial: self.effects_partial.iter().map(|v| f(*v)).collect(),
         }
     }
 }
@@ -270,6 +297,8 @@ impl Kernel {
             mask: r.mask,
             score_full: r.score_full,
             score_partial: r.score_partial,
+            effects_full: r.effects_full,
+            effects_partial: r.effects_partial,
             ..self.clone()
         }
     }

@@ -245,9 +245,14 @@ impl Machine<'_> {
 
     /// Evaluates every instruction of `level` that the given loop runs.
     fn run_level(&mut self, level: Level, section: Section, here: &Here) -> Result<(), EvalError> {
+        self.run_where(level, |s| s == Section::Shared || s == section, here)
+    }
+
+    /// Evaluates the instructions of `level` whose section passes `pick`.
+    fn run_where(&mut self, level: Level, pick: impl Fn(Section) -> bool, here: &Here) -> Result<(), EvalError> {
         for v in 0..self.k.insts.len() {
             let inst = &self.k.insts[v];
-            if inst.level == level && (inst.section == Section::Shared || inst.section == section) {
+            if inst.level == level && pick(inst.section) {
                 self.eval(v, here)?;
             }
         }
@@ -270,7 +275,9 @@ pub fn run(k: &Kernel, inputs: &Inputs<'_>, bound: &Bound, maps: &BlockMaps) -> 
     let mut out = Array4::<f32>::zeros((sh.b, sh.h, sh.q, sh.d));
     let mut lse = Array3::<f32>::from_elem((sh.b, sh.h, sh.q), f32::NEG_INFINITY);
     let here0 = Here::default();
-    m.run_level(Level::Call, Section::Shared, &here0)?;
+    let not_full = |s: Section| s != Section::Full;
+    let full_only = |s: Section| s == Section::Full;
+    m.run_where(Level::Call, not_full, &here0)?;
     let prescale = m.vals[k.q_prescale.0 as usize].f();
     let row_ids = m.ids_at(Level::Row);
     let col_ids = m.ids_at(Level::Col);
@@ -280,11 +287,19 @@ pub fn run(k: &Kernel, inputs: &Inputs<'_>, bound: &Bound, maps: &BlockMaps) -> 
         for h in 0..sh.h {
             let kh = bound.kv_head(h);
             let head = Here { b: b as i64, h: h as i64, ..here0 };
-            m.run_level(Level::Head, Section::Shared, &head)?;
+            m.run_where(Level::Head, not_full, &head)?;
             let map = maps.get(b, h);
             for qt in 0..q_tiles {
                 let row0 = qt * bq;
                 let rows = bq.min(sh.q - row0);
+                let has_full = !map.full_ranges(qt).is_empty();
+                if !has_full && map.partial(qt).is_empty() {
+                    continue; // no key visible: out stays 0, lse -inf
+                }
+                if has_full {
+                    m.run_where(Level::Call, full_only, &head)?;
+                    m.run_where(Level::Head, full_only, &head)?;
+                }
                 // Q tile, scaled once.
                 let qs: Vec<Vec<f32>> = (0..rows)
                     .map(|i| (0..sh.d).map(|d| inputs.q[[b, h, row0 + i, d]] * prescale).collect())
@@ -293,7 +308,10 @@ pub fn run(k: &Kernel, inputs: &Inputs<'_>, bound: &Bound, maps: &BlockMaps) -> 
                 let mut row_vals = Vec::with_capacity(rows);
                 for i in 0..rows {
                     let here = Here { q: (row0 + i) as i64 + bound.q_offset, ..head };
-                    m.run_level(Level::Row, Section::Shared, &here)?;
+                    m.run_where(Level::Row, not_full, &here)?;
+                    if has_full {
+                        m.run_where(Level::Row, full_only, &here)?;
+                    }
                     row_vals.push(row_ids.iter().map(|&v| m.vals[v]).collect::<Vec<_>>());
                 }
                 let mut mx = vec![f32::NEG_INFINITY; rows];

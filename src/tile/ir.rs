@@ -23,7 +23,11 @@
 //! ```
 //!
 //! Values at `Col` and `Elem` level are shared by the two key-tile loops
-//! unless they belong to one of them (`Inst::section`). Each kernel has the
+//! unless they belong to one of them (`Inst::section`). Values of the FULL
+//! section at `Call`, `Head` or `Row` level are computed only for query tiles
+//! that have at least one FULL tile (a read there is only legitimate where
+//! some key is visible), and row values only for query tiles that visit any
+//! key tile. Each kernel has the
 //! roots `scale` and `q_prescale` (call level), `mask` (evaluated on partial
 //! tiles only), and `score_full` / `score_partial` (the score fed to the
 //! softmax, in the kernel's exp units: log2 units when `exp2` is the base).
@@ -120,10 +124,10 @@ impl Level {
     }
 }
 
-/// Which key-tile loop a `Col`/`Elem` value belongs to.
+/// Which key-tile loop a value belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Section {
-    /// Used by both loops (or not at `Col`/`Elem` level).
+    /// Used by both loops.
     Shared,
     /// Only FULL tiles.
     Full,
@@ -352,6 +356,11 @@ pub struct Kernel {
     pub score_full: ValueId,
     /// The same on PARTIAL tiles (its trapping ops guarded by the mask).
     pub score_partial: ValueId,
+    /// Trapping operations (checked reads, `ancestor`, divisions) that the
+    /// spec evaluates even where their value is unused, per loop: a read that
+    /// would fail must fail even if folding made its result irrelevant.
+    pub effects_full: Vec<ValueId>,
+    pub effects_partial: Vec<ValueId>,
 }
 
 impl Kernel {

@@ -56,7 +56,11 @@ impl Kernel {
         if let Some(g) = inst.guard {
             write!(f, " if {g}")?;
         }
-        writeln!(f, " : {}", inst.ty)
+        write!(f, " : {}", inst.ty)?;
+        if inst.section == Section::Full && matches!(inst.level, Level::Call | Level::Head | Level::Row) {
+            write!(f, "    ; only for query tiles with FULL tiles")?;
+        }
+        writeln!(f)
     }
 
     fn write_level(&self, f: &mut fmt::Formatter<'_>, indent: &str, level: Level, section: Option<Section>) -> fmt::Result {
@@ -107,6 +111,12 @@ impl fmt::Display for Kernel {
         self.write_level(f, "    ", Level::Call, None)?;
         writeln!(f, "    scale = {}", self.scale)?;
         writeln!(f, "    q_prescale = {}", self.q_prescale)?;
+        for (name, list) in [("effects.full", &self.effects_full), ("effects.partial", &self.effects_partial)] {
+            if !list.is_empty() {
+                let l = list.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ");
+                writeln!(f, "    {name} = {l}   ; evaluated even where unused")?;
+            }
+        }
         writeln!(f, "  grid b in 0..B, h in 0..H, qt in 0..ceil(Q / {}) parallel:", s.bq)?;
         writeln!(f, "    head:")?;
         self.write_level(f, "      ", Level::Head, None)?;

@@ -23,7 +23,7 @@ use cranelift_codegen::ir::{types, BlockArg, InstBuilder, MemFlagsData, Type, Va
 use cranelift_frontend::FunctionBuilder;
 
 use super::jit::{JitCode, JitModule, JitOptions};
-use super::microkernel::{emit_while, GemmImpl, TileFuncs};
+use super::microkernel::{emit_if, emit_while, GemmImpl, TileFuncs};
 use super::vmath::VMath;
 use crate::codegen::CodegenError;
 use crate::sema::{Func, ShapeVar, Var};
@@ -261,33 +261,34 @@ impl Emitter<'_> {
         let bv = self.task_field(b, T_B);
         let hv = self.task_field(b, T_H);
         let mut here = Here { b: Some(bv), h: Some(hv), ..Here::default() };
-        self.level(b, Level::Call, Section::Shared, &here);
-        self.level(b, Level::Head, Section::Shared, &here);
+        let not_full = |s: Section| s != Section::Full;
+        let full_only = |s: Section| s == Section::Full;
+        self.level_where(b, Level::Call, not_full, &here);
+        self.level_where(b, Level::Head, not_full, &here);
         let q_start = self.task_field(b, T_QSTART);
         let rows = self.task_field(b, T_ROWS);
         let rowvals = self.task_field(b, T_ROWVALS);
         let colvals = self.task_field(b, T_COLVALS);
-        // Row-level values, once per row.
         let zero = b.ins().iconst(types::I64, 0);
-        if !self.slots.row.is_empty() {
-            emit_while(
-                b,
-                &[zero],
-                |b, v| b.ins().icmp(IntCC::SignedLessThan, v[0], rows),
-                |b, v| {
-                    let i = v[0];
-                    let q = b.ins().iadd(q_start, i);
-                    let h2 = Here { q: Some(q), ..here };
-                    self.level(b, Level::Row, Section::Shared, &h2);
-                    self.store_slots(b, Level::Row, rowvals, bq, i);
-                    vec![b.ins().iadd_imm_s(i, 1)]
-                },
-            );
-        }
         let prescale = self.vals[k.q_prescale.0 as usize].unwrap();
-        // FULL tiles: ranges of (start, end).
         let full = self.task_field(b, T_FULL);
         let n_full = self.task_field(b, T_NFULL);
+        let n_part = self.task_field(b, T_NPART);
+        // Row-level values, once per row, for query tiles that visit any key tile.
+        let n_tiles = b.ins().iadd(n_full, n_part);
+        let any = b.ins().icmp_imm_s(IntCC::SignedGreaterThan, n_tiles, 0);
+        emit_if(b, any, |b| {
+            self.rows(b, not_full, false, q_start, rows, rowvals, bq, &here);
+        });
+        // FULL tiles (ranges of (start, end)), after the values only they use.
+        let has_full = b.ins().icmp_imm_s(IntCC::SignedGreaterThan, n_full, 0);
+        let full_block = b.create_block();
+        let after_full = b.create_block();
+        b.ins().brif(has_full, full_block, &[], after_full, &[]);
+        b.switch_to_block(full_block);
+        self.level_where(b, Level::Call, full_only, &here);
+        self.level_where(b, Level::Head, full_only, &here);
+        self.rows(b, full_only, true, q_start, rows, rowvals, bq, &here);
         emit_while(
             b,
             &[zero],
@@ -310,8 +311,9 @@ impl Emitter<'_> {
                 vec![b.ins().iadd_imm_s(r, 1)]
             },
         );
+        b.ins().jump(after_full, &[]);
+        b.switch_to_block(after_full);
         let part = self.task_field(b, T_PART);
-        let n_part = self.task_field(b, T_NPART);
         emit_while(
             b,
             &[zero],
@@ -329,12 +331,49 @@ impl Emitter<'_> {
         b.ins().return_(&[ok]);
     }
 
-    /// Stores the values of `level` into their scratch slots at position `i`.
-    fn store_slots(&mut self, b: &mut FunctionBuilder<'_>, level: Level, base: Value, stride: i64, i: Value) {
+    /// Computes the row-level values whose section passes `pick` for every
+    /// row of the tile and stores them in their slots.
+    #[allow(clippy::too_many_arguments)]
+    fn rows(&mut self, b: &mut FunctionBuilder<'_>, pick: impl Fn(Section) -> bool + Copy, reload_others: bool, q_start: Value, rows: Value, rowvals: Value, bq: i64, here: &Here) {
+        let any = self.k.insts.iter().any(|i| i.level == Level::Row && pick(i.section));
+        if !any {
+            return;
+        }
+        let zero = b.ins().iconst(types::I64, 0);
+        emit_while(
+            b,
+            &[zero],
+            |b, v| b.ins().icmp(IntCC::SignedLessThan, v[0], rows),
+            |b, v| {
+                let i = v[0];
+                let q = b.ins().iadd(q_start, i);
+                let h2 = Here { q: Some(q), ..*here };
+                if reload_others {
+                    // Values of the first row pass that these depend on.
+                    self.load_slots_where(b, Level::Row, |s| !pick(s), rowvals, bq, i);
+                }
+                self.level_where(b, Level::Row, pick, &h2);
+                self.store_slots_where(b, Level::Row, pick, rowvals, bq, i);
+                vec![b.ins().iadd_imm_s(i, 1)]
+            },
+        );
+    }
+
+    fn store_slots(&mut self, b: &mut FunctionBuilder<'_>, level: Level, section: Section, base: Value, stride: i64, i: Value) {
+        self.store_slots_where(b, level, |s| s == Section::Shared || s == section, base, stride, i)
+    }
+
+    /// Stores the values of `level` whose section passes `pick` into their
+    /// scratch slots at position `i`.
+    fn store_slots_where(&mut self, b: &mut FunctionBuilder<'_>, level: Level, pick: impl Fn(Section) -> bool, base: Value, stride: i64, i: Value) {
         let slots = if level == Level::Row { &self.slots.row } else { &self.slots.col };
         let mut list: Vec<(usize, usize)> = slots.iter().map(|(&v, &s)| (v, s)).collect();
         list.sort();
         for (v, s) in list {
+            let inst = &self.k.insts[v];
+            if !pick(inst.section) {
+                continue;
+            }
             let Some(val) = self.vals[v] else { continue };
             let idx = b.ins().iadd_imm_s(i, s as i64 * stride);
             let off = b.ins().imul_imm_s(idx, 8);
@@ -345,12 +384,17 @@ impl Emitter<'_> {
 
     /// Reloads the values of `level` (for the given loop) from scratch position `i`.
     fn load_slots(&mut self, b: &mut FunctionBuilder<'_>, level: Level, section: Section, base: Value, stride: i64, i: Value) {
+        self.load_slots_where(b, level, |s| s == Section::Shared || s == section, base, stride, i)
+    }
+
+    /// Reloads the values of `level` whose section passes `pick` from scratch position `i`.
+    fn load_slots_where(&mut self, b: &mut FunctionBuilder<'_>, level: Level, pick: impl Fn(Section) -> bool, base: Value, stride: i64, i: Value) {
         let slots = if level == Level::Row { &self.slots.row } else { &self.slots.col };
         let mut list: Vec<(usize, usize)> = slots.iter().map(|(&v, &s)| (v, s)).collect();
         list.sort();
         for (v, s) in list {
             let inst = &self.k.insts[v];
-            if !(inst.section == Section::Shared || inst.section == section) {
+            if !pick(inst.section) {
                 continue;
             }
             let idx = b.ins().iadd_imm_s(i, s as i64 * stride);
@@ -410,7 +454,7 @@ impl Emitter<'_> {
                     let kv = b.ins().iadd(col0, j);
                     let h2 = Here { kv: Some(kv), ..*here };
                     self.level(b, Level::Col, section, &h2);
-                    self.store_slots(b, Level::Col, colvals, bkv, j);
+                    self.store_slots(b, Level::Col, section, colvals, bkv, j);
                     vec![b.ins().iadd_imm_s(j, 1)]
                 },
             );
@@ -882,9 +926,14 @@ impl Emitter<'_> {
 
     /// Emits every instruction of `level` that the given loop runs.
     fn level(&mut self, b: &mut FunctionBuilder<'_>, level: Level, section: Section, here: &Here) {
+        self.level_where(b, level, |s| s == Section::Shared || s == section, here)
+    }
+
+    /// Emits the instructions of `level` whose section passes `pick`.
+    fn level_where(&mut self, b: &mut FunctionBuilder<'_>, level: Level, pick: impl Fn(Section) -> bool, here: &Here) {
         for v in 0..self.k.insts.len() {
             let inst = &self.k.insts[v];
-            if inst.level == level && (inst.section == Section::Shared || inst.section == section) {
+            if inst.level == level && pick(inst.section) {
                 let val = self.guarded_op(b, v, here);
                 self.vals[v] = Some(val);
             }
