@@ -44,7 +44,7 @@ fn bound(
     let one = Array4::<f32>::zeros((1, 1, 1, 1));
     let qv = one.broadcast((b, h, q, 1)).unwrap();
     let kvv = one.broadcast((b, h, kv, 1)).unwrap();
-    let mut inputs = Inputs::new(qv, kvv.clone(), kvv).q_offset(q_offset);
+    let mut inputs = Inputs::new(qv, kvv, kvv).q_offset(q_offset);
     inputs.buffers = buffers;
     bind(spec, &inputs).unwrap()
 }
@@ -233,7 +233,7 @@ fn random_buffers(seed: u64, kv: usize, h: usize) -> BTreeMap<String, BufferData
     // Parents: an ordered forest, a forest in another order, or (rarely) a
     // cycle, which `ancestor` reports as an error.
     let parent: Vec<i64> = match rng.below(5) {
-        0 | 1 | 2 => (0..kv)
+        0..=2 => (0..kv)
             .map(|x| {
                 if x == 0 {
                     -1
@@ -487,6 +487,7 @@ fn no_buffers(src: &str, q: usize, kv: usize, q_offset: i64) -> (Spec, Bound) {
 }
 
 #[test]
+#[allow(clippy::single_range_in_vec_init)]
 fn causal_million_by_million_is_one_range_and_one_partial_per_row() {
     let n = 1 << 20;
     let (spec, bound) = no_buffers("attention c { mask = causal }", n, n, 0);
@@ -538,6 +539,7 @@ fn sliding_window_with_offset_and_unaligned_tiles() {
 }
 
 #[test]
+#[allow(clippy::single_range_in_vec_init)]
 fn document_mask_at_scale_has_few_partial_tiles() {
     // 131072 tokens in 8 sorted documents: partial tiles only at document
     // starts and on the diagonal.

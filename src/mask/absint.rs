@@ -151,7 +151,7 @@ impl IntRange {
         if !(fits(lo) && fits(hi)) {
             return IntRange::TOP;
         }
-        let aff = (fits(q) && fits(kv) && fits(c)).then(|| Affine {
+        let aff = (fits(q) && fits(kv) && fits(c)).then_some(Affine {
             q: q as i64,
             kv: kv as i64,
             c: c as i64,

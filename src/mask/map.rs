@@ -606,6 +606,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)]
     fn rows_and_classes() {
         let m = sample();
         assert_eq!((m.q_tiles(), m.kv_tiles()), (3, 4));
