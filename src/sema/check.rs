@@ -285,6 +285,8 @@ impl Checker {
                 Label::new(name.span, "reserved"),
             )
             .with_help("pick another name");
+            // Uses of it that are not built in (`let exp = ...` then `exp`) are not unknown names too.
+            self.poisoned.insert(name.name.clone());
             return false;
         }
         if let Some((_, prev)) = self.scope.get(&name.name) {
@@ -506,7 +508,8 @@ impl Checker {
                         "attnc::sema::scale_not_constant",
                         "`scale` cannot depend on `causal`".into(),
                         Label::new(span, "varies per element"),
-                    );
+                    )
+                    .with_help("the scale is one number per call; put conditions in `mask = ...` or `score = ...`");
                     return None;
                 }
                 let q = self.push(Expr::Var(Var::Q), Type::Int, span);
@@ -762,7 +765,11 @@ impl Checker {
 
     fn ancestor(&mut self, name: &ast::Ident, args: &[ast::Expr], span: Span, ctx: Context) -> Option<(ExprId, Type)> {
         if args.len() != 3 {
-            for a in args {
+            for (k, a) in args.iter().enumerate() {
+                // The first argument names the parent buffer; it is not read as a value.
+                if k == 0 && matches!(a.kind, ExprKind::Name(_)) {
+                    continue;
+                }
                 self.expr(a, ctx);
             }
             self.error(
@@ -821,7 +828,8 @@ impl Checker {
                     "attnc::sema::type_mismatch",
                     format!("`ancestor` positions must be int, found {t}"),
                     Label::new(a.span, format!("this is {t}")),
-                );
+                )
+                .with_help("pass token positions, e.g. `ancestor(parent, q, kv)`");
                 return None;
             }
         }
@@ -830,7 +838,8 @@ impl Checker {
                 "attnc::sema::scale_not_constant",
                 "`scale` cannot read buffers".into(),
                 Label::new(name.span, "varies per element"),
-            );
+            )
+            .with_help("the scale is one number per call: use params, shapes and literals only");
             return None;
         }
         Some((self.push(Expr::Ancestor { parent, i, j }, Type::Bool, span), Type::Bool))
@@ -954,5 +963,11 @@ mod tests {
         // A let whose value fails is not reported again where it is used.
         let d = diags("attention a { let far = q - kv > windw  mask = far || causal }");
         assert_eq!(d.iter().map(|d| d.message.as_str()).collect::<Vec<_>>(), ["unknown name `windw`"]);
+        // A reserved name that was declared anyway.
+        let d = diags("attention a { let exp = q - kv  mask = exp > 0 }");
+        assert_eq!(d.iter().map(|d| d.code).collect::<Vec<_>>(), ["attnc::sema::reserved_name"]);
+        // `ancestor` with a wrong argument count does not read its buffer argument as a value.
+        let d = diags("attention a { buffer parent[KV]: int  mask = ancestor(parent, q) }");
+        assert_eq!(d.iter().map(|d| d.code).collect::<Vec<_>>(), ["attnc::sema::wrong_arity"]);
     }
 }
