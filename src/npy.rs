@@ -23,7 +23,37 @@ fn open(path: &Path) -> Result<BufReader<File>, Error> {
 
 fn read_as<T: ndarray_npy::ReadableElement>(path: &Path) -> Result<ArrayD<T>, String> {
     let f = File::open(path).map_err(|e| e.to_string())?;
-    ArrayD::<T>::read_npy(BufReader::new(f)).map_err(|e| e.to_string())
+    ArrayD::<T>::read_npy(BufReader::new(f)).map_err(|e| plain_reason(&e.to_string()))
+}
+
+/// Says in words what the common `.npy` read errors mean: the element type a
+/// file holds (from its descriptor, e.g. `'<f8'`), or that it is not `.npy`.
+fn plain_reason(reason: &str) -> String {
+    if reason.contains("does not match magic string") {
+        return "not an .npy file (it does not start with the .npy magic string)".to_string();
+    }
+    let descr = reason
+        .strip_prefix("incorrect descriptor (")
+        .and_then(|r| r.split(')').next())
+        .map(|d| d.trim_matches(|c| c == '\'' || c == '"'));
+    let Some(descr) = descr else { return reason.to_string() };
+    let kind = match descr.trim_start_matches(['<', '>', '|', '=']) {
+        "f2" => "float16",
+        "f4" => "float32",
+        "f8" => "float64",
+        "i1" => "int8",
+        "i2" => "int16",
+        "i4" => "int32",
+        "i8" => "int64",
+        "u1" => "uint8",
+        "u2" => "uint16",
+        "u4" => "uint32",
+        "u8" => "uint64",
+        "b1" => "bool",
+        _ => return format!("the file holds data of type `{descr}`"),
+    };
+    let order = if descr.starts_with('>') { ", big-endian" } else { "" };
+    format!("the file holds {kind} data (descriptor `{descr}`{order})")
 }
 
 /// Reads a 4-D float32 array (q, k or v).
@@ -77,3 +107,15 @@ pub fn read_f32_dyn(path: &Path) -> Result<ArrayD<f32>, Error> {
     read_as::<f32>(path).map_err(|reason| Error::Io { what: format!("cannot read `{}`", path.display()), reason })
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_errors_name_the_element_type_found() {
+        assert_eq!(plain_reason("incorrect descriptor ('<f8') for this type"), "the file holds float64 data (descriptor `<f8`)");
+        assert_eq!(plain_reason("incorrect descriptor ('|b1') for this type"), "the file holds bool data (descriptor `|b1`)");
+        assert!(plain_reason("error parsing header: start does not match magic string").starts_with("not an .npy file"));
+        assert_eq!(plain_reason("some other error"), "some other error");
+    }
+}

@@ -319,7 +319,10 @@ fn run_of_an_unreadable_npy() {
     );
     assert_fails(
         &o,
-        &["cannot read q from `", "q.npy` (expected a float32 .npy)"],
+        &[
+            "cannot read q from `",
+            "q.npy` (expected a float32 .npy): not an .npy file",
+        ],
     );
     // A text file given as a buffer.
     let text = format!("doc={}", dir.str("q.npy"));
@@ -328,7 +331,7 @@ fn run_of_an_unreadable_npy() {
         &o,
         &[
             "cannot read buffer `doc` from `",
-            "it is declared int, which takes int32 or int64 data",
+            "it is declared int, which takes int32 or int64 data: not an .npy file",
         ],
     );
 }
@@ -373,7 +376,13 @@ fn run_with_float64_q() {
         &dir.path("o.npy"),
         &[],
     );
-    assert_fails(&o, &["cannot read q from `", "(expected a float32 .npy)"]);
+    assert_fails(
+        &o,
+        &[
+            "cannot read q from `",
+            "(expected a float32 .npy): the file holds float64 data (descriptor `<f8`)",
+        ],
+    );
 }
 
 #[test]
@@ -386,7 +395,7 @@ fn run_with_a_buffer_of_the_wrong_dtype() {
         &o,
         &[
             "cannot read buffer `doc`",
-            "declared int, which takes int32 or int64 data",
+            "declared int, which takes int32 or int64 data: the file holds float32 data",
         ],
     );
 }
