@@ -149,6 +149,8 @@ const PARAMS: &str = "attention local {
 }
 ";
 
+// `attnc::Error` is the library's error type, large or not.
+#[allow(clippy::result_large_err)]
 fn load(src: &str, entry: Option<&str>, params: &[(&str, &str)]) -> Result<Program, Error> {
     let options = SpecOptions {
         entry: entry.map(str::to_string),
@@ -226,7 +228,7 @@ fn param_override_of_the_wrong_type() {
             rendered.contains(&format!("declared {ty} here")),
             "{rendered}"
         );
-        assert!(rendered.contains(&format!("[spec.attn:")), "{rendered}");
+        assert!(rendered.contains("[spec.attn:"), "{rendered}");
         assert!(rendered.contains(help), "{rendered}");
     }
 }
