@@ -168,6 +168,15 @@ struct EmitArgs {
     /// Exponential base of the softmax in the kernel.
     #[arg(long, value_enum, default_value_t = ExpBase::Exp2)]
     exp: ExpBase,
+    /// Query length, for `--stage blocks` (the block map needs lengths).
+    #[arg(long, value_name = "N")]
+    q_len: Option<usize>,
+    /// Key length, for `--stage blocks` (default: the query length).
+    #[arg(long, value_name = "N")]
+    kv_len: Option<usize>,
+    /// Buffers for `--stage blocks`: `NAME=FILE.npy` or a recipe (repeatable).
+    #[arg(long = "buffer", value_name = "NAME=FILE.npy|RECIPE")]
+    buffers: Vec<String>,
     /// Emit code for a target instead of a stage: `ptx` (CUDA PTX for the loop IR).
     #[arg(long, value_enum)]
     target: Option<Target>,
@@ -196,6 +205,8 @@ enum Stage {
     Tile,
     /// The Cranelift IR of the CPU kernel.
     Clif,
+    /// The block map (needs --q-len; same output as `attnc blocks`).
+    Blocks,
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -403,11 +414,30 @@ fn run(cmd: Command) -> Result<(), Error> {
     match cmd {
         Command::Bench(args) => bench(args),
         Command::Emit(args) if args.target == Some(Target::Ptx) => emit_ptx(args),
+        Command::Emit(args) if args.stage == Stage::Blocks && args.target.is_none() => {
+            let Some(q_len) = args.q_len else {
+                return Err(Error::Usage("`--stage blocks` needs the lengths: pass `--q-len N` (and `--kv-len N` if different)".into()));
+            };
+            blocks(BlocksArgs {
+                spec: args.spec,
+                q_len,
+                kv_len: args.kv_len.unwrap_or(q_len),
+                block: args.block,
+                q_offset: 0,
+                buffers: args.buffers,
+                batch: 1,
+                heads: 1,
+                at: "0,0".into(),
+                json: false,
+                png: None,
+                repeat: 1,
+            })
+        }
         Command::Emit(args) => {
             let file = SourceFile::read(&args.spec.spec)?;
             match args.stage {
                 Stage::Ast => print!("{}", driver::parse(&std::sync::Arc::new(file))?),
-                Stage::Checked | Stage::Tile | Stage::TileUnopt | Stage::Clif => {
+                Stage::Checked | Stage::Tile | Stage::TileUnopt | Stage::Clif | Stage::Blocks => {
                     let program = driver::load(file, &spec_options(&args.spec)?)?;
                     if args.stage == Stage::Checked {
                         print!("{}", program.spec);
