@@ -5,6 +5,7 @@
 //! (`clif::vmath`) and the JIT-generated tile products (`clif::microkernel`).
 
 pub mod clif;
+pub mod ptx;
 
 /// Errors of code generation. A spec that passed checking either compiles or yields one
 /// of these; code generation never panics on user input.

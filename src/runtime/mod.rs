@@ -6,3 +6,5 @@
 
 pub mod exec;
 pub mod gemm;
+#[cfg(feature = "cuda")]
+pub mod cuda;

@@ -1,0 +1,399 @@
+//! The host side of the PTX kernel ABI: the device arrays a launch needs,
+//! built from bound inputs and block maps, and the decoding of the error
+//! block. Pure data transformations (no driver, no I/O), so every runtime
+//! that launches the kernel shares them and they are tested without a GPU.
+
+use ndarray::ArrayView4;
+
+use super::{Dtype, ErrorRecord, Launch};
+use crate::bind::Bound;
+use crate::buffer::BufferData;
+use crate::mask::BlockMaps;
+use crate::sema::eval::{EvalError, Point};
+use crate::tile::{Kernel, Op, ValueId};
+
+/// `x` as an IEEE half (round to nearest even; overflow to infinity).
+pub fn f16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let sign = ((b >> 16) & 0x8000) as u16;
+    let exp = ((b >> 23) & 0xff) as i32;
+    let man = b & 0x7f_ffff;
+    if exp == 0xff {
+        let nan = if man != 0 {
+            0x200 | (man >> 13) as u16
+        } else {
+            0
+        };
+        return sign | 0x7c00 | nan;
+    }
+    let e = exp - 127 + 15;
+    if e >= 0x1f {
+        return sign | 0x7c00;
+    }
+    // Keep `mantissa >> shift` and round on the dropped bits.
+    let (m, shift, base) = if e <= 0 {
+        if e < -10 {
+            return sign;
+        }
+        (man | 0x80_0000, (14 - e) as u32, 0u32)
+    } else {
+        (man, 13, (e as u32) << 10)
+    };
+    let kept = m >> shift;
+    let rest = m & ((1 << shift) - 1);
+    let halfway = 1 << (shift - 1);
+    let round = u32::from(rest > halfway || (rest == halfway && kept & 1 == 1));
+    // A carry out of the mantissa correctly bumps the exponent (up to infinity).
+    sign | (base + kept + round) as u16
+}
+
+/// `x` as a bfloat16 (round to nearest even; NaN stays NaN).
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// A tensor packed for the device: `[n0, n1, n2, d_pad]` in the dtype,
+/// pad columns zero, as raw little-endian bytes.
+pub fn pack(a: &ArrayView4<'_, f32>, d_pad: usize, dtype: Dtype) -> Vec<u8> {
+    let (n0, n1, n2, d) = a.dim();
+    let mut out = Vec::with_capacity(n0 * n1 * n2 * d_pad * dtype.size());
+    for i in 0..n0 {
+        for j in 0..n1 {
+            for r in 0..n2 {
+                for c in 0..d_pad {
+                    let x = if c < d { a[[i, j, r, c]] } else { 0.0 };
+                    match dtype {
+                        Dtype::F16 => out.extend_from_slice(&f16_bits(x).to_le_bytes()),
+                        Dtype::Bf16 => out.extend_from_slice(&bf16_bits(x).to_le_bytes()),
+                        Dtype::F32 => out.extend_from_slice(&x.to_le_bytes()),
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A buffer as the kernel reads it: row-major, int as i64, float as f32,
+/// bool as one byte.
+pub fn buffer_bytes(data: &BufferData) -> Vec<u8> {
+    match data {
+        BufferData::Int(a) => a.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        BufferData::Float(a) => a.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        BufferData::Bool(a) => a.iter().map(|&x| u8::from(x)).collect(),
+    }
+}
+
+/// The block maps as the kernel walks them (see the module docs of
+/// [`super`]): `rows` holds four u32 per (map, query tile), `full` u32
+/// pairs, `partial` u32 tile indices; map `b * stride_b + h * stride_h`
+/// serves (b, h).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceMaps {
+    pub rows: Vec<u32>,
+    pub full: Vec<u32>,
+    pub partial: Vec<u32>,
+    pub stride_b: u32,
+    pub stride_h: u32,
+}
+
+/// Flattens block maps for the device.
+pub fn device_maps(maps: &BlockMaps, heads: usize) -> DeviceMaps {
+    let mut m = DeviceMaps {
+        stride_b: if maps.depends_on_b() {
+            if maps.depends_on_h() {
+                heads as u32
+            } else {
+                1
+            }
+        } else {
+            0
+        },
+        stride_h: u32::from(maps.depends_on_h()),
+        ..DeviceMaps::default()
+    };
+    for map in maps.maps() {
+        for qt in 0..map.q_tiles() {
+            let (f0, p0) = (m.full.len() / 2, m.partial.len());
+            for r in map.full_ranges(qt) {
+                m.full.extend([r.start, r.end]);
+            }
+            m.partial.extend_from_slice(map.partial(qt));
+            m.rows.extend([
+                f0 as u32,
+                (m.full.len() / 2) as u32,
+                p0 as u32,
+                m.partial.len() as u32,
+            ]);
+        }
+    }
+    m
+}
+
+/// The scalar kernel parameters after the pointers, in [`super::PARAMS`] order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scalars {
+    /// `B, H, HKV, Q, KV, D, group, kv_batch_stride, map_stride_b, map_stride_h`.
+    pub u32s: [u32; 10],
+    pub q_offset: i64,
+}
+
+/// A problem the kernel cannot take (a size past its 32-bit indexing or
+/// the grid limits).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{what} = {value} is too large for the CUDA kernel (at most {max})")]
+pub struct TooLarge {
+    pub what: &'static str,
+    pub value: usize,
+    pub max: usize,
+}
+
+/// The scalar parameters of a launch, checked against the kernel's limits.
+pub fn scalars(bound: &Bound, maps: &DeviceMaps) -> Result<Scalars, TooLarge> {
+    let s = bound.shapes;
+    let limit = |what, value: usize, max: usize| {
+        if value > max {
+            Err(TooLarge { what, value, max })
+        } else {
+            Ok(value as u32)
+        }
+    };
+    let big = (i32::MAX / 2) as usize;
+    let grid = 65535;
+    Ok(Scalars {
+        u32s: [
+            limit("B", s.b, grid)?,
+            limit("H", s.h, grid)?,
+            limit("HKV", s.hkv, grid)?,
+            limit("Q", s.q, big)?,
+            limit("KV", s.kv, big)?,
+            limit("D", s.d, big)?,
+            (s.h / s.hkv.max(1)) as u32,
+            u32::from(bound.kv_batch != 1),
+            maps.stride_b,
+            maps.stride_h,
+        ],
+        q_offset: bound.q_offset,
+    })
+}
+
+/// Copies the `[B, H, Q, d_pad]` f32 output into `[B, H, Q, D]`.
+pub fn unpad(out: &[f32], launch: &Launch, b: usize, h: usize, q: usize) -> ndarray::Array4<f32> {
+    let (d, dp) = (launch.d, launch.d_pad);
+    ndarray::Array4::from_shape_fn((b, h, q, d), |(i, j, r, c)| {
+        out[((i * h + j) * q + r) * dp + c]
+    })
+}
+
+/// The error the interpreter reports for a filled error block, or `None`
+/// when the kernel ran clean.
+pub fn decode_error(words: &[u64], kernel: &Kernel, bound: &Bound) -> Option<EvalError> {
+    let kind = (words[0] & 0xffff_ffff) as u32;
+    if kind == 0 {
+        return None;
+    }
+    let v = (words[0] >> 32) as usize;
+    let at = Point {
+        b: words[1] as i64,
+        h: words[2] as i64,
+        q: words[3] as i64,
+        kv: words[4] as i64,
+        score: 0.0,
+    };
+    let span: miette::SourceSpan = kernel
+        .spans
+        .get(v)
+        .copied()
+        .flatten()
+        .unwrap_or_default()
+        .into();
+    let index = |n: usize| {
+        words[5..5 + n.min(ErrorRecord::MAX_INDICES)]
+            .iter()
+            .map(|&w| w as i64)
+            .collect::<Vec<_>>()
+    };
+    let op = kernel.insts.get(v).map(|i| &i.op);
+    let buffer = |b: u32| {
+        (
+            kernel.buffers[b as usize].name.clone(),
+            bound.buffers[b as usize].shape().to_vec(),
+        )
+    };
+    Some(match (kind, op) {
+        (ErrorRecord::DIVISION_BY_ZERO, _) => EvalError::DivisionByZero { at, span },
+        (ErrorRecord::ANCESTOR_CYCLE, Some(Op::Ancestor { parent, .. })) => {
+            EvalError::AncestorCycle {
+                buffer: buffer(*parent).0,
+                start: words[5] as i64,
+                span,
+            }
+        }
+        (
+            _,
+            Some(Op::Load {
+                buffer: b, indices, ..
+            }),
+        ) => {
+            let (buffer, shape) = buffer(*b);
+            EvalError::OutOfRange {
+                buffer,
+                index: index(indices.len()),
+                shape,
+                at,
+                span,
+            }
+        }
+        (_, Some(Op::Ancestor { parent, .. })) => {
+            let (buffer, shape) = buffer(*parent);
+            EvalError::OutOfRange {
+                buffer,
+                index: index(1),
+                shape,
+                at,
+                span,
+            }
+        }
+        _ => panic!(
+            "the kernel recorded error kind {kind} at {}, which cannot fail",
+            ValueId(v as u32)
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::{load, SourceFile, SpecOptions};
+    use crate::mask::{classify, Tiling};
+    use crate::Inputs;
+    use ndarray::{Array1, Array4};
+
+    #[test]
+    fn half_and_bfloat_rounding() {
+        for (x, h) in [
+            (0.0f32, 0x0000u16),
+            (-0.0, 0x8000),
+            (1.0, 0x3c00),
+            (-2.0, 0xc000),
+            (0.1, 0x2e66),
+            (65504.0, 0x7bff),
+            (65520.0, 0x7c00),
+            (1e6, 0x7c00),
+            (5.960_464_5e-8, 0x0001),
+            (6.097_555e-5, 0x03ff),
+            (6.103_515_6e-5, 0x0400),
+            (1.0 + 1.0 / 2048.0, 0x3c00),
+            (1.0 + 3.0 / 2048.0, 0x3c02),
+            (f32::INFINITY, 0x7c00),
+            (1e-9, 0x0000),
+        ] {
+            assert_eq!(f16_bits(x), h, "{x}");
+        }
+        assert!(f16_bits(f32::NAN) & 0x7c00 == 0x7c00 && f16_bits(f32::NAN) & 0x3ff != 0);
+        for (x, h) in [
+            (1.0f32, 0x3f80u16),
+            (-1.5, 0xbfc0),
+            (3.140625, 0x4049),
+            (1.0 + 1.0 / 256.0, 0x3f80),
+            (1.0 + 3.0 / 256.0, 0x3f82),
+        ] {
+            assert_eq!(bf16_bits(x), h, "{x}");
+        }
+        assert!(bf16_bits(f32::NAN) & 0x7f80 == 0x7f80 && bf16_bits(f32::NAN) & 0x7f != 0);
+    }
+
+    #[test]
+    fn packing_pads_the_head_dim() {
+        let a = Array4::from_shape_fn((1, 1, 2, 3), |(_, _, r, c)| (r * 3 + c) as f32);
+        let bytes = pack(&a.view(), 8, Dtype::F32);
+        let vals: Vec<f32> = bytes
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(
+            vals,
+            [0., 1., 2., 0., 0., 0., 0., 0., 3., 4., 5., 0., 0., 0., 0., 0.]
+        );
+        let bytes = pack(&a.view(), 16, Dtype::F16);
+        assert_eq!(bytes.len(), 2 * 16 * 2);
+        assert_eq!(u16::from_le_bytes([bytes[2], bytes[3]]), 0x3c00);
+    }
+
+    #[test]
+    fn maps_flatten_in_walk_order() {
+        let program = load(
+            SourceFile::new(
+                "t.attn",
+                "attention a { buffer doc[KV]: int\n mask = doc[q] == doc[kv] && causal }",
+            ),
+            &SpecOptions::default(),
+        )
+        .unwrap();
+        let q = Array4::<f32>::zeros((1, 2, 100, 8));
+        let doc = BufferData::Int(Array1::from_shape_fn(100, |i| (i / 40) as i64).into_dyn());
+        let inputs = Inputs::new(q.view(), q.view(), q.view()).buffer("doc", doc);
+        let bound = crate::bind::bind(&program.spec, &inputs).unwrap();
+        let maps = classify(&program.spec, &bound, Tiling::new(16, 16).unwrap()).unwrap();
+        let dm = device_maps(&maps, 2);
+        let map = maps.get(0, 0);
+        assert_eq!((dm.stride_b, dm.stride_h), (0, 0));
+        assert_eq!(dm.rows.len(), 4 * map.q_tiles());
+        for qt in 0..map.q_tiles() {
+            let r = &dm.rows[4 * qt..4 * qt + 4];
+            let full: Vec<u32> = (r[0]..r[1])
+                .flat_map(|i| dm.full[2 * i as usize]..dm.full[2 * i as usize + 1])
+                .collect();
+            let want: Vec<u32> = map.full_ranges(qt).iter().flat_map(|r| r.clone()).collect();
+            assert_eq!(full, want);
+            assert_eq!(&dm.partial[r[2] as usize..r[3] as usize], map.partial(qt));
+        }
+        assert!(!dm.partial.is_empty() && !dm.full.is_empty());
+        let s = scalars(&bound, &dm).unwrap();
+        assert_eq!(s.u32s, [1, 2, 2, 100, 100, 8, 1, 0, 0, 0]);
+    }
+
+    #[test]
+    fn error_blocks_decode_to_the_interpreter_errors() {
+        let program = load(
+            SourceFile::new(
+                "t.attn",
+                "attention a { buffer pos[KV]: int\n score = score + float(pos[q - kv]) }",
+            ),
+            &SpecOptions::default(),
+        )
+        .unwrap();
+        let k = crate::tile::lower(&program.spec, &crate::tile::Schedule::default());
+        let load_id = k
+            .insts
+            .iter()
+            .position(|i| matches!(i.op, Op::Load { .. }))
+            .unwrap();
+        let q = Array4::<f32>::zeros((1, 1, 4, 64));
+        let inputs = Inputs::new(q.view(), q.view(), q.view())
+            .buffer("pos", BufferData::Int(Array1::zeros(4).into_dyn()));
+        let bound = crate::bind::bind(&program.spec, &inputs).unwrap();
+        let mut words = [0u64; ErrorRecord::WORDS];
+        assert_eq!(decode_error(&words, &k, &bound), None);
+        words[0] = ((load_id as u64) << 32) | u64::from(ErrorRecord::OUT_OF_RANGE);
+        words[3] = 0;
+        words[4] = 2;
+        words[5] = (-2i64) as u64;
+        let e = decode_error(&words, &k, &bound).unwrap();
+        assert!(
+            e.to_string().starts_with(
+                "read out of range: `pos[-2]` with shape [4] (at b=0, h=0, q=0, kv=2)"
+            ),
+            "{e}"
+        );
+        words[0] = ((load_id as u64) << 32) | u64::from(ErrorRecord::DIVISION_BY_ZERO);
+        assert!(decode_error(&words, &k, &bound)
+            .unwrap()
+            .to_string()
+            .contains("division by zero"));
+    }
+}

@@ -1,0 +1,1523 @@
+//! The kernel skeleton: thread layout, shared-memory staging, the two
+//! products (mma or FMA), the block-map walk, the per-level IR code, the
+//! online softmax and the epilogue. See the module docs of [`super`].
+
+use std::fmt::Write;
+
+use super::writer::{f32_imm, ins, Reg, Writer};
+use super::{Dtype, Launch, PARAMS};
+use crate::sema::{Dim, ShapeVar};
+use crate::tile::{Kernel, Level, Op, Section, Ty, UnOp, ValueId};
+
+/// Where the tiles live in shared memory. Rows of Q, K and V are padded by
+/// 16 bytes, which makes `ldmatrix` and the f32 reads conflict-free.
+#[derive(Clone, Debug)]
+pub(super) struct Layout {
+    pub bq: usize,
+    pub bkv: usize,
+    pub dp: usize,
+    pub dtype: Dtype,
+    pub threads: usize,
+    /// Q fragments stay in registers (mma path, `dp <= 128`); Q is then
+    /// staged in the V tile before the first V load.
+    pub q_in_regs: bool,
+    /// Bytes per shared-memory row of Q, K and V.
+    pub row_bytes: usize,
+    pub k_off: usize,
+    pub v_off: usize,
+    pub q_off: usize,
+    /// The f32 path's per-warp P tiles (`16 x (bkv + 4)` f32 each).
+    pub p_off: usize,
+    pub p_row_bytes: usize,
+    pub smem_bytes: usize,
+}
+
+impl Layout {
+    pub fn new(bq: usize, bkv: usize, dp: usize, dtype: Dtype, q_in_regs: bool) -> Layout {
+        let warps = bq / 16;
+        let threads = 32 * warps;
+        let row_bytes = dp * dtype.size() + 16;
+        let q_in_regs = q_in_regs && dtype.uses_mma();
+        let k_off = 0;
+        let v_off = bkv * row_bytes;
+        let v_rows = if q_in_regs { bq.max(bkv) } else { bkv };
+        let q_off = if q_in_regs {
+            v_off
+        } else {
+            v_off + v_rows * row_bytes
+        };
+        let q_end = if q_in_regs {
+            v_off + v_rows * row_bytes
+        } else {
+            q_off + bq * row_bytes
+        };
+        let p_row_bytes = (bkv + 4) * 4;
+        let p_off = q_end;
+        let p_bytes = if dtype.uses_mma() {
+            0
+        } else {
+            warps * 16 * p_row_bytes
+        };
+        Layout {
+            bq,
+            bkv,
+            dp,
+            dtype,
+            threads,
+            q_in_regs,
+            row_bytes,
+            k_off,
+            v_off,
+            q_off,
+            p_off,
+            p_row_bytes,
+            smem_bytes: p_off + p_bytes,
+        }
+    }
+
+    /// Bytes of one row of q, k or v in global memory.
+    fn global_row_bytes(&self) -> usize {
+        self.dp * self.dtype.size()
+    }
+
+    /// 16-byte chunks per row (the `cp.async` unit).
+    fn chunks_per_row(&self) -> usize {
+        self.global_row_bytes() / 16
+    }
+}
+
+/// What the code being emitted is computing: the loop level, the point,
+/// and the validity of its row and column.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Ctx {
+    pub level: Option<Level>,
+    /// Absolute query position (s64), at row and element level.
+    pub q: Option<Reg>,
+    /// Key position (s64), at column and element level.
+    pub kv: Option<Reg>,
+    pub tile_score: Option<Reg>,
+    /// Whether the row is a real one (`< Q`).
+    pub row_valid: Option<Reg>,
+    /// Whether the column is a real one (`< KV`), computed on first use.
+    pub col_valid: Option<Reg>,
+    /// The conjunction of the two at element level, on first use.
+    pub elem_valid: Option<Reg>,
+    pub b: Option<Reg>,
+    pub h: Option<Reg>,
+    /// A uniform condition for the whole context (the query tile has a
+    /// FULL tile, for FULL-section values above column level).
+    pub gate: Option<Reg>,
+}
+
+impl Ctx {
+    /// `b, h, q, kv` as the interpreter reports them at this level.
+    pub fn point(&self) -> [Option<Reg>; 4] {
+        [self.b, self.h, self.q, self.kv]
+    }
+}
+
+/// The PTX generator of one kernel.
+pub(super) struct Gen<'a> {
+    pub k: &'a Kernel,
+    pub launch: &'a Launch,
+    pub lay: Layout,
+    pub w: Writer,
+    /// The register of each IR value in the current context.
+    pub env: Vec<Option<Reg>>,
+    pub ctx: Ctx,
+    /// The error block (global u64 address).
+    pub err: Reg,
+    pub zero64: Reg,
+    /// Per buffer: its global address and its dims (s64).
+    pub bufs: Vec<(Reg, Vec<Reg>)>,
+    /// s64 shapes, indexed by `ShapeVar as usize`.
+    pub shapes: Vec<Reg>,
+    pub b64: Reg,
+    pub h64: Reg,
+    /// Per-thread ids (u32).
+    tid: Reg,
+    lane: Reg,
+    warp: Reg,
+    g: Reg,
+    t4: Reg,
+    /// Shared memory base (u32 shared-window address).
+    smem: Reg,
+    /// The S tile fragment: `s[nb][2 * half + e]`.
+    s: Vec<[Reg; 4]>,
+    /// The O accumulator fragment: `o[nb][2 * half + e]` for head dim `nb * 8 + 2 * t4 + e`.
+    o: Vec<[Reg; 4]>,
+    /// Running row max and per-thread partial row sum, per half.
+    m: [Reg; 2],
+    l: [Reg; 2],
+    /// Q fragments per 16-wide k step, when they stay in registers.
+    qf: Vec<[Reg; 4]>,
+    /// Per half: absolute q (s64), row validity, row-level values.
+    q_abs: [Reg; 2],
+    row_valid: [Reg; 2],
+    row_vals: [Vec<Option<Reg>>; 2],
+}
+
+/// The PTX type of the mma operands.
+fn mma_type(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F16 => "f16",
+        Dtype::Bf16 => "bf16",
+        Dtype::F32 => unreachable!("the f32 path uses FMAs"),
+    }
+}
+
+/// Generates the whole PTX module.
+pub(super) fn generate(k: &Kernel, launch: &Launch, entry: &str) -> String {
+    debug_assert!(
+        crate::tile::verify(k).is_ok(),
+        "the PTX backend takes verified kernels"
+    );
+    let lay = Layout::new(
+        launch.bq,
+        launch.bkv,
+        launch.d_pad,
+        launch.dtype,
+        launch.q_in_registers,
+    );
+    let mut w = Writer::default();
+    let mut reg = |f: fn(&mut Writer) -> Reg| f(&mut w);
+    let (tid, lane, warp, g, t4, smem) = (
+        reg(Writer::r),
+        reg(Writer::r),
+        reg(Writer::r),
+        reg(Writer::r),
+        reg(Writer::r),
+        reg(Writer::r),
+    );
+    let (err, zero64, b64, h64) = (
+        reg(Writer::rd),
+        reg(Writer::rd),
+        reg(Writer::rd),
+        reg(Writer::rd),
+    );
+    let shapes = ShapeVar::ALL.iter().map(|_| w.rd()).collect();
+    let s = (0..lay.bkv / 8)
+        .map(|_| [w.f(), w.f(), w.f(), w.f()])
+        .collect();
+    let o = (0..lay.dp / 8)
+        .map(|_| [w.f(), w.f(), w.f(), w.f()])
+        .collect();
+    let m = [w.f(), w.f()];
+    let l = [w.f(), w.f()];
+    let qf = if lay.q_in_regs {
+        (0..lay.dp / 16)
+            .map(|_| [w.r(), w.r(), w.r(), w.r()])
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let q_abs = [w.rd(), w.rd()];
+    let row_valid = [w.p(), w.p()];
+    let mut gen = Gen {
+        k,
+        launch,
+        lay,
+        w,
+        env: vec![None; k.insts.len()],
+        ctx: Ctx::default(),
+        err,
+        zero64,
+        bufs: Vec::new(),
+        shapes,
+        b64,
+        h64,
+        tid,
+        lane,
+        warp,
+        g,
+        t4,
+        smem,
+        s,
+        o,
+        m,
+        l,
+        qf,
+        q_abs,
+        row_valid,
+        row_vals: [Vec::new(), Vec::new()],
+    };
+    gen.body();
+    gen.module(entry)
+}
+
+impl Gen<'_> {
+    /// The text of one IR instruction, for the comment above its code.
+    pub(super) fn inst_text(&self, v: ValueId) -> String {
+        let inst = self.k.inst(v);
+        let op = match &inst.op {
+            Op::IConst(i) => format!("iconst {i}"),
+            Op::FConst(x) => format!("fconst {x:?}"),
+            Op::BConst(b) => format!("bconst {b}"),
+            Op::Var(var) => format!("var {}", var.name()),
+            Op::Shape(s) => format!("shape {}", s.name()),
+            Op::TileScore => "tile_score".to_string(),
+            Op::Unary(op, a) => {
+                let name = match op {
+                    UnOp::INeg => "ineg",
+                    UnOp::FNeg => "fneg",
+                    UnOp::Not => "bnot",
+                };
+                format!("{name} {a}")
+            }
+            Op::Binary(op, a, b) => format!("{} {a}, {b}", op.name()),
+            Op::Cmp(op, a, b) => format!(
+                "{}.{} {a}, {b}",
+                if self.k.inst(*a).ty == Ty::F32 {
+                    "fcmp"
+                } else {
+                    "icmp"
+                },
+                op.name()
+            ),
+            Op::Select(c, a, b) => format!("select {c}, {a}, {b}"),
+            Op::Call(f, a) => format!("{} {a}", f.name()),
+            Op::IToF(a) => format!("itof {a}"),
+            Op::FToI(a) => format!("ftoi {a}"),
+            Op::BToI(a) => format!("btoi {a}"),
+            Op::Load {
+                buffer,
+                indices,
+                checked,
+            } => {
+                let idx = indices
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                format!(
+                    "{} {}[{idx}]",
+                    if *checked { "load.checked" } else { "load" },
+                    self.k.buffers[*buffer as usize].name
+                )
+            }
+            Op::Ancestor { parent, i, j } => format!(
+                "ancestor.checked {}, {i}, {j}",
+                self.k.buffers[*parent as usize].name
+            ),
+        };
+        let guard = inst.guard.map(|g| format!(" if {g}")).unwrap_or_default();
+        format!("{v} = {op}{guard} : {}", inst.ty)
+    }
+
+    /// The validity predicate of the current context (`None` = always).
+    pub(super) fn ctx_valid(&mut self) -> Option<Reg> {
+        match self.ctx.level {
+            None | Some(Level::Call) | Some(Level::Head) => self.ctx.gate,
+            Some(Level::Row) => {
+                if self.ctx.elem_valid.is_none() {
+                    let p = self.and_opt(self.ctx.row_valid, self.ctx.gate);
+                    self.ctx.elem_valid = p;
+                }
+                self.ctx.elem_valid
+            }
+            Some(Level::Col) => Some(self.col_valid()),
+            Some(Level::Elem) => {
+                if self.ctx.elem_valid.is_none() {
+                    let c = self.col_valid();
+                    let p = self.and_opt(self.ctx.row_valid, Some(c));
+                    self.ctx.elem_valid = p;
+                }
+                self.ctx.elem_valid
+            }
+        }
+    }
+
+    /// `kv < KV` for the current column, computed once per column.
+    fn col_valid(&mut self) -> Reg {
+        if let Some(p) = self.ctx.col_valid {
+            return p;
+        }
+        let kv = self.ctx.kv.expect("a column context has kv");
+        let p = self.w.p();
+        ins!(
+            self.w,
+            "setp.lt.s64 {p}, {kv}, {}",
+            self.shapes[ShapeVar::Kv as usize]
+        );
+        self.ctx.col_valid = Some(p);
+        p
+    }
+
+    /// The ids of the instructions at `level` that the `section` loop runs.
+    fn insts_at(&self, level: Level, section: Section) -> Vec<ValueId> {
+        self.insts_where(level, |s| s == Section::Shared || s == section)
+    }
+
+    /// The ids of the instructions at `level` whose section passes `pick`.
+    fn insts_where(&self, level: Level, pick: impl Fn(Section) -> bool) -> Vec<ValueId> {
+        (0..self.k.insts.len())
+            .filter(|&i| self.k.insts[i].level == level && pick(self.k.insts[i].section))
+            .map(|i| ValueId(i as u32))
+            .collect()
+    }
+
+    fn param(&self, name: &str) -> String {
+        format!("p_{name}")
+    }
+
+    /// The module text: header, entry signature, declarations, body.
+    fn module(&self, entry: &str) -> String {
+        let k = self.k;
+        let l = self.launch;
+        let lay = &self.lay;
+        let mut s = String::new();
+        let product = if l.dtype.uses_mma() {
+            format!(
+                "{} inputs, mma.sync m16n8k16 with f32 accumulation",
+                l.dtype
+            )
+        } else {
+            "f32 inputs, FMA products".to_string()
+        };
+        let _ = writeln!(
+            s,
+            "//\n// attnc PTX of `{}` for {}: {product}",
+            k.name, l.arch
+        );
+        let sch = &k.schedule;
+        let _ = writeln!(
+            s,
+            "// schedule: bq={} bkv={} D={} (arrays padded to {}) exp={}; {} threads ({} warps x 16 query rows)",
+            sch.bq,
+            sch.bkv,
+            l.d,
+            l.d_pad,
+            if sch.exp2 { "exp2" } else { "exp" },
+            l.threads,
+            l.threads / 32
+        );
+        if !k.params.is_empty() {
+            let p = k
+                .params
+                .iter()
+                .map(|(n, v)| format!("{n} = {v}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = writeln!(s, "// params: {p}");
+        }
+        let _ = writeln!(
+            s,
+            "// shared memory: {} bytes ({}); K tile at {}, V tile at {}, Q tile at {}{}{}",
+            l.smem_bytes,
+            if l.dynamic_smem { "dynamic" } else { "static" },
+            lay.k_off,
+            lay.v_off,
+            lay.q_off,
+            if lay.q_in_regs {
+                " (aliases V; Q fragments stay in registers)"
+            } else {
+                ""
+            },
+            if lay.dtype.uses_mma() {
+                String::new()
+            } else {
+                format!(", P tiles at {}", lay.p_off)
+            }
+        );
+        let _ = writeln!(
+            s,
+            "//\n.version 8.0\n.target {}\n.address_size 64\n",
+            l.arch
+        );
+        if l.dynamic_smem {
+            let _ = writeln!(s, ".extern .shared .align 16 .b8 attnc_smem[];\n");
+        }
+        let _ = writeln!(s, ".visible .entry {entry}(");
+        let mut params: Vec<String> = Vec::new();
+        for name in PARAMS {
+            let ty = match name {
+                "q_offset" => ".s64",
+                "B" | "H" | "HKV" | "Q" | "KV" | "D" | "group" | "kv_batch_stride"
+                | "map_stride_b" | "map_stride_h" => ".u32",
+                _ => ".u64",
+            };
+            params.push(format!("\t.param {ty} {}", self.param(name)));
+        }
+        for i in 0..k.buffers.len() {
+            params.push(format!("\t.param .u64 {}", self.param(&format!("buf{i}"))));
+        }
+        let _ = writeln!(s, "{}\n)", params.join(",\n"));
+        // The register budget: up to 255 per thread, and ptxas must not trade
+        // spills for more CTAs per SM than the budget promises.
+        let _ = writeln!(
+            s,
+            ".maxntid {}, 1, 1\n.minnctapersm {}\n{{",
+            l.threads,
+            l.register_ctas_per_sm()
+        );
+        s.push_str(&self.w.declarations());
+        if !l.dynamic_smem {
+            let _ = writeln!(s, "\t.shared .align 16 .b8 attnc_smem[{}];", l.smem_bytes);
+        }
+        s.push_str(self.w.body());
+        s.push_str("}\n");
+        s
+    }
+
+    fn ld_param(&mut self, name: &str, ty: &str) -> Reg {
+        let r = if ty == "u32" { self.w.r() } else { self.w.rd() };
+        ins!(self.w, "ld.param.{ty} {r}, [{}]", self.param(name));
+        r
+    }
+
+    fn global_ptr(&mut self, name: &str) -> Reg {
+        let r = self.ld_param(name, "u64");
+        ins!(self.w, "cvta.to.global.u64 {r}, {r}");
+        r
+    }
+
+    fn body(&mut self) {
+        let lay = self.lay.clone();
+        let (tid, lane, warp, g, t4, smem) =
+            (self.tid, self.lane, self.warp, self.g, self.t4, self.smem);
+        self.w
+            .section("thread and CTA ids; grid = (query tiles, H, B), longest query tiles first");
+        ins!(self.w, "mov.u32 {tid}, %tid.x");
+        ins!(self.w, "and.b32 {lane}, {tid}, 31");
+        ins!(self.w, "shr.u32 {warp}, {tid}, 5");
+        ins!(self.w, "shr.u32 {g}, {lane}, 2");
+        ins!(self.w, "and.b32 {t4}, {lane}, 3");
+        ins!(self.w, "mov.u32 {smem}, attnc_smem");
+        let (qt, n_qt, h32, b32) = (self.w.r(), self.w.r(), self.w.r(), self.w.r());
+        let t = self.w.r();
+        ins!(self.w, "mov.u32 {t}, %ctaid.x");
+        ins!(self.w, "mov.u32 {n_qt}, %nctaid.x");
+        ins!(self.w, "sub.u32 {qt}, {n_qt}, {t}");
+        ins!(self.w, "sub.u32 {qt}, {qt}, 1");
+        ins!(self.w, "mov.u32 {h32}, %ctaid.y");
+        ins!(self.w, "mov.u32 {b32}, %ctaid.z");
+
+        self.w.section("parameters");
+        let q_ptr = self.global_ptr("q");
+        let k_ptr = self.global_ptr("k");
+        let v_ptr = self.global_ptr("v");
+        let out_ptr = self.global_ptr("out");
+        let lse_ptr = self.global_ptr("lse");
+        let err = self.err;
+        let e = self.global_ptr("err");
+        ins!(self.w, "mov.b64 {err}, {e}");
+        let map_rows = self.global_ptr("map_rows");
+        let map_full = self.global_ptr("map_full");
+        let map_partial = self.global_ptr("map_partial");
+        let shape32: Vec<Reg> = ["B", "H", "HKV", "Q", "KV", "D"]
+            .iter()
+            .map(|n| self.ld_param(n, "u32"))
+            .collect();
+        let group = self.ld_param("group", "u32");
+        let kv_bs = self.ld_param("kv_batch_stride", "u32");
+        let msb = self.ld_param("map_stride_b", "u32");
+        let msh = self.ld_param("map_stride_h", "u32");
+        let q_offset = self.ld_param("q_offset", "s64");
+        for (sv, r32) in ShapeVar::ALL.iter().zip(&shape32) {
+            let r = self.shapes[*sv as usize];
+            ins!(self.w, "cvt.u64.u32 {r}, {r32}");
+        }
+        let (h_len, hkv_len, q_len, kv_len) = (shape32[1], shape32[2], shape32[3], shape32[4]);
+        ins!(self.w, "mov.b64 {}, 0", self.zero64);
+        ins!(self.w, "cvt.u64.u32 {}, {b32}", self.b64);
+        ins!(self.w, "cvt.u64.u32 {}, {h32}", self.h64);
+        self.buffers();
+
+        // Call, head and row values of the FULL section are computed only
+        // for query tiles with a FULL tile, row values only for query tiles
+        // with any tile (as the interpreter does).
+        let not_full = |s: Section| s != Section::Full;
+        let full_only = |s: Section| s == Section::Full;
+        self.w.section("call-level values");
+        self.ctx = Ctx {
+            level: Some(Level::Call),
+            ..Ctx::default()
+        };
+        for v in self.insts_where(Level::Call, not_full) {
+            self.lower(v);
+        }
+        self.w.section("head-level values");
+        self.ctx = Ctx {
+            level: Some(Level::Head),
+            b: Some(self.b64),
+            h: Some(self.h64),
+            ..Ctx::default()
+        };
+        for v in self.insts_where(Level::Head, not_full) {
+            self.lower(v);
+        }
+
+        self.w
+            .section("global addresses of this (b, h)'s Q tile and K/V head");
+        let grow = lay.global_row_bytes();
+        let (bh, q_tile, row0, q_rows) = (self.w.r(), self.w.rd(), self.w.r(), self.w.r());
+        ins!(self.w, "mad.lo.u32 {bh}, {b32}, {h_len}, {h32}");
+        ins!(self.w, "mul.lo.u32 {row0}, {qt}, {}", lay.bq);
+        let t64 = self.w.rd();
+        ins!(self.w, "mul.wide.u32 {t64}, {bh}, {q_len}");
+        let row0_64 = self.w.rd();
+        ins!(self.w, "cvt.u64.u32 {row0_64}, {row0}");
+        ins!(self.w, "add.s64 {t64}, {t64}, {row0_64}");
+        ins!(self.w, "mul.lo.u64 {t64}, {t64}, {grow}");
+        ins!(self.w, "add.s64 {q_tile}, {q_ptr}, {t64}");
+        ins!(self.w, "sub.u32 {q_rows}, {q_len}, {row0}");
+        ins!(self.w, "min.u32 {q_rows}, {q_rows}, {}", lay.bq);
+        let (kvh, k_head, v_head) = (self.w.r(), self.w.rd(), self.w.rd());
+        let (kb, kh) = (self.w.r(), self.w.r());
+        ins!(self.w, "mul.lo.u32 {kb}, {b32}, {kv_bs}");
+        ins!(self.w, "div.u32 {kh}, {h32}, {group}");
+        ins!(self.w, "mad.lo.u32 {kvh}, {kb}, {hkv_len}, {kh}");
+        let head_off = self.w.rd();
+        ins!(self.w, "mul.wide.u32 {head_off}, {kvh}, {kv_len}");
+        ins!(self.w, "mul.lo.u64 {head_off}, {head_off}, {grow}");
+        ins!(self.w, "add.s64 {k_head}, {k_ptr}, {head_off}");
+        ins!(self.w, "add.s64 {v_head}, {v_ptr}, {head_off}");
+
+        self.w.section("cp.async lane offsets");
+        let loader = self.tile_loader_setup();
+
+        self.w
+            .section("load the Q tile (rows past Q are zero-filled)");
+        self.load_tile(&loader, lay.q_off, lay.bq, q_tile, q_rows);
+
+        self.w
+            .section("block map of (b, h, qt): FULL ranges, then PARTIAL tiles");
+        let (mi, mrow) = (self.w.r(), self.w.rd());
+        ins!(self.w, "mul.lo.u32 {mi}, {b32}, {msb}");
+        ins!(self.w, "mad.lo.u32 {mi}, {h32}, {msh}, {mi}");
+        ins!(self.w, "mad.lo.u32 {mi}, {mi}, {n_qt}, {qt}");
+        ins!(self.w, "mul.wide.u32 {mrow}, {mi}, 16");
+        ins!(self.w, "add.s64 {mrow}, {map_rows}, {mrow}");
+        let it = TileIter {
+            fr: self.w.r(),
+            fr_end: self.w.r(),
+            f_end: self.w.r(),
+            pi: self.w.r(),
+            p_end: self.w.r(),
+            map_full,
+            map_partial,
+        };
+        ins!(
+            self.w,
+            "ld.global.nc.v4.u32 {{{}, {}, {}, {}}}, [{mrow}]",
+            it.fr,
+            it.fr_end,
+            it.pi,
+            it.p_end
+        );
+        ins!(self.w, "sub.u32 {}, {}, 1", it.fr, it.fr);
+        ins!(self.w, "mov.u32 {}, 0", it.f_end);
+        let (kt, full, has) = (self.w.r(), self.w.p(), self.w.p());
+        let (nkt, nfull, nhas) = (self.w.r(), self.w.p(), self.w.p());
+        ins!(self.w, "mov.u32 {kt}, -1");
+        ins!(self.w, "mov.pred {full}, 1");
+        self.next_tile(&it, kt, full, nkt, nfull, nhas);
+        ins!(self.w, "mov.u32 {kt}, {nkt}");
+        ins!(self.w, "mov.pred {full}, {nfull}");
+        ins!(self.w, "mov.pred {has}, {nhas}");
+        let (kt_off, kv_rows) = (self.w.rd(), self.w.r());
+        self.kv_tile_addr(kt, k_head, kv_len, kt_off, kv_rows);
+        self.load_tile_if(&loader, lay.k_off, lay.bkv, kt_off, kv_rows, Some(has));
+        for half in 0..2 {
+            ins!(
+                self.w,
+                "mov.f32 {}, {}",
+                self.m[half],
+                f32_imm(f32::NEG_INFINITY)
+            );
+            ins!(self.w, "mov.f32 {}, {}", self.l[half], f32_imm(0.0));
+        }
+        for nb in 0..lay.dp / 8 {
+            for r in self.o[nb] {
+                ins!(self.w, "mov.f32 {r}, {}", f32_imm(0.0));
+            }
+        }
+        let finish = self.w.label("finish");
+        self.w
+            .comment("a query tile that sees no key tile: out = 0, lse = -inf");
+        ins!(self.w, "@!{has} bra.uni {finish}");
+        let has_full = self.w.p();
+        ins!(self.w, "setp.lt.u32 {has_full}, {}, {}", it.fr, it.fr_end);
+        let full_vals = !self.insts_where(Level::Call, full_only).is_empty()
+            || !self.insts_where(Level::Head, full_only).is_empty();
+        if full_vals {
+            self.w.section(
+                "call- and head-level values of the FULL tiles, where the query tile has one",
+            );
+            for level in [Level::Call, Level::Head] {
+                self.ctx = Ctx {
+                    level: Some(level),
+                    b: (level == Level::Head).then_some(self.b64),
+                    h: (level == Level::Head).then_some(self.h64),
+                    gate: Some(has_full),
+                    ..Ctx::default()
+                };
+                for v in self.insts_where(level, full_only) {
+                    self.lower(v);
+                }
+            }
+        }
+
+        self.w
+            .section("row-level values, once per owned row (rows g and g + 8 of the warp)");
+        for half in 0..2 {
+            let (r, qrow, qa, rv) = (
+                self.w.r(),
+                self.w.r(),
+                self.q_abs[half],
+                self.row_valid[half],
+            );
+            ins!(self.w, "mad.lo.u32 {r}, {warp}, 16, {g}");
+            ins!(self.w, "add.u32 {qrow}, {row0}, {r}");
+            if half == 1 {
+                ins!(self.w, "add.u32 {qrow}, {qrow}, 8");
+            }
+            ins!(self.w, "setp.lt.u32 {rv}, {qrow}, {q_len}");
+            ins!(self.w, "cvt.u64.u32 {qa}, {qrow}");
+            ins!(self.w, "add.s64 {qa}, {qa}, {q_offset}");
+            self.ctx = Ctx {
+                level: Some(Level::Row),
+                b: Some(self.b64),
+                h: Some(self.h64),
+                q: Some(qa),
+                row_valid: Some(rv),
+                ..Ctx::default()
+            };
+            for v in self.insts_where(Level::Row, not_full) {
+                self.lower(v);
+            }
+            self.ctx.gate = Some(has_full);
+            self.ctx.elem_valid = None;
+            for v in self.insts_where(Level::Row, full_only) {
+                self.lower(v);
+            }
+            self.row_vals[half] = self.env.clone();
+        }
+
+        self.w.section("wait for Q (and the first K tile)");
+        ins!(self.w, "cp.async.wait_group 0");
+        ins!(self.w, "bar.sync 0");
+        if lay.q_in_regs {
+            let a_off = self.a_lane_offset(lay.q_off, true);
+            for ks in 0..lay.dp / 16 {
+                let [a0, a1, a2, a3] = self.qf[ks];
+                ins!(self.w, "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{a0}, {a1}, {a2}, {a3}}}, [{a_off}+{}]", ks * 32);
+            }
+        }
+
+        self.w.section("key tile loop");
+        let top = self.w.label("tile");
+        self.w.place(&top);
+        self.next_tile(&it, kt, full, nkt, nfull, nhas);
+        ins!(self.w, "cp.async.wait_group 0");
+        ins!(self.w, "bar.sync 0");
+        self.w.comment("V of this tile loads during S = Q K^T");
+        self.kv_tile_addr(kt, v_head, kv_len, kt_off, kv_rows);
+        self.load_tile_if(&loader, lay.v_off, lay.bkv, kt_off, kv_rows, None);
+        self.qk();
+        let prescale =
+            self.env[self.k.q_prescale.0 as usize].expect("q_prescale is a call-level value");
+        self.w.comment("tile_score = (q . k) * q_prescale");
+        for nb in 0..lay.bkv / 8 {
+            for r in self.s[nb] {
+                ins!(self.w, "mul.rn.f32 {r}, {r}, {prescale}");
+            }
+        }
+        ins!(self.w, "cp.async.wait_group 0");
+        ins!(self.w, "bar.sync 0");
+        self.w
+            .comment("K of the next tile loads during the softmax and P V");
+        let (nkt_off, nkv_rows) = (self.w.rd(), self.w.r());
+        self.kv_tile_addr(nkt, k_head, kv_len, nkt_off, nkv_rows);
+        self.load_tile_if(&loader, lay.k_off, lay.bkv, nkt_off, nkv_rows, Some(nhas));
+
+        let kv0 = self.w.rd();
+        let kv0_32 = self.w.r();
+        ins!(self.w, "mul.lo.u32 {kv0_32}, {kt}, {}", lay.bkv);
+        ins!(self.w, "shl.b32 {t}, {t4}, 1");
+        ins!(self.w, "add.u32 {t}, {kv0_32}, {t}");
+        ins!(self.w, "cvt.u64.u32 {kv0}, {t}");
+        let (partial, softmax) = (self.w.label("partial"), self.w.label("softmax"));
+        ins!(self.w, "@!{full} bra.uni {partial}");
+        self.w.section("FULL tile: no mask code");
+        self.tile_body(Section::Full, kv0);
+        self.w
+            .comment("a ragged last tile: columns past KV are -inf");
+        let (ragged, end) = (self.w.p(), self.w.r());
+        let no_tail = self.w.label("no_tail");
+        ins!(self.w, "add.u32 {end}, {kv0_32}, {}", lay.bkv);
+        ins!(self.w, "setp.gt.u32 {ragged}, {end}, {kv_len}");
+        ins!(self.w, "@!{ragged} bra.uni {no_tail}");
+        self.tail_mask(kv0);
+        self.w.place(&no_tail);
+        ins!(self.w, "bra.uni {softmax}");
+        self.w.place(&partial);
+        self.w.section("PARTIAL tile: mask applied");
+        self.tile_body(Section::Partial, kv0);
+        self.w.place(&softmax);
+        ins!(self.w, "bar.warp.sync -1");
+        self.online_softmax();
+        self.pv();
+        ins!(self.w, "mov.u32 {kt}, {nkt}");
+        ins!(self.w, "mov.pred {full}, {nfull}");
+        ins!(self.w, "@{nhas} bra.uni {top}");
+
+        self.w.place(&finish);
+        ins!(self.w, "cp.async.wait_group 0");
+        self.epilogue(out_ptr, lse_ptr, bh, q_len, row0);
+        ins!(self.w, "ret");
+    }
+
+    /// Pointers and dims (s64) of every buffer.
+    fn buffers(&mut self) {
+        for (i, decl) in self.k.buffers.clone().iter().enumerate() {
+            let ptr = self.global_ptr(&format!("buf{i}"));
+            let mut dims = Vec::new();
+            for d in &decl.dims {
+                let r = self.w.rd();
+                match *d {
+                    Dim::Lit(n) => ins!(self.w, "mov.b64 {r}, {n}"),
+                    Dim::Shape(s) => ins!(self.w, "mov.b64 {r}, {}", self.shapes[s as usize]),
+                    Dim::CeilDiv(s, n) => {
+                        ins!(
+                            self.w,
+                            "add.s64 {r}, {}, {}",
+                            self.shapes[s as usize],
+                            n - 1
+                        );
+                        ins!(self.w, "div.u64 {r}, {r}, {n}");
+                    }
+                }
+                dims.push(r);
+            }
+            self.bufs.push((ptr, dims));
+        }
+    }
+
+    /// The next tile of the walk: after a FULL tile comes the next tile of
+    /// its range, else the start of the next range, else the first PARTIAL
+    /// tile; after a PARTIAL tile the next PARTIAL one. Uniform over the CTA.
+    fn next_tile(&mut self, it: &TileIter, kt: Reg, full: Reg, nkt: Reg, nfull: Reg, nhas: Reg) {
+        let (part, range, none, done) = (
+            self.w.label("next_partial"),
+            self.w.label("next_range"),
+            self.w.label("next_none"),
+            self.w.label("next_done"),
+        );
+        let (t, p, a) = (self.w.r(), self.w.p(), self.w.rd());
+        ins!(self.w, "@!{full} bra.uni {part}");
+        ins!(self.w, "add.u32 {t}, {kt}, 1");
+        ins!(self.w, "setp.lt.u32 {p}, {t}, {}", it.f_end);
+        ins!(self.w, "@!{p} bra.uni {range}");
+        ins!(self.w, "mov.u32 {nkt}, {t}");
+        ins!(self.w, "mov.pred {nfull}, 1");
+        ins!(self.w, "mov.pred {nhas}, 1");
+        ins!(self.w, "bra.uni {done}");
+        self.w.place(&range);
+        ins!(self.w, "add.u32 {}, {}, 1", it.fr, it.fr);
+        ins!(self.w, "setp.lt.u32 {p}, {}, {}", it.fr, it.fr_end);
+        ins!(self.w, "@!{p} bra.uni {part}");
+        ins!(self.w, "mul.wide.u32 {a}, {}, 8", it.fr);
+        ins!(self.w, "add.s64 {a}, {}, {a}", it.map_full);
+        ins!(self.w, "ld.global.nc.v2.u32 {{{nkt}, {}}}, [{a}]", it.f_end);
+        ins!(self.w, "mov.pred {nfull}, 1");
+        ins!(self.w, "mov.pred {nhas}, 1");
+        ins!(self.w, "bra.uni {done}");
+        self.w.place(&part);
+        ins!(self.w, "setp.lt.u32 {p}, {}, {}", it.pi, it.p_end);
+        ins!(self.w, "@!{p} bra.uni {none}");
+        ins!(self.w, "mul.wide.u32 {a}, {}, 4", it.pi);
+        ins!(self.w, "add.s64 {a}, {}, {a}", it.map_partial);
+        ins!(self.w, "ld.global.nc.u32 {nkt}, [{a}]");
+        ins!(self.w, "add.u32 {}, {}, 1", it.pi, it.pi);
+        ins!(self.w, "mov.pred {nfull}, 0");
+        ins!(self.w, "mov.pred {nhas}, 1");
+        ins!(self.w, "bra.uni {done}");
+        self.w.place(&none);
+        ins!(self.w, "mov.u32 {nkt}, 0");
+        ins!(self.w, "mov.pred {nfull}, 0");
+        ins!(self.w, "mov.pred {nhas}, 0");
+        self.w.place(&done);
+    }
+
+    /// `off = head + kt * bkv * row bytes`, `rows = min(bkv, KV - kt * bkv)`.
+    fn kv_tile_addr(&mut self, kt: Reg, head: Reg, kv_len: Reg, off: Reg, rows: Reg) {
+        let lay = &self.lay;
+        let (bkv, grow) = (lay.bkv, lay.global_row_bytes());
+        let c0 = self.w.r();
+        ins!(self.w, "mul.lo.u32 {c0}, {kt}, {bkv}");
+        ins!(self.w, "mul.wide.u32 {off}, {c0}, {grow}");
+        ins!(self.w, "add.s64 {off}, {head}, {off}");
+        // Past the end (no next tile) the row count clamps to 0.
+        let p = self.w.p();
+        ins!(self.w, "setp.lt.u32 {p}, {c0}, {kv_len}");
+        ins!(self.w, "sub.u32 {rows}, {kv_len}, {c0}");
+        ins!(self.w, "min.u32 {rows}, {rows}, {bkv}");
+        ins!(self.w, "selp.b32 {rows}, {rows}, 0, {p}");
+    }
+
+    /// Per-thread constants of the `cp.async` tile loads.
+    fn tile_loader_setup(&mut self) -> Loader {
+        let lay = &self.lay;
+        let cpr = lay.chunks_per_row();
+        let (threads, row_bytes, grow) = (lay.threads, lay.row_bytes, lay.global_row_bytes());
+        let tid = self.tid;
+        if threads % cpr == 0 {
+            let (row, col, soff, goff) = (self.w.r(), self.w.r(), self.w.r(), self.w.rd());
+            ins!(self.w, "div.u32 {row}, {tid}, {cpr}");
+            ins!(self.w, "rem.u32 {col}, {tid}, {cpr}");
+            ins!(self.w, "mul.lo.u32 {soff}, {row}, {row_bytes}");
+            ins!(self.w, "mad.lo.u32 {soff}, {col}, 16, {soff}");
+            ins!(self.w, "add.u32 {soff}, {soff}, {}", self.smem);
+            ins!(self.w, "mul.wide.u32 {goff}, {row}, {grow}");
+            let c64 = self.w.rd();
+            ins!(self.w, "mul.wide.u32 {c64}, {col}, 16");
+            ins!(self.w, "add.s64 {goff}, {goff}, {c64}");
+            Loader::Strided {
+                row,
+                soff,
+                goff,
+                rows_per_pass: threads / cpr,
+            }
+        } else {
+            Loader::General
+        }
+    }
+
+    fn load_tile(
+        &mut self,
+        loader: &Loader,
+        smem_off: usize,
+        rows: usize,
+        gptr: Reg,
+        valid_rows: Reg,
+    ) {
+        self.load_tile_if(loader, smem_off, rows, gptr, valid_rows, None);
+    }
+
+    /// Stages `rows` rows of a tile into shared memory at `smem_off` with
+    /// `cp.async` (16 bytes per instruction); rows `>= valid_rows` are
+    /// zero-filled (source size 0) without reading global memory. Only
+    /// where `when` holds; always ends the `cp.async` group.
+    fn load_tile_if(
+        &mut self,
+        loader: &Loader,
+        smem_off: usize,
+        rows: usize,
+        gptr: Reg,
+        valid_rows: Reg,
+        when: Option<Reg>,
+    ) {
+        let lay = self.lay.clone();
+        let cpr = lay.chunks_per_row();
+        let total = rows * cpr;
+        let skip = self.w.label("no_load");
+        if let Some(p) = when {
+            ins!(self.w, "@!{p} bra.uni {skip}");
+        }
+        let (ok, src, size) = (self.w.p(), self.w.rd(), self.w.r());
+        match *loader {
+            Loader::Strided {
+                row,
+                soff,
+                goff,
+                rows_per_pass,
+            } => {
+                let r = self.w.r();
+                for pass in 0..rows.div_ceil(rows_per_pass) {
+                    let dr = pass * rows_per_pass;
+                    ins!(self.w, "add.u32 {r}, {row}, {dr}");
+                    ins!(self.w, "setp.lt.u32 {ok}, {r}, {valid_rows}");
+                    ins!(self.w, "add.s64 {src}, {gptr}, {goff}");
+                    if dr > 0 {
+                        ins!(
+                            self.w,
+                            "add.s64 {src}, {src}, {}",
+                            dr * lay.global_row_bytes()
+                        );
+                    }
+                    ins!(self.w, "selp.b64 {src}, {src}, {gptr}, {ok}");
+                    ins!(self.w, "selp.b32 {size}, 16, 0, {ok}");
+                    let guard = if (pass + 1) * rows_per_pass > rows {
+                        let inb = self.w.p();
+                        ins!(self.w, "setp.lt.u32 {inb}, {r}, {rows}");
+                        format!("@{inb} ")
+                    } else {
+                        String::new()
+                    };
+                    ins!(
+                        self.w,
+                        "{guard}cp.async.cg.shared.global [{soff}+{}], [{src}], 16, {size}",
+                        smem_off + dr * lay.row_bytes
+                    );
+                }
+            }
+            Loader::General => {
+                let (idx, row, col, soff, goff) =
+                    (self.w.r(), self.w.r(), self.w.r(), self.w.r(), self.w.rd());
+                for i in 0..total.div_ceil(lay.threads) {
+                    ins!(self.w, "add.u32 {idx}, {}, {}", self.tid, i * lay.threads);
+                    ins!(self.w, "div.u32 {row}, {idx}, {cpr}");
+                    ins!(self.w, "rem.u32 {col}, {idx}, {cpr}");
+                    ins!(self.w, "setp.lt.u32 {ok}, {row}, {valid_rows}");
+                    ins!(
+                        self.w,
+                        "mul.wide.u32 {goff}, {row}, {}",
+                        lay.global_row_bytes()
+                    );
+                    ins!(self.w, "add.s64 {src}, {gptr}, {goff}");
+                    ins!(self.w, "mul.wide.u32 {goff}, {col}, 16");
+                    ins!(self.w, "add.s64 {src}, {src}, {goff}");
+                    ins!(self.w, "selp.b64 {src}, {src}, {gptr}, {ok}");
+                    ins!(self.w, "selp.b32 {size}, 16, 0, {ok}");
+                    ins!(
+                        self.w,
+                        "mad.lo.u32 {soff}, {row}, {}, {}",
+                        lay.row_bytes,
+                        self.smem
+                    );
+                    ins!(self.w, "mad.lo.u32 {soff}, {col}, 16, {soff}");
+                    let guard = if (i + 1) * lay.threads > total {
+                        let inb = self.w.p();
+                        ins!(self.w, "setp.lt.u32 {inb}, {idx}, {total}");
+                        format!("@{inb} ")
+                    } else {
+                        String::new()
+                    };
+                    ins!(
+                        self.w,
+                        "{guard}cp.async.cg.shared.global [{soff}+{smem_off}], [{src}], 16, {size}"
+                    );
+                }
+            }
+        }
+        self.w.place(&skip);
+        ins!(self.w, "cp.async.commit_group");
+    }
+
+    /// The shared address this lane gives `ldmatrix` for an A operand (Q)
+    /// or a transposed B operand (V): row `lane % 8 + 8 * (lane / 8 % 2)`,
+    /// column block `lane / 16`.
+    fn a_lane_offset(&mut self, region: usize, with_warp: bool) -> Reg {
+        let lay = &self.lay;
+        let (row_bytes, lane) = (lay.row_bytes, self.lane);
+        let (r, t) = (self.w.r(), self.w.r());
+        ins!(self.w, "and.b32 {r}, {lane}, 7");
+        ins!(self.w, "bfe.u32 {t}, {lane}, 3, 1");
+        ins!(self.w, "mad.lo.u32 {r}, {t}, 8, {r}");
+        if with_warp {
+            ins!(self.w, "mad.lo.u32 {r}, {}, 16, {r}", self.warp);
+        }
+        ins!(self.w, "mul.lo.u32 {r}, {r}, {row_bytes}");
+        ins!(self.w, "shr.u32 {t}, {lane}, 4");
+        ins!(self.w, "mad.lo.u32 {r}, {t}, 16, {r}");
+        ins!(self.w, "add.u32 {r}, {r}, {}", self.smem);
+        ins!(self.w, "add.u32 {r}, {r}, {region}");
+        r
+    }
+
+    /// The shared address this lane gives `ldmatrix` for the K operand:
+    /// key `lane % 8 + 8 * (lane / 16)`, column block `lane / 8 % 2`.
+    fn b_lane_offset(&mut self, region: usize) -> Reg {
+        let lay = &self.lay;
+        let (row_bytes, lane) = (lay.row_bytes, self.lane);
+        let (r, t) = (self.w.r(), self.w.r());
+        ins!(self.w, "and.b32 {r}, {lane}, 7");
+        ins!(self.w, "shr.u32 {t}, {lane}, 4");
+        ins!(self.w, "mad.lo.u32 {r}, {t}, 8, {r}");
+        ins!(self.w, "mul.lo.u32 {r}, {r}, {row_bytes}");
+        ins!(self.w, "bfe.u32 {t}, {lane}, 3, 1");
+        ins!(self.w, "mad.lo.u32 {r}, {t}, 16, {r}");
+        ins!(self.w, "add.u32 {r}, {r}, {}", self.smem);
+        ins!(self.w, "add.u32 {r}, {r}, {region}");
+        r
+    }
+
+    fn mma(&mut self, d: [Reg; 4], a: [Reg; 4], b0: Reg, b1: Reg) {
+        let ty = mma_type(self.lay.dtype);
+        ins!(
+            self.w,
+            "mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{}, {}, {}, {}}}, {{{}, {}, {}, {}}}, {{{b0}, {b1}}}, {{{}, {}, {}, {}}}",
+            d[0],
+            d[1],
+            d[2],
+            d[3],
+            a[0],
+            a[1],
+            a[2],
+            a[3],
+            d[0],
+            d[1],
+            d[2],
+            d[3]
+        );
+    }
+
+    /// S = Q Kᵀ for the warp's 16 rows and the tile's columns.
+    fn qk(&mut self) {
+        let lay = self.lay.clone();
+        self.w.section("S = Q K^T");
+        for nb in 0..lay.bkv / 8 {
+            for r in self.s[nb] {
+                ins!(self.w, "mov.f32 {r}, {}", f32_imm(0.0));
+            }
+        }
+        if lay.dtype.uses_mma() {
+            let b_off = self.b_lane_offset(lay.k_off);
+            let a_off = if lay.q_in_regs {
+                None
+            } else {
+                Some(self.a_lane_offset(lay.q_off, true))
+            };
+            for ks in 0..lay.dp / 16 {
+                let a = match a_off {
+                    None => self.qf[ks],
+                    Some(off) => {
+                        let a = [self.w.r(), self.w.r(), self.w.r(), self.w.r()];
+                        ins!(self.w, "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{}, {}, {}, {}}}, [{off}+{}]", a[0], a[1], a[2], a[3], ks * 32);
+                        a
+                    }
+                };
+                for p in 0..lay.bkv / 16 {
+                    let kf = [self.w.r(), self.w.r(), self.w.r(), self.w.r()];
+                    ins!(
+                        self.w,
+                        "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{}, {}, {}, {}}}, [{b_off}+{}]",
+                        kf[0],
+                        kf[1],
+                        kf[2],
+                        kf[3],
+                        p * 16 * lay.row_bytes + ks * 32
+                    );
+                    self.mma(self.s[2 * p], a, kf[0], kf[1]);
+                    self.mma(self.s[2 * p + 1], a, kf[2], kf[3]);
+                }
+            }
+        } else {
+            // Rows g and g + 8 of Q against columns 2 t4 + e of every 8-block of K.
+            let (q0, kp, end, t, p) = (self.w.r(), self.w.r(), self.w.r(), self.w.r(), self.w.p());
+            ins!(self.w, "mad.lo.u32 {t}, {}, 16, {}", self.warp, self.g);
+            ins!(
+                self.w,
+                "mad.lo.u32 {q0}, {t}, {}, {}",
+                lay.row_bytes,
+                self.smem
+            );
+            ins!(self.w, "add.u32 {q0}, {q0}, {}", lay.q_off);
+            ins!(self.w, "add.u32 {end}, {q0}, {}", lay.dp * 4);
+            ins!(self.w, "shl.b32 {t}, {}, 1", self.t4);
+            ins!(
+                self.w,
+                "mad.lo.u32 {kp}, {t}, {}, {}",
+                lay.row_bytes,
+                self.smem
+            );
+            ins!(self.w, "add.u32 {kp}, {kp}, {}", lay.k_off);
+            let top = self.w.label("qk");
+            self.w.place(&top);
+            let qa = [self.w.f(), self.w.f(), self.w.f(), self.w.f()];
+            let qb = [self.w.f(), self.w.f(), self.w.f(), self.w.f()];
+            ins!(
+                self.w,
+                "ld.shared.v4.f32 {{{}, {}, {}, {}}}, [{q0}]",
+                qa[0],
+                qa[1],
+                qa[2],
+                qa[3]
+            );
+            ins!(
+                self.w,
+                "ld.shared.v4.f32 {{{}, {}, {}, {}}}, [{q0}+{}]",
+                qb[0],
+                qb[1],
+                qb[2],
+                qb[3],
+                8 * lay.row_bytes
+            );
+            for nb in 0..lay.bkv / 8 {
+                for e in 0..2 {
+                    let kk = [self.w.f(), self.w.f(), self.w.f(), self.w.f()];
+                    ins!(
+                        self.w,
+                        "ld.shared.v4.f32 {{{}, {}, {}, {}}}, [{kp}+{}]",
+                        kk[0],
+                        kk[1],
+                        kk[2],
+                        kk[3],
+                        (nb * 8 + e) * lay.row_bytes
+                    );
+                    let (s0, s1) = (self.s[nb][e], self.s[nb][2 + e]);
+                    for i in 0..4 {
+                        ins!(self.w, "fma.rn.f32 {s0}, {}, {}, {s0}", qa[i], kk[i]);
+                        ins!(self.w, "fma.rn.f32 {s1}, {}, {}, {s1}", qb[i], kk[i]);
+                    }
+                }
+            }
+            ins!(self.w, "add.u32 {q0}, {q0}, 16");
+            ins!(self.w, "add.u32 {kp}, {kp}, 16");
+            ins!(self.w, "setp.lt.u32 {p}, {q0}, {end}");
+            ins!(self.w, "@{p} bra.uni {top}");
+        }
+    }
+
+    /// The score of every owned element of a FULL or PARTIAL tile, from the
+    /// column- and element-level IR code of that loop; the result replaces
+    /// the tile score in `s`.
+    fn tile_body(&mut self, section: Section, kv0: Reg) {
+        let lay = self.lay.clone();
+        let col_insts = self.insts_at(Level::Col, section);
+        let elem_insts = self.insts_at(Level::Elem, section);
+        let row_ids: Vec<usize> = (0..self.k.insts.len())
+            .filter(|&i| self.k.insts[i].level == Level::Row)
+            .collect();
+        let root = match section {
+            Section::Partial => self.k.score_partial,
+            _ => self.k.score_full,
+        };
+        let neg_inf = f32_imm(f32::NEG_INFINITY);
+        for nb in 0..lay.bkv / 8 {
+            for e in 0..2 {
+                let kv = self.w.rd();
+                ins!(self.w, "add.s64 {kv}, {kv0}, {}", nb * 8 + e);
+                self.ctx = Ctx {
+                    level: Some(Level::Col),
+                    b: Some(self.b64),
+                    h: Some(self.h64),
+                    kv: Some(kv),
+                    ..Ctx::default()
+                };
+                for &v in &col_insts {
+                    self.lower(v);
+                }
+                let col_valid = self.ctx.col_valid;
+                for half in 0..2 {
+                    for &i in &row_ids {
+                        self.env[i] = self.row_vals[half][i];
+                    }
+                    let sreg = self.s[nb][2 * half + e];
+                    self.ctx = Ctx {
+                        level: Some(Level::Elem),
+                        b: Some(self.b64),
+                        h: Some(self.h64),
+                        q: Some(self.q_abs[half]),
+                        kv: Some(kv),
+                        tile_score: Some(sreg),
+                        row_valid: Some(self.row_valid[half]),
+                        col_valid,
+                        elem_valid: None,
+                        gate: None,
+                    };
+                    for &v in &elem_insts {
+                        self.lower(v);
+                    }
+                    let score = self.get(root);
+                    if section == Section::Partial {
+                        // Masked and past-KV columns are -inf.
+                        let cv = self.col_valid();
+                        let keep = match self.k.mask {
+                            Some(m) => {
+                                let m = self.get(m);
+                                self.and_opt(Some(m), Some(cv)).expect("both present")
+                            }
+                            None => cv,
+                        };
+                        ins!(self.w, "selp.f32 {sreg}, {score}, {neg_inf}, {keep}");
+                    } else if score != sreg {
+                        ins!(self.w, "mov.f32 {sreg}, {score}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Columns at or past KV of a ragged FULL tile become -inf.
+    fn tail_mask(&mut self, kv0: Reg) {
+        let lay = self.lay.clone();
+        let kv_len = self.shapes[ShapeVar::Kv as usize];
+        let neg_inf = f32_imm(f32::NEG_INFINITY);
+        for nb in 0..lay.bkv / 8 {
+            for e in 0..2 {
+                let (kv, p) = (self.w.rd(), self.w.p());
+                ins!(self.w, "add.s64 {kv}, {kv0}, {}", nb * 8 + e);
+                ins!(self.w, "setp.ge.s64 {p}, {kv}, {kv_len}");
+                for half in 0..2 {
+                    ins!(
+                        self.w,
+                        "@{p} mov.f32 {}, {neg_inf}",
+                        self.s[nb][2 * half + e]
+                    );
+                }
+            }
+        }
+    }
+
+    /// One online-softmax step over the tile for both owned rows.
+    fn online_softmax(&mut self) {
+        let lay = self.lay.clone();
+        let exp2 = self.k.schedule.exp2;
+        self.w.section(
+            "online softmax: m' = max(m, rowmax s), p = exp(s - m'), l = l exp(m - m') + rowsum p",
+        );
+        for half in 0..2 {
+            let (mx, t, mnew, muse, alpha, isinf) = (
+                self.w.f(),
+                self.w.f(),
+                self.w.f(),
+                self.w.f(),
+                self.w.f(),
+                self.w.p(),
+            );
+            let cols: Vec<Reg> = (0..lay.bkv / 8)
+                .flat_map(|nb| [self.s[nb][2 * half], self.s[nb][2 * half + 1]])
+                .collect();
+            ins!(self.w, "max.f32 {mx}, {}, {}", cols[0], cols[1]);
+            for c in &cols[2..] {
+                ins!(self.w, "max.f32 {mx}, {mx}, {c}");
+            }
+            for lanes in [1, 2] {
+                ins!(self.w, "shfl.sync.bfly.b32 {t}, {mx}, {lanes}, 31, -1");
+                ins!(self.w, "max.f32 {mx}, {mx}, {t}");
+            }
+            let (m, l) = (self.m[half], self.l[half]);
+            ins!(self.w, "max.f32 {mnew}, {m}, {mx}");
+            // A row with nothing visible yet keeps m = -inf, l = 0, acc = 0:
+            // exponentiate against 0 instead of -inf.
+            ins!(
+                self.w,
+                "setp.eq.f32 {isinf}, {mnew}, {}",
+                f32_imm(f32::NEG_INFINITY)
+            );
+            ins!(self.w, "selp.f32 {muse}, {}, {mnew}, {isinf}", f32_imm(0.0));
+            ins!(self.w, "sub.rn.f32 {alpha}, {m}, {muse}");
+            self.exp_in_place(alpha, exp2);
+            ins!(self.w, "mov.f32 {m}, {mnew}");
+            ins!(self.w, "mul.rn.f32 {l}, {l}, {alpha}");
+            for nb in 0..lay.dp / 8 {
+                for e in 0..2 {
+                    let r = self.o[nb][2 * half + e];
+                    ins!(self.w, "mul.rn.f32 {r}, {r}, {alpha}");
+                }
+            }
+            for c in cols {
+                ins!(self.w, "sub.rn.f32 {c}, {c}, {muse}");
+                self.exp_in_place(c, exp2);
+                ins!(self.w, "add.rn.f32 {l}, {l}, {c}");
+            }
+        }
+    }
+
+    /// `x = exp2(x)`, or `exp(x)` when the kernel works in natural units.
+    fn exp_in_place(&mut self, x: Reg, exp2: bool) {
+        if !exp2 {
+            ins!(
+                self.w,
+                "mul.rn.f32 {x}, {x}, {}",
+                f32_imm(std::f32::consts::LOG2_E)
+            );
+        }
+        ins!(self.w, "ex2.approx.ftz.f32 {x}, {x}");
+    }
+
+    /// O += P V.
+    fn pv(&mut self) {
+        let lay = self.lay.clone();
+        self.w.section("O += P V");
+        if lay.dtype.uses_mma() {
+            // The S accumulator layout of two 8-column blocks is the A
+            // operand layout of one 16-key step.
+            let cvt = match lay.dtype {
+                Dtype::F16 => "cvt.rn.f16x2.f32",
+                _ => "cvt.rn.bf16x2.f32",
+            };
+            let mut pf = Vec::new();
+            for ks in 0..lay.bkv / 16 {
+                let a = [self.w.r(), self.w.r(), self.w.r(), self.w.r()];
+                let (lo, hi) = (self.s[2 * ks], self.s[2 * ks + 1]);
+                // The first source goes to the upper half: (column + 1, column).
+                ins!(self.w, "{cvt} {}, {}, {}", a[0], lo[1], lo[0]);
+                ins!(self.w, "{cvt} {}, {}, {}", a[1], lo[3], lo[2]);
+                ins!(self.w, "{cvt} {}, {}, {}", a[2], hi[1], hi[0]);
+                ins!(self.w, "{cvt} {}, {}, {}", a[3], hi[3], hi[2]);
+                pf.push(a);
+            }
+            let v_off = self.a_lane_offset(lay.v_off, false);
+            for (ks, a) in pf.into_iter().enumerate() {
+                for p in 0..lay.dp / 16 {
+                    let vf = [self.w.r(), self.w.r(), self.w.r(), self.w.r()];
+                    ins!(
+                        self.w,
+                        "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{}, {}, {}, {}}}, [{v_off}+{}]",
+                        vf[0],
+                        vf[1],
+                        vf[2],
+                        vf[3],
+                        ks * 16 * lay.row_bytes + p * 32
+                    );
+                    self.mma(self.o[2 * p], a, vf[0], vf[1]);
+                    self.mma(self.o[2 * p + 1], a, vf[2], vf[3]);
+                }
+            }
+        } else {
+            // P goes through the warp's shared tile: each thread then reads
+            // its two rows' p for every key.
+            let (pw, t) = (self.w.r(), self.w.r());
+            ins!(self.w, "mad.lo.u32 {t}, {}, 16, {}", self.warp, self.g);
+            ins!(
+                self.w,
+                "mad.lo.u32 {pw}, {t}, {}, {}",
+                lay.p_row_bytes,
+                self.smem
+            );
+            ins!(self.w, "add.u32 {pw}, {pw}, {}", lay.p_off);
+            let pt = self.w.r();
+            ins!(self.w, "mad.lo.u32 {pt}, {}, 8, {pw}", self.t4);
+            for half in 0..2 {
+                for nb in 0..lay.bkv / 8 {
+                    let (a, b) = (self.s[nb][2 * half], self.s[nb][2 * half + 1]);
+                    ins!(
+                        self.w,
+                        "st.shared.v2.f32 [{pt}+{}], {{{a}, {b}}}",
+                        half * 8 * lay.p_row_bytes + nb * 32
+                    );
+                }
+            }
+            ins!(self.w, "bar.warp.sync -1");
+            let (vp, end, p) = (self.w.r(), self.w.r(), self.w.p());
+            ins!(self.w, "mad.lo.u32 {vp}, {}, 8, {}", self.t4, self.smem);
+            ins!(self.w, "add.u32 {vp}, {vp}, {}", lay.v_off);
+            ins!(self.w, "add.u32 {end}, {pw}, {}", lay.bkv * 4);
+            let top = self.w.label("pv");
+            self.w.place(&top);
+            let (p0, p1) = (self.w.f(), self.w.f());
+            ins!(self.w, "ld.shared.f32 {p0}, [{pw}]");
+            ins!(self.w, "ld.shared.f32 {p1}, [{pw}+{}]", 8 * lay.p_row_bytes);
+            for nb in 0..lay.dp / 8 {
+                let (x, y) = (self.w.f(), self.w.f());
+                ins!(self.w, "ld.shared.v2.f32 {{{x}, {y}}}, [{vp}+{}]", nb * 32);
+                let o = self.o[nb];
+                ins!(self.w, "fma.rn.f32 {}, {p0}, {x}, {}", o[0], o[0]);
+                ins!(self.w, "fma.rn.f32 {}, {p0}, {y}, {}", o[1], o[1]);
+                ins!(self.w, "fma.rn.f32 {}, {p1}, {x}, {}", o[2], o[2]);
+                ins!(self.w, "fma.rn.f32 {}, {p1}, {y}, {}", o[3], o[3]);
+            }
+            ins!(self.w, "add.u32 {pw}, {pw}, 4");
+            ins!(self.w, "add.u32 {vp}, {vp}, {}", lay.row_bytes);
+            ins!(self.w, "setp.lt.u32 {p}, {pw}, {end}");
+            ins!(self.w, "@{p} bra.uni {top}");
+            ins!(self.w, "bar.warp.sync -1");
+        }
+    }
+
+    /// out = acc / l and lse per owned row; rows that saw no key get 0 and
+    /// -inf; rows past Q are not stored.
+    fn epilogue(&mut self, out_ptr: Reg, lse_ptr: Reg, bh: Reg, q_len: Reg, row0: Reg) {
+        let lay = self.lay.clone();
+        let exp2 = self.k.schedule.exp2;
+        self.w.section("epilogue: out = acc / l, lse");
+        let (qrow, t, lead) = (self.w.r(), self.w.r(), self.w.p());
+        ins!(self.w, "setp.eq.u32 {lead}, {}, 0", self.t4);
+        // The row sums are per-thread partial sums: reduce over the quad
+        // (before any divergent store).
+        for half in 0..2 {
+            let (l, t_f) = (self.l[half], self.w.f());
+            for lanes in [1, 2] {
+                ins!(self.w, "shfl.sync.bfly.b32 {t_f}, {l}, {lanes}, 31, -1");
+                ins!(self.w, "add.rn.f32 {l}, {l}, {t_f}");
+            }
+        }
+        for half in 0..2 {
+            let (l, m) = (self.l[half], self.m[half]);
+            let (inv, lse, empty, p) = (self.w.f(), self.w.f(), self.w.p(), self.w.p());
+            ins!(self.w, "setp.eq.f32 {empty}, {l}, {}", f32_imm(0.0));
+            ins!(
+                self.w,
+                "setp.eq.or.f32 {empty}, {m}, {}, {empty}",
+                f32_imm(f32::NEG_INFINITY)
+            );
+            ins!(self.w, "rcp.rn.f32 {inv}, {l}");
+            ins!(self.w, "selp.f32 {inv}, {}, {inv}, {empty}", f32_imm(0.0));
+            ins!(self.w, "lg2.approx.f32 {lse}, {l}");
+            if exp2 {
+                ins!(self.w, "add.rn.f32 {lse}, {lse}, {m}");
+                ins!(
+                    self.w,
+                    "mul.rn.f32 {lse}, {lse}, {}",
+                    f32_imm(std::f32::consts::LN_2)
+                );
+            } else {
+                ins!(
+                    self.w,
+                    "mul.rn.f32 {lse}, {lse}, {}",
+                    f32_imm(std::f32::consts::LN_2)
+                );
+                ins!(self.w, "add.rn.f32 {lse}, {lse}, {m}");
+            }
+            ins!(
+                self.w,
+                "selp.f32 {lse}, {}, {lse}, {empty}",
+                f32_imm(f32::NEG_INFINITY)
+            );
+            // Global row index and validity.
+            ins!(self.w, "mad.lo.u32 {t}, {}, 16, {}", self.warp, self.g);
+            ins!(self.w, "add.u32 {qrow}, {row0}, {t}");
+            if half == 1 {
+                ins!(self.w, "add.u32 {qrow}, {qrow}, 8");
+            }
+            ins!(self.w, "setp.lt.u32 {p}, {qrow}, {q_len}");
+            let skip = self.w.label("no_row");
+            ins!(self.w, "@!{p} bra {skip}");
+            let (row, oa, la) = (self.w.rd(), self.w.rd(), self.w.rd());
+            ins!(self.w, "mul.wide.u32 {row}, {bh}, {q_len}");
+            let q64 = self.w.rd();
+            ins!(self.w, "cvt.u64.u32 {q64}, {qrow}");
+            ins!(self.w, "add.s64 {row}, {row}, {q64}");
+            ins!(self.w, "shl.b64 {la}, {row}, 2");
+            ins!(self.w, "add.s64 {la}, {lse_ptr}, {la}");
+            ins!(self.w, "@{lead} st.global.f32 [{la}], {lse}");
+            ins!(self.w, "mul.lo.u64 {oa}, {row}, {}", lay.dp * 4);
+            ins!(self.w, "add.s64 {oa}, {out_ptr}, {oa}");
+            let c = self.w.rd();
+            ins!(self.w, "mul.wide.u32 {c}, {}, 8", self.t4);
+            ins!(self.w, "add.s64 {oa}, {oa}, {c}");
+            for nb in 0..lay.dp / 8 {
+                let (x, y) = (self.w.f(), self.w.f());
+                ins!(self.w, "mul.rn.f32 {x}, {}, {inv}", self.o[nb][2 * half]);
+                ins!(
+                    self.w,
+                    "mul.rn.f32 {y}, {}, {inv}",
+                    self.o[nb][2 * half + 1]
+                );
+                ins!(self.w, "st.global.v2.f32 [{oa}+{}], {{{x}, {y}}}", nb * 32);
+            }
+            self.w.place(&skip);
+        }
+    }
+}
+
+/// The block-map walk state (u32 registers, uniform over the CTA).
+struct TileIter {
+    /// Current FULL range index and the end of this query tile's ranges.
+    fr: Reg,
+    fr_end: Reg,
+    /// End of the current FULL range.
+    f_end: Reg,
+    /// Next PARTIAL index and the end of this query tile's list.
+    pi: Reg,
+    p_end: Reg,
+    map_full: Reg,
+    map_partial: Reg,
+}
+
+/// How threads split a tile into 16-byte `cp.async` chunks.
+enum Loader {
+    /// Threads are a multiple of the chunks per row: every thread keeps
+    /// its column and steps `rows_per_pass` rows at a time.
+    Strided {
+        row: Reg,
+        soff: Reg,
+        goff: Reg,
+        rows_per_pass: usize,
+    },
+    /// Otherwise chunk `tid + i * threads` of the tile, row-major.
+    General,
+}

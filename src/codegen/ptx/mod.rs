@@ -1,0 +1,584 @@
+//! The CUDA backend: PTX text for the loop IR.
+//!
+//! Stage: GPU code generation. Consumes a verified [`tile::Kernel`] and
+//! [`PtxOptions`] (target architecture, input dtype); produces a
+//! [`PtxKernel`]: the PTX module text and the launch configuration the host
+//! must use. It never sees the AST or sema, does no I/O and needs no GPU.
+//!
+//! The kernel is FlashAttention-2 shaped:
+//! - one CTA per (b, h, query tile), `bq / 16` warps, each warp owning 16
+//!   query rows; the grid is `(ceil(Q / bq), H, B)`, query tiles in reverse
+//!   order so the longest rows of a causal mask start first;
+//! - every thread owns the elements of the S tile that an `m16n8k16`
+//!   accumulator fragment puts in its registers: rows `g` and `g + 8` of its
+//!   warp (`g = lane / 4`) and, per 8-column block, columns `2 * (lane % 4)`
+//!   and the one after. The f32 path keeps this layout, so the score code,
+//!   the mask and the online softmax are the same for every dtype;
+//! - K and V tiles are staged through shared memory with `cp.async`
+//!   (zero-filled past KV), K of the next tile loading during the softmax
+//!   and PV of the current one;
+//! - f16/bf16: S = Q Kᵀ and O += P V with `mma.sync.m16n8k16` (f32
+//!   accumulation, operands through `ldmatrix`); f32: the same products
+//!   with FMAs from shared memory;
+//! - the online softmax keeps the row max and (per-thread partial) row sum
+//!   in registers, reduces with `shfl.sync.bfly` and exponentiates with
+//!   `ex2.approx` (the IR folds log2(e) into `q_prescale` under `exp2`);
+//! - the block map is walked from device arrays: FULL key tiles (ranges)
+//!   first, then PARTIAL ones, as [`crate::tile::interp`] does. The mask
+//!   code runs on PARTIAL tiles only; a ragged last key tile (columns past
+//!   KV) gets a column mask on either kind;
+//! - the per-level SSA code of the IR is lowered where it lives: call and
+//!   head values once per thread, row values once per owned row and query
+//!   tile, column values once per owned column and key tile, element values
+//!   per owned element;
+//! - buffer reads: `checked` ones are range-checked and a failure is
+//!   recorded in the error block (see [`ErrorRecord`]) that the host turns
+//!   into the interpreter's error; every read, division and `ancestor` runs
+//!   only under its guard and only for real rows and columns (predication).
+//!
+//! Kernel parameters, in order (see [`PARAMS`]): pointers `q, k, v, out,
+//! lse, err, map_rows, map_full, map_partial`, then `u32` shapes `B, H,
+//! HKV, Q, KV, D`, `group` (= H / HKV), `kv_batch_stride` (1, or 0 when k and
+//! v broadcast over the batch), `map_stride_b`, `map_stride_h`, then the
+//! `s64` `q_offset`, then one pointer per buffer of the kernel.
+//!
+//! Device layouts: q is `[B, H, Q, Dp]`, k and v are `[B or 1, HKV, KV, Dp]`
+//! in the dtype, with `Dp` the padded head dim ([`Launch::d_pad`]; the pad
+//! columns are zero); out is `[B, H, Q, Dp]` f32 and lse `[B, H, Q]` f32
+//! (natural log). Buffers are row-major: int as i64, float as f32, bool as
+//! one byte. `map_rows` holds, per (map, query tile), four u32: the first
+//! and end index of its FULL ranges in `map_full` (u32 pairs `start, end`)
+//! and of its PARTIAL tiles in `map_partial` (u32 key tile indices); map
+//! `b * map_stride_b + h * map_stride_h` serves (b, h).
+
+mod expr;
+pub mod host;
+mod kernel;
+mod writer;
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::tile::{Kernel, Schedule};
+
+/// A GPU architecture the PTX targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Arch {
+    /// Ampere (A100): `mma.sync`, `cp.async`, `ldmatrix`.
+    Sm80,
+    /// Hopper (H100, H200), without the `sm_90a` features (`wgmma`, TMA).
+    Sm90,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 2] = [Arch::Sm80, Arch::Sm90];
+
+    /// The `.target` name, also ptxas's `-arch`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Sm80 => "sm_80",
+            Arch::Sm90 => "sm_90",
+        }
+    }
+
+    /// Shared memory one CTA may use with the opt-in attribute (A100: 163
+    /// KiB, H100/H200: 227 KiB).
+    pub fn max_smem_per_block(self) -> usize {
+        match self {
+            Arch::Sm80 => 163 * 1024,
+            Arch::Sm90 => 227 * 1024,
+        }
+    }
+
+    /// Shared memory of one SM available to CTAs.
+    pub fn smem_per_sm(self) -> usize {
+        match self {
+            Arch::Sm80 => 164 * 1024,
+            Arch::Sm90 => 228 * 1024,
+        }
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Arch {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Arch, String> {
+        match s {
+            "sm_80" | "sm80" => Ok(Arch::Sm80),
+            "sm_90" | "sm90" => Ok(Arch::Sm90),
+            _ => Err(format!(
+                "unknown GPU architecture `{s}`: expected sm_80 or sm_90"
+            )),
+        }
+    }
+}
+
+/// The element type of q, k and v on the device. Accumulation, the score
+/// code and the softmax are f32 in every case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    F16,
+    Bf16,
+    F32,
+}
+
+impl Dtype {
+    pub const ALL: [Dtype; 3] = [Dtype::F16, Dtype::Bf16, Dtype::F32];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+            Dtype::F32 => "f32",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F16 | Dtype::Bf16 => 2,
+            Dtype::F32 => 4,
+        }
+    }
+
+    /// Whether the products run on tensor cores (`mma.sync`).
+    pub fn uses_mma(self) -> bool {
+        self != Dtype::F32
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Dtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Dtype, String> {
+        match s {
+            "f16" | "fp16" | "half" => Ok(Dtype::F16),
+            "bf16" => Ok(Dtype::Bf16),
+            "f32" | "fp32" | "float" => Ok(Dtype::F32),
+            _ => Err(format!("unknown dtype `{s}`: expected f16, bf16 or f32")),
+        }
+    }
+}
+
+/// What to generate PTX for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PtxOptions {
+    pub arch: Arch,
+    pub dtype: Dtype,
+}
+
+/// The largest (padded) head dim the backend supports.
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// The names of the kernel parameters, in order; buffers follow as
+/// `buf0`, `buf1`, ... in the kernel's buffer order.
+pub const PARAMS: [&str; 20] = [
+    "q",
+    "k",
+    "v",
+    "out",
+    "lse",
+    "err",
+    "map_rows",
+    "map_full",
+    "map_partial",
+    "B",
+    "H",
+    "HKV",
+    "Q",
+    "KV",
+    "D",
+    "group",
+    "kv_batch_stride",
+    "map_stride_b",
+    "map_stride_h",
+    "q_offset",
+];
+
+/// The layout of the error block (`err`, 16 u64 words, zeroed by the host).
+///
+/// Word 0: the failure kind in its low 32 bits (0 = none; set once by an
+/// atomic compare-and-swap, so one failing thread wins) and the value id of
+/// the failing instruction in its high 32 bits. Words 1..=4: `b, h, q, kv`
+/// of the point as the interpreter reports it (0 where the level does not
+/// have it). Words 5..: the index of an out-of-range read (up to
+/// [`ErrorRecord::MAX_INDICES`] of them), or the start position of a cyclic
+/// `ancestor` walk.
+pub struct ErrorRecord;
+
+impl ErrorRecord {
+    /// Words of the block.
+    pub const WORDS: usize = 16;
+    /// Index words recorded for an out-of-range read.
+    pub const MAX_INDICES: usize = 8;
+    /// A read out of range (`load.checked` or an `ancestor` step).
+    pub const OUT_OF_RANGE: u32 = 1;
+    /// An integer division or modulo by zero.
+    pub const DIVISION_BY_ZERO: u32 = 2;
+    /// An `ancestor` walk that does not end.
+    pub const ANCESTOR_CYCLE: u32 = 3;
+}
+
+/// How the host must launch a kernel, and the budget it was laid out for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub arch: Arch,
+    pub dtype: Dtype,
+    /// Query rows per CTA.
+    pub bq: usize,
+    /// Key columns per tile.
+    pub bkv: usize,
+    /// The head dim of the spec.
+    pub d: usize,
+    /// The head dim of the device arrays (a multiple of 16 for mma, of 8
+    /// for f32); columns `d..d_pad` must be zero.
+    pub d_pad: usize,
+    /// Threads per CTA (`32 * bq / 16`).
+    pub threads: usize,
+    /// Shared memory per CTA in bytes.
+    pub smem_bytes: usize,
+    /// Whether the shared memory is dynamic (above 48 KiB): launch with
+    /// `smem_bytes` of dynamic shared memory after raising the function's
+    /// max-dynamic-shared-memory attribute. Otherwise it is static and the
+    /// launch passes 0.
+    pub dynamic_smem: bool,
+    /// Whether the Q fragments stay in registers for the whole CTA (mma
+    /// path with `d_pad <= 128`); otherwise Q is read from shared memory.
+    pub q_in_registers: bool,
+    /// The register budget the layout is planned for: ptxas must fit the
+    /// kernel in this many registers per thread without spilling.
+    pub max_registers: usize,
+}
+
+/// Static shared memory is limited to 48 KiB per CTA.
+pub const STATIC_SMEM_LIMIT: usize = 48 * 1024;
+
+impl Launch {
+    /// The grid for a problem: `(ceil(Q / bq), H, B)`.
+    pub fn grid(&self, b: usize, h: usize, q: usize) -> (u32, u32, u32) {
+        (q.div_ceil(self.bq) as u32, h as u32, b as u32)
+    }
+
+    /// CTAs that fit on one SM with `registers` per thread (as ptxas
+    /// reports them), limited by registers, shared memory and warps.
+    pub fn ctas_per_sm(&self, registers: usize) -> usize {
+        // Registers are allocated per warp in units of 256 (8 per thread).
+        let per_thread = registers.max(1).div_ceil(8) * 8;
+        let by_regs = 65536 / (per_thread * self.threads);
+        // Each CTA also reserves 1 KiB of shared memory for the system.
+        let by_smem = self.arch.smem_per_sm() / (self.smem_bytes + 1024);
+        let by_warps = 64 / (self.threads / 32);
+        by_regs.min(by_smem).min(by_warps).min(32)
+    }
+
+    /// CTAs per SM that [`Self::max_registers`] leaves room for (at least 1);
+    /// the kernel tells ptxas (`.minnctapersm`) not to aim higher at the
+    /// cost of spills.
+    pub fn register_ctas_per_sm(&self) -> usize {
+        (65536 / (self.max_registers.div_ceil(8) * 8 * self.threads)).max(1)
+    }
+
+    /// The smallest occupancy the layout promises: CTAs per SM at
+    /// [`Self::max_registers`].
+    pub fn min_ctas_per_sm(&self) -> usize {
+        self.ctas_per_sm(self.max_registers)
+    }
+}
+
+/// PTX for one kernel and how to launch it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PtxKernel {
+    /// The PTX module text.
+    pub text: String,
+    /// The name of the `.entry` function.
+    pub entry: String,
+    pub launch: Launch,
+}
+
+/// A kernel the PTX backend cannot generate.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, miette::Diagnostic)]
+pub enum PtxError {
+    #[error("the PTX backend needs a fixed head dim, but the kernel is generic over D")]
+    #[diagnostic(
+        code(attnc::ptx::generic_dim),
+        help("specialise the kernel on the head dim, e.g. `--dim 64`")
+    )]
+    GenericDim,
+    #[error("head dim D = {d} is too large for the PTX backend: it is padded to {d_pad}, and at most {max} fits the register and shared-memory budget")]
+    #[diagnostic(
+        code(attnc::ptx::head_dim),
+        help("use D <= {max}, or split the heads into smaller ones")
+    )]
+    HeadDimTooLarge { d: usize, d_pad: usize, max: usize },
+    #[error("tile sizes {bq}x{bkv} do not fit the PTX kernel layout")]
+    #[diagnostic(
+        code(attnc::ptx::tile_size),
+        help("use bq = 16, 32, 64 or 128 (16 query rows per warp) and bkv = 16, 32, 64 or 128; `ptx::schedule` picks 64x64 for f16/bf16 (64x32 for f32)")
+    )]
+    TileSize { bq: usize, bkv: usize },
+    #[error(
+        "the kernel needs {bytes} bytes of shared memory, but {arch} allows at most {max} per CTA"
+    )]
+    #[diagnostic(
+        code(attnc::ptx::shared_memory),
+        help("use smaller tiles (e.g. `ptx::schedule`) or a smaller head dim")
+    )]
+    SharedMemory {
+        bytes: usize,
+        max: usize,
+        arch: Arch,
+    },
+}
+
+/// The schedule the PTX backend is tuned for at head dim `d`: 64 query rows
+/// (4 warps), 64 keys per tile for f16/bf16 up to D = 128, 32 keys for f32
+/// and for larger heads, exp2 softmax.
+pub fn schedule(d: usize, dtype: Dtype) -> Schedule {
+    let bkv = if dtype == Dtype::F32 || pad_head_dim(d, dtype) > 128 {
+        32
+    } else {
+        64
+    };
+    Schedule {
+        bq: 64,
+        bkv,
+        dim: Some(d),
+        exp2: true,
+    }
+}
+
+/// The head dim of the device arrays: `d` rounded up to 16 (mma, whose k
+/// step is 16) or 8 (f32, whose column blocks are 8 wide).
+pub fn pad_head_dim(d: usize, dtype: Dtype) -> usize {
+    let unit = if dtype.uses_mma() { 16 } else { 8 };
+    d.max(1).div_ceil(unit) * unit
+}
+
+/// Plans the launch of `kernel` under `opts`, or says why it cannot run.
+pub fn launch(kernel: &Kernel, opts: &PtxOptions) -> Result<Launch, PtxError> {
+    let s = &kernel.schedule;
+    let d = s.dim.ok_or(PtxError::GenericDim)?;
+    let d_pad = pad_head_dim(d, opts.dtype);
+    if d_pad > MAX_HEAD_DIM {
+        return Err(PtxError::HeadDimTooLarge {
+            d,
+            d_pad,
+            max: MAX_HEAD_DIM,
+        });
+    }
+    let ok = |n: usize| matches!(n, 16 | 32 | 64 | 128);
+    if !ok(s.bq) || !ok(s.bkv) {
+        return Err(PtxError::TileSize {
+            bq: s.bq,
+            bkv: s.bkv,
+        });
+    }
+    let q_in_regs =
+        opts.dtype.uses_mma() && (d_pad <= 64 || (d_pad <= 128 && !heavy_scores(kernel)));
+    let layout = kernel::Layout::new(s.bq, s.bkv, d_pad, opts.dtype, q_in_regs);
+    let smem_bytes = layout.smem_bytes;
+    if smem_bytes > opts.arch.max_smem_per_block() {
+        return Err(PtxError::SharedMemory {
+            bytes: smem_bytes,
+            max: opts.arch.max_smem_per_block(),
+            arch: opts.arch,
+        });
+    }
+    Ok(Launch {
+        arch: opts.arch,
+        dtype: opts.dtype,
+        bq: s.bq,
+        bkv: s.bkv,
+        d,
+        d_pad,
+        threads: layout.threads,
+        smem_bytes,
+        dynamic_smem: smem_bytes > STATIC_SMEM_LIMIT,
+        q_in_registers: layout.q_in_regs,
+        max_registers: 255,
+    })
+}
+
+/// Whether the per-element code is heavy enough (buffer reads per element,
+/// or more than 12 element instructions in a loop) that the 32 registers of
+/// Q fragments at D = 128 would push ptxas into spilling: such kernels read
+/// Q from shared memory instead.
+pub fn heavy_scores(kernel: &Kernel) -> bool {
+    use crate::tile::{Level, Op, Section};
+    let elem = |sec: Section| {
+        kernel
+            .insts
+            .iter()
+            .filter(|i| {
+                i.level == Level::Elem && (i.section == Section::Shared || i.section == sec)
+            })
+            .count()
+    };
+    let reads = kernel
+        .insts
+        .iter()
+        .any(|i| i.level == Level::Elem && matches!(i.op, Op::Load { .. } | Op::Ancestor { .. }));
+    reads || elem(Section::Full).max(elem(Section::Partial)) > 12
+}
+
+/// Generates the PTX module of `kernel` and its launch configuration.
+pub fn compile(kernel: &Kernel, opts: &PtxOptions) -> Result<PtxKernel, PtxError> {
+    let launch = launch(kernel, opts)?;
+    let entry = entry_name(&kernel.name);
+    let text = kernel::generate(kernel, &launch, &entry);
+    Ok(PtxKernel {
+        text,
+        entry,
+        launch,
+    })
+}
+
+/// The PTX module text of `kernel` (see [`compile`] for the launch data).
+pub fn emit(kernel: &Kernel, opts: &PtxOptions) -> Result<String, PtxError> {
+    compile(kernel, opts).map(|k| k.text)
+}
+
+/// The `.entry` name of a kernel: `attnc_` and the spec name, with any
+/// character PTX does not allow in a name replaced by `_`.
+pub fn entry_name(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("attnc_{clean}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::{load, SourceFile, SpecOptions};
+
+    fn kernel(src: &str, schedule: &Schedule) -> Kernel {
+        let program = load(SourceFile::new("t.attn", src), &SpecOptions::default()).unwrap();
+        crate::tile::lower(&program.spec, schedule)
+    }
+
+    #[test]
+    fn schedules_and_padding() {
+        assert_eq!(
+            schedule(128, Dtype::F16),
+            Schedule {
+                bq: 64,
+                bkv: 64,
+                dim: Some(128),
+                exp2: true
+            }
+        );
+        assert_eq!(schedule(256, Dtype::Bf16).bkv, 32);
+        assert_eq!(schedule(64, Dtype::F32).bkv, 32);
+        assert_eq!(pad_head_dim(72, Dtype::F16), 80);
+        assert_eq!(pad_head_dim(72, Dtype::F32), 72);
+        assert_eq!(pad_head_dim(3, Dtype::F32), 8);
+    }
+
+    #[test]
+    fn rejects_what_does_not_fit_with_a_reason() {
+        let opts = PtxOptions {
+            arch: Arch::Sm80,
+            dtype: Dtype::F16,
+        };
+        let generic = kernel(
+            "attention a { }",
+            &Schedule {
+                dim: None,
+                ..Schedule::default()
+            },
+        );
+        assert_eq!(emit(&generic, &opts), Err(PtxError::GenericDim));
+        let big = kernel(
+            "attention a { }",
+            &Schedule {
+                dim: Some(300),
+                ..Schedule::default()
+            },
+        );
+        let e = emit(&big, &opts).unwrap_err();
+        assert_eq!(
+            e,
+            PtxError::HeadDimTooLarge {
+                d: 300,
+                d_pad: 304,
+                max: 256
+            }
+        );
+        assert!(e.to_string().contains("D = 300"), "{e}");
+        let odd = kernel(
+            "attention a { }",
+            &Schedule {
+                bq: 48,
+                ..Schedule::default()
+            },
+        );
+        assert_eq!(
+            emit(&odd, &opts),
+            Err(PtxError::TileSize { bq: 48, bkv: 64 })
+        );
+    }
+
+    #[test]
+    fn launch_of_the_default_schedules() {
+        let k = kernel("attention a { mask = causal }", &schedule(128, Dtype::F16));
+        let l = launch(
+            &k,
+            &PtxOptions {
+                arch: Arch::Sm90,
+                dtype: Dtype::F16,
+            },
+        )
+        .unwrap();
+        assert_eq!((l.threads, l.d_pad, l.q_in_registers), (128, 128, true));
+        // K and V tiles of 64 x (128 + 8) halves; Q is staged in the V tile.
+        assert_eq!(l.smem_bytes, 2 * 64 * 136 * 2);
+        assert!(!l.dynamic_smem);
+        assert_eq!(l.grid(2, 16, 1000), (16, 16, 2));
+        let k = kernel("attention a { }", &schedule(128, Dtype::F32));
+        let l = launch(
+            &k,
+            &PtxOptions {
+                arch: Arch::Sm80,
+                dtype: Dtype::F32,
+            },
+        )
+        .unwrap();
+        assert!(l.dynamic_smem && !l.q_in_registers);
+        assert!(l.min_ctas_per_sm() >= 1);
+    }
+
+    #[test]
+    fn names_parse_and_print() {
+        for a in Arch::ALL {
+            assert_eq!(a.name().parse::<Arch>(), Ok(a));
+        }
+        for d in Dtype::ALL {
+            assert_eq!(d.name().parse::<Dtype>(), Ok(d));
+        }
+        assert!("sm_70"
+            .parse::<Arch>()
+            .unwrap_err()
+            .contains("sm_80 or sm_90"));
+        assert_eq!(entry_name("gemma2_local"), "attnc_gemma2_local");
+    }
+}
