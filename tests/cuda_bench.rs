@@ -21,8 +21,15 @@ use attnc::runtime::cuda::CudaRuntime;
 use attnc::sema::eval::Shapes;
 use attnc::{Inputs, SourceFile, SpecOptions};
 
-/// (label, example, params, buffer recipes)
-const VARIANTS: [(&str, &str, &[(&str, &str)], &[(&str, &str)]); 6] = [
+/// A benchmark variant: label, example, param overrides, buffer recipes.
+type Variant = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    &'static [(&'static str, &'static str)],
+);
+
+const VARIANTS: [Variant; 6] = [
     ("dense", "dense", &[], &[]),
     ("causal", "causal", &[], &[]),
     ("sliding_256", "sliding_window", &[("window", "256")], &[]),

@@ -647,8 +647,9 @@ impl Gen<'_> {
             for level in [Level::Call, Level::Head] {
                 self.ctx = Ctx {
                     level: Some(level),
-                    b: (level == Level::Head).then_some(self.b64),
-                    h: (level == Level::Head).then_some(self.h64),
+                    // The interpreter runs these per query tile: the point has b and h.
+                    b: Some(self.b64),
+                    h: Some(self.h64),
                     gate: Some(has_full),
                     ..Ctx::default()
                 };
