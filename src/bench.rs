@@ -11,7 +11,7 @@ use ndarray::{Array4, ArrayD, IxDyn};
 use crate::bind::{bind, Inputs, Outputs};
 use crate::buffer::BufferData;
 use crate::driver::{Error, Program};
-use crate::mask::{classify, Tiling, TileClass};
+use crate::mask::{classify, TileClass, Tiling};
 use crate::sema::eval::{Evaluator, Point, Shapes};
 use crate::sema::{Buffer, Type};
 
@@ -78,7 +78,11 @@ impl std::fmt::Display for BenchReport {
             "{} on {}: B={} H={} HKV={} Q={} KV={} D={}, {} runs",
             self.spec, self.backend, s.b, s.h, s.hkv, s.q, s.kv, s.d, self.runs
         )?;
-        writeln!(f, "  median {:.3} ms, min {:.3} ms, compile {:.3} ms", self.median_ms, self.min_ms, self.compile_ms)?;
+        writeln!(
+            f,
+            "  median {:.3} ms, min {:.3} ms, compile {:.3} ms",
+            self.median_ms, self.min_ms, self.compile_ms
+        )?;
         writeln!(
             f,
             "  {:.1} GFLOP/s dense-equivalent, {:.1} GFLOP/s useful ({:.1}% of entries visible)",
@@ -120,7 +124,12 @@ impl Rng {
 /// `docs:N` (int, N equal contiguous documents), `alibi` (float, ALiBi
 /// slopes 2^(-8(i+1)/n)), `uniform` (float in [-1, 1)), `iota` (int, 0, 1, ...),
 /// `bernoulli:P` (bool, true with probability P), `const:V` (any type).
-pub fn generate_buffer(decl: &Buffer, shapes: &Shapes, recipe: &str, rng: &mut Rng) -> Result<BufferData, Error> {
+pub fn generate_buffer(
+    decl: &Buffer,
+    shapes: &Shapes,
+    recipe: &str,
+    rng: &mut Rng,
+) -> Result<BufferData, Error> {
     let shape: Vec<usize> = decl.dims.iter().map(|d| shapes.dim(*d)).collect();
     let n: usize = shape.iter().product();
     let bad = |why: String| {
@@ -130,41 +139,79 @@ pub fn generate_buffer(decl: &Buffer, shapes: &Shapes, recipe: &str, rng: &mut R
         ))
     };
     let (kind, arg) = recipe.split_once(':').unwrap_or((recipe, ""));
-    let want = |t: Type| if decl.elem == t { Ok(()) } else { Err(bad(format!("`{kind}` makes {t} data"))) };
+    let want = |t: Type| {
+        if decl.elem == t {
+            Ok(())
+        } else {
+            Err(bad(format!("`{kind}` makes {t} data")))
+        }
+    };
     let dyn_shape = IxDyn(&shape);
     let shape = &shape;
     let last = *shape.last().unwrap_or(&1).max(&1);
     Ok(match kind {
         "docs" => {
             want(Type::Int)?;
-            let docs: usize = arg.parse().ok().filter(|d| *d > 0).ok_or_else(|| bad("N must be a positive integer".into()))?;
+            let docs: usize = arg
+                .parse()
+                .ok()
+                .filter(|d| *d > 0)
+                .ok_or_else(|| bad("N must be a positive integer".into()))?;
             let per = last.div_ceil(docs);
-            BufferData::Int(ArrayD::from_shape_fn(dyn_shape, |i| (i[shape.len() - 1] / per) as i64))
+            BufferData::Int(ArrayD::from_shape_fn(dyn_shape, |i| {
+                (i[shape.len() - 1] / per) as i64
+            }))
         }
         "iota" => {
             want(Type::Int)?;
-            BufferData::Int(ArrayD::from_shape_fn(dyn_shape, |i| i[shape.len() - 1] as i64))
+            BufferData::Int(ArrayD::from_shape_fn(dyn_shape, |i| {
+                i[shape.len() - 1] as i64
+            }))
         }
         "alibi" => {
             want(Type::Float)?;
-            BufferData::Float(ArrayD::from_shape_fn(dyn_shape, |i| 2f32.powf(-8.0 * (i[shape.len() - 1] + 1) as f32 / last as f32)))
+            BufferData::Float(ArrayD::from_shape_fn(dyn_shape, |i| {
+                2f32.powf(-8.0 * (i[shape.len() - 1] + 1) as f32 / last as f32)
+            }))
         }
         "uniform" => {
             want(Type::Float)?;
-            BufferData::Float(ArrayD::from_shape_vec(dyn_shape, (0..n).map(|_| rng.uniform()).collect()).unwrap())
+            BufferData::Float(
+                ArrayD::from_shape_vec(dyn_shape, (0..n).map(|_| rng.uniform()).collect()).unwrap(),
+            )
         }
         "bernoulli" => {
             want(Type::Bool)?;
-            let p: f64 = arg.parse().ok().filter(|p| (0.0..=1.0).contains(p)).ok_or_else(|| bad("P must be in [0, 1]".into()))?;
+            let p: f64 = arg
+                .parse()
+                .ok()
+                .filter(|p| (0.0..=1.0).contains(p))
+                .ok_or_else(|| bad("P must be in [0, 1]".into()))?;
             BufferData::Bool(
-                ArrayD::from_shape_vec(dyn_shape, (0..n).map(|_| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p).collect())
-                    .unwrap(),
+                ArrayD::from_shape_vec(
+                    dyn_shape,
+                    (0..n)
+                        .map(|_| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p)
+                        .collect(),
+                )
+                .unwrap(),
             )
         }
         "const" => match decl.elem {
-            Type::Int => BufferData::Int(ArrayD::from_elem(dyn_shape, arg.parse().map_err(|_| bad("V must be an integer".into()))?)),
-            Type::Float => BufferData::Float(ArrayD::from_elem(dyn_shape, arg.parse().map_err(|_| bad("V must be a number".into()))?)),
-            Type::Bool => BufferData::Bool(ArrayD::from_elem(dyn_shape, arg.parse().map_err(|_| bad("V must be true or false".into()))?)),
+            Type::Int => BufferData::Int(ArrayD::from_elem(
+                dyn_shape,
+                arg.parse()
+                    .map_err(|_| bad("V must be an integer".into()))?,
+            )),
+            Type::Float => BufferData::Float(ArrayD::from_elem(
+                dyn_shape,
+                arg.parse().map_err(|_| bad("V must be a number".into()))?,
+            )),
+            Type::Bool => BufferData::Bool(ArrayD::from_elem(
+                dyn_shape,
+                arg.parse()
+                    .map_err(|_| bad("V must be true or false".into()))?,
+            )),
         },
         _ => return Err(bad("unknown recipe".into())),
     })
@@ -181,11 +228,17 @@ pub fn count_visible(program: &Program, inputs: &Inputs<'_>) -> Result<u64, Erro
     let maps = classify(&program.spec, &bound, tiling).map_err(Error::Mask)?;
     let mut ev = Evaluator::new(&program.spec, bound.shapes, &bound.buffers);
     let mut total = 0u64;
-    let per_map = if maps.is_shared() { (bound.shapes.b * bound.shapes.h) as u64 } else { 1 };
+    let per_map = if maps.is_shared() {
+        (bound.shapes.b * bound.shapes.h) as u64
+    } else {
+        1
+    };
     let heads: Vec<(usize, usize)> = if maps.is_shared() {
         vec![(0, 0)]
     } else {
-        (0..bound.shapes.b).flat_map(|b| (0..bound.shapes.h).map(move |h| (b, h))).collect()
+        (0..bound.shapes.b)
+            .flat_map(|b| (0..bound.shapes.h).map(move |h| (b, h)))
+            .collect()
     };
     for (b, h) in heads {
         let map = maps.get(b, h);
@@ -199,8 +252,17 @@ pub fn count_visible(program: &Program, inputs: &Inputs<'_>) -> Result<u64, Erro
                     TileClass::Partial => {
                         for r in rows {
                             for c in cols.clone() {
-                                let p = Point { b: b as i64, h: h as i64, q: r as i64 + bound.q_offset, kv: c as i64, score: 0.0 };
-                                if ev.eval_bool(mask, p).map_err(|error| Error::Eval { file: program.file.clone(), error })? {
+                                let p = Point {
+                                    b: b as i64,
+                                    h: h as i64,
+                                    q: r as i64 + bound.q_offset,
+                                    kv: c as i64,
+                                    score: 0.0,
+                                };
+                                if ev.eval_bool(mask, p).map_err(|error| Error::Eval {
+                                    file: program.file.clone(),
+                                    error,
+                                })? {
                                     count += 1;
                                 }
                             }
@@ -286,7 +348,11 @@ mod tests {
 
     #[test]
     fn visible_count_of_causal_is_exact() {
-        let p = load(SourceFile::new("c.attn", "attention c { mask = causal }"), &SpecOptions::default()).unwrap();
+        let p = load(
+            SourceFile::new("c.attn", "attention c { mask = causal }"),
+            &SpecOptions::default(),
+        )
+        .unwrap();
         let q = Array4::<f32>::zeros((1, 2, 100, 4));
         let k = Array4::<f32>::zeros((1, 1, 100, 4));
         let inputs = Inputs::new(q.view(), k.view(), k.view());
@@ -300,11 +366,29 @@ mod tests {
             &SpecOptions::default(),
         )
         .unwrap();
-        let shapes = Shapes { b: 1, h: 4, hkv: 1, q: 8, kv: 8, d: 4 };
+        let shapes = Shapes {
+            b: 1,
+            h: 4,
+            hkv: 1,
+            q: 8,
+            kv: 8,
+            d: 4,
+        };
         let mut rng = Rng::new(1);
-        let BufferData::Int(doc) = generate_buffer(&p.spec.buffers[0], &shapes, "docs:4", &mut rng).unwrap() else { panic!() };
-        assert_eq!(doc.iter().copied().collect::<Vec<_>>(), vec![0, 0, 1, 1, 2, 2, 3, 3]);
-        let BufferData::Float(s) = generate_buffer(&p.spec.buffers[1], &shapes, "alibi", &mut rng).unwrap() else { panic!() };
+        let BufferData::Int(doc) =
+            generate_buffer(&p.spec.buffers[0], &shapes, "docs:4", &mut rng).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            doc.iter().copied().collect::<Vec<_>>(),
+            vec![0, 0, 1, 1, 2, 2, 3, 3]
+        );
+        let BufferData::Float(s) =
+            generate_buffer(&p.spec.buffers[1], &shapes, "alibi", &mut rng).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(s[[0]], 0.25);
         assert!(generate_buffer(&p.spec.buffers[0], &shapes, "alibi", &mut rng).is_err());
         assert!(generate_buffer(&p.spec.buffers[0], &shapes, "docs:0", &mut rng).is_err());

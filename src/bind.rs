@@ -31,8 +31,19 @@ pub struct Inputs<'a> {
 }
 
 impl<'a> Inputs<'a> {
-    pub fn new(q: ArrayView4<'a, f32>, k: ArrayView4<'a, f32>, v: ArrayView4<'a, f32>) -> Inputs<'a> {
-        Inputs { q, k, v, buffers: BTreeMap::new(), q_offset: 0, want_lse: false }
+    pub fn new(
+        q: ArrayView4<'a, f32>,
+        k: ArrayView4<'a, f32>,
+        v: ArrayView4<'a, f32>,
+    ) -> Inputs<'a> {
+        Inputs {
+            q,
+            k,
+            v,
+            buffers: BTreeMap::new(),
+            q_offset: 0,
+            want_lse: false,
+        }
     }
 
     pub fn buffer(mut self, name: &str, data: BufferData) -> Inputs<'a> {
@@ -94,13 +105,27 @@ pub enum BindError {
     #[diagnostic(code(attnc::bind::kv_shape))]
     KvShape { k: Vec<usize>, v: Vec<usize> },
     #[error("head dim differs: q has D = {q} (shape {q_shape:?}), k and v have D = {kv} (shape {kv_shape:?})")]
-    #[diagnostic(code(attnc::bind::head_dim), help("q is [B, H, Q, D] and k, v are [B, HKV, KV, D] with the same D"))]
-    HeadDim { q: usize, kv: usize, q_shape: Vec<usize>, kv_shape: Vec<usize> },
+    #[diagnostic(
+        code(attnc::bind::head_dim),
+        help("q is [B, H, Q, D] and k, v are [B, HKV, KV, D] with the same D")
+    )]
+    HeadDim {
+        q: usize,
+        kv: usize,
+        q_shape: Vec<usize>,
+        kv_shape: Vec<usize>,
+    },
     #[error("the head dim D must be at least 1, found 0")]
-    #[diagnostic(code(attnc::bind::head_dim), help("q is [B, H, Q, D] and k, v are [B, HKV, KV, D]; the last axis is D"))]
+    #[diagnostic(
+        code(attnc::bind::head_dim),
+        help("q is [B, H, Q, D] and k, v are [B, HKV, KV, D]; the last axis is D")
+    )]
     ZeroHeadDim,
     #[error("batch differs: q has B = {q}, k and v have B = {kv}")]
-    #[diagnostic(code(attnc::bind::batch), help("k and v must have the batch of q, or 1 to broadcast over it"))]
+    #[diagnostic(
+        code(attnc::bind::batch),
+        help("k and v must have the batch of q, or 1 to broadcast over it")
+    )]
     Batch { q: usize, kv: usize },
     #[error("H = {h} query heads is not a multiple of HKV = {hkv} key/value heads")]
     #[diagnostic(code(attnc::bind::heads), help("GQA/MQA needs H to be a multiple of HKV (query head h reads key/value head h / (H / HKV))"))]
@@ -109,17 +134,42 @@ pub enum BindError {
     #[diagnostic(code(attnc::bind::q_offset), help("the offset is the absolute position of query row 0: 0 for prefill, KV - Q when decoding with a KV cache"))]
     NegativeOffset(i64),
     #[error("missing buffer `{name}`: attention `{spec}` declares `buffer {name}[{dims}]: {ty}`")]
-    #[diagnostic(code(attnc::bind::missing_buffer), help("bind it, e.g. `--buffer {name}=FILE.npy`"))]
-    MissingBuffer { spec: String, name: String, dims: String, ty: Type },
+    #[diagnostic(
+        code(attnc::bind::missing_buffer),
+        help("bind it, e.g. `--buffer {name}=FILE.npy`")
+    )]
+    MissingBuffer {
+        spec: String,
+        name: String,
+        dims: String,
+        ty: Type,
+    },
     #[error("unexpected buffer `{name}`: attention `{spec}` declares no such buffer")]
     #[diagnostic(code(attnc::bind::extra_buffer), help("{help}"))]
-    ExtraBuffer { spec: String, name: String, help: String },
+    ExtraBuffer {
+        spec: String,
+        name: String,
+        help: String,
+    },
     #[error("buffer `{name}` is declared {declared} but the data is {found}")]
-    #[diagnostic(code(attnc::bind::buffer_type), help("int buffers take int32/int64 data, float buffers float32, bool buffers bool"))]
-    BufferType { name: String, declared: Type, found: Type },
+    #[diagnostic(
+        code(attnc::bind::buffer_type),
+        help("int buffers take int32/int64 data, float buffers float32, bool buffers bool")
+    )]
+    BufferType {
+        name: String,
+        declared: Type,
+        found: Type,
+    },
     #[error("buffer `{name}` has shape {found:?}, but `{name}[{dims}]` is {expected:?} for these inputs")]
     #[diagnostic(code(attnc::bind::buffer_shape), help("the shapes are B={}, H={}, HKV={}, Q={}, KV={}, D={}", shapes.b, shapes.h, shapes.hkv, shapes.q, shapes.kv, shapes.d))]
-    BufferShape { name: String, dims: String, expected: Vec<usize>, found: Vec<usize>, shapes: Shapes },
+    BufferShape {
+        name: String,
+        dims: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+        shapes: Shapes,
+    },
 }
 
 /// The error for binding a buffer the spec does not declare.
@@ -130,23 +180,38 @@ pub fn unknown_buffer(spec: &Spec, name: &str) -> BindError {
         None if names.is_empty() => "this attention block takes no buffers".to_string(),
         None => format!("its buffers are: {}", names.join(", ")),
     };
-    BindError::ExtraBuffer { spec: spec.name.clone(), name: name.to_string(), help }
+    BindError::ExtraBuffer {
+        spec: spec.name.clone(),
+        name: name.to_string(),
+        help,
+    }
 }
 
 /// Validates `inputs` against `spec`.
 pub fn bind(spec: &Spec, inputs: &Inputs<'_>) -> Result<Bound, BindError> {
     let (qs, ks, vs) = (inputs.q.shape(), inputs.k.shape(), inputs.v.shape());
     if ks != vs {
-        return Err(BindError::KvShape { k: ks.to_vec(), v: vs.to_vec() });
+        return Err(BindError::KvShape {
+            k: ks.to_vec(),
+            v: vs.to_vec(),
+        });
     }
     if qs[3] != ks[3] {
-        return Err(BindError::HeadDim { q: qs[3], kv: ks[3], q_shape: qs.to_vec(), kv_shape: ks.to_vec() });
+        return Err(BindError::HeadDim {
+            q: qs[3],
+            kv: ks[3],
+            q_shape: qs.to_vec(),
+            kv_shape: ks.to_vec(),
+        });
     }
     if qs[3] == 0 {
         return Err(BindError::ZeroHeadDim);
     }
     if ks[0] != qs[0] && ks[0] != 1 {
-        return Err(BindError::Batch { q: qs[0], kv: ks[0] });
+        return Err(BindError::Batch {
+            q: qs[0],
+            kv: ks[0],
+        });
     }
     let (h, hkv) = (qs[1], ks[1]);
     if hkv == 0 || h % hkv != 0 {
@@ -155,24 +220,56 @@ pub fn bind(spec: &Spec, inputs: &Inputs<'_>) -> Result<Bound, BindError> {
     if inputs.q_offset < 0 {
         return Err(BindError::NegativeOffset(inputs.q_offset));
     }
-    let shapes = Shapes { b: qs[0], h, hkv, q: qs[2], kv: ks[2], d: qs[3] };
+    let shapes = Shapes {
+        b: qs[0],
+        h,
+        hkv,
+        q: qs[2],
+        kv: ks[2],
+        d: qs[3],
+    };
     if let Some(name) = inputs.buffers.keys().find(|n| spec.buffer_id(n).is_none()) {
         return Err(unknown_buffer(spec, name));
     }
     let mut buffers = Vec::with_capacity(spec.buffers.len());
     for decl in &spec.buffers {
-        let dims = decl.dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+        let dims = decl
+            .dims
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
         let Some(data) = inputs.buffers.get(&decl.name) else {
-            return Err(BindError::MissingBuffer { spec: spec.name.clone(), name: decl.name.clone(), dims, ty: decl.elem });
+            return Err(BindError::MissingBuffer {
+                spec: spec.name.clone(),
+                name: decl.name.clone(),
+                dims,
+                ty: decl.elem,
+            });
         };
         if data.ty() != decl.elem {
-            return Err(BindError::BufferType { name: decl.name.clone(), declared: decl.elem, found: data.ty() });
+            return Err(BindError::BufferType {
+                name: decl.name.clone(),
+                declared: decl.elem,
+                found: data.ty(),
+            });
         }
         let expected: Vec<usize> = decl.dims.iter().map(|d| shapes.dim(*d)).collect();
         if data.shape() != expected.as_slice() {
-            return Err(BindError::BufferShape { name: decl.name.clone(), dims, expected, found: data.shape().to_vec(), shapes });
+            return Err(BindError::BufferShape {
+                name: decl.name.clone(),
+                dims,
+                expected,
+                found: data.shape().to_vec(),
+                shapes,
+            });
         }
         buffers.push(data.clone());
     }
-    Ok(Bound { shapes, q_offset: inputs.q_offset, kv_batch: ks[0], buffers })
+    Ok(Bound {
+        shapes,
+        q_offset: inputs.q_offset,
+        kv_batch: ks[0],
+        buffers,
+    })
 }

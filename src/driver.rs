@@ -25,13 +25,18 @@ pub struct SourceFile {
 
 impl SourceFile {
     pub fn new(name: impl Into<String>, text: impl Into<String>) -> SourceFile {
-        SourceFile { name: name.into(), text: text.into() }
+        SourceFile {
+            name: name.into(),
+            text: text.into(),
+        }
     }
 
     /// Reads a file from disk.
     pub fn read(path: &std::path::Path) -> Result<SourceFile, Error> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Io { what: format!("cannot read `{}`", path.display()), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            what: format!("cannot read `{}`", path.display()),
+            reason: e.to_string(),
+        })?;
         Ok(SourceFile::new(path.display().to_string(), text))
     }
 
@@ -63,13 +68,19 @@ pub enum SpecProblem {
 pub enum Error {
     /// The spec has errors; every one found is listed.
     #[error("{}", spec_summary(file, problems))]
-    Spec { file: Arc<SourceFile>, problems: Vec<SpecProblem> },
+    Spec {
+        file: Arc<SourceFile>,
+        problems: Vec<SpecProblem>,
+    },
     /// The inputs do not fit the spec.
     #[error(transparent)]
     Bind(#[from] BindError),
     /// Evaluating the spec on the inputs failed (e.g. an out-of-range read).
     #[error("{error}")]
-    Eval { file: Arc<SourceFile>, error: EvalError },
+    Eval {
+        file: Arc<SourceFile>,
+        error: EvalError,
+    },
     /// The block map could not be built (bad tiling, overflow).
     #[error(transparent)]
     Mask(crate::mask::MaskError),
@@ -125,7 +136,9 @@ impl Diagnostic for Error {
 
     fn source_code(&self) -> Option<&dyn miette::SourceCode> {
         match self {
-            Error::Spec { file, .. } | Error::Eval { file, .. } => Some(&file.text as &dyn miette::SourceCode),
+            Error::Spec { file, .. } | Error::Eval { file, .. } => {
+                Some(&file.text as &dyn miette::SourceCode)
+            }
             _ => None,
         }
     }
@@ -142,7 +155,10 @@ impl Diagnostic for Error {
 
 impl Error {
     fn spec(file: &Arc<SourceFile>, problems: Vec<SpecProblem>) -> Error {
-        Error::Spec { file: file.clone(), problems }
+        Error::Spec {
+            file: file.clone(),
+            problems,
+        }
     }
 
     /// Renders the error as text with source snippets (no colour), the way
@@ -154,23 +170,34 @@ impl Error {
 
 /// Renders a diagnostic with file name, line, column and carets.
 pub fn render(err: &Error, color: bool) -> String {
-    let theme = if color { miette::GraphicalTheme::unicode() } else { miette::GraphicalTheme::unicode_nocolor() };
+    let theme = if color {
+        miette::GraphicalTheme::unicode()
+    } else {
+        miette::GraphicalTheme::unicode_nocolor()
+    };
     let handler = miette::GraphicalReportHandler::new_themed(theme).with_width(100);
     let mut out = String::new();
     let named;
     let with_name: &dyn Diagnostic = match err {
         Error::Spec { file, .. } | Error::Eval { file, .. } if too_wide(err, &file.text) => {
             let plain = Unsnipped::new(err, file);
-            handler.render_report(&mut out, &plain).expect("rendering to a String cannot fail");
+            handler
+                .render_report(&mut out, &plain)
+                .expect("rendering to a String cannot fail");
             return out;
         }
         Error::Spec { file, .. } | Error::Eval { file, .. } => {
-            named = Named { inner: err, source: file.named() };
+            named = Named {
+                inner: err,
+                source: file.named(),
+            };
             &named
         }
         _ => err,
     };
-    handler.render_report(&mut out, with_name).expect("rendering to a String cannot fail");
+    handler
+        .render_report(&mut out, with_name)
+        .expect("rendering to a String cannot fail");
     out
 }
 
@@ -183,15 +210,25 @@ const MAX_SNIPPET_COLUMN: usize = 10_000;
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = text.get(..offset.min(text.len())).unwrap_or(text);
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    (before.matches('\n').count() + 1, before[line_start..].chars().count() + 1)
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
 }
 
 /// Whether a label of `err` (or of the errors it lists) starts or ends
 /// beyond [`MAX_SNIPPET_COLUMN`].
 fn too_wide(err: &dyn Diagnostic, text: &str) -> bool {
     let far = |offset: usize| line_col(text, offset).1 > MAX_SNIPPET_COLUMN;
-    err.labels().into_iter().flatten().any(|l| far(l.offset()) || far(l.offset() + l.len()))
-        || err.related().into_iter().flatten().any(|r| too_wide(r, text))
+    err.labels()
+        .into_iter()
+        .flatten()
+        .any(|l| far(l.offset()) || far(l.offset() + l.len()))
+        || err
+            .related()
+            .into_iter()
+            .flatten()
+            .any(|r| too_wide(r, text))
 }
 
 /// A diagnostic shown without source snippets: each label is written as
@@ -212,8 +249,17 @@ impl<'a> Unsnipped<'a> {
                 message += &format!(": {text}");
             }
         }
-        let related = inner.related().into_iter().flatten().map(|r| Unsnipped::new(r, file)).collect();
-        Unsnipped { inner, message, related }
+        let related = inner
+            .related()
+            .into_iter()
+            .flatten()
+            .map(|r| Unsnipped::new(r, file))
+            .collect();
+        Unsnipped {
+            inner,
+            message,
+            related,
+        }
     }
 }
 
@@ -292,7 +338,8 @@ pub fn parse(file: &Arc<SourceFile>) -> Result<ast::File, Error> {
 /// Parses and checks a source file (stages 1-2).
 pub fn check(file: &Arc<SourceFile>) -> Result<Module, Error> {
     let ast = parse(file)?;
-    sema::check(&ast).map_err(|diags| Error::spec(file, diags.into_iter().map(SpecProblem::Sema).collect()))
+    sema::check(&ast)
+        .map_err(|diags| Error::spec(file, diags.into_iter().map(SpecProblem::Sema).collect()))
 }
 
 /// Options that pick and specialise one attention block of a file.
@@ -362,7 +409,13 @@ pub struct CompileOptions {
 
 impl Default for CompileOptions {
     fn default() -> CompileOptions {
-        CompileOptions { spec: SpecOptions::default(), bq: 64, bkv: 64, gemm: crate::codegen::clif::GemmImpl::detect(), keep_clif: false }
+        CompileOptions {
+            spec: SpecOptions::default(),
+            bq: 64,
+            bkv: 64,
+            gemm: crate::codegen::clif::GemmImpl::detect(),
+            keep_clif: false,
+        }
     }
 }
 
@@ -394,7 +447,8 @@ impl JitKernel {
     /// Runs the kernel: binds the inputs, builds the block maps, runs the tasks.
     pub fn run(&self, inputs: &Inputs<'_>) -> Result<Outputs, Error> {
         let bound = bind(&self.program.spec, inputs)?;
-        let maps = crate::mask::classify(&self.program.spec, &bound, self.tiling).map_err(|e| self.program.mask_error(e))?;
+        let maps = crate::mask::classify(&self.program.spec, &bound, self.tiling)
+            .map_err(|e| self.program.mask_error(e))?;
         self.run_with_maps(inputs, &bound, &maps)
     }
 
@@ -402,7 +456,8 @@ impl JitKernel {
     /// many layers with the same mask, shapes and buffers.
     pub fn plan(&self, inputs: &Inputs<'_>) -> Result<Plan, Error> {
         let bound = bind(&self.program.spec, inputs)?;
-        let maps = crate::mask::classify(&self.program.spec, &bound, self.tiling).map_err(|e| self.program.mask_error(e))?;
+        let maps = crate::mask::classify(&self.program.spec, &bound, self.tiling)
+            .map_err(|e| self.program.mask_error(e))?;
         Ok(Plan { bound, maps })
     }
 
@@ -410,7 +465,10 @@ impl JitKernel {
     /// have the plan's shapes, query offset and buffers (checked).
     pub fn run_planned(&self, inputs: &Inputs<'_>, plan: &Plan) -> Result<Outputs, Error> {
         let bound = bind(&self.program.spec, inputs)?;
-        if bound.shapes != plan.bound.shapes || bound.q_offset != plan.bound.q_offset || bound.buffers != plan.bound.buffers {
+        if bound.shapes != plan.bound.shapes
+            || bound.q_offset != plan.bound.q_offset
+            || bound.buffers != plan.bound.buffers
+        {
             return Err(Error::Usage(format!(
                 "the plan was made for other inputs (shapes {:?}, query offset {}); make a new plan for these",
                 plan.bound.shapes, plan.bound.q_offset
@@ -425,12 +483,25 @@ impl JitKernel {
     }
 
     /// Runs the kernel with block maps built by the caller.
-    pub fn run_with_maps(&self, inputs: &Inputs<'_>, bound: &crate::bind::Bound, maps: &crate::mask::BlockMaps) -> Result<Outputs, Error> {
+    pub fn run_with_maps(
+        &self,
+        inputs: &Inputs<'_>,
+        bound: &crate::bind::Bound,
+        maps: &crate::mask::BlockMaps,
+    ) -> Result<Outputs, Error> {
         if maps.tiling() != self.tiling {
-            return Err(Error::Usage(format!("block maps were built with {} tiles, the kernel uses {}", maps.tiling(), self.tiling)));
+            return Err(Error::Usage(format!(
+                "block maps were built with {} tiles, the kernel uses {}",
+                maps.tiling(),
+                self.tiling
+            )));
         }
-        crate::runtime::exec::run(&self.compiled, inputs, bound, maps)
-            .map_err(|error| Error::Eval { file: self.program.file.clone(), error })
+        crate::runtime::exec::run(&self.compiled, inputs, bound, maps).map_err(|error| {
+            Error::Eval {
+                file: self.program.file.clone(),
+                error,
+            }
+        })
     }
 
     /// Time spent in Cranelift for this kernel.
@@ -454,16 +525,27 @@ impl Program {
     pub fn run_interp(&self, inputs: &Inputs<'_>, bq: usize, bkv: usize) -> Result<Outputs, Error> {
         let bound = bind(&self.spec, inputs)?;
         let tiling = crate::mask::Tiling::new(bq, bkv).map_err(|e| self.mask_error(e))?;
-        let maps = crate::mask::classify(&self.spec, &bound, tiling).map_err(|e| self.mask_error(e))?;
-        let schedule = crate::tile::Schedule { bq, bkv, dim: Some(bound.shapes.d), exp2: true };
+        let maps =
+            crate::mask::classify(&self.spec, &bound, tiling).map_err(|e| self.mask_error(e))?;
+        let schedule = crate::tile::Schedule {
+            bq,
+            bkv,
+            dim: Some(bound.shapes.d),
+            exp2: true,
+        };
         let kernel = self.kernel(&schedule);
-        crate::tile::interp::run(&kernel, inputs, &bound, &maps)
-            .map_err(|error| Error::Eval { file: self.file.clone(), error })
+        crate::tile::interp::run(&kernel, inputs, &bound, &maps).map_err(|error| Error::Eval {
+            file: self.file.clone(),
+            error,
+        })
     }
 
     fn mask_error(&self, e: crate::mask::MaskError) -> Error {
         match e {
-            crate::mask::MaskError::Eval(error) => Error::Eval { file: self.file.clone(), error },
+            crate::mask::MaskError::Eval(error) => Error::Eval {
+                file: self.file.clone(),
+                error,
+            },
             e => Error::Mask(e),
         }
     }
@@ -471,24 +553,49 @@ impl Program {
     /// Compiles the spec to native code for this CPU with `bq x bkv` tiles
     /// (`bkv` a multiple of 16). The kernel is generic over batch, heads,
     /// lengths and head dim: one compilation serves every call.
-    pub fn compile_jit(&self, bq: usize, bkv: usize, gemm: crate::codegen::clif::GemmImpl) -> Result<JitKernel, Error> {
-        self.compile_jit_with(&CompileOptions { bq, bkv, gemm, ..CompileOptions::default() })
+    pub fn compile_jit(
+        &self,
+        bq: usize,
+        bkv: usize,
+        gemm: crate::codegen::clif::GemmImpl,
+    ) -> Result<JitKernel, Error> {
+        self.compile_jit_with(&CompileOptions {
+            bq,
+            bkv,
+            gemm,
+            ..CompileOptions::default()
+        })
     }
 
     /// [`Program::compile_jit`] with all options.
     pub fn compile_jit_with(&self, options: &CompileOptions) -> Result<JitKernel, Error> {
-        let tiling = crate::mask::Tiling::new(options.bq, options.bkv).map_err(|e| self.mask_error(e))?;
-        let schedule = crate::tile::Schedule { bq: options.bq, bkv: options.bkv, dim: None, exp2: true };
+        let tiling =
+            crate::mask::Tiling::new(options.bq, options.bkv).map_err(|e| self.mask_error(e))?;
+        let schedule = crate::tile::Schedule {
+            bq: options.bq,
+            bkv: options.bkv,
+            dim: None,
+            exp2: true,
+        };
         let kernel = self.kernel(&schedule);
-        let jit_options = crate::codegen::clif::JitOptions { keep_clif: options.keep_clif, ..Default::default() };
+        let jit_options = crate::codegen::clif::JitOptions {
+            keep_clif: options.keep_clif,
+            ..Default::default()
+        };
         let compiled = crate::codegen::clif::kernel::compile(&kernel, options.gemm, &jit_options)?;
-        Ok(JitKernel { program: self.clone(), tiling, compiled })
+        Ok(JitKernel {
+            program: self.clone(),
+            tiling,
+            compiled,
+        })
     }
 
     /// Runs the reference interpreter.
     pub fn run_reference(&self, inputs: &Inputs<'_>) -> Result<Outputs, Error> {
         let bound = bind(&self.spec, inputs)?;
-        crate::reference::run(&self.spec, inputs, &bound)
-            .map_err(|error| Error::Eval { file: self.file.clone(), error })
+        crate::reference::run(&self.spec, inputs, &bound).map_err(|error| Error::Eval {
+            file: self.file.clone(),
+            error,
+        })
     }
 }

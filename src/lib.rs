@@ -23,8 +23,8 @@
 //! assert_eq!(out.out.shape(), &[1, 2, 5, 8]);
 //! ```
 
-pub mod bind;
 pub mod bench;
+pub mod bind;
 pub mod buffer;
 pub mod codegen;
 pub mod driver;
@@ -38,4 +38,6 @@ pub mod tile;
 
 pub use bind::{Inputs, Outputs};
 pub use buffer::BufferData;
-pub use driver::{compile, load, CompileOptions, Error, JitKernel, Plan, Program, SourceFile, SpecOptions};
+pub use driver::{
+    compile, load, CompileOptions, Error, JitKernel, Plan, Program, SourceFile, SpecOptions,
+};

@@ -10,7 +10,11 @@ use attnc::driver::{self, Error, SourceFile, SpecOptions};
 use attnc::{npy, Inputs};
 
 #[derive(Parser)]
-#[command(name = "attnc", version, about = "An attention compiler: .attn specs of masks and score mods to fused attention kernels")]
+#[command(
+    name = "attnc",
+    version,
+    about = "An attention compiler: .attn specs of masks and score mods to fused attention kernels"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,19 +29,24 @@ enum Command {
         spec: PathBuf,
     },
     /// Run a spec on .npy inputs and write .npy outputs.
-    #[command(after_help = "Example:\n  attnc run examples/packed_docs.attn --q q.npy --k k.npy --v v.npy \\\n      --buffer doc=doc.npy --out out.npy --lse lse.npy\n\n\
+    #[command(
+        after_help = "Example:\n  attnc run examples/packed_docs.attn --q q.npy --k k.npy --v v.npy \\\n      --buffer doc=doc.npy --out out.npy --lse lse.npy\n\n\
 q is float32 [B, H, Q, D]; k and v are float32 [B or 1, HKV, KV, D]. Buffers are read in their\n\
-declared type: int from int32/int64, float from float32, bool from bool.")]
+declared type: int from int32/int64, float from float32, bool from bool."
+    )]
     Run(RunArgs),
     /// Print a compiler stage's output for a spec.
-    #[command(after_help = "Examples:\n  attnc emit examples/alibi.attn --stage tile\n  attnc emit examples/sliding_window.attn --stage tile --block 32x128 --dim 128 --param window=512\n  attnc emit examples/causal.attn --stage checked\n\n\
+    #[command(
+        after_help = "Examples:\n  attnc emit examples/alibi.attn --stage tile\n  attnc emit examples/sliding_window.attn --stage tile --block 32x128 --dim 128 --param window=512\n  attnc emit examples/causal.attn --stage checked\n\n\
 Stages: ast (the parsed syntax tree with byte spans), checked (the checked spec: typed, names\n\
 resolved, with dependences), tile (the optimised loop IR; --stage tile-unopt for the IR before\n\
 optimisation). The tile IR is generic over batch, heads and lengths; it specialises on the\n\
-tile sizes (--block, default 64x64) and the head dim (--dim, default 64; `--dim generic` keeps D symbolic).")]
+tile sizes (--block, default 64x64) and the head dim (--dim, default 64; `--dim generic` keeps D symbolic)."
+    )]
     Emit(EmitArgs),
     /// Classify the tiles of a spec's mask (full / partial / empty) and draw the block map.
-    #[command(after_help = "Examples:\n  attnc blocks examples/causal.attn --q-len 4096 --kv-len 4096 --block 128x128\n  \
+    #[command(
+        after_help = "Examples:\n  attnc blocks examples/causal.attn --q-len 4096 --kv-len 4096 --block 128x128\n  \
 attnc blocks examples/packed_docs.attn --q-len 1024 --kv-len 1024 --buffer doc=doc.npy --json\n  \
 attnc blocks examples/packed_docs.attn --q-len 65536 --kv-len 65536 --buffer doc=docs:8 --block 128\n  \
 attnc blocks examples/sliding_window.attn --q-len 8192 --kv-len 8192 --param window=1024 --png map.png\n\n\
@@ -47,14 +56,17 @@ The grid has one character per (query tile, key tile): # full (no mask code), + 
 applied), . empty (skipped). Maps larger than 64 x 128 tiles are folded: a cell then stands for a\n\
 rectangle of tiles and shows # if all are full, . if all are empty, + otherwise. The shapes B, H\n\
 (--b, --h) and HKV = H, D = 1 are used to check buffer shapes; masks that depend on b or h get one\n\
-map per (b, h), and the grid shows the one chosen with --at.")]
+map per (b, h), and the grid shows the one chosen with --at."
+    )]
     Blocks(BlocksArgs),
     /// Benchmark a spec on random inputs.
-    #[command(after_help = "Examples:\n  attnc bench examples/causal.attn --q-len 4096 --heads 8 --dim 64\n  attnc bench examples/packed_docs.attn --q-len 4096 --heads 8 --dim 64 --buffer doc=docs:4 --json\n  attnc bench examples/alibi.attn --q-len 1024 --heads 8 --dim 64 --buffer slope=alibi --backend interp\n\n\
+    #[command(
+        after_help = "Examples:\n  attnc bench examples/causal.attn --q-len 4096 --heads 8 --dim 64\n  attnc bench examples/packed_docs.attn --q-len 4096 --heads 8 --dim 64 --buffer doc=docs:4 --json\n  attnc bench examples/alibi.attn --q-len 1024 --heads 8 --dim 64 --buffer slope=alibi --backend interp\n\n\
 Buffers come from .npy files (`--buffer NAME=FILE.npy`) or recipes (`--buffer NAME=RECIPE`):\n\
 docs:N (int: N equal contiguous documents along the last dim), iota (int: 0, 1, 2, ...),\n\
 alibi (float: ALiBi slopes 2^(-8(i+1)/n)), uniform (float in [-1, 1)), bernoulli:P (bool),\n\
-const:V (any type). GFLOP/s count 4*B*H*Q*KV*D flops (dense) or only visible entries (useful).")]
+const:V (any type). GFLOP/s count 4*B*H*Q*KV*D flops (dense) or only visible entries (useful)."
+    )]
     Bench(BenchArgs),
 }
 
@@ -72,7 +84,12 @@ struct BlocksArgs {
     #[arg(long, default_value = "64x64", value_name = "BQxBKV")]
     block: String,
     /// Absolute position of query row 0.
-    #[arg(long, default_value_t = 0, value_name = "N", allow_negative_numbers = true)]
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "N",
+        allow_negative_numbers = true
+    )]
     q_offset: i64,
     /// Bind a buffer to a .npy file or a recipe: `--buffer doc=doc.npy`,
     /// `--buffer doc=docs:8` (repeatable; recipes as for `attnc bench`).
@@ -252,7 +269,12 @@ struct RunArgs {
     #[arg(long = "buffer", value_name = "NAME=FILE.npy")]
     buffers: Vec<String>,
     /// Absolute position of query row 0 (for decoding with a KV cache).
-    #[arg(long, default_value_t = 0, value_name = "N", allow_negative_numbers = true)]
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "N",
+        allow_negative_numbers = true
+    )]
     q_offset: i64,
     /// Where to write the output, float32 [B, H, Q, D].
     #[arg(long, value_name = "FILE.npy")]
@@ -308,21 +330,38 @@ fn gemm_impl(g: Gemm) -> attnc::codegen::clif::GemmImpl {
 fn split_assignment(s: &str, flag: &str) -> Result<(String, String), Error> {
     match s.split_once('=') {
         Some((n, v)) if !n.trim().is_empty() => Ok((n.trim().to_string(), v.to_string())),
-        _ => Err(Error::Usage(format!("`--{flag} {s}` must have the form NAME=VALUE"))),
+        _ => Err(Error::Usage(format!(
+            "`--{flag} {s}` must have the form NAME=VALUE"
+        ))),
     }
 }
 
 fn spec_options(args: &SpecArgs) -> Result<SpecOptions, Error> {
-    let params = args.params.iter().map(|p| split_assignment(p, "param")).collect::<Result<_, _>>()?;
-    Ok(SpecOptions { entry: args.entry.clone(), params })
+    let params = args
+        .params
+        .iter()
+        .map(|p| split_assignment(p, "param"))
+        .collect::<Result<_, _>>()?;
+    Ok(SpecOptions {
+        entry: args.entry.clone(),
+        params,
+    })
 }
 
 fn bench(args: BenchArgs) -> Result<(), Error> {
     use attnc::bench::{generate_buffer, measure, BenchConfig, Rng};
     let t0 = std::time::Instant::now();
-    let program = driver::load(SourceFile::read(&args.spec.spec)?, &spec_options(&args.spec)?)?;
+    let program = driver::load(
+        SourceFile::read(&args.spec.spec)?,
+        &spec_options(&args.spec)?,
+    )?;
     let (bq, bkv) = parse_block(&args.block)?;
-    let schedule = attnc::tile::Schedule { bq, bkv, dim: Some(args.dim), exp2: true };
+    let schedule = attnc::tile::Schedule {
+        bq,
+        bkv,
+        dim: Some(args.dim),
+        exp2: true,
+    };
     if matches!(args.backend, Backend::Interp) {
         let _ = program.kernel(&schedule);
     }
@@ -375,7 +414,12 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         };
         inputs.buffers.insert(name, data);
     }
-    if let Some(missing) = program.spec.buffers.iter().find(|b| !inputs.buffers.contains_key(&b.name)) {
+    if let Some(missing) = program
+        .spec
+        .buffers
+        .iter()
+        .find(|b| !inputs.buffers.contains_key(&b.name))
+    {
         return Err(Error::Usage(format!(
             "buffer `{}` is not bound: pass `--buffer {}=FILE.npy` or a recipe such as `--buffer {}={}`",
             missing.name,
@@ -391,17 +435,30 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     let backend_name = match args.backend {
         Backend::Reference => "reference".to_string(),
         Backend::Interp => "interp".to_string(),
-        Backend::Jit => format!("jit ({})", jit.as_ref().map(|j| j.gemm()).unwrap_or_default()),
+        Backend::Jit => format!(
+            "jit ({})",
+            jit.as_ref().map(|j| j.gemm()).unwrap_or_default()
+        ),
         Backend::Cuda => {
-            return Err(Error::Usage("`bench` measures the CPU backends; GPU benchmarks are in scripts/gpu-check.sh".into()))
+            return Err(Error::Usage(
+                "`bench` measures the CPU backends; GPU benchmarks are in scripts/gpu-check.sh"
+                    .into(),
+            ))
         }
     };
-    let report = measure(&program, &backend_name, &config, &inputs, compile_ms, |i| match args.backend {
-        Backend::Reference => program.run_reference(i),
-        Backend::Interp => program.run_interp(i, bq, bkv),
-        Backend::Jit => jit.as_ref().expect("compiled above").run(i),
-        Backend::Cuda => unreachable!("rejected above"),
-    })?;
+    let report = measure(
+        &program,
+        &backend_name,
+        &config,
+        &inputs,
+        compile_ms,
+        |i| match args.backend {
+            Backend::Reference => program.run_reference(i),
+            Backend::Interp => program.run_interp(i, bq, bkv),
+            Backend::Jit => jit.as_ref().expect("compiled above").run(i),
+            Backend::Cuda => unreachable!("rejected above"),
+        },
+    )?;
     if args.json {
         println!("{}", report.to_json());
     } else {
@@ -448,12 +505,26 @@ fn run(cmd: Command) -> Result<(), Error> {
                         "generic" => None,
                         d => match d.parse::<usize>() {
                             Ok(d) if d > 0 => Some(d),
-                            _ => return Err(Error::Usage(format!("`--dim {d}` must be a positive integer or `generic`"))),
+                            _ => {
+                                return Err(Error::Usage(format!(
+                                    "`--dim {d}` must be a positive integer or `generic`"
+                                )))
+                            }
                         },
                     };
-                    let schedule = attnc::tile::Schedule { bq, bkv, dim, exp2: args.exp == ExpBase::Exp2 };
+                    let schedule = attnc::tile::Schedule {
+                        bq,
+                        bkv,
+                        dim,
+                        exp2: args.exp == ExpBase::Exp2,
+                    };
                     if args.stage == Stage::Clif {
-                        let options = attnc::CompileOptions { bq, bkv, keep_clif: true, ..Default::default() };
+                        let options = attnc::CompileOptions {
+                            bq,
+                            bkv,
+                            keep_clif: true,
+                            ..Default::default()
+                        };
                         let jit = program.compile_jit_with(&options)?;
                         print!("{}", jit.clif().unwrap_or_default());
                         return Ok(());
@@ -473,11 +544,20 @@ fn run(cmd: Command) -> Result<(), Error> {
             let file = std::sync::Arc::new(SourceFile::read(&spec)?);
             let module = driver::check(&file)?;
             let names: Vec<&str> = module.specs.iter().map(|s| s.name.as_str()).collect();
-            println!("{}: ok ({} attention block{}: {})", spec.display(), names.len(), if names.len() == 1 { "" } else { "s" }, names.join(", "));
+            println!(
+                "{}: ok ({} attention block{}: {})",
+                spec.display(),
+                names.len(),
+                if names.len() == 1 { "" } else { "s" },
+                names.join(", ")
+            );
             Ok(())
         }
         Command::Run(args) => {
-            let program = driver::load(SourceFile::read(&args.spec.spec)?, &spec_options(&args.spec)?)?;
+            let program = driver::load(
+                SourceFile::read(&args.spec.spec)?,
+                &spec_options(&args.spec)?,
+            )?;
             let q = npy::read_f32_4d(&args.q, "q")?;
             let k = npy::read_f32_4d(&args.k, "k")?;
             let v = npy::read_f32_4d(&args.v, "v")?;
@@ -499,7 +579,9 @@ fn run(cmd: Command) -> Result<(), Error> {
                 }
                 Backend::Jit => {
                     let (bq, bkv) = parse_block(&args.block)?;
-                    program.compile_jit(bq, bkv, gemm_impl(args.gemm))?.run(&inputs)?
+                    program
+                        .compile_jit(bq, bkv, gemm_impl(args.gemm))?
+                        .run(&inputs)?
                 }
                 Backend::Cuda => run_cuda(&program, &inputs, &args.dtype)?,
             };
@@ -516,7 +598,10 @@ fn run(cmd: Command) -> Result<(), Error> {
                 sh[2],
                 sh[3],
                 args.out.display(),
-                args.lse.as_ref().map(|p| format!(" and lse to {}", p.display())).unwrap_or_default()
+                args.lse
+                    .as_ref()
+                    .map(|p| format!(" and lse to {}", p.display()))
+                    .unwrap_or_default()
             );
             Ok(())
         }
@@ -526,25 +611,47 @@ fn run(cmd: Command) -> Result<(), Error> {
 /// `attnc blocks`: builds the block maps and prints or draws them.
 fn blocks(args: BlocksArgs) -> Result<(), Error> {
     use attnc::mask::{self, render, MaskError};
-    let program = driver::load(SourceFile::read(&args.spec.spec)?, &spec_options(&args.spec)?)?;
+    let program = driver::load(
+        SourceFile::read(&args.spec.spec)?,
+        &spec_options(&args.spec)?,
+    )?;
     let tiling: mask::Tiling = args.block.parse().map_err(Error::Mask)?;
     for (flag, n) in [("b", args.batch), ("h", args.heads)] {
         if n == 0 {
-            return Err(Error::Usage(format!("--{flag} must be at least 1, found 0")));
+            return Err(Error::Usage(format!(
+                "--{flag} must be at least 1, found 0"
+            )));
         }
     }
     let at = args
         .at
         .split_once(',')
-        .and_then(|(b, h)| Some((b.trim().parse::<usize>().ok()?, h.trim().parse::<usize>().ok()?)))
-        .ok_or_else(|| Error::Usage(format!("`--at {}` must have the form B,H (e.g. 0,3)", args.at)))?;
+        .and_then(|(b, h)| {
+            Some((
+                b.trim().parse::<usize>().ok()?,
+                h.trim().parse::<usize>().ok()?,
+            ))
+        })
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "`--at {}` must have the form B,H (e.g. 0,3)",
+                args.at
+            ))
+        })?;
     if at.0 >= args.batch || at.1 >= args.heads {
-        return Err(Error::Usage(format!("`--at {},{}` is outside B = {}, H = {}", at.0, at.1, args.batch, args.heads)));
+        return Err(Error::Usage(format!(
+            "`--at {},{}` is outside B = {}, H = {}",
+            at.0, at.1, args.batch, args.heads
+        )));
     }
     // Only the shapes of q, k and v matter here: zero-stride views, D = 1.
     let one = ndarray::Array4::<f32>::zeros((1, 1, 1, 1));
-    let q = one.broadcast((args.batch, args.heads, args.q_len, 1)).expect("broadcast of a single element");
-    let kv = one.broadcast((args.batch, args.heads, args.kv_len, 1)).expect("broadcast of a single element");
+    let q = one
+        .broadcast((args.batch, args.heads, args.q_len, 1))
+        .expect("broadcast of a single element");
+    let kv = one
+        .broadcast((args.batch, args.heads, args.kv_len, 1))
+        .expect("broadcast of a single element");
     let mut inputs = Inputs::new(q, kv.clone(), kv).q_offset(args.q_offset);
     let shapes = attnc::sema::eval::Shapes {
         b: args.batch,
@@ -574,7 +681,10 @@ fn blocks(args: BlocksArgs) -> Result<(), Error> {
     for _ in 0..args.repeat.max(1) {
         let start = std::time::Instant::now();
         let maps = mask::classify(&program.spec, &bound, tiling).map_err(|e| match e {
-            MaskError::Eval(error) => Error::Eval { file: program.file.clone(), error },
+            MaskError::Eval(error) => Error::Eval {
+                file: program.file.clone(),
+                error,
+            },
             e => Error::Mask(e),
         })?;
         times.push(start.elapsed().as_secs_f64() * 1e3);
@@ -585,11 +695,20 @@ fn blocks(args: BlocksArgs) -> Result<(), Error> {
     let (build_ms, median_ms) = (times[0], times[times.len() / 2]);
     let map = maps.get(at.0, at.1);
     let n_pairs = args.batch * args.heads;
-    let stats = if maps.is_shared() { map.stats() } else { maps.stats_total() };
+    let stats = if maps.is_shared() {
+        map.stats()
+    } else {
+        maps.stats_total()
+    };
     if let Some(path) = &args.png {
-        let bytes = render::png(map).map_err(|e| Error::Io { what: "cannot encode the PNG".into(), reason: e.to_string() })?;
-        std::fs::write(path, bytes)
-            .map_err(|e| Error::Io { what: format!("cannot write `{}`", path.display()), reason: e.to_string() })?;
+        let bytes = render::png(map).map_err(|e| Error::Io {
+            what: "cannot encode the PNG".into(),
+            reason: e.to_string(),
+        })?;
+        std::fs::write(path, bytes).map_err(|e| Error::Io {
+            what: format!("cannot write `{}`", path.display()),
+            reason: e.to_string(),
+        })?;
     }
     if args.json {
         let v = serde_json::json!({
@@ -621,12 +740,24 @@ fn blocks(args: BlocksArgs) -> Result<(), Error> {
     }
     println!("{}", render::title(&program.spec.name, map));
     if !maps.is_shared() {
-        println!("map of (b, h) = ({}, {}); the mask depends on{}{}", at.0, at.1, if maps.depends_on_b() { " b" } else { "" }, if maps.depends_on_h() { " h" } else { "" });
+        println!(
+            "map of (b, h) = ({}, {}); the mask depends on{}{}",
+            at.0,
+            at.1,
+            if maps.depends_on_b() { " b" } else { "" },
+            if maps.depends_on_h() { " h" } else { "" }
+        );
     }
-    print!("{}", render::grid(map, render::GRID_ROWS, render::GRID_COLS));
+    print!(
+        "{}",
+        render::grid(map, render::GRID_ROWS, render::GRID_COLS)
+    );
     print!("{}", render::stats_text(&stats));
     let work = maps.counts();
-    let work = format!("{} box and {} element evaluations of the mask", work.box_evaluations, work.element_evaluations);
+    let work = format!(
+        "{} box and {} element evaluations of the mask",
+        work.box_evaluations, work.element_evaluations
+    );
     if maps.is_shared() {
         println!("built in {build_ms:.3} ms ({work}); one map shared by all (b, h)");
     } else {
@@ -641,20 +772,36 @@ fn blocks(args: BlocksArgs) -> Result<(), Error> {
 /// `attnc emit --target ptx`: the PTX of the spec's kernel.
 fn emit_ptx(args: EmitArgs) -> Result<(), Error> {
     use attnc::codegen::ptx::{self, PtxOptions};
-    let program = driver::load(SourceFile::read(&args.spec.spec)?, &spec_options(&args.spec)?)?;
+    let program = driver::load(
+        SourceFile::read(&args.spec.spec)?,
+        &spec_options(&args.spec)?,
+    )?;
     let arch = args.arch.parse().map_err(Error::Usage)?;
     let dtype = args.dtype.parse().map_err(Error::Usage)?;
     let (bq, bkv) = parse_block(&args.block)?;
     let dim = match args.dim.parse::<usize>() {
         Ok(d) if d > 0 => d,
-        _ => return Err(Error::Usage(format!("`--dim {}`: PTX kernels need a fixed positive head dim, e.g. `--dim 64`", args.dim))),
+        _ => {
+            return Err(Error::Usage(format!(
+                "`--dim {}`: PTX kernels need a fixed positive head dim, e.g. `--dim 64`",
+                args.dim
+            )))
+        }
     };
-    let schedule = attnc::tile::Schedule { bq, bkv, dim: Some(dim), exp2: args.exp == ExpBase::Exp2 };
+    let schedule = attnc::tile::Schedule {
+        bq,
+        bkv,
+        dim: Some(dim),
+        exp2: args.exp == ExpBase::Exp2,
+    };
     let kernel = program.kernel(&schedule);
-    let text = ptx::emit(&kernel, &PtxOptions { arch, dtype }).map_err(|e| Error::Usage(ptx_error_text(&e)))?;
+    let text = ptx::emit(&kernel, &PtxOptions { arch, dtype })
+        .map_err(|e| Error::Usage(ptx_error_text(&e)))?;
     match &args.output {
-        Some(path) => std::fs::write(path, text)
-            .map_err(|e| Error::Io { what: format!("cannot write `{}`", path.display()), reason: e.to_string() }),
+        Some(path) => std::fs::write(path, text).map_err(|e| Error::Io {
+            what: format!("cannot write `{}`", path.display()),
+            reason: e.to_string(),
+        }),
         None => {
             print!("{text}");
             Ok(())
@@ -673,19 +820,31 @@ fn ptx_error_text(e: &attnc::codegen::ptx::PtxError) -> String {
 
 /// `attnc run --backend cuda`.
 #[cfg(feature = "cuda")]
-fn run_cuda(program: &driver::Program, inputs: &Inputs<'_>, dtype: &str) -> Result<attnc::Outputs, Error> {
+fn run_cuda(
+    program: &driver::Program,
+    inputs: &Inputs<'_>,
+    dtype: &str,
+) -> Result<attnc::Outputs, Error> {
     use attnc::runtime::cuda::{CudaError, CudaRuntime};
     let dtype = dtype.parse().map_err(Error::Usage)?;
     let run = || CudaRuntime::new(0)?.run(&program.spec, inputs, dtype);
     run().map_err(|e| match e {
         CudaError::Bind(e) => Error::Bind(e),
-        CudaError::Eval(error) | CudaError::Mask(attnc::mask::MaskError::Eval(error)) => Error::Eval { file: program.file.clone(), error },
+        CudaError::Eval(error) | CudaError::Mask(attnc::mask::MaskError::Eval(error)) => {
+            Error::Eval {
+                file: program.file.clone(),
+                error,
+            }
+        }
         CudaError::Mask(e) => Error::Mask(e),
         CudaError::Codegen(e) => Error::Usage(ptx_error_text(&e)),
         e => {
             use miette::Diagnostic;
             let help = e.help().map(|h| format!(" ({h})")).unwrap_or_default();
-            Error::Io { what: "the CUDA backend failed".into(), reason: format!("{e}{help}") }
+            Error::Io {
+                what: "the CUDA backend failed".into(),
+                reason: format!("{e}{help}"),
+            }
         }
     })
 }

@@ -16,9 +16,10 @@ use crate::driver::Error;
 use crate::sema::Type;
 
 fn open(path: &Path) -> Result<BufReader<File>, Error> {
-    File::open(path)
-        .map(BufReader::new)
-        .map_err(|e| Error::Io { what: format!("cannot read `{}`", path.display()), reason: e.to_string() })
+    File::open(path).map(BufReader::new).map_err(|e| Error::Io {
+        what: format!("cannot read `{}`", path.display()),
+        reason: e.to_string(),
+    })
 }
 
 fn read_as<T: ndarray_npy::ReadableElement>(path: &Path) -> Result<ArrayD<T>, String> {
@@ -36,7 +37,9 @@ fn plain_reason(reason: &str) -> String {
         .strip_prefix("incorrect descriptor (")
         .and_then(|r| r.split(')').next())
         .map(|d| d.trim_matches(|c| c == '\'' || c == '"'));
-    let Some(descr) = descr else { return reason.to_string() };
+    let Some(descr) = descr else {
+        return reason.to_string();
+    };
     let kind = match descr.trim_start_matches(['<', '>', '|', '=']) {
         "f2" => "float16",
         "f4" => "float32",
@@ -52,7 +55,11 @@ fn plain_reason(reason: &str) -> String {
         "b1" => "bool",
         _ => return format!("the file holds data of type `{descr}`"),
     };
-    let order = if descr.starts_with('>') { ", big-endian" } else { "" };
+    let order = if descr.starts_with('>') {
+        ", big-endian"
+    } else {
+        ""
+    };
     format!("the file holds {kind} data (descriptor `{descr}`{order})")
 }
 
@@ -60,13 +67,23 @@ fn plain_reason(reason: &str) -> String {
 pub fn read_f32_4d(path: &Path, what: &str) -> Result<Array<f32, Ix4>, Error> {
     open(path)?;
     let a = read_as::<f32>(path).map_err(|reason| Error::Io {
-        what: format!("cannot read {what} from `{}` (expected a float32 .npy)", path.display()),
+        what: format!(
+            "cannot read {what} from `{}` (expected a float32 .npy)",
+            path.display()
+        ),
         reason,
     })?;
     let shape = a.shape().to_vec();
     a.into_dimensionality::<Ix4>().map_err(|_| Error::Io {
         what: format!("{what} in `{}` has shape {shape:?}", path.display()),
-        reason: format!("{what} must be 4-dimensional: {}", if what == "q" { "[B, H, Q, D]" } else { "[B, HKV, KV, D]" }),
+        reason: format!(
+            "{what} must be 4-dimensional: {}",
+            if what == "q" {
+                "[B, H, Q, D]"
+            } else {
+                "[B, HKV, KV, D]"
+            }
+        ),
     })
 }
 
@@ -97,14 +114,21 @@ pub fn read_buffer(path: &Path, name: &str, ty: Type) -> Result<BufferData, Erro
 
 /// Writes a float32 array.
 pub fn write_f32<D: Dimension>(path: &Path, a: &Array<f32, D>) -> Result<(), Error> {
-    let io = |reason: String| Error::Io { what: format!("cannot write `{}`", path.display()), reason };
+    let io = |reason: String| Error::Io {
+        what: format!("cannot write `{}`", path.display()),
+        reason,
+    };
     let f = File::create(path).map_err(|e| io(e.to_string()))?;
-    a.write_npy(std::io::BufWriter::new(f)).map_err(|e| io(e.to_string()))
+    a.write_npy(std::io::BufWriter::new(f))
+        .map_err(|e| io(e.to_string()))
 }
 
 /// Reads any float32 array (for tests and tools).
 pub fn read_f32_dyn(path: &Path) -> Result<ArrayD<f32>, Error> {
-    read_as::<f32>(path).map_err(|reason| Error::Io { what: format!("cannot read `{}`", path.display()), reason })
+    read_as::<f32>(path).map_err(|reason| Error::Io {
+        what: format!("cannot read `{}`", path.display()),
+        reason,
+    })
 }
 
 #[cfg(test)]
@@ -113,9 +137,18 @@ mod tests {
 
     #[test]
     fn read_errors_name_the_element_type_found() {
-        assert_eq!(plain_reason("incorrect descriptor ('<f8') for this type"), "the file holds float64 data (descriptor `<f8`)");
-        assert_eq!(plain_reason("incorrect descriptor ('|b1') for this type"), "the file holds bool data (descriptor `|b1`)");
-        assert!(plain_reason("error parsing header: start does not match magic string").starts_with("not an .npy file"));
+        assert_eq!(
+            plain_reason("incorrect descriptor ('<f8') for this type"),
+            "the file holds float64 data (descriptor `<f8`)"
+        );
+        assert_eq!(
+            plain_reason("incorrect descriptor ('|b1') for this type"),
+            "the file holds bool data (descriptor `|b1`)"
+        );
+        assert!(
+            plain_reason("error parsing header: start does not match magic string")
+                .starts_with("not an .npy file")
+        );
         assert_eq!(plain_reason("some other error"), "some other error");
     }
 }

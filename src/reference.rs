@@ -35,7 +35,13 @@ pub fn run(spec: &Spec, inputs: &Inputs<'_>, bound: &Bound) -> Result<Outputs, E
             for row in 0..sh.q {
                 let qpos = row as i64 + bound.q_offset;
                 for (kv, s_out) in scores.iter_mut().enumerate() {
-                    let point = Point { b: b as i64, h: h as i64, q: qpos, kv: kv as i64, score: 0.0 };
+                    let point = Point {
+                        b: b as i64,
+                        h: h as i64,
+                        q: qpos,
+                        kv: kv as i64,
+                        score: 0.0,
+                    };
                     let visible = match spec.mask {
                         Some(m) => ev.eval_bool(m, point)?,
                         None => true,
@@ -46,7 +52,8 @@ pub fn run(spec: &Spec, inputs: &Inputs<'_>, bound: &Bound) -> Result<Outputs, E
                     }
                     let mut dot = 0f64;
                     for d in 0..sh.d {
-                        dot += f64::from(inputs.q[[b, h, row, d]]) * f64::from(inputs.k[[kb, kh, kv, d]]);
+                        dot += f64::from(inputs.q[[b, h, row, d]])
+                            * f64::from(inputs.k[[kb, kh, kv, d]]);
                     }
                     let s = dot * scale;
                     *s_out = match spec.score {
@@ -85,5 +92,8 @@ pub fn run(spec: &Spec, inputs: &Inputs<'_>, bound: &Bound) -> Result<Outputs, E
             }
         }
     }
-    Ok(Outputs { out, lse: inputs.want_lse.then_some(lse) })
+    Ok(Outputs {
+        out,
+        lse: inputs.want_lse.then_some(lse),
+    })
 }

@@ -14,12 +14,24 @@ use attnc::codegen::clif::GemmImpl;
 use proptest::prelude::*;
 use support::specgen::{arb_case, GenCase};
 
-fn agree(what: &str, case: &GenCase, reference: &Result<attnc::Outputs, attnc::Error>, got: Result<attnc::Outputs, attnc::Error>) -> Result<(), TestCaseError> {
+fn agree(
+    what: &str,
+    case: &GenCase,
+    reference: &Result<attnc::Outputs, attnc::Error>,
+    got: Result<attnc::Outputs, attnc::Error>,
+) -> Result<(), TestCaseError> {
     match (reference, got) {
         (Ok(r), Ok(g)) => {
             let d_out = common::max_abs_diff(g.out.iter(), r.out.iter());
-            let d_lse = common::max_abs_diff(g.lse.as_ref().unwrap().iter(), r.lse.as_ref().unwrap().iter());
-            prop_assert!(d_out <= 1e-5 && d_lse <= 1e-5, "{what}: |out diff| {d_out:e}, |lse diff| {d_lse:e}\nspec:\n{}", case.spec.source);
+            let d_lse = common::max_abs_diff(
+                g.lse.as_ref().unwrap().iter(),
+                r.lse.as_ref().unwrap().iter(),
+            );
+            prop_assert!(
+                d_out <= 1e-5 && d_lse <= 1e-5,
+                "{what}: |out diff| {d_out:e}, |lse diff| {d_lse:e}\nspec:\n{}",
+                case.spec.source
+            );
         }
         (Err(_), Err(_)) => {}
         (r, g) => prop_assert!(

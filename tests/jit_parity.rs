@@ -21,8 +21,16 @@ fn jit_matches_reference_on_every_fixture() {
         for gemm in gemms() {
             for (bq, bkv) in [(64, 64), (16, 16), (7, 32), (1, 16)] {
                 let kernel = program.compile_jit(bq, bkv, gemm).unwrap();
-                let got = kernel.run(&case.inputs()).unwrap_or_else(|e| panic!("{}: {}", case.name, e.render()));
-                common::assert_close(&format!("{} {bq}x{bkv} {}", case.name, gemm.name()), &got, &reference.out, &lse, 1e-5);
+                let got = kernel
+                    .run(&case.inputs())
+                    .unwrap_or_else(|e| panic!("{}: {}", case.name, e.render()));
+                common::assert_close(
+                    &format!("{} {bq}x{bkv} {}", case.name, gemm.name()),
+                    &got,
+                    &reference.out,
+                    &lse,
+                    1e-5,
+                );
             }
         }
     }
@@ -32,18 +40,32 @@ fn jit_matches_reference_on_every_fixture() {
 fn jit_matches_reference_on_focused_specs_with_random_inputs() {
     use ndarray::Array4;
     insta::glob!("specs", "*.attn", |path| {
-        let program = attnc::load(attnc::SourceFile::read(path).unwrap(), &Default::default()).unwrap();
+        let program =
+            attnc::load(attnc::SourceFile::read(path).unwrap(), &Default::default()).unwrap();
         let kernels: Vec<_> = [(64, 64), (5, 16), (32, 48)]
             .into_iter()
             .map(|(bq, bkv)| program.compile_jit(bq, bkv, GemmImpl::detect()).unwrap())
             .collect();
-        for (b, h, hkv, q_len, kv_len, offset, d) in [(1, 2, 1, 100, 100, 0, 8), (2, 2, 2, 37, 70, 20, 16), (1, 1, 1, 7, 3, 0, 5)] {
+        for (b, h, hkv, q_len, kv_len, offset, d) in [
+            (1, 2, 1, 100, 100, 0, 8),
+            (2, 2, 2, 37, 70, 20, 16),
+            (1, 1, 1, 7, 3, 0, 5),
+        ] {
             let mut rng = attnc::bench::Rng::new(q_len as u64);
             let q = rng.array4((b, h, q_len, d));
             let k = rng.array4((b, hkv, kv_len, d));
             let v = rng.array4((b, hkv, kv_len, d));
-            let shapes = attnc::sema::eval::Shapes { b, h, hkv, q: q_len, kv: kv_len, d };
-            let mut inputs = attnc::Inputs::new(q.view(), k.view(), v.view()).q_offset(offset).with_lse();
+            let shapes = attnc::sema::eval::Shapes {
+                b,
+                h,
+                hkv,
+                q: q_len,
+                kv: kv_len,
+                d,
+            };
+            let mut inputs = attnc::Inputs::new(q.view(), k.view(), v.view())
+                .q_offset(offset)
+                .with_lse();
             for decl in &program.spec.buffers {
                 let recipe = match decl.elem {
                     attnc::sema::Type::Int => "docs:3",
@@ -58,7 +80,13 @@ fn jit_matches_reference_on_focused_specs_with_random_inputs() {
             for kernel in &kernels {
                 let got = kernel.run(&inputs);
                 match (&reference, &got) {
-                    (Ok(r), Ok(g)) => common::assert_close(&format!("{}", path.display()), g, &r.out, r.lse.as_ref().unwrap(), 1e-5),
+                    (Ok(r), Ok(g)) => common::assert_close(
+                        &format!("{}", path.display()),
+                        g,
+                        &r.out,
+                        r.lse.as_ref().unwrap(),
+                        1e-5,
+                    ),
                     (Err(_), Err(_)) => {}
                     (r, g) => panic!(
                         "{}: reference {:?} but jit {:?}",
@@ -75,47 +103,94 @@ fn jit_matches_reference_on_focused_specs_with_random_inputs() {
 #[test]
 fn compile_api_plans_and_no_recompilation_across_shapes() {
     let src = "attention docs { buffer doc[KV]: int\n mask = doc[q] == doc[kv] && causal }";
-    let kernel = attnc::compile(attnc::SourceFile::new("docs.attn", src), &attnc::CompileOptions::default()).unwrap();
-    let program = attnc::load(attnc::SourceFile::new("docs.attn", src), &Default::default()).unwrap();
+    let kernel = attnc::compile(
+        attnc::SourceFile::new("docs.attn", src),
+        &attnc::CompileOptions::default(),
+    )
+    .unwrap();
+    let program = attnc::load(
+        attnc::SourceFile::new("docs.attn", src),
+        &Default::default(),
+    )
+    .unwrap();
     // One compiled kernel serves several shapes, batches, heads and head dims.
     for (b, h, hkv, n, d) in [(1, 4, 2, 150, 16), (2, 2, 1, 33, 40), (1, 1, 1, 1, 7)] {
         let mut rng = attnc::bench::Rng::new(n as u64);
         let q = rng.array4((b, h, n, d));
         let k = rng.array4((b, hkv, n, d));
         let v = rng.array4((b, hkv, n, d));
-        let doc = attnc::BufferData::Int(ndarray::ArrayD::from_shape_fn(vec![n], |i| (i[0] / 40) as i64));
-        let inputs = attnc::Inputs::new(q.view(), k.view(), v.view()).buffer("doc", doc).with_lse();
+        let doc = attnc::BufferData::Int(ndarray::ArrayD::from_shape_fn(vec![n], |i| {
+            (i[0] / 40) as i64
+        }));
+        let inputs = attnc::Inputs::new(q.view(), k.view(), v.view())
+            .buffer("doc", doc)
+            .with_lse();
         let reference = program.run_reference(&inputs).unwrap();
         let plan = kernel.plan(&inputs).unwrap();
         for _ in 0..2 {
             let got = kernel.run_planned(&inputs, &plan).unwrap();
-            common::assert_close("planned", &got, &reference.out, reference.lse.as_ref().unwrap(), 1e-5);
+            common::assert_close(
+                "planned",
+                &got,
+                &reference.out,
+                reference.lse.as_ref().unwrap(),
+                1e-5,
+            );
         }
         // A plan made for other buffers is refused, not silently reused.
         if n <= 10 {
             continue; // both buffers are all zeros
         }
-        let other = attnc::BufferData::Int(ndarray::ArrayD::from_shape_fn(vec![n], |i| (i[0] / 10) as i64));
+        let other = attnc::BufferData::Int(ndarray::ArrayD::from_shape_fn(vec![n], |i| {
+            (i[0] / 10) as i64
+        }));
         let changed = attnc::Inputs::new(q.view(), k.view(), v.view()).buffer("doc", other);
-        assert!(kernel.run_planned(&changed, &plan).unwrap_err().to_string().contains("plan was made for other inputs"));
+        assert!(kernel
+            .run_planned(&changed, &plan)
+            .unwrap_err()
+            .to_string()
+            .contains("plan was made for other inputs"));
     }
 }
 
 #[test]
 fn bad_inputs_are_errors_not_crashes() {
-    let kernel = attnc::compile(attnc::SourceFile::new("t.attn", "attention t { buffer t[4]: float\n score = score + t[kv] }"), &attnc::CompileOptions::default()).unwrap();
+    let kernel = attnc::compile(
+        attnc::SourceFile::new(
+            "t.attn",
+            "attention t { buffer t[4]: float\n score = score + t[kv] }",
+        ),
+        &attnc::CompileOptions::default(),
+    )
+    .unwrap();
     let q = ndarray::Array4::<f32>::zeros((1, 1, 8, 4));
     let t = attnc::BufferData::Float(ndarray::ArrayD::zeros(vec![4]));
     // kv runs to 7 but t has 4 entries: an error naming the buffer and index.
-    let err = kernel.run(&attnc::Inputs::new(q.view(), q.view(), q.view()).buffer("t", t)).unwrap_err();
+    let err = kernel
+        .run(&attnc::Inputs::new(q.view(), q.view(), q.view()).buffer("t", t))
+        .unwrap_err();
     let text = err.render();
     assert!(text.contains("`t[4]`") && text.contains("t[kv]"), "{text}");
     // Non-contiguous inputs work (a transposed view).
     let big = attnc::bench::Rng::new(3).array4((1, 8, 1, 4));
     let view = big.view().permuted_axes([0, 2, 1, 3]);
-    let causal = attnc::compile(attnc::SourceFile::new("c.attn", "attention c { mask = causal }"), &attnc::CompileOptions::default()).unwrap();
-    let p = attnc::load(attnc::SourceFile::new("c.attn", "attention c { mask = causal }"), &Default::default()).unwrap();
+    let causal = attnc::compile(
+        attnc::SourceFile::new("c.attn", "attention c { mask = causal }"),
+        &attnc::CompileOptions::default(),
+    )
+    .unwrap();
+    let p = attnc::load(
+        attnc::SourceFile::new("c.attn", "attention c { mask = causal }"),
+        &Default::default(),
+    )
+    .unwrap();
     let i = attnc::Inputs::new(view, view, view).with_lse();
     let r = p.run_reference(&i).unwrap();
-    common::assert_close("strided", &causal.run(&i).unwrap(), &r.out, r.lse.as_ref().unwrap(), 1e-5);
+    common::assert_close(
+        "strided",
+        &causal.run(&i).unwrap(),
+        &r.out,
+        r.lse.as_ref().unwrap(),
+        1e-5,
+    );
 }

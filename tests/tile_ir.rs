@@ -9,7 +9,9 @@ use attnc::tile::{self, opt, Schedule};
 use attnc::SourceFile;
 
 fn spec_of(path: &std::path::Path) -> attnc::sema::Spec {
-    attnc::load(SourceFile::read(path).unwrap(), &Default::default()).unwrap().spec
+    attnc::load(SourceFile::read(path).unwrap(), &Default::default())
+        .unwrap()
+        .spec
 }
 
 #[test]
@@ -17,7 +19,15 @@ fn tile_ir_of_every_example_under_two_schedules() {
     insta::glob!("../examples", "*.attn", |path| {
         let spec = spec_of(path);
         let mut text = String::new();
-        for schedule in [Schedule::default(), Schedule { bq: 32, bkv: 128, dim: Some(128), exp2: true }] {
+        for schedule in [
+            Schedule::default(),
+            Schedule {
+                bq: 32,
+                bkv: 128,
+                dim: Some(128),
+                exp2: true,
+            },
+        ] {
             let k = tile::lower(&spec, &schedule);
             tile::verify(&k).unwrap();
             text.push_str(&k.to_string());
@@ -50,7 +60,13 @@ fn each_pass_on_focused_specs() {
 
 #[test]
 fn optimisations_are_visible_in_the_text() {
-    let load = |name: &str| tile::lower(&spec_of(&common::root().join("tests/specs").join(name)), &Schedule::default()).to_string();
+    let load = |name: &str| {
+        tile::lower(
+            &spec_of(&common::root().join("tests/specs").join(name)),
+            &Schedule::default(),
+        )
+        .to_string()
+    };
     // ALiBi slope: a head-level load, no per-element read.
     let t = load("hoist_head.attn");
     let head = &t[t.find("head:").unwrap()..t.find("q_tile").unwrap()];
@@ -68,10 +84,16 @@ fn optimisations_are_visible_in_the_text() {
     assert!(!t.contains("idiv") && !t.contains("shape D"), "{t}");
     // Strength reduction: shifts and masks for powers of two, idiv for 3.
     let t = load("strength_reduce.attn");
-    assert!(t.contains("ishr") && t.contains("iand") && t.contains("idiv"), "{t}");
+    assert!(
+        t.contains("ishr") && t.contains("iand") && t.contains("idiv"),
+        "{t}"
+    );
     // Bounds: the guarded table read is unchecked, doc[q] stays checked.
     let t = load("bounds_guarded.attn");
-    assert!(t.contains("= load table[") && t.contains("load.checked doc["), "{t}");
+    assert!(
+        t.contains("= load table[") && t.contains("load.checked doc["),
+        "{t}"
+    );
     let t = load("bounds_clamp.attn");
     assert!(!t.contains("load.checked"), "{t}");
 }
@@ -81,10 +103,16 @@ fn interp_case(case: &common::Case, bq: usize, bkv: usize, dim: bool) -> attnc::
     let program = case.program();
     let inputs = case.inputs();
     let bound = bind(&program.spec, &inputs).unwrap();
-    let schedule = Schedule { bq, bkv, dim: dim.then_some(bound.shapes.d), exp2: true };
+    let schedule = Schedule {
+        bq,
+        bkv,
+        dim: dim.then_some(bound.shapes.d),
+        exp2: true,
+    };
     let kernel = tile::lower(&program.spec, &schedule);
     let maps = classify(&program.spec, &bound, Tiling::new(bq, bkv).unwrap()).unwrap();
-    tile::interp::run(&kernel, &inputs, &bound, &maps).unwrap_or_else(|e| panic!("{}: {e}", case.name))
+    tile::interp::run(&kernel, &inputs, &bound, &maps)
+        .unwrap_or_else(|e| panic!("{}: {e}", case.name))
 }
 
 #[test]
@@ -93,9 +121,21 @@ fn interpreter_matches_reference_on_every_fixture_and_tiling() {
         let case = common::load_case(&dir);
         let reference = case.program().run_reference(&case.inputs()).unwrap();
         let lse = reference.lse.clone().unwrap();
-        for (bq, bkv, dim) in [(64, 64, true), (16, 16, false), (7, 13, true), (32, 128, false), (1, 1, true)] {
+        for (bq, bkv, dim) in [
+            (64, 64, true),
+            (16, 16, false),
+            (7, 13, true),
+            (32, 128, false),
+            (1, 1, true),
+        ] {
             let got = interp_case(&case, bq, bkv, dim);
-            common::assert_close(&format!("{} bq={bq} bkv={bkv}", case.name), &got, &reference.out, &lse, 1e-5);
+            common::assert_close(
+                &format!("{} bq={bq} bkv={bkv}", case.name),
+                &got,
+                &reference.out,
+                &lse,
+                1e-5,
+            );
         }
     }
 }
@@ -110,19 +150,36 @@ fn interpreter_matches_flex_attention() {
 }
 
 /// Deterministic pseudo-random data for a buffer declaration.
-fn buffer_data(decl: &attnc::sema::Buffer, shapes: &attnc::sema::eval::Shapes, seed: &mut u64) -> attnc::BufferData {
+fn buffer_data(
+    decl: &attnc::sema::Buffer,
+    shapes: &attnc::sema::eval::Shapes,
+    seed: &mut u64,
+) -> attnc::BufferData {
     let shape: Vec<usize> = decl.dims.iter().map(|d| shapes.dim(*d)).collect();
     let n: usize = shape.iter().product();
     let mut next = || {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (*seed >> 33) as u32
     };
     let v: Vec<u32> = (0..n).map(|_| next()).collect();
     let shape = ndarray::IxDyn(&shape);
     match decl.elem {
-        attnc::sema::Type::Int => attnc::BufferData::Int(ndarray::ArrayD::from_shape_vec(shape, v.iter().map(|x| (x % 8) as i64).collect()).unwrap()),
-        attnc::sema::Type::Float => attnc::BufferData::Float(ndarray::ArrayD::from_shape_vec(shape, v.iter().map(|x| (*x % 1000) as f32 / 500.0 - 1.0).collect()).unwrap()),
-        attnc::sema::Type::Bool => attnc::BufferData::Bool(ndarray::ArrayD::from_shape_vec(shape, v.iter().map(|x| x % 3 != 0).collect()).unwrap()),
+        attnc::sema::Type::Int => attnc::BufferData::Int(
+            ndarray::ArrayD::from_shape_vec(shape, v.iter().map(|x| (x % 8) as i64).collect())
+                .unwrap(),
+        ),
+        attnc::sema::Type::Float => attnc::BufferData::Float(
+            ndarray::ArrayD::from_shape_vec(
+                shape,
+                v.iter().map(|x| (*x % 1000) as f32 / 500.0 - 1.0).collect(),
+            )
+            .unwrap(),
+        ),
+        attnc::sema::Type::Bool => attnc::BufferData::Bool(
+            ndarray::ArrayD::from_shape_vec(shape, v.iter().map(|x| x % 3 != 0).collect()).unwrap(),
+        ),
     }
 }
 
@@ -137,7 +194,9 @@ fn focused_specs_agree_with_reference_on_random_inputs() {
             let mut rnd = |n: usize| -> Vec<f32> {
                 (0..n)
                     .map(|_| {
-                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        seed = seed
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
                         ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
                     })
                     .collect()
@@ -145,11 +204,22 @@ fn focused_specs_agree_with_reference_on_random_inputs() {
             let q = Array4::from_shape_vec((b, h, q_len, d), rnd(b * h * q_len * d)).unwrap();
             let k = Array4::from_shape_vec((b, hkv, kv_len, d), rnd(b * hkv * kv_len * d)).unwrap();
             let v = Array4::from_shape_vec((b, hkv, kv_len, d), rnd(b * hkv * kv_len * d)).unwrap();
-            let shapes = attnc::sema::eval::Shapes { b, h, hkv, q: q_len, kv: kv_len, d };
-            let mut inputs = attnc::Inputs::new(q.view(), k.view(), v.view()).q_offset(offset).with_lse();
+            let shapes = attnc::sema::eval::Shapes {
+                b,
+                h,
+                hkv,
+                q: q_len,
+                kv: kv_len,
+                d,
+            };
+            let mut inputs = attnc::Inputs::new(q.view(), k.view(), v.view())
+                .q_offset(offset)
+                .with_lse();
             let mut bseed = 11u64;
             for decl in &program.spec.buffers {
-                inputs.buffers.insert(decl.name.clone(), buffer_data(decl, &shapes, &mut bseed));
+                inputs
+                    .buffers
+                    .insert(decl.name.clone(), buffer_data(decl, &shapes, &mut bseed));
             }
             let reference = program.run_reference(&inputs);
             for (bq, bkv) in [(64, 64), (16, 8), (5, 7)] {

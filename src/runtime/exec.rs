@@ -31,7 +31,12 @@ struct FlatMap {
 
 impl FlatMap {
     fn new(map: &crate::mask::BlockMap) -> FlatMap {
-        let mut f = FlatMap { full_at: vec![], full: vec![], part_at: vec![], part: vec![] };
+        let mut f = FlatMap {
+            full_at: vec![],
+            full: vec![],
+            part_at: vec![],
+            part: vec![],
+        };
         for qt in 0..map.q_tiles() {
             let ranges = map.full_ranges(qt);
             f.full_at.push((f.full.len() / 2, ranges.len()));
@@ -49,7 +54,9 @@ impl FlatMap {
     /// Key tiles visited by query tile `qt` (for scheduling).
     fn work(&self, qt: usize) -> usize {
         let (o, n) = self.full_at[qt];
-        let full: usize = (0..n).map(|r| (self.full[2 * (o + r) + 1] - self.full[2 * (o + r)]) as usize).sum();
+        let full: usize = (0..n)
+            .map(|r| (self.full[2 * (o + r) + 1] - self.full[2 * (o + r)]) as usize)
+            .sum();
         full + self.part_at[qt].1
     }
 }
@@ -80,7 +87,12 @@ struct Scratch {
 }
 
 /// Runs `compiled` on bound inputs with the given block maps.
-pub fn run(compiled: &CompiledKernel, inputs: &Inputs<'_>, bound: &Bound, maps: &BlockMaps) -> Result<Outputs, EvalError> {
+pub fn run(
+    compiled: &CompiledKernel,
+    inputs: &Inputs<'_>,
+    bound: &Bound,
+    maps: &BlockMaps,
+) -> Result<Outputs, EvalError> {
     let k = &compiled.kernel;
     let sh = bound.shapes;
     let (bq, bkv) = (k.schedule.bq, k.schedule.bkv);
@@ -89,7 +101,9 @@ pub fn run(compiled: &CompiledKernel, inputs: &Inputs<'_>, bound: &Bound, maps: 
     }
     let d = sh.d;
     // Pack K and V once per (kv batch, kv head).
-    let heads: Vec<(usize, usize)> = (0..bound.kv_batch).flat_map(|b| (0..sh.hkv).map(move |h| (b, h))).collect();
+    let heads: Vec<(usize, usize)> = (0..bound.kv_batch)
+        .flat_map(|b| (0..sh.hkv).map(move |h| (b, h)))
+        .collect();
     let klay = PackedK { d, kv_len: sh.kv };
     let vlay = PackedV { d, kv_len: sh.kv };
     let packed: Vec<(Vec<f32>, Vec<f32>)> = heads
@@ -97,8 +111,16 @@ pub fn run(compiled: &CompiledKernel, inputs: &Inputs<'_>, bound: &Bound, maps: 
         .map(|&(b, h)| {
             let mut kp = vec![0f32; klay.len()];
             let mut vp = vec![0f32; vlay.len()];
-            pack_k(inputs.k.index_axis(Axis(0), b).index_axis(Axis(0), h), &mut kp).expect("sized by the layout");
-            pack_v(inputs.v.index_axis(Axis(0), b).index_axis(Axis(0), h), &mut vp).expect("sized by the layout");
+            pack_k(
+                inputs.k.index_axis(Axis(0), b).index_axis(Axis(0), h),
+                &mut kp,
+            )
+            .expect("sized by the layout");
+            pack_v(
+                inputs.v.index_axis(Axis(0), b).index_axis(Axis(0), h),
+                &mut vp,
+            )
+            .expect("sized by the layout");
             (kp, vp)
         })
         .collect();
@@ -125,13 +147,22 @@ pub fn run(compiled: &CompiledKernel, inputs: &Inputs<'_>, bound: &Bound, maps: 
             stride *= shape[n] as i64;
         }
     }
-    let shapes = [sh.b as i64, sh.h as i64, sh.hkv as i64, sh.q as i64, sh.kv as i64, sh.d as i64];
+    let shapes = [
+        sh.b as i64,
+        sh.h as i64,
+        sh.hkv as i64,
+        sh.q as i64,
+        sh.kv as i64,
+        sh.d as i64,
+    ];
     let flat: Vec<FlatMap> = maps.maps().iter().map(FlatMap::new).collect();
     // The flattened map of (b, h): maps may be shared, per batch, per head or per (b, h).
     let all = maps.maps();
     let map_index = |b: usize, h: usize| {
         let m: *const crate::mask::BlockMap = maps.get(b, h);
-        all.iter().position(|x| std::ptr::eq(x, m)).expect("get returns one of the maps")
+        all.iter()
+            .position(|x| std::ptr::eq(x, m))
+            .expect("get returns one of the maps")
     };
     let q_tiles = sh.q.div_ceil(bq);
     let mut tasks: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(sh.b * sh.h * q_tiles);
@@ -219,15 +250,21 @@ pub fn run(compiled: &CompiledKernel, inputs: &Inputs<'_>, bound: &Bound, maps: 
                     for (x, a) in o.iter_mut().zip(&scratch.acc[i * d..(i + 1) * d]) {
                         *x = a / l;
                     }
-                    *lse_ptr.get().add((b * sh.h + h) * sh.q + row0 + i) =
-                        if k.schedule.exp2 { (m + l.log2()) * ln2 } else { m + l.ln() };
+                    *lse_ptr.get().add((b * sh.h + h) * sh.q + row0 + i) = if k.schedule.exp2 {
+                        (m + l.log2()) * ln2
+                    } else {
+                        m + l.ln()
+                    };
                 }
             }
             Ok(())
         },
     );
     result?;
-    Ok(Outputs { out, lse: inputs.want_lse.then_some(lse) })
+    Ok(Outputs {
+        out,
+        lse: inputs.want_lse.then_some(lse),
+    })
 }
 
 fn standard(b: &BufferData) -> BufferData {
@@ -239,13 +276,27 @@ fn standard(b: &BufferData) -> BufferData {
 }
 
 /// Turns an error code and slot into the error the reference interpreter gives.
-fn error(compiled: &CompiledKernel, buffers: &[BufferData], err: &[i64; E_LEN], b: usize, h: usize) -> EvalError {
+fn error(
+    compiled: &CompiledKernel,
+    buffers: &[BufferData],
+    err: &[i64; E_LEN],
+    b: usize,
+    h: usize,
+) -> EvalError {
     let k = &compiled.kernel;
     let v = err[E_VALUE] as usize;
     let span: miette::SourceSpan = k.spans.get(v).copied().flatten().unwrap_or_default().into();
-    let at = Point { b: b as i64, h: h as i64, q: err[E_Q], kv: err[E_KV], score: 0.0 };
+    let at = Point {
+        b: b as i64,
+        h: h as i64,
+        q: err[E_Q],
+        kv: err[E_KV],
+        score: 0.0,
+    };
     let buffer_of = |op: &crate::tile::Op| match op {
-        crate::tile::Op::Load { buffer, indices, .. } => Some((*buffer as usize, indices.len())),
+        crate::tile::Op::Load {
+            buffer, indices, ..
+        } => Some((*buffer as usize, indices.len())),
         crate::tile::Op::Ancestor { parent, .. } => Some((*parent as usize, 1)),
         _ => None,
     };
@@ -253,7 +304,11 @@ fn error(compiled: &CompiledKernel, buffers: &[BufferData], err: &[i64; E_LEN], 
         ERR_DIV_ZERO => EvalError::DivisionByZero { at, span },
         ERR_CYCLE => {
             let (buf, _) = buffer_of(&k.insts[v].op).expect("cycles come from ancestor");
-            EvalError::AncestorCycle { buffer: k.buffers[buf].name.clone(), start: -1, span }
+            EvalError::AncestorCycle {
+                buffer: k.buffers[buf].name.clone(),
+                start: -1,
+                span,
+            }
         }
         _ => {
             let (buf, n) = buffer_of(&k.insts[v].op).expect("out-of-range errors come from reads");
@@ -267,4 +322,3 @@ fn error(compiled: &CompiledKernel, buffers: &[BufferData], err: &[i64; E_LEN], 
         }
     }
 }
-

@@ -4,7 +4,7 @@
 //! Consumes tensors (ndarray views) and tile pointers; produces packed heads and tile
 //! results. Nothing here depends on the spec being compiled.
 
-pub mod exec;
-pub mod gemm;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod exec;
+pub mod gemm;

@@ -14,7 +14,9 @@ use crate::syntax::ast::{self, ExprKind, ItemKind, LitValue, ScalarKind};
 use crate::syntax::Span;
 
 /// Names the language gives meaning to; a declaration may not reuse them.
-const BUILTIN_NAMES: [&str; 12] = ["b", "h", "q", "kv", "score", "causal", "B", "H", "HKV", "Q", "KV", "D"];
+const BUILTIN_NAMES: [&str; 12] = [
+    "b", "h", "q", "kv", "score", "causal", "B", "H", "HKV", "Q", "KV", "D",
+];
 
 /// Checks a parsed file. Returns every error found, not only the first.
 pub fn check(file: &ast::File) -> Result<Module, Vec<Diag>> {
@@ -49,7 +51,10 @@ pub fn check(file: &ast::File) -> Result<Module, Vec<Diag>> {
 enum Binding {
     Param(ParamId),
     Buffer(BufferId),
-    Let { value: ExprId, score_use: Option<Span> },
+    Let {
+        value: ExprId,
+        score_use: Option<Span>,
+    },
 }
 
 /// The expression being checked, which decides what it may use.
@@ -60,7 +65,6 @@ enum Context {
     Score,
     Scale,
 }
-
 
 struct Checker {
     spec: Spec,
@@ -80,7 +84,9 @@ impl Checker {
         let mut declared_later = HashMap::new();
         for item in &att.items {
             let name = match &item.kind {
-                ItemKind::Param { name, .. } | ItemKind::Buffer { name, .. } | ItemKind::Let { name, .. } => name,
+                ItemKind::Param { name, .. }
+                | ItemKind::Buffer { name, .. }
+                | ItemKind::Let { name, .. } => name,
                 _ => continue,
             };
             declared_later.entry(name.name.clone()).or_insert(name.span);
@@ -120,7 +126,10 @@ impl Checker {
             Expr::Load { .. } | Expr::Ancestor { .. } => Deps::BUFFER,
             _ => Deps::NONE,
         };
-        let deps = e.operands().iter().fold(deps, |d, o| d.union(self.spec.deps(*o)));
+        let deps = e
+            .operands()
+            .iter()
+            .fold(deps, |d, o| d.union(self.spec.deps(*o)));
         let id = ExprId(self.spec.exprs.len() as u32);
         self.spec.exprs.push(e);
         self.spec.types.push(ty);
@@ -150,10 +159,15 @@ impl Checker {
                         let article = if ty == Type::Int { "an" } else { "a" };
                         self.error(
                             "attnc::sema::type_mismatch",
-                            format!("param `{}` is declared {ty} but its default is {found}", name.name),
+                            format!(
+                                "param `{}` is declared {ty} but its default is {found}",
+                                name.name
+                            ),
                             Label::new(value.span, format!("this is {found}")),
                         )
-                        .with_help(format!("write {article} {ty} literal, or declare the param as {found}"));
+                        .with_help(format!(
+                            "write {article} {ty} literal, or declare the param as {found}"
+                        ));
                         // Keep the declaration so later uses do not cascade into more errors.
                         match ty {
                             Type::Int => Value::Int(0),
@@ -162,8 +176,14 @@ impl Checker {
                         }
                     });
                     let id = ParamId(self.spec.params.len() as u32);
-                    self.spec.params.push(Param { name: name.name.clone(), ty, value: v, span: name.span });
-                    self.scope.insert(name.name.clone(), (Binding::Param(id), name.span));
+                    self.spec.params.push(Param {
+                        name: name.name.clone(),
+                        ty,
+                        value: v,
+                        span: name.span,
+                    });
+                    self.scope
+                        .insert(name.name.clone(), (Binding::Param(id), name.span));
                 }
                 ItemKind::Buffer { name, dims, elem } => {
                     if !self.declare(name) {
@@ -183,7 +203,10 @@ impl Checker {
                                     };
                                     self.error(
                                         "attnc::sema::unknown_shape",
-                                        format!("unknown shape `{}` in the dimensions of buffer `{}`", s.name, name.name),
+                                        format!(
+                                            "unknown shape `{}` in the dimensions of buffer `{}`",
+                                            s.name, name.name
+                                        ),
                                         Label::new(s.span, "not a shape"),
                                     )
                                     .with_help(help);
@@ -207,7 +230,8 @@ impl Checker {
                         elem: sema_type(elem.kind),
                         span: name.span,
                     });
-                    self.scope.insert(name.name.clone(), (Binding::Buffer(id), name.span));
+                    self.scope
+                        .insert(name.name.clone(), (Binding::Buffer(id), name.span));
                 }
                 ItemKind::Let { name, value } => {
                     self.score_use = None;
@@ -217,8 +241,21 @@ impl Checker {
                         continue;
                     }
                     if let Some((id, _)) = checked {
-                        self.spec.lets.push(Let { name: name.name.clone(), value: id, span: name.span });
-                        self.scope.insert(name.name.clone(), (Binding::Let { value: id, score_use }, name.span));
+                        self.spec.lets.push(Let {
+                            name: name.name.clone(),
+                            value: id,
+                            span: name.span,
+                        });
+                        self.scope.insert(
+                            name.name.clone(),
+                            (
+                                Binding::Let {
+                                    value: id,
+                                    score_use,
+                                },
+                                name.span,
+                            ),
+                        );
                     } else {
                         self.poisoned.insert(name.name.clone());
                     }
@@ -250,7 +287,9 @@ impl Checker {
             _ => (Context::Scale, "float"),
         };
         self.score_use = None;
-        let Some((id, ty)) = self.expr(e, ctx) else { return };
+        let Some((id, ty)) = self.expr(e, ctx) else {
+            return;
+        };
         let id = match (ctx, ty) {
             (Context::Mask, Type::Bool) => id,
             (Context::Score | Context::Scale, Type::Float) => id,
@@ -278,7 +317,11 @@ impl Checker {
 
     /// Registers a declared name; reports duplicates and builtin clashes.
     fn declare(&mut self, name: &ast::Ident) -> bool {
-        if BUILTIN_NAMES.contains(&name.name.as_str()) || Func::from_name(&name.name).is_some() || name.name == "ancestor" || matches!(name.name.as_str(), "mask" | "scale") {
+        if BUILTIN_NAMES.contains(&name.name.as_str())
+            || Func::from_name(&name.name).is_some()
+            || name.name == "ancestor"
+            || matches!(name.name.as_str(), "mask" | "scale")
+        {
             self.error(
                 "attnc::sema::reserved_name",
                 format!("`{}` is a built-in name and cannot be declared", name.name),
@@ -330,23 +373,45 @@ impl Checker {
     fn expr(&mut self, e: &ast::Expr, ctx: Context) -> Option<(ExprId, Type)> {
         let span = e.span;
         match &e.kind {
-            ExprKind::Int(i) => Some((self.push(Expr::Const(Value::Int(*i)), Type::Int, span), Type::Int)),
-            ExprKind::Float(x) => Some((self.push(Expr::Const(Value::Float(*x)), Type::Float, span), Type::Float)),
-            ExprKind::Bool(b) => Some((self.push(Expr::Const(Value::Bool(*b)), Type::Bool, span), Type::Bool)),
+            ExprKind::Int(i) => Some((
+                self.push(Expr::Const(Value::Int(*i)), Type::Int, span),
+                Type::Int,
+            )),
+            ExprKind::Float(x) => Some((
+                self.push(Expr::Const(Value::Float(*x)), Type::Float, span),
+                Type::Float,
+            )),
+            ExprKind::Bool(b) => Some((
+                self.push(Expr::Const(Value::Bool(*b)), Type::Bool, span),
+                Type::Bool,
+            )),
             ExprKind::Name(n) => self.name(n, ctx),
             ExprKind::Unary(op, a) => {
                 let (a_id, a_ty) = self.expr(a, ctx)?;
                 match (op, a_ty) {
-                    (ast::UnaryOp::Neg, Type::Int | Type::Float) => Some((self.push(Expr::Unary(UnaryOp::Neg, a_id), a_ty, span), a_ty)),
-                    (ast::UnaryOp::Not, Type::Bool) => Some((self.push(Expr::Unary(UnaryOp::Not, a_id), Type::Bool, span), Type::Bool)),
+                    (ast::UnaryOp::Neg, Type::Int | Type::Float) => {
+                        Some((self.push(Expr::Unary(UnaryOp::Neg, a_id), a_ty, span), a_ty))
+                    }
+                    (ast::UnaryOp::Not, Type::Bool) => Some((
+                        self.push(Expr::Unary(UnaryOp::Not, a_id), Type::Bool, span),
+                        Type::Bool,
+                    )),
                     (ast::UnaryOp::Neg, _) => {
-                        self.error("attnc::sema::type_mismatch", "cannot negate a bool with `-`".into(), Label::new(a.span, "this is bool"))
-                            .with_help("use `!` for logical not");
+                        self.error(
+                            "attnc::sema::type_mismatch",
+                            "cannot negate a bool with `-`".into(),
+                            Label::new(a.span, "this is bool"),
+                        )
+                        .with_help("use `!` for logical not");
                         None
                     }
                     (ast::UnaryOp::Not, t) => {
-                        self.error("attnc::sema::type_mismatch", format!("`!` expects bool, found {t}"), Label::new(a.span, format!("this is {t}")))
-                            .with_help("use `-` to negate a number, or compare it, e.g. `x != 0`");
+                        self.error(
+                            "attnc::sema::type_mismatch",
+                            format!("`!` expects bool, found {t}"),
+                            Label::new(a.span, format!("this is {t}")),
+                        )
+                        .with_help("use `-` to negate a number, or compare it, e.g. `x != 0`");
                         None
                     }
                 }
@@ -369,11 +434,16 @@ impl Checker {
                                 return None;
                             }
                         }
-                        Some((self.push(Expr::Binary(sop, l, r), Type::Bool, span), Type::Bool))
+                        Some((
+                            self.push(Expr::Binary(sop, l, r), Type::Bool, span),
+                            Type::Bool,
+                        ))
                     }
                     _ if sop.is_comparison() => {
                         let ok = (lt.is_numeric() && rt.is_numeric())
-                            || (lt == Type::Bool && rt == Type::Bool && matches!(sop, BinaryOp::Eq | BinaryOp::Ne));
+                            || (lt == Type::Bool
+                                && rt == Type::Bool
+                                && matches!(sop, BinaryOp::Eq | BinaryOp::Ne));
                         if !ok {
                             self.error(
                                 "attnc::sema::type_mismatch",
@@ -392,7 +462,10 @@ impl Checker {
                             self.unify_numeric(&mut ids);
                             [l, r] = ids;
                         }
-                        Some((self.push(Expr::Binary(sop, l, r), Type::Bool, span), Type::Bool))
+                        Some((
+                            self.push(Expr::Binary(sop, l, r), Type::Bool, span),
+                            Type::Bool,
+                        ))
                     }
                     _ => {
                         for (t, sub) in [(lt, a), (rt, b)] {
@@ -443,7 +516,18 @@ impl Checker {
                     .with_help("both branches must be numbers, or both bool");
                     return None;
                 };
-                Some((self.push(Expr::Select { cond: cid, then: tid, otherwise: oid }, t, span), t))
+                Some((
+                    self.push(
+                        Expr::Select {
+                            cond: cid,
+                            then: tid,
+                            otherwise: oid,
+                        },
+                        t,
+                        span,
+                    ),
+                    t,
+                ))
             }
             ExprKind::Index(name, args) => self.index(name, args, span, ctx),
             ExprKind::Call(name, args) => self.call(name, args, span, ctx),
@@ -477,7 +561,9 @@ impl Checker {
         match n.name.as_str() {
             "score" => {
                 return match ctx {
-                    Context::Score => Some((self.push(Expr::Score, Type::Float, span), Type::Float)),
+                    Context::Score => {
+                        Some((self.push(Expr::Score, Type::Float, span), Type::Float))
+                    }
                     Context::Let => {
                         self.score_use.get_or_insert(span);
                         Some((self.push(Expr::Score, Type::Float, span), Type::Float))
@@ -514,7 +600,10 @@ impl Checker {
                 }
                 let q = self.push(Expr::Var(Var::Q), Type::Int, span);
                 let kv = self.push(Expr::Var(Var::Kv), Type::Int, span);
-                return Some((self.push(Expr::Binary(BinaryOp::Ge, q, kv), Type::Bool, span), Type::Bool));
+                return Some((
+                    self.push(Expr::Binary(BinaryOp::Ge, q, kv), Type::Bool, span),
+                    Type::Bool,
+                ));
             }
             _ => {}
         }
@@ -530,7 +619,11 @@ impl Checker {
                             self.score_use.get_or_insert(use_span);
                         }
                         Context::Mask | Context::Scale => {
-                            let what = if ctx == Context::Mask { "mask" } else { "scale" };
+                            let what = if ctx == Context::Mask {
+                                "mask"
+                            } else {
+                                "scale"
+                            };
                             self.error(
                                 "attnc::sema::score_outside_score",
                                 format!("`{what}` uses `{}`, which depends on `score`", n.name),
@@ -544,14 +637,20 @@ impl Checker {
                         Context::Score => {}
                     }
                 }
-                if ctx == Context::Scale && self.spec.deps(value).intersects(Deps(Deps::B.0 | Deps::H.0 | Deps::Q.0 | Deps::KV.0 | Deps::BUFFER.0)) {
+                if ctx == Context::Scale
+                    && self.spec.deps(value).intersects(Deps(
+                        Deps::B.0 | Deps::H.0 | Deps::Q.0 | Deps::KV.0 | Deps::BUFFER.0,
+                    ))
+                {
                     self.error(
                         "attnc::sema::scale_not_constant",
                         format!("`scale` cannot use `{}`, which varies per element", n.name),
                         Label::new(span, "depends on indices or buffers"),
                     )
                     .with_label(Label::new(decl, "declared here"))
-                    .with_help("the scale is one number per call: use params, shapes and literals only");
+                    .with_help(
+                        "the scale is one number per call: use params, shapes and literals only",
+                    );
                     return None;
                 }
                 Some((value, self.spec.ty(value)))
@@ -606,7 +705,11 @@ impl Checker {
         let mut candidates: Vec<String> = self.scope.keys().cloned().collect();
         candidates.extend(BUILTIN_NAMES.iter().map(|s| s.to_string()));
         if what == "function" {
-            candidates = Func::ALL.iter().map(|f| f.name().to_string()).chain(["ancestor".to_string()]).collect();
+            candidates = Func::ALL
+                .iter()
+                .map(|f| f.name().to_string())
+                .chain(["ancestor".to_string()])
+                .collect();
         }
         candidates.sort();
         let help = match suggest(&n.name, candidates.iter().map(|s| s.as_str())) {
@@ -622,7 +725,13 @@ impl Checker {
         .with_help(help);
     }
 
-    fn index(&mut self, name: &ast::Ident, args: &[ast::Expr], span: Span, ctx: Context) -> Option<(ExprId, Type)> {
+    fn index(
+        &mut self,
+        name: &ast::Ident,
+        args: &[ast::Expr],
+        span: Span,
+        ctx: Context,
+    ) -> Option<(ExprId, Type)> {
         let checked: Vec<_> = args.iter().map(|a| self.expr(a, ctx)).collect();
         let id = match self.scope.get(&name.name).map(|(b, _)| *b) {
             Some(Binding::Buffer(id)) => id,
@@ -651,14 +760,42 @@ impl Checker {
         }
         let buf = self.spec.buffer(id).clone();
         if args.len() != buf.dims.len() {
-            let dims = buf.dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+            let dims = buf
+                .dims
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
             self.error(
                 "attnc::sema::wrong_index_count",
-                format!("buffer `{}` has {} dimension{} but is indexed with {}", name.name, buf.dims.len(), plural(buf.dims.len()), args.len()),
-                Label::new(span, format!("{} ind{}", args.len(), if args.len() == 1 { "ex" } else { "ices" })),
+                format!(
+                    "buffer `{}` has {} dimension{} but is indexed with {}",
+                    name.name,
+                    buf.dims.len(),
+                    plural(buf.dims.len()),
+                    args.len()
+                ),
+                Label::new(
+                    span,
+                    format!(
+                        "{} ind{}",
+                        args.len(),
+                        if args.len() == 1 { "ex" } else { "ices" }
+                    ),
+                ),
             )
-            .with_label(Label::new(buf.span, format!("declared as `{}[{dims}]`", name.name)))
-            .with_help(format!("give one int index per dimension: `{}[{}]`", name.name, (0..buf.dims.len()).map(|_| "_").collect::<Vec<_>>().join(", ")));
+            .with_label(Label::new(
+                buf.span,
+                format!("declared as `{}[{dims}]`", name.name),
+            ))
+            .with_help(format!(
+                "give one int index per dimension: `{}[{}]`",
+                name.name,
+                (0..buf.dims.len())
+                    .map(|_| "_")
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
             return None;
         }
         let mut indices = Vec::new();
@@ -675,17 +812,37 @@ impl Checker {
                     format!("buffer indices must be int, found {t}"),
                     Label::new(a.span, format!("this is {t}")),
                 )
-                .with_help(if t == Type::Float { "convert with `int(x)` (truncates) or `int(floor(x))`" } else { "use `if COND { 1 } else { 0 }`" });
+                .with_help(if t == Type::Float {
+                    "convert with `int(x)` (truncates) or `int(floor(x))`"
+                } else {
+                    "use `if COND { 1 } else { 0 }`"
+                });
             }
             indices.push(i);
         }
         if !ok {
             return None;
         }
-        Some((self.push(Expr::Load { buffer: id, indices }, buf.elem, span), buf.elem))
+        Some((
+            self.push(
+                Expr::Load {
+                    buffer: id,
+                    indices,
+                },
+                buf.elem,
+                span,
+            ),
+            buf.elem,
+        ))
     }
 
-    fn call(&mut self, name: &ast::Ident, args: &[ast::Expr], span: Span, ctx: Context) -> Option<(ExprId, Type)> {
+    fn call(
+        &mut self,
+        name: &ast::Ident,
+        args: &[ast::Expr],
+        span: Span,
+        ctx: Context,
+    ) -> Option<(ExprId, Type)> {
         if name.name == "ancestor" {
             return self.ancestor(name, args, span, ctx);
         }
@@ -714,8 +871,17 @@ impl Checker {
             };
             self.error(
                 "attnc::sema::wrong_arity",
-                format!("`{}` takes {} argument{}, found {}", func.name(), func.arity(), plural(func.arity()), args.len()),
-                Label::new(span, format!("{} argument{}", args.len(), plural(args.len()))),
+                format!(
+                    "`{}` takes {} argument{}, found {}",
+                    func.name(),
+                    func.arity(),
+                    plural(func.arity()),
+                    args.len()
+                ),
+                Label::new(
+                    span,
+                    format!("{} argument{}", args.len(), plural(args.len())),
+                ),
             )
             .with_help(format!("call it as `{sig}`"));
             return None;
@@ -763,7 +929,13 @@ impl Checker {
         Some((self.push(Expr::Call(func, ids), ty, span), ty))
     }
 
-    fn ancestor(&mut self, name: &ast::Ident, args: &[ast::Expr], span: Span, ctx: Context) -> Option<(ExprId, Type)> {
+    fn ancestor(
+        &mut self,
+        name: &ast::Ident,
+        args: &[ast::Expr],
+        span: Span,
+        ctx: Context,
+    ) -> Option<(ExprId, Type)> {
         if args.len() != 3 {
             for (k, a) in args.iter().enumerate() {
                 // The first argument names the parent buffer; it is not read as a value.
@@ -775,9 +947,14 @@ impl Checker {
             self.error(
                 "attnc::sema::wrong_arity",
                 format!("`ancestor` takes 3 arguments, found {}", args.len()),
-                Label::new(span, format!("{} argument{}", args.len(), plural(args.len()))),
+                Label::new(
+                    span,
+                    format!("{} argument{}", args.len(), plural(args.len())),
+                ),
             )
-            .with_help("call it as `ancestor(parent, i, j)` with `parent` a 1-dimensional int buffer");
+            .with_help(
+                "call it as `ancestor(parent, i, j)` with `parent` a 1-dimensional int buffer",
+            );
             return None;
         }
         let parent = match &args[0].kind {
@@ -790,7 +967,10 @@ impl Checker {
                 Some(_) => {
                     self.error(
                         "attnc::sema::type_mismatch",
-                        format!("the first argument of `ancestor` must be a buffer, `{}` is not", n.name),
+                        format!(
+                            "the first argument of `ancestor` must be a buffer, `{}` is not",
+                            n.name
+                        ),
                         Label::new(n.span, "not a buffer"),
                     )
                     .with_help("pass the parent buffer by name: `ancestor(parent, q, kv)`");
@@ -814,7 +994,16 @@ impl Checker {
         if buf.dims.len() != 1 || buf.elem != Type::Int {
             self.error(
                 "attnc::sema::type_mismatch",
-                format!("`ancestor` needs a 1-dimensional int buffer, `{}` is {}[{}]", buf.name, buf.elem, buf.dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+                format!(
+                    "`ancestor` needs a 1-dimensional int buffer, `{}` is {}[{}]",
+                    buf.name,
+                    buf.elem,
+                    buf.dims
+                        .iter()
+                        .map(|d| d.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
                 Label::new(args[0].span, "wrong kind of buffer"),
             )
             .with_label(Label::new(buf.span, "declared here"))
@@ -842,7 +1031,10 @@ impl Checker {
             .with_help("the scale is one number per call: use params, shapes and literals only");
             return None;
         }
-        Some((self.push(Expr::Ancestor { parent, i, j }, Type::Bool, span), Type::Bool))
+        Some((
+            self.push(Expr::Ancestor { parent, i, j }, Type::Bool, span),
+            Type::Bool,
+        ))
     }
 }
 
@@ -897,7 +1089,11 @@ pub fn suggest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Opt
         let d = edit_distance(&name.to_lowercase(), &c.to_lowercase());
         // Any letter is one edit from any other, so a one-letter name only
         // suggests the same letter in another case (`d` -> `D`).
-        let limit = if name.chars().count() <= 1 { 0 } else { (name.len().max(c.len()) / 3).max(1) };
+        let limit = if name.chars().count() <= 1 {
+            0
+        } else {
+            (name.len().max(c.len()) / 3).max(1)
+        };
         let key = (d, edit_distance(name, c));
         if d <= limit && best.is_none_or(|(bk, _)| key < bk) {
             best = Some((key, c));
@@ -921,7 +1117,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for i in 1..=a.len() {
         for j in 1..=b.len() {
             let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut best = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
             if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
                 best = best.min(d[i - 2][j - 2] + 1);
             }
@@ -959,15 +1157,27 @@ mod tests {
     fn a_failed_declaration_is_reported_once() {
         // The bad dimension is the only error; the uses of `doc` are not unknown names.
         let d = diags("attention a { buffer doc[N]: int  mask = doc[q] == doc[kv] }");
-        assert_eq!(d.iter().map(|d| d.code).collect::<Vec<_>>(), ["attnc::sema::unknown_shape"]);
+        assert_eq!(
+            d.iter().map(|d| d.code).collect::<Vec<_>>(),
+            ["attnc::sema::unknown_shape"]
+        );
         // A let whose value fails is not reported again where it is used.
         let d = diags("attention a { let far = q - kv > windw  mask = far || causal }");
-        assert_eq!(d.iter().map(|d| d.message.as_str()).collect::<Vec<_>>(), ["unknown name `windw`"]);
+        assert_eq!(
+            d.iter().map(|d| d.message.as_str()).collect::<Vec<_>>(),
+            ["unknown name `windw`"]
+        );
         // A reserved name that was declared anyway.
         let d = diags("attention a { let exp = q - kv  mask = exp > 0 }");
-        assert_eq!(d.iter().map(|d| d.code).collect::<Vec<_>>(), ["attnc::sema::reserved_name"]);
+        assert_eq!(
+            d.iter().map(|d| d.code).collect::<Vec<_>>(),
+            ["attnc::sema::reserved_name"]
+        );
         // `ancestor` with a wrong argument count does not read its buffer argument as a value.
         let d = diags("attention a { buffer parent[KV]: int  mask = ancestor(parent, q) }");
-        assert_eq!(d.iter().map(|d| d.code).collect::<Vec<_>>(), ["attnc::sema::wrong_arity"]);
+        assert_eq!(
+            d.iter().map(|d| d.code).collect::<Vec<_>>(),
+            ["attnc::sema::wrong_arity"]
+        );
     }
 }

@@ -72,14 +72,20 @@ pub enum EvalError {
         span: miette::SourceSpan,
     },
     #[error("integer division by zero (at b={}, h={}, q={}, kv={})", at.b, at.h, at.q, at.kv)]
-    #[diagnostic(code(attnc::run::division_by_zero), help("guard the division, e.g. `if d != 0 {{ x / d }} else {{ 0 }}`"))]
+    #[diagnostic(
+        code(attnc::run::division_by_zero),
+        help("guard the division, e.g. `if d != 0 {{ x / d }} else {{ 0 }}`")
+    )]
     DivisionByZero {
         at: Point,
         #[label("divides by zero here")]
         span: miette::SourceSpan,
     },
     #[error("`ancestor` found a cycle in buffer `{buffer}` starting from position {start}")]
-    #[diagnostic(code(attnc::run::ancestor_cycle), help("`{buffer}` must describe a forest: following parents must reach -1"))]
+    #[diagnostic(
+        code(attnc::run::ancestor_cycle),
+        help("`{buffer}` must describe a forest: following parents must reach -1")
+    )]
     AncestorCycle {
         buffer: String,
         start: i64,
@@ -89,7 +95,10 @@ pub enum EvalError {
 }
 
 fn join<T: ToString>(v: &[T]) -> String {
-    v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
+    v.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Evaluates expressions of one spec on concrete shapes and buffers.
@@ -108,7 +117,11 @@ pub struct Evaluator<'a> {
 
 impl<'a> Evaluator<'a> {
     pub fn new(spec: &'a Spec, shapes: Shapes, buffers: &'a [BufferData]) -> Evaluator<'a> {
-        assert_eq!(buffers.len(), spec.buffers.len(), "one bound buffer per declaration");
+        assert_eq!(
+            buffers.len(),
+            spec.buffers.len(),
+            "one bound buffer per declaration"
+        );
         Evaluator {
             spec,
             shapes,
@@ -207,13 +220,22 @@ impl<'a> Evaluator<'a> {
                 v => unreachable!("neg of {v:?}"),
             },
             Expr::Unary(UnaryOp::Not, a) => Value::Bool(!self.boolean(*a)?),
-            Expr::Binary(BinaryOp::And, a, b) => Value::Bool(self.boolean(*a)? && self.boolean(*b)?),
+            Expr::Binary(BinaryOp::And, a, b) => {
+                Value::Bool(self.boolean(*a)? && self.boolean(*b)?)
+            }
             Expr::Binary(BinaryOp::Or, a, b) => Value::Bool(self.boolean(*a)? || self.boolean(*b)?),
             Expr::Binary(op, a, b) => {
                 let (x, y) = (self.go(*a)?, self.go(*b)?);
-                binary(*op, x, y).ok_or_else(|| EvalError::DivisionByZero { at: self.point, span: self.span(id) })?
+                binary(*op, x, y).ok_or_else(|| EvalError::DivisionByZero {
+                    at: self.point,
+                    span: self.span(id),
+                })?
             }
-            Expr::Select { cond, then, otherwise } => {
+            Expr::Select {
+                cond,
+                then,
+                otherwise,
+            } => {
                 if self.boolean(*cond)? {
                     self.go(*then)?
                 } else {
@@ -270,7 +292,11 @@ pub fn floor_div(a: i64, b: i64) -> Option<i64> {
         return None;
     }
     let q = a.wrapping_div(b);
-    Some(if a.wrapping_rem(b) != 0 && ((a < 0) != (b < 0)) { q - 1 } else { q })
+    Some(if a.wrapping_rem(b) != 0 && ((a < 0) != (b < 0)) {
+        q - 1
+    } else {
+        q
+    })
 }
 
 /// Floor modulo: the remainder takes the divisor's sign; `None` on zero.
@@ -279,7 +305,11 @@ pub fn floor_mod(a: i64, b: i64) -> Option<i64> {
         return None;
     }
     let r = a.wrapping_rem(b);
-    Some(if r != 0 && ((r < 0) != (b < 0)) { r + b } else { r })
+    Some(if r != 0 && ((r < 0) != (b < 0)) {
+        r + b
+    } else {
+        r
+    })
 }
 
 /// Applies a (non short-circuit) binary operator; `None` on int division by zero.
@@ -402,7 +432,10 @@ mod tests {
     fn functions() {
         assert_eq!(call(Func::Round, &[Value::Float(2.5)]), Value::Float(2.0));
         assert_eq!(call(Func::Int, &[Value::Float(-2.7)]), Value::Int(-2));
-        assert_eq!(call(Func::Clamp, &[Value::Int(9), Value::Int(0), Value::Int(5)]), Value::Int(5));
+        assert_eq!(
+            call(Func::Clamp, &[Value::Int(9), Value::Int(0), Value::Int(5)]),
+            Value::Int(5)
+        );
         assert_eq!(call(Func::Float, &[Value::Bool(true)]), Value::Float(1.0));
     }
 }

@@ -126,8 +126,14 @@ pub enum ShapeVar {
 }
 
 impl ShapeVar {
-    pub const ALL: [ShapeVar; 6] =
-        [ShapeVar::B, ShapeVar::H, ShapeVar::Hkv, ShapeVar::Q, ShapeVar::Kv, ShapeVar::D];
+    pub const ALL: [ShapeVar; 6] = [
+        ShapeVar::B,
+        ShapeVar::H,
+        ShapeVar::Hkv,
+        ShapeVar::Q,
+        ShapeVar::Kv,
+        ShapeVar::D,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -283,13 +289,24 @@ pub enum Expr {
     Shape(ShapeVar),
     Score,
     Param(ParamId),
-    Load { buffer: BufferId, indices: Vec<ExprId> },
+    Load {
+        buffer: BufferId,
+        indices: Vec<ExprId>,
+    },
     Unary(UnaryOp, ExprId),
     Binary(BinaryOp, ExprId, ExprId),
-    Select { cond: ExprId, then: ExprId, otherwise: ExprId },
+    Select {
+        cond: ExprId,
+        then: ExprId,
+        otherwise: ExprId,
+    },
     Call(Func, Vec<ExprId>),
     /// True iff `j == i` or `j` is reached from `i` by following `parent` (-1 = root).
-    Ancestor { parent: BufferId, i: ExprId, j: ExprId },
+    Ancestor {
+        parent: BufferId,
+        i: ExprId,
+        j: ExprId,
+    },
 }
 
 impl Expr {
@@ -300,7 +317,11 @@ impl Expr {
             Expr::Load { indices, .. } => indices.clone(),
             Expr::Unary(_, a) => vec![*a],
             Expr::Binary(_, a, b) => vec![*a, *b],
-            Expr::Select { cond, then, otherwise } => vec![*cond, *then, *otherwise],
+            Expr::Select {
+                cond,
+                then,
+                otherwise,
+            } => vec![*cond, *then, *otherwise],
             Expr::Call(_, args) => args.clone(),
             Expr::Ancestor { i, j, .. } => vec![*i, *j],
         }
@@ -345,8 +366,19 @@ impl Deps {
 
 impl fmt::Display for Deps {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names = [(Deps::B, "b"), (Deps::H, "h"), (Deps::Q, "q"), (Deps::KV, "kv"), (Deps::SCORE, "score"), (Deps::BUFFER, "buf")];
-        let list: Vec<&str> = names.iter().filter(|(d, _)| self.contains(*d)).map(|(_, n)| *n).collect();
+        let names = [
+            (Deps::B, "b"),
+            (Deps::H, "h"),
+            (Deps::Q, "q"),
+            (Deps::KV, "kv"),
+            (Deps::SCORE, "score"),
+            (Deps::BUFFER, "buf"),
+        ];
+        let list: Vec<&str> = names
+            .iter()
+            .filter(|(d, _)| self.contains(*d))
+            .map(|(_, n)| *n)
+            .collect();
         if list.is_empty() {
             f.write_str("const")
         } else {
@@ -446,11 +478,17 @@ impl Spec {
     }
 
     pub fn buffer_id(&self, name: &str) -> Option<BufferId> {
-        self.buffers.iter().position(|b| b.name == name).map(|i| BufferId(i as u32))
+        self.buffers
+            .iter()
+            .position(|b| b.name == name)
+            .map(|i| BufferId(i as u32))
     }
 
     pub fn param_id(&self, name: &str) -> Option<ParamId> {
-        self.params.iter().position(|p| p.name == name).map(|i| ParamId(i as u32))
+        self.params
+            .iter()
+            .position(|p| p.name == name)
+            .map(|i| ParamId(i as u32))
     }
 }
 

@@ -37,7 +37,10 @@ pub struct Label {
 
 impl Label {
     pub fn new(span: Span, text: impl Into<String>) -> Label {
-        Label { span, text: text.into() }
+        Label {
+            span,
+            text: text.into(),
+        }
     }
 }
 
@@ -53,7 +56,12 @@ pub struct Diag {
 
 impl Diag {
     pub fn error(code: &'static str, message: String, primary: Label) -> Diag {
-        Diag { code, message, labels: vec![primary], help: None }
+        Diag {
+            code,
+            message,
+            labels: vec![primary],
+            help: None,
+        }
     }
 
     pub fn with_label(&mut self, label: Label) -> &mut Diag {
@@ -81,7 +89,9 @@ impl miette::Diagnostic for Diag {
     }
 
     fn help<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
-        self.help.as_ref().map(|h| Box::new(h) as Box<dyn fmt::Display>)
+        self.help
+            .as_ref()
+            .map(|h| Box::new(h) as Box<dyn fmt::Display>)
     }
 
     fn labels(&self) -> Option<Box<dyn Iterator<Item = miette::LabeledSpan> + '_>> {
@@ -133,13 +143,21 @@ impl Spec {
                 None if names.is_empty() => "this attention block declares no params".to_string(),
                 None => format!("its params are: {}", names.join(", ")),
             };
-            return Err(ParamError::Unknown { spec: self.name.clone(), name: name.to_string(), help });
+            return Err(ParamError::Unknown {
+                spec: self.name.clone(),
+                name: name.to_string(),
+                help,
+            });
         };
         let p = &mut self.params[id.0 as usize];
         let t = text.trim();
         let value = match p.ty {
             Type::Int => t.parse::<i64>().ok().map(Value::Int),
-            Type::Float => t.parse::<f64>().ok().filter(|x| x.is_finite()).map(Value::Float),
+            Type::Float => t
+                .parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .map(Value::Float),
             Type::Bool => match t {
                 "true" => Some(Value::Bool(true)),
                 "false" => Some(Value::Bool(false)),
@@ -170,12 +188,22 @@ impl Spec {
 impl Module {
     /// Picks a spec by name, or the only one when `name` is `None`.
     pub fn entry(&self, name: Option<&str>) -> Result<&Spec, EntryError> {
-        let names = || self.specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>().join(", ");
+        let names = || {
+            self.specs
+                .iter()
+                .map(|s| s.name.clone())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         match name {
-            Some(n) => self.specs.iter().find(|s| s.name == n).ok_or_else(|| EntryError::Unknown {
-                name: n.to_string(),
-                available: names(),
-            }),
+            Some(n) => self
+                .specs
+                .iter()
+                .find(|s| s.name == n)
+                .ok_or_else(|| EntryError::Unknown {
+                    name: n.to_string(),
+                    available: names(),
+                }),
             None if self.specs.len() == 1 => Ok(&self.specs[0]),
             None => Err(EntryError::Ambiguous { available: names() }),
         }
@@ -189,6 +217,9 @@ pub enum EntryError {
     #[diagnostic(code(attnc::entry::unknown), help("the file defines: {available}"))]
     Unknown { name: String, available: String },
     #[error("the file defines several attention blocks; choose one")]
-    #[diagnostic(code(attnc::entry::ambiguous), help("pass `--entry NAME`; the file defines: {available}"))]
+    #[diagnostic(
+        code(attnc::entry::ambiguous),
+        help("pass `--entry NAME`; the file defines: {available}")
+    )]
     Ambiguous { available: String },
 }

@@ -11,7 +11,10 @@ impl Spec {
     /// Marks the expressions reachable from the roots.
     pub fn live(&self) -> Vec<bool> {
         let mut live = vec![false; self.exprs.len()];
-        let mut stack: Vec<ExprId> = [self.mask, self.score, self.scale].into_iter().flatten().collect();
+        let mut stack: Vec<ExprId> = [self.mask, self.score, self.scale]
+            .into_iter()
+            .flatten()
+            .collect();
         while let Some(id) = stack.pop() {
             if std::mem::replace(&mut live[id.0 as usize], true) {
                 continue;
@@ -29,7 +32,12 @@ impl fmt::Display for Spec {
             writeln!(f, "    param {}: {} = {}", p.name, p.ty, p.value)?;
         }
         for b in &self.buffers {
-            let dims = b.dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+            let dims = b
+                .dims
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
             writeln!(f, "    buffer {}[{}]: {}", b.name, dims, b.elem)?;
         }
         let live = self.live();
@@ -46,18 +54,32 @@ impl fmt::Display for Spec {
                 Expr::Score => write!(f, "score")?,
                 Expr::Param(p) => write!(f, "param {}", self.param(*p).name)?,
                 Expr::Load { buffer, indices } => {
-                    let idx = indices.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+                    let idx = indices
+                        .iter()
+                        .map(|i| i.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ");
                     write!(f, "load {}[{idx}]", self.buffer(*buffer).name)?
                 }
                 Expr::Unary(UnaryOp::Neg, a) => write!(f, "neg {a}")?,
                 Expr::Unary(UnaryOp::Not, a) => write!(f, "not {a}")?,
                 Expr::Binary(op, a, b) => write!(f, "{} {a}, {b}", op.name())?,
-                Expr::Select { cond, then, otherwise } => write!(f, "select {cond}, {then}, {otherwise}")?,
+                Expr::Select {
+                    cond,
+                    then,
+                    otherwise,
+                } => write!(f, "select {cond}, {then}, {otherwise}")?,
                 Expr::Call(func, args) => {
-                    let a = args.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+                    let a = args
+                        .iter()
+                        .map(|i| i.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ");
                     write!(f, "call {} {a}", func.name())?
                 }
-                Expr::Ancestor { parent, i, j } => write!(f, "ancestor {}, {i}, {j}", self.buffer(*parent).name)?,
+                Expr::Ancestor { parent, i, j } => {
+                    write!(f, "ancestor {}, {i}, {j}", self.buffer(*parent).name)?
+                }
             }
             if let Some(l) = self.lets.iter().find(|l| l.value == id) {
                 write!(f, "    ; let {}", l.name)?;

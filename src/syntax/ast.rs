@@ -68,9 +68,17 @@ pub struct Item {
 #[derive(Clone, Debug, PartialEq)]
 pub enum ItemKind {
     /// `param NAME: TYPE = LITERAL`
-    Param { name: Ident, ty: TypeName, value: Literal },
+    Param {
+        name: Ident,
+        ty: TypeName,
+        value: Literal,
+    },
     /// `buffer NAME[DIM, ...]: TYPE`
-    Buffer { name: Ident, dims: Vec<Dim>, elem: TypeName },
+    Buffer {
+        name: Ident,
+        dims: Vec<Dim>,
+        elem: TypeName,
+    },
     /// `let NAME = EXPR`
     Let { name: Ident, value: Expr },
     /// `mask = EXPR`
@@ -249,7 +257,11 @@ impl fmt::Display for File {
 
 impl fmt::Display for Attention {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "attention {} @{}..{}", self.name.name, self.span.start, self.span.end)?;
+        writeln!(
+            f,
+            "attention {} @{}..{}",
+            self.name.name, self.span.start, self.span.end
+        )?;
         for item in &self.items {
             write!(f, "    {} ", item.kind.keyword())?;
             match &item.kind {

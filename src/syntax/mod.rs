@@ -35,7 +35,12 @@ pub struct SyntaxError {
 
 impl SyntaxError {
     pub fn new(span: Span, message: impl Into<String>, label: impl Into<String>) -> SyntaxError {
-        SyntaxError { message: message.into(), span: span.into(), label: label.into(), help: None }
+        SyntaxError {
+            message: message.into(),
+            span: span.into(),
+            label: label.into(),
+            help: None,
+        }
     }
 
     pub fn with_help(mut self, help: impl Into<String>) -> SyntaxError {

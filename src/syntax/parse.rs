@@ -23,7 +23,9 @@ pub fn parse(source: &str) -> Result<File, SyntaxError> {
     // like "expected `:`, found `=`" (a process-wide switch, only ever set on).
     pest::set_error_detail(true);
     let mut pairs = AttnParser::parse(Rule::file, source).map_err(|e| convert_error(source, e))?;
-    let file = pairs.next().expect("grammar: file rule always yields one pair");
+    let file = pairs
+        .next()
+        .expect("grammar: file rule always yields one pair");
     let mut attentions = Vec::new();
     for pair in file.into_inner() {
         match pair.as_rule() {
@@ -61,7 +63,10 @@ fn span_of(pair: &Pair<'_, Rule>) -> Span {
 
 fn ident(pair: Pair<'_, Rule>) -> Ident {
     debug_assert_eq!(pair.as_rule(), Rule::ident);
-    Ident { name: pair.as_str().to_string(), span: span_of(&pair) }
+    Ident {
+        name: pair.as_str().to_string(),
+        span: span_of(&pair),
+    }
 }
 
 fn build_attention(pair: Pair<'_, Rule>) -> Result<Attention, SyntaxError> {
@@ -96,7 +101,11 @@ fn build_item(pair: Pair<'_, Rule>) -> Result<Item, SyntaxError> {
                     r => unreachable!("grammar: unexpected {r:?} in buffer"),
                 }
             }
-            ItemKind::Buffer { name, dims, elem: elem.expect("grammar: buffer type") }
+            ItemKind::Buffer {
+                name,
+                dims,
+                elem: elem.expect("grammar: buffer type"),
+            }
         }
         Rule::let_item => {
             let name = ident(inner.next().unwrap());
@@ -117,7 +126,10 @@ fn type_name(pair: Pair<'_, Rule>) -> TypeName {
         "float" => ScalarKind::Float,
         _ => ScalarKind::Bool,
     };
-    TypeName { kind, span: span_of(&pair) }
+    TypeName {
+        kind,
+        span: span_of(&pair),
+    }
 }
 
 fn parse_uint(pair: &Pair<'_, Rule>) -> Result<u64, SyntaxError> {
@@ -133,7 +145,11 @@ fn parse_uint(pair: &Pair<'_, Rule>) -> Result<u64, SyntaxError> {
 
 fn parse_int(pair: &Pair<'_, Rule>, negative: bool) -> Result<i64, SyntaxError> {
     let magnitude = parse_uint(pair)?;
-    let limit = if negative { i64::MAX as u64 + 1 } else { i64::MAX as u64 };
+    let limit = if negative {
+        i64::MAX as u64 + 1
+    } else {
+        i64::MAX as u64
+    };
     if magnitude > limit {
         return Err(SyntaxError::new(
             span_of(pair),
@@ -142,7 +158,11 @@ fn parse_int(pair: &Pair<'_, Rule>, negative: bool) -> Result<i64, SyntaxError> 
         )
         .with_help("ints range from -9223372036854775808 to 9223372036854775807"));
     }
-    Ok(if negative { (magnitude as i64).wrapping_neg() } else { magnitude as i64 })
+    Ok(if negative {
+        (magnitude as i64).wrapping_neg()
+    } else {
+        magnitude as i64
+    })
 }
 
 fn parse_float(pair: &Pair<'_, Rule>) -> Result<f64, SyntaxError> {
@@ -174,7 +194,10 @@ fn build_literal(pair: Pair<'_, Rule>) -> Result<Literal, SyntaxError> {
             r => unreachable!("grammar: unexpected {r:?} in literal"),
         }
     }
-    Ok(Literal { value: value.expect("grammar: literal value"), span })
+    Ok(Literal {
+        value: value.expect("grammar: literal value"),
+        span,
+    })
 }
 
 fn build_dim(pair: Pair<'_, Rule>) -> Result<Dim, SyntaxError> {
@@ -250,7 +273,10 @@ fn build_expr(pair: Pair<'_, Rule>) -> Result<Expr, SyntaxError> {
                     }
                 }
                 let s = lhs.span.to(rhs.span);
-                lhs = Expr { kind: ExprKind::Binary(op, Box::new(lhs), Box::new(rhs)), span: s };
+                lhs = Expr {
+                    kind: ExprKind::Binary(op, Box::new(lhs), Box::new(rhs)),
+                    span: s,
+                };
             }
             Ok(lhs)
         }
@@ -269,25 +295,47 @@ fn build_expr(pair: Pair<'_, Rule>) -> Result<Expr, SyntaxError> {
                 // Fold `-LITERAL` into the literal so `-9223372036854775808` works.
                 if neg {
                     if let ExprKind::Float(x) = e.kind {
-                        e = Expr { kind: ExprKind::Float(-x), span: op_span.to(e.span) };
+                        e = Expr {
+                            kind: ExprKind::Float(-x),
+                            span: op_span.to(e.span),
+                        };
                         continue;
                     }
                 }
                 let op = if neg { UnaryOp::Neg } else { UnaryOp::Not };
-                e = Expr { kind: ExprKind::Unary(op, Box::new(e)), span: op_span.to(span) };
+                e = Expr {
+                    kind: ExprKind::Unary(op, Box::new(e)),
+                    span: op_span.to(span),
+                };
             }
             Ok(e)
         }
-        Rule::uint => Ok(Expr { kind: ExprKind::Int(parse_int(&pair, false)?), span }),
-        Rule::float => Ok(Expr { kind: ExprKind::Float(parse_float(&pair)?), span }),
-        Rule::bool_lit => Ok(Expr { kind: ExprKind::Bool(pair.as_str() == "true"), span }),
-        Rule::ident => Ok(Expr { kind: ExprKind::Name(ident(pair)), span }),
+        Rule::uint => Ok(Expr {
+            kind: ExprKind::Int(parse_int(&pair, false)?),
+            span,
+        }),
+        Rule::float => Ok(Expr {
+            kind: ExprKind::Float(parse_float(&pair)?),
+            span,
+        }),
+        Rule::bool_lit => Ok(Expr {
+            kind: ExprKind::Bool(pair.as_str() == "true"),
+            span,
+        }),
+        Rule::ident => Ok(Expr {
+            kind: ExprKind::Name(ident(pair)),
+            span,
+        }),
         Rule::call | Rule::index => {
             let is_call = pair.as_rule() == Rule::call;
             let mut inner = pair.into_inner();
             let name = ident(inner.next().unwrap());
             let args = inner.map(build_expr).collect::<Result<Vec<_>, _>>()?;
-            let kind = if is_call { ExprKind::Call(name, args) } else { ExprKind::Index(name, args) };
+            let kind = if is_call {
+                ExprKind::Call(name, args)
+            } else {
+                ExprKind::Index(name, args)
+            };
             Ok(Expr { kind, span })
         }
         Rule::if_expr => {
@@ -297,7 +345,10 @@ fn build_expr(pair: Pair<'_, Rule>) -> Result<Expr, SyntaxError> {
             let then = build_expr(inner.next().unwrap())?;
             inner.next(); // kw_else
             let otherwise = build_expr(inner.next().unwrap())?;
-            Ok(Expr { kind: ExprKind::If(Box::new(cond), Box::new(then), Box::new(otherwise)), span })
+            Ok(Expr {
+                kind: ExprKind::If(Box::new(cond), Box::new(then), Box::new(otherwise)),
+                span,
+            })
         }
         r => unreachable!("grammar: unexpected {r:?} in expression"),
     }
@@ -487,7 +538,8 @@ fn convert_error(source: &str, err: pest::error::Error<Rule>) -> SyntaxError {
     // Something missing at the end of a line is reported after the last token,
     // not at the start of the next line; nothing can be underlined at the end
     // of the file either. (A wrong item at the start of a line is its own culprit.)
-    let missing_at_line_end = source[before.len()..pos].contains('\n') && !raw_names.contains(&AN_ITEM);
+    let missing_at_line_end =
+        source[before.len()..pos].contains('\n') && !raw_names.contains(&AN_ITEM);
     if found == "end of file" || missing_at_line_end {
         if let Some(c) = before.chars().next_back() {
             span = Span::new(before.len() - c.len_utf8(), before.len());
@@ -525,7 +577,10 @@ fn syntax_hint(source: &str, pos: usize, found: &str, expected: &[&str]) -> Opti
         return Some("logical or is written `||`".to_string());
     }
     if expects("`else`") {
-        return Some("`if` is an expression and always needs an `else`: `if COND { A } else { B }`".to_string());
+        return Some(
+            "`if` is an expression and always needs an `else`: `if COND { A } else { B }`"
+                .to_string(),
+        );
     }
     if rest.starts_with("else") || rest.starts_with('?') {
         return Some("conditionals are written `if COND { A } else { B }`".to_string());
@@ -628,7 +683,9 @@ mod tests {
     fn spans_cover_source() {
         let src = "attention a { mask = q >= kv }";
         let f = parse(src).unwrap();
-        let ItemKind::Mask(e) = &f.attentions[0].items[0].kind else { panic!() };
+        let ItemKind::Mask(e) = &f.attentions[0].items[0].kind else {
+            panic!()
+        };
         assert_eq!(&src[e.span.start..e.span.end], "q >= kv");
     }
 
@@ -660,19 +717,26 @@ mod tests {
         // A missing `}` at the end of the file is reported after the last token.
         let src = "attention a {\n mask = causal // done\n";
         let e = parse(src).unwrap_err();
-        assert_eq!(e.to_string(), "expected an operator, the next item or `}`, found end of file");
+        assert_eq!(
+            e.to_string(),
+            "expected an operator, the next item or `}`, found end of file"
+        );
         assert_eq!(e.span.offset(), src.find("causal").unwrap() + 5);
         assert!(e.help.as_deref().unwrap_or("").contains("`}`"), "{e:?}");
         let e = parse("attention a { score = if causal { score } }").unwrap_err();
         assert_eq!(e.to_string(), "expected `else`, found `}`");
         let e = parse("attention a { score = clamp(score, 1.0 2.0) }").unwrap_err();
-        assert_eq!(e.to_string(), "expected an operator, `,` or `)`, found `2.0`");
+        assert_eq!(
+            e.to_string(),
+            "expected an operator, `,` or `)`, found `2.0`"
+        );
     }
 
     #[test]
     fn big_literals() {
         assert!(parse("attention a { param x: int = 99999999999999999999 }").is_err());
-        assert!(ok("attention a { param x: int = -9223372036854775808 }").contains("-9223372036854775808"));
+        assert!(ok("attention a { param x: int = -9223372036854775808 }")
+            .contains("-9223372036854775808"));
         assert!(parse("attention a { param x: float = 1e999 }").is_err());
     }
 }

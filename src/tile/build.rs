@@ -15,7 +15,13 @@ use crate::sema::{BinaryOp, Expr, ExprId, Func, ShapeVar, Spec, Type, UnaryOp, V
 
 /// Lowers `spec` under `schedule`, without optimisations.
 pub fn build(spec: &Spec, schedule: &Schedule) -> Kernel {
-    let mut lower = Lower { spec, schedule, b: Builder::default(), memo: HashMap::new(), score: None };
+    let mut lower = Lower {
+        spec,
+        schedule,
+        b: Builder::default(),
+        memo: HashMap::new(),
+        score: None,
+    };
     let scale = match spec.scale {
         Some(s) => {
             let v = lower.expr(s, None);
@@ -43,7 +49,11 @@ pub fn build(spec: &Spec, schedule: &Schedule) -> Kernel {
     });
     let traps = |b: &Builder, from: usize| -> Vec<ValueId> {
         (from..b.insts.len())
-            .filter(|&i| b.insts[i].op.may_trap(|c| b.const_int(c).is_some_and(|x| x != 0)))
+            .filter(|&i| {
+                b.insts[i]
+                    .op
+                    .may_trap(|c| b.const_int(c).is_some_and(|x| x != 0))
+            })
             .map(|i| ValueId(i as u32))
             .collect()
     };
@@ -70,13 +80,29 @@ pub fn build(spec: &Spec, schedule: &Schedule) -> Kernel {
     let score_partial = score_in_exp_units(&mut lower, mask);
     let mut effects_partial = mask_effects;
     effects_partial.extend(traps(&lower.b, start));
-    let roots = KernelRoots { scale, q_prescale, mask, score_full, score_partial, effects_full, effects_partial };
+    let roots = KernelRoots {
+        scale,
+        q_prescale,
+        mask,
+        score_full,
+        score_partial,
+        effects_full,
+        effects_partial,
+    };
     let (insts, spans, roots) = lower.b.finish(roots);
-    let params = spec.params.iter().map(|p| (p.name.clone(), p.value.to_string())).collect();
+    let params = spec
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), p.value.to_string()))
+        .collect();
     let buffers = spec
         .buffers
         .iter()
-        .map(|b| BufferDecl { name: b.name.clone(), elem: ty_of(b.elem), dims: b.dims.clone() })
+        .map(|b| BufferDecl {
+            name: b.name.clone(),
+            elem: ty_of(b.elem),
+            dims: b.dims.clone(),
+        })
         .collect();
     let k = Kernel {
         name: spec.name.clone(),
@@ -161,14 +187,20 @@ impl Lower<'_> {
             },
             Expr::Var(v) => self.b.add(Op::Var(*v), Ty::I64, None, None),
             Expr::Shape(s) => self.shape(*s),
-            Expr::Score => self.score.expect("score is lowered after the tile score exists"),
+            Expr::Score => self
+                .score
+                .expect("score is lowered after the tile score exists"),
             Expr::Unary(UnaryOp::Not, a) => {
                 let a = self.expr(*a, guard);
                 self.not(a)
             }
             Expr::Unary(UnaryOp::Neg, a) => {
                 let a = self.expr(*a, guard);
-                let op = if ty == Ty::I64 { UnOp::INeg } else { UnOp::FNeg };
+                let op = if ty == Ty::I64 {
+                    UnOp::INeg
+                } else {
+                    UnOp::FNeg
+                };
                 self.b.add(Op::Unary(op, a), ty, None, None)
             }
             Expr::Binary(BinaryOp::And, a, c) => {
@@ -189,7 +221,11 @@ impl Lower<'_> {
                 let (a, c) = (self.expr(*a, guard), self.expr(*c, guard));
                 if op.is_comparison() {
                     if operand_ty == Ty::Bool {
-                        let bop = if *op == BinaryOp::Eq { BinOp::BEq } else { BinOp::BNe };
+                        let bop = if *op == BinaryOp::Eq {
+                            BinOp::BEq
+                        } else {
+                            BinOp::BNe
+                        };
                         return self.b.binary(bop, a, c);
                     }
                     let cmp = match op {
@@ -218,7 +254,11 @@ impl Lower<'_> {
                 };
                 self.b.add(Op::Binary(bop, a, c), ty, guard, span)
             }
-            Expr::Select { cond, then, otherwise } => {
+            Expr::Select {
+                cond,
+                then,
+                otherwise,
+            } => {
                 let c = self.expr(*cond, guard);
                 let g_then = self.b.and_guard(guard, c);
                 let t = self.expr(*then, g_then);
@@ -230,7 +270,11 @@ impl Lower<'_> {
             Expr::Call(f, args) => {
                 let args: Vec<ValueId> = args.iter().map(|a| self.expr(*a, guard)).collect();
                 let int = ty == Ty::I64;
-                let (min, max) = if int { (BinOp::IMin, BinOp::IMax) } else { (BinOp::FMin, BinOp::FMax) };
+                let (min, max) = if int {
+                    (BinOp::IMin, BinOp::IMax)
+                } else {
+                    (BinOp::FMin, BinOp::FMax)
+                };
                 match f {
                     Func::Min => self.b.binary(min, args[0], args[1]),
                     Func::Max => self.b.binary(max, args[0], args[1]),
@@ -249,13 +293,30 @@ impl Lower<'_> {
             }
             Expr::Load { buffer, indices } => {
                 let idx = indices.iter().map(|i| self.expr(*i, guard)).collect();
-                self.b.add(Op::Load { buffer: buffer.0, indices: idx, checked: true }, ty, guard, span)
+                self.b.add(
+                    Op::Load {
+                        buffer: buffer.0,
+                        indices: idx,
+                        checked: true,
+                    },
+                    ty,
+                    guard,
+                    span,
+                )
             }
             Expr::Ancestor { parent, i, j } => {
                 let (i, j) = (self.expr(*i, guard), self.expr(*j, guard));
-                self.b.add(Op::Ancestor { parent: parent.0, i, j }, Ty::Bool, guard, span)
+                self.b.add(
+                    Op::Ancestor {
+                        parent: parent.0,
+                        i,
+                        j,
+                    },
+                    Ty::Bool,
+                    guard,
+                    span,
+                )
             }
         }
     }
 }
-

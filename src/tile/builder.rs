@@ -41,7 +41,11 @@ impl Hash for Key {
             Op::Select(c, a, b) => (c, a, b).hash(h),
             Op::Call(f, a) => (f, a).hash(h),
             Op::IToF(a) | Op::FToI(a) | Op::BToI(a) => a.hash(h),
-            Op::Load { buffer, indices, checked } => (buffer, indices, checked).hash(h),
+            Op::Load {
+                buffer,
+                indices,
+                checked,
+            } => (buffer, indices, checked).hash(h),
             Op::Ancestor { parent, i, j } => (parent, i, j).hash(h),
         }
     }
@@ -82,7 +86,11 @@ impl Builder {
     /// trap; the level is the join of the operands' and the guard's levels.
     pub fn add(&mut self, op: Op, ty: Ty, guard: Option<ValueId>, span: Option<Span>) -> ValueId {
         let traps = op.may_trap(|v| self.const_int(v).is_some_and(|c| c != 0));
-        let guard = if traps || Self::keeps_guard(&op) { guard } else { None };
+        let guard = if traps || Self::keeps_guard(&op) {
+            guard
+        } else {
+            None
+        };
         self.add_guarded(op, ty, guard, span)
     }
 
@@ -92,7 +100,13 @@ impl Builder {
     }
 
     /// Adds an instruction with exactly this guard (a const-true guard is dropped).
-    pub fn add_guarded(&mut self, op: Op, ty: Ty, guard: Option<ValueId>, span: Option<Span>) -> ValueId {
+    pub fn add_guarded(
+        &mut self,
+        op: Op,
+        ty: Ty,
+        guard: Option<ValueId>,
+        span: Option<Span>,
+    ) -> ValueId {
         let guard = guard.filter(|g| self.const_bool(*g) != Some(true));
         let key = Key(op, guard);
         if let Some(&v) = self.intern.get(&key) {
@@ -109,9 +123,19 @@ impl Builder {
             Op::TileScore => Level::Elem,
             _ => Level::Call,
         };
-        let level = op.operands().iter().chain(guard.iter()).fold(base, |l, o| l.join(self.inst(*o).level));
+        let level = op
+            .operands()
+            .iter()
+            .chain(guard.iter())
+            .fold(base, |l, o| l.join(self.inst(*o).level));
         let v = ValueId(self.insts.len() as u32);
-        self.insts.push(Inst { op, ty, level, section: Section::Shared, guard });
+        self.insts.push(Inst {
+            op,
+            ty,
+            level,
+            section: Section::Shared,
+            guard,
+        });
         self.spans.push(span);
         self.intern.insert(key, v);
         v
@@ -214,7 +238,8 @@ fn effects(list: &[ValueId], insts: &[Inst], remap: &[Option<ValueId>]) -> Vec<V
         .filter_map(|v| remap[v.0 as usize])
         .filter(|v| {
             let inst = &insts[v.0 as usize];
-            inst.op.may_trap(|c| matches!(insts[c.0 as usize].op, Op::IConst(x) if x != 0))
+            inst.op
+                .may_trap(|c| matches!(insts[c.0 as usize].op, Op::IConst(x) if x != 0))
         })
         .collect();
     out.sort();
@@ -265,7 +290,10 @@ impl KernelRoots {
 /// Rebuilds a kernel instruction by instruction. `rewrite` sees each old
 /// instruction with operands and guard already mapped into the new builder
 /// and may return a replacement value; otherwise the instruction is re-added.
-pub fn rewrite(k: &Kernel, mut rewrite: impl FnMut(&mut Builder, &Inst, Option<Span>) -> Option<ValueId>) -> Kernel {
+pub fn rewrite(
+    k: &Kernel,
+    mut rewrite: impl FnMut(&mut Builder, &Inst, Option<Span>) -> Option<ValueId>,
+) -> Kernel {
     let mut b = Builder::default();
     let mut remap: Vec<ValueId> = Vec::with_capacity(k.insts.len());
     for (i, inst) in k.insts.iter().enumerate() {
@@ -285,7 +313,11 @@ pub fn rewrite(k: &Kernel, mut rewrite: impl FnMut(&mut Builder, &Inst, Option<S
     }
     let roots = KernelRoots::of(k).map(|v| remap[v.0 as usize]);
     let (insts, spans, roots) = b.finish(roots);
-    Kernel { insts, spans, ..k.with_roots(roots) }
+    Kernel {
+        insts,
+        spans,
+        ..k.with_roots(roots)
+    }
 }
 
 impl Kernel {

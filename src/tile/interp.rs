@@ -163,7 +163,13 @@ struct Machine<'a> {
 
 impl Machine<'_> {
     fn error_point(here: &Here) -> Point {
-        Point { b: here.b, h: here.h, q: here.q, kv: here.kv, score: 0.0 }
+        Point {
+            b: here.b,
+            h: here.h,
+            q: here.q,
+            kv: here.kv,
+            score: 0.0,
+        }
     }
 
     fn span(&self, v: usize) -> miette::SourceSpan {
@@ -203,7 +209,9 @@ impl Machine<'_> {
             Op::Var(Var::Kv) => Scalar::I(here.kv),
             Op::Shape(s) => Scalar::I(self.shapes.get(*s) as i64),
             Op::TileScore => Scalar::F(here.tile_score),
-            Op::Load { buffer, indices, .. } => {
+            Op::Load {
+                buffer, indices, ..
+            } => {
                 let idx: Vec<i64> = indices.iter().map(|i| get(*i).i()).collect();
                 // Unchecked loads are proven in range; reading through the
                 // checked path anyway keeps the interpreter safe if a proof were wrong.
@@ -237,7 +245,10 @@ impl Machine<'_> {
                 }
                 Scalar::B(found)
             }
-            op => eval_pure(op, get).ok_or_else(|| EvalError::DivisionByZero { at: Self::error_point(here), span: self.span(v) })?,
+            op => eval_pure(op, get).ok_or_else(|| EvalError::DivisionByZero {
+                at: Self::error_point(here),
+                span: self.span(v),
+            })?,
         };
         self.vals[v] = result;
         Ok(())
@@ -249,7 +260,12 @@ impl Machine<'_> {
     }
 
     /// Evaluates the instructions of `level` whose section passes `pick`.
-    fn run_where(&mut self, level: Level, pick: impl Fn(Section) -> bool, here: &Here) -> Result<(), EvalError> {
+    fn run_where(
+        &mut self,
+        level: Level,
+        pick: impl Fn(Section) -> bool,
+        here: &Here,
+    ) -> Result<(), EvalError> {
         for v in 0..self.k.insts.len() {
             let inst = &self.k.insts[v];
             if inst.level == level && pick(inst.section) {
@@ -260,18 +276,30 @@ impl Machine<'_> {
     }
 
     fn ids_at(&self, level: Level) -> Vec<usize> {
-        (0..self.k.insts.len()).filter(|&v| self.k.insts[v].level == level).collect()
+        (0..self.k.insts.len())
+            .filter(|&v| self.k.insts[v].level == level)
+            .collect()
     }
 }
 
 /// Runs the kernel on bound inputs, walking the given block maps.
-pub fn run(k: &Kernel, inputs: &Inputs<'_>, bound: &Bound, maps: &BlockMaps) -> Result<Outputs, EvalError> {
+pub fn run(
+    k: &Kernel,
+    inputs: &Inputs<'_>,
+    bound: &Bound,
+    maps: &BlockMaps,
+) -> Result<Outputs, EvalError> {
     let sh = bound.shapes;
     let (bq, bkv) = (k.schedule.bq, k.schedule.bkv);
     if let Some(d) = k.schedule.dim {
         assert_eq!(d, sh.d, "the kernel is specialised on D = {d}");
     }
-    let mut m = Machine { k, shapes: sh, buffers: &bound.buffers, vals: vec![Scalar::I(0); k.insts.len()] };
+    let mut m = Machine {
+        k,
+        shapes: sh,
+        buffers: &bound.buffers,
+        vals: vec![Scalar::I(0); k.insts.len()],
+    };
     let mut out = Array4::<f32>::zeros((sh.b, sh.h, sh.q, sh.d));
     let mut lse = Array3::<f32>::from_elem((sh.b, sh.h, sh.q), f32::NEG_INFINITY);
     let here0 = Here::default();
@@ -286,7 +314,11 @@ pub fn run(k: &Kernel, inputs: &Inputs<'_>, bound: &Bound, maps: &BlockMaps) -> 
         let kb = bound.kv_batch_index(b);
         for h in 0..sh.h {
             let kh = bound.kv_head(h);
-            let head = Here { b: b as i64, h: h as i64, ..here0 };
+            let head = Here {
+                b: b as i64,
+                h: h as i64,
+                ..here0
+            };
             m.run_where(Level::Head, not_full, &head)?;
             let map = maps.get(b, h);
             for qt in 0..q_tiles {
@@ -302,12 +334,19 @@ pub fn run(k: &Kernel, inputs: &Inputs<'_>, bound: &Bound, maps: &BlockMaps) -> 
                 }
                 // Q tile, scaled once.
                 let qs: Vec<Vec<f32>> = (0..rows)
-                    .map(|i| (0..sh.d).map(|d| inputs.q[[b, h, row0 + i, d]] * prescale).collect())
+                    .map(|i| {
+                        (0..sh.d)
+                            .map(|d| inputs.q[[b, h, row0 + i, d]] * prescale)
+                            .collect()
+                    })
                     .collect();
                 // Row-level values, computed once per row.
                 let mut row_vals = Vec::with_capacity(rows);
                 for i in 0..rows {
-                    let here = Here { q: (row0 + i) as i64 + bound.q_offset, ..head };
+                    let here = Here {
+                        q: (row0 + i) as i64 + bound.q_offset,
+                        ..head
+                    };
                     m.run_where(Level::Row, not_full, &here)?;
                     if has_full {
                         m.run_where(Level::Row, full_only, &here)?;
@@ -317,14 +356,24 @@ pub fn run(k: &Kernel, inputs: &Inputs<'_>, bound: &Bound, maps: &BlockMaps) -> 
                 let mut mx = vec![f32::NEG_INFINITY; rows];
                 let mut l = vec![0f32; rows];
                 let mut acc = vec![vec![0f32; sh.d]; rows];
-                let full = map.full_ranges(qt).iter().flat_map(|r| r.clone()).map(|kt| (kt as usize, Section::Full));
-                let partial = map.partial(qt).iter().map(|&kt| (kt as usize, Section::Partial));
+                let full = map
+                    .full_ranges(qt)
+                    .iter()
+                    .flat_map(|r| r.clone())
+                    .map(|kt| (kt as usize, Section::Full));
+                let partial = map
+                    .partial(qt)
+                    .iter()
+                    .map(|&kt| (kt as usize, Section::Partial));
                 for (kt, section) in full.chain(partial) {
                     let col0 = kt * bkv;
                     let cols = bkv.min(sh.kv - col0);
                     let mut col_vals = Vec::with_capacity(cols);
                     for j in 0..cols {
-                        let here = Here { kv: (col0 + j) as i64, ..head };
+                        let here = Here {
+                            kv: (col0 + j) as i64,
+                            ..head
+                        };
                         m.run_level(Level::Col, section, &here)?;
                         col_vals.push(col_ids.iter().map(|&v| m.vals[v]).collect::<Vec<_>>());
                     }
@@ -361,9 +410,14 @@ pub fn run(k: &Kernel, inputs: &Inputs<'_>, bound: &Bound, maps: &BlockMaps) -> 
                             };
                         }
                     }
-                    online_softmax(&mut s, &mut mx, &mut l, &mut acc, k.schedule.exp2, |j, d| {
-                        inputs.v[[kb, kh, col0 + j, d]]
-                    });
+                    online_softmax(
+                        &mut s,
+                        &mut mx,
+                        &mut l,
+                        &mut acc,
+                        k.schedule.exp2,
+                        |j, d| inputs.v[[kb, kh, col0 + j, d]],
+                    );
                 }
                 for i in 0..rows {
                     if l[i] == 0.0 || mx[i] == f32::NEG_INFINITY {
@@ -372,13 +426,19 @@ pub fn run(k: &Kernel, inputs: &Inputs<'_>, bound: &Bound, maps: &BlockMaps) -> 
                     for d in 0..sh.d {
                         out[[b, h, row0 + i, d]] = acc[i][d] / l[i];
                     }
-                    lse[[b, h, row0 + i]] =
-                        if k.schedule.exp2 { (mx[i] + l[i].log2()) * std::f32::consts::LN_2 } else { mx[i] + l[i].ln() };
+                    lse[[b, h, row0 + i]] = if k.schedule.exp2 {
+                        (mx[i] + l[i].log2()) * std::f32::consts::LN_2
+                    } else {
+                        mx[i] + l[i].ln()
+                    };
                 }
             }
         }
     }
-    Ok(Outputs { out, lse: inputs.want_lse.then_some(lse) })
+    Ok(Outputs {
+        out,
+        lse: inputs.want_lse.then_some(lse),
+    })
 }
 
 /// One online-softmax step over a score tile: new running max, rescale of

@@ -57,7 +57,12 @@ pub struct Schedule {
 
 impl Default for Schedule {
     fn default() -> Schedule {
-        Schedule { bq: 64, bkv: 64, dim: Some(64), exp2: true }
+        Schedule {
+            bq: 64,
+            bkv: 64,
+            dim: Some(64),
+            exp2: true,
+        }
     }
 }
 
@@ -265,15 +270,28 @@ pub enum Op {
     BToI(ValueId),
     /// Buffer read. `checked`: not proven in range, so range-checked at run
     /// time (an error from the call). Performed only where `guard` is true.
-    Load { buffer: u32, indices: Vec<ValueId>, checked: bool },
+    Load {
+        buffer: u32,
+        indices: Vec<ValueId>,
+        checked: bool,
+    },
     /// `ancestor(parent, i, j)`; always range- and cycle-checked.
-    Ancestor { parent: u32, i: ValueId, j: ValueId },
+    Ancestor {
+        parent: u32,
+        i: ValueId,
+        j: ValueId,
+    },
 }
 
 impl Op {
     pub fn operands(&self) -> Vec<ValueId> {
         match self {
-            Op::IConst(_) | Op::FConst(_) | Op::BConst(_) | Op::Var(_) | Op::Shape(_) | Op::TileScore => vec![],
+            Op::IConst(_)
+            | Op::FConst(_)
+            | Op::BConst(_)
+            | Op::Var(_)
+            | Op::Shape(_)
+            | Op::TileScore => vec![],
             Op::Unary(_, a) | Op::Call(_, a) | Op::IToF(a) | Op::FToI(a) | Op::BToI(a) => vec![*a],
             Op::Binary(_, a, b) | Op::Cmp(_, a, b) => vec![*a, *b],
             Op::Select(c, a, b) => vec![*c, *a, *b],
@@ -293,10 +311,20 @@ impl Op {
             Op::Binary(o, a, b) => Op::Binary(*o, f(*a), f(*b)),
             Op::Cmp(o, a, b) => Op::Cmp(*o, f(*a), f(*b)),
             Op::Select(c, a, b) => Op::Select(f(*c), f(*a), f(*b)),
-            Op::Load { buffer, indices, checked } => {
-                Op::Load { buffer: *buffer, indices: indices.iter().map(|i| f(*i)).collect(), checked: *checked }
-            }
-            Op::Ancestor { parent, i, j } => Op::Ancestor { parent: *parent, i: f(*i), j: f(*j) },
+            Op::Load {
+                buffer,
+                indices,
+                checked,
+            } => Op::Load {
+                buffer: *buffer,
+                indices: indices.iter().map(|i| f(*i)).collect(),
+                checked: *checked,
+            },
+            Op::Ancestor { parent, i, j } => Op::Ancestor {
+                parent: *parent,
+                i: f(*i),
+                j: f(*j),
+            },
             o => o.clone(),
         }
     }
@@ -369,7 +397,12 @@ impl Kernel {
     }
 
     pub fn roots(&self) -> Vec<ValueId> {
-        let mut r = vec![self.scale, self.q_prescale, self.score_full, self.score_partial];
+        let mut r = vec![
+            self.scale,
+            self.q_prescale,
+            self.score_full,
+            self.score_partial,
+        ];
         r.extend(self.mask);
         r
     }

@@ -72,7 +72,9 @@ pub fn fold_constants(k: &Kernel) -> Kernel {
         }
         let ops = inst.op.operands();
         if !ops.is_empty() && ops.iter().all(|o| as_scalar(b, *o).is_some()) {
-            if let Some(s) = eval_pure(&inst.op, |v| as_scalar(b, v).expect("all operands are constants")) {
+            if let Some(s) = eval_pure(&inst.op, |v| {
+                as_scalar(b, v).expect("all operands are constants")
+            }) {
                 return Some(constant(b, s));
             }
         }
@@ -84,14 +86,22 @@ pub fn fold_constants(k: &Kernel) -> Kernel {
             Op::Binary(BinOp::ISub, x, y) if ci(b, y) == Some(0) => Some(x),
             Op::Binary(BinOp::IMul, x, y) if ci(b, y) == Some(1) => Some(x),
             Op::Binary(BinOp::IMul, x, y) if ci(b, x) == Some(1) => Some(y),
-            Op::Binary(BinOp::FMul, x, y) if matches!(b.inst(y).op, Op::FConst(c) if c == 1.0) => Some(x),
+            Op::Binary(BinOp::FMul, x, y) if matches!(b.inst(y).op, Op::FConst(c) if c == 1.0) => {
+                Some(x)
+            }
             Op::Binary(BinOp::And, x, y) if cb(b, x) == Some(true) => Some(y),
             Op::Binary(BinOp::And, x, y) if cb(b, y) == Some(true) => Some(x),
-            Op::Binary(BinOp::And, x, y) if cb(b, x) == Some(false) || cb(b, y) == Some(false) => Some(b.bconst(false)),
+            Op::Binary(BinOp::And, x, y) if cb(b, x) == Some(false) || cb(b, y) == Some(false) => {
+                Some(b.bconst(false))
+            }
             Op::Binary(BinOp::Or, x, y) if cb(b, x) == Some(false) => Some(y),
             Op::Binary(BinOp::Or, x, y) if cb(b, y) == Some(false) => Some(x),
-            Op::Binary(BinOp::Or, x, y) if cb(b, x) == Some(true) || cb(b, y) == Some(true) => Some(b.bconst(true)),
-            Op::Binary(BinOp::And | BinOp::Or | BinOp::IMin | BinOp::IMax, x, y) if x == y => Some(x),
+            Op::Binary(BinOp::Or, x, y) if cb(b, x) == Some(true) || cb(b, y) == Some(true) => {
+                Some(b.bconst(true))
+            }
+            Op::Binary(BinOp::And | BinOp::Or | BinOp::IMin | BinOp::IMax, x, y) if x == y => {
+                Some(x)
+            }
             Op::Select(c, x, y) => match cb(b, c) {
                 Some(true) => Some(x),
                 Some(false) => Some(y),
@@ -172,7 +182,14 @@ impl Affine {
     /// Provably >= 0 for every admissible value of the symbols.
     fn nonneg(self) -> bool {
         self.a.iter().all(|&x| x >= 0)
-            && self.c + self.a.iter().enumerate().map(|(i, &x)| if i == SYM_OFF { 0 } else { x }).sum::<i128>() >= 0
+            && self.c
+                + self
+                    .a
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &x)| if i == SYM_OFF { 0 } else { x })
+                    .sum::<i128>()
+                >= 0
     }
 }
 
@@ -208,8 +225,14 @@ fn le(a: BoundExpr, b: BoundExpr) -> bool {
 }
 
 fn interval(k: &Kernel, v: ValueId, depth: usize) -> Interval {
-    let point = |a: Affine| Interval { lo: Some(BoundExpr::exact(a)), hi: Some(BoundExpr::exact(a)) };
-    let range = |lo: Affine, hi: Affine| Interval { lo: Some(BoundExpr::exact(lo)), hi: Some(BoundExpr::exact(hi)) };
+    let point = |a: Affine| Interval {
+        lo: Some(BoundExpr::exact(a)),
+        hi: Some(BoundExpr::exact(a)),
+    };
+    let range = |lo: Affine, hi: Affine| Interval {
+        lo: Some(BoundExpr::exact(lo)),
+        hi: Some(BoundExpr::exact(hi)),
+    };
     if depth > 64 {
         return Interval::default();
     }
@@ -221,7 +244,10 @@ fn interval(k: &Kernel, v: ValueId, depth: usize) -> Interval {
         Op::Shape(s) => point(Affine::sym(sym_of(*s))),
         Op::Var(Var::B) => range(Affine::constant(0), Affine::sym(SYM_B).sub(one)),
         Op::Var(Var::H) => range(Affine::constant(0), Affine::sym(SYM_H).sub(one)),
-        Op::Var(Var::Q) => range(Affine::sym(SYM_OFF), Affine::sym(SYM_OFF).add(Affine::sym(SYM_Q)).sub(one)),
+        Op::Var(Var::Q) => range(
+            Affine::sym(SYM_OFF),
+            Affine::sym(SYM_OFF).add(Affine::sym(SYM_Q)).sub(one),
+        ),
         Op::Var(Var::Kv) => range(Affine::constant(0), Affine::sym(SYM_KV).sub(one)),
         Op::BToI(_) => range(Affine::constant(0), one),
         Op::Unary(UnOp::INeg, a) => {
@@ -233,24 +259,38 @@ fn interval(k: &Kernel, v: ValueId, depth: usize) -> Interval {
         }
         Op::Binary(op, a, b) => {
             let (ia, ib) = (get(*a), get(*b));
-            let both = |x: Option<BoundExpr>, y: Option<BoundExpr>, f: fn(Affine, Affine) -> Affine| {
-                Some(BoundExpr::exact(f(lin(x)?, lin(y)?)))
-            };
+            let both =
+                |x: Option<BoundExpr>, y: Option<BoundExpr>, f: fn(Affine, Affine) -> Affine| {
+                    Some(BoundExpr::exact(f(lin(x)?, lin(y)?)))
+                };
             let cb = k.const_int(*b);
             match op {
-                BinOp::IAdd => Interval { lo: both(ia.lo, ib.lo, Affine::add), hi: both(ia.hi, ib.hi, Affine::add) },
-                BinOp::ISub => Interval { lo: both(ia.lo, ib.hi, Affine::sub), hi: both(ia.hi, ib.lo, Affine::sub) },
+                BinOp::IAdd => Interval {
+                    lo: both(ia.lo, ib.lo, Affine::add),
+                    hi: both(ia.hi, ib.hi, Affine::add),
+                },
+                BinOp::ISub => Interval {
+                    lo: both(ia.lo, ib.hi, Affine::sub),
+                    hi: both(ia.hi, ib.lo, Affine::sub),
+                },
                 BinOp::IMul => {
                     let (x, c) = match (k.const_int(*a), cb) {
                         (_, Some(c)) => (ia, c),
                         (Some(c), _) => (ib, c),
                         _ => return Interval::default(),
                     };
-                    let s = |b: Option<BoundExpr>| lin(b).map(|a| BoundExpr::exact(a.scale(c as i128)));
+                    let s =
+                        |b: Option<BoundExpr>| lin(b).map(|a| BoundExpr::exact(a.scale(c as i128)));
                     if c >= 0 {
-                        Interval { lo: s(x.lo), hi: s(x.hi) }
+                        Interval {
+                            lo: s(x.lo),
+                            hi: s(x.hi),
+                        }
                     } else {
-                        Interval { lo: s(x.hi), hi: s(x.lo) }
+                        Interval {
+                            lo: s(x.hi),
+                            hi: s(x.lo),
+                        }
                     }
                 }
                 BinOp::IDiv | BinOp::IShr => {
@@ -267,7 +307,10 @@ fn interval(k: &Kernel, v: ValueId, depth: usize) -> Interval {
                             BoundExpr { affine: a, div: d }
                         })
                     };
-                    Interval { lo: div(ia.lo), hi: div(ia.hi) }
+                    Interval {
+                        lo: div(ia.lo),
+                        hi: div(ia.hi),
+                    }
                 }
                 BinOp::IRem => match cb {
                     Some(c) if c > 0 => range(Affine::constant(0), Affine::constant(c as i128 - 1)),
@@ -277,20 +320,32 @@ fn interval(k: &Kernel, v: ValueId, depth: usize) -> Interval {
                     Some(m) if m >= 0 => range(Affine::constant(0), Affine::constant(m as i128)),
                     _ => Interval::default(),
                 },
-                BinOp::IMin => Interval { lo: pick_lower_of_min(ia.lo, ib.lo), hi: ia.hi.or(ib.hi).map(|_| better_upper(ia.hi, ib.hi)) },
-                BinOp::IMax => Interval { lo: ia.lo.or(ib.lo).map(|_| better_lower(ia.lo, ib.lo)), hi: pick_upper_of_max(ia.hi, ib.hi) },
+                BinOp::IMin => Interval {
+                    lo: pick_lower_of_min(ia.lo, ib.lo),
+                    hi: ia.hi.or(ib.hi).map(|_| better_upper(ia.hi, ib.hi)),
+                },
+                BinOp::IMax => Interval {
+                    lo: ia.lo.or(ib.lo).map(|_| better_lower(ia.lo, ib.lo)),
+                    hi: pick_upper_of_max(ia.hi, ib.hi),
+                },
                 _ => Interval::default(),
             }
         }
         Op::Select(_, a, b) => {
             let (ia, ib) = (get(*a), get(*b));
-            Interval { lo: pick_lower_of_min(ia.lo, ib.lo), hi: pick_upper_of_max(ia.hi, ib.hi) }
+            Interval {
+                lo: pick_lower_of_min(ia.lo, ib.lo),
+                hi: pick_upper_of_max(ia.hi, ib.hi),
+            }
         }
         Op::Call(crate::sema::Func::Abs, a) => {
             let ia = get(*a);
             match ia.lo {
                 Some(lo) if lin(Some(lo)).is_some_and(Affine::nonneg) => ia,
-                _ => Interval { lo: Some(BoundExpr::exact(Affine::constant(0))), hi: None },
+                _ => Interval {
+                    lo: Some(BoundExpr::exact(Affine::constant(0))),
+                    hi: None,
+                },
             }
         }
         _ => Interval::default(),
@@ -326,7 +381,13 @@ fn better_upper(a: Option<BoundExpr>, b: Option<BoundExpr>) -> BoundExpr {
     match (a, b) {
         (Some(a), Some(b)) if le(b, a) => b,
         (Some(a), Some(b)) if le(a, b) => a,
-        (Some(a), Some(b)) => if b.affine.a.iter().all(|&x| x == 0) { b } else { a },
+        (Some(a), Some(b)) => {
+            if b.affine.a.iter().all(|&x| x == 0) {
+                b
+            } else {
+                a
+            }
+        }
         (Some(a), None) => a,
         (None, Some(b)) => b,
         (None, None) => unreachable!("called with at least one bound"),
@@ -338,7 +399,13 @@ fn better_lower(a: Option<BoundExpr>, b: Option<BoundExpr>) -> BoundExpr {
     match (a, b) {
         (Some(a), Some(b)) if le(a, b) => b,
         (Some(a), Some(b)) if le(b, a) => a,
-        (Some(a), Some(b)) => if b.affine.a.iter().all(|&x| x == 0) { b } else { a },
+        (Some(a), Some(b)) => {
+            if b.affine.a.iter().all(|&x| x == 0) {
+                b
+            } else {
+                a
+            }
+        }
         (Some(a), None) => a,
         (None, Some(b)) => b,
         (None, None) => unreachable!("called with at least one bound"),
@@ -366,7 +433,9 @@ fn candidates(k: &Kernel, x: ValueId, guard: Option<ValueId>) -> (Vec<BoundExpr>
         conjuncts(k, g, &mut facts);
     }
     for f in facts {
-        let Op::Cmp(op, a, b) = k.inst(f).op else { continue };
+        let Op::Cmp(op, a, b) = k.inst(f).op else {
+            continue;
+        };
         let (op, other) = if a == x {
             (op, b)
         } else if b == x {
@@ -375,7 +444,10 @@ fn candidates(k: &Kernel, x: ValueId, guard: Option<ValueId>) -> (Vec<BoundExpr>
             continue;
         };
         let io = interval(k, other, 0);
-        let shift = |b: Option<BoundExpr>, d: i128| b.and_then(BoundExpr::linear).map(|a| BoundExpr::exact(a.add(Affine::constant(d))));
+        let shift = |b: Option<BoundExpr>, d: i128| {
+            b.and_then(BoundExpr::linear)
+                .map(|a| BoundExpr::exact(a.add(Affine::constant(d))))
+        };
         match op {
             CmpOp::Ge => lo.extend(io.lo),
             CmpOp::Gt => lo.extend(shift(io.lo, 1)),
@@ -393,12 +465,20 @@ fn candidates(k: &Kernel, x: ValueId, guard: Option<ValueId>) -> (Vec<BoundExpr>
 
 /// Whether `floor(A / div) <= dim - 1` holds for every admissible shape.
 fn below_dim(b: BoundExpr, dim: Dim) -> bool {
-    let limit = |d: Affine| d.scale(b.div).sub(Affine::constant(1)).sub(b.affine).nonneg();
+    let limit = |d: Affine| {
+        d.scale(b.div)
+            .sub(Affine::constant(1))
+            .sub(b.affine)
+            .nonneg()
+    };
     match dim {
         Dim::Lit(n) => limit(Affine::constant(n as i128)),
         Dim::Shape(s) => limit(Affine::sym(sym_of(s))),
         // floor(A / n) <= ceil(S / n) - 1 when A <= S - 1.
-        Dim::CeilDiv(s, n) if b.div == n as i128 => Affine::sym(sym_of(s)).sub(Affine::constant(1)).sub(b.affine).nonneg(),
+        Dim::CeilDiv(s, n) if b.div == n as i128 => Affine::sym(sym_of(s))
+            .sub(Affine::constant(1))
+            .sub(b.affine)
+            .nonneg(),
         Dim::CeilDiv(..) => b.div == 1 && Affine::constant(0).sub(b.affine).nonneg(),
     }
 }
@@ -423,9 +503,19 @@ enum Proof {
 pub fn prove_bounds(k: &Kernel) -> Kernel {
     let mut proofs = vec![Proof::None; k.insts.len()];
     for (i, inst) in k.insts.iter().enumerate() {
-        if let Op::Load { buffer, indices, checked: true } = &inst.op {
+        if let Op::Load {
+            buffer,
+            indices,
+            checked: true,
+        } = &inst.op
+        {
             let dims = &k.buffers[*buffer as usize].dims;
-            let all = |guard| indices.iter().zip(dims).all(|(x, d)| in_range(k, *x, guard, *d));
+            let all = |guard| {
+                indices
+                    .iter()
+                    .zip(dims)
+                    .all(|(x, d)| in_range(k, *x, guard, *d))
+            };
             proofs[i] = if all(None) {
                 Proof::Always
             } else if inst.guard.is_some() && all(inst.guard) {
@@ -439,13 +529,22 @@ pub fn prove_bounds(k: &Kernel) -> Kernel {
     rewrite(k, |b, inst, span| {
         let i = idx;
         idx += 1;
-        let Op::Load { buffer, indices, .. } = &inst.op else { return None };
+        let Op::Load {
+            buffer, indices, ..
+        } = &inst.op
+        else {
+            return None;
+        };
         let guard = match proofs[i] {
             Proof::None => return None,
             Proof::UnderGuard => inst.guard,
             Proof::Always => None,
         };
-        let op = Op::Load { buffer: *buffer, indices: indices.clone(), checked: false };
+        let op = Op::Load {
+            buffer: *buffer,
+            indices: indices.clone(),
+            checked: false,
+        };
         Some(b.add_guarded(op, inst.ty, guard, span))
     })
 }
@@ -454,7 +553,14 @@ pub fn prove_bounds(k: &Kernel) -> Kernel {
 // Affine comparisons.
 
 /// `Σ coeff · term + c`, with terms below element level.
-fn linear_terms(b: &Builder, v: ValueId, coeff: i64, terms: &mut Vec<(ValueId, i64)>, c: &mut i64, depth: usize) -> bool {
+fn linear_terms(
+    b: &Builder,
+    v: ValueId,
+    coeff: i64,
+    terms: &mut Vec<(ValueId, i64)>,
+    c: &mut i64,
+    depth: usize,
+) -> bool {
     if depth > 32 {
         return false;
     }
@@ -465,17 +571,23 @@ fn linear_terms(b: &Builder, v: ValueId, coeff: i64, terms: &mut Vec<(ValueId, i
             true
         }
         Op::Binary(BinOp::IAdd, x, y) if inst.level == Level::Elem => {
-            linear_terms(b, x, coeff, terms, c, depth + 1) && linear_terms(b, y, coeff, terms, c, depth + 1)
+            linear_terms(b, x, coeff, terms, c, depth + 1)
+                && linear_terms(b, y, coeff, terms, c, depth + 1)
         }
         Op::Binary(BinOp::ISub, x, y) if inst.level == Level::Elem => {
-            linear_terms(b, x, coeff, terms, c, depth + 1) && linear_terms(b, y, -coeff, terms, c, depth + 1)
+            linear_terms(b, x, coeff, terms, c, depth + 1)
+                && linear_terms(b, y, -coeff, terms, c, depth + 1)
         }
-        Op::Unary(UnOp::INeg, x) if inst.level == Level::Elem => linear_terms(b, x, -coeff, terms, c, depth + 1),
-        Op::Binary(BinOp::IMul, x, y) if inst.level == Level::Elem => match (b.const_int(x), b.const_int(y)) {
-            (_, Some(k)) => linear_terms(b, x, coeff.wrapping_mul(k), terms, c, depth + 1),
-            (Some(k), _) => linear_terms(b, y, coeff.wrapping_mul(k), terms, c, depth + 1),
-            _ => false,
-        },
+        Op::Unary(UnOp::INeg, x) if inst.level == Level::Elem => {
+            linear_terms(b, x, -coeff, terms, c, depth + 1)
+        }
+        Op::Binary(BinOp::IMul, x, y) if inst.level == Level::Elem => {
+            match (b.const_int(x), b.const_int(y)) {
+                (_, Some(k)) => linear_terms(b, x, coeff.wrapping_mul(k), terms, c, depth + 1),
+                (Some(k), _) => linear_terms(b, y, coeff.wrapping_mul(k), terms, c, depth + 1),
+                _ => false,
+            }
+        }
         _ if inst.level == Level::Elem => false,
         _ => {
             match terms.iter_mut().find(|(t, _)| *t == v) {
@@ -524,16 +636,23 @@ fn emit_sum(b: &mut Builder, terms: &[(ValueId, i64)], c: i64) -> ValueId {
 /// terms, becomes `row part <op> column part`.
 pub fn simplify_affine(k: &Kernel) -> Kernel {
     rewrite(k, |b, inst, _| {
-        let Op::Cmp(op, x, y) = inst.op else { return None };
+        let Op::Cmp(op, x, y) = inst.op else {
+            return None;
+        };
         if inst.level != Level::Elem || b.ty(x) != Ty::I64 {
             return None;
         }
         let mut terms = Vec::new();
         let mut c = 0i64;
-        if !linear_terms(b, x, 1, &mut terms, &mut c, 0) || !linear_terms(b, y, -1, &mut terms, &mut c, 0) {
+        if !linear_terms(b, x, 1, &mut terms, &mut c, 0)
+            || !linear_terms(b, y, -1, &mut terms, &mut c, 0)
+        {
             return None;
         }
-        let (row, col): (Vec<_>, Vec<_>) = terms.into_iter().filter(|(_, k)| *k != 0).partition(|(t, _)| b.inst(*t).level != Level::Col);
+        let (row, col): (Vec<_>, Vec<_>) = terms
+            .into_iter()
+            .filter(|(_, k)| *k != 0)
+            .partition(|(t, _)| b.inst(*t).level != Level::Col);
         if col.is_empty() || row.is_empty() && c == 0 && col.len() == 1 && col[0].1 == -1 {
             // Nothing to split (or already `0 <op> column`).
             if col.is_empty() {
@@ -541,7 +660,8 @@ pub fn simplify_affine(k: &Kernel) -> Kernel {
             }
         }
         let lhs = emit_sum(b, &row, c);
-        let neg_col: Vec<(ValueId, i64)> = col.iter().map(|&(t, k)| (t, k.wrapping_neg())).collect();
+        let neg_col: Vec<(ValueId, i64)> =
+            col.iter().map(|&(t, k)| (t, k.wrapping_neg())).collect();
         let rhs = emit_sum(b, &neg_col, 0);
         Some(b.add(Op::Cmp(op, lhs, rhs), Ty::Bool, None, None))
     })
@@ -572,10 +692,17 @@ pub fn strength_reduce(k: &Kernel) -> Kernel {
             })
         }
         Op::Binary(BinOp::FDiv, x, y) => {
-            let Op::FConst(c) = b.inst(y).op else { return None };
+            let Op::FConst(c) = b.inst(y).op else {
+                return None;
+            };
             let r = 1.0 / c;
             // Exact only when the reciprocal is exact: a power of two.
-            if c.is_finite() && c != 0.0 && r.is_finite() && c.abs().to_bits() & 0x007f_ffff == 0 && r.is_normal() {
+            if c.is_finite()
+                && c != 0.0
+                && r.is_finite()
+                && c.abs().to_bits() & 0x007f_ffff == 0
+                && r.is_normal()
+            {
                 let rc = b.fconst(r);
                 Some(b.binary(BinOp::FMul, x, rc))
             } else {

@@ -11,7 +11,10 @@ use super::ir::*;
 use crate::sema::Dim;
 
 fn dims(d: &[Dim]) -> String {
-    d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
+    d.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Kernel {
@@ -36,7 +39,11 @@ impl Kernel {
             )?,
             Op::Binary(op, a, b) => write!(f, "{} {a}, {b}", op.name())?,
             Op::Cmp(op, a, b) => {
-                let p = if self.inst(*a).ty == Ty::F32 { "fcmp" } else { "icmp" };
+                let p = if self.inst(*a).ty == Ty::F32 {
+                    "fcmp"
+                } else {
+                    "icmp"
+                };
                 write!(f, "{p}.{} {a}, {b}", op.name())?
             }
             Op::Select(c, a, b) => write!(f, "select {c}, {a}, {b}")?,
@@ -44,26 +51,44 @@ impl Kernel {
             Op::IToF(a) => write!(f, "itof {a}")?,
             Op::FToI(a) => write!(f, "ftoi {a}")?,
             Op::BToI(a) => write!(f, "btoi {a}")?,
-            Op::Load { buffer, indices, checked } => {
-                let idx = indices.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+            Op::Load {
+                buffer,
+                indices,
+                checked,
+            } => {
+                let idx = indices
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 let kind = if *checked { "load.checked" } else { "load" };
                 write!(f, "{kind} {}[{idx}]", self.buffers[*buffer as usize].name)?
             }
-            Op::Ancestor { parent, i, j } => {
-                write!(f, "ancestor.checked {}, {i}, {j}", self.buffers[*parent as usize].name)?
-            }
+            Op::Ancestor { parent, i, j } => write!(
+                f,
+                "ancestor.checked {}, {i}, {j}",
+                self.buffers[*parent as usize].name
+            )?,
         }
         if let Some(g) = inst.guard {
             write!(f, " if {g}")?;
         }
         write!(f, " : {}", inst.ty)?;
-        if inst.section == Section::Full && matches!(inst.level, Level::Call | Level::Head | Level::Row) {
+        if inst.section == Section::Full
+            && matches!(inst.level, Level::Call | Level::Head | Level::Row)
+        {
             write!(f, "    ; only for query tiles with FULL tiles")?;
         }
         writeln!(f)
     }
 
-    fn write_level(&self, f: &mut fmt::Formatter<'_>, indent: &str, level: Level, section: Option<Section>) -> fmt::Result {
+    fn write_level(
+        &self,
+        f: &mut fmt::Formatter<'_>,
+        indent: &str,
+        level: Level,
+        section: Option<Section>,
+    ) -> fmt::Result {
         for (i, inst) in self.insts.iter().enumerate() {
             let in_section = match section {
                 None => true,
@@ -78,7 +103,9 @@ impl Kernel {
 
     /// Whether any value is computed at `level` for the given loop.
     fn has_level(&self, level: Level, section: Section) -> bool {
-        self.insts.iter().any(|i| i.level == level && (i.section == Section::Shared || i.section == section))
+        self.insts
+            .iter()
+            .any(|i| i.level == level && (i.section == Section::Shared || i.section == section))
     }
 }
 
@@ -96,7 +123,12 @@ impl fmt::Display for Kernel {
             if s.exp2 { "exp2" } else { "exp" }
         )?;
         if !self.params.is_empty() {
-            let p = self.params.iter().map(|(n, v)| format!("{n} = {v}")).collect::<Vec<_>>().join(", ");
+            let p = self
+                .params
+                .iter()
+                .map(|(n, v)| format!("{n} = {v}"))
+                .collect::<Vec<_>>()
+                .join(", ");
             writeln!(f, "; params: {p}")?;
         }
         writeln!(
@@ -111,25 +143,44 @@ impl fmt::Display for Kernel {
         self.write_level(f, "    ", Level::Call, None)?;
         writeln!(f, "    scale = {}", self.scale)?;
         writeln!(f, "    q_prescale = {}", self.q_prescale)?;
-        for (name, list) in [("effects.full", &self.effects_full), ("effects.partial", &self.effects_partial)] {
+        for (name, list) in [
+            ("effects.full", &self.effects_full),
+            ("effects.partial", &self.effects_partial),
+        ] {
             if !list.is_empty() {
-                let l = list.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ");
+                let l = list
+                    .iter()
+                    .map(|v| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 writeln!(f, "    {name} = {l}   ; evaluated even where unused")?;
             }
         }
-        writeln!(f, "  grid b in 0..B, h in 0..H, qt in 0..ceil(Q / {}) parallel:", s.bq)?;
+        writeln!(
+            f,
+            "  grid b in 0..B, h in 0..H, qt in 0..ceil(Q / {}) parallel:",
+            s.bq
+        )?;
         writeln!(f, "    head:")?;
         self.write_level(f, "      ", Level::Head, None)?;
         writeln!(f, "    q_tile = load_q b, h, qt, scaled by q_prescale")?;
         writeln!(f, "    m = -inf, l = 0, acc = 0")?;
-        writeln!(f, "    row i (q = qt * {} + i + q_offset, i < min({}, Q - qt * {})):", s.bq, s.bq, s.bq)?;
+        writeln!(
+            f,
+            "    row i (q = qt * {} + i + q_offset, i < min({}, Q - qt * {})):",
+            s.bq, s.bq, s.bq
+        )?;
         self.write_level(f, "      ", Level::Row, None)?;
         let exp = if s.exp2 { "exp2" } else { "exp" };
         for (section, what) in [(Section::Full, "full"), (Section::Partial, "partial")] {
             writeln!(f, "    for kt in {what}(qt):")?;
             writeln!(f, "      s = qk q_tile, k[b, h / (H / HKV), kt]")?;
             if self.has_level(Level::Col, section) {
-                writeln!(f, "      col j (kv = kt * {} + j, j < min({}, KV - kt * {})):", s.bkv, s.bkv, s.bkv)?;
+                writeln!(
+                    f,
+                    "      col j (kv = kt * {} + j, j < min({}, KV - kt * {})):",
+                    s.bkv, s.bkv, s.bkv
+                )?;
                 self.write_level(f, "        ", Level::Col, Some(section))?;
             }
             if self.has_level(Level::Elem, section) {
@@ -148,8 +199,15 @@ impl fmt::Display for Kernel {
             writeln!(f, "      acc += pv p, v[b, h / (H / HKV), kt]")?;
         }
         writeln!(f, "    finish:")?;
-        let lse = if s.exp2 { "(m + log2(l)) * ln(2)" } else { "m + log(l)" };
-        writeln!(f, "      out = acc / l, lse = {lse}   ; l = 0: out = 0, lse = -inf")?;
+        let lse = if s.exp2 {
+            "(m + log2(l)) * ln(2)"
+        } else {
+            "m + log(l)"
+        };
+        writeln!(
+            f,
+            "      out = acc / l, lse = {lse}   ; l = 0: out = 0, lse = -inf"
+        )?;
         writeln!(f, "}}")
     }
 }

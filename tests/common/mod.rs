@@ -37,19 +37,35 @@ pub fn fixture_dirs() -> Vec<PathBuf> {
 }
 
 pub fn load_case(dir: &Path) -> Case {
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
     let spec_path = root().join(meta["spec"].as_str().unwrap());
     let params = meta["params"]
         .as_object()
         .unwrap()
         .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string()),
+            )
+        })
         .collect();
-    let options = SpecOptions { entry: meta["entry"].as_str().map(str::to_string), params };
+    let options = SpecOptions {
+        entry: meta["entry"].as_str().map(str::to_string),
+        params,
+    };
     let program = attnc::load(SourceFile::read(&spec_path).unwrap(), &options).unwrap();
     let mut buffers = BTreeMap::new();
     for decl in &program.spec.buffers {
-        let data = npy::read_buffer(&dir.join(format!("{}.npy", decl.name)), &decl.name, decl.elem).unwrap();
+        let data = npy::read_buffer(
+            &dir.join(format!("{}.npy", decl.name)),
+            &decl.name,
+            decl.elem,
+        )
+        .unwrap();
         buffers.insert(decl.name.clone(), data);
     }
     Case {
@@ -62,13 +78,18 @@ pub fn load_case(dir: &Path) -> Case {
         buffers,
         q_offset: meta["q_offset"].as_i64().unwrap(),
         out: npy::read_f32_4d(&dir.join("out.npy"), "out").unwrap(),
-        lse: npy::read_f32_dyn(&dir.join("lse.npy")).unwrap().into_dimensionality::<Ix3>().unwrap(),
+        lse: npy::read_f32_dyn(&dir.join("lse.npy"))
+            .unwrap()
+            .into_dimensionality::<Ix3>()
+            .unwrap(),
     }
 }
 
 impl Case {
     pub fn inputs(&self) -> attnc::Inputs<'_> {
-        let mut i = attnc::Inputs::new(self.q.view(), self.k.view(), self.v.view()).q_offset(self.q_offset).with_lse();
+        let mut i = attnc::Inputs::new(self.q.view(), self.k.view(), self.v.view())
+            .q_offset(self.q_offset)
+            .with_lse();
         i.buffers = self.buffers.clone();
         i
     }
@@ -79,10 +100,21 @@ impl Case {
 }
 
 /// Largest absolute difference, treating equal infinities as equal; NaN is a mismatch.
-pub fn max_abs_diff<'a>(a: impl IntoIterator<Item = &'a f32>, b: impl IntoIterator<Item = &'a f32>) -> f32 {
+pub fn max_abs_diff<'a>(
+    a: impl IntoIterator<Item = &'a f32>,
+    b: impl IntoIterator<Item = &'a f32>,
+) -> f32 {
     a.into_iter()
         .zip(b)
-        .map(|(x, y)| if x == y { 0.0 } else if x.is_nan() || y.is_nan() { f32::INFINITY } else { (x - y).abs() })
+        .map(|(x, y)| {
+            if x == y {
+                0.0
+            } else if x.is_nan() || y.is_nan() {
+                f32::INFINITY
+            } else {
+                (x - y).abs()
+            }
+        })
         .fold(0.0, f32::max)
 }
 
@@ -92,5 +124,8 @@ pub fn assert_close(what: &str, got: &Outputs, out: &Array4<f32>, lse: &Array3<f
     let d_out = max_abs_diff(got.out.iter(), out.iter());
     let got_lse = got.lse.as_ref().expect("lse requested");
     let d_lse = max_abs_diff(got_lse.iter(), lse.iter());
-    assert!(d_out <= tol && d_lse <= tol, "{what}: max |out diff| = {d_out:e}, max |lse diff| = {d_lse:e} (tolerance {tol:e})");
+    assert!(
+        d_out <= tol && d_lse <= tol,
+        "{what}: max |out diff| = {d_out:e}, max |lse diff| = {d_lse:e} (tolerance {tol:e})"
+    );
 }

@@ -131,12 +131,19 @@ pub struct CompiledKernel {
 
 impl std::fmt::Debug for CompiledKernel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CompiledKernel").field("name", &self.kernel.name).field("gemm", &self.gemm.name()).finish()
+        f.debug_struct("CompiledKernel")
+            .field("name", &self.kernel.name)
+            .field("gemm", &self.gemm.name())
+            .finish()
     }
 }
 
 /// Compiles `kernel` with the tile products of `gemm`.
-pub fn compile(kernel: &Kernel, gemm: GemmImpl, options: &JitOptions) -> Result<CompiledKernel, CodegenError> {
+pub fn compile(
+    kernel: &Kernel,
+    gemm: GemmImpl,
+    options: &JitOptions,
+) -> Result<CompiledKernel, CodegenError> {
     let start = Instant::now();
     if kernel.schedule.bkv % 16 != 0 {
         return Err(CodegenError::Isa(format!(
@@ -144,7 +151,9 @@ pub fn compile(kernel: &Kernel, gemm: GemmImpl, options: &JitOptions) -> Result<
             kernel.schedule.bkv
         )));
     }
-    let mut symbols = gemm.symbols().map_err(|e| CodegenError::Isa(e.to_string()))?;
+    let mut symbols = gemm
+        .symbols()
+        .map_err(|e| CodegenError::Isa(e.to_string()))?;
     symbols.push((ANCESTOR_SYMBOL, ancestor_helper as *const u8));
     let mut jit = JitModule::new(options, &symbols)?;
     let tiles = gemm.declare_in(&mut jit)?;
@@ -175,8 +184,22 @@ pub fn compile(kernel: &Kernel, gemm: GemmImpl, options: &JitOptions) -> Result<
             let pv = refs.func_ref(b, tiles.pv);
             let sm = refs.func_ref(b, tiles.softmax_update);
             let anc = refs.func_ref(b, ancestor);
-            let funcs = Funcs { qk, pv, softmax: sm, ancestor: anc, _tiles: tiles };
-            let mut e = Emitter { k: kernel, vm: VMath::new(has_fma), ptr: p, slots: &slots, funcs, vals: vec![None; kernel.insts.len()], task: None };
+            let funcs = Funcs {
+                qk,
+                pv,
+                softmax: sm,
+                ancestor: anc,
+                _tiles: tiles,
+            };
+            let mut e = Emitter {
+                k: kernel,
+                vm: VMath::new(has_fma),
+                ptr: p,
+                slots: &slots,
+                funcs,
+                vals: vec![None; kernel.insts.len()],
+                task: None,
+            };
             e.body(b);
             Ok(())
         })?;
@@ -185,7 +208,15 @@ pub fn compile(kernel: &Kernel, gemm: GemmImpl, options: &JitOptions) -> Result<
     let code = Arc::new(jit.finalize()?);
     // SAFETY: the function was generated with the signature `fn(*const i64) -> i64`.
     let task: TaskFn = unsafe { code.function(&name)? };
-    Ok(CompiledKernel { kernel: kernel.clone(), task, slots, gemm, compile_time: start.elapsed(), clif, _code: code })
+    Ok(CompiledKernel {
+        kernel: kernel.clone(),
+        task,
+        slots,
+        gemm,
+        compile_time: start.elapsed(),
+        clif,
+        _code: code,
+    })
 }
 
 struct Funcs {
@@ -247,7 +278,8 @@ fn clif_ty(t: Ty) -> Type {
 
 impl Emitter<'_> {
     fn task_field(&self, b: &mut FunctionBuilder<'_>, slot: usize) -> Value {
-        b.ins().load(types::I64, flags(), self.task.unwrap(), (slot * 8) as i32)
+        b.ins()
+            .load(types::I64, flags(), self.task.unwrap(), (slot * 8) as i32)
     }
 
     fn body(&mut self, b: &mut FunctionBuilder<'_>) {
@@ -260,7 +292,11 @@ impl Emitter<'_> {
         let bkv = k.schedule.bkv as i64;
         let bv = self.task_field(b, T_B);
         let hv = self.task_field(b, T_H);
-        let mut here = Here { b: Some(bv), h: Some(hv), ..Here::default() };
+        let mut here = Here {
+            b: Some(bv),
+            h: Some(hv),
+            ..Here::default()
+        };
         let not_full = |s: Section| s != Section::Full;
         let full_only = |s: Section| s == Section::Full;
         self.level_where(b, Level::Call, not_full, &here);
@@ -304,7 +340,19 @@ impl Emitter<'_> {
                     &[start],
                     |b, t| b.ins().icmp(IntCC::SignedLessThan, t[0], end),
                     |b, t| {
-                        self.tile(b, t[0], Section::Full, &mut here, q_start, rows, rowvals, colvals, prescale, bq, bkv);
+                        self.tile(
+                            b,
+                            t[0],
+                            Section::Full,
+                            &mut here,
+                            q_start,
+                            rows,
+                            rowvals,
+                            colvals,
+                            prescale,
+                            bq,
+                            bkv,
+                        );
                         vec![b.ins().iadd_imm_s(t[0], 1)]
                     },
                 );
@@ -323,7 +371,19 @@ impl Emitter<'_> {
                 let off = b.ins().imul_imm_s(r, 4);
                 let addr = b.ins().iadd(part, off);
                 let kt = b.ins().uload32(flags(), addr, 0);
-                self.tile(b, kt, Section::Partial, &mut here, q_start, rows, rowvals, colvals, prescale, bq, bkv);
+                self.tile(
+                    b,
+                    kt,
+                    Section::Partial,
+                    &mut here,
+                    q_start,
+                    rows,
+                    rowvals,
+                    colvals,
+                    prescale,
+                    bq,
+                    bkv,
+                );
                 vec![b.ins().iadd_imm_s(r, 1)]
             },
         );
@@ -334,8 +394,22 @@ impl Emitter<'_> {
     /// Computes the row-level values whose section passes `pick` for every
     /// row of the tile and stores them in their slots.
     #[allow(clippy::too_many_arguments)]
-    fn rows(&mut self, b: &mut FunctionBuilder<'_>, pick: impl Fn(Section) -> bool + Copy, reload_others: bool, q_start: Value, rows: Value, rowvals: Value, bq: i64, here: &Here) {
-        let any = self.k.insts.iter().any(|i| i.level == Level::Row && pick(i.section));
+    fn rows(
+        &mut self,
+        b: &mut FunctionBuilder<'_>,
+        pick: impl Fn(Section) -> bool + Copy,
+        reload_others: bool,
+        q_start: Value,
+        rows: Value,
+        rowvals: Value,
+        bq: i64,
+        here: &Here,
+    ) {
+        let any = self
+            .k
+            .insts
+            .iter()
+            .any(|i| i.level == Level::Row && pick(i.section));
         if !any {
             return;
         }
@@ -347,7 +421,10 @@ impl Emitter<'_> {
             |b, v| {
                 let i = v[0];
                 let q = b.ins().iadd(q_start, i);
-                let h2 = Here { q: Some(q), ..*here };
+                let h2 = Here {
+                    q: Some(q),
+                    ..*here
+                };
                 if reload_others {
                     // Values of the first row pass that these depend on.
                     self.load_slots_where(b, Level::Row, |s| !pick(s), rowvals, bq, i);
@@ -359,14 +436,41 @@ impl Emitter<'_> {
         );
     }
 
-    fn store_slots(&mut self, b: &mut FunctionBuilder<'_>, level: Level, section: Section, base: Value, stride: i64, i: Value) {
-        self.store_slots_where(b, level, |s| s == Section::Shared || s == section, base, stride, i)
+    fn store_slots(
+        &mut self,
+        b: &mut FunctionBuilder<'_>,
+        level: Level,
+        section: Section,
+        base: Value,
+        stride: i64,
+        i: Value,
+    ) {
+        self.store_slots_where(
+            b,
+            level,
+            |s| s == Section::Shared || s == section,
+            base,
+            stride,
+            i,
+        )
     }
 
     /// Stores the values of `level` whose section passes `pick` into their
     /// scratch slots at position `i`.
-    fn store_slots_where(&mut self, b: &mut FunctionBuilder<'_>, level: Level, pick: impl Fn(Section) -> bool, base: Value, stride: i64, i: Value) {
-        let slots = if level == Level::Row { &self.slots.row } else { &self.slots.col };
+    fn store_slots_where(
+        &mut self,
+        b: &mut FunctionBuilder<'_>,
+        level: Level,
+        pick: impl Fn(Section) -> bool,
+        base: Value,
+        stride: i64,
+        i: Value,
+    ) {
+        let slots = if level == Level::Row {
+            &self.slots.row
+        } else {
+            &self.slots.col
+        };
         let mut list: Vec<(usize, usize)> = slots.iter().map(|(&v, &s)| (v, s)).collect();
         list.sort();
         for (v, s) in list {
@@ -383,13 +487,40 @@ impl Emitter<'_> {
     }
 
     /// Reloads the values of `level` (for the given loop) from scratch position `i`.
-    fn load_slots(&mut self, b: &mut FunctionBuilder<'_>, level: Level, section: Section, base: Value, stride: i64, i: Value) {
-        self.load_slots_where(b, level, |s| s == Section::Shared || s == section, base, stride, i)
+    fn load_slots(
+        &mut self,
+        b: &mut FunctionBuilder<'_>,
+        level: Level,
+        section: Section,
+        base: Value,
+        stride: i64,
+        i: Value,
+    ) {
+        self.load_slots_where(
+            b,
+            level,
+            |s| s == Section::Shared || s == section,
+            base,
+            stride,
+            i,
+        )
     }
 
     /// Reloads the values of `level` whose section passes `pick` from scratch position `i`.
-    fn load_slots_where(&mut self, b: &mut FunctionBuilder<'_>, level: Level, pick: impl Fn(Section) -> bool, base: Value, stride: i64, i: Value) {
-        let slots = if level == Level::Row { &self.slots.row } else { &self.slots.col };
+    fn load_slots_where(
+        &mut self,
+        b: &mut FunctionBuilder<'_>,
+        level: Level,
+        pick: impl Fn(Section) -> bool,
+        base: Value,
+        stride: i64,
+        i: Value,
+    ) {
+        let slots = if level == Level::Row {
+            &self.slots.row
+        } else {
+            &self.slots.col
+        };
         let mut list: Vec<(usize, usize)> = slots.iter().map(|(&v, &s)| (v, s)).collect();
         list.sort();
         for (v, s) in list {
@@ -437,7 +568,10 @@ impl Emitter<'_> {
         let koff = b.ins().imul_imm_s(koff, 4);
         let kaddr = b.ins().iadd(kp, koff);
         let s_stride = b.ins().iconst(p, bkv);
-        b.ins().call(self.funcs.qk, &[q, d, kaddr, d, rows, cols, s, s_stride, prescale]);
+        b.ins().call(
+            self.funcs.qk,
+            &[q, d, kaddr, d, rows, cols, s, s_stride, prescale],
+        );
         // Column-level values.
         let has_cols = self.slots.col.keys().any(|&v| {
             let i = &k.insts[v];
@@ -452,7 +586,10 @@ impl Emitter<'_> {
                 |b, v| {
                     let j = v[0];
                     let kv = b.ins().iadd(col0, j);
-                    let h2 = Here { kv: Some(kv), ..*here };
+                    let h2 = Here {
+                        kv: Some(kv),
+                        ..*here
+                    };
                     self.level(b, Level::Col, section, &h2);
                     self.store_slots(b, Level::Col, section, colvals, bkv, j);
                     vec![b.ins().iadd_imm_s(j, 1)]
@@ -460,8 +597,13 @@ impl Emitter<'_> {
             );
         }
         // Element-level code, unless the tile's score is the raw tile score.
-        let score = if section == Section::Full { k.score_full } else { k.score_partial };
-        let needs_elem = section == Section::Partial && k.mask.is_some() || k.inst(score).op != Op::TileScore;
+        let score = if section == Section::Full {
+            k.score_full
+        } else {
+            k.score_partial
+        };
+        let needs_elem =
+            section == Section::Partial && k.mask.is_some() || k.inst(score).op != Op::TileScore;
         if needs_elem {
             let zero = b.ins().iconst(types::I64, 0);
             emit_while(
@@ -485,7 +627,11 @@ impl Emitter<'_> {
                         |b, w| {
                             let j = w[0];
                             let kv = b.ins().iadd(col0, j);
-                            let h2 = Here { q: Some(q), kv: Some(kv), ..*here };
+                            let h2 = Here {
+                                q: Some(q),
+                                kv: Some(kv),
+                                ..*here
+                            };
                             self.elem_vector(b, section, score, &h2, colvals, bkv, j, srow);
                             vec![b.ins().iadd_imm_s(j, 4)]
                         },
@@ -501,7 +647,12 @@ impl Emitter<'_> {
                             let off = b.ins().imul_imm_s(j, 4);
                             let addr = b.ins().iadd(srow, off);
                             let ts = b.ins().load(types::F32, flags(), addr, 0);
-                            let h2 = Here { q: Some(q), kv: Some(kv), tile_score: Some(ts), ..*here };
+                            let h2 = Here {
+                                q: Some(q),
+                                kv: Some(kv),
+                                tile_score: Some(ts),
+                                ..*here
+                            };
                             self.level(b, Level::Elem, section, &h2);
                             let mut out = self.vals[score.0 as usize].unwrap();
                             if section == Section::Partial {
@@ -523,13 +674,19 @@ impl Emitter<'_> {
         let l = self.task_field(b, T_L);
         let acc = self.task_field(b, T_ACC);
         let base2 = b.ins().iconst(types::I32, i64::from(k.schedule.exp2));
-        b.ins().call(self.funcs.softmax, &[s, s_stride, rows, cols, m, l, acc, d, d, base2]);
+        b.ins().call(
+            self.funcs.softmax,
+            &[s, s_stride, rows, cols, m, l, acc, d, d, base2],
+        );
         let vp = self.task_field(b, T_V);
         let vstride = self.task_field(b, T_VSTRIDE);
         let voff = b.ins().imul(col0, vstride);
         let voff = b.ins().imul_imm_s(voff, 4);
         let vaddr = b.ins().iadd(vp, voff);
-        b.ins().call(self.funcs.pv, &[s, s_stride, vaddr, vstride, d, rows, cols, acc, d]);
+        b.ins().call(
+            self.funcs.pv,
+            &[s, s_stride, vaddr, vstride, d, rows, cols, acc, d],
+        );
     }
 
     /// Element code for four consecutive columns `j .. j + 4` of one row:
@@ -568,11 +725,15 @@ impl Emitter<'_> {
                     VVal::I(lo, hi)
                 }
                 Ty::F32 => {
-                    let lanes: Vec<Value> = (0..4).map(|l| b.ins().load(types::F32, flags(), addr, l * 8)).collect();
+                    let lanes: Vec<Value> = (0..4)
+                        .map(|l| b.ins().load(types::F32, flags(), addr, l * 8))
+                        .collect();
                     VVal::F(self.build_f32(b, &lanes))
                 }
                 Ty::Bool => {
-                    let lanes: Vec<Value> = (0..4).map(|l| b.ins().load(types::I8, flags(), addr, l * 8)).collect();
+                    let lanes: Vec<Value> = (0..4)
+                        .map(|l| b.ins().load(types::I8, flags(), addr, l * 8))
+                        .collect();
                     VVal::M(self.build_mask(b, &lanes))
                 }
             });
@@ -583,7 +744,9 @@ impl Emitter<'_> {
         let ts = b.ins().load(types::F32X4, flags(), addr, 0);
         for v in 0..k.insts.len() {
             let inst = &k.insts[v];
-            if inst.level != Level::Elem || !(inst.section == Section::Shared || inst.section == section) {
+            if inst.level != Level::Elem
+                || !(inst.section == Section::Shared || inst.section == section)
+            {
                 continue;
             }
             let val = match &inst.op {
@@ -671,7 +834,12 @@ impl Emitter<'_> {
         }
     }
 
-    fn as_i64(&self, b: &mut FunctionBuilder<'_>, vv: &[Option<VVal>], v: ValueId) -> (Value, Value) {
+    fn as_i64(
+        &self,
+        b: &mut FunctionBuilder<'_>,
+        vv: &[Option<VVal>],
+        v: ValueId,
+    ) -> (Value, Value) {
         match self.vget(b, vv, v) {
             VVal::I(lo, hi) => (lo, hi),
             _ => unreachable!("verified IR: {v} is i64"),
@@ -683,13 +851,23 @@ impl Emitter<'_> {
         let lo8 = b.ins().bitcast(types::I8X16, lane_flags(), lo);
         let hi8 = b.ins().bitcast(types::I8X16, lane_flags(), hi);
         let perm: Vec<u8> = vec![0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27];
-        let imm = b.func.dfg.immediates.push(cranelift_codegen::ir::ConstantData::from(perm));
+        let imm = b
+            .func
+            .dfg
+            .immediates
+            .push(cranelift_codegen::ir::ConstantData::from(perm));
         let m = b.ins().shuffle(lo8, hi8, imm);
         b.ins().bitcast(types::I32X4, lane_flags(), m)
     }
 
     /// The vector form of an op, or `None` where it has none.
-    fn vector_op(&mut self, b: &mut FunctionBuilder<'_>, op: &Op, ty: Ty, vv: &[Option<VVal>]) -> Option<VVal> {
+    fn vector_op(
+        &mut self,
+        b: &mut FunctionBuilder<'_>,
+        op: &Op,
+        ty: Ty,
+        vv: &[Option<VVal>],
+    ) -> Option<VVal> {
         let f = |s: &Self, b: &mut FunctionBuilder<'_>, v: &ValueId| s.as_f32(b, vv, *v);
         Some(match op {
             Op::FConst(_) | Op::IConst(_) | Op::BConst(_) => return None,
@@ -706,7 +884,13 @@ impl Emitter<'_> {
                 VVal::I(b.ins().ineg(lo), b.ins().ineg(hi))
             }
             Op::Binary(op, x, y) => match op {
-                BinOp::FAdd | BinOp::FSub | BinOp::FMul | BinOp::FDiv | BinOp::FRem | BinOp::FMin | BinOp::FMax => {
+                BinOp::FAdd
+                | BinOp::FSub
+                | BinOp::FMul
+                | BinOp::FDiv
+                | BinOp::FRem
+                | BinOp::FMin
+                | BinOp::FMax => {
                     let (x, y) = (f(self, b, x), f(self, b, y));
                     VVal::F(match op {
                         BinOp::FAdd => b.ins().fadd(x, y),
@@ -720,7 +904,11 @@ impl Emitter<'_> {
                             b.ins().fsub(x, m)
                         }
                         _ => {
-                            let cc = if *op == BinOp::FMin { FloatCC::LessThan } else { FloatCC::GreaterThan };
+                            let cc = if *op == BinOp::FMin {
+                                FloatCC::LessThan
+                            } else {
+                                FloatCC::GreaterThan
+                            };
                             let c = b.ins().fcmp(cc, x, y);
                             let c = b.ins().bitcast(types::F32X4, lane_flags(), c);
                             let pick = b.ins().bitselect(c, x, y);
@@ -746,7 +934,11 @@ impl Emitter<'_> {
                         BinOp::ISub => b.ins().isub(p, q),
                         BinOp::IAnd => b.ins().band(p, q),
                         _ => {
-                            let cc = if *op == BinOp::IMin { IntCC::SignedLessThan } else { IntCC::SignedGreaterThan };
+                            let cc = if *op == BinOp::IMin {
+                                IntCC::SignedLessThan
+                            } else {
+                                IntCC::SignedGreaterThan
+                            };
                             let c = b.ins().icmp(cc, p, q);
                             b.ins().bitselect(c, p, q)
                         }
@@ -840,7 +1032,8 @@ impl Emitter<'_> {
                 let slow_block = b.create_block();
                 let merge = b.create_block();
                 let result = b.append_block_param(merge, types::F32X4);
-                b.ins().brif(fits, merge, &[BlockArg::Value(fast)], slow_block, &[]);
+                b.ins()
+                    .brif(fits, merge, &[BlockArg::Value(fast)], slow_block, &[]);
                 b.switch_to_block(slow_block);
                 let lanes: Vec<Value> = (0..4u8)
                     .map(|l| {
@@ -864,11 +1057,19 @@ impl Emitter<'_> {
     }
 
     /// Runs instruction `v` lane by lane with the scalar emitter.
-    fn scalarize(&mut self, b: &mut FunctionBuilder<'_>, v: usize, vv: &[Option<VVal>], here: &Here, ts: Value) -> VVal {
+    fn scalarize(
+        &mut self,
+        b: &mut FunctionBuilder<'_>,
+        v: usize,
+        vv: &[Option<VVal>],
+        here: &Here,
+        ts: Value,
+    ) -> VVal {
         let inst = &self.k.insts[v];
         let mut deps: Vec<ValueId> = inst.op.operands();
         deps.extend(inst.guard);
-        let saved: Vec<(ValueId, Option<Value>)> = deps.iter().map(|d| (*d, self.vals[d.0 as usize])).collect();
+        let saved: Vec<(ValueId, Option<Value>)> =
+            deps.iter().map(|d| (*d, self.vals[d.0 as usize])).collect();
         let mut lanes = Vec::with_capacity(4);
         for lane in 0..4u8 {
             for d in &deps {
@@ -879,14 +1080,20 @@ impl Emitter<'_> {
                             let w = b.ins().extractlane(m, lane);
                             b.ins().icmp_imm_s(IntCC::NotEqual, w, 0)
                         }
-                        VVal::I(lo, hi) => b.ins().extractlane(if lane < 2 { lo } else { hi }, lane % 2),
+                        VVal::I(lo, hi) => b
+                            .ins()
+                            .extractlane(if lane < 2 { lo } else { hi }, lane % 2),
                     };
                     self.vals[d.0 as usize] = Some(scalar);
                 }
             }
             let kv = here.kv.map(|kv| b.ins().iadd_imm_s(kv, i64::from(lane)));
             let t = b.ins().extractlane(ts, lane);
-            let h2 = Here { kv, tile_score: Some(t), ..*here };
+            let h2 = Here {
+                kv,
+                tile_score: Some(t),
+                ..*here
+            };
             lanes.push(self.guarded_op(b, v, &h2));
         }
         for (d, x) in saved {
@@ -930,7 +1137,13 @@ impl Emitter<'_> {
     }
 
     /// Emits the instructions of `level` whose section passes `pick`.
-    fn level_where(&mut self, b: &mut FunctionBuilder<'_>, level: Level, pick: impl Fn(Section) -> bool, here: &Here) {
+    fn level_where(
+        &mut self,
+        b: &mut FunctionBuilder<'_>,
+        level: Level,
+        pick: impl Fn(Section) -> bool,
+        here: &Here,
+    ) {
         for v in 0..self.k.insts.len() {
             let inst = &self.k.insts[v];
             if inst.level == level && pick(inst.section) {
@@ -949,7 +1162,15 @@ impl Emitter<'_> {
     }
 
     /// Reports an error: fills the error slot and returns the code.
-    fn fail_if(&mut self, b: &mut FunctionBuilder<'_>, bad: Value, code: i64, v: usize, here: &Here, index: &[Value]) {
+    fn fail_if(
+        &mut self,
+        b: &mut FunctionBuilder<'_>,
+        bad: Value,
+        code: i64,
+        v: usize,
+        here: &Here,
+        index: &[Value],
+    ) {
         let fail = b.create_block();
         let cont = b.create_block();
         b.ins().brif(bad, fail, &[], cont, &[]);
@@ -960,8 +1181,10 @@ impl Emitter<'_> {
         let vid = b.ins().iconst(types::I64, v as i64);
         b.ins().store(flags(), vid, err, (E_VALUE * 8) as i32);
         let minus = b.ins().iconst(types::I64, -1);
-        b.ins().store(flags(), here.q.unwrap_or(minus), err, (E_Q * 8) as i32);
-        b.ins().store(flags(), here.kv.unwrap_or(minus), err, (E_KV * 8) as i32);
+        b.ins()
+            .store(flags(), here.q.unwrap_or(minus), err, (E_Q * 8) as i32);
+        b.ins()
+            .store(flags(), here.kv.unwrap_or(minus), err, (E_KV * 8) as i32);
         for (n, x) in index.iter().take(4).enumerate() {
             b.ins().store(flags(), *x, err, ((E_INDEX + n) * 8) as i32);
         }
@@ -989,7 +1212,9 @@ impl Emitter<'_> {
                 let idx = ShapeVar::ALL.iter().position(|x| x == s).unwrap();
                 b.ins().load(types::I64, flags(), shapes, (idx * 8) as i32)
             }
-            Op::TileScore => here.tile_score.expect("verified IR: tile_score at element level"),
+            Op::TileScore => here
+                .tile_score
+                .expect("verified IR: tile_score at element level"),
             Op::Unary(UnOp::INeg, a) => b.ins().ineg(g(a)),
             Op::Unary(UnOp::FNeg, a) => b.ins().fneg(g(a)),
             Op::Unary(UnOp::Not, a) => b.ins().bxor_imm_s(g(a), 1),
@@ -1049,20 +1274,28 @@ impl Emitter<'_> {
                     Func::Floor => b.ins().floor(x),
                     Func::Ceil => b.ins().ceil(x),
                     Func::Round => b.ins().nearest(x),
-                    other => unreachable!("verified IR: `{}` is lowered to other ops", other.name()),
+                    other => {
+                        unreachable!("verified IR: `{}` is lowered to other ops", other.name())
+                    }
                 }
             }
             Op::IToF(a) => b.ins().fcvt_from_sint(types::F32, g(a)),
             Op::FToI(a) => b.ins().fcvt_to_sint_sat(types::I64, g(a)),
             Op::BToI(a) => b.ins().uextend(types::I64, g(a)),
-            Op::Load { buffer, indices, checked } => {
+            Op::Load {
+                buffer,
+                indices,
+                checked,
+            } => {
                 let idx: Vec<Value> = indices.iter().map(g).collect();
                 self.load(b, v, *buffer as usize, &idx, *checked, inst.ty, here)
             }
             Op::Ancestor { parent, i, j } => {
                 let (i, j) = (g(i), g(j));
                 let bufs = self.task_field(b, T_BUFS);
-                let desc = b.ins().iadd_imm_s(bufs, (*parent as usize * DESC_LEN * 8) as i64);
+                let desc = b
+                    .ins()
+                    .iadd_imm_s(bufs, (*parent as usize * DESC_LEN * 8) as i64);
                 let err = self.task_field(b, T_ERR);
                 let bad = b.ins().iadd_imm_s(err, (E_INDEX * 8) as i64);
                 let call = b.ins().call(self.funcs.ancestor, &[desc, i, j, bad]);
@@ -1077,13 +1310,24 @@ impl Emitter<'_> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn load(&mut self, b: &mut FunctionBuilder<'_>, v: usize, buffer: usize, idx: &[Value], checked: bool, ty: Ty, here: &Here) -> Value {
+    fn load(
+        &mut self,
+        b: &mut FunctionBuilder<'_>,
+        v: usize,
+        buffer: usize,
+        idx: &[Value],
+        checked: bool,
+        ty: Ty,
+        here: &Here,
+    ) -> Value {
         let bufs = self.task_field(b, T_BUFS);
         let base = (buffer * DESC_LEN * 8) as i32;
         if checked {
             let mut bad: Option<Value> = None;
             for (n, &x) in idx.iter().enumerate() {
-                let dim = b.ins().load(types::I64, flags(), bufs, base + ((1 + n) * 8) as i32);
+                let dim = b
+                    .ins()
+                    .load(types::I64, flags(), bufs, base + ((1 + n) * 8) as i32);
                 // Unsigned compare: negative indices are huge.
                 let out = b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, x, dim);
                 bad = Some(match bad {
@@ -1097,7 +1341,9 @@ impl Emitter<'_> {
         }
         let mut offset: Option<Value> = None;
         for (n, &x) in idx.iter().enumerate() {
-            let stride = b.ins().load(types::I64, flags(), bufs, base + ((5 + n) * 8) as i32);
+            let stride = b
+                .ins()
+                .load(types::I64, flags(), bufs, base + ((5 + n) * 8) as i32);
             let term = b.ins().imul(x, stride);
             offset = Some(match offset {
                 None => term,
@@ -1122,7 +1368,15 @@ impl Emitter<'_> {
         }
     }
 
-    fn binary(&mut self, b: &mut FunctionBuilder<'_>, op: BinOp, x: Value, y: Value, v: usize, here: &Here) -> Value {
+    fn binary(
+        &mut self,
+        b: &mut FunctionBuilder<'_>,
+        op: BinOp,
+        x: Value,
+        y: Value,
+        v: usize,
+        here: &Here,
+    ) -> Value {
         match op {
             BinOp::IAdd => b.ins().iadd(x, y),
             BinOp::ISub => b.ins().isub(x, y),
@@ -1175,7 +1429,11 @@ impl Emitter<'_> {
             }
             // NaN in one operand returns the other (as f32::min / f32::max).
             BinOp::FMin | BinOp::FMax => {
-                let cc = if op == BinOp::FMin { FloatCC::LessThan } else { FloatCC::GreaterThan };
+                let cc = if op == BinOp::FMin {
+                    FloatCC::LessThan
+                } else {
+                    FloatCC::GreaterThan
+                };
                 let c = b.ins().fcmp(cc, x, y);
                 let pick = b.ins().select(c, x, y);
                 let y_nan = b.ins().fcmp(FloatCC::Unordered, y, y);
@@ -1188,4 +1446,3 @@ impl Emitter<'_> {
         }
     }
 }
-
