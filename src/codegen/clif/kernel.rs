@@ -455,6 +455,34 @@ impl Emitter<'_> {
         )
     }
 
+    /// The scratch addresses, at position `i`, of the values of `level`
+    /// whose section passes `pick`, in instruction order.
+    fn slot_addrs(
+        &self,
+        b: &mut FunctionBuilder<'_>,
+        level: Level,
+        pick: impl Fn(Section) -> bool,
+        base: Value,
+        stride: i64,
+        i: Value,
+    ) -> Vec<(usize, Value)> {
+        let slots = if level == Level::Row {
+            &self.slots.row
+        } else {
+            &self.slots.col
+        };
+        let mut list: Vec<(usize, usize)> = slots.iter().map(|(&v, &s)| (v, s)).collect();
+        list.sort();
+        list.into_iter()
+            .filter(|&(v, _)| pick(self.k.insts[v].section))
+            .map(|(v, s)| {
+                let idx = b.ins().iadd_imm_s(i, s as i64 * stride);
+                let off = b.ins().imul_imm_s(idx, 8);
+                (v, b.ins().iadd(base, off))
+            })
+            .collect()
+    }
+
     /// Stores the values of `level` whose section passes `pick` into their
     /// scratch slots at position `i`.
     fn store_slots_where(
@@ -466,23 +494,10 @@ impl Emitter<'_> {
         stride: i64,
         i: Value,
     ) {
-        let slots = if level == Level::Row {
-            &self.slots.row
-        } else {
-            &self.slots.col
-        };
-        let mut list: Vec<(usize, usize)> = slots.iter().map(|(&v, &s)| (v, s)).collect();
-        list.sort();
-        for (v, s) in list {
-            let inst = &self.k.insts[v];
-            if !pick(inst.section) {
-                continue;
+        for (v, addr) in self.slot_addrs(b, level, pick, base, stride, i) {
+            if let Some(val) = self.vals[v] {
+                b.ins().store(flags(), val, addr, 0);
             }
-            let Some(val) = self.vals[v] else { continue };
-            let idx = b.ins().iadd_imm_s(i, s as i64 * stride);
-            let off = b.ins().imul_imm_s(idx, 8);
-            let addr = b.ins().iadd(base, off);
-            b.ins().store(flags(), val, addr, 0);
         }
     }
 
@@ -516,22 +531,9 @@ impl Emitter<'_> {
         stride: i64,
         i: Value,
     ) {
-        let slots = if level == Level::Row {
-            &self.slots.row
-        } else {
-            &self.slots.col
-        };
-        let mut list: Vec<(usize, usize)> = slots.iter().map(|(&v, &s)| (v, s)).collect();
-        list.sort();
-        for (v, s) in list {
-            let inst = &self.k.insts[v];
-            if !pick(inst.section) {
-                continue;
-            }
-            let idx = b.ins().iadd_imm_s(i, s as i64 * stride);
-            let off = b.ins().imul_imm_s(idx, 8);
-            let addr = b.ins().iadd(base, off);
-            self.vals[v] = Some(b.ins().load(clif_ty(inst.ty), flags(), addr, 0));
+        for (v, addr) in self.slot_addrs(b, level, pick, base, stride, i) {
+            let ty = clif_ty(self.k.insts[v].ty);
+            self.vals[v] = Some(b.ins().load(ty, flags(), addr, 0));
         }
     }
 
