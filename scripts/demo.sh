@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs an included example end to end: checks examples/packed_docs.attn, runs it
 # with the attnc CLI on the bundled inputs (tests/fixtures/packed_docs/) with the
-# reference interpreter and with the loop-IR interpreter, and compares the results
+# default backend (native code compiled with Cranelift) and with the loop-IR interpreter, and compares the results
 # with what PyTorch FlexAttention computed for the same inputs. Then shows what a
 # mistake in a spec looks like.
 #
