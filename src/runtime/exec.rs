@@ -10,7 +10,7 @@
 
 use std::borrow::Cow;
 
-use ndarray::{Array3, Array4, Axis};
+use ndarray::{s, Array3, Array4, Axis};
 use rayon::prelude::*;
 
 use crate::bind::{Bound, Inputs, Outputs};
@@ -74,6 +74,22 @@ impl SendPtr {
     }
 }
 
+/// Bytes of packed K (and V) held at once: heads are packed and run in groups
+/// that fit, so memory stays bounded whatever the lengths (one head at a time
+/// once a head alone needs more).
+pub const PACK_BUDGET_BYTES: usize = 32 << 20;
+
+/// One unit of parallel work: query tile `qt` of (b, h), whose keys live in
+/// packed head `head`; `work` is the number of key tiles it visits.
+#[derive(Clone, Copy)]
+struct Task {
+    work: usize,
+    b: usize,
+    h: usize,
+    qt: usize,
+    head: usize,
+}
+
 /// Per-thread scratch.
 struct Scratch {
     q: Vec<f32>,
@@ -86,12 +102,28 @@ struct Scratch {
     err: [i64; E_LEN],
 }
 
-/// Runs `compiled` on bound inputs with the given block maps.
+/// Runs `compiled` on bound inputs with the given block maps. `workspace` holds
+/// the packed heads (at most [`PACK_BUDGET_BYTES`], or one head if more); it is
+/// grown as needed and may be reused across calls to avoid reallocating it.
 pub fn run(
     compiled: &CompiledKernel,
     inputs: &Inputs<'_>,
     bound: &Bound,
     maps: &BlockMaps,
+    workspace: &mut Vec<f32>,
+) -> Result<Outputs, EvalError> {
+    run_with_budget(compiled, inputs, bound, maps, workspace, PACK_BUDGET_BYTES)
+}
+
+/// [`run`] with `budget` bytes of packed heads per group instead of
+/// [`PACK_BUDGET_BYTES`] (tests use small budgets to exercise the grouping).
+pub(crate) fn run_with_budget(
+    compiled: &CompiledKernel,
+    inputs: &Inputs<'_>,
+    bound: &Bound,
+    maps: &BlockMaps,
+    workspace: &mut Vec<f32>,
+    budget: usize,
 ) -> Result<Outputs, EvalError> {
     let k = &compiled.kernel;
     let sh = bound.shapes;
@@ -100,30 +132,21 @@ pub fn run(
         assert_eq!(d, sh.d, "the kernel is specialised on D = {d}");
     }
     let d = sh.d;
-    // Pack K and V once per (kv batch, kv head).
+    // K is packed per (kv batch, kv head); V is used in place when its rows
+    // already have the packed layout (contiguous, `d` a multiple of the panel).
     let heads: Vec<(usize, usize)> = (0..bound.kv_batch)
         .flat_map(|b| (0..sh.hkv).map(move |h| (b, h)))
         .collect();
     let klay = PackedK { d, kv_len: sh.kv };
     let vlay = PackedV { d, kv_len: sh.kv };
-    let packed: Vec<(Vec<f32>, Vec<f32>)> = heads
-        .par_iter()
-        .map(|&(b, h)| {
-            let mut kp = vec![0f32; klay.len()];
-            let mut vp = vec![0f32; vlay.len()];
-            pack_k(
-                inputs.k.index_axis(Axis(0), b).index_axis(Axis(0), h),
-                &mut kp,
-            )
-            .expect("sized by the layout");
-            pack_v(
-                inputs.v.index_axis(Axis(0), b).index_axis(Axis(0), h),
-                &mut vp,
-            )
-            .expect("sized by the layout");
-            (kp, vp)
-        })
-        .collect();
+    let v_head = |b: usize, h: usize| inputs.v.slice(s![b, h, .., ..]);
+    let v_direct = vlay.row_stride() == d
+        && heads
+            .iter()
+            .all(|&(b, h)| v_head(b, h).is_standard_layout());
+    let per_head = klay.len() + if v_direct { 0 } else { vlay.len() };
+    // Heads are packed and run in groups whose packed copies fit the budget.
+    let group = (budget / 4 / per_head.max(1)).clamp(1, heads.len().max(1));
     // Q in standard layout, so a tile is `rows` rows of `d` floats.
     let q: Cow<'_, [f32]> = match inputs.q.as_slice() {
         Some(s) => Cow::Borrowed(s),
@@ -165,102 +188,139 @@ pub fn run(
             .expect("get returns one of the maps")
     };
     let q_tiles = sh.q.div_ceil(bq);
-    let mut tasks: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(sh.b * sh.h * q_tiles);
+    // Tasks per head group, longest rows first within each, so the parallel tail is short.
+    let mut groups: Vec<Vec<Task>> = vec![Vec::new(); heads.len().div_ceil(group)];
     for b in 0..sh.b {
         for h in 0..sh.h {
             let fm = &flat[map_index(b, h)];
+            let head = bound.kv_batch_index(b) * sh.hkv + bound.kv_head(h);
             for qt in 0..q_tiles {
-                tasks.push((fm.work(qt), b, h, qt));
+                groups[head / group].push(Task {
+                    work: fm.work(qt),
+                    b,
+                    h,
+                    qt,
+                    head,
+                });
             }
         }
     }
-    // Longest rows first, so the parallel tail is short.
-    tasks.sort_by(|a, b| b.0.cmp(&a.0));
+    for tasks in &mut groups {
+        tasks.sort_by(|a, b| b.work.cmp(&a.work));
+    }
     let mut out = Array4::<f32>::zeros((sh.b, sh.h, sh.q, d));
     let mut lse = Array3::<f32>::from_elem((sh.b, sh.h, sh.q), f32::NEG_INFINITY);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let lse_ptr = SendPtr(lse.as_mut_ptr());
     let n_row = compiled.slots.row.len();
     let n_col = compiled.slots.col.len();
-    let result: Result<(), EvalError> = tasks.par_iter().try_for_each_init(
-        || Scratch {
-            q: vec![0.0; bq * d],
-            s: vec![0.0; bq * bkv],
-            m: vec![0.0; bq],
-            l: vec![0.0; bq],
-            acc: vec![0.0; bq * d],
-            rowvals: vec![0; n_row.max(1) * bq],
-            colvals: vec![0; n_col.max(1) * bkv],
-            err: [0; E_LEN],
-        },
-        |scratch, &(_, b, h, qt)| {
-            let row0 = qt * bq;
-            let rows = bq.min(sh.q - row0);
-            let fm = &flat[map_index(b, h)];
-            let head = bound.kv_batch_index(b) * sh.hkv + bound.kv_head(h);
-            let (kp, vp) = &packed[head];
-            let q_off = ((b * sh.h + h) * sh.q + row0) * d;
-            scratch.q[..rows * d].copy_from_slice(&q[q_off..q_off + rows * d]);
-            scratch.m[..rows].fill(f32::NEG_INFINITY);
-            scratch.l[..rows].fill(0.0);
-            scratch.acc[..rows * d].fill(0.0);
-            let (fo, fnum) = fm.full_at[qt];
-            let (po, pnum) = fm.part_at[qt];
-            let mut task = [0i64; T_LEN];
-            task[T_B] = b as i64;
-            task[T_H] = h as i64;
-            task[T_QSTART] = row0 as i64 + bound.q_offset;
-            task[T_ROWS] = rows as i64;
-            task[T_Q] = scratch.q.as_ptr() as i64;
-            task[T_K] = kp.as_ptr() as i64;
-            task[T_V] = vp.as_ptr() as i64;
-            task[T_VSTRIDE] = vlay.row_stride() as i64;
-            task[T_FULL] = fm.full.as_ptr().wrapping_add(2 * fo) as i64;
-            task[T_NFULL] = fnum as i64;
-            task[T_PART] = fm.part.as_ptr().wrapping_add(po) as i64;
-            task[T_NPART] = pnum as i64;
-            task[T_KVLEN] = sh.kv as i64;
-            task[T_D] = d as i64;
-            task[T_S] = scratch.s.as_mut_ptr() as i64;
-            task[T_M] = scratch.m.as_mut_ptr() as i64;
-            task[T_L] = scratch.l.as_mut_ptr() as i64;
-            task[T_ACC] = scratch.acc.as_mut_ptr() as i64;
-            task[T_ROWVALS] = scratch.rowvals.as_mut_ptr() as i64;
-            task[T_COLVALS] = scratch.colvals.as_mut_ptr() as i64;
-            task[T_ERR] = scratch.err.as_mut_ptr() as i64;
-            task[T_BUFS] = descs.as_ptr() as i64;
-            task[T_SHAPES] = shapes.as_ptr() as i64;
-            // SAFETY: every pointer in `task` is valid for the sizes the task
-            // function's contract states (scratch sized by bq, bkv, d and the
-            // slot counts; packed heads by their layouts; buffers by their descriptors).
-            let code = unsafe { (compiled.task)(task.as_ptr()) };
-            if code != 0 {
-                return Err(error(compiled, &buffers, &scratch.err, b, h));
-            }
-            let ln2 = std::f32::consts::LN_2;
-            for i in 0..rows {
-                let (m, l) = (scratch.m[i], scratch.l[i]);
-                if l == 0.0 || m == f32::NEG_INFINITY {
-                    continue; // a row that saw no key: out stays 0, lse -inf
+    for (g, tasks) in groups.iter().enumerate() {
+        if tasks.is_empty() {
+            continue;
+        }
+        let g0 = g * group;
+        let group_heads = &heads[g0..heads.len().min(g0 + group)];
+        let need = group_heads.len() * per_head;
+        if workspace.len() < need {
+            workspace.resize(need, 0.0);
+        }
+        workspace[..need]
+            .par_chunks_mut(per_head.max(1))
+            .zip(group_heads.par_iter())
+            .for_each(|(slot, &(b, h))| {
+                let (kp, vp) = slot.split_at_mut(klay.len());
+                pack_k(inputs.k.index_axis(Axis(0), b).index_axis(Axis(0), h), kp)
+                    .expect("sized by the layout");
+                if !v_direct {
+                    pack_v(v_head(b, h), vp).expect("sized by the layout");
                 }
-                let base = ((b * sh.h + h) * sh.q + row0 + i) * d;
-                // SAFETY: each (b, h, row) is written by exactly one task.
-                unsafe {
-                    let o = std::slice::from_raw_parts_mut(out_ptr.get().add(base), d);
-                    for (x, a) in o.iter_mut().zip(&scratch.acc[i * d..(i + 1) * d]) {
-                        *x = a / l;
+            });
+        let packed: &[f32] = workspace;
+        tasks.par_iter().try_for_each_init(
+            || Scratch {
+                q: vec![0.0; bq * d],
+                s: vec![0.0; bq * bkv],
+                m: vec![0.0; bq],
+                l: vec![0.0; bq],
+                acc: vec![0.0; bq * d],
+                rowvals: vec![0; n_row.max(1) * bq],
+                colvals: vec![0; n_col.max(1) * bkv],
+                err: [0; E_LEN],
+            },
+            |scratch, &Task { b, h, qt, head, .. }| {
+                let row0 = qt * bq;
+                let rows = bq.min(sh.q - row0);
+                let fm = &flat[map_index(b, h)];
+                let slot = &packed[(head - g0) * per_head..][..per_head];
+                let kp = slot.as_ptr();
+                let vp = if v_direct {
+                    let (vb, vh) = heads[head];
+                    v_head(vb, vh).as_ptr()
+                } else {
+                    slot[klay.len()..].as_ptr()
+                };
+                let q_off = ((b * sh.h + h) * sh.q + row0) * d;
+                scratch.q[..rows * d].copy_from_slice(&q[q_off..q_off + rows * d]);
+                scratch.m[..rows].fill(f32::NEG_INFINITY);
+                scratch.l[..rows].fill(0.0);
+                scratch.acc[..rows * d].fill(0.0);
+                let (fo, fnum) = fm.full_at[qt];
+                let (po, pnum) = fm.part_at[qt];
+                let mut task = [0i64; T_LEN];
+                task[T_B] = b as i64;
+                task[T_H] = h as i64;
+                task[T_QSTART] = row0 as i64 + bound.q_offset;
+                task[T_ROWS] = rows as i64;
+                task[T_Q] = scratch.q.as_ptr() as i64;
+                task[T_K] = kp as i64;
+                task[T_V] = vp as i64;
+                task[T_VSTRIDE] = vlay.row_stride() as i64;
+                task[T_FULL] = fm.full.as_ptr().wrapping_add(2 * fo) as i64;
+                task[T_NFULL] = fnum as i64;
+                task[T_PART] = fm.part.as_ptr().wrapping_add(po) as i64;
+                task[T_NPART] = pnum as i64;
+                task[T_KVLEN] = sh.kv as i64;
+                task[T_D] = d as i64;
+                task[T_S] = scratch.s.as_mut_ptr() as i64;
+                task[T_M] = scratch.m.as_mut_ptr() as i64;
+                task[T_L] = scratch.l.as_mut_ptr() as i64;
+                task[T_ACC] = scratch.acc.as_mut_ptr() as i64;
+                task[T_ROWVALS] = scratch.rowvals.as_mut_ptr() as i64;
+                task[T_COLVALS] = scratch.colvals.as_mut_ptr() as i64;
+                task[T_ERR] = scratch.err.as_mut_ptr() as i64;
+                task[T_BUFS] = descs.as_ptr() as i64;
+                task[T_SHAPES] = shapes.as_ptr() as i64;
+                // SAFETY: every pointer in `task` is valid for the sizes the task
+                // function's contract states (scratch sized by bq, bkv, d and the
+                // slot counts; packed heads by their layouts; buffers by their descriptors).
+                let code = unsafe { (compiled.task)(task.as_ptr()) };
+                if code != 0 {
+                    return Err(error(compiled, &buffers, &scratch.err, b, h));
+                }
+                let ln2 = std::f32::consts::LN_2;
+                for i in 0..rows {
+                    let (m, l) = (scratch.m[i], scratch.l[i]);
+                    if l == 0.0 || m == f32::NEG_INFINITY {
+                        continue; // a row that saw no key: out stays 0, lse -inf
                     }
-                    *lse_ptr.get().add((b * sh.h + h) * sh.q + row0 + i) = if k.schedule.exp2 {
-                        (m + l.log2()) * ln2
-                    } else {
-                        m + l.ln()
-                    };
+                    let base = ((b * sh.h + h) * sh.q + row0 + i) * d;
+                    // SAFETY: each (b, h, row) is written by exactly one task.
+                    unsafe {
+                        let o = std::slice::from_raw_parts_mut(out_ptr.get().add(base), d);
+                        for (x, a) in o.iter_mut().zip(&scratch.acc[i * d..(i + 1) * d]) {
+                            *x = a / l;
+                        }
+                        *lse_ptr.get().add((b * sh.h + h) * sh.q + row0 + i) = if k.schedule.exp2 {
+                            (m + l.log2()) * ln2
+                        } else {
+                            m + l.ln()
+                        };
+                    }
                 }
-            }
-            Ok(())
-        },
-    );
-    result?;
+                Ok(())
+            },
+        )?;
+    }
     Ok(Outputs {
         out,
         lse: inputs.want_lse.then_some(lse),

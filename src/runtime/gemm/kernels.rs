@@ -9,7 +9,7 @@
 //! after the full row tiles go through tiles of 8, 4, 2 and 1 rows; a ragged last column
 //! tile goes through a tile with fewer vectors and masked stores.
 
-use super::math::{exp2_nonpositive, exp_nonpositive, exp_nonpositive_scalar};
+use super::math::{exp2_nonpositive, exp_nonpositive};
 use super::simd::Simd;
 use super::PANEL;
 
@@ -305,7 +305,17 @@ pub(crate) unsafe fn pv<S: Simd, const MR: usize, const NV: usize>(
     }
 }
 
+/// Rows handled together by [`softmax_update`]: their running-max updates and
+/// rescale factors are computed as one vector exponential per `LANES` rows rather
+/// than one scalar exponential per row.
+const SOFTMAX_ROW_CHUNK: usize = 16;
+
 /// One online-softmax step over a score tile (see `SoftmaxUpdateFn`).
+///
+/// Per chunk of [`SOFTMAX_ROW_CHUNK`] rows: (1) the tile's row maxima and the new
+/// running maxima, (2) the rescale factors `alpha = exp(m_old - m_new)` of the whole
+/// chunk as vector exponentials, (3) per row, `p = exp(s - m_new)`, its sum, and the
+/// rescale of `l` and of the accumulator row (skipped when `alpha = 1`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn softmax_update<S: Simd>(
@@ -321,6 +331,7 @@ pub(crate) unsafe fn softmax_update<S: Simd>(
     base2: bool,
 ) {
     let lanes = S::LANES;
+    debug_assert!(SOFTMAX_ROW_CHUNK.is_multiple_of(lanes));
     let full = cols - cols % lanes;
     let tail = S::first_lanes(cols - full);
     let has_tail = full < cols;
@@ -332,60 +343,79 @@ pub(crate) unsafe fn softmax_update<S: Simd>(
             exp_nonpositive::<S>(x)
         }
     };
-    for i in 0..rows {
-        let row = s.add(i * s_stride);
-        let mut mx = neg_inf;
-        let mut c = 0;
-        while c < full {
-            mx = S::max(S::load(row.add(c)), mx);
-            c += lanes;
-        }
-        if has_tail {
-            mx = S::max(S::load_masked(row.add(full), tail, neg_inf), mx);
-        }
-        let m_tile = S::reduce_max(mx);
-        let m_old = *m.add(i);
-        let m_new = if m_tile > m_old { m_tile } else { m_old };
-        // A row with no visible score yet keeps m = -inf; subtracting 0 instead keeps
-        // exp(-inf - m) = 0 rather than NaN.
-        let m_use = if m_new == f32::NEG_INFINITY {
-            0.0
-        } else {
-            m_new
-        };
-        let alpha = exp_nonpositive_scalar(m_old - m_use, base2);
-        let m_v = S::splat(m_use);
-        let mut sum = S::splat(0.0);
-        let mut c = 0;
-        while c < full {
-            let p = exp(S::sub(S::load(row.add(c)), m_v));
-            S::store(row.add(c), p);
-            sum = S::add(sum, p);
-            c += lanes;
-        }
-        if has_tail {
-            let x = S::load_masked(row.add(full), tail, neg_inf);
-            let p = exp(S::sub(x, m_v));
-            S::store_masked(row.add(full), tail, p);
-            sum = S::add(sum, p);
-        }
-        *l.add(i) = *l.add(i) * alpha + S::reduce_sum(sum);
-        *m.add(i) = m_new;
-        if alpha != 1.0 {
-            let a_row = acc.add(i * acc_stride);
-            let alpha_v = S::splat(alpha);
-            let d_full = d - d % lanes;
+    let mut r0 = 0;
+    while r0 < rows {
+        let n = SOFTMAX_ROW_CHUNK.min(rows - r0);
+        // Lanes past `n` hold 0 - 0 and are never read back.
+        let mut m_old = [0f32; SOFTMAX_ROW_CHUNK];
+        let mut m_use = [0f32; SOFTMAX_ROW_CHUNK];
+        let mut alpha = [0f32; SOFTMAX_ROW_CHUNK];
+        for r in 0..n {
+            let row = s.add((r0 + r) * s_stride);
+            let mut mx = neg_inf;
             let mut c = 0;
-            while c < d_full {
-                S::store(a_row.add(c), S::mul(S::load(a_row.add(c)), alpha_v));
+            while c < full {
+                mx = S::max(S::load(row.add(c)), mx);
                 c += lanes;
             }
-            if d_full < d {
-                let mask = S::first_lanes(d - d_full);
-                let x = S::load_masked(a_row.add(d_full), mask, S::splat(0.0));
-                S::store_masked(a_row.add(d_full), mask, S::mul(x, alpha_v));
+            if has_tail {
+                mx = S::max(S::load_masked(row.add(full), tail, neg_inf), mx);
+            }
+            let m_tile = S::reduce_max(mx);
+            let old = *m.add(r0 + r);
+            let new = if m_tile > old { m_tile } else { old };
+            m_old[r] = old;
+            // A row with no visible score yet keeps m = -inf; subtracting 0 instead
+            // keeps exp(-inf - m) = 0 rather than NaN.
+            m_use[r] = if new == f32::NEG_INFINITY { 0.0 } else { new };
+            *m.add(r0 + r) = new;
+        }
+        let mut c = 0;
+        while c < SOFTMAX_ROW_CHUNK {
+            let x = S::sub(
+                S::load(m_old.as_ptr().add(c)),
+                S::load(m_use.as_ptr().add(c)),
+            );
+            S::store(alpha.as_mut_ptr().add(c), exp(x));
+            c += lanes;
+        }
+        for r in 0..n {
+            let i = r0 + r;
+            let row = s.add(i * s_stride);
+            let m_v = S::splat(m_use[r]);
+            let mut sum = S::splat(0.0);
+            let mut c = 0;
+            while c < full {
+                let p = exp(S::sub(S::load(row.add(c)), m_v));
+                S::store(row.add(c), p);
+                sum = S::add(sum, p);
+                c += lanes;
+            }
+            if has_tail {
+                let x = S::load_masked(row.add(full), tail, neg_inf);
+                let p = exp(S::sub(x, m_v));
+                S::store_masked(row.add(full), tail, p);
+                sum = S::add(sum, p);
+            }
+            let a = alpha[r];
+            *l.add(i) = *l.add(i) * a + S::reduce_sum(sum);
+            if a != 1.0 {
+                let a_row = acc.add(i * acc_stride);
+                let alpha_v = S::splat(a);
+                let d_full = d - d % lanes;
+                let mut c = 0;
+                while c < d_full {
+                    S::store(a_row.add(c), S::mul(S::load(a_row.add(c)), alpha_v));
+                    c += lanes;
+                }
+                if d_full < d {
+                    let mask = S::first_lanes(d - d_full);
+                    let x = S::load_masked(a_row.add(d_full), mask, S::splat(0.0));
+                    S::store_masked(a_row.add(d_full), mask, S::mul(x, alpha_v));
+                }
             }
         }
+        r0 += n;
     }
 }
 

@@ -89,18 +89,3 @@ pub(crate) unsafe fn exp2_nonpositive<S: Simd>(x: S::V) -> S::V {
     let r = S::mul(S::sub(x, n), S::splat(LN2));
     S::mul(exp_reduced::<S>(r), S::pow2_from_magic(t))
 }
-
-/// Scalar `exp(x)` (`base2 = false`) or `2^x` (`base2 = true`) for `x <= 0`, by the
-/// same algorithm as the vector forms.
-#[inline]
-pub(crate) fn exp_nonpositive_scalar(x: f32, base2: bool) -> f32 {
-    use super::simd::Portable;
-    // SAFETY: the portable primitives need no CPU feature and touch no memory.
-    unsafe {
-        if base2 {
-            exp2_nonpositive::<Portable>([x; 4])[0]
-        } else {
-            exp_nonpositive::<Portable>([x; 4])[0]
-        }
-    }
-}
