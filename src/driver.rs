@@ -109,7 +109,7 @@ impl Diagnostic for Error {
             Error::Bind(e) => e.code(),
             Error::Mask(e) => e.code(),
             Error::Eval { error, .. } => error.code(),
-            Error::Codegen(_) => Some(Box::new("attnc::codegen")),
+            Error::Codegen(e) => e.code(),
             Error::Io { .. } => Some(Box::new("attnc::io")),
             Error::Usage(_) => Some(Box::new("attnc::usage")),
             Error::Spec { .. } => Some(Box::new("attnc::spec")),
@@ -122,6 +122,7 @@ impl Diagnostic for Error {
             Error::Bind(e) => e.help(),
             Error::Mask(e) => e.help(),
             Error::Eval { error, .. } => error.help(),
+            Error::Codegen(e) => e.help(),
             _ => None,
         }
     }
@@ -441,6 +442,10 @@ pub struct JitKernel {
     program: Program,
     tiling: crate::mask::Tiling,
     compiled: crate::codegen::clif::kernel::CompiledKernel,
+    /// Packed K/V heads, kept between calls so repeated runs do not reallocate
+    /// (and fault in) them; bounded by [`crate::runtime::exec::PACK_BUDGET_BYTES`]
+    /// or one head. Concurrent calls that find it busy use a buffer of their own.
+    workspace: std::sync::Mutex<Vec<f32>>,
 }
 
 impl JitKernel {
@@ -496,7 +501,10 @@ impl JitKernel {
                 self.tiling
             )));
         }
-        crate::runtime::exec::run(&self.compiled, inputs, bound, maps).map_err(|error| {
+        let mut own = Vec::new();
+        let mut shared = self.workspace.try_lock().ok();
+        let workspace = shared.as_deref_mut().unwrap_or(&mut own);
+        crate::runtime::exec::run(&self.compiled, inputs, bound, maps, workspace).map_err(|error| {
             Error::Eval {
                 file: self.program.file.clone(),
                 error,
@@ -587,6 +595,7 @@ impl Program {
             program: self.clone(),
             tiling,
             compiled,
+            workspace: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -597,5 +606,54 @@ impl Program {
             file: self.file.clone(),
             error,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::Rng;
+
+    /// Running heads in small packing groups (down to one head at a time, and
+    /// with a ragged last group) and reusing the workspace across calls of
+    /// other shapes gives exactly the outputs of one group.
+    #[test]
+    fn packing_groups_and_workspace_reuse_do_not_change_results() {
+        let src = "attention c { mask = causal && q - kv < 40 }";
+        let kernel = compile(SourceFile::new("c.attn", src), &CompileOptions::default()).unwrap();
+        let mut workspace = Vec::new();
+        // d = 24 packs V, d = 32 reads it in place; 2 x 3 kv heads make 6 packed heads.
+        for (n, d) in [(100, 24), (70, 32), (9, 24)] {
+            let mut rng = Rng::new(n as u64);
+            let q = rng.array4((2, 6, n, d));
+            let k = rng.array4((2, 3, n, d));
+            let v = rng.array4((2, 3, n, d));
+            let inputs = Inputs::new(q.view(), k.view(), v.view()).with_lse();
+            let plan = kernel.plan(&inputs).unwrap();
+            let run = |budget: usize, ws: &mut Vec<f32>| {
+                crate::runtime::exec::run_with_budget(
+                    &kernel.compiled,
+                    &inputs,
+                    &plan.bound,
+                    &plan.maps,
+                    ws,
+                    budget,
+                )
+                .unwrap()
+            };
+            let whole = run(usize::MAX, &mut Vec::new());
+            let head_bytes = 4 * n * d * if d == 24 { 2 } else { 1 };
+            for heads_per_group in [1, 4] {
+                let got = run(heads_per_group * head_bytes, &mut workspace);
+                assert_eq!(
+                    got.out, whole.out,
+                    "n={n} d={d}, budget of {heads_per_group} unpadded heads"
+                );
+                assert_eq!(
+                    got.lse, whole.lse,
+                    "n={n} d={d}, budget of {heads_per_group} unpadded heads"
+                );
+            }
+        }
     }
 }

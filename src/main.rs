@@ -795,8 +795,8 @@ fn emit_ptx(args: EmitArgs) -> Result<(), Error> {
         exp2: args.exp == ExpBase::Exp2,
     };
     let kernel = program.kernel(&schedule);
-    let text = ptx::emit(&kernel, &PtxOptions { arch, dtype })
-        .map_err(|e| Error::Usage(ptx_error_text(&e)))?;
+    let text =
+        ptx::emit(&kernel, &PtxOptions { arch, dtype }).map_err(|e| Error::Codegen(e.into()))?;
     match &args.output {
         Some(path) => std::fs::write(path, text).map_err(|e| Error::Io {
             what: format!("cannot write `{}`", path.display()),
@@ -806,15 +806,6 @@ fn emit_ptx(args: EmitArgs) -> Result<(), Error> {
             print!("{text}");
             Ok(())
         }
-    }
-}
-
-/// A PTX error with its help line.
-fn ptx_error_text(e: &attnc::codegen::ptx::PtxError) -> String {
-    use miette::Diagnostic;
-    match e.help() {
-        Some(h) => format!("{e}\n  help: {h}"),
-        None => e.to_string(),
     }
 }
 
@@ -837,7 +828,7 @@ fn run_cuda(
             }
         }
         CudaError::Mask(e) => Error::Mask(e),
-        CudaError::Codegen(e) => Error::Usage(ptx_error_text(&e)),
+        CudaError::Codegen(e) => Error::Codegen(e.into()),
         e => {
             use miette::Diagnostic;
             let help = e.help().map(|h| format!(" ({h})")).unwrap_or_default();

@@ -709,3 +709,24 @@ fn every_subcommand_help_has_an_example() {
         );
     }
 }
+
+#[test]
+fn emit_ptx_that_cannot_be_generated_says_why_and_how_to_fix_it() {
+    let spec = root().join("examples/causal.attn");
+    let o = attnc(&[
+        "emit",
+        spec.to_str().unwrap(),
+        "--target",
+        "ptx",
+        "--dim",
+        "512",
+    ]);
+    assert_fails(
+        &o,
+        &[
+            "attnc::ptx::head_dim",
+            "head dim D = 512 is too large for the PTX backend",
+            "help: use D <= 256",
+        ],
+    );
+}
