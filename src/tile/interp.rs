@@ -54,6 +54,11 @@ impl Scalar {
     }
 }
 
+/// The high 64 bits of the unsigned product of the bit patterns of `a` and `b`.
+pub fn umulhi(a: i64, b: i64) -> i64 {
+    ((u128::from(a as u64) * u128::from(b as u64)) >> 64) as u64 as i64
+}
+
 /// Evaluates an op that reads no index, shape, tile or buffer: the
 /// arithmetic shared by the interpreter and constant folding. `None` for
 /// other ops and for integer division by zero.
@@ -76,6 +81,8 @@ pub fn eval_pure(op: &Op, get: impl Fn(ValueId) -> Scalar) -> Option<Scalar> {
                 BinOp::IRem => I(floor_mod(x.i(), y.i())?),
                 BinOp::IShr => I(x.i() >> y.i()),
                 BinOp::IAnd => I(x.i() & y.i()),
+                BinOp::IXor => I(x.i() ^ y.i()),
+                BinOp::IMulHiU => I(umulhi(x.i(), y.i())),
                 BinOp::IMin => I(x.i().min(y.i())),
                 BinOp::IMax => I(x.i().max(y.i())),
                 BinOp::FAdd => F(x.f() + y.f()),

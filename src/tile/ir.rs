@@ -160,6 +160,12 @@ pub enum BinOp {
     IShr,
     /// Bitwise and: floor modulo by a power of two (mask).
     IAnd,
+    /// Bitwise exclusive or (with `ishr x, 63`: the sign trick of
+    /// division by a constant).
+    IXor,
+    /// The high 64 bits of the unsigned 128-bit product of the operands'
+    /// bit patterns: the magic multiply of division by a constant.
+    IMulHiU,
     IMin,
     IMax,
     FAdd,
@@ -221,6 +227,8 @@ impl BinOp {
             BinOp::IRem => "irem",
             BinOp::IShr => "ishr",
             BinOp::IAnd => "iand",
+            BinOp::IXor => "ixor",
+            BinOp::IMulHiU => "umulhi",
             BinOp::IMin => "imin",
             BinOp::IMax => "imax",
             BinOp::FAdd => "fadd",

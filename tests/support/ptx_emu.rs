@@ -720,12 +720,16 @@ fn arith(op: &str, parts: &[&str], ty: &str, x: &dyn Fn(usize) -> u64, text: &st
         }
         "u32" => (x(1) as u32 as u64) * (x(2) as u32 as u64),
         "u64" => match op {
+            "mul" if parts.contains(&"hi") => ((u128::from(x(1)) * u128::from(x(2))) >> 64) as u64,
             "mul" => x(1).wrapping_mul(x(2)),
             "div" => x(1) / x(2),
             _ => panic!("unsupported `{text}`"),
         },
         _ => {
             let g = |i| x(i) as i64;
+            if parts.contains(&"hi") {
+                panic!("unsupported `{text}`");
+            }
             (match op {
                 "add" => g(1).wrapping_add(g(2)),
                 "sub" => g(1).wrapping_sub(g(2)),

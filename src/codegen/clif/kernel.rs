@@ -929,12 +929,20 @@ impl Emitter<'_> {
                         _ => b.ins().icmp(IntCC::NotEqual, x, y),
                     })
                 }
-                BinOp::IAdd | BinOp::ISub | BinOp::IAnd | BinOp::IMin | BinOp::IMax => {
+                BinOp::IAdd
+                | BinOp::ISub
+                | BinOp::IMul
+                | BinOp::IAnd
+                | BinOp::IXor
+                | BinOp::IMin
+                | BinOp::IMax => {
                     let ((a0, a1), (b0, b1)) = (self.as_i64(b, vv, *x), self.as_i64(b, vv, *y));
                     let pair = |b: &mut FunctionBuilder<'_>, p: Value, q: Value| match op {
                         BinOp::IAdd => b.ins().iadd(p, q),
                         BinOp::ISub => b.ins().isub(p, q),
+                        BinOp::IMul => b.ins().imul(p, q),
                         BinOp::IAnd => b.ins().band(p, q),
+                        BinOp::IXor => b.ins().bxor(p, q),
                         _ => {
                             let cc = if *op == BinOp::IMin {
                                 IntCC::SignedLessThan
@@ -949,6 +957,14 @@ impl Emitter<'_> {
                     let hi = pair(b, a1, b1);
                     VVal::I(lo, hi)
                 }
+                // The verifier guarantees a constant shift in 0..64.
+                BinOp::IShr => {
+                    let s = self.k.const_int(*y)?;
+                    let (lo, hi) = self.as_i64(b, vv, *x);
+                    VVal::I(b.ins().sshr_imm_s(lo, s), b.ins().sshr_imm_s(hi, s))
+                }
+                // No i64x2 `umulhi` on x86: `IMulHiU` (and integer
+                // division) run lane by lane.
                 _ => return None,
             },
             Op::Cmp(cmp, x, y) => {
@@ -1411,6 +1427,8 @@ impl Emitter<'_> {
             }
             BinOp::IShr => b.ins().sshr(x, y),
             BinOp::IAnd => b.ins().band(x, y),
+            BinOp::IXor => b.ins().bxor(x, y),
+            BinOp::IMulHiU => b.ins().umulhi(x, y),
             BinOp::IMin => {
                 let c = b.ins().icmp(IntCC::SignedLessThan, x, y);
                 b.ins().select(c, x, y)

@@ -208,6 +208,8 @@ impl Gen<'_> {
                 ins!(self.w, "shr.s64 {d}, {a}, {s}");
             }
             BinOp::IAnd => ins!(self.w, "and.b64 {d}, {a}, {b}"),
+            BinOp::IXor => ins!(self.w, "xor.b64 {d}, {a}, {b}"),
+            BinOp::IMulHiU => ins!(self.w, "mul.hi.u64 {d}, {a}, {b}"),
             BinOp::IMin => ins!(self.w, "min.s64 {d}, {a}, {b}"),
             BinOp::IMax => ins!(self.w, "max.s64 {d}, {a}, {b}"),
             // `.rn` keeps ptxas from contracting a multiply and an add into
