@@ -158,9 +158,10 @@ fn load(path: &str, params: &[(&str, &str)]) -> attnc::sema::Spec {
     .spec
 }
 
-/// Every example at a ragged size (two query and two key tiles, GQA) with
-/// the GPU schedule, in f32 (FMA path) and f16 (mma path), and one with a
-/// padded head dim and Q read from shared memory.
+/// Every example (and the spec dividing by constants) at a ragged size (two
+/// query and two key tiles, GQA) with the GPU schedule, in f32 (FMA path)
+/// and f16 (mma path), and one with a padded head dim and Q read from
+/// shared memory.
 #[test]
 fn emulated_ptx_matches_the_tile_interpreter() {
     let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
@@ -179,6 +180,12 @@ fn emulated_ptx_matches_the_tile_interpreter() {
         (
             "examples/neighborhood_2d.attn",
             vec![("W", "8"), ("R", "1")],
+        ),
+        // Division by constants that are not powers of two (`mul.hi.u64`).
+        ("tests/specs/divide_by_constant.attn", vec![]),
+        (
+            "examples/neighborhood_2d.attn",
+            vec![("W", "7"), ("R", "1")],
         ),
     ];
     let (b, h, hkv, n) = (1, 2, 1, 70);

@@ -82,12 +82,28 @@ fn optimisations_are_visible_in_the_text() {
     let t = load("const_fold.attn");
     assert!(t.contains("fconst 0.125"), "{t}");
     assert!(!t.contains("idiv") && !t.contains("shape D"), "{t}");
-    // Strength reduction: shifts and masks for powers of two, idiv for 3.
+    // Strength reduction: shifts and masks for powers of two, a high
+    // multiply for 3; no division is left.
     let t = load("strength_reduce.attn");
     assert!(
-        t.contains("ishr") && t.contains("iand") && t.contains("idiv"),
+        t.contains("ishr") && t.contains("iand") && t.contains("umulhi"),
         "{t}"
     );
+    assert!(!t.contains("idiv") && !t.contains("irem"), "{t}");
+    // Other constant divisors: the sign trick (ixor) where the dividend may
+    // be negative ((q - kv) % 3 per element, (q - 50) / 7 per row), none for
+    // q / 100 (row level), a plain multiply for kv % 12 / 5 (column level,
+    // the dividend bounded by 11).
+    let t = load("divide_by_constant.attn");
+    assert!(!t.contains("idiv") && !t.contains("irem"), "{t}");
+    let partial = &t[t.find("for kt in partial").unwrap()..];
+    let row = &t[t.find("row i").unwrap()..t.find("for kt in full").unwrap()];
+    let col = &partial[partial.find("col j").unwrap()..partial.find("elem.partial").unwrap()];
+    let elem = &partial[partial.find("elem.partial").unwrap()..];
+    assert_eq!(row.matches("umulhi").count(), 2, "{t}");
+    assert_eq!(row.matches("ixor").count(), 2, "{t}");
+    assert!(col.contains("imul") && !col.contains("ixor"), "{t}");
+    assert!(elem.contains("umulhi") && elem.contains("ixor"), "{t}");
     // Bounds: the guarded table read is unchecked, doc[q] stays checked.
     let t = load("bounds_guarded.attn");
     assert!(

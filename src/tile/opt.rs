@@ -11,9 +11,14 @@
 //!   forms as `row part <op> column part`, so `q - kv < window` costs one
 //!   compare per element against a per-row value.
 //! - [`strength_reduce`]: floor division/modulo by powers of two become
-//!   shifts and masks; float division by a power of two becomes a multiply.
+//!   shifts and masks; by other positive constants, a multiply by a magic
+//!   constant (`umulhi`, or `imul` where the dividend is bounded by a small
+//!   constant) with the sign trick (`ishr x, 63`, `ixor`) where the dividend
+//!   may be negative; float division by a power of two becomes a multiply.
 //!
-//! Affine rewriting assumes index arithmetic does not overflow i64.
+//! Affine rewriting, and strength reduction where it drops the sign handling
+//! of a dividend the interval analysis proves non-negative, assume index
+//! arithmetic does not overflow i64.
 
 use super::builder::{rewrite, Builder};
 use super::interp::{eval_pure, Scalar};
@@ -84,6 +89,9 @@ pub fn fold_constants(k: &Kernel) -> Kernel {
             Op::Binary(BinOp::IAdd, x, y) if ci(b, y) == Some(0) => Some(x),
             Op::Binary(BinOp::IAdd, x, y) if ci(b, x) == Some(0) => Some(y),
             Op::Binary(BinOp::ISub, x, y) if ci(b, y) == Some(0) => Some(x),
+            Op::Binary(BinOp::IXor, x, y) if ci(b, y) == Some(0) => Some(x),
+            Op::Binary(BinOp::IXor, x, y) if ci(b, x) == Some(0) => Some(y),
+            Op::Binary(BinOp::IShr, x, y) if ci(b, y) == Some(0) => Some(x),
             Op::Binary(BinOp::IMul, x, y) if ci(b, y) == Some(1) => Some(x),
             Op::Binary(BinOp::IMul, x, y) if ci(b, x) == Some(1) => Some(y),
             Op::Binary(BinOp::FMul, x, y) if matches!(b.inst(y).op, Op::FConst(c) if c == 1.0) => {
@@ -315,6 +323,11 @@ fn interval(k: &Kernel, v: ValueId, depth: usize) -> Interval {
                 BinOp::IRem => match cb {
                     Some(c) if c > 0 => range(Affine::constant(0), Affine::constant(c as i128 - 1)),
                     _ => Interval::default(),
+                },
+                // For 0 <= a < 2^63 and any 64-bit m: 0 <= floor(a * m / 2^64) <= a.
+                BinOp::IMulHiU if lin(ia.lo).is_some_and(Affine::nonneg) => Interval {
+                    lo: Some(BoundExpr::exact(Affine::constant(0))),
+                    hi: ia.hi,
                 },
                 BinOp::IAnd => match cb {
                     Some(m) if m >= 0 => range(Affine::constant(0), Affine::constant(m as i128)),
@@ -670,45 +683,481 @@ pub fn simplify_affine(k: &Kernel) -> Kernel {
 // ---------------------------------------------------------------------------
 // Strength reduction.
 
-/// Division and modulo by powers of two become shifts and masks.
-pub fn strength_reduce(k: &Kernel) -> Kernel {
-    rewrite(k, |b, inst, _| match inst.op {
-        Op::Binary(op @ (BinOp::IDiv | BinOp::IRem), x, y) => {
-            let c = b.const_int(y)?;
-            if c <= 0 || c.count_ones() != 1 {
+/// What the interval analysis knows about a dividend, as i64 constants:
+/// `lo <= x <= hi` where known.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct DividendRange {
+    lo: Option<i64>,
+    hi: Option<i64>,
+    /// `x >= 0` for every admissible shape (a symbolic lower bound may prove
+    /// this where no constant one exists).
+    nonneg: bool,
+}
+
+impl DividendRange {
+    fn of(k: &Kernel, x: ValueId) -> DividendRange {
+        let iv = interval(k, x, 0);
+        let constant = |b: Option<BoundExpr>| {
+            let b = b?;
+            if b.affine.a.iter().any(|&a| a != 0) {
                 return None;
             }
-            let shift = c.trailing_zeros() as i64;
-            Some(match op {
-                BinOp::IDiv if shift == 0 => x,
-                BinOp::IDiv => {
-                    let s = b.iconst(shift);
-                    b.binary(BinOp::IShr, x, s)
-                }
-                _ => {
-                    let m = b.iconst(c - 1);
-                    b.binary(BinOp::IAnd, x, m)
-                }
-            })
+            i64::try_from(b.affine.c.div_euclid(b.div)).ok()
+        };
+        let (lo, hi) = (constant(iv.lo), constant(iv.hi));
+        DividendRange {
+            lo,
+            hi,
+            nonneg: iv.lo.is_some_and(|b| b.affine.nonneg()) || lo.is_some_and(|l| l >= 0),
         }
-        Op::Binary(BinOp::FDiv, x, y) => {
-            let Op::FConst(c) = b.inst(y).op else {
-                return None;
-            };
-            let r = 1.0 / c;
-            // Exact only when the reciprocal is exact: a power of two.
-            if c.is_finite()
-                && c != 0.0
-                && r.is_finite()
-                && c.abs().to_bits() & 0x007f_ffff == 0
-                && r.is_normal()
-            {
-                let rc = b.fconst(r);
-                Some(b.binary(BinOp::FMul, x, rc))
-            } else {
-                None
-            }
+    }
+
+    /// The largest value of `x < 0 ? -1 - x : x`: what the unsigned part of
+    /// a floor division sees. `i64::MAX` where nothing smaller is known.
+    fn magnitude(self) -> i64 {
+        let below = if self.nonneg {
+            Some(0)
+        } else {
+            self.lo.map(|l| if l < 0 { -1 - l } else { 0 })
+        };
+        match (below, self.hi) {
+            (Some(b), Some(h)) => b.max(h).max(0),
+            _ => i64::MAX,
         }
-        _ => None,
+    }
+}
+
+/// The multiplier `m = ceil(2^s / d)` and shift `s >= min_shift` (the
+/// smallest such) with `floor(t * m / 2^s) == floor(t / d)` for every
+/// `0 <= t <= max_t`, or `None` if `m` would not fit in 64 bits.
+///
+/// With `e = m * d - 2^s` (so `0 <= e < d`), `t = q * d + r`:
+/// `t * m / 2^s = q + (r + t * e / 2^s) / d`, so `max_t * e < 2^s` makes the
+/// floor exact (`r <= d - 1`). For `max_t < 2^63` and `s = 63 + ceil(log2 d)`
+/// this always holds and `m < 2^64`, so a multiplier exists for every `d >= 1`.
+fn magic(d: u64, max_t: u64, min_shift: u32) -> Option<(u64, u32)> {
+    debug_assert!(d >= 1);
+    (min_shift..=127).find_map(|s| {
+        let p = 1u128 << s;
+        let d = u128::from(d);
+        let m = p.div_ceil(d);
+        let e = m * d - p;
+        (u128::from(max_t) * e < p).then_some(m)?;
+        Some((u64::try_from(m).ok()?, s))
     })
+}
+
+/// `floor(t / d)` for `0 <= t <= max_t`, `d >= 2` not a power of two: a
+/// signed multiply and shift where the product provably fits, else the
+/// high half of an unsigned multiply and a shift.
+fn unsigned_div(b: &mut Builder, t: ValueId, d: i64, max_t: i64) -> ValueId {
+    if max_t < d {
+        return b.iconst(0);
+    }
+    let (d, max_t) = (d as u64, max_t as u64);
+    if let Some((m, s)) = magic(d, max_t, 0) {
+        if u128::from(max_t) * u128::from(m) <= i64::MAX as u128 {
+            let mc = b.iconst(m as i64);
+            let prod = b.binary(BinOp::IMul, t, mc);
+            let sc = b.iconst(i64::from(s));
+            return b.binary(BinOp::IShr, prod, sc);
+        }
+    }
+    let (m, s) = magic(d, max_t, 64).expect("a 64-bit multiplier exists for t < 2^63");
+    let mc = b.iconst(m as i64);
+    let hi = b.binary(BinOp::IMulHiU, t, mc);
+    if s == 64 {
+        hi
+    } else {
+        let sc = b.iconst(i64::from(s - 64));
+        b.binary(BinOp::IShr, hi, sc)
+    }
+}
+
+/// `floor(x / d)` for a constant `d >= 2` that is not a power of two, exact
+/// for every i64 `x`. Negative `x` use the sign trick
+/// `floor(x / d) = -1 - floor((-1 - x) / d)`, branch-free with
+/// `sgn = ishr x, 63` (0 or -1) and `-1 - x = x ^ -1`; it is left out where
+/// the interval analysis proves `x >= 0`.
+fn floor_div_by_const(b: &mut Builder, x: ValueId, d: i64, range: DividendRange) -> ValueId {
+    let max_t = range.magnitude();
+    if range.nonneg {
+        return unsigned_div(b, x, d, max_t);
+    }
+    let c63 = b.iconst(63);
+    let sgn = b.binary(BinOp::IShr, x, c63);
+    let t = b.binary(BinOp::IXor, x, sgn);
+    let u = unsigned_div(b, t, d, max_t);
+    b.binary(BinOp::IXor, u, sgn)
+}
+
+/// Division and modulo by constants: powers of two become shifts and
+/// masks; other positive divisors a multiply by a magic constant (see
+/// [`floor_div_by_const`]), and modulo `x - d * floor(x / d)`. Negative
+/// divisors stay `idiv`/`irem` (rare in masks, and `-x` may overflow).
+pub fn strength_reduce(k: &Kernel) -> Kernel {
+    // Dividend ranges from the input kernel, by instruction index.
+    let ranges: Vec<Option<DividendRange>> = k
+        .insts
+        .iter()
+        .map(|inst| match inst.op {
+            Op::Binary(BinOp::IDiv | BinOp::IRem, x, y)
+                if k.const_int(y).is_some_and(|c| c > 2) =>
+            {
+                Some(DividendRange::of(k, x))
+            }
+            _ => None,
+        })
+        .collect();
+    let mut idx = 0;
+    rewrite(k, |b, inst, _| {
+        let i = idx;
+        idx += 1;
+        match inst.op {
+            Op::Binary(op @ (BinOp::IDiv | BinOp::IRem), x, y) => {
+                let c = b.const_int(y)?;
+                if c <= 0 {
+                    return None;
+                }
+                if c.count_ones() != 1 {
+                    let range = ranges[i]?;
+                    let q = floor_div_by_const(b, x, c, range);
+                    return Some(match op {
+                        BinOp::IDiv => q,
+                        _ if range.nonneg && range.hi.is_some_and(|h| h < c) => x,
+                        _ => {
+                            let dc = b.iconst(c);
+                            let qd = b.binary(BinOp::IMul, q, dc);
+                            b.binary(BinOp::ISub, x, qd)
+                        }
+                    });
+                }
+                let shift = c.trailing_zeros() as i64;
+                Some(match op {
+                    BinOp::IDiv if shift == 0 => x,
+                    BinOp::IDiv => {
+                        let s = b.iconst(shift);
+                        b.binary(BinOp::IShr, x, s)
+                    }
+                    _ => {
+                        let m = b.iconst(c - 1);
+                        b.binary(BinOp::IAnd, x, m)
+                    }
+                })
+            }
+            Op::Binary(BinOp::FDiv, x, y) => {
+                let Op::FConst(c) = b.inst(y).op else {
+                    return None;
+                };
+                let r = 1.0 / c;
+                // Exact only when the reciprocal is exact: a power of two.
+                if c.is_finite()
+                    && c != 0.0
+                    && r.is_finite()
+                    && c.abs().to_bits() & 0x007f_ffff == 0
+                    && r.is_normal()
+                {
+                    let rc = b.fconst(r);
+                    Some(b.binary(BinOp::FMul, x, rc))
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sema::eval::{floor_div, floor_mod};
+    use crate::tile::builder::KernelRoots;
+
+    /// A kernel whose score is `itof(f(b, x))`, where `x` is an i64 the
+    /// interval analysis knows nothing about (a checked read of `xs[0]`).
+    fn kernel_of(f: impl FnOnce(&mut Builder, ValueId) -> ValueId) -> Kernel {
+        let mut b = Builder::default();
+        let zero = b.iconst(0);
+        let x = b.add(
+            Op::Load {
+                buffer: 0,
+                indices: vec![zero],
+                checked: true,
+            },
+            Ty::I64,
+            None,
+            None,
+        );
+        let r = f(&mut b, x);
+        let score = b.add(Op::IToF(r), Ty::F32, None, None);
+        let one = b.fconst(1.0);
+        let roots = KernelRoots {
+            scale: one,
+            q_prescale: one,
+            mask: None,
+            score_full: score,
+            score_partial: score,
+            effects_full: vec![],
+            effects_partial: vec![],
+        };
+        let (insts, spans, roots) = b.finish(roots);
+        let k = Kernel {
+            name: "division".into(),
+            schedule: Schedule::default(),
+            params: vec![],
+            buffers: vec![BufferDecl {
+                name: "xs".into(),
+                elem: Ty::I64,
+                dims: vec![Dim::Lit(1)],
+            }],
+            insts,
+            spans,
+            scale: one,
+            q_prescale: one,
+            mask: None,
+            score_full: score,
+            score_partial: score,
+            effects_full: vec![],
+            effects_partial: vec![],
+        }
+        .with_roots(roots);
+        verify(&k).unwrap();
+        k
+    }
+
+    /// The i64 under the score's `itof`, with `xs[0]` (and `kv`) set to `x`,
+    /// every other instruction evaluated by the interpreter's `eval_pure`.
+    fn run(k: &Kernel, x: i64) -> i64 {
+        let mut vals: Vec<Scalar> = Vec::with_capacity(k.insts.len());
+        for inst in &k.insts {
+            let v = match &inst.op {
+                Op::Load { .. } | Op::Var(Var::Kv) => Scalar::I(x),
+                op => eval_pure(op, |v| vals[v.0 as usize])
+                    .unwrap_or_else(|| panic!("not pure: {op:?}\n{k}")),
+            };
+            vals.push(v);
+        }
+        let Op::IToF(r) = k.inst(k.score_full).op else {
+            panic!("the score is an itof\n{k}")
+        };
+        vals[r.0 as usize].i()
+    }
+
+    fn ops(k: &Kernel) -> Vec<BinOp> {
+        k.insts
+            .iter()
+            .filter_map(|i| match i.op {
+                Op::Binary(op, ..) => Some(op),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A deterministic stream of i64s (splitmix64).
+    fn random(seed: u64) -> impl Iterator<Item = i64> {
+        let mut s = seed;
+        std::iter::repeat_with(move || {
+            s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            (z ^ (z >> 31)) as i64
+        })
+    }
+
+    /// Edge values for divisor `d`: the ends of i64, zero, multiples of `d`
+    /// (small and near the ends) and their neighbours, and random values of
+    /// every magnitude.
+    fn dividends(d: i64, n_random: usize) -> Vec<i64> {
+        let mut xs = vec![
+            i64::MIN,
+            i64::MIN + 1,
+            i64::MAX,
+            i64::MAX - 1,
+            0,
+            1,
+            -1,
+            2,
+            -2,
+        ];
+        let ends = [i64::MAX / d, i64::MIN / d];
+        let multiples = (-4..=4).chain(ends.iter().flat_map(|e| e - 2..=e + 2));
+        for m in multiples {
+            if let Some(base) = m.checked_mul(d) {
+                xs.extend(
+                    [base.checked_sub(1), Some(base), base.checked_add(1)]
+                        .into_iter()
+                        .flatten(),
+                );
+            }
+        }
+        for (i, r) in random(d as u64).take(n_random).enumerate() {
+            // Full width, and shifted down to every magnitude.
+            xs.push(r);
+            xs.push(r >> (i % 63));
+        }
+        xs
+    }
+
+    const DIVISORS: &[i64] = &[
+        3,
+        5,
+        6,
+        7,
+        10,
+        12,
+        100,
+        641,
+        1_000_000_007,
+        (1 << 31) - 1,
+        (1 << 31) + 1,
+        (1 << 32) + 1,
+        (1 << 62) - 1,
+        (1 << 62) + 1,
+        3 << 61,
+        i64::MAX - 1,
+        i64::MAX,
+    ];
+
+    /// Checks `x / d` and `x % d`, rewritten for dividends `x = shape(x)`,
+    /// against `floor_div` / `floor_mod` of the same dividend.
+    fn check(
+        d: i64,
+        n_random: usize,
+        shape_name: &str,
+        shape: impl Fn(&mut Builder, ValueId) -> ValueId + Copy,
+        dividend: impl Fn(i64) -> Option<i64>,
+    ) {
+        for op in [BinOp::IDiv, BinOp::IRem] {
+            let before = kernel_of(|b, x| {
+                let x = shape(b, x);
+                let dc = b.iconst(d);
+                b.binary(op, x, dc)
+            });
+            let after = strength_reduce(&before);
+            verify(&after).unwrap_or_else(|e| panic!("{e}\n{after}"));
+            let left = ops(&after);
+            assert!(
+                !left.contains(&BinOp::IDiv) && !left.contains(&BinOp::IRem),
+                "{} by {d} ({shape_name}) not reduced:\n{after}",
+                op.name()
+            );
+            for x in dividends(d, n_random) {
+                let Some(v) = dividend(x) else { continue };
+                let want = match op {
+                    BinOp::IDiv => floor_div(v, d),
+                    _ => floor_mod(v, d),
+                }
+                .unwrap();
+                // The unrewritten kernel, as a check of the harness itself.
+                assert_eq!(run(&before, x), want);
+                assert_eq!(
+                    run(&after, x),
+                    want,
+                    "{} {v} by {d} ({shape_name}):\n{after}",
+                    op.name()
+                );
+            }
+        }
+    }
+
+    fn clamp(lo: i64, hi: i64) -> impl Fn(&mut Builder, ValueId) -> ValueId + Copy {
+        move |b: &mut Builder, x: ValueId| {
+            let (l, h) = (b.iconst(lo), b.iconst(hi));
+            let x = b.binary(BinOp::IMax, x, l);
+            b.binary(BinOp::IMin, x, h)
+        }
+    }
+
+    fn check_all_shapes(d: i64, n_random: usize) {
+        // Any i64: the sign trick.
+        check(d, n_random, "any", |_, x| x, Some);
+        // kv >= 0: no sign handling.
+        check(
+            d,
+            n_random,
+            "kv",
+            |b, _| b.add(Op::Var(Var::Kv), Ty::I64, None, None),
+            |x| (x >= 0).then_some(x),
+        );
+        // Constant ranges: a plain multiply where it fits.
+        for (lo, hi) in [
+            (0, d - 1),
+            (0, 1000),
+            (0, d.saturating_mul(3).saturating_add(2)),
+            (0, (1 << 31) - 1),
+            (0, i64::MAX),
+            (-1000, 1000),
+            (-(1 << 31), (1 << 31) - 1),
+            (i64::MIN, 5),
+        ] {
+            check(d, n_random, &format!("[{lo}, {hi}]"), clamp(lo, hi), |x| {
+                Some(x.clamp(lo, hi))
+            });
+        }
+    }
+
+    #[test]
+    fn division_by_constants_is_exact_on_edge_and_random_values() {
+        for &d in DIVISORS {
+            check_all_shapes(d, 300);
+        }
+    }
+
+    #[test]
+    fn division_by_every_small_constant_is_exact() {
+        for d in (3..300).filter(|d: &i64| d.count_ones() != 1) {
+            check_all_shapes(d, 20);
+        }
+        for k in 3..63 {
+            for d in [(1i64 << k) - 1, (1i64 << k) + 1] {
+                check_all_shapes(d, 20);
+            }
+        }
+    }
+
+    #[test]
+    fn the_cheapest_exact_form_is_chosen() {
+        let text = |shape: fn(&mut Builder, ValueId) -> ValueId, op: BinOp, d: i64| {
+            let k = kernel_of(|b, x| {
+                let x = shape(b, x);
+                let dc = b.iconst(d);
+                b.binary(op, x, dc)
+            });
+            strength_reduce(&k).to_string()
+        };
+        // Any i64: sign trick around an unsigned high multiply.
+        let t = text(|_, x| x, BinOp::IDiv, 7);
+        assert!(
+            t.contains("ishr") && t.contains("ixor") && t.contains("umulhi"),
+            "{t}"
+        );
+        // kv >= 0: no sign handling.
+        let kv = |b: &mut Builder, _| b.add(Op::Var(Var::Kv), Ty::I64, None, None);
+        let t = text(kv, BinOp::IDiv, 7);
+        assert!(t.contains("umulhi") && !t.contains("ixor"), "{t}");
+        // 0 <= x <= 1000: a plain multiply and shift.
+        let small = |b: &mut Builder, x| clamp(0, 1000)(b, x);
+        let t = text(small, BinOp::IRem, 7);
+        assert!(t.contains("imul") && !t.contains("umulhi"), "{t}");
+        // 0 <= x < d: the quotient is 0 and the remainder x.
+        let tiny = |b: &mut Builder, x| clamp(0, 6)(b, x);
+        let t = text(tiny, BinOp::IRem, 7);
+        assert!(!t.contains("imul") && !t.contains("umulhi"), "{t}");
+        // Negative divisors stay divisions.
+        let t = text(|_, x| x, BinOp::IDiv, -7);
+        assert!(t.contains("idiv"), "{t}");
+    }
+
+    #[test]
+    fn magic_multipliers_exist_for_every_dividend_below_2_pow_63() {
+        let max = i64::MAX as u64;
+        for d in DIVISORS.iter().map(|&d| d as u64).chain(3..2000) {
+            let (m, s) = magic(d, max, 64).unwrap();
+            // The bound of the doc comment: s <= 63 + ceil(log2 d).
+            assert!(s <= 63 + (64 - (d - 1).leading_zeros()), "d = {d}: s = {s}");
+            assert_eq!(u128::from(m), (1u128 << s).div_ceil(u128::from(d)));
+        }
+    }
 }
