@@ -198,6 +198,7 @@ pub fn compile(
                 slots: &slots,
                 funcs,
                 vals: vec![None; kernel.insts.len()],
+                uniform: vec![None; kernel.insts.len()],
                 task: None,
             };
             e.body(b);
@@ -245,6 +246,10 @@ struct Emitter<'a> {
     funcs: Funcs,
     /// The Cranelift value of each IR value, where it is in scope.
     vals: Vec<Option<Value>>,
+    /// Splats of the uniform (call, head or row level) operands of the element
+    /// code, made once per row before the column loop (Cranelift at
+    /// `opt_level = "none"` does not hoist them); empty outside a row.
+    uniform: Vec<Option<VVal>>,
     task: Option<Value>,
 }
 
@@ -616,6 +621,7 @@ impl Emitter<'_> {
                     let i = v[0];
                     let q = b.ins().iadd(q_start, i);
                     self.load_slots(b, Level::Row, section, rowvals, bq, i);
+                    self.splat_uniforms(b, section, score);
                     let row_off = b.ins().imul_imm_s(i, bkv * 4);
                     let srow = b.ins().iadd(s, row_off);
                     // Four columns at a time in f32x4, then the scalar tail.
@@ -668,6 +674,7 @@ impl Emitter<'_> {
                             vec![b.ins().iadd_imm_s(j, 1)]
                         },
                     );
+                    self.uniform.fill(None);
                     vec![b.ins().iadd_imm_s(i, 1)]
                 },
             );
@@ -801,12 +808,44 @@ impl Emitter<'_> {
         VVal::I(lo, hi)
     }
 
+    /// Splats, at the current point (the top of a row), every uniform value the
+    /// vector element code of `section` reads, for [`Self::vget`].
+    fn splat_uniforms(&mut self, b: &mut FunctionBuilder<'_>, section: Section, score: ValueId) {
+        let k = self.k;
+        // Column values are per lane (loaded by `elem_vector`), not uniform.
+        let uniform = |v: ValueId| k.inst(v).level <= Level::Row;
+        let mut wanted: Vec<ValueId> = k
+            .insts
+            .iter()
+            .filter(|i| {
+                i.level == Level::Elem && (i.section == Section::Shared || i.section == section)
+            })
+            .flat_map(|i| i.op.operands())
+            .collect();
+        wanted.push(score);
+        if section == Section::Partial {
+            wanted.extend(k.mask);
+        }
+        for v in wanted {
+            if uniform(v) && self.uniform[v.0 as usize].is_none() {
+                let x = self.splat(b, v);
+                self.uniform[v.0 as usize] = Some(x);
+            }
+        }
+    }
+
     /// The vector form of `v`: computed at element level, or a uniform
-    /// (call, head or row level) value splatted.
+    /// (call, head or row level) value splatted (once per row, see
+    /// [`Self::splat_uniforms`]).
     fn vget(&self, b: &mut FunctionBuilder<'_>, vv: &[Option<VVal>], v: ValueId) -> VVal {
-        if let Some(x) = vv[v.0 as usize] {
+        if let Some(x) = vv[v.0 as usize].or(self.uniform[v.0 as usize]) {
             return x;
         }
+        self.splat(b, v)
+    }
+
+    /// `v` (a uniform value in scope) in every lane.
+    fn splat(&self, b: &mut FunctionBuilder<'_>, v: ValueId) -> VVal {
         let s = self.get(v);
         match self.k.inst(v).ty {
             Ty::F32 => VVal::F(b.ins().splat(types::F32X4, s)),
