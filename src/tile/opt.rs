@@ -14,7 +14,8 @@
 //!   shifts and masks; by other positive constants, a multiply by a magic
 //!   constant (`umulhi`, or `imul` where the dividend is bounded by a small
 //!   constant) with the sign trick (`ishr x, 63`, `ixor`) where the dividend
-//!   may be negative; float division by a power of two becomes a multiply.
+//!   may be negative; float division by a constant becomes a multiply by its
+//!   reciprocal (exact for powers of two, within 2 ulp otherwise).
 //!
 //! Affine rewriting, and strength reduction where it drops the sign handling
 //! of a dividend the interval analysis proves non-negative, assume index
@@ -849,14 +850,12 @@ pub fn strength_reduce(k: &Kernel) -> Kernel {
                 let Op::FConst(c) = b.inst(y).op else {
                     return None;
                 };
+                // `x / c` becomes `x * (1 / c)` when the reciprocal is a normal
+                // float: exact for powers of two, otherwise within 2 ulp of the
+                // quotient (two roundings instead of one); inf, NaN and signed
+                // zeros come out as from the division.
                 let r = 1.0 / c;
-                // Exact only when the reciprocal is exact: a power of two.
-                if c.is_finite()
-                    && c != 0.0
-                    && r.is_finite()
-                    && c.abs().to_bits() & 0x007f_ffff == 0
-                    && r.is_normal()
-                {
+                if c.is_finite() && c != 0.0 && r.is_normal() {
                     let rc = b.fconst(r);
                     Some(b.binary(BinOp::FMul, x, rc))
                 } else {
