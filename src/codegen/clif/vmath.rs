@@ -28,7 +28,7 @@ use crate::runtime::gemm::math::{
 };
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::{
-    types, ConstantData, Endianness, InstBuilder, MemFlagsData, Type, Value,
+    types, BlockArg, ConstantData, Endianness, InstBuilder, MemFlagsData, Type, Value,
 };
 use cranelift_frontend::FunctionBuilder;
 
@@ -347,7 +347,9 @@ impl VMath {
     }
 
     /// Hyperbolic tangent, computed on `|x|` with the sign of `x` put back (so
-    /// `tanh(-0) = -0`).
+    /// `tanh(-0) = -0`). When every lane is below the polynomial's limit (the
+    /// common case of soft-capping, `cap * tanh(score / cap)`), the exponential
+    /// branch is skipped.
     pub fn tanh(&self, b: &mut FunctionBuilder<'_>, x: Value) -> Value {
         let ax = b.ins().fabs(x);
         // |x| < 0.625: |x| + |x|³·P(x²).
@@ -355,6 +357,20 @@ impl VMath {
         let p = self.horner(b, x2, &TANH_P);
         let px2 = b.ins().fmul(p, x2);
         let small = self.fma(b, px2, ax, ax);
+        let limit = self.splat(b, TANH_POLY_LIMIT);
+        let in_poly = b.ins().fcmp(FloatCC::LessThan, ax, limit);
+        let all_small = b.ins().vall_true(in_poly);
+        let large_block = b.create_block();
+        let merge = b.create_block();
+        let magnitude = b.append_block_param(merge, F32X4);
+        b.ins().brif(
+            all_small,
+            merge,
+            &[BlockArg::Value(small)],
+            large_block,
+            &[],
+        );
+        b.switch_to_block(large_block);
         // otherwise: 1 - 2/(e^(2|x|) + 1).
         let two_ax = b.ins().fadd(ax, ax);
         let e = self.exp(b, two_ax);
@@ -363,9 +379,10 @@ impl VMath {
         let two = self.splat(b, 2.0);
         let q = b.ins().fdiv(two, e1);
         let large = b.ins().fsub(one, q);
-        let limit = self.splat(b, TANH_POLY_LIMIT);
-        let use_small = self.cmp(b, FloatCC::LessThan, ax, limit);
-        let magnitude = b.ins().bitselect(use_small, small, large);
+        let use_small = b.ins().bitcast(F32X4, lane_flags(), in_poly);
+        let mixed = b.ins().bitselect(use_small, small, large);
+        b.ins().jump(merge, &[BlockArg::Value(mixed)]);
+        b.switch_to_block(merge);
         let sign_mask = self.splat(b, -0.0);
         let sign = b.ins().band(x, sign_mask);
         b.ins().bor(magnitude, sign)
@@ -648,6 +665,13 @@ mod tests {
         assert!(max_ulp(&code, "tanh", &sweep(-12.0, 12.0, n), f64::tanh) <= 2.0);
         assert!(max_ulp(&code, "tanh", &sweep(-0.7, 0.7, n), f64::tanh) <= 2.0);
         assert!(max_ulp(&code, "tanh_s", &sweep(-3.0, 3.0, 4096), f64::tanh) <= 2.0);
+        // Vectors whose lanes take both branches (small lanes alone skip the exponential).
+        let mixed: Vec<f32> = sweep(-0.7, 0.7, 4096)
+            .into_iter()
+            .zip(sweep(-12.0, 12.0, 4096))
+            .flat_map(|(a, b)| [a, b])
+            .collect();
+        assert!(max_ulp(&code, "tanh", &mixed, f64::tanh) <= 2.0);
         let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
         assert!(max_ulp(&code, "sigmoid", &sweep(-87.0, 30.0, n), sig) <= 2.1);
         assert!(max_ulp(&code, "sigmoid", &sweep(-103.0, -87.0, 4096), sig) <= 1.0);
