@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use super::builder::{Builder, KernelRoots};
+use super::builder::{Builder, KernelDecls, KernelRoots};
 use super::ir::*;
 use crate::sema::{BinaryOp, Expr, ExprId, Func, ShapeVar, Spec, Type, UnaryOp, Value};
 
@@ -104,22 +104,13 @@ pub fn build(spec: &Spec, schedule: &Schedule) -> Kernel {
             dims: b.dims.clone(),
         })
         .collect();
-    let k = Kernel {
+    let decls = KernelDecls {
         name: spec.name.clone(),
         schedule: *schedule,
         params,
         buffers,
-        insts,
-        spans,
-        scale,
-        q_prescale,
-        mask,
-        score_full,
-        score_partial,
-        effects_full: vec![],
-        effects_partial: vec![],
     };
-    k.with_roots(roots)
+    Kernel::from_parts(decls, insts, spans, roots)
 }
 
 pub fn ty_of(t: Type) -> Ty {

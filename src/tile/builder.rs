@@ -320,10 +320,29 @@ pub fn rewrite(
     }
 }
 
+/// The declarations of a kernel: everything but its instructions and roots.
+pub struct KernelDecls {
+    pub name: String,
+    pub schedule: Schedule,
+    pub params: Vec<(String, String)>,
+    pub buffers: Vec<BufferDecl>,
+}
+
 impl Kernel {
-    /// A copy with other roots (instructions unchanged).
-    pub fn with_roots(&self, r: KernelRoots) -> Kernel {
+    /// A kernel from its declarations and what [`Builder::finish`] returns.
+    pub fn from_parts(
+        decls: KernelDecls,
+        insts: Vec<Inst>,
+        spans: Vec<Option<crate::syntax::Span>>,
+        r: KernelRoots,
+    ) -> Kernel {
         Kernel {
+            name: decls.name,
+            schedule: decls.schedule,
+            params: decls.params,
+            buffers: decls.buffers,
+            insts,
+            spans,
             scale: r.scale,
             q_prescale: r.q_prescale,
             mask: r.mask,
@@ -331,7 +350,17 @@ impl Kernel {
             score_partial: r.score_partial,
             effects_full: r.effects_full,
             effects_partial: r.effects_partial,
-            ..self.clone()
         }
+    }
+
+    /// A copy with other roots (instructions unchanged).
+    pub fn with_roots(&self, r: KernelRoots) -> Kernel {
+        let decls = KernelDecls {
+            name: self.name.clone(),
+            schedule: self.schedule,
+            params: self.params.clone(),
+            buffers: self.buffers.clone(),
+        };
+        Kernel::from_parts(decls, self.insts.clone(), self.spans.clone(), r)
     }
 }

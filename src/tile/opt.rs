@@ -871,7 +871,7 @@ pub fn strength_reduce(k: &Kernel) -> Kernel {
 mod tests {
     use super::*;
     use crate::sema::eval::{floor_div, floor_mod};
-    use crate::tile::builder::KernelRoots;
+    use crate::tile::builder::{KernelDecls, KernelRoots};
 
     /// A kernel whose score is `itof(f(b, x))`, where `x` is an i64 the
     /// interval analysis knows nothing about (a checked read of `xs[0]`).
@@ -901,7 +901,7 @@ mod tests {
             effects_partial: vec![],
         };
         let (insts, spans, roots) = b.finish(roots);
-        let k = Kernel {
+        let decls = KernelDecls {
             name: "division".into(),
             schedule: Schedule::default(),
             params: vec![],
@@ -910,17 +910,8 @@ mod tests {
                 elem: Ty::I64,
                 dims: vec![Dim::Lit(1)],
             }],
-            insts,
-            spans,
-            scale: one,
-            q_prescale: one,
-            mask: None,
-            score_full: score,
-            score_partial: score,
-            effects_full: vec![],
-            effects_partial: vec![],
-        }
-        .with_roots(roots);
+        };
+        let k = Kernel::from_parts(decls, insts, spans, roots);
         verify(&k).unwrap();
         k
     }
