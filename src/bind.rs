@@ -133,6 +133,12 @@ pub enum BindError {
     #[error("the query offset must be >= 0, found {0}")]
     #[diagnostic(code(attnc::bind::q_offset), help("the offset is the absolute position of query row 0: 0 for prefill, KV - Q when decoding with a KV cache"))]
     NegativeOffset(i64),
+    #[error("{what} is {value}, past the limit of {limit} (2^31 - 1)", limit = crate::sema::POSITION_LIMIT)]
+    #[diagnostic(
+        code(attnc::bind::too_large),
+        help("shapes and positions (q_offset + Q, KV) must stay within 2^31 - 1; split the sequence into smaller calls")
+    )]
+    TooLarge { what: &'static str, value: u64 },
     #[error("missing buffer `{name}`: attention `{spec}` declares `buffer {name}[{dims}]: {ty}`")]
     #[diagnostic(
         code(attnc::bind::missing_buffer),
@@ -219,6 +225,25 @@ pub fn bind(spec: &Spec, inputs: &Inputs<'_>) -> Result<Bound, BindError> {
     }
     if inputs.q_offset < 0 {
         return Err(BindError::NegativeOffset(inputs.q_offset));
+    }
+    let sizes = [
+        ("the batch B", qs[0] as i128),
+        ("the number of heads H", h as i128),
+        ("the head dim D", qs[3] as i128),
+        ("the key length KV", ks[2] as i128),
+        (
+            "the query end q_offset + Q",
+            inputs.q_offset as i128 + qs[2] as i128,
+        ),
+    ];
+    if let Some(&(what, value)) = sizes
+        .iter()
+        .find(|(_, n)| *n > crate::sema::POSITION_LIMIT as i128)
+    {
+        return Err(BindError::TooLarge {
+            what,
+            value: u64::try_from(value).unwrap_or(u64::MAX),
+        });
     }
     let shapes = Shapes {
         b: qs[0],

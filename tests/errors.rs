@@ -595,3 +595,34 @@ fn query_offset_must_not_be_negative() {
     assert!(r.contains("the query offset must be >= 0, found -1"), "{r}");
     assert!(r.contains("help:"), "{r}");
 }
+
+#[test]
+fn positions_past_the_limit_are_refused() {
+    let (e, r) = bind_error(
+        PACKED,
+        [1, 2, 6, 8],
+        [1, 2, 6, 8],
+        [1, 2, 6, 8],
+        vec![("doc", int_buffer(&[6]))],
+        i32::MAX as i64 - 5,
+    );
+    assert_eq!(
+        e,
+        BindError::TooLarge {
+            what: "the query end q_offset + Q",
+            value: i32::MAX as u64 + 1,
+        }
+    );
+    assert!(
+        r.contains("the query end q_offset + Q is 2147483648, past the limit of 2147483647"),
+        "{r}"
+    );
+    assert!(r.contains("help: shapes and positions"), "{r}");
+    // The last position below the limit is accepted.
+    let program = load(PACKED, None, &[]).unwrap();
+    let (q, k, v) = qkv([1, 2, 6, 8], [1, 2, 6, 8], [1, 2, 6, 8]);
+    let inputs = Inputs::new(q.view(), k.view(), v.view())
+        .q_offset(i32::MAX as i64 - 6)
+        .buffer("doc", int_buffer(&[6]));
+    assert!(attnc::bind::bind(&program.spec, &inputs).is_ok());
+}

@@ -18,6 +18,11 @@ pub use check::suggest;
 pub use ir::*;
 pub use limits::MAX_DEPTH;
 
+/// Exclusive bound on every shape (B, H, HKV, Q, KV, D) and every position
+/// (`q_offset + Q` and KV at most this): `2^31 - 1`. Binding checks it, so
+/// backends may compute index differences such as `q - kv` in 32-bit lanes.
+pub const POSITION_LIMIT: i64 = i32::MAX as i64;
+
 use crate::syntax::{ast, Span};
 
 /// Checks a parsed file: names, types, dependences, and the depth limit of

@@ -353,6 +353,31 @@ impl Kernel {
         }
     }
 
+    /// A kernel (for tests) whose full and partial score is `itof(v)`, with
+    /// no mask, scale 1 and the given buffers.
+    #[cfg(test)]
+    pub(crate) fn scored_by_int(mut b: Builder, v: ValueId, buffers: Vec<BufferDecl>) -> Kernel {
+        let score = b.add(Op::IToF(v), Ty::F32, None, None);
+        let one = b.fconst(1.0);
+        let roots = KernelRoots {
+            scale: one,
+            q_prescale: one,
+            mask: None,
+            score_full: score,
+            score_partial: score,
+            effects_full: vec![],
+            effects_partial: vec![],
+        };
+        let (insts, spans, roots) = b.finish(roots);
+        let decls = KernelDecls {
+            name: "scored_by_int".into(),
+            schedule: Schedule::default(),
+            params: vec![],
+            buffers,
+        };
+        Kernel::from_parts(decls, insts, spans, roots)
+    }
+
     /// A copy with other roots (instructions unchanged).
     pub fn with_roots(&self, r: KernelRoots) -> Kernel {
         let decls = KernelDecls {

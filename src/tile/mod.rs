@@ -11,6 +11,7 @@ pub mod interp;
 pub mod ir;
 pub mod opt;
 mod print;
+pub mod range;
 pub mod verify;
 
 pub use build::build;

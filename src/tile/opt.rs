@@ -871,7 +871,6 @@ pub fn strength_reduce(k: &Kernel) -> Kernel {
 mod tests {
     use super::*;
     use crate::sema::eval::{floor_div, floor_mod};
-    use crate::tile::builder::{KernelDecls, KernelRoots};
 
     /// A kernel whose score is `itof(f(b, x))`, where `x` is an i64 the
     /// interval analysis knows nothing about (a checked read of `xs[0]`).
@@ -889,29 +888,12 @@ mod tests {
             None,
         );
         let r = f(&mut b, x);
-        let score = b.add(Op::IToF(r), Ty::F32, None, None);
-        let one = b.fconst(1.0);
-        let roots = KernelRoots {
-            scale: one,
-            q_prescale: one,
-            mask: None,
-            score_full: score,
-            score_partial: score,
-            effects_full: vec![],
-            effects_partial: vec![],
+        let xs = BufferDecl {
+            name: "xs".into(),
+            elem: Ty::I64,
+            dims: vec![Dim::Lit(1)],
         };
-        let (insts, spans, roots) = b.finish(roots);
-        let decls = KernelDecls {
-            name: "division".into(),
-            schedule: Schedule::default(),
-            params: vec![],
-            buffers: vec![BufferDecl {
-                name: "xs".into(),
-                elem: Ty::I64,
-                dims: vec![Dim::Lit(1)],
-            }],
-        };
-        let k = Kernel::from_parts(decls, insts, spans, roots);
+        let k = Kernel::scored_by_int(b, r, vec![xs]);
         verify(&k).unwrap();
         k
     }
