@@ -29,6 +29,17 @@ pub const EXP_P: [f32; 6] = [
     0.001_394_465_1,
     0.000_197_903_73,
 ];
+/// `P(f)` in `2^f = 1 + f·P(f)` for `f` in `[-1/2, 1/2]`, lowest degree first
+/// (near-minimax relative error 2.0e-9 in exact arithmetic, fitted by Lawson's
+/// iteration on Chebyshev nodes).
+pub const EXP2_P: [f32; 6] = [
+    0.693_147_2,
+    0.240_226_48,
+    0.055_503_324,
+    0.009_618_437,
+    0.001_339_887_4,
+    0.000_153_533_62,
+];
 /// `P(f)` in `ln(1 + f) = f - f²/2 + f³·P(f)` for `f` in `[sqrt(1/2) - 1, sqrt(2) - 1]`,
 /// lowest degree first (minimax relative error 7.5e-10 in exact arithmetic).
 pub const LOG_P: [f32; 9] = [
@@ -80,12 +91,19 @@ pub(crate) unsafe fn exp_nonpositive<S: Simd>(x: S::V) -> S::V {
 }
 
 /// `2^x` for `x <= 0`, with the same conventions as [`exp_nonpositive`]
-/// (results below `2^-126` may be flushed to zero).
+/// (results below `2^-126` may be flushed to zero). `x = n + f` with `f` in
+/// `[-1/2, 1/2]` and `2^f = 1 + f·P(f)` ([`EXP2_P`], degree 6): no `ln 2`
+/// scaling and four operations fewer than going through `exp`.
 #[inline(always)]
 pub(crate) unsafe fn exp2_nonpositive<S: Simd>(x: S::V) -> S::V {
     let x = S::max(S::splat(-127.0), x);
     let t = S::add(x, S::splat(MAGIC));
     let n = S::sub(t, S::splat(MAGIC));
-    let r = S::mul(S::sub(x, n), S::splat(LN2));
-    S::mul(exp_reduced::<S>(r), S::pow2_from_magic(t))
+    let f = S::sub(x, n);
+    let mut p = S::splat(EXP2_P[5]);
+    for &c in EXP2_P[..5].iter().rev() {
+        p = S::fma(p, f, S::splat(c));
+    }
+    let p = S::fma(p, f, S::splat(1.0));
+    S::mul(p, S::pow2_from_magic(t))
 }
