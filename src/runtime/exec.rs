@@ -188,7 +188,9 @@ pub(crate) fn run_with_budget(
             .expect("get returns one of the maps")
     };
     let q_tiles = sh.q.div_ceil(bq);
-    // Tasks per head group, longest rows first within each, so the parallel tail is short.
+    // Tasks per head group, head by head (rayon splits the list into contiguous
+    // runs, so a thread keeps reusing one head's packed K and V while they are
+    // in cache), longest rows first within a head so the parallel tail is short.
     let mut groups: Vec<Vec<Task>> = vec![Vec::new(); heads.len().div_ceil(group)];
     for b in 0..sh.b {
         for h in 0..sh.h {
@@ -206,7 +208,7 @@ pub(crate) fn run_with_budget(
         }
     }
     for tasks in &mut groups {
-        tasks.sort_by(|a, b| b.work.cmp(&a.work));
+        tasks.sort_by(|a, b| a.head.cmp(&b.head).then(b.work.cmp(&a.work)));
     }
     let mut out = Array4::<f32>::zeros((sh.b, sh.h, sh.q, d));
     let mut lse = Array3::<f32>::from_elem((sh.b, sh.h, sh.q), f32::NEG_INFINITY);
