@@ -23,7 +23,7 @@ use cranelift_codegen::ir::{types, BlockArg, InstBuilder, MemFlagsData, Type, Va
 use cranelift_frontend::FunctionBuilder;
 
 use super::jit::{JitCode, JitModule, JitOptions};
-use super::microkernel::{emit_if, emit_while, GemmImpl, TileFuncs};
+use super::microkernel::{emit_if, emit_range, emit_while, GemmImpl, TileFuncs};
 use super::vmath::VMath;
 use crate::codegen::CodegenError;
 use crate::sema::{Func, ShapeVar, Var};
@@ -330,56 +330,16 @@ impl Emitter<'_> {
         self.level_where(b, Level::Call, full_only, &here);
         self.level_where(b, Level::Head, full_only, &here);
         self.rows(b, full_only, true, q_start, rows, rowvals, bq, &here);
-        emit_while(
-            b,
-            &[zero],
-            |b, v| b.ins().icmp(IntCC::SignedLessThan, v[0], n_full),
-            |b, v| {
-                let r = v[0];
-                let off = b.ins().imul_imm_s(r, 8);
-                let addr = b.ins().iadd(full, off);
-                let start = b.ins().uload32(flags(), addr, 0);
-                let end = b.ins().uload32(flags(), addr, 4);
-                emit_while(
-                    b,
-                    &[start],
-                    |b, t| b.ins().icmp(IntCC::SignedLessThan, t[0], end),
-                    |b, t| {
-                        self.tile(
-                            b,
-                            t[0],
-                            Section::Full,
-                            &mut here,
-                            q_start,
-                            rows,
-                            rowvals,
-                            colvals,
-                            prescale,
-                            bq,
-                            bkv,
-                        );
-                        vec![b.ins().iadd_imm_s(t[0], 1)]
-                    },
-                );
-                vec![b.ins().iadd_imm_s(r, 1)]
-            },
-        );
-        b.ins().jump(after_full, &[]);
-        b.switch_to_block(after_full);
-        let part = self.task_field(b, T_PART);
-        emit_while(
-            b,
-            &[zero],
-            |b, v| b.ins().icmp(IntCC::SignedLessThan, v[0], n_part),
-            |b, v| {
-                let r = v[0];
-                let off = b.ins().imul_imm_s(r, 4);
-                let addr = b.ins().iadd(part, off);
-                let kt = b.ins().uload32(flags(), addr, 0);
+        emit_range(b, zero, n_full, |b, r| {
+            let off = b.ins().imul_imm_s(r, 8);
+            let addr = b.ins().iadd(full, off);
+            let start = b.ins().uload32(flags(), addr, 0);
+            let end = b.ins().uload32(flags(), addr, 4);
+            emit_range(b, start, end, |b, t| {
                 self.tile(
                     b,
-                    kt,
-                    Section::Partial,
+                    t,
+                    Section::Full,
                     &mut here,
                     q_start,
                     rows,
@@ -389,9 +349,29 @@ impl Emitter<'_> {
                     bq,
                     bkv,
                 );
-                vec![b.ins().iadd_imm_s(r, 1)]
-            },
-        );
+            });
+        });
+        b.ins().jump(after_full, &[]);
+        b.switch_to_block(after_full);
+        let part = self.task_field(b, T_PART);
+        emit_range(b, zero, n_part, |b, r| {
+            let off = b.ins().imul_imm_s(r, 4);
+            let addr = b.ins().iadd(part, off);
+            let kt = b.ins().uload32(flags(), addr, 0);
+            self.tile(
+                b,
+                kt,
+                Section::Partial,
+                &mut here,
+                q_start,
+                rows,
+                rowvals,
+                colvals,
+                prescale,
+                bq,
+                bkv,
+            );
+        });
         let ok = b.ins().iconst(types::I64, 0);
         b.ins().return_(&[ok]);
     }
@@ -419,26 +399,19 @@ impl Emitter<'_> {
             return;
         }
         let zero = b.ins().iconst(types::I64, 0);
-        emit_while(
-            b,
-            &[zero],
-            |b, v| b.ins().icmp(IntCC::SignedLessThan, v[0], rows),
-            |b, v| {
-                let i = v[0];
-                let q = b.ins().iadd(q_start, i);
-                let h2 = Here {
-                    q: Some(q),
-                    ..*here
-                };
-                if reload_others {
-                    // Values of the first row pass that these depend on.
-                    self.load_slots_where(b, Level::Row, |s| !pick(s), rowvals, bq, i);
-                }
-                self.level_where(b, Level::Row, pick, &h2);
-                self.store_slots_where(b, Level::Row, pick, rowvals, bq, i);
-                vec![b.ins().iadd_imm_s(i, 1)]
-            },
-        );
+        emit_range(b, zero, rows, |b, i| {
+            let q = b.ins().iadd(q_start, i);
+            let h2 = Here {
+                q: Some(q),
+                ..*here
+            };
+            if reload_others {
+                // Values of the first row pass that these depend on.
+                self.load_slots_where(b, Level::Row, |s| !pick(s), rowvals, bq, i);
+            }
+            self.level_where(b, Level::Row, pick, &h2);
+            self.store_slots_where(b, Level::Row, pick, rowvals, bq, i);
+        });
     }
 
     fn store_slots(
@@ -586,22 +559,15 @@ impl Emitter<'_> {
         });
         if has_cols {
             let zero = b.ins().iconst(types::I64, 0);
-            emit_while(
-                b,
-                &[zero],
-                |b, v| b.ins().icmp(IntCC::SignedLessThan, v[0], cols),
-                |b, v| {
-                    let j = v[0];
-                    let kv = b.ins().iadd(col0, j);
-                    let h2 = Here {
-                        kv: Some(kv),
-                        ..*here
-                    };
-                    self.level(b, Level::Col, section, &h2);
-                    self.store_slots(b, Level::Col, section, colvals, bkv, j);
-                    vec![b.ins().iadd_imm_s(j, 1)]
-                },
-            );
+            emit_range(b, zero, cols, |b, j| {
+                let kv = b.ins().iadd(col0, j);
+                let h2 = Here {
+                    kv: Some(kv),
+                    ..*here
+                };
+                self.level(b, Level::Col, section, &h2);
+                self.store_slots(b, Level::Col, section, colvals, bkv, j);
+            });
         }
         // Element-level code, unless the tile's score is the raw tile score.
         let score = if section == Section::Full {
@@ -613,71 +579,57 @@ impl Emitter<'_> {
             section == Section::Partial && k.mask.is_some() || k.inst(score).op != Op::TileScore;
         if needs_elem {
             let zero = b.ins().iconst(types::I64, 0);
-            emit_while(
-                b,
-                &[zero],
-                |b, v| b.ins().icmp(IntCC::SignedLessThan, v[0], rows),
-                |b, v| {
-                    let i = v[0];
-                    let q = b.ins().iadd(q_start, i);
-                    self.load_slots(b, Level::Row, section, rowvals, bq, i);
-                    self.splat_uniforms(b, section, score);
-                    let row_off = b.ins().imul_imm_s(i, bkv * 4);
-                    let srow = b.ins().iadd(s, row_off);
-                    // Four columns at a time in f32x4, then the scalar tail.
-                    let after_vec = emit_while(
-                        b,
-                        &[zero],
-                        |b, w| {
-                            let j4 = b.ins().iadd_imm_s(w[0], 4);
-                            b.ins().icmp(IntCC::SignedLessThanOrEqual, j4, cols)
-                        },
-                        |b, w| {
-                            let j = w[0];
-                            let kv = b.ins().iadd(col0, j);
-                            let h2 = Here {
-                                q: Some(q),
-                                kv: Some(kv),
-                                ..*here
-                            };
-                            self.elem_vector(b, section, score, &h2, colvals, bkv, j, srow);
-                            vec![b.ins().iadd_imm_s(j, 4)]
-                        },
-                    );
-                    emit_while(
-                        b,
-                        &[after_vec[0]],
-                        |b, w| b.ins().icmp(IntCC::SignedLessThan, w[0], cols),
-                        |b, w| {
-                            let j = w[0];
-                            let kv = b.ins().iadd(col0, j);
-                            self.load_slots(b, Level::Col, section, colvals, bkv, j);
-                            let off = b.ins().imul_imm_s(j, 4);
-                            let addr = b.ins().iadd(srow, off);
-                            let ts = b.ins().load(types::F32, flags(), addr, 0);
-                            let h2 = Here {
-                                q: Some(q),
-                                kv: Some(kv),
-                                tile_score: Some(ts),
-                                ..*here
-                            };
-                            self.level(b, Level::Elem, section, &h2);
-                            let mut out = self.vals[score.0 as usize].unwrap();
-                            if section == Section::Partial {
-                                if let Some(m) = k.mask {
-                                    let mv = self.vals[m.0 as usize].unwrap();
-                                    let ninf = b.ins().f32const(f32::NEG_INFINITY);
-                                    out = b.ins().select(mv, out, ninf);
-                                }
-                            }
-                            b.ins().store(flags(), out, addr, 0);
-                            vec![b.ins().iadd_imm_s(j, 1)]
-                        },
-                    );
-                    self.uniform.fill(None);
-                    vec![b.ins().iadd_imm_s(i, 1)]
-                },
-            );
+            emit_range(b, zero, rows, |b, i| {
+                let q = b.ins().iadd(q_start, i);
+                self.load_slots(b, Level::Row, section, rowvals, bq, i);
+                self.splat_uniforms(b, section, score);
+                let row_off = b.ins().imul_imm_s(i, bkv * 4);
+                let srow = b.ins().iadd(s, row_off);
+                // Four columns at a time in f32x4, then the scalar tail.
+                let after_vec = emit_while(
+                    b,
+                    &[zero],
+                    |b, w| {
+                        let j4 = b.ins().iadd_imm_s(w[0], 4);
+                        b.ins().icmp(IntCC::SignedLessThanOrEqual, j4, cols)
+                    },
+                    |b, w| {
+                        let j = w[0];
+                        let kv = b.ins().iadd(col0, j);
+                        let h2 = Here {
+                            q: Some(q),
+                            kv: Some(kv),
+                            ..*here
+                        };
+                        self.elem_vector(b, section, score, &h2, colvals, bkv, j, srow);
+                        vec![b.ins().iadd_imm_s(j, 4)]
+                    },
+                );
+                emit_range(b, after_vec[0], cols, |b, j| {
+                    let kv = b.ins().iadd(col0, j);
+                    self.load_slots(b, Level::Col, section, colvals, bkv, j);
+                    let off = b.ins().imul_imm_s(j, 4);
+                    let addr = b.ins().iadd(srow, off);
+                    let ts = b.ins().load(types::F32, flags(), addr, 0);
+                    let h2 = Here {
+                        q: Some(q),
+                        kv: Some(kv),
+                        tile_score: Some(ts),
+                        ..*here
+                    };
+                    self.level(b, Level::Elem, section, &h2);
+                    let mut out = self.vals[score.0 as usize].unwrap();
+                    if section == Section::Partial {
+                        if let Some(m) = k.mask {
+                            let mv = self.vals[m.0 as usize].unwrap();
+                            let ninf = b.ins().f32const(f32::NEG_INFINITY);
+                            out = b.ins().select(mv, out, ninf);
+                        }
+                    }
+                    b.ins().store(flags(), out, addr, 0);
+                });
+                self.uniform.fill(None);
+            });
         }
         let m = self.task_field(b, T_M);
         let l = self.task_field(b, T_L);

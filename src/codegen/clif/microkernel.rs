@@ -245,6 +245,25 @@ pub fn emit_while(
     params
 }
 
+/// Emits `for i in start..end { body(i) }` over i64 (signed compare, step 1),
+/// leaving the builder after it.
+pub fn emit_range(
+    b: &mut FunctionBuilder<'_>,
+    start: Value,
+    end: Value,
+    body: impl FnOnce(&mut FunctionBuilder<'_>, Value),
+) {
+    emit_while(
+        b,
+        &[start],
+        |b, v| b.ins().icmp(IntCC::SignedLessThan, v[0], end),
+        |b, v| {
+            body(b, v[0]);
+            vec![b.ins().iadd_imm_s(v[0], 1)]
+        },
+    );
+}
+
 /// Emits `if cond { then }`, leaving the builder after it.
 pub fn emit_if(
     b: &mut FunctionBuilder<'_>,
