@@ -262,6 +262,19 @@ fn lane_flags() -> MemFlagsData {
     MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little)
 }
 
+/// What every key tile of a task shares: the query rows, the scratch slots
+/// of row and column values, the Q prescale and the tile sizes.
+#[derive(Clone, Copy)]
+struct TileCtx {
+    q_start: Value,
+    rows: Value,
+    rowvals: Value,
+    colvals: Value,
+    prescale: Value,
+    bq: i64,
+    bkv: i64,
+}
+
 /// An element-level value over four columns.
 #[derive(Clone, Copy, Debug)]
 enum VVal {
@@ -330,25 +343,22 @@ impl Emitter<'_> {
         self.level_where(b, Level::Call, full_only, &here);
         self.level_where(b, Level::Head, full_only, &here);
         self.rows(b, full_only, true, q_start, rows, rowvals, bq, &here);
+        let tc = TileCtx {
+            q_start,
+            rows,
+            rowvals,
+            colvals,
+            prescale,
+            bq,
+            bkv,
+        };
         emit_range(b, zero, n_full, |b, r| {
             let off = b.ins().imul_imm_s(r, 8);
             let addr = b.ins().iadd(full, off);
             let start = b.ins().uload32(flags(), addr, 0);
             let end = b.ins().uload32(flags(), addr, 4);
             emit_range(b, start, end, |b, t| {
-                self.tile(
-                    b,
-                    t,
-                    Section::Full,
-                    &mut here,
-                    q_start,
-                    rows,
-                    rowvals,
-                    colvals,
-                    prescale,
-                    bq,
-                    bkv,
-                );
+                self.tile(b, t, Section::Full, &mut here, &tc);
             });
         });
         b.ins().jump(after_full, &[]);
@@ -358,19 +368,7 @@ impl Emitter<'_> {
             let off = b.ins().imul_imm_s(r, 4);
             let addr = b.ins().iadd(part, off);
             let kt = b.ins().uload32(flags(), addr, 0);
-            self.tile(
-                b,
-                kt,
-                Section::Partial,
-                &mut here,
-                q_start,
-                rows,
-                rowvals,
-                colvals,
-                prescale,
-                bq,
-                bkv,
-            );
+            self.tile(b, kt, Section::Partial, &mut here, &tc);
         });
         let ok = b.ins().iconst(types::I64, 0);
         b.ins().return_(&[ok]);
@@ -523,20 +521,14 @@ impl Emitter<'_> {
         kt: Value,
         section: Section,
         here: &mut Here,
-        q_start: Value,
-        rows: Value,
-        rowvals: Value,
-        colvals: Value,
-        prescale: Value,
-        bq: i64,
-        bkv: i64,
+        tc: &TileCtx,
     ) {
         let k = self.k;
         let p = self.ptr;
-        let col0 = b.ins().imul_imm_s(kt, bkv);
+        let col0 = b.ins().imul_imm_s(kt, tc.bkv);
         let kv_len = self.task_field(b, T_KVLEN);
         let left = b.ins().isub(kv_len, col0);
-        let bkv_v = b.ins().iconst(types::I64, bkv);
+        let bkv_v = b.ins().iconst(types::I64, tc.bkv);
         let lt = b.ins().icmp(IntCC::SignedLessThan, left, bkv_v);
         let cols = b.ins().select(lt, left, bkv_v);
         let d = self.task_field(b, T_D);
@@ -547,10 +539,10 @@ impl Emitter<'_> {
         let koff = b.ins().imul(col0, d);
         let koff = b.ins().imul_imm_s(koff, 4);
         let kaddr = b.ins().iadd(kp, koff);
-        let s_stride = b.ins().iconst(p, bkv);
+        let s_stride = b.ins().iconst(p, tc.bkv);
         b.ins().call(
             self.funcs.qk,
-            &[q, d, kaddr, d, rows, cols, s, s_stride, prescale],
+            &[q, d, kaddr, d, tc.rows, cols, s, s_stride, tc.prescale],
         );
         // Column-level values.
         let has_cols = self.slots.col.keys().any(|&v| {
@@ -566,7 +558,7 @@ impl Emitter<'_> {
                     ..*here
                 };
                 self.level(b, Level::Col, section, &h2);
-                self.store_slots(b, Level::Col, section, colvals, bkv, j);
+                self.store_slots(b, Level::Col, section, tc.colvals, tc.bkv, j);
             });
         }
         // Element-level code, unless the tile's score is the raw tile score.
@@ -579,11 +571,11 @@ impl Emitter<'_> {
             section == Section::Partial && k.mask.is_some() || k.inst(score).op != Op::TileScore;
         if needs_elem {
             let zero = b.ins().iconst(types::I64, 0);
-            emit_range(b, zero, rows, |b, i| {
-                let q = b.ins().iadd(q_start, i);
-                self.load_slots(b, Level::Row, section, rowvals, bq, i);
+            emit_range(b, zero, tc.rows, |b, i| {
+                let q = b.ins().iadd(tc.q_start, i);
+                self.load_slots(b, Level::Row, section, tc.rowvals, tc.bq, i);
                 self.splat_uniforms(b, section, score);
-                let row_off = b.ins().imul_imm_s(i, bkv * 4);
+                let row_off = b.ins().imul_imm_s(i, tc.bkv * 4);
                 let srow = b.ins().iadd(s, row_off);
                 // Four columns at a time in f32x4, then the scalar tail.
                 let after_vec = emit_while(
@@ -601,13 +593,13 @@ impl Emitter<'_> {
                             kv: Some(kv),
                             ..*here
                         };
-                        self.elem_vector(b, section, score, &h2, colvals, bkv, j, srow);
+                        self.elem_vector(b, section, score, &h2, tc.colvals, tc.bkv, j, srow);
                         vec![b.ins().iadd_imm_s(j, 4)]
                     },
                 );
                 emit_range(b, after_vec[0], cols, |b, j| {
                     let kv = b.ins().iadd(col0, j);
-                    self.load_slots(b, Level::Col, section, colvals, bkv, j);
+                    self.load_slots(b, Level::Col, section, tc.colvals, tc.bkv, j);
                     let off = b.ins().imul_imm_s(j, 4);
                     let addr = b.ins().iadd(srow, off);
                     let ts = b.ins().load(types::F32, flags(), addr, 0);
@@ -637,7 +629,7 @@ impl Emitter<'_> {
         let base2 = b.ins().iconst(types::I32, i64::from(k.schedule.exp2));
         b.ins().call(
             self.funcs.softmax,
-            &[s, s_stride, rows, cols, m, l, acc, d, d, base2],
+            &[s, s_stride, tc.rows, cols, m, l, acc, d, d, base2],
         );
         let vp = self.task_field(b, T_V);
         let vstride = self.task_field(b, T_VSTRIDE);
@@ -646,7 +638,7 @@ impl Emitter<'_> {
         let vaddr = b.ins().iadd(vp, voff);
         b.ins().call(
             self.funcs.pv,
-            &[s, s_stride, vaddr, vstride, d, rows, cols, acc, d],
+            &[s, s_stride, vaddr, vstride, d, tc.rows, cols, acc, d],
         );
     }
 
