@@ -264,6 +264,41 @@ pub fn emit_range(
     );
 }
 
+/// Emits `emit(b, size, r)` over rows `0..rows`: tiles of `tile.rows` rows while
+/// they fit, then one tile of each power of two set in the remainder (largest
+/// first); `r` is the tile's first row and `zero` an i64 zero.
+fn emit_row_tiles(
+    b: &mut FunctionBuilder<'_>,
+    tile: MicroTile,
+    rows: Value,
+    zero: Value,
+    mut emit: impl FnMut(&mut FunctionBuilder<'_>, usize, Value),
+) {
+    let r_end = emit_while(
+        b,
+        &[zero],
+        |b, v| {
+            let next = b.ins().iadd_imm_s(v[0], tile.rows as i64);
+            b.ins().icmp(IntCC::UnsignedLessThanOrEqual, next, rows)
+        },
+        |b, v| {
+            emit(b, tile.rows, v[0]);
+            vec![b.ins().iadd_imm_s(v[0], tile.rows as i64)]
+        },
+    )[0];
+    let rem = b.ins().isub(rows, r_end);
+    for size in tile.leftover_rows() {
+        let bit = b.ins().band_imm_s(rem, size as i64);
+        emit_if(b, bit, |b| {
+            // The larger leftover tiles come first: skip the rows they took.
+            let mask = !(2 * size as i64 - 1) & 7;
+            let before = b.ins().band_imm_s(rem, mask);
+            let r = b.ins().iadd(r_end, before);
+            emit(b, size, r);
+        });
+    }
+}
+
 /// Emits `if cond { then }`, leaving the builder after it.
 pub fn emit_if(
     b: &mut FunctionBuilder<'_>,
@@ -562,40 +597,13 @@ pub fn define_qk_tiled(
                 let k_panel = b.ins().iadd(k, k_off);
                 let s_off = b.ins().ishl_imm_s(c0, 2);
                 let s_col = b.ins().iadd(s, s_off);
-                // Full 8-row tiles.
-                let r_end = emit_while(
-                    b,
-                    &[zero],
-                    |b, v| {
-                        let next = b.ins().iadd_imm_s(v[0], tile.rows as i64);
-                        b.ins().icmp(IntCC::UnsignedLessThanOrEqual, next, rows)
-                    },
-                    |b, v| {
-                        let r = v[0];
-                        let q_off = b.ins().imul(r, env.q_stride_b);
-                        let q_base = b.ins().iadd(q, q_off);
-                        let s_off = b.ins().imul(r, env.s_stride_b);
-                        let s_base = b.ins().iadd(s_col, s_off);
-                        emit_qk_tile(b, &env, tile.rows, q_base, k_panel, s_base, n_cols);
-                        vec![b.ins().iadd_imm_s(r, tile.rows as i64)]
-                    },
-                )[0];
-                // Leftover rows: a tile of each power of two set in rem, at
-                // r_end + (rem with the lower bits cleared).
-                let rem = b.ins().isub(rows, r_end);
-                for size in tile.leftover_rows() {
-                    let bit = b.ins().band_imm_s(rem, size as i64);
-                    emit_if(b, bit, |b| {
-                        let mask = !(2 * size as i64 - 1) & 7;
-                        let before = b.ins().band_imm_s(rem, mask);
-                        let r = b.ins().iadd(r_end, before);
-                        let q_off = b.ins().imul(r, env.q_stride_b);
-                        let q_base = b.ins().iadd(q, q_off);
-                        let s_off = b.ins().imul(r, env.s_stride_b);
-                        let s_base = b.ins().iadd(s_col, s_off);
-                        emit_qk_tile(b, &env, size, q_base, k_panel, s_base, n_cols);
-                    });
-                }
+                emit_row_tiles(b, tile, rows, zero, |b, size, r| {
+                    let q_off = b.ins().imul(r, env.q_stride_b);
+                    let q_base = b.ins().iadd(q, q_off);
+                    let s_off = b.ins().imul(r, env.s_stride_b);
+                    let s_base = b.ins().iadd(s_col, s_off);
+                    emit_qk_tile(b, &env, size, q_base, k_panel, s_base, n_cols);
+                });
                 vec![b.ins().iadd_imm_s(c0, tile.cols() as i64)]
             },
         );
@@ -833,37 +841,13 @@ pub fn define_pv_tiled(
                 let col_off = b.ins().ishl_imm_s(c0, 2);
                 let v_col = b.ins().iadd(v, col_off);
                 let acc_col = b.ins().iadd(acc, col_off);
-                let r_end = emit_while(
-                    b,
-                    &[zero],
-                    |b, vals| {
-                        let next = b.ins().iadd_imm_s(vals[0], tile.rows as i64);
-                        b.ins().icmp(IntCC::UnsignedLessThanOrEqual, next, rows)
-                    },
-                    |b, vals| {
-                        let r = vals[0];
-                        let p_off = b.ins().imul(r, env.p_stride_b);
-                        let p_base = b.ins().iadd(pm, p_off);
-                        let a_off = b.ins().imul(r, env.acc_stride_b);
-                        let a_base = b.ins().iadd(acc_col, a_off);
-                        emit_pv_tile(b, &env, tile.rows, p_base, v_col, a_base, full, n_cols);
-                        vec![b.ins().iadd_imm_s(r, tile.rows as i64)]
-                    },
-                )[0];
-                let rem = b.ins().isub(rows, r_end);
-                for size in tile.leftover_rows() {
-                    let bit = b.ins().band_imm_s(rem, size as i64);
-                    emit_if(b, bit, |b| {
-                        let mask = !(2 * size as i64 - 1) & 7;
-                        let before = b.ins().band_imm_s(rem, mask);
-                        let r = b.ins().iadd(r_end, before);
-                        let p_off = b.ins().imul(r, env.p_stride_b);
-                        let p_base = b.ins().iadd(pm, p_off);
-                        let a_off = b.ins().imul(r, env.acc_stride_b);
-                        let a_base = b.ins().iadd(acc_col, a_off);
-                        emit_pv_tile(b, &env, size, p_base, v_col, a_base, full, n_cols);
-                    });
-                }
+                emit_row_tiles(b, tile, rows, zero, |b, size, r| {
+                    let p_off = b.ins().imul(r, env.p_stride_b);
+                    let p_base = b.ins().iadd(pm, p_off);
+                    let a_off = b.ins().imul(r, env.acc_stride_b);
+                    let a_base = b.ins().iadd(acc_col, a_off);
+                    emit_pv_tile(b, &env, size, p_base, v_col, a_base, full, n_cols);
+                });
                 vec![b.ins().iadd_imm_s(c0, tile.cols() as i64)]
             },
         );
