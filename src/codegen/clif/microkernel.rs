@@ -505,33 +505,72 @@ fn emit_qk_tile(
     let full = b
         .ins()
         .icmp_imm_s(IntCC::Equal, n_cols, env.vecs as i64 * 4);
+    emit_store_tile(
+        b,
+        ptr,
+        env.slot_addr,
+        env.vecs,
+        &acc,
+        s_base,
+        &s_offs,
+        full,
+        n_cols,
+    );
+}
+
+/// Stores a register tile (`vecs` f32x4 per row, rows at `base + offs[i]`):
+/// whole rows when `full`, else each row through the scratch slot and its
+/// first `n_cols` floats only.
+#[allow(clippy::too_many_arguments)]
+fn emit_store_tile(
+    b: &mut FunctionBuilder<'_>,
+    ptr: Type,
+    slot_addr: Value,
+    vecs: usize,
+    tile: &[Value],
+    base: Value,
+    offs: &[Value],
+    full: Value,
+    n_cols: Value,
+) {
     emit_if_else(
         b,
         full,
         |b| {
-            for (i, &s_off) in s_offs.iter().enumerate() {
-                let row = b.ins().iadd(s_base, s_off);
-                for v in 0..env.vecs {
+            for (i, &off) in offs.iter().enumerate() {
+                let row = b.ins().iadd(base, off);
+                for v in 0..vecs {
                     b.ins()
-                        .store(flags(), acc[i * env.vecs + v], row, (v * 16) as i32);
+                        .store(flags(), tile[i * vecs + v], row, (v * 16) as i32);
                 }
             }
         },
         |b| {
-            for (i, &s_off) in s_offs.iter().enumerate() {
-                for v in 0..env.vecs {
-                    b.ins().store(
-                        flags(),
-                        acc[i * env.vecs + v],
-                        env.slot_addr,
-                        (v * 16) as i32,
-                    );
+            for (i, &off) in offs.iter().enumerate() {
+                for v in 0..vecs {
+                    b.ins()
+                        .store(flags(), tile[i * vecs + v], slot_addr, (v * 16) as i32);
                 }
-                let row = b.ins().iadd(s_base, s_off);
-                emit_copy_f32(b, ptr, env.slot_addr, row, n_cols);
+                let row = b.ins().iadd(base, off);
+                emit_copy_f32(b, ptr, slot_addr, row, n_cols);
             }
         },
     );
+}
+
+/// Starts a tile-product function: its entry block, its parameters, and the
+/// address of a one-panel stack slot that ragged tiles are stored through.
+fn begin_tile_function(b: &mut FunctionBuilder<'_>, ptr: Type) -> (Vec<Value>, Value) {
+    let entry = b.create_block();
+    b.append_block_params_for_function_params(entry);
+    b.switch_to_block(entry);
+    let params = b.block_params(entry).to_vec();
+    let slot = b.create_sized_stack_slot(StackSlotData::new(
+        StackSlotKind::ExplicitSlot,
+        (PANEL * 4) as u32,
+        4,
+    ));
+    (params, b.ins().stack_addr(ptr, slot, 0))
 }
 
 /// Defines a `QkFn` named `name` in `jit` with the default [`MicroTile`].
@@ -551,18 +590,9 @@ pub fn define_qk_tiled(
     let ptr = jit.pointer_type();
     let vm = VMath::new(jit.has_native_fma());
     jit.define_function(id, |b, _| {
-        let entry = b.create_block();
-        b.append_block_params_for_function_params(entry);
-        b.switch_to_block(entry);
-        let p = b.block_params(entry).to_vec();
+        let (p, slot_addr) = begin_tile_function(b, ptr);
         let (q, q_stride, k, d, rows, cols, s, s_stride, scale) =
             (p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]);
-        let slot = b.create_sized_stack_slot(StackSlotData::new(
-            StackSlotKind::ExplicitSlot,
-            (PANEL * 4) as u32,
-            4,
-        ));
-        let slot_addr = b.ins().stack_addr(ptr, slot, 0);
         let q_stride_b = b.ins().ishl_imm_s(q_stride, 2);
         let env = QkEnv {
             ptr,
@@ -754,32 +784,16 @@ fn emit_pv_tile(
         },
     );
     let acc = carried[1 + n_bases..].to_vec();
-    emit_if_else(
+    emit_store_tile(
         b,
+        ptr,
+        env.slot_addr,
+        env.vecs,
+        &acc,
+        acc_base,
+        &acc_offs,
         full,
-        |b| {
-            for (i, &off) in acc_offs.iter().enumerate() {
-                let row = b.ins().iadd(acc_base, off);
-                for v in 0..env.vecs {
-                    b.ins()
-                        .store(flags(), acc[i * env.vecs + v], row, (v * 16) as i32);
-                }
-            }
-        },
-        |b| {
-            for (i, &off) in acc_offs.iter().enumerate() {
-                for v in 0..env.vecs {
-                    b.ins().store(
-                        flags(),
-                        acc[i * env.vecs + v],
-                        env.slot_addr,
-                        (v * 16) as i32,
-                    );
-                }
-                let row = b.ins().iadd(acc_base, off);
-                emit_copy_f32(b, ptr, env.slot_addr, row, n_cols);
-            }
-        },
+        n_cols,
     );
 }
 
@@ -800,18 +814,9 @@ pub fn define_pv_tiled(
     let ptr = jit.pointer_type();
     let vm = VMath::new(jit.has_native_fma());
     jit.define_function(id, |b, _| {
-        let entry = b.create_block();
-        b.append_block_params_for_function_params(entry);
-        b.switch_to_block(entry);
-        let p = b.block_params(entry).to_vec();
+        let (p, slot_addr) = begin_tile_function(b, ptr);
         let (pm, p_stride, v, v_stride, d, rows, cols, acc, acc_stride) =
             (p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]);
-        let slot = b.create_sized_stack_slot(StackSlotData::new(
-            StackSlotKind::ExplicitSlot,
-            (PANEL * 4) as u32,
-            4,
-        ));
-        let slot_addr = b.ins().stack_addr(ptr, slot, 0);
         let p_stride_b = b.ins().ishl_imm_s(p_stride, 2);
         let v_stride_b = b.ins().ishl_imm_s(v_stride, 2);
         let env = PvEnv {
