@@ -701,8 +701,7 @@ impl Gen<'_> {
         if lay.q_in_regs {
             let a_off = self.a_lane_offset(lay.q_off, true);
             for ks in 0..lay.dp / 16 {
-                let [a0, a1, a2, a3] = self.qf[ks];
-                ins!(self.w, "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{a0}, {a1}, {a2}, {a3}}}, [{a_off}+{}]", ks * 32);
+                self.ldmatrix_x4(self.qf[ks], false, a_off, ks * 32);
             }
         }
 
@@ -1034,6 +1033,22 @@ impl Gen<'_> {
         r
     }
 
+    /// Four fresh 32-bit registers.
+    fn regs4(&mut self) -> [Reg; 4] {
+        [self.w.r(), self.w.r(), self.w.r(), self.w.r()]
+    }
+
+    /// `ldmatrix .x4` (`.trans` when `trans`): four 8x8 b16 matrices from
+    /// shared memory at `base + offset` into `dst`.
+    fn ldmatrix_x4(&mut self, dst: [Reg; 4], trans: bool, base: Reg, offset: usize) {
+        let t = if trans { ".trans" } else { "" };
+        let [d0, d1, d2, d3] = dst;
+        ins!(
+            self.w,
+            "ldmatrix.sync.aligned.m8n8.x4{t}.shared.b16 {{{d0}, {d1}, {d2}, {d3}}}, [{base}+{offset}]"
+        );
+    }
+
     fn mma(&mut self, d: [Reg; 4], a: [Reg; 4], b0: Reg, b1: Reg) {
         let ty = mma_type(self.lay.dtype);
         ins!(
@@ -1074,22 +1089,14 @@ impl Gen<'_> {
                 let a = match a_off {
                     None => self.qf[ks],
                     Some(off) => {
-                        let a = [self.w.r(), self.w.r(), self.w.r(), self.w.r()];
-                        ins!(self.w, "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{}, {}, {}, {}}}, [{off}+{}]", a[0], a[1], a[2], a[3], ks * 32);
+                        let a = self.regs4();
+                        self.ldmatrix_x4(a, false, off, ks * 32);
                         a
                     }
                 };
                 for p in 0..lay.bkv / 16 {
-                    let kf = [self.w.r(), self.w.r(), self.w.r(), self.w.r()];
-                    ins!(
-                        self.w,
-                        "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{}, {}, {}, {}}}, [{b_off}+{}]",
-                        kf[0],
-                        kf[1],
-                        kf[2],
-                        kf[3],
-                        p * 16 * lay.row_bytes + ks * 32
-                    );
+                    let kf = self.regs4();
+                    self.ldmatrix_x4(kf, false, b_off, p * 16 * lay.row_bytes + ks * 32);
                     self.mma(self.s[2 * p], a, kf[0], kf[1]);
                     self.mma(self.s[2 * p + 1], a, kf[2], kf[3]);
                 }
@@ -1344,16 +1351,8 @@ impl Gen<'_> {
             let v_off = self.a_lane_offset(lay.v_off, false);
             for (ks, a) in pf.into_iter().enumerate() {
                 for p in 0..lay.dp / 16 {
-                    let vf = [self.w.r(), self.w.r(), self.w.r(), self.w.r()];
-                    ins!(
-                        self.w,
-                        "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{}, {}, {}, {}}}, [{v_off}+{}]",
-                        vf[0],
-                        vf[1],
-                        vf[2],
-                        vf[3],
-                        ks * 16 * lay.row_bytes + p * 32
-                    );
+                    let vf = self.regs4();
+                    self.ldmatrix_x4(vf, true, v_off, ks * 16 * lay.row_bytes + p * 32);
                     self.mma(self.o[2 * p], a, vf[0], vf[1]);
                     self.mma(self.o[2 * p + 1], a, vf[2], vf[3]);
                 }
