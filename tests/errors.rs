@@ -354,6 +354,17 @@ fn int_buffer(shape: &[usize]) -> BufferData {
     BufferData::Int(ArrayD::from_shape_fn(IxDyn(shape), |i| i[0] as i64 / 2))
 }
 
+/// The bind error of `PACKED` on inputs of the given shapes and query
+/// offset, with a valid `doc` buffer of 6 ids, and its rendering.
+fn packed_shape_error(
+    q: [usize; 4],
+    kv: [usize; 4],
+    v: [usize; 4],
+    offset: i64,
+) -> (BindError, String) {
+    bind_error(PACKED, q, kv, v, vec![("doc", int_buffer(&[6]))], offset)
+}
+
 /// Runs `PACKED` (or `src`) on the given inputs and returns the bind error
 /// and its rendering.
 fn bind_error(
@@ -507,40 +518,19 @@ fn buffer_of_the_wrong_shape() {
 
 #[test]
 fn head_dims_must_match() {
-    let (e, r) = bind_error(
-        PACKED,
-        [1, 2, 6, 8],
-        [1, 2, 6, 4],
-        [1, 2, 6, 4],
-        vec![("doc", int_buffer(&[6]))],
-        0,
-    );
+    let (e, r) = packed_shape_error([1, 2, 6, 8], [1, 2, 6, 4], [1, 2, 6, 4], 0);
     assert!(matches!(e, BindError::HeadDim { q: 8, kv: 4, .. }), "{e:?}");
     assert!(
         r.contains("q has D = 8 (shape [1, 2, 6, 8]), k and v have D = 4 (shape [1, 2, 6, 4])"),
         "{r}"
     );
-    let (e, _) = bind_error(
-        PACKED,
-        [1, 2, 6, 0],
-        [1, 2, 6, 0],
-        [1, 2, 6, 0],
-        vec![("doc", int_buffer(&[6]))],
-        0,
-    );
+    let (e, _) = packed_shape_error([1, 2, 6, 0], [1, 2, 6, 0], [1, 2, 6, 0], 0);
     assert_eq!(e, BindError::ZeroHeadDim);
 }
 
 #[test]
 fn query_heads_must_be_a_multiple_of_kv_heads() {
-    let (e, r) = bind_error(
-        PACKED,
-        [1, 3, 6, 8],
-        [1, 2, 6, 8],
-        [1, 2, 6, 8],
-        vec![("doc", int_buffer(&[6]))],
-        0,
-    );
+    let (e, r) = packed_shape_error([1, 3, 6, 8], [1, 2, 6, 8], [1, 2, 6, 8], 0);
     assert_eq!(e, BindError::Heads { h: 3, hkv: 2 });
     assert!(
         r.contains("H = 3 query heads is not a multiple of HKV = 2 key/value heads"),
@@ -551,14 +541,7 @@ fn query_heads_must_be_a_multiple_of_kv_heads() {
 
 #[test]
 fn kv_batch_must_match_or_broadcast() {
-    let (e, r) = bind_error(
-        PACKED,
-        [2, 2, 6, 8],
-        [3, 2, 6, 8],
-        [3, 2, 6, 8],
-        vec![("doc", int_buffer(&[6]))],
-        0,
-    );
+    let (e, r) = packed_shape_error([2, 2, 6, 8], [3, 2, 6, 8], [3, 2, 6, 8], 0);
     assert_eq!(e, BindError::Batch { q: 2, kv: 3 });
     assert!(
         r.contains("batch differs: q has B = 2, k and v have B = 3"),
@@ -569,28 +552,14 @@ fn kv_batch_must_match_or_broadcast() {
 
 #[test]
 fn k_and_v_must_have_the_same_shape() {
-    let (e, r) = bind_error(
-        PACKED,
-        [1, 2, 6, 8],
-        [1, 2, 6, 8],
-        [1, 2, 5, 8],
-        vec![("doc", int_buffer(&[6]))],
-        0,
-    );
+    let (e, r) = packed_shape_error([1, 2, 6, 8], [1, 2, 6, 8], [1, 2, 5, 8], 0);
     assert!(matches!(e, BindError::KvShape { .. }), "{e:?}");
     assert!(r.contains("k is [1, 2, 6, 8], v is [1, 2, 5, 8]"), "{r}");
 }
 
 #[test]
 fn query_offset_must_not_be_negative() {
-    let (e, r) = bind_error(
-        PACKED,
-        [1, 2, 6, 8],
-        [1, 2, 6, 8],
-        [1, 2, 6, 8],
-        vec![("doc", int_buffer(&[6]))],
-        -1,
-    );
+    let (e, r) = packed_shape_error([1, 2, 6, 8], [1, 2, 6, 8], [1, 2, 6, 8], -1);
     assert_eq!(e, BindError::NegativeOffset(-1));
     assert!(r.contains("the query offset must be >= 0, found -1"), "{r}");
     assert!(r.contains("help:"), "{r}");
@@ -598,12 +567,10 @@ fn query_offset_must_not_be_negative() {
 
 #[test]
 fn positions_past_the_limit_are_refused() {
-    let (e, r) = bind_error(
-        PACKED,
+    let (e, r) = packed_shape_error(
         [1, 2, 6, 8],
         [1, 2, 6, 8],
         [1, 2, 6, 8],
-        vec![("doc", int_buffer(&[6]))],
         i32::MAX as i64 - 5,
     );
     assert_eq!(
