@@ -263,7 +263,7 @@ impl Machine<'_> {
 
     /// Evaluates every instruction of `level` that the given loop runs.
     fn run_level(&mut self, level: Level, section: Section, here: &Here) -> Result<(), EvalError> {
-        self.run_where(level, |s| s == Section::Shared || s == section, here)
+        self.run_where(level, |s| s.runs_in(section), here)
     }
 
     /// Evaluates the instructions of `level` whose section passes `pick`.

@@ -140,6 +140,14 @@ pub enum Section {
     Partial,
 }
 
+impl Section {
+    /// Whether a value of this section is computed in the loop over `tiles`
+    /// (shared values are computed in both).
+    pub fn runs_in(self, tiles: Section) -> bool {
+        self == Section::Shared || self == tiles
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum UnOp {
     INeg,

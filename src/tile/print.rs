@@ -92,7 +92,7 @@ impl Kernel {
         for (i, inst) in self.insts.iter().enumerate() {
             let in_section = match section {
                 None => true,
-                Some(s) => inst.section == Section::Shared || inst.section == s,
+                Some(s) => inst.section.runs_in(s),
             };
             if inst.level == level && in_section {
                 self.write_inst(f, indent, ValueId(i as u32))?;
@@ -105,7 +105,7 @@ impl Kernel {
     fn has_level(&self, level: Level, section: Section) -> bool {
         self.insts
             .iter()
-            .any(|i| i.level == level && (i.section == Section::Shared || i.section == section))
+            .any(|i| i.level == level && i.section.runs_in(section))
     }
 }
 

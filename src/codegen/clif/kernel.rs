@@ -421,14 +421,7 @@ impl Emitter<'_> {
         stride: i64,
         i: Value,
     ) {
-        self.store_slots_where(
-            b,
-            level,
-            |s| s == Section::Shared || s == section,
-            base,
-            stride,
-            i,
-        )
+        self.store_slots_where(b, level, |s| s.runs_in(section), base, stride, i)
     }
 
     /// The scratch addresses, at position `i`, of the values of `level`
@@ -487,14 +480,7 @@ impl Emitter<'_> {
         stride: i64,
         i: Value,
     ) {
-        self.load_slots_where(
-            b,
-            level,
-            |s| s == Section::Shared || s == section,
-            base,
-            stride,
-            i,
-        )
+        self.load_slots_where(b, level, |s| s.runs_in(section), base, stride, i)
     }
 
     /// Reloads the values of `level` whose section passes `pick` from scratch position `i`.
@@ -547,7 +533,7 @@ impl Emitter<'_> {
         // Column-level values.
         let has_cols = self.slots.col.keys().any(|&v| {
             let i = &k.insts[v];
-            i.section == Section::Shared || i.section == section
+            i.section.runs_in(section)
         });
         if has_cols {
             let zero = b.ins().iconst(types::I64, 0);
@@ -665,7 +651,7 @@ impl Emitter<'_> {
         list.sort();
         for (v, slot) in list {
             let inst = &k.insts[v];
-            if !(inst.section == Section::Shared || inst.section == section) {
+            if !inst.section.runs_in(section) {
                 continue;
             }
             let idx = b.ins().iadd_imm_s(j, slot as i64 * bkv);
@@ -697,9 +683,7 @@ impl Emitter<'_> {
         let ts = b.ins().load(types::F32X4, flags(), addr, 0);
         for v in 0..k.insts.len() {
             let inst = &k.insts[v];
-            if inst.level != Level::Elem
-                || !(inst.section == Section::Shared || inst.section == section)
-            {
+            if inst.level != Level::Elem || !inst.section.runs_in(section) {
                 continue;
             }
             let val = match &inst.op {
@@ -761,9 +745,7 @@ impl Emitter<'_> {
         let mut wanted: Vec<ValueId> = k
             .insts
             .iter()
-            .filter(|i| {
-                i.level == Level::Elem && (i.section == Section::Shared || i.section == section)
-            })
+            .filter(|i| i.level == Level::Elem && i.section.runs_in(section))
             .flat_map(|i| i.op.operands())
             .collect();
         wanted.push(score);
@@ -1138,7 +1120,7 @@ impl Emitter<'_> {
 
     /// Emits every instruction of `level` that the given loop runs.
     fn level(&mut self, b: &mut FunctionBuilder<'_>, level: Level, section: Section, here: &Here) {
-        self.level_where(b, level, |s| s == Section::Shared || s == section, here)
+        self.level_where(b, level, |s| s.runs_in(section), here)
     }
 
     /// Emits the instructions of `level` whose section passes `pick`.

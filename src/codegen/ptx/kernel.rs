@@ -345,7 +345,7 @@ impl Gen<'_> {
 
     /// The ids of the instructions at `level` that the `section` loop runs.
     fn insts_at(&self, level: Level, section: Section) -> Vec<ValueId> {
-        self.insts_where(level, |s| s == Section::Shared || s == section)
+        self.insts_where(level, |s| s.runs_in(section))
     }
 
     /// The ids of the instructions at `level` whose section passes `pick`.

@@ -421,9 +421,7 @@ pub fn heavy_scores(kernel: &Kernel) -> bool {
         kernel
             .insts
             .iter()
-            .filter(|i| {
-                i.level == Level::Elem && (i.section == Section::Shared || i.section == sec)
-            })
+            .filter(|i| i.level == Level::Elem && i.section.runs_in(sec))
             .count()
     };
     let reads = kernel
