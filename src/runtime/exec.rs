@@ -80,7 +80,8 @@ impl SendPtr {
 pub const PACK_BUDGET_BYTES: usize = 32 << 20;
 
 /// One unit of parallel work: query tile `qt` of (b, h), whose keys live in
-/// packed head `head`; `work` is the number of key tiles it visits.
+/// packed head `head` and whose block map is `flat[map]`; `work` is the
+/// number of key tiles it visits.
 #[derive(Clone, Copy)]
 struct Task {
     work: usize,
@@ -88,6 +89,7 @@ struct Task {
     h: usize,
     qt: usize,
     head: usize,
+    map: usize,
 }
 
 /// Per-thread scratch.
@@ -194,15 +196,16 @@ pub(crate) fn run_with_budget(
     let mut groups: Vec<Vec<Task>> = vec![Vec::new(); heads.len().div_ceil(group)];
     for b in 0..sh.b {
         for h in 0..sh.h {
-            let fm = &flat[map_index(b, h)];
+            let map = map_index(b, h);
             let head = bound.kv_batch_index(b) * sh.hkv + bound.kv_head(h);
             for qt in 0..q_tiles {
                 groups[head / group].push(Task {
-                    work: fm.work(qt),
+                    work: flat[map].work(qt),
                     b,
                     h,
                     qt,
                     head,
+                    map,
                 });
             }
         }
@@ -249,10 +252,18 @@ pub(crate) fn run_with_budget(
                 colvals: vec![0; n_col.max(1) * bkv],
                 err: [0; E_LEN],
             },
-            |scratch, &Task { b, h, qt, head, .. }| {
+            |scratch,
+             &Task {
+                 b,
+                 h,
+                 qt,
+                 head,
+                 map,
+                 ..
+             }| {
                 let row0 = qt * bq;
                 let rows = bq.min(sh.q - row0);
-                let fm = &flat[map_index(b, h)];
+                let fm = &flat[map];
                 let slot = &packed[(head - g0) * per_head..][..per_head];
                 let kp = slot.as_ptr();
                 let vp = if v_direct {
