@@ -10,7 +10,7 @@
 //! tile goes through a tile with fewer vectors and masked stores.
 
 use super::math::{exp2_nonpositive, exp_nonpositive};
-use super::simd::Simd;
+use super::simd::{Simd, MAX_LANES};
 use super::PANEL;
 
 /// Register tile of `qk`: `R` rows by `NV` vectors, reduced over `d`.
@@ -305,17 +305,14 @@ pub(crate) unsafe fn pv<S: Simd, const MR: usize, const NV: usize>(
     }
 }
 
-/// Rows handled together by [`softmax_update`]: their running-max updates and
-/// rescale factors are computed as one vector exponential per `LANES` rows rather
-/// than one scalar exponential per row.
-const SOFTMAX_ROW_CHUNK: usize = 16;
-
 /// One online-softmax step over a score tile (see `SoftmaxUpdateFn`).
 ///
-/// Per chunk of [`SOFTMAX_ROW_CHUNK`] rows: (1) the tile's row maxima and the new
-/// running maxima, (2) the rescale factors `alpha = exp(m_old - m_new)` of the whole
-/// chunk as vector exponentials, (3) per row, `p = exp(s - m_new)`, its sum, and the
-/// rescale of `l` and of the accumulator row (skipped when `alpha = 1`).
+/// Rows go in groups of `LANES`, so the per-row bookkeeping is vector work across
+/// rows: (1) each row's maximum as a vector over its columns, then the group's row
+/// maxima, new running maxima and rescale factors `alpha = exp(m_old - m_new)` as one
+/// vector each; (2) per row, `p = exp(s - m_new)` and its column sums; (3) the
+/// group's row sums and `l = l · alpha + sum` as one vector, and the rescale of the
+/// accumulator rows whose `alpha` is not 1.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn softmax_update<S: Simd>(
@@ -331,11 +328,11 @@ pub(crate) unsafe fn softmax_update<S: Simd>(
     base2: bool,
 ) {
     let lanes = S::LANES;
-    debug_assert!(SOFTMAX_ROW_CHUNK.is_multiple_of(lanes));
     let full = cols - cols % lanes;
     let tail = S::first_lanes(cols - full);
     let has_tail = full < cols;
     let neg_inf = S::splat(f32::NEG_INFINITY);
+    let zero = S::splat(0.0);
     let exp = |x: S::V| {
         if base2 {
             exp2_nonpositive::<S>(x)
@@ -343,14 +340,20 @@ pub(crate) unsafe fn softmax_update<S: Simd>(
             exp_nonpositive::<S>(x)
         }
     };
+    // Per-row vectors of the current group (maxima, then sums); rows past the
+    // group's end stay at the reduction's identity.
+    let mut red = [zero; MAX_LANES];
+    let mut m_use = [0f32; MAX_LANES];
+    let mut alpha = [0f32; MAX_LANES];
     let mut r0 = 0;
     while r0 < rows {
-        let n = SOFTMAX_ROW_CHUNK.min(rows - r0);
-        // Lanes past `n` hold 0 - 0 and are never read back.
-        let mut m_old = [0f32; SOFTMAX_ROW_CHUNK];
-        let mut m_use = [0f32; SOFTMAX_ROW_CHUNK];
-        let mut alpha = [0f32; SOFTMAX_ROW_CHUNK];
-        for r in 0..n {
+        let n = lanes.min(rows - r0);
+        let group = S::first_lanes(n);
+        for (r, red_r) in red.iter_mut().enumerate().take(lanes) {
+            if r >= n {
+                *red_r = neg_inf;
+                continue;
+            }
             let row = s.add((r0 + r) * s_stride);
             let mut mx = neg_inf;
             let mut c = 0;
@@ -361,29 +364,26 @@ pub(crate) unsafe fn softmax_update<S: Simd>(
             if has_tail {
                 mx = S::max(S::load_masked(row.add(full), tail, neg_inf), mx);
             }
-            let m_tile = S::reduce_max(mx);
-            let old = *m.add(r0 + r);
-            let new = if m_tile > old { m_tile } else { old };
-            m_old[r] = old;
-            // A row with no visible score yet keeps m = -inf; subtracting 0 instead
-            // keeps exp(-inf - m) = 0 rather than NaN.
-            m_use[r] = if new == f32::NEG_INFINITY { 0.0 } else { new };
-            *m.add(r0 + r) = new;
+            *red_r = mx;
         }
-        let mut c = 0;
-        while c < SOFTMAX_ROW_CHUNK {
-            let x = S::sub(
-                S::load(m_old.as_ptr().add(c)),
-                S::load(m_use.as_ptr().add(c)),
-            );
-            S::store(alpha.as_mut_ptr().add(c), exp(x));
-            c += lanes;
-        }
-        for r in 0..n {
-            let i = r0 + r;
-            let row = s.add(i * s_stride);
+        let m_tile = S::reduce_rows_max(&red[..lanes]);
+        let m_old = S::load_masked(m.add(r0), group, neg_inf);
+        let m_new = S::max(m_tile, m_old);
+        S::store_masked(m.add(r0), group, m_new);
+        // A row with no visible score yet keeps m = -inf; subtracting the lowest
+        // finite float instead keeps exp(-inf - m) = 0 rather than NaN.
+        let m_sub = S::max(m_new, S::splat(f32::MIN));
+        S::store(m_use.as_mut_ptr(), m_sub);
+        let a = exp(S::sub(m_old, m_sub));
+        S::store(alpha.as_mut_ptr(), a);
+        for (r, red_r) in red.iter_mut().enumerate().take(lanes) {
+            if r >= n {
+                *red_r = zero;
+                continue;
+            }
+            let row = s.add((r0 + r) * s_stride);
             let m_v = S::splat(m_use[r]);
-            let mut sum = S::splat(0.0);
+            let mut sum = zero;
             let mut c = 0;
             while c < full {
                 let p = exp(S::sub(S::load(row.add(c)), m_v));
@@ -397,10 +397,14 @@ pub(crate) unsafe fn softmax_update<S: Simd>(
                 S::store_masked(row.add(full), tail, p);
                 sum = S::add(sum, p);
             }
-            let a = alpha[r];
-            *l.add(i) = *l.add(i) * a + S::reduce_sum(sum);
+            *red_r = sum;
+        }
+        let sums = S::reduce_rows_sum(&red[..lanes]);
+        let l_old = S::load_masked(l.add(r0), group, zero);
+        S::store_masked(l.add(r0), group, S::add(S::mul(l_old, a), sums));
+        for (r, &a) in alpha.iter().enumerate().take(n) {
             if a != 1.0 {
-                let a_row = acc.add(i * acc_stride);
+                let a_row = acc.add((r0 + r) * acc_stride);
                 let alpha_v = S::splat(a);
                 let d_full = d - d % lanes;
                 let mut c = 0;
@@ -410,7 +414,7 @@ pub(crate) unsafe fn softmax_update<S: Simd>(
                 }
                 if d_full < d {
                     let mask = S::first_lanes(d - d_full);
-                    let x = S::load_masked(a_row.add(d_full), mask, S::splat(0.0));
+                    let x = S::load_masked(a_row.add(d_full), mask, zero);
                     S::store_masked(a_row.add(d_full), mask, S::mul(x, alpha_v));
                 }
             }

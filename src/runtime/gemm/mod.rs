@@ -712,7 +712,8 @@ mod tests {
         for kernels in supported() {
             let mut rng = Rng::new(5);
             for &d in &[7usize, 16, 64, 80] {
-                for &rows in &[1usize, 5, 9] {
+                // Whole and partial groups of rows for every vector width.
+                for &rows in &[1usize, 5, 9, 16, 23] {
                     check_online_softmax(&kernels, d, rows, false, &mut rng);
                     check_online_softmax(&kernels, d, rows, true, &mut rng);
                 }

@@ -50,7 +50,33 @@ pub(crate) unsafe trait Simd: Copy {
     /// shifting `n + 127` into the exponent field; exact for `-126 <= n <= 127` and
     /// `0.0` for `n = -127`.
     unsafe fn pow2_from_magic(t: Self::V) -> Self::V;
+    /// Row maxima of `LANES` rows at once: lane `r` of the result is the horizontal
+    /// maximum of `rows[r]` (`rows.len() == LANES`; a row holding NaN gives an
+    /// unspecified lane, which the online softmax never meets: its column maxima drop NaN).
+    #[inline(always)]
+    unsafe fn reduce_rows_max(rows: &[Self::V]) -> Self::V {
+        debug_assert_eq!(rows.len(), Self::LANES);
+        let mut out = [0f32; MAX_LANES];
+        for (o, &v) in out.iter_mut().zip(rows) {
+            *o = Self::reduce_max(v);
+        }
+        Self::load(out.as_ptr())
+    }
+    /// Row sums of `LANES` rows at once: lane `r` of the result is the horizontal sum
+    /// of `rows[r]` (`rows.len() == LANES`).
+    #[inline(always)]
+    unsafe fn reduce_rows_sum(rows: &[Self::V]) -> Self::V {
+        debug_assert_eq!(rows.len(), Self::LANES);
+        let mut out = [0f32; MAX_LANES];
+        for (o, &v) in out.iter_mut().zip(rows) {
+            *o = Self::reduce_sum(v);
+        }
+        Self::load(out.as_ptr())
+    }
 }
+
+/// The widest [`Simd::LANES`] of any implementation (AVX-512).
+pub(crate) const MAX_LANES: usize = 16;
 
 /// The portable fallback: plain arrays of four lanes, which the compiler
 /// auto-vectorises to the baseline vector unit (SSE2 on x86-64, NEON on aarch64).
@@ -223,6 +249,39 @@ mod x86 {
             let bits = _mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127));
             _mm256_castsi256_ps(_mm256_slli_epi32(bits, 23))
         }
+        #[inline(always)]
+        unsafe fn reduce_rows_max(rows: &[__m256]) -> __m256 {
+            reduce_rows8(rows, |a, b| _mm256_max_ps(a, b))
+        }
+        #[inline(always)]
+        unsafe fn reduce_rows_sum(rows: &[__m256]) -> __m256 {
+            reduce_rows8(rows, |a, b| _mm256_add_ps(a, b))
+        }
+    }
+
+    /// Lane `r` of the result is `op` over all lanes of `rows[r]`, for 8 rows: a
+    /// transpose interleaved with the reduction (14 shuffles and 7 `op`s in three
+    /// levels) instead of one horizontal reduction per row.
+    #[inline(always)]
+    unsafe fn reduce_rows8(rows: &[__m256], op: impl Fn(__m256, __m256) -> __m256) -> __m256 {
+        assert!(rows.len() == 8);
+        // Level 1, per 128-bit half: [r0 a, r1 a, r0 b, r1 b] with `a op b` the half's reduction.
+        let pair = |x: __m256, y: __m256| op(_mm256_unpacklo_ps(x, y), _mm256_unpackhi_ps(x, y));
+        let (p01, p23) = (pair(rows[0], rows[1]), pair(rows[2], rows[3]));
+        let (p45, p67) = (pair(rows[4], rows[5]), pair(rows[6], rows[7]));
+        // Level 2, per half: [r0, r1, r2, r3] reduced over the half.
+        let quad = |x: __m256, y: __m256| {
+            op(
+                _mm256_shuffle_ps::<0b01_00_01_00>(x, y),
+                _mm256_shuffle_ps::<0b11_10_11_10>(x, y),
+            )
+        };
+        let (q0, q4) = (quad(p01, p23), quad(p45, p67));
+        // Level 3: combine the halves.
+        op(
+            _mm256_permute2f128_ps::<0x20>(q0, q4),
+            _mm256_permute2f128_ps::<0x31>(q0, q4),
+        )
     }
 
     /// AVX-512F, 16 lanes.
