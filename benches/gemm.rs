@@ -8,9 +8,13 @@
 //! figures are the best of several timed repetitions (the machine is shared and noisy).
 
 use attnc::codegen::clif::jit::{JitModule, JitOptions};
-use attnc::codegen::clif::microkernel::{define_pv_tiled, define_qk_tiled, GemmImpl, MicroTile};
+use attnc::codegen::clif::microkernel::{
+    define_pv_tiled, define_qk_tiled, jit_fma_peak, GemmImpl, MicroTile,
+};
 use attnc::codegen::clif::vmath::{VMath, F32X4};
-use attnc::runtime::gemm::{pack_k, pack_v, NativeIsa, PackedK, PackedV, PvFn, QkFn, TileKernels};
+use attnc::runtime::gemm::{
+    pack_k, pack_v, FmaPeak, NativeIsa, PackedK, PackedV, PvFn, QkFn, TileKernels,
+};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData};
 use ndarray::Array2;
@@ -212,60 +216,6 @@ fn bench_jit_exp() -> (f64, f64) {
     (rate("exp_np"), rate("exp"))
 }
 
-/// GFLOP/s of JIT'd f32x4 FMAs on registers only (12 independent chains): the f32x4
-/// FMA peak of one core, measured under the same conditions as the kernels.
-fn bench_jit_fma_peak() -> f64 {
-    let mut jit = JitModule::new(
-        &JitOptions {
-            verify: false,
-            ..JitOptions::default()
-        },
-        &[],
-    )
-    .unwrap();
-    let ptr = jit.pointer_type();
-    let vm = VMath::new(jit.has_native_fma());
-    let sig = jit.signature(&[ptr, ptr], &[]);
-    let id = jit.declare_function("peak", &sig).unwrap();
-    const CHAINS: usize = 12;
-    jit.define_function(id, |b, _| {
-        let entry = b.create_block();
-        b.append_block_params_for_function_params(entry);
-        b.switch_to_block(entry);
-        let p = b.block_params(entry).to_vec();
-        let zero = b.ins().iconst(ptr, 0);
-        let a = vm.splat(b, 0.999_9);
-        let c = vm.splat(b, 1e-4);
-        let mut init = vec![zero];
-        init.extend((0..CHAINS).map(|_| vm.splat(b, 0.5)));
-        let out = attnc::codegen::clif::microkernel::emit_while(
-            b,
-            &init,
-            |b, v| b.ins().icmp(IntCC::UnsignedLessThan, v[0], p[0]),
-            |b, v| {
-                let mut next = vec![b.ins().iadd_imm_s(v[0], 1)];
-                next.extend(v[1..].iter().map(|&x| vm.fma(b, x, a, c)));
-                next
-            },
-        );
-        let mut sum = out[1];
-        for &x in &out[2..] {
-            sum = b.ins().fadd(sum, x);
-        }
-        b.ins().store(MemFlagsData::new(), sum, p[1], 0);
-        b.ins().return_(&[]);
-        Ok(())
-    })
-    .unwrap();
-    let code = jit.finalize().unwrap();
-    let f: unsafe extern "C" fn(usize, *mut f32) = unsafe { code.function("peak") }.unwrap();
-    let iters = 200_000;
-    let mut out = [0.0f32; 4];
-    let t = best_time(1, 30, || unsafe { f(iters, out.as_mut_ptr()) });
-    black_box(out);
-    (iters * CHAINS * 8) as f64 / t / 1e9
-}
-
 /// JIT kernels with a given register tile.
 fn jit_tiled(tile: MicroTile) -> TileKernels {
     let mut jit = JitModule::new(
@@ -318,10 +268,20 @@ fn main() {
             impls.push(jit_tiled(MicroTile { rows, vecs }));
         }
     }
-    println!(
-        "JIT f32x4 FMA peak (registers only, one thread): {:.1} GFLOP/s",
-        bench_jit_fma_peak()
+    let mut peaks = vec![jit_fma_peak().unwrap()];
+    peaks.extend(
+        NativeIsa::ALL
+            .into_iter()
+            .filter(|i| i.is_supported())
+            .map(|i| FmaPeak::native(i).unwrap()),
     );
+    for peak in &peaks {
+        println!(
+            "{} FMA peak (registers only, one thread): {:.1} GFLOP/s",
+            peak.name(),
+            peak.measure(200_000, 30)
+        );
+    }
     println!("tile products, bq = {BQ}, bkv = {BKV}, kv = {KV}, {threads} thread(s), GFLOP/s:");
     println!(
         "{:<18} {:>9} {:>9} {:>9} {:>9}",

@@ -45,6 +45,30 @@ pub struct BenchReport {
     /// Fraction of the Q x KV entries that are visible.
     pub visible_fraction: f64,
     pub peak_rss_mib: f64,
+    /// The FMA peak measured beside the runs, when asked for.
+    pub fma_peak: Option<PeakReport>,
+}
+
+/// The FMA peak measured before every timed run, and the runs against it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeakReport {
+    /// What was measured, such as `jit-f32x4` or `native-avx2`.
+    pub name: String,
+    /// Median over the runs of the peak of all threads, GFLOP/s.
+    pub median_gflops: f64,
+    /// Median over the runs of (useful GFLOP/s of the run) / (the peak measured
+    /// just before it).
+    pub median_fraction: f64,
+    /// The best run's fraction.
+    pub best_fraction: f64,
+}
+
+/// Measures an FMA peak (GFLOP/s of all worker threads) when called.
+pub struct PeakProbe {
+    /// What is measured, such as `jit-f32x4`.
+    pub name: String,
+    /// Runs the measurement.
+    pub measure: Box<dyn Fn() -> f64>,
 }
 
 impl BenchReport {
@@ -66,6 +90,12 @@ impl BenchReport {
             "gflops_useful": self.gflops_useful,
             "visible_fraction": self.visible_fraction,
             "peak_rss_mib": self.peak_rss_mib,
+            "fma_peak": self.fma_peak.as_ref().map(|p| serde_json::json!({
+                "kind": p.name,
+                "median_gflops": p.median_gflops,
+                "median_fraction": p.median_fraction,
+                "best_fraction": p.best_fraction,
+            })),
         })
     }
 }
@@ -90,7 +120,18 @@ impl std::fmt::Display for BenchReport {
             self.gflops_useful,
             100.0 * self.visible_fraction
         )?;
-        write!(f, "  peak RSS {:.1} MiB", self.peak_rss_mib)
+        write!(f, "  peak RSS {:.1} MiB", self.peak_rss_mib)?;
+        if let Some(p) = &self.fma_peak {
+            write!(
+                f,
+                "\n  {} FMA peak beside the runs: median {:.1} GFLOP/s; useful work at {:.1}% of it (median of runs), {:.1}% (best run)",
+                p.name,
+                p.median_gflops,
+                100.0 * p.median_fraction,
+                100.0 * p.best_fraction
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -290,31 +331,45 @@ pub fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Times `run` on `inputs`: `warmup` untimed calls, then `runs` timed ones.
+/// Median of a non-empty list.
+fn median(xs: &[f64]) -> f64 {
+    let mut xs = xs.to_vec();
+    xs.sort_by(|a, b| a.total_cmp(b));
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+/// Times `run` on `inputs`: `warmup` untimed calls, then `runs` timed ones, each
+/// right after a measurement of `peak` when one is given.
 pub fn measure(
     program: &Program,
     backend: &str,
     config: &BenchConfig,
     inputs: &Inputs<'_>,
     compile_ms: f64,
+    peak: Option<PeakProbe>,
     mut run: impl FnMut(&Inputs<'_>) -> Result<Outputs, Error>,
 ) -> Result<BenchReport, Error> {
     for _ in 0..config.warmup {
         run(inputs)?;
     }
-    let mut times = Vec::with_capacity(config.runs);
+    let mut times: Vec<f64> = Vec::with_capacity(config.runs);
+    let mut peaks = Vec::with_capacity(config.runs);
     for _ in 0..config.runs.max(1) {
+        if let Some(p) = &peak {
+            peaks.push((p.measure)());
+        }
         let t = Instant::now();
         let out = run(inputs)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
         drop(out);
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    let median_ms = if times.len() % 2 == 1 {
-        times[times.len() / 2]
-    } else {
-        (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0
-    };
+    let median_ms = median(&times);
+    let min_ms = times.iter().copied().fold(f64::INFINITY, f64::min);
     let shapes = Shapes {
         b: config.batch,
         h: config.heads,
@@ -326,18 +381,32 @@ pub fn measure(
     let dense = (shapes.b * shapes.h * shapes.q * shapes.kv) as f64;
     let visible = count_visible(program, inputs)? as f64;
     let flops_per_entry = 4.0 * shapes.d as f64;
+    let fma_peak = peak.map(|p| {
+        let fractions: Vec<f64> = times
+            .iter()
+            .zip(&peaks)
+            .map(|(ms, peak)| visible * flops_per_entry / (ms * 1e6) / peak)
+            .collect();
+        PeakReport {
+            name: p.name,
+            median_gflops: median(&peaks),
+            median_fraction: median(&fractions),
+            best_fraction: fractions.iter().copied().fold(0.0, f64::max),
+        }
+    });
     Ok(BenchReport {
         spec: program.spec.name.clone(),
         backend: backend.to_string(),
         shapes,
         runs: times.len(),
         median_ms,
-        min_ms: times[0],
+        min_ms,
         compile_ms,
         gflops_dense: dense * flops_per_entry / (median_ms * 1e6),
         gflops_useful: visible * flops_per_entry / (median_ms * 1e6),
         visible_fraction: if dense > 0.0 { visible / dense } else { 0.0 },
         peak_rss_mib: peak_rss_mib(),
+        fma_peak,
     })
 }
 
@@ -357,6 +426,57 @@ mod tests {
         let k = Array4::<f32>::zeros((1, 1, 100, 4));
         let inputs = Inputs::new(q.view(), k.view(), k.view());
         assert_eq!(count_visible(&p, &inputs).unwrap(), 2 * 100 * 101 / 2);
+    }
+
+    /// With a peak probe, every timed run follows one measurement of it, and the
+    /// fractions are the runs' useful GFLOP/s over those peaks.
+    #[test]
+    fn runs_are_measured_against_the_peak_beside_them() {
+        let p = load(
+            SourceFile::new("c.attn", "attention c { mask = causal }"),
+            &SpecOptions::default(),
+        )
+        .unwrap();
+        let q = Array4::<f32>::zeros((1, 2, 40, 8));
+        let inputs = Inputs::new(q.view(), q.view(), q.view());
+        let config = BenchConfig {
+            batch: 1,
+            heads: 2,
+            kv_heads: 2,
+            q_len: 40,
+            kv_len: 40,
+            dim: 8,
+            q_offset: 0,
+            runs: 5,
+            warmup: 1,
+            seed: 0,
+        };
+        let probes = std::rc::Rc::new(std::cell::Cell::new(0));
+        let count = probes.clone();
+        let peak = PeakProbe {
+            name: "test".into(),
+            measure: Box::new(move || {
+                count.set(count.get() + 1);
+                2.5
+            }),
+        };
+        let report = measure(&p, "reference", &config, &inputs, 0.0, Some(peak), |i| {
+            p.run_reference(i)
+        })
+        .unwrap();
+        assert_eq!(probes.get(), 5, "one peak measurement per timed run");
+        let peak = report.fma_peak.as_ref().unwrap();
+        assert_eq!(peak.name, "test");
+        assert_eq!(peak.median_gflops, 2.5);
+        // An odd number of runs: the median run is the run of the median time.
+        let rel = |a: f64, b: f64| (a - b).abs() / b;
+        assert!(rel(peak.median_fraction * 2.5, report.gflops_useful) < 1e-9);
+        let visible = (2 * 40 * 41 / 2) as f64;
+        let best = visible * 4.0 * 8.0 / (report.min_ms * 1e6);
+        assert!(rel(peak.best_fraction * 2.5, best) < 1e-9);
+        let json = report.to_json();
+        assert_eq!(json["fma_peak"]["kind"], "test");
+        assert_eq!(json["fma_peak"]["median_gflops"], 2.5);
     }
 
     #[test]

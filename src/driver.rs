@@ -521,6 +521,11 @@ impl JitKernel {
     pub fn gemm(&self) -> String {
         self.compiled.gemm.name()
     }
+
+    /// The implementation of the tile products.
+    pub fn gemm_impl(&self) -> crate::codegen::clif::microkernel::GemmImpl {
+        self.compiled.gemm
+    }
 }
 
 impl Program {

@@ -61,11 +61,14 @@ map per (b, h), and the grid shows the one chosen with --at."
     Blocks(BlocksArgs),
     /// Benchmark a spec on random inputs.
     #[command(
-        after_help = "Examples:\n  attnc bench examples/causal.attn --q-len 4096 --heads 8 --dim 64\n  attnc bench examples/packed_docs.attn --q-len 4096 --heads 8 --dim 64 --buffer doc=docs:4 --json\n  attnc bench examples/alibi.attn --q-len 1024 --heads 8 --dim 64 --buffer slope=alibi --backend interp\n\n\
+        after_help = "Examples:\n  attnc bench examples/causal.attn --q-len 4096 --heads 8 --dim 64\n  attnc bench examples/packed_docs.attn --q-len 4096 --heads 8 --dim 64 --buffer doc=docs:4 --json\n  attnc bench examples/alibi.attn --q-len 1024 --heads 8 --dim 64 --buffer slope=alibi --backend interp\n  attnc bench examples/causal.attn --q-len 4096 --gemm jit --peak   # efficiency against the f32x4 FMA peak\n\n\
 Buffers come from .npy files (`--buffer NAME=FILE.npy`) or recipes (`--buffer NAME=RECIPE`):\n\
 docs:N (int: N equal contiguous documents along the last dim), iota (int: 0, 1, 2, ...),\n\
 alibi (float: ALiBi slopes 2^(-8(i+1)/n)), uniform (float in [-1, 1)), bernoulli:P (bool),\n\
-const:V (any type). GFLOP/s count 4*B*H*Q*KV*D flops (dense) or only visible entries (useful)."
+const:V (any type). GFLOP/s count 4*B*H*Q*KV*D flops (dense) or only visible entries (useful).\n\
+--peak times a register-only FMA loop at the tile products' vector width (f32x4 for --gemm jit,\n\
+AVX2 or AVX-512 for native) on every thread right before each run, so efficiencies are measured\n\
+against the machine's speed at that moment."
     )]
     Bench(BenchArgs),
 }
@@ -164,6 +167,11 @@ struct BenchArgs {
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 0, value_name = "N")]
     seed: u64,
+    /// Before each timed run, measure the FMA peak of the tile products' vector
+    /// width on every worker thread at once (jit backend), and report each run's
+    /// useful GFLOP/s as a fraction of the peak measured beside it.
+    #[arg(long)]
+    peak: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -349,7 +357,7 @@ fn spec_options(args: &SpecArgs) -> Result<SpecOptions, Error> {
 }
 
 fn bench(args: BenchArgs) -> Result<(), Error> {
-    use attnc::bench::{generate_buffer, measure, BenchConfig, Rng};
+    use attnc::bench::{generate_buffer, measure, BenchConfig, PeakProbe, Rng};
     let t0 = std::time::Instant::now();
     let program = driver::load(
         SourceFile::read(&args.spec.spec)?,
@@ -446,12 +454,32 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
             ))
         }
     };
+    let probe =
+        match (&jit, args.peak) {
+            (_, false) => None,
+            (Some(jit), true) => Some(jit.gemm_impl().fma_peak()?),
+            (None, true) => return Err(Error::Usage(
+                "`--peak` measures the jit backend's tile products: drop it or use `--backend jit`"
+                    .into(),
+            )),
+        };
+    let peak = probe.map(|probe| PeakProbe {
+        name: probe.name().to_string(),
+        measure: Box::new(move || {
+            // About 10 ms per thread on a 50 GFLOP/s core: short beside the run,
+            // long enough to see the machine's state at that moment.
+            rayon::broadcast(|_| probe.measure(250_000, 20))
+                .iter()
+                .sum()
+        }),
+    });
     let report = measure(
         &program,
         &backend_name,
         &config,
         &inputs,
         compile_ms,
+        peak,
         |i| match args.backend {
             Backend::Reference => program.run_reference(i),
             Backend::Interp => program.run_interp(i, bq, bkv),

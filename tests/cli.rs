@@ -659,6 +659,59 @@ fn run_to_an_unwritable_output() {
 }
 
 #[test]
+fn bench_reports_the_fma_peak_beside_the_runs() {
+    let o = attnc(&[
+        "bench",
+        "examples/causal.attn",
+        "--q-len",
+        "64",
+        "--heads",
+        "1",
+        "--runs",
+        "3",
+        "--warmup",
+        "0",
+        "--gemm",
+        "jit",
+        "--peak",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
+    let peak = &r["fma_peak"];
+    assert_eq!(peak["kind"], "jit-f32x4");
+    for key in ["median_gflops", "median_fraction", "best_fraction"] {
+        let x = peak[key].as_f64().unwrap_or(-1.0);
+        assert!(x.is_finite() && x > 0.0, "{key}: {peak}");
+    }
+    assert!(peak["best_fraction"].as_f64() >= peak["median_fraction"].as_f64());
+    // Without --peak the field is null; other backends have no tile products.
+    let o = attnc(&[
+        "bench",
+        "examples/causal.attn",
+        "--q-len",
+        "64",
+        "--heads",
+        "1",
+        "--runs",
+        "1",
+        "--json",
+    ]);
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
+    assert!(r["fma_peak"].is_null(), "{r}");
+    let o = attnc(&[
+        "bench",
+        "examples/causal.attn",
+        "--q-len",
+        "64",
+        "--backend",
+        "interp",
+        "--peak",
+    ]);
+    assert_fails(&o, &["`--peak` measures the jit backend", "--backend jit"]);
+}
+
+#[test]
 fn usage_errors_exit_2() {
     // Missing required flags and unknown flags are clap's usage errors.
     let o = attnc(&["run", "examples/causal.attn", "--q", "q.npy"]);

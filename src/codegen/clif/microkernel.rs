@@ -25,7 +25,8 @@ use super::jit::{JitModule, JitOptions};
 use super::vmath::{VMath, F32X4};
 use crate::codegen::CodegenError;
 use crate::runtime::gemm::{
-    symbol, NativeIsa, PvFn, QkFn, SoftmaxUpdateFn, TileKernels, UnsupportedIsa, PANEL,
+    symbol, FmaPeak, FmaPeakFn, NativeIsa, PvFn, QkFn, SoftmaxUpdateFn, TileKernels,
+    UnsupportedIsa, PANEL,
 };
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{
@@ -148,6 +149,17 @@ impl GemmImpl {
         })
     }
 
+    /// The register-only FMA loop at this implementation's vector width, to measure
+    /// the tile products' efficiency against.
+    pub fn fma_peak(&self) -> Result<FmaPeak, CodegenError> {
+        match self {
+            GemmImpl::Jit => jit_fma_peak(),
+            GemmImpl::Native(isa) => {
+                FmaPeak::native(*isa).map_err(|e| CodegenError::Isa(e.to_string()))
+            }
+        }
+    }
+
     /// Standalone tile kernels (for the interpreter, tests and benchmarks). `Jit`
     /// compiles a small module that the result keeps alive.
     pub fn kernels(&self) -> Result<TileKernels, CodegenError> {
@@ -171,6 +183,66 @@ impl GemmImpl {
                 }
             }
         }
+    }
+}
+
+/// The register-only FMA loop (`FmaPeakFn`) at the JIT kernels' width, f32x4:
+/// the peak the JIT tile products are measured against.
+pub fn jit_fma_peak() -> Result<FmaPeak, CodegenError> {
+    let mut jit = JitModule::new(&JitOptions::default(), &[])?;
+    let ptr = jit.pointer_type();
+    let vm = VMath::new(jit.has_native_fma());
+    let sig = jit.signature(&[ptr, ptr], &[]);
+    let id = jit.declare_function("attnc_jit_fma_peak", &sig)?;
+    jit.define_function(id, |b, _| {
+        let (p, _) = begin_tile_function(b, ptr);
+        let (iters, out) = (p[0], p[1]);
+        let zero = b.ins().iconst(ptr, 0);
+        let a = vm.splat(b, 0.999_9);
+        let c = vm.splat(b, 1e-4);
+        let mut init = vec![zero];
+        init.extend((0..FmaPeak::CHAINS).map(|_| vm.splat(b, 0.5)));
+        // Rounds in groups of UNROLL (few taken branches per FMA, as in the tile
+        // products' main loops), then one at a time.
+        let main_end = b.ins().band_imm_s(iters, -(UNROLL as i64));
+        let chains = emit_while(
+            b,
+            &init,
+            |b, v| b.ins().icmp(IntCC::UnsignedLessThan, v[0], main_end),
+            |b, v| {
+                let mut next = vec![b.ins().iadd_imm_s(v[0], UNROLL as i64)];
+                next.extend(
+                    v[1..]
+                        .iter()
+                        .map(|&x| (0..UNROLL).fold(x, |x, _| vm.fma(b, x, a, c))),
+                );
+                next
+            },
+        );
+        let chains = emit_while(
+            b,
+            &chains,
+            |b, v| b.ins().icmp(IntCC::UnsignedLessThan, v[0], iters),
+            |b, v| {
+                let mut next = vec![b.ins().iadd_imm_s(v[0], 1)];
+                next.extend(v[1..].iter().map(|&x| vm.fma(b, x, a, c)));
+                next
+            },
+        );
+        let sum = chains[2..]
+            .iter()
+            .fold(chains[1], |s, &x| b.ins().fadd(s, x));
+        let lane = b.ins().extractlane(sum, 0);
+        b.ins().store(flags(), lane, out, 0);
+        b.ins().return_(&[]);
+        Ok(())
+    })?;
+    let code = Arc::new(jit.finalize()?);
+    // SAFETY: the function was generated with the FmaPeakFn signature over f32x4
+    // vectors; `code` is kept alive by the result.
+    unsafe {
+        let f: FmaPeakFn = code.function("attnc_jit_fma_peak")?;
+        Ok(FmaPeak::from_raw("jit-f32x4", f, 4, code))
     }
 }
 
@@ -1018,6 +1090,19 @@ mod tests {
                 main.join("\n")
             );
         }
+    }
+
+    /// The JIT peak loop runs, through the unrolled rounds and the leftover ones
+    /// (1001 is not a multiple of the unroll), as do the native loops behind
+    /// `GemmImpl::fma_peak`.
+    #[test]
+    fn jit_fma_peak_runs() {
+        let peak = GemmImpl::Jit.fma_peak().unwrap();
+        assert_eq!(peak.name(), "jit-f32x4");
+        let gflops = peak.measure(1001, 2);
+        assert!(gflops.is_finite() && gflops > 0.0, "{gflops}");
+        let native = GemmImpl::detect().fma_peak().unwrap();
+        assert!(native.measure(1000, 1) > 0.0);
     }
 
     /// Other register tiles (used by the benchmark) compute the same products.

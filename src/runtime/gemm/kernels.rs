@@ -423,13 +423,36 @@ pub(crate) unsafe fn softmax_update<S: Simd>(
     }
 }
 
-/// Instantiates the three `extern "C"` entry points for one instruction set.
+/// Independent FMA chains of the peak loop: more than the FMA latency times the FMA
+/// units of any x86 core (4 cycles x 2 units), so the loop is throughput-bound.
+pub(crate) const PEAK_CHAINS: usize = 12;
+
+/// `iters` rounds of [`PEAK_CHAINS`] independent FMAs on registers (see `FmaPeakFn`).
+#[inline(always)]
+unsafe fn fma_peak<S: Simd>(iters: usize, out: *mut f32) {
+    let (a, c) = (S::splat(0.999_9), S::splat(1e-4));
+    let mut x = [S::splat(0.5); PEAK_CHAINS];
+    for _ in 0..iters {
+        for v in x.iter_mut() {
+            *v = S::fma(*v, a, c);
+        }
+    }
+    let sum = x[1..].iter().fold(x[0], |s, &v| S::add(s, v));
+    *out = S::reduce_sum(sum);
+}
+
+/// Instantiates the `extern "C"` entry points for one instruction set.
 macro_rules! entry_points {
     (
         $(#[$attr:meta])*
         $simd:ty, qk = ($qk:ident, $qmr:expr, $qnv:expr), pv = ($pv:ident, $pmr:expr, $pnv:expr),
-        softmax = $sm:ident
+        softmax = $sm:ident, peak = $peak:ident
     ) => {
+        $(#[$attr])*
+        pub(crate) unsafe extern "C" fn $peak(iters: usize, out: *mut f32) {
+            fma_peak::<$simd>(iters, out)
+        }
+
         $(#[$attr])*
         #[allow(clippy::too_many_arguments)]
         pub(crate) unsafe extern "C" fn $qk(
@@ -485,7 +508,8 @@ entry_points!(
     super::simd::Portable,
     qk = (qk_portable, 2, 4),
     pv = (pv_portable, 4, 2),
-    softmax = softmax_update_portable
+    softmax = softmax_update_portable,
+    peak = fma_peak_portable
 );
 
 #[cfg(target_arch = "x86_64")]
@@ -494,7 +518,8 @@ entry_points!(
     super::simd::Avx2,
     qk = (qk_avx2, 6, 2),
     pv = (pv_avx2, 6, 2),
-    softmax = softmax_update_avx2
+    softmax = softmax_update_avx2,
+    peak = fma_peak_avx2
 );
 
 #[cfg(target_arch = "x86_64")]
@@ -503,7 +528,8 @@ entry_points!(
     super::simd::Avx512,
     qk = (qk_avx512, 6, 4),
     pv = (pv_avx512, 6, 4),
-    softmax = softmax_update_avx512
+    softmax = softmax_update_avx512,
+    peak = fma_peak_avx512
 );
 
 /// Applies the softmax exponential (`exp` or `2^x`, for `x <= 0`) in place, whole

@@ -342,6 +342,99 @@ pub mod symbol {
     pub const SOFTMAX_UPDATE: &str = "attnc_tile_softmax_update";
 }
 
+/// `fma_peak(iters, out)`: `iters` rounds of [`FmaPeak::CHAINS`] independent vector
+/// FMAs on registers only, storing a value that depends on all of them to `out`.
+pub type FmaPeakFn = unsafe extern "C" fn(iters: usize, out: *mut f32);
+
+/// A register-only FMA loop at the vector width of one tile-product implementation:
+/// the FMA peak those products could reach on this core at the moment it is measured.
+/// The machine's speed changes from minute to minute when it is shared, so
+/// efficiencies are measured against a peak taken right beside the work.
+#[derive(Clone)]
+pub struct FmaPeak {
+    f: FmaPeakFn,
+    lanes: usize,
+    name: String,
+    _code: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl fmt::Debug for FmaPeak {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FmaPeak")
+            .field("name", &self.name)
+            .field("lanes", &self.lanes)
+            .finish()
+    }
+}
+
+impl FmaPeak {
+    /// Independent FMA chains per round.
+    pub const CHAINS: usize = kernels::PEAK_CHAINS;
+
+    /// The loop at the vector width of the native kernels for `isa`.
+    pub fn native(isa: NativeIsa) -> Result<FmaPeak, UnsupportedIsa> {
+        if !isa.is_supported() {
+            return Err(UnsupportedIsa(isa));
+        }
+        let (f, lanes): (FmaPeakFn, usize) = match isa {
+            #[cfg(target_arch = "x86_64")]
+            NativeIsa::Avx512 => (kernels::fma_peak_avx512, 16),
+            #[cfg(target_arch = "x86_64")]
+            NativeIsa::Avx2 => (kernels::fma_peak_avx2, 8),
+            #[allow(unreachable_patterns)]
+            _ => (kernels::fma_peak_portable, 4),
+        };
+        Ok(FmaPeak {
+            f,
+            lanes,
+            name: format!("native-{isa}"),
+            _code: None,
+        })
+    }
+
+    /// A loop from other code (JIT-generated) over `lanes`-wide vectors, kept alive
+    /// by `owner`.
+    ///
+    /// # Safety
+    ///
+    /// `f` must implement the contract of [`FmaPeakFn`] with `lanes`-lane vectors and
+    /// stay valid while `owner` lives.
+    pub unsafe fn from_raw(
+        name: impl Into<String>,
+        f: FmaPeakFn,
+        lanes: usize,
+        owner: Arc<dyn Any + Send + Sync>,
+    ) -> FmaPeak {
+        FmaPeak {
+            f,
+            lanes,
+            name: name.into(),
+            _code: Some(owner),
+        }
+    }
+
+    /// The implementation measured, such as `native-avx2` or `jit-f32x4`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// GFLOP/s of this thread: the best of `reps` timed runs of `iters` rounds each
+    /// (the best, because a shared machine only ever makes a run slower).
+    pub fn measure(&self, iters: usize, reps: usize) -> f64 {
+        let mut out = 0.0f32;
+        let mut best = f64::INFINITY;
+        for _ in 0..reps.max(1) {
+            let t = std::time::Instant::now();
+            // SAFETY: `f` implements `FmaPeakFn` (checked at construction) and `out` is
+            // a valid f32.
+            unsafe { (self.f)(iters, &mut out) };
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        std::hint::black_box(out);
+        (iters * Self::CHAINS * self.lanes * 2) as f64 / best.max(1e-12) / 1e9
+    }
+}
+
 /// One implementation of the tile operations: function pointers with the C ABI, plus
 /// whatever owns their code (for JIT-generated kernels).
 #[derive(Clone)]
@@ -703,6 +796,22 @@ mod tests {
             let mut rng = Rng::new(4);
             for (d, rows, cols) in shapes() {
                 check_pv(&kernels, d, rows, cols, &mut rng);
+            }
+        }
+    }
+
+    /// The peak loops run and report a positive, finite rate for every supported
+    /// instruction set (their speed is measured by the benchmarks, not asserted).
+    #[test]
+    fn fma_peak_loops_run_on_every_supported_isa() {
+        for isa in NativeIsa::ALL {
+            match FmaPeak::native(isa) {
+                Ok(peak) => {
+                    let gflops = peak.measure(1000, 2);
+                    assert!(gflops.is_finite() && gflops > 0.0, "{isa}: {gflops}");
+                    assert_eq!(peak.name(), format!("native-{isa}"));
+                }
+                Err(e) => assert!(!isa.is_supported(), "{e}"),
             }
         }
     }
