@@ -415,13 +415,17 @@ mod tests {
     use super::*;
     use crate::driver::{load, SourceFile, SpecOptions};
 
-    #[test]
-    fn visible_count_of_causal_is_exact() {
-        let p = load(
+    fn causal() -> Program {
+        load(
             SourceFile::new("c.attn", "attention c { mask = causal }"),
             &SpecOptions::default(),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn visible_count_of_causal_is_exact() {
+        let p = causal();
         let q = Array4::<f32>::zeros((1, 2, 100, 4));
         let k = Array4::<f32>::zeros((1, 1, 100, 4));
         let inputs = Inputs::new(q.view(), k.view(), k.view());
@@ -432,11 +436,7 @@ mod tests {
     /// fractions are the runs' useful GFLOP/s over those peaks.
     #[test]
     fn runs_are_measured_against_the_peak_beside_them() {
-        let p = load(
-            SourceFile::new("c.attn", "attention c { mask = causal }"),
-            &SpecOptions::default(),
-        )
-        .unwrap();
+        let p = causal();
         let q = Array4::<f32>::zeros((1, 2, 40, 8));
         let inputs = Inputs::new(q.view(), q.view(), q.view());
         let config = BenchConfig {

@@ -658,26 +658,27 @@ fn run_to_an_unwritable_output() {
     assert_fails(&o, &["cannot write `", "out.npy`"]);
 }
 
-#[test]
-fn bench_reports_the_fma_peak_beside_the_runs() {
-    let o = attnc(&[
+/// `attnc bench` of the causal example on a small shape with `extra` flags, its
+/// JSON report parsed.
+fn bench_causal_json(extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
         "bench",
         "examples/causal.attn",
         "--q-len",
         "64",
         "--heads",
         "1",
-        "--runs",
-        "3",
-        "--warmup",
-        "0",
-        "--gemm",
-        "jit",
-        "--peak",
-        "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    args.push("--json");
+    let o = attnc(&args);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
+    serde_json::from_str(&stdout(&o)).expect("one JSON object")
+}
+
+#[test]
+fn bench_reports_the_fma_peak_beside_the_runs() {
+    let r = bench_causal_json(&["--runs", "3", "--warmup", "0", "--gemm", "jit", "--peak"]);
     let peak = &r["fma_peak"];
     assert_eq!(peak["kind"], "jit-f32x4");
     for key in ["median_gflops", "median_fraction", "best_fraction"] {
@@ -686,18 +687,7 @@ fn bench_reports_the_fma_peak_beside_the_runs() {
     }
     assert!(peak["best_fraction"].as_f64() >= peak["median_fraction"].as_f64());
     // Without --peak the field is null; other backends have no tile products.
-    let o = attnc(&[
-        "bench",
-        "examples/causal.attn",
-        "--q-len",
-        "64",
-        "--heads",
-        "1",
-        "--runs",
-        "1",
-        "--json",
-    ]);
-    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
+    let r = bench_causal_json(&["--runs", "1"]);
     assert!(r["fma_peak"].is_null(), "{r}");
     let o = attnc(&[
         "bench",

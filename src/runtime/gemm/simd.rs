@@ -55,24 +55,26 @@ pub(crate) unsafe trait Simd: Copy {
     /// unspecified lane, which the online softmax never meets: its column maxima drop NaN).
     #[inline(always)]
     unsafe fn reduce_rows_max(rows: &[Self::V]) -> Self::V {
-        debug_assert_eq!(rows.len(), Self::LANES);
-        let mut out = [0f32; MAX_LANES];
-        for (o, &v) in out.iter_mut().zip(rows) {
-            *o = Self::reduce_max(v);
-        }
-        Self::load(out.as_ptr())
+        reduce_each_row::<Self>(rows, |v| Self::reduce_max(v))
     }
     /// Row sums of `LANES` rows at once: lane `r` of the result is the horizontal sum
     /// of `rows[r]` (`rows.len() == LANES`).
     #[inline(always)]
     unsafe fn reduce_rows_sum(rows: &[Self::V]) -> Self::V {
-        debug_assert_eq!(rows.len(), Self::LANES);
-        let mut out = [0f32; MAX_LANES];
-        for (o, &v) in out.iter_mut().zip(rows) {
-            *o = Self::reduce_sum(v);
-        }
-        Self::load(out.as_ptr())
+        reduce_each_row::<Self>(rows, |v| Self::reduce_sum(v))
     }
+}
+
+/// The default of [`Simd::reduce_rows_max`] and [`Simd::reduce_rows_sum`]: one
+/// horizontal reduction per row, gathered into a vector.
+#[inline(always)]
+unsafe fn reduce_each_row<S: Simd>(rows: &[S::V], reduce: impl Fn(S::V) -> f32) -> S::V {
+    debug_assert_eq!(rows.len(), S::LANES);
+    let mut out = [0f32; MAX_LANES];
+    for (o, &v) in out.iter_mut().zip(rows) {
+        *o = reduce(v);
+    }
+    S::load(out.as_ptr())
 }
 
 /// The widest [`Simd::LANES`] of any implementation (AVX-512).
