@@ -127,6 +127,30 @@ fn run_packed(dir: &TempDir, extra: &[&str]) -> Output {
     attnc(&args)
 }
 
+/// `run_with` on the fixture's q, k and v, writing `dir/o.npy`.
+fn run_fixture(spec: &str, dir: &TempDir, extra: &[&str]) -> Output {
+    run_with(
+        spec,
+        &fixture("q.npy"),
+        &fixture("k.npy"),
+        &fixture("v.npy"),
+        &dir.path("o.npy"),
+        extra,
+    )
+}
+
+/// `run_with` on the given q and the fixture's k and v, writing `dir/o.npy`.
+fn run_with_q(spec: &str, q: &Path, dir: &TempDir) -> Output {
+    run_with(
+        spec,
+        q,
+        &fixture("k.npy"),
+        &fixture("v.npy"),
+        &dir.path("o.npy"),
+        &[],
+    )
+}
+
 /// Like `run_packed`, with q, k, v, buffers and flags all given by the caller.
 fn run_with(spec: &str, q: &Path, k: &Path, v: &Path, out: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
@@ -309,14 +333,7 @@ fn run_of_a_missing_spec_or_input_file() {
 fn run_of_an_unreadable_npy() {
     let dir = TempDir::new();
     std::fs::write(dir.path("q.npy"), "this is not an npy file\n").unwrap();
-    let o = run_with(
-        "examples/causal.attn",
-        &dir.path("q.npy"),
-        &fixture("k.npy"),
-        &fixture("v.npy"),
-        &dir.path("o.npy"),
-        &[],
-    );
+    let o = run_with_q("examples/causal.attn", &dir.path("q.npy"), &dir);
     assert_fails(
         &o,
         &[
@@ -343,14 +360,7 @@ fn run_with_q_not_4d() {
         &dir.path("q3.npy"),
         &ArrayD::<f32>::zeros(IxDyn(&[4, 95, 16])),
     );
-    let o = run_with(
-        "examples/causal.attn",
-        &dir.path("q3.npy"),
-        &fixture("k.npy"),
-        &fixture("v.npy"),
-        &dir.path("o.npy"),
-        &[],
-    );
+    let o = run_with_q("examples/causal.attn", &dir.path("q3.npy"), &dir);
     assert_fails(
         &o,
         &[
@@ -368,14 +378,7 @@ fn run_with_float64_q() {
         &dir.path("q64.npy"),
         &ArrayD::<f64>::zeros(IxDyn(&[2, 4, 95, 16])),
     );
-    let o = run_with(
-        "examples/causal.attn",
-        &dir.path("q64.npy"),
-        &fixture("k.npy"),
-        &fixture("v.npy"),
-        &dir.path("o.npy"),
-        &[],
-    );
+    let o = run_with_q("examples/causal.attn", &dir.path("q64.npy"), &dir);
     assert_fails(
         &o,
         &[
@@ -403,14 +406,7 @@ fn run_with_a_buffer_of_the_wrong_dtype() {
 #[test]
 fn run_without_a_declared_buffer() {
     let dir = TempDir::new();
-    let o = run_with(
-        "examples/packed_docs.attn",
-        &fixture("q.npy"),
-        &fixture("k.npy"),
-        &fixture("v.npy"),
-        &dir.path("o.npy"),
-        &[],
-    );
+    let o = run_fixture("examples/packed_docs.attn", &dir, &[]);
     assert_fails(
         &o,
         &[
@@ -436,14 +432,7 @@ fn run_with_an_undeclared_buffer() {
         ],
     );
     // A buffer for a spec that takes none.
-    let o = run_with(
-        "examples/causal.attn",
-        &fixture("q.npy"),
-        &fixture("k.npy"),
-        &fixture("v.npy"),
-        &dir.path("o.npy"),
-        &["--buffer", &slope],
-    );
+    let o = run_fixture("examples/causal.attn", &dir, &["--buffer", &slope]);
     assert_fails(
         &o,
         &[
@@ -516,30 +505,14 @@ fn run_with_mismatched_q_k_v() {
         &["k and v must have the same shape: k is [2, 2, 95, 16], v is [2, 3, 95, 16]"],
     );
     // A negative query offset.
-    let o = run_with(
-        "examples/causal.attn",
-        &fixture("q.npy"),
-        &fixture("k.npy"),
-        &fixture("v.npy"),
-        &dir.path("o.npy"),
-        &["--q-offset", "-3"],
-    );
+    let o = run_fixture("examples/causal.attn", &dir, &["--q-offset", "-3"]);
     assert_fails(&o, &["the query offset must be >= 0, found -3"]);
 }
 
 #[test]
 fn run_with_bad_params() {
     let dir = TempDir::new();
-    let run = |extra: &[&str]| {
-        run_with(
-            "examples/sliding_window.attn",
-            &fixture("q.npy"),
-            &fixture("k.npy"),
-            &fixture("v.npy"),
-            &dir.path("o.npy"),
-            extra,
-        )
-    };
+    let run = |extra: &[&str]| run_fixture("examples/sliding_window.attn", &dir, extra);
     let o = run(&["--param", "window=abc"]);
     assert_fails(
         &o,
@@ -627,14 +600,7 @@ fn run_needs_an_entry_for_a_file_with_several_blocks() {
 #[test]
 fn run_of_a_bad_spec_reports_the_spec_error() {
     let dir = TempDir::new();
-    let o = run_with(
-        "tests/errors/score_in_mask.attn",
-        &fixture("q.npy"),
-        &fixture("k.npy"),
-        &fixture("v.npy"),
-        &dir.path("o.npy"),
-        &[],
-    );
+    let o = run_fixture("tests/errors/score_in_mask.attn", &dir, &[]);
     assert_fails(
         &o,
         &[
