@@ -972,112 +972,78 @@ mod tests {
         (t, f)
     }
 
+    /// Checks each `(mask, box, decision)`: the abstract value of `mask` over `box`
+    /// decides it as given (`None`: not decided).
+    fn check_decisions(cases: &[(&str, QBox, Option<bool>)]) {
+        for &(mask, b, want) in cases {
+            assert_eq!(eval(mask, b).decided(), want, "`{mask}` over {b:?}");
+        }
+    }
+
     #[test]
     fn affine_comparisons_are_decided_exactly() {
-        // Causal: a box entirely below, above and across the diagonal.
-        assert_eq!(eval("causal", bx(100, 199, 0, 99)).decided(), Some(true));
-        assert_eq!(eval("causal", bx(0, 99, 100, 199)).decided(), Some(false));
-        assert_eq!(eval("causal", bx(0, 99, 50, 149)).decided(), None);
-        // The same variable on both sides: only affine forms decide this.
-        assert_eq!(
-            eval("q + kv < 2 * q", bx(100, 199, 0, 99)).decided(),
-            Some(true)
-        );
-        assert_eq!(
-            eval("q - kv - (q - kv) == 0", bx(0, 999, 0, 999)).decided(),
-            Some(true)
-        );
-        // A window edge.
-        assert_eq!(
-            eval("q - kv < 128", bx(128, 191, 64, 127)).decided(),
-            Some(true)
-        );
-        assert_eq!(eval("q - kv < 128", bx(128, 191, 0, 63)).decided(), None);
+        check_decisions(&[
+            // Causal: a box entirely below, above and across the diagonal.
+            ("causal", bx(100, 199, 0, 99), Some(true)),
+            ("causal", bx(0, 99, 100, 199), Some(false)),
+            ("causal", bx(0, 99, 50, 149), None),
+            // The same variable on both sides: only affine forms decide this.
+            ("q + kv < 2 * q", bx(100, 199, 0, 99), Some(true)),
+            ("q - kv - (q - kv) == 0", bx(0, 999, 0, 999), Some(true)),
+            // A window edge.
+            ("q - kv < 128", bx(128, 191, 64, 127), Some(true)),
+            ("q - kv < 128", bx(128, 191, 0, 63), None),
+        ]);
     }
 
     #[test]
     fn division_and_modulo_by_constants() {
-        // Both q and kv in one chunk of 96.
-        assert_eq!(
-            eval("q / 96 == kv / 96", bx(100, 150, 96, 191)).decided(),
-            Some(true)
-        );
-        assert_eq!(
-            eval("q / 96 == kv / 96", bx(100, 150, 0, 95)).decided(),
-            Some(false)
-        );
-        assert_eq!(
-            eval("q / 96 == kv / 96", bx(100, 150, 0, 100)).decided(),
-            None
-        );
-        // Floor semantics on negatives: (q - kv) / 4 over q - kv in [-8, -5] is -2.
-        assert_eq!(
-            eval("(q - kv) / 4 == -2", bx(0, 3, 8, 8)).decided(),
-            Some(true)
-        );
-        assert_eq!(eval("(q - kv) / 4 == -2", bx(0, 4, 9, 9)).decided(), None);
-        // One quotient keeps the remainder affine: q % 16 = q - 32 here.
-        assert_eq!(
-            eval("q % 16 - kv % 16 == q - kv - 16", bx(32, 47, 16, 31)).decided(),
-            Some(true)
-        );
-        assert_eq!(
-            eval("q % 16 < 16 && q % 16 >= 0", bx(0, 999, 0, 999)).decided(),
-            Some(true)
-        );
+        check_decisions(&[
+            // Both q and kv in one chunk of 96.
+            ("q / 96 == kv / 96", bx(100, 150, 96, 191), Some(true)),
+            ("q / 96 == kv / 96", bx(100, 150, 0, 95), Some(false)),
+            ("q / 96 == kv / 96", bx(100, 150, 0, 100), None),
+            // Floor semantics on negatives: (q - kv) / 4 over q - kv in [-8, -5] is -2.
+            ("(q - kv) / 4 == -2", bx(0, 3, 8, 8), Some(true)),
+            ("(q - kv) / 4 == -2", bx(0, 4, 9, 9), None),
+            // One quotient keeps the remainder affine: q % 16 = q - 32 here.
+            (
+                "q % 16 - kv % 16 == q - kv - 16",
+                bx(32, 47, 16, 31),
+                Some(true),
+            ),
+            ("q % 16 < 16 && q % 16 >= 0", bx(0, 999, 0, 999), Some(true)),
+        ]);
     }
 
     #[test]
     fn abs_min_max_clamp_if_and_floats() {
-        assert_eq!(
-            eval("abs(q - kv) <= 10", bx(100, 105, 98, 104)).decided(),
-            Some(true)
-        );
-        assert_eq!(
-            eval("abs(q - kv) <= 10", bx(100, 105, 200, 300)).decided(),
-            Some(false)
-        );
-        assert_eq!(
-            eval("min(q, kv) >= 50", bx(60, 70, 50, 90)).decided(),
-            Some(true)
-        );
-        assert_eq!(
-            eval("max(q, kv) < 50", bx(60, 70, 0, 10)).decided(),
-            Some(false)
-        );
-        assert_eq!(
-            eval("clamp(q - kv, 0, 8) == 8", bx(100, 110, 0, 50)).decided(),
-            Some(true)
-        );
-        assert_eq!(
-            eval(
+        check_decisions(&[
+            ("abs(q - kv) <= 10", bx(100, 105, 98, 104), Some(true)),
+            ("abs(q - kv) <= 10", bx(100, 105, 200, 300), Some(false)),
+            ("min(q, kv) >= 50", bx(60, 70, 50, 90), Some(true)),
+            ("max(q, kv) < 50", bx(60, 70, 0, 10), Some(false)),
+            ("clamp(q - kv, 0, 8) == 8", bx(100, 110, 0, 50), Some(true)),
+            (
                 "if q > 500 { kv < 10 } else { kv >= 0 }",
-                bx(0, 100, 0, 999)
-            )
-            .decided(),
-            Some(true)
-        );
-        assert_eq!(
-            eval("if q > 50 { kv < 10 } else { kv >= 0 }", bx(0, 100, 0, 5)).decided(),
-            Some(true)
-        );
-        assert_eq!(
-            eval("float(q - kv) * 0.5 < 3.0", bx(0, 5, 0, 10)).decided(),
-            Some(true)
-        );
-        assert_eq!(
-            eval("float(q - kv) * 0.5 < 3.0", bx(0, 10, 0, 10)).decided(),
-            None
-        );
-        assert_eq!(
-            eval("float(q) * 0.5 > float(kv)", bx(100, 110, 0, 40)).decided(),
-            Some(true)
-        );
-        // Transcendental functions are not trusted to be monotone.
-        assert_eq!(
-            eval("exp(float(kv - q)) < 1.0", bx(100, 110, 0, 40)).decided(),
-            None
-        );
+                bx(0, 100, 0, 999),
+                Some(true),
+            ),
+            (
+                "if q > 50 { kv < 10 } else { kv >= 0 }",
+                bx(0, 100, 0, 5),
+                Some(true),
+            ),
+            ("float(q - kv) * 0.5 < 3.0", bx(0, 5, 0, 10), Some(true)),
+            ("float(q - kv) * 0.5 < 3.0", bx(0, 10, 0, 10), None),
+            (
+                "float(q) * 0.5 > float(kv)",
+                bx(100, 110, 0, 40),
+                Some(true),
+            ),
+            // Transcendental functions are not trusted to be monotone.
+            ("exp(float(kv - q)) < 1.0", bx(100, 110, 0, 40), None),
+        ]);
     }
 
     #[test]
