@@ -818,35 +818,25 @@ fn cli_writes_png() {
     );
 }
 
+/// `attnc blocks SPEC --q-len 10 --kv-len 10 EXTRA` fails with `needle` in its message.
+fn blocks_fails(spec: &str, extra: &[&str], needle: &str) {
+    let mut args = vec!["blocks", spec, "--q-len", "10", "--kv-len", "10"];
+    args.extend_from_slice(extra);
+    let (ok, _, err) = attnc(&args);
+    assert!(!ok, "{args:?} succeeded");
+    assert!(err.contains(needle), "{args:?}: {err}");
+}
+
 #[test]
 fn cli_bad_inputs_say_what_is_wrong() {
-    let (ok, _, err) = attnc(&[
-        "blocks",
-        "examples/causal.attn",
-        "--q-len",
-        "10",
-        "--kv-len",
-        "10",
-        "--block",
-        "0x64",
-    ]);
-    assert!(!ok);
-    assert!(
-        err.contains("tile sizes must be at least 1, found 0x64"),
-        "{err}"
+    let causal = "examples/causal.attn";
+    let docs = "examples/packed_docs.attn";
+    blocks_fails(
+        causal,
+        &["--block", "0x64"],
+        "tile sizes must be at least 1, found 0x64",
     );
-    let (ok, _, err) = attnc(&[
-        "blocks",
-        "examples/causal.attn",
-        "--q-len",
-        "10",
-        "--kv-len",
-        "10",
-        "--block",
-        "big",
-    ]);
-    assert!(!ok);
-    assert!(err.contains("bad tile size `big`"), "{err}");
+    blocks_fails(causal, &["--block", "big"], "bad tile size `big`");
     // A buffer of the wrong shape.
     let dir = std::env::temp_dir().join(format!("attnc-blocks-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -856,43 +846,14 @@ fn cli_bad_inputs_say_what_is_wrong() {
         std::fs::File::create(&doc).unwrap(),
     )
     .unwrap();
-    let (ok, _, err) = attnc(&[
-        "blocks",
-        "examples/packed_docs.attn",
-        "--q-len",
-        "10",
-        "--kv-len",
-        "10",
-        "--buffer",
-        &format!("doc={}", doc.display()),
-    ]);
-    assert!(!ok);
-    assert!(
-        err.contains("buffer `doc` has shape [7], but `doc[KV]` is [10]"),
-        "{err}"
+    let doc = format!("doc={}", doc.display());
+    blocks_fails(
+        docs,
+        &["--buffer", &doc],
+        "buffer `doc` has shape [7], but `doc[KV]` is [10]",
     );
-    let (ok, _, err) = attnc(&[
-        "blocks",
-        "examples/packed_docs.attn",
-        "--q-len",
-        "10",
-        "--kv-len",
-        "10",
-    ]);
-    assert!(!ok);
-    assert!(err.contains("missing buffer `doc`"), "{err}");
-    let (ok, _, err) = attnc(&[
-        "blocks",
-        "examples/causal.attn",
-        "--q-len",
-        "10",
-        "--kv-len",
-        "10",
-        "--h",
-        "0",
-    ]);
-    assert!(!ok);
-    assert!(err.contains("--h must be at least 1"), "{err}");
+    blocks_fails(docs, &[], "missing buffer `doc`");
+    blocks_fails(causal, &["--h", "0"], "--h must be at least 1");
     // Zero lengths are allowed: an empty map.
     let (ok, out, err) = attnc(&[
         "blocks",
