@@ -92,9 +92,8 @@ struct Task {
     map: usize,
 }
 
-/// Per-thread scratch.
+/// Per-thread scratch (the Q tile is read in place: its rows are contiguous).
 struct Scratch {
-    q: Vec<f32>,
     s: Vec<f32>,
     m: Vec<f32>,
     l: Vec<f32>,
@@ -243,7 +242,6 @@ pub(crate) fn run_with_budget(
         let packed: &[f32] = workspace;
         tasks.par_iter().try_for_each_init(
             || Scratch {
-                q: vec![0.0; bq * d],
                 s: vec![0.0; bq * bkv],
                 m: vec![0.0; bq],
                 l: vec![0.0; bq],
@@ -273,7 +271,6 @@ pub(crate) fn run_with_budget(
                     slot[klay.len()..].as_ptr()
                 };
                 let q_off = ((b * sh.h + h) * sh.q + row0) * d;
-                scratch.q[..rows * d].copy_from_slice(&q[q_off..q_off + rows * d]);
                 scratch.m[..rows].fill(f32::NEG_INFINITY);
                 scratch.l[..rows].fill(0.0);
                 scratch.acc[..rows * d].fill(0.0);
@@ -284,7 +281,7 @@ pub(crate) fn run_with_budget(
                 task[T_H] = h as i64;
                 task[T_QSTART] = row0 as i64 + bound.q_offset;
                 task[T_ROWS] = rows as i64;
-                task[T_Q] = scratch.q.as_ptr() as i64;
+                task[T_Q] = q[q_off..q_off + rows * d].as_ptr() as i64;
                 task[T_K] = kp as i64;
                 task[T_V] = vp as i64;
                 task[T_VSTRIDE] = vlay.row_stride() as i64;

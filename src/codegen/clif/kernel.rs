@@ -35,7 +35,8 @@ pub const T_H: usize = 1;
 /// Absolute query position of the tile's first row (row0 + q_offset).
 pub const T_QSTART: usize = 2;
 pub const T_ROWS: usize = 3;
-/// Q tile: `rows` rows of `d` floats, row stride `d`.
+/// Q tile: `rows` rows of `d` floats, row stride `d` (read only: it may be the
+/// caller's input).
 pub const T_Q: usize = 4;
 /// Packed K of the head (see `runtime::gemm::PackedK`).
 pub const T_K: usize = 5;
