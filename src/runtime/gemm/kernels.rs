@@ -441,6 +441,59 @@ unsafe fn fma_peak<S: Simd>(iters: usize, out: *mut f32) {
     *out = S::reduce_sum(sum);
 }
 
+/// Packs one full panel of K (see `PackedK`): `panel[c·16 + j] = rows[j][c]` for the
+/// 16 key rows and `c < d`, by 8 x 8 transposes of 8 keys x 8 dimensions (the
+/// dimensions past the last multiple of 8 one by one).
+///
+/// # Safety
+///
+/// Needs AVX; every row holds at least `d` floats and `panel` at least `16·d`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+pub(crate) unsafe fn pack_k_panel_avx(rows: &[&[f32]; PANEL], d: usize, panel: &mut [f32]) {
+    use std::arch::x86_64::*;
+    debug_assert!(rows.iter().all(|r| r.len() >= d) && panel.len() >= PANEL * d);
+    let d8 = d - d % 8;
+    for half in [0, 8] {
+        let r = &rows[half..half + 8];
+        let mut c0 = 0;
+        while c0 < d8 {
+            let v: [__m256; 8] = std::array::from_fn(|j| _mm256_loadu_ps(r[j].as_ptr().add(c0)));
+            // Pairs, then quads: u[k] holds dimension k of keys 0-3 in its low half
+            // and dimension k + 4 in its high half (keys 4-7 in u[k + 4]).
+            let t: [__m256; 8] = std::array::from_fn(|i| {
+                let (a, b) = (v[i / 2 * 2], v[i / 2 * 2 + 1]);
+                if i % 2 == 0 {
+                    _mm256_unpacklo_ps(a, b)
+                } else {
+                    _mm256_unpackhi_ps(a, b)
+                }
+            });
+            let u: [__m256; 8] = std::array::from_fn(|i| {
+                let (g, k) = (i / 4 * 4, i % 4);
+                let (a, b) = (t[g + k / 2], t[g + 2 + k / 2]);
+                if k % 2 == 0 {
+                    _mm256_shuffle_ps::<0x44>(a, b)
+                } else {
+                    _mm256_shuffle_ps::<0xEE>(a, b)
+                }
+            });
+            for k in 0..4 {
+                let lo = _mm256_permute2f128_ps::<0x20>(u[k], u[k + 4]);
+                let hi = _mm256_permute2f128_ps::<0x31>(u[k], u[k + 4]);
+                _mm256_storeu_ps(panel.as_mut_ptr().add((c0 + k) * PANEL + half), lo);
+                _mm256_storeu_ps(panel.as_mut_ptr().add((c0 + k + 4) * PANEL + half), hi);
+            }
+            c0 += 8;
+        }
+    }
+    for (j, row) in rows.iter().enumerate() {
+        for c in d8..d {
+            panel[c * PANEL + j] = row[c];
+        }
+    }
+}
+
 /// Instantiates the `extern "C"` entry points for one instruction set.
 macro_rules! entry_points {
     (

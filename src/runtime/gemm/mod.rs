@@ -222,6 +222,13 @@ pub fn pack_k(k: ArrayView2<f32>, dst: &mut [f32]) -> Result<PackedK, PackError>
                 None => contiguous = false,
             }
         }
+        #[cfg(target_arch = "x86_64")]
+        if contiguous && n_keys == PANEL && std::arch::is_x86_feature_detected!("avx") {
+            // SAFETY: AVX was detected; the 16 rows hold `d` floats each and the
+            // panel `16·d`.
+            unsafe { kernels::pack_k_panel_avx(&slices, d, panel) };
+            continue;
+        }
         if contiguous {
             // Key by key: sequential reads, stores strided by one panel row (in L1).
             for (j, row) in slices[..n_keys].iter().enumerate() {
@@ -728,15 +735,23 @@ mod tests {
     #[test]
     fn pack_k_layout_and_padding() {
         let mut rng = Rng::new(1);
-        let k = rng.matrix(37, 7);
-        let layout = PackedK { d: 7, kv_len: 37 };
-        assert_eq!(layout.n_panels(), 3);
-        let mut dst = vec![f32::NAN; layout.len()];
-        assert_eq!(pack_k(k.view(), &mut dst).unwrap(), layout);
-        for key in 0..48 {
-            for c in 0..7 {
-                let want = if key < 37 { k[[key, c]] } else { 0.0 };
-                assert_eq!(dst[layout.offset(key, c)], want);
+        // Full panels (the transposing path where the CPU has it) and a ragged last
+        // one; head dims below, at and past multiples of 8.
+        for (kv, d) in [(37, 7), (37, 8), (40, 19), (33, 64)] {
+            let k = rng.matrix(kv, d);
+            let layout = PackedK { d, kv_len: kv };
+            assert_eq!(layout.n_panels(), kv.div_ceil(PANEL));
+            let mut dst = vec![f32::NAN; layout.len()];
+            assert_eq!(pack_k(k.view(), &mut dst).unwrap(), layout);
+            for key in 0..layout.n_panels() * PANEL {
+                for c in 0..d {
+                    let want = if key < kv { k[[key, c]] } else { 0.0 };
+                    assert_eq!(
+                        dst[layout.offset(key, c)],
+                        want,
+                        "kv={kv} d={d} ({key}, {c})"
+                    );
+                }
             }
         }
         // A non-contiguous view (every other column) packs the same as a copy.
