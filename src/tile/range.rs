@@ -117,13 +117,16 @@ mod tests {
         int_range(&k, v)
     }
 
+    /// `q op kv`.
+    fn q_kv(b: &mut Builder, op: BinOp) -> ValueId {
+        let q = b.var(Var::Q);
+        let kv = b.var(Var::Kv);
+        b.binary(op, q, kv)
+    }
+
     #[test]
     fn positions_and_their_differences_fit_i32() {
-        let r = range_of(|b| {
-            let q = b.var(Var::Q);
-            let kv = b.var(Var::Kv);
-            b.binary(BinOp::ISub, q, kv)
-        });
+        let r = range_of(|b| q_kv(b, BinOp::ISub));
         assert_eq!(
             r,
             Range::new(-(POSITION_LIMIT as i128 - 1), POSITION_LIMIT as i128 - 1)
@@ -133,11 +136,7 @@ mod tests {
 
     #[test]
     fn sums_products_and_unknowns_do_not() {
-        let sum = range_of(|b| {
-            let q = b.var(Var::Q);
-            let kv = b.var(Var::Kv);
-            b.binary(BinOp::IAdd, q, kv)
-        });
+        let sum = range_of(|b| q_kv(b, BinOp::IAdd));
         assert!(!sum.fits_i32());
         let scaled = range_of(|b| {
             let q = b.var(Var::Q);
@@ -147,17 +146,13 @@ mod tests {
         assert_eq!(scaled.lo, -3 * (POSITION_LIMIT as i128 - 1));
         assert_eq!(scaled.hi, 0);
         let masked = range_of(|b| {
-            let q = b.var(Var::Q);
-            let kv = b.var(Var::Kv);
-            let d = b.binary(BinOp::IAdd, q, kv);
+            let d = q_kv(b, BinOp::IAdd);
             let m = b.iconst(1023);
             b.binary(BinOp::IAnd, d, m)
         });
         assert_eq!(masked, Range::new(0, 1023));
         let halved = range_of(|b| {
-            let q = b.var(Var::Q);
-            let kv = b.var(Var::Kv);
-            let d = b.binary(BinOp::IAdd, q, kv);
+            let d = q_kv(b, BinOp::IAdd);
             let s = b.iconst(1);
             b.binary(BinOp::IShr, d, s)
         });
