@@ -9,7 +9,7 @@
 
 use attnc::codegen::clif::jit::{JitModule, JitOptions};
 use attnc::codegen::clif::microkernel::{
-    define_pv_tiled, define_qk_tiled, jit_fma_peak, GemmImpl, MicroTile,
+    begin_function, define_pv_tiled, define_qk_tiled, jit_fma_peak, GemmImpl, MicroTile,
 };
 use attnc::codegen::clif::vmath::{VMath, F32X4};
 use attnc::runtime::gemm::{
@@ -173,10 +173,7 @@ fn bench_jit_exp() -> (f64, f64) {
         let sig = jit.signature(&[ptr, ptr, ptr], &[]);
         let id = jit.declare_function(name, &sig).unwrap();
         jit.define_function(id, |b, _| {
-            let entry = b.create_block();
-            b.append_block_params_for_function_params(entry);
-            b.switch_to_block(entry);
-            let p = b.block_params(entry).to_vec();
+            let p = begin_function(b);
             let zero = b.ins().iconst(ptr, 0);
             let bytes = b.ins().ishl_imm_s(p[2], 2);
             attnc::codegen::clif::microkernel::emit_while(

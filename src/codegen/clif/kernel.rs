@@ -23,7 +23,7 @@ use cranelift_codegen::ir::{types, BlockArg, InstBuilder, MemFlagsData, Type, Va
 use cranelift_frontend::FunctionBuilder;
 
 use super::jit::{JitCode, JitModule, JitOptions};
-use super::microkernel::{emit_if, emit_range, emit_while, GemmImpl, TileFuncs};
+use super::microkernel::{begin_function, emit_if, emit_range, emit_while, GemmImpl, TileFuncs};
 use super::vmath::VMath;
 use crate::codegen::CodegenError;
 use crate::sema::{Func, ShapeVar, Var};
@@ -302,10 +302,7 @@ impl Emitter<'_> {
     }
 
     fn body(&mut self, b: &mut FunctionBuilder<'_>) {
-        let entry = b.create_block();
-        b.append_block_params_for_function_params(entry);
-        b.switch_to_block(entry);
-        self.task = Some(b.block_params(entry)[0]);
+        self.task = Some(begin_function(b)[0]);
         let k = self.k;
         let bq = k.schedule.bq as i64;
         let bkv = k.schedule.bkv as i64;

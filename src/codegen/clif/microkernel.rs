@@ -195,13 +195,23 @@ pub fn jit_fma_peak() -> Result<FmaPeak, CodegenError> {
     let sig = jit.signature(&[ptr, ptr], &[]);
     let id = jit.declare_function("attnc_jit_fma_peak", &sig)?;
     jit.define_function(id, |b, _| {
-        let (p, _) = begin_tile_function(b, ptr);
+        let p = begin_function(b);
         let (iters, out) = (p[0], p[1]);
         let zero = b.ins().iconst(ptr, 0);
         let a = vm.splat(b, 0.999_9);
         let c = vm.splat(b, 1e-4);
         let mut init = vec![zero];
         init.extend((0..FmaPeak::CHAINS).map(|_| vm.splat(b, 0.5)));
+        // `n` rounds on the carried (counter, chains).
+        let rounds = |b: &mut FunctionBuilder<'_>, v: &[Value], n: usize| {
+            let mut next = vec![b.ins().iadd_imm_s(v[0], n as i64)];
+            next.extend(
+                v[1..]
+                    .iter()
+                    .map(|&x| (0..n).fold(x, |x, _| vm.fma(b, x, a, c))),
+            );
+            next
+        };
         // Rounds in groups of UNROLL (few taken branches per FMA, as in the tile
         // products' main loops), then one at a time.
         let main_end = b.ins().band_imm_s(iters, -(UNROLL as i64));
@@ -209,25 +219,13 @@ pub fn jit_fma_peak() -> Result<FmaPeak, CodegenError> {
             b,
             &init,
             |b, v| b.ins().icmp(IntCC::UnsignedLessThan, v[0], main_end),
-            |b, v| {
-                let mut next = vec![b.ins().iadd_imm_s(v[0], UNROLL as i64)];
-                next.extend(
-                    v[1..]
-                        .iter()
-                        .map(|&x| (0..UNROLL).fold(x, |x, _| vm.fma(b, x, a, c))),
-                );
-                next
-            },
+            |b, v| rounds(b, v, UNROLL),
         );
         let chains = emit_while(
             b,
             &chains,
             |b, v| b.ins().icmp(IntCC::UnsignedLessThan, v[0], iters),
-            |b, v| {
-                let mut next = vec![b.ins().iadd_imm_s(v[0], 1)];
-                next.extend(v[1..].iter().map(|&x| vm.fma(b, x, a, c)));
-                next
-            },
+            |b, v| rounds(b, v, 1),
         );
         let sum = chains[2..]
             .iter()
@@ -630,13 +628,18 @@ fn emit_store_tile(
     );
 }
 
-/// Starts a tile-product function: its entry block, its parameters, and the
-/// address of a one-panel stack slot that ragged tiles are stored through.
-fn begin_tile_function(b: &mut FunctionBuilder<'_>, ptr: Type) -> (Vec<Value>, Value) {
+/// Starts a function: switches to its entry block and returns its parameters.
+pub fn begin_function(b: &mut FunctionBuilder<'_>) -> Vec<Value> {
     let entry = b.create_block();
     b.append_block_params_for_function_params(entry);
     b.switch_to_block(entry);
-    let params = b.block_params(entry).to_vec();
+    b.block_params(entry).to_vec()
+}
+
+/// Starts a tile-product function: its entry block, its parameters, and the
+/// address of a one-panel stack slot that ragged tiles are stored through.
+fn begin_tile_function(b: &mut FunctionBuilder<'_>, ptr: Type) -> (Vec<Value>, Value) {
+    let params = begin_function(b);
     let slot = b.create_sized_stack_slot(StackSlotData::new(
         StackSlotKind::ExplicitSlot,
         (PANEL * 4) as u32,

@@ -208,6 +208,9 @@ pub fn pack_k(k: ArrayView2<f32>, dst: &mut [f32]) -> Result<PackedK, PackError>
             found: dst.len(),
         });
     }
+    // Full contiguous panels go through 8 x 8 transposes where the CPU has AVX.
+    #[cfg(target_arch = "x86_64")]
+    let avx = std::arch::is_x86_feature_detected!("avx");
     for (panel_idx, panel) in dst
         .chunks_exact_mut(layout.panel_stride().max(1))
         .enumerate()
@@ -223,7 +226,7 @@ pub fn pack_k(k: ArrayView2<f32>, dst: &mut [f32]) -> Result<PackedK, PackError>
             }
         }
         #[cfg(target_arch = "x86_64")]
-        if contiguous && n_keys == PANEL && std::arch::is_x86_feature_detected!("avx") {
+        if avx && contiguous && n_keys == PANEL {
             // SAFETY: AVX was detected; the 16 rows hold `d` floats each and the
             // panel `16·d`.
             unsafe { kernels::pack_k_panel_avx(&slices, d, panel) };
