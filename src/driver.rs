@@ -393,15 +393,35 @@ impl Plan {
     }
 }
 
+/// The tile sizes of a compiled kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Tiles {
+    /// Chosen from the spec by [`Program::auto_tiling`].
+    #[default]
+    Auto,
+    /// These sizes (`bkv` a multiple of 16 for the CPU kernels).
+    Fixed(crate::mask::Tiling),
+}
+
+impl std::str::FromStr for Tiles {
+    type Err = crate::mask::MaskError;
+
+    /// `auto`, `BQxBKV` (e.g. `64x128`) or `N` for `NxN`.
+    fn from_str(text: &str) -> Result<Tiles, Self::Err> {
+        match text.trim() {
+            "auto" => Ok(Tiles::Auto),
+            t => t.parse().map(Tiles::Fixed),
+        }
+    }
+}
+
 /// How to compile a spec for the CPU.
 #[derive(Clone, Debug)]
 pub struct CompileOptions {
     /// Which block, and param overrides.
     pub spec: SpecOptions,
-    /// Query rows per tile.
-    pub bq: usize,
-    /// Keys per tile (a multiple of 16).
-    pub bkv: usize,
+    /// Tile sizes: chosen from the spec, or fixed.
+    pub tiles: Tiles,
     /// Tile products: native (AVX-512/AVX2) or JIT-generated f32x4.
     pub gemm: crate::codegen::clif::GemmImpl,
     /// Keep the Cranelift IR text (see [`JitKernel::clif`]).
@@ -412,8 +432,7 @@ impl Default for CompileOptions {
     fn default() -> CompileOptions {
         CompileOptions {
             spec: SpecOptions::default(),
-            bq: 64,
-            bkv: 64,
+            tiles: Tiles::Auto,
             gemm: crate::codegen::clif::GemmImpl::detect(),
             keep_clif: false,
         }
@@ -512,6 +531,11 @@ impl JitKernel {
         })
     }
 
+    /// The tile sizes the kernel was compiled for.
+    pub fn tiling(&self) -> crate::mask::Tiling {
+        self.tiling
+    }
+
     /// Time spent in Cranelift for this kernel.
     pub fn compile_time(&self) -> std::time::Duration {
         self.compiled.compile_time
@@ -572,9 +596,9 @@ impl Program {
         bkv: usize,
         gemm: crate::codegen::clif::GemmImpl,
     ) -> Result<JitKernel, Error> {
+        let tiling = crate::mask::Tiling::new(bq, bkv).map_err(|e| self.mask_error(e))?;
         self.compile_jit_with(&CompileOptions {
-            bq,
-            bkv,
+            tiles: Tiles::Fixed(tiling),
             gemm,
             ..CompileOptions::default()
         })
@@ -582,11 +606,10 @@ impl Program {
 
     /// [`Program::compile_jit`] with all options.
     pub fn compile_jit_with(&self, options: &CompileOptions) -> Result<JitKernel, Error> {
-        let tiling =
-            crate::mask::Tiling::new(options.bq, options.bkv).map_err(|e| self.mask_error(e))?;
+        let tiling = self.tiling(options.tiles);
         let schedule = crate::tile::Schedule {
-            bq: options.bq,
-            bkv: options.bkv,
+            bq: tiling.bq,
+            bkv: tiling.bkv,
             dim: None,
             exp2: true,
         };
@@ -602,6 +625,29 @@ impl Program {
             compiled,
             workspace: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// The tile sizes `tiles` stands for with this spec.
+    pub fn tiling(&self, tiles: Tiles) -> crate::mask::Tiling {
+        match tiles {
+            Tiles::Auto => self.auto_tiling(),
+            Tiles::Fixed(t) => t,
+        }
+    }
+
+    /// The tile sizes [`Tiles::Auto`] picks: 128 x 64 for a spec without a mask,
+    /// 64 x 64 otherwise. Without a mask every tile is full, so taller query tiles
+    /// cost nothing in masked-out work and halve the K/V traffic per query row
+    /// (each query tile streams the whole head's K and V); with a mask, the
+    /// larger partial tiles on mask edges (diagonals, window borders) waste more
+    /// work than the traffic saves (`docs/performance.md` has the measurements).
+    pub fn auto_tiling(&self) -> crate::mask::Tiling {
+        let (bq, bkv) = if self.spec.mask.is_none() {
+            (128, 64)
+        } else {
+            (64, 64)
+        };
+        crate::mask::Tiling::new(bq, bkv).expect("the automatic tile sizes are valid")
     }
 
     /// Runs the reference interpreter.

@@ -39,5 +39,5 @@ pub mod tile;
 pub use bind::{Inputs, Outputs};
 pub use buffer::BufferData;
 pub use driver::{
-    compile, load, CompileOptions, Error, JitKernel, Plan, Program, SourceFile, SpecOptions,
+    compile, load, CompileOptions, Error, JitKernel, Plan, Program, SourceFile, SpecOptions, Tiles,
 };

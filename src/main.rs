@@ -83,8 +83,8 @@ struct BlocksArgs {
     /// Number of keys KV.
     #[arg(long, value_name = "N")]
     kv_len: usize,
-    /// Tile sizes BQxBKV (or N for NxN).
-    #[arg(long, default_value = "64x64", value_name = "BQxBKV")]
+    /// Tile sizes BQxBKV (or N for NxN), or `auto` (as `attnc run` picks them).
+    #[arg(long, default_value = "64x64", value_name = "BQxBKV|auto")]
     block: String,
     /// Absolute position of query row 0.
     #[arg(
@@ -155,8 +155,9 @@ struct BenchArgs {
     /// Worker threads (default: all cores).
     #[arg(long, value_name = "T")]
     threads: Option<usize>,
-    /// Tile sizes BQxBKV for the tiled backends.
-    #[arg(long, default_value = "64x64", value_name = "BQxBKV")]
+    /// Tile sizes BQxBKV for the tiled backends, or `auto`: 128x64 for a spec
+    /// without a mask, 64x64 otherwise.
+    #[arg(long, default_value = "auto", value_name = "BQxBKV|auto")]
     block: String,
     /// Timed runs (the median is reported).
     #[arg(long, default_value_t = 5, value_name = "R")]
@@ -184,8 +185,8 @@ struct EmitArgs {
     /// The stage to print.
     #[arg(long, value_enum, default_value_t = Stage::Tile)]
     stage: Stage,
-    /// Tile sizes BQxBKV (or N for NxN).
-    #[arg(long, default_value = "64x64", value_name = "BQxBKV")]
+    /// Tile sizes BQxBKV (or N for NxN), or `auto` (as `attnc run` picks them).
+    #[arg(long, default_value = "64x64", value_name = "BQxBKV|auto")]
     block: String,
     /// Head dim to specialise on, or `generic`.
     #[arg(long, default_value = "64", value_name = "D|generic")]
@@ -242,9 +243,9 @@ enum ExpBase {
     Exp,
 }
 
-/// Parses `64x128` or `64`.
-fn parse_block(text: &str) -> Result<(usize, usize), Error> {
-    let t: attnc::mask::Tiling = text.parse().map_err(Error::Mask)?;
+/// Parses `auto`, `64x128` or `64` into the tile sizes for `program`.
+fn parse_block(text: &str, program: &driver::Program) -> Result<(usize, usize), Error> {
+    let t = program.tiling(text.parse().map_err(Error::Mask)?);
     Ok((t.bq, t.bkv))
 }
 
@@ -296,8 +297,9 @@ struct RunArgs {
     /// Tile products of the jit backend.
     #[arg(long, value_enum, default_value_t = Gemm::Auto)]
     gemm: Gemm,
-    /// Tile sizes BQxBKV for the tiled backends (or N for NxN).
-    #[arg(long, default_value = "64x64", value_name = "BQxBKV")]
+    /// Tile sizes BQxBKV for the tiled backends (or N for NxN), or `auto`:
+    /// 128x64 for a spec without a mask, 64x64 otherwise.
+    #[arg(long, default_value = "auto", value_name = "BQxBKV|auto")]
     block: String,
     /// Element type of q, k and v on the GPU (`--backend cuda`): f32 (FMA), f16 or bf16 (tensor cores).
     #[arg(long, default_value = "f32", value_name = "f32|f16|bf16")]
@@ -363,7 +365,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         SourceFile::read(&args.spec.spec)?,
         &spec_options(&args.spec)?,
     )?;
-    let (bq, bkv) = parse_block(&args.block)?;
+    let (bq, bkv) = parse_block(&args.block, &program)?;
     let schedule = attnc::tile::Schedule {
         bq,
         bkv,
@@ -442,9 +444,9 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     }
     let backend_name = match args.backend {
         Backend::Reference => "reference".to_string(),
-        Backend::Interp => "interp".to_string(),
+        Backend::Interp => format!("interp ({bq}x{bkv} tiles)"),
         Backend::Jit => format!(
-            "jit ({})",
+            "jit ({}, {bq}x{bkv} tiles)",
             jit.as_ref().map(|j| j.gemm()).unwrap_or_default()
         ),
         Backend::Cuda => {
@@ -528,7 +530,7 @@ fn run(cmd: Command) -> Result<(), Error> {
                         print!("{}", program.spec);
                         return Ok(());
                     }
-                    let (bq, bkv) = parse_block(&args.block)?;
+                    let (bq, bkv) = parse_block(&args.block, &program)?;
                     let dim = match args.dim.as_str() {
                         "generic" => None,
                         d => match d.parse::<usize>() {
@@ -548,8 +550,9 @@ fn run(cmd: Command) -> Result<(), Error> {
                     };
                     if args.stage == Stage::Clif {
                         let options = attnc::CompileOptions {
-                            bq,
-                            bkv,
+                            tiles: attnc::Tiles::Fixed(
+                                attnc::mask::Tiling::new(bq, bkv).map_err(Error::Mask)?,
+                            ),
                             keep_clif: true,
                             ..Default::default()
                         };
@@ -602,11 +605,11 @@ fn run(cmd: Command) -> Result<(), Error> {
             let outputs = match args.backend {
                 Backend::Reference => program.run_reference(&inputs)?,
                 Backend::Interp => {
-                    let (bq, bkv) = parse_block(&args.block)?;
+                    let (bq, bkv) = parse_block(&args.block, &program)?;
                     program.run_interp(&inputs, bq, bkv)?
                 }
                 Backend::Jit => {
-                    let (bq, bkv) = parse_block(&args.block)?;
+                    let (bq, bkv) = parse_block(&args.block, &program)?;
                     program
                         .compile_jit(bq, bkv, gemm_impl(args.gemm))?
                         .run(&inputs)?
@@ -643,7 +646,7 @@ fn blocks(args: BlocksArgs) -> Result<(), Error> {
         SourceFile::read(&args.spec.spec)?,
         &spec_options(&args.spec)?,
     )?;
-    let tiling: mask::Tiling = args.block.parse().map_err(Error::Mask)?;
+    let tiling = program.tiling(args.block.parse().map_err(Error::Mask)?);
     for (flag, n) in [("b", args.batch), ("h", args.heads)] {
         if n == 0 {
             return Err(Error::Usage(format!(
@@ -806,7 +809,7 @@ fn emit_ptx(args: EmitArgs) -> Result<(), Error> {
     )?;
     let arch = args.arch.parse().map_err(Error::Usage)?;
     let dtype = args.dtype.parse().map_err(Error::Usage)?;
-    let (bq, bkv) = parse_block(&args.block)?;
+    let (bq, bkv) = parse_block(&args.block, &program)?;
     let dim = match args.dim.parse::<usize>() {
         Ok(d) if d > 0 => d,
         _ => {

@@ -668,6 +668,48 @@ fn bench_reports_the_fma_peak_beside_the_runs() {
 }
 
 #[test]
+fn bench_reports_the_tile_sizes_it_picked() {
+    // The causal example has a mask: automatic tiles are 64x64; `--block` fixes them.
+    let r = bench_causal_json(&["--runs", "1"]);
+    assert!(
+        r["backend"].as_str().unwrap().ends_with(", 64x64 tiles)"),
+        "{r}"
+    );
+    let r = bench_causal_json(&["--runs", "1", "--block", "32x16"]);
+    assert!(
+        r["backend"].as_str().unwrap().ends_with(", 32x16 tiles)"),
+        "{r}"
+    );
+    // A spec without a mask gets taller query tiles.
+    let o = attnc(&[
+        "bench",
+        "benches/specs/dense.attn",
+        "--q-len",
+        "64",
+        "--heads",
+        "1",
+        "--runs",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(
+        r["backend"].as_str().unwrap().ends_with(", 128x64 tiles)"),
+        "{r}"
+    );
+    let o = attnc(&[
+        "bench",
+        "examples/causal.attn",
+        "--q-len",
+        "64",
+        "--block",
+        "automatic",
+    ]);
+    assert_fails(&o, &["automatic"]);
+}
+
+#[test]
 fn usage_errors_exit_2() {
     // Missing required flags and unknown flags are clap's usage errors.
     let o = attnc(&["run", "examples/causal.attn", "--q", "q.npy"]);

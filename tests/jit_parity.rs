@@ -194,3 +194,62 @@ fn bad_inputs_are_errors_not_crashes() {
         1e-5,
     );
 }
+
+#[test]
+fn automatic_tiles_follow_the_mask_and_match_the_reference() {
+    use attnc::mask::Tiling;
+    let cases = [
+        (
+            "attention dense { score = score * 0.5 }",
+            Tiling::new(128, 64),
+        ),
+        ("attention c { mask = causal }", Tiling::new(64, 64)),
+    ];
+    for (src, want) in cases {
+        let file = || attnc::SourceFile::new("auto.attn", src);
+        let program = attnc::load(file(), &Default::default()).unwrap();
+        assert_eq!(program.auto_tiling(), want.unwrap(), "{src}");
+        for gemm in gemms() {
+            let options = attnc::CompileOptions {
+                gemm,
+                ..Default::default()
+            };
+            let kernel = attnc::compile(file(), &options).unwrap();
+            assert_eq!(kernel.tiling(), program.auto_tiling(), "{src}");
+            // Lengths around the 128-row tile: one partial query tile, several, ragged KV.
+            for (q_len, kv_len) in [(100, 100), (300, 77), (129, 257)] {
+                let mut rng = attnc::bench::Rng::new((q_len + kv_len) as u64);
+                let q = rng.array4((1, 2, q_len, 24));
+                let k = rng.array4((1, 2, kv_len, 24));
+                let v = rng.array4((1, 2, kv_len, 24));
+                let inputs = attnc::Inputs::new(q.view(), k.view(), v.view()).with_lse();
+                let reference = program.run_reference(&inputs).unwrap();
+                let got = kernel.run(&inputs).unwrap();
+                common::assert_close(
+                    &format!("{src} {q_len}x{kv_len} {}", gemm.name()),
+                    &got,
+                    &reference.out,
+                    reference.lse.as_ref().unwrap(),
+                    1e-5,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn tile_choices_parse_from_text() {
+    use attnc::mask::Tiling;
+    use attnc::Tiles;
+    assert_eq!("auto".parse::<Tiles>().unwrap(), Tiles::Auto);
+    assert_eq!(
+        "64x128".parse::<Tiles>().unwrap(),
+        Tiles::Fixed(Tiling::new(64, 128).unwrap())
+    );
+    assert_eq!(
+        "32".parse::<Tiles>().unwrap(),
+        Tiles::Fixed(Tiling::new(32, 32).unwrap())
+    );
+    assert!("automatic".parse::<Tiles>().is_err());
+    assert!("0x64".parse::<Tiles>().is_err());
+}

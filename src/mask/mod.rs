@@ -47,7 +47,7 @@ pub enum MaskError {
     #[error("bad tile size `{text}`: expected BQxBKV (e.g. 64x128) or N for NxN")]
     #[diagnostic(
         code(attnc::mask::tile_size),
-        help("write the query and key tile sizes as positive integers, e.g. `--block 64x64`")
+        help("write the query and key tile sizes as positive integers, e.g. `--block 64x64`, or `--block auto` to let attnc pick them")
     )]
     BadTiling { text: String },
     #[error("too many {axis} tiles: {tiles} (at most 4294967295)")]
