@@ -44,9 +44,9 @@ def load_peers(path):
     return mod
 
 
-def attnc_ms(binary, variant, n, runs, gemm):
+def attnc_ms(binary, variant, n, dim, runs, gemm):
     cmd = [binary, "bench", f"benches/specs/{variant}.attn", "--q-len", str(n), "--heads", "8",
-           "--dim", "64", "--runs", str(runs), "--warmup", "1", "--gemm", gemm, "--json",
+           "--dim", str(dim), "--runs", str(runs), "--warmup", "1", "--gemm", gemm, "--json",
            *VARIANTS[variant]]
     r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     return r["median_ms"], r["compile_ms"]
@@ -77,14 +77,16 @@ def main():
     ap.add_argument("--runs", type=int, default=3, help="runs per side per round (their median is taken)")
     ap.add_argument("--gemm", default="auto", help="attnc tile products: auto, jit or native")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--dim", type=int, default=64, help="head dim D of both sides")
     args = ap.parse_args()
     peers = load_peers(args.peers)
+    peers.D = args.dim
     torch = peers.torch
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    print("| N | variant | rounds | attnc ms | SDPA ms | flex ms | SDPA / attnc | flex / attnc "
+    print("| D | N | variant | rounds | attnc ms | SDPA ms | flex ms | SDPA / attnc | flex / attnc "
           "| attnc faster than SDPA | attnc at least 2x flex | attnc compile ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in map(int, args.ns.split(",")):
         for variant in args.variants.split(","):
             torch._dynamo.reset()
@@ -108,7 +110,7 @@ def main():
             rows = []
             compile_ms = []
             for _ in range(args.rounds):
-                ours, c_ms = attnc_ms(args.binary, variant, n, args.runs, args.gemm)
+                ours, c_ms = attnc_ms(args.binary, variant, n, args.dim, args.runs, args.gemm)
                 compile_ms.append(c_ms)
                 s_ms = torch_ms(sdpa, (q, k, v), args.runs) if sdpa is not None else None
                 f_ms = torch_ms(flex, (q, k, v), args.runs)
@@ -121,7 +123,7 @@ def main():
             vs_flex = [f / o for o, _, f in rows]
             faster = "-" if not vs_sdpa else f"{sum(x > 1 for x in vs_sdpa)}/{len(vs_sdpa)} rounds"
             twice = f"{sum(x >= 2 for x in vs_flex)}/{len(vs_flex)} rounds"
-            print(f"| {n} | {variant} | {len(rows)} | {med(ours_all)} | {med(sdpa_all)} | {med(flex_all)} | "
+            print(f"| {args.dim} | {n} | {variant} | {len(rows)} | {med(ours_all)} | {med(sdpa_all)} | {med(flex_all)} | "
                   f"{summary(vs_sdpa)} | {summary(vs_flex)} | {faster} | {twice} | "
                   f"{statistics.median(compile_ms):.1f} |", flush=True)
 
