@@ -366,5 +366,134 @@ mod x86 {
             let bits = _mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127));
             _mm512_castsi512_ps(_mm512_slli_epi32::<23>(bits))
         }
+        #[inline(always)]
+        unsafe fn reduce_rows_max(rows: &[__m512]) -> __m512 {
+            reduce_rows16(rows, |a, b| _mm512_max_ps(a, b))
+        }
+        #[inline(always)]
+        unsafe fn reduce_rows_sum(rows: &[__m512]) -> __m512 {
+            reduce_rows16(rows, |a, b| _mm512_add_ps(a, b))
+        }
+    }
+
+    /// Lane `r` of the result is `op` over all lanes of `rows[r]`, for 16 rows: the
+    /// transpose-reduce of `reduce_rows8` inside each 128-bit chunk (rows four at a
+    /// time), then two levels across chunks (30 shuffles and 15 `op`s in all,
+    /// against a horizontal reduction of 7 steps per row).
+    #[inline(always)]
+    unsafe fn reduce_rows16(rows: &[__m512], op: impl Fn(__m512, __m512) -> __m512) -> __m512 {
+        assert!(rows.len() == 16);
+        // Per chunk: [r0 a, r1 a, r0 b, r1 b] with `a op b` the chunk's reduction.
+        let pair = |x: __m512, y: __m512| op(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+        let p = [
+            pair(rows[0], rows[1]),
+            pair(rows[2], rows[3]),
+            pair(rows[4], rows[5]),
+            pair(rows[6], rows[7]),
+            pair(rows[8], rows[9]),
+            pair(rows[10], rows[11]),
+            pair(rows[12], rows[13]),
+            pair(rows[14], rows[15]),
+        ];
+        // Per chunk c of q[k]: rows 4k..4k+3, each reduced over chunk c.
+        let quad = |x: __m512, y: __m512| {
+            op(
+                _mm512_shuffle_ps::<0b01_00_01_00>(x, y),
+                _mm512_shuffle_ps::<0b11_10_11_10>(x, y),
+            )
+        };
+        let q = [
+            quad(p[0], p[1]),
+            quad(p[2], p[3]),
+            quad(p[4], p[5]),
+            quad(p[6], p[7]),
+        ];
+        // Chunks (0, 2) against (1, 3) of two row quads, then the same once more:
+        // chunk k of the result is q[k] reduced over all four chunks.
+        let halves = |x: __m512, y: __m512| {
+            op(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+            )
+        };
+        halves(halves(q[0], q[1]), halves(q[2], q[3]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `reduce_rows_max` and `reduce_rows_sum` of `S` against scalar reductions, on
+    /// random rows with some `-inf` lanes (masked scores) and one all-`-inf` row.
+    unsafe fn check_row_reductions<S: Simd>(name: &str) {
+        let lanes = S::LANES;
+        let mut x = 0x9e37_79b9u32;
+        let mut data = vec![0f32; lanes * lanes];
+        for (i, v) in data.iter_mut().enumerate() {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *v = if i % 7 == 3 || i / lanes == 1 {
+                f32::NEG_INFINITY
+            } else {
+                (x >> 8) as f32 / (1u32 << 20) as f32 - 8.0
+            };
+        }
+        let rows: Vec<S::V> = data.chunks(lanes).map(|r| S::load(r.as_ptr())).collect();
+        let mut max = [0f32; MAX_LANES];
+        let mut sum = [0f32; MAX_LANES];
+        S::store(max.as_mut_ptr(), S::reduce_rows_max(&rows));
+        let finite: Vec<S::V> = data
+            .chunks(lanes)
+            .map(|r| {
+                let r: Vec<f32> = r.iter().map(|v| v.max(-1.0)).collect();
+                S::load(r.as_ptr())
+            })
+            .collect();
+        S::store(sum.as_mut_ptr(), S::reduce_rows_sum(&finite));
+        for (r, row) in data.chunks(lanes).enumerate() {
+            let want_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max[r], want_max, "{name}: max of row {r}");
+            let want_sum: f64 = row.iter().map(|&v| v.max(-1.0) as f64).sum();
+            let scale: f64 = row.iter().map(|&v| (v.max(-1.0) as f64).abs()).sum();
+            assert!(
+                (sum[r] as f64 - want_sum).abs() <= 1e-6 * scale.max(1.0),
+                "{name}: sum of row {r}: {} against {want_sum}",
+                sum[r]
+            );
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn check_avx2() {
+        check_row_reductions::<Avx2>("avx2")
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn check_avx512() {
+        check_row_reductions::<Avx512>("avx512")
+    }
+
+    #[test]
+    fn row_reductions_match_scalar_ones_on_every_supported_isa() {
+        // SAFETY: the portable primitives need no CPU feature.
+        unsafe { check_row_reductions::<Portable>("portable") };
+        #[cfg(target_arch = "x86_64")]
+        {
+            use super::super::NativeIsa;
+            if NativeIsa::Avx2.is_supported() {
+                // SAFETY: AVX2 and FMA were detected.
+                unsafe { check_avx2() };
+            }
+            if NativeIsa::Avx512.is_supported() {
+                // SAFETY: AVX-512F was detected.
+                unsafe { check_avx512() };
+            } else {
+                eprintln!("avx512: not supported here, row reductions not run");
+            }
+        }
     }
 }
