@@ -627,14 +627,12 @@ fn run_to_an_unwritable_output() {
 /// `attnc bench` of the causal example on a small shape with `extra` flags, its
 /// JSON report parsed.
 fn bench_causal_json(extra: &[&str]) -> serde_json::Value {
-    let mut args = vec![
-        "bench",
-        "examples/causal.attn",
-        "--q-len",
-        "64",
-        "--heads",
-        "1",
-    ];
+    bench_json("examples/causal.attn", extra)
+}
+
+/// `attnc bench` of `spec` on a small shape with `extra` flags, its JSON report parsed.
+fn bench_json(spec: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["bench", spec, "--q-len", "64", "--heads", "1"];
     args.extend_from_slice(extra);
     args.push("--json");
     let o = attnc(&args);
@@ -681,19 +679,7 @@ fn bench_reports_the_tile_sizes_it_picked() {
         "{r}"
     );
     // A spec without a mask gets taller query tiles.
-    let o = attnc(&[
-        "bench",
-        "benches/specs/dense.attn",
-        "--q-len",
-        "64",
-        "--heads",
-        "1",
-        "--runs",
-        "1",
-        "--json",
-    ]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let r = bench_json("benches/specs/dense.attn", &["--runs", "1"]);
     assert!(
         r["backend"].as_str().unwrap().ends_with(", 128x64 tiles)"),
         "{r}"
