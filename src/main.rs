@@ -244,9 +244,8 @@ enum ExpBase {
 }
 
 /// Parses `auto`, `64x128` or `64` into the tile sizes for `program`.
-fn parse_block(text: &str, program: &driver::Program) -> Result<(usize, usize), Error> {
-    let t = program.tiling(text.parse().map_err(Error::Mask)?);
-    Ok((t.bq, t.bkv))
+fn parse_block(text: &str, program: &driver::Program) -> Result<attnc::mask::Tiling, Error> {
+    Ok(program.tiling(text.parse().map_err(Error::Mask)?))
 }
 
 #[derive(Args)]
@@ -365,7 +364,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         SourceFile::read(&args.spec.spec)?,
         &spec_options(&args.spec)?,
     )?;
-    let (bq, bkv) = parse_block(&args.block, &program)?;
+    let attnc::mask::Tiling { bq, bkv } = parse_block(&args.block, &program)?;
     let schedule = attnc::tile::Schedule {
         bq,
         bkv,
@@ -530,7 +529,8 @@ fn run(cmd: Command) -> Result<(), Error> {
                         print!("{}", program.spec);
                         return Ok(());
                     }
-                    let (bq, bkv) = parse_block(&args.block, &program)?;
+                    let tiling = parse_block(&args.block, &program)?;
+                    let attnc::mask::Tiling { bq, bkv } = tiling;
                     let dim = match args.dim.as_str() {
                         "generic" => None,
                         d => match d.parse::<usize>() {
@@ -550,9 +550,7 @@ fn run(cmd: Command) -> Result<(), Error> {
                     };
                     if args.stage == Stage::Clif {
                         let options = attnc::CompileOptions {
-                            tiles: attnc::Tiles::Fixed(
-                                attnc::mask::Tiling::new(bq, bkv).map_err(Error::Mask)?,
-                            ),
+                            tiles: attnc::Tiles::Fixed(tiling),
                             keep_clif: true,
                             ..Default::default()
                         };
@@ -605,11 +603,11 @@ fn run(cmd: Command) -> Result<(), Error> {
             let outputs = match args.backend {
                 Backend::Reference => program.run_reference(&inputs)?,
                 Backend::Interp => {
-                    let (bq, bkv) = parse_block(&args.block, &program)?;
+                    let attnc::mask::Tiling { bq, bkv } = parse_block(&args.block, &program)?;
                     program.run_interp(&inputs, bq, bkv)?
                 }
                 Backend::Jit => {
-                    let (bq, bkv) = parse_block(&args.block, &program)?;
+                    let attnc::mask::Tiling { bq, bkv } = parse_block(&args.block, &program)?;
                     program
                         .compile_jit(bq, bkv, gemm_impl(args.gemm))?
                         .run(&inputs)?
@@ -646,7 +644,7 @@ fn blocks(args: BlocksArgs) -> Result<(), Error> {
         SourceFile::read(&args.spec.spec)?,
         &spec_options(&args.spec)?,
     )?;
-    let tiling = program.tiling(args.block.parse().map_err(Error::Mask)?);
+    let tiling = parse_block(&args.block, &program)?;
     for (flag, n) in [("b", args.batch), ("h", args.heads)] {
         if n == 0 {
             return Err(Error::Usage(format!(
@@ -809,7 +807,7 @@ fn emit_ptx(args: EmitArgs) -> Result<(), Error> {
     )?;
     let arch = args.arch.parse().map_err(Error::Usage)?;
     let dtype = args.dtype.parse().map_err(Error::Usage)?;
-    let (bq, bkv) = parse_block(&args.block, &program)?;
+    let attnc::mask::Tiling { bq, bkv } = parse_block(&args.block, &program)?;
     let dim = match args.dim.parse::<usize>() {
         Ok(d) if d > 0 => d,
         _ => {
