@@ -1,7 +1,10 @@
 //! The GPU benchmark (`scripts/gpu-check.sh`): B = 4, H = 16, D = 64 and
-//! 128, N = 1024 .. 16384, for dense, causal, sliding window (256), document
-//! (packed, 4 documents), soft-cap (causal, cap 50) and ALiBi (causal), in
-//! f16 and bf16 (and f32 at the small sizes). Prints one line per
+//! 128, N = 1024, 4096, 16384 (`ATTNC_BENCH_SIZES` overrides), for dense,
+//! causal, sliding window (256), document (packed, 4 documents), soft-cap
+//! (causal, cap 50) and ALiBi (causal), in f16 and bf16 (and f32 at the
+//! smallest size). Sizes go outermost, so a run cut short still has every
+//! variant at the small sizes; `ATTNC_BENCH_BUDGET_S` stops starting new
+//! configurations after that many seconds. Prints one line per
 //! configuration with the mean kernel time (CUDA events) and TFLOP/s, both counted
 //! dense (4 B H N² D) and over the tiles the kernel computes (FULL and
 //! PARTIAL); writes JSON lines to `$OUT/gpu_bench.jsonl` when `OUT` is set.
@@ -9,6 +12,8 @@
 //! Ignored by default (it needs the `cuda` feature, a GPU and minutes):
 //! `cargo test --release --features cuda --test cuda_bench -- --ignored --nocapture`.
 #![cfg(feature = "cuda")]
+// The runtime's errors carry the interpreter's diagnostics by value.
+#![allow(clippy::result_large_err)]
 
 mod common;
 
@@ -17,7 +22,7 @@ use std::io::Write;
 use attnc::bench::{generate_buffer, Rng};
 use attnc::codegen::ptx::Dtype;
 use attnc::mask::{classify, Tiling};
-use attnc::runtime::cuda::CudaRuntime;
+use attnc::runtime::cuda::{CudaError, CudaRuntime};
 use attnc::sema::eval::Shapes;
 use attnc::{Inputs, SourceFile, SpecOptions};
 
@@ -78,12 +83,17 @@ fn benchmark() {
                 })
                 .collect()
         })
-        .unwrap_or_else(|_| vec![1024, 2048, 4096, 8192, 16384]);
+        .unwrap_or_else(|_| vec![1024, 4096, 16384]);
+    let smallest = sizes.iter().copied().min().unwrap_or(0);
+    let budget = std::env::var("ATTNC_BENCH_BUDGET_S")
+        .ok()
+        .map(|s| s.parse::<f64>().expect("ATTNC_BENCH_BUDGET_S: seconds"));
     let start = std::time::Instant::now();
-    for d in [64usize, 128] {
-        // The driver JIT-compiles each kernel once per (variant, dtype) and head dim.
-        let mut kernels = std::collections::HashMap::new();
-        for &n in &sizes {
+    // The driver JIT-compiles each kernel once per (variant, dtype, head dim).
+    let mut kernels = std::collections::HashMap::new();
+    let mut failures = 0usize;
+    'sizes: for &n in &sizes {
+        for d in [64usize, 128] {
             let mut rng = Rng::new((n * 1000 + d) as u64);
             let q = rng.array4((b, h, n, d));
             let k = rng.array4((b, h, n, d));
@@ -121,26 +131,62 @@ fn benchmark() {
                         generate_buffer(decl, &shapes, recipe, &mut rng).unwrap(),
                     );
                 }
-                let dtypes: &[Dtype] = if n <= 2048 && d == 64 {
+                let dtypes: &[Dtype] = if n == smallest {
                     &[Dtype::F16, Dtype::Bf16, Dtype::F32]
                 } else {
                     &[Dtype::F16, Dtype::Bf16]
                 };
                 for &dtype in dtypes {
-                    let kernel = kernels
-                        .entry((label, dtype))
-                        .or_insert_with(|| rt.compile(&program.spec, d, dtype).unwrap());
+                    if let Some(b) = budget.filter(|&b| start.elapsed().as_secs_f64() > b) {
+                        println!(
+                            "time budget of {b:.0} s spent: stopping before {label} N={n} D={d} {}",
+                            dtype.name()
+                        );
+                        break 'sizes;
+                    }
+                    // A failing configuration is reported and the others go on; a
+                    // driver error after a launch may leave the context unusable,
+                    // so that one stops the benchmark.
+                    let kernel = match kernels.entry((label, dtype, d)).or_insert_with(|| {
+                        rt.compile(&program.spec, d, dtype)
+                            .map_err(|e| e.to_string())
+                    }) {
+                        Ok(k) => k,
+                        Err(e) => {
+                            println!(
+                                "{label:16} {n:>5} {d:>3} {:>4} ERROR compiling: {e}",
+                                dtype.name()
+                            );
+                            failures += 1;
+                            continue;
+                        }
+                    };
                     let l = &kernel.ptx.launch;
                     let bound = attnc::bind::bind(&program.spec, &inputs).unwrap();
                     let stats = classify(&program.spec, &bound, Tiling::new(l.bq, l.bkv).unwrap())
                         .unwrap()
                         .stats_total();
-                    let mut prepared = rt.prepare(kernel, &program.spec, &inputs).unwrap();
-                    // About 0.2 s of launches per configuration.
-                    let probe = rt.time(kernel, &mut prepared, 1).unwrap();
-                    let reps = ((200.0 / probe.max(1e-3)) as usize).clamp(3, 200);
-                    let ms = rt.time(kernel, &mut prepared, reps).unwrap();
-                    rt.finish(kernel, &prepared).unwrap();
+                    let timed = (|| {
+                        let mut prepared = rt.prepare(kernel, &program.spec, &inputs)?;
+                        // About 0.2 s of launches per configuration.
+                        let probe = rt.time(kernel, &mut prepared, 1)?;
+                        let reps = ((200.0 / probe.max(1e-3)) as usize).clamp(3, 200);
+                        let ms = rt.time(kernel, &mut prepared, reps)?;
+                        rt.finish(kernel, &prepared)?;
+                        Ok::<_, CudaError>((ms, reps))
+                    })();
+                    let (ms, reps) = match timed {
+                        Ok(x) => x,
+                        Err(e) => {
+                            println!("{label:16} {n:>5} {d:>3} {:>4} ERROR: {e}", dtype.name());
+                            failures += 1;
+                            if matches!(e, CudaError::Driver { .. }) {
+                                println!("a driver error: stopping the benchmark");
+                                break 'sizes;
+                            }
+                            continue;
+                        }
+                    };
                     let dense = 4.0 * (b * h) as f64 * (n * n) as f64 * d as f64;
                     let tiles = dense * stats.work_fraction;
                     let (tf_dense, tf_tiles) = (dense / ms / 1e9, tiles / ms / 1e9);
@@ -158,5 +204,9 @@ fn benchmark() {
             }
         }
     }
-    println!("benchmark done in {:.0} s", start.elapsed().as_secs_f64());
+    println!(
+        "benchmark done in {:.0} s, {failures} configuration(s) failed",
+        start.elapsed().as_secs_f64()
+    );
+    assert_eq!(failures, 0, "{failures} benchmark configuration(s) failed");
 }
