@@ -89,7 +89,21 @@ fn kernels_have_the_promised_shape() {
     );
     let partial = &t[t.find("---- PARTIAL tile").unwrap()..t.find("---- online softmax").unwrap()];
     assert_eq!(partial.matches("0fFF800000").count(), 32);
-    // f32 inputs use FMAs, not tensor cores.
+    // P V: mma.sync, except on V tiles the host flagged as holding NaN or
+    // inf, where a uniform branch takes FMAs predicated on p != 0.
+    let pv = &t[t.find("---- O += P V").unwrap()..t.find("---- epilogue").unwrap()];
+    // The label is placed at the start of a line; the branch to it is not.
+    let (fast, exact) = pv.split_at(pv.find("\n$L_pv_exact_").unwrap());
+    assert!(t.contains("[p_v_flags]") && t.contains("ld.global.nc.u8"));
+    assert!(fast.contains("bra.uni $L_pv_exact_") && fast.contains("mma.sync"));
+    assert!(exact.contains("shfl.sync.idx.b32") && exact.contains("setp.neu.f32"));
+    assert!(!exact.contains("mma.sync"));
+    assert!(exact
+        .lines()
+        .filter(|l| l.contains("fma.rn.f32"))
+        .all(|l| l.trim_start().starts_with("@%p")));
+    // f32 inputs use FMAs, not tensor cores, each skipping p = 0; they do
+    // not read the V-tile flags.
     let k32 = compile(
         &spec,
         &ptx::schedule(64, Dtype::F32),
@@ -97,6 +111,13 @@ fn kernels_have_the_promised_shape() {
         Dtype::F32,
     );
     assert!(!k32.text.contains("mma.sync") && k32.text.contains("fma.rn.f32"));
+    let pv32 =
+        &k32.text[k32.text.find("---- O += P V").unwrap()..k32.text.find("---- epilogue").unwrap()];
+    assert!(pv32
+        .lines()
+        .filter(|l| l.contains("fma.rn.f32"))
+        .all(|l| l.trim_start().starts_with("@%p")));
+    assert!(!k32.text.contains("[p_v_flags]"));
     let kb = compile(
         &spec,
         &ptx::schedule(64, Dtype::Bf16),

@@ -47,21 +47,25 @@ fn emulate(
     let u32s = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let rows = s.b * s.h * s.q;
     let mut params: HashMap<String, u64> = HashMap::new();
+    let v = host::pack(&inputs.v, l.d_pad, dtype);
+    let (kv_b, hkv, kv, _) = inputs.v.dim();
+    let v_flags = host::nonfinite_tiles(&v, kv_b * hkv, kv, l.d_pad, dtype, l.bkv);
     let pointers = [
         host::pack(&inputs.q, l.d_pad, dtype),
         host::pack(&inputs.k, l.d_pad, dtype),
-        host::pack(&inputs.v, l.d_pad, dtype),
+        v,
         vec![0u8; rows * l.d_pad * 4],
         vec![0u8; rows * 4],
         vec![0u8; ErrorRecord::WORDS * 8],
         u32s(&dm.rows),
         u32s(&dm.full),
         u32s(&dm.partial),
+        v_flags,
     ];
     for (name, data) in PARAMS.iter().zip(pointers) {
         params.insert(format!("p_{name}"), mem.alloc(data));
     }
-    for (name, v) in PARAMS[9..19].iter().zip(scalars.u32s) {
+    for (name, v) in PARAMS[10..20].iter().zip(scalars.u32s) {
         params.insert(format!("p_{name}"), u64::from(v));
     }
     params.insert("p_q_offset".into(), scalars.q_offset as u64);
@@ -368,4 +372,269 @@ fn emulated_ptx_reports_the_interpreter_error() {
             other.map(|o| o.out.shape().to_vec())
         ),
     }
+}
+
+// ---- non-finite inputs --------------------------------------------------------------
+
+/// Whether `got` matches the reference value `want` in class (NaN, ±inf,
+/// finite) and, when finite, within `tol` relative. With `nonfinite_ok`,
+/// an infinite reference value may come out as any non-finite value (inf
+/// in V at a visible key: the online softmax may rescale it into NaN).
+fn same_class(got: f32, want: f32, tol: f32, nonfinite_ok: bool) -> bool {
+    if want.is_nan() {
+        got.is_nan()
+    } else if want.is_infinite() {
+        got == want || (nonfinite_ok && !got.is_finite())
+    } else {
+        (got - want).abs() <= tol * (1.0 + want.abs())
+    }
+}
+
+/// One non-finite case: a spec, the shapes `(B, H, HKV, k/v batch, Q, KV,
+/// D)`, how q, k and v are poisoned, an optional bool buffer `keep[KV]`,
+/// and what the reference must show (so that the case tests what it says).
+struct Poison {
+    name: &'static str,
+    src: &'static str,
+    shape: (usize, usize, usize, usize, usize, usize, usize),
+    poison: fn(&mut ndarray::Array4<f32>, &mut ndarray::Array4<f32>, &mut ndarray::Array4<f32>),
+    keep: Option<fn(usize) -> bool>,
+    nonfinite_ok: bool,
+    expect: fn(&Outputs),
+}
+
+fn all_finite(o: &Outputs) {
+    assert!(
+        o.out.iter().all(|x| x.is_finite()),
+        "reference out not finite"
+    );
+    assert!(
+        o.lse.as_ref().unwrap().iter().all(|x| x.is_finite()),
+        "reference lse not finite"
+    );
+}
+
+/// Rows `< 10` of every head finite; from 10 on, head `h` row `r` has a
+/// non-finite out in dim `c` exactly when `bad(h, c)`.
+fn rows_from_10(o: &Outputs, bad: fn(usize, usize) -> bool) {
+    for ((_, h, r, c), x) in o.out.indexed_iter() {
+        assert_eq!(
+            !x.is_finite(),
+            r >= 10 && bad(h, c),
+            "reference out[{h}, {r}, {c}] = {x}"
+        );
+    }
+}
+
+const NON_FINITE: [Poison; 9] = [
+    Poison {
+        // The case: NaN, ±inf and (f16: inf once packed) 1e6 in V and
+        // NaN in K past `len`, over a k/v batch and GQA.
+        name: "kv < len, V NaN/inf/1e6 and K NaN past len",
+        src: "attention t {\n param len: int = 10\n mask = kv < len\n}",
+        shape: (2, 4, 2, 2, 70, 100, 24),
+        poison: |_, k, v| {
+            let vals = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e6];
+            for (i, x) in v.slice_mut(ndarray::s![.., .., 10.., ..]).iter_mut().enumerate() {
+                *x = vals[i % 4];
+            }
+            k.slice_mut(ndarray::s![.., .., 40.., ..]).fill(f32::NAN);
+        },
+        keep: None,
+        nonfinite_ok: false,
+        expect: all_finite,
+    },
+    Poison {
+        // Every key tile PARTIAL; poisoned in one k/v batch and head only.
+        name: "keep[kv], K and V NaN at dropped keys",
+        src: "attention t {\n buffer keep[KV]: bool\n mask = keep[kv]\n}",
+        shape: (2, 4, 2, 2, 40, 70, 24),
+        poison: |_, k, v| {
+            for kv in (0..70).filter(|kv| kv % 3 == 1) {
+                k.slice_mut(ndarray::s![1, 1, kv, ..]).fill(f32::NAN);
+                v.slice_mut(ndarray::s![1, 1, kv, ..]).fill(f32::NAN);
+            }
+        },
+        keep: Some(|kv| kv % 3 != 1),
+        nonfinite_ok: false,
+        expect: all_finite,
+    },
+    Poison {
+        // Rows 0-9 cannot see key 10; rows from 64 on see its tile as FULL.
+        name: "causal, V[10, 4] = inf",
+        src: "attention t { mask = causal }",
+        shape: (1, 2, 2, 1, 70, 70, 24),
+        poison: |_, _, v| v[[0, 1, 10, 4]] = f32::INFINITY,
+        keep: None,
+        nonfinite_ok: true,
+        expect: |o| rows_from_10(o, |h, c| h == 1 && c == 4),
+    },
+    Poison {
+        name: "causal, K[10] = NaN",
+        src: "attention t { mask = causal }",
+        shape: (1, 2, 2, 1, 70, 70, 24),
+        poison: |_, k, _| k.slice_mut(ndarray::s![0, 0, 10, ..]).fill(f32::NAN),
+        keep: None,
+        nonfinite_ok: false,
+        expect: |o| {
+            rows_from_10(o, |h, _| h == 0);
+            let lse = o.lse.as_ref().unwrap();
+            assert!(lse[[0, 0, 10]].is_nan() && lse[[0, 1, 10]].is_finite() && lse[[0, 0, 9]].is_finite());
+        },
+    },
+    Poison {
+        // A NaN in V at a visible key: NaN in that dim of every row, lse finite.
+        name: "kv < len, V[5, 3] = NaN (visible)",
+        src: "attention t {\n param len: int = 10\n mask = kv < len\n}",
+        shape: (1, 1, 1, 1, 20, 70, 24),
+        poison: |_, _, v| v[[0, 0, 5, 3]] = f32::NAN,
+        keep: None,
+        nonfinite_ok: false,
+        expect: |o| {
+            assert!(o.out.indexed_iter().all(|((_, _, _, c), x)| x.is_nan() == (c == 3)));
+            assert!(o.lse.as_ref().unwrap().iter().all(|x| x.is_finite()));
+        },
+    },
+    Poison {
+        // A score mod that is NaN everywhere: NaN rows, not empty ones.
+        name: "score = sqrt(score - 100.0)",
+        src: "attention t {\n mask = causal\n score = sqrt(score - 100.0)\n}",
+        shape: (1, 1, 1, 1, 20, 20, 16),
+        poison: |_, _, _| {},
+        keep: None,
+        nonfinite_ok: false,
+        expect: |o| {
+            assert!(o.out.iter().all(|x| x.is_nan()));
+            assert!(o.lse.as_ref().unwrap().iter().all(|x| x.is_nan()));
+        },
+    },
+    Poison {
+        name: "score = NaN at (q 5, kv 3) only",
+        src: "attention t {\n mask = causal\n score = if q == 5 && kv == 3 { sqrt(-1.0 - score * score) } else { score % 0.5 }\n}",
+        shape: (1, 1, 1, 1, 20, 20, 16),
+        poison: |_, _, _| {},
+        keep: None,
+        nonfinite_ok: false,
+        expect: |o| {
+            let lse = o.lse.as_ref().unwrap();
+            assert!((0..20).all(|r| lse[[0, 0, r]].is_nan() == (r == 5)));
+        },
+    },
+    Poison {
+        // The NaN score is in the row's first key tile; later tiles are larger,
+        // so a maximum that skipped NaN would rescale it away.
+        name: "NaN score in an early tile",
+        src: "attention t {\n score = if kv == 0 { sqrt(-1.0 - score * score) } else { score + 10.0 }\n}",
+        shape: (1, 1, 1, 1, 9, 200, 16),
+        poison: |_, _, _| {},
+        keep: None,
+        nonfinite_ok: false,
+        expect: |o| assert!(o.out.iter().all(|x| x.is_nan())),
+    },
+    Poison {
+        // Rows 0-3 see no key, rows 4-7 score every key -inf (V NaN at a key
+        // they score -inf): out 0, lse -inf. Rows from 8 see the NaN: NaN.
+        name: "empty and all -inf rows, NaN at key 29",
+        src: "attention t {\n mask = q >= 4 || kv < 0\n score = if q < 8 { -1.0 / 0.0 } else { score }\n}",
+        shape: (1, 1, 1, 1, 12, 30, 16),
+        poison: |_, k, v| {
+            k[[0, 0, 29, 0]] = f32::NAN;
+            v.slice_mut(ndarray::s![0, 0, 29, ..]).fill(f32::NAN);
+        },
+        keep: None,
+        nonfinite_ok: false,
+        expect: |o| {
+            let lse = o.lse.as_ref().unwrap();
+            for r in 0..12 {
+                let row = o.out.slice(ndarray::s![0, 0, r, ..]);
+                if r < 8 {
+                    assert!(lse[[0, 0, r]] == f32::NEG_INFINITY && row.iter().all(|&x| x == 0.0));
+                } else {
+                    assert!(lse[[0, 0, r]].is_nan() && row.iter().all(|x| x.is_nan()));
+                }
+            }
+        },
+    },
+];
+
+/// NaN and inf in K and V at keys the mask rules out never reach the
+/// output; NaN at a visible key or a NaN score makes the row NaN (out and
+/// lse), never an empty row; rows that see nothing stay out = 0, lse = -inf.
+/// Compared with the reference interpreter element by element in class and,
+/// where finite, in value, in every dtype under the GPU schedule and 16 x 16
+/// tiles. In f16/bf16 the flagged V tiles take the exact P V path, the
+/// others `mma.sync`; in f32 every product skips p = 0.
+#[test]
+fn emulated_ptx_keeps_non_finite_values_at_masked_keys_out() {
+    let mut failures = Vec::new();
+    for case in &NON_FINITE {
+        let (b, h, hkv, kv_b, nq, nkv, d) = case.shape;
+        let program = attnc::load(SourceFile::new("t.attn", case.src), &SpecOptions::default())
+            .unwrap_or_else(|e| panic!("{}", e.render()));
+        let mut rng = Rng::new(nkv as u64 + d as u64);
+        let mut q = rng.array4((b, h, nq, d));
+        let mut k = rng.array4((kv_b, hkv, nkv, d));
+        let mut v = rng.array4((kv_b, hkv, nkv, d));
+        (case.poison)(&mut q, &mut k, &mut v);
+        let mut inputs = Inputs::new(q.view(), k.view(), v.view()).with_lse();
+        if let Some(keep) = case.keep {
+            let keep = ndarray::Array1::from_shape_fn(nkv, keep).into_dyn();
+            inputs = inputs.buffer("keep", attnc::BufferData::Bool(keep));
+        }
+        let want = program.run_reference(&inputs).unwrap();
+        (case.expect)(&want);
+        let want_lse = want.lse.as_ref().unwrap();
+        for dtype in Dtype::ALL {
+            let tiny = Schedule {
+                bq: 16,
+                bkv: 16,
+                dim: Some(d),
+                exp2: true,
+            };
+            for schedule in [ptx::schedule(d, dtype), tiny] {
+                let got = emulate(&program.spec, &schedule, dtype, &inputs).unwrap();
+                let tol = if dtype == Dtype::F32 { 1e-4 } else { 2e-2 };
+                let mut bad = Vec::new();
+                let mut worst = 0f32;
+                for ((idx, &g), &w) in got.out.indexed_iter().zip(want.out.iter()) {
+                    if !same_class(g, w, tol, case.nonfinite_ok) {
+                        bad.push(format!("out{idx:?} = {g}, reference {w}"));
+                    } else if w.is_finite() {
+                        worst = worst.max((g - w).abs() / (1.0 + w.abs()));
+                    }
+                }
+                for ((idx, &g), &w) in got
+                    .lse
+                    .as_ref()
+                    .unwrap()
+                    .indexed_iter()
+                    .zip(want_lse.iter())
+                {
+                    if !same_class(g, w, tol, false) {
+                        bad.push(format!("lse{idx:?} = {g}, reference {w}"));
+                    } else if w.is_finite() {
+                        worst = worst.max((g - w).abs() / (1.0 + w.abs()));
+                    }
+                }
+                eprintln!(
+                    "{:46} {}x{} {dtype:4}: {} mismatches, max rel err {worst:.2e}",
+                    case.name,
+                    schedule.bq,
+                    schedule.bkv,
+                    bad.len()
+                );
+                if !bad.is_empty() {
+                    failures.push(format!(
+                        "{} {}x{} {dtype}: {} mismatches, e.g. {}",
+                        case.name,
+                        schedule.bq,
+                        schedule.bkv,
+                        bad.len(),
+                        bad[..bad.len().min(3)].join("; ")
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -9,7 +9,8 @@
 //! A run lowers the spec under [`ptx::schedule`], generates PTX for the
 //! device's architecture, lets the driver JIT it, builds the block maps on
 //! the host, uploads q/k/v (converted to the dtype and padded to the
-//! kernel's head dim), the buffers and the maps, launches one CTA per
+//! kernel's head dim), the buffers, the maps and (f16/bf16) the flags of
+//! the V tiles holding NaN or inf, launches one CTA per
 //! (query tile, head, batch), and downloads out, lse and the error block.
 
 // The errors carry the interpreter's diagnostics by value, as `driver::Error` does.
@@ -119,6 +120,9 @@ pub struct Prepared {
     map_rows: CudaSlice<u32>,
     map_full: CudaSlice<u32>,
     map_partial: CudaSlice<u32>,
+    /// Per K/V head and key tile, whether the V tile holds NaN or inf
+    /// (`host::nonfinite_tiles`; the mma kernels' exact P V path).
+    v_flags: CudaSlice<u8>,
     buffers: Vec<CudaSlice<u8>>,
     scalars: host::Scalars,
     want_lse: bool,
@@ -267,7 +271,16 @@ impl CudaRuntime {
         let scalars = host::scalars(&bound, &dm)?;
         let q = self.upload(&host::pack(&inputs.q, l.d_pad, l.dtype))?;
         let kk = self.upload(&host::pack(&inputs.k, l.d_pad, l.dtype))?;
-        let v = self.upload(&host::pack(&inputs.v, l.d_pad, l.dtype))?;
+        let v_packed = host::pack(&inputs.v, l.d_pad, l.dtype);
+        // The f32 kernel predicates every product on p != 0 and never reads the flags.
+        let v_flags = if l.dtype.uses_mma() {
+            let (kv_b, hkv, kv, _) = inputs.v.dim();
+            host::nonfinite_tiles(&v_packed, kv_b * hkv, kv, l.d_pad, l.dtype, l.bkv)
+        } else {
+            Vec::new()
+        };
+        let v = self.upload(&v_packed)?;
+        drop(v_packed);
         let rows = s.b * s.h * s.q;
         let out = self
             .stream
@@ -296,6 +309,7 @@ impl CudaRuntime {
             map_rows: self.upload(&dm.rows)?,
             map_full: self.upload(&dm.full)?,
             map_partial: self.upload(&dm.partial)?,
+            v_flags: self.upload(&v_flags)?,
             buffers,
             scalars,
             want_lse: inputs.want_lse,
@@ -326,7 +340,10 @@ impl CudaRuntime {
             .arg(&mut p.out)
             .arg(&mut p.lse)
             .arg(&mut p.err);
-        b.arg(&p.map_rows).arg(&p.map_full).arg(&p.map_partial);
+        b.arg(&p.map_rows)
+            .arg(&p.map_full)
+            .arg(&p.map_partial)
+            .arg(&p.v_flags);
         for x in &p.scalars.u32s {
             b.arg(x);
         }

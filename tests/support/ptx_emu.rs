@@ -346,6 +346,24 @@ fn collective(inst: &Inst, lanes: &mut [Thread], smem: &[u8]) {
     if op.starts_with("bar.warp.sync") {
         return;
     }
+    if op.starts_with("shfl.sync.idx") {
+        // Full-warp segment (c = 31): lane `b % 32` of the warp.
+        let (d, a) = (reg(&inst.args[0]), reg(&inst.args[1]));
+        assert!(
+            matches!(inst.args[3], Opd::Imm(31)),
+            "shfl.sync.idx over the whole warp"
+        );
+        let vals: Vec<u64> = lanes.iter().map(|t| t.regs[a]).collect();
+        for t in lanes.iter_mut() {
+            let src = match inst.args[2] {
+                Opd::Imm(i) => i as usize,
+                Opd::Reg(r) => t.regs[r] as usize,
+                ref o => panic!("shfl lane {o:?}"),
+            };
+            t.regs[d] = vals[src % 32];
+        }
+        return;
+    }
     if op.starts_with("shfl.sync.bfly") {
         let (d, a) = (reg(&inst.args[0]), reg(&inst.args[1]));
         let m = match inst.args[2] {
@@ -491,6 +509,7 @@ fn step(
             let shared = parts[1] == "shared";
             let size = match ty {
                 "u8" => 1,
+                "b16" | "u16" => 2,
                 "u32" | "f32" | "b32" => 4,
                 _ => 8,
             };
@@ -660,6 +679,7 @@ fn step(
                 ("rmi", "f32", "f32") => fb(f(v).floor()),
                 ("rpi", "f32", "f32") => fb(f(v).ceil()),
                 ("rni", "f32", "f32") => fb(f(v).round_ties_even()),
+                ("f32", "f32", "f16") => fb(half_to_f32(v as u16, false)),
                 ("rn", "f16x2", "f32") => {
                     let (hi, lo) = (f(x(1)), f(x(2)));
                     u64::from(attnc::codegen::ptx::host::f16_bits(lo))

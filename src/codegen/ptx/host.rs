@@ -78,6 +78,60 @@ pub fn pack(a: &ArrayView4<'_, f32>, d_pad: usize, dtype: Dtype) -> Vec<u8> {
     out
 }
 
+/// The V-tile flags of the mma kernels: for packed V (`pack`'s output for
+/// `[n0, n1, kv, d_pad]`), one byte per K/V head `i * n1 + j` and key tile
+/// `kt` of `tile` keys, at `(i * n1 + j) * ceil(kv / tile) + kt`: 1 where the
+/// tile holds a non-finite value in the dtype, else 0.
+///
+/// The test is on the packed values, so an f32 that overflows to infinity
+/// in f16 (`|x| >= 65520`) counts too. The kernel takes its exact P V path
+/// on flagged tiles only: there `0 × NaN` and `0 × inf` cannot reach the
+/// output, while every other tile stays on `mma.sync` (see the module docs
+/// of [`super`]).
+///
+/// # Panics
+///
+/// If `packed` does not hold `heads * kv * d_pad` elements or `tile` is 0.
+pub fn nonfinite_tiles(
+    packed: &[u8],
+    heads: usize,
+    kv: usize,
+    d_pad: usize,
+    dtype: Dtype,
+    tile: usize,
+) -> Vec<u8> {
+    assert!(tile > 0, "tiles hold at least one key");
+    let size = dtype.size();
+    assert_eq!(packed.len(), heads * kv * d_pad * size, "packed V");
+    // Non-finite exactly when the exponent bits are all ones.
+    let nonfinite = |bytes: &[u8]| -> bool {
+        match dtype {
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .any(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
+            Dtype::Bf16 => bytes
+                .chunks_exact(2)
+                .any(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .any(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000),
+        }
+    };
+    let tiles = kv.div_ceil(tile);
+    let row = d_pad * size;
+    let mut flags = Vec::with_capacity(heads * tiles);
+    for head in 0..heads {
+        for kt in 0..tiles {
+            let (r0, r1) = (kt * tile, kv.min((kt + 1) * tile));
+            let base = head * kv * row;
+            flags.push(u8::from(nonfinite(
+                &packed[base + r0 * row..base + r1 * row],
+            )));
+        }
+    }
+    flags
+}
+
 /// A buffer as the kernel reads it: row-major, int as i64, float as f32,
 /// bool as one byte.
 pub fn buffer_bytes(data: &BufferData) -> Vec<u8> {
@@ -322,6 +376,24 @@ mod tests {
         let bytes = pack(&a.view(), 16, Dtype::F16);
         assert_eq!(bytes.len(), 2 * 16 * 2);
         assert_eq!(u16::from_le_bytes([bytes[2], bytes[3]]), 0x3c00);
+    }
+
+    #[test]
+    fn nonfinite_tiles_flag_values_that_are_not_finite_in_the_dtype() {
+        // Two heads of 5 keys, tiles of 2 keys: 3 tiles per head.
+        let mut a = Array4::from_shape_fn((1, 2, 5, 3), |(_, h, r, c)| (h * 15 + r * 3 + c) as f32);
+        a[[0, 0, 1, 2]] = f32::NAN;
+        a[[0, 1, 4, 0]] = f32::NEG_INFINITY;
+        // Finite in f32 and bf16, infinite in f16.
+        a[[0, 1, 2, 1]] = 1e6;
+        let flags = |dtype| nonfinite_tiles(&pack(&a.view(), 16, dtype), 2, 5, 16, dtype, 2);
+        assert_eq!(flags(Dtype::F16), [1, 0, 0, 0, 1, 1]);
+        assert_eq!(flags(Dtype::Bf16), [1, 0, 0, 0, 0, 1]);
+        assert_eq!(flags(Dtype::F32), [1, 0, 0, 0, 0, 1]);
+        assert_eq!(
+            nonfinite_tiles(&[], 0, 0, 16, Dtype::F16, 64),
+            Vec::<u8>::new()
+        );
     }
 
     #[test]

@@ -155,6 +155,9 @@ pub(super) struct Gen<'a> {
     q_abs: [Reg; 2],
     row_valid: [Reg; 2],
     row_vals: [Vec<Option<Reg>>; 2],
+    /// mma path: the current key tile's flag (u32, uniform over the CTA),
+    /// nonzero when its V tile holds a non-finite value.
+    v_flag: Option<Reg>,
 }
 
 /// The PTX type of the mma operands.
@@ -240,6 +243,7 @@ pub(super) fn generate(k: &Kernel, launch: &Launch, entry: &str) -> String {
         q_abs,
         row_valid,
         row_vals: [Vec::new(), Vec::new()],
+        v_flag: None,
     };
     gen.body();
     gen.module(entry)
@@ -504,6 +508,8 @@ impl Gen<'_> {
         let map_rows = self.global_ptr("map_rows");
         let map_full = self.global_ptr("map_full");
         let map_partial = self.global_ptr("map_partial");
+        // The f32 path never reads the flags: its products skip p = 0 always.
+        let v_flags = lay.dtype.uses_mma().then(|| self.global_ptr("v_flags"));
         let shape32: Vec<Reg> = ["B", "H", "HKV", "Q", "KV", "D"]
             .iter()
             .map(|n| self.ld_param(n, "u32"))
@@ -572,6 +578,19 @@ impl Gen<'_> {
         ins!(self.w, "mul.lo.u64 {head_off}, {head_off}, {grow}");
         ins!(self.w, "add.s64 {k_head}, {k_ptr}, {head_off}");
         ins!(self.w, "add.s64 {v_head}, {v_ptr}, {head_off}");
+        // This K/V head's V-tile flags: ceil(KV / bkv) bytes at kvh * ceil(KV / bkv).
+        let flag_head = v_flags.map(|ptr| {
+            let (n_kt, fh) = (self.w.r(), self.w.rd());
+            ins!(self.w, "add.u32 {n_kt}, {kv_len}, {}", lay.bkv - 1);
+            ins!(
+                self.w,
+                "shr.u32 {n_kt}, {n_kt}, {}",
+                lay.bkv.trailing_zeros()
+            );
+            ins!(self.w, "mul.wide.u32 {fh}, {kvh}, {n_kt}");
+            ins!(self.w, "add.s64 {fh}, {ptr}, {fh}");
+            fh
+        });
 
         self.w.section("cp.async lane offsets");
         let loader = self.tile_loader_setup();
@@ -708,6 +727,15 @@ impl Gen<'_> {
         self.w.section("key tile loop");
         let top = self.w.label("tile");
         self.w.place(&top);
+        if let Some(fh) = flag_head {
+            self.w
+                .comment("whether this V tile holds a non-finite value (read now, used by P V)");
+            let (flag, a) = (self.w.r(), self.w.rd());
+            ins!(self.w, "cvt.u64.u32 {a}, {kt}");
+            ins!(self.w, "add.s64 {a}, {fh}, {a}");
+            ins!(self.w, "ld.global.nc.u8 {flag}, [{a}]");
+            self.v_flag = Some(flag);
+        }
         self.next_tile(&it, kt, full, nkt, nfull, nhas);
         ins!(self.w, "cp.async.wait_group 0");
         ins!(self.w, "bar.sync 0");
@@ -1326,11 +1354,24 @@ impl Gen<'_> {
         ins!(self.w, "ex2.approx.ftz.f32 {x}, {x}");
     }
 
-    /// O += P V.
+    /// O += P V. A key whose probability is 0 (masked, past KV, or
+    /// underflowed) must not touch the accumulators, as in the reference:
+    /// `0 × NaN` and `0 × inf` are NaN. The f32 path predicates every FMA on
+    /// `p != 0`; the mma path multiplies densely, except on key tiles whose
+    /// V tile the host flagged as holding a non-finite value, which take
+    /// [`Self::pv_exact`].
     fn pv(&mut self) {
         let lay = self.lay.clone();
         self.w.section("O += P V");
         if lay.dtype.uses_mma() {
+            let flag = self.v_flag.expect("the mma path reads the V-tile flag");
+            let (exact, done, flagged) = (
+                self.w.label("pv_exact"),
+                self.w.label("pv_done"),
+                self.w.p(),
+            );
+            ins!(self.w, "setp.ne.u32 {flagged}, {flag}, 0");
+            ins!(self.w, "@{flagged} bra.uni {exact}");
             // The S accumulator layout of two 8-column blocks is the A
             // operand layout of one 16-key step.
             let cvt = match lay.dtype {
@@ -1357,6 +1398,10 @@ impl Gen<'_> {
                     self.mma(self.o[2 * p + 1], a, vf[2], vf[3]);
                 }
             }
+            ins!(self.w, "bra.uni {done}");
+            self.w.place(&exact);
+            self.pv_exact();
+            self.w.place(&done);
         } else {
             // P goes through the warp's shared tile: each thread then reads
             // its two rows' p for every key.
@@ -1389,16 +1434,21 @@ impl Gen<'_> {
             let top = self.w.label("pv");
             self.w.place(&top);
             let (p0, p1) = (self.w.f(), self.w.f());
+            let (use0, use1) = (self.w.p(), self.w.p());
             ins!(self.w, "ld.shared.f32 {p0}, [{pw}]");
             ins!(self.w, "ld.shared.f32 {p1}, [{pw}+{}]", 8 * lay.p_row_bytes);
+            // Keys with p = 0 are skipped (unordered: a NaN p still counts).
+            let zero = f32_imm(0.0);
+            ins!(self.w, "setp.neu.f32 {use0}, {p0}, {zero}");
+            ins!(self.w, "setp.neu.f32 {use1}, {p1}, {zero}");
             for nb in 0..lay.dp / 8 {
                 let (x, y) = (self.w.f(), self.w.f());
                 ins!(self.w, "ld.shared.v2.f32 {{{x}, {y}}}, [{vp}+{}]", nb * 32);
                 let o = self.o[nb];
-                ins!(self.w, "fma.rn.f32 {}, {p0}, {x}, {}", o[0], o[0]);
-                ins!(self.w, "fma.rn.f32 {}, {p0}, {y}, {}", o[1], o[1]);
-                ins!(self.w, "fma.rn.f32 {}, {p1}, {x}, {}", o[2], o[2]);
-                ins!(self.w, "fma.rn.f32 {}, {p1}, {y}, {}", o[3], o[3]);
+                ins!(self.w, "@{use0} fma.rn.f32 {}, {p0}, {x}, {}", o[0], o[0]);
+                ins!(self.w, "@{use0} fma.rn.f32 {}, {p0}, {y}, {}", o[1], o[1]);
+                ins!(self.w, "@{use1} fma.rn.f32 {}, {p1}, {x}, {}", o[2], o[2]);
+                ins!(self.w, "@{use1} fma.rn.f32 {}, {p1}, {y}, {}", o[3], o[3]);
             }
             ins!(self.w, "add.u32 {pw}, {pw}, 4");
             ins!(self.w, "add.u32 {vp}, {vp}, {}", lay.row_bytes);
@@ -1406,6 +1456,80 @@ impl Gen<'_> {
             ins!(self.w, "@{p} bra.uni {top}");
             ins!(self.w, "bar.warp.sync -1");
         }
+    }
+
+    /// O += P V on the mma path for a V tile with a non-finite value: f32
+    /// FMAs in the accumulator layout, each predicated on `p != 0`. Key
+    /// `nb * 8 + 2 j + e`'s p of rows g and g + 8 lives in lane `4 g + j`
+    /// (`s[nb][e]`, `s[nb][2 + e]`) and comes over by `shfl.sync.idx`; its
+    /// V row is read from the V tile in shared memory (rows of `row_bytes`,
+    /// unswizzled), two head dims `nb' * 8 + 2 t4 + {0, 1}` per 32-bit word,
+    /// widened to f32. A loop over j, unrolled over the key blocks and the
+    /// head dim. Slow, and only for flagged tiles.
+    fn pv_exact(&mut self) {
+        let lay = self.lay.clone();
+        self.w.comment(
+            "this V tile holds NaN or inf: f32 FMAs from shared memory, keys with p = 0 skipped",
+        );
+        let (src, vrow, end, more) = (self.w.r(), self.w.r(), self.w.r(), self.w.p());
+        ins!(self.w, "and.b32 {src}, {}, 28", self.lane);
+        ins!(self.w, "mad.lo.u32 {vrow}, {}, 4, {}", self.t4, self.smem);
+        ins!(self.w, "add.u32 {vrow}, {vrow}, {}", lay.v_off);
+        ins!(self.w, "add.u32 {end}, {vrow}, {}", 8 * lay.row_bytes);
+        let top = self.w.label("pv_exact_key");
+        self.w.place(&top);
+        let zero = f32_imm(0.0);
+        for nb in 0..lay.bkv / 8 {
+            for e in 0..2 {
+                let (p0, p1, use0, use1) = (self.w.f(), self.w.f(), self.w.p(), self.w.p());
+                ins!(
+                    self.w,
+                    "shfl.sync.idx.b32 {p0}, {}, {src}, 31, -1",
+                    self.s[nb][e]
+                );
+                ins!(
+                    self.w,
+                    "shfl.sync.idx.b32 {p1}, {}, {src}, 31, -1",
+                    self.s[nb][2 + e]
+                );
+                // Unordered: a NaN p (a NaN score) still reaches the row.
+                ins!(self.w, "setp.neu.f32 {use0}, {p0}, {zero}");
+                ins!(self.w, "setp.neu.f32 {use1}, {p1}, {zero}");
+                let key = (nb * 8 + e) * lay.row_bytes;
+                for dnb in 0..lay.dp / 8 {
+                    let (x, y) = match lay.dtype {
+                        Dtype::F16 => {
+                            let (h0, h1, x, y) = (self.w.h(), self.w.h(), self.w.f(), self.w.f());
+                            ins!(
+                                self.w,
+                                "ld.shared.v2.b16 {{{h0}, {h1}}}, [{vrow}+{}]",
+                                key + dnb * 16
+                            );
+                            ins!(self.w, "cvt.f32.f16 {x}, {h0}");
+                            ins!(self.w, "cvt.f32.f16 {y}, {h1}");
+                            (x, y)
+                        }
+                        _ => {
+                            // bf16 is the upper half of an f32.
+                            let (w, x, y) = (self.w.r(), self.w.r(), self.w.r());
+                            ins!(self.w, "ld.shared.b32 {w}, [{vrow}+{}]", key + dnb * 16);
+                            ins!(self.w, "shl.b32 {x}, {w}, 16");
+                            ins!(self.w, "and.b32 {y}, {w}, -65536");
+                            (x, y)
+                        }
+                    };
+                    let o = self.o[dnb];
+                    ins!(self.w, "@{use0} fma.rn.f32 {}, {p0}, {x}, {}", o[0], o[0]);
+                    ins!(self.w, "@{use0} fma.rn.f32 {}, {p0}, {y}, {}", o[1], o[1]);
+                    ins!(self.w, "@{use1} fma.rn.f32 {}, {p1}, {x}, {}", o[2], o[2]);
+                    ins!(self.w, "@{use1} fma.rn.f32 {}, {p1}, {y}, {}", o[3], o[3]);
+                }
+            }
+        }
+        ins!(self.w, "add.u32 {src}, {src}, 1");
+        ins!(self.w, "add.u32 {vrow}, {vrow}, {}", 2 * lay.row_bytes);
+        ins!(self.w, "setp.lt.u32 {more}, {vrow}, {end}");
+        ins!(self.w, "@{more} bra.uni {top}");
     }
 
     /// out = acc / l and lse per owned row; rows that saw no key get 0 and
@@ -1431,7 +1555,7 @@ impl Gen<'_> {
             ins!(self.w, "setp.eq.f32 {empty}, {l}, {}", f32_imm(0.0));
             ins!(
                 self.w,
-                "setp.eq.or.f32 {empty}, {m}, {}, {empty}",
+                "setp.eq.and.f32 {empty}, {m}, {}, {empty}",
                 f32_imm(f32::NEG_INFINITY)
             );
             ins!(self.w, "rcp.rn.f32 {inv}, {l}");

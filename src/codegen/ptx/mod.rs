@@ -20,6 +20,15 @@
 //! - f16/bf16: S = Q Kᵀ and O += P V with `mma.sync.m16n8k16` (f32
 //!   accumulation, operands through `ldmatrix`); f32: the same products
 //!   with FMAs from shared memory;
+//! - a key whose probability is 0 (masked, past KV, underflowed) never
+//!   touches the accumulators, as in the reference, so NaN or inf in V
+//!   there cannot reach the output (`0 × NaN` is NaN): the f32 path
+//!   predicates each FMA on `p != 0`; the mma path keeps `mma.sync` except
+//!   on key tiles whose V tile the host flagged as holding a non-finite
+//!   value ([`host::nonfinite_tiles`]), where a uniform branch takes f32
+//!   FMAs predicated on `p != 0` (p shuffled within the quad, V widened
+//!   from shared memory). NaN or inf in K at a masked key is replaced by
+//!   the mask's -inf before the softmax;
 //! - the online softmax keeps the row max and (per-thread partial) row sum
 //!   in registers, reduces with `shfl.sync.bfly` and exponentiates with
 //!   `ex2.approx` (the IR folds log2(e) into `q_prescale` under `exp2`);
@@ -37,7 +46,7 @@
 //!   only under its guard and only for real rows and columns (predication).
 //!
 //! Kernel parameters, in order (see [`PARAMS`]): pointers `q, k, v, out,
-//! lse, err, map_rows, map_full, map_partial`, then `u32` shapes `B, H,
+//! lse, err, map_rows, map_full, map_partial, v_flags`, then `u32` shapes `B, H,
 //! HKV, Q, KV, D`, `group` (= H / HKV), `kv_batch_stride` (1, or 0 when k and
 //! v broadcast over the batch), `map_stride_b`, `map_stride_h`, then the
 //! `s64` `q_offset`, then one pointer per buffer of the kernel.
@@ -49,7 +58,10 @@
 //! one byte. `map_rows` holds, per (map, query tile), four u32: the first
 //! and end index of its FULL ranges in `map_full` (u32 pairs `start, end`)
 //! and of its PARTIAL tiles in `map_partial` (u32 key tile indices); map
-//! `b * map_stride_b + h * map_stride_h` serves (b, h).
+//! `b * map_stride_b + h * map_stride_h` serves (b, h). `v_flags` holds one
+//! byte per K/V head (`kv_batch * HKV + kv_head`) and key tile, 1 where the
+//! V tile holds NaN or inf in the dtype ([`host::nonfinite_tiles`]); only
+//! the f16/bf16 kernels read it.
 
 mod expr;
 pub mod host;
@@ -184,7 +196,7 @@ pub const MAX_HEAD_DIM: usize = 256;
 
 /// The names of the kernel parameters, in order; buffers follow as
 /// `buf0`, `buf1`, ... in the kernel's buffer order.
-pub const PARAMS: [&str; 20] = [
+pub const PARAMS: [&str; 21] = [
     "q",
     "k",
     "v",
@@ -194,6 +206,7 @@ pub const PARAMS: [&str; 20] = [
     "map_rows",
     "map_full",
     "map_partial",
+    "v_flags",
     "B",
     "H",
     "HKV",

@@ -15,6 +15,8 @@ pub enum Reg {
     Rd(u32),
     /// An f32, `%fN`.
     F(u32),
+    /// 16 bits (one f16 or bf16), `%hN`.
+    H(u32),
 }
 
 impl fmt::Display for Reg {
@@ -24,6 +26,7 @@ impl fmt::Display for Reg {
             Reg::R(n) => write!(f, "%r{n}"),
             Reg::Rd(n) => write!(f, "%rd{n}"),
             Reg::F(n) => write!(f, "%f{n}"),
+            Reg::H(n) => write!(f, "%h{n}"),
         }
     }
 }
@@ -41,6 +44,7 @@ pub struct Writer {
     n_r: u32,
     n_rd: u32,
     n_f: u32,
+    n_h: u32,
     n_label: u32,
 }
 
@@ -73,6 +77,11 @@ impl Writer {
         Reg::F(self.n_f - 1)
     }
 
+    pub fn h(&mut self) -> Reg {
+        self.n_h += 1;
+        Reg::H(self.n_h - 1)
+    }
+
     /// A fresh label `$L_<stem>_<n>`.
     pub fn label(&mut self, stem: &str) -> String {
         self.n_label += 1;
@@ -99,7 +108,8 @@ impl Writer {
         writeln!(self.body, "\n\t// ---- {text}").expect("writing to a String cannot fail");
     }
 
-    /// The register declarations, one line per class.
+    /// The register declarations, one line per class (16-bit registers
+    /// only when some are used).
     pub fn declarations(&self) -> String {
         let mut s = String::new();
         for (ty, stem, n) in [
@@ -107,7 +117,11 @@ impl Writer {
             ("b32", "r", self.n_r),
             ("b64", "rd", self.n_rd),
             ("f32", "f", self.n_f),
+            ("b16", "h", self.n_h),
         ] {
+            if stem == "h" && n == 0 {
+                continue;
+            }
             writeln!(s, "\t.reg .{ty} %{stem}<{}>;", n.max(1))
                 .expect("writing to a String cannot fail");
         }
