@@ -354,12 +354,17 @@ pub fn measure(
     peak: Option<PeakProbe>,
     mut run: impl FnMut(&Inputs<'_>) -> Result<Outputs, Error>,
 ) -> Result<BenchReport, Error> {
+    if config.runs == 0 {
+        return Err(Error::Usage(
+            "a benchmark needs at least one timed run (`runs` is 0)".into(),
+        ));
+    }
     for _ in 0..config.warmup {
         run(inputs)?;
     }
     let mut times: Vec<f64> = Vec::with_capacity(config.runs);
     let mut peaks = Vec::with_capacity(config.runs);
-    for _ in 0..config.runs.max(1) {
+    for _ in 0..config.runs {
         if let Some(p) = &peak {
             peaks.push((p.measure)());
         }

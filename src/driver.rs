@@ -16,6 +16,9 @@ use crate::sema::eval::EvalError;
 use crate::sema::{self, Diag, EntryError, Module, ParamError, Spec};
 use crate::syntax::{self, ast, SyntaxError};
 
+/// The largest spec file [`SourceFile::read`] reads: 16 MiB.
+pub const MAX_SPEC_BYTES: u64 = 16 << 20;
+
 /// One `.attn` source text with the name it is reported under.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SourceFile {
@@ -31,11 +34,41 @@ impl SourceFile {
         }
     }
 
-    /// Reads a file from disk.
+    /// Reads a file from disk: at most [`MAX_SPEC_BYTES`] of UTF-8 text (a
+    /// larger file, or a device that never ends, is an error after reading
+    /// at most one byte more than the limit).
     pub fn read(path: &std::path::Path) -> Result<SourceFile, Error> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+        use std::io::Read;
+        let io = |reason: String| Error::Io {
             what: format!("cannot read `{}`", path.display()),
-            reason: e.to_string(),
+            reason,
+        };
+        let too_large = || {
+            io(format!(
+                "a spec file may hold at most {} and this one holds more",
+                crate::memory::bytes(MAX_SPEC_BYTES as u128)
+            ))
+        };
+        let file = std::fs::File::open(path).map_err(|e| io(e.to_string()))?;
+        let meta = file.metadata().map_err(|e| io(e.to_string()))?;
+        if meta.is_dir() {
+            return Err(io("it is a directory, not a spec file".into()));
+        }
+        if meta.is_file() && meta.len() > MAX_SPEC_BYTES {
+            return Err(too_large());
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_SPEC_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| io(e.to_string()))?;
+        if bytes.len() as u64 > MAX_SPEC_BYTES {
+            return Err(too_large());
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            io(format!(
+                "it is not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ))
         })?;
         Ok(SourceFile::new(path.display().to_string(), text))
     }
@@ -93,6 +126,9 @@ pub enum Error {
     /// A command-line argument is malformed.
     #[error("{0}")]
     Usage(String),
+    /// Inputs whose size would need more memory than is available.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
 }
 
 fn spec_summary(file: &SourceFile, problems: &[SpecProblem]) -> String {
@@ -110,6 +146,7 @@ impl Diagnostic for Error {
             Error::Mask(e) => e.code(),
             Error::Eval { error, .. } => error.code(),
             Error::Codegen(e) => e.code(),
+            Error::Memory(e) => e.code(),
             Error::Io { .. } => Some(Box::new("attnc::io")),
             Error::Usage(_) => Some(Box::new("attnc::usage")),
             Error::Spec { .. } => Some(Box::new("attnc::spec")),
@@ -123,6 +160,7 @@ impl Diagnostic for Error {
             Error::Mask(e) => e.help(),
             Error::Eval { error, .. } => error.help(),
             Error::Codegen(e) => e.help(),
+            Error::Memory(e) => e.help(),
             _ => None,
         }
     }
@@ -520,6 +558,22 @@ impl JitKernel {
                 self.tiling
             )));
         }
+        // The scratch is sized by the tiles, which may be far larger than the
+        // inputs: check it (and the outputs) before anything is allocated.
+        let mut need = crate::memory::Estimate::new();
+        crate::memory::outputs(&mut need, &bound.shapes);
+        crate::memory::jit_scratch(
+            &mut need,
+            &bound.shapes,
+            self.tiling,
+            rayon::current_num_threads(),
+        );
+        need.check(format_args!(
+            "running `{}` on {} with {} tiles",
+            self.program.spec.name,
+            crate::memory::shapes_text(&bound.shapes),
+            self.tiling
+        ))?;
         let mut own = Vec::new();
         let mut shared = self.workspace.try_lock().ok();
         let workspace = shared.as_deref_mut().unwrap_or(&mut own);

@@ -29,6 +29,7 @@ pub mod buffer;
 pub mod codegen;
 pub mod driver;
 pub mod mask;
+pub mod memory;
 pub mod npy;
 pub mod reference;
 pub mod runtime;
