@@ -17,8 +17,18 @@ use super::SyntaxError;
 #[grammar = "../grammar/attn.pest"]
 struct AttnParser;
 
-/// Parses a whole `.attn` file.
+/// Parses a whole `.attn` file. A leading UTF-8 byte order mark is skipped.
 pub fn parse(source: &str) -> Result<File, SyntaxError> {
+    // The mark is three bytes, as are three spaces: spans stay byte offsets
+    // into the text as written.
+    let without_bom;
+    let source = match source.strip_prefix('\u{feff}') {
+        Some(rest) => {
+            without_bom = format!("   {rest}");
+            without_bom.as_str()
+        }
+        None => source,
+    };
     // Track the literal tokens each failed attempt expected, for messages
     // like "expected `:`, found `=`" (a process-wide switch, only ever set on).
     pest::set_error_detail(true);
@@ -167,13 +177,13 @@ fn parse_int(pair: &Pair<'_, Rule>, negative: bool) -> Result<i64, SyntaxError> 
 
 fn parse_float(pair: &Pair<'_, Rule>) -> Result<f64, SyntaxError> {
     let v: f64 = pair.as_str().parse().expect("grammar: float literal");
-    if !v.is_finite() {
+    if !v.is_finite() || v.abs() > f64::from(f32::MAX) {
         return Err(SyntaxError::new(
             span_of(pair),
             format!("float literal `{}` is out of range", pair.as_str()),
-            "overflows to infinity",
+            "beyond the largest f32, about 3.4e38",
         )
-        .with_help("floats are 64-bit; the largest is about 1.8e308"));
+        .with_help("the compiled backends compute in f32, where this literal would be infinite; write a smaller number (an infinity meant as such is written `1.0 / 0.0`)"));
     }
     Ok(v)
 }
@@ -447,7 +457,21 @@ fn found_at(source: &str, pos: usize) -> (String, Span) {
             .map(|op| op.len())
             .unwrap_or(c.len_utf8())
     };
-    (format!("`{}`", &rest[..len]), Span::new(pos, pos + len))
+    (
+        format!("`{}`", escaped(&rest[..len])),
+        Span::new(pos, pos + len),
+    )
+}
+
+/// `text` with control and invisible characters escaped (`\0`, `\u{feff}`),
+/// so that a message shows what it is about.
+pub(crate) fn escaped(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\'' | '"' | '\\' => c.to_string(),
+            c => c.escape_debug().to_string(),
+        })
+        .collect()
 }
 
 /// The source before `pos` without trailing whitespace and comments.
@@ -558,6 +582,16 @@ fn syntax_hint(source: &str, pos: usize, found: &str, expected: &[&str]) -> Opti
     let rest = &source[pos..];
     let before = text_before(source, pos);
     let expects = |what: &str| expected.contains(&what);
+    if let Some(c) = rest
+        .chars()
+        .next()
+        .filter(|c| escaped(&c.to_string()).chars().count() > 1)
+    {
+        return Some(format!(
+            "{found} is an invisible or control character (U+{:04X}) that does not belong here; delete it",
+            c as u32
+        ));
+    }
     if found == "end of file" && expects("`}`") {
         return Some("close the attention block with `}`".to_string());
     }
@@ -687,6 +721,51 @@ mod tests {
             panic!()
         };
         assert_eq!(&src[e.span.start..e.span.end], "q >= kv");
+    }
+
+    /// A leading byte order mark is skipped, and spans still point into the
+    /// text as written.
+    #[test]
+    fn a_leading_byte_order_mark_is_skipped() {
+        let src = "\u{feff}attention a { mask = q >= kv }";
+        let f = parse(src).unwrap();
+        let ItemKind::Mask(e) = &f.attentions[0].items[0].kind else {
+            panic!()
+        };
+        assert_eq!(&src[e.span.start..e.span.end], "q >= kv");
+        assert_eq!(
+            &src[f.attentions[0].name.span.start..f.attentions[0].name.span.end],
+            "a"
+        );
+        let src = "\u{feff}attention a { mask = q >= }";
+        let e = parse(src).unwrap_err();
+        assert_eq!(e.to_string(), "expected an expression, found `}`");
+        assert_eq!(&src[e.span.offset()..e.span.offset() + 1], "}");
+        // Only at the start: elsewhere it is a character out of place.
+        let e = parse("attention a { mask = \u{feff}q }").unwrap_err();
+        assert_eq!(e.to_string(), "expected an expression, found `\\u{feff}`");
+    }
+
+    /// Control and invisible characters are escaped in messages.
+    #[test]
+    fn invisible_characters_are_escaped_in_messages() {
+        for (c, shown) in [
+            ('\0', "\\0"),
+            ('\u{200b}', "\\u{200b}"),
+            ('\u{7}', "\\u{7}"),
+            ('\u{a0}', "\\u{a0}"),
+            ('\u{202e}', "\\u{202e}"),
+        ] {
+            let e = parse(&format!("attention a {{ mask = {c} }}")).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("expected an expression, found `{shown}`")
+            );
+        }
+        // Visible characters are shown as they are.
+        let e = parse("attention a { mask = é }").unwrap_err();
+        assert_eq!(e.to_string(), "expected an expression, found `é`");
+        assert_eq!(escaped("a'\"\\\t\n"), "a'\"\\\\t\\n");
     }
 
     #[test]
