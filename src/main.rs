@@ -345,41 +345,254 @@ fn split_assignment(s: &str, flag: &str) -> Result<(String, String), Error> {
     }
 }
 
+/// Splits every `--{flag} NAME=VALUE`; a name given twice is an error that
+/// names both occurrences.
+fn assignments(items: &[String], flag: &str) -> Result<Vec<(String, String)>, Error> {
+    let mut seen: Vec<(String, String)> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let (name, value) = split_assignment(item, flag)?;
+        if let Some(j) = seen.iter().position(|(n, _)| *n == name) {
+            return Err(Error::Usage(format!(
+                "`{name}` is set twice: `--{flag} {}` and `--{flag} {item}`; pass it once",
+                items[j]
+            )));
+        }
+        debug_assert_eq!(seen.len(), i);
+        seen.push((name, value));
+    }
+    Ok(seen)
+}
+
 fn spec_options(args: &SpecArgs) -> Result<SpecOptions, Error> {
-    let params = args
-        .params
-        .iter()
-        .map(|p| split_assignment(p, "param"))
-        .collect::<Result<_, _>>()?;
     Ok(SpecOptions {
         entry: args.entry.clone(),
-        params,
+        params: assignments(&args.params, "param")?,
     })
+}
+
+/// Writes `text` to stdout. When the reader has gone away (`attnc ... | head`),
+/// the program ends quietly with status 0: the output that was wanted was read.
+fn say(text: impl std::fmt::Display) -> Result<(), Error> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match write!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(Error::Io {
+            what: "cannot write to standard output".into(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Writes `text` to stderr, ignoring failure (there is nowhere left to report it).
+fn say_err(text: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = write!(std::io::stderr().lock(), "{text}");
+}
+
+/// Output files written all or nothing: each is written to a temporary file
+/// beside its target, and the temporary files are renamed onto their
+/// targets only when all were written ([`Staged::commit`]). Dropped without
+/// a commit, it removes them. Targets that are not regular files (devices
+/// such as `/dev/null`, pipes) cannot be replaced and are written directly.
+struct Staged {
+    /// (temporary file, target).
+    files: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Staged {
+    fn new() -> Staged {
+        Staged { files: Vec::new() }
+    }
+
+    /// Checks, before any work, that `targets` are distinct and can be
+    /// written: each in an existing directory, none a directory itself.
+    fn check_targets(targets: &[(&str, &Path)]) -> Result<(), Error> {
+        for (i, (flag, path)) in targets.iter().enumerate() {
+            let cannot = |reason: String| Error::Io {
+                what: format!("cannot write `{}` ({flag})", path.display()),
+                reason,
+            };
+            if path.is_dir() {
+                return Err(cannot("it is a directory".into()));
+            }
+            let dir = Self::dir_of(path);
+            if !dir.is_dir() {
+                return Err(cannot(format!(
+                    "the directory `{}` does not exist",
+                    dir.display()
+                )));
+            }
+            for (other_flag, other) in &targets[..i] {
+                if Self::same_target(path, other) {
+                    return Err(Error::Usage(format!(
+                        "{other_flag} `{}` and {flag} `{}` name the same file; give each output its own path",
+                        other.display(),
+                        path.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dir_of(path: &Path) -> &Path {
+        match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        }
+    }
+
+    /// Whether two paths name one file: the same name in the same directory,
+    /// or one existing file reached twice (links).
+    fn same_target(a: &Path, b: &Path) -> bool {
+        if a == b {
+            return true;
+        }
+        let dir = |p: &Path| std::fs::canonicalize(Self::dir_of(p)).ok();
+        if a.file_name() == b.file_name() && dir(a).is_some() && dir(a) == dir(b) {
+            return true;
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+                return (x.dev(), x.ino()) == (y.dev(), y.ino());
+            }
+        }
+        false
+    }
+
+    /// Writes `target` through `write`, into a temporary file beside it.
+    fn write(
+        &mut self,
+        target: &Path,
+        write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<(), String>,
+    ) -> Result<(), Error> {
+        use std::io::Write;
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let cannot = |reason: String| Error::Io {
+            what: format!("cannot write `{}`", target.display()),
+            reason,
+        };
+        let direct = std::fs::metadata(target).is_ok_and(|m| !m.is_file() && !m.is_dir());
+        let path = if direct {
+            target.to_path_buf()
+        } else {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let name = target
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "output".into());
+            Self::dir_of(target).join(format!(".{name}.attnc-{}-{n}.tmp", std::process::id()))
+        };
+        let file = if direct {
+            std::fs::OpenOptions::new().write(true).open(&path)
+        } else {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+        }
+        .map_err(|e| cannot(e.to_string()))?;
+        if !direct {
+            self.files.push((path, target.to_path_buf()));
+        }
+        let mut w = std::io::BufWriter::new(file);
+        write(&mut w).map_err(cannot)?;
+        w.flush().map_err(|e| cannot(e.to_string()))
+    }
+
+    /// Renames every temporary file onto its target.
+    fn commit(mut self) -> Result<(), Error> {
+        for (tmp, target) in std::mem::take(&mut self.files) {
+            if let Err(e) = std::fs::rename(&tmp, &target) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Error::Io {
+                    what: format!("cannot write `{}`", target.display()),
+                    reason: e.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        for (tmp, _) in &self.files {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// Writes `text` to `output` (all or nothing), or to stdout without one.
+fn deliver(output: Option<&Path>, text: &str) -> Result<(), Error> {
+    match output {
+        Some(path) => {
+            Staged::check_targets(&[("-o", path)])?;
+            let mut staged = Staged::new();
+            staged.write(path, |w| {
+                use std::io::Write;
+                w.write_all(text.as_bytes()).map_err(|e| e.to_string())
+            })?;
+            staged.commit()
+        }
+        None => say(text),
+    }
+}
+
+/// Parses a count flag that must be at least 1 (and at most `max`).
+fn count(flag: &str, n: usize, max: usize) -> Result<usize, Error> {
+    if n == 0 {
+        return Err(Error::Usage(format!(
+            "`--{flag} 0`: {flag} must be at least 1"
+        )));
+    }
+    if n > max {
+        return Err(Error::Usage(format!(
+            "`--{flag} {n}`: {flag} must be at most {max}"
+        )));
+    }
+    Ok(n)
+}
+
+/// The most worker threads `bench --threads` starts.
+const MAX_THREADS: usize = 1024;
+
+/// The memory-estimate kind of a CPU backend.
+fn memory_backend(b: Backend) -> Option<attnc::memory::Backend> {
+    use attnc::memory::Backend as M;
+    match b {
+        Backend::Reference => Some(M::Reference),
+        Backend::Interp => Some(M::Interp),
+        Backend::Jit => Some(M::Jit),
+        Backend::Cuda => None,
+    }
 }
 
 fn bench(args: BenchArgs) -> Result<(), Error> {
     use attnc::bench::{generate_buffer, measure, BenchConfig, PeakProbe, Rng};
     let t0 = std::time::Instant::now();
+    if matches!(args.backend, Backend::Cuda) {
+        return Err(Error::Usage(
+            "`bench` measures the CPU backends; GPU benchmarks are in scripts/gpu-check.sh".into(),
+        ));
+    }
+    count("runs", args.runs, usize::MAX)?;
+    let threads = args
+        .threads
+        .map(|t| count("threads", t, MAX_THREADS))
+        .transpose()?;
+    let buffers = assignments(&args.buffers, "buffer")?;
     let program = driver::load(
         SourceFile::read(&args.spec.spec)?,
         &spec_options(&args.spec)?,
     )?;
-    let attnc::mask::Tiling { bq, bkv } = parse_block(&args.block, &program)?;
-    let schedule = attnc::tile::Schedule {
-        bq,
-        bkv,
-        dim: Some(args.dim),
-        exp2: true,
-    };
-    if matches!(args.backend, Backend::Interp) {
-        let _ = program.kernel(&schedule);
-    }
-    let jit = match args.backend {
-        Backend::Jit => Some(program.compile_jit(bq, bkv, gemm_impl(args.gemm))?),
-        _ => None,
-    };
-    let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
-    if let Some(t) = args.threads {
+    let tiling = parse_block(&args.block, &program)?;
+    let attnc::mask::Tiling { bq, bkv } = tiling;
+    if let Some(t) = threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(t)
             .build_global()
@@ -397,11 +610,6 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         warmup: args.warmup,
         seed: args.seed,
     };
-    let mut rng = Rng::new(config.seed);
-    let q = rng.array4((config.batch, config.heads, config.q_len, config.dim));
-    let k = rng.array4((config.batch, config.kv_heads, config.kv_len, config.dim));
-    let v = rng.array4((config.batch, config.kv_heads, config.kv_len, config.dim));
-    let mut inputs = Inputs::new(q.view(), k.view(), v.view()).q_offset(config.q_offset);
     let shapes = attnc::sema::eval::Shapes {
         b: config.batch,
         h: config.heads,
@@ -410,8 +618,63 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         kv: config.kv_len,
         d: config.dim,
     };
-    for b in &args.buffers {
-        let (name, source) = split_assignment(b, "buffer")?;
+    // Everything sized by the flags is estimated before anything is allocated.
+    {
+        let backend = memory_backend(args.backend).expect("a CPU backend");
+        use attnc::memory;
+        let (b, h, hkv, q, kv, d) = (
+            shapes.b, shapes.h, shapes.hkv, shapes.q, shapes.kv, shapes.d,
+        );
+        let mut need = memory::run_estimate(
+            &program.spec,
+            &shapes,
+            backend,
+            tiling,
+            rayon::current_num_threads(),
+        );
+        need.array("q", &[b, h, q, d], 4)
+            .array("k", &[b, hkv, kv, d], 4)
+            .array("v", &[b, hkv, kv, d], 4);
+        for (name, source) in &buffers {
+            if let (Some(id), false) = (program.spec.buffer_id(name), source.ends_with(".npy")) {
+                let decl = program.spec.buffer(id);
+                let dims: Vec<usize> = decl.dims.iter().map(|d| shapes.dim(*d)).collect();
+                need.array(
+                    &format!("buffer `{name}`"),
+                    &dims,
+                    memory::elem_bytes(decl.elem),
+                );
+            }
+        }
+        if program.spec.mask.is_some() {
+            let tiles = attnc::mask::Tiling::new(64, 64).expect("64x64 is a valid tiling");
+            memory::block_maps(&mut need, &program.spec, &shapes, tiles);
+        }
+        need.check(format_args!(
+            "`attnc bench` on {} with {tiling} tiles",
+            memory::shapes_text(&shapes)
+        ))?;
+    }
+    let schedule = attnc::tile::Schedule {
+        bq,
+        bkv,
+        dim: Some(args.dim),
+        exp2: true,
+    };
+    if matches!(args.backend, Backend::Interp) {
+        let _ = program.kernel(&schedule);
+    }
+    let jit = match args.backend {
+        Backend::Jit => Some(program.compile_jit(bq, bkv, gemm_impl(args.gemm))?),
+        _ => None,
+    };
+    let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut rng = Rng::new(config.seed);
+    let q = rng.array4((config.batch, config.heads, config.q_len, config.dim));
+    let k = rng.array4((config.batch, config.kv_heads, config.kv_len, config.dim));
+    let v = rng.array4((config.batch, config.kv_heads, config.kv_len, config.dim));
+    let mut inputs = Inputs::new(q.view(), k.view(), v.view()).q_offset(config.q_offset);
+    for (name, source) in buffers {
         let Some(id) = program.spec.buffer_id(&name) else {
             return Err(attnc::bind::unknown_buffer(&program.spec, &name).into());
         };
@@ -448,12 +711,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
             "jit ({}, {bq}x{bkv} tiles)",
             jit.as_ref().map(|j| j.gemm()).unwrap_or_default()
         ),
-        Backend::Cuda => {
-            return Err(Error::Usage(
-                "`bench` measures the CPU backends; GPU benchmarks are in scripts/gpu-check.sh"
-                    .into(),
-            ))
-        }
+        Backend::Cuda => unreachable!("rejected above"),
     };
     let probe =
         match (&jit, args.peak) {
@@ -489,157 +747,217 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         },
     )?;
     if args.json {
-        println!("{}", report.to_json());
+        say(format_args!("{}\n", report.to_json()))
     } else {
-        println!("{report}");
+        say(format_args!("{report}\n"))
     }
-    Ok(())
 }
 
 fn run(cmd: Command) -> Result<(), Error> {
     match cmd {
         Command::Bench(args) => bench(args),
-        Command::Emit(args) if args.target == Some(Target::Ptx) => emit_ptx(args),
-        Command::Emit(args) if args.stage == Stage::Blocks && args.target.is_none() => {
-            let Some(q_len) = args.q_len else {
-                return Err(Error::Usage("`--stage blocks` needs the lengths: pass `--q-len N` (and `--kv-len N` if different)".into()));
-            };
-            blocks(BlocksArgs {
-                spec: args.spec,
-                q_len,
-                kv_len: args.kv_len.unwrap_or(q_len),
-                block: args.block,
-                q_offset: 0,
-                buffers: args.buffers,
-                batch: 1,
-                heads: 1,
-                at: "0,0".into(),
-                json: false,
-                png: None,
-                repeat: 1,
-            })
-        }
         Command::Emit(args) => {
-            let file = SourceFile::read(&args.spec.spec)?;
-            match args.stage {
-                Stage::Ast => print!("{}", driver::parse(&std::sync::Arc::new(file))?),
-                Stage::Checked | Stage::Tile | Stage::TileUnopt | Stage::Clif | Stage::Blocks => {
-                    let program = driver::load(file, &spec_options(&args.spec)?)?;
-                    if args.stage == Stage::Checked {
-                        print!("{}", program.spec);
-                        return Ok(());
-                    }
-                    let tiling = parse_block(&args.block, &program)?;
-                    let attnc::mask::Tiling { bq, bkv } = tiling;
-                    let dim = match args.dim.as_str() {
-                        "generic" => None,
-                        d => match d.parse::<usize>() {
-                            Ok(d) if d > 0 => Some(d),
-                            _ => {
-                                return Err(Error::Usage(format!(
-                                    "`--dim {d}` must be a positive integer or `generic`"
-                                )))
-                            }
-                        },
-                    };
-                    let schedule = attnc::tile::Schedule {
-                        bq,
-                        bkv,
-                        dim,
-                        exp2: args.exp == ExpBase::Exp2,
-                    };
-                    if args.stage == Stage::Clif {
-                        let options = attnc::CompileOptions {
-                            tiles: attnc::Tiles::Fixed(tiling),
-                            keep_clif: true,
-                            ..Default::default()
-                        };
-                        let jit = program.compile_jit_with(&options)?;
-                        print!("{}", jit.clif().unwrap_or_default());
-                        return Ok(());
-                    }
-                    let kernel = attnc::tile::build(&program.spec, &schedule);
-                    if args.stage == Stage::TileUnopt {
-                        print!("{kernel}");
-                    } else {
-                        print!("{}", attnc::tile::optimize(&kernel));
-                    }
-                }
+            let output = args.output.clone();
+            if let Some(path) = &output {
+                Staged::check_targets(&[("-o", path)])?;
             }
-            Ok(())
+            let text = emit(args)?;
+            deliver(output.as_deref(), &text)
         }
-        Command::Blocks(args) => blocks(args),
+        Command::Blocks(args) => {
+            let text = blocks(args)?;
+            say(text)
+        }
         Command::Check { spec } => {
             let file = std::sync::Arc::new(SourceFile::read(&spec)?);
             let module = driver::check(&file)?;
             let names: Vec<&str> = module.specs.iter().map(|s| s.name.as_str()).collect();
-            println!(
-                "{}: ok ({} attention block{}: {})",
+            say(format_args!(
+                "{}: ok ({} attention block{}: {})\n",
                 spec.display(),
                 names.len(),
                 if names.len() == 1 { "" } else { "s" },
                 names.join(", ")
-            );
-            Ok(())
+            ))
         }
-        Command::Run(args) => {
-            let program = driver::load(
-                SourceFile::read(&args.spec.spec)?,
-                &spec_options(&args.spec)?,
-            )?;
-            let q = npy::read_f32_4d(&args.q, "q")?;
-            let k = npy::read_f32_4d(&args.k, "k")?;
-            let v = npy::read_f32_4d(&args.v, "v")?;
-            let mut inputs = Inputs::new(q.view(), k.view(), v.view()).q_offset(args.q_offset);
-            inputs.want_lse = args.lse.is_some();
-            for b in &args.buffers {
-                let (name, path) = split_assignment(b, "buffer")?;
-                let Some(id) = program.spec.buffer_id(&name) else {
-                    return Err(attnc::bind::unknown_buffer(&program.spec, &name).into());
-                };
-                let data = npy::read_buffer(Path::new(&path), &name, program.spec.buffer(id).elem)?;
-                inputs.buffers.insert(name, data);
-            }
-            let outputs = match args.backend {
-                Backend::Reference => program.run_reference(&inputs)?,
-                Backend::Interp => {
-                    let attnc::mask::Tiling { bq, bkv } = parse_block(&args.block, &program)?;
-                    program.run_interp(&inputs, bq, bkv)?
-                }
-                Backend::Jit => {
-                    let attnc::mask::Tiling { bq, bkv } = parse_block(&args.block, &program)?;
-                    program
-                        .compile_jit(bq, bkv, gemm_impl(args.gemm))?
-                        .run(&inputs)?
-                }
-                Backend::Cuda => run_cuda(&program, &inputs, &args.dtype)?,
-            };
-            npy::write_f32(&args.out, &outputs.out)?;
-            if let (Some(path), Some(lse)) = (&args.lse, &outputs.lse) {
-                npy::write_f32(path, lse)?;
-            }
-            let sh = outputs.out.shape();
-            eprintln!(
-                "{}: wrote out [{}, {}, {}, {}] to {}{}",
-                program.spec.name,
-                sh[0],
-                sh[1],
-                sh[2],
-                sh[3],
-                args.out.display(),
-                args.lse
-                    .as_ref()
-                    .map(|p| format!(" and lse to {}", p.display()))
-                    .unwrap_or_default()
-            );
-            Ok(())
-        }
+        Command::Run(args) => run_spec(args),
     }
 }
 
-/// `attnc blocks`: builds the block maps and prints or draws them.
-fn blocks(args: BlocksArgs) -> Result<(), Error> {
+/// `attnc emit`: the text of the stage or target asked for.
+fn emit(args: EmitArgs) -> Result<String, Error> {
+    if args.target == Some(Target::Ptx) {
+        return emit_ptx(args);
+    }
+    if args.stage == Stage::Blocks {
+        let Some(q_len) = args.q_len else {
+            return Err(Error::Usage("`--stage blocks` needs the lengths: pass `--q-len N` (and `--kv-len N` if different)".into()));
+        };
+        return blocks(BlocksArgs {
+            spec: args.spec,
+            q_len,
+            kv_len: args.kv_len.unwrap_or(q_len),
+            block: args.block,
+            q_offset: 0,
+            buffers: args.buffers,
+            batch: 1,
+            heads: 1,
+            at: "0,0".into(),
+            json: false,
+            png: None,
+            repeat: 1,
+        });
+    }
+    let file = SourceFile::read(&args.spec.spec)?;
+    if args.stage == Stage::Ast {
+        return Ok(driver::parse(&std::sync::Arc::new(file))?.to_string());
+    }
+    let program = driver::load(file, &spec_options(&args.spec)?)?;
+    if args.stage == Stage::Checked {
+        return Ok(program.spec.to_string());
+    }
+    let tiling = parse_block(&args.block, &program)?;
+    let attnc::mask::Tiling { bq, bkv } = tiling;
+    let dim = match args.dim.as_str() {
+        "generic" => None,
+        d => match d.parse::<usize>() {
+            Ok(d) if d > 0 => Some(d),
+            _ => {
+                return Err(Error::Usage(format!(
+                    "`--dim {d}` must be a positive integer or `generic`"
+                )))
+            }
+        },
+    };
+    let schedule = attnc::tile::Schedule {
+        bq,
+        bkv,
+        dim,
+        exp2: args.exp == ExpBase::Exp2,
+    };
+    if args.stage == Stage::Clif {
+        let options = attnc::CompileOptions {
+            tiles: attnc::Tiles::Fixed(tiling),
+            keep_clif: true,
+            ..Default::default()
+        };
+        let jit = program.compile_jit_with(&options)?;
+        return Ok(jit.clif().unwrap_or_default().to_string());
+    }
+    let kernel = attnc::tile::build(&program.spec, &schedule);
+    Ok(if args.stage == Stage::TileUnopt {
+        kernel.to_string()
+    } else {
+        attnc::tile::optimize(&kernel).to_string()
+    })
+}
+
+/// `attnc run`: reads the inputs, runs the spec, writes the outputs (all or none).
+fn run_spec(args: RunArgs) -> Result<(), Error> {
+    let mut targets = vec![("--out", args.out.as_path())];
+    if let Some(lse) = &args.lse {
+        targets.push(("--lse", lse.as_path()));
+    }
+    Staged::check_targets(&targets)?;
+    let buffers = assignments(&args.buffers, "buffer")?;
+    let program = driver::load(
+        SourceFile::read(&args.spec.spec)?,
+        &spec_options(&args.spec)?,
+    )?;
+    let q = npy::read_f32_4d(&args.q, "q")?;
+    let k = npy::read_f32_4d(&args.k, "k")?;
+    let v = npy::read_f32_4d(&args.v, "v")?;
+    let mut inputs = Inputs::new(q.view(), k.view(), v.view()).q_offset(args.q_offset);
+    inputs.want_lse = args.lse.is_some();
+    for (name, path) in buffers {
+        let Some(id) = program.spec.buffer_id(&name) else {
+            return Err(attnc::bind::unknown_buffer(&program.spec, &name).into());
+        };
+        let data = npy::read_buffer(Path::new(&path), &name, program.spec.buffer(id).elem)?;
+        inputs.buffers.insert(name, data);
+    }
+    let tiling = match args.backend {
+        Backend::Interp | Backend::Jit => Some(parse_block(&args.block, &program)?),
+        _ => None,
+    };
+    if let Some(backend) = memory_backend(args.backend) {
+        let (qs, ks) = (q.shape(), k.shape());
+        let shapes = attnc::sema::eval::Shapes {
+            b: qs[0],
+            h: qs[1],
+            hkv: ks[1],
+            q: qs[2],
+            kv: ks[2],
+            d: qs[3],
+        };
+        let tiles = tiling.unwrap_or_else(|| program.auto_tiling());
+        let need = attnc::memory::run_estimate(
+            &program.spec,
+            &shapes,
+            backend,
+            tiles,
+            rayon::current_num_threads(),
+        );
+        let blocks = match backend {
+            attnc::memory::Backend::Reference => String::new(),
+            _ => format!(" with {tiles} tiles"),
+        };
+        need.check(format_args!(
+            "running `{}` on {}{blocks}",
+            program.spec.name,
+            attnc::memory::shapes_text(&shapes)
+        ))?;
+    }
+    let outputs = match args.backend {
+        Backend::Reference => program.run_reference(&inputs)?,
+        Backend::Interp => {
+            let attnc::mask::Tiling { bq, bkv } = tiling.expect("parsed above");
+            program.run_interp(&inputs, bq, bkv)?
+        }
+        Backend::Jit => {
+            let attnc::mask::Tiling { bq, bkv } = tiling.expect("parsed above");
+            program
+                .compile_jit(bq, bkv, gemm_impl(args.gemm))?
+                .run(&inputs)?
+        }
+        Backend::Cuda => run_cuda(&program, &inputs, &args.dtype)?,
+    };
+    use ndarray_npy::WriteNpyExt;
+    let mut staged = Staged::new();
+    staged.write(&args.out, |w| {
+        outputs.out.write_npy(w).map_err(|e| e.to_string())
+    })?;
+    if let (Some(path), Some(lse)) = (&args.lse, &outputs.lse) {
+        staged.write(path, |w| lse.write_npy(w).map_err(|e| e.to_string()))?;
+    }
+    staged.commit()?;
+    let sh = outputs.out.shape();
+    say_err(format_args!(
+        "{}: wrote out [{}, {}, {}, {}] to {}{}\n",
+        program.spec.name,
+        sh[0],
+        sh[1],
+        sh[2],
+        sh[3],
+        args.out.display(),
+        args.lse
+            .as_ref()
+            .map(|p| format!(" and lse to {}", p.display()))
+            .unwrap_or_default()
+    ));
+    Ok(())
+}
+
+/// `attnc blocks`: builds the block maps, writes the picture if asked, and
+/// returns the text to print.
+fn blocks(args: BlocksArgs) -> Result<String, Error> {
     use attnc::mask::{self, render, MaskError};
+    use std::fmt::Write;
+    let repeat = count("repeat", args.repeat, usize::MAX)?;
+    if let Some(png) = &args.png {
+        Staged::check_targets(&[("--png", png)])?;
+    }
+    let buffers = assignments(&args.buffers, "buffer")?;
     let program = driver::load(
         SourceFile::read(&args.spec.spec)?,
         &spec_options(&args.spec)?,
@@ -673,15 +991,6 @@ fn blocks(args: BlocksArgs) -> Result<(), Error> {
             at.0, at.1, args.batch, args.heads
         )));
     }
-    // Only the shapes of q, k and v matter here: zero-stride views, D = 1.
-    let one = ndarray::Array4::<f32>::zeros((1, 1, 1, 1));
-    let q = one
-        .broadcast((args.batch, args.heads, args.q_len, 1))
-        .expect("broadcast of a single element");
-    let kv = one
-        .broadcast((args.batch, args.heads, args.kv_len, 1))
-        .expect("broadcast of a single element");
-    let mut inputs = Inputs::new(q, kv.clone(), kv).q_offset(args.q_offset);
     let shapes = attnc::sema::eval::Shapes {
         b: args.batch,
         h: args.heads,
@@ -690,9 +999,47 @@ fn blocks(args: BlocksArgs) -> Result<(), Error> {
         kv: args.kv_len,
         d: 1,
     };
+    // Only the shapes of q, k and v matter here: zero-stride views of one
+    // element, D = 1. A view's element count must fit in an isize.
+    for (what, len) in [("--q-len", args.q_len), ("--kv-len", args.kv_len)] {
+        let elements = (args.batch as u128) * (args.heads as u128) * (len as u128);
+        if elements > isize::MAX as u128 {
+            return Err(Error::Usage(format!(
+                "--b {} x --h {} x {what} {len} = {elements} rows: more than an array can hold (2^63 - 1 elements)",
+                args.batch,
+                args.heads,
+            )));
+        }
+    }
+    {
+        use attnc::memory;
+        let mut need = memory::Estimate::new();
+        memory::block_maps(&mut need, &program.spec, &shapes, tiling);
+        for (name, source) in &buffers {
+            if let (Some(id), false) = (program.spec.buffer_id(name), source.ends_with(".npy")) {
+                let decl = program.spec.buffer(id);
+                let dims: Vec<usize> = decl.dims.iter().map(|d| shapes.dim(*d)).collect();
+                need.array(
+                    &format!("buffer `{name}`"),
+                    &dims,
+                    memory::elem_bytes(decl.elem),
+                );
+            }
+        }
+        need.check(format_args!(
+            "the block maps of `{}` for B={} H={} Q={} KV={} with {tiling} tiles",
+            program.spec.name, args.batch, args.heads, args.q_len, args.kv_len
+        ))?;
+    }
+    let one = ndarray::Array4::<f32>::zeros((1, 1, 1, 1));
+    let view = |len: usize| {
+        one.broadcast((args.batch, args.heads, len, 1))
+            .expect("the element count was checked above")
+    };
+    let (q, kv) = (view(args.q_len), view(args.kv_len));
+    let mut inputs = Inputs::new(q, kv.clone(), kv).q_offset(args.q_offset);
     let mut rng = attnc::bench::Rng::new(0);
-    for b in &args.buffers {
-        let (name, source) = split_assignment(b, "buffer")?;
+    for (name, source) in buffers {
         let Some(id) = program.spec.buffer_id(&name) else {
             return Err(attnc::bind::unknown_buffer(&program.spec, &name).into());
         };
@@ -705,9 +1052,9 @@ fn blocks(args: BlocksArgs) -> Result<(), Error> {
         inputs.buffers.insert(name, data);
     }
     let bound = attnc::bind::bind(&program.spec, &inputs)?;
-    let mut times = Vec::with_capacity(args.repeat.max(1));
+    let mut times = Vec::with_capacity(repeat);
     let mut built = None;
-    for _ in 0..args.repeat.max(1) {
+    for _ in 0..repeat {
         let start = std::time::Instant::now();
         let maps = mask::classify(&program.spec, &bound, tiling).map_err(|e| match e {
             MaskError::Eval(error) => Error::Eval {
@@ -734,10 +1081,12 @@ fn blocks(args: BlocksArgs) -> Result<(), Error> {
             what: "cannot encode the PNG".into(),
             reason: e.to_string(),
         })?;
-        std::fs::write(path, bytes).map_err(|e| Error::Io {
-            what: format!("cannot write `{}`", path.display()),
-            reason: e.to_string(),
+        let mut staged = Staged::new();
+        staged.write(path, |w| {
+            use std::io::Write;
+            w.write_all(&bytes).map_err(|e| e.to_string())
         })?;
+        staged.commit()?;
     }
     if args.json {
         let v = serde_json::json!({
@@ -764,12 +1113,13 @@ fn blocks(args: BlocksArgs) -> Result<(), Error> {
             "summed_over_bh": !maps.is_shared(),
             "counts": if maps.is_shared() { "one (b, h) map, shared by all".to_string() } else { format!("summed over all {n_pairs} (b, h) pairs") },
         });
-        println!("{v:#}");
-        return Ok(());
+        return Ok(format!("{v:#}\n"));
     }
-    println!("{}", render::title(&program.spec.name, map));
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", render::title(&program.spec.name, map));
     if !maps.is_shared() {
-        println!(
+        let _ = writeln!(
+            out,
             "map of (b, h) = ({}, {}); the mask depends on{}{}",
             at.0,
             at.1,
@@ -777,29 +1127,30 @@ fn blocks(args: BlocksArgs) -> Result<(), Error> {
             if maps.depends_on_h() { " h" } else { "" }
         );
     }
-    print!(
-        "{}",
-        render::grid(map, render::GRID_ROWS, render::GRID_COLS)
-    );
-    print!("{}", render::stats_text(&stats));
+    out += &render::grid(map, render::GRID_ROWS, render::GRID_COLS);
+    out += &render::stats_text(&stats);
     let work = maps.counts();
     let work = format!(
         "{} box and {} element evaluations of the mask",
         work.box_evaluations, work.element_evaluations
     );
     if maps.is_shared() {
-        println!("built in {build_ms:.3} ms ({work}); one map shared by all (b, h)");
+        let _ = writeln!(
+            out,
+            "built in {build_ms:.3} ms ({work}); one map shared by all (b, h)"
+        );
     } else {
-        println!(
+        let _ = writeln!(
+            out,
             "built in {build_ms:.3} ms ({work}); counts summed over all {n_pairs} (b, h) pairs ({} distinct maps)",
             maps.maps().len()
         );
     }
-    Ok(())
+    Ok(out)
 }
 
 /// `attnc emit --target ptx`: the PTX of the spec's kernel.
-fn emit_ptx(args: EmitArgs) -> Result<(), Error> {
+fn emit_ptx(args: EmitArgs) -> Result<String, Error> {
     use attnc::codegen::ptx::{self, PtxOptions};
     let program = driver::load(
         SourceFile::read(&args.spec.spec)?,
@@ -824,18 +1175,7 @@ fn emit_ptx(args: EmitArgs) -> Result<(), Error> {
         exp2: args.exp == ExpBase::Exp2,
     };
     let kernel = program.kernel(&schedule);
-    let text =
-        ptx::emit(&kernel, &PtxOptions { arch, dtype }).map_err(|e| Error::Codegen(e.into()))?;
-    match &args.output {
-        Some(path) => std::fs::write(path, text).map_err(|e| Error::Io {
-            what: format!("cannot write `{}`", path.display()),
-            reason: e.to_string(),
-        }),
-        None => {
-            print!("{text}");
-            Ok(())
-        }
-    }
+    ptx::emit(&kernel, &PtxOptions { arch, dtype }).map_err(|e| Error::Codegen(e.into()))
 }
 
 /// `attnc run --backend cuda`.
@@ -875,13 +1215,31 @@ fn run_cuda(_: &driver::Program, _: &Inputs<'_>, _: &str) -> Result<attnc::Outpu
     Err(Error::Usage("this attnc was built without CUDA support: rebuild with `cargo build --release --features cuda`".into()))
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
+/// Parses `args` (the program name first) and runs the command; returns the
+/// exit status: 0, 1 for an error, 2 for a command line clap rejects (after
+/// printing the error or the help asked for). The fuzz target
+/// `fuzz/fuzz_targets/cli_args.rs` calls this in-process.
+pub(crate) fn main_with<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
         Err(e) => {
-            eprint!("{}", driver::render(&e, std::io::stderr().is_terminal()));
-            ExitCode::FAILURE
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    match run(cli.command) {
+        Ok(()) => 0,
+        Err(e) => {
+            say_err(driver::render(&e, std::io::stderr().is_terminal()));
+            1
         }
     }
+}
+
+fn main() -> ExitCode {
+    ExitCode::from(main_with(std::env::args_os()))
 }

@@ -108,12 +108,16 @@ fn assert_fails(o: &Output, needles: &[&str]) {
 /// The arguments of `attnc run` on the packed_docs fixture, with `extra`
 /// appended, writing into `dir`.
 fn run_packed(dir: &TempDir, extra: &[&str]) -> Output {
-    let (spec, q, k, v, doc) = (
+    run_packed_doc(dir, &fixture("doc.npy"), extra)
+}
+
+/// [`run_packed`] with the buffer `doc` read from `doc`.
+fn run_packed_doc(dir: &TempDir, doc: &Path, extra: &[&str]) -> Output {
+    let (spec, q, k, v) = (
         root().join("examples/packed_docs.attn"),
         fixture("q.npy"),
         fixture("k.npy"),
         fixture("v.npy"),
-        fixture("doc.npy"),
     );
     let doc = format!("doc={}", doc.display());
     let out = dir.str("out.npy");
@@ -342,8 +346,7 @@ fn run_of_an_unreadable_npy() {
         ],
     );
     // A text file given as a buffer.
-    let text = format!("doc={}", dir.str("q.npy"));
-    let o = run_packed(&dir, &["--buffer", &text]);
+    let o = run_packed_doc(&dir, &dir.path("q.npy"), &[]);
     assert_fails(
         &o,
         &[
@@ -392,8 +395,7 @@ fn run_with_float64_q() {
 fn run_with_a_buffer_of_the_wrong_dtype() {
     let dir = TempDir::new();
     write_npy(&dir.path("docf.npy"), &ArrayD::<f32>::zeros(IxDyn(&[95])));
-    let doc = format!("doc={}", dir.str("docf.npy"));
-    let o = run_packed(&dir, &["--buffer", &doc]);
+    let o = run_packed_doc(&dir, &dir.path("docf.npy"), &[]);
     assert_fails(
         &o,
         &[
@@ -446,8 +448,7 @@ fn run_with_an_undeclared_buffer() {
 fn run_with_a_buffer_of_the_wrong_shape() {
     let dir = TempDir::new();
     write_npy(&dir.path("doc94.npy"), &ArrayD::<i64>::zeros(IxDyn(&[94])));
-    let doc = format!("doc={}", dir.str("doc94.npy"));
-    let o = run_packed(&dir, &["--buffer", &doc]);
+    let o = run_packed_doc(&dir, &dir.path("doc94.npy"), &[]);
     assert_fails(
         &o,
         &[
@@ -765,5 +766,547 @@ fn emit_ptx_that_cannot_be_generated_says_why_and_how_to_fix_it() {
             "head dim D = 512 is too large for the PTX backend",
             "help: use D <= 256",
         ],
+    );
+}
+
+// sizes beyond memory (issue 17, item 4) ------------------------------------
+
+/// Asserts that `o` failed with a memory error that names `input`, the bytes
+/// needed and the bytes available, before allocating anything (no abort).
+#[track_caller]
+fn assert_beyond_memory(o: &Output, input: &str) {
+    assert_fails(
+        o,
+        &[
+            "attnc::memory",
+            input,
+            "would need",
+            " bytes), but only ",
+            "available",
+        ],
+    );
+    assert!(!stderr(o).contains("memory allocation"), "{}", stderr(o));
+}
+
+/// Shapes and tiles whose estimate exceeds any machine's memory by far are
+/// errors that name them, made before anything is allocated. (Each of these
+/// aborted the process with a failed allocation, or would be killed by the
+/// kernel on touching memory that overcommit granted.)
+#[test]
+fn bench_beyond_memory_is_an_error_naming_the_sizes() {
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--q-len", "64", "--kv-len", "1000000000000"],
+            "KV=1000000000000",
+        ),
+        (
+            &["--q-len", "100000000", "--heads", "64", "--dim", "128"],
+            "Q=100000000",
+        ),
+        (&["--q-len", "64", "--dim", "1000000000"], "D=1000000000"),
+        (
+            &["--q-len", "64", "--block", "100000000x100000000"],
+            "100000000x100000000 tiles",
+        ),
+        (
+            &[
+                "--q-len",
+                "64",
+                "--batch",
+                "1000000000000",
+                "--backend",
+                "reference",
+            ],
+            "B=1000000000000",
+        ),
+    ];
+    for (flags, input) in cases {
+        let mut args = vec!["bench", "examples/causal.attn"];
+        args.extend_from_slice(flags);
+        assert_beyond_memory(&attnc(&args), input);
+    }
+}
+
+#[test]
+fn run_with_tiles_beyond_memory_is_an_error() {
+    let dir = TempDir::new();
+    let o = run_packed(&dir, &["--block", "100000000x100000000"]);
+    assert_beyond_memory(&o, "100000000x100000000 tiles");
+    assert!(!dir.path("out.npy").exists());
+}
+
+#[test]
+fn blocks_beyond_memory_is_an_error() {
+    let dir = TempDir::new();
+    // One map per (b, h): 10^9 maps of 2^31 - 1 query tiles.
+    let spec = dir.path("bh.attn");
+    std::fs::write(&spec, "attention bh { mask = kv <= q + b + h }").unwrap();
+    let o = attnc(&[
+        "blocks",
+        spec.to_str().unwrap(),
+        "--q-len",
+        "2147483647",
+        "--kv-len",
+        "2147483647",
+        "--block",
+        "1",
+        "--b",
+        "1000000",
+        "--h",
+        "1000",
+    ]);
+    assert_beyond_memory(
+        &o,
+        "the block maps of `bh` for B=1000000 H=1000 Q=2147483647",
+    );
+}
+
+/// Batch x heads x length beyond what an array can hold was a panic
+/// ("broadcast of a single element").
+#[test]
+fn blocks_with_a_huge_batch_and_heads_is_an_error() {
+    let o = attnc(&[
+        "blocks",
+        "examples/causal.attn",
+        "--q-len",
+        "64",
+        "--kv-len",
+        "64",
+        "--b",
+        "1000000000",
+        "--h",
+        "1000000000",
+    ]);
+    assert_fails(
+        &o,
+        &[
+            "--b 1000000000 x --h 1000000000 x --q-len 64",
+            "more than an array can hold",
+        ],
+    );
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+}
+
+/// The bytes of a version-1 `.npy` file with `header` (a dict) and `data`.
+fn npy_bytes(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut dict = header.to_string();
+    while (10 + dict.len() + 1) % 64 != 0 {
+        dict.push(' ');
+    }
+    dict.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(dict.as_bytes());
+    bytes.extend_from_slice(data);
+    bytes
+}
+
+/// A header that claims more data than the file holds is an error before
+/// anything is allocated (it aborted on a 128 GiB allocation).
+#[test]
+fn npy_claiming_more_data_than_the_file_holds_is_an_error() {
+    let dir = TempDir::new();
+    let q = dir.path("q.npy");
+    let claim = "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1, 2147483648, 16), }";
+    std::fs::write(&q, npy_bytes(claim, &[0; 64])).unwrap();
+    let o = run_with_q("examples/causal.attn", &q, &dir);
+    assert_fails(
+        &o,
+        &[
+            "cannot read q from",
+            "its header claims shape [1, 1, 2147483648, 16] of `<f4`, 128.0 GiB (137438953472 bytes) of data, but the file holds only 64 bytes after the header",
+        ],
+    );
+    // The same for a buffer, read in its declared type.
+    let doc = dir.path("doc.npy");
+    let claim = "{'descr': '<i4', 'fortran_order': False, 'shape': (4000000000000,), }";
+    std::fs::write(&doc, npy_bytes(claim, &[0; 8])).unwrap();
+    let o = run_packed_doc(&dir, &doc, &[]);
+    assert_fails(
+        &o,
+        &[
+            "cannot read buffer `doc` from",
+            "of `<i4`",
+            "but the file holds only 8 bytes",
+        ],
+    );
+    // A header length beyond any real header (version 2 has 4 bytes for it).
+    let mut bytes = b"\x93NUMPY\x02\x00".to_vec();
+    bytes.extend_from_slice(&u32::MAX.to_le_bytes());
+    std::fs::write(&q, bytes).unwrap();
+    let o = run_with_q("examples/causal.attn", &q, &dir);
+    assert_fails(
+        &o,
+        &["its header claims to be 4.0 GiB (4294967295 bytes) long"],
+    );
+    assert!(!dir.path("o.npy").exists());
+}
+
+/// A pipe has no size to compare with: the claim is checked against the
+/// memory available instead.
+#[cfg(target_os = "linux")]
+#[test]
+fn npy_from_a_pipe_claiming_more_than_memory_is_an_error() {
+    use std::io::Write;
+    let dir = TempDir::new();
+    let fifo = dir.path("q.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status();
+    if !made.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: mkfifo is not available");
+        return;
+    }
+    // Opened for reading and writing, a FIFO does not block on Linux; the
+    // header fits in the pipe's buffer, and this end stays open while attnc reads.
+    let mut pipe = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let claim = "{'descr': '<f4', 'fortran_order': False, 'shape': (1000, 1000, 1000, 1000000), }";
+    pipe.write_all(&npy_bytes(claim, &[0; 64])).unwrap();
+    let o = run_with_q("examples/causal.attn", &fifo, &dir);
+    assert_beyond_memory(&o, "reading q of shape [1000, 1000, 1000, 1000000] from");
+}
+
+/// A spec file is read up to 16 MiB; beyond, it is an error, also for a
+/// file that never ends (it was read until the process was killed).
+#[test]
+fn spec_files_beyond_the_size_limit_are_an_error() {
+    let dir = TempDir::new();
+    let big = dir.path("big.attn");
+    let f = File::create(&big).unwrap();
+    f.set_len(16 * 1024 * 1024 + 1).unwrap();
+    let limit = "a spec file may hold at most 16.0 MiB (16777216 bytes) and this one holds more";
+    assert_fails(&attnc(&["check", big.to_str().unwrap()]), &[limit]);
+    if Path::new("/dev/zero").exists() {
+        let start = std::time::Instant::now();
+        assert_fails(
+            &attnc(&["check", "/dev/zero"]),
+            &["cannot read `/dev/zero`", limit],
+        );
+        assert!(start.elapsed().as_secs() < 30, "{:?}", start.elapsed());
+    }
+    let o = attnc(&["emit", big.to_str().unwrap(), "--stage", "ast"]);
+    assert_fails(&o, &[limit]);
+}
+
+// outputs on failure (item 6) ----------------------------------------------
+
+/// The files in `dir`, sorted.
+fn files_in(dir: &TempDir) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// When one output cannot be written, none is: `--out` is not left behind
+/// when `--lse` fails, and no temporary file remains.
+#[test]
+fn run_writes_all_outputs_or_none() {
+    let dir = TempDir::new();
+    let lse = dir.str("nodir/l.npy");
+    let o = run_packed(&dir, &["--lse", &lse]);
+    assert_fails(&o, &["cannot write `", "l.npy` (--lse)", "does not exist"]);
+    assert_eq!(files_in(&dir), Vec::<String>::new());
+    // A failure while writing (a full device) after out was written.
+    if Path::new("/dev/full").exists() {
+        let o = run_packed(&dir, &["--lse", "/dev/full"]);
+        assert_fails(&o, &["cannot write `/dev/full`", "No space left on device"]);
+        assert_eq!(files_in(&dir), Vec::<String>::new());
+    }
+    // An existing output is replaced only by a complete one.
+    std::fs::write(dir.path("out.npy"), b"old").unwrap();
+    let o = run_packed(&dir, &["--lse", &lse]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(std::fs::read(dir.path("out.npy")).unwrap(), b"old");
+    let o = run_packed(&dir, &["--lse", &dir.str("lse.npy")]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(files_in(&dir), vec!["lse.npy", "out.npy"]);
+    assert_eq!(
+        npy::read_f32_dyn(&dir.path("out.npy")).unwrap().shape(),
+        &[2, 4, 95, 16]
+    );
+}
+
+#[test]
+fn run_with_out_and_lse_the_same_file_is_an_error() {
+    let dir = TempDir::new();
+    for lse in [dir.str("out.npy"), format!("{}/./out.npy", dir.0.display())] {
+        let o = run_packed(&dir, &["--lse", &lse]);
+        assert_fails(&o, &["--out `", "and --lse `", "name the same file"]);
+        assert_eq!(files_in(&dir), Vec::<String>::new());
+    }
+}
+
+/// `emit -o FILE` writes every stage to FILE (only `--target ptx` did), the
+/// same text as on stdout.
+#[test]
+fn emit_writes_every_stage_to_the_output_file() {
+    let dir = TempDir::new();
+    let stages: [&[&str]; 6] = [
+        &["--stage", "ast"],
+        &["--stage", "checked"],
+        &["--stage", "tile-unopt"],
+        &["--stage", "tile"],
+        &["--stage", "clif"],
+        &["--stage", "blocks", "--q-len", "256"],
+    ];
+    for flags in stages {
+        let mut args = vec!["emit", "examples/causal.attn"];
+        args.extend_from_slice(flags);
+        let to_stdout = attnc(&args);
+        assert_eq!(
+            to_stdout.status.code(),
+            Some(0),
+            "{flags:?}: {}",
+            stderr(&to_stdout)
+        );
+        let file = dir.str("stage.txt");
+        args.extend(["-o", &file]);
+        let o = attnc(&args);
+        assert_eq!(o.status.code(), Some(0), "{flags:?}: {}", stderr(&o));
+        assert_eq!(stdout(&o), "", "{flags:?}: -o must keep stdout empty");
+        let written = std::fs::read_to_string(&file).unwrap();
+        assert!(!written.is_empty(), "{flags:?}");
+        if flags[1] == "blocks" {
+            // The build time differs between runs.
+            let grid = |t: &str| t.lines().take(4).collect::<Vec<_>>().join("\n");
+            assert_eq!(grid(&written), grid(&stdout(&to_stdout)), "{flags:?}");
+        } else {
+            assert_eq!(written, stdout(&to_stdout), "{flags:?}");
+        }
+    }
+    assert_eq!(files_in(&dir), vec!["stage.txt"]);
+    // A failed emit leaves an existing file as it was, and no temporary file.
+    let o = attnc(&[
+        "emit",
+        "tests/errors/score_in_mask.attn",
+        "-o",
+        &dir.str("stage.txt"),
+    ]);
+    assert_fails(&o, &["`score` cannot be used in `mask`"]);
+    assert!(!std::fs::read_to_string(dir.path("stage.txt"))
+        .unwrap()
+        .is_empty());
+    assert_eq!(files_in(&dir), vec!["stage.txt"]);
+    let o = attnc(&[
+        "emit",
+        "examples/causal.attn",
+        "-o",
+        &dir.str("no/dir/x.txt"),
+    ]);
+    assert_fails(&o, &["cannot write `", "x.txt` (-o)", "does not exist"]);
+}
+
+// flags (item 7) -------------------------------------------------------------
+
+#[test]
+fn a_buffer_or_param_given_twice_is_an_error_naming_both() {
+    let dir = TempDir::new();
+    let doc = fixture("doc.npy");
+    let o = run_packed(&dir, &["--buffer", &format!("doc = {}", doc.display())]);
+    assert_fails(
+        &o,
+        &[
+            "`doc` is set twice: `--buffer doc=",
+            &format!("and `--buffer doc = {}`; pass it once", doc.display()),
+        ],
+    );
+    let o = run_fixture(
+        "examples/sliding_window.attn",
+        &dir,
+        &["--param", "window=8", "--param", "window=16"],
+    );
+    assert_fails(
+        &o,
+        &["`window` is set twice: `--param window=8` and `--param window=16`; pass it once"],
+    );
+    let o = attnc(&[
+        "bench",
+        "examples/packed_docs.attn",
+        "--q-len",
+        "64",
+        "--buffer",
+        "doc=docs:2",
+        "--buffer",
+        "doc=docs:4",
+    ]);
+    assert_fails(
+        &o,
+        &["`doc` is set twice: `--buffer doc=docs:2` and `--buffer doc=docs:4`"],
+    );
+    let o = attnc(&[
+        "blocks",
+        "examples/sliding_window.attn",
+        "--q-len",
+        "64",
+        "--kv-len",
+        "64",
+        "--param",
+        "window=8",
+        "--param",
+        "window=8",
+    ]);
+    assert_fails(&o, &["`window` is set twice"]);
+    assert_eq!(files_in(&dir), Vec::<String>::new());
+}
+
+#[test]
+fn counts_out_of_range_are_errors_not_silently_changed() {
+    let bench = |flags: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "examples/causal.attn",
+            "--q-len",
+            "16",
+            "--heads",
+            "1",
+        ];
+        args.extend_from_slice(flags);
+        attnc(&args)
+    };
+    assert_fails(
+        &bench(&["--threads", "0"]),
+        &["`--threads 0`: threads must be at least 1"],
+    );
+    assert_fails(
+        &bench(&["--threads", "100000"]),
+        &["`--threads 100000`: threads must be at most 1024"],
+    );
+    assert_fails(
+        &bench(&["--runs", "0"]),
+        &["`--runs 0`: runs must be at least 1"],
+    );
+    let o = attnc(&[
+        "blocks",
+        "examples/causal.attn",
+        "--q-len",
+        "64",
+        "--kv-len",
+        "64",
+        "--repeat",
+        "0",
+    ]);
+    assert_fails(&o, &["`--repeat 0`: repeat must be at least 1"]);
+    let r = bench_causal_json(&["--threads", "2", "--runs", "2", "--warmup", "0"]);
+    assert_eq!(r["runs"], 2, "{r}");
+}
+
+// invisible characters (item 10) --------------------------------------------
+
+#[test]
+fn a_spec_starting_with_a_byte_order_mark_is_read() {
+    let dir = TempDir::new();
+    let spec = dir.path("bom.attn");
+    let text = std::fs::read_to_string(root().join("examples/causal.attn")).unwrap();
+    std::fs::write(&spec, format!("\u{feff}{text}")).unwrap();
+    let o = attnc(&["check", spec.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains(": ok (1 attention block: causal)"),
+        "{}",
+        stdout(&o)
+    );
+    // Errors after the mark point at the right place.
+    std::fs::write(&spec, "\u{feff}attention a {\n  mask = q >=\n}\n").unwrap();
+    let o = attnc(&["check", spec.to_str().unwrap()]);
+    assert_fails(&o, &["expected an expression, found `}`", "bom.attn:2:13]"]);
+}
+
+#[test]
+fn invisible_characters_are_shown_escaped() {
+    let dir = TempDir::new();
+    let spec = dir.path("nul.attn");
+    std::fs::write(&spec, "attention a {\n  mask = q >= kv\0\n}\n").unwrap();
+    let o = attnc(&["check", spec.to_str().unwrap()]);
+    assert_fails(
+        &o,
+        &[
+            "found `\\0`",
+            "help: `\\0` is an invisible or control character (U+0000)",
+        ],
+    );
+    let message = stderr(&o)
+        .lines()
+        .find(|l| l.contains("found"))
+        .unwrap()
+        .to_string();
+    assert!(!message.contains('\0'), "{message:?}");
+}
+
+// closed stdout (issue 16, item 1) ------------------------------------------
+
+/// A reader that goes away (`attnc ... | head -1`) ends attnc quietly with
+/// status 0, for every subcommand that prints; it was a panic (status 101).
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let commands: [&[&str]; 7] = [
+        &["emit", "examples/causal.attn", "--stage", "tile-unopt"],
+        &["emit", "examples/causal.attn", "--stage", "ast"],
+        &["check", "examples/causal.attn"],
+        &[
+            "blocks",
+            "examples/causal.attn",
+            "--q-len",
+            "512",
+            "--kv-len",
+            "512",
+        ],
+        &[
+            "bench",
+            "examples/causal.attn",
+            "--q-len",
+            "16",
+            "--heads",
+            "1",
+            "--runs",
+            "1",
+        ],
+        &[
+            "emit",
+            "examples/causal.attn",
+            "--target",
+            "ptx",
+            "--dim",
+            "64",
+        ],
+        &["--help"],
+    ];
+    for args in commands {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_attnc"))
+            .args(args)
+            .current_dir(root())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the read end before attnc writes anything.
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_stdout_is_an_error() {
+    let full = File::create("/dev/full");
+    let Ok(full) = full else {
+        return;
+    };
+    let o = Command::new(env!("CARGO_BIN_EXE_attnc"))
+        .args(["emit", "examples/causal.attn", "--stage", "tile"])
+        .current_dir(root())
+        .stdout(full)
+        .output()
+        .unwrap();
+    assert_fails(
+        &o,
+        &["cannot write to standard output", "No space left on device"],
     );
 }

@@ -640,3 +640,435 @@ fn errors_far_along_a_line_render_with_their_position() {
         &text[..text.len().min(800)]
     );
 }
+
+// Sizes beyond memory, .npy files and command lines (issue 17) ---------------
+
+/// A kernel compiled for tiles whose scratch exceeds any memory fails with a
+/// memory error when run, through the library as through the CLI (it aborted
+/// the process on a failed allocation).
+#[test]
+fn tiles_beyond_memory_are_an_error_through_the_api() {
+    let tiles = attnc::mask::Tiling::new(100_000_000, 100_000_000).unwrap();
+    let options = attnc::CompileOptions {
+        tiles: attnc::Tiles::Fixed(tiles),
+        ..Default::default()
+    };
+    let kernel = attnc::compile(
+        SourceFile::new("c.attn", "attention c { mask = causal }"),
+        &options,
+    )
+    .unwrap();
+    let q = Array4::<f32>::ones((1, 1, 8, 16));
+    let err = kernel
+        .run(&Inputs::new(q.view(), q.view(), q.view()))
+        .unwrap_err();
+    let attnc::Error::Memory(m) = &err else {
+        panic!("expected a memory error, found {err:?}")
+    };
+    assert!(m.needed > 1 << 50, "{m}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with(
+            "running `c` on B=1 H=1 HKV=1 Q=8 KV=8 D=16 with 100000000x100000000 tiles would need "
+        ),
+        "{text}"
+    );
+    assert!(err.render().contains("attnc::memory"), "{}", err.render());
+}
+
+/// A valid `.npy` file of `shape` float32 zeros, as bytes.
+fn npy_f32(shape: &[usize]) -> Vec<u8> {
+    use ndarray_npy::WriteNpyExt;
+    let a = ArrayD::<f32>::zeros(IxDyn(shape));
+    let mut bytes = Vec::new();
+    a.write_npy(&mut bytes).unwrap();
+    bytes
+}
+
+/// Reads `bytes` as an `.npy` file every way the CLI does.
+fn read_npy_every_way(bytes: &[u8]) {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path =
+        std::env::temp_dir().join(format!("attnc-npy-robust-{}-{n}.npy", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    let _ = attnc::npy::read_f32_4d(&path, "q").map_err(|e| e.render());
+    let _ = attnc::npy::read_f32_dyn(&path).map_err(|e| e.render());
+    for ty in [Type::Int, Type::Float, Type::Bool] {
+        let _ = attnc::npy::read_buffer(&path, "doc", ty).map_err(|e| e.render());
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// A mutation of an `.npy` file: the header text, its length field or the data.
+#[derive(Clone, Debug)]
+enum NpyMutation {
+    /// Replaces the shape with these numbers (as text, possibly huge).
+    Shape(Vec<String>),
+    /// Replaces the descriptor.
+    Descr(String),
+    /// Overwrites the 2 bytes of the header length.
+    HeaderLen(u16),
+    /// Truncates the file to this fraction (per mille) of its length.
+    Truncate(u16),
+    /// Sets one byte.
+    Byte(Index, u8),
+}
+
+fn arb_npy_mutation() -> impl Strategy<Value = NpyMutation> {
+    let dim = prop_oneof![
+        (0usize..40).prop_map(|n| n.to_string()),
+        Just("2147483648".to_string()),
+        Just("18446744073709551615".to_string()),
+        Just("99999999999999999999999".to_string()),
+        Just("-1".to_string()),
+        Just("1e3".to_string()),
+    ];
+    prop_oneof![
+        prop::collection::vec(dim, 0..6).prop_map(NpyMutation::Shape),
+        prop_oneof![
+            Just("<f4"),
+            Just("<f8"),
+            Just("<i4"),
+            Just("<i8"),
+            Just("|b1"),
+            Just(">f4"),
+            Just("<f99999999999999999999"),
+            Just("<U3"),
+            Just("|O"),
+            Just(""),
+        ]
+        .prop_map(|d| NpyMutation::Descr(d.to_string())),
+        any::<u16>().prop_map(NpyMutation::HeaderLen),
+        (0u16..1000).prop_map(NpyMutation::Truncate),
+        (any::<Index>(), any::<u8>()).prop_map(|(i, b)| NpyMutation::Byte(i, b)),
+    ]
+}
+
+/// Applies `m` to the bytes of an `.npy` file (header edits only to a
+/// version-1 file whose header is intact; otherwise it is left as it is).
+fn mutate_npy(mut bytes: Vec<u8>, m: &NpyMutation) -> Vec<u8> {
+    let header_end = 10 + u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let intact = bytes.starts_with(b"\x93NUMPY\x01")
+        && header_end <= bytes.len()
+        && std::str::from_utf8(&bytes[10..header_end])
+            .is_ok_and(|h| h.contains("'shape': (") && h.contains("'descr': '"));
+    if matches!(m, NpyMutation::Shape(_) | NpyMutation::Descr(_)) && !intact {
+        return bytes;
+    }
+    let header = String::from_utf8_lossy(&bytes[10..header_end.min(bytes.len())]).into_owned();
+    let data = bytes[header_end.min(bytes.len())..].to_vec();
+    let rebuild = |header: String| {
+        let mut out = bytes[..8].to_vec();
+        out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(&data);
+        out
+    };
+    match m {
+        NpyMutation::Shape(dims) => {
+            let start = header.find("'shape': (").unwrap() + "'shape': (".len();
+            let end = start + header[start..].find(')').unwrap();
+            let dims = if dims.len() == 1 {
+                format!("{},", dims[0])
+            } else {
+                dims.join(", ")
+            };
+            rebuild(format!("{}{dims}{}", &header[..start], &header[end..]))
+        }
+        NpyMutation::Descr(d) => {
+            let start = header.find("'descr': '").unwrap() + "'descr': '".len();
+            let end = start + header[start..].find('\'').unwrap();
+            rebuild(format!("{}{d}{}", &header[..start], &header[end..]))
+        }
+        NpyMutation::HeaderLen(n) => {
+            bytes[8..10].copy_from_slice(&n.to_le_bytes());
+            bytes
+        }
+        NpyMutation::Truncate(per_mille) => {
+            let len = bytes.len() * *per_mille as usize / 1000;
+            bytes.truncate(len);
+            bytes
+        }
+        NpyMutation::Byte(i, b) => {
+            let i = i.index(bytes.len());
+            bytes[i] = *b;
+            bytes
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// No `.npy` file makes the reader panic or allocate what its header
+    /// claims beyond the file's size: wrong shapes, descriptors, header
+    /// lengths, truncation and stray bytes are errors.
+    #[test]
+    fn mutated_npy_files_never_panic(
+        shape in prop::collection::vec(0usize..5, 0..5),
+        mutations in prop::collection::vec(arb_npy_mutation(), 1..4),
+    ) {
+        let mut bytes = npy_f32(&shape);
+        for m in &mutations {
+            if bytes.len() < 10 {
+                break;
+            }
+            bytes = mutate_npy(bytes, m);
+        }
+        read_npy_every_way(&bytes);
+    }
+}
+
+/// A flag with a value drawn from `values`.
+fn flag_of(
+    name: &'static str,
+    values: impl Strategy<Value = &'static str>,
+) -> impl Strategy<Value = Vec<String>> {
+    values.prop_map(move |v| vec![name.to_string(), v.to_string()])
+}
+
+/// A random command line from the CLI's vocabulary: each subcommand with
+/// its required flags and some of its other flags, with values at and far
+/// beyond every limit, and paths (examples, fixtures, missing files,
+/// devices). Counts of repetitions stay small (a billion timed runs is a
+/// valid request, only a long one).
+fn arb_command_line() -> impl Strategy<Value = Vec<String>> {
+    fn number() -> impl Strategy<Value = &'static str> + Clone {
+        prop_oneof![
+            4 => prop_oneof![Just("1"), Just("3"), Just("16"), Just("64"), Just("100")],
+            1 => Just("0"),
+            2 => prop_oneof![Just("1000000000000"), Just("18446744073709551615")],
+            1 => prop_oneof![Just("18446744073709551616"), Just("-1"), Just("abc"), Just("")],
+        ]
+    }
+    fn small() -> impl Strategy<Value = &'static str> + Clone {
+        prop_oneof![Just("0"), Just("1"), Just("2"), Just("-1"), Just("x")]
+    }
+    fn block() -> impl Strategy<Value = &'static str> + Clone {
+        prop_oneof![
+            Just("auto"),
+            Just("64x64"),
+            Just("16"),
+            Just("0x16"),
+            Just("1x1"),
+            Just("100000000x100000000"),
+            Just("18446744073709551615x16"),
+            Just("64x"),
+        ]
+    }
+    fn spec() -> impl Strategy<Value = &'static str> + Clone {
+        prop_oneof![
+            4 => prop_oneof![
+                Just("examples/causal.attn"), Just("examples/packed_docs.attn"),
+                Just("examples/sliding_window.attn"), Just("examples/alibi.attn"),
+            ],
+            1 => prop_oneof![
+                Just("tests/errors/score_in_mask.attn"), Just("no/such/file"), Just("/dev/null"),
+                Just("/dev/zero"), Just("."), Just("tests/fixtures/packed_docs/q.npy"),
+            ],
+        ]
+    }
+    fn npy(usual: &'static str) -> impl Strategy<Value = &'static str> + Clone {
+        prop_oneof![
+            6 => Just(usual),
+            1 => prop_oneof![
+                Just("tests/fixtures/packed_docs/doc.npy"), Just("examples/causal.attn"),
+                Just("no/such/file"), Just("/dev/null"), Just("/dev/zero"), Just("."),
+            ],
+        ]
+    }
+    fn assignment() -> impl Strategy<Value = &'static str> + Clone {
+        prop_oneof![
+            Just("doc=docs:4"),
+            Just("doc=docs:0"),
+            Just("doc=tests/fixtures/packed_docs/doc.npy"),
+            Just("doc=iota"),
+            Just("slope=alibi"),
+            Just("window=8"),
+            Just("window=-1"),
+            Just("window=1e400"),
+            Just("x=1"),
+            Just("="),
+            Just("noequals"),
+        ]
+    }
+    fn backend() -> impl Strategy<Value = &'static str> + Clone {
+        prop_oneof![Just("reference"), Just("interp"), Just("jit"), Just("cuda")]
+    }
+    let flags = |options: Vec<BoxedStrategy<Vec<String>>>| {
+        prop::collection::vec(proptest::strategy::Union::new(options), 0..4)
+            .prop_map(|f| f.into_iter().flatten().collect::<Vec<String>>())
+    };
+    let params = || flag_of("--param", assignment()).boxed();
+    let buffers = || flag_of("--buffer", assignment()).boxed();
+    let check = spec().prop_map(|s| vec!["check".to_string(), s.to_string()]);
+    let run = (
+        spec(),
+        npy("tests/fixtures/packed_docs/q.npy"),
+        npy("tests/fixtures/packed_docs/k.npy"),
+        npy("tests/fixtures/packed_docs/v.npy"),
+        flags(vec![
+            params(),
+            buffers(),
+            flag_of("--q-offset", number()).boxed(),
+            flag_of("--backend", backend()).boxed(),
+            flag_of("--block", block()).boxed(),
+            flag_of(
+                "--lse",
+                prop_oneof![Just("OUT/l.npy"), Just("OUT/o.npy"), Just("OUT/no/l.npy")],
+            )
+            .boxed(),
+        ]),
+    )
+        .prop_map(|(s, q, k, v, rest)| {
+            let mut a: Vec<String> = ["run", s, "--q", q, "--k", k, "--v", v, "--out", "OUT/o.npy"]
+                .map(String::from)
+                .to_vec();
+            a.extend(rest);
+            a
+        });
+    let bench = (
+        spec(),
+        number(),
+        flags(vec![
+            params(),
+            buffers(),
+            flag_of("--kv-len", number()).boxed(),
+            flag_of("--batch", number()).boxed(),
+            flag_of("--heads", number()).boxed(),
+            flag_of("--kv-heads", number()).boxed(),
+            flag_of("--dim", number()).boxed(),
+            flag_of("--q-offset", number()).boxed(),
+            flag_of("--threads", number()).boxed(),
+            flag_of("--backend", backend()).boxed(),
+            flag_of("--block", block()).boxed(),
+            flag_of("--runs", small()).boxed(),
+            flag_of("--warmup", small()).boxed(),
+            Just(vec!["--json".to_string()]).boxed(),
+        ]),
+    )
+        .prop_map(|(s, q, rest)| {
+            let mut a: Vec<String> = ["bench", s, "--q-len", q].map(String::from).to_vec();
+            a.extend(rest);
+            a
+        });
+    let blocks = (
+        spec(),
+        number(),
+        number(),
+        flags(vec![
+            params(),
+            buffers(),
+            flag_of("--block", block()).boxed(),
+            flag_of("--b", number()).boxed(),
+            flag_of("--h", number()).boxed(),
+            flag_of("--q-offset", number()).boxed(),
+            flag_of("--at", prop_oneof![Just("0,0"), Just("0,1"), Just("x")]).boxed(),
+            flag_of("--repeat", small()).boxed(),
+            flag_of(
+                "--png",
+                prop_oneof![Just("OUT/m.png"), Just("OUT/no/m.png")],
+            )
+            .boxed(),
+            Just(vec!["--json".to_string()]).boxed(),
+        ]),
+    )
+        .prop_map(|(s, q, kv, rest)| {
+            let mut a: Vec<String> = ["blocks", s, "--q-len", q, "--kv-len", kv]
+                .map(String::from)
+                .to_vec();
+            a.extend(rest);
+            a
+        });
+    let emit = (
+        spec(),
+        flags(vec![
+            params(),
+            buffers(),
+            flag_of(
+                "--stage",
+                prop_oneof![
+                    Just("ast"),
+                    Just("checked"),
+                    Just("tile"),
+                    Just("tile-unopt"),
+                    Just("clif"),
+                    Just("blocks")
+                ],
+            )
+            .boxed(),
+            flag_of("--block", block()).boxed(),
+            flag_of("--dim", prop_oneof![number(), Just("generic")]).boxed(),
+            flag_of("--q-len", number()).boxed(),
+            flag_of("--kv-len", number()).boxed(),
+            Just(vec!["--target".to_string(), "ptx".to_string()]).boxed(),
+            flag_of("-o", prop_oneof![Just("OUT/e.txt"), Just("OUT/no/e.txt")]).boxed(),
+        ]),
+    )
+        .prop_map(|(s, rest)| {
+            let mut a: Vec<String> = ["emit", s].map(String::from).to_vec();
+            a.extend(rest);
+            a
+        });
+    prop_oneof![1 => check, 3 => run, 3 => bench, 3 => blocks, 3 => emit]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// No command line makes `attnc` panic or abort: it exits 0, 1 (an
+    /// error it explains) or 2 (a command line clap rejects), within
+    /// seconds. Outputs go to a fresh directory.
+    #[test]
+    fn command_lines_never_crash(args in arb_command_line()) {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("attnc-cli-robust-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.display().to_string();
+        let args: Vec<String> = args.iter().map(|a| a.replace("OUT", &out)).collect();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_attnc"))
+            .args(&args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut err = String::new();
+            use std::io::Read;
+            let _ = stderr.read_to_string(&mut err);
+            err
+        });
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if start.elapsed() > std::time::Duration::from_secs(60) {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        let err = reader.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        if std::env::var_os("ATTNC_SHOW_COMMANDS").is_some() {
+            eprintln!("{:?} attnc {}", status.and_then(|s| s.code()), args.join(" "));
+        }
+        let Some(status) = status else {
+            // Slow is not a crash (e.g. a large valid block map); note it.
+            eprintln!("slow (killed after 60 s): attnc {}", args.join(" "));
+            return Ok(());
+        };
+        prop_assert!(
+            matches!(status.code(), Some(0..=2)),
+            "attnc {} ended with {status:?}:\n{err}",
+            args.join(" ")
+        );
+        prop_assert!(!err.contains("panicked"), "attnc {}:\n{err}", args.join(" "));
+    }
+}
