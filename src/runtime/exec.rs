@@ -17,7 +17,7 @@ use crate::bind::{Bound, Inputs, Outputs};
 use crate::buffer::BufferData;
 use crate::codegen::clif::kernel::*;
 use crate::mask::BlockMaps;
-use crate::runtime::gemm::{pack_k, pack_v, PackedK, PackedV};
+use crate::runtime::gemm::{nonfinite_tiles, pack_k, pack_v, PackedK, PackedV};
 use crate::sema::eval::{EvalError, Point};
 
 /// The block maps flattened for generated code.
@@ -216,6 +216,9 @@ pub(crate) fn run_with_budget(
     let mut lse = Array3::<f32>::from_elem((sh.b, sh.h, sh.q), f32::NEG_INFINITY);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let lse_ptr = SendPtr(lse.as_mut_ptr());
+    // One flag per key tile of every head of a group: V holds NaN or inf there.
+    let n_kt = sh.kv.div_ceil(bkv);
+    let mut vflags: Vec<u8> = Vec::new();
     let n_row = compiled.slots.row.len();
     let n_col = compiled.slots.col.len();
     for (g, tasks) in groups.iter().enumerate() {
@@ -228,18 +231,22 @@ pub(crate) fn run_with_budget(
         if workspace.len() < need {
             workspace.resize(need, 0.0);
         }
+        vflags.resize(group_heads.len() * n_kt, 0);
         workspace[..need]
             .par_chunks_mut(per_head.max(1))
+            .zip(vflags.par_chunks_mut(n_kt.max(1)))
             .zip(group_heads.par_iter())
-            .for_each(|(slot, &(b, h))| {
+            .for_each(|((slot, flags), &(b, h))| {
                 let (kp, vp) = slot.split_at_mut(klay.len());
                 pack_k(inputs.k.index_axis(Axis(0), b).index_axis(Axis(0), h), kp)
                     .expect("sized by the layout");
                 if !v_direct {
                     pack_v(v_head(b, h), vp).expect("sized by the layout");
                 }
+                nonfinite_tiles(v_head(b, h), bkv, &mut flags[..n_kt]);
             });
         let packed: &[f32] = workspace;
+        let vflags: &[u8] = &vflags;
         tasks.par_iter().try_for_each_init(
             || Scratch {
                 s: vec![0.0; bq * bkv],
@@ -300,6 +307,7 @@ pub(crate) fn run_with_budget(
                 task[T_ERR] = scratch.err.as_mut_ptr() as i64;
                 task[T_BUFS] = descs.as_ptr() as i64;
                 task[T_SHAPES] = shapes.as_ptr() as i64;
+                task[T_VFLAGS] = vflags[(head - g0) * n_kt..].as_ptr() as i64;
                 // SAFETY: every pointer in `task` is valid for the sizes the task
                 // function's contract states (scratch sized by bq, bkv, d and the
                 // slot counts; packed heads by their layouts; buffers by their descriptors).
@@ -310,9 +318,11 @@ pub(crate) fn run_with_budget(
                 let ln2 = std::f32::consts::LN_2;
                 for i in 0..rows {
                     let (m, l) = (scratch.m[i], scratch.l[i]);
-                    if l == 0.0 || m == f32::NEG_INFINITY {
+                    if l == 0.0 && m == f32::NEG_INFINITY {
                         continue; // a row that saw no key: out stays 0, lse -inf
                     }
+                    // Otherwise l >= 1 (the maximum contributes e^0) or l is NaN (a
+                    // NaN score), which reaches out and lse as in the reference.
                     let base = ((b * sh.h + h) * sh.q + row0 + i) * d;
                     // SAFETY: each (b, h, row) is written by exactly one task.
                     unsafe {

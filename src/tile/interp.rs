@@ -427,8 +427,8 @@ pub fn run(
                     );
                 }
                 for i in 0..rows {
-                    if l[i] == 0.0 || mx[i] == f32::NEG_INFINITY {
-                        continue;
+                    if l[i] == 0.0 && mx[i] == f32::NEG_INFINITY {
+                        continue; // no key visible: out stays 0, lse -inf
                     }
                     for d in 0..sh.d {
                         out[[b, h, row0 + i, d]] = acc[i][d] / l[i];
@@ -460,8 +460,11 @@ fn online_softmax(
 ) {
     let e = |x: f32| if exp2 { x.exp2() } else { x.exp() };
     for (i, row) in s.iter_mut().enumerate() {
-        let tile_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let m_new = mx[i].max(tile_max);
+        // NaN-propagating maximum (`f32::max` would skip a NaN score and let its
+        // row pass for one that sees no key).
+        let nan_max = |a: f32, b: f32| if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) };
+        let tile_max = row.iter().copied().fold(f32::NEG_INFINITY, nan_max);
+        let m_new = nan_max(mx[i], tile_max);
         if m_new == f32::NEG_INFINITY {
             continue; // nothing visible yet
         }

@@ -23,7 +23,9 @@ use cranelift_codegen::ir::{types, BlockArg, InstBuilder, MemFlagsData, Type, Va
 use cranelift_frontend::FunctionBuilder;
 
 use super::jit::{JitCode, JitModule, JitOptions};
-use super::microkernel::{begin_function, emit_if, emit_range, emit_while, GemmImpl, TileFuncs};
+use super::microkernel::{
+    begin_function, emit_if, emit_if_else, emit_range, emit_while, GemmImpl, TileFuncs,
+};
 use super::vmath::VMath;
 use crate::codegen::CodegenError;
 use crate::sema::{Func, ShapeVar, Var};
@@ -65,7 +67,10 @@ pub const T_ERR: usize = 20;
 pub const T_BUFS: usize = 21;
 /// Shapes B, H, HKV, Q, KV, D.
 pub const T_SHAPES: usize = 22;
-pub const T_LEN: usize = 23;
+/// One byte per key tile of the head: nonzero where V holds a non-finite value
+/// (`runtime::gemm::nonfinite_tiles`); such tiles take the exact `pv`.
+pub const T_VFLAGS: usize = 23;
+pub const T_LEN: usize = 24;
 
 pub const DESC_LEN: usize = 9;
 /// Error slot: code, value id, q, kv, then up to 4 indices.
@@ -81,6 +86,10 @@ pub const ERR_CYCLE: i64 = 3;
 
 /// The symbol of the `ancestor` helper called from generated code.
 pub const ANCESTOR_SYMBOL: &str = "attnc_ancestor";
+
+/// The symbol of `runtime::gemm::pv_exact`, the `pv` of tiles whose V holds a
+/// non-finite value.
+pub const PV_EXACT_SYMBOL: &str = "attnc_pv_exact";
 
 /// `ancestor(parent, i, j)` over a buffer descriptor. Returns 0 or 1, or
 /// `-ERR_OUT_OF_RANGE` (with the index in `*bad`) or `-ERR_CYCLE`.
@@ -156,16 +165,44 @@ pub fn compile(
         .symbols()
         .map_err(|e| CodegenError::Isa(e.to_string()))?;
     symbols.push((ANCESTOR_SYMBOL, ancestor_helper as *const u8));
+    symbols.push((
+        PV_EXACT_SYMBOL,
+        crate::runtime::gemm::pv_exact as *const u8,
+    ));
     let mut jit = JitModule::new(options, &symbols)?;
     let tiles = gemm.declare_in(&mut jit)?;
     let p = jit.pointer_type();
     let anc_sig = jit.signature(&[p, types::I64, types::I64, p], &[types::I64]);
     let ancestor = jit.declare_import(ANCESTOR_SYMBOL, &anc_sig)?;
+    let pv_exact = jit.declare_import(PV_EXACT_SYMBOL, &super::microkernel::pv_signature(&jit))?;
     let sig = jit.signature(&[p], &[types::I64]);
     let name = format!("attnc_task_{}", kernel.name);
     let id = jit.declare_function(&name, &sig)?;
+    // Row and column values live in scratch slots between the loop that
+    // computes them and the code that uses them. Only values used at another
+    // level or in another section's pass need one: storing every value would
+    // keep them all live to the end of their loop body, and register
+    // allocation grows faster than linearly with the number of live values.
+    let mut exported = vec![false; kernel.insts.len()];
+    for inst in &kernel.insts {
+        for o in inst.op.operands().into_iter().chain(inst.guard) {
+            let def = kernel.inst(o);
+            if def.level != inst.level || def.section != inst.section {
+                exported[o.0 as usize] = true;
+            }
+        }
+    }
+    for root in [kernel.score_full, kernel.score_partial]
+        .into_iter()
+        .chain(kernel.mask)
+    {
+        exported[root.0 as usize] = true;
+    }
     let mut slots = ValueSlots::default();
     for (i, inst) in kernel.insts.iter().enumerate() {
+        if !exported[i] {
+            continue;
+        }
         match inst.level {
             Level::Row => {
                 let n = slots.row.len();
@@ -185,9 +222,11 @@ pub fn compile(
             let pv = refs.func_ref(b, tiles.pv);
             let sm = refs.func_ref(b, tiles.softmax_update);
             let anc = refs.func_ref(b, ancestor);
+            let pv_exact = refs.func_ref(b, pv_exact);
             let funcs = Funcs {
                 qk,
                 pv,
+                pv_exact,
                 softmax: sm,
                 ancestor: anc,
                 _tiles: tiles,
@@ -224,6 +263,7 @@ pub fn compile(
 struct Funcs {
     qk: cranelift_codegen::ir::FuncRef,
     pv: cranelift_codegen::ir::FuncRef,
+    pv_exact: cranelift_codegen::ir::FuncRef,
     softmax: cranelift_codegen::ir::FuncRef,
     ancestor: cranelift_codegen::ir::FuncRef,
     _tiles: TileFuncs,
@@ -529,10 +569,10 @@ impl Emitter<'_> {
             &[q, d, kaddr, d, tc.rows, cols, s, s_stride, tc.prescale],
         );
         // Column-level values.
-        let has_cols = self.slots.col.keys().any(|&v| {
-            let i = &k.insts[v];
-            i.section.runs_in(section)
-        });
+        let has_cols = k
+            .insts
+            .iter()
+            .any(|i| i.level == Level::Col && i.section.runs_in(section));
         if has_cols {
             let zero = b.ins().iconst(types::I64, 0);
             emit_range(b, zero, cols, |b, j| {
@@ -620,9 +660,22 @@ impl Emitter<'_> {
         let voff = b.ins().imul(col0, vstride);
         let voff = b.ins().imul_imm_s(voff, 4);
         let vaddr = b.ins().iadd(vp, voff);
-        b.ins().call(
-            self.funcs.pv,
-            &[s, s_stride, vaddr, vstride, d, tc.rows, cols, acc, d],
+        // A tile whose V holds NaN or inf takes the exact product, which skips
+        // keys of probability 0 (the dense one would compute 0 x NaN).
+        let vflags = self.task_field(b, T_VFLAGS);
+        let flag_addr = b.ins().iadd(vflags, kt);
+        let dirty = b.ins().uload8(types::I32, flags(), flag_addr, 0);
+        let pv_args = [s, s_stride, vaddr, vstride, d, tc.rows, cols, acc, d];
+        let (pv, pv_exact) = (self.funcs.pv, self.funcs.pv_exact);
+        emit_if_else(
+            b,
+            dirty,
+            |b| {
+                b.ins().call(pv_exact, &pv_args);
+            },
+            |b| {
+                b.ins().call(pv, &pv_args);
+            },
         );
     }
 
@@ -739,7 +792,13 @@ impl Emitter<'_> {
     fn splat_uniforms(&mut self, b: &mut FunctionBuilder<'_>, section: Section, score: ValueId) {
         let k = self.k;
         // Column values are per lane (loaded by `elem_vector`), not uniform.
-        let uniform = |v: ValueId| k.inst(v).level <= Level::Row;
+        // Constants are splatted where they are used: splatting thousands of
+        // them up front keeps them all live across the row loop, and register
+        // allocation then grows faster than linearly with the spec.
+        let uniform = |v: ValueId| {
+            k.inst(v).level <= Level::Row
+                && !matches!(k.inst(v).op, Op::IConst(_) | Op::FConst(_) | Op::BConst(_))
+        };
         let mut wanted: Vec<ValueId> = k
             .insts
             .iter()

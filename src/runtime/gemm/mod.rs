@@ -36,7 +36,7 @@ mod kernels;
 pub mod math;
 mod simd;
 
-use ndarray::ArrayView2;
+use ndarray::{ArrayView1, ArrayView2};
 use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
@@ -280,6 +280,70 @@ pub fn pack_v(v: ArrayView2<f32>, dst: &mut [f32]) -> Result<PackedV, PackError>
         out[d..].fill(0.0);
     }
     Ok(layout)
+}
+
+/// Marks every tile of `tile` keys of one V head (`[kv_len, d]`, any strides) that
+/// holds a non-finite value (NaN or ±inf): `out[t]` is 1 for such a tile, else 0.
+///
+/// The tile products compute `Acc += P · V` as dense products, where a key whose
+/// probability is 0 (masked, or past the end of the row's visible keys) still
+/// multiplies its V row, and `0 × NaN` is NaN. A task therefore takes
+/// [`pv_exact`] on the tiles marked here, and the fast product elsewhere.
+///
+/// # Panics
+///
+/// If `out` does not hold exactly `ceil(kv_len / tile)` flags or `tile` is 0.
+pub fn nonfinite_tiles(v: ArrayView2<f32>, tile: usize, out: &mut [u8]) {
+    assert!(tile > 0, "tiles hold at least one key");
+    assert_eq!(out.len(), v.nrows().div_ceil(tile), "one flag per tile");
+    // |x| as bits is at least the exponent mask exactly when x is not finite; the
+    // integer maximum vectorises where a float test would not.
+    let worst = |row: ArrayView1<f32>| match row.as_slice() {
+        Some(r) => r.iter().fold(0u32, |a, x| a.max(x.to_bits() & 0x7fff_ffff)),
+        None => row.iter().fold(0u32, |a, x| a.max(x.to_bits() & 0x7fff_ffff)),
+    };
+    for (t, flag) in out.iter_mut().enumerate() {
+        let end = v.nrows().min((t + 1) * tile);
+        let bits = (t * tile..end).fold(0u32, |a, key| a.max(worst(v.row(key))));
+        *flag = u8::from(bits >= 0x7f80_0000);
+    }
+}
+
+/// `Acc += P · V` over the keys whose probability is not zero, with the ABI and
+/// layouts of [`PvFn`]: a key with `P = 0` never touches the accumulator, so a NaN
+/// or infinite V row of a masked key cannot reach it (in the dense products
+/// `0 × NaN` is NaN). Slower than the tile products; tasks call it only on the
+/// tiles [`nonfinite_tiles`] marks.
+///
+/// # Safety
+///
+/// As for [`PvFn`].
+pub unsafe extern "C" fn pv_exact(
+    p: *const f32,
+    p_stride: usize,
+    v: *const f32,
+    v_stride: usize,
+    d: usize,
+    rows: usize,
+    cols: usize,
+    acc: *mut f32,
+    acc_stride: usize,
+) {
+    for r in 0..rows {
+        // SAFETY: the caller guarantees `rows` rows of `d` accumulators at `acc_stride`
+        // and of `cols` probabilities at `p_stride`, and `cols` V rows of at least `d`.
+        let a = std::slice::from_raw_parts_mut(acc.add(r * acc_stride), d);
+        for c in 0..cols {
+            let pc = *p.add(r * p_stride + c);
+            if pc == 0.0 {
+                continue;
+            }
+            let vrow = std::slice::from_raw_parts(v.add(c * v_stride), d);
+            for (x, &y) in a.iter_mut().zip(vrow) {
+                *x += pc * y;
+            }
+        }
+    }
 }
 
 /// The instruction sets the native kernels are built for.
@@ -873,6 +937,42 @@ mod tests {
             );
             assert_eq!(acc, vec![0.0; 6]);
         }
+    }
+
+    #[test]
+    fn nonfinite_tiles_marks_exactly_the_tiles_holding_nan_or_inf() {
+        let mut v = ndarray::Array2::<f32>::from_elem((70, 5), 1.0e30);
+        v[[17, 4]] = f32::NAN;
+        v[[48, 0]] = f32::NEG_INFINITY;
+        v[[69, 2]] = f32::INFINITY;
+        v[[33, 1]] = f32::MAX;
+        let mut flags = vec![9u8; 5];
+        nonfinite_tiles(v.view(), 16, &mut flags);
+        assert_eq!(flags, [0, 1, 0, 1, 1]);
+        // Strided rows (a transposed view) take the element-by-element path.
+        let t = v.t().to_owned();
+        let mut flags = vec![9u8; 3];
+        nonfinite_tiles(t.t(), 32, &mut flags);
+        assert_eq!(flags, [1, 1, 1]);
+    }
+
+    #[test]
+    fn pv_exact_skips_keys_of_probability_zero() {
+        // Key 1 is NaN and key 2 inf in V; row 0 gives them probability 0, row 1
+        // sees key 2 only.
+        let (d, stride) = (3, 16);
+        let mut v = vec![0.0f32; 3 * stride];
+        v[..d].copy_from_slice(&[1.0, 2.0, 3.0]);
+        v[stride..stride + d].fill(f32::NAN);
+        v[2 * stride..2 * stride + d].copy_from_slice(&[f32::INFINITY, 0.0, -1.0]);
+        let p = [0.5f32, 0.0, 0.0, 0.0, 0.0, 0.25];
+        let mut acc = vec![1.0f32; 2 * d];
+        // SAFETY: the slices hold every element the ABI reads and writes.
+        unsafe {
+            pv_exact(p.as_ptr(), 3, v.as_ptr(), stride, d, 2, 3, acc.as_mut_ptr(), d);
+        }
+        assert_eq!(&acc[..d], &[1.5, 2.0, 2.5]);
+        assert_eq!(&acc[d..], &[f32::INFINITY, 1.0, 0.75]);
     }
 
     #[test]
