@@ -20,7 +20,10 @@ pub fn build(spec: &Spec, schedule: &Schedule) -> Kernel {
         schedule,
         b: Builder::default(),
         memo: HashMap::new(),
+        conj_parent: HashMap::new(),
+        must: HashMap::new(),
         score: None,
+        may_trap: may_trap(spec),
     };
     let scale = match spec.scale {
         Some(s) => {
@@ -73,9 +76,14 @@ pub fn build(spec: &Spec, schedule: &Schedule) -> Kernel {
             }
         }
     };
+    // What the FULL score lowers unguarded is evaluated on FULL tiles only; the
+    // PARTIAL score must not reuse it (it would then run where the mask is
+    // false), so it starts again from what the mask lowered.
+    let after_mask = lower.memo.clone();
     let start = lower.b.insts.len();
     let score_full = score_in_exp_units(&mut lower, None);
     let effects_full = traps(&lower.b, start);
+    lower.memo = after_mask;
     let start = lower.b.insts.len();
     let score_partial = score_in_exp_units(&mut lower, mask);
     let mut effects_partial = mask_effects;
@@ -127,8 +135,46 @@ struct Lower<'a> {
     b: Builder,
     /// (expression, guard) to value: the same expression under another guard
     /// is lowered again, since its trapping operations differ.
-    memo: HashMap<(ExprId, Option<ValueId>), ValueId>,
+    /// The guards each expression has been lowered under. A lowering under a
+    /// weaker guard serves a stronger one: an operation that is evaluated
+    /// whenever `g` holds is also evaluated whenever `g && c` does. This keeps
+    /// a let that is used in the condition of an `if` and in its branches one
+    /// value instead of three, level after level.
+    memo: HashMap<ExprId, Vec<(Option<ValueId>, ValueId)>>,
+    /// Each guard `g && c` made by [`Lower::and_guard`], to its `g`.
+    conj_parent: HashMap<ValueId, Option<ValueId>>,
+    /// Per expression, the trapping expressions evaluated whenever it is (see
+    /// [`Lower::must`]), as bit sets over expression ids.
+    must: HashMap<ExprId, std::rc::Rc<Vec<u64>>>,
     score: Option<ValueId>,
+    /// Per expression: whether its subtree holds an operation that may trap.
+    /// Only those depend on the guard they are lowered under; the rest are
+    /// lowered once, so a let used under many conditions stays one value.
+    may_trap: Vec<bool>,
+}
+
+/// The members of a bit set, in increasing order.
+fn bits(set: &[u64]) -> impl Iterator<Item = usize> + '_ {
+    set.iter().enumerate().flat_map(|(w, &word)| {
+        (0..64).filter(move |b| word >> b & 1 == 1).map(move |b| w * 64 + b)
+    })
+}
+
+/// Per expression of `spec`, whether its subtree holds a range-checked read,
+/// an `ancestor` or an integer division or remainder (the operations that
+/// carry a guard in the loop IR). Operands precede their users in the arena;
+/// an operand that does not is taken to trap.
+fn may_trap(spec: &Spec) -> Vec<bool> {
+    let mut traps = vec![true; spec.exprs.len()];
+    for (i, e) in spec.exprs.iter().enumerate() {
+        let own = match e {
+            Expr::Load { .. } | Expr::Ancestor { .. } => true,
+            Expr::Binary(BinaryOp::Div | BinaryOp::Rem, a, _) => spec.ty(*a) == Type::Int,
+            _ => false,
+        };
+        traps[i] = own || e.operands().iter().any(|o| o.0 as usize >= i || traps[o.0 as usize]);
+    }
+    traps
 }
 
 impl Lower<'_> {
@@ -155,12 +201,89 @@ impl Lower<'_> {
     }
 
     fn expr(&mut self, id: ExprId, guard: Option<ValueId>) -> ValueId {
-        if let Some(&v) = self.memo.get(&(id, guard)) {
-            return v;
+        // A subtree that cannot trap computes the same value under any guard.
+        let guard = guard.filter(|_| self.may_trap[id.0 as usize]);
+        if let Some(done) = self.memo.get(&id) {
+            if let Some(&(_, v)) = done.iter().find(|(g, _)| self.implies(guard, *g)) {
+                return v;
+            }
         }
         let v = self.compute(id, guard);
-        self.memo.insert((id, guard), v);
+        self.memo.entry(id).or_default().push((guard, v));
         v
+    }
+
+    /// The trapping expressions evaluated whenever `id` is: `id` itself, what
+    /// its operands evaluate unconditionally, the condition of an `if` and what
+    /// both its branches evaluate, the left side of `&&` and `||`. `None` when
+    /// the spec has too many expressions for the bit sets (then the branches of
+    /// an `if` are lowered on their own).
+    fn must(&mut self, id: ExprId) -> Option<std::rc::Rc<Vec<u64>>> {
+        // At most 2^14 expressions: 32 MiB of sets in the worst case.
+        const MAX_EXPRS: usize = 1 << 14;
+        let n = self.spec.exprs.len();
+        if n > MAX_EXPRS {
+            return None;
+        }
+        if let Some(m) = self.must.get(&id) {
+            return Some(m.clone());
+        }
+        // Iteratively, operands first: let chains can be thousands deep.
+        let mut stack = vec![(id, false)];
+        while let Some((e, ready)) = stack.pop() {
+            if self.must.contains_key(&e) {
+                continue;
+            }
+            let ops = self.spec.expr(e).operands();
+            if !ready {
+                stack.push((e, true));
+                stack.extend(ops.iter().filter(|o| !self.must.contains_key(o)).map(|&o| (o, false)));
+                continue;
+            }
+            let mut set = vec![0u64; n.div_ceil(64)];
+            let union = |set: &mut Vec<u64>, o: &[u64]| set.iter_mut().zip(o).for_each(|(a, b)| *a |= b);
+            match self.spec.expr(e) {
+                Expr::Select { cond, then, otherwise } => {
+                    union(&mut set, &self.must[cond]);
+                    let (t, o) = (&self.must[then], &self.must[otherwise]);
+                    set.iter_mut().zip(t.iter().zip(o.iter())).for_each(|(a, (x, y))| *a |= x & y);
+                }
+                Expr::Binary(BinaryOp::And | BinaryOp::Or, a, _) => union(&mut set, &self.must[a]),
+                _ => {
+                    for o in &ops {
+                        union(&mut set, &self.must[o]);
+                    }
+                }
+            }
+            if self.may_trap[e.0 as usize] {
+                set[e.0 as usize / 64] |= 1 << (e.0 % 64);
+            }
+            self.must.insert(e, std::rc::Rc::new(set));
+        }
+        self.must.get(&id).cloned()
+    }
+
+    /// `guard && cond`, remembering the conjunction for [`Lower::implies`].
+    fn and_guard(&mut self, guard: Option<ValueId>, cond: ValueId) -> Option<ValueId> {
+        let g = self.b.and_guard(guard, cond);
+        if let Some(g) = g {
+            self.conj_parent.entry(g).or_insert(guard);
+        }
+        g
+    }
+
+    /// Whether `strong` implies `weak`: `weak` is true (`None`), or `strong`
+    /// is `weak` with conditions added by [`Lower::and_guard`].
+    fn implies(&self, strong: Option<ValueId>, weak: Option<ValueId>) -> bool {
+        let Some(weak) = weak else { return true };
+        let mut cur = strong;
+        while let Some(g) = cur {
+            if g == weak {
+                return true;
+            }
+            cur = self.conj_parent.get(&g).copied().flatten();
+        }
+        false
     }
 
     fn compute(&mut self, id: ExprId, guard: Option<ValueId>) -> ValueId {
@@ -196,14 +319,14 @@ impl Lower<'_> {
             }
             Expr::Binary(BinaryOp::And, a, c) => {
                 let a = self.expr(*a, guard);
-                let g = self.b.and_guard(guard, a);
+                let g = self.and_guard(guard, a);
                 let c = self.expr(*c, g);
                 self.b.binary(BinOp::And, a, c)
             }
             Expr::Binary(BinaryOp::Or, a, c) => {
                 let a = self.expr(*a, guard);
                 let na = self.not(a);
-                let g = self.b.and_guard(guard, na);
+                let g = self.and_guard(guard, na);
                 let c = self.expr(*c, g);
                 self.b.binary(BinOp::Or, a, c)
             }
@@ -251,10 +374,24 @@ impl Lower<'_> {
                 otherwise,
             } => {
                 let c = self.expr(*cond, guard);
-                let g_then = self.b.and_guard(guard, c);
+                // What both branches evaluate is evaluated whenever the `if` is:
+                // lowered once under its guard, the branches reuse it (one
+                // lowering per branch would double at every level of a chain).
+                if guard.is_some() && self.may_trap[then.0 as usize] && self.may_trap[otherwise.0 as usize] {
+                    if let (Some(t), Some(e)) = (self.must(*then), self.must(*otherwise)) {
+                        let shared: Vec<ExprId> = bits(&t)
+                            .filter(|&i| e[i / 64] >> (i % 64) & 1 == 1)
+                            .map(|i| ExprId(i as u32))
+                            .collect();
+                        for id in shared {
+                            self.expr(id, guard);
+                        }
+                    }
+                }
+                let g_then = self.and_guard(guard, c);
                 let t = self.expr(*then, g_then);
                 let nc = self.not(c);
-                let g_else = self.b.and_guard(guard, nc);
+                let g_else = self.and_guard(guard, nc);
                 let e = self.expr(*otherwise, g_else);
                 self.b.add(Op::Select(c, t, e), ty, None, None)
             }
