@@ -7,6 +7,7 @@
 //! the reference interpreter and the block-map analysis.
 
 mod check;
+mod fold;
 pub mod eval;
 pub mod ir;
 mod limits;
@@ -15,6 +16,7 @@ mod print;
 use std::fmt;
 
 pub use check::suggest;
+pub use fold::f32_overflow;
 pub use ir::*;
 pub use limits::MAX_DEPTH;
 
@@ -134,6 +136,18 @@ pub enum ParamError {
         #[help]
         help: String,
     },
+    #[error("param `{name}` = {value} makes a constant of the spec {constant}, outside the range of f32")]
+    #[diagnostic(
+        code(attnc::param::f32_range),
+        help("the compiled backends compute in f32 (largest about 3.4e38), where this constant would be infinite; choose a smaller value")
+    )]
+    OutOfF32Range {
+        name: String,
+        value: String,
+        constant: String,
+        #[label("this becomes {constant}")]
+        span: miette::SourceSpan,
+    },
 }
 
 impl Spec {
@@ -171,7 +185,16 @@ impl Spec {
         };
         match value {
             Some(v) => {
-                p.value = v;
+                let old = std::mem::replace(&mut p.value, v);
+                if let Some((at, x)) = f32_overflow(self) {
+                    self.params[id.0 as usize].value = old;
+                    return Err(ParamError::OutOfF32Range {
+                        name: name.to_string(),
+                        value: text.to_string(),
+                        constant: format!("{x:.3e}"),
+                        span: self.span(at).into(),
+                    });
+                }
                 Ok(())
             }
             None => Err(ParamError::WrongType {
