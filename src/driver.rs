@@ -510,7 +510,7 @@ impl JitKernel {
     pub fn run(&self, inputs: &Inputs<'_>) -> Result<Outputs, Error> {
         let bound = bind(&self.program.spec, inputs)?;
         let maps = crate::mask::classify(&self.program.spec, &bound, self.tiling)
-            .map_err(|e| self.program.mask_error(e))?;
+            .map_err(|e| self.program.classify_error(inputs, &bound, e))?;
         self.run_with_maps(inputs, &bound, &maps)
     }
 
@@ -519,7 +519,7 @@ impl JitKernel {
     pub fn plan(&self, inputs: &Inputs<'_>) -> Result<Plan, Error> {
         let bound = bind(&self.program.spec, inputs)?;
         let maps = crate::mask::classify(&self.program.spec, &bound, self.tiling)
-            .map_err(|e| self.program.mask_error(e))?;
+            .map_err(|e| self.program.classify_error(inputs, &bound, e))?;
         Ok(Plan { bound, maps })
     }
 
@@ -577,12 +577,8 @@ impl JitKernel {
         let mut own = Vec::new();
         let mut shared = self.workspace.try_lock().ok();
         let workspace = shared.as_deref_mut().unwrap_or(&mut own);
-        crate::runtime::exec::run(&self.compiled, inputs, bound, maps, workspace).map_err(|error| {
-            Error::Eval {
-                file: self.program.file.clone(),
-                error,
-            }
-        })
+        crate::runtime::exec::run(&self.compiled, inputs, bound, maps, workspace)
+            .map_err(|error| self.program.first_error(inputs, bound, error))
     }
 
     /// The tile sizes the kernel was compiled for.
@@ -616,8 +612,8 @@ impl Program {
     pub fn run_interp(&self, inputs: &Inputs<'_>, bq: usize, bkv: usize) -> Result<Outputs, Error> {
         let bound = bind(&self.spec, inputs)?;
         let tiling = crate::mask::Tiling::new(bq, bkv).map_err(|e| self.mask_error(e))?;
-        let maps =
-            crate::mask::classify(&self.spec, &bound, tiling).map_err(|e| self.mask_error(e))?;
+        let maps = crate::mask::classify(&self.spec, &bound, tiling)
+            .map_err(|e| self.classify_error(inputs, &bound, e))?;
         let schedule = crate::tile::Schedule {
             bq,
             bkv,
@@ -625,10 +621,42 @@ impl Program {
             exp2: true,
         };
         let kernel = self.kernel(&schedule);
-        crate::tile::interp::run(&kernel, inputs, &bound, &maps).map_err(|error| Error::Eval {
+        crate::tile::interp::run(&kernel, inputs, &bound, &maps)
+            .map_err(|error| self.first_error(inputs, &bound, error))
+    }
+
+    /// The error to report for a run-time error of a tiled backend (or of the
+    /// block-map analysis): the reference's first error in the order of `b`,
+    /// `h`, row and `kv`, which names the same element and absolute position
+    /// on every backend, whatever order or parallelism found one; the
+    /// backend's own error if the reference finds none. Runs only on failure
+    /// and evaluates only what can fail (the mask, and the score mod when it
+    /// holds a read, `ancestor` or integer division); at worst it costs one
+    /// pass of the reference over the call.
+    pub fn first_error(
+        &self,
+        inputs: &Inputs<'_>,
+        bound: &crate::bind::Bound,
+        error: crate::sema::eval::EvalError,
+    ) -> Error {
+        Error::Eval {
             file: self.file.clone(),
-            error,
-        })
+            error: crate::reference::first_error(&self.spec, inputs, bound).unwrap_or(error),
+        }
+    }
+
+    /// [`Program::first_error`] for an evaluation error of the block-map
+    /// analysis; other errors as they are.
+    fn classify_error(
+        &self,
+        inputs: &Inputs<'_>,
+        bound: &crate::bind::Bound,
+        e: crate::mask::MaskError,
+    ) -> Error {
+        match e {
+            crate::mask::MaskError::Eval(error) => self.first_error(inputs, bound, error),
+            e => Error::Mask(e),
+        }
     }
 
     fn mask_error(&self, e: crate::mask::MaskError) -> Error {

@@ -20,10 +20,7 @@ use crate::sema::Spec;
 pub fn run(spec: &Spec, inputs: &Inputs<'_>, bound: &Bound) -> Result<Outputs, EvalError> {
     let sh = bound.shapes;
     let mut ev = Evaluator::new(spec, sh, &bound.buffers);
-    let scale = match spec.scale {
-        Some(s) => ev.eval_constant(s)?,
-        None => 1.0 / (sh.d as f64).sqrt(),
-    };
+    let scale = scale(spec, &mut ev, bound)?;
     let mut out = Array4::<f32>::zeros((sh.b, sh.h, sh.q, sh.d));
     let mut lse = Array3::<f32>::from_elem((sh.b, sh.h, sh.q), f32::NEG_INFINITY);
     let mut scores = vec![f64::NEG_INFINITY; sh.kv];
@@ -33,34 +30,8 @@ pub fn run(spec: &Spec, inputs: &Inputs<'_>, bound: &Bound) -> Result<Outputs, E
         for h in 0..sh.h {
             let kh = bound.kv_head(h);
             for row in 0..sh.q {
-                let qpos = row as i64 + bound.q_offset;
-                for (kv, s_out) in scores.iter_mut().enumerate() {
-                    let point = Point {
-                        b: b as i64,
-                        h: h as i64,
-                        q: qpos,
-                        kv: kv as i64,
-                        score: 0.0,
-                    };
-                    let visible = match spec.mask {
-                        Some(m) => ev.eval_bool(m, point)?,
-                        None => true,
-                    };
-                    if !visible {
-                        *s_out = f64::NEG_INFINITY;
-                        continue;
-                    }
-                    let mut dot = 0f64;
-                    for d in 0..sh.d {
-                        dot += f64::from(inputs.q[[b, h, row, d]])
-                            * f64::from(inputs.k[[kb, kh, kv, d]]);
-                    }
-                    let s = dot * scale;
-                    *s_out = match spec.score {
-                        Some(id) => ev.eval_float(id, Point { score: s, ..point })?,
-                        None => s,
-                    };
-                }
+                let at = (b, h, row);
+                row_scores(spec, &mut ev, inputs, bound, scale, at, spec.score, Some(&mut scores))?;
                 // NaN if any score is NaN (`f64::max` would skip it), so NaN
                 // reaches out and lse instead of passing for a masked row.
                 let m = scores.iter().fold(f64::NEG_INFINITY, |m, &s| {
@@ -96,4 +67,91 @@ pub fn run(spec: &Spec, inputs: &Inputs<'_>, bound: &Bound) -> Result<Outputs, E
         out,
         lse: inputs.want_lse.then_some(lse),
     })
+}
+
+/// The scale of a call: the spec's, or `1 / sqrt(D)`.
+fn scale(spec: &Spec, ev: &mut Evaluator<'_>, bound: &Bound) -> Result<f64, EvalError> {
+    match spec.scale {
+        Some(s) => ev.eval_constant(s),
+        None => Ok(1.0 / (bound.shapes.d as f64).sqrt()),
+    }
+}
+
+/// Evaluates one query row, key by key: the mask, then (where it holds) the
+/// score `q·k × scale` and `score_mod`. With `scores`, writes each key's final
+/// score (`-inf` where masked); without, only evaluates, for [`first_error`].
+#[allow(clippy::too_many_arguments)]
+fn row_scores(
+    spec: &Spec,
+    ev: &mut Evaluator<'_>,
+    inputs: &Inputs<'_>,
+    bound: &Bound,
+    scale: f64,
+    (b, h, row): (usize, usize, usize),
+    score_mod: Option<crate::sema::ExprId>,
+    mut scores: Option<&mut [f64]>,
+) -> Result<(), EvalError> {
+    let (kb, kh) = (bound.kv_batch_index(b), bound.kv_head(h));
+    for kv in 0..bound.shapes.kv {
+        let point = Point {
+            b: b as i64,
+            h: h as i64,
+            q: row as i64 + bound.q_offset,
+            kv: kv as i64,
+            score: 0.0,
+        };
+        let visible = match spec.mask {
+            Some(m) => ev.eval_bool(m, point)?,
+            None => true,
+        };
+        if !visible {
+            if let Some(s) = scores.as_deref_mut() {
+                s[kv] = f64::NEG_INFINITY;
+            }
+            continue;
+        }
+        if scores.is_none() && score_mod.is_none() {
+            continue;
+        }
+        let mut dot = 0f64;
+        for d in 0..bound.shapes.d {
+            dot += f64::from(inputs.q[[b, h, row, d]]) * f64::from(inputs.k[[kb, kh, kv, d]]);
+        }
+        let s = dot * scale;
+        let s = match score_mod {
+            Some(id) => ev.eval_float(id, Point { score: s, ..point })?,
+            None => s,
+        };
+        if let Some(out) = scores.as_deref_mut() {
+            out[kv] = s;
+        }
+    }
+    Ok(())
+}
+
+/// The error [`run`] reports for these inputs, if any: the first in the order
+/// of `b`, `h`, row and `kv`. The tiled backends evaluate in another order (and
+/// in parallel); when one of them fails, the driver asks this for the error to
+/// report, so every backend names the same element. Evaluates only what can
+/// fail: the mask, and the score mod where it holds a read, `ancestor` or an
+/// integer division.
+pub fn first_error(spec: &Spec, inputs: &Inputs<'_>, bound: &Bound) -> Option<EvalError> {
+    let sh = bound.shapes;
+    let mut ev = Evaluator::new(spec, sh, &bound.buffers);
+    let scale = match scale(spec, &mut ev, bound) {
+        Ok(s) => s,
+        Err(e) => return Some(e),
+    };
+    let score_mod = spec.score.filter(|id| spec.may_trap()[id.0 as usize]);
+    for b in 0..sh.b {
+        for h in 0..sh.h {
+            for row in 0..sh.q {
+                let at = (b, h, row);
+                if let Err(e) = row_scores(spec, &mut ev, inputs, bound, scale, at, score_mod, None) {
+                    return Some(e);
+                }
+            }
+        }
+    }
+    None
 }

@@ -484,6 +484,23 @@ impl Spec {
             .map(|i| BufferId(i as u32))
     }
 
+    /// Per expression, whether its subtree holds a range-checked read, an
+    /// `ancestor` or an integer division or remainder: the operations that can
+    /// fail at run time. Operands precede their users in the arena; an operand
+    /// that does not is taken to fail.
+    pub fn may_trap(&self) -> Vec<bool> {
+        let mut traps = vec![true; self.exprs.len()];
+        for (i, e) in self.exprs.iter().enumerate() {
+            let own = match e {
+                Expr::Load { .. } | Expr::Ancestor { .. } => true,
+                Expr::Binary(BinaryOp::Div | BinaryOp::Rem, a, _) => self.ty(*a) == Type::Int,
+                _ => false,
+            };
+            traps[i] = own || e.operands().iter().any(|o| o.0 as usize >= i || traps[o.0 as usize]);
+        }
+        traps
+    }
+
     pub fn param_id(&self, name: &str) -> Option<ParamId> {
         self.params
             .iter()

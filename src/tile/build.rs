@@ -23,7 +23,7 @@ pub fn build(spec: &Spec, schedule: &Schedule) -> Kernel {
         conj_parent: HashMap::new(),
         must: HashMap::new(),
         score: None,
-        may_trap: may_trap(spec),
+        may_trap: spec.may_trap(),
     };
     let scale = match spec.scale {
         Some(s) => {
@@ -160,22 +160,6 @@ fn bits(set: &[u64]) -> impl Iterator<Item = usize> + '_ {
     })
 }
 
-/// Per expression of `spec`, whether its subtree holds a range-checked read,
-/// an `ancestor` or an integer division or remainder (the operations that
-/// carry a guard in the loop IR). Operands precede their users in the arena;
-/// an operand that does not is taken to trap.
-fn may_trap(spec: &Spec) -> Vec<bool> {
-    let mut traps = vec![true; spec.exprs.len()];
-    for (i, e) in spec.exprs.iter().enumerate() {
-        let own = match e {
-            Expr::Load { .. } | Expr::Ancestor { .. } => true,
-            Expr::Binary(BinaryOp::Div | BinaryOp::Rem, a, _) => spec.ty(*a) == Type::Int,
-            _ => false,
-        };
-        traps[i] = own || e.operands().iter().any(|o| o.0 as usize >= i || traps[o.0 as usize]);
-    }
-    traps
-}
 
 impl Lower<'_> {
     fn shape(&mut self, s: ShapeVar) -> ValueId {
