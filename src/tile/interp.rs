@@ -339,13 +339,11 @@ pub fn run(
                     m.run_where(Level::Call, full_only, &head)?;
                     m.run_where(Level::Head, full_only, &head)?;
                 }
-                // Q tile, scaled once.
+                // The Q tile; the score is (q·k) × prescale, as the spec writes
+                // it and the compiled backends compute it (scaling q first
+                // would overflow differently).
                 let qs: Vec<Vec<f32>> = (0..rows)
-                    .map(|i| {
-                        (0..sh.d)
-                            .map(|d| inputs.q[[b, h, row0 + i, d]] * prescale)
-                            .collect()
-                    })
+                    .map(|i| (0..sh.d).map(|d| inputs.q[[b, h, row0 + i, d]]).collect())
                     .collect();
                 // Row-level values, computed once per row.
                 let mut row_vals = Vec::with_capacity(rows);
@@ -397,6 +395,7 @@ pub fn run(
                             for d in 0..sh.d {
                                 dot += qs[i][d] * inputs.k[[kb, kh, col0 + j, d]];
                             }
+                            let dot = dot * prescale;
                             let here = Here {
                                 q: (row0 + i) as i64 + bound.q_offset,
                                 kv: (col0 + j) as i64,
