@@ -210,3 +210,37 @@ fn data_dependent_overflow_is_ieee_f32_on_every_f32_backend() {
         }
     }
 }
+
+#[test]
+fn keys_a_score_mod_scores_minus_inf_never_contribute_their_v() {
+    // No mask, so every tile is FULL: the score mod alone hides keys 37 on.
+    let program = load(
+        "attention t {\n    score = if kv >= 37 { -1.0 / 0.0 } else { score }\n}\n",
+        &[],
+    );
+    let q = random((1, 2, 30, 16), 18);
+    let k = random((1, 2, 90, 16), 19);
+    let mut v = random((1, 2, 90, 16), 20);
+    v.slice_mut(s![.., .., 37.., ..]).fill(f32::NAN);
+    let inputs = Inputs::new(q.view(), k.view(), v.view()).with_lse();
+    let want = check_all(&program, &inputs, false);
+    assert!(want.out.iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn nan_in_v_at_keys_every_row_sees_reaches_every_row() {
+    // Neither mask nor score mod: every key is visible, so a NaN in V is part
+    // of the answer, in the dimension it sits in.
+    let program = load("attention t { }", &[]);
+    let q = random((1, 1, 20, 8), 21);
+    let k = random((1, 1, 70, 8), 22);
+    let mut v = random((1, 1, 70, 8), 23);
+    v[[0, 0, 50, 3]] = f32::NAN;
+    let inputs = Inputs::new(q.view(), k.view(), v.view()).with_lse();
+    let want = check_all(&program, &inputs, false);
+    for row in 0..20 {
+        for c in 0..8 {
+            assert_eq!(want.out[[0, 0, row, c]].is_nan(), c == 3);
+        }
+    }
+}

@@ -217,7 +217,24 @@ pub(crate) fn run_with_budget(
     let out_ptr = SendPtr(out.as_mut_ptr());
     let lse_ptr = SendPtr(lse.as_mut_ptr());
     // One flag per key tile of every head of a group: V holds NaN or inf there.
+    // Only tiles where a key of probability 0 can meet such a value need the
+    // scan: PARTIAL tiles (the mask), and every tile when a score mod can score
+    // a key -inf. Without a score mod a FULL tile's keys are all visible, and a
+    // non-finite V there reaches the row as it does in the reference. (Decode
+    // at the end of a causal sequence then reads V once, as before.)
     let n_kt = sh.kv.div_ceil(bkv);
+    let score_mod = [k.score_full, k.score_partial]
+        .iter()
+        .any(|&r| k.inst(r).op != crate::tile::Op::TileScore);
+    let scan: Option<Vec<bool>> = (!score_mod).then(|| {
+        let mut partial = vec![false; n_kt];
+        for fm in &flat {
+            for &kt in &fm.part {
+                partial[kt as usize] = true;
+            }
+        }
+        partial
+    });
     let mut vflags: Vec<u8> = Vec::new();
     let n_row = compiled.slots.row.len();
     let n_col = compiled.slots.col.len();
@@ -243,7 +260,7 @@ pub(crate) fn run_with_budget(
                 if !v_direct {
                     pack_v(v_head(b, h), vp).expect("sized by the layout");
                 }
-                nonfinite_tiles(v_head(b, h), bkv, &mut flags[..n_kt]);
+                nonfinite_tiles(v_head(b, h), bkv, scan.as_deref(), &mut flags[..n_kt]);
             });
         let packed: &[f32] = workspace;
         let vflags: &[u8] = &vflags;

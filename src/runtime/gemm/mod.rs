@@ -290,10 +290,13 @@ pub fn pack_v(v: ArrayView2<f32>, dst: &mut [f32]) -> Result<PackedV, PackError>
 /// multiplies its V row, and `0 × NaN` is NaN. A task therefore takes
 /// [`pv_exact`] on the tiles marked here, and the fast product elsewhere.
 ///
+/// With `only`, tiles `t` where `only[t]` is false are not read and get 0.
+///
 /// # Panics
 ///
-/// If `out` does not hold exactly `ceil(kv_len / tile)` flags or `tile` is 0.
-pub fn nonfinite_tiles(v: ArrayView2<f32>, tile: usize, out: &mut [u8]) {
+/// If `out` (or `only`) does not hold exactly `ceil(kv_len / tile)` flags or `tile`
+/// is 0.
+pub fn nonfinite_tiles(v: ArrayView2<f32>, tile: usize, only: Option<&[bool]>, out: &mut [u8]) {
     assert!(tile > 0, "tiles hold at least one key");
     assert_eq!(out.len(), v.nrows().div_ceil(tile), "one flag per tile");
     // |x| as bits is at least the exponent mask exactly when x is not finite; the
@@ -302,7 +305,14 @@ pub fn nonfinite_tiles(v: ArrayView2<f32>, tile: usize, out: &mut [u8]) {
         Some(r) => r.iter().fold(0u32, |a, x| a.max(x.to_bits() & 0x7fff_ffff)),
         None => row.iter().fold(0u32, |a, x| a.max(x.to_bits() & 0x7fff_ffff)),
     };
+    if let Some(only) = only {
+        assert_eq!(only.len(), out.len(), "one choice per tile");
+    }
     for (t, flag) in out.iter_mut().enumerate() {
+        if only.is_some_and(|only| !only[t]) {
+            *flag = 0;
+            continue;
+        }
         let end = v.nrows().min((t + 1) * tile);
         let bits = (t * tile..end).fold(0u32, |a, key| a.max(worst(v.row(key))));
         *flag = u8::from(bits >= 0x7f80_0000);
@@ -947,12 +957,15 @@ mod tests {
         v[[69, 2]] = f32::INFINITY;
         v[[33, 1]] = f32::MAX;
         let mut flags = vec![9u8; 5];
-        nonfinite_tiles(v.view(), 16, &mut flags);
+        nonfinite_tiles(v.view(), 16, None, &mut flags);
         assert_eq!(flags, [0, 1, 0, 1, 1]);
+        // Tiles left out are not read.
+        nonfinite_tiles(v.view(), 16, Some(&[true, false, true, true, false]), &mut flags);
+        assert_eq!(flags, [0, 0, 0, 1, 0]);
         // Strided rows (a transposed view) take the element-by-element path.
         let t = v.t().to_owned();
         let mut flags = vec![9u8; 3];
-        nonfinite_tiles(t.t(), 32, &mut flags);
+        nonfinite_tiles(t.t(), 32, None, &mut flags);
         assert_eq!(flags, [1, 1, 1]);
     }
 
