@@ -163,7 +163,7 @@ impl fmt::Display for Kernel {
         )?;
         writeln!(f, "    head:")?;
         self.write_level(f, "      ", Level::Head, None)?;
-        writeln!(f, "    q_tile = load_q b, h, qt, scaled by q_prescale")?;
+        writeln!(f, "    q_tile = load_q b, h, qt")?;
         writeln!(f, "    m = -inf, l = 0, acc = 0")?;
         writeln!(
             f,
@@ -174,7 +174,7 @@ impl fmt::Display for Kernel {
         let exp = if s.exp2 { "exp2" } else { "exp" };
         for (section, what) in [(Section::Full, "full"), (Section::Partial, "partial")] {
             writeln!(f, "    for kt in {what}(qt):")?;
-            writeln!(f, "      s = qk q_tile, k[b, h / (H / HKV), kt]")?;
+            writeln!(f, "      s = qk q_tile, k[b, h / (H / HKV), kt]   ; (q . k) * q_prescale")?;
             if self.has_level(Level::Col, section) {
                 writeln!(
                     f,
@@ -196,7 +196,7 @@ impl fmt::Display for Kernel {
                 writeln!(f, "      s = {}", self.score_full)?;
             }
             writeln!(f, "      online_softmax s, m, l, acc   ; m' = max(m, rowmax s), p = {exp}(s - m'), l = l * {exp}(m - m') + rowsum p")?;
-            writeln!(f, "      acc += pv p, v[b, h / (H / HKV), kt]")?;
+            writeln!(f, "      acc += pv p, v[b, h / (H / HKV), kt]   ; keys with p = 0 skipped where v is not finite")?;
         }
         writeln!(f, "    finish:")?;
         let lse = if s.exp2 {
@@ -206,7 +206,7 @@ impl fmt::Display for Kernel {
         };
         writeln!(
             f,
-            "      out = acc / l, lse = {lse}   ; l = 0: out = 0, lse = -inf"
+            "      out = acc / l, lse = {lse}   ; l = 0 and m = -inf: out = 0, lse = -inf"
         )?;
         writeln!(f, "}}")
     }
