@@ -1014,6 +1014,21 @@ fn arb_command_line() -> impl Strategy<Value = Vec<String>> {
     prop_oneof![1 => check, 3 => run, 3 => bench, 3 => blocks, 3 => emit]
 }
 
+/// Copies the files `arb_command_line` names (relative to the package root)
+/// into `dir`, under the same relative paths.
+fn copy_inputs(dir: &std::path::Path) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for sub in ["examples", "tests/fixtures/packed_docs", "tests/errors"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+        for entry in std::fs::read_dir(root.join(sub)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::copy(&path, dir.join(sub).join(path.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
@@ -1025,12 +1040,15 @@ proptest! {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("attnc-cli-robust-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        // The command runs in a scratch copy of the files it names: a mutated
+        // command line can make any argument an output path (`-o examples/x.attn`,
+        // `--lse run`), and must never write into the source tree.
+        copy_inputs(&dir);
         let out = dir.display().to_string();
         let args: Vec<String> = args.iter().map(|a| a.replace("OUT", &out)).collect();
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_attnc"))
             .args(&args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .current_dir(&dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
