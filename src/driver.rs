@@ -464,6 +464,9 @@ pub struct CompileOptions {
     pub gemm: crate::codegen::clif::GemmImpl,
     /// Keep the Cranelift IR text (see [`JitKernel::clif`]).
     pub keep_clif: bool,
+    /// Check the bounds of the reads the optimiser proved in range too, and
+    /// panic if one is out of range (a compiler bug). For tests; slower.
+    pub check_proven_loads: bool,
 }
 
 impl Default for CompileOptions {
@@ -473,6 +476,7 @@ impl Default for CompileOptions {
             tiles: Tiles::Auto,
             gemm: crate::codegen::clif::GemmImpl::detect(),
             keep_clif: false,
+            check_proven_loads: false,
         }
     }
 }
@@ -698,6 +702,7 @@ impl Program {
         let kernel = self.kernel(&schedule);
         let jit_options = crate::codegen::clif::JitOptions {
             keep_clif: options.keep_clif,
+            check_proven_loads: options.check_proven_loads,
             ..Default::default()
         };
         let compiled = crate::codegen::clif::kernel::compile(&kernel, options.gemm, &jit_options)?;
@@ -788,5 +793,33 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// With `check_proven_loads`, a read the optimiser proved in range that is
+    /// out of range at run time (here: a buffer swapped for a shorter one
+    /// behind the binding's back) stops with a compiler-bug panic instead of
+    /// reading past the buffer.
+    #[test]
+    #[should_panic(expected = "compiler bug: the read")]
+    fn a_proven_read_out_of_range_panics_when_checked() {
+        let src = "attention a {\n    buffer t[KV]: int\n    score = score + float(t[kv])\n}\n";
+        let program = load(SourceFile::new("a.attn", src), &SpecOptions::default()).unwrap();
+        let options = CompileOptions {
+            tiles: Tiles::Fixed(crate::mask::Tiling::new(16, 16).unwrap()),
+            check_proven_loads: true,
+            ..CompileOptions::default()
+        };
+        let kernel = program.compile_jit_with(&options).unwrap();
+        assert!(
+            kernel.compiled.kernel.insts.iter().any(|i| matches!(i.op, crate::tile::Op::Load { checked: false, .. })),
+            "the read is proven in range"
+        );
+        let q = Rng::new(1).array4((1, 1, 40, 8));
+        let t = crate::BufferData::Int(ndarray::ArrayD::zeros(vec![40]));
+        let inputs = Inputs::new(q.view(), q.view(), q.view()).buffer("t", t);
+        let plan = kernel.plan(&inputs).unwrap();
+        let mut bound = plan.bound.clone();
+        bound.buffers[0] = crate::BufferData::Int(ndarray::ArrayD::zeros(vec![20]));
+        let _ = kernel.run_with_maps(&inputs, &bound, &plan.maps);
     }
 }

@@ -398,6 +398,15 @@ fn error(
         _ => None,
     };
     match err[E_CODE] {
+        ERR_PROVEN_OUT_OF_RANGE => {
+            let (buf, n) = buffer_of(&k.insts[v].op).expect("out-of-range errors come from reads");
+            panic!(
+                "compiler bug: the read {v} of `{}` was proven in range but reads index {:?} of shape {:?} (at {at:?})\n{k}",
+                k.buffers[buf].name,
+                &err[E_INDEX..E_INDEX + n],
+                buffers[buf].shape()
+            )
+        }
         ERR_DIV_ZERO => EvalError::DivisionByZero { at, span },
         ERR_CYCLE => {
             let (buf, _) = buffer_of(&k.insts[v].op).expect("cycles come from ancestor");

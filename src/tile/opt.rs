@@ -36,15 +36,19 @@ pub const PASSES: [(&str, fn(&Kernel) -> Kernel); 5] = [
     ("fold_constants", fold_constants),
 ];
 
-/// Runs every pass, verifying after each in debug builds.
+/// Runs every pass, verifying the kernel before the first and after each
+/// (in every build: `verify` is linear, and the backends rely on its
+/// invariants, so a pass that breaks one stops here with the kernel printed
+/// rather than in generated code).
 pub fn optimize(k: &Kernel) -> Kernel {
+    if let Err(e) = verify(k) {
+        panic!("after lowering: {e}\n{k}");
+    }
     let mut k = k.clone();
     for (name, pass) in PASSES {
         k = pass(&k);
-        if cfg!(debug_assertions) {
-            if let Err(e) = verify(&k) {
-                panic!("after {name}: {e}\n{k}");
-            }
+        if let Err(e) = verify(&k) {
+            panic!("after {name}: {e}\n{k}");
         }
     }
     k

@@ -107,7 +107,7 @@ pub fn max_abs_diff<'a>(
     a.into_iter()
         .zip(b)
         .map(|(x, y)| {
-            if x == y {
+            if x == y || (x.is_nan() && y.is_nan()) {
                 0.0
             } else if x.is_nan() || y.is_nan() {
                 f32::INFINITY

@@ -46,6 +46,10 @@ pub struct JitOptions {
     pub keep_clif: bool,
     /// Keep Cranelift's machine-code listing (VCode) of each function.
     pub keep_disasm: bool,
+    /// Check the bounds of every buffer read, also those the optimiser proved
+    /// in range (which otherwise have no check): a proven read found out of
+    /// range is a compiler bug and panics. For tests; costs speed.
+    pub check_proven_loads: bool,
 }
 
 impl Default for JitOptions {
@@ -55,6 +59,7 @@ impl Default for JitOptions {
             verify: cfg!(debug_assertions),
             keep_clif: false,
             keep_disasm: false,
+            check_proven_loads: false,
         }
     }
 }

@@ -83,6 +83,9 @@ pub const E_LEN: usize = 8;
 pub const ERR_OUT_OF_RANGE: i64 = 1;
 pub const ERR_DIV_ZERO: i64 = 2;
 pub const ERR_CYCLE: i64 = 3;
+/// A read the optimiser proved in range is out of range (only with
+/// `JitOptions::check_proven_loads`): a compiler bug.
+pub const ERR_PROVEN_OUT_OF_RANGE: i64 = 4;
 
 /// The symbol of the `ancestor` helper called from generated code.
 pub const ANCESTOR_SYMBOL: &str = "attnc_ancestor";
@@ -131,7 +134,9 @@ pub struct ValueSlots {
 /// A kernel compiled for the host CPU.
 pub struct CompiledKernel {
     pub kernel: Kernel,
-    pub task: TaskFn,
+    /// The raw task function: only the runtime calls it, with a task block it
+    /// has sized and filled as the `T_*` slots say.
+    pub(crate) task: TaskFn,
     pub slots: ValueSlots,
     pub gemm: GemmImpl,
     pub compile_time: Duration,
@@ -240,6 +245,7 @@ pub fn compile(
                 vals: vec![None; kernel.insts.len()],
                 uniform: vec![None; kernel.insts.len()],
                 task: None,
+                check_proven: options.check_proven_loads,
             };
             e.body(b);
             Ok(())
@@ -292,6 +298,8 @@ struct Emitter<'a> {
     /// `opt_level = "none"` does not hoist them); empty outside a row.
     uniform: Vec<Option<VVal>>,
     task: Option<Value>,
+    /// Bounds-check the reads the optimiser proved in range too.
+    check_proven: bool,
 }
 
 fn flags() -> MemFlagsData {
@@ -1366,7 +1374,7 @@ impl Emitter<'_> {
     ) -> Value {
         let bufs = self.task_field(b, T_BUFS);
         let base = (buffer * DESC_LEN * 8) as i32;
-        if checked {
+        if checked || self.check_proven {
             let mut bad: Option<Value> = None;
             for (n, &x) in idx.iter().enumerate() {
                 let dim = b
@@ -1380,7 +1388,12 @@ impl Emitter<'_> {
                 });
             }
             if let Some(bad) = bad {
-                self.fail_if(b, bad, ERR_OUT_OF_RANGE, v, here, idx);
+                let code = if checked {
+                    ERR_OUT_OF_RANGE
+                } else {
+                    ERR_PROVEN_OUT_OF_RANGE
+                };
+                self.fail_if(b, bad, code, v, here, idx);
             }
         }
         let mut offset: Option<Value> = None;
