@@ -15,7 +15,8 @@ use rayon::prelude::*;
 
 use crate::bind::{Bound, Inputs, Outputs};
 use crate::buffer::BufferData;
-use crate::codegen::clif::kernel::*;
+use crate::codegen::clif::kernel::CompiledKernel;
+use crate::runtime::abi::{self, code, BufferDesc, ErrorRecord};
 use crate::mask::BlockMaps;
 use crate::runtime::gemm::{nonfinite_tiles, pack_k, pack_v, PackedK, PackedV};
 use crate::sema::eval::{EvalError, Point};
@@ -100,7 +101,7 @@ struct Scratch {
     acc: Vec<f32>,
     rowvals: Vec<u64>,
     colvals: Vec<u64>,
-    err: [i64; E_LEN],
+    err: ErrorRecord,
 }
 
 /// Runs `compiled` on bound inputs with the given block maps. `workspace` holds
@@ -155,22 +156,14 @@ pub(crate) fn run_with_budget(
     };
     // Buffer descriptors (pointer, dims, strides), over standard-layout data.
     let buffers: Vec<BufferData> = bound.buffers.iter().map(standard).collect();
-    let mut descs = vec![0i64; buffers.len().max(1) * DESC_LEN];
-    for (i, buf) in buffers.iter().enumerate() {
-        let (ptr, shape) = match buf {
-            BufferData::Int(a) => (a.as_ptr() as i64, a.shape()),
-            BufferData::Float(a) => (a.as_ptr() as i64, a.shape()),
-            BufferData::Bool(a) => (a.as_ptr() as i64, a.shape()),
-        };
-        let base = i * DESC_LEN;
-        descs[base] = ptr;
-        let mut stride = 1i64;
-        for n in (0..shape.len()).rev() {
-            descs[base + 1 + n] = shape[n] as i64;
-            descs[base + 5 + n] = stride;
-            stride *= shape[n] as i64;
-        }
-    }
+    let descs: Vec<BufferDesc> = buffers
+        .iter()
+        .map(|buf| match buf {
+            BufferData::Int(a) => BufferDesc::new(a.as_ptr().cast(), a.shape()),
+            BufferData::Float(a) => BufferDesc::new(a.as_ptr().cast(), a.shape()),
+            BufferData::Bool(a) => BufferDesc::new(a.as_ptr().cast(), a.shape()),
+        })
+        .collect();
     let shapes = [
         sh.b as i64,
         sh.h as i64,
@@ -272,7 +265,7 @@ pub(crate) fn run_with_budget(
                 acc: vec![0.0; bq * d],
                 rowvals: vec![0; n_row.max(1) * bq],
                 colvals: vec![0; n_col.max(1) * bkv],
-                err: [0; E_LEN],
+                err: ErrorRecord::default(),
             },
             |scratch,
              &Task {
@@ -300,36 +293,37 @@ pub(crate) fn run_with_budget(
                 scratch.acc[..rows * d].fill(0.0);
                 let (fo, fnum) = fm.full_at[qt];
                 let (po, pnum) = fm.part_at[qt];
-                let mut task = [0i64; T_LEN];
-                task[T_B] = b as i64;
-                task[T_H] = h as i64;
-                task[T_QSTART] = row0 as i64 + bound.q_offset;
-                task[T_ROWS] = rows as i64;
-                task[T_Q] = q[q_off..q_off + rows * d].as_ptr() as i64;
-                task[T_K] = kp as i64;
-                task[T_V] = vp as i64;
-                task[T_VSTRIDE] = vlay.row_stride() as i64;
-                task[T_FULL] = fm.full.as_ptr().wrapping_add(2 * fo) as i64;
-                task[T_NFULL] = fnum as i64;
-                task[T_PART] = fm.part.as_ptr().wrapping_add(po) as i64;
-                task[T_NPART] = pnum as i64;
-                task[T_KVLEN] = sh.kv as i64;
-                task[T_D] = d as i64;
-                task[T_S] = scratch.s.as_mut_ptr() as i64;
-                task[T_M] = scratch.m.as_mut_ptr() as i64;
-                task[T_L] = scratch.l.as_mut_ptr() as i64;
-                task[T_ACC] = scratch.acc.as_mut_ptr() as i64;
-                task[T_ROWVALS] = scratch.rowvals.as_mut_ptr() as i64;
-                task[T_COLVALS] = scratch.colvals.as_mut_ptr() as i64;
-                task[T_ERR] = scratch.err.as_mut_ptr() as i64;
-                task[T_BUFS] = descs.as_ptr() as i64;
-                task[T_SHAPES] = shapes.as_ptr() as i64;
-                task[T_VFLAGS] = vflags[(head - g0) * n_kt..].as_ptr() as i64;
+                let task = abi::Task {
+                    b: b as i64,
+                    h: h as i64,
+                    q_start: row0 as i64 + bound.q_offset,
+                    rows: rows as i64,
+                    q: q[q_off..q_off + rows * d].as_ptr(),
+                    k: kp,
+                    v: vp,
+                    v_stride: vlay.row_stride() as i64,
+                    full: fm.full.as_ptr().wrapping_add(2 * fo),
+                    n_full: fnum as i64,
+                    part: fm.part.as_ptr().wrapping_add(po),
+                    n_part: pnum as i64,
+                    kv_len: sh.kv as i64,
+                    d: d as i64,
+                    s: scratch.s.as_mut_ptr(),
+                    m: scratch.m.as_mut_ptr(),
+                    l: scratch.l.as_mut_ptr(),
+                    acc: scratch.acc.as_mut_ptr(),
+                    rowvals: scratch.rowvals.as_mut_ptr(),
+                    colvals: scratch.colvals.as_mut_ptr(),
+                    err: &mut scratch.err,
+                    bufs: descs.as_ptr(),
+                    shapes: shapes.as_ptr(),
+                    v_flags: vflags[(head - g0) * n_kt..].as_ptr(),
+                };
                 // SAFETY: every pointer in `task` is valid for the sizes the task
                 // function's contract states (scratch sized by bq, bkv, d and the
                 // slot counts; packed heads by their layouts; buffers by their descriptors).
-                let code = unsafe { (compiled.task)(task.as_ptr()) };
-                if code != 0 {
+                let status = unsafe { (compiled.task)(&task) };
+                if status != 0 {
                     return Err(error(compiled, &buffers, &scratch.err, b, h));
                 }
                 let ln2 = std::f32::consts::LN_2;
@@ -376,18 +370,18 @@ fn standard(b: &BufferData) -> BufferData {
 fn error(
     compiled: &CompiledKernel,
     buffers: &[BufferData],
-    err: &[i64; E_LEN],
+    err: &ErrorRecord,
     b: usize,
     h: usize,
 ) -> EvalError {
     let k = &compiled.kernel;
-    let v = err[E_VALUE] as usize;
+    let v = err.value as usize;
     let span: miette::SourceSpan = k.spans.get(v).copied().flatten().unwrap_or_default().into();
     let at = Point {
         b: b as i64,
         h: h as i64,
-        q: err[E_Q],
-        kv: err[E_KV],
+        q: err.q,
+        kv: err.kv,
         score: 0.0,
     };
     let buffer_of = |op: &crate::tile::Op| match op {
@@ -397,18 +391,18 @@ fn error(
         crate::tile::Op::Ancestor { parent, .. } => Some((*parent as usize, 1)),
         _ => None,
     };
-    match err[E_CODE] {
-        ERR_PROVEN_OUT_OF_RANGE => {
+    match err.code {
+        code::PROVEN_OUT_OF_RANGE => {
             let (buf, n) = buffer_of(&k.insts[v].op).expect("out-of-range errors come from reads");
             panic!(
                 "compiler bug: the read {v} of `{}` was proven in range but reads index {:?} of shape {:?} (at {at:?})\n{k}",
                 k.buffers[buf].name,
-                &err[E_INDEX..E_INDEX + n],
+                &err.index[..n],
                 buffers[buf].shape()
             )
         }
-        ERR_DIV_ZERO => EvalError::DivisionByZero { at, span },
-        ERR_CYCLE => {
+        code::DIV_ZERO => EvalError::DivisionByZero { at, span },
+        code::CYCLE => {
             let (buf, _) = buffer_of(&k.insts[v].op).expect("cycles come from ancestor");
             EvalError::AncestorCycle {
                 buffer: k.buffers[buf].name.clone(),
@@ -420,7 +414,7 @@ fn error(
             let (buf, n) = buffer_of(&k.insts[v].op).expect("out-of-range errors come from reads");
             EvalError::OutOfRange {
                 buffer: k.buffers[buf].name.clone(),
-                index: err[E_INDEX..E_INDEX + n].to_vec(),
+                index: err.index[..n].to_vec(),
                 shape: buffers[buf].shape().to_vec(),
                 at,
                 span,

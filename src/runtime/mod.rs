@@ -1,10 +1,12 @@
-//! Runtime support for the compiled kernels: the native tile kernels (`gemm`) that
-//! JIT'd code calls per tile, and the packing of K and V they read.
+//! Runtime support for the compiled kernels: the ABI between generated code and
+//! the runtime (`abi`), the native tile kernels (`gemm`) that JIT'd code calls per
+//! tile, the packing of K and V they read, and the task runner (`exec`).
 //!
 //! Consumes tensors (ndarray views) and tile pointers; produces packed heads and tile
 //! results. Nothing here depends on the spec being compiled.
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod abi;
 pub mod exec;
 pub mod gemm;

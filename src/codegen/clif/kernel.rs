@@ -10,9 +10,9 @@
 //! spec-specific work is generated here. The caller finishes the rows
 //! (`out = acc / l`, `lse`) from the scratch the task leaves.
 //!
-//! The task function is `extern "C" fn(task: *const i64) -> i64`; `task`
-//! is laid out as the `T_*` constants say, and the result is 0 or an error
-//! code with details in the error slot (`E_*`).
+//! The task function is `extern "C" fn(task: *const Task) -> i64`; `task`
+//! is a `runtime::abi::Task`, and the result is 0 or an error code
+//! (`runtime::abi::code`) with details in its `ErrorRecord`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,61 +31,7 @@ use crate::codegen::CodegenError;
 use crate::sema::{Func, ShapeVar, Var};
 use crate::tile::{BinOp, CmpOp, Kernel, Level, Op, Section, Ty, UnOp, ValueId};
 
-// Task slots (i64 each).
-pub const T_B: usize = 0;
-pub const T_H: usize = 1;
-/// Absolute query position of the tile's first row (row0 + q_offset).
-pub const T_QSTART: usize = 2;
-pub const T_ROWS: usize = 3;
-/// Q tile: `rows` rows of `d` floats, row stride `d` (read only: it may be the
-/// caller's input).
-pub const T_Q: usize = 4;
-/// Packed K of the head (see `runtime::gemm::PackedK`).
-pub const T_K: usize = 5;
-/// Packed V of the head, and its row stride in floats.
-pub const T_V: usize = 6;
-pub const T_VSTRIDE: usize = 7;
-/// FULL key-tile ranges of this query tile: `n_full` (start, end) u32 pairs.
-pub const T_FULL: usize = 8;
-pub const T_NFULL: usize = 9;
-/// PARTIAL key tiles of this query tile: `n_part` u32.
-pub const T_PART: usize = 10;
-pub const T_NPART: usize = 11;
-pub const T_KVLEN: usize = 12;
-pub const T_D: usize = 13;
-/// Scratch: S [bq x bkv], m [bq], l [bq], acc [bq x d] (f32).
-pub const T_S: usize = 14;
-pub const T_M: usize = 15;
-pub const T_L: usize = 16;
-pub const T_ACC: usize = 17;
-/// Row-level values [n_row][bq] and column-level values [n_col][bkv], 8 bytes each.
-pub const T_ROWVALS: usize = 18;
-pub const T_COLVALS: usize = 19;
-/// Error slot: `E_LEN` i64.
-pub const T_ERR: usize = 20;
-/// Buffer descriptors: `DESC_LEN` i64 per buffer (pointer, 4 dims, 4 strides in elements).
-pub const T_BUFS: usize = 21;
-/// Shapes B, H, HKV, Q, KV, D.
-pub const T_SHAPES: usize = 22;
-/// One byte per key tile of the head: nonzero where V holds a non-finite value
-/// (`runtime::gemm::nonfinite_tiles`); such tiles take the exact `pv`.
-pub const T_VFLAGS: usize = 23;
-pub const T_LEN: usize = 24;
-
-pub const DESC_LEN: usize = 9;
-/// Error slot: code, value id, q, kv, then up to 4 indices.
-pub const E_CODE: usize = 0;
-pub const E_VALUE: usize = 1;
-pub const E_Q: usize = 2;
-pub const E_KV: usize = 3;
-pub const E_INDEX: usize = 4;
-pub const E_LEN: usize = 8;
-pub const ERR_OUT_OF_RANGE: i64 = 1;
-pub const ERR_DIV_ZERO: i64 = 2;
-pub const ERR_CYCLE: i64 = 3;
-/// A read the optimiser proved in range is out of range (only with
-/// `JitOptions::check_proven_loads`): a compiler bug.
-pub const ERR_PROVEN_OUT_OF_RANGE: i64 = 4;
+use crate::runtime::abi::{code, offset, BufferDesc};
 
 /// The symbol of the `ancestor` helper called from generated code.
 pub const ANCESTOR_SYMBOL: &str = "attnc_ancestor";
@@ -95,20 +41,26 @@ pub const ANCESTOR_SYMBOL: &str = "attnc_ancestor";
 pub const PV_EXACT_SYMBOL: &str = "attnc_pv_exact";
 
 /// `ancestor(parent, i, j)` over a buffer descriptor. Returns 0 or 1, or
-/// `-ERR_OUT_OF_RANGE` (with the index in `*bad`) or `-ERR_CYCLE`.
+/// `-code::OUT_OF_RANGE` (with the index in `*bad`) or `-code::CYCLE`.
 ///
 /// # Safety
 /// `desc` must point at a valid 1-d i64 buffer descriptor and `bad` be writable.
-pub unsafe extern "C" fn ancestor_helper(desc: *const i64, i: i64, j: i64, bad: *mut i64) -> i64 {
+pub unsafe extern "C" fn ancestor_helper(
+    desc: *const BufferDesc,
+    i: i64,
+    j: i64,
+    bad: *mut i64,
+) -> i64 {
     if i == j {
         return 1;
     }
-    let (data, len, stride) = (*desc as *const i64, *desc.add(1), *desc.add(5));
+    let desc = &*desc;
+    let (data, len, stride) = (desc.data as *const i64, desc.dims[0], desc.strides[0]);
     let mut x = i;
     for _ in 0..=len {
         if x < 0 || x >= len {
             *bad = x;
-            return -ERR_OUT_OF_RANGE;
+            return -code::OUT_OF_RANGE;
         }
         x = *data.offset((x * stride) as isize);
         if x < 0 {
@@ -118,11 +70,11 @@ pub unsafe extern "C" fn ancestor_helper(desc: *const i64, i: i64, j: i64, bad: 
             return 1;
         }
     }
-    -ERR_CYCLE
+    -code::CYCLE
 }
 
 /// The task function of a compiled kernel.
-pub type TaskFn = unsafe extern "C" fn(task: *const i64) -> i64;
+pub type TaskFn = unsafe extern "C" fn(task: *const crate::runtime::abi::Task) -> i64;
 
 /// Where row- and column-level values live in scratch (by instruction id).
 #[derive(Clone, Debug, Default)]
@@ -135,7 +87,7 @@ pub struct ValueSlots {
 pub struct CompiledKernel {
     pub kernel: Kernel,
     /// The raw task function: only the runtime calls it, with a task block it
-    /// has sized and filled as the `T_*` slots say.
+    /// has sized and filled (`runtime::abi::Task`).
     pub(crate) task: TaskFn,
     pub slots: ValueSlots,
     pub gemm: GemmImpl,
@@ -344,9 +296,10 @@ fn clif_ty(t: Ty) -> Type {
 }
 
 impl Emitter<'_> {
-    fn task_field(&self, b: &mut FunctionBuilder<'_>, slot: usize) -> Value {
+    /// The task block's field at byte `offset` (an `abi::offset` constant).
+    fn task_field(&self, b: &mut FunctionBuilder<'_>, offset: i32) -> Value {
         b.ins()
-            .load(types::I64, flags(), self.task.unwrap(), (slot * 8) as i32)
+            .load(types::I64, flags(), self.task.unwrap(), offset)
     }
 
     fn body(&mut self, b: &mut FunctionBuilder<'_>) {
@@ -354,8 +307,8 @@ impl Emitter<'_> {
         let k = self.k;
         let bq = k.schedule.bq as i64;
         let bkv = k.schedule.bkv as i64;
-        let bv = self.task_field(b, T_B);
-        let hv = self.task_field(b, T_H);
+        let bv = self.task_field(b, offset::B);
+        let hv = self.task_field(b, offset::H);
         let mut here = Here {
             b: Some(bv),
             h: Some(hv),
@@ -365,15 +318,15 @@ impl Emitter<'_> {
         let full_only = |s: Section| s == Section::Full;
         self.level_where(b, Level::Call, not_full, &here);
         self.level_where(b, Level::Head, not_full, &here);
-        let q_start = self.task_field(b, T_QSTART);
-        let rows = self.task_field(b, T_ROWS);
-        let rowvals = self.task_field(b, T_ROWVALS);
-        let colvals = self.task_field(b, T_COLVALS);
+        let q_start = self.task_field(b, offset::Q_START);
+        let rows = self.task_field(b, offset::ROWS);
+        let rowvals = self.task_field(b, offset::ROWVALS);
+        let colvals = self.task_field(b, offset::COLVALS);
         let zero = b.ins().iconst(types::I64, 0);
         let prescale = self.vals[k.q_prescale.0 as usize].unwrap();
-        let full = self.task_field(b, T_FULL);
-        let n_full = self.task_field(b, T_NFULL);
-        let n_part = self.task_field(b, T_NPART);
+        let full = self.task_field(b, offset::FULL);
+        let n_full = self.task_field(b, offset::N_FULL);
+        let n_part = self.task_field(b, offset::N_PART);
         // Row-level values, once per row, for query tiles that visit any key tile.
         let n_tiles = b.ins().iadd(n_full, n_part);
         let any = b.ins().icmp_imm_s(IntCC::SignedGreaterThan, n_tiles, 0);
@@ -409,7 +362,7 @@ impl Emitter<'_> {
         });
         b.ins().jump(after_full, &[]);
         b.switch_to_block(after_full);
-        let part = self.task_field(b, T_PART);
+        let part = self.task_field(b, offset::PART);
         emit_range(b, zero, n_part, |b, r| {
             let off = b.ins().imul_imm_s(r, 4);
             let addr = b.ins().iadd(part, off);
@@ -558,15 +511,15 @@ impl Emitter<'_> {
         let k = self.k;
         let p = self.ptr;
         let col0 = b.ins().imul_imm_s(kt, tc.bkv);
-        let kv_len = self.task_field(b, T_KVLEN);
+        let kv_len = self.task_field(b, offset::KV_LEN);
         let left = b.ins().isub(kv_len, col0);
         let bkv_v = b.ins().iconst(types::I64, tc.bkv);
         let lt = b.ins().icmp(IntCC::SignedLessThan, left, bkv_v);
         let cols = b.ins().select(lt, left, bkv_v);
-        let d = self.task_field(b, T_D);
-        let q = self.task_field(b, T_Q);
-        let kp = self.task_field(b, T_K);
-        let s = self.task_field(b, T_S);
+        let d = self.task_field(b, offset::D);
+        let q = self.task_field(b, offset::Q);
+        let kp = self.task_field(b, offset::K);
+        let s = self.task_field(b, offset::S);
         // K panel of the tile's first key: col0 * d floats in (col0 is a multiple of 16).
         let koff = b.ins().imul(col0, d);
         let koff = b.ins().imul_imm_s(koff, 4);
@@ -655,22 +608,22 @@ impl Emitter<'_> {
                 self.uniform.fill(None);
             });
         }
-        let m = self.task_field(b, T_M);
-        let l = self.task_field(b, T_L);
-        let acc = self.task_field(b, T_ACC);
+        let m = self.task_field(b, offset::M);
+        let l = self.task_field(b, offset::L);
+        let acc = self.task_field(b, offset::ACC);
         let base2 = b.ins().iconst(types::I32, i64::from(k.schedule.exp2));
         b.ins().call(
             self.funcs.softmax,
             &[s, s_stride, tc.rows, cols, m, l, acc, d, d, base2],
         );
-        let vp = self.task_field(b, T_V);
-        let vstride = self.task_field(b, T_VSTRIDE);
+        let vp = self.task_field(b, offset::V);
+        let vstride = self.task_field(b, offset::V_STRIDE);
         let voff = b.ins().imul(col0, vstride);
         let voff = b.ins().imul_imm_s(voff, 4);
         let vaddr = b.ins().iadd(vp, voff);
         // A tile whose V holds NaN or inf takes the exact product, which skips
         // keys of probability 0 (the dense one would compute 0 x NaN).
-        let vflags = self.task_field(b, T_VFLAGS);
+        let vflags = self.task_field(b, offset::V_FLAGS);
         let flag_addr = b.ins().iadd(vflags, kt);
         let dirty = b.ins().uload8(types::I32, flags(), flag_addr, 0);
         let pv_args = [s, s_stride, vaddr, vstride, d, tc.rows, cols, acc, d];
@@ -1227,18 +1180,18 @@ impl Emitter<'_> {
         let cont = b.create_block();
         b.ins().brif(bad, fail, &[], cont, &[]);
         b.switch_to_block(fail);
-        let err = self.task_field(b, T_ERR);
+        let err = self.task_field(b, offset::ERR);
         let c = b.ins().iconst(types::I64, code);
-        b.ins().store(flags(), c, err, (E_CODE * 8) as i32);
+        b.ins().store(flags(), c, err, offset::E_CODE);
         let vid = b.ins().iconst(types::I64, v as i64);
-        b.ins().store(flags(), vid, err, (E_VALUE * 8) as i32);
+        b.ins().store(flags(), vid, err, offset::E_VALUE);
         let minus = b.ins().iconst(types::I64, -1);
         b.ins()
-            .store(flags(), here.q.unwrap_or(minus), err, (E_Q * 8) as i32);
+            .store(flags(), here.q.unwrap_or(minus), err, offset::E_Q);
         b.ins()
-            .store(flags(), here.kv.unwrap_or(minus), err, (E_KV * 8) as i32);
+            .store(flags(), here.kv.unwrap_or(minus), err, offset::E_KV);
         for (n, x) in index.iter().take(4).enumerate() {
-            b.ins().store(flags(), *x, err, ((E_INDEX + n) * 8) as i32);
+            b.ins().store(flags(), *x, err, offset::E_INDEX + (n * 8) as i32);
         }
         b.ins().return_(&[c]);
         b.switch_to_block(cont);
@@ -1260,7 +1213,7 @@ impl Emitter<'_> {
             Op::Var(Var::Q) => here.q.expect("verified IR: q at row level or below"),
             Op::Var(Var::Kv) => here.kv.expect("verified IR: kv at column level or below"),
             Op::Shape(s) => {
-                let shapes = self.task_field(b, T_SHAPES);
+                let shapes = self.task_field(b, offset::SHAPES);
                 let idx = ShapeVar::ALL.iter().position(|x| x == s).unwrap();
                 b.ins().load(types::I64, flags(), shapes, (idx * 8) as i32)
             }
@@ -1344,18 +1297,18 @@ impl Emitter<'_> {
             }
             Op::Ancestor { parent, i, j } => {
                 let (i, j) = (g(i), g(j));
-                let bufs = self.task_field(b, T_BUFS);
+                let bufs = self.task_field(b, offset::BUFS);
                 let desc = b
                     .ins()
-                    .iadd_imm_s(bufs, (*parent as usize * DESC_LEN * 8) as i64);
-                let err = self.task_field(b, T_ERR);
-                let bad = b.ins().iadd_imm_s(err, (E_INDEX * 8) as i64);
+                    .iadd_imm_s(bufs, *parent as i64 * offset::DESC_BYTES);
+                let err = self.task_field(b, offset::ERR);
+                let bad = b.ins().iadd_imm_s(err, i64::from(offset::E_INDEX));
                 let call = b.ins().call(self.funcs.ancestor, &[desc, i, j, bad]);
                 let r = b.inst_results(call)[0];
-                let oob = b.ins().icmp_imm_s(IntCC::Equal, r, -ERR_OUT_OF_RANGE);
-                self.fail_if(b, oob, ERR_OUT_OF_RANGE, v, here, &[]);
-                let cyc = b.ins().icmp_imm_s(IntCC::Equal, r, -ERR_CYCLE);
-                self.fail_if(b, cyc, ERR_CYCLE, v, here, &[]);
+                let oob = b.ins().icmp_imm_s(IntCC::Equal, r, -code::OUT_OF_RANGE);
+                self.fail_if(b, oob, code::OUT_OF_RANGE, v, here, &[]);
+                let cyc = b.ins().icmp_imm_s(IntCC::Equal, r, -code::CYCLE);
+                self.fail_if(b, cyc, code::CYCLE, v, here, &[]);
                 b.ins().ireduce(types::I8, r)
             }
         }
@@ -1372,14 +1325,14 @@ impl Emitter<'_> {
         ty: Ty,
         here: &Here,
     ) -> Value {
-        let bufs = self.task_field(b, T_BUFS);
-        let base = (buffer * DESC_LEN * 8) as i32;
+        let bufs = self.task_field(b, offset::BUFS);
+        let base = (buffer as i64 * offset::DESC_BYTES) as i32;
         if checked || self.check_proven {
             let mut bad: Option<Value> = None;
             for (n, &x) in idx.iter().enumerate() {
                 let dim = b
                     .ins()
-                    .load(types::I64, flags(), bufs, base + ((1 + n) * 8) as i32);
+                    .load(types::I64, flags(), bufs, base + offset::DESC_DIMS + (n * 8) as i32);
                 // Unsigned compare: negative indices are huge.
                 let out = b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, x, dim);
                 bad = Some(match bad {
@@ -1389,9 +1342,9 @@ impl Emitter<'_> {
             }
             if let Some(bad) = bad {
                 let code = if checked {
-                    ERR_OUT_OF_RANGE
+                    code::OUT_OF_RANGE
                 } else {
-                    ERR_PROVEN_OUT_OF_RANGE
+                    code::PROVEN_OUT_OF_RANGE
                 };
                 self.fail_if(b, bad, code, v, here, idx);
             }
@@ -1400,7 +1353,7 @@ impl Emitter<'_> {
         for (n, &x) in idx.iter().enumerate() {
             let stride = b
                 .ins()
-                .load(types::I64, flags(), bufs, base + ((5 + n) * 8) as i32);
+                .load(types::I64, flags(), bufs, base + offset::DESC_STRIDES + (n * 8) as i32);
             let term = b.ins().imul(x, stride);
             offset = Some(match offset {
                 None => term,
@@ -1408,7 +1361,7 @@ impl Emitter<'_> {
             });
         }
         let offset = offset.unwrap_or_else(|| b.ins().iconst(types::I64, 0));
-        let data = b.ins().load(types::I64, flags(), bufs, base);
+        let data = b.ins().load(types::I64, flags(), bufs, base + offset::DESC_DATA);
         let size = match ty {
             Ty::I64 => 8,
             Ty::F32 => 4,
@@ -1440,7 +1393,7 @@ impl Emitter<'_> {
             BinOp::IMul => b.ins().imul(x, y),
             BinOp::IDiv | BinOp::IRem => {
                 let is_zero = b.ins().icmp_imm_s(IntCC::Equal, y, 0);
-                self.fail_if(b, is_zero, ERR_DIV_ZERO, v, here, &[]);
+                self.fail_if(b, is_zero, code::DIV_ZERO, v, here, &[]);
                 // x86 traps on i64::MIN / -1: divide by 1 instead and fix up.
                 let minus_one = b.ins().icmp_imm_s(IntCC::Equal, y, -1);
                 let one = b.ins().iconst(types::I64, 1);

@@ -1,0 +1,143 @@
+//! The ABI between generated CPU code and the runtime, as typed `#[repr(C)]`
+//! structs: the task block a task function receives, the buffer descriptors
+//! it reads through, and the error record it fills on failure.
+//!
+//! The runtime owns these types; the Cranelift backend addresses their
+//! fields through the byte offsets below (`std::mem::offset_of!`), so the
+//! generated loads and the Rust side cannot disagree about a layout. Every
+//! field is 8 bytes: a task function reads each with one i64 load.
+
+use std::mem::{offset_of, size_of};
+
+/// Everything one task (one batch, head and query tile) needs, filled by
+/// `runtime::exec` and read by the generated task function.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Task {
+    pub b: i64,
+    pub h: i64,
+    /// Absolute query position of the tile's first row (row0 + q_offset).
+    pub q_start: i64,
+    pub rows: i64,
+    /// Q tile: `rows` rows of `d` floats, row stride `d` (read only: it may be
+    /// the caller's input).
+    pub q: *const f32,
+    /// Packed K of the head (see `runtime::gemm::PackedK`).
+    pub k: *const f32,
+    /// V of the head (packed, or the caller's rows), and its row stride in floats.
+    pub v: *const f32,
+    pub v_stride: i64,
+    /// FULL key-tile ranges of this query tile: `n_full` (start, end) u32 pairs.
+    pub full: *const u32,
+    pub n_full: i64,
+    /// PARTIAL key tiles of this query tile: `n_part` u32.
+    pub part: *const u32,
+    pub n_part: i64,
+    pub kv_len: i64,
+    pub d: i64,
+    /// Scratch: S [bq x bkv], m [bq], l [bq], acc [bq x d] (f32).
+    pub s: *mut f32,
+    pub m: *mut f32,
+    pub l: *mut f32,
+    pub acc: *mut f32,
+    /// Row-level values [n_row][bq] and column-level values [n_col][bkv], 8 bytes each.
+    pub rowvals: *mut u64,
+    pub colvals: *mut u64,
+    /// Where a failing task describes its error.
+    pub err: *mut ErrorRecord,
+    /// One descriptor per buffer of the spec, in declaration order.
+    pub bufs: *const BufferDesc,
+    /// Shapes B, H, HKV, Q, KV, D.
+    pub shapes: *const i64,
+    /// One byte per key tile of the head: nonzero where V holds a non-finite
+    /// value (`runtime::gemm::nonfinite_tiles`); such tiles take the exact `pv`.
+    pub v_flags: *const u8,
+}
+
+/// A buffer as generated code reads it: data, up to four dims and the
+/// strides (in elements) of a standard-layout array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BufferDesc {
+    pub data: *const u8,
+    pub dims: [i64; 4],
+    pub strides: [i64; 4],
+}
+
+/// What a failing task reports: the kind, the IR value that failed, the
+/// point (`q`, `kv`; -1 where the value does not depend on it) and up to four
+/// indices of a read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ErrorRecord {
+    pub code: i64,
+    pub value: i64,
+    pub q: i64,
+    pub kv: i64,
+    pub index: [i64; 4],
+}
+
+/// The kinds of run-time error, as `ErrorRecord::code` and as the (negated)
+/// return value of `ancestor`.
+pub mod code {
+    /// A range-checked read out of range.
+    pub const OUT_OF_RANGE: i64 = 1;
+    /// Integer division or remainder by zero.
+    pub const DIV_ZERO: i64 = 2;
+    /// `ancestor` walked into a cycle.
+    pub const CYCLE: i64 = 3;
+    /// A read the optimiser proved in range is out of range (only with
+    /// `JitOptions::check_proven_loads`): a compiler bug.
+    pub const PROVEN_OUT_OF_RANGE: i64 = 4;
+}
+
+/// Byte offsets of the fields, for generated loads and stores.
+pub mod offset {
+    use super::*;
+
+    macro_rules! offsets {
+        ($ty:ty: $($name:ident = $field:ident),* $(,)?) => {
+            $(pub const $name: i32 = offset_of!($ty, $field) as i32;)*
+        };
+    }
+    offsets!(Task:
+        B = b, H = h, Q_START = q_start, ROWS = rows, Q = q, K = k, V = v,
+        V_STRIDE = v_stride, FULL = full, N_FULL = n_full, PART = part, N_PART = n_part,
+        KV_LEN = kv_len, D = d, S = s, M = m, L = l, ACC = acc, ROWVALS = rowvals,
+        COLVALS = colvals, ERR = err, BUFS = bufs, SHAPES = shapes, V_FLAGS = v_flags,
+    );
+    offsets!(ErrorRecord: E_CODE = code, E_VALUE = value, E_Q = q, E_KV = kv, E_INDEX = index);
+    offsets!(BufferDesc: DESC_DATA = data, DESC_DIMS = dims, DESC_STRIDES = strides);
+    /// Bytes per buffer descriptor.
+    pub const DESC_BYTES: i64 = size_of::<BufferDesc>() as i64;
+}
+
+// Generated code reads every field with one 8-byte load.
+const _: () = assert!(size_of::<Task>() == 24 * 8);
+const _: () = assert!(size_of::<ErrorRecord>() == 8 * 8);
+const _: () = assert!(size_of::<BufferDesc>() == 9 * 8);
+
+// SAFETY: a descriptor is only read, by tasks of one run, and points at buffer
+// data that the run holds and nobody writes while it runs.
+unsafe impl Send for BufferDesc {}
+// SAFETY: as above.
+unsafe impl Sync for BufferDesc {}
+
+impl BufferDesc {
+    /// The descriptor of a standard-layout array of `shape` at `data`.
+    pub fn new(data: *const u8, shape: &[usize]) -> BufferDesc {
+        assert!(shape.len() <= 4, "buffers have at most four dims");
+        let mut d = BufferDesc {
+            data,
+            dims: [0; 4],
+            strides: [0; 4],
+        };
+        let mut stride = 1i64;
+        for n in (0..shape.len()).rev() {
+            d.dims[n] = shape[n] as i64;
+            d.strides[n] = stride;
+            stride *= shape[n] as i64;
+        }
+        d
+    }
+}
