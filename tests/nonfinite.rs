@@ -67,16 +67,21 @@ fn same(got: f32, want: f32, nonfinite_ok: bool) -> bool {
 /// value (for inf in V at a visible key).
 fn check_all(program: &Program, inputs: &Inputs<'_>, nonfinite_ok: bool) -> Outputs {
     let want = program.run_reference(inputs).unwrap();
-    let want_lse = want.lse.as_ref().unwrap();
     for (name, got) in every_backend(program, inputs) {
-        for ((idx, &g), &w) in got.out.indexed_iter().zip(want.out.iter()) {
-            assert!(same(g, w, nonfinite_ok), "{name}: out{idx:?} = {g}, reference {w}");
-        }
-        for ((idx, &g), &w) in got.lse.as_ref().unwrap().indexed_iter().zip(want_lse.iter()) {
-            assert!(same(g, w, false), "{name}: lse{idx:?} = {g}, reference {w}");
-        }
+        assert_same(&name, &got, "reference", &want, nonfinite_ok);
     }
     want
+}
+
+/// Asserts that `got` matches `want` element by element ([`same`]).
+fn assert_same(name: &str, got: &Outputs, what: &str, want: &Outputs, nonfinite_ok: bool) {
+    for ((idx, &g), &w) in got.out.indexed_iter().zip(want.out.iter()) {
+        assert!(same(g, w, nonfinite_ok), "{name}: out{idx:?} = {g}, {what} {w}");
+    }
+    let (got_lse, want_lse) = (got.lse.as_ref().unwrap(), want.lse.as_ref().unwrap());
+    for ((idx, &g), &w) in got_lse.indexed_iter().zip(want_lse.iter()) {
+        assert!(same(g, w, false), "{name}: lse{idx:?} = {g}, {what} {w}");
+    }
 }
 
 fn random(shape: (usize, usize, usize, usize), seed: u64) -> Array4<f32> {
@@ -202,12 +207,7 @@ fn data_dependent_overflow_is_ieee_f32_on_every_f32_backend() {
     }
     assert!(classes[1] > 0, "some rows see a +inf score: {classes:?}");
     for (name, got) in &runs[1..] {
-        for ((idx, &g), &w) in got.out.indexed_iter().zip(want.out.iter()) {
-            assert!(same(g, w, false), "{name}: out{idx:?} = {g}, {first} {w}");
-        }
-        for ((idx, &g), &w) in got.lse.as_ref().unwrap().indexed_iter().zip(want.lse.as_ref().unwrap().iter()) {
-            assert!(same(g, w, false), "{name}: lse{idx:?} = {g}, {first} {w}");
-        }
+        assert_same(name, got, first, want, false);
     }
 }
 
