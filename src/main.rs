@@ -1027,7 +1027,7 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
             }
         }
         need.check(format_args!(
-            "the block maps of `{}` for B={} H={} Q={} KV={} with {tiling} tiles",
+            "`attnc blocks` of `{}` on B={} H={} Q={} KV={} with {tiling} tiles",
             program.spec.name, args.batch, args.heads, args.q_len, args.kv_len
         ))?;
     }

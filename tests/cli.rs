@@ -857,7 +857,7 @@ fn blocks_beyond_memory_is_an_error() {
     ]);
     assert_beyond_memory(
         &o,
-        "the block maps of `bh` for B=1000000 H=1000 Q=2147483647",
+        "`attnc blocks` of `bh` on B=1000000 H=1000 Q=2147483647 KV=2147483647 with 1x1 tiles",
     );
 }
 
