@@ -229,6 +229,9 @@ enum Stage {
     Checked,
     TileUnopt,
     Tile,
+    /// The loop nest around the tile IR: grid, rows, K/V source, key walk,
+    /// per-tile steps, finish.
+    Nest,
     /// The Cranelift IR of the CPU kernel.
     Clif,
     /// The block map (needs --q-len; same output as `attnc blocks`).
@@ -847,6 +850,8 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
     let kernel = attnc::tile::build(&program.spec, &schedule);
     Ok(if args.stage == Stage::TileUnopt {
         kernel.to_string()
+    } else if args.stage == Stage::Nest {
+        format!("; attnc loop nest of `{}`\n{}", kernel.name, kernel.nest)
     } else {
         attnc::tile::optimize(&kernel).to_string()
     })
@@ -1037,7 +1042,7 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
             .expect("the element count was checked above")
     };
     let (q, kv) = (view(args.q_len), view(args.kv_len));
-    let mut inputs = Inputs::new(q, kv.clone(), kv).q_offset(args.q_offset);
+    let mut inputs = Inputs::new(q, kv, kv).q_offset(args.q_offset);
     let mut rng = attnc::bench::Rng::new(0);
     for (name, source) in buffers {
         let Some(id) = program.spec.buffer_id(&name) else {

@@ -261,3 +261,27 @@ fn focused_specs_agree_with_reference_on_random_inputs() {
         }
     });
 }
+
+/// The loop nest (`attnc emit --stage nest`) under two schedules: what every
+/// backend lowers around the instructions. Every kernel has the forward nest
+/// today; a new grid, K/V source or walk shows up here first.
+#[test]
+fn loop_nest_text() {
+    let spec = spec_of(&common::root().join("examples/causal.attn"));
+    let mut text = String::new();
+    for schedule in [
+        Schedule::default(),
+        Schedule {
+            bq: 128,
+            bkv: 32,
+            dim: None,
+            exp2: false,
+        },
+    ] {
+        let k = tile::lower(&spec, &schedule);
+        assert_eq!(k.nest, tile::LoopNest::forward(&schedule));
+        text.push_str(&k.nest.to_string());
+        text.push('\n');
+    }
+    insta::assert_snapshot!(text);
+}

@@ -326,6 +326,7 @@ pub(crate) fn run_with_budget(
                 if status != 0 {
                     return Err(error(compiled, &buffers, &scratch.err, b, h));
                 }
+                let crate::tile::nest::Finish::Normalize = k.nest.finish;
                 let ln2 = std::f32::consts::LN_2;
                 for i in 0..rows {
                     let (m, l) = (scratch.m[i], scratch.l[i]);

@@ -337,6 +337,7 @@ impl Kernel {
         r: KernelRoots,
     ) -> Kernel {
         Kernel {
+            nest: super::nest::LoopNest::forward(&decls.schedule),
             name: decls.name,
             schedule: decls.schedule,
             params: decls.params,

@@ -9,6 +9,7 @@
 use ndarray::{Array3, Array4};
 
 use super::ir::*;
+use super::nest::{Finish, KvSource, Step};
 use crate::bind::{Bound, Inputs, Outputs};
 use crate::buffer::BufferData;
 use crate::mask::BlockMaps;
@@ -361,70 +362,98 @@ pub fn run(
                 let mut mx = vec![f32::NEG_INFINITY; rows];
                 let mut l = vec![0f32; rows];
                 let mut acc = vec![vec![0f32; sh.d]; rows];
-                let full = map
-                    .full_ranges(qt)
+                // The key walk and the steps of the kernel's loop nest.
+                let walk: Vec<(usize, Section)> = k
+                    .nest
+                    .sections()
                     .iter()
-                    .flat_map(|r| r.clone())
-                    .map(|kt| (kt as usize, Section::Full));
-                let partial = map
-                    .partial(qt)
-                    .iter()
-                    .map(|&kt| (kt as usize, Section::Partial));
-                for (kt, section) in full.chain(partial) {
+                    .flat_map(|&section| -> Vec<(usize, Section)> {
+                        match section {
+                            Section::Full => map
+                                .full_ranges(qt)
+                                .iter()
+                                .flat_map(|r| r.clone())
+                                .map(|kt| (kt as usize, section))
+                                .collect(),
+                            _ => map
+                                .partial(qt)
+                                .iter()
+                                .map(|&kt| (kt as usize, section))
+                                .collect(),
+                        }
+                    })
+                    .collect();
+                let KvSource::Dense = k.nest.kv;
+                for (kt, section) in walk {
                     let col0 = kt * bkv;
                     let cols = bkv.min(sh.kv - col0);
                     let mut col_vals = Vec::with_capacity(cols);
-                    for j in 0..cols {
-                        let here = Here {
-                            kv: (col0 + j) as i64,
-                            ..head
-                        };
-                        m.run_level(Level::Col, section, &here)?;
-                        col_vals.push(col_ids.iter().map(|&v| m.vals[v]).collect::<Vec<_>>());
-                    }
                     let mut s = vec![vec![f32::NEG_INFINITY; cols]; rows];
-                    for i in 0..rows {
-                        for (&v, val) in row_ids.iter().zip(&row_vals[i]) {
-                            m.vals[v] = *val;
-                        }
-                        for j in 0..cols {
-                            for (&v, val) in col_ids.iter().zip(&col_vals[j]) {
-                                m.vals[v] = *val;
-                            }
-                            let mut dot = 0f32;
-                            for d in 0..sh.d {
-                                dot += qs[i][d] * inputs.k[[kb, kh, col0 + j, d]];
-                            }
-                            let dot = dot * prescale;
-                            let here = Here {
-                                q: (row0 + i) as i64 + bound.q_offset,
-                                kv: (col0 + j) as i64,
-                                tile_score: dot,
-                                ..head
-                            };
-                            m.run_level(Level::Elem, section, &here)?;
-                            s[i][j] = match section {
-                                Section::Partial => {
-                                    let visible = k.mask.is_none_or(|mv| m.vals[mv.0 as usize].b());
-                                    if visible {
-                                        m.vals[k.score_partial.0 as usize].f()
-                                    } else {
-                                        f32::NEG_INFINITY
+                    for step in &k.nest.steps {
+                        match step {
+                            Step::Qk => {
+                                for (i, row) in s.iter_mut().enumerate() {
+                                    for (j, x) in row.iter_mut().enumerate() {
+                                        let mut dot = 0f32;
+                                        for d in 0..sh.d {
+                                            dot += qs[i][d] * inputs.k[[kb, kh, col0 + j, d]];
+                                        }
+                                        *x = dot * prescale;
                                     }
                                 }
-                                _ => m.vals[k.score_full.0 as usize].f(),
-                            };
+                            }
+                            Step::Cols => {
+                                for j in 0..cols {
+                                    let here = Here {
+                                        kv: (col0 + j) as i64,
+                                        ..head
+                                    };
+                                    m.run_level(Level::Col, section, &here)?;
+                                    col_vals.push(
+                                        col_ids.iter().map(|&v| m.vals[v]).collect::<Vec<_>>(),
+                                    );
+                                }
+                            }
+                            Step::Scores => {
+                                for (i, row) in s.iter_mut().enumerate() {
+                                    for (&v, val) in row_ids.iter().zip(&row_vals[i]) {
+                                        m.vals[v] = *val;
+                                    }
+                                    for (j, x) in row.iter_mut().enumerate() {
+                                        for (&v, val) in col_ids.iter().zip(&col_vals[j]) {
+                                            m.vals[v] = *val;
+                                        }
+                                        let here = Here {
+                                            q: (row0 + i) as i64 + bound.q_offset,
+                                            kv: (col0 + j) as i64,
+                                            tile_score: *x,
+                                            ..head
+                                        };
+                                        m.run_level(Level::Elem, section, &here)?;
+                                        *x = match section {
+                                            Section::Partial => {
+                                                let visible = k
+                                                    .mask
+                                                    .is_none_or(|mv| m.vals[mv.0 as usize].b());
+                                                if visible {
+                                                    m.vals[k.score_partial.0 as usize].f()
+                                                } else {
+                                                    f32::NEG_INFINITY
+                                                }
+                                            }
+                                            _ => m.vals[k.score_full.0 as usize].f(),
+                                        };
+                                    }
+                                }
+                            }
+                            Step::OnlineSoftmax => {
+                                online_softmax(&mut s, &mut mx, &mut l, &mut acc, k.schedule.exp2)
+                            }
+                            Step::Pv => pv(&s, &mut acc, |j, d| inputs.v[[kb, kh, col0 + j, d]]),
                         }
                     }
-                    online_softmax(
-                        &mut s,
-                        &mut mx,
-                        &mut l,
-                        &mut acc,
-                        k.schedule.exp2,
-                        |j, d| inputs.v[[kb, kh, col0 + j, d]],
-                    );
                 }
+                let Finish::Normalize = k.nest.finish;
                 for i in 0..rows {
                     if l[i] == 0.0 && mx[i] == f32::NEG_INFINITY {
                         continue; // no key visible: out stays 0, lse -inf
@@ -448,40 +477,54 @@ pub fn run(
 }
 
 /// One online-softmax step over a score tile: new running max, rescale of
-/// the row sum and accumulator, `p = exp(s - m)`, and `acc += p V`.
+/// the row sum and accumulator, and `p = exp(s - m)` written over `s`.
 fn online_softmax(
     s: &mut [Vec<f32>],
     mx: &mut [f32],
     l: &mut [f32],
     acc: &mut [Vec<f32>],
     exp2: bool,
-    v: impl Fn(usize, usize) -> f32,
 ) {
     let e = |x: f32| if exp2 { x.exp2() } else { x.exp() };
     for (i, row) in s.iter_mut().enumerate() {
         // NaN-propagating maximum (`f32::max` would skip a NaN score and let its
         // row pass for one that sees no key).
-        let nan_max = |a: f32, b: f32| if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) };
+        let nan_max = |a: f32, b: f32| {
+            if a.is_nan() || b.is_nan() {
+                f32::NAN
+            } else {
+                a.max(b)
+            }
+        };
         let tile_max = row.iter().copied().fold(f32::NEG_INFINITY, nan_max);
         let m_new = nan_max(mx[i], tile_max);
         if m_new == f32::NEG_INFINITY {
-            continue; // nothing visible yet
+            row.fill(0.0); // nothing visible yet
+            continue;
         }
         let alpha = e(mx[i] - m_new);
         l[i] *= alpha;
         for a in acc[i].iter_mut() {
             *a *= alpha;
         }
-        for (j, x) in row.iter_mut().enumerate() {
-            let p = e(*x - m_new);
-            *x = p;
-            l[i] += p;
-            if p != 0.0 {
-                for (d, a) in acc[i].iter_mut().enumerate() {
-                    *a += p * v(j, d);
+        for x in row.iter_mut() {
+            *x = e(*x - m_new);
+            l[i] += *x;
+        }
+        mx[i] = m_new;
+    }
+}
+
+/// `acc += P V` over a tile of probabilities, skipping keys of probability 0
+/// (so a NaN or infinite V at a masked key never reaches a row).
+fn pv(p: &[Vec<f32>], acc: &mut [Vec<f32>], v: impl Fn(usize, usize) -> f32) {
+    for (row, a) in p.iter().zip(acc.iter_mut()) {
+        for (j, &pj) in row.iter().enumerate() {
+            if pj != 0.0 {
+                for (d, x) in a.iter_mut().enumerate() {
+                    *x += pj * v(j, d);
                 }
             }
         }
-        mx[i] = m_new;
     }
 }

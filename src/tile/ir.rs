@@ -405,6 +405,8 @@ pub struct Kernel {
     /// would fail must fail even if folding made its result irrelevant.
     pub effects_full: Vec<ValueId>,
     pub effects_partial: Vec<ValueId>,
+    /// The loop nest around the instructions, which every backend lowers.
+    pub nest: super::nest::LoopNest,
 }
 
 impl Kernel {

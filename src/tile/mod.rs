@@ -9,6 +9,7 @@ mod build;
 pub mod builder;
 pub mod interp;
 pub mod ir;
+pub mod nest;
 pub mod opt;
 mod print;
 pub mod range;
@@ -16,6 +17,7 @@ pub mod verify;
 
 pub use build::build;
 pub use ir::*;
+pub use nest::LoopNest;
 pub use opt::optimize;
 pub use verify::{verify, VerifyError};
 

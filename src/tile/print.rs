@@ -156,58 +156,74 @@ impl fmt::Display for Kernel {
                 writeln!(f, "    {name} = {l}   ; evaluated even where unused")?;
             }
         }
+        use super::nest::{Finish, Grid, KvSource, RowMap, Step};
+        let Grid::QueryTiles { bq } = self.nest.grid;
+        let bkv = s.bkv;
         writeln!(
             f,
-            "  grid b in 0..B, h in 0..H, qt in 0..ceil(Q / {}) parallel:",
-            s.bq
+            "  grid b in 0..B, h in 0..H, qt in 0..ceil(Q / {bq}) parallel:"
         )?;
         writeln!(f, "    head:")?;
         self.write_level(f, "      ", Level::Head, None)?;
         writeln!(f, "    q_tile = load_q b, h, qt")?;
         writeln!(f, "    m = -inf, l = 0, acc = 0")?;
-        writeln!(
-            f,
-            "    row i (q = qt * {} + i + q_offset, i < min({}, Q - qt * {})):",
-            s.bq, s.bq, s.bq
-        )?;
+        match self.nest.rows {
+            RowMap::OneHead => writeln!(
+                f,
+                "    row i (q = qt * {bq} + i + q_offset, i < min({bq}, Q - qt * {bq})):"
+            )?,
+        }
         self.write_level(f, "      ", Level::Row, None)?;
+        let kv = match self.nest.kv {
+            KvSource::Dense => "[b, h / (H / HKV), kt]",
+        };
         let exp = if s.exp2 { "exp2" } else { "exp" };
-        for (section, what) in [(Section::Full, "full"), (Section::Partial, "partial")] {
-            writeln!(f, "    for kt in {what}(qt):")?;
-            writeln!(f, "      s = qk q_tile, k[b, h / (H / HKV), kt]   ; (q . k) * q_prescale")?;
-            if self.has_level(Level::Col, section) {
-                writeln!(
-                    f,
-                    "      col j (kv = kt * {} + j, j < min({}, KV - kt * {})):",
-                    s.bkv, s.bkv, s.bkv
-                )?;
-                self.write_level(f, "        ", Level::Col, Some(section))?;
-            }
-            if self.has_level(Level::Elem, section) {
-                writeln!(f, "      elem.{what} i, j:")?;
-                self.write_level(f, "        ", Level::Elem, Some(section))?;
-            }
-            if section == Section::Partial {
-                match self.mask {
-                    Some(m) => writeln!(f, "      s = select {m}, {}, -inf", self.score_partial)?,
-                    None => writeln!(f, "      s = {}", self.score_partial)?,
+        for &section in self.nest.sections() {
+            writeln!(f, "    for kt in {section}(qt):")?;
+            for step in &self.nest.steps {
+                match step {
+                    Step::Qk => writeln!(f, "      s = qk q_tile, k{kv}   ; (q . k) * q_prescale")?,
+                    Step::Cols => {
+                        if self.has_level(Level::Col, section) {
+                            writeln!(
+                                f,
+                                "      col j (kv = kt * {bkv} + j, j < min({bkv}, KV - kt * {bkv})):"
+                            )?;
+                            self.write_level(f, "        ", Level::Col, Some(section))?;
+                        }
+                    }
+                    Step::Scores => {
+                        if self.has_level(Level::Elem, section) {
+                            writeln!(f, "      elem.{section} i, j:")?;
+                            self.write_level(f, "        ", Level::Elem, Some(section))?;
+                        }
+                        match (section, self.mask) {
+                            (Section::Partial, Some(m)) => {
+                                writeln!(f, "      s = select {m}, {}, -inf", self.score_partial)?
+                            }
+                            (Section::Partial, None) => writeln!(f, "      s = {}", self.score_partial)?,
+                            _ => writeln!(f, "      s = {}", self.score_full)?,
+                        }
+                    }
+                    Step::OnlineSoftmax => writeln!(f, "      online_softmax s, m, l, acc   ; m' = max(m, rowmax s), p = {exp}(s - m'), l = l * {exp}(m - m') + rowsum p")?,
+                    Step::Pv => writeln!(f, "      acc += pv p, v{kv}   ; keys with p = 0 skipped where v is not finite")?,
                 }
-            } else {
-                writeln!(f, "      s = {}", self.score_full)?;
             }
-            writeln!(f, "      online_softmax s, m, l, acc   ; m' = max(m, rowmax s), p = {exp}(s - m'), l = l * {exp}(m - m') + rowsum p")?;
-            writeln!(f, "      acc += pv p, v[b, h / (H / HKV), kt]   ; keys with p = 0 skipped where v is not finite")?;
         }
         writeln!(f, "    finish:")?;
-        let lse = if s.exp2 {
-            "(m + log2(l)) * ln(2)"
-        } else {
-            "m + log(l)"
-        };
-        writeln!(
-            f,
-            "      out = acc / l, lse = {lse}   ; l = 0 and m = -inf: out = 0, lse = -inf"
-        )?;
+        match self.nest.finish {
+            Finish::Normalize => {
+                let lse = if s.exp2 {
+                    "(m + log2(l)) * ln(2)"
+                } else {
+                    "m + log(l)"
+                };
+                writeln!(
+                    f,
+                    "      out = acc / l, lse = {lse}   ; l = 0 and m = -inf: out = 0, lse = -inf"
+                )?;
+            }
+        }
         writeln!(f, "}}")
     }
 }

@@ -29,6 +29,7 @@ use super::microkernel::{
 use super::vmath::VMath;
 use crate::codegen::CodegenError;
 use crate::sema::{Func, ShapeVar, Var};
+use crate::tile::nest::Step;
 use crate::tile::{BinOp, CmpOp, Kernel, Level, Op, Section, Ty, UnOp, ValueId};
 
 use crate::runtime::abi::{code, offset, BufferDesc};
@@ -122,10 +123,7 @@ pub fn compile(
         .symbols()
         .map_err(|e| CodegenError::Isa(e.to_string()))?;
     symbols.push((ANCESTOR_SYMBOL, ancestor_helper as *const u8));
-    symbols.push((
-        PV_EXACT_SYMBOL,
-        crate::runtime::gemm::pv_exact as *const u8,
-    ));
+    symbols.push((PV_EXACT_SYMBOL, crate::runtime::gemm::pv_exact as *const u8));
     let mut jit = JitModule::new(options, &symbols)?;
     let tiles = gemm.declare_in(&mut jit)?;
     let p = jit.pointer_type();
@@ -305,6 +303,10 @@ impl Emitter<'_> {
     fn body(&mut self, b: &mut FunctionBuilder<'_>) {
         self.task = Some(begin_function(b)[0]);
         let k = self.k;
+        // The loop nest this body lowers: one task per (b, h, query tile), the
+        // tile's rows in the task's head (the runtime's task block says which).
+        let crate::tile::nest::Grid::QueryTiles { .. } = k.nest.grid;
+        let crate::tile::nest::RowMap::OneHead = k.nest.rows;
         let bq = k.schedule.bq as i64;
         let bkv = k.schedule.bkv as i64;
         let bv = self.task_field(b, offset::B);
@@ -333,15 +335,6 @@ impl Emitter<'_> {
         emit_if(b, any, |b| {
             self.rows(b, not_full, false, q_start, rows, rowvals, bq, &here);
         });
-        // FULL tiles (ranges of (start, end)), after the values only they use.
-        let has_full = b.ins().icmp_imm_s(IntCC::SignedGreaterThan, n_full, 0);
-        let full_block = b.create_block();
-        let after_full = b.create_block();
-        b.ins().brif(has_full, full_block, &[], after_full, &[]);
-        b.switch_to_block(full_block);
-        self.level_where(b, Level::Call, full_only, &here);
-        self.level_where(b, Level::Head, full_only, &here);
-        self.rows(b, full_only, true, q_start, rows, rowvals, bq, &here);
         let tc = TileCtx {
             q_start,
             rows,
@@ -351,24 +344,44 @@ impl Emitter<'_> {
             bq,
             bkv,
         };
-        emit_range(b, zero, n_full, |b, r| {
-            let off = b.ins().imul_imm_s(r, 8);
-            let addr = b.ins().iadd(full, off);
-            let start = b.ins().uload32(flags(), addr, 0);
-            let end = b.ins().uload32(flags(), addr, 4);
-            emit_range(b, start, end, |b, t| {
-                self.tile(b, t, Section::Full, &mut here, &tc);
-            });
-        });
-        b.ins().jump(after_full, &[]);
-        b.switch_to_block(after_full);
-        let part = self.task_field(b, offset::PART);
-        emit_range(b, zero, n_part, |b, r| {
-            let off = b.ins().imul_imm_s(r, 4);
-            let addr = b.ins().iadd(part, off);
-            let kt = b.ins().uload32(flags(), addr, 0);
-            self.tile(b, kt, Section::Partial, &mut here, &tc);
-        });
+        // The key walk of the loop nest, section by section.
+        let crate::tile::nest::KeyWalk::BlockMap { .. } = &k.nest.walk;
+        for &section in k.nest.sections() {
+            match section {
+                Section::Full => {
+                    // FULL tiles (ranges of (start, end)), after the values only they use.
+                    let has_full = b.ins().icmp_imm_s(IntCC::SignedGreaterThan, n_full, 0);
+                    let full_block = b.create_block();
+                    let after_full = b.create_block();
+                    b.ins().brif(has_full, full_block, &[], after_full, &[]);
+                    b.switch_to_block(full_block);
+                    self.level_where(b, Level::Call, full_only, &here);
+                    self.level_where(b, Level::Head, full_only, &here);
+                    self.rows(b, full_only, true, q_start, rows, rowvals, bq, &here);
+                    emit_range(b, zero, n_full, |b, r| {
+                        let off = b.ins().imul_imm_s(r, 8);
+                        let addr = b.ins().iadd(full, off);
+                        let start = b.ins().uload32(flags(), addr, 0);
+                        let end = b.ins().uload32(flags(), addr, 4);
+                        emit_range(b, start, end, |b, t| {
+                            self.tile(b, t, Section::Full, &mut here, &tc);
+                        });
+                    });
+                    b.ins().jump(after_full, &[]);
+                    b.switch_to_block(after_full);
+                }
+                Section::Partial => {
+                    let part = self.task_field(b, offset::PART);
+                    emit_range(b, zero, n_part, |b, r| {
+                        let off = b.ins().imul_imm_s(r, 4);
+                        let addr = b.ins().iadd(part, off);
+                        let kt = b.ins().uload32(flags(), addr, 0);
+                        self.tile(b, kt, Section::Partial, &mut here, &tc);
+                    });
+                }
+                Section::Shared => unreachable!("the walk visits FULL and PARTIAL tiles"),
+            }
+        }
         let ok = b.ins().iconst(types::I64, 0);
         b.ins().return_(&[ok]);
     }
@@ -498,7 +511,8 @@ impl Emitter<'_> {
         }
     }
 
-    /// One key tile: qk, column values, element code, softmax step, pv.
+    /// One key tile: the steps of the loop nest (qk, column values, element
+    /// code and scores, softmax step, pv).
     #[allow(clippy::too_many_arguments)]
     fn tile(
         &mut self,
@@ -525,119 +539,136 @@ impl Emitter<'_> {
         let koff = b.ins().imul_imm_s(koff, 4);
         let kaddr = b.ins().iadd(kp, koff);
         let s_stride = b.ins().iconst(p, tc.bkv);
-        b.ins().call(
-            self.funcs.qk,
-            &[q, d, kaddr, d, tc.rows, cols, s, s_stride, tc.prescale],
-        );
-        // Column-level values.
-        let has_cols = k
-            .insts
-            .iter()
-            .any(|i| i.level == Level::Col && i.section.runs_in(section));
-        if has_cols {
-            let zero = b.ins().iconst(types::I64, 0);
-            emit_range(b, zero, cols, |b, j| {
-                let kv = b.ins().iadd(col0, j);
-                let h2 = Here {
-                    kv: Some(kv),
-                    ..*here
-                };
-                self.level(b, Level::Col, section, &h2);
-                self.store_slots(b, Level::Col, section, tc.colvals, tc.bkv, j);
-            });
-        }
-        // Element-level code, unless the tile's score is the raw tile score.
-        let score = if section == Section::Full {
-            k.score_full
-        } else {
-            k.score_partial
-        };
-        let needs_elem =
-            section == Section::Partial && k.mask.is_some() || k.inst(score).op != Op::TileScore;
-        if needs_elem {
-            let zero = b.ins().iconst(types::I64, 0);
-            emit_range(b, zero, tc.rows, |b, i| {
-                let q = b.ins().iadd(tc.q_start, i);
-                self.load_slots(b, Level::Row, section, tc.rowvals, tc.bq, i);
-                self.splat_uniforms(b, section, score);
-                let row_off = b.ins().imul_imm_s(i, tc.bkv * 4);
-                let srow = b.ins().iadd(s, row_off);
-                // Four columns at a time in f32x4, then the scalar tail.
-                let after_vec = emit_while(
-                    b,
-                    &[zero],
-                    |b, w| {
-                        let j4 = b.ins().iadd_imm_s(w[0], 4);
-                        b.ins().icmp(IntCC::SignedLessThanOrEqual, j4, cols)
-                    },
-                    |b, w| {
-                        let j = w[0];
-                        let kv = b.ins().iadd(col0, j);
-                        let h2 = Here {
-                            q: Some(q),
-                            kv: Some(kv),
-                            ..*here
-                        };
-                        self.elem_vector(b, section, score, &h2, tc.colvals, tc.bkv, j, srow);
-                        vec![b.ins().iadd_imm_s(j, 4)]
-                    },
-                );
-                emit_range(b, after_vec[0], cols, |b, j| {
-                    let kv = b.ins().iadd(col0, j);
-                    self.load_slots(b, Level::Col, section, tc.colvals, tc.bkv, j);
-                    let off = b.ins().imul_imm_s(j, 4);
-                    let addr = b.ins().iadd(srow, off);
-                    let ts = b.ins().load(types::F32, flags(), addr, 0);
-                    let h2 = Here {
-                        q: Some(q),
-                        kv: Some(kv),
-                        tile_score: Some(ts),
-                        ..*here
-                    };
-                    self.level(b, Level::Elem, section, &h2);
-                    let mut out = self.vals[score.0 as usize].unwrap();
-                    if section == Section::Partial {
-                        if let Some(m) = k.mask {
-                            let mv = self.vals[m.0 as usize].unwrap();
-                            let ninf = b.ins().f32const(f32::NEG_INFINITY);
-                            out = b.ins().select(mv, out, ninf);
-                        }
-                    }
-                    b.ins().store(flags(), out, addr, 0);
-                });
-                self.uniform.fill(None);
-            });
-        }
         let m = self.task_field(b, offset::M);
         let l = self.task_field(b, offset::L);
         let acc = self.task_field(b, offset::ACC);
-        let base2 = b.ins().iconst(types::I32, i64::from(k.schedule.exp2));
-        b.ins().call(
-            self.funcs.softmax,
-            &[s, s_stride, tc.rows, cols, m, l, acc, d, d, base2],
-        );
-        let vp = self.task_field(b, offset::V);
-        let vstride = self.task_field(b, offset::V_STRIDE);
-        let voff = b.ins().imul(col0, vstride);
-        let voff = b.ins().imul_imm_s(voff, 4);
-        let vaddr = b.ins().iadd(vp, voff);
-        // A tile whose V holds NaN or inf takes the exact product, which skips
-        // keys of probability 0 (the dense one would compute 0 x NaN).
-        let vflags = self.task_field(b, offset::V_FLAGS);
-        let flag_addr = b.ins().iadd(vflags, kt);
-        let dirty = b.ins().uload8(types::I32, flags(), flag_addr, 0);
-        let pv_args = [s, s_stride, vaddr, vstride, d, tc.rows, cols, acc, d];
-        let (pv, pv_exact) = (self.funcs.pv, self.funcs.pv_exact);
-        emit_if_else(
-            b,
-            dirty,
-            |b| {
-                b.ins().call(pv_exact, &pv_args);
-            },
-            |b| {
-                b.ins().call(pv, &pv_args);
-            },
-        );
+        let crate::tile::nest::KvSource::Dense = k.nest.kv;
+        for step in &k.nest.steps {
+            match step {
+                Step::Qk => {
+                    b.ins().call(
+                        self.funcs.qk,
+                        &[q, d, kaddr, d, tc.rows, cols, s, s_stride, tc.prescale],
+                    );
+                }
+                Step::Cols => {
+                    // Column-level values.
+                    let has_cols = k
+                        .insts
+                        .iter()
+                        .any(|i| i.level == Level::Col && i.section.runs_in(section));
+                    if has_cols {
+                        let zero = b.ins().iconst(types::I64, 0);
+                        emit_range(b, zero, cols, |b, j| {
+                            let kv = b.ins().iadd(col0, j);
+                            let h2 = Here {
+                                kv: Some(kv),
+                                ..*here
+                            };
+                            self.level(b, Level::Col, section, &h2);
+                            self.store_slots(b, Level::Col, section, tc.colvals, tc.bkv, j);
+                        });
+                    }
+                }
+                Step::Scores => {
+                    // Element-level code, unless the tile's score is the raw tile score.
+                    let score = if section == Section::Full {
+                        k.score_full
+                    } else {
+                        k.score_partial
+                    };
+                    let needs_elem = section == Section::Partial && k.mask.is_some()
+                        || k.inst(score).op != Op::TileScore;
+                    if needs_elem {
+                        let zero = b.ins().iconst(types::I64, 0);
+                        emit_range(b, zero, tc.rows, |b, i| {
+                            let q = b.ins().iadd(tc.q_start, i);
+                            self.load_slots(b, Level::Row, section, tc.rowvals, tc.bq, i);
+                            self.splat_uniforms(b, section, score);
+                            let row_off = b.ins().imul_imm_s(i, tc.bkv * 4);
+                            let srow = b.ins().iadd(s, row_off);
+                            // Four columns at a time in f32x4, then the scalar tail.
+                            let after_vec = emit_while(
+                                b,
+                                &[zero],
+                                |b, w| {
+                                    let j4 = b.ins().iadd_imm_s(w[0], 4);
+                                    b.ins().icmp(IntCC::SignedLessThanOrEqual, j4, cols)
+                                },
+                                |b, w| {
+                                    let j = w[0];
+                                    let kv = b.ins().iadd(col0, j);
+                                    let h2 = Here {
+                                        q: Some(q),
+                                        kv: Some(kv),
+                                        ..*here
+                                    };
+                                    self.elem_vector(
+                                        b, section, score, &h2, tc.colvals, tc.bkv, j, srow,
+                                    );
+                                    vec![b.ins().iadd_imm_s(j, 4)]
+                                },
+                            );
+                            emit_range(b, after_vec[0], cols, |b, j| {
+                                let kv = b.ins().iadd(col0, j);
+                                self.load_slots(b, Level::Col, section, tc.colvals, tc.bkv, j);
+                                let off = b.ins().imul_imm_s(j, 4);
+                                let addr = b.ins().iadd(srow, off);
+                                let ts = b.ins().load(types::F32, flags(), addr, 0);
+                                let h2 = Here {
+                                    q: Some(q),
+                                    kv: Some(kv),
+                                    tile_score: Some(ts),
+                                    ..*here
+                                };
+                                self.level(b, Level::Elem, section, &h2);
+                                let mut out = self.vals[score.0 as usize].unwrap();
+                                if section == Section::Partial {
+                                    if let Some(m) = k.mask {
+                                        let mv = self.vals[m.0 as usize].unwrap();
+                                        let ninf = b.ins().f32const(f32::NEG_INFINITY);
+                                        out = b.ins().select(mv, out, ninf);
+                                    }
+                                }
+                                b.ins().store(flags(), out, addr, 0);
+                            });
+                            self.uniform.fill(None);
+                        });
+                    }
+                }
+                Step::OnlineSoftmax => {
+                    let base2 = b.ins().iconst(types::I32, i64::from(k.schedule.exp2));
+                    b.ins().call(
+                        self.funcs.softmax,
+                        &[s, s_stride, tc.rows, cols, m, l, acc, d, d, base2],
+                    );
+                }
+                Step::Pv => {
+                    let vp = self.task_field(b, offset::V);
+                    let vstride = self.task_field(b, offset::V_STRIDE);
+                    let voff = b.ins().imul(col0, vstride);
+                    let voff = b.ins().imul_imm_s(voff, 4);
+                    let vaddr = b.ins().iadd(vp, voff);
+                    // A tile whose V holds NaN or inf takes the exact product, which skips
+                    // keys of probability 0 (the dense one would compute 0 x NaN).
+                    let vflags = self.task_field(b, offset::V_FLAGS);
+                    let flag_addr = b.ins().iadd(vflags, kt);
+                    let dirty = b.ins().uload8(types::I32, flags(), flag_addr, 0);
+                    let pv_args = [s, s_stride, vaddr, vstride, d, tc.rows, cols, acc, d];
+                    let (pv, pv_exact) = (self.funcs.pv, self.funcs.pv_exact);
+                    emit_if_else(
+                        b,
+                        dirty,
+                        |b| {
+                            b.ins().call(pv_exact, &pv_args);
+                        },
+                        |b| {
+                            b.ins().call(pv, &pv_args);
+                        },
+                    );
+                }
+            }
+        }
     }
 
     /// Element code for four consecutive columns `j .. j + 4` of one row:
@@ -1191,7 +1222,8 @@ impl Emitter<'_> {
         b.ins()
             .store(flags(), here.kv.unwrap_or(minus), err, offset::E_KV);
         for (n, x) in index.iter().take(4).enumerate() {
-            b.ins().store(flags(), *x, err, offset::E_INDEX + (n * 8) as i32);
+            b.ins()
+                .store(flags(), *x, err, offset::E_INDEX + (n * 8) as i32);
         }
         b.ins().return_(&[c]);
         b.switch_to_block(cont);
@@ -1330,9 +1362,12 @@ impl Emitter<'_> {
         if checked || self.check_proven {
             let mut bad: Option<Value> = None;
             for (n, &x) in idx.iter().enumerate() {
-                let dim = b
-                    .ins()
-                    .load(types::I64, flags(), bufs, base + offset::DESC_DIMS + (n * 8) as i32);
+                let dim = b.ins().load(
+                    types::I64,
+                    flags(),
+                    bufs,
+                    base + offset::DESC_DIMS + (n * 8) as i32,
+                );
                 // Unsigned compare: negative indices are huge.
                 let out = b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, x, dim);
                 bad = Some(match bad {
@@ -1351,9 +1386,12 @@ impl Emitter<'_> {
         }
         let mut offset: Option<Value> = None;
         for (n, &x) in idx.iter().enumerate() {
-            let stride = b
-                .ins()
-                .load(types::I64, flags(), bufs, base + offset::DESC_STRIDES + (n * 8) as i32);
+            let stride = b.ins().load(
+                types::I64,
+                flags(),
+                bufs,
+                base + offset::DESC_STRIDES + (n * 8) as i32,
+            );
             let term = b.ins().imul(x, stride);
             offset = Some(match offset {
                 None => term,
@@ -1361,7 +1399,9 @@ impl Emitter<'_> {
             });
         }
         let offset = offset.unwrap_or_else(|| b.ins().iconst(types::I64, 0));
-        let data = b.ins().load(types::I64, flags(), bufs, base + offset::DESC_DATA);
+        let data = b
+            .ins()
+            .load(types::I64, flags(), bufs, base + offset::DESC_DATA);
         let size = match ty {
             Ty::I64 => 8,
             Ty::F32 => 4,

@@ -171,6 +171,20 @@ fn mma_type(dtype: Dtype) -> &'static str {
 
 /// Generates the whole PTX module.
 pub(super) fn generate(k: &Kernel, launch: &Launch, entry: &str) -> String {
+    // The loop nest this backend lowers: the grid (qt, H, B), one head per
+    // CTA, dense K/V, FULL then PARTIAL tiles, the forward steps, normalize.
+    {
+        use crate::tile::nest::*;
+        let Grid::QueryTiles { .. } = k.nest.grid;
+        let RowMap::OneHead = k.nest.rows;
+        let KvSource::Dense = k.nest.kv;
+        let Finish::Normalize = k.nest.finish;
+        assert_eq!(
+            k.nest,
+            LoopNest::forward(&k.schedule),
+            "the PTX backend lowers the forward loop nest"
+        );
+    }
     debug_assert!(
         crate::tile::verify(k).is_ok(),
         "the PTX backend takes verified kernels"
