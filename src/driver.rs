@@ -649,6 +649,18 @@ impl Program {
         }
     }
 
+    /// [`Program::first_error`] for a backend that binds the inputs itself
+    /// (the CUDA runtime): binds them again, on failure only.
+    pub fn first_error_of(&self, inputs: &Inputs<'_>, error: crate::sema::eval::EvalError) -> Error {
+        match bind(&self.spec, inputs) {
+            Ok(bound) => self.first_error(inputs, &bound, error),
+            Err(_) => Error::Eval {
+                file: self.file.clone(),
+                error,
+            },
+        }
+    }
+
     /// [`Program::first_error`] for an evaluation error of the block-map
     /// analysis; other errors as they are.
     fn classify_error(

@@ -1196,10 +1196,7 @@ fn run_cuda(
     run().map_err(|e| match e {
         CudaError::Bind(e) => Error::Bind(e),
         CudaError::Eval(error) | CudaError::Mask(attnc::mask::MaskError::Eval(error)) => {
-            Error::Eval {
-                file: program.file.clone(),
-                error,
-            }
+            program.first_error_of(inputs, error)
         }
         CudaError::Mask(e) => Error::Mask(e),
         CudaError::Codegen(e) => Error::Codegen(e.into()),
