@@ -188,7 +188,7 @@ impl Estimate {
         }
         let mut parts: Vec<(String, u128)> =
             self.parts.iter().filter(|(_, n)| *n > 0).cloned().collect();
-        parts.sort_by(|a, b| b.1.cmp(&a.1));
+        parts.sort_by_key(|p| std::cmp::Reverse(p.1));
         parts.truncate(4);
         Err(MemoryError {
             what: what.to_string(),

@@ -29,12 +29,6 @@ struct Header {
 }
 
 impl Header {
-    /// Bytes per element, from the descriptor's size (`<f4` → 4).
-    fn item_bytes(&self) -> Option<usize> {
-        let digits = self.descr.trim_start_matches(['<', '>', '|', '=']);
-        digits.get(1..)?.parse().ok()
-    }
-
     fn elements(&self) -> u128 {
         memory::array_bytes(&self.shape, 1)
     }
@@ -54,34 +48,212 @@ struct Opened {
     data_bytes: Option<u64>,
 }
 
-/// The value of `'key':` in the header dict (a quoted string, a tuple or a word).
-fn dict_value<'a>(dict: &'a str, key: &str) -> Option<&'a str> {
-    let at = dict
-        .find(&format!("'{key}'"))
-        .or_else(|| dict.find(&format!("\"{key}\"")))?;
-    let rest = dict[at + key.len() + 2..].trim_start().strip_prefix(':')?;
-    let rest = rest.trim_start();
-    let end = match rest.chars().next()? {
-        '(' => rest.find(')')? + 1,
-        q @ ('\'' | '"') => rest[1..].find(q)? + 2,
-        _ => rest.find([',', '}'])?,
-    };
-    Some(rest[..end].trim())
+/// A Python literal of an `.npy` header, as far as attnc reads one.
+#[derive(Clone, Debug, PartialEq)]
+enum Lit {
+    Str(String),
+    /// An integer; `None` when it does not fit in a u128.
+    Int(Option<u128>),
+    Bool,
+    None,
+    Tuple(Vec<Lit>),
+    List(Vec<Lit>),
+    Dict(Vec<(Lit, Lit)>),
 }
 
+/// A parser of the Python literals numpy writes in `.npy` headers: strings
+/// without escapes or prefixes, integers (decimal, `0x`, `0o`, `0b`, with
+/// `_` and a sign), `True`, `False`, `None`, tuples, lists and dicts.
+/// Anything else (floats, escapes, ...) is refused: the checks before
+/// reading must understand every header the `.npy` reader would accept.
+struct LitParser<'a> {
+    text: &'a [u8],
+    at: usize,
+}
+
+impl LitParser<'_> {
+    fn skip_space(&mut self) {
+        while self
+            .text
+            .get(self.at)
+            .is_some_and(|c| c.is_ascii_whitespace())
+        {
+            self.at += 1;
+        }
+    }
+
+    fn eat(&mut self, c: u8) -> bool {
+        self.skip_space();
+        let found = self.text.get(self.at) == Some(&c);
+        if found {
+            self.at += 1;
+        }
+        found
+    }
+
+    /// Items up to `close`, separated by commas, a trailing comma allowed.
+    /// Returns the items and whether a comma was seen.
+    fn items(&mut self, close: u8, pairs: bool) -> Option<(Vec<(Lit, Option<Lit>)>, bool)> {
+        let mut items = Vec::new();
+        let mut comma = false;
+        loop {
+            if self.eat(close) {
+                return Some((items, comma));
+            }
+            if !items.is_empty() && !comma {
+                return None;
+            }
+            let key = self.value()?;
+            let value = if pairs {
+                if !self.eat(b':') {
+                    return None;
+                }
+                Some(self.value()?)
+            } else {
+                None
+            };
+            items.push((key, value));
+            comma = self.eat(b',');
+            if !comma && !self.eat(close) {
+                return None;
+            }
+            if !comma {
+                return Some((items, false));
+            }
+        }
+    }
+
+    fn value(&mut self) -> Option<Lit> {
+        self.skip_space();
+        let c = *self.text.get(self.at)?;
+        match c {
+            b'\'' | b'"' => {
+                let end = self.text[self.at + 1..].iter().position(|&x| x == c)?;
+                let body = &self.text[self.at + 1..self.at + 1 + end];
+                if body.contains(&b'\\') {
+                    return None;
+                }
+                self.at += end + 2;
+                Some(Lit::Str(std::str::from_utf8(body).ok()?.to_string()))
+            }
+            b'(' => {
+                self.at += 1;
+                let (items, comma) = self.items(b')', false)?;
+                let mut items: Vec<Lit> = items.into_iter().map(|(v, _)| v).collect();
+                // `(x)` is x; `(x,)` and `()` are tuples.
+                Some(if items.len() == 1 && !comma {
+                    items.pop()?
+                } else {
+                    Lit::Tuple(items)
+                })
+            }
+            b'[' => {
+                self.at += 1;
+                let (items, _) = self.items(b']', false)?;
+                Some(Lit::List(items.into_iter().map(|(v, _)| v).collect()))
+            }
+            b'{' => {
+                self.at += 1;
+                let (items, _) = self.items(b'}', true)?;
+                Some(Lit::Dict(
+                    items
+                        .into_iter()
+                        .map(|(k, v)| Some((k, v?)))
+                        .collect::<Option<_>>()?,
+                ))
+            }
+            b'+' | b'-' | b'0'..=b'9' => self.int(),
+            _ => {
+                let rest = &self.text[self.at..];
+                let word_len = rest
+                    .iter()
+                    .position(|c| !(c.is_ascii_alphanumeric() || *c == b'_'))
+                    .unwrap_or(rest.len());
+                let lit = match &rest[..word_len] {
+                    b"True" | b"False" => Lit::Bool,
+                    b"None" => Lit::None,
+                    _ => return None,
+                };
+                self.at += word_len;
+                Some(lit)
+            }
+        }
+    }
+
+    fn int(&mut self) -> Option<Lit> {
+        let mut negative = false;
+        while let Some(&c @ (b'+' | b'-')) = self.text.get(self.at) {
+            negative ^= c == b'-';
+            self.at += 1;
+            self.skip_space();
+        }
+        let rest = &self.text[self.at..];
+        let len = rest
+            .iter()
+            .position(|c| !(c.is_ascii_alphanumeric() || *c == b'_'))
+            .unwrap_or(rest.len());
+        let word = std::str::from_utf8(&rest[..len]).ok()?;
+        self.at += len;
+        let (digits, radix) = match word.get(..2).map(str::to_ascii_lowercase).as_deref() {
+            Some("0x") => (&word[2..], 16),
+            Some("0o") => (&word[2..], 8),
+            Some("0b") => (&word[2..], 2),
+            _ => (word, 10),
+        };
+        if digits.is_empty()
+            || digits.starts_with('_')
+            || digits.ends_with('_')
+            || digits.contains("__")
+            || !digits.chars().all(|c| c == '_' || c.is_digit(radix))
+        {
+            return None;
+        }
+        let n = u128::from_str_radix(&digits.replace('_', ""), radix).ok();
+        // A negative size is never a size; keep it apart from large ones.
+        Some(Lit::Int(if negative && n != Some(0) {
+            Some(u128::MAX)
+        } else {
+            n
+        }))
+    }
+}
+
+/// Parses the dict of an `.npy` header. `None` when it is not one attnc can
+/// read (then the file is refused: see [`LitParser`]).
 fn parse_header(dict: &str) -> Option<Header> {
-    let descr = dict_value(dict, "descr")?;
-    let descr = descr
-        .strip_prefix(['\'', '"'])?
-        .strip_suffix(['\'', '"'])?
-        .to_string();
-    let shape = dict_value(dict, "shape")?
-        .strip_prefix('(')?
-        .strip_suffix(')')?
-        .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .map(|d| d.trim_end_matches('L').parse::<usize>().ok())
+    let mut p = LitParser {
+        text: dict.as_bytes(),
+        at: 0,
+    };
+    let Lit::Dict(pairs) = p.value()? else {
+        return None;
+    };
+    p.skip_space();
+    if p.at != dict.len() {
+        return None;
+    }
+    // Python keeps the last value of a key given twice.
+    let last = |key: &str| {
+        pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == Lit::Str(key.to_string()))
+            .map(|(_, v)| v)
+    };
+    let descr = match last("descr") {
+        Some(Lit::Str(d)) => d.clone(),
+        Some(_) => "(a structured type)".to_string(),
+        None => "(none)".to_string(),
+    };
+    let Some(Lit::Tuple(dims)) = last("shape") else {
+        return None;
+    };
+    let shape = dims
+        .iter()
+        .map(|d| match d {
+            Lit::Int(Some(n)) => usize::try_from(*n).ok(),
+            _ => None,
+        })
         .collect::<Option<Vec<usize>>>()?;
     Some(Header { descr, shape })
 }
@@ -130,9 +302,16 @@ fn open_npy(path: &Path) -> Result<Opened, Error> {
             }
             let start = prefix.len();
             if take(&mut reader, &mut prefix, len)? {
-                header = std::str::from_utf8(&prefix[start..])
-                    .ok()
-                    .and_then(parse_header);
+                let text = std::str::from_utf8(&prefix[start..]).unwrap_or("");
+                header = parse_header(text);
+                if header.is_none() {
+                    // The `.npy` reader might understand it and allocate what it
+                    // claims before any check: refuse it.
+                    return Err(io(format!(
+                        "its header is not one attnc reads (a dict of `descr`, `fortran_order` and a `shape` of sizes, as numpy writes it): {:?}",
+                        text.chars().take(200).collect::<String>()
+                    )));
+                }
             }
         }
     }
@@ -159,16 +338,31 @@ fn check_claim(
     let Some(header) = &opened.header else {
         return Ok(());
     };
-    let Some(item) = header.item_bytes() else {
-        return Ok(());
-    };
-    let claimed = header.elements().saturating_mul(item as u128);
+    // A successful read of elements of `elem` bytes needs `elem` bytes of
+    // data per element, and the reader allocates them before it looks at
+    // the descriptor: the claim is checked in those elements. An array's shape must be addressable even where an axis is 0: the
+    // product of its other axes must fit in an isize.
+    let nonzero = header
+        .shape
+        .iter()
+        .filter(|&&n| n > 0)
+        .fold(elem as u128, |acc, &n| acc.saturating_mul(n as u128));
+    if nonzero > isize::MAX as u128 {
+        return Err(Error::Io {
+            what: format!("cannot read {what} from `{}`", path.display()),
+            reason: format!(
+                "its header claims shape {}, which no array can hold (its axes multiply to more than 2^63 - 1 bytes)",
+                header.shape_text()
+            ),
+        });
+    }
+    let claimed = header.elements().saturating_mul(elem as u128);
     if let Some(present) = opened.data_bytes {
         if claimed > present as u128 {
             return Err(Error::Io {
                 what: format!("cannot read {what} from `{}`", path.display()),
                 reason: format!(
-                    "its header claims shape {} of `{}`, {} of data, but the file holds only {} after the header",
+                    "its header claims shape {} of `{}`: reading it needs {} of data, but the file holds only {} after the header",
                     header.shape_text(),
                     header.descr,
                     memory::bytes(claimed),
@@ -192,6 +386,24 @@ fn check_claim(
     ))?;
     Ok(())
 }
+
+/// Why reading elements whose descriptors are `accepted` must fail on this
+/// file, found before reading (the reader would allocate its claim first).
+fn wrong_descr(opened: &Opened, accepted: &[&str]) -> Option<String> {
+    let h = opened.header.as_ref()?;
+    (!accepted.contains(&h.descr.as_str())).then(|| {
+        plain_reason(&format!(
+            "incorrect descriptor ('{}') for this type",
+            h.descr
+        ))
+    })
+}
+
+/// The descriptors the reader takes for float32, int32, int64 and bool.
+const F32: [&str; 2] = ["<f4", ">f4"];
+const I32: [&str; 2] = ["<i4", ">i4"];
+const I64: [&str; 2] = ["<i8", ">i8"];
+const BOOL: [&str; 1] = ["|b1"];
 
 fn read_as<T: ndarray_npy::ReadableElement>(opened: Opened) -> Result<ArrayD<T>, String> {
     ArrayD::<T>::read_npy(opened.reader).map_err(|e| plain_reason(&e.to_string()))
@@ -236,14 +448,18 @@ fn plain_reason(reason: &str) -> String {
 /// Reads a 4-D float32 array (q, k or v).
 pub fn read_f32_4d(path: &Path, what: &str) -> Result<Array<f32, Ix4>, Error> {
     let opened = open_npy(path)?;
-    check_claim(&opened, path, what, 4, 0)?;
-    let a = read_as::<f32>(opened).map_err(|reason| Error::Io {
+    let wrong = |reason: String| Error::Io {
         what: format!(
             "cannot read {what} from `{}` (expected a float32 .npy)",
             path.display()
         ),
         reason,
-    })?;
+    };
+    if let Some(reason) = wrong_descr(&opened, &F32) {
+        return Err(wrong(reason));
+    }
+    check_claim(&opened, path, what, 4, 0)?;
+    let a = read_as::<f32>(opened).map_err(wrong)?;
     let shape = a.shape().to_vec();
     a.into_dimensionality::<Ix4>().map_err(|_| Error::Io {
         what: format!("{what} in `{}` has shape {shape:?}", path.display()),
@@ -274,27 +490,24 @@ pub fn read_buffer(path: &Path, name: &str, ty: Type) -> Result<BufferData, Erro
         reason,
     };
     let what = format!("buffer `{name}`");
-    let int32 = opened
-        .header
-        .as_ref()
-        .is_some_and(|h| h.descr.trim_start_matches(['<', '>', '|', '=']) == "i4");
+    let int32 = wrong_descr(&opened, &I32).is_none() && opened.header.is_some();
+    let (accepted, elem, extra): (&[&str], usize, usize) = match ty {
+        Type::Int if int32 => (&I32, 4, 8),
+        Type::Int => (&I64, 8, 0),
+        Type::Float => (&F32, 4, 0),
+        Type::Bool => (&BOOL, 1, 0),
+    };
+    if let Some(reason) = wrong_descr(&opened, accepted) {
+        return Err(wrong(reason));
+    }
+    check_claim(&opened, path, &what, elem, extra)?;
     Ok(match ty {
         Type::Int if int32 => {
-            check_claim(&opened, path, &what, 4, 8)?;
             BufferData::Int(read_as::<i32>(opened).map_err(wrong)?.mapv(i64::from))
         }
-        Type::Int => {
-            check_claim(&opened, path, &what, 8, 0)?;
-            BufferData::Int(read_as::<i64>(opened).map_err(wrong)?)
-        }
-        Type::Float => {
-            check_claim(&opened, path, &what, 4, 0)?;
-            BufferData::Float(read_as::<f32>(opened).map_err(wrong)?)
-        }
-        Type::Bool => {
-            check_claim(&opened, path, &what, 1, 0)?;
-            BufferData::Bool(read_as::<bool>(opened).map_err(wrong)?)
-        }
+        Type::Int => BufferData::Int(read_as::<i64>(opened).map_err(wrong)?),
+        Type::Float => BufferData::Float(read_as::<f32>(opened).map_err(wrong)?),
+        Type::Bool => BufferData::Bool(read_as::<bool>(opened).map_err(wrong)?),
     })
 }
 
@@ -312,11 +525,15 @@ pub fn write_f32<D: Dimension>(path: &Path, a: &Array<f32, D>) -> Result<(), Err
 /// Reads any float32 array (for tests and tools).
 pub fn read_f32_dyn(path: &Path) -> Result<ArrayD<f32>, Error> {
     let opened = open_npy(path)?;
-    check_claim(&opened, path, "an array", 4, 0)?;
-    read_as::<f32>(opened).map_err(|reason| Error::Io {
+    let wrong = |reason: String| Error::Io {
         what: format!("cannot read `{}`", path.display()),
         reason,
-    })
+    };
+    if let Some(reason) = wrong_descr(&opened, &F32) {
+        return Err(wrong(reason));
+    }
+    check_claim(&opened, path, "an array", 4, 0)?;
+    read_as::<f32>(opened).map_err(wrong)
 }
 
 #[cfg(test)]
@@ -331,24 +548,72 @@ mod tests {
         .unwrap();
         assert_eq!(h.descr, "<f4");
         assert_eq!(h.shape, vec![1, 1, 1 << 31, 16]);
-        assert_eq!(h.item_bytes(), Some(4));
         assert_eq!(h.shape_text(), "[1, 1, 2147483648, 16]");
         let h = parse_header("{'descr': '|b1', 'fortran_order': False, 'shape': (7,), }").unwrap();
-        assert_eq!((h.shape.clone(), h.item_bytes()), (vec![7], Some(1)));
+        assert_eq!(h.shape, vec![7]);
         let h = parse_header("{'shape': (), 'descr': '<i8', 'fortran_order': False}").unwrap();
-        assert_eq!(
-            (h.shape.clone(), h.item_bytes(), h.elements()),
-            (vec![], Some(8), 1)
-        );
-        // Shapes too large for usize, structured types: left to the reader.
-        assert_eq!(
-            parse_header("{'descr': '<f4', 'shape': (99999999999999999999999,), }"),
-            None
-        );
-        assert_eq!(
-            parse_header("{'descr': [('a', '<f4')], 'shape': (2,), }").and_then(|h| h.item_bytes()),
-            None
-        );
+        assert_eq!((h.shape.clone(), h.elements()), (vec![], 1));
+        // Python's forms of the same values: double quotes, other spacing,
+        // integers with `_` and prefixes, and the last of a key given twice.
+        let h = parse_header(
+            "{\"descr\":\"<f4\",\"fortran_order\":True,\"shape\":( 0x10 ,1_000,0b11,)}",
+        )
+        .unwrap();
+        assert_eq!(h.shape, vec![16, 1000, 3]);
+        let h = parse_header(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 'shape': (1000000000000,)}",
+        )
+        .unwrap();
+        assert_eq!(h.shape, vec![1_000_000_000_000]);
+        // A structured descriptor is kept as text for messages.
+        let h = parse_header("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (2,)}")
+            .unwrap();
+        assert_eq!(h.shape, vec![2]);
+    }
+
+    /// A header the checks cannot read is refused, so that the `.npy`
+    /// reader never allocates what an unchecked header claims.
+    #[test]
+    fn headers_attnc_cannot_read_are_refused() {
+        for dict in [
+            "{'descr': '<f4', 'shape': (99999999999999999999999,), }",
+            "{'descr': '<f4', 'shape': (-1,), }",
+            "{'descr': '<f4', 'shape': (1.5,), }",
+            "{'descr': '<f4', 'shape': [1, 2], }",
+            "{'descr': '<f4', 'shape': (1), }",
+            "{'descr': '<f4', 'sh\\x61pe': (1,), }",
+            "{'descr': '<f4'}",
+            "{'descr': '<f4', 'shape': (1,)} trailing",
+            "{'descr': '<f4', 'shape': (1 2,)}",
+            "",
+        ] {
+            assert_eq!(parse_header(dict), None, "{dict}");
+        }
+    }
+
+    /// A shape whose axes multiply beyond an isize is an error even when an
+    /// axis is 0 (the `.npy` reader panicked on it).
+    #[test]
+    fn shapes_no_array_can_hold_are_errors() {
+        let dict =
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (0, 2147483648, 2, 2147483648), }";
+        let mut header = dict.to_string();
+        while (11 + header.len()) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        let path = std::env::temp_dir().join(format!("attnc-npy-unit-{}.npy", std::process::id()));
+        std::fs::write(&path, &bytes).unwrap();
+        let q = read_f32_4d(&path, "q").unwrap_err().to_string();
+        let doc = read_buffer(&path, "doc", Type::Int)
+            .unwrap_err()
+            .to_string();
+        let _ = std::fs::remove_file(&path);
+        assert!(q.contains("which no array can hold"), "{q}");
+        assert!(doc.starts_with("cannot read buffer `doc` from"), "{doc}");
     }
 
     #[test]

@@ -890,7 +890,7 @@ fn blocks_with_a_huge_batch_and_heads_is_an_error() {
 /// The bytes of a version-1 `.npy` file with `header` (a dict) and `data`.
 fn npy_bytes(header: &str, data: &[u8]) -> Vec<u8> {
     let mut dict = header.to_string();
-    while (10 + dict.len() + 1) % 64 != 0 {
+    while !(10 + dict.len() + 1).is_multiple_of(64) {
         dict.push(' ');
     }
     dict.push('\n');
@@ -914,7 +914,7 @@ fn npy_claiming_more_data_than_the_file_holds_is_an_error() {
         &o,
         &[
             "cannot read q from",
-            "its header claims shape [1, 1, 2147483648, 16] of `<f4`, 128.0 GiB (137438953472 bytes) of data, but the file holds only 64 bytes after the header",
+            "its header claims shape [1, 1, 2147483648, 16] of `<f4`: reading it needs 128.0 GiB (137438953472 bytes) of data, but the file holds only 64 bytes after the header",
         ],
     );
     // The same for a buffer, read in its declared type.

@@ -765,10 +765,16 @@ fn mutate_npy(mut bytes: Vec<u8>, m: &NpyMutation) -> Vec<u8> {
         out.extend_from_slice(&data);
         out
     };
+    // The value of a key: from after `key` to the first `close` after it.
+    let span = |key: &str, close: char| {
+        let start = header.find(key)? + key.len();
+        Some((start, start + header[start..].find(close)?))
+    };
     match m {
         NpyMutation::Shape(dims) => {
-            let start = header.find("'shape': (").unwrap() + "'shape': (".len();
-            let end = start + header[start..].find(')').unwrap();
+            let Some((start, end)) = span("'shape': (", ')') else {
+                return bytes;
+            };
             let dims = if dims.len() == 1 {
                 format!("{},", dims[0])
             } else {
@@ -777,8 +783,9 @@ fn mutate_npy(mut bytes: Vec<u8>, m: &NpyMutation) -> Vec<u8> {
             rebuild(format!("{}{dims}{}", &header[..start], &header[end..]))
         }
         NpyMutation::Descr(d) => {
-            let start = header.find("'descr': '").unwrap() + "'descr': '".len();
-            let end = start + header[start..].find('\'').unwrap();
+            let Some((start, end)) = span("'descr': '", '\'') else {
+                return bytes;
+            };
             rebuild(format!("{}{d}{}", &header[..start], &header[end..]))
         }
         NpyMutation::HeaderLen(n) => {
