@@ -130,6 +130,61 @@ fn kernels_have_the_promised_shape() {
     );
 }
 
+/// Float division by values that are not constants (head-, element- and
+/// row-level divisors) and a sigmoid, as element-level score code (a
+/// constant divisor is a multiply in the loop IR already).
+const DIVISIONS: &str = "attention divisions {
+    buffer temp[H]: float
+    mask = causal
+    let d = float(q - kv)
+    score = score / temp[h] - 2.0 * score / (1.0 + d) + sigmoid(score) / float(q + 1)
+}";
+
+fn divisions_spec() -> attnc::sema::Spec {
+    attnc::load(
+        SourceFile::new("divisions.attn", DIVISIONS),
+        &Default::default(),
+    )
+    .unwrap()
+    .spec
+}
+
+/// The score code of soft-capping and float division is straight-line and
+/// has no IEEE division (`div.rn` is a range check, a branch and a call to a
+/// slow path in SASS, per element): `tanh` is `ex2` + `rcp.approx`, `x / y`
+/// is `rcp.approx` of a scaled divisor, `sigmoid` is `rcp.approx`, in every
+/// dtype.
+#[test]
+fn score_code_has_no_ieee_division() {
+    let gemma = spec_of(&common::root().join("examples/gemma2_local.attn"));
+    let divisions = divisions_spec();
+    for dtype in Dtype::ALL {
+        for (spec, want) in [
+            (&gemma, &["ex2.approx.ftz.f32", "rcp.approx.ftz.f32"][..]),
+            (&divisions, &["rcp.approx.ftz.f32", "and.b32"][..]),
+        ] {
+            let k = compile(spec, &ptx::schedule(128, dtype), Arch::Sm90, dtype);
+            let t = &k.text;
+            let score =
+                &t[t.find("---- FULL tile").unwrap()..t.find("---- online softmax").unwrap()];
+            for op in want {
+                assert!(
+                    score.contains(op),
+                    "{} {dtype}: no {op} in the score code",
+                    spec.name
+                );
+            }
+            for op in ["div.rn", "rcp.rn", "tanh.approx"] {
+                assert!(
+                    !score.contains(op),
+                    "{} {dtype}: {op} in the score code",
+                    spec.name
+                );
+            }
+        }
+    }
+}
+
 // ---- ptxas ------------------------------------------------------------------------------
 
 const INSTALL: &str = "python3 -m pip install --target .tools/cuda nvidia-cuda-nvcc-cu12==12.9.86";
@@ -415,6 +470,19 @@ fn other_layouts_assemble() {
                 ),
                 kernel,
             });
+        }
+    }
+    // Float division by non-constants in the score code (straight-line: ptxas
+    // interleaves the elements), in every dtype.
+    let divisions = divisions_spec();
+    for d in [64, 128] {
+        for dtype in Dtype::ALL {
+            for arch in Arch::ALL {
+                jobs.push(Job {
+                    name: format!("divisions_d{d}_{dtype}_{arch}"),
+                    kernel: compile(&divisions, &ptx::schedule(d, dtype), arch, dtype),
+                });
+            }
         }
     }
     // The focused specs (guarded reads, short circuits, strength reduction, ...)

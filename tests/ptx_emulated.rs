@@ -1,9 +1,11 @@
 //! The generated PTX run on a CPU emulator (`support/ptx_emu.rs`) against
 //! the tile interpreter: checks the fragment layouts, the staging, the
 //! block-map walk, ragged tails, masks, the online softmax, the epilogue
-//! and the error block without a GPU. The emulator computes
-//! transcendentals exactly, so this checks the kernel's logic, not the
-//! SFU approximations (those need `scripts/gpu-check.sh`).
+//! and the error block without a GPU. The emulator models the approximate
+//! instructions (`ex2.approx`, `rcp.approx`, `div.full`, `tanh.approx`, ...)
+//! at the maximum error the PTX ISA allows them (`ptx_emu::Approx`), so the
+//! accuracy checks here bound what the GPU can do; they cannot show what a
+//! GPU actually rounds (that needs `scripts/gpu-check.sh`).
 // The errors are the interpreter's, by value.
 #![allow(clippy::result_large_err)]
 
@@ -21,12 +23,24 @@ use attnc::tile::{self, Schedule};
 use attnc::{Inputs, Outputs, SourceFile, SpecOptions};
 use ndarray::Array3;
 
-/// Runs the PTX of `spec` under `schedule` on the emulator.
+/// Runs the PTX of `spec` under `schedule` on the emulator, the approximate
+/// instructions off by their bounds in scattered directions.
 fn emulate(
     spec: &attnc::sema::Spec,
     schedule: &Schedule,
     dtype: Dtype,
     inputs: &Inputs<'_>,
+) -> Result<Outputs, EvalError> {
+    emulate_with(spec, schedule, dtype, inputs, ptx_emu::Approx::Scattered)
+}
+
+/// [`emulate`] with the given error model of the approximate instructions.
+fn emulate_with(
+    spec: &attnc::sema::Spec,
+    schedule: &Schedule,
+    dtype: Dtype,
+    inputs: &Inputs<'_>,
+    approx: ptx_emu::Approx,
 ) -> Result<Outputs, EvalError> {
     let kernel = tile::lower(spec, schedule);
     let compiled = ptx::compile(
@@ -72,7 +86,8 @@ fn emulate(
     for (i, b) in bound.buffers.iter().enumerate() {
         params.insert(format!("p_buf{i}"), mem.alloc(host::buffer_bytes(b)));
     }
-    let program = ptx_emu::Program::parse(&compiled.text);
+    let mut program = ptx_emu::Program::parse(&compiled.text);
+    program.approx = approx;
     let smem = if l.dynamic_smem { l.smem_bytes } else { 0 };
     ptx_emu::run(
         &program,
@@ -633,6 +648,225 @@ fn emulated_ptx_keeps_non_finite_values_at_masked_keys_out() {
                         bad[..bad.len().min(3)].join("; ")
                     ));
                 }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+// ---- approximate arithmetic: soft-capping and float division -------------------------
+
+/// A program from a path under the repository root or from source text,
+/// with param overrides.
+fn program_of(path_or_src: &str, params: &[(&str, &str)]) -> attnc::Program {
+    let options = SpecOptions {
+        entry: None,
+        params: params
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect(),
+    };
+    let file = if path_or_src.ends_with(".attn") {
+        SourceFile::read(&common::root().join(path_or_src)).unwrap()
+    } else {
+        SourceFile::new("t.attn", path_or_src)
+    };
+    attnc::load(file, &options).unwrap_or_else(|e| panic!("{}", e.render()))
+}
+
+/// Float divisions by element-, row- and head-level values (none of them a
+/// constant, so none is a multiply in the loop IR) and a sigmoid, each term
+/// well conditioned so the f16/bf16 input rounding stays within tolerance.
+const DIVISIONS: &str = "attention divisions {
+    buffer temp[H]: float
+    mask = causal
+    let d = float(q - kv)
+    score = score / temp[h] + (d + 1.0) / (d + 4.0 + score * score) - 2.0 * score / (1.0 + d)
+        + sigmoid(score / (0.25 + float(kv % 3))) / float(q + 1)
+}";
+
+/// Soft-capping (`tanh`) and float division against the f64 reference with
+/// the parity tolerances the CUDA tests promise (1e-4 f32, 1e-2 f16/bf16),
+/// in every dtype under the GPU schedule, with the approximate instructions
+/// off by their full PTX ISA bounds: scattered, all toward zero and all away
+/// from zero (and exact, for comparison). Soft-cap inputs cover tanh near 0
+/// (cap 50, unit inputs), across its range (cap 5, scores of a few units)
+/// and saturated (cap 50, scores around 140, where `tanh.approx`'s 2^-11
+/// is an error of up to 0.024 in the score).
+#[test]
+fn emulated_ptx_soft_cap_and_division_within_parity_tolerance() {
+    use ptx_emu::Approx;
+    // (name, spec, params, q/k offset, q/k scale)
+    type Case = (
+        &'static str,
+        &'static str,
+        Vec<(&'static str, &'static str)>,
+        f32,
+        f32,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "gemma2_local cap 50",
+            "examples/gemma2_local.attn",
+            vec![("window", "50")],
+            0.0,
+            1.0,
+        ),
+        (
+            "gemma2_local cap 5, scores x9",
+            "examples/gemma2_local.attn",
+            vec![("window", "50"), ("cap", "5.0")],
+            0.0,
+            3.0,
+        ),
+        (
+            "gemma2_local cap 50, saturated",
+            "examples/gemma2_local.attn",
+            vec![("window", "50")],
+            5.0,
+            1.0,
+        ),
+        ("softcap cap 50", "examples/softcap.attn", vec![], 0.0, 1.0),
+        (
+            "softcap cap 2, scores x4",
+            "examples/softcap.attn",
+            vec![("cap", "2.0"), ("qpas", "32.0")],
+            0.0,
+            2.0,
+        ),
+        ("divisions", DIVISIONS, vec![], 0.0, 1.0),
+    ];
+    let (b, h, hkv, n, d) = (1, 2, 1, 70, 32);
+    let mut failures = Vec::new();
+    for (name, src, params, offset, scale) in &cases {
+        let program = program_of(src, params);
+        let spec = &program.spec;
+        let mut rng = Rng::new(7);
+        let q = rng.array4((b, h, n, d)).mapv(|x| offset + scale * x);
+        let k = rng.array4((b, hkv, n, d)).mapv(|x| offset + scale * x);
+        let v = rng.array4((b, hkv, n, d));
+        let mut inputs = Inputs::new(q.view(), k.view(), v.view()).with_lse();
+        if spec.buffers.iter().any(|b| b.name == "temp") {
+            let temp = ndarray::Array1::from_vec(vec![0.75f32, 1.5]).into_dyn();
+            inputs = inputs.buffer("temp", attnc::BufferData::Float(temp));
+        }
+        let want = program.run_reference(&inputs).unwrap();
+        for dtype in Dtype::ALL {
+            let tol = if dtype == Dtype::F32 { 1e-4 } else { 1e-2 };
+            let schedule = ptx::schedule(d, dtype);
+            let mut line = format!("{name:32} {dtype:4}:");
+            for approx in [Approx::Exact, Approx::Scattered, Approx::Low, Approx::High] {
+                let got = emulate_with(spec, &schedule, dtype, &inputs, approx).unwrap();
+                let err = max_err(&got, &want);
+                line += &format!(" {approx:?} {err:.2e}");
+                if err > tol {
+                    failures.push(format!(
+                        "{name} {dtype} {approx:?}: error {err:.3e} (tolerance {tol:.0e})"
+                    ));
+                }
+            }
+            eprintln!("{line}");
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Special operands of float division, `tanh` and `sigmoid` keep the tile
+/// interpreter's results (f32, IEEE) in class and value: each row adds
+/// `f(x[q], y[q])` to all its scores, so a finite value shifts the row's lse
+/// by it, -inf empties the row (out 0, lse -inf), NaN and +inf make it NaN.
+/// Operands: ±0, ±inf, NaN, subnormals, |y| > 2^126 (which `div.full`
+/// scales), quotients that overflow or underflow, and subnormal results
+/// (`log` of one is finite, -inf had it been flushed to 0). In
+/// every dtype, with the approximate instructions scattered at their bounds.
+#[test]
+fn emulated_ptx_float_specials_keep_the_interpreter_class() {
+    let (inf, nan, sub) = (f32::INFINITY, f32::NAN, 1e-40f32);
+    let pairs: [(f32, f32); 24] = [
+        (1.0, 0.0),
+        (-1.0, 0.0),
+        (1.0, -0.0),
+        (0.0, 0.0),
+        (nan, 1.0),
+        (1.0, nan),
+        (1.0, inf),
+        (inf, inf),
+        (inf, 2.0),
+        (-inf, 2.0),
+        (3.0, sub),
+        (sub, sub),
+        (sub, 3.0),
+        (-sub, 0.5),
+        (3e38, 0.5),
+        (3e38, 3e38),
+        (1e-30, 3e38),
+        (-7.0, -3e-39),
+        (5.0, 2.0),
+        (-87.5, 1.0),
+        (-88.5, 1.0),
+        (-89.0, 1.0),
+        (0.1, -0.3),
+        (44.0, -0.2),
+    ];
+    let srcs = [
+        ("x / y", "score + x[q] / y[q]"),
+        ("x / y (per key)", "score + x[q] / y[kv % 24]"),
+        ("4 tanh(x)", "score + 4.0 * tanh(x[q])"),
+        ("4 tanh(x / y)", "score + 4.0 * tanh(x[q] / y[q])"),
+        ("4 sigmoid(x)", "score + 4.0 * sigmoid(x[q])"),
+        ("log(sigmoid(x))", "score + log(sigmoid(x[q]))"),
+        ("log|x / y|", "score + log(abs(x[q] / y[q]))"),
+        ("log|tanh(x)|", "score + log(abs(tanh(x[q])))"),
+    ];
+    let n = pairs.len();
+    let xs = ndarray::Array1::from_iter(pairs.iter().map(|p| p.0)).into_dyn();
+    let ys = ndarray::Array1::from_iter(pairs.iter().map(|p| p.1)).into_dyn();
+    let mut rng = Rng::new(11);
+    let (q, k, v) = (
+        rng.array4((1, 1, n, 16)),
+        rng.array4((1, 1, n, 16)),
+        rng.array4((1, 1, n, 16)),
+    );
+    let mut failures = Vec::new();
+    for (name, score) in srcs {
+        let src = format!(
+            "attention t {{\n buffer x[Q]: float\n buffer y[Q]: float\n score = {score}\n}}"
+        );
+        let program = program_of(&src, &[]);
+        let inputs = Inputs::new(q.view(), k.view(), v.view())
+            .with_lse()
+            .buffer("x", attnc::BufferData::Float(xs.clone()))
+            .buffer("y", attnc::BufferData::Float(ys.clone()));
+        for dtype in Dtype::ALL {
+            let schedule = ptx::schedule(16, dtype);
+            let want = interp(&program.spec, &schedule, &inputs).unwrap();
+            let got = emulate(&program.spec, &schedule, dtype, &inputs).unwrap();
+            let tol = if dtype == Dtype::F32 { 1e-4 } else { 1e-2 };
+            let want_lse = want.lse.as_ref().unwrap();
+            let mut bad = Vec::new();
+            for ((idx, &g), &w) in got.lse.as_ref().unwrap().indexed_iter().zip(want_lse) {
+                if !same_class(g, w, tol, false) {
+                    bad.push(format!(
+                        "row {} ({:?}): lse {g}, interpreter {w}",
+                        idx.2, pairs[idx.2]
+                    ));
+                }
+            }
+            for ((idx, &g), &w) in got.out.indexed_iter().zip(want.out.iter()) {
+                if !same_class(g, w, tol, false) {
+                    bad.push(format!(
+                        "row {} ({:?}): out {g}, interpreter {w}",
+                        idx.2, pairs[idx.2]
+                    ));
+                }
+            }
+            eprintln!("{name:18} {dtype:4}: {} mismatches", bad.len());
+            if !bad.is_empty() {
+                bad.dedup_by(|x, y| x.split(')').next() == y.split(')').next());
+                failures.push(format!(
+                    "{name} {dtype}: {}",
+                    bad[..bad.len().min(4)].join("; ")
+                ));
             }
         }
     }

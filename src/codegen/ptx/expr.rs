@@ -217,9 +217,11 @@ impl Gen<'_> {
             BinOp::FAdd => ins!(self.w, "add.rn.f32 {d}, {a}, {b}"),
             BinOp::FSub => ins!(self.w, "sub.rn.f32 {d}, {a}, {b}"),
             BinOp::FMul => ins!(self.w, "mul.rn.f32 {d}, {a}, {b}"),
-            BinOp::FDiv => ins!(self.w, "div.rn.f32 {d}, {a}, {b}"),
+            BinOp::FDiv => self.fdiv(d, a, b),
             BinOp::FRem => {
-                // a - b * floor(a / b), each step rounded.
+                // a - b * floor(a / b), each step rounded. The quotient stays
+                // IEEE (`div.rn`): `floor` of a quotient 1 ulp below an integer
+                // would be off by one.
                 let t = self.w.f();
                 ins!(self.w, "div.rn.f32 {t}, {a}, {b}");
                 ins!(self.w, "cvt.rmi.f32.f32 {t}, {t}");
@@ -239,6 +241,46 @@ impl Gen<'_> {
             }
             BinOp::IDiv | BinOp::IRem => unreachable!("lowered by `floor_div`"),
         }
+    }
+
+    /// `a / b` within 2 ulp of the IEEE quotient (`x / c` by a constant is
+    /// already `x * (1 / c)` in the loop IR, as close), with IEEE's classes
+    /// (±inf for x / 0, NaN for 0 / 0 and inf / inf, ±0 for x / inf,
+    /// subnormal operands and results kept), straight-line and without
+    /// predicates: `a s * rcp(b s)` with `s` a power of two picked from b's
+    /// exponent by integer min/max, 2^24 for a zero or subnormal b (so
+    /// `rcp.ftz` sees a normal number), 2^-2 for |b| >= 2^126 (so the
+    /// reciprocal is not subnormal, which `rcp.ftz` would flush), else 1.
+    /// Scaling a and b alike is exact but for an `a` so small or large that
+    /// the quotient underflows to 0 or overflows to inf either way.
+    ///
+    /// Not `div.rn` (a range check, a branch and a call to a slow path in
+    /// SASS, per element), nor `div.full`, which does the same scaling with
+    /// two predicates per division: with several divisions per element,
+    /// ptxas interleaving the 32 elements of a thread runs out of predicate
+    /// registers and spills.
+    fn fdiv(&mut self, d: Reg, a: Reg, b: Reg) {
+        let (bits, e, small, large, sb) =
+            (self.w.r(), self.w.r(), self.w.r(), self.w.r(), self.w.r());
+        let (s, a2, b2, r) = (self.w.f(), self.w.f(), self.w.f(), self.w.f());
+        ins!(self.w, "mov.b32 {bits}, {b}");
+        // The exponent field (0x7f800000).
+        ins!(self.w, "and.b32 {e}, {bits}, 2139095040");
+        // 0 for a zero or subnormal b, else 2^23 (one exponent step).
+        ins!(self.w, "min.u32 {small}, {e}, 8388608");
+        // 2^23 for |b| >= 2^126 (exponent field >= 253 << 23), else 0.
+        ins!(self.w, "max.u32 {large}, {e}, 2113929216");
+        ins!(self.w, "sub.u32 {large}, {large}, 2113929216");
+        ins!(self.w, "min.u32 {large}, {large}, 8388608");
+        // The bits of 2^24 (0x4b800000), 24 steps down (to 1.0) unless b is
+        // small, then 2 steps down (to 0.25) if b is large.
+        ins!(self.w, "mad.lo.s32 {sb}, {small}, -24, 1266679808");
+        ins!(self.w, "mad.lo.s32 {sb}, {large}, -2, {sb}");
+        ins!(self.w, "mov.b32 {s}, {sb}");
+        ins!(self.w, "mul.rn.f32 {a2}, {a}, {s}");
+        ins!(self.w, "mul.rn.f32 {b2}, {b}, {s}");
+        ins!(self.w, "rcp.approx.ftz.f32 {r}, {b2}");
+        ins!(self.w, "mul.rn.f32 {d}, {a2}, {r}");
     }
 
     /// Floor division or modulo (`sema::eval::floor_div` / `floor_mod`):
@@ -322,13 +364,11 @@ impl Gen<'_> {
     /// range); `exp(x) = ex2(x * log2 e)`, which adds a relative error of
     /// about |x| * 6e-8; `log2`: `lg2.approx` (max absolute error 2^-22);
     /// `log(x) = lg2(x) * ln 2`; `sqrt` and `rsqrt` are IEEE (`sqrt.rn`,
-    /// `div.rn`), as the interpreter computes them; `tanh` does not use
-    /// `tanh.approx` (relative error 2^-11, too coarse for soft-capping at
-    /// f32 parity): below |x| = 0.25 an odd Taylor polynomial to x^9
-    /// (truncation < 2e-8 relative), above it `(1 - e) / (1 + e)` with
-    /// `e = ex2(-2 |x| log2 e)`, about 1e-6 relative at worst; the sign is
-    /// copied back. `sigmoid(x) = 1 / (1 + ex2(-x log2 e))`. `floor`,
-    /// `ceil` and `round` (ties to even) are exact.
+    /// `div.rn`), as the interpreter computes them. `tanh`: see
+    /// [`Gen::tanh`] (about 1.1e-6 relative). `sigmoid(x) = rcp(1 + ex2(-x
+    /// log2 e))` with `rcp.approx` (1 ulp, subnormal results kept), about
+    /// 4e-7 relative.
+    /// `floor`, `ceil` and `round` (ties to even) are exact.
     fn float_call(&mut self, f: Func, d: Reg, a: Reg, a_ty: Ty) {
         match f {
             Func::Abs if a_ty == Ty::I64 => ins!(self.w, "abs.s64 {d}, {a}"),
@@ -353,11 +393,23 @@ impl Gen<'_> {
             }
             Func::Tanh => self.tanh(d, a),
             Func::Sigmoid => {
+                // 1 / (1 + e) = rcp((1 + e) / 4) / 4: `ex2` may flush (a
+                // subnormal e leaves 1 + e = 1); (1 + e) / 4 < 2^126 for any
+                // finite e, so `rcp.ftz` never flushes its result, and the
+                // last multiply (not `.ftz`) rounds a result below 2^-126
+                // to a subnormal, as the interpreter's is for x in
+                // (-88.7, -87.3). No predicates, unlike `rcp.approx.f32`.
                 let t = self.w.f();
                 ins!(self.w, "mul.rn.f32 {t}, {a}, {}", f32_imm(-LOG2_E));
-                ins!(self.w, "ex2.approx.f32 {t}, {t}");
-                ins!(self.w, "add.rn.f32 {t}, {t}, {}", f32_imm(1.0));
-                ins!(self.w, "div.rn.f32 {d}, {}, {t}", f32_imm(1.0));
+                ins!(self.w, "ex2.approx.ftz.f32 {t}, {t}");
+                ins!(
+                    self.w,
+                    "fma.rn.f32 {t}, {t}, {}, {}",
+                    f32_imm(0.25),
+                    f32_imm(0.25)
+                );
+                ins!(self.w, "rcp.approx.ftz.f32 {t}, {t}");
+                ins!(self.w, "mul.rn.f32 {d}, {t}, {}", f32_imm(0.25));
             }
             Func::Floor => ins!(self.w, "cvt.rmi.f32.f32 {d}, {a}"),
             Func::Ceil => ins!(self.w, "cvt.rpi.f32.f32 {d}, {a}"),
@@ -368,10 +420,26 @@ impl Gen<'_> {
         }
     }
 
+    /// `tanh(x)`, branch-free, in every dtype: NaN to NaN, ±inf to ±1, ±0
+    /// and subnormals to themselves, within about 1.1e-6 relative of the
+    /// exact value with the SFU at its error bounds.
+    ///
+    /// Below |x| = 0.25 the odd Taylor polynomial to x^7 (truncation < 4e-7
+    /// relative); above it `1 - 2 / (1 + e)` with `e = ex2(2 |x| log2 e)` and
+    /// `rcp.approx` (1 ulp), the sign copied back: at most 1.1e-6 relative at
+    /// |x| = 0.25 (the subtraction loses about 2 bits there), less above,
+    /// and within 3e-7 absolute everywhere. Both SFU ops flush (`.ftz`)
+    /// harmlessly: `e >= 1`, a reciprocal below 2^-126 leaves `1 - 2r = 1`,
+    /// and `e = inf` (|x| > 44, or inf) gives `r = 0`, tanh = ±1.
+    ///
+    /// Not `tanh.approx.f32` (one SFU op), even for f16/bf16: its relative
+    /// error of 2^-11 is an absolute error of up to 2^-11 where tanh
+    /// saturates, so a soft-cap `c * tanh(s / c)` with c = 50 moves each
+    /// saturated score by up to 0.024, each probability by 2.4%; with the
+    /// emulator's tanh at that bound in scattered directions, saturated
+    /// rows that see a few keys miss the 1e-2 parity tolerance.
     fn tanh(&mut self, d: Reg, x: Reg) {
-        let (ax, e, num, den, big, x2, poly, small) = (
-            self.w.f(),
-            self.w.f(),
+        let (ax, e, big, x2, poly, small) = (
             self.w.f(),
             self.w.f(),
             self.w.f(),
@@ -380,17 +448,22 @@ impl Gen<'_> {
             self.w.p(),
         );
         ins!(self.w, "abs.f32 {ax}, {x}");
-        // |x| >= 0.25: (1 - e) / (1 + e), e = exp(-2|x|).
-        ins!(self.w, "mul.rn.f32 {e}, {ax}, {}", f32_imm(-2.0 * LOG2_E));
-        ins!(self.w, "ex2.approx.f32 {e}, {e}");
-        ins!(self.w, "sub.rn.f32 {num}, {}, {e}", f32_imm(1.0));
-        ins!(self.w, "add.rn.f32 {den}, {}, {e}", f32_imm(1.0));
-        ins!(self.w, "div.rn.f32 {big}, {num}, {den}");
+        // |x| >= 0.25: 1 - 2 / (1 + e), e = exp(2|x|).
+        ins!(self.w, "mul.rn.f32 {e}, {ax}, {}", f32_imm(2.0 * LOG2_E));
+        ins!(self.w, "ex2.approx.ftz.f32 {e}, {e}");
+        ins!(self.w, "add.rn.f32 {e}, {e}, {}", f32_imm(1.0));
+        ins!(self.w, "rcp.approx.ftz.f32 {e}, {e}");
+        ins!(
+            self.w,
+            "fma.rn.f32 {big}, {e}, {}, {}",
+            f32_imm(-2.0),
+            f32_imm(1.0)
+        );
         ins!(self.w, "copysign.f32 {big}, {x}, {big}");
-        // |x| < 0.25: x (1 + x^2 (-1/3 + x^2 (2/15 + x^2 (-17/315 + x^2 62/2835)))).
+        // |x| < 0.25: x (1 + x^2 (-1/3 + x^2 (2/15 - x^2 17/315))).
         ins!(self.w, "mul.rn.f32 {x2}, {x}, {x}");
-        ins!(self.w, "mov.f32 {poly}, {}", f32_imm(62.0 / 2835.0));
-        for c in [-17.0 / 315.0, 2.0 / 15.0, -1.0 / 3.0, 1.0] {
+        ins!(self.w, "mov.f32 {poly}, {}", f32_imm(-17.0 / 315.0));
+        for c in [2.0 / 15.0, -1.0 / 3.0, 1.0] {
             ins!(
                 self.w,
                 "fma.rn.f32 {poly}, {poly}, {x2}, {}",
