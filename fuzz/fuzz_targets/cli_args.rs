@@ -8,7 +8,9 @@
 //! bit set takes the next bytes as a raw argument (without `/`) instead.
 //! The target works in a scratch directory holding copies of the specs and
 //! fixtures, so outputs (also those a command line aims at a spec or an
-//! input) never touch the repository. The command line
+//! input) never touch the repository (`cargo fuzz` gives libFuzzer an
+//! absolute `-artifact_prefix`; when running the binary directly, give one
+//! too, or crashes are saved in the scratch directory). The command line
 //! goes through the binary's own entry point (`src/main.rs` is compiled
 //! into this target as a module), so every check of the CLI is exercised.
 //!
