@@ -90,12 +90,17 @@ fn kernels_have_the_promised_shape() {
     let partial = &t[t.find("---- PARTIAL tile").unwrap()..t.find("---- online softmax").unwrap()];
     assert_eq!(partial.matches("0fFF800000").count(), 32);
     // P V: mma.sync, except on V tiles the host flagged as holding NaN or
-    // inf, where a uniform branch takes FMAs predicated on p != 0.
+    // inf, where a uniform branch before the softmax step takes a copy of it
+    // and FMAs predicated on p != 0 (so the usual path stays straight-line).
+    let before = &t[..t.find("---- online softmax").unwrap()];
+    assert!(before.contains("bra.uni $L_pv_exact_"));
     let pv = &t[t.find("---- O += P V").unwrap()..t.find("---- epilogue").unwrap()];
     // The label is placed at the start of a line; the branch to it is not.
     let (fast, exact) = pv.split_at(pv.find("\n$L_pv_exact_").unwrap());
     assert!(t.contains("[p_v_flags]") && t.contains("ld.global.nc.u8"));
-    assert!(fast.contains("bra.uni $L_pv_exact_") && fast.contains("mma.sync"));
+    assert!(fast.contains("mma.sync") && fast.contains("bra.uni $L_pv_done_"));
+    assert!(exact.contains("---- online softmax"));
+    let exact = &exact[exact.find("---- O += P V, exact").unwrap()..];
     assert!(exact.contains("shfl.sync.idx.b32") && exact.contains("setp.neu.f32"));
     assert!(!exact.contains("mma.sync"));
     assert!(exact

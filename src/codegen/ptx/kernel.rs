@@ -523,7 +523,15 @@ impl Gen<'_> {
         let map_full = self.global_ptr("map_full");
         let map_partial = self.global_ptr("map_partial");
         // The f32 path never reads the flags: its products skip p = 0 always.
-        let v_flags = lay.dtype.uses_mma().then(|| self.global_ptr("v_flags"));
+        // The mma path reads them where a key of probability 0 can meet a
+        // non-finite V: on PARTIAL tiles (the mask), and on FULL tiles too when
+        // a score mod can score a key -inf. A kernel with neither (dense)
+        // never takes the exact path.
+        let score_mod = [self.k.score_full, self.k.score_partial]
+            .iter()
+            .any(|&r| self.k.inst(r).op != Op::TileScore);
+        let v_flags = (lay.dtype.uses_mma() && (self.k.mask.is_some() || score_mod))
+            .then(|| self.global_ptr("v_flags"));
         let shape32: Vec<Reg> = ["B", "H", "HKV", "Q", "KV", "D"]
             .iter()
             .map(|n| self.ld_param(n, "u32"))
@@ -798,8 +806,37 @@ impl Gen<'_> {
         self.tile_body(Section::Partial, kv0);
         self.w.place(&softmax);
         ins!(self.w, "bar.warp.sync -1");
-        self.online_softmax();
-        self.pv();
+        match self.v_flag {
+            // A flagged tile takes its own copy of the softmax step and the
+            // exact P V, so the usual path stays one straight-line block that
+            // ptxas can schedule across (the V fragments load during the softmax).
+            Some(flag) => {
+                let (exact, done, flagged) = (
+                    self.w.label("pv_exact"),
+                    self.w.label("pv_done"),
+                    self.w.p(),
+                );
+                ins!(self.w, "setp.ne.u32 {flagged}, {flag}, 0");
+                if !score_mod {
+                    // Without a score mod every key of a FULL tile is visible.
+                    let partial_tile = self.w.p();
+                    ins!(self.w, "not.pred {partial_tile}, {full}");
+                    ins!(self.w, "and.pred {flagged}, {flagged}, {partial_tile}");
+                }
+                ins!(self.w, "@{flagged} bra.uni {exact}");
+                self.online_softmax();
+                self.pv();
+                ins!(self.w, "bra.uni {done}");
+                self.w.place(&exact);
+                self.online_softmax();
+                self.pv_exact();
+                self.w.place(&done);
+            }
+            None => {
+                self.online_softmax();
+                self.pv();
+            }
+        }
         ins!(self.w, "mov.u32 {kt}, {nkt}");
         ins!(self.w, "mov.pred {full}, {nfull}");
         ins!(self.w, "@{nhas} bra.uni {top}");
@@ -1371,21 +1408,13 @@ impl Gen<'_> {
     /// O += P V. A key whose probability is 0 (masked, past KV, or
     /// underflowed) must not touch the accumulators, as in the reference:
     /// `0 × NaN` and `0 × inf` are NaN. The f32 path predicates every FMA on
-    /// `p != 0`; the mma path multiplies densely, except on key tiles whose
-    /// V tile the host flagged as holding a non-finite value, which take
-    /// [`Self::pv_exact`].
+    /// `p != 0`; the mma path multiplies densely (key tiles whose V tile the
+    /// host flagged as holding a non-finite value take [`Self::pv_exact`]
+    /// instead, chosen in the key-tile loop).
     fn pv(&mut self) {
         let lay = self.lay.clone();
         self.w.section("O += P V");
         if lay.dtype.uses_mma() {
-            let flag = self.v_flag.expect("the mma path reads the V-tile flag");
-            let (exact, done, flagged) = (
-                self.w.label("pv_exact"),
-                self.w.label("pv_done"),
-                self.w.p(),
-            );
-            ins!(self.w, "setp.ne.u32 {flagged}, {flag}, 0");
-            ins!(self.w, "@{flagged} bra.uni {exact}");
             // The S accumulator layout of two 8-column blocks is the A
             // operand layout of one 16-key step.
             let cvt = match lay.dtype {
@@ -1412,10 +1441,6 @@ impl Gen<'_> {
                     self.mma(self.o[2 * p + 1], a, vf[2], vf[3]);
                 }
             }
-            ins!(self.w, "bra.uni {done}");
-            self.w.place(&exact);
-            self.pv_exact();
-            self.w.place(&done);
         } else {
             // P goes through the warp's shared tile: each thread then reads
             // its two rows' p for every key.
@@ -1482,8 +1507,8 @@ impl Gen<'_> {
     /// head dim. Slow, and only for flagged tiles.
     fn pv_exact(&mut self) {
         let lay = self.lay.clone();
-        self.w.comment(
-            "this V tile holds NaN or inf: f32 FMAs from shared memory, keys with p = 0 skipped",
+        self.w.section(
+            "O += P V, exact: this V tile holds NaN or inf: f32 FMAs from shared memory, keys with p = 0 skipped",
         );
         let (src, vrow, end, more) = (self.w.r(), self.w.r(), self.w.r(), self.w.p());
         ins!(self.w, "and.b32 {src}, {}, 28", self.lane);
