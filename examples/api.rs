@@ -19,7 +19,7 @@
 use std::path::Path;
 
 use attnc::{load, npy, BufferData, CompileOptions, Inputs, SourceFile, SpecOptions};
-use ndarray::{s, Array4, Ix3};
+use attnc::ndarray::{s, Array4, Ix3};
 
 fn main() -> std::process::ExitCode {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

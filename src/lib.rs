@@ -12,7 +12,7 @@
 //!
 //! ```
 //! use attnc::{load, Inputs, SourceFile, SpecOptions};
-//! use ndarray::Array4;
+//! use attnc::ndarray::Array4;
 //!
 //! let src = SourceFile::new("causal.attn", "attention causal { mask = causal }");
 //! let program = load(src, &SpecOptions::default()).unwrap();
@@ -36,6 +36,10 @@ pub mod runtime;
 pub mod sema;
 pub mod syntax;
 pub mod tile;
+
+/// The ndarray this API takes and returns (`Array4<f32>` views in, arrays
+/// out), re-exported so callers use the same version (0.16).
+pub use ndarray;
 
 pub use bind::{Inputs, Outputs};
 pub use buffer::BufferData;

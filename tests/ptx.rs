@@ -3,8 +3,10 @@
 //! dtype, within the register and shared-memory budget the launch promises.
 //!
 //! ptxas is found through `ATTNC_PTXAS`, else `.tools/cuda/nvidia/cuda_nvcc/bin/ptxas`
-//! (installed by `.ci/run` from PyPI), else `PATH`. Without it the assembling
-//! tests skip with a message, except under CI (`CI` set), where they fail.
+//! (installed by `scripts/test.sh`, the suite's command, from PyPI), else `PATH`.
+//! Without it the assembling tests fail under `scripts/test.sh`
+//! (`ATTNC_REQUIRE_TOOLS`) and under CI (`CI`); a bare `cargo test` skips them
+//! with a message.
 
 mod common;
 
@@ -202,7 +204,8 @@ fn on_path(name: &str) -> Option<PathBuf> {
     })
 }
 
-/// The ptxas to use, or `None` (with a message) to skip. Panics under CI.
+/// The ptxas to use, or `None` (with a message) to skip. Panics under
+/// `scripts/test.sh` and CI.
 fn ptxas() -> Option<PathBuf> {
     let found = std::env::var_os("ATTNC_PTXAS")
         .map(PathBuf::from)
@@ -212,9 +215,9 @@ fn ptxas() -> Option<PathBuf> {
         })
         .or_else(|| on_path("ptxas"));
     if found.is_none() {
-        if std::env::var_os("CI").is_some() {
+        if std::env::var_os("CI").is_some() || std::env::var_os("ATTNC_REQUIRE_TOOLS").is_some() {
             panic!(
-                "ptxas not found, and CI is set: install it with `{INSTALL}` (or set ATTNC_PTXAS)"
+                "ptxas not found: install it with `{INSTALL}` (scripts/test.sh does), or set ATTNC_PTXAS"
             );
         }
         eprintln!("skipping: ptxas not found (install it with `{INSTALL}`, or set ATTNC_PTXAS)");

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite, with the tools it needs (this is what .ci/run runs).
+#
+#   scripts/test.sh              # every test
+#   scripts/test.sh --test ptx   # arguments go to `cargo test`
+#
+# Needs a Rust toolchain from rustup and python3 with pip; installs what the tests
+# need beyond cargo into .tools/ (kept between runs) and fails, rather than skips,
+# when a tool is missing.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# --- Tools the tests need beyond cargo ---------------------------------------------
+# ptxas (from NVIDIA's PyPI wheel; no GPU or driver needed) assembles the PTX of every
+# example in tests/ptx.rs.
+if [ ! -x .tools/cuda/nvidia/cuda_nvcc/bin/ptxas ]; then
+    echo "installing ptxas into .tools/cuda (once)" >&2
+    python3 -m pip install --quiet --target .tools/cuda nvidia-cuda-nvcc-cu12==12.9.86
+fi
+# A test that needs a tool fails without it instead of skipping.
+export ATTNC_REQUIRE_TOOLS=1
+
+# --- The test suite ----------------------------------------------------------------
+cargo test "$@"
