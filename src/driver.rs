@@ -453,6 +453,29 @@ impl std::str::FromStr for Tiles {
     }
 }
 
+/// Checks that the jit backend can compile `tiling`: its kernels read K in
+/// packed panels of 16 keys, so the key tile (the second number) must be a
+/// multiple of 16. The interp and reference backends take any positive sizes.
+/// The error names the sizes, the rule and the nearest valid sizes.
+pub fn check_jit_tiling(tiling: crate::mask::Tiling) -> Result<(), Error> {
+    let crate::mask::Tiling { bq, bkv } = tiling;
+    if bkv % 16 == 0 {
+        return Ok(());
+    }
+    let below = bkv / 16 * 16;
+    let nearest = if below == 0 {
+        format!("{bq}x16")
+    } else {
+        format!("{bq}x{below} or {bq}x{}", below + 16)
+    };
+    Err(Error::Usage(format!(
+        "tile size {tiling}: the jit backend needs key tiles (the second number) that are a multiple of 16, \
+         because its kernels read K in packed panels of 16 keys; found {bkv}. \
+         Use {nearest}, or `--block auto` (Tiles::Auto); \
+         the interp and reference backends take any positive tile sizes"
+    )))
+}
+
 /// How to compile a spec for the CPU.
 #[derive(Clone, Debug)]
 pub struct CompileOptions {
@@ -705,6 +728,7 @@ impl Program {
     /// [`Program::compile_jit`] with all options.
     pub fn compile_jit_with(&self, options: &CompileOptions) -> Result<JitKernel, Error> {
         let tiling = self.tiling(options.tiles);
+        check_jit_tiling(tiling)?;
         let schedule = crate::tile::Schedule {
             bq: tiling.bq,
             bkv: tiling.bkv,

@@ -885,6 +885,9 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
         Backend::Interp | Backend::Jit => Some(parse_block(&args.block, &program)?),
         _ => None,
     };
+    if let (Backend::Jit, Some(t)) = (args.backend, tiling) {
+        driver::check_jit_tiling(t)?;
+    }
     if let Some(backend) = memory_backend(args.backend) {
         let (qs, ks) = (q.shape(), k.shape());
         let shapes = attnc::sema::eval::Shapes {

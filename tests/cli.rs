@@ -1310,3 +1310,24 @@ fn a_full_stdout_is_an_error() {
         &["cannot write to standard output", "No space left on device"],
     );
 }
+
+#[test]
+fn run_with_a_key_tile_the_jit_cannot_compile_is_a_usage_error() {
+    let dir = TempDir::new();
+    let o = run_packed(&dir, &["--block", "64x40"]);
+    assert_fails(
+        &o,
+        &[
+            "tile size 64x40",
+            "the jit backend needs key tiles (the second number) that are a multiple of 16",
+            "packed panels of 16 keys; found 40",
+            "Use 64x32 or 64x48, or `--block auto`",
+            "the interp and reference backends take any positive tile sizes",
+        ],
+    );
+    assert!(!unwrapped_stderr(&o).contains("cannot target this CPU"));
+    assert!(!dir.path("out.npy").exists());
+    // The same sizes run on the interp backend.
+    let o = run_packed(&dir, &["--block", "64x40", "--backend", "interp"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
