@@ -159,6 +159,15 @@ impl Rng {
     pub fn array4(&mut self, shape: (usize, usize, usize, usize)) -> Array4<f32> {
         Array4::from_shape_simple_fn(shape, || self.uniform())
     }
+
+    /// Random q `[B, H, Q, D]`, then k and v `[B, HKV, KV, D]`, uniform in
+    /// [-1, 1): the inputs of `attnc bench` and `attnc run --random`.
+    pub fn qkv(&mut self, shapes: &Shapes) -> (Array4<f32>, Array4<f32>, Array4<f32>) {
+        let q = self.array4((shapes.b, shapes.h, shapes.q, shapes.d));
+        let k = self.array4((shapes.b, shapes.hkv, shapes.kv, shapes.d));
+        let v = self.array4((shapes.b, shapes.hkv, shapes.kv, shapes.d));
+        (q, k, v)
+    }
 }
 
 /// Generates a buffer from a recipe:

@@ -31,8 +31,11 @@ enum Command {
     /// Run a spec on .npy inputs and write .npy outputs.
     #[command(
         after_help = "Example:\n  attnc run examples/packed_docs.attn --q q.npy --k k.npy --v v.npy \\\n      --buffer doc=doc.npy --out out.npy --lse lse.npy\n\n\
-q is float32 [B, H, Q, D]; k and v are float32 [B or 1, HKV, KV, D]. Buffers are read in their\n\
-declared type: int from int32/int64, float from float32, bool from bool."
+q is float32 [B, H, Q, D]; k and v are float32 [B or 1, HKV, KV, D] (float64 files are converted,\n\
+with a note). Buffers are read in their declared type: int from int32/int64, float from\n\
+float32/float64, bool from bool.\n\n\
+A quick self-check without numpy: random inputs, compared with the reference backend:\n  \
+attnc run examples/packed_docs.attn --random --q-len 256 --buffer doc=docs:4 --check"
     )]
     Run(RunArgs),
     /// Print a compiler stage's output for a spec.
@@ -267,18 +270,78 @@ struct SpecArgs {
 struct RunArgs {
     #[command(flatten)]
     spec: SpecArgs,
-    /// Queries, float32 [B, H, Q, D].
-    #[arg(long, value_name = "FILE.npy")]
-    q: PathBuf,
-    /// Keys, float32 [B or 1, HKV, KV, D].
-    #[arg(long, value_name = "FILE.npy")]
-    k: PathBuf,
-    /// Values, float32 [B or 1, HKV, KV, D].
-    #[arg(long, value_name = "FILE.npy")]
-    v: PathBuf,
-    /// Bind a buffer: `--buffer doc=doc.npy` (repeatable).
-    #[arg(long = "buffer", value_name = "NAME=FILE.npy")]
+    /// Queries, float32 or float64 (converted) [B, H, Q, D].
+    #[arg(
+        long,
+        value_name = "FILE.npy",
+        required_unless_present = "random",
+        conflicts_with = "random"
+    )]
+    q: Option<PathBuf>,
+    /// Keys, float32 or float64 (converted) [B or 1, HKV, KV, D].
+    #[arg(
+        long,
+        value_name = "FILE.npy",
+        required_unless_present = "random",
+        conflicts_with = "random"
+    )]
+    k: Option<PathBuf>,
+    /// Values, float32 or float64 (converted) [B or 1, HKV, KV, D].
+    #[arg(
+        long,
+        value_name = "FILE.npy",
+        required_unless_present = "random",
+        conflicts_with = "random"
+    )]
+    v: Option<PathBuf>,
+    /// Bind a buffer: `--buffer doc=doc.npy` (repeatable); with --random
+    /// also a recipe as for `attnc bench`: `--buffer doc=docs:4`.
+    #[arg(long = "buffer", value_name = "NAME=FILE.npy|RECIPE")]
     buffers: Vec<String>,
+    /// Run on random q, k and v (uniform in [-1, 1), as `attnc bench` makes
+    /// them) of the shapes --q-len, --kv-len, --batch, --heads, --kv-heads,
+    /// --dim instead of --q, --k, --v.
+    #[arg(long)]
+    random: bool,
+    /// With --random: query length Q.
+    #[arg(
+        long,
+        value_name = "N",
+        conflicts_with = "q",
+        required_if_eq("random", "true")
+    )]
+    q_len: Option<usize>,
+    /// With --random: key length KV (default: Q).
+    #[arg(long, value_name = "N", conflicts_with = "q")]
+    kv_len: Option<usize>,
+    /// With --random: batch size B.
+    #[arg(long, default_value_t = 1, value_name = "B", conflicts_with = "q")]
+    batch: usize,
+    /// With --random: query heads H.
+    #[arg(long, default_value_t = 8, value_name = "H", conflicts_with = "q")]
+    heads: usize,
+    /// With --random: key/value heads HKV (default: H).
+    #[arg(long, value_name = "HKV", conflicts_with = "q")]
+    kv_heads: Option<usize>,
+    /// With --random: head dim D.
+    #[arg(long, default_value_t = 64, value_name = "D", conflicts_with = "q")]
+    dim: usize,
+    /// With --random: seed of the random inputs.
+    #[arg(long, default_value_t = 0, value_name = "N", conflicts_with = "q")]
+    seed: u64,
+    /// Also run the reference backend on the same inputs, print the max |diff|
+    /// of out and lse, and exit 1 when one is above --tolerance.
+    #[arg(long)]
+    check: bool,
+    /// With --check: the largest max |diff| that passes.
+    #[arg(
+        long,
+        default_value_t = 1e-4,
+        value_name = "T",
+        requires = "check",
+        allow_negative_numbers = true
+    )]
+    tolerance: f64,
     /// Absolute position of query row 0 (for decoding with a KV cache).
     #[arg(
         long,
@@ -287,9 +350,9 @@ struct RunArgs {
         allow_negative_numbers = true
     )]
     q_offset: i64,
-    /// Where to write the output, float32 [B, H, Q, D].
-    #[arg(long, value_name = "FILE.npy")]
-    out: PathBuf,
+    /// Where to write the output, float32 [B, H, Q, D] (optional with --check).
+    #[arg(long, value_name = "FILE.npy", required_unless_present = "check")]
+    out: Option<PathBuf>,
     /// Also write the log-sum-exp of every row, float32 [B, H, Q].
     #[arg(long, value_name = "FILE.npy")]
     lse: Option<PathBuf>,
@@ -575,8 +638,101 @@ fn memory_backend(b: Backend) -> Option<attnc::memory::Backend> {
     }
 }
 
+/// Adds to `need` what random inputs of `shapes` take: q, k, v, and the
+/// buffers made from recipes (`attnc bench`, `attnc run --random`).
+fn random_inputs_need(
+    need: &mut attnc::memory::Estimate,
+    program: &driver::Program,
+    shapes: &attnc::sema::eval::Shapes,
+    buffers: &[(String, String)],
+) {
+    use attnc::memory;
+    let (b, h, hkv, q, kv, d) = (
+        shapes.b, shapes.h, shapes.hkv, shapes.q, shapes.kv, shapes.d,
+    );
+    need.array("q", &[b, h, q, d], 4)
+        .array("k", &[b, hkv, kv, d], 4)
+        .array("v", &[b, hkv, kv, d], 4);
+    for (name, source) in buffers {
+        if let (Some(id), false) = (program.spec.buffer_id(name), source.ends_with(".npy")) {
+            let decl = program.spec.buffer(id);
+            let dims: Vec<usize> = decl.dims.iter().map(|d| shapes.dim(*d)).collect();
+            need.array(
+                &format!("buffer `{name}`"),
+                &dims,
+                memory::elem_bytes(decl.elem),
+            );
+        }
+    }
+}
+
+/// Says once on stderr that `path` held float64 data that was converted.
+fn note_converted(path: &Path) {
+    say_err(format_args!(
+        "note: {} is float64; converted to float32\n",
+        path.display()
+    ));
+}
+
+/// Binds every `--buffer NAME=SOURCE`: SOURCE is a .npy file (float64 data of
+/// a float buffer is converted, with a note), or, where `rng` is given and
+/// SOURCE does not end in `.npy`, a recipe of `attnc bench` for `shapes`.
+fn bind_buffers(
+    inputs: &mut Inputs<'_>,
+    program: &driver::Program,
+    shapes: &attnc::sema::eval::Shapes,
+    buffers: Vec<(String, String)>,
+    mut rng: Option<&mut attnc::bench::Rng>,
+) -> Result<(), Error> {
+    for (name, source) in buffers {
+        let Some(id) = program.spec.buffer_id(&name) else {
+            return Err(attnc::bind::unknown_buffer(&program.spec, &name).into());
+        };
+        let decl = program.spec.buffer(id);
+        let data = match rng.as_deref_mut() {
+            Some(rng) if !source.ends_with(".npy") => {
+                attnc::bench::generate_buffer(decl, shapes, &source, rng)?
+            }
+            _ => {
+                let path = Path::new(&source);
+                let (data, converted) = npy::read_buffer_converting(path, &name, decl.elem)?;
+                if converted {
+                    note_converted(path);
+                }
+                data
+            }
+        };
+        inputs.buffers.insert(name, data);
+    }
+    Ok(())
+}
+
+/// An error naming the first declared buffer that `inputs` does not bind,
+/// with the flag that binds it.
+fn require_all_buffers(program: &driver::Program, inputs: &Inputs<'_>) -> Result<(), Error> {
+    if let Some(missing) = program
+        .spec
+        .buffers
+        .iter()
+        .find(|b| !inputs.buffers.contains_key(&b.name))
+    {
+        return Err(Error::Usage(format!(
+            "buffer `{}` is not bound: pass `--buffer {}=FILE.npy` or a recipe such as `--buffer {}={}`",
+            missing.name,
+            missing.name,
+            missing.name,
+            match missing.elem {
+                attnc::sema::Type::Int => "docs:4",
+                attnc::sema::Type::Float => "uniform",
+                attnc::sema::Type::Bool => "bernoulli:0.5",
+            }
+        )));
+    }
+    Ok(())
+}
+
 fn bench(args: BenchArgs) -> Result<(), Error> {
-    use attnc::bench::{generate_buffer, measure, BenchConfig, PeakProbe, Rng};
+    use attnc::bench::{measure, BenchConfig, PeakProbe, Rng};
     let t0 = std::time::Instant::now();
     if matches!(args.backend, Backend::Cuda) {
         return Err(Error::Usage(
@@ -625,9 +781,6 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     {
         let backend = memory_backend(args.backend).expect("a CPU backend");
         use attnc::memory;
-        let (b, h, hkv, q, kv, d) = (
-            shapes.b, shapes.h, shapes.hkv, shapes.q, shapes.kv, shapes.d,
-        );
         let mut need = memory::run_estimate(
             &program.spec,
             &shapes,
@@ -635,20 +788,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
             tiling,
             rayon::current_num_threads(),
         );
-        need.array("q", &[b, h, q, d], 4)
-            .array("k", &[b, hkv, kv, d], 4)
-            .array("v", &[b, hkv, kv, d], 4);
-        for (name, source) in &buffers {
-            if let (Some(id), false) = (program.spec.buffer_id(name), source.ends_with(".npy")) {
-                let decl = program.spec.buffer(id);
-                let dims: Vec<usize> = decl.dims.iter().map(|d| shapes.dim(*d)).collect();
-                need.array(
-                    &format!("buffer `{name}`"),
-                    &dims,
-                    memory::elem_bytes(decl.elem),
-                );
-            }
-        }
+        random_inputs_need(&mut need, &program, &shapes, &buffers);
         if program.spec.mask.is_some() {
             let tiles = attnc::mask::Tiling::new(64, 64).expect("64x64 is a valid tiling");
             memory::block_maps(&mut need, &program.spec, &shapes, tiles);
@@ -673,40 +813,10 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     };
     let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut rng = Rng::new(config.seed);
-    let q = rng.array4((config.batch, config.heads, config.q_len, config.dim));
-    let k = rng.array4((config.batch, config.kv_heads, config.kv_len, config.dim));
-    let v = rng.array4((config.batch, config.kv_heads, config.kv_len, config.dim));
+    let (q, k, v) = rng.qkv(&shapes);
     let mut inputs = Inputs::new(q.view(), k.view(), v.view()).q_offset(config.q_offset);
-    for (name, source) in buffers {
-        let Some(id) = program.spec.buffer_id(&name) else {
-            return Err(attnc::bind::unknown_buffer(&program.spec, &name).into());
-        };
-        let decl = program.spec.buffer(id);
-        let data = if source.ends_with(".npy") {
-            npy::read_buffer(Path::new(&source), &name, decl.elem)?
-        } else {
-            generate_buffer(decl, &shapes, &source, &mut rng)?
-        };
-        inputs.buffers.insert(name, data);
-    }
-    if let Some(missing) = program
-        .spec
-        .buffers
-        .iter()
-        .find(|b| !inputs.buffers.contains_key(&b.name))
-    {
-        return Err(Error::Usage(format!(
-            "buffer `{}` is not bound: pass `--buffer {}=FILE.npy` or a recipe such as `--buffer {}={}`",
-            missing.name,
-            missing.name,
-            missing.name,
-            match missing.elem {
-                attnc::sema::Type::Int => "docs:4",
-                attnc::sema::Type::Float => "uniform",
-                attnc::sema::Type::Bool => "bernoulli:0.5",
-            }
-        )));
-    }
+    bind_buffers(&mut inputs, &program, &shapes, buffers, Some(&mut rng))?;
+    require_all_buffers(&program, &inputs)?;
     let backend_name = match args.backend {
         Backend::Reference => "reference".to_string(),
         Backend::Interp => format!("interp ({bq}x{bkv} tiles)"),
@@ -857,30 +967,28 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
     })
 }
 
-/// `attnc run`: reads the inputs, runs the spec, writes the outputs (all or none).
+/// `attnc run`: reads (or makes) the inputs, runs the spec, writes the
+/// outputs (all or none), and with --check compares with the reference.
 fn run_spec(args: RunArgs) -> Result<(), Error> {
-    let mut targets = vec![("--out", args.out.as_path())];
+    let mut targets = Vec::new();
+    if let Some(out) = &args.out {
+        targets.push(("--out", out.as_path()));
+    }
     if let Some(lse) = &args.lse {
         targets.push(("--lse", lse.as_path()));
     }
     Staged::check_targets(&targets)?;
+    if args.check && !(args.tolerance >= 0.0 && args.tolerance.is_finite()) {
+        return Err(Error::Usage(format!(
+            "`--tolerance {}`: the tolerance is the largest max |diff| that passes, a finite number >= 0 (default 1e-4)",
+            args.tolerance
+        )));
+    }
     let buffers = assignments(&args.buffers, "buffer")?;
     let program = driver::load(
         SourceFile::read(&args.spec.spec)?,
         &spec_options(&args.spec)?,
     )?;
-    let q = npy::read_f32_4d(&args.q, "q")?;
-    let k = npy::read_f32_4d(&args.k, "k")?;
-    let v = npy::read_f32_4d(&args.v, "v")?;
-    let mut inputs = Inputs::new(q.view(), k.view(), v.view()).q_offset(args.q_offset);
-    inputs.want_lse = args.lse.is_some();
-    for (name, path) in buffers {
-        let Some(id) = program.spec.buffer_id(&name) else {
-            return Err(attnc::bind::unknown_buffer(&program.spec, &name).into());
-        };
-        let data = npy::read_buffer(Path::new(&path), &name, program.spec.buffer(id).elem)?;
-        inputs.buffers.insert(name, data);
-    }
     let tiling = match args.backend {
         Backend::Interp | Backend::Jit => Some(parse_block(&args.block, &program)?),
         _ => None,
@@ -888,7 +996,41 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
     if let (Backend::Jit, Some(t)) = (args.backend, tiling) {
         driver::check_jit_tiling(t)?;
     }
-    if let Some(backend) = memory_backend(args.backend) {
+    let mut rng = attnc::bench::Rng::new(args.seed);
+    let (q, k, v, shapes) = if args.random {
+        let q_len = args.q_len.expect("clap requires --q-len with --random");
+        let shapes = attnc::sema::eval::Shapes {
+            b: args.batch,
+            h: args.heads,
+            hkv: args.kv_heads.unwrap_or(args.heads),
+            q: q_len,
+            kv: args.kv_len.unwrap_or(q_len),
+            d: args.dim,
+        };
+        let mut need = attnc::memory::Estimate::new();
+        random_inputs_need(&mut need, &program, &shapes, &buffers);
+        need.check(format_args!(
+            "making random inputs of {}",
+            attnc::memory::shapes_text(&shapes)
+        ))?;
+        let (q, k, v) = rng.qkv(&shapes);
+        (q, k, v, shapes)
+    } else {
+        let read = |path: &Option<PathBuf>, what: &str| {
+            let path = path
+                .as_deref()
+                .expect("clap requires --q, --k, --v without --random");
+            let (a, converted) = npy::read_float_4d(path, what)?;
+            if converted {
+                note_converted(path);
+            }
+            Ok::<_, Error>(a)
+        };
+        let (q, k, v) = (
+            read(&args.q, "q")?,
+            read(&args.k, "k")?,
+            read(&args.v, "v")?,
+        );
         let (qs, ks) = (q.shape(), k.shape());
         let shapes = attnc::sema::eval::Shapes {
             b: qs[0],
@@ -897,6 +1039,28 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
             q: qs[2],
             kv: ks[2],
             d: qs[3],
+        };
+        (q, k, v, shapes)
+    };
+    let mut inputs = Inputs::new(q.view(), k.view(), v.view()).q_offset(args.q_offset);
+    inputs.want_lse = args.lse.is_some() || args.check;
+    bind_buffers(
+        &mut inputs,
+        &program,
+        &shapes,
+        buffers,
+        args.random.then_some(&mut rng),
+    )?;
+    if args.random {
+        require_all_buffers(&program, &inputs)?;
+    }
+    let mut backends = vec![args.backend];
+    if args.check && !matches!(args.backend, Backend::Reference) {
+        backends.push(Backend::Reference);
+    }
+    for b in backends {
+        let Some(backend) = memory_backend(b) else {
+            continue;
         };
         let tiles = tiling.unwrap_or_else(|| program.auto_tiling());
         let need = attnc::memory::run_estimate(
@@ -930,30 +1094,87 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
         }
         Backend::Cuda => run_cuda(&program, &inputs, &args.dtype)?,
     };
-    use ndarray_npy::WriteNpyExt;
-    let mut staged = Staged::new();
-    staged.write(&args.out, |w| {
-        outputs.out.write_npy(w).map_err(|e| e.to_string())
-    })?;
-    if let (Some(path), Some(lse)) = (&args.lse, &outputs.lse) {
-        staged.write(path, |w| lse.write_npy(w).map_err(|e| e.to_string()))?;
+    if let Some(out) = &args.out {
+        use ndarray_npy::WriteNpyExt;
+        let mut staged = Staged::new();
+        staged.write(out, |w| outputs.out.write_npy(w).map_err(|e| e.to_string()))?;
+        if let (Some(path), Some(lse)) = (&args.lse, &outputs.lse) {
+            staged.write(path, |w| lse.write_npy(w).map_err(|e| e.to_string()))?;
+        }
+        staged.commit()?;
+        let sh = outputs.out.shape();
+        say_err(format_args!(
+            "{}: wrote out [{}, {}, {}, {}] to {}{}\n",
+            program.spec.name,
+            sh[0],
+            sh[1],
+            sh[2],
+            sh[3],
+            out.display(),
+            args.lse
+                .as_ref()
+                .map(|p| format!(" and lse to {}", p.display()))
+                .unwrap_or_default()
+        ));
     }
-    staged.commit()?;
-    let sh = outputs.out.shape();
-    say_err(format_args!(
-        "{}: wrote out [{}, {}, {}, {}] to {}{}\n",
-        program.spec.name,
-        sh[0],
-        sh[1],
-        sh[2],
-        sh[3],
-        args.out.display(),
-        args.lse
-            .as_ref()
-            .map(|p| format!(" and lse to {}", p.display()))
-            .unwrap_or_default()
-    ));
+    if args.check {
+        let reference = match args.backend {
+            Backend::Reference => outputs.clone(),
+            _ => program.run_reference(&inputs)?,
+        };
+        let out_diff = max_abs_diff(outputs.out.iter(), reference.out.iter());
+        let lse_diff = match (&outputs.lse, &reference.lse) {
+            (Some(a), Some(b)) => max_abs_diff(a.iter(), b.iter()),
+            _ => 0.0,
+        };
+        let pass = out_diff <= args.tolerance && lse_diff <= args.tolerance;
+        say(format_args!(
+            "check `{}` {} against the reference: max |diff| out {out_diff:.3e}, lse {lse_diff:.3e} (tolerance {}): {}\n",
+            program.spec.name,
+            backend_name(args.backend),
+            args.tolerance,
+            if pass { "ok" } else { "FAILED" }
+        ))?;
+        if !pass {
+            return Err(Error::Io {
+                what: format!("`--check` of `{}` failed", program.spec.name),
+                reason: format!(
+                    "max |diff| against the reference is out {out_diff:.3e}, lse {lse_diff:.3e}: above the tolerance {} (`--tolerance`)",
+                    args.tolerance
+                ),
+            });
+        }
+    }
     Ok(())
+}
+
+fn backend_name(b: Backend) -> &'static str {
+    match b {
+        Backend::Reference => "reference",
+        Backend::Interp => "interp",
+        Backend::Jit => "jit",
+        Backend::Cuda => "cuda",
+    }
+}
+
+/// The largest |a - b| over paired elements, with equal values (infinities
+/// of one sign, as lse = -inf of a row that sees no key) counting 0 and NaN
+/// on one side only counting infinity.
+fn max_abs_diff<'a>(a: impl Iterator<Item = &'a f32>, b: impl Iterator<Item = &'a f32>) -> f64 {
+    a.zip(b)
+        .map(|(&x, &y)| {
+            if x == y || (x.is_nan() && y.is_nan()) {
+                0.0
+            } else {
+                let d = (f64::from(x) - f64::from(y)).abs();
+                if d.is_nan() {
+                    f64::INFINITY
+                } else {
+                    d
+                }
+            }
+        })
+        .fold(0.0, f64::max)
 }
 
 /// `attnc blocks`: builds the block maps, writes the picture if asked, and
@@ -1047,18 +1268,7 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
     let (q, kv) = (view(args.q_len), view(args.kv_len));
     let mut inputs = Inputs::new(q, kv, kv).q_offset(args.q_offset);
     let mut rng = attnc::bench::Rng::new(0);
-    for (name, source) in buffers {
-        let Some(id) = program.spec.buffer_id(&name) else {
-            return Err(attnc::bind::unknown_buffer(&program.spec, &name).into());
-        };
-        let decl = program.spec.buffer(id);
-        let data = if source.ends_with(".npy") {
-            npy::read_buffer(Path::new(&source), &name, decl.elem)?
-        } else {
-            attnc::bench::generate_buffer(decl, &shapes, &source, &mut rng)?
-        };
-        inputs.buffers.insert(name, data);
-    }
+    bind_buffers(&mut inputs, &program, &shapes, buffers, Some(&mut rng))?;
     let bound = attnc::bind::bind(&program.spec, &inputs)?;
     let mut times = Vec::with_capacity(repeat);
     let mut built = None;

@@ -401,6 +401,7 @@ fn wrong_descr(opened: &Opened, accepted: &[&str]) -> Option<String> {
 
 /// The descriptors the reader takes for float32, int32, int64 and bool.
 const F32: [&str; 2] = ["<f4", ">f4"];
+const F32_F64: [&str; 4] = ["<f4", ">f4", "<f8", ">f8"];
 const I32: [&str; 2] = ["<i4", ">i4"];
 const I64: [&str; 2] = ["<i8", ">i8"];
 const BOOL: [&str; 1] = ["|b1"];
@@ -445,23 +446,54 @@ fn plain_reason(reason: &str) -> String {
     format!("the file holds {kind} data (descriptor `{descr}`{order})")
 }
 
+/// Whether the header of `opened` says float64 data.
+fn holds_f64(opened: &Opened) -> bool {
+    opened
+        .header
+        .as_ref()
+        .is_some_and(|h| matches!(h.descr.as_str(), "<f8" | ">f8"))
+}
+
 /// Reads a 4-D float32 array (q, k or v).
 pub fn read_f32_4d(path: &Path, what: &str) -> Result<Array<f32, Ix4>, Error> {
+    read_4d(path, what, false).map(|(a, _)| a)
+}
+
+/// Reads a 4-D float array (q, k or v) as float32: float32 as it is,
+/// float64 converted (rounded to nearest). The flag says whether the file
+/// held float64 (so the caller can say it converted). Other element types
+/// (ints, bools) are errors naming the type found.
+pub fn read_float_4d(path: &Path, what: &str) -> Result<(Array<f32, Ix4>, bool), Error> {
+    read_4d(path, what, true)
+}
+
+fn read_4d(path: &Path, what: &str, allow_f64: bool) -> Result<(Array<f32, Ix4>, bool), Error> {
     let opened = open_npy(path)?;
     let wrong = |reason: String| Error::Io {
         what: format!(
-            "cannot read {what} from `{}` (expected a float32 .npy)",
-            path.display()
+            "cannot read {what} from `{}` (expected a {} .npy)",
+            path.display(),
+            if allow_f64 {
+                "float32 or float64"
+            } else {
+                "float32"
+            }
         ),
         reason,
     };
-    if let Some(reason) = wrong_descr(&opened, &F32) {
+    if let Some(reason) = wrong_descr(&opened, if allow_f64 { &F32_F64 } else { &F32 }) {
         return Err(wrong(reason));
     }
-    check_claim(&opened, path, what, 4, 0)?;
-    let a = read_as::<f32>(opened).map_err(wrong)?;
+    let f64 = allow_f64 && holds_f64(&opened);
+    let a = if f64 {
+        check_claim(&opened, path, what, 8, 4)?;
+        read_as::<f64>(opened).map_err(wrong)?.mapv(|x| x as f32)
+    } else {
+        check_claim(&opened, path, what, 4, 0)?;
+        read_as::<f32>(opened).map_err(wrong)?
+    };
     let shape = a.shape().to_vec();
-    a.into_dimensionality::<Ix4>().map_err(|_| Error::Io {
+    let a = a.into_dimensionality::<Ix4>().map_err(|_| Error::Io {
         what: format!("{what} in `{}` has shape {shape:?}", path.display()),
         reason: format!(
             "{what} must be 4-dimensional: {}",
@@ -471,11 +503,31 @@ pub fn read_f32_4d(path: &Path, what: &str) -> Result<Array<f32, Ix4>, Error> {
                 "[B, HKV, KV, D]"
             }
         ),
-    })
+    })?;
+    Ok((a, f64))
 }
 
 /// Reads a buffer in its declared element type.
 pub fn read_buffer(path: &Path, name: &str, ty: Type) -> Result<BufferData, Error> {
+    read_buffer_of(path, name, ty, false).map(|(data, _)| data)
+}
+
+/// [`read_buffer`] that also takes float64 data for a float buffer and
+/// converts it to float32; the flag says whether it did.
+pub fn read_buffer_converting(
+    path: &Path,
+    name: &str,
+    ty: Type,
+) -> Result<(BufferData, bool), Error> {
+    read_buffer_of(path, name, ty, true)
+}
+
+fn read_buffer_of(
+    path: &Path,
+    name: &str,
+    ty: Type,
+    allow_f64: bool,
+) -> Result<(BufferData, bool), Error> {
     let opened = open_npy(path)?;
     let wrong = |reason: String| Error::Io {
         what: format!(
@@ -483,6 +535,7 @@ pub fn read_buffer(path: &Path, name: &str, ty: Type) -> Result<BufferData, Erro
             path.display(),
             match ty {
                 Type::Int => "int32 or int64 data",
+                Type::Float if allow_f64 => "float32 or float64 data",
                 Type::Float => "float32 data",
                 Type::Bool => "bool data",
             }
@@ -491,9 +544,11 @@ pub fn read_buffer(path: &Path, name: &str, ty: Type) -> Result<BufferData, Erro
     };
     let what = format!("buffer `{name}`");
     let int32 = wrong_descr(&opened, &I32).is_none() && opened.header.is_some();
+    let f64 = allow_f64 && ty == Type::Float && holds_f64(&opened);
     let (accepted, elem, extra): (&[&str], usize, usize) = match ty {
         Type::Int if int32 => (&I32, 4, 8),
         Type::Int => (&I64, 8, 0),
+        Type::Float if f64 => (&F32_F64, 8, 4),
         Type::Float => (&F32, 4, 0),
         Type::Bool => (&BOOL, 1, 0),
     };
@@ -501,14 +556,18 @@ pub fn read_buffer(path: &Path, name: &str, ty: Type) -> Result<BufferData, Erro
         return Err(wrong(reason));
     }
     check_claim(&opened, path, &what, elem, extra)?;
-    Ok(match ty {
+    let data = match ty {
         Type::Int if int32 => {
             BufferData::Int(read_as::<i32>(opened).map_err(wrong)?.mapv(i64::from))
         }
         Type::Int => BufferData::Int(read_as::<i64>(opened).map_err(wrong)?),
+        Type::Float if f64 => {
+            BufferData::Float(read_as::<f64>(opened).map_err(wrong)?.mapv(|x| x as f32))
+        }
         Type::Float => BufferData::Float(read_as::<f32>(opened).map_err(wrong)?),
         Type::Bool => BufferData::Bool(read_as::<bool>(opened).map_err(wrong)?),
-    })
+    };
+    Ok((data, f64))
 }
 
 /// Writes a float32 array.
@@ -539,6 +598,34 @@ pub fn read_f32_dyn(path: &Path) -> Result<ArrayD<f32>, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn float64_is_converted_only_where_asked() {
+        let dir = std::env::temp_dir().join(format!("attnc-npy-f64-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("q64.npy");
+        let a = ndarray::Array4::<f64>::from_shape_fn((1, 2, 3, 4), |(_, h, q, d)| {
+            (h * 12 + q * 4 + d) as f64 * 0.1
+        });
+        a.write_npy(std::io::BufWriter::new(File::create(&path).unwrap()))
+            .unwrap();
+        let (got, converted) = read_float_4d(&path, "q").unwrap();
+        assert!(converted);
+        assert_eq!(got, a.mapv(|x| x as f32));
+        assert!(read_f32_4d(&path, "q").is_err());
+        let a1 = ndarray::Array1::<f64>::from(vec![0.5, -2.0]);
+        a1.write_npy(std::io::BufWriter::new(File::create(&path).unwrap()))
+            .unwrap();
+        let (data, converted) = read_buffer_converting(&path, "s", Type::Float).unwrap();
+        assert!(converted);
+        match data {
+            BufferData::Float(f) => assert_eq!(f.as_slice().unwrap(), &[0.5f32, -2.0]),
+            _ => panic!("a float buffer"),
+        }
+        assert!(read_buffer(&path, "s", Type::Float).is_err());
+        assert!(read_buffer_converting(&path, "s", Type::Int).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn headers_are_read_as_numpy_writes_them() {

@@ -342,7 +342,7 @@ fn run_of_an_unreadable_npy() {
         &o,
         &[
             "cannot read q from `",
-            "q.npy` (expected a float32 .npy): not an .npy file",
+            "q.npy` (expected a float32 or float64 .npy): not an .npy file",
         ],
     );
     // A text file given as a buffer.
@@ -375,20 +375,87 @@ fn run_with_q_not_4d() {
 }
 
 #[test]
-fn run_with_float64_q() {
+fn run_converts_float64_inputs_and_says_so_once() {
+    let dir = TempDir::new();
+    // The fixture's float32 q, k, v and an ALiBi slope buffer, also as float64
+    // (exactly the same values): the outputs must be bit for bit the same.
+    let slope = Array::from_shape_fn(4, |i| 2f32.powf(-8.0 * (i + 1) as f32 / 4.0));
+    write_npy(&dir.path("slope.npy"), &slope);
+    write_npy(&dir.path("slope64.npy"), &slope.mapv(f64::from));
+    for name in ["q", "k", "v"] {
+        let a = npy::read_f32_dyn(&fixture(&format!("{name}.npy"))).unwrap();
+        write_npy(&dir.path(&format!("{name}64.npy")), &a.mapv(f64::from));
+    }
+    let run = |q: &str, k: &str, v: &str, slope: &str, out: &str| {
+        let slope = format!("slope={}", dir.str(slope));
+        let lse = dir.str(&format!("lse-{out}"));
+        run_with(
+            "examples/alibi.attn",
+            Path::new(q),
+            Path::new(k),
+            Path::new(v),
+            &dir.path(out),
+            &["--buffer", &slope, "--lse", &lse],
+        )
+    };
+    let (q, k, v) = (fixture("q.npy"), fixture("k.npy"), fixture("v.npy"));
+    let o32 = run(
+        q.to_str().unwrap(),
+        k.to_str().unwrap(),
+        v.to_str().unwrap(),
+        "slope.npy",
+        "o32.npy",
+    );
+    assert_eq!(o32.status.code(), Some(0), "{}", stderr(&o32));
+    assert!(!stderr(&o32).contains("note:"), "{}", stderr(&o32));
+    let o64 = run(
+        &dir.str("q64.npy"),
+        &dir.str("k64.npy"),
+        &dir.str("v64.npy"),
+        "slope64.npy",
+        "o64.npy",
+    );
+    assert_eq!(o64.status.code(), Some(0), "{}", stderr(&o64));
+    let err = stderr(&o64);
+    for name in ["q64.npy", "k64.npy", "v64.npy", "slope64.npy"] {
+        let note = format!("note: {} is float64; converted to float32", dir.str(name));
+        assert_eq!(
+            err.matches(&note).count(),
+            1,
+            "`{note}` not once in:\n{err}"
+        );
+    }
+    for (a, b) in [("o32.npy", "o64.npy"), ("lse-o32.npy", "lse-o64.npy")] {
+        let (a, b) = (
+            npy::read_f32_dyn(&dir.path(a)).unwrap(),
+            npy::read_f32_dyn(&dir.path(b)).unwrap(),
+        );
+        assert_eq!(a.shape(), b.shape());
+        assert!(
+            a.iter()
+                .zip(b.iter())
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "float64 inputs give a different output"
+        );
+    }
+}
+
+#[test]
+fn run_with_int64_q_is_an_error() {
     let dir = TempDir::new();
     write_npy(
-        &dir.path("q64.npy"),
-        &ArrayD::<f64>::zeros(IxDyn(&[2, 4, 95, 16])),
+        &dir.path("qi.npy"),
+        &ArrayD::<i64>::zeros(IxDyn(&[2, 4, 95, 16])),
     );
-    let o = run_with_q("examples/causal.attn", &dir.path("q64.npy"), &dir);
+    let o = run_with_q("examples/causal.attn", &dir.path("qi.npy"), &dir);
     assert_fails(
         &o,
         &[
             "cannot read q from `",
-            "(expected a float32 .npy): the file holds float64 data (descriptor `<f8`)",
+            "(expected a float32 or float64 .npy): the file holds int64 data (descriptor `<i8`)",
         ],
     );
+    assert!(!dir.path("o.npy").exists());
 }
 
 #[test]
@@ -1330,4 +1397,123 @@ fn run_with_a_key_tile_the_jit_cannot_compile_is_a_usage_error() {
     // The same sizes run on the interp backend.
     let o = run_packed(&dir, &["--block", "64x40", "--backend", "interp"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
+/// `attnc run --random` with `extra` appended.
+fn run_random(extra: &[&str]) -> Output {
+    let mut args = vec![
+        "run",
+        "examples/packed_docs.attn",
+        "--random",
+        "--q-len",
+        "100",
+    ];
+    args.extend([
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--dim",
+        "16",
+        "--buffer",
+        "doc=docs:3",
+    ]);
+    args.extend(extra);
+    attnc(&args)
+}
+
+#[test]
+fn run_random_check_compares_with_the_reference() {
+    for backend in ["jit", "interp", "reference"] {
+        let o = run_random(&["--check", "--backend", backend]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let out = stdout(&o);
+        assert!(
+            out.starts_with(&format!(
+                "check `packed_docs` {backend} against the reference: max |diff| out "
+            )) && out.contains(", lse ")
+                && out.ends_with("(tolerance 0.0001): ok\n"),
+            "{out}"
+        );
+    }
+    // The reference against itself differs by nothing.
+    let o = run_random(&["--check", "--backend", "reference", "--tolerance", "0"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("max |diff| out 0.000e0, lse 0.000e0"),
+        "{}",
+        stdout(&o)
+    );
+    // --random writes outputs too when asked.
+    let dir = TempDir::new();
+    let out = dir.str("out.npy");
+    let o = run_random(&["--out", &out]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let a = npy::read_f32_dyn(&dir.path("out.npy")).unwrap();
+    assert_eq!(a.shape(), &[1, 4, 100, 16]);
+}
+
+#[test]
+fn run_check_above_the_tolerance_fails() {
+    // f32 tiles against the f64 reference differ by rounding: above 1e-30.
+    let o = run_random(&["--check", "--tolerance", "1e-30"]);
+    assert_fails(
+        &o,
+        &[
+            "`--check` of `packed_docs` failed",
+            "above the tolerance 0.000000000000000000000000000001 (`--tolerance`)",
+        ],
+    );
+    assert!(stdout(&o).ends_with("FAILED\n"), "{}", stdout(&o));
+    for bad in ["-1", "NaN", "inf"] {
+        let o = run_random(&["--check", "--tolerance", bad]);
+        assert_fails(
+            &o,
+            &[
+                &format!("`--tolerance {}`", bad.parse::<f64>().unwrap()),
+                "a finite number >= 0",
+            ],
+        );
+    }
+}
+
+#[test]
+fn run_random_flags_are_checked() {
+    // --random needs --q-len; shape flags and --q exclude each other; a
+    // tolerance needs --check; a missing buffer names a recipe.
+    for args in [
+        &["run", "examples/causal.attn", "--random", "--check"][..],
+        &[
+            "run",
+            "examples/causal.attn",
+            "--random",
+            "--q-len",
+            "8",
+            "--q",
+            "q.npy",
+            "--check",
+        ],
+        &[
+            "run",
+            "examples/causal.attn",
+            "--random",
+            "--q-len",
+            "8",
+            "--tolerance",
+            "1",
+        ],
+        &["run", "examples/causal.attn", "--random", "--q-len", "8"],
+    ] {
+        let o = attnc(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+    }
+    let o = attnc(&[
+        "run",
+        "examples/packed_docs.attn",
+        "--random",
+        "--q-len",
+        "8",
+        "--check",
+    ]);
+    assert_fails(&o, &["buffer `doc` is not bound", "--buffer doc=docs:4"]);
 }
