@@ -49,8 +49,8 @@ tile sizes (--block, default 64x64) and the head dim (--dim, default 64; `--dim 
     Emit(EmitArgs),
     /// Classify the tiles of a spec's mask (full / partial / empty) and draw the block map.
     #[command(
-        after_help = "Examples:\n  attnc blocks examples/causal.attn --q-len 4096 --kv-len 4096 --block 128x128\n  \
-attnc blocks examples/packed_docs.attn --q-len 1024 --kv-len 1024 --buffer doc=doc.npy --json\n  \
+        after_help = "Examples:\n  attnc blocks examples/causal.attn --q-len 4096 --block 128x128\n  \
+attnc blocks examples/packed_docs.attn --q-len 1024 --buffer doc=doc.npy --json\n  \
 attnc blocks examples/packed_docs.attn --q-len 65536 --kv-len 65536 --buffer doc=docs:8 --block 128\n  \
 attnc blocks examples/sliding_window.attn --q-len 8192 --kv-len 8192 --param window=1024 --png map.png\n\n\
 Buffers come from .npy files or from recipes (the seed is fixed): docs:N, iota, bernoulli:P,\n\
@@ -58,8 +58,9 @@ const:V, uniform, alibi; see `attnc bench --help`.\n\n\
 The grid has one character per (query tile, key tile): # full (no mask code), + partial (mask\n\
 applied), . empty (skipped). Maps larger than 64 x 128 tiles are folded: a cell then stands for a\n\
 rectangle of tiles and shows # if all are full, . if all are empty, + otherwise. The shapes B, H\n\
-(--b, --h) and HKV = H, D = 1 are used to check buffer shapes; masks that depend on b or h get one\n\
-map per (b, h), and the grid shows the one chosen with --at."
+and HKV (--batch, --heads, --kv-heads; --b and --h are aliases) and D = 1 are used to check buffer\n\
+shapes; masks that depend on b or h get one map per (b, h), and the grid shows the one chosen with\n\
+--at. --kv-len defaults to --q-len and --block to auto, as for `attnc run` and `attnc bench`."
     )]
     Blocks(BlocksArgs),
     /// Benchmark a spec on random inputs.
@@ -83,11 +84,12 @@ struct BlocksArgs {
     /// Number of query rows Q.
     #[arg(long, value_name = "N")]
     q_len: usize,
-    /// Number of keys KV.
+    /// Number of keys KV (default: Q).
     #[arg(long, value_name = "N")]
-    kv_len: usize,
-    /// Tile sizes BQxBKV (or N for NxN), or `auto` (as `attnc run` picks them).
-    #[arg(long, default_value = "64x64", value_name = "BQxBKV|auto")]
+    kv_len: Option<usize>,
+    /// Tile sizes BQxBKV (or N for NxN), or `auto` (as `attnc run` picks them:
+    /// 128x64 for a spec without a mask, 64x64 otherwise).
+    #[arg(long, default_value = "auto", value_name = "BQxBKV|auto")]
     block: String,
     /// Absolute position of query row 0.
     #[arg(
@@ -101,12 +103,15 @@ struct BlocksArgs {
     /// `--buffer doc=docs:8` (repeatable; recipes as for `attnc bench`).
     #[arg(long = "buffer", value_name = "NAME=FILE.npy|RECIPE")]
     buffers: Vec<String>,
-    /// Batch size B.
-    #[arg(long = "b", default_value_t = 1, value_name = "N")]
+    /// Batch size B (alias: --b).
+    #[arg(long, alias = "b", default_value_t = 1, value_name = "B")]
     batch: usize,
-    /// Number of query heads H.
-    #[arg(long = "h", default_value_t = 1, value_name = "N")]
+    /// Number of query heads H (alias: --h).
+    #[arg(long, alias = "h", default_value_t = 1, value_name = "H")]
     heads: usize,
+    /// Key/value heads HKV, for buffers shaped by HKV (default: H).
+    #[arg(long, value_name = "HKV")]
+    kv_heads: Option<usize>,
     /// The (b, h) whose map is drawn when maps differ per batch or head.
     #[arg(long, default_value = "0,0", value_name = "B,H")]
     at: String,
@@ -909,12 +914,13 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
         return blocks(BlocksArgs {
             spec: args.spec,
             q_len,
-            kv_len: args.kv_len.unwrap_or(q_len),
+            kv_len: args.kv_len,
             block: args.block,
             q_offset: 0,
             buffers: args.buffers,
             batch: 1,
             heads: 1,
+            kv_heads: None,
             at: "0,0".into(),
             json: false,
             png: None,
@@ -1192,12 +1198,22 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
         &spec_options(&args.spec)?,
     )?;
     let tiling = parse_block(&args.block, &program)?;
-    for (flag, n) in [("b", args.batch), ("h", args.heads)] {
+    let kv_len = args.kv_len.unwrap_or(args.q_len);
+    let kv_heads = args.kv_heads.unwrap_or(args.heads);
+    for (flag, n) in [
+        ("--batch/--b", args.batch),
+        ("--heads/--h", args.heads),
+        ("--kv-heads", kv_heads),
+    ] {
         if n == 0 {
-            return Err(Error::Usage(format!(
-                "--{flag} must be at least 1, found 0"
-            )));
+            return Err(Error::Usage(format!("{flag} must be at least 1, found 0")));
         }
+    }
+    if !args.heads.is_multiple_of(kv_heads) {
+        return Err(Error::Usage(format!(
+            "--heads {} is not a multiple of --kv-heads {kv_heads}: each key/value head serves H / HKV query heads",
+            args.heads
+        )));
     }
     let at = args
         .at
@@ -1223,18 +1239,18 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
     let shapes = attnc::sema::eval::Shapes {
         b: args.batch,
         h: args.heads,
-        hkv: args.heads,
+        hkv: kv_heads,
         q: args.q_len,
-        kv: args.kv_len,
+        kv: kv_len,
         d: 1,
     };
     // Only the shapes of q, k and v matter here: zero-stride views of one
     // element, D = 1. A view's element count must fit in an isize.
-    for (what, len) in [("--q-len", args.q_len), ("--kv-len", args.kv_len)] {
+    for (what, len) in [("--q-len", args.q_len), ("--kv-len", kv_len)] {
         let elements = (args.batch as u128) * (args.heads as u128) * (len as u128);
         if elements > isize::MAX as u128 {
             return Err(Error::Usage(format!(
-                "--b {} x --h {} x {what} {len} = {elements} rows: more than an array can hold (2^63 - 1 elements)",
+                "--batch {} x --heads {} x {what} {len} = {elements} rows: more than an array can hold (2^63 - 1 elements)",
                 args.batch,
                 args.heads,
             )));
@@ -1257,15 +1273,15 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
         }
         need.check(format_args!(
             "`attnc blocks` of `{}` on B={} H={} Q={} KV={} with {tiling} tiles",
-            program.spec.name, args.batch, args.heads, args.q_len, args.kv_len
+            program.spec.name, args.batch, args.heads, args.q_len, kv_len
         ))?;
     }
     let one = ndarray::Array4::<f32>::zeros((1, 1, 1, 1));
-    let view = |len: usize| {
-        one.broadcast((args.batch, args.heads, len, 1))
+    let view = |heads: usize, len: usize| {
+        one.broadcast((args.batch, heads, len, 1))
             .expect("the element count was checked above")
     };
-    let (q, kv) = (view(args.q_len), view(args.kv_len));
+    let (q, kv) = (view(args.heads, args.q_len), view(kv_heads, kv_len));
     let mut inputs = Inputs::new(q, kv, kv).q_offset(args.q_offset);
     let mut rng = attnc::bench::Rng::new(0);
     bind_buffers(&mut inputs, &program, &shapes, buffers, Some(&mut rng))?;
@@ -1310,7 +1326,7 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
         let v = serde_json::json!({
             "spec": program.spec.name,
             "q_len": args.q_len,
-            "kv_len": args.kv_len,
+            "kv_len": kv_len,
             "q_offset": args.q_offset,
             "block": [tiling.bq, tiling.bkv],
             "q_tiles": map.q_tiles(),

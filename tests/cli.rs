@@ -947,7 +947,7 @@ fn blocks_with_a_huge_batch_and_heads_is_an_error() {
     assert_fails(
         &o,
         &[
-            "--b 1000000000 x --h 1000000000 x --q-len 64",
+            "--batch 1000000000 x --heads 1000000000 x --q-len 64",
             "more than an array can hold",
         ],
     );
@@ -1516,4 +1516,36 @@ fn run_random_flags_are_checked() {
         "--check",
     ]);
     assert_fails(&o, &["buffer `doc` is not bound", "--buffer doc=docs:4"]);
+}
+
+/// `attnc blocks` takes the shape flags of `bench` and `run` (`--b`/`--h`
+/// stay as aliases) and defaults `--kv-len` to `--q-len`.
+#[test]
+fn blocks_shape_flags_match_bench_and_kv_len_defaults_to_q() {
+    let dir = TempDir::new();
+    std::fs::write(dir.path("bh.attn"), "attention bh { mask = kv <= q + b + h }").unwrap();
+    let spec = dir.str("bh.attn");
+    let base = ["blocks", spec.as_str(), "--q-len", "256", "--json"];
+    let json = |extra: &[&str]| -> serde_json::Value {
+        let o = attnc(&[&base[..], extra].concat());
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let mut v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        let m = v.as_object_mut().unwrap();
+        m.remove("build_ms");
+        m.remove("build_ms_median");
+        v
+    };
+    let implicit = json(&[]);
+    assert_eq!(implicit["kv_len"], 256);
+    assert_eq!(implicit["maps"], 1);
+    assert_eq!(implicit, json(&["--kv-len", "256"]));
+    let long = json(&["--batch", "2", "--heads", "4", "--kv-heads", "2"]);
+    assert_eq!(long["maps"], 8);
+    assert_eq!(long, json(&["--b", "2", "--h", "4", "--kv-heads", "2"]));
+    let o = attnc(&[&base[..], &["--heads", "0"]].concat());
+    assert_fails(&o, &["--heads/--h must be at least 1, found 0"]);
+    let o = attnc(&[&base[..], &["--kv-heads", "0"]].concat());
+    assert_fails(&o, &["--kv-heads must be at least 1, found 0"]);
+    let o = attnc(&[&base[..], &["--heads", "4", "--kv-heads", "3"]].concat());
+    assert_fails(&o, &["--heads 4 is not a multiple of --kv-heads 3"]);
 }
