@@ -44,7 +44,7 @@ attnc run examples/packed_docs.attn --random --q-len 256 --buffer doc=docs:4 --c
 Stages: ast (the parsed syntax tree with byte spans), checked (the checked spec: typed, names\n\
 resolved, with dependences), tile (the optimised loop IR; --stage tile-unopt for the IR before\n\
 optimisation). The tile IR is generic over batch, heads and lengths; it specialises on the\n\
-tile sizes (--block, default 64x64) and the head dim (--dim, default 64; `--dim generic` keeps D symbolic)."
+tile sizes (--block, default auto: 128x64 without a mask, 64x64 otherwise, as for `attnc run`) and the head dim (--dim, default 64; `--dim generic` keeps D symbolic)."
     )]
     Emit(EmitArgs),
     /// Classify the tiles of a spec's mask (full / partial / empty) and draw the block map.
@@ -193,8 +193,9 @@ struct EmitArgs {
     /// The stage to print.
     #[arg(long, value_enum, default_value_t = Stage::Tile)]
     stage: Stage,
-    /// Tile sizes BQxBKV (or N for NxN), or `auto` (as `attnc run` picks them).
-    #[arg(long, default_value = "64x64", value_name = "BQxBKV|auto")]
+    /// Tile sizes BQxBKV (or N for NxN), or `auto` (as `attnc run` picks them:
+    /// 128x64 for a spec without a mask, 64x64 otherwise).
+    #[arg(long, default_value = "auto", value_name = "BQxBKV|auto")]
     block: String,
     /// Head dim to specialise on, or `generic`.
     #[arg(long, default_value = "64", value_name = "D|generic")]
@@ -254,9 +255,15 @@ enum ExpBase {
     Exp,
 }
 
-/// Parses `auto`, `64x128` or `64` into the tile sizes for `program`.
+/// Parses `auto`, `64x128` or `64` (the `--block` of every subcommand).
+fn parse_tiles(text: &str) -> Result<attnc::Tiles, Error> {
+    text.parse().map_err(Error::Mask)
+}
+
+/// Parses `auto`, `64x128` or `64` into the tile sizes for `program`
+/// (`auto` is [`driver::Program::auto_tiling`]).
 fn parse_block(text: &str, program: &driver::Program) -> Result<attnc::mask::Tiling, Error> {
-    Ok(program.tiling(text.parse().map_err(Error::Mask)?))
+    Ok(program.tiling(parse_tiles(text)?))
 }
 
 #[derive(Args)]
@@ -935,7 +942,8 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
     if args.stage == Stage::Checked {
         return Ok(program.spec.to_string());
     }
-    let tiling = parse_block(&args.block, &program)?;
+    let tiles = parse_tiles(&args.block)?;
+    let tiling = program.tiling(tiles);
     let attnc::mask::Tiling { bq, bkv } = tiling;
     let dim = match args.dim.as_str() {
         "generic" => None,
@@ -956,7 +964,7 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
     };
     if args.stage == Stage::Clif {
         let options = attnc::CompileOptions {
-            tiles: attnc::Tiles::Fixed(tiling),
+            tiles,
             keep_clif: true,
             ..Default::default()
         };

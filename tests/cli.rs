@@ -1549,3 +1549,26 @@ fn blocks_shape_flags_match_bench_and_kv_len_defaults_to_q() {
     let o = attnc(&[&base[..], &["--heads", "4", "--kv-heads", "3"]].concat());
     assert_fails(&o, &["--heads 4 is not a multiple of --kv-heads 3"]);
 }
+
+/// `attnc emit --block` defaults to `auto`, as `run` and `bench` do: 128x64
+/// for a spec without a mask, 64x64 otherwise, on every stage.
+#[test]
+fn emit_block_defaults_to_auto_like_run() {
+    let emit = |args: &[&str]| {
+        let o = attnc(&[&["emit"][..], args].concat());
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let dense = emit(&["examples/dense.attn", "--stage", "tile"]);
+    assert!(dense.contains("schedule: bq=128 bkv=64"), "{dense}");
+    assert_eq!(dense, emit(&["examples/dense.attn", "--stage", "tile", "--block", "auto"]));
+    let causal = emit(&["examples/causal.attn", "--stage", "tile"]);
+    assert!(causal.contains("schedule: bq=64 bkv=64"), "{causal}");
+    for stage in ["tile-unopt", "nest", "clif"] {
+        assert_eq!(
+            emit(&["examples/dense.attn", "--stage", stage]),
+            emit(&["examples/dense.attn", "--stage", stage, "--block", "128x64"]),
+            "--stage {stage}"
+        );
+    }
+}
