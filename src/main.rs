@@ -41,7 +41,8 @@ attnc run examples/packed_docs.attn --random --q-len 256 --buffer doc=docs:4 --c
     /// Print a compiler stage's output for a spec.
     #[command(
         after_help = "Examples:\n  attnc emit examples/alibi.attn --stage tile\n  attnc emit examples/sliding_window.attn --stage tile --block 32x128 --dim 128 --param window=512\n  attnc emit examples/causal.attn --stage checked\n\n\
-Stages: ast (the parsed syntax tree with byte spans), checked (the checked spec: typed, names\n\
+Stages: ast (the parsed syntax tree with byte spans; every block of the file unless --entry names\n\
+one), checked (the checked spec: typed, names\n\
 resolved, with dependences), tile (the optimised loop IR; --stage tile-unopt for the IR before\n\
 optimisation). The tile IR is generic over batch, heads and lengths; it specialises on the\n\
 tile sizes (--block, default auto: 128x64 without a mask, 64x64 otherwise, as for `attnc run`) and the head dim (--dim, default 64; `--dim generic` keeps D symbolic)."
@@ -936,7 +937,27 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
     }
     let file = SourceFile::read(&args.spec.spec)?;
     if args.stage == Stage::Ast {
-        return Ok(driver::parse(&std::sync::Arc::new(file))?.to_string());
+        // The parse of the whole file, or of the block --entry names: an
+        // unknown --entry is the same error as on every other stage.
+        let file = std::sync::Arc::new(file);
+        let mut ast = driver::parse(&file)?;
+        if let Some(name) = &args.spec.entry {
+            let available: Vec<String> =
+                ast.attentions.iter().map(|a| a.name.name.clone()).collect();
+            ast.attentions.retain(|a| a.name.name == *name);
+            if ast.attentions.is_empty() {
+                return Err(Error::Spec {
+                    file,
+                    problems: vec![driver::SpecProblem::Entry(
+                        attnc::sema::EntryError::Unknown {
+                            name: name.clone(),
+                            available: available.join(", "),
+                        },
+                    )],
+                });
+            }
+        }
+        return Ok(ast.to_string());
     }
     let program = driver::load(file, &spec_options(&args.spec)?)?;
     if args.stage == Stage::Checked {

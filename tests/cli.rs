@@ -1572,3 +1572,35 @@ fn emit_block_defaults_to_auto_like_run() {
         );
     }
 }
+
+/// `--entry` is checked on every stage: `--stage ast` with a name the file
+/// does not define fails as the other stages do, and with a known name
+/// prints only that block.
+#[test]
+fn emit_checks_entry_on_every_stage() {
+    let dir = TempDir::new();
+    std::fs::write(
+        dir.path("two.attn"),
+        "attention a { mask = causal }\nattention b { mask = q - kv < 4 }\n",
+    )
+    .unwrap();
+    let spec = dir.str("two.attn");
+    for stage in ["ast", "checked", "tile-unopt", "tile", "nest", "clif"] {
+        let o = attnc(&["emit", &spec, "--stage", stage, "--entry", "nosuch"]);
+        assert_fails(
+            &o,
+            &["no attention block named `nosuch`", "the file defines: a, b"],
+        );
+        assert!(stdout(&o).is_empty(), "--stage {stage}: {}", stdout(&o));
+    }
+    let o = attnc(&["emit", &spec, "--stage", "blocks", "--q-len", "8", "--entry", "nosuch"]);
+    assert_fails(&o, &["no attention block named `nosuch`"]);
+    let o = attnc(&["emit", &spec, "--target", "ptx", "--entry", "nosuch"]);
+    assert_fails(&o, &["no attention block named `nosuch`"]);
+    let o = attnc(&["emit", &spec, "--stage", "ast", "--entry", "b"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let ast = stdout(&o);
+    assert!(ast.contains("attention b") && !ast.contains("attention a"), "{ast}");
+    let o = attnc(&["emit", &spec, "--stage", "ast"]);
+    assert!(stdout(&o).contains("attention a") && stdout(&o).contains("attention b"));
+}
