@@ -191,9 +191,10 @@ struct BenchArgs {
 struct EmitArgs {
     #[command(flatten)]
     spec: SpecArgs,
-    /// The stage to print.
-    #[arg(long, value_enum, default_value_t = Stage::Tile)]
-    stage: Stage,
+    /// The stage to print (default: tile). Not with --target, which prints
+    /// the target's code instead of a stage.
+    #[arg(long, value_enum, value_name = "STAGE")]
+    stage: Option<Stage>,
     /// Tile sizes BQxBKV (or N for NxN), or `auto` (as `attnc run` picks them:
     /// 128x64 for a spec without a mask, 64x64 otherwise).
     #[arg(long, default_value = "auto", value_name = "BQxBKV|auto")]
@@ -913,9 +914,24 @@ fn run(cmd: Command) -> Result<(), Error> {
 /// `attnc emit`: the text of the stage or target asked for.
 fn emit(args: EmitArgs) -> Result<String, Error> {
     if args.target == Some(Target::Ptx) {
+        if let Some(stage) = args.stage {
+            let name = |s: &Stage| {
+                s.to_possible_value()
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default()
+            };
+            let stages: Vec<String> = Stage::value_variants().iter().map(name).collect();
+            return Err(Error::Usage(format!(
+                "`--target ptx` prints PTX text, not a compiler stage: drop `--stage {}`, or drop \
+                 `--target ptx` to print a stage (--stage {})",
+                name(&stage),
+                stages.join("|")
+            )));
+        }
         return emit_ptx(args);
     }
-    if args.stage == Stage::Blocks {
+    let stage = args.stage.unwrap_or(Stage::Tile);
+    if stage == Stage::Blocks {
         let Some(q_len) = args.q_len else {
             return Err(Error::Usage("`--stage blocks` needs the lengths: pass `--q-len N` (and `--kv-len N` if different)".into()));
         };
@@ -936,7 +952,7 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
         });
     }
     let file = SourceFile::read(&args.spec.spec)?;
-    if args.stage == Stage::Ast {
+    if stage == Stage::Ast {
         // The parse of the whole file, or of the block --entry names: an
         // unknown --entry is the same error as on every other stage.
         let file = std::sync::Arc::new(file);
@@ -960,7 +976,7 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
         return Ok(ast.to_string());
     }
     let program = driver::load(file, &spec_options(&args.spec)?)?;
-    if args.stage == Stage::Checked {
+    if stage == Stage::Checked {
         return Ok(program.spec.to_string());
     }
     let tiles = parse_tiles(&args.block)?;
@@ -983,7 +999,7 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
         dim,
         exp2: args.exp == ExpBase::Exp2,
     };
-    if args.stage == Stage::Clif {
+    if stage == Stage::Clif {
         let options = attnc::CompileOptions {
             tiles,
             keep_clif: true,
@@ -993,9 +1009,9 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
         return Ok(jit.clif().unwrap_or_default().to_string());
     }
     let kernel = attnc::tile::build(&program.spec, &schedule);
-    Ok(if args.stage == Stage::TileUnopt {
+    Ok(if stage == Stage::TileUnopt {
         kernel.to_string()
-    } else if args.stage == Stage::Nest {
+    } else if stage == Stage::Nest {
         format!("; attnc loop nest of `{}`\n{}", kernel.name, kernel.nest)
     } else {
         attnc::tile::optimize(&kernel).to_string()

@@ -1604,3 +1604,25 @@ fn emit_checks_entry_on_every_stage() {
     let o = attnc(&["emit", &spec, "--stage", "ast"]);
     assert!(stdout(&o).contains("attention a") && stdout(&o).contains("attention b"));
 }
+
+/// `--target ptx` prints PTX text; an explicit `--stage` beside it (any
+/// stage, the default one too) is a usage error that names the stages,
+/// not silently ignored.
+#[test]
+fn emit_ptx_with_a_stage_is_a_usage_error() {
+    for stage in ["tile", "ast", "clif", "blocks"] {
+        let o = attnc(&["emit", "examples/causal.attn", "--target", "ptx", "--stage", stage]);
+        assert_fails(
+            &o,
+            &[
+                "`--target ptx` prints PTX text, not a compiler stage",
+                &format!("drop `--stage {stage}`"),
+                "--stage ast|checked|tile-unopt|tile|nest|clif|blocks",
+            ],
+        );
+        assert!(stdout(&o).is_empty(), "{}", stdout(&o));
+    }
+    let o = attnc(&["emit", "examples/causal.attn", "--target", "ptx"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains(".entry"), "{}", stdout(&o));
+}
