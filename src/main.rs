@@ -196,7 +196,9 @@ struct EmitArgs {
     #[arg(long, value_enum, value_name = "STAGE")]
     stage: Option<Stage>,
     /// Tile sizes BQxBKV (or N for NxN), or `auto` (as `attnc run` picks them:
-    /// 128x64 for a spec without a mask, 64x64 otherwise).
+    /// 128x64 for a spec without a mask, 64x64 otherwise; with --target ptx,
+    /// those of `attnc run --backend cuda`: 64x64 for f16/bf16 up to D = 128,
+    /// 64x32 for f32 and larger heads).
     #[arg(long, default_value = "auto", value_name = "BQxBKV|auto")]
     block: String,
     /// Head dim to specialise on, or `generic`.
@@ -1437,7 +1439,6 @@ fn emit_ptx(args: EmitArgs) -> Result<String, Error> {
     )?;
     let arch = args.arch.parse().map_err(Error::Usage)?;
     let dtype = args.dtype.parse().map_err(Error::Usage)?;
-    let attnc::mask::Tiling { bq, bkv } = parse_block(&args.block, &program)?;
     let dim = match args.dim.parse::<usize>() {
         Ok(d) if d > 0 => d,
         _ => {
@@ -1446,6 +1447,14 @@ fn emit_ptx(args: EmitArgs) -> Result<String, Error> {
                 args.dim
             )))
         }
+    };
+    // `auto` is what `attnc run --backend cuda` runs: `ptx::schedule`.
+    let (bq, bkv) = match parse_tiles(&args.block)? {
+        attnc::Tiles::Auto => {
+            let s = ptx::schedule(dim, dtype);
+            (s.bq, s.bkv)
+        }
+        attnc::Tiles::Fixed(t) => (t.bq, t.bkv),
     };
     let schedule = attnc::tile::Schedule {
         bq,

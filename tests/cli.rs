@@ -1626,3 +1626,21 @@ fn emit_ptx_with_a_stage_is_a_usage_error() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stdout(&o).contains(".entry"), "{}", stdout(&o));
 }
+
+/// On the PTX target `--block auto` (the default) is the schedule
+/// `attnc run --backend cuda` runs (`ptx::schedule`): 64x64 for f16/bf16 up
+/// to D = 128, 64x32 for f32, with or without a mask.
+#[test]
+fn emit_ptx_block_auto_is_the_cuda_schedule() {
+    let ptx = |args: &[&str]| {
+        let o = attnc(&[&["emit", "examples/dense.attn", "--target", "ptx"][..], args].concat());
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let f16 = ptx(&["--dtype", "f16"]);
+    assert!(f16.contains("schedule: bq=64 bkv=64 D=64"), "{f16}");
+    assert_eq!(f16, ptx(&["--dtype", "f16", "--block", "64x64"]));
+    let f32 = ptx(&["--dtype", "f32"]);
+    assert!(f32.contains("schedule: bq=64 bkv=32 D=64"), "{f32}");
+    assert_eq!(f32, ptx(&["--dtype", "f32", "--block", "auto"]));
+}
