@@ -222,8 +222,9 @@ struct EmitArgs {
     /// GPU architecture of the PTX: sm_80 (A100) or sm_90 (H100/H200).
     #[arg(long, default_value = "sm_80", value_name = "sm_80|sm_90")]
     arch: String,
-    /// Element type of q, k and v in the PTX kernel: f16, bf16 (tensor cores) or f32 (FMA).
-    #[arg(long, default_value = "f16", value_name = "f16|bf16|f32")]
+    /// Element type of q, k and v in the PTX kernel: f32 (FMA), f16 or bf16
+    /// (tensor cores); f32 by default, as for `attnc run --backend cuda`.
+    #[arg(long, default_value = "f32", value_name = "f32|f16|bf16")]
     dtype: String,
     /// Write the output to this file instead of stdout.
     #[arg(short = 'o', long = "output", value_name = "FILE")]

@@ -1644,3 +1644,19 @@ fn emit_ptx_block_auto_is_the_cuda_schedule() {
     assert!(f32.contains("schedule: bq=64 bkv=32 D=64"), "{f32}");
     assert_eq!(f32, ptx(&["--dtype", "f32", "--block", "auto"]));
 }
+
+/// `emit --target ptx --dtype` defaults to f32, as `run --dtype` does; f16
+/// and bf16 are asked for explicitly.
+#[test]
+fn emit_ptx_dtype_defaults_to_f32_like_run() {
+    let ptx = |args: &[&str]| {
+        let o = attnc(&[&["emit", "examples/causal.attn", "--target", "ptx"][..], args].concat());
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let default = ptx(&[]);
+    assert!(default.contains("f32 inputs, FMA products"), "{default}");
+    assert_eq!(default, ptx(&["--dtype", "f32"]));
+    assert!(ptx(&["--dtype", "f16"]).contains("f16 inputs, mma.sync"));
+    assert!(ptx(&["--dtype", "bf16"]).contains("bf16 inputs, mma.sync"));
+}
