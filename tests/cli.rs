@@ -1523,7 +1523,11 @@ fn run_random_flags_are_checked() {
 #[test]
 fn blocks_shape_flags_match_bench_and_kv_len_defaults_to_q() {
     let dir = TempDir::new();
-    std::fs::write(dir.path("bh.attn"), "attention bh { mask = kv <= q + b + h }").unwrap();
+    std::fs::write(
+        dir.path("bh.attn"),
+        "attention bh { mask = kv <= q + b + h }",
+    )
+    .unwrap();
     let spec = dir.str("bh.attn");
     let base = ["blocks", spec.as_str(), "--q-len", "256", "--json"];
     let json = |extra: &[&str]| -> serde_json::Value {
@@ -1561,7 +1565,10 @@ fn emit_block_defaults_to_auto_like_run() {
     };
     let dense = emit(&["examples/dense.attn", "--stage", "tile"]);
     assert!(dense.contains("schedule: bq=128 bkv=64"), "{dense}");
-    assert_eq!(dense, emit(&["examples/dense.attn", "--stage", "tile", "--block", "auto"]));
+    assert_eq!(
+        dense,
+        emit(&["examples/dense.attn", "--stage", "tile", "--block", "auto"])
+    );
     let causal = emit(&["examples/causal.attn", "--stage", "tile"]);
     assert!(causal.contains("schedule: bq=64 bkv=64"), "{causal}");
     for stage in ["tile-unopt", "nest", "clif"] {
@@ -1589,18 +1596,26 @@ fn emit_checks_entry_on_every_stage() {
         let o = attnc(&["emit", &spec, "--stage", stage, "--entry", "nosuch"]);
         assert_fails(
             &o,
-            &["no attention block named `nosuch`", "the file defines: a, b"],
+            &[
+                "no attention block named `nosuch`",
+                "the file defines: a, b",
+            ],
         );
         assert!(stdout(&o).is_empty(), "--stage {stage}: {}", stdout(&o));
     }
-    let o = attnc(&["emit", &spec, "--stage", "blocks", "--q-len", "8", "--entry", "nosuch"]);
+    let o = attnc(&[
+        "emit", &spec, "--stage", "blocks", "--q-len", "8", "--entry", "nosuch",
+    ]);
     assert_fails(&o, &["no attention block named `nosuch`"]);
     let o = attnc(&["emit", &spec, "--target", "ptx", "--entry", "nosuch"]);
     assert_fails(&o, &["no attention block named `nosuch`"]);
     let o = attnc(&["emit", &spec, "--stage", "ast", "--entry", "b"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let ast = stdout(&o);
-    assert!(ast.contains("attention b") && !ast.contains("attention a"), "{ast}");
+    assert!(
+        ast.contains("attention b") && !ast.contains("attention a"),
+        "{ast}"
+    );
     let o = attnc(&["emit", &spec, "--stage", "ast"]);
     assert!(stdout(&o).contains("attention a") && stdout(&o).contains("attention b"));
 }
@@ -1611,7 +1626,14 @@ fn emit_checks_entry_on_every_stage() {
 #[test]
 fn emit_ptx_with_a_stage_is_a_usage_error() {
     for stage in ["tile", "ast", "clif", "blocks"] {
-        let o = attnc(&["emit", "examples/causal.attn", "--target", "ptx", "--stage", stage]);
+        let o = attnc(&[
+            "emit",
+            "examples/causal.attn",
+            "--target",
+            "ptx",
+            "--stage",
+            stage,
+        ]);
         assert_fails(
             &o,
             &[
@@ -1633,7 +1655,13 @@ fn emit_ptx_with_a_stage_is_a_usage_error() {
 #[test]
 fn emit_ptx_block_auto_is_the_cuda_schedule() {
     let ptx = |args: &[&str]| {
-        let o = attnc(&[&["emit", "examples/dense.attn", "--target", "ptx"][..], args].concat());
+        let o = attnc(
+            &[
+                &["emit", "examples/dense.attn", "--target", "ptx"][..],
+                args,
+            ]
+            .concat(),
+        );
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
         stdout(&o)
     };
@@ -1650,7 +1678,13 @@ fn emit_ptx_block_auto_is_the_cuda_schedule() {
 #[test]
 fn emit_ptx_dtype_defaults_to_f32_like_run() {
     let ptx = |args: &[&str]| {
-        let o = attnc(&[&["emit", "examples/causal.attn", "--target", "ptx"][..], args].concat());
+        let o = attnc(
+            &[
+                &["emit", "examples/causal.attn", "--target", "ptx"][..],
+                args,
+            ]
+            .concat(),
+        );
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
         stdout(&o)
     };
