@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 NS=${1:-"1024 4096"}
 RUNS=${2:-5}
 DIMS=${3:-64}
-cargo build --release -q
+cargo build --release >&2   # its progress on stderr; the table goes to stdout
 B=target/release/attnc
 echo "| D | N | variant | median ms | min ms | GF/s dense-equiv | GF/s useful | compile ms | peak RSS MiB |"
 echo "|---|---|---|---|---|---|---|---|---|"

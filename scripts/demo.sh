@@ -12,7 +12,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # The dev profile builds dependencies optimised (see Cargo.toml) and shares them
 # with `cargo test`, so running the tests after the demo rebuilds only attnc.
 echo "building attnc (the first build fetches and compiles the dependencies: a few minutes)..."
-cargo build --quiet --bin attnc --example compare
+# cargo shows its own progress (on stderr), so a first build is not silent.
+cargo build --bin attnc --example compare
 bin=target/debug
 fixture=tests/fixtures/packed_docs
 demo=target/demo
