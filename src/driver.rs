@@ -775,10 +775,22 @@ impl Program {
 
     /// Runs the reference interpreter.
     pub fn run_reference(&self, inputs: &Inputs<'_>) -> Result<Outputs, Error> {
+        self.run_reference_observed(inputs, &mut |_, _| {})
+    }
+
+    /// [`Program::run_reference`], calling `progress(rows done, rows in all)`
+    /// as it goes (`reference::run_observed`).
+    pub fn run_reference_observed(
+        &self,
+        inputs: &Inputs<'_>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Outputs, Error> {
         let bound = bind(&self.spec, inputs)?;
-        crate::reference::run(&self.spec, inputs, &bound).map_err(|error| Error::Eval {
-            file: self.file.clone(),
-            error,
+        crate::reference::run_observed(&self.spec, inputs, &bound, progress).map_err(|error| {
+            Error::Eval {
+                file: self.file.clone(),
+                error,
+            }
         })
     }
 }

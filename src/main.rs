@@ -131,6 +131,9 @@ struct BlocksArgs {
 struct BenchArgs {
     #[command(flatten)]
     spec: SpecArgs,
+    /// No progress bar (one is drawn on stderr only when it is a terminal).
+    #[arg(long, short)]
+    quiet: bool,
     /// Query length Q.
     #[arg(long, value_name = "N")]
     q_len: usize,
@@ -350,6 +353,10 @@ struct RunArgs {
     /// of out and lse, and exit 1 when one is above --tolerance.
     #[arg(long)]
     check: bool,
+    /// No progress bar for the reference backend (one is drawn on stderr only
+    /// when it is a terminal).
+    #[arg(long, short)]
+    quiet: bool,
     /// With --check: the largest max |diff| that passes.
     #[arg(
         long,
@@ -748,6 +755,47 @@ fn require_all_buffers(program: &driver::Program, inputs: &Inputs<'_>) -> Result
     Ok(())
 }
 
+/// A progress bar on stderr of `total` units, or `None` under `--quiet` or
+/// when stderr is not a terminal (a log or a pipe gets no bar).
+fn progress_bar(quiet: bool, what: &str, unit: &str, total: u64) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if quiet || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    let style = indicatif::ProgressStyle::with_template(&format!(
+        "{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{elapsed}}, about {{eta}} left)"
+    ))
+    .expect("a valid template");
+    bar.set_style(style.progress_chars("=> "));
+    bar.set_message(what.to_string());
+    bar.tick(); // drawn at once, not only after the first step
+    Some(bar)
+}
+
+/// Runs the reference backend with a progress bar over its rows (the
+/// reference is slow: f64, one thread).
+fn run_reference_with_progress(
+    program: &driver::Program,
+    inputs: &Inputs<'_>,
+    quiet: bool,
+) -> Result<attnc::Outputs, Error> {
+    let bar = progress_bar(quiet, "reference", "rows", 0);
+    let result = program.run_reference_observed(inputs, &mut |done, total| {
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    result
+}
+
 fn bench(args: BenchArgs) -> Result<(), Error> {
     use attnc::bench::{measure, BenchConfig, PeakProbe, Rng};
     let t0 = std::time::Instant::now();
@@ -862,6 +910,12 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
                 .sum()
         }),
     });
+    let bar = progress_bar(
+        args.quiet,
+        &format!("bench {backend_name}"),
+        "runs",
+        (config.warmup + config.runs) as u64,
+    );
     let report = measure(
         &program,
         &backend_name,
@@ -869,13 +923,23 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         &inputs,
         compile_ms,
         peak,
-        |i| match args.backend {
-            Backend::Reference => program.run_reference(i),
-            Backend::Interp => program.run_interp(i, bq, bkv),
-            Backend::Jit => jit.as_ref().expect("compiled above").run(i),
-            Backend::Cuda => unreachable!("rejected above"),
+        |i| {
+            let r = match args.backend {
+                Backend::Reference => program.run_reference(i),
+                Backend::Interp => program.run_interp(i, bq, bkv),
+                Backend::Jit => jit.as_ref().expect("compiled above").run(i),
+                Backend::Cuda => unreachable!("rejected above"),
+            };
+            if let Some(bar) = &bar {
+                bar.inc(1);
+            }
+            r
         },
-    )?;
+    );
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let report = report?;
     if args.json {
         say(format_args!("{}\n", report.to_json()))
     } else {
@@ -1135,7 +1199,7 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
         ))?;
     }
     let outputs = match args.backend {
-        Backend::Reference => program.run_reference(&inputs)?,
+        Backend::Reference => run_reference_with_progress(&program, &inputs, args.quiet)?,
         Backend::Interp => {
             let attnc::mask::Tiling { bq, bkv } = tiling.expect("parsed above");
             program.run_interp(&inputs, bq, bkv)?
@@ -1174,7 +1238,7 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
     if args.check {
         let reference = match args.backend {
             Backend::Reference => outputs.clone(),
-            _ => program.run_reference(&inputs)?,
+            _ => run_reference_with_progress(&program, &inputs, args.quiet)?,
         };
         let out_diff = max_abs_diff(outputs.out.iter(), reference.out.iter());
         let lse_diff = match (&outputs.lse, &reference.lse) {

@@ -18,6 +18,18 @@ use crate::sema::Spec;
 
 /// Runs `spec` on bound inputs.
 pub fn run(spec: &Spec, inputs: &Inputs<'_>, bound: &Bound) -> Result<Outputs, EvalError> {
+    run_observed(spec, inputs, bound, &mut |_, _| {})
+}
+
+/// [`run`], calling `progress(rows done, rows in all)` after every (batch,
+/// head), for a caller that shows progress (the reference is slow: O(Q x KV x D)
+/// in f64 on one thread).
+pub fn run_observed(
+    spec: &Spec,
+    inputs: &Inputs<'_>,
+    bound: &Bound,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Outputs, EvalError> {
     let sh = bound.shapes;
     let mut ev = Evaluator::new(spec, sh, &bound.buffers);
     let scale = scale(spec, &mut ev, bound)?;
@@ -61,6 +73,8 @@ pub fn run(spec: &Spec, inputs: &Inputs<'_>, bound: &Bound) -> Result<Outputs, E
                 }
                 lse[[b, h, row]] = (m + sum.ln()) as f32;
             }
+            let heads_done = (b * sh.h + h + 1) as u64;
+            progress(heads_done * sh.q as u64, (sh.b * sh.h * sh.q) as u64);
         }
     }
     Ok(Outputs {

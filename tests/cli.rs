@@ -1694,3 +1694,45 @@ fn emit_ptx_dtype_defaults_to_f32_like_run() {
     assert!(ptx(&["--dtype", "f16"]).contains("f16 inputs, mma.sync"));
     assert!(ptx(&["--dtype", "bf16"]).contains("bf16 inputs, mma.sync"));
 }
+
+/// The reference backend and `bench` draw a progress bar on stderr when it is
+/// a terminal (here a pseudo-terminal made by `script`, from util-linux), and
+/// never into a pipe or a log, nor with `--quiet`.
+#[test]
+fn progress_bars_only_on_a_terminal_and_not_with_quiet() {
+    let bin = env!("CARGO_BIN_EXE_attnc");
+    let spec = root().join("examples/causal.attn");
+    let dir = TempDir::new();
+    let out = dir.str("out.npy");
+    let run = format!(
+        "{bin} run {} --random --q-len 300 --heads 2 --backend reference --out {out}",
+        spec.display()
+    );
+    let bench = format!("{bin} bench {} --q-len 64 --heads 1 --runs 3", spec.display());
+    // In a pipe: no bar, with or without --quiet.
+    for args in [&run, &bench] {
+        let parts: Vec<&str> = args.split(' ').skip(1).collect();
+        let o = attnc(&parts);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let err = stderr(&o);
+        assert!(!err.contains(" rows (") && !err.contains(" runs ("), "{err}");
+    }
+    // On a terminal: a bar, unless --quiet (or -q).
+    let on_terminal = |cmd: &str| {
+        let o = Command::new("script")
+            .args(["-qec", cmd, "/dev/null"])
+            .output()
+            .expect("`script` (util-linux) runs a command on a pseudo-terminal");
+        assert_eq!(o.status.code(), Some(0), "{cmd}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let shown = on_terminal(&run);
+    assert!(shown.contains("reference [") && shown.contains(" rows ("), "{shown}");
+    let shown = on_terminal(&bench);
+    assert!(shown.contains("bench jit") || shown.contains("bench native"), "{shown}");
+    assert!(shown.contains(" runs ("), "{shown}");
+    for cmd in [format!("{run} --quiet"), format!("{bench} -q")] {
+        let shown = on_terminal(&cmd);
+        assert!(!shown.contains(" rows (") && !shown.contains(" runs ("), "{shown}");
+    }
+}
