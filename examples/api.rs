@@ -18,8 +18,8 @@
 
 use std::path::Path;
 
-use attnc::{load, npy, BufferData, CompileOptions, Inputs, SourceFile, SpecOptions};
 use attnc::ndarray::{s, Array4, Ix3};
+use attnc::{load, npy, BufferData, CompileOptions, Inputs, SourceFile, SpecOptions};
 
 fn main() -> std::process::ExitCode {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

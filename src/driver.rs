@@ -674,7 +674,11 @@ impl Program {
 
     /// [`Program::first_error`] for a backend that binds the inputs itself
     /// (the CUDA runtime): binds them again, on failure only.
-    pub fn first_error_of(&self, inputs: &Inputs<'_>, error: crate::sema::eval::EvalError) -> Error {
+    pub fn first_error_of(
+        &self,
+        inputs: &Inputs<'_>,
+        error: crate::sema::eval::EvalError,
+    ) -> Error {
         match bind(&self.spec, inputs) {
             Ok(bound) => self.first_error(inputs, &bound, error),
             Err(_) => Error::Eval {
@@ -859,7 +863,12 @@ mod tests {
         };
         let kernel = program.compile_jit_with(&options).unwrap();
         assert!(
-            kernel.compiled.kernel.insts.iter().any(|i| matches!(i.op, crate::tile::Op::Load { checked: false, .. })),
+            kernel
+                .compiled
+                .kernel
+                .insts
+                .iter()
+                .any(|i| matches!(i.op, crate::tile::Op::Load { checked: false, .. })),
             "the read is proven in range"
         );
         let q = Rng::new(1).array4((1, 1, 40, 8));

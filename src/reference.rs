@@ -43,7 +43,16 @@ pub fn run_observed(
             let kh = bound.kv_head(h);
             for row in 0..sh.q {
                 let at = (b, h, row);
-                row_scores(spec, &mut ev, inputs, bound, scale, at, spec.score, Some(&mut scores))?;
+                row_scores(
+                    spec,
+                    &mut ev,
+                    inputs,
+                    bound,
+                    scale,
+                    at,
+                    spec.score,
+                    Some(&mut scores),
+                )?;
                 // NaN if any score is NaN (`f64::max` would skip it), so NaN
                 // reaches out and lse instead of passing for a masked row.
                 let m = scores.iter().fold(f64::NEG_INFINITY, |m, &s| {
@@ -161,7 +170,8 @@ pub fn first_error(spec: &Spec, inputs: &Inputs<'_>, bound: &Bound) -> Option<Ev
         for h in 0..sh.h {
             for row in 0..sh.q {
                 let at = (b, h, row);
-                if let Err(e) = row_scores(spec, &mut ev, inputs, bound, scale, at, score_mod, None) {
+                if let Err(e) = row_scores(spec, &mut ev, inputs, bound, scale, at, score_mod, None)
+                {
                     return Some(e);
                 }
             }

@@ -11,11 +11,11 @@
 //! of the optimiser that does not hold fails the test.
 
 mod common;
-mod support;
 #[path = "support/ptx_emu.rs"]
 mod ptx_emu;
 #[path = "support/ptx_run.rs"]
 mod ptx_run;
+mod support;
 
 use attnc::codegen::clif::GemmImpl;
 use proptest::prelude::*;

@@ -1708,14 +1708,20 @@ fn progress_bars_only_on_a_terminal_and_not_with_quiet() {
         "{bin} run {} --random --q-len 300 --heads 2 --backend reference --out {out}",
         spec.display()
     );
-    let bench = format!("{bin} bench {} --q-len 64 --heads 1 --runs 3", spec.display());
+    let bench = format!(
+        "{bin} bench {} --q-len 64 --heads 1 --runs 3",
+        spec.display()
+    );
     // In a pipe: no bar, with or without --quiet.
     for args in [&run, &bench] {
         let parts: Vec<&str> = args.split(' ').skip(1).collect();
         let o = attnc(&parts);
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
         let err = stderr(&o);
-        assert!(!err.contains(" rows (") && !err.contains(" runs ("), "{err}");
+        assert!(
+            !err.contains(" rows (") && !err.contains(" runs ("),
+            "{err}"
+        );
     }
     // On a terminal: a bar, unless --quiet (or -q).
     let on_terminal = |cmd: &str| {
@@ -1727,12 +1733,21 @@ fn progress_bars_only_on_a_terminal_and_not_with_quiet() {
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
     let shown = on_terminal(&run);
-    assert!(shown.contains("reference [") && shown.contains(" rows ("), "{shown}");
+    assert!(
+        shown.contains("reference [") && shown.contains(" rows ("),
+        "{shown}"
+    );
     let shown = on_terminal(&bench);
-    assert!(shown.contains("bench jit") || shown.contains("bench native"), "{shown}");
+    assert!(
+        shown.contains("bench jit") || shown.contains("bench native"),
+        "{shown}"
+    );
     assert!(shown.contains(" runs ("), "{shown}");
     for cmd in [format!("{run} --quiet"), format!("{bench} -q")] {
         let shown = on_terminal(&cmd);
-        assert!(!shown.contains(" rows (") && !shown.contains(" runs ("), "{shown}");
+        assert!(
+            !shown.contains(" rows (") && !shown.contains(" runs ("),
+            "{shown}"
+        );
     }
 }

@@ -26,7 +26,8 @@ fn read_chain(n: usize) -> String {
     let mut s = String::from("attention a {\n    buffer t[KV]: int\n    let x0 = kv\n");
     for i in 1..=n {
         let p = i - 1;
-        s += &format!("    let x{i} = if t[x{p} % KV] > 0 {{ t[x{p} % KV] }} else {{ x{p} + 1 }}\n");
+        s +=
+            &format!("    let x{i} = if t[x{p} % KV] > 0 {{ t[x{p} % KV] }} else {{ x{p} + 1 }}\n");
     }
     s + &format!("    mask = x{n} >= 0\n    score = score + float(x{n} % 3)\n}}\n")
 }
@@ -36,7 +37,9 @@ fn both_branches(n: usize) -> String {
     let mut s = String::from("attention a {\n    buffer t[KV]: int\n    let x0 = kv\n");
     for i in 1..=n {
         let p = i - 1;
-        s += &format!("    let x{i} = if q > {i} {{ t[x{p} % KV] }} else {{ t[(x{p} + 1) % KV] }}\n");
+        s += &format!(
+            "    let x{i} = if q > {i} {{ t[x{p} % KV] }} else {{ t[(x{p} + 1) % KV] }}\n"
+        );
     }
     s + &format!("    mask = x{n} >= 0\n}}\n")
 }
@@ -69,17 +72,25 @@ fn shared_lets_compute_what_the_reference_computes() {
         let mut rng = attnc::bench::Rng::new(3);
         let (q, k) = (rng.array4((1, 2, 40, 8)), rng.array4((1, 2, 70, 8)));
         // Positive and non-positive entries, so both branches run.
-        let t = ndarray::Array1::from_shape_fn(70, |i| [(i * 7 % 70) as i64, 0, -1][i % 3]).into_dyn();
+        let t =
+            ndarray::Array1::from_shape_fn(70, |i| [(i * 7 % 70) as i64, 0, -1][i % 3]).into_dyn();
         let mut inputs = Inputs::new(q.view(), k.view(), k.view()).with_lse();
         if !program.spec.buffers.is_empty() {
             inputs = inputs.buffer("t", BufferData::Int(t));
         }
         let want = program.run_reference(&inputs).unwrap();
         let interp = program.run_interp(&inputs, 16, 16).unwrap();
-        let jit = program.compile_jit(16, 16, GemmImpl::detect()).unwrap().run(&inputs).unwrap();
+        let jit = program
+            .compile_jit(16, 16, GemmImpl::detect())
+            .unwrap()
+            .run(&inputs)
+            .unwrap();
         for got in [interp, jit] {
             for (g, w) in got.out.iter().zip(want.out.iter()) {
-                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{g} vs {w}\n{text}");
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{g} vs {w}\n{text}"
+                );
             }
         }
     }
@@ -121,9 +132,16 @@ fn thousands_of_independent_lets_compile() {
         let q = rng.array4((1, 1, 20, 16));
         let inputs = Inputs::new(q.view(), q.view(), q.view()).with_lse();
         let want = program.run_reference(&inputs).unwrap();
-        let got = program.compile_jit(16, 16, GemmImpl::detect()).unwrap().run(&inputs).unwrap();
+        let got = program
+            .compile_jit(16, 16, GemmImpl::detect())
+            .unwrap()
+            .run(&inputs)
+            .unwrap();
         for (g, w) in got.out.iter().zip(want.out.iter()) {
-            assert!((g - w).abs() <= 1e-3 * (1.0 + w.abs()), "{base}: {g} vs {w}");
+            assert!(
+                (g - w).abs() <= 1e-3 * (1.0 + w.abs()),
+                "{base}: {g} vs {w}"
+            );
         }
     }
 }

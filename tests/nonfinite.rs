@@ -27,7 +27,8 @@ fn load(text: &str, params: &[(&str, &str)]) -> Program {
             .map(|(n, v)| (n.to_string(), v.to_string()))
             .collect(),
     };
-    attnc::load(SourceFile::new("t.attn", text), &options).unwrap_or_else(|e| panic!("{}", e.render()))
+    attnc::load(SourceFile::new("t.attn", text), &options)
+        .unwrap_or_else(|e| panic!("{}", e.render()))
 }
 
 /// Every CPU backend's output, labelled.
@@ -44,7 +45,9 @@ fn every_backend(program: &Program, inputs: &Inputs<'_>) -> Vec<(String, Outputs
             let kernel = program.compile_jit(bq, bkv, gemm).unwrap();
             runs.push((
                 format!("jit {bq}x{bkv} {}", gemm.name()),
-                kernel.run(inputs).unwrap_or_else(|e| panic!("{}", e.render())),
+                kernel
+                    .run(inputs)
+                    .unwrap_or_else(|e| panic!("{}", e.render())),
             ));
         }
     }
@@ -76,7 +79,10 @@ fn check_all(program: &Program, inputs: &Inputs<'_>, nonfinite_ok: bool) -> Outp
 /// Asserts that `got` matches `want` element by element ([`same`]).
 fn assert_same(name: &str, got: &Outputs, what: &str, want: &Outputs, nonfinite_ok: bool) {
     for ((idx, &g), &w) in got.out.indexed_iter().zip(want.out.iter()) {
-        assert!(same(g, w, nonfinite_ok), "{name}: out{idx:?} = {g}, {what} {w}");
+        assert!(
+            same(g, w, nonfinite_ok),
+            "{name}: out{idx:?} = {g}, {what} {w}"
+        );
     }
     let (got_lse, want_lse) = (got.lse.as_ref().unwrap(), want.lse.as_ref().unwrap());
     for ((idx, &g), &w) in got_lse.indexed_iter().zip(want_lse.iter()) {
@@ -144,8 +150,15 @@ fn a_nan_query_row_gives_nan_not_an_empty_row() {
 
 #[test]
 fn score_mods_that_yield_nan_propagate_it() {
-    for score in ["sqrt(score - 100.0)", "score % 0.0", "if q == 5 && kv == 3 { sqrt(-1.0 - score * score) } else { score }"] {
-        let program = load(&format!("attention t {{\n    mask = causal\n    score = {score}\n}}\n"), &[]);
+    for score in [
+        "sqrt(score - 100.0)",
+        "score % 0.0",
+        "if q == 5 && kv == 3 { sqrt(-1.0 - score * score) } else { score }",
+    ] {
+        let program = load(
+            &format!("attention t {{\n    mask = causal\n    score = {score}\n}}\n"),
+            &[],
+        );
         let q = random((1, 1, 20, 4), 10);
         let k = random((1, 1, 20, 4), 11);
         let inputs = Inputs::new(q.view(), k.view(), k.view()).with_lse();
@@ -195,7 +208,10 @@ fn data_dependent_overflow_is_ieee_f32_on_every_f32_backend() {
     // +inf score is NaN, a row whose visible scores are all -inf is empty. The
     // f64 reference does not overflow (docs/language.md says where it differs);
     // the f32 backends agree with each other.
-    let program = load("attention t {\n    mask = causal\n    scale = 1e38\n}\n", &[]);
+    let program = load(
+        "attention t {\n    mask = causal\n    scale = 1e38\n}\n",
+        &[],
+    );
     let q = random((1, 2, 40, 8), 16);
     let k = random((1, 2, 40, 8), 17);
     let inputs = Inputs::new(q.view(), k.view(), k.view()).with_lse();

@@ -30,12 +30,21 @@ fn same_error_everywhere(program: &Program, inputs: &Inputs<'_>) -> String {
     let want = message(program.run_reference(inputs));
     assert_ne!(want, "ok", "the case must fail");
     for (bq, bkv) in [(64, 64), (16, 16), (3, 32)] {
-        assert_eq!(message(program.run_interp(inputs, bq, bkv)), want, "interp {bq}x{bkv}");
+        assert_eq!(
+            message(program.run_interp(inputs, bq, bkv)),
+            want,
+            "interp {bq}x{bkv}"
+        );
         let mut gemms = vec![GemmImpl::Jit, GemmImpl::detect()];
         gemms.dedup();
         for gemm in gemms {
             let kernel = program.compile_jit(bq, bkv, gemm).unwrap();
-            assert_eq!(message(kernel.run(inputs)), want, "jit {bq}x{bkv} {}", gemm.name());
+            assert_eq!(
+                message(kernel.run(inputs)),
+                want,
+                "jit {bq}x{bkv} {}",
+                gemm.name()
+            );
         }
     }
     want
@@ -45,7 +54,8 @@ fn same_error_everywhere(program: &Program, inputs: &Inputs<'_>) -> String {
 fn a_read_that_depends_only_on_kv_reports_the_first_row() {
     // In the score mod: the block-map analysis does not evaluate it, the
     // backends compute `t[kv]` once per key column.
-    let program = load("attention a {\n    buffer t[10]: int\n    score = score + float(t[kv])\n}\n");
+    let program =
+        load("attention a {\n    buffer t[10]: int\n    score = score + float(t[kv])\n}\n");
     let mut rng = attnc::bench::Rng::new(1);
     let (q, k) = (rng.array4((1, 2, 30, 8)), rng.array4((1, 2, 40, 8)));
     let t = ints(&[1; 10]);
@@ -53,7 +63,10 @@ fn a_read_that_depends_only_on_kv_reports_the_first_row() {
         .buffer("t", t)
         .q_offset(5);
     let e = same_error_everywhere(&program, &inputs);
-    assert!(e.contains("`t[10]`") && e.contains("b=0, h=0, q=5, kv=10"), "{e}");
+    assert!(
+        e.contains("`t[10]`") && e.contains("b=0, h=0, q=5, kv=10"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -66,7 +79,10 @@ fn a_read_that_depends_only_on_the_head_reports_its_first_element() {
         .buffer("s", s)
         .q_offset(100);
     let e = same_error_everywhere(&program, &inputs);
-    assert!(e.contains("`s[3]`") && e.contains("b=0, h=3, q=100, kv=0"), "{e}");
+    assert!(
+        e.contains("`s[3]`") && e.contains("b=0, h=3, q=100, kv=0"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -81,13 +97,19 @@ fn the_first_error_in_order_wins_over_later_ones() {
     let (q, k) = (rng.array4((1, 3, 50, 8)), rng.array4((1, 3, 50, 8)));
     let inputs = Inputs::new(q.view(), k.view(), k.view()).buffer("t", ints(&[0; 34]));
     let e = same_error_everywhere(&program, &inputs);
-    assert!(e.contains("division by zero") && e.contains("b=0, h=0, q=0, kv=0"), "{e}");
+    assert!(
+        e.contains("division by zero") && e.contains("b=0, h=0, q=0, kv=0"),
+        "{e}"
+    );
     // Past the first head only the reads fail.
     let program = load(
         "attention a {\n    buffer t[34]: int\n    mask = causal\n    score = score + float(if h > 0 { t[kv] } else { 1 })\n}\n",
     );
     let e = same_error_everywhere(&program, &inputs);
-    assert!(e.contains("`t[34]`") && e.contains("b=0, h=1, q=34, kv=34"), "{e}");
+    assert!(
+        e.contains("`t[34]`") && e.contains("b=0, h=1, q=34, kv=34"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -102,5 +124,8 @@ fn an_ancestor_cycle_names_where_the_walk_started() {
     let parent = ints(&[-1, 0, 1, 2, 3, 6, 5, 6, 7, 8, 9, 10]);
     let inputs = Inputs::new(q.view(), q.view(), q.view()).buffer("parent", parent);
     let e = same_error_everywhere(&program, &inputs);
-    assert!(e.contains("cycle") && e.contains("starting from position 5"), "{e}");
+    assert!(
+        e.contains("cycle") && e.contains("starting from position 5"),
+        "{e}"
+    );
 }

@@ -16,8 +16,8 @@ use rayon::prelude::*;
 use crate::bind::{Bound, Inputs, Outputs};
 use crate::buffer::BufferData;
 use crate::codegen::clif::kernel::CompiledKernel;
-use crate::runtime::abi::{self, code, BufferDesc, ErrorRecord};
 use crate::mask::BlockMaps;
+use crate::runtime::abi::{self, code, BufferDesc, ErrorRecord};
 use crate::runtime::gemm::{nonfinite_tiles, pack_k, pack_v, PackedK, PackedV};
 use crate::sema::eval::{EvalError, Point};
 

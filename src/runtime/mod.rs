@@ -5,8 +5,8 @@
 //! Consumes tensors (ndarray views) and tile pointers; produces packed heads and tile
 //! results. Nothing here depends on the spec being compiled.
 
+pub mod abi;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-pub mod abi;
 pub mod exec;
 pub mod gemm;

@@ -41,7 +41,10 @@ pub fn check(file: &ast::File) -> Result<Module, Vec<Diag>> {
                 let mut d = Diag::error(
                     "attnc::sema::f32_range",
                     format!("this constant is {x:.3e}, outside the range of f32"),
-                    Label::new(checker.spec.span(id), "folds to a number beyond about 3.4e38"),
+                    Label::new(
+                        checker.spec.span(id),
+                        "folds to a number beyond about 3.4e38",
+                    ),
                 );
                 d.with_help("the compiled backends compute in f32, where it would be infinite and disagree with the f64 reference; make it smaller (an infinity meant as such is written `1.0 / 0.0`)");
                 checker.diags.push(d);

@@ -88,24 +88,41 @@ mod tests {
     #[test]
     fn folded_constants_beyond_f32_are_errors() {
         let e = range_error("attention a { param s: float = 1e30\n score = score * (s * s) }");
-        assert_eq!(e.as_deref(), Some("this constant is 1.000e60, outside the range of f32"));
+        assert_eq!(
+            e.as_deref(),
+            Some("this constant is 1.000e60, outside the range of f32")
+        );
         assert!(range_error("attention a { score = score * exp(100.0) }").is_some());
         assert!(range_error("attention a { scale = 1e20 * 1e20 / 1e20 }").is_some());
         // Infinity written on purpose, data-dependent values and f32-sized values pass.
-        assert_eq!(range_error("attention a { score = score * float(9223372036854775807) }"), None);
-        assert_eq!(range_error("attention a { score = if q > kv { -1.0 / 0.0 } else { score } }"), None);
+        assert_eq!(
+            range_error("attention a { score = score * float(9223372036854775807) }"),
+            None
+        );
+        assert_eq!(
+            range_error("attention a { score = if q > kv { -1.0 / 0.0 } else { score } }"),
+            None
+        );
         assert_eq!(range_error("attention a { score = score * 1e38 }"), None);
-        assert_eq!(range_error("attention a { score = score * float(kv) * 3e38 }"), None);
+        assert_eq!(
+            range_error("attention a { score = score * float(kv) * 3e38 }"),
+            None
+        );
         assert_eq!(range_error("attention a { scale = 1e-50 }"), None);
     }
 
     #[test]
     fn overrides_that_push_a_constant_beyond_f32_are_refused() {
-        let file = crate::syntax::parse("attention a { param s: float = 2.0\n scale = s * 1e38 }").unwrap();
+        let file = crate::syntax::parse("attention a { param s: float = 2.0\n scale = s * 1e38 }")
+            .unwrap();
         let mut spec = crate::sema::check(&file).unwrap().specs.remove(0);
         assert!(spec.set_param("s", "3.0").is_ok());
         let e = spec.set_param("s", "10.0").unwrap_err();
-        assert!(e.to_string().contains("makes a constant of the spec 1.000e39"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("makes a constant of the spec 1.000e39"),
+            "{e}"
+        );
         // The refused value is not kept.
         assert_eq!(spec.params[0].value, crate::sema::Value::Float(3.0));
     }

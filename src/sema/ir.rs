@@ -496,7 +496,10 @@ impl Spec {
                 Expr::Binary(BinaryOp::Div | BinaryOp::Rem, a, _) => self.ty(*a) == Type::Int,
                 _ => false,
             };
-            traps[i] = own || e.operands().iter().any(|o| o.0 as usize >= i || traps[o.0 as usize]);
+            traps[i] = own
+                || e.operands()
+                    .iter()
+                    .any(|o| o.0 as usize >= i || traps[o.0 as usize]);
         }
         traps
     }

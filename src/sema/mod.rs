@@ -7,8 +7,8 @@
 //! the reference interpreter and the block-map analysis.
 
 mod check;
-mod fold;
 pub mod eval;
+mod fold;
 pub mod ir;
 mod limits;
 mod print;

@@ -156,10 +156,11 @@ struct Lower<'a> {
 /// The members of a bit set, in increasing order.
 fn bits(set: &[u64]) -> impl Iterator<Item = usize> + '_ {
     set.iter().enumerate().flat_map(|(w, &word)| {
-        (0..64).filter(move |b| word >> b & 1 == 1).map(move |b| w * 64 + b)
+        (0..64)
+            .filter(move |b| word >> b & 1 == 1)
+            .map(move |b| w * 64 + b)
     })
 }
-
 
 impl Lower<'_> {
     fn shape(&mut self, s: ShapeVar) -> ValueId {
@@ -221,16 +222,27 @@ impl Lower<'_> {
             let ops = self.spec.expr(e).operands();
             if !ready {
                 stack.push((e, true));
-                stack.extend(ops.iter().filter(|o| !self.must.contains_key(o)).map(|&o| (o, false)));
+                stack.extend(
+                    ops.iter()
+                        .filter(|o| !self.must.contains_key(o))
+                        .map(|&o| (o, false)),
+                );
                 continue;
             }
             let mut set = vec![0u64; n.div_ceil(64)];
-            let union = |set: &mut Vec<u64>, o: &[u64]| set.iter_mut().zip(o).for_each(|(a, b)| *a |= b);
+            let union =
+                |set: &mut Vec<u64>, o: &[u64]| set.iter_mut().zip(o).for_each(|(a, b)| *a |= b);
             match self.spec.expr(e) {
-                Expr::Select { cond, then, otherwise } => {
+                Expr::Select {
+                    cond,
+                    then,
+                    otherwise,
+                } => {
                     union(&mut set, &self.must[cond]);
                     let (t, o) = (&self.must[then], &self.must[otherwise]);
-                    set.iter_mut().zip(t.iter().zip(o.iter())).for_each(|(a, (x, y))| *a |= x & y);
+                    set.iter_mut()
+                        .zip(t.iter().zip(o.iter()))
+                        .for_each(|(a, (x, y))| *a |= x & y);
                 }
                 Expr::Binary(BinaryOp::And | BinaryOp::Or, a, _) => union(&mut set, &self.must[a]),
                 _ => {
@@ -361,7 +373,10 @@ impl Lower<'_> {
                 // What both branches evaluate is evaluated whenever the `if` is:
                 // lowered once under its guard, the branches reuse it (one
                 // lowering per branch would double at every level of a chain).
-                if guard.is_some() && self.may_trap[then.0 as usize] && self.may_trap[otherwise.0 as usize] {
+                if guard.is_some()
+                    && self.may_trap[then.0 as usize]
+                    && self.may_trap[otherwise.0 as usize]
+                {
                     if let (Some(t), Some(e)) = (self.must(*then), self.must(*otherwise)) {
                         let shared: Vec<ExprId> = bits(&t)
                             .filter(|&i| e[i / 64] >> (i % 64) & 1 == 1)

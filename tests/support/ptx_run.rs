@@ -109,4 +109,3 @@ pub fn emulate_with(
         lse: Some(lse),
     })
 }
-

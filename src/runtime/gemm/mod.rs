@@ -303,7 +303,9 @@ pub fn nonfinite_tiles(v: ArrayView2<f32>, tile: usize, only: Option<&[bool]>, o
     // integer maximum vectorises where a float test would not.
     let worst = |row: ArrayView1<f32>| match row.as_slice() {
         Some(r) => r.iter().fold(0u32, |a, x| a.max(x.to_bits() & 0x7fff_ffff)),
-        None => row.iter().fold(0u32, |a, x| a.max(x.to_bits() & 0x7fff_ffff)),
+        None => row
+            .iter()
+            .fold(0u32, |a, x| a.max(x.to_bits() & 0x7fff_ffff)),
     };
     if let Some(only) = only {
         assert_eq!(only.len(), out.len(), "one choice per tile");
@@ -960,7 +962,12 @@ mod tests {
         nonfinite_tiles(v.view(), 16, None, &mut flags);
         assert_eq!(flags, [0, 1, 0, 1, 1]);
         // Tiles left out are not read.
-        nonfinite_tiles(v.view(), 16, Some(&[true, false, true, true, false]), &mut flags);
+        nonfinite_tiles(
+            v.view(),
+            16,
+            Some(&[true, false, true, true, false]),
+            &mut flags,
+        );
         assert_eq!(flags, [0, 0, 0, 1, 0]);
         // Strided rows (a transposed view) take the element-by-element path.
         let t = v.t().to_owned();
@@ -982,7 +989,17 @@ mod tests {
         let mut acc = vec![1.0f32; 2 * d];
         // SAFETY: the slices hold every element the ABI reads and writes.
         unsafe {
-            pv_exact(p.as_ptr(), 3, v.as_ptr(), stride, d, 2, 3, acc.as_mut_ptr(), d);
+            pv_exact(
+                p.as_ptr(),
+                3,
+                v.as_ptr(),
+                stride,
+                d,
+                2,
+                3,
+                acc.as_mut_ptr(),
+                d,
+            );
         }
         assert_eq!(&acc[..d], &[1.5, 2.0, 2.5]);
         assert_eq!(&acc[d..], &[f32::INFINITY, 1.0, 0.75]);
