@@ -5,8 +5,8 @@
 #   scripts/test.sh --test ptx   # arguments go to `cargo test`
 #
 # Needs a Rust toolchain from rustup and python3 with pip; installs what the tests
-# need beyond cargo into .tools/ (kept between runs) and fails, rather than skips,
-# when a tool is missing.
+# need beyond cargo into .tools/ (kept between runs). A test whose tool is missing
+# fails rather than skips.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -17,8 +17,6 @@ if [ ! -x .tools/cuda/nvidia/cuda_nvcc/bin/ptxas ]; then
     echo "installing ptxas into .tools/cuda (once)" >&2
     python3 -m pip install --quiet --target .tools/cuda nvidia-cuda-nvcc-cu12==12.9.86
 fi
-# A test that needs a tool fails without it instead of skipping.
-export ATTNC_REQUIRE_TOOLS=1
 
 # --- The test suite ----------------------------------------------------------------
 cargo test "$@"

@@ -1649,22 +1649,19 @@ fn emit_ptx_with_a_stage_is_a_usage_error() {
     assert!(stdout(&o).contains(".entry"), "{}", stdout(&o));
 }
 
+/// `attnc emit SPEC --target ptx ARGS...`, which must succeed: its stdout.
+fn emit_ptx(spec: &str, args: &[&str]) -> String {
+    let o = attnc(&[&["emit", spec, "--target", "ptx"][..], args].concat());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    stdout(&o)
+}
+
 /// On the PTX target `--block auto` (the default) is the schedule
 /// `attnc run --backend cuda` runs (`ptx::schedule`): 64x64 for f16/bf16 up
 /// to D = 128, 64x32 for f32, with or without a mask.
 #[test]
 fn emit_ptx_block_auto_is_the_cuda_schedule() {
-    let ptx = |args: &[&str]| {
-        let o = attnc(
-            &[
-                &["emit", "examples/dense.attn", "--target", "ptx"][..],
-                args,
-            ]
-            .concat(),
-        );
-        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-        stdout(&o)
-    };
+    let ptx = |args: &[&str]| emit_ptx("examples/dense.attn", args);
     let f16 = ptx(&["--dtype", "f16"]);
     assert!(f16.contains("schedule: bq=64 bkv=64 D=64"), "{f16}");
     assert_eq!(f16, ptx(&["--dtype", "f16", "--block", "64x64"]));
@@ -1677,17 +1674,7 @@ fn emit_ptx_block_auto_is_the_cuda_schedule() {
 /// and bf16 are asked for explicitly.
 #[test]
 fn emit_ptx_dtype_defaults_to_f32_like_run() {
-    let ptx = |args: &[&str]| {
-        let o = attnc(
-            &[
-                &["emit", "examples/causal.attn", "--target", "ptx"][..],
-                args,
-            ]
-            .concat(),
-        );
-        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-        stdout(&o)
-    };
+    let ptx = |args: &[&str]| emit_ptx("examples/causal.attn", args);
     let default = ptx(&[]);
     assert!(default.contains("f32 inputs, FMA products"), "{default}");
     assert_eq!(default, ptx(&["--dtype", "f32"]));
