@@ -390,6 +390,20 @@ pub struct SpecOptions {
     pub params: Vec<(String, String)>,
 }
 
+impl SpecOptions {
+    /// The only block of a file, with these param overrides
+    /// (`&[("window", "128")]`).
+    pub fn with_params(params: &[(&str, &str)]) -> SpecOptions {
+        SpecOptions {
+            entry: None,
+            params: params
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .collect(),
+        }
+    }
+}
+
 /// A checked spec, with its params set, ready for a backend.
 #[derive(Clone, Debug)]
 pub struct Program {

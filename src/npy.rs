@@ -16,6 +16,24 @@ use crate::driver::Error;
 use crate::memory::{self, Estimate};
 use crate::sema::Type;
 
+/// The bytes of a version-1 `.npy` file with `header` (the dict literal,
+/// written as given and padded as numpy pads it) and `data`, unchecked: for
+/// tests and fuzzing that craft files the writer never makes (a header that
+/// claims more data than follows, a shape no array can hold).
+pub fn v1_file_bytes(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut dict = header.to_string();
+    // Magic (6), version (2), length (2), dict and newline: a multiple of 64.
+    while !(10 + dict.len() + 1).is_multiple_of(64) {
+        dict.push(' ');
+    }
+    dict.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(dict.as_bytes());
+    bytes.extend_from_slice(data);
+    bytes
+}
+
 /// The longest `.npy` header read (numpy itself writes a few hundred bytes).
 const MAX_HEADER_BYTES: usize = 1 << 20;
 
@@ -684,14 +702,7 @@ mod tests {
     fn shapes_no_array_can_hold_are_errors() {
         let dict =
             "{'descr': '<f4', 'fortran_order': False, 'shape': (0, 2147483648, 2, 2147483648), }";
-        let mut header = dict.to_string();
-        while (11 + header.len()) % 64 != 0 {
-            header.push(' ');
-        }
-        header.push('\n');
-        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-        bytes.extend_from_slice(header.as_bytes());
+        let bytes = v1_file_bytes(dict, &[]);
         let path = std::env::temp_dir().join(format!("attnc-npy-unit-{}.npy", std::process::id()));
         std::fs::write(&path, &bytes).unwrap();
         let q = read_f32_4d(&path, "q").unwrap_err().to_string();

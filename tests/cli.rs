@@ -954,20 +954,6 @@ fn blocks_with_a_huge_batch_and_heads_is_an_error() {
     assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
 }
 
-/// The bytes of a version-1 `.npy` file with `header` (a dict) and `data`.
-fn npy_bytes(header: &str, data: &[u8]) -> Vec<u8> {
-    let mut dict = header.to_string();
-    while !(10 + dict.len() + 1).is_multiple_of(64) {
-        dict.push(' ');
-    }
-    dict.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend_from_slice(&(dict.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(dict.as_bytes());
-    bytes.extend_from_slice(data);
-    bytes
-}
-
 /// A header that claims more data than the file holds is an error before
 /// anything is allocated (it aborted on a 128 GiB allocation).
 #[test]
@@ -975,7 +961,7 @@ fn npy_claiming_more_data_than_the_file_holds_is_an_error() {
     let dir = TempDir::new();
     let q = dir.path("q.npy");
     let claim = "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1, 2147483648, 16), }";
-    std::fs::write(&q, npy_bytes(claim, &[0; 64])).unwrap();
+    std::fs::write(&q, attnc::npy::v1_file_bytes(claim, &[0; 64])).unwrap();
     let o = run_with_q("examples/causal.attn", &q, &dir);
     assert_fails(
         &o,
@@ -987,7 +973,7 @@ fn npy_claiming_more_data_than_the_file_holds_is_an_error() {
     // The same for a buffer, read in its declared type.
     let doc = dir.path("doc.npy");
     let claim = "{'descr': '<i4', 'fortran_order': False, 'shape': (4000000000000,), }";
-    std::fs::write(&doc, npy_bytes(claim, &[0; 8])).unwrap();
+    std::fs::write(&doc, attnc::npy::v1_file_bytes(claim, &[0; 8])).unwrap();
     let o = run_packed_doc(&dir, &doc, &[]);
     assert_fails(
         &o,
@@ -1030,7 +1016,8 @@ fn npy_from_a_pipe_claiming_more_than_memory_is_an_error() {
         .open(&fifo)
         .unwrap();
     let claim = "{'descr': '<f4', 'fortran_order': False, 'shape': (1000, 1000, 1000, 1000000), }";
-    pipe.write_all(&npy_bytes(claim, &[0; 64])).unwrap();
+    pipe.write_all(&attnc::npy::v1_file_bytes(claim, &[0; 64]))
+        .unwrap();
     let o = run_with_q("examples/causal.attn", &fifo, &dir);
     assert_beyond_memory(&o, "reading q of shape [1000, 1000, 1000, 1000000] from");
 }

@@ -107,13 +107,7 @@ fn benchmark() {
                 d,
             };
             for (label, example, params, recipes) in VARIANTS {
-                let options = SpecOptions {
-                    entry: None,
-                    params: params
-                        .iter()
-                        .map(|(a, b)| (a.to_string(), b.to_string()))
-                        .collect(),
-                };
+                let options = SpecOptions::with_params(params);
                 let path = common::root()
                     .join("examples")
                     .join(format!("{example}.attn"));

@@ -154,10 +154,7 @@ const PARAMS: &str = "attention local {
 fn load(src: &str, entry: Option<&str>, params: &[(&str, &str)]) -> Result<Program, Error> {
     let options = SpecOptions {
         entry: entry.map(str::to_string),
-        params: params
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.to_string()))
-            .collect(),
+        ..SpecOptions::with_params(params)
     };
     attnc::load(SourceFile::new("spec.attn", src), &options)
 }

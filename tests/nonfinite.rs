@@ -20,13 +20,7 @@ use attnc::{Inputs, Outputs, Program, SourceFile, SpecOptions};
 use ndarray::{s, Array4};
 
 fn load(text: &str, params: &[(&str, &str)]) -> Program {
-    let options = SpecOptions {
-        entry: None,
-        params: params
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.to_string()))
-            .collect(),
-    };
+    let options = SpecOptions::with_params(params);
     attnc::load(SourceFile::new("t.attn", text), &options)
         .unwrap_or_else(|e| panic!("{}", e.render()))
 }

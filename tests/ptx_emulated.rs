@@ -67,13 +67,7 @@ fn max_err(got: &Outputs, want: &Outputs) -> f32 {
 }
 
 fn load(path: &str, params: &[(&str, &str)]) -> attnc::sema::Spec {
-    let options = SpecOptions {
-        entry: None,
-        params: params
-            .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect(),
-    };
+    let options = SpecOptions::with_params(params);
     attnc::load(
         SourceFile::read(&common::root().join(path)).unwrap(),
         &options,
@@ -564,13 +558,7 @@ fn emulated_ptx_keeps_non_finite_values_at_masked_keys_out() {
 /// A program from a path under the repository root or from source text,
 /// with param overrides.
 fn program_of(path_or_src: &str, params: &[(&str, &str)]) -> attnc::Program {
-    let options = SpecOptions {
-        entry: None,
-        params: params
-            .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect(),
-    };
+    let options = SpecOptions::with_params(params);
     let file = if path_or_src.ends_with(".attn") {
         SourceFile::read(&common::root().join(path_or_src)).unwrap()
     } else {

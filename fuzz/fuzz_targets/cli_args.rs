@@ -54,18 +54,7 @@ fn scratch() -> &'static PathBuf {
             }
         }
         std::env::set_current_dir(&dir).unwrap();
-        let npy = |dict: &str, data: &[u8]| {
-            let mut dict = dict.to_string();
-            while (11 + dict.len()) % 64 != 0 {
-                dict.push(' ');
-            }
-            dict.push('\n');
-            let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-            bytes.extend_from_slice(&(dict.len() as u16).to_le_bytes());
-            bytes.extend_from_slice(dict.as_bytes());
-            bytes.extend_from_slice(data);
-            bytes
-        };
+        let npy = attnc::npy::v1_file_bytes;
         let huge = "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1, 2147483648, 16), }";
         std::fs::write(dir.join("huge.npy"), npy(huge, &[0; 64])).unwrap();
         let small = "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2, 3, 4), }";

@@ -216,10 +216,7 @@ pub(crate) fn run_with_budget(
     // non-finite V there reaches the row as it does in the reference. (Decode
     // at the end of a causal sequence then reads V once, as before.)
     let n_kt = sh.kv.div_ceil(bkv);
-    let score_mod = [k.score_full, k.score_partial]
-        .iter()
-        .any(|&r| k.inst(r).op != crate::tile::Op::TileScore);
-    let scan: Option<Vec<bool>> = (!score_mod).then(|| {
+    let scan: Option<Vec<bool>> = (!k.has_score_mod()).then(|| {
         let mut partial = vec![false; n_kt];
         for fm in &flat {
             for &kt in &fm.part {

@@ -487,15 +487,6 @@ fn online_softmax(
 ) {
     let e = |x: f32| if exp2 { x.exp2() } else { x.exp() };
     for (i, row) in s.iter_mut().enumerate() {
-        // NaN-propagating maximum (`f32::max` would skip a NaN score and let its
-        // row pass for one that sees no key).
-        let nan_max = |a: f32, b: f32| {
-            if a.is_nan() || b.is_nan() {
-                f32::NAN
-            } else {
-                a.max(b)
-            }
-        };
         let tile_max = row.iter().copied().fold(f32::NEG_INFINITY, nan_max);
         let m_new = nan_max(mx[i], tile_max);
         if m_new == f32::NEG_INFINITY {
@@ -512,6 +503,16 @@ fn online_softmax(
             l[i] += *x;
         }
         mx[i] = m_new;
+    }
+}
+
+/// The larger of `a` and `b`, or NaN if either is (`f32::max` would skip a
+/// NaN score and let its row pass for one that sees no key).
+fn nan_max(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else {
+        a.max(b)
     }
 }
 

@@ -425,6 +425,17 @@ impl Kernel {
         r
     }
 
+    /// Whether the score fed to the softmax is more than the raw tile score on
+    /// FULL or PARTIAL tiles: a score mod, which may score a visible key
+    /// `-inf` (probability 0). Without one, every key of a FULL tile has a
+    /// nonzero probability unless its score underflows, so only PARTIAL tiles
+    /// need the exact `P·V` for non-finite V.
+    pub fn has_score_mod(&self) -> bool {
+        [self.score_full, self.score_partial]
+            .iter()
+            .any(|&r| self.inst(r).op != Op::TileScore)
+    }
+
     /// The constant int value of `v`, if it is one.
     pub fn const_int(&self, v: ValueId) -> Option<i64> {
         match self.inst(v).op {

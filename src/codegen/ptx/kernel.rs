@@ -527,9 +527,7 @@ impl Gen<'_> {
         // non-finite V: on PARTIAL tiles (the mask), and on FULL tiles too when
         // a score mod can score a key -inf. A kernel with neither (dense)
         // never takes the exact path.
-        let score_mod = [self.k.score_full, self.k.score_partial]
-            .iter()
-            .any(|&r| self.k.inst(r).op != Op::TileScore);
+        let score_mod = self.k.has_score_mod();
         let v_flags = (lay.dtype.uses_mma() && (self.k.mask.is_some() || score_mod))
             .then(|| self.global_ptr("v_flags"));
         let shape32: Vec<Reg> = ["B", "H", "HKV", "Q", "KV", "D"]
