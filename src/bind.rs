@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use ndarray::{Array3, Array4, ArrayView4};
+use ndarray::{Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView4};
 
 use crate::buffer::BufferData;
 use crate::sema::eval::Shapes;
@@ -18,16 +18,42 @@ use crate::sema::{suggest, Spec, Type};
 pub struct Inputs<'a> {
     /// `[B, H, Q, D]`
     pub q: ArrayView4<'a, f32>,
-    /// `[B or 1, HKV, KV, D]`
+    /// Keys, laid out as [`Inputs::kv_layout`] says: `[B or 1, HKV, KV, D]`
+    /// dense, or a pool `[num_pages, page_size, HKV, D]` when paged.
     pub k: ArrayView4<'a, f32>,
-    /// `[B or 1, HKV, KV, D]`
+    /// Values, with the layout and shape of `k`.
     pub v: ArrayView4<'a, f32>,
+    /// How `k` and `v` are laid out.
+    pub kv_layout: KvLayout<'a>,
+    /// Per sequence, how many keys it has (`[B]`; ragged batches and paged
+    /// pools). The query rows of sequence `b` then sit at the end of it, at
+    /// positions `kv_offset + kv_lens[b] - Q ..`. Keys past a sequence's
+    /// length are never read.
+    pub kv_lens: Option<ArrayView1<'a, i32>>,
     /// Named buffers, in their declared element types.
     pub buffers: BTreeMap<String, BufferData>,
-    /// The absolute position of query row 0 (`q = row + q_offset`).
+    /// The absolute position of query row 0 (`q = row + q_offset`); not with `kv_lens`.
     pub q_offset: i64,
+    /// The absolute position of key row 0 (`kv = row + kv_offset`).
+    pub kv_offset: i64,
     /// Whether to return the log-sum-exp of every query row.
     pub want_lse: bool,
+}
+
+/// How the K and V operands of a call are laid out.
+#[derive(Clone, Debug)]
+pub enum KvLayout<'a> {
+    /// `[B or 1, HKV, KV, D]`: key `j` of sequence `b`, head `kh` at `[b, kh, j, :]`
+    /// (`[0, kh, j, :]` when the batch is 1 and shared).
+    Dense,
+    /// A paged pool `[num_pages, page_size, HKV, D]` (the layout of vLLM and
+    /// FlashInfer): key `j` of sequence `b` sits in page `page_table[b, j /
+    /// page_size]`, slot `j % page_size`. Needs `kv_lens`; table entries past
+    /// a sequence's last page are ignored.
+    Paged {
+        /// `[B, max_pages]`
+        page_table: ArrayView2<'a, i32>,
+    },
 }
 
 impl<'a> Inputs<'a> {
@@ -40,10 +66,45 @@ impl<'a> Inputs<'a> {
             q,
             k,
             v,
+            kv_layout: KvLayout::Dense,
+            kv_lens: None,
             buffers: BTreeMap::new(),
             q_offset: 0,
+            kv_offset: 0,
             want_lse: false,
         }
+    }
+
+    /// A call on a paged KV cache: pools `k_pages`, `v_pages` of shape
+    /// `[num_pages, page_size, HKV, D]`, `page_table` `[B, max_pages]` and the
+    /// length of every sequence `kv_lens` `[B]`; the queries are the last `Q`
+    /// positions of each sequence.
+    pub fn paged(
+        q: ArrayView4<'a, f32>,
+        k_pages: ArrayView4<'a, f32>,
+        v_pages: ArrayView4<'a, f32>,
+        page_table: ArrayView2<'a, i32>,
+        kv_lens: ArrayView1<'a, i32>,
+    ) -> Inputs<'a> {
+        Inputs {
+            kv_layout: KvLayout::Paged { page_table },
+            kv_lens: Some(kv_lens),
+            ..Inputs::new(q, k_pages, v_pages)
+        }
+    }
+
+    /// The length of every sequence (`[B]`): a ragged batch of dense k/v
+    /// `[B, HKV, KVmax, D]` whose sequence `b` holds `kv_lens[b]` keys.
+    pub fn kv_lens(mut self, kv_lens: ArrayView1<'a, i32>) -> Inputs<'a> {
+        self.kv_lens = Some(kv_lens);
+        self
+    }
+
+    /// The absolute position of key row 0, for computing one block of a
+    /// larger attention (ring attention, context parallelism).
+    pub fn kv_offset(mut self, offset: i64) -> Inputs<'a> {
+        self.kv_offset = offset;
+        self
     }
 
     pub fn buffer(mut self, name: &str, data: BufferData) -> Inputs<'a> {
@@ -72,17 +133,78 @@ pub struct Outputs {
 }
 
 /// A validated problem: concrete shapes and the buffers in declaration order.
-#[derive(Clone, Debug)]
+///
+/// `shapes.kv` is the `KV` the spec sees: the end of the positions of the
+/// call, `max(kv_offset + key rows, q_offset + Q)` (for a ragged batch
+/// `kv_offset` plus the longest sequence's keys), so `0 .. KV` covers every
+/// absolute key and query position of the call.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Bound {
     pub shapes: Shapes,
+    /// The absolute position of query row 0 when the batch is not ragged.
     pub q_offset: i64,
-    /// Batch size of k and v: `shapes.b`, or 1 when they broadcast.
+    /// The absolute position of key row 0.
+    pub kv_offset: i64,
+    /// Key rows of dense k and v (every sequence's, unless `kv_lens`).
+    pub kv_rows: usize,
+    /// Batch size of k and v: `shapes.b`, or 1 when they broadcast (dense only).
     pub kv_batch: usize,
+    /// Per sequence, its number of keys, when the batch is ragged (or paged).
+    pub kv_lens: Option<Vec<usize>>,
+    /// The page table and page size of a paged pool.
+    pub pages: Option<Pages>,
     /// Indexed by `BufferId`.
     pub buffers: Vec<BufferData>,
 }
 
+/// The page table of a paged K/V pool, as bound.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pages {
+    /// Slots per page.
+    pub page_size: usize,
+    /// Pages in the pool.
+    pub num_pages: usize,
+    /// `[B, max_pages]`; entries a sequence uses are in `0 .. num_pages`.
+    pub table: Array2<i32>,
+}
+
 impl Bound {
+    /// The number of keys of sequence `b` (its rows of k and v).
+    pub fn kv_len(&self, b: usize) -> usize {
+        match &self.kv_lens {
+            Some(lens) => lens[b],
+            None => self.kv_rows,
+        }
+    }
+
+    /// The absolute position of query row 0 of sequence `b`: `q_offset`, or
+    /// for a ragged batch the position that puts the last query row on the
+    /// sequence's last key.
+    pub fn q_start(&self, b: usize) -> i64 {
+        match &self.kv_lens {
+            Some(lens) => self.kv_offset + lens[b] as i64 - self.shapes.q as i64,
+            None => self.q_offset,
+        }
+    }
+
+    /// Whether every sequence has its own length (ragged or paged).
+    pub fn is_ragged(&self) -> bool {
+        self.kv_lens.is_some()
+    }
+
+    /// The index into k (and v) of key row `j` (`0 <= j < kv_len(b)`) of
+    /// sequence `b`, head `kh`, dimension `d`: the one place that addresses
+    /// a K/V element for the reference and the tile interpreter.
+    pub fn kv_index(&self, b: usize, kh: usize, j: usize, d: usize) -> [usize; 4] {
+        match &self.pages {
+            None => [self.kv_batch_index(b), kh, j, d],
+            Some(p) => {
+                let page = p.table[[b, j / p.page_size]] as usize;
+                [page, j % p.page_size, kh, d]
+            }
+        }
+    }
+
     /// The key/value head that query head `h` reads (GQA/MQA).
     pub fn kv_head(&self, h: usize) -> usize {
         h / (self.shapes.h / self.shapes.hkv)
@@ -133,6 +255,82 @@ pub enum BindError {
     #[error("the query offset must be >= 0, found {0}")]
     #[diagnostic(code(attnc::bind::q_offset), help("the offset is the absolute position of query row 0: 0 for prefill, KV - Q when decoding with a KV cache"))]
     NegativeOffset(i64),
+    #[error("the key offset must be >= 0, found {0}")]
+    #[diagnostic(
+        code(attnc::bind::kv_offset),
+        help("the key offset is the absolute position of key row 0 (0 unless the keys are one block of a longer sequence)")
+    )]
+    NegativeKvOffset(i64),
+    #[error("a query offset ({0}) together with per-sequence lengths (kv_lens)")]
+    #[diagnostic(
+        code(attnc::bind::q_offset),
+        help("with kv_lens the queries sit at the end of each sequence (positions kv_lens[b] - Q ..); drop the query offset")
+    )]
+    OffsetWithLens(i64),
+    #[error("a paged K/V pool needs the length of every sequence (kv_lens)")]
+    #[diagnostic(
+        code(attnc::bind::kv_lens),
+        help("pass kv_lens, int32 [B], with the page table (`--kv-lens L.npy`)")
+    )]
+    PagedWithoutLens,
+    #[error("per-sequence lengths (kv_lens) need k and v with one sequence per query batch (B = {b}), not a shared batch of 1")]
+    #[diagnostic(
+        code(attnc::bind::kv_lens),
+        help("give k and v the shape [B, HKV, KVmax, D], or drop kv_lens")
+    )]
+    RaggedBroadcast { b: usize },
+    #[error("kv_lens has shape {found:?}, expected [{b}] (one length per sequence)")]
+    #[diagnostic(code(attnc::bind::kv_lens), help("kv_lens is int32 [B]"))]
+    KvLensShape { b: usize, found: Vec<usize> },
+    #[error("kv_lens[{b}] is {len}, a negative length")]
+    #[diagnostic(code(attnc::bind::kv_lens), help("lengths are numbers of keys, >= Q"))]
+    NegativeKvLen { b: usize, len: i32 },
+    #[error("kv_lens[{b}] is {len}, shorter than the Q = {q} queries that end the sequence")]
+    #[diagnostic(
+        code(attnc::bind::kv_lens),
+        help("the queries of sequence b are its last Q positions, so kv_lens[b] >= Q (append the new tokens' keys before attending)")
+    )]
+    KvLenBelowQ { b: usize, len: usize, q: usize },
+    #[error("kv_lens[{b}] is {len}, past the {rows} key rows of k and v")]
+    #[diagnostic(
+        code(attnc::bind::kv_lens),
+        help("k and v are [B, HKV, KVmax, D] with KVmax >= every length")
+    )]
+    KvLenPastRows { b: usize, len: usize, rows: usize },
+    #[error("kv_lens[{b}] is {len}, past the {max_pages} pages x {page_size} slots of its page-table row")]
+    #[diagnostic(
+        code(attnc::bind::kv_lens),
+        help("the page table is [B, max_pages]: give it enough columns for the longest sequence")
+    )]
+    KvLenPastPages {
+        b: usize,
+        len: usize,
+        max_pages: usize,
+        page_size: usize,
+    },
+    #[error("the page table has shape {found:?}, expected [{b}, max_pages]")]
+    #[diagnostic(
+        code(attnc::bind::page_table),
+        help("the page table is int32 [B, max_pages]: row b lists sequence b's pages in order")
+    )]
+    PageTableShape { b: usize, found: Vec<usize> },
+    #[error("page_table[{b}, {slot}] is {page}, outside the pool of {num_pages} pages")]
+    #[diagnostic(
+        code(attnc::bind::page_table),
+        help("every page a sequence uses (the first ceil(kv_lens[b] / page_size) entries of its row) must be in 0 .. num_pages")
+    )]
+    PageOutOfPool {
+        b: usize,
+        slot: usize,
+        page: i32,
+        num_pages: usize,
+    },
+    #[error("the K/V pool has shape {pool:?}: a page size of 0")]
+    #[diagnostic(
+        code(attnc::bind::page_size),
+        help("pools are [num_pages, page_size, HKV, D] with page_size >= 1")
+    )]
+    ZeroPageSize { pool: Vec<usize> },
     #[error("{what} is {value}, past the limit of {limit} (2^31 - 1)", limit = crate::sema::POSITION_LIMIT)]
     #[diagnostic(
         code(attnc::bind::too_large),
@@ -213,28 +411,74 @@ pub fn bind(spec: &Spec, inputs: &Inputs<'_>) -> Result<Bound, BindError> {
     if qs[3] == 0 {
         return Err(BindError::ZeroHeadDim);
     }
-    if ks[0] != qs[0] && ks[0] != 1 {
+    let paged = matches!(inputs.kv_layout, KvLayout::Paged { .. });
+    // Dense: [B|1, HKV, KV, D]; paged: [pages, page_size, HKV, D].
+    let (kv_batch, hkv, kv_rows) = if paged {
+        (qs[0], ks[2], 0)
+    } else {
+        (ks[0], ks[1], ks[2])
+    };
+    if !paged && ks[0] != qs[0] && ks[0] != 1 {
         return Err(BindError::Batch {
             q: qs[0],
             kv: ks[0],
         });
     }
-    let (h, hkv) = (qs[1], ks[1]);
+    let h = qs[1];
     if hkv == 0 || h % hkv != 0 {
         return Err(BindError::Heads { h, hkv });
     }
     if inputs.q_offset < 0 {
         return Err(BindError::NegativeOffset(inputs.q_offset));
     }
+    if inputs.kv_offset < 0 {
+        return Err(BindError::NegativeKvOffset(inputs.kv_offset));
+    }
+    let kv_lens = match inputs.kv_lens {
+        None if paged => return Err(BindError::PagedWithoutLens),
+        None => None,
+        Some(lens) => {
+            if inputs.q_offset != 0 {
+                return Err(BindError::OffsetWithLens(inputs.q_offset));
+            }
+            if !paged && ks[0] != qs[0] {
+                return Err(BindError::RaggedBroadcast { b: qs[0] });
+            }
+            if lens.len() != qs[0] {
+                return Err(BindError::KvLensShape {
+                    b: qs[0],
+                    found: lens.shape().to_vec(),
+                });
+            }
+            Some(seq_lens(lens, qs[2], kv_rows, inputs)?)
+        }
+    };
+    let pages = match &inputs.kv_layout {
+        KvLayout::Dense => None,
+        KvLayout::Paged { page_table } => Some(bind_pages(
+            page_table,
+            ks,
+            qs[0],
+            kv_lens.as_deref().expect("checked above"),
+        )?),
+    };
+    // `KV` is the end of the positions the call covers: the last key, or the
+    // last query when queries run past the keys (a block of ring attention
+    // whose keys come first), so one table indexed by `q` and `kv` serves.
+    let kv_end = match &kv_lens {
+        Some(lens) => inputs.kv_offset as i128 + lens.iter().copied().max().unwrap_or(0) as i128,
+        None => (inputs.kv_offset as i128 + kv_rows as i128)
+            .max(inputs.q_offset as i128 + qs[2] as i128),
+    };
     let sizes = [
         ("the batch B", qs[0] as i128),
         ("the number of heads H", h as i128),
         ("the head dim D", qs[3] as i128),
-        ("the key length KV", ks[2] as i128),
         (
             "the query end q_offset + Q",
             inputs.q_offset as i128 + qs[2] as i128,
         ),
+        ("the position end KV", kv_end),
     ];
     if let Some(&(what, value)) = sizes
         .iter()
@@ -250,7 +494,7 @@ pub fn bind(spec: &Spec, inputs: &Inputs<'_>) -> Result<Bound, BindError> {
         h,
         hkv,
         q: qs[2],
-        kv: ks[2],
+        kv: kv_end as usize,
         d: qs[3],
     };
     if let Some(name) = inputs.buffers.keys().find(|n| spec.buffer_id(n).is_none()) {
@@ -294,7 +538,90 @@ pub fn bind(spec: &Spec, inputs: &Inputs<'_>) -> Result<Bound, BindError> {
     Ok(Bound {
         shapes,
         q_offset: inputs.q_offset,
-        kv_batch: ks[0],
+        kv_offset: inputs.kv_offset,
+        kv_rows,
+        kv_batch,
+        kv_lens,
+        pages,
         buffers,
+    })
+}
+
+/// Checks the sequence lengths: each at least `Q` (the queries are its last
+/// positions) and at most what its storage holds (`rows` dense rows; paged
+/// pools are checked against their table in [`bind_pages`]).
+fn seq_lens(
+    lens: ArrayView1<'_, i32>,
+    q: usize,
+    rows: usize,
+    inputs: &Inputs<'_>,
+) -> Result<Vec<usize>, BindError> {
+    let paged = matches!(inputs.kv_layout, KvLayout::Paged { .. });
+    lens.iter()
+        .enumerate()
+        .map(|(b, &len)| {
+            if len < 0 {
+                return Err(BindError::NegativeKvLen { b, len });
+            }
+            let len = len as usize;
+            if len < q {
+                return Err(BindError::KvLenBelowQ { b, len, q });
+            }
+            if !paged && len > rows {
+                return Err(BindError::KvLenPastRows { b, len, rows });
+            }
+            Ok(len)
+        })
+        .collect()
+}
+
+/// Checks a page table against the pool `[num_pages, page_size, HKV, D]`
+/// and the sequence lengths: `[B, max_pages]`, every sequence fits its row,
+/// and every page a sequence uses is in the pool.
+fn bind_pages(
+    table: &ArrayView2<'_, i32>,
+    pool: &[usize],
+    b: usize,
+    lens: &[usize],
+) -> Result<Pages, BindError> {
+    let (num_pages, page_size) = (pool[0], pool[1]);
+    if page_size == 0 {
+        return Err(BindError::ZeroPageSize {
+            pool: pool.to_vec(),
+        });
+    }
+    if table.nrows() != b {
+        return Err(BindError::PageTableShape {
+            b,
+            found: table.shape().to_vec(),
+        });
+    }
+    let max_pages = table.ncols();
+    for (seq, &len) in lens.iter().enumerate() {
+        let used = len.div_ceil(page_size);
+        if used > max_pages {
+            return Err(BindError::KvLenPastPages {
+                b: seq,
+                len,
+                max_pages,
+                page_size,
+            });
+        }
+        for slot in 0..used {
+            let page = table[[seq, slot]];
+            if page < 0 || page as usize >= num_pages {
+                return Err(BindError::PageOutOfPool {
+                    b: seq,
+                    slot,
+                    page,
+                    num_pages,
+                });
+            }
+        }
+    }
+    Ok(Pages {
+        page_size,
+        num_pages,
+        table: table.to_owned(),
     })
 }

@@ -534,12 +534,37 @@ pub fn compile(file: SourceFile, options: &CompileOptions) -> Result<JitKernel, 
     program.compile_jit_with(options)
 }
 
+/// How a loop nest maps rows and where it reads K and V.
+pub type NestShape = (crate::tile::nest::RowMap, crate::tile::nest::KvSource);
+
+/// The loop-nest shape a call takes, from its shapes and K/V layout: the
+/// query heads of a KV head in one tile (decode, speculative verification:
+/// `(H / HKV) x Q` rows fit one query tile of `tiling`), read in place; one
+/// head per tile with K/V read in place (ragged batches and paged pools); or
+/// one head per tile with K/V packed per call (dense prefill).
+pub fn nest_for(bound: &crate::bind::Bound, tiling: crate::mask::Tiling) -> NestShape {
+    use crate::tile::nest::{KvSource, RowMap};
+    let sh = bound.shapes;
+    let group = sh.h / sh.hkv.max(1);
+    if group * sh.q <= tiling.bq && sh.q > 0 {
+        (RowMap::GqaGroup, KvSource::InPlace)
+    } else if bound.is_ragged() || bound.pages.is_some() {
+        (RowMap::OneHead, KvSource::InPlace)
+    } else {
+        (RowMap::OneHead, KvSource::Packed)
+    }
+}
+
 /// A spec compiled to native code: run it many times on new inputs.
 #[derive(Debug)]
 pub struct JitKernel {
     program: Program,
     tiling: crate::mask::Tiling,
+    options: CompileOptions,
     compiled: crate::codegen::clif::kernel::CompiledKernel,
+    /// The variants of other loop-nest shapes ([`nest_for`]), compiled the
+    /// first time a call needs one and kept.
+    variants: std::sync::Mutex<Vec<(NestShape, Arc<crate::codegen::clif::kernel::CompiledKernel>)>>,
     /// Packed K/V heads, kept between calls so repeated runs do not reallocate
     /// (and fault in) them; bounded by [`crate::runtime::exec::PACK_BUDGET_BYTES`]
     /// or one head. Concurrent calls that find it busy use a buffer of their own.
@@ -568,13 +593,11 @@ impl JitKernel {
     /// have the plan's shapes, query offset and buffers (checked).
     pub fn run_planned(&self, inputs: &Inputs<'_>, plan: &Plan) -> Result<Outputs, Error> {
         let bound = bind(&self.program.spec, inputs)?;
-        if bound.shapes != plan.bound.shapes
-            || bound.q_offset != plan.bound.q_offset
-            || bound.buffers != plan.bound.buffers
-        {
+        if bound != plan.bound {
             return Err(Error::Usage(format!(
-                "the plan was made for other inputs (shapes {:?}, query offset {}); make a new plan for these",
-                plan.bound.shapes, plan.bound.q_offset
+                "the plan was made for other inputs (shapes {:?}, query offset {}, key offset {}, \
+                 lengths, page table or buffers differ); make a new plan for these",
+                plan.bound.shapes, plan.bound.q_offset, plan.bound.kv_offset
             )));
         }
         self.run_with_maps(inputs, &bound, &plan.maps)
@@ -618,8 +641,35 @@ impl JitKernel {
         let mut own = Vec::new();
         let mut shared = self.workspace.try_lock().ok();
         let workspace = shared.as_deref_mut().unwrap_or(&mut own);
-        crate::runtime::exec::run(&self.compiled, inputs, bound, maps, workspace)
+        let variant = self.variant(nest_for(bound, self.tiling))?;
+        let compiled = variant.as_deref().unwrap_or(&self.compiled);
+        crate::runtime::exec::run(compiled, inputs, bound, maps, workspace)
             .map_err(|error| self.program.first_error(inputs, bound, error))
+    }
+
+    /// The compiled variant for a loop-nest shape: `None` for the one
+    /// compiled up front, else compiled on first use and kept.
+    fn variant(
+        &self,
+        nest: NestShape,
+    ) -> Result<Option<Arc<crate::codegen::clif::kernel::CompiledKernel>>, Error> {
+        let k = &self.compiled.kernel.schedule;
+        if (k.rows, k.kv) == nest {
+            return Ok(None);
+        }
+        let mut variants = self.variants.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, c)) = variants.iter().find(|(n, _)| *n == nest) {
+            return Ok(Some(c.clone()));
+        }
+        let schedule = crate::tile::Schedule {
+            rows: nest.0,
+            kv: nest.1,
+            ..*k
+        };
+        let compiled =
+            std::sync::Arc::new(self.program.compile_schedule(&schedule, &self.options)?);
+        variants.push((nest, compiled.clone()));
+        Ok(Some(compiled))
     }
 
     /// The tile sizes the kernel was compiled for.
@@ -655,11 +705,14 @@ impl Program {
         let tiling = crate::mask::Tiling::new(bq, bkv).map_err(|e| self.mask_error(e))?;
         let maps = crate::mask::classify(&self.spec, &bound, tiling)
             .map_err(|e| self.classify_error(inputs, &bound, e))?;
+        let (rows, kv) = nest_for(&bound, tiling);
         let schedule = crate::tile::Schedule {
             bq,
             bkv,
             dim: Some(bound.shapes.d),
             exp2: true,
+            rows,
+            kv,
         };
         let kernel = self.kernel(&schedule);
         crate::tile::interp::run(&kernel, inputs, &bound, &maps)
@@ -752,20 +805,36 @@ impl Program {
             bkv: tiling.bkv,
             dim: None,
             exp2: true,
+            ..crate::tile::Schedule::default()
         };
-        let kernel = self.kernel(&schedule);
+        let compiled = self.compile_schedule(&schedule, options)?;
+        Ok(JitKernel {
+            program: self.clone(),
+            tiling,
+            options: options.clone(),
+            compiled,
+            variants: std::sync::Mutex::new(Vec::new()),
+            workspace: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Lowers and compiles the spec under `schedule` for this CPU.
+    fn compile_schedule(
+        &self,
+        schedule: &crate::tile::Schedule,
+        options: &CompileOptions,
+    ) -> Result<crate::codegen::clif::kernel::CompiledKernel, Error> {
+        let kernel = self.kernel(schedule);
         let jit_options = crate::codegen::clif::JitOptions {
             keep_clif: options.keep_clif,
             check_proven_loads: options.check_proven_loads,
             ..Default::default()
         };
-        let compiled = crate::codegen::clif::kernel::compile(&kernel, options.gemm, &jit_options)?;
-        Ok(JitKernel {
-            program: self.clone(),
-            tiling,
-            compiled,
-            workspace: std::sync::Mutex::new(Vec::new()),
-        })
+        Ok(crate::codegen::clif::kernel::compile(
+            &kernel,
+            options.gemm,
+            &jit_options,
+        )?)
     }
 
     /// The tile sizes `tiles` stands for with this spec.

@@ -30,6 +30,7 @@ pub mod codegen;
 pub mod driver;
 pub mod mask;
 pub mod memory;
+pub mod merge;
 pub mod npy;
 pub mod reference;
 pub mod runtime;
@@ -41,8 +42,9 @@ pub mod tile;
 /// out), re-exported so callers use the same version (0.16).
 pub use ndarray;
 
-pub use bind::{Inputs, Outputs};
+pub use bind::{Inputs, KvLayout, Outputs};
 pub use buffer::BufferData;
 pub use driver::{
     compile, load, CompileOptions, Error, JitKernel, Plan, Program, SourceFile, SpecOptions, Tiles,
 };
+pub use merge::merge_states;

@@ -868,6 +868,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         bkv,
         dim: Some(args.dim),
         exp2: true,
+        ..attnc::tile::Schedule::default()
     };
     if matches!(args.backend, Backend::Interp) {
         let _ = program.kernel(&schedule);
@@ -1065,6 +1066,7 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
         bkv,
         dim,
         exp2: args.exp == ExpBase::Exp2,
+        ..attnc::tile::Schedule::default()
     };
     if stage == Stage::Clif {
         let options = attnc::CompileOptions {
@@ -1526,6 +1528,7 @@ fn emit_ptx(args: EmitArgs) -> Result<String, Error> {
         bkv,
         dim: Some(dim),
         exp2: args.exp == ExpBase::Exp2,
+        ..attnc::tile::Schedule::default()
     };
     let kernel = program.kernel(&schedule);
     ptx::emit(&kernel, &PtxOptions { arch, dtype }).map_err(|e| Error::Codegen(e.into()))

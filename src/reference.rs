@@ -38,7 +38,7 @@ pub fn run_observed(
     let mut scores = vec![f64::NEG_INFINITY; sh.kv];
     let mut acc = vec![0f64; sh.d];
     for b in 0..sh.b {
-        let kb = bound.kv_batch_index(b);
+        let n = bound.kv_len(b);
         for h in 0..sh.h {
             let kh = bound.kv_head(h);
             for row in 0..sh.q {
@@ -51,8 +51,9 @@ pub fn run_observed(
                     scale,
                     at,
                     spec.score,
-                    Some(&mut scores),
+                    Some(&mut scores[..n]),
                 )?;
+                let scores = &scores[..n];
                 // NaN if any score is NaN (`f64::max` would skip it), so NaN
                 // reaches out and lse instead of passing for a masked row.
                 let m = scores.iter().fold(f64::NEG_INFINITY, |m, &s| {
@@ -74,7 +75,7 @@ pub fn run_observed(
                     }
                     sum += p;
                     for (d, a) in acc.iter_mut().enumerate() {
-                        *a += p * f64::from(inputs.v[[kb, kh, kv, d]]);
+                        *a += p * f64::from(inputs.v[bound.kv_index(b, kh, kv, d)]);
                     }
                 }
                 for (d, a) in acc.iter().enumerate() {
@@ -100,9 +101,11 @@ fn scale(spec: &Spec, ev: &mut Evaluator<'_>, bound: &Bound) -> Result<f64, Eval
     }
 }
 
-/// Evaluates one query row, key by key: the mask, then (where it holds) the
-/// score `q·k × scale` and `score_mod`. With `scores`, writes each key's final
-/// score (`-inf` where masked); without, only evaluates, for [`first_error`].
+/// Evaluates one query row, key by key (the sequence's keys `0 .. kv_len(b)`,
+/// at absolute positions from `kv_offset`): the mask, then (where it holds)
+/// the score `q·k × scale` and `score_mod`. With `scores`, writes each key's
+/// final score (`-inf` where masked); without, only evaluates, for
+/// [`first_error`].
 #[allow(clippy::too_many_arguments)]
 fn row_scores(
     spec: &Spec,
@@ -114,13 +117,13 @@ fn row_scores(
     score_mod: Option<crate::sema::ExprId>,
     mut scores: Option<&mut [f64]>,
 ) -> Result<(), EvalError> {
-    let (kb, kh) = (bound.kv_batch_index(b), bound.kv_head(h));
-    for kv in 0..bound.shapes.kv {
+    let kh = bound.kv_head(h);
+    for kv in 0..bound.kv_len(b) {
         let point = Point {
             b: b as i64,
             h: h as i64,
-            q: row as i64 + bound.q_offset,
-            kv: kv as i64,
+            q: row as i64 + bound.q_start(b),
+            kv: kv as i64 + bound.kv_offset,
             score: 0.0,
         };
         let visible = match spec.mask {
@@ -138,7 +141,8 @@ fn row_scores(
         }
         let mut dot = 0f64;
         for d in 0..bound.shapes.d {
-            dot += f64::from(inputs.q[[b, h, row, d]]) * f64::from(inputs.k[[kb, kh, kv, d]]);
+            dot += f64::from(inputs.q[[b, h, row, d]])
+                * f64::from(inputs.k[bound.kv_index(b, kh, kv, d)]);
         }
         let s = dot * scale;
         let s = match score_mod {

@@ -53,7 +53,7 @@ fn bound(
 fn brute(spec: &Spec, bound: &Bound, t: Tiling) -> Result<Vec<Vec<Vec<TileClass>>>, EvalError> {
     let sh = bound.shapes;
     let mut ev = Evaluator::new(spec, sh, &bound.buffers);
-    let (qn, kn) = (sh.q.div_ceil(t.bq), sh.kv.div_ceil(t.bkv));
+    let (qn, kn) = (sh.q.div_ceil(t.bq), bound.kv_rows.div_ceil(t.bkv));
     let mut all = Vec::new();
     for b in 0..sh.b {
         for h in 0..sh.h {
@@ -63,7 +63,7 @@ fn brute(spec: &Spec, bound: &Bound, t: Tiling) -> Result<Vec<Vec<Vec<TileClass>
                 for kt in 0..kn {
                     let (mut vis, mut masked) = (false, false);
                     for r in qt * t.bq..((qt + 1) * t.bq).min(sh.q) {
-                        for k in kt * t.bkv..((kt + 1) * t.bkv).min(sh.kv) {
+                        for k in kt * t.bkv..((kt + 1) * t.bkv).min(bound.kv_rows) {
                             let v = match spec.mask {
                                 Some(m) => ev.eval_bool(
                                     m,
@@ -315,7 +315,9 @@ proptest! {
     ) {
         let src = format!("attention prop {{ {DECLS} mask = {mask} }}");
         let spec = load(&src);
-        let bound = bound(&spec, b, h, q, kv, q_offset, random_buffers(seed, kv, h));
+        // Buffers indexed by position cover KV, the end of the call's positions.
+        let kv_end = kv.max(q_offset as usize + q);
+        let bound = bound(&spec, b, h, q, kv, q_offset, random_buffers(seed, kv_end, h));
         let tiling = Tiling::new(bq, bkv).unwrap();
         let got = mask::classify(&spec, &bound, tiling);
         let want = brute(&spec, &bound, tiling);
@@ -674,9 +676,9 @@ fn zero_tile_sizes_are_errors() {
 
 #[test]
 fn out_of_range_reads_are_reported_like_the_interpreter() {
-    // doc[q] reads past doc[KV] when q_offset + Q > KV.
-    let spec = load("attention d { buffer doc[KV]: int mask = doc[q] == doc[kv] }");
-    let doc = ArrayD::from_shape_vec(IxDyn(&[20]), vec![0i64; 20]).unwrap();
+    // doc[q + 5] reads past doc[KV] at the last queries (KV = q_offset + Q = 25).
+    let spec = load("attention d { buffer doc[KV]: int mask = doc[q + 5] == doc[kv] }");
+    let doc = ArrayD::from_shape_vec(IxDyn(&[25]), vec![0i64; 25]).unwrap();
     let bound = bound(
         &spec,
         1,
@@ -691,7 +693,7 @@ fn out_of_range_reads_are_reported_like_the_interpreter() {
         panic!("expected an out-of-range read, got {e:?}")
     };
     assert_eq!(buffer, "doc");
-    assert!(index[0] >= 20);
+    assert!(index[0] >= 25);
 }
 
 // ---------------------------------------------------------------------------

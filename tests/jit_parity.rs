@@ -60,7 +60,8 @@ fn jit_matches_reference_on_focused_specs_with_random_inputs() {
                 h,
                 hkv,
                 q: q_len,
-                kv: kv_len,
+                // `KV` is the end of the call's positions.
+                kv: kv_len.max(offset as usize + q_len),
                 d,
             };
             let mut inputs = attnc::Inputs::new(q.view(), k.view(), v.view())

@@ -34,6 +34,8 @@ const SNAPSHOT_SCHEDULE: Schedule = Schedule {
     bkv: 16,
     dim: Some(16),
     exp2: true,
+    rows: attnc::tile::nest::RowMap::OneHead,
+    kv: attnc::tile::nest::KvSource::Packed,
 };
 
 #[test]
@@ -437,6 +439,7 @@ fn other_layouts_assemble() {
                 bkv: 16,
                 dim: Some(64),
                 exp2: true,
+                ..Schedule::default()
             },
             Dtype::F16,
         ),
@@ -447,6 +450,7 @@ fn other_layouts_assemble() {
                 bkv: 128,
                 dim: Some(64),
                 exp2: true,
+                ..Schedule::default()
             },
             Dtype::F16,
         ),

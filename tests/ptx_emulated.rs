@@ -161,6 +161,7 @@ fn emulated_ptx_matches_in_other_layouts() {
         bkv,
         dim: Some(d),
         exp2,
+        ..Schedule::default()
     };
     // (spec, schedule, dtype, (B, H, HKV, k/v batch, Q, query offset))
     type Case = (
@@ -504,6 +505,7 @@ fn emulated_ptx_keeps_non_finite_values_at_masked_keys_out() {
                 bkv: 16,
                 dim: Some(d),
                 exp2: true,
+                ..Schedule::default()
             };
             for schedule in [ptx::schedule(d, dtype), tiny] {
                 let got = emulate(&program.spec, &schedule, dtype, &inputs).unwrap();

@@ -236,9 +236,10 @@ fn zero_key_length_gives_empty_rows() {
     let p = program("attention a { buffer doc[KV]: int\n mask = doc[q] == doc[kv]\n score = score + float(doc[q]) }");
     let q = ramp((2, 2, 3, 4), 0.1);
     let k = Array4::<f32>::zeros((2, 2, 0, 4));
+    // KV is the end of the call's positions: the three queries at 0..3.
     let inputs = Inputs::new(q.view(), k.view(), k.view())
         .with_lse()
-        .buffer("doc", int_buffer(&[]));
+        .buffer("doc", int_buffer(&[0, 0, 0]));
     let out = p.run_reference(&inputs).unwrap();
     assert_eq!(out.out.shape(), &[2, 2, 3, 4]);
     assert!(out.out.iter().all(|x| *x == 0.0));
@@ -257,20 +258,20 @@ fn lse_is_returned_only_when_asked_for() {
 
 #[test]
 fn out_of_range_read_names_the_buffer_and_the_index() {
-    // Q + offset > KV: query rows beyond the keys read doc[q] out of range.
+    // doc[q + 1] reads past the end of the positions at the last query.
     let p = program(
-        "attention packed {\n    buffer doc[KV]: int\n    mask = doc[q] == doc[kv] && causal\n}",
+        "attention packed {\n    buffer doc[KV]: int\n    mask = doc[q + 1] == doc[kv] && causal\n}",
     );
     let q = ramp((1, 2, 3, 4), 0.1);
     let k = ramp((1, 2, 4, 4), 0.2);
     let inputs = Inputs::new(q.view(), k.view(), k.view())
-        .q_offset(2)
+        .q_offset(1)
         .buffer("doc", int_buffer(&[0, 0, 1, 1]));
     let err = p.run_reference(&inputs).unwrap_err();
-    // Rows 0 and 1 are q = 2, 3 (in range); row 2 is q = 4, the first bad read.
+    // Rows 0 and 1 are q = 1, 2 (reading 2, 3); row 2 is q = 3, the first bad read.
     assert_eq!(
         err.to_string(),
-        "read out of range: `doc[4]` with shape [4] (at b=0, h=0, q=4, kv=0)"
+        "read out of range: `doc[4]` with shape [4] (at b=0, h=0, q=3, kv=0)"
     );
     let text = err.render();
     assert!(text.contains("test.attn:3:12"), "{text}");

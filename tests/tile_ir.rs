@@ -26,6 +26,7 @@ fn tile_ir_of_every_example_under_two_schedules() {
                 bkv: 128,
                 dim: Some(128),
                 exp2: true,
+                ..Schedule::default()
             },
         ] {
             let k = tile::lower(&spec, &schedule);
@@ -124,6 +125,7 @@ fn interp_case(case: &common::Case, bq: usize, bkv: usize, dim: bool) -> attnc::
         bkv,
         dim: dim.then_some(bound.shapes.d),
         exp2: true,
+        ..Schedule::default()
     };
     let kernel = tile::lower(&program.spec, &schedule);
     let maps = classify(&program.spec, &bound, Tiling::new(bq, bkv).unwrap()).unwrap();
@@ -225,7 +227,8 @@ fn focused_specs_agree_with_reference_on_random_inputs() {
                 h,
                 hkv,
                 q: q_len,
-                kv: kv_len,
+                // `KV` is the end of the call's positions.
+                kv: kv_len.max(offset as usize + q_len),
                 d,
             };
             let mut inputs = attnc::Inputs::new(q.view(), k.view(), v.view())
@@ -265,6 +268,29 @@ fn focused_specs_agree_with_reference_on_random_inputs() {
 /// The loop nest (`attnc emit --stage nest`) under two schedules: what every
 /// backend lowers around the instructions. Every kernel has the forward nest
 /// today; a new grid, K/V source or walk shows up here first.
+/// The decode kernel of a spec whose score mod reads a per-head buffer: `h`
+/// is a row-level value (each row of a GQA-grouped tile has its own head),
+/// so the slope is read per row, not once per task.
+#[test]
+fn decode_kernel_text() {
+    let spec = spec_of(&common::root().join("examples/alibi.attn"));
+    let schedule = Schedule {
+        bq: 16,
+        bkv: 32,
+        rows: tile::nest::RowMap::GqaGroup,
+        kv: tile::nest::KvSource::InPlace,
+        ..Schedule::default()
+    };
+    let k = tile::lower(&spec, &schedule);
+    let h = k
+        .insts
+        .iter()
+        .find(|i| i.op == tile::Op::Var(attnc::sema::Var::H))
+        .expect("the slope is read at h");
+    assert_eq!(h.level, tile::Level::Row);
+    insta::assert_snapshot!(k.to_string());
+}
+
 #[test]
 fn loop_nest_text() {
     let spec = spec_of(&common::root().join("examples/causal.attn"));
@@ -276,6 +302,13 @@ fn loop_nest_text() {
             bkv: 32,
             dim: None,
             exp2: false,
+            ..Schedule::default()
+        },
+        // Decode: the GQA group of a KV head in one tile, K/V read in place.
+        Schedule {
+            rows: tile::nest::RowMap::GqaGroup,
+            kv: tile::nest::KvSource::InPlace,
+            ..Schedule::default()
         },
     ] {
         let k = tile::lower(&spec, &schedule);

@@ -46,6 +46,8 @@ pub fn classify(spec: &Spec, bound: &Bound, tiling: Tiling) -> Result<BlockMaps,
     let sh = bound.shapes;
     let q_tiles = sh.q.div_ceil(tiling.bq);
     let kv_tiles = sh.kv.div_ceil(tiling.bkv);
+    // Key rows of sequence b, from absolute position `kv_offset`; a ragged
+    // batch has one map per sequence (its own lengths and query positions).
     for (axis, n) in [("query", q_tiles), ("key", kv_tiles)] {
         if n > u32::MAX as usize {
             return Err(MaskError::TooManyTiles { axis, tiles: n });
@@ -61,18 +63,23 @@ pub fn classify(spec: &Spec, bound: &Bound, tiling: Tiling) -> Result<BlockMaps,
         });
     }
     let deps = spec.mask.map(|m| spec.deps(m)).unwrap_or(Deps::NONE);
-    let (by_b, by_h) = (deps.contains(Deps::B), deps.contains(Deps::H));
+    let by_b = deps.contains(Deps::B) || bound.is_ragged();
+    let by_h = deps.contains(Deps::H);
     let n_b = if by_b { sh.b } else { 1 };
     let n_h = if by_h { sh.h } else { 1 };
     let mut maps = Vec::with_capacity(n_b * n_h);
     let mut counts = AnalysisCounts::default();
     match spec.mask {
         None => {
-            let mut m = BlockMap::with_capacity(tiling, sh.q, sh.kv, bound.q_offset);
-            for _ in 0..q_tiles {
-                m.push_row((kv_tiles > 0).then_some((0, kv_tiles as u32, TileClass::Full)));
+            for b in 0..n_b {
+                let n = bound.kv_len(b);
+                let mut m = BlockMap::with_capacity(tiling, sh.q, n, bound.q_start(b));
+                let kv_tiles = n.div_ceil(tiling.bkv);
+                for _ in 0..q_tiles {
+                    m.push_row((kv_tiles > 0).then_some((0, kv_tiles as u32, TileClass::Full)));
+                }
+                maps.push(m.with_kv_offset(bound.kv_offset));
             }
-            maps.push(m);
         }
         Some(mask) => {
             let mut c = Classifier {
@@ -81,6 +88,7 @@ pub fn classify(spec: &Spec, bound: &Bound, tiling: Tiling) -> Result<BlockMaps,
                 q_len: sh.q,
                 kv_len: sh.kv,
                 q_offset: bound.q_offset,
+                kv_offset: bound.kv_offset,
                 abs: AbsEval::new(spec, sh),
                 ev: Evaluator::new(spec, sh, &bound.buffers),
                 sums: Summaries::new(&bound.buffers),
@@ -90,6 +98,8 @@ pub fn classify(spec: &Spec, bound: &Bound, tiling: Tiling) -> Result<BlockMaps,
                 element_evaluations: 0,
             };
             for b in 0..n_b {
+                c.kv_len = bound.kv_len(b);
+                c.q_offset = bound.q_start(b);
                 for h in 0..n_h {
                     maps.push(c.map(b as i64, h as i64)?);
                 }
@@ -152,6 +162,7 @@ struct Classifier<'a> {
     q_len: usize,
     kv_len: usize,
     q_offset: i64,
+    kv_offset: i64,
     abs: AbsEval<'a>,
     ev: Evaluator<'a>,
     sums: Summaries<'a>,
@@ -177,7 +188,7 @@ impl<'a> Classifier<'a> {
             map.push_row(cur.iter().map(|s| (s.start, s.end, s.class)));
             std::mem::swap(&mut prev, &mut cur);
         }
-        Ok(map)
+        Ok(map.with_kv_offset(self.kv_offset))
     }
 
     /// The box of query tile `qt` and key tiles `ka..kb`.
@@ -189,8 +200,8 @@ impl<'a> Classifier<'a> {
         QBox {
             q0: r0 as i64 + self.q_offset,
             q1: r1 as i64 + self.q_offset,
-            k0: k0 as i64,
-            k1: k1 as i64,
+            k0: k0 as i64 + self.kv_offset,
+            k1: k1 as i64 + self.kv_offset,
         }
     }
 

@@ -199,6 +199,7 @@ pub struct BlockMap {
     q_len: usize,
     kv_len: usize,
     q_offset: i64,
+    kv_offset: i64,
     q_tiles: usize,
     kv_tiles: usize,
     full_offsets: Vec<usize>,
@@ -226,6 +227,7 @@ impl BlockMap {
             q_len,
             kv_len,
             q_offset,
+            kv_offset: 0,
             q_tiles,
             kv_tiles,
             full_offsets,
@@ -316,6 +318,17 @@ impl BlockMap {
     /// The query offset the map was built for (`q = row + q_offset`).
     pub fn q_offset(&self) -> i64 {
         self.q_offset
+    }
+
+    /// The key offset the map was built for (`kv = key row + kv_offset`).
+    pub fn kv_offset(&self) -> i64 {
+        self.kv_offset
+    }
+
+    /// The map with key row 0 at absolute position `kv_offset`.
+    pub(crate) fn with_kv_offset(mut self, kv_offset: i64) -> BlockMap {
+        self.kv_offset = kv_offset;
+        self
     }
 
     /// The query rows of tile `qt`: `qt*bq .. min((qt+1)*bq, Q)`.
@@ -531,6 +544,41 @@ impl BlockMaps {
         let bi = if self.by_b { b } else { 0 };
         let hi = if self.by_h { h } else { 0 };
         &self.maps[bi * if self.by_h { self.h } else { 1 } + hi]
+    }
+
+    /// The key walk of query tile `qt` for the rows of heads `heads` of batch
+    /// `b` in one tile (a GQA group): a key tile is FULL where it is FULL
+    /// for every head, EMPTY where it is EMPTY for every head, and PARTIAL
+    /// otherwise. Returns the FULL ranges and the PARTIAL tiles, as
+    /// [`BlockMap::full_ranges`] and [`BlockMap::partial`] do.
+    pub fn group_walk(
+        &self,
+        b: usize,
+        heads: Range<usize>,
+        qt: usize,
+    ) -> (Vec<Range<u32>>, Vec<u32>) {
+        let first = self.get(b, heads.start);
+        if !self.by_h || heads.len() <= 1 {
+            return (first.full_ranges(qt).to_vec(), first.partial(qt).to_vec());
+        }
+        let mut full: Vec<Range<u32>> = Vec::new();
+        let mut partial = Vec::new();
+        for kt in 0..first.kv_tiles() {
+            let classes = heads.clone().map(|h| self.get(b, h).class(qt, kt));
+            let class = classes
+                .reduce(|a, c| if a == c { a } else { TileClass::Partial })
+                .expect("at least one head");
+            let kt = kt as u32;
+            match class {
+                TileClass::Empty => {}
+                TileClass::Partial => partial.push(kt),
+                TileClass::Full => match full.last_mut() {
+                    Some(r) if r.end == kt => r.end = kt + 1,
+                    _ => full.push(kt..kt + 1),
+                },
+            }
+        }
+        (full, partial)
     }
 
     /// Whether one map serves every (b, h).

@@ -52,7 +52,33 @@ pub struct Task {
     /// One byte per key tile of the head: nonzero where V holds a non-finite
     /// value (`runtime::gemm::nonfinite_tiles`); such tiles take the exact `pv`.
     pub v_flags: *const u8,
+    /// Where the task's keys are when they are read in place (`KvSource::InPlace`).
+    pub kv_view: *const KvView,
+    /// Absolute position of key row 0 (`kv = key row + kv_start`).
+    pub kv_start: i64,
 }
+
+/// Where the key and value rows of one (sequence, KV head) live, for the
+/// in-place tile products (`runtime::gemm::view`): key `j` is in page
+/// `table[j / page_size]`, slot `j % page_size`, at `k + page * page_stride +
+/// slot * row_stride` (and likewise in `v`), strides in floats. Dense rows are
+/// one page as long as the sequence, with a table of one entry, 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KvView {
+    pub k: *const f32,
+    pub v: *const f32,
+    pub row_stride: i64,
+    pub page_stride: i64,
+    pub page_size: i64,
+    pub table: *const i32,
+}
+
+// SAFETY: a view is only read, by the tasks of one run, and points at K/V rows
+// and a page table that the run holds and nobody writes while it runs.
+unsafe impl Send for KvView {}
+// SAFETY: as above.
+unsafe impl Sync for KvView {}
 
 /// A buffer as generated code reads it: data, up to four dims and the
 /// strides (in elements) of a standard-layout array.
@@ -105,6 +131,7 @@ pub mod offset {
         V_STRIDE = v_stride, FULL = full, N_FULL = n_full, PART = part, N_PART = n_part,
         KV_LEN = kv_len, D = d, S = s, M = m, L = l, ACC = acc, ROWVALS = rowvals,
         COLVALS = colvals, ERR = err, BUFS = bufs, SHAPES = shapes, V_FLAGS = v_flags,
+        KV_VIEW = kv_view, KV_START = kv_start,
     );
     offsets!(ErrorRecord: E_CODE = code, E_VALUE = value, E_Q = q, E_KV = kv, E_INDEX = index);
     offsets!(BufferDesc: DESC_DATA = data, DESC_DIMS = dims, DESC_STRIDES = strides);
@@ -113,7 +140,7 @@ pub mod offset {
 }
 
 // Generated code reads every field with one 8-byte load.
-const _: () = assert!(size_of::<Task>() == 24 * 8);
+const _: () = assert!(size_of::<Task>() == 26 * 8);
 const _: () = assert!(size_of::<ErrorRecord>() == 8 * 8);
 const _: () = assert!(size_of::<BufferDesc>() == 9 * 8);
 

@@ -260,6 +260,12 @@ impl CudaRuntime {
         let l = &k.ptx.launch;
         let bound = bind(spec, inputs)?;
         let s = bound.shapes;
+        if bound.is_ragged() || bound.pages.is_some() || bound.kv_offset != 0 {
+            return Err(crate::codegen::ptx::PtxError::Nest {
+                what: "ragged lengths, a paged pool or a key offset".to_string(),
+            }
+            .into());
+        }
         if s.d != l.d {
             return Err(CudaError::HeadDim {
                 kernel: l.d,

@@ -9,6 +9,7 @@
 //! into [`EvalError`]s naming the buffer, the index and the expression.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use ndarray::{s, Array3, Array4, Axis};
 use rayon::prelude::*;
@@ -17,9 +18,10 @@ use crate::bind::{Bound, Inputs, Outputs};
 use crate::buffer::BufferData;
 use crate::codegen::clif::kernel::CompiledKernel;
 use crate::mask::BlockMaps;
-use crate::runtime::abi::{self, code, BufferDesc, ErrorRecord};
+use crate::runtime::abi::{self, code, BufferDesc, ErrorRecord, KvView};
 use crate::runtime::gemm::{nonfinite_tiles, pack_k, pack_v, PackedK, PackedV};
 use crate::sema::eval::{EvalError, Point};
+use crate::tile::nest::{Grid, KvSource};
 
 /// The block maps flattened for generated code.
 struct FlatMap {
@@ -104,6 +106,71 @@ struct Scratch {
     err: ErrorRecord,
 }
 
+impl Scratch {
+    fn new(bq: usize, bkv: usize, d: usize, n_row: usize, n_col: usize) -> Scratch {
+        Scratch {
+            s: vec![0.0; bq * bkv],
+            m: vec![0.0; bq],
+            l: vec![0.0; bq],
+            acc: vec![0.0; bq * d],
+            rowvals: vec![0; n_row.max(1) * bq],
+            colvals: vec![0; n_col.max(1) * bkv],
+            err: ErrorRecord::default(),
+        }
+    }
+
+    /// Sets the running state of the first `rows` rows to "no key seen".
+    fn reset(&mut self, rows: usize, d: usize) {
+        self.m[..rows].fill(f32::NEG_INFINITY);
+        self.l[..rows].fill(0.0);
+        self.acc[..rows * d].fill(0.0);
+    }
+}
+
+/// What every task of a call reads: Q in standard layout, the buffers and
+/// their descriptors, and the shapes.
+struct CallData<'a> {
+    q: Cow<'a, [f32]>,
+    buffers: Vec<BufferData>,
+    descs: Vec<BufferDesc>,
+    shapes: [i64; 6],
+}
+
+impl<'a> CallData<'a> {
+    fn new(inputs: &'a Inputs<'_>, bound: &Bound) -> CallData<'a> {
+        let sh = bound.shapes;
+        // Q in standard layout, so a tile is `rows` rows of `d` floats.
+        let q: Cow<'a, [f32]> = match inputs.q.as_slice() {
+            Some(s) => Cow::Borrowed(s),
+            None => Cow::Owned(inputs.q.iter().copied().collect()),
+        };
+        // Buffer descriptors (pointer, dims, strides), over standard-layout data.
+        let buffers: Vec<BufferData> = bound.buffers.iter().map(standard).collect();
+        let descs: Vec<BufferDesc> = buffers
+            .iter()
+            .map(|buf| match buf {
+                BufferData::Int(a) => BufferDesc::new(a.as_ptr().cast(), a.shape()),
+                BufferData::Float(a) => BufferDesc::new(a.as_ptr().cast(), a.shape()),
+                BufferData::Bool(a) => BufferDesc::new(a.as_ptr().cast(), a.shape()),
+            })
+            .collect();
+        let shapes = [
+            sh.b as i64,
+            sh.h as i64,
+            sh.hkv as i64,
+            sh.q as i64,
+            sh.kv as i64,
+            sh.d as i64,
+        ];
+        CallData {
+            q,
+            buffers,
+            descs,
+            shapes,
+        }
+    }
+}
+
 /// Runs `compiled` on bound inputs with the given block maps. `workspace` holds
 /// the packed heads (at most [`PACK_BUDGET_BYTES`], or one head if more); it is
 /// grown as needed and may be reused across calls to avoid reallocating it.
@@ -133,14 +200,23 @@ pub(crate) fn run_with_budget(
     if let Some(d) = k.schedule.dim {
         assert_eq!(d, sh.d, "the kernel is specialised on D = {d}");
     }
+    if k.nest.kv == KvSource::InPlace {
+        return run_in_place(compiled, inputs, bound, maps);
+    }
+    assert!(
+        !bound.is_ragged() && bound.pages.is_none(),
+        "packed K/V serve dense calls of one length"
+    );
     let d = sh.d;
     // K is packed per (kv batch, kv head); V is used in place when its rows
     // already have the packed layout (contiguous, `d` a multiple of the panel).
     let heads: Vec<(usize, usize)> = (0..bound.kv_batch)
         .flat_map(|b| (0..sh.hkv).map(move |h| (b, h)))
         .collect();
-    let klay = PackedK { d, kv_len: sh.kv };
-    let vlay = PackedV { d, kv_len: sh.kv };
+    // Every sequence has the rows of k (the packed nest is not ragged).
+    let kv_rows = bound.kv_len(0);
+    let klay = PackedK { d, kv_len: kv_rows };
+    let vlay = PackedV { d, kv_len: kv_rows };
     let v_head = |b: usize, h: usize| inputs.v.slice(s![b, h, .., ..]);
     let v_direct = vlay.row_stride() == d
         && heads
@@ -149,29 +225,8 @@ pub(crate) fn run_with_budget(
     let per_head = klay.len() + if v_direct { 0 } else { vlay.len() };
     // Heads are packed and run in groups whose packed copies fit the budget.
     let group = (budget / 4 / per_head.max(1)).clamp(1, heads.len().max(1));
-    // Q in standard layout, so a tile is `rows` rows of `d` floats.
-    let q: Cow<'_, [f32]> = match inputs.q.as_slice() {
-        Some(s) => Cow::Borrowed(s),
-        None => Cow::Owned(inputs.q.iter().copied().collect()),
-    };
-    // Buffer descriptors (pointer, dims, strides), over standard-layout data.
-    let buffers: Vec<BufferData> = bound.buffers.iter().map(standard).collect();
-    let descs: Vec<BufferDesc> = buffers
-        .iter()
-        .map(|buf| match buf {
-            BufferData::Int(a) => BufferDesc::new(a.as_ptr().cast(), a.shape()),
-            BufferData::Float(a) => BufferDesc::new(a.as_ptr().cast(), a.shape()),
-            BufferData::Bool(a) => BufferDesc::new(a.as_ptr().cast(), a.shape()),
-        })
-        .collect();
-    let shapes = [
-        sh.b as i64,
-        sh.h as i64,
-        sh.hkv as i64,
-        sh.q as i64,
-        sh.kv as i64,
-        sh.d as i64,
-    ];
+    let call = CallData::new(inputs, bound);
+    let (q, buffers, descs, shapes) = (&call.q, &call.buffers, &call.descs, &call.shapes);
     let flat: Vec<FlatMap> = maps.maps().iter().map(FlatMap::new).collect();
     // The flattened map of (b, h): maps may be shared, per batch, per head or per (b, h).
     let all = maps.maps();
@@ -215,7 +270,7 @@ pub(crate) fn run_with_budget(
     // a key -inf. Without a score mod a FULL tile's keys are all visible, and a
     // non-finite V there reaches the row as it does in the reference. (Decode
     // at the end of a causal sequence then reads V once, as before.)
-    let n_kt = sh.kv.div_ceil(bkv);
+    let n_kt = kv_rows.div_ceil(bkv);
     let scan: Option<Vec<bool>> = (!k.has_score_mod()).then(|| {
         let mut partial = vec![false; n_kt];
         for fm in &flat {
@@ -255,15 +310,7 @@ pub(crate) fn run_with_budget(
         let packed: &[f32] = workspace;
         let vflags: &[u8] = &vflags;
         tasks.par_iter().try_for_each_init(
-            || Scratch {
-                s: vec![0.0; bq * bkv],
-                m: vec![0.0; bq],
-                l: vec![0.0; bq],
-                acc: vec![0.0; bq * d],
-                rowvals: vec![0; n_row.max(1) * bq],
-                colvals: vec![0; n_col.max(1) * bkv],
-                err: ErrorRecord::default(),
-            },
+            || Scratch::new(bq, bkv, d, n_row, n_col),
             |scratch,
              &Task {
                  b,
@@ -285,15 +332,13 @@ pub(crate) fn run_with_budget(
                     slot[klay.len()..].as_ptr()
                 };
                 let q_off = ((b * sh.h + h) * sh.q + row0) * d;
-                scratch.m[..rows].fill(f32::NEG_INFINITY);
-                scratch.l[..rows].fill(0.0);
-                scratch.acc[..rows * d].fill(0.0);
+                scratch.reset(rows, d);
                 let (fo, fnum) = fm.full_at[qt];
                 let (po, pnum) = fm.part_at[qt];
                 let task = abi::Task {
                     b: b as i64,
                     h: h as i64,
-                    q_start: row0 as i64 + bound.q_offset,
+                    q_start: row0 as i64 + bound.q_start(b),
                     rows: rows as i64,
                     q: q[q_off..q_off + rows * d].as_ptr(),
                     k: kp,
@@ -303,7 +348,7 @@ pub(crate) fn run_with_budget(
                     n_full: fnum as i64,
                     part: fm.part.as_ptr().wrapping_add(po),
                     n_part: pnum as i64,
-                    kv_len: sh.kv as i64,
+                    kv_len: kv_rows as i64,
                     d: d as i64,
                     s: scratch.s.as_mut_ptr(),
                     m: scratch.m.as_mut_ptr(),
@@ -315,37 +360,28 @@ pub(crate) fn run_with_budget(
                     bufs: descs.as_ptr(),
                     shapes: shapes.as_ptr(),
                     v_flags: vflags[(head - g0) * n_kt..].as_ptr(),
+                    kv_view: std::ptr::null(),
+                    kv_start: bound.kv_offset,
                 };
                 // SAFETY: every pointer in `task` is valid for the sizes the task
                 // function's contract states (scratch sized by bq, bkv, d and the
                 // slot counts; packed heads by their layouts; buffers by their descriptors).
                 let status = unsafe { (compiled.task)(&task) };
                 if status != 0 {
-                    return Err(error(compiled, &buffers, &scratch.err, b, h));
+                    return Err(error(compiled, buffers, &scratch.err, b, h));
                 }
-                let crate::tile::nest::Finish::Normalize = k.nest.finish;
-                let ln2 = std::f32::consts::LN_2;
-                for i in 0..rows {
-                    let (m, l) = (scratch.m[i], scratch.l[i]);
-                    if l == 0.0 && m == f32::NEG_INFINITY {
-                        continue; // a row that saw no key: out stays 0, lse -inf
-                    }
-                    // Otherwise l >= 1 (the maximum contributes e^0) or l is NaN (a
-                    // NaN score), which reaches out and lse as in the reference.
-                    let base = ((b * sh.h + h) * sh.q + row0 + i) * d;
-                    // SAFETY: each (b, h, row) is written by exactly one task.
-                    unsafe {
-                        let o = std::slice::from_raw_parts_mut(out_ptr.get().add(base), d);
-                        for (x, a) in o.iter_mut().zip(&scratch.acc[i * d..(i + 1) * d]) {
-                            *x = a / l;
-                        }
-                        *lse_ptr.get().add((b * sh.h + h) * sh.q + row0 + i) = if k.schedule.exp2 {
-                            (m + l.log2()) * ln2
-                        } else {
-                            m + l.ln()
-                        };
-                    }
-                }
+                let first = (b * sh.h + h) * sh.q + row0;
+                // SAFETY: each (b, h, row) is written by exactly one task.
+                unsafe {
+                    finish(
+                        k,
+                        scratch,
+                        rows,
+                        d,
+                        out_ptr.get().add(first * d),
+                        lse_ptr.get().add(first),
+                    )
+                };
                 Ok(())
             },
         )?;
@@ -354,6 +390,44 @@ pub(crate) fn run_with_budget(
         out,
         lse: inputs.want_lse.then_some(lse),
     })
+}
+
+/// The finish of the loop nest for `rows` rows left in `scratch`: `out = acc
+/// / l`, `lse = m + ln l` (natural log) into `rows` rows of `d` at `out` and
+/// `rows` values at `lse`; a row that saw no key (l = 0, m = -inf) is left as
+/// it is (0 and -inf).
+///
+/// # Safety
+///
+/// `out` must be valid for writing `rows * d` floats and `lse` `rows`, and
+/// nobody else may write them meanwhile.
+unsafe fn finish(
+    k: &crate::tile::Kernel,
+    scratch: &Scratch,
+    rows: usize,
+    d: usize,
+    out: *mut f32,
+    lse: *mut f32,
+) {
+    let crate::tile::nest::Finish::Normalize = k.nest.finish;
+    let ln2 = std::f32::consts::LN_2;
+    for i in 0..rows {
+        let (m, l) = (scratch.m[i], scratch.l[i]);
+        if l == 0.0 && m == f32::NEG_INFINITY {
+            continue; // a row that saw no key: out stays 0, lse -inf
+        }
+        // Otherwise l >= 1 (the maximum contributes e^0) or l is NaN (a
+        // NaN score), which reaches out and lse as in the reference.
+        let o = std::slice::from_raw_parts_mut(out.add(i * d), d);
+        for (x, a) in o.iter_mut().zip(&scratch.acc[i * d..(i + 1) * d]) {
+            *x = a / l;
+        }
+        *lse.add(i) = if k.schedule.exp2 {
+            (m + l.log2()) * ln2
+        } else {
+            m + l.ln()
+        };
+    }
 }
 
 fn standard(b: &BufferData) -> BufferData {
@@ -419,4 +493,313 @@ fn error(
             }
         }
     }
+}
+
+/// Key tiles per chunk at least, when a decode step splits its key walk.
+const MIN_SPLIT_TILES: usize = 4;
+
+/// One task of an in-place call: rows `row0 .. row0 + rows` of heads
+/// `h .. h + heads` of sequence `b` (their out/lse rows are consecutive from
+/// `first`), the key walk `full` (pairs) and `part`, and, for a chunk of a
+/// split walk, the slot of its partial result.
+struct ViewTask {
+    b: usize,
+    h: usize,
+    rows: usize,
+    first: usize,
+    q_start: i64,
+    full: Vec<u32>,
+    part: Vec<u32>,
+    work: usize,
+    chunk: Option<usize>,
+}
+
+/// Cuts a key walk (FULL ranges, then PARTIAL tiles) into `n` chunks of about
+/// the same number of tiles, each as (FULL pairs, PARTIAL tiles).
+fn split_walk(full: &[Range<u32>], part: &[u32], n: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
+    let total: usize = full.iter().map(|r| r.len()).sum::<usize>() + part.len();
+    let per = total.div_ceil(n.max(1)).max(1);
+    let mut chunks: Vec<(Vec<u32>, Vec<u32>)> = vec![(Vec::new(), Vec::new())];
+    let mut room = per;
+    let next = |chunks: &mut Vec<(Vec<u32>, Vec<u32>)>, room: &mut usize| {
+        if *room == 0 {
+            chunks.push((Vec::new(), Vec::new()));
+            *room = per;
+        }
+    };
+    for r in full {
+        let mut start = r.start;
+        while start < r.end {
+            next(&mut chunks, &mut room);
+            let end = r.end.min(start + room as u32);
+            let c = chunks.last_mut().expect("one chunk at least");
+            c.0.extend([start, end]);
+            room -= (end - start) as usize;
+            start = end;
+        }
+    }
+    for &kt in part {
+        next(&mut chunks, &mut room);
+        chunks.last_mut().expect("one chunk at least").1.push(kt);
+        room -= 1;
+    }
+    chunks
+}
+
+/// Runs a kernel whose loop nest reads K and V in place
+/// ([`KvSource::InPlace`]): dense rows of any length per sequence, or the
+/// pages of a pool. Nothing is packed. With a GQA-grouped grid, one task
+/// serves every query row of a KV head, and when `B x HKV` tasks would leave
+/// threads idle each walk is split into chunks whose results are merged
+/// ([`crate::merge`]).
+fn run_in_place(
+    compiled: &CompiledKernel,
+    inputs: &Inputs<'_>,
+    bound: &Bound,
+    maps: &BlockMaps,
+) -> Result<Outputs, EvalError> {
+    let k = &compiled.kernel;
+    let sh = bound.shapes;
+    let (bq, bkv, d) = (k.schedule.bq, k.schedule.bkv, sh.d);
+    let call = CallData::new(inputs, bound);
+    let group = sh.h / sh.hkv;
+    // K and V with unit stride along D (a copy only for inputs that lack it).
+    let (k_own, v_own);
+    let (kin, vin) = if inputs.k.strides()[3] == 1 && inputs.v.strides()[3] == 1 {
+        (inputs.k.view(), inputs.v.view())
+    } else {
+        k_own = inputs.k.as_standard_layout().into_owned();
+        v_own = inputs.v.as_standard_layout().into_owned();
+        (k_own.view(), v_own.view())
+    };
+    // One view per (sequence, KV head).
+    let one_page = [0i32];
+    let views: Vec<KvView> = (0..sh.b)
+        .flat_map(|b| (0..sh.hkv).map(move |kh| (b, kh)))
+        .map(|(b, kh)| match &bound.pages {
+            None => {
+                let kb = bound.kv_batch_index(b);
+                let st = kin.strides();
+                KvView {
+                    k: kin.slice(s![kb, kh, .., ..]).as_ptr(),
+                    v: vin.slice(s![kb, kh, .., ..]).as_ptr(),
+                    row_stride: st[2] as i64,
+                    page_stride: 0,
+                    page_size: bound.kv_len(b).max(1) as i64,
+                    table: one_page.as_ptr(),
+                }
+            }
+            Some(p) => {
+                let st = kin.strides();
+                KvView {
+                    k: kin.slice(s![.., .., kh, ..]).as_ptr(),
+                    v: vin.slice(s![.., .., kh, ..]).as_ptr(),
+                    row_stride: st[1] as i64,
+                    page_stride: st[0] as i64,
+                    page_size: p.page_size as i64,
+                    table: p.table.row(b).as_ptr(),
+                }
+            }
+        })
+        .collect();
+    debug_assert!(
+        kin.strides() == vin.strides(),
+        "k and v share a layout (bound with one shape; standard or both borrowed)"
+    );
+    // The tasks of the grid, with their key walks.
+    let mut tasks: Vec<ViewTask> = Vec::new();
+    let walk_work = |full: &[Range<u32>], part: &[u32]| {
+        full.iter().map(|r| r.len()).sum::<usize>() + part.len()
+    };
+    match k.nest.grid {
+        Grid::QueryTiles { .. } => {
+            for b in 0..sh.b {
+                for h in 0..sh.h {
+                    let map = maps.get(b, h);
+                    for qt in 0..sh.q.div_ceil(bq) {
+                        let row0 = qt * bq;
+                        let full = map.full_ranges(qt);
+                        tasks.push(ViewTask {
+                            b,
+                            h,
+                            rows: bq.min(sh.q - row0),
+                            first: (b * sh.h + h) * sh.q + row0,
+                            q_start: bound.q_start(b) + row0 as i64,
+                            full: full.iter().flat_map(|r| [r.start, r.end]).collect(),
+                            part: map.partial(qt).to_vec(),
+                            work: walk_work(full, map.partial(qt)),
+                            chunk: None,
+                        });
+                    }
+                }
+            }
+        }
+        Grid::KvHeads { rows } => {
+            assert!(
+                group * sh.q <= rows && sh.q <= bq,
+                "the driver picks the grouped nest only when a KV head's rows fit one tile"
+            );
+            // Per (b, kh): its key walk, FULL ranges and PARTIAL tiles.
+            type Walk = (usize, usize, Vec<Range<u32>>, Vec<u32>);
+            let walks: Vec<Walk> = (0..sh.b)
+                .flat_map(|b| (0..sh.hkv).map(move |kh| (b, kh)))
+                .map(|(b, kh)| {
+                    let (full, part) = maps.group_walk(b, kh * group..(kh + 1) * group, 0);
+                    (b, kh, full, part)
+                })
+                .collect();
+            // Enough chunks for two per thread, each of a few tiles at least.
+            let threads = rayon::current_num_threads();
+            let longest = walks
+                .iter()
+                .map(|w| walk_work(&w.2, &w.3))
+                .max()
+                .unwrap_or(0);
+            let splits = (2 * threads)
+                .div_ceil(walks.len().max(1))
+                .min(longest / MIN_SPLIT_TILES)
+                .max(1);
+            for (b, kh, full, part) in walks {
+                let h = kh * group;
+                let chunks = if splits > 1 {
+                    split_walk(&full, &part, splits)
+                } else {
+                    vec![(full.iter().flat_map(|r| [r.start, r.end]).collect(), part)]
+                };
+                let n = chunks.len();
+                for (c, (full, part)) in chunks.into_iter().enumerate() {
+                    tasks.push(ViewTask {
+                        b,
+                        h,
+                        rows: group * sh.q,
+                        first: (b * sh.h + h) * sh.q,
+                        q_start: bound.q_start(b),
+                        work: full
+                            .chunks(2)
+                            .map(|r| (r[1] - r[0]) as usize)
+                            .sum::<usize>()
+                            + part.len(),
+                        full,
+                        part,
+                        chunk: (n > 1).then_some(c),
+                    });
+                }
+            }
+        }
+    }
+    tasks.sort_by_key(|t| std::cmp::Reverse(t.work));
+    // Chunks of a split walk write partial results here, merged below.
+    let chunked: Vec<usize> = tasks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.chunk.map(|_| i))
+        .collect();
+    let part_rows: usize = chunked.iter().map(|&i| tasks[i].rows).sum();
+    let mut part_out = vec![0f32; part_rows * d];
+    let mut part_lse = vec![f32::NEG_INFINITY; part_rows];
+    let mut part_at = vec![usize::MAX; tasks.len()];
+    let mut at = 0;
+    for &i in &chunked {
+        part_at[i] = at;
+        at += tasks[i].rows;
+    }
+    let mut out = Array4::<f32>::zeros((sh.b, sh.h, sh.q, d));
+    let mut lse = Array3::<f32>::from_elem((sh.b, sh.h, sh.q), f32::NEG_INFINITY);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let lse_ptr = SendPtr(lse.as_mut_ptr());
+    let pout_ptr = SendPtr(part_out.as_mut_ptr());
+    let plse_ptr = SendPtr(part_lse.as_mut_ptr());
+    let (n_row, n_col) = (compiled.slots.row.len(), compiled.slots.col.len());
+    let no_flags = [0u8];
+    tasks.par_iter().enumerate().try_for_each_init(
+        || Scratch::new(bq, bkv, d, n_row, n_col),
+        |scratch, (i, t)| {
+            scratch.reset(t.rows, d);
+            let view = &views[t.b * sh.hkv + bound.kv_head(t.h)];
+            let task = abi::Task {
+                b: t.b as i64,
+                h: t.h as i64,
+                q_start: t.q_start,
+                rows: t.rows as i64,
+                q: call.q[t.first * d..(t.first + t.rows) * d].as_ptr(),
+                k: std::ptr::null(),
+                v: std::ptr::null(),
+                v_stride: 0,
+                full: t.full.as_ptr(),
+                n_full: (t.full.len() / 2) as i64,
+                part: t.part.as_ptr(),
+                n_part: t.part.len() as i64,
+                kv_len: bound.kv_len(t.b) as i64,
+                d: d as i64,
+                s: scratch.s.as_mut_ptr(),
+                m: scratch.m.as_mut_ptr(),
+                l: scratch.l.as_mut_ptr(),
+                acc: scratch.acc.as_mut_ptr(),
+                rowvals: scratch.rowvals.as_mut_ptr(),
+                colvals: scratch.colvals.as_mut_ptr(),
+                err: &mut scratch.err,
+                bufs: call.descs.as_ptr(),
+                shapes: call.shapes.as_ptr(),
+                v_flags: no_flags.as_ptr(),
+                kv_view: view,
+                kv_start: bound.kv_offset,
+            };
+            // SAFETY: as in `run_with_budget`; the view's rows `0 .. kv_len(b)`
+            // are in k and v (dense rows checked by binding, pages by the table
+            // check), and the walk stays below kv_len(b) (block maps of the
+            // sequence's length).
+            let status = unsafe { (compiled.task)(&task) };
+            if status != 0 {
+                return Err(error(compiled, &call.buffers, &scratch.err, t.b, t.h));
+            }
+            // SAFETY: each (b, h, row), and each chunk's partial rows, is
+            // written by exactly one task.
+            unsafe {
+                match t.chunk {
+                    None => finish(
+                        k,
+                        scratch,
+                        t.rows,
+                        d,
+                        out_ptr.get().add(t.first * d),
+                        lse_ptr.get().add(t.first),
+                    ),
+                    Some(_) => finish(
+                        k,
+                        scratch,
+                        t.rows,
+                        d,
+                        pout_ptr.get().add(part_at[i] * d),
+                        plse_ptr.get().add(part_at[i]),
+                    ),
+                }
+            }
+            Ok(())
+        },
+    )?;
+    // Merge the chunks of each split walk, row by row.
+    if !chunked.is_empty() {
+        let mut by_first: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for &i in &chunked {
+            by_first.entry(tasks[i].first).or_default().push(i);
+        }
+        let out_rows = out.as_slice_mut().expect("fresh");
+        let lse_rows = lse.as_slice_mut().expect("fresh");
+        for (first, parts) in by_first {
+            let rows = tasks[parts[0]].rows;
+            for r in 0..rows {
+                let iter = parts.iter().map(|&i| {
+                    let at = part_at[i] + r;
+                    (&part_out[at * d..(at + 1) * d], part_lse[at])
+                });
+                let row = first + r;
+                lse_rows[row] =
+                    crate::merge::merge_row(iter, &mut out_rows[row * d..(row + 1) * d]);
+            }
+        }
+    }
+    Ok(Outputs {
+        out,
+        lse: inputs.want_lse.then_some(lse),
+    })
 }

@@ -18,7 +18,7 @@ pub fn build(spec: &Spec, schedule: &Schedule) -> Kernel {
     let mut lower = Lower {
         spec,
         schedule,
-        b: Builder::default(),
+        b: Builder::for_rows(schedule.rows),
         memo: HashMap::new(),
         conj_parent: HashMap::new(),
         must: HashMap::new(),

@@ -52,14 +52,35 @@ impl Hash for Key {
 }
 
 /// Builds the instruction list of a kernel.
-#[derive(Default)]
 pub struct Builder {
     pub insts: Vec<Inst>,
     pub spans: Vec<Option<Span>>,
     intern: HashMap<Key, ValueId>,
+    /// The level of the head `h`: `Head`, or `Row` when a tile's rows span
+    /// the heads of a GQA group ([`super::nest::RowMap::GqaGroup`]).
+    h_level: Level,
+}
+
+impl Default for Builder {
+    fn default() -> Builder {
+        Builder::for_rows(super::nest::RowMap::OneHead)
+    }
 }
 
 impl Builder {
+    /// An empty builder for a kernel whose tiles map rows as `rows` says.
+    pub fn for_rows(rows: super::nest::RowMap) -> Builder {
+        Builder {
+            insts: Vec::new(),
+            spans: Vec::new(),
+            intern: HashMap::new(),
+            h_level: match rows {
+                super::nest::RowMap::OneHead => Level::Head,
+                super::nest::RowMap::GqaGroup => Level::Row,
+            },
+        }
+    }
+
     pub fn inst(&self, v: ValueId) -> &Inst {
         &self.insts[v.0 as usize]
     }
@@ -117,7 +138,8 @@ impl Builder {
         }
         let Key(op, guard) = key.clone();
         let base = match &op {
-            Op::Var(crate::sema::Var::B) | Op::Var(crate::sema::Var::H) => Level::Head,
+            Op::Var(crate::sema::Var::B) => Level::Head,
+            Op::Var(crate::sema::Var::H) => self.h_level,
             Op::Var(crate::sema::Var::Q) => Level::Row,
             Op::Var(crate::sema::Var::Kv) => Level::Col,
             Op::TileScore => Level::Elem,
@@ -294,7 +316,7 @@ pub fn rewrite(
     k: &Kernel,
     mut rewrite: impl FnMut(&mut Builder, &Inst, Option<Span>) -> Option<ValueId>,
 ) -> Kernel {
-    let mut b = Builder::default();
+    let mut b = Builder::for_rows(k.nest.rows);
     let mut remap: Vec<ValueId> = Vec::with_capacity(k.insts.len());
     for (i, inst) in k.insts.iter().enumerate() {
         let mapped = Inst {

@@ -9,7 +9,7 @@
 use ndarray::{Array3, Array4};
 
 use super::ir::*;
-use super::nest::{Finish, KvSource, Step};
+use super::nest::{Finish, Grid, KvSource, RowMap, Step};
 use crate::bind::{Bound, Inputs, Outputs};
 use crate::buffer::BufferData;
 use crate::mask::BlockMaps;
@@ -317,157 +317,181 @@ pub fn run(
     let prescale = m.vals[k.q_prescale.0 as usize].f();
     let row_ids = m.ids_at(Level::Row);
     let col_ids = m.ids_at(Level::Col);
-    let q_tiles = sh.q.div_ceil(bq);
-    for b in 0..sh.b {
-        let kb = bound.kv_batch_index(b);
-        for h in 0..sh.h {
-            let kh = bound.kv_head(h);
-            let head = Here {
-                b: b as i64,
+    // The tasks of the grid: (b, first head, heads, first query row, rows);
+    // a tile's row i is (head, query row) `rows_of(i)`.
+    let group = sh.h / sh.hkv;
+    let tasks: Vec<(usize, usize, usize, usize, usize)> = match k.nest.grid {
+        Grid::QueryTiles { .. } => (0..sh.b)
+            .flat_map(|b| (0..sh.h).map(move |h| (b, h)))
+            .flat_map(|(b, h)| {
+                (0..sh.q.div_ceil(bq)).map(move |qt| (b, h, 1, qt * bq, bq.min(sh.q - qt * bq)))
+            })
+            .collect(),
+        Grid::KvHeads { rows } => {
+            assert!(
+                group * sh.q <= rows && sh.q <= bq,
+                "a GQA-grouped tile holds (H / HKV) x Q <= {rows} rows and one query tile"
+            );
+            (0..sh.b)
+                .flat_map(|b| (0..sh.hkv).map(move |kh| (b, kh * group, group, 0, group * sh.q)))
+                .collect()
+        }
+    };
+    for (b, h0, heads, row0, rows) in tasks {
+        let q_start = bound.q_start(b);
+        let kv_len = bound.kv_len(b);
+        let kh = bound.kv_head(h0);
+        // Row i of the tile: its head and query row.
+        let row_at = |i: usize| match k.nest.rows {
+            RowMap::OneHead => (h0, row0 + i),
+            RowMap::GqaGroup => (h0 + i / sh.q, i % sh.q),
+        };
+        let head = Here {
+            b: b as i64,
+            h: h0 as i64,
+            ..here0
+        };
+        m.run_where(Level::Head, not_full, &head)?;
+        let qt = row0 / bq;
+        let (full, partial) = maps.group_walk(b, h0..h0 + heads, qt);
+        let has_full = !full.is_empty();
+        if !has_full && partial.is_empty() {
+            continue; // no key visible: out stays 0, lse -inf
+        }
+        if has_full {
+            m.run_where(Level::Call, full_only, &head)?;
+            m.run_where(Level::Head, full_only, &head)?;
+        }
+        // The Q tile; the score is (q·k) × prescale, as the spec writes
+        // it and the compiled backends compute it (scaling q first
+        // would overflow differently).
+        let qs: Vec<Vec<f32>> = (0..rows)
+            .map(|i| {
+                let (h, r) = row_at(i);
+                (0..sh.d).map(|d| inputs.q[[b, h, r, d]]).collect()
+            })
+            .collect();
+        let row_here = |i: usize| {
+            let (h, r) = row_at(i);
+            Here {
                 h: h as i64,
-                ..here0
-            };
-            m.run_where(Level::Head, not_full, &head)?;
-            let map = maps.get(b, h);
-            for qt in 0..q_tiles {
-                let row0 = qt * bq;
-                let rows = bq.min(sh.q - row0);
-                let has_full = !map.full_ranges(qt).is_empty();
-                if !has_full && map.partial(qt).is_empty() {
-                    continue; // no key visible: out stays 0, lse -inf
+                q: r as i64 + q_start,
+                ..head
+            }
+        };
+        // Row-level values, computed once per row.
+        let mut row_vals = Vec::with_capacity(rows);
+        for i in 0..rows {
+            let here = row_here(i);
+            m.run_where(Level::Row, not_full, &here)?;
+            if has_full {
+                m.run_where(Level::Row, full_only, &here)?;
+            }
+            row_vals.push(row_ids.iter().map(|&v| m.vals[v]).collect::<Vec<_>>());
+        }
+        let mut mx = vec![f32::NEG_INFINITY; rows];
+        let mut l = vec![0f32; rows];
+        let mut acc = vec![vec![0f32; sh.d]; rows];
+        // The key walk and the steps of the kernel's loop nest.
+        let walk: Vec<(usize, Section)> = k
+            .nest
+            .sections()
+            .iter()
+            .flat_map(|&section| -> Vec<(usize, Section)> {
+                match section {
+                    Section::Full => full
+                        .iter()
+                        .flat_map(|r| r.clone())
+                        .map(|kt| (kt as usize, section))
+                        .collect(),
+                    _ => partial.iter().map(|&kt| (kt as usize, section)).collect(),
                 }
-                if has_full {
-                    m.run_where(Level::Call, full_only, &head)?;
-                    m.run_where(Level::Head, full_only, &head)?;
-                }
-                // The Q tile; the score is (q·k) × prescale, as the spec writes
-                // it and the compiled backends compute it (scaling q first
-                // would overflow differently).
-                let qs: Vec<Vec<f32>> = (0..rows)
-                    .map(|i| (0..sh.d).map(|d| inputs.q[[b, h, row0 + i, d]]).collect())
-                    .collect();
-                // Row-level values, computed once per row.
-                let mut row_vals = Vec::with_capacity(rows);
-                for i in 0..rows {
-                    let here = Here {
-                        q: (row0 + i) as i64 + bound.q_offset,
-                        ..head
-                    };
-                    m.run_where(Level::Row, not_full, &here)?;
-                    if has_full {
-                        m.run_where(Level::Row, full_only, &here)?;
-                    }
-                    row_vals.push(row_ids.iter().map(|&v| m.vals[v]).collect::<Vec<_>>());
-                }
-                let mut mx = vec![f32::NEG_INFINITY; rows];
-                let mut l = vec![0f32; rows];
-                let mut acc = vec![vec![0f32; sh.d]; rows];
-                // The key walk and the steps of the kernel's loop nest.
-                let walk: Vec<(usize, Section)> = k
-                    .nest
-                    .sections()
-                    .iter()
-                    .flat_map(|&section| -> Vec<(usize, Section)> {
-                        match section {
-                            Section::Full => map
-                                .full_ranges(qt)
-                                .iter()
-                                .flat_map(|r| r.clone())
-                                .map(|kt| (kt as usize, section))
-                                .collect(),
-                            _ => map
-                                .partial(qt)
-                                .iter()
-                                .map(|&kt| (kt as usize, section))
-                                .collect(),
-                        }
-                    })
-                    .collect();
-                let KvSource::Dense = k.nest.kv;
-                for (kt, section) in walk {
-                    let col0 = kt * bkv;
-                    let cols = bkv.min(sh.kv - col0);
-                    let mut col_vals = Vec::with_capacity(cols);
-                    let mut s = vec![vec![f32::NEG_INFINITY; cols]; rows];
-                    for step in &k.nest.steps {
-                        match step {
-                            Step::Qk => {
-                                for (i, row) in s.iter_mut().enumerate() {
-                                    for (j, x) in row.iter_mut().enumerate() {
-                                        let mut dot = 0f32;
-                                        for d in 0..sh.d {
-                                            dot += qs[i][d] * inputs.k[[kb, kh, col0 + j, d]];
-                                        }
-                                        *x = dot * prescale;
-                                    }
+            })
+            .collect();
+        // Both sources read the caller's rows here; they differ in how the
+        // compiled backends reach them (packed per call, or in place).
+        let (KvSource::Packed | KvSource::InPlace) = k.nest.kv;
+        let kv_at = |j: usize, d: usize| bound.kv_index(b, kh, j, d);
+        for (kt, section) in walk {
+            let col0 = kt * bkv;
+            let cols = bkv.min(kv_len - col0);
+            let kv0 = col0 as i64 + bound.kv_offset;
+            let mut col_vals = Vec::with_capacity(cols);
+            let mut s = vec![vec![f32::NEG_INFINITY; cols]; rows];
+            for step in &k.nest.steps {
+                match step {
+                    Step::Qk => {
+                        for (i, row) in s.iter_mut().enumerate() {
+                            for (j, x) in row.iter_mut().enumerate() {
+                                let mut dot = 0f32;
+                                for d in 0..sh.d {
+                                    dot += qs[i][d] * inputs.k[kv_at(col0 + j, d)];
                                 }
+                                *x = dot * prescale;
                             }
-                            Step::Cols => {
-                                for j in 0..cols {
-                                    let here = Here {
-                                        kv: (col0 + j) as i64,
-                                        ..head
-                                    };
-                                    m.run_level(Level::Col, section, &here)?;
-                                    col_vals.push(
-                                        col_ids.iter().map(|&v| m.vals[v]).collect::<Vec<_>>(),
-                                    );
-                                }
-                            }
-                            Step::Scores => {
-                                for (i, row) in s.iter_mut().enumerate() {
-                                    for (&v, val) in row_ids.iter().zip(&row_vals[i]) {
-                                        m.vals[v] = *val;
-                                    }
-                                    for (j, x) in row.iter_mut().enumerate() {
-                                        for (&v, val) in col_ids.iter().zip(&col_vals[j]) {
-                                            m.vals[v] = *val;
-                                        }
-                                        let here = Here {
-                                            q: (row0 + i) as i64 + bound.q_offset,
-                                            kv: (col0 + j) as i64,
-                                            tile_score: *x,
-                                            ..head
-                                        };
-                                        m.run_level(Level::Elem, section, &here)?;
-                                        *x = match section {
-                                            Section::Partial => {
-                                                let visible = k
-                                                    .mask
-                                                    .is_none_or(|mv| m.vals[mv.0 as usize].b());
-                                                if visible {
-                                                    m.vals[k.score_partial.0 as usize].f()
-                                                } else {
-                                                    f32::NEG_INFINITY
-                                                }
-                                            }
-                                            _ => m.vals[k.score_full.0 as usize].f(),
-                                        };
-                                    }
-                                }
-                            }
-                            Step::OnlineSoftmax => {
-                                online_softmax(&mut s, &mut mx, &mut l, &mut acc, k.schedule.exp2)
-                            }
-                            Step::Pv => pv(&s, &mut acc, |j, d| inputs.v[[kb, kh, col0 + j, d]]),
                         }
                     }
-                }
-                let Finish::Normalize = k.nest.finish;
-                for i in 0..rows {
-                    if l[i] == 0.0 && mx[i] == f32::NEG_INFINITY {
-                        continue; // no key visible: out stays 0, lse -inf
+                    Step::Cols => {
+                        for j in 0..cols {
+                            let here = Here {
+                                kv: kv0 + j as i64,
+                                ..head
+                            };
+                            m.run_level(Level::Col, section, &here)?;
+                            col_vals.push(col_ids.iter().map(|&v| m.vals[v]).collect::<Vec<_>>());
+                        }
                     }
-                    for d in 0..sh.d {
-                        out[[b, h, row0 + i, d]] = acc[i][d] / l[i];
+                    Step::Scores => {
+                        for (i, row) in s.iter_mut().enumerate() {
+                            for (&v, val) in row_ids.iter().zip(&row_vals[i]) {
+                                m.vals[v] = *val;
+                            }
+                            for (j, x) in row.iter_mut().enumerate() {
+                                for (&v, val) in col_ids.iter().zip(&col_vals[j]) {
+                                    m.vals[v] = *val;
+                                }
+                                let here = Here {
+                                    kv: kv0 + j as i64,
+                                    tile_score: *x,
+                                    ..row_here(i)
+                                };
+                                m.run_level(Level::Elem, section, &here)?;
+                                *x = match section {
+                                    Section::Partial => {
+                                        let visible =
+                                            k.mask.is_none_or(|mv| m.vals[mv.0 as usize].b());
+                                        if visible {
+                                            m.vals[k.score_partial.0 as usize].f()
+                                        } else {
+                                            f32::NEG_INFINITY
+                                        }
+                                    }
+                                    _ => m.vals[k.score_full.0 as usize].f(),
+                                };
+                            }
+                        }
                     }
-                    lse[[b, h, row0 + i]] = if k.schedule.exp2 {
-                        (mx[i] + l[i].log2()) * std::f32::consts::LN_2
-                    } else {
-                        mx[i] + l[i].ln()
-                    };
+                    Step::OnlineSoftmax => {
+                        online_softmax(&mut s, &mut mx, &mut l, &mut acc, k.schedule.exp2)
+                    }
+                    Step::Pv => pv(&s, &mut acc, |j, d| inputs.v[kv_at(col0 + j, d)]),
                 }
             }
+        }
+        let Finish::Normalize = k.nest.finish;
+        for i in 0..rows {
+            if l[i] == 0.0 && mx[i] == f32::NEG_INFINITY {
+                continue; // no key visible: out stays 0, lse -inf
+            }
+            let (h, r) = row_at(i);
+            for d in 0..sh.d {
+                out[[b, h, r, d]] = acc[i][d] / l[i];
+            }
+            lse[[b, h, r]] = if k.schedule.exp2 {
+                (mx[i] + l[i].log2()) * std::f32::consts::LN_2
+            } else {
+                mx[i] + l[i].ln()
+            };
         }
     }
     Ok(Outputs {

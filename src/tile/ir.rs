@@ -53,6 +53,10 @@ pub struct Schedule {
     pub dim: Option<usize>,
     /// Use base-2 exponentials (log2(e) folded into the query prescale).
     pub exp2: bool,
+    /// How a tile's rows map to heads and queries (one head, or a GQA group).
+    pub rows: super::nest::RowMap,
+    /// Where K and V are read from.
+    pub kv: super::nest::KvSource,
 }
 
 impl Default for Schedule {
@@ -62,6 +66,8 @@ impl Default for Schedule {
             bkv: 64,
             dim: Some(64),
             exp2: true,
+            rows: Default::default(),
+            kv: Default::default(),
         }
     }
 }

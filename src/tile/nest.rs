@@ -12,8 +12,15 @@
 //! nest`, and each backend that cannot yet lower it fails to compile on the
 //! non-exhaustive match rather than computing something else.
 //!
-//! Today every kernel has the FlashAttention-2 forward nest
-//! ([`LoopNest::forward`]).
+//! Every kernel has a FlashAttention-2 forward nest ([`LoopNest::forward`]),
+//! in one of two shapes the schedule picks:
+//! - prefill: one task per (b, h, query tile), K and V packed per call
+//!   ([`KvSource::Packed`]);
+//! - decode: one task per (b, KV head, chunk of the key walk), whose tile
+//!   holds the `H / HKV` query heads that share the KV head times the `Q`
+//!   query rows ([`RowMap::GqaGroup`]), so each K/V row is read once per KV
+//!   head; K and V are read in place ([`KvSource::InPlace`]: dense rows or a
+//!   paged pool), and the chunks' partial states are merged.
 
 use std::fmt;
 
@@ -44,22 +51,41 @@ pub struct LoopNest {
 pub enum Grid {
     /// `(b, h, qt)` for every batch, query head and query tile of `bq` rows.
     QueryTiles { bq: usize },
+    /// `(b, kh, chunk)` for every batch, KV head and chunk of the key walk:
+    /// a tile of at most `rows` rows holds every query row of the KV head's
+    /// GQA group. The runtime splits the walk into chunks when `B x HKV`
+    /// tasks would leave threads idle (flash-decoding) and merges their
+    /// partial `(m, l, acc)` before the finish.
+    KvHeads { rows: usize },
 }
 
 /// How a tile's rows map to (batch, head, query position).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum RowMap {
     /// All rows of a tile belong to the task's head: row `i` is the query at
-    /// absolute position `qt * bq + i + q_offset`.
+    /// absolute position `q_start(b) + qt * bq + i`.
+    #[default]
     OneHead,
+    /// The rows of a tile are the `G = H / HKV` query heads of KV head `kh`
+    /// times the `Q` query rows: row `i` is head `kh * G + i / Q`, query row
+    /// `i % Q`, at position `q_start(b) + i % Q`. The head `h` is then a
+    /// row-level value.
+    GqaGroup,
 }
 
 /// Where K and V come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum KvSource {
-    /// Dense f32 tensors `[B|1, HKV, KV, D]`; query head `h` reads KV head
-    /// `h / (H / HKV)`; batch 1 is shared by every query batch.
-    Dense,
+    /// Dense f32 tensors `[B|1, HKV, KV, D]`, packed per call and KV head
+    /// (K in panels of 16 keys); query head `h` reads KV head `h / (H /
+    /// HKV)`; batch 1 is shared by every query batch.
+    #[default]
+    Packed,
+    /// Read in place from the caller's memory through a K/V view: the rows
+    /// of sequence `b`, KV head `kh` are dense (`[B, HKV, KV, D]`) or in the
+    /// pages of a pool (`[pages, page_size, HKV, D]`, page `table[b, j /
+    /// page_size]`, slot `j % page_size`). Only keys `< kv_len(b)` are read.
+    InPlace,
 }
 
 /// The key tiles a task visits.
@@ -108,13 +134,18 @@ pub enum Output {
 
 impl LoopNest {
     /// The FlashAttention-2 forward nest under `schedule`: one task per
-    /// (batch, head, query tile), dense K/V, FULL then PARTIAL tiles of the
-    /// block map, `qk, cols, scores, online softmax, pv` per tile.
+    /// (batch, head, query tile), or per (batch, KV head, key chunk) for a
+    /// GQA-grouped schedule; K/V from the schedule's source; FULL then
+    /// PARTIAL tiles of the block map, `qk, cols, scores, online softmax, pv`
+    /// per tile.
     pub fn forward(schedule: &Schedule) -> LoopNest {
         LoopNest {
-            grid: Grid::QueryTiles { bq: schedule.bq },
-            rows: RowMap::OneHead,
-            kv: KvSource::Dense,
+            grid: match schedule.rows {
+                RowMap::OneHead => Grid::QueryTiles { bq: schedule.bq },
+                RowMap::GqaGroup => Grid::KvHeads { rows: schedule.bq },
+            },
+            rows: schedule.rows,
+            kv: schedule.kv,
             walk: KeyWalk::BlockMap {
                 bkv: schedule.bkv,
                 sections: vec![Section::Full, Section::Partial],
@@ -156,20 +187,35 @@ impl fmt::Display for LoopNest {
                 f,
                 "grid query_tiles: b in 0..B, h in 0..H, qt in 0..ceil(Q / {bq}) parallel"
             )?,
-        }
-        let bq = match self.grid {
-            Grid::QueryTiles { bq } => bq,
-        };
-        match self.rows {
-            RowMap::OneHead => writeln!(
+            Grid::KvHeads { rows } => writeln!(
                 f,
-                "rows one_head: row i of (b, h, qt) is query q = qt * {bq} + i + q_offset of head h"
+                "grid kv_heads: b in 0..B, kh in 0..HKV, chunk in 0..splits parallel; \
+                 (H / HKV) * Q <= {rows} rows per tile; chunks' (m, l, acc) merged"
             )?,
         }
-        match self.kv {
-            KvSource::Dense => writeln!(
+        match (self.rows, self.grid) {
+            (RowMap::OneHead, Grid::QueryTiles { bq }) => writeln!(
                 f,
-                "kv dense: k, v f32[B|1, HKV, KV, D]; head h reads kv head h / (H / HKV)"
+                "rows one_head: row i of (b, h, qt) is query q = q_start(b) + qt * {bq} + i of head h"
+            )?,
+            (RowMap::GqaGroup, _) => writeln!(
+                f,
+                "rows gqa_group: row i of (b, kh, chunk) is head h = kh * (H / HKV) + i / Q, \
+                 query q = q_start(b) + i % Q"
+            )?,
+            (RowMap::OneHead, Grid::KvHeads { .. }) => {
+                unreachable!("a one-head row map has query tiles")
+            }
+        }
+        match self.kv {
+            KvSource::Packed => writeln!(
+                f,
+                "kv packed: k, v f32[B|1, HKV, KV, D] packed per call; head h reads kv head h / (H / HKV)"
+            )?,
+            KvSource::InPlace => writeln!(
+                f,
+                "kv in_place: rows j < kv_len(b) of kv head kh read where they are: \
+                 dense [B, HKV, KV, D] or pages [P, page_size, HKV, D] at table[b, j / page_size]"
             )?,
         }
         match &self.walk {
@@ -221,6 +267,20 @@ impl fmt::Display for LoopNest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_decode_nest_groups_the_heads_of_a_kv_head() {
+        let schedule = Schedule {
+            rows: RowMap::GqaGroup,
+            kv: KvSource::InPlace,
+            ..Schedule::default()
+        };
+        let nest = LoopNest::forward(&schedule);
+        assert_eq!(nest.grid, Grid::KvHeads { rows: 64 });
+        let text = nest.to_string();
+        assert!(text.contains("head h = kh * (H / HKV) + i / Q"), "{text}");
+        assert!(text.contains("kv in_place"), "{text}");
+    }
 
     #[test]
     fn the_forward_nest_walks_full_then_partial_tiles() {

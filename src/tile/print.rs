@@ -157,25 +157,48 @@ impl fmt::Display for Kernel {
             }
         }
         use super::nest::{Finish, Grid, KvSource, RowMap, Step};
-        let Grid::QueryTiles { bq } = self.nest.grid;
         let bkv = s.bkv;
-        writeln!(
-            f,
-            "  grid b in 0..B, h in 0..H, qt in 0..ceil(Q / {bq}) parallel:"
-        )?;
-        writeln!(f, "    head:")?;
-        self.write_level(f, "      ", Level::Head, None)?;
-        writeln!(f, "    q_tile = load_q b, h, qt")?;
+        match self.nest.grid {
+            Grid::QueryTiles { bq } => {
+                writeln!(
+                    f,
+                    "  grid b in 0..B, h in 0..H, qt in 0..ceil(Q / {bq}) parallel:"
+                )?;
+                writeln!(f, "    head:")?;
+                self.write_level(f, "      ", Level::Head, None)?;
+                writeln!(f, "    q_tile = load_q b, h, qt")?;
+            }
+            Grid::KvHeads { rows } => {
+                writeln!(
+                    f,
+                    "  grid b in 0..B, kh in 0..HKV, chunk in 0..splits parallel:"
+                )?;
+                writeln!(f, "    head:")?;
+                self.write_level(f, "      ", Level::Head, None)?;
+                writeln!(
+                    f,
+                    "    q_tile = load_q b, heads kh * (H / HKV) .., all Q rows   ; <= {rows} rows"
+                )?;
+            }
+        }
         writeln!(f, "    m = -inf, l = 0, acc = 0")?;
-        match self.nest.rows {
-            RowMap::OneHead => writeln!(
+        match (self.nest.rows, self.nest.grid) {
+            (RowMap::OneHead, Grid::QueryTiles { bq }) => writeln!(
                 f,
-                "    row i (q = qt * {bq} + i + q_offset, i < min({bq}, Q - qt * {bq})):"
+                "    row i (q = q_start(b) + qt * {bq} + i, i < min({bq}, Q - qt * {bq})):"
             )?,
+            (RowMap::GqaGroup, _) => writeln!(
+                f,
+                "    row i (h = kh * (H / HKV) + i / Q, q = q_start(b) + i % Q, i < (H / HKV) * Q):"
+            )?,
+            (RowMap::OneHead, Grid::KvHeads { .. }) => {
+                unreachable!("one-head rows have query tiles")
+            }
         }
         self.write_level(f, "      ", Level::Row, None)?;
         let kv = match self.nest.kv {
-            KvSource::Dense => "[b, h / (H / HKV), kt]",
+            KvSource::Packed => "[b, h / (H / HKV), kt] (packed)",
+            KvSource::InPlace => "[b, kh, kt] (in place)",
         };
         let exp = if s.exp2 { "exp2" } else { "exp" };
         for &section in self.nest.sections() {
@@ -187,7 +210,7 @@ impl fmt::Display for Kernel {
                         if self.has_level(Level::Col, section) {
                             writeln!(
                                 f,
-                                "      col j (kv = kt * {bkv} + j, j < min({bkv}, KV - kt * {bkv})):"
+                                "      col j (kv = kv_offset + kt * {bkv} + j, j < min({bkv}, kv_len(b) - kt * {bkv})):"
                             )?;
                             self.write_level(f, "        ", Level::Col, Some(section))?;
                         }

@@ -70,7 +70,7 @@ pub fn emulate_with(
     for (name, data) in PARAMS.iter().zip(pointers) {
         params.insert(format!("p_{name}"), mem.alloc(data));
     }
-    for (name, v) in PARAMS[10..20].iter().zip(scalars.u32s) {
+    for (name, v) in PARAMS[10..21].iter().zip(scalars.u32s) {
         params.insert(format!("p_{name}"), u64::from(v));
     }
     params.insert("p_q_offset".into(), scalars.q_offset as u64);

@@ -24,9 +24,11 @@
 //! buffers from the seed, and [`GenCase::inputs`] turns them into
 //! [`attnc::Inputs`].
 //!
-//! Buffer reads indexed by `q` are guarded by `q < KV &&` most of the time;
-//! the unguarded ones fall out of range whenever Q + offset > KV, and then
-//! both the evaluator here and attnc must report the same read.
+//! Buffer reads on the query side index the next position, `q + 1`, and are
+//! guarded by `q + 1 < KV &&` most of the time; the unguarded ones fall out of
+//! range at the call's last position (`KV` is the end of the call's
+//! positions), and then both the evaluator here and attnc must report the
+//! same read.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -370,7 +372,7 @@ impl Render {
     }
 
     fn atom(&mut self, a: &MaskAtom) -> String {
-        let guard = |g: bool| if g { "q < KV && " } else { "" };
+        let guard = |g: bool| if g { "q + 1 < KV && " } else { "" };
         match a {
             MaskAtom::Const(c) => c.to_string(),
             MaskAtom::Causal => "causal".to_string(),
@@ -393,7 +395,7 @@ impl Render {
                     Elem::Int,
                     Fill::DocIds,
                 );
-                format!("{}{doc}[q] == {doc}[kv]", guard(*guarded))
+                format!("{}{doc}[q + 1] == {doc}[kv]", guard(*guarded))
             }
             MaskAtom::Global { guarded } => {
                 let g = self.buffer(
@@ -402,7 +404,7 @@ impl Render {
                     Elem::Bool,
                     Fill::Bernoulli(0.2),
                 );
-                format!("{g}[kv] || ({}{g}[q])", guard(*guarded))
+                format!("{g}[kv] || ({}{g}[q + 1])", guard(*guarded))
             }
             MaskAtom::Block { bq, bk, guarded } => {
                 let name = format!("layout_{bq}_{bk}");
@@ -411,7 +413,7 @@ impl Render {
                     GenDim::CeilDiv(Shape::Kv, *bk as usize),
                 ];
                 let l = self.buffer(&name, dims, Elem::Bool, Fill::Bernoulli(0.5));
-                format!("{}{l}[q / {bq}, kv / {bk}]", guard(*guarded))
+                format!("{}{l}[(q + 1) / {bq}, kv / {bk}]", guard(*guarded))
             }
             MaskAtom::Ancestor { guarded } => {
                 let p = self.buffer(
@@ -420,7 +422,7 @@ impl Render {
                     Elem::Int,
                     Fill::Tree,
                 );
-                format!("{}ancestor({p}, q, kv)", guard(*guarded))
+                format!("{}ancestor({p}, q + 1, kv)", guard(*guarded))
             }
             MaskAtom::Flag { value, default } => {
                 self.param("bool", default.to_string(), value.to_string())
@@ -629,13 +631,19 @@ pub struct GenShapes {
 }
 
 impl GenShapes {
+    /// `KV` as the spec sees it: the end of the call's positions, keys or
+    /// queries (`max(kv, q_offset + Q)`).
+    pub fn kv_end(&self) -> usize {
+        self.kv.max(self.q_offset as usize + self.q)
+    }
+
     pub fn get(&self, s: Shape) -> usize {
         match s {
             Shape::B => self.b,
             Shape::H => self.h,
             Shape::Hkv => self.hkv,
             Shape::Q => self.q,
-            Shape::Kv => self.kv,
+            Shape::Kv => self.kv_end(),
             Shape::D => self.d,
         }
     }
@@ -896,8 +904,10 @@ impl Env<'_> {
 impl MaskAtom {
     pub fn eval(&self, env: &Env<'_>, at: At) -> Result<bool, EvalFailure> {
         let (q, kv) = (at.q, at.kv);
-        let n_kv = env.shapes.kv as i64;
-        let guard = |g: bool| !g || q < n_kv;
+        let n_kv = env.shapes.kv_end() as i64;
+        // Query-side reads index the next position.
+        let qn = q + 1;
+        let guard = |g: bool| !g || qn < n_kv;
         Ok(match self {
             MaskAtom::Const(c) => *c,
             MaskAtom::Causal => q >= kv,
@@ -911,22 +921,22 @@ impl MaskAtom {
             MaskAtom::HeadStride => floor_mod(kv, at.h + 1) == 0,
             MaskAtom::BatchTail => kv + at.b < n_kv,
             MaskAtom::Doc { guarded } => {
-                guard(*guarded) && env.int("doc", &[q], at)? == env.int("doc", &[kv], at)?
+                guard(*guarded) && env.int("doc", &[qn], at)? == env.int("doc", &[kv], at)?
             }
             MaskAtom::Global { guarded } => {
                 env.bool("global", &[kv], at)?
-                    || (guard(*guarded) && env.bool("global", &[q], at)?)
+                    || (guard(*guarded) && env.bool("global", &[qn], at)?)
             }
             MaskAtom::Block { bq, bk, guarded } => {
                 guard(*guarded)
                     && env.bool(
                         &format!("layout_{bq}_{bk}"),
-                        &[floor_div(q, *bq), floor_div(kv, *bk)],
+                        &[floor_div(qn, *bq), floor_div(kv, *bk)],
                         at,
                     )?
             }
             MaskAtom::Ancestor { guarded } => {
-                guard(*guarded) && env.ancestor("parent", q, kv, at)?
+                guard(*guarded) && env.ancestor("parent", qn, kv, at)?
             }
             MaskAtom::Flag { value, .. } => *value,
         })

@@ -41,6 +41,10 @@ pub const ANCESTOR_SYMBOL: &str = "attnc_ancestor";
 /// non-finite value.
 pub const PV_EXACT_SYMBOL: &str = "attnc_pv_exact";
 
+/// The symbols of the in-place tile products (`runtime::gemm::view`).
+pub const QK_VIEW_SYMBOL: &str = "attnc_qk_view";
+pub const PV_VIEW_SYMBOL: &str = "attnc_pv_view";
+
 /// `ancestor(parent, i, j)` over a buffer descriptor. Returns 0 or 1, or
 /// `-code::OUT_OF_RANGE` (with the index in `*bad`) or `-code::CYCLE`.
 ///
@@ -124,12 +128,22 @@ pub fn compile(
         .map_err(|e| CodegenError::Isa(e.to_string()))?;
     symbols.push((ANCESTOR_SYMBOL, ancestor_helper as *const u8));
     symbols.push((PV_EXACT_SYMBOL, crate::runtime::gemm::pv_exact as *const u8));
+    let view_isa = match gemm {
+        GemmImpl::Native(isa) => isa,
+        GemmImpl::Jit => crate::runtime::gemm::NativeIsa::detect(),
+    };
+    let (qk_view, pv_view) = crate::runtime::gemm::view::view_kernels(view_isa);
+    symbols.push((QK_VIEW_SYMBOL, qk_view as *const u8));
+    symbols.push((PV_VIEW_SYMBOL, pv_view as *const u8));
     let mut jit = JitModule::new(options, &symbols)?;
     let tiles = gemm.declare_in(&mut jit)?;
     let p = jit.pointer_type();
     let anc_sig = jit.signature(&[p, types::I64, types::I64, p], &[types::I64]);
     let ancestor = jit.declare_import(ANCESTOR_SYMBOL, &anc_sig)?;
     let pv_exact = jit.declare_import(PV_EXACT_SYMBOL, &super::microkernel::pv_signature(&jit))?;
+    let qk_view_sig = jit.signature(&[p, p, p, p, p, p, p, p, p, types::F32], &[]);
+    let qk_view = jit.declare_import(QK_VIEW_SYMBOL, &qk_view_sig)?;
+    let pv_view = jit.declare_import(PV_VIEW_SYMBOL, &super::microkernel::pv_signature(&jit))?;
     let sig = jit.signature(&[p], &[types::I64]);
     let name = format!("attnc_task_{}", kernel.name);
     let id = jit.declare_function(&name, &sig)?;
@@ -178,10 +192,14 @@ pub fn compile(
             let sm = refs.func_ref(b, tiles.softmax_update);
             let anc = refs.func_ref(b, ancestor);
             let pv_exact = refs.func_ref(b, pv_exact);
+            let qk_view = refs.func_ref(b, qk_view);
+            let pv_view = refs.func_ref(b, pv_view);
             let funcs = Funcs {
                 qk,
                 pv,
                 pv_exact,
+                qk_view,
+                pv_view,
                 softmax: sm,
                 ancestor: anc,
                 _tiles: tiles,
@@ -220,6 +238,8 @@ struct Funcs {
     qk: cranelift_codegen::ir::FuncRef,
     pv: cranelift_codegen::ir::FuncRef,
     pv_exact: cranelift_codegen::ir::FuncRef,
+    qk_view: cranelift_codegen::ir::FuncRef,
+    pv_view: cranelift_codegen::ir::FuncRef,
     softmax: cranelift_codegen::ir::FuncRef,
     ancestor: cranelift_codegen::ir::FuncRef,
     _tiles: TileFuncs,
@@ -303,10 +323,11 @@ impl Emitter<'_> {
     fn body(&mut self, b: &mut FunctionBuilder<'_>) {
         self.task = Some(begin_function(b)[0]);
         let k = self.k;
-        // The loop nest this body lowers: one task per (b, h, query tile), the
-        // tile's rows in the task's head (the runtime's task block says which).
-        let crate::tile::nest::Grid::QueryTiles { .. } = k.nest.grid;
-        let crate::tile::nest::RowMap::OneHead = k.nest.rows;
+        // The loop nest this body lowers: one task per (b, h, query tile), or
+        // per (b, KV head, key chunk) for a GQA group (the runtime's task block
+        // says which); the grid itself is the runtime's.
+        let (crate::tile::nest::Grid::QueryTiles { .. } | crate::tile::nest::Grid::KvHeads { .. }) =
+            k.nest.grid;
         let bq = k.schedule.bq as i64;
         let bkv = k.schedule.bkv as i64;
         let bv = self.task_field(b, offset::B);
@@ -410,11 +431,7 @@ impl Emitter<'_> {
         }
         let zero = b.ins().iconst(types::I64, 0);
         emit_range(b, zero, rows, |b, i| {
-            let q = b.ins().iadd(q_start, i);
-            let h2 = Here {
-                q: Some(q),
-                ..*here
-            };
+            let h2 = self.row_here(b, q_start, i, here);
             if reload_others {
                 // Values of the first row pass that these depend on.
                 self.load_slots_where(b, Level::Row, |s| !pick(s), rowvals, bq, i);
@@ -422,6 +439,30 @@ impl Emitter<'_> {
             self.level_where(b, Level::Row, pick, &h2);
             self.store_slots_where(b, Level::Row, pick, rowvals, bq, i);
         });
+    }
+
+    /// Where row `i` of the tile is: its query position and head, as the
+    /// loop nest's row map says (`q_start + i` of the task's head, or head
+    /// `h + i / Q`, query `q_start + i % Q` in a GQA group).
+    fn row_here(&self, b: &mut FunctionBuilder<'_>, q_start: Value, i: Value, here: &Here) -> Here {
+        use crate::tile::nest::RowMap;
+        match self.k.nest.rows {
+            RowMap::OneHead => Here {
+                q: Some(b.ins().iadd(q_start, i)),
+                ..*here
+            },
+            RowMap::GqaGroup => {
+                let shapes = self.task_field(b, offset::SHAPES);
+                let qn = b.ins().load(types::I64, flags(), shapes, 3 * 8);
+                let head = b.ins().udiv(i, qn);
+                let row = b.ins().urem(i, qn);
+                Here {
+                    q: Some(b.ins().iadd(q_start, row)),
+                    h: here.h.map(|h| b.ins().iadd(h, head)),
+                    ..*here
+                }
+            }
+        }
     }
 
     fn store_slots(
@@ -525,6 +566,9 @@ impl Emitter<'_> {
         let k = self.k;
         let p = self.ptr;
         let col0 = b.ins().imul_imm_s(kt, tc.bkv);
+        // Absolute position of the tile's first key.
+        let kv_start = self.task_field(b, offset::KV_START);
+        let kv0 = b.ins().iadd(col0, kv_start);
         let kv_len = self.task_field(b, offset::KV_LEN);
         let left = b.ins().isub(kv_len, col0);
         let bkv_v = b.ins().iconst(types::I64, tc.bkv);
@@ -542,15 +586,24 @@ impl Emitter<'_> {
         let m = self.task_field(b, offset::M);
         let l = self.task_field(b, offset::L);
         let acc = self.task_field(b, offset::ACC);
-        let crate::tile::nest::KvSource::Dense = k.nest.kv;
+        use crate::tile::nest::KvSource;
         for step in &k.nest.steps {
             match step {
-                Step::Qk => {
-                    b.ins().call(
-                        self.funcs.qk,
-                        &[q, d, kaddr, d, tc.rows, cols, s, s_stride, tc.prescale],
-                    );
-                }
+                Step::Qk => match k.nest.kv {
+                    KvSource::Packed => {
+                        b.ins().call(
+                            self.funcs.qk,
+                            &[q, d, kaddr, d, tc.rows, cols, s, s_stride, tc.prescale],
+                        );
+                    }
+                    KvSource::InPlace => {
+                        let view = self.task_field(b, offset::KV_VIEW);
+                        b.ins().call(
+                            self.funcs.qk_view,
+                            &[q, d, view, col0, d, tc.rows, cols, s, s_stride, tc.prescale],
+                        );
+                    }
+                },
                 Step::Cols => {
                     // Column-level values.
                     let has_cols = k
@@ -560,7 +613,7 @@ impl Emitter<'_> {
                     if has_cols {
                         let zero = b.ins().iconst(types::I64, 0);
                         emit_range(b, zero, cols, |b, j| {
-                            let kv = b.ins().iadd(col0, j);
+                            let kv = b.ins().iadd(kv0, j);
                             let h2 = Here {
                                 kv: Some(kv),
                                 ..*here
@@ -582,7 +635,7 @@ impl Emitter<'_> {
                     if needs_elem {
                         let zero = b.ins().iconst(types::I64, 0);
                         emit_range(b, zero, tc.rows, |b, i| {
-                            let q = b.ins().iadd(tc.q_start, i);
+                            let row = self.row_here(b, tc.q_start, i, here);
                             self.load_slots(b, Level::Row, section, tc.rowvals, tc.bq, i);
                             self.splat_uniforms(b, section, score);
                             let row_off = b.ins().imul_imm_s(i, tc.bkv * 4);
@@ -597,11 +650,10 @@ impl Emitter<'_> {
                                 },
                                 |b, w| {
                                     let j = w[0];
-                                    let kv = b.ins().iadd(col0, j);
+                                    let kv = b.ins().iadd(kv0, j);
                                     let h2 = Here {
-                                        q: Some(q),
                                         kv: Some(kv),
-                                        ..*here
+                                        ..row
                                     };
                                     self.elem_vector(
                                         b, section, score, &h2, tc.colvals, tc.bkv, j, srow,
@@ -610,16 +662,15 @@ impl Emitter<'_> {
                                 },
                             );
                             emit_range(b, after_vec[0], cols, |b, j| {
-                                let kv = b.ins().iadd(col0, j);
+                                let kv = b.ins().iadd(kv0, j);
                                 self.load_slots(b, Level::Col, section, tc.colvals, tc.bkv, j);
                                 let off = b.ins().imul_imm_s(j, 4);
                                 let addr = b.ins().iadd(srow, off);
                                 let ts = b.ins().load(types::F32, flags(), addr, 0);
                                 let h2 = Here {
-                                    q: Some(q),
                                     kv: Some(kv),
                                     tile_score: Some(ts),
-                                    ..*here
+                                    ..row
                                 };
                                 self.level(b, Level::Elem, section, &h2);
                                 let mut out = self.vals[score.0 as usize].unwrap();
@@ -641,6 +692,14 @@ impl Emitter<'_> {
                     b.ins().call(
                         self.funcs.softmax,
                         &[s, s_stride, tc.rows, cols, m, l, acc, d, d, base2],
+                    );
+                }
+                Step::Pv if k.nest.kv == KvSource::InPlace => {
+                    // Skips keys of probability 0 itself: no flags needed.
+                    let view = self.task_field(b, offset::KV_VIEW);
+                    b.ins().call(
+                        self.funcs.pv_view,
+                        &[s, s_stride, view, col0, d, tc.rows, cols, acc, d],
                     );
                 }
                 Step::Pv => {

@@ -192,7 +192,7 @@ pub fn device_maps(maps: &BlockMaps, heads: usize) -> DeviceMaps {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Scalars {
     /// `B, H, HKV, Q, KV, D, group, kv_batch_stride, map_stride_b, map_stride_h`.
-    pub u32s: [u32; 10],
+    pub u32s: [u32; 11],
     pub q_offset: i64,
 }
 
@@ -230,6 +230,7 @@ pub fn scalars(bound: &Bound, maps: &DeviceMaps) -> Result<Scalars, TooLarge> {
             u32::from(bound.kv_batch != 1),
             maps.stride_b,
             maps.stride_h,
+            limit("the key rows", bound.kv_rows, big)?,
         ],
         q_offset: bound.q_offset,
     })
@@ -426,7 +427,7 @@ mod tests {
         }
         assert!(!dm.partial.is_empty() && !dm.full.is_empty());
         let s = scalars(&bound, &dm).unwrap();
-        assert_eq!(s.u32s, [1, 2, 2, 100, 100, 8, 1, 0, 0, 0]);
+        assert_eq!(s.u32s, [1, 2, 2, 100, 100, 8, 1, 0, 0, 0, 100]);
     }
 
     #[test]

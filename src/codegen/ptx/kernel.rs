@@ -128,6 +128,8 @@ pub(super) struct Gen<'a> {
     /// The error block (global u64 address).
     pub err: Reg,
     pub zero64: Reg,
+    /// Key rows of K and V per head (s64).
+    pub kv_rows64: Reg,
     /// Per buffer: its global address and its dims (s64).
     pub bufs: Vec<(Reg, Vec<Reg>)>,
     /// s64 shapes, indexed by `ShapeVar as usize`.
@@ -175,9 +177,10 @@ pub(super) fn generate(k: &Kernel, launch: &Launch, entry: &str) -> String {
     // CTA, dense K/V, FULL then PARTIAL tiles, the forward steps, normalize.
     {
         use crate::tile::nest::*;
-        let Grid::QueryTiles { .. } = k.nest.grid;
-        let RowMap::OneHead = k.nest.rows;
-        let KvSource::Dense = k.nest.kv;
+        // `launch` refuses every other grid, row map and K/V source.
+        assert!(matches!(k.nest.grid, Grid::QueryTiles { .. }));
+        assert_eq!(k.nest.rows, RowMap::OneHead);
+        assert_eq!(k.nest.kv, KvSource::Packed);
         let Finish::Normalize = k.nest.finish;
         assert_eq!(
             k.nest,
@@ -212,6 +215,7 @@ pub(super) fn generate(k: &Kernel, launch: &Launch, entry: &str) -> String {
         reg(Writer::rd),
         reg(Writer::rd),
     );
+    let kv_rows64 = w.rd();
     let shapes = ShapeVar::ALL.iter().map(|_| w.rd()).collect();
     let s = (0..lay.bkv / 8)
         .map(|_| [w.f(), w.f(), w.f(), w.f()])
@@ -239,6 +243,7 @@ pub(super) fn generate(k: &Kernel, launch: &Launch, entry: &str) -> String {
         ctx: Ctx::default(),
         err,
         zero64,
+        kv_rows64,
         bufs: Vec::new(),
         shapes,
         b64,
@@ -345,18 +350,14 @@ impl Gen<'_> {
         }
     }
 
-    /// `kv < KV` for the current column, computed once per column.
+    /// `kv < kv_rows` (a real key) for the current column, computed once per column.
     fn col_valid(&mut self) -> Reg {
         if let Some(p) = self.ctx.col_valid {
             return p;
         }
         let kv = self.ctx.kv.expect("a column context has kv");
         let p = self.w.p();
-        ins!(
-            self.w,
-            "setp.lt.s64 {p}, {kv}, {}",
-            self.shapes[ShapeVar::Kv as usize]
-        );
+        ins!(self.w, "setp.lt.s64 {p}, {kv}, {}", self.kv_rows64);
         self.ctx.col_valid = Some(p);
         p
     }
@@ -451,7 +452,7 @@ impl Gen<'_> {
             let ty = match name {
                 "q_offset" => ".s64",
                 "B" | "H" | "HKV" | "Q" | "KV" | "D" | "group" | "kv_batch_stride"
-                | "map_stride_b" | "map_stride_h" => ".u32",
+                | "map_stride_b" | "map_stride_h" | "kv_rows" => ".u32",
                 _ => ".u64",
             };
             params.push(format!("\t.param {ty} {}", self.param(name)));
@@ -543,7 +544,11 @@ impl Gen<'_> {
             let r = self.shapes[*sv as usize];
             ins!(self.w, "cvt.u64.u32 {r}, {r32}");
         }
-        let (h_len, hkv_len, q_len, kv_len) = (shape32[1], shape32[2], shape32[3], shape32[4]);
+        // K and V hold `kv_rows` keys per head; `KV`, the end of the call's
+        // positions, may be larger (queries past the keys).
+        let (h_len, hkv_len, q_len) = (shape32[1], shape32[2], shape32[3]);
+        let kv_len = self.ld_param("kv_rows", "u32");
+        ins!(self.w, "cvt.u64.u32 {}, {kv_len}", self.kv_rows64);
         ins!(self.w, "mov.b64 {}, 0", self.zero64);
         ins!(self.w, "cvt.u64.u32 {}, {b32}", self.b64);
         ins!(self.w, "cvt.u64.u32 {}, {h32}", self.h64);
@@ -1318,7 +1323,7 @@ impl Gen<'_> {
     /// Columns at or past KV of a ragged FULL tile become -inf.
     fn tail_mask(&mut self, kv0: Reg) {
         let lay = self.lay.clone();
-        let kv_len = self.shapes[ShapeVar::Kv as usize];
+        let kv_len = self.kv_rows64;
         let neg_inf = f32_imm(f32::NEG_INFINITY);
         for nb in 0..lay.bkv / 8 {
             for e in 0..2 {

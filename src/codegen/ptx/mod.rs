@@ -48,10 +48,12 @@
 //! Kernel parameters, in order (see [`PARAMS`]): pointers `q, k, v, out,
 //! lse, err, map_rows, map_full, map_partial, v_flags`, then `u32` shapes `B, H,
 //! HKV, Q, KV, D`, `group` (= H / HKV), `kv_batch_stride` (1, or 0 when k and
-//! v broadcast over the batch), `map_stride_b`, `map_stride_h`, then the
-//! `s64` `q_offset`, then one pointer per buffer of the kernel.
+//! v broadcast over the batch), `map_stride_b`, `map_stride_h`, `kv_rows`
+//! (the key rows of k and v; `KV`, the end of the call's positions, is larger
+//! when queries run past the keys), then the `s64` `q_offset`, then one
+//! pointer per buffer of the kernel.
 //!
-//! Device layouts: q is `[B, H, Q, Dp]`, k and v are `[B or 1, HKV, KV, Dp]`
+//! Device layouts: q is `[B, H, Q, Dp]`, k and v are `[B or 1, HKV, kv_rows, Dp]`
 //! in the dtype, with `Dp` the padded head dim ([`Launch::d_pad`]; the pad
 //! columns are zero); out is `[B, H, Q, Dp]` f32 and lse `[B, H, Q]` f32
 //! (natural log). Buffers are row-major: int as i64, float as f32, bool as
@@ -196,7 +198,7 @@ pub const MAX_HEAD_DIM: usize = 256;
 
 /// The names of the kernel parameters, in order; buffers follow as
 /// `buf0`, `buf1`, ... in the kernel's buffer order.
-pub const PARAMS: [&str; 21] = [
+pub const PARAMS: [&str; 22] = [
     "q",
     "k",
     "v",
@@ -217,6 +219,7 @@ pub const PARAMS: [&str; 21] = [
     "kv_batch_stride",
     "map_stride_b",
     "map_stride_h",
+    "kv_rows",
     "q_offset",
 ];
 
@@ -353,6 +356,12 @@ pub enum PtxError {
         max: usize,
         arch: Arch,
     },
+    #[error("the PTX backend does not lower this loop nest yet: {what}")]
+    #[diagnostic(
+        code(attnc::ptx::nest),
+        help("the PTX backend lowers the prefill nest (one head per tile, dense K/V packed per call); run GQA-grouped decode, ragged batches, key offsets and paged pools on the CPU (`--backend jit`)")
+    )]
+    Nest { what: String },
 }
 
 /// The schedule the PTX backend is tuned for at head dim `d`: 64 query rows
@@ -369,6 +378,7 @@ pub fn schedule(d: usize, dtype: Dtype) -> Schedule {
         bkv,
         dim: Some(d),
         exp2: true,
+        ..Schedule::default()
     }
 }
 
@@ -381,7 +391,13 @@ pub fn pad_head_dim(d: usize, dtype: Dtype) -> usize {
 
 /// Plans the launch of `kernel` under `opts`, or says why it cannot run.
 pub fn launch(kernel: &Kernel, opts: &PtxOptions) -> Result<Launch, PtxError> {
+    use crate::tile::nest::{KvSource, RowMap};
     let s = &kernel.schedule;
+    if s.rows != RowMap::OneHead || s.kv != KvSource::Packed {
+        return Err(PtxError::Nest {
+            what: format!("rows {:?}, K/V {:?}", s.rows, s.kv),
+        });
+    }
     let d = s.dim.ok_or(PtxError::GenericDim)?;
     let d_pad = pad_head_dim(d, opts.dtype);
     if d_pad > MAX_HEAD_DIM {
@@ -495,7 +511,8 @@ mod tests {
                 bq: 64,
                 bkv: 64,
                 dim: Some(128),
-                exp2: true
+                exp2: true,
+                ..Schedule::default()
             }
         );
         assert_eq!(schedule(256, Dtype::Bf16).bkv, 32);

@@ -35,6 +35,7 @@
 mod kernels;
 pub mod math;
 mod simd;
+pub mod view;
 
 use ndarray::{ArrayView1, ArrayView2};
 use std::any::Any;
