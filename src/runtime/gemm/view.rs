@@ -10,6 +10,8 @@
 //! `pv` skips keys of probability 0, so a NaN or infinite V row at a masked key
 //! never reaches a row (no scan of V is needed).
 
+use std::mem::MaybeUninit;
+
 use super::simd::Simd;
 use crate::runtime::abi::KvView;
 
@@ -53,32 +55,140 @@ pub type PvViewFn = unsafe extern "C" fn(
     acc_stride: usize,
 );
 
-/// Calls `f(c, rows, n)` for each run of keys `key0 + c .. key0 + c + n` (with
-/// `c < cols`) that lies in one page, with `rows` the K (or V) row of its first
-/// key; consecutive keys of a run are `view.row_stride` floats apart.
-#[inline(always)]
-unsafe fn segments(
-    view: &KvView,
+/// The runs of keys `key0 + c .. key0 + c + n` (with `c < cols`) that lie in
+/// one page, each with the K (or V) row of its first key at `base`;
+/// consecutive keys of a run are `view.row_stride` floats apart.
+///
+/// An iterator rather than a callback: a closure would not inherit the target
+/// features of the kernel entry point, and its vector intrinsics would not be
+/// inlined.
+struct Segments<'a> {
+    view: &'a KvView,
     base: *const f32,
     key0: usize,
     cols: usize,
-    mut f: impl FnMut(usize, *const f32, usize),
-) {
-    let ps = view.page_size as usize;
-    let mut c = 0;
-    while c < cols {
-        let key = key0 + c;
+    c: usize,
+}
+
+impl<'a> Segments<'a> {
+    #[inline(always)]
+    fn new(view: &'a KvView, base: *const f32, key0: usize, cols: usize) -> Segments<'a> {
+        Segments {
+            view,
+            base,
+            key0,
+            cols,
+            c: 0,
+        }
+    }
+
+    /// The next run: `(c, row, n)`.
+    ///
+    /// # Safety
+    ///
+    /// The view's table must list a page for every key of the run.
+    #[inline(always)]
+    unsafe fn next(&mut self) -> Option<(usize, *const f32, usize)> {
+        if self.c >= self.cols {
+            return None;
+        }
+        let v = self.view;
+        let ps = v.page_size as usize;
+        let key = self.key0 + self.c;
         let slot = key % ps;
-        let page = *view.table.add(key / ps) as usize;
-        let n = (cols - c).min(ps - slot);
-        let row = base.add(page * view.page_stride as usize + slot * view.row_stride as usize);
-        f(c, row, n);
-        c += n;
+        let page = *v.table.add(key / ps) as usize;
+        let n = (self.cols - self.c).min(ps - slot);
+        let row = self
+            .base
+            .add(page * v.page_stride as usize + slot * v.row_stride as usize);
+        let c = self.c;
+        self.c += n;
+        Some((c, row, n))
     }
 }
 
-/// Query rows handled together in `qk`: each K vector is loaded once for them.
+/// Asks for the `n` floats at `p` to be brought into L2 (a hint; never
+/// faults). The products stream K and V once; without it a core reads them at
+/// about half the rate the memory delivers (measured on the decode benchmark:
+/// 27 ms without, 17-18 ms with a distance of 128 keys into L2; into L1, or
+/// nearer, gained nothing).
+#[inline(always)]
+fn prefetch(p: *const f32, n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut off = 0;
+        while off < n {
+            // SAFETY: a prefetch is a hint that never faults, whatever the address.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                    p.wrapping_add(off).cast(),
+                )
+            };
+            off += 16; // one 64-byte line
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, n);
+}
+
+/// How many keys ahead the products ask for K and V rows (within a page
+/// segment's stride; past it the hint is wasted, never wrong).
+const PF_KEYS: usize = 128;
+
+/// Query rows handled together in `qk`.
 const QK_ROWS: usize = 4;
+/// Keys handled together in `qk` (a divisor of every `Simd::LANES`): with
+/// `QK_ROWS` rows, 16 independent accumulation chains hide the FMA latency.
+const QK_KEYS: usize = 4;
+
+/// Per-lane partial dot products of rows `..NR` of Q (at `q`, stride
+/// `q_stride`) with keys `..QK_KEYS` (at `k`, stride `rs`) over the head dim
+/// `d`, into `part[row][jj + key]`; the keys' rows are read in order.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn qk_part<S: Simd, const NR: usize>(
+    q: *const f32,
+    q_stride: usize,
+    k: *const f32,
+    rs: usize,
+    d: usize,
+    part: &mut [[MaybeUninit<S::V>; super::simd::MAX_LANES]; QK_ROWS],
+    jj: usize,
+) {
+    let zero = S::splat(0.0);
+    let full = d - d % S::LANES;
+    for c in 0..QK_KEYS {
+        prefetch(k.wrapping_add((c + PF_KEYS) * rs), d);
+    }
+    let mut acc = [[zero; QK_KEYS]; NR];
+    let mut t = 0;
+    while t < full {
+        let kv: [S::V; QK_KEYS] = std::array::from_fn(|c| S::load(k.add(c * rs + t)));
+        for (i, row) in acc.iter_mut().enumerate() {
+            let qv = S::load(q.add(i * q_stride + t));
+            for (a, &kc) in row.iter_mut().zip(&kv) {
+                *a = S::fma(qv, kc, *a);
+            }
+        }
+        t += S::LANES;
+    }
+    if full < d {
+        let m = S::first_lanes(d - full);
+        let kv: [S::V; QK_KEYS] =
+            std::array::from_fn(|c| S::load_masked(k.add(c * rs + full), m, zero));
+        for (i, row) in acc.iter_mut().enumerate() {
+            let qv = S::load_masked(q.add(i * q_stride + full), m, zero);
+            for (a, &kc) in row.iter_mut().zip(&kv) {
+                *a = S::fma(qv, kc, *a);
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for (c, a) in row.iter().enumerate() {
+            part[i][jj + c] = MaybeUninit::new(*a);
+        }
+    }
+}
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -97,9 +207,47 @@ unsafe fn qk<S: Simd>(
     let full = d - d % S::LANES;
     let tail = S::first_lanes(d - full);
     let zero = S::splat(0.0);
+    let scale_v = S::splat(scale);
     let rs = view.row_stride as usize;
-    segments(view, view.k, key0, cols, |c0, krows, n| {
-        for j in 0..n {
+    let mut segs = Segments::new(view, view.k, key0, cols);
+    while let Some((c0, krows, n)) = segs.next() {
+        // Blocks of LANES keys, walked key after key (each K row read in
+        // order, as the hardware prefetchers expect): for a few query rows at
+        // once, one accumulator per (row, key) over the head dim, then one
+        // transposing reduction per row gives the block's LANES scores.
+        let mut j = 0;
+        while j + S::LANES <= n {
+            let kb = krows.add(j * rs);
+            let mut r0 = 0;
+            while r0 < rows {
+                let nr = (rows - r0).min(QK_ROWS);
+                // Written before read, rows `..nr` and lanes `..LANES`
+                // (zeroing 4 KiB per block would cost more than the block).
+                let mut part = [[MaybeUninit::<S::V>::uninit(); super::simd::MAX_LANES]; QK_ROWS];
+                let qr = q.add(r0 * q_stride);
+                let mut jj = 0;
+                while jj < S::LANES {
+                    let kr = kb.add(jj * rs);
+                    match nr {
+                        4 => qk_part::<S, 4>(qr, q_stride, kr, rs, d, &mut part, jj),
+                        3 => qk_part::<S, 3>(qr, q_stride, kr, rs, d, &mut part, jj),
+                        2 => qk_part::<S, 2>(qr, q_stride, kr, rs, d, &mut part, jj),
+                        _ => qk_part::<S, 1>(qr, q_stride, kr, rs, d, &mut part, jj),
+                    }
+                    jj += QK_KEYS;
+                }
+                for (i, p) in part.iter().enumerate().take(nr) {
+                    // SAFETY: lanes `..LANES` of rows `..nr` were written above.
+                    let p = std::slice::from_raw_parts(p.as_ptr().cast::<S::V>(), S::LANES);
+                    let sums = S::reduce_rows_sum(p);
+                    S::store(s.add((r0 + i) * s_stride + c0 + j), S::mul(sums, scale_v));
+                }
+                r0 += nr;
+            }
+            j += S::LANES;
+        }
+        // The keys left: one at a time, each K vector shared by a few rows.
+        for j in j..n {
             let krow = krows.add(j * rs);
             let mut r0 = 0;
             while r0 < rows {
@@ -126,7 +274,81 @@ unsafe fn qk<S: Simd>(
                 r0 += nr;
             }
         }
-    });
+    }
+}
+
+/// Vectors of the head dim kept in registers per row in `pv`.
+const PV_VECS: usize = 8;
+
+/// `Acc[r0 .. r0 + NR][t0 .. t0 + NV vectors] += P V` over keys `0 .. n` of
+/// one page segment, the accumulators in registers across the keys. The last
+/// vector covers `last` lanes. A key whose probability is 0 for a row is
+/// skipped for that row.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv_block<S: Simd, const NR: usize, const NV: usize>(
+    p: *const f32,
+    p_stride: usize,
+    vrows: *const f32,
+    rs: usize,
+    n: usize,
+    acc: *mut f32,
+    acc_stride: usize,
+    last: usize,
+) {
+    let zero = S::splat(0.0);
+    let m = S::first_lanes(last);
+    let whole = last == S::LANES;
+    // Vector `v` of a row: whole, or the first `last` lanes of the last one.
+    macro_rules! load {
+        ($ptr:expr, $v:expr) => {
+            if $v + 1 < NV || whole {
+                S::load($ptr)
+            } else {
+                S::load_masked($ptr, m, zero)
+            }
+        };
+    }
+    let mut a = [[zero; NV]; NR];
+    for (g, row) in a.iter_mut().enumerate() {
+        for (v, x) in row.iter_mut().enumerate() {
+            *x = load!(acc.add(g * acc_stride + v * S::LANES), v);
+        }
+    }
+    for j in 0..n {
+        let pj: [f32; NR] = std::array::from_fn(|g| *p.add(g * p_stride + j));
+        let vrow = vrows.add(j * rs);
+        prefetch(vrow.wrapping_add(PF_KEYS * rs), NV * S::LANES);
+        if pj.iter().all(|&x| x != 0.0) {
+            let pv: [S::V; NR] = std::array::from_fn(|g| S::splat(pj[g]));
+            for v in 0..NV {
+                let x = load!(vrow.add(v * S::LANES), v);
+                for g in 0..NR {
+                    a[g][v] = S::fma(pv[g], x, a[g][v]);
+                }
+            }
+        } else {
+            // Masked or underflowed for some row: its V row may be stale.
+            for g in 0..NR {
+                if pj[g] != 0.0 {
+                    let pv = S::splat(pj[g]);
+                    for v in 0..NV {
+                        a[g][v] = S::fma(pv, load!(vrow.add(v * S::LANES), v), a[g][v]);
+                    }
+                }
+            }
+        }
+    }
+    for (g, row) in a.iter().enumerate() {
+        for (v, x) in row.iter().enumerate() {
+            let ptr = acc.add(g * acc_stride + v * S::LANES);
+            if v + 1 < NV || whole {
+                S::store(ptr, *x);
+            } else {
+                S::store_masked(ptr, m, *x);
+            }
+        }
+    }
 }
 
 #[inline(always)]
@@ -143,40 +365,33 @@ unsafe fn pv<S: Simd>(
     acc_stride: usize,
 ) {
     let rs = view.row_stride as usize;
-    segments(view, view.v, key0, cols, |c0, vrows, n| {
-        for r in 0..rows {
-            let prow = p.add(r * p_stride + c0);
-            let arow = acc.add(r * acc_stride);
-            let mut t = 0;
-            while t < d {
-                let lanes = (d - t).min(S::LANES);
-                let m = S::first_lanes(lanes);
-                let mut a = if lanes == S::LANES {
-                    S::load(arow.add(t))
-                } else {
-                    S::load_masked(arow.add(t), m, S::splat(0.0))
-                };
-                for j in 0..n {
-                    let pj = *prow.add(j);
-                    if pj == 0.0 {
-                        continue; // masked or underflowed: its V row may be stale
-                    }
-                    let v = if lanes == S::LANES {
-                        S::load(vrows.add(j * rs + t))
-                    } else {
-                        S::load_masked(vrows.add(j * rs + t), m, S::splat(0.0))
+    let mut segs = Segments::new(view, view.v, key0, cols);
+    while let Some((c0, vrows, n)) = segs.next() {
+        let mut t0 = 0;
+        while t0 < d {
+            let nv = (d - t0).div_ceil(S::LANES).min(PV_VECS);
+            let last = (d - t0 - (nv - 1) * S::LANES).min(S::LANES);
+            let mut r0 = 0;
+            while r0 < rows {
+                let nr = (rows - r0).min(2);
+                let pr = p.add(r0 * p_stride + c0);
+                let ar = acc.add(r0 * acc_stride + t0);
+                let vr = vrows.add(t0);
+                macro_rules! block {
+                    ($($nv:literal)*) => {
+                        match (nr, nv) {
+                            $((2, $nv) => pv_block::<S, 2, $nv>(pr, p_stride, vr, rs, n, ar, acc_stride, last),
+                              (_, $nv) => pv_block::<S, 1, $nv>(pr, p_stride, vr, rs, n, ar, acc_stride, last),)*
+                            _ => unreachable!("1 to {PV_VECS} vectors"),
+                        }
                     };
-                    a = S::fma(S::splat(pj), v, a);
                 }
-                if lanes == S::LANES {
-                    S::store(arow.add(t), a);
-                } else {
-                    S::store_masked(arow.add(t), m, a);
-                }
-                t += S::LANES;
+                block!(1 2 3 4 5 6 7 8);
+                r0 += nr;
             }
+            t0 += nv * S::LANES;
         }
-    });
+    }
 }
 
 macro_rules! view_entry_points {
