@@ -45,6 +45,11 @@ pub struct BenchReport {
     /// Fraction of the Q x KV entries that are visible.
     pub visible_fraction: f64,
     pub peak_rss_mib: f64,
+    /// Bytes of K and V the call must read once (`B x HKV x KV x D x 4 x 2`).
+    pub kv_bytes: u64,
+    /// `kv_bytes` over the median time: the rate at which the call reads its
+    /// cache (the figure to set beside the memory bandwidth for decode).
+    pub gb_per_s: f64,
     /// The FMA peak measured beside the runs, when asked for.
     pub fma_peak: Option<PeakReport>,
 }
@@ -90,6 +95,8 @@ impl BenchReport {
             "gflops_useful": self.gflops_useful,
             "visible_fraction": self.visible_fraction,
             "peak_rss_mib": self.peak_rss_mib,
+            "kv_bytes": self.kv_bytes,
+            "gb_per_s": self.gb_per_s,
             "fma_peak": self.fma_peak.as_ref().map(|p| serde_json::json!({
                 "kind": p.name,
                 "median_gflops": p.median_gflops,
@@ -119,6 +126,12 @@ impl std::fmt::Display for BenchReport {
             self.gflops_dense,
             self.gflops_useful,
             100.0 * self.visible_fraction
+        )?;
+        writeln!(
+            f,
+            "  K+V {:.1} MiB read at {:.1} GB/s",
+            self.kv_bytes as f64 / (1 << 20) as f64,
+            self.gb_per_s
         )?;
         write!(f, "  peak RSS {:.1} MiB", self.peak_rss_mib)?;
         if let Some(p) = &self.fma_peak {
@@ -393,6 +406,7 @@ pub fn measure(
         d: config.dim,
     };
     let dense = (shapes.b * shapes.h * shapes.q * shapes.kv) as f64;
+    let kv_bytes = (shapes.b * shapes.hkv * shapes.kv * shapes.d * 4 * 2) as u64;
     let visible = count_visible(program, inputs)? as f64;
     let flops_per_entry = 4.0 * shapes.d as f64;
     let fma_peak = peak.map(|p| {
@@ -420,6 +434,8 @@ pub fn measure(
         gflops_useful: visible * flops_per_entry / (median_ms * 1e6),
         visible_fraction: if dense > 0.0 { visible / dense } else { 0.0 },
         peak_rss_mib: peak_rss_mib(),
+        kv_bytes,
+        gb_per_s: kv_bytes as f64 / (median_ms * 1e6),
         fma_peak,
     })
 }

@@ -155,6 +155,11 @@ struct BenchArgs {
     /// Query offset.
     #[arg(long, default_value_t = 0, value_name = "N")]
     q_offset: i64,
+    /// Keep K and V in a paged pool of pages of P slots, in a shuffled order
+    /// (as a server's pool is after many requests); the queries are the last
+    /// Q positions of each sequence of KV keys.
+    #[arg(long, value_name = "P", conflicts_with = "q_offset")]
+    page_size: Option<usize>,
     /// Bind a buffer from a file or a recipe: `--buffer doc=docs:4` (repeatable).
     #[arg(long = "buffer", value_name = "NAME=FILE.npy|RECIPE")]
     buffers: Vec<String>,
@@ -302,18 +307,47 @@ struct RunArgs {
     #[arg(
         long,
         value_name = "FILE.npy",
-        required_unless_present = "random",
-        conflicts_with = "random"
+        required_unless_present_any = ["random", "k_pages"],
+        conflicts_with_all = ["random", "k_pages"]
     )]
     k: Option<PathBuf>,
     /// Values, float32 or float64 (converted) [B or 1, HKV, KV, D].
     #[arg(
         long,
         value_name = "FILE.npy",
-        required_unless_present = "random",
-        conflicts_with = "random"
+        required_unless_present_any = ["random", "v_pages"],
+        conflicts_with_all = ["random", "v_pages"]
     )]
     v: Option<PathBuf>,
+    /// A paged key pool, float32 [num_pages, page_size, HKV, D] (instead of
+    /// --k; with --v-pages, --page-table and --kv-lens).
+    #[arg(
+        long,
+        value_name = "FILE.npy",
+        requires_all = ["v_pages", "page_table", "kv_lens"],
+        conflicts_with = "random"
+    )]
+    k_pages: Option<PathBuf>,
+    /// The paged value pool, the shape of --k-pages.
+    #[arg(long, value_name = "FILE.npy", requires = "k_pages")]
+    v_pages: Option<PathBuf>,
+    /// The page table, int32 [B, max_pages]: row b lists sequence b's pages in order.
+    #[arg(long, value_name = "FILE.npy", requires = "k_pages")]
+    page_table: Option<PathBuf>,
+    /// Keys of every sequence, int32 [B]: with a paged pool, or with --k/--v
+    /// [B, HKV, KVmax, D] for a ragged batch. The queries are the last Q
+    /// positions of each sequence.
+    #[arg(long, value_name = "FILE.npy", conflicts_with_all = ["random", "q_offset"])]
+    kv_lens: Option<PathBuf>,
+    /// Absolute position of key row 0, to compute one block of a larger
+    /// attention (merge the blocks' out and lse with `merge_states`).
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "N",
+        allow_negative_numbers = true
+    )]
+    kv_offset: i64,
     /// Bind a buffer: `--buffer doc=doc.npy` (repeatable); with --random
     /// also a recipe as for `attnc bench`: `--buffer doc=docs:4`.
     #[arg(long = "buffer", value_name = "NAME=FILE.npy|RECIPE")]
@@ -796,6 +830,58 @@ fn run_reference_with_progress(
     result
 }
 
+/// K and V `[B, HKV, KV, D]` moved into a pool of pages of `ps` slots in a
+/// shuffled order, with its page table and the lengths (every sequence KV).
+/// The dense copies are dropped by the caller's scope; the pool holds the
+/// same values.
+#[allow(clippy::type_complexity)]
+fn paged_pool(
+    k: &ndarray::Array4<f32>,
+    v: &ndarray::Array4<f32>,
+    ps: usize,
+    rng: &mut attnc::bench::Rng,
+) -> Result<
+    (
+        ndarray::Array4<f32>,
+        ndarray::Array4<f32>,
+        ndarray::Array2<i32>,
+        ndarray::Array1<i32>,
+    ),
+    Error,
+> {
+    if ps == 0 {
+        return Err(Error::Usage(
+            "`--page-size 0`: a page holds at least one slot".into(),
+        ));
+    }
+    let (b, hkv, n, d) = k.dim();
+    let per_seq = n.div_ceil(ps);
+    let mut order: Vec<usize> = (0..b * per_seq).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    let mut kp = ndarray::Array4::<f32>::zeros((b * per_seq, ps, hkv, d));
+    let mut vp = kp.clone();
+    let mut table = ndarray::Array2::<i32>::zeros((b, per_seq.max(1)));
+    for bi in 0..b {
+        for p in 0..per_seq {
+            let page = order[bi * per_seq + p];
+            table[[bi, p]] = page as i32;
+            for slot in 0..ps.min(n - p * ps) {
+                for kh in 0..hkv {
+                    let j = p * ps + slot;
+                    kp.slice_mut(ndarray::s![page, slot, kh, ..])
+                        .assign(&k.slice(ndarray::s![bi, kh, j, ..]));
+                    vp.slice_mut(ndarray::s![page, slot, kh, ..])
+                        .assign(&v.slice(ndarray::s![bi, kh, j, ..]));
+                }
+            }
+        }
+    }
+    let lens = ndarray::Array1::from_elem(b, n as i32);
+    Ok((kp, vp, table, lens))
+}
+
 fn bench(args: BenchArgs) -> Result<(), Error> {
     use attnc::bench::{measure, BenchConfig, PeakProbe, Rng};
     let t0 = std::time::Instant::now();
@@ -880,7 +966,16 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut rng = Rng::new(config.seed);
     let (q, k, v) = rng.qkv(&shapes);
-    let mut inputs = Inputs::new(q.view(), k.view(), v.view()).q_offset(config.q_offset);
+    let pool = args
+        .page_size
+        .map(|ps| paged_pool(&k, &v, ps, &mut rng))
+        .transpose()?;
+    let mut inputs = match &pool {
+        None => Inputs::new(q.view(), k.view(), v.view()).q_offset(config.q_offset),
+        Some((kp, vp, table, lens)) => {
+            Inputs::paged(q.view(), kp.view(), vp.view(), table.view(), lens.view())
+        }
+    };
     bind_buffers(&mut inputs, &program, &shapes, buffers, Some(&mut rng))?;
     require_all_buffers(&program, &inputs)?;
     let backend_name = match args.backend {
@@ -1089,6 +1184,59 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
 
 /// `attnc run`: reads (or makes) the inputs, runs the spec, writes the
 /// outputs (all or none), and with --check compares with the reference.
+/// Reads an int32 (or int64) `.npy` of `ndim` dims as i32 (a page table or
+/// sequence lengths).
+fn read_ints(
+    path: &std::path::Path,
+    what: &str,
+    ndim: usize,
+) -> Result<ndarray::ArrayD<i32>, Error> {
+    let data = npy::read_buffer(path, what, attnc::sema::Type::Int)?;
+    let attnc::BufferData::Int(a) = data else {
+        unreachable!("read as int")
+    };
+    if a.ndim() != ndim {
+        return Err(Error::Usage(format!(
+            "`{}`: {what} has shape {:?}; it is int32 with {ndim} dim{}",
+            path.display(),
+            a.shape(),
+            if ndim == 1 { "" } else { "s" }
+        )));
+    }
+    let mut out = ndarray::ArrayD::<i32>::zeros(a.shape());
+    for (o, (i, &x)) in out.iter_mut().zip(a.indexed_iter()) {
+        *o = i32::try_from(x).map_err(|_| {
+            Error::Usage(format!(
+                "`{}`: {what}{:?} is {x}, outside int32",
+                path.display(),
+                ndarray::Dimension::slice(&i)
+            ))
+        })?;
+    }
+    Ok(out)
+}
+
+/// The shapes of a dense call as its arrays give them (for buffer-free
+/// estimates before the buffers are bound).
+fn fallback_shapes(inputs: &Inputs<'_>) -> attnc::sema::eval::Shapes {
+    let (qs, ks) = (inputs.q.shape(), inputs.k.shape());
+    let paged = matches!(inputs.kv_layout, attnc::KvLayout::Paged { .. });
+    let kv_rows = match &inputs.kv_lens {
+        Some(l) => l.iter().copied().max().unwrap_or(0).max(0) as usize,
+        None if paged => 0,
+        None => ks[2],
+    };
+    attnc::sema::eval::Shapes {
+        b: qs[0],
+        h: qs[1],
+        hkv: if paged { ks[2] } else { ks[1] },
+        q: qs[2],
+        kv: (inputs.kv_offset.max(0) as usize + kv_rows)
+            .max(inputs.q_offset.max(0) as usize + qs[2]),
+        d: qs[3],
+    }
+}
+
 fn run_spec(args: RunArgs) -> Result<(), Error> {
     let mut targets = Vec::new();
     if let Some(out) = &args.out {
@@ -1146,23 +1294,58 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
             }
             Ok::<_, Error>(a)
         };
+        let paged = args.k_pages.is_some();
+        let (k_path, v_path) = if paged {
+            (&args.k_pages, &args.v_pages)
+        } else {
+            (&args.k, &args.v)
+        };
         let (q, k, v) = (
             read(&args.q, "q")?,
-            read(&args.k, "k")?,
-            read(&args.v, "v")?,
+            read(k_path, if paged { "k_pages" } else { "k" })?,
+            read(v_path, if paged { "v_pages" } else { "v" })?,
         );
-        let (qs, ks) = (q.shape(), k.shape());
-        let shapes = attnc::sema::eval::Shapes {
-            b: qs[0],
-            h: qs[1],
-            hkv: ks[1],
-            q: qs[2],
-            kv: ks[2],
-            d: qs[3],
-        };
-        (q, k, v, shapes)
+        (q, k, v, attnc::sema::eval::Shapes::default())
     };
-    let mut inputs = Inputs::new(q.view(), k.view(), v.view()).q_offset(args.q_offset);
+    let page_table = args
+        .page_table
+        .as_deref()
+        .map(|p| read_ints(p, "page_table", 2))
+        .transpose()?;
+    let kv_lens = args
+        .kv_lens
+        .as_deref()
+        .map(|p| read_ints(p, "kv_lens", 1))
+        .transpose()?;
+    let mut inputs = Inputs::new(q.view(), k.view(), v.view())
+        .q_offset(args.q_offset)
+        .kv_offset(args.kv_offset);
+    if let Some(lens) = &kv_lens {
+        inputs = inputs.kv_lens(lens.view().into_dimensionality().expect("read as 1-d"));
+    }
+    if let Some(table) = &page_table {
+        inputs.kv_layout = attnc::KvLayout::Paged {
+            page_table: table.view().into_dimensionality().expect("read as 2-d"),
+        };
+    }
+    // The shapes buffers and estimates see: those of the bound call (the
+    // binding's error, if any, is the clearest message for bad shapes).
+    let shapes = if args.random {
+        shapes
+    } else {
+        attnc::bind::bind(
+            &program.spec,
+            &Inputs {
+                buffers: Default::default(),
+                ..inputs.clone()
+            },
+        )
+        .map(|b| b.shapes)
+        .or_else(|e| match e {
+            attnc::bind::BindError::MissingBuffer { .. } => Ok(fallback_shapes(&inputs)),
+            e => Err(e),
+        })?
+    };
     inputs.want_lse = args.lse.is_some() || args.check;
     bind_buffers(
         &mut inputs,

@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use attnc::npy;
 use attnc::sema::Type;
 use attnc::BufferData;
-use ndarray::{Array, ArrayD, Dimension, Ix3, IxDyn};
+use ndarray::{Array, Array4, ArrayD, Dimension, Ix3, IxDyn};
+use ndarray_npy::ReadNpyExt;
 use ndarray_npy::WriteNpyExt;
 
 fn root() -> PathBuf {
@@ -1724,4 +1725,168 @@ fn progress_bars_only_on_a_terminal_and_not_with_quiet() {
             "{shown}"
         );
     }
+}
+
+/// `attnc run` on a paged pool (`--k-pages --v-pages --page-table
+/// --kv-lens`) writes what the ragged dense call (`--k --v --kv-lens`) does,
+/// and `--check` passes on both; a table entry outside the pool, a length
+/// below Q and `--kv-lens` with `--q-offset` are clear errors that leave no
+/// output.
+#[test]
+fn run_on_a_paged_pool_and_a_ragged_batch() {
+    let dir = TempDir::new();
+    let (b, h, hkv, q, d, ps) = (2usize, 4usize, 2usize, 1usize, 8usize, 4usize);
+    let lens = [7i32, 10];
+    let kv_max = 10;
+    let val = |i: usize| ((i * 37 % 101) as f32) / 50.0 - 1.0;
+    let qa = Array4::from_shape_fn((b, h, q, d), |(x, y, z, w)| {
+        val(x * 1000 + y * 100 + z * 10 + w)
+    });
+    let ka = Array4::from_shape_fn((b, hkv, kv_max, d), |(x, y, z, w)| {
+        val(7 + x * 999 + y * 99 + z * 9 + w)
+    });
+    let va = ka.mapv(|x| x * 0.5);
+    // Pages: sequence 0 takes pages 3, 0; sequence 1 takes 1, 4, 2; page 5 is spare.
+    let table = ndarray::arr2(&[[3i32, 0, -1], [1, 4, 2]]);
+    let mut kp = Array4::<f32>::from_elem((6, ps, hkv, d), f32::NAN);
+    let mut vp = kp.clone();
+    for (bi, &n) in lens.iter().enumerate() {
+        for j in 0..n as usize {
+            let page = table[[bi, j / ps]] as usize;
+            for kh in 0..hkv {
+                for t in 0..d {
+                    kp[[page, j % ps, kh, t]] = ka[[bi, kh, j, t]];
+                    vp[[page, j % ps, kh, t]] = va[[bi, kh, j, t]];
+                }
+            }
+        }
+    }
+    write_npy(&dir.path("q.npy"), &qa);
+    write_npy(&dir.path("k.npy"), &ka);
+    write_npy(&dir.path("v.npy"), &va);
+    write_npy(&dir.path("kp.npy"), &kp);
+    write_npy(&dir.path("vp.npy"), &vp);
+    write_npy(&dir.path("table.npy"), &table);
+    write_npy(&dir.path("lens.npy"), &ndarray::arr1(&lens));
+    let spec = root().join("examples/sliding_window.attn");
+    let spec = spec.to_str().unwrap();
+    let (qs, ks, vs, kps, vps, ts, ls) = (
+        dir.str("q.npy"),
+        dir.str("k.npy"),
+        dir.str("v.npy"),
+        dir.str("kp.npy"),
+        dir.str("vp.npy"),
+        dir.str("table.npy"),
+        dir.str("lens.npy"),
+    );
+    let (paged_out, dense_out) = (dir.str("paged.npy"), dir.str("dense.npy"));
+    let paged = [
+        "run",
+        spec,
+        "--param",
+        "window=5",
+        "--q",
+        &qs,
+        "--k-pages",
+        &kps,
+        "--v-pages",
+        &vps,
+        "--page-table",
+        &ts,
+        "--kv-lens",
+        &ls,
+        "--check",
+    ];
+    let o = attnc(&[&paged[..], &["--out", &paged_out]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains(": ok"), "{}", stdout(&o));
+    let dense = [
+        "run",
+        spec,
+        "--param",
+        "window=5",
+        "--q",
+        &qs,
+        "--k",
+        &ks,
+        "--v",
+        &vs,
+        "--kv-lens",
+        &ls,
+        "--check",
+        "--out",
+        &dense_out,
+    ];
+    let o = attnc(&dense);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read = |p: &str| ArrayD::<f32>::read_npy(File::open(p).unwrap()).unwrap();
+    let (a, bb) = (read(&paged_out), read(&dense_out));
+    assert!(
+        a.iter().all(|x| x.is_finite()),
+        "stale NaN reached the output"
+    );
+    assert!(max_abs_diff(&a, &bb) <= 1e-6);
+
+    let bad_out = dir.str("bad.npy");
+    write_npy(
+        &dir.path("bad_table.npy"),
+        &ndarray::arr2(&[[3i32, 9, -1], [1, 4, 2]]),
+    );
+    let bt = dir.str("bad_table.npy");
+    let o = attnc(&[
+        "run",
+        spec,
+        "--q",
+        &qs,
+        "--k-pages",
+        &kps,
+        "--v-pages",
+        &vps,
+        "--page-table",
+        &bt,
+        "--kv-lens",
+        &ls,
+        "--out",
+        &bad_out,
+    ]);
+    assert_fails(&o, &["page_table[0, 1] is 9, outside the pool of 6 pages"]);
+    write_npy(&dir.path("short.npy"), &ndarray::arr1(&[0i32, 10]));
+    let sl = dir.str("short.npy");
+    let o = attnc(&[
+        "run",
+        spec,
+        "--q",
+        &qs,
+        "--k",
+        &ks,
+        "--v",
+        &vs,
+        "--kv-lens",
+        &sl,
+        "--out",
+        &bad_out,
+    ]);
+    assert_fails(&o, &["kv_lens[0] is 0, shorter than the Q = 1 queries"]);
+    let o = attnc(&[
+        "run",
+        spec,
+        "--q",
+        &qs,
+        "--k",
+        &ks,
+        "--v",
+        &vs,
+        "--kv-lens",
+        &ls,
+        "--q-offset",
+        "3",
+        "--out",
+        &bad_out,
+    ]);
+    assert_eq!(o.status.code(), Some(2), "a usage error");
+    assert!(stderr(&o).contains("'--kv-lens <FILE.npy>' cannot be used with '--q-offset <N>'"));
+    assert!(
+        !dir.path("bad.npy").exists(),
+        "no output is left on failure"
+    );
 }

@@ -68,6 +68,8 @@ pub struct Task {
 pub struct KvView {
     pub k: *const f32,
     pub v: *const f32,
+    /// Keys of the sequence: the table lists a page for every key below it.
+    pub len: i64,
     pub row_stride: i64,
     pub page_stride: i64,
     pub page_size: i64,

@@ -583,6 +583,7 @@ fn run_in_place(
                 KvView {
                     k: kin.slice(s![kb, kh, .., ..]).as_ptr(),
                     v: vin.slice(s![kb, kh, .., ..]).as_ptr(),
+                    len: bound.kv_len(b) as i64,
                     row_stride: st[2] as i64,
                     page_stride: 0,
                     page_size: bound.kv_len(b).max(1) as i64,
@@ -594,6 +595,7 @@ fn run_in_place(
                 KvView {
                     k: kin.slice(s![.., .., kh, ..]).as_ptr(),
                     v: vin.slice(s![.., .., kh, ..]).as_ptr(),
+                    len: bound.kv_len(b) as i64,
                     row_stride: st[1] as i64,
                     page_stride: st[0] as i64,
                     page_size: p.page_size as i64,

@@ -68,17 +68,19 @@ struct Segments<'a> {
     key0: usize,
     cols: usize,
     c: usize,
+    d: usize,
 }
 
 impl<'a> Segments<'a> {
     #[inline(always)]
-    fn new(view: &'a KvView, base: *const f32, key0: usize, cols: usize) -> Segments<'a> {
+    fn new(view: &'a KvView, base: *const f32, key0: usize, cols: usize, d: usize) -> Segments<'a> {
         Segments {
             view,
             base,
             key0,
             cols,
             c: 0,
+            d,
         }
     }
 
@@ -101,6 +103,20 @@ impl<'a> Segments<'a> {
         let row = self
             .base
             .add(page * v.page_stride as usize + slot * v.row_stride as usize);
+        // Bring the rows `PF_KEYS` keys ahead into L2, found through the
+        // table: in a pool of small pages they are in other pages.
+        let ahead = key + PF_KEYS;
+        if ps < PAGE_PF_BELOW && ahead < v.len as usize {
+            let page = *v.table.add(ahead / ps) as usize;
+            let slot = ahead % ps;
+            let rows = n.min(ps - slot).min(v.len as usize - ahead);
+            let first = self
+                .base
+                .add(page * v.page_stride as usize + slot * v.row_stride as usize);
+            for r in 0..rows {
+                prefetch(first.add(r * v.row_stride as usize), self.d);
+            }
+        }
         let c = self.c;
         self.c += n;
         Some((c, row, n))
@@ -135,6 +151,11 @@ fn prefetch(p: *const f32, n: usize) {
 /// segment's stride; past it the hint is wasted, never wrong).
 const PF_KEYS: usize = 128;
 
+/// Pages shorter than this are prefetched a segment at a time through the
+/// table; in longer ones (and dense rows) the products prefetch key by key
+/// within the page, which streams better.
+const PAGE_PF_BELOW: usize = 4 * PF_KEYS;
+
 /// Query rows handled together in `qk`.
 const QK_ROWS: usize = 4;
 /// Keys handled together in `qk` (a divisor of every `Simd::LANES`): with
@@ -154,11 +175,14 @@ unsafe fn qk_part<S: Simd, const NR: usize>(
     d: usize,
     part: &mut [[MaybeUninit<S::V>; super::simd::MAX_LANES]; QK_ROWS],
     jj: usize,
+    pf: bool,
 ) {
     let zero = S::splat(0.0);
     let full = d - d % S::LANES;
-    for c in 0..QK_KEYS {
-        prefetch(k.wrapping_add((c + PF_KEYS) * rs), d);
+    if pf {
+        for c in 0..QK_KEYS {
+            prefetch(k.wrapping_add((c + PF_KEYS) * rs), d);
+        }
     }
     let mut acc = [[zero; QK_KEYS]; NR];
     let mut t = 0;
@@ -209,7 +233,8 @@ unsafe fn qk<S: Simd>(
     let zero = S::splat(0.0);
     let scale_v = S::splat(scale);
     let rs = view.row_stride as usize;
-    let mut segs = Segments::new(view, view.k, key0, cols);
+    let pf = view.page_size as usize >= PAGE_PF_BELOW;
+    let mut segs = Segments::new(view, view.k, key0, cols, d);
     while let Some((c0, krows, n)) = segs.next() {
         // Blocks of LANES keys, walked key after key (each K row read in
         // order, as the hardware prefetchers expect): for a few query rows at
@@ -229,10 +254,10 @@ unsafe fn qk<S: Simd>(
                 while jj < S::LANES {
                     let kr = kb.add(jj * rs);
                     match nr {
-                        4 => qk_part::<S, 4>(qr, q_stride, kr, rs, d, &mut part, jj),
-                        3 => qk_part::<S, 3>(qr, q_stride, kr, rs, d, &mut part, jj),
-                        2 => qk_part::<S, 2>(qr, q_stride, kr, rs, d, &mut part, jj),
-                        _ => qk_part::<S, 1>(qr, q_stride, kr, rs, d, &mut part, jj),
+                        4 => qk_part::<S, 4>(qr, q_stride, kr, rs, d, &mut part, jj, pf),
+                        3 => qk_part::<S, 3>(qr, q_stride, kr, rs, d, &mut part, jj, pf),
+                        2 => qk_part::<S, 2>(qr, q_stride, kr, rs, d, &mut part, jj, pf),
+                        _ => qk_part::<S, 1>(qr, q_stride, kr, rs, d, &mut part, jj, pf),
                     }
                     jj += QK_KEYS;
                 }
@@ -295,6 +320,7 @@ unsafe fn pv_block<S: Simd, const NR: usize, const NV: usize>(
     acc: *mut f32,
     acc_stride: usize,
     last: usize,
+    pf: bool,
 ) {
     let zero = S::splat(0.0);
     let m = S::first_lanes(last);
@@ -318,7 +344,9 @@ unsafe fn pv_block<S: Simd, const NR: usize, const NV: usize>(
     for j in 0..n {
         let pj: [f32; NR] = std::array::from_fn(|g| *p.add(g * p_stride + j));
         let vrow = vrows.add(j * rs);
-        prefetch(vrow.wrapping_add(PF_KEYS * rs), NV * S::LANES);
+        if pf {
+            prefetch(vrow.wrapping_add(PF_KEYS * rs), NV * S::LANES);
+        }
         if pj.iter().all(|&x| x != 0.0) {
             let pv: [S::V; NR] = std::array::from_fn(|g| S::splat(pj[g]));
             for v in 0..NV {
@@ -365,7 +393,8 @@ unsafe fn pv<S: Simd>(
     acc_stride: usize,
 ) {
     let rs = view.row_stride as usize;
-    let mut segs = Segments::new(view, view.v, key0, cols);
+    let pf = view.page_size as usize >= PAGE_PF_BELOW;
+    let mut segs = Segments::new(view, view.v, key0, cols, d);
     while let Some((c0, vrows, n)) = segs.next() {
         let mut t0 = 0;
         while t0 < d {
@@ -380,8 +409,8 @@ unsafe fn pv<S: Simd>(
                 macro_rules! block {
                     ($($nv:literal)*) => {
                         match (nr, nv) {
-                            $((2, $nv) => pv_block::<S, 2, $nv>(pr, p_stride, vr, rs, n, ar, acc_stride, last),
-                              (_, $nv) => pv_block::<S, 1, $nv>(pr, p_stride, vr, rs, n, ar, acc_stride, last),)*
+                            $((2, $nv) => pv_block::<S, 2, $nv>(pr, p_stride, vr, rs, n, ar, acc_stride, last, pf),
+                              (_, $nv) => pv_block::<S, 1, $nv>(pr, p_stride, vr, rs, n, ar, acc_stride, last, pf),)*
                             _ => unreachable!("1 to {PV_VECS} vectors"),
                         }
                     };
@@ -503,6 +532,7 @@ mod tests {
                 let view = KvView {
                     k: k.as_ptr(),
                     v: v.as_ptr(),
+                    len: n as i64,
                     row_stride: d as i64,
                     page_stride: (ps * d) as i64,
                     page_size: ps as i64,
