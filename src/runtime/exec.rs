@@ -119,6 +119,39 @@ impl Scratch {
         }
     }
 
+    /// A task block with this scratch and the call's buffers and shapes; the
+    /// caller sets the task's own fields over it.
+    fn task(&mut self, call: &CallData<'_>) -> abi::Task {
+        abi::Task {
+            b: 0,
+            h: 0,
+            q_start: 0,
+            rows: 0,
+            q: std::ptr::null(),
+            k: std::ptr::null(),
+            v: std::ptr::null(),
+            v_stride: 0,
+            full: std::ptr::null(),
+            n_full: 0,
+            part: std::ptr::null(),
+            n_part: 0,
+            kv_len: 0,
+            d: 0,
+            s: self.s.as_mut_ptr(),
+            m: self.m.as_mut_ptr(),
+            l: self.l.as_mut_ptr(),
+            acc: self.acc.as_mut_ptr(),
+            rowvals: self.rowvals.as_mut_ptr(),
+            colvals: self.colvals.as_mut_ptr(),
+            err: &mut self.err,
+            bufs: call.descs.as_ptr(),
+            shapes: call.shapes.as_ptr(),
+            v_flags: std::ptr::null(),
+            kv_view: std::ptr::null(),
+            kv_start: 0,
+        }
+    }
+
     /// Sets the running state of the first `rows` rows to "no key seen".
     fn reset(&mut self, rows: usize, d: usize) {
         self.m[..rows].fill(f32::NEG_INFINITY);
@@ -226,7 +259,7 @@ pub(crate) fn run_with_budget(
     // Heads are packed and run in groups whose packed copies fit the budget.
     let group = (budget / 4 / per_head.max(1)).clamp(1, heads.len().max(1));
     let call = CallData::new(inputs, bound);
-    let (q, buffers, descs, shapes) = (&call.q, &call.buffers, &call.descs, &call.shapes);
+    let (q, buffers) = (&call.q, &call.buffers);
     let flat: Vec<FlatMap> = maps.maps().iter().map(FlatMap::new).collect();
     // The flattened map of (b, h): maps may be shared, per batch, per head or per (b, h).
     let all = maps.maps();
@@ -350,18 +383,9 @@ pub(crate) fn run_with_budget(
                     n_part: pnum as i64,
                     kv_len: kv_rows as i64,
                     d: d as i64,
-                    s: scratch.s.as_mut_ptr(),
-                    m: scratch.m.as_mut_ptr(),
-                    l: scratch.l.as_mut_ptr(),
-                    acc: scratch.acc.as_mut_ptr(),
-                    rowvals: scratch.rowvals.as_mut_ptr(),
-                    colvals: scratch.colvals.as_mut_ptr(),
-                    err: &mut scratch.err,
-                    bufs: descs.as_ptr(),
-                    shapes: shapes.as_ptr(),
                     v_flags: vflags[(head - g0) * n_kt..].as_ptr(),
-                    kv_view: std::ptr::null(),
                     kv_start: bound.kv_offset,
+                    ..scratch.task(&call)
                 };
                 // SAFETY: every pointer in `task` is valid for the sizes the task
                 // function's contract states (scratch sized by bq, bkv, d and the
@@ -724,27 +748,16 @@ fn run_in_place(
                 q_start: t.q_start,
                 rows: t.rows as i64,
                 q: call.q[t.first * d..(t.first + t.rows) * d].as_ptr(),
-                k: std::ptr::null(),
-                v: std::ptr::null(),
-                v_stride: 0,
                 full: t.full.as_ptr(),
                 n_full: (t.full.len() / 2) as i64,
                 part: t.part.as_ptr(),
                 n_part: t.part.len() as i64,
                 kv_len: bound.kv_len(t.b) as i64,
                 d: d as i64,
-                s: scratch.s.as_mut_ptr(),
-                m: scratch.m.as_mut_ptr(),
-                l: scratch.l.as_mut_ptr(),
-                acc: scratch.acc.as_mut_ptr(),
-                rowvals: scratch.rowvals.as_mut_ptr(),
-                colvals: scratch.colvals.as_mut_ptr(),
-                err: &mut scratch.err,
-                bufs: call.descs.as_ptr(),
-                shapes: call.shapes.as_ptr(),
                 v_flags: no_flags.as_ptr(),
                 kv_view: view,
                 kv_start: bound.kv_offset,
+                ..scratch.task(&call)
             };
             // SAFETY: as in `run_with_budget`; the view's rows `0 .. kv_len(b)`
             // are in k and v (dense rows checked by binding, pages by the table
