@@ -107,6 +107,11 @@ struct BlocksArgs {
     /// Batch size B (alias: --b).
     #[arg(long, alias = "b", default_value_t = 1, value_name = "B")]
     batch: usize,
+    /// A ragged batch: the key length of every sequence, `--kv-lens 40,300,75`
+    /// (B is their count, KV the largest); the queries are the last Q
+    /// positions of each. `--at B,H` picks the sequence drawn.
+    #[arg(long, value_name = "N,N,...", conflicts_with_all = ["batch", "kv_len", "q_offset"])]
+    kv_lens: Option<String>,
     /// Number of query heads H (alias: --h).
     #[arg(long, alias = "h", default_value_t = 1, value_name = "H")]
     heads: usize,
@@ -1106,6 +1111,7 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
             q_offset: 0,
             buffers: args.buffers,
             batch: 1,
+            kv_lens: None,
             heads: 1,
             kv_heads: None,
             at: "0,0".into(),
@@ -1495,7 +1501,30 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
         &spec_options(&args.spec)?,
     )?;
     let tiling = parse_block(&args.block, &program)?;
-    let kv_len = args.kv_len.unwrap_or(args.q_len);
+    let lens: Option<ndarray::Array1<i32>> = args
+        .kv_lens
+        .as_deref()
+        .map(|text| {
+            text.split(',')
+                .map(|n| {
+                    n.trim().parse::<i32>().map_err(|_| {
+                        Error::Usage(format!(
+                            "`--kv-lens {text}`: `{}` is not a length; give the key length of every sequence, e.g. 40,300,75",
+                            n.trim()
+                        ))
+                    })
+                })
+                .collect::<Result<ndarray::Array1<i32>, Error>>()
+        })
+        .transpose()?;
+    let mut args = args;
+    if let Some(l) = &lens {
+        args.batch = l.len();
+    }
+    let kv_len = match &lens {
+        Some(l) => l.iter().copied().max().unwrap_or(0).max(0) as usize,
+        None => args.kv_len.unwrap_or(args.q_len),
+    };
     let kv_heads = args.kv_heads.unwrap_or(args.heads);
     for (flag, n) in [
         ("--batch/--b", args.batch),
@@ -1580,6 +1609,9 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
     };
     let (q, kv) = (view(args.heads, args.q_len), view(kv_heads, kv_len));
     let mut inputs = Inputs::new(q, kv, kv).q_offset(args.q_offset);
+    if let Some(l) = &lens {
+        inputs = inputs.kv_lens(l.view());
+    }
     let mut rng = attnc::bench::Rng::new(0);
     bind_buffers(&mut inputs, &program, &shapes, buffers, Some(&mut rng))?;
     let bound = attnc::bind::bind(&program.spec, &inputs)?;
@@ -1648,7 +1680,17 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
     }
     let mut out = String::new();
     let _ = writeln!(out, "{}", render::title(&program.spec.name, map));
-    if !maps.is_shared() {
+    if bound.is_ragged() {
+        let _ = writeln!(
+            out,
+            "map of sequence b = {} ({} keys, queries at {}..{}), head h = {}; one map per sequence of a ragged batch",
+            at.0,
+            bound.kv_len(at.0),
+            bound.q_start(at.0),
+            bound.q_start(at.0) + args.q_len as i64,
+            at.1
+        );
+    } else if !maps.is_shared() {
         let _ = writeln!(
             out,
             "map of (b, h) = ({}, {}); the mask depends on{}{}",

@@ -1890,3 +1890,38 @@ fn run_on_a_paged_pool_and_a_ragged_batch() {
         "no output is left on failure"
     );
 }
+
+/// `attnc blocks --kv-lens` draws the map of one sequence of a ragged batch:
+/// a sliding-window decode visits only the tiles of its window, wherever the
+/// sequence ends; a bad list is a usage error.
+#[test]
+fn blocks_of_a_ragged_batch() {
+    let spec = root().join("examples/sliding_window.attn");
+    let spec = spec.to_str().unwrap();
+    let o = attnc(&[
+        "blocks",
+        spec,
+        "--param",
+        "window=100",
+        "--q-len",
+        "4",
+        "--kv-lens",
+        "100,300,37",
+        "--block",
+        "16x64",
+        "--at",
+        "1,0",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("map of sequence b = 1 (300 keys, queries at 296..300)"),
+        "{text}"
+    );
+    // Keys 196..299 are in the window: tiles 3 and 4 of 0..5 (64 keys each).
+    assert!(text.contains("   0 ...++"), "{text}");
+    let o = attnc(&["blocks", spec, "--q-len", "4", "--kv-lens", "100,x"]);
+    assert_fails(&o, &["`x` is not a length"]);
+    let o = attnc(&["blocks", spec, "--q-len", "4", "--kv-lens", "100,2"]);
+    assert_fails(&o, &["kv_lens[1] is 2, shorter than the Q = 4 queries"]);
+}
