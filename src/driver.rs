@@ -543,12 +543,25 @@ pub type NestShape = (crate::tile::nest::RowMap, crate::tile::nest::KvSource);
 /// head per tile with K/V read in place (ragged batches and paged pools); or
 /// one head per tile with K/V packed per call (dense prefill).
 pub fn nest_for(bound: &crate::bind::Bound, tiling: crate::mask::Tiling) -> NestShape {
+    nest_for_shapes(
+        &bound.shapes,
+        bound.is_ragged() || bound.pages.is_some(),
+        tiling,
+    )
+}
+
+/// [`nest_for`] from the shapes alone, with `ragged` for a ragged batch or a
+/// paged pool (for `attnc emit`, which has no inputs).
+pub fn nest_for_shapes(
+    sh: &crate::sema::eval::Shapes,
+    ragged: bool,
+    tiling: crate::mask::Tiling,
+) -> NestShape {
     use crate::tile::nest::{KvSource, RowMap};
-    let sh = bound.shapes;
     let group = sh.h / sh.hkv.max(1);
     if group * sh.q <= tiling.bq && sh.q > 0 {
         (RowMap::GqaGroup, KvSource::InPlace)
-    } else if bound.is_ragged() || bound.pages.is_some() {
+    } else if ragged {
         (RowMap::OneHead, KvSource::InPlace)
     } else {
         (RowMap::OneHead, KvSource::Packed)

@@ -226,6 +226,18 @@ struct EmitArgs {
     /// Key length, for `--stage blocks` (default: the query length).
     #[arg(long, value_name = "N")]
     kv_len: Option<usize>,
+    /// With --q-len: batch size B, for the loop nest chosen for these shapes.
+    #[arg(long, default_value_t = 1, value_name = "B", requires = "q_len")]
+    batch: usize,
+    /// With --q-len: query heads H.
+    #[arg(long, default_value_t = 8, value_name = "H", requires = "q_len")]
+    heads: usize,
+    /// With --q-len: key/value heads HKV (default: H).
+    #[arg(long, value_name = "HKV", requires = "q_len")]
+    kv_heads: Option<usize>,
+    /// With --q-len: K and V in a paged pool (or a ragged batch), read in place.
+    #[arg(long, value_name = "P", requires = "q_len")]
+    page_size: Option<usize>,
     /// Buffers for `--stage blocks`: `NAME=FILE.npy` or a recipe (repeatable).
     #[arg(long = "buffer", value_name = "NAME=FILE.npy|RECIPE")]
     buffers: Vec<String>,
@@ -1162,12 +1174,57 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
             }
         },
     };
+    // With shapes, the loop nest a call of those shapes takes.
+    let mut chosen = String::new();
+    let (rows, kv) = match args.q_len {
+        None => (Default::default(), Default::default()),
+        Some(q_len) => {
+            let hkv = args.kv_heads.unwrap_or(args.heads);
+            if args.heads == 0 || hkv == 0 || args.heads % hkv != 0 || args.batch == 0 {
+                return Err(Error::Usage(format!(
+                    "--heads {} and --kv-heads {hkv} (and --batch {}) must be at least 1, with H a multiple of HKV",
+                    args.heads, args.batch
+                )));
+            }
+            let kv_len = args.kv_len.unwrap_or(q_len);
+            let shapes = attnc::sema::eval::Shapes {
+                b: args.batch,
+                h: args.heads,
+                hkv,
+                q: q_len,
+                kv: kv_len,
+                d: dim.unwrap_or(64),
+            };
+            let nest = driver::nest_for_shapes(&shapes, args.page_size.is_some(), tiling);
+            let threads = rayon::current_num_threads();
+            let split = match nest.0 {
+                attnc::tile::nest::RowMap::GqaGroup => format!(
+                    "; each key walk split into {} chunk(s) on {threads} threads (for a walk of all {} key tiles)",
+                    attnc::runtime::exec::key_splits(threads, args.batch * hkv, kv_len.div_ceil(bkv)),
+                    kv_len.div_ceil(bkv)
+                ),
+                attnc::tile::nest::RowMap::OneHead => String::new(),
+            };
+            chosen = format!(
+                "; chosen for B={} H={} HKV={hkv} Q={q_len} KV={kv_len}{}: rows {:?}, K/V {:?}{split}\n",
+                args.batch,
+                args.heads,
+                args.page_size
+                    .map(|p| format!(" in pages of {p}"))
+                    .unwrap_or_default(),
+                nest.0,
+                nest.1
+            );
+            nest
+        }
+    };
     let schedule = attnc::tile::Schedule {
         bq,
         bkv,
         dim,
         exp2: args.exp == ExpBase::Exp2,
-        ..attnc::tile::Schedule::default()
+        rows,
+        kv,
     };
     if stage == Stage::Clif {
         let options = attnc::CompileOptions {
@@ -1182,7 +1239,10 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
     Ok(if stage == Stage::TileUnopt {
         kernel.to_string()
     } else if stage == Stage::Nest {
-        format!("; attnc loop nest of `{}`\n{}", kernel.name, kernel.nest)
+        format!(
+            "; attnc loop nest of `{}`\n{chosen}{}",
+            kernel.name, kernel.nest
+        )
     } else {
         attnc::tile::optimize(&kernel).to_string()
     })

@@ -1925,3 +1925,59 @@ fn blocks_of_a_ragged_batch() {
     let o = attnc(&["blocks", spec, "--q-len", "4", "--kv-lens", "100,2"]);
     assert_fails(&o, &["kv_lens[1] is 2, shorter than the Q = 4 queries"]);
 }
+
+/// `attnc emit --stage nest` with shapes prints the nest a call of those
+/// shapes takes: a long MQA decode groups the heads, reads in place and
+/// splits its key walk; a prefill packs.
+#[test]
+fn emit_prints_the_nest_chosen_for_shapes() {
+    let spec = root().join("examples/causal.attn");
+    let spec = spec.to_str().unwrap();
+    let o = attnc(&[
+        "emit",
+        spec,
+        "--stage",
+        "nest",
+        "--q-len",
+        "1",
+        "--kv-len",
+        "131072",
+        "--heads",
+        "8",
+        "--kv-heads",
+        "1",
+        "--dim",
+        "128",
+        "--page-size",
+        "16",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("in pages of 16: rows GqaGroup, K/V InPlace; each key walk split into"),
+        "{text}"
+    );
+    assert!(text.contains("grid kv_heads"), "{text}");
+    let o = attnc(&[
+        "emit", spec, "--stage", "nest", "--q-len", "2048", "--heads", "8",
+    ]);
+    assert!(
+        stdout(&o).contains("rows OneHead, K/V Packed"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stdout(&o).contains("grid query_tiles"), "{}", stdout(&o));
+    let o = attnc(&[
+        "emit",
+        spec,
+        "--stage",
+        "nest",
+        "--q-len",
+        "1",
+        "--heads",
+        "6",
+        "--kv-heads",
+        "4",
+    ]);
+    assert_fails(&o, &["H a multiple of HKV"]);
+}

@@ -522,6 +522,17 @@ fn error(
 /// Key tiles per chunk at least, when a decode step splits its key walk.
 const MIN_SPLIT_TILES: usize = 4;
 
+/// Into how many chunks a GQA-grouped call splits each key walk: enough for
+/// two chunks per thread over `items` (batch, KV head) walks, each chunk of
+/// at least a few tiles of the `longest` walk; 1 when the walks alone keep
+/// every thread busy.
+pub fn key_splits(threads: usize, items: usize, longest: usize) -> usize {
+    (2 * threads)
+        .div_ceil(items.max(1))
+        .min(longest / MIN_SPLIT_TILES)
+        .max(1)
+}
+
 /// One task of an in-place call: rows `row0 .. row0 + rows` of heads
 /// `h .. h + heads` of sequence `b` (their out/lse rows are consecutive from
 /// `first`), the key walk `full` (pairs) and `part`, and, for a chunk of a

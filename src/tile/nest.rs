@@ -54,8 +54,8 @@ pub enum Grid {
     /// `(b, kh, chunk)` for every batch, KV head and chunk of the key walk:
     /// a tile of at most `rows` rows holds every query row of the KV head's
     /// GQA group. The runtime splits the walk into chunks when `B x HKV`
-    /// tasks would leave threads idle (flash-decoding) and merges their
-    /// partial `(m, l, acc)` before the finish.
+    /// tasks would leave threads idle (flash-decoding), finishes each chunk
+    /// and merges the chunks' `(out, lse)` (`merge_states`' row merge).
     KvHeads { rows: usize },
 }
 
@@ -190,7 +190,7 @@ impl fmt::Display for LoopNest {
             Grid::KvHeads { rows } => writeln!(
                 f,
                 "grid kv_heads: b in 0..B, kh in 0..HKV, chunk in 0..splits parallel; \
-                 (H / HKV) * Q <= {rows} rows per tile; chunks' (m, l, acc) merged"
+                 (H / HKV) * Q <= {rows} rows per tile; chunks' (out, lse) merged"
             )?,
         }
         match (self.rows, self.grid) {
