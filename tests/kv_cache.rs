@@ -346,3 +346,62 @@ fn nan_at_keys_the_mask_hides_never_reaches_a_row() {
         }
     }
 }
+
+/// Pools and caches given as views of other layouts: a pool stored
+/// `[pages, HKV, page_size, D]` and permuted to the pool's axes (read in
+/// place at its strides), and k/v views with a reversed head axis (a
+/// negative stride: copied to the standard layout first) give the same
+/// outputs as the standard arrays.
+#[test]
+fn views_of_other_layouts_give_the_same_outputs() {
+    let program = program(SPECS[3]);
+    let jit = program.compile_jit(64, 64, GemmImpl::detect()).unwrap();
+    let cache = Cache::new(21, (4, 2, 1, 16), &[40, 75, 9], 7);
+    let want = jit.run(&cache.paged(&program)).unwrap();
+    // [pages, HKV, ps, D] in memory, viewed as [pages, ps, HKV, D].
+    let kp = cache
+        .k_pages
+        .view()
+        .permuted_axes([0, 2, 1, 3])
+        .as_standard_layout()
+        .into_owned();
+    let vp = cache
+        .v_pages
+        .view()
+        .permuted_axes([0, 2, 1, 3])
+        .as_standard_layout()
+        .into_owned();
+    let (kp, vp) = (
+        kp.view().permuted_axes([0, 2, 1, 3]),
+        vp.view().permuted_axes([0, 2, 1, 3]),
+    );
+    assert!(!kp.is_standard_layout());
+    let inputs = cache.with_buffers(
+        &program,
+        Inputs::paged(
+            cache.q.view(),
+            kp,
+            vp,
+            cache.table.view(),
+            cache.lens.view(),
+        ),
+    );
+    assert_eq!(jit.run(&inputs).unwrap(), want);
+    // Dense rows with the KV heads stored in reverse order, viewed forwards.
+    let rev = |a: &Array4<f32>| {
+        let mut r = a.view();
+        r.invert_axis(attnc::ndarray::Axis(1));
+        r.as_standard_layout().into_owned()
+    };
+    let (kr, vr) = (rev(&cache.k), rev(&cache.v));
+    let (mut kv, mut vv) = (kr.view(), vr.view());
+    kv.invert_axis(attnc::ndarray::Axis(1));
+    vv.invert_axis(attnc::ndarray::Axis(1));
+    assert!(kv.strides()[1] < 0);
+    let dense = cache.with_buffers(
+        &program,
+        Inputs::new(cache.q.view(), kv, vv).kv_lens(cache.lens.view()),
+    );
+    let want_dense = jit.run(&cache.dense(&program)).unwrap();
+    assert_eq!(jit.run(&dense).unwrap(), want_dense);
+}

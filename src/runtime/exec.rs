@@ -598,15 +598,20 @@ fn run_in_place(
     let (bq, bkv, d) = (k.schedule.bq, k.schedule.bkv, sh.d);
     let call = CallData::new(inputs, bound);
     let group = sh.h / sh.hkv;
-    // K and V with unit stride along D (a copy only for inputs that lack it).
+    // K and V with unit stride along D, the same strides, none negative (a
+    // copy only for inputs that lack it: views of odd layouts).
     let (k_own, v_own);
-    let (kin, vin) = if inputs.k.strides()[3] == 1 && inputs.v.strides()[3] == 1 {
-        (inputs.k.view(), inputs.v.view())
-    } else {
-        k_own = inputs.k.as_standard_layout().into_owned();
-        v_own = inputs.v.as_standard_layout().into_owned();
-        (k_own.view(), v_own.view())
+    let direct = |a: &ndarray::ArrayView4<'_, f32>| {
+        (a.strides()[3] == 1 || a.shape()[3] == 1) && a.strides().iter().all(|&st| st >= 0)
     };
+    let (kin, vin) =
+        if direct(&inputs.k) && direct(&inputs.v) && inputs.k.strides() == inputs.v.strides() {
+            (inputs.k.view(), inputs.v.view())
+        } else {
+            k_own = inputs.k.as_standard_layout().into_owned();
+            v_own = inputs.v.as_standard_layout().into_owned();
+            (k_own.view(), v_own.view())
+        };
     // One view per (sequence, KV head).
     let one_page = [0i32];
     let views: Vec<KvView> = (0..sh.b)
@@ -639,9 +644,9 @@ fn run_in_place(
             }
         })
         .collect();
-    debug_assert!(
+    assert!(
         kin.strides() == vin.strides(),
-        "k and v share a layout (bound with one shape; standard or both borrowed)"
+        "k and v share one layout (the same strides, or both copied to the standard one)"
     );
     // The tasks of the grid, with their key walks.
     let mut tasks: Vec<ViewTask> = Vec::new();
