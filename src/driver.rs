@@ -537,31 +537,39 @@ pub fn compile(file: SourceFile, options: &CompileOptions) -> Result<JitKernel, 
 /// How a loop nest maps rows and where it reads K and V.
 pub type NestShape = (crate::tile::nest::RowMap, crate::tile::nest::KvSource);
 
-/// The loop-nest shape a call takes, from its shapes and K/V layout: the
-/// query heads of a KV head in one tile (decode, speculative verification:
-/// `(H / HKV) x Q` rows fit one query tile of `tiling`), read in place; one
-/// head per tile with K/V read in place (ragged batches and paged pools); or
-/// one head per tile with K/V packed per call (dense prefill).
+/// The loop-nest shape a call takes, from its shapes and K/V layout, read in
+/// place unless said otherwise:
+/// - decode on a paged pool (`H x Q` rows fit one query tile of `tiling`, more
+///   than one KV head): every query head in one tile, so each pool page, whose
+///   rows interleave the KV heads, is read whole by one task;
+/// - decode, speculative verification (`(H / HKV) x Q` rows fit): the query
+///   heads of a KV head in one tile;
+/// - ragged batches and paged pools otherwise: one head per tile;
+/// - dense prefill: one head per tile, K/V packed per call.
 pub fn nest_for(bound: &crate::bind::Bound, tiling: crate::mask::Tiling) -> NestShape {
     nest_for_shapes(
         &bound.shapes,
-        bound.is_ragged() || bound.pages.is_some(),
+        bound.is_ragged(),
+        bound.pages.is_some(),
         tiling,
     )
 }
 
-/// [`nest_for`] from the shapes alone, with `ragged` for a ragged batch or a
-/// paged pool (for `attnc emit`, which has no inputs).
+/// [`nest_for`] from the shapes alone, with `ragged` for a ragged batch and
+/// `paged` for a paged pool (for `attnc emit`, which has no inputs).
 pub fn nest_for_shapes(
     sh: &crate::sema::eval::Shapes,
     ragged: bool,
+    paged: bool,
     tiling: crate::mask::Tiling,
 ) -> NestShape {
     use crate::tile::nest::{KvSource, RowMap};
     let group = sh.h / sh.hkv.max(1);
-    if group * sh.q <= tiling.bq && sh.q > 0 {
+    if paged && sh.hkv > 1 && sh.h * sh.q <= tiling.bq && sh.q > 0 {
+        (RowMap::AllHeads, KvSource::InPlace)
+    } else if group * sh.q <= tiling.bq && sh.q > 0 {
         (RowMap::GqaGroup, KvSource::InPlace)
-    } else if ragged {
+    } else if ragged || paged {
         (RowMap::OneHead, KvSource::InPlace)
     } else {
         (RowMap::OneHead, KvSource::Packed)

@@ -195,6 +195,13 @@ struct BenchArgs {
     /// useful GFLOP/s as a fraction of the peak measured beside it.
     #[arg(long)]
     peak: bool,
+    /// After the timed runs, measure the memory read bandwidth by streaming
+    /// the arrays of K and V the call reads (the pool, for `--page-size`) with
+    /// every worker thread, and report the call's time against the time to
+    /// read its K and V once at that rate (`read_gb_per_s`, `memory_ratio` in
+    /// `--json`).
+    #[arg(long)]
+    bandwidth: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -1052,12 +1059,25 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let report = report?;
+    let mut report = report?;
+    if args.bandwidth {
+        let arrays: Vec<&[f32]> = match &pool {
+            None => vec![contiguous(&k), contiguous(&v)],
+            Some((kp, vp, ..)) => vec![contiguous(kp), contiguous(vp)],
+        };
+        report = attnc::bench::with_memory(report, &arrays, args.runs.max(5));
+    }
     if args.json {
         say(format_args!("{}\n", report.to_json()))
     } else {
         say(format_args!("{report}\n"))
     }
+}
+
+/// The elements of an array made in standard layout.
+fn contiguous(a: &ndarray::Array4<f32>) -> &[f32] {
+    a.as_slice()
+        .expect("arrays made here are in standard layout")
 }
 
 fn run(cmd: Command) -> Result<(), Error> {
@@ -1195,15 +1215,20 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
                 kv: kv_len,
                 d: dim.unwrap_or(64),
             };
-            let nest = driver::nest_for_shapes(&shapes, args.page_size.is_some(), tiling);
+            let nest = driver::nest_for_shapes(&shapes, false, args.page_size.is_some(), tiling);
             let threads = rayon::current_num_threads();
-            let split = match nest.0 {
-                attnc::tile::nest::RowMap::GqaGroup => format!(
+            let walks = match nest.0 {
+                attnc::tile::nest::RowMap::GqaGroup => Some(args.batch * hkv),
+                attnc::tile::nest::RowMap::AllHeads => Some(args.batch),
+                attnc::tile::nest::RowMap::OneHead => None,
+            };
+            let split = match walks {
+                Some(walks) => format!(
                     "; each key walk split into {} chunk(s) on {threads} threads (for a walk of all {} key tiles)",
-                    attnc::runtime::exec::key_splits(threads, args.batch * hkv, kv_len.div_ceil(bkv)),
+                    attnc::runtime::exec::key_splits(threads, walks, kv_len.div_ceil(bkv)),
                     kv_len.div_ceil(bkv)
                 ),
-                attnc::tile::nest::RowMap::OneHead => String::new(),
+                None => String::new(),
             };
             chosen = format!(
                 "; chosen for B={} H={} HKV={hkv} Q={q_len} KV={kv_len}{}: rows {:?}, K/V {:?}{split}\n",

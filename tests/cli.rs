@@ -735,6 +735,65 @@ fn bench_reports_the_fma_peak_beside_the_runs() {
 }
 
 #[test]
+fn bench_measures_the_memory_bandwidth_beside_the_runs() {
+    // A paged decode step: the pool is what is streamed; the ratio is the
+    // call's median time over the time to read K+V once at that rate.
+    let o = attnc(&[
+        "bench",
+        "examples/causal.attn",
+        "--runs",
+        "3",
+        "--q-len",
+        "1",
+        "--kv-len",
+        "4096",
+        "--heads",
+        "8",
+        "--kv-heads",
+        "2",
+        "--page-size",
+        "16",
+        "--bandwidth",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
+    let (bw, ratio, median, bytes) = (
+        r["read_gb_per_s"].as_f64().unwrap(),
+        r["memory_ratio"].as_f64().unwrap(),
+        r["median_ms"].as_f64().unwrap(),
+        r["kv_bytes"].as_f64().unwrap(),
+    );
+    assert_eq!(bytes, (2 * 4096 * 64 * 4 * 2) as f64, "{r}");
+    assert!(bw.is_finite() && bw > 0.0, "{r}");
+    let want = median / (bytes / (bw * 1e6));
+    assert!((ratio - want).abs() <= 1e-9 * want, "{r}");
+    // Text: one line; without the flag the fields are null.
+    let o = attnc(&[
+        "bench",
+        "examples/causal.attn",
+        "--q-len",
+        "1",
+        "--kv-len",
+        "256",
+        "--runs",
+        "1",
+        "--bandwidth",
+    ]);
+    assert!(
+        stdout(&o)
+            .contains("GB/s beside the runs (K and V streamed by every thread): the call takes"),
+        "{}",
+        stdout(&o)
+    );
+    let r = bench_causal_json(&["--runs", "1"]);
+    assert!(
+        r["read_gb_per_s"].is_null() && r["memory_ratio"].is_null(),
+        "{r}"
+    );
+}
+
+#[test]
 fn bench_reports_the_tile_sizes_it_picked() {
     // The causal example has a mask: automatic tiles are 64x64; `--block` fixes them.
     let r = bench_causal_json(&["--runs", "1"]);
@@ -1967,6 +2026,31 @@ fn emit_prints_the_nest_chosen_for_shapes() {
         stdout(&o)
     );
     assert!(stdout(&o).contains("grid query_tiles"), "{}", stdout(&o));
+    // GQA decode on a paged pool: every head of a sequence in one tile.
+    let o = attnc(&[
+        "emit",
+        spec,
+        "--stage",
+        "nest",
+        "--q-len",
+        "1",
+        "--kv-len",
+        "16384",
+        "--batch",
+        "4",
+        "--heads",
+        "32",
+        "--kv-heads",
+        "8",
+        "--page-size",
+        "16",
+    ]);
+    let text = stdout(&o);
+    assert!(
+        text.contains("in pages of 16: rows AllHeads, K/V InPlace; each key walk split into"),
+        "{text}"
+    );
+    assert!(text.contains("grid sequences"), "{text}");
     let o = attnc(&[
         "emit",
         spec,

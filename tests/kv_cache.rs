@@ -5,12 +5,15 @@
 //! so any read of one shows up as a NaN in the outputs.
 
 mod common;
+mod support;
 
 use attnc::bench::Rng;
 use attnc::codegen::clif::GemmImpl;
 use attnc::ndarray::{s, Array1, Array2, Array3, Array4};
 use attnc::{merge_states, BufferData, Inputs, Outputs, Program, SourceFile, SpecOptions};
 use common::max_abs_diff;
+use proptest::prelude::*;
+use support::specgen::{arb_case, GenCase};
 
 /// Specs whose masks and score mods exercise positions, heads and buffers:
 /// `h` in the mask makes the block maps differ per head, so a GQA-grouped
@@ -60,38 +63,7 @@ impl Cache {
             k.slice_mut(s![bi, .., n.., ..]).fill(f32::NAN);
             v.slice_mut(s![bi, .., n.., ..]).fill(f32::NAN);
         }
-        let used: Vec<usize> = lens.iter().map(|n| n.div_ceil(ps)).collect();
-        let spare = 3;
-        let num_pages = used.iter().sum::<usize>() + spare;
-        // A shuffled assignment of pages to (sequence, page index).
-        let mut order: Vec<usize> = (0..num_pages).collect();
-        for i in (1..order.len()).rev() {
-            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-            order.swap(i, j);
-        }
-        let max_pages = used.iter().copied().max().unwrap() + 1;
-        let mut table = Array2::from_elem((b, max_pages), -1i32);
-        let mut k_pages = Array4::from_elem((num_pages, ps, hkv, d), f32::NAN);
-        let mut v_pages = Array4::from_elem((num_pages, ps, hkv, d), f32::NAN);
-        let mut next = 0;
-        for (bi, &n) in lens.iter().enumerate() {
-            for p in 0..used[bi] {
-                let page = order[next];
-                next += 1;
-                table[[bi, p]] = page as i32;
-                for slot in 0..ps.min(n - p * ps) {
-                    let j = p * ps + slot;
-                    for kh in 0..hkv {
-                        k_pages
-                            .slice_mut(s![page, slot, kh, ..])
-                            .assign(&k.slice(s![bi, kh, j, ..]));
-                        v_pages
-                            .slice_mut(s![page, slot, kh, ..])
-                            .assign(&v.slice(s![bi, kh, j, ..]));
-                    }
-                }
-            }
-        }
+        let (k_pages, v_pages, table) = pool_of(&k, &v, lens, ps, &mut rng);
         let slope = Array1::from_iter((0..h).map(|i| 0.05 * (i + 1) as f32));
         let doc = Array1::from_iter((0..kv_max).map(|i| (i / 23) as i64));
         Cache {
@@ -139,6 +111,53 @@ impl Cache {
     }
 }
 
+/// The rows `..lens[b]` of dense `[B, HKV, KVmax, D]` k and v as a paged pool
+/// of pages of `ps` slots in a shuffled order, with a spare page or three:
+/// `(k_pages, v_pages, table)`, NaN in every slot no sequence owns and -1
+/// past each sequence's pages in the table.
+fn pool_of(
+    k: &Array4<f32>,
+    v: &Array4<f32>,
+    lens: &[usize],
+    ps: usize,
+    rng: &mut Rng,
+) -> (Array4<f32>, Array4<f32>, Array2<i32>) {
+    let (b, hkv, _, d) = k.dim();
+    let used: Vec<usize> = lens.iter().map(|n| n.div_ceil(ps)).collect();
+    let spare = 3;
+    let num_pages = used.iter().sum::<usize>() + spare;
+    // A shuffled assignment of pages to (sequence, page index).
+    let mut order: Vec<usize> = (0..num_pages).collect();
+    for i in (1..order.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    let max_pages = used.iter().copied().max().unwrap() + 1;
+    let mut table = Array2::from_elem((b, max_pages), -1i32);
+    let mut k_pages = Array4::from_elem((num_pages, ps, hkv, d), f32::NAN);
+    let mut v_pages = Array4::from_elem((num_pages, ps, hkv, d), f32::NAN);
+    let mut next = 0;
+    for (bi, &n) in lens.iter().enumerate() {
+        for p in 0..used[bi] {
+            let page = order[next];
+            next += 1;
+            table[[bi, p]] = page as i32;
+            for slot in 0..ps.min(n - p * ps) {
+                let j = p * ps + slot;
+                for kh in 0..hkv {
+                    k_pages
+                        .slice_mut(s![page, slot, kh, ..])
+                        .assign(&k.slice(s![bi, kh, j, ..]));
+                    v_pages
+                        .slice_mut(s![page, slot, kh, ..])
+                        .assign(&v.slice(s![bi, kh, j, ..]));
+                }
+            }
+        }
+    }
+    (k_pages, v_pages, table)
+}
+
 fn assert_close(what: &str, got: &Outputs, want: &Outputs, tol: f32) {
     let d_out = max_abs_diff(got.out.iter(), want.out.iter());
     let d_lse = max_abs_diff(
@@ -158,14 +177,39 @@ fn assert_close(what: &str, got: &Outputs, want: &Outputs, tol: f32) {
 /// no stale NaN reaches them.
 #[test]
 fn paged_and_ragged_calls_match_the_reference_on_every_backend() {
-    let shapes = [(4, 2, 1, 16), (4, 1, 3, 24), (2, 2, 40, 8), (8, 2, 1, 32)];
+    // Nests: all heads in a tile (H x Q rows fit), a KV head's group (the
+    // 16-row tiling with (8, 2, 3, 16)), one head per tile.
+    let shapes = [
+        (4, 2, 1, 16),
+        (4, 1, 3, 24),
+        (2, 2, 40, 8),
+        (8, 2, 1, 32),
+        (8, 2, 3, 16),
+    ];
     let mut seed = 0;
+    let mut nests = std::collections::BTreeSet::new();
     for src in SPECS {
         let program = program(src);
         let jit = program.compile_jit(64, 64, GemmImpl::detect()).unwrap();
         let jit16 = program.compile_jit(16, 16, GemmImpl::detect()).unwrap();
         for (si, &shape) in shapes.iter().enumerate() {
             let ps = [1, 7, 16, 64][(seed as usize + si) % 4];
+            for bq in [64, 16] {
+                let (h, hkv, q, d) = shape;
+                let sh = attnc::sema::eval::Shapes {
+                    b: 5,
+                    h,
+                    hkv,
+                    q,
+                    kv: 1,
+                    d,
+                };
+                let tiling = attnc::mask::Tiling::new(bq, bq).unwrap();
+                nests.insert(format!(
+                    "{:?}",
+                    attnc::driver::nest_for_shapes(&sh, false, true, tiling)
+                ));
+            }
             let q = shape.2;
             let lens = [
                 q,
@@ -205,6 +249,115 @@ fn paged_and_ragged_calls_match_the_reference_on_every_backend() {
             }
         }
     }
+    assert_eq!(
+        nests.into_iter().collect::<Vec<_>>(),
+        [
+            "(AllHeads, InPlace)",
+            "(GqaGroup, InPlace)",
+            "(OneHead, InPlace)"
+        ],
+        "the pools go through every in-place nest"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, rng_seed: proptest::test_runner::RngSeed::Fixed(0x9a6e_d0c5), ..ProptestConfig::default() })]
+
+    /// Random specs of `support::specgen` (masks, score mods and buffers of the
+    /// field's patterns) on ragged batches: each sequence's length is 1, a page
+    /// less one, a page, a page more or random (at least Q), page sizes 1, 7,
+    /// 16 and 64, GQA ratios of the generator. The reference on the paged pool
+    /// equals the reference on dense rows exactly; the jit (every read
+    /// bounds-checked) and the interpreter on the pool and on the dense rows
+    /// agree with it to 1e-5, or fail with its error word for word. Stale
+    /// slots hold NaN.
+    #[test]
+    fn paged_pools_agree_with_dense_rows_on_random_specs(
+        case in arb_case(),
+        ps in prop::sample::select(vec![1usize, 7, 16, 64]),
+        picks in prop::collection::vec(0usize..5, 3),
+        bq in prop::sample::select(vec![8usize, 16, 64]),
+    ) {
+        let mut case = case;
+        let sh = &mut case.shapes;
+        sh.kv_batch = sh.b;
+        sh.q_offset = 0;
+        sh.kv = sh.kv.max(sh.q);
+        let (q, kv) = (sh.q, sh.kv);
+        // Sequence 0 is the longest, so `KV` in buffer shapes (max kv_lens) is kv.
+        let lens: Vec<usize> = (0..sh.b)
+            .map(|b| if b == 0 { kv } else {
+                [1, ps - 1, ps, ps + 1, (kv + 7 * b) % (kv + 1)][picks[b % 3]].clamp(q, kv)
+            })
+            .collect();
+        let program = attnc::load(case.spec.source_file(), &case.spec.options()).unwrap();
+        let mut data = case.data();
+        for (b, &n) in lens.iter().enumerate() {
+            data.k.slice_mut(s![b, .., n.., ..]).fill(f32::NAN);
+            data.v.slice_mut(s![b, .., n.., ..]).fill(f32::NAN);
+        }
+        let lens_arr = Array1::from_iter(lens.iter().map(|&n| n as i32));
+        let mut rng = Rng::new(case.seed);
+        let (kp, vp, table) = pool_of(&data.k, &data.v, &lens, ps, &mut rng);
+        let mut dense = Inputs::new(data.q.view(), data.k.view(), data.v.view())
+            .kv_lens(lens_arr.view())
+            .with_lse();
+        dense.buffers = data.buffers.clone();
+        let mut paged = Inputs::paged(data.q.view(), kp.view(), vp.view(), table.view(), lens_arr.view())
+            .with_lse();
+        paged.buffers = data.buffers.clone();
+        let reference = program.run_reference(&dense);
+        let on_pool = program.run_reference(&paged);
+        prop_assert_eq!(
+            reference.as_ref().map_err(|e| e.to_string()),
+            on_pool.as_ref().map_err(|e| e.to_string()),
+            "reference on the pool\nspec:\n{}", case.spec.source
+        );
+        let options = attnc::CompileOptions {
+            tiles: attnc::Tiles::Fixed(attnc::mask::Tiling::new(bq, 16).unwrap()),
+            check_proven_loads: true,
+            ..Default::default()
+        };
+        let kernel = program.compile_jit_with(&options).unwrap();
+        for (layout, inputs) in [("dense rows", &dense), ("pool", &paged)] {
+            let what = format!("ragged {lens:?} page {ps} {layout}");
+            agree(&format!("jit {bq}x16 {what}"), &case, &reference, kernel.run(inputs))?;
+            agree(&format!("interp {bq}x16 {what}"), &case, &reference, program.run_interp(inputs, bq, 16))?;
+        }
+    }
+}
+
+/// As in `backend_props`: within 1e-5 (NaN where the reference has NaN), or
+/// the reference's error word for word.
+fn agree(
+    what: &str,
+    case: &GenCase,
+    reference: &Result<Outputs, attnc::Error>,
+    got: Result<Outputs, attnc::Error>,
+) -> Result<(), TestCaseError> {
+    match (reference, got) {
+        (Ok(r), Ok(g)) => {
+            let d_out = max_abs_diff(g.out.iter(), r.out.iter());
+            let d_lse = max_abs_diff(
+                g.lse.as_ref().unwrap().iter(),
+                r.lse.as_ref().unwrap().iter(),
+            );
+            prop_assert!(
+                d_out <= 1e-5 && d_lse <= 1e-5,
+                "{what}: |out diff| {d_out:e}, |lse diff| {d_lse:e}\nspec:\n{}",
+                case.spec.source
+            );
+        }
+        (Err(r), Err(g)) if r.to_string() == g.to_string() => {}
+        (r, g) => prop_assert!(
+            false,
+            "{what}: reference {:?}, backend {:?}\nspec:\n{}",
+            r.as_ref().map(|_| "ok").map_err(|e| e.to_string()),
+            g.as_ref().map(|_| "ok").map_err(|e| e.to_string()),
+            case.spec.source
+        ),
+    }
+    Ok(())
 }
 
 /// A dense call of uniform length whose keys are cut into chunks, each run on

@@ -292,6 +292,27 @@ fn decode_kernel_text() {
 }
 
 #[test]
+fn paged_decode_kernel_text() {
+    // Every head of a sequence in one tile: `h` is row-level, as in a GQA group.
+    let spec = spec_of(&common::root().join("examples/alibi.attn"));
+    let schedule = Schedule {
+        bq: 32,
+        bkv: 16,
+        rows: tile::nest::RowMap::AllHeads,
+        kv: tile::nest::KvSource::InPlace,
+        ..Schedule::default()
+    };
+    let k = tile::lower(&spec, &schedule);
+    let h = k
+        .insts
+        .iter()
+        .find(|i| i.op == tile::Op::Var(attnc::sema::Var::H))
+        .expect("the slope is read at h");
+    assert_eq!(h.level, tile::Level::Row);
+    insta::assert_snapshot!(k.to_string());
+}
+
+#[test]
 fn loop_nest_text() {
     let spec = spec_of(&common::root().join("examples/causal.attn"));
     let mut text = String::new();
@@ -307,6 +328,12 @@ fn loop_nest_text() {
         // Decode: the GQA group of a KV head in one tile, K/V read in place.
         Schedule {
             rows: tile::nest::RowMap::GqaGroup,
+            kv: tile::nest::KvSource::InPlace,
+            ..Schedule::default()
+        },
+        // Decode on a paged pool: every head of a sequence in one tile.
+        Schedule {
+            rows: tile::nest::RowMap::AllHeads,
             kv: tile::nest::KvSource::InPlace,
             ..Schedule::default()
         },

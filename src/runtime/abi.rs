@@ -63,6 +63,12 @@ pub struct Task {
 /// `table[j / page_size]`, slot `j % page_size`, at `k + page * page_stride +
 /// slot * row_stride` (and likewise in `v`), strides in floats. Dense rows are
 /// one page as long as the sequence, with a table of one entry, 0.
+///
+/// A view may span several KV heads of the sequence, for a tile that holds
+/// every query head ([`crate::tile::nest::RowMap::AllHeads`]): tile row `r`
+/// reads KV head `r / head_rows`, whose rows start `head_stride` floats after
+/// the previous head's. A view of one KV head has `head_rows` at least the
+/// tile's rows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct KvView {
@@ -74,6 +80,8 @@ pub struct KvView {
     pub page_stride: i64,
     pub page_size: i64,
     pub table: *const i32,
+    pub head_stride: i64,
+    pub head_rows: i64,
 }
 
 // SAFETY: a view is only read, by the tasks of one run, and points at K/V rows

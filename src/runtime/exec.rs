@@ -612,7 +612,13 @@ fn run_in_place(
             v_own = inputs.v.as_standard_layout().into_owned();
             (k_own.view(), v_own.view())
         };
-    // One view per (sequence, KV head).
+    // One view per (sequence, KV head); a tile of all heads reads from the
+    // view of KV head 0 onwards, a head every `group * Q` rows.
+    let (head_stride, head_rows) = match (k.nest.grid, &bound.pages) {
+        (Grid::Sequences { .. }, None) => (kin.strides()[1] as i64, (group * sh.q) as i64),
+        (Grid::Sequences { .. }, Some(_)) => (kin.strides()[2] as i64, (group * sh.q) as i64),
+        _ => (0, i64::MAX),
+    };
     let one_page = [0i32];
     let views: Vec<KvView> = (0..sh.b)
         .flat_map(|b| (0..sh.hkv).map(move |kh| (b, kh)))
@@ -628,6 +634,8 @@ fn run_in_place(
                     page_stride: 0,
                     page_size: bound.kv_len(b).max(1) as i64,
                     table: one_page.as_ptr(),
+                    head_stride,
+                    head_rows,
                 }
             }
             Some(p) => {
@@ -640,6 +648,8 @@ fn run_in_place(
                     page_stride: st[0] as i64,
                     page_size: p.page_size as i64,
                     table: p.table.row(b).as_ptr(),
+                    head_stride,
+                    head_rows,
                 }
             }
         })
@@ -676,33 +686,33 @@ fn run_in_place(
                 }
             }
         }
-        Grid::KvHeads { rows } => {
+        Grid::KvHeads { rows } | Grid::Sequences { rows } => {
+            // The heads a task's tile holds: a KV head's GQA group, or all.
+            let heads = match k.nest.grid {
+                Grid::Sequences { .. } => sh.h,
+                _ => group,
+            };
             assert!(
-                group * sh.q <= rows && sh.q <= bq,
-                "the driver picks the grouped nest only when a KV head's rows fit one tile"
+                heads * sh.q <= rows && sh.q <= bq,
+                "the driver picks a grouped nest only when its rows fit one tile"
             );
-            // Per (b, kh): its key walk, FULL ranges and PARTIAL tiles.
+            // Per (b, first head): its key walk, FULL ranges and PARTIAL tiles.
             type Walk = (usize, usize, Vec<Range<u32>>, Vec<u32>);
             let walks: Vec<Walk> = (0..sh.b)
-                .flat_map(|b| (0..sh.hkv).map(move |kh| (b, kh)))
-                .map(|(b, kh)| {
-                    let (full, part) = maps.group_walk(b, kh * group..(kh + 1) * group, 0);
-                    (b, kh, full, part)
+                .flat_map(|b| (0..sh.h / heads).map(move |g| (b, g * heads)))
+                .map(|(b, h)| {
+                    let (full, part) = maps.group_walk(b, h..h + heads, 0);
+                    (b, h, full, part)
                 })
                 .collect();
             // Enough chunks for two per thread, each of a few tiles at least.
-            let threads = rayon::current_num_threads();
             let longest = walks
                 .iter()
                 .map(|w| walk_work(&w.2, &w.3))
                 .max()
                 .unwrap_or(0);
-            let splits = (2 * threads)
-                .div_ceil(walks.len().max(1))
-                .min(longest / MIN_SPLIT_TILES)
-                .max(1);
-            for (b, kh, full, part) in walks {
-                let h = kh * group;
+            let splits = key_splits(rayon::current_num_threads(), walks.len(), longest);
+            for (b, h, full, part) in walks {
                 let chunks = if splits > 1 {
                     split_walk(&full, &part, splits)
                 } else {
@@ -713,7 +723,7 @@ fn run_in_place(
                     tasks.push(ViewTask {
                         b,
                         h,
-                        rows: group * sh.q,
+                        rows: heads * sh.q,
                         first: (b * sh.h + h) * sh.q,
                         q_start: bound.q_start(b),
                         work: full

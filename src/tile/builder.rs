@@ -57,7 +57,7 @@ pub struct Builder {
     pub spans: Vec<Option<Span>>,
     intern: HashMap<Key, ValueId>,
     /// The level of the head `h`: `Head`, or `Row` when a tile's rows span
-    /// the heads of a GQA group ([`super::nest::RowMap::GqaGroup`]).
+    /// several heads ([`super::nest::RowMap::head_per_row`]).
     h_level: Level,
 }
 
@@ -74,9 +74,10 @@ impl Builder {
             insts: Vec::new(),
             spans: Vec::new(),
             intern: HashMap::new(),
-            h_level: match rows {
-                super::nest::RowMap::OneHead => Level::Head,
-                super::nest::RowMap::GqaGroup => Level::Row,
+            h_level: if rows.head_per_row() {
+                Level::Row
+            } else {
+                Level::Head
             },
         }
     }

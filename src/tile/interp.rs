@@ -336,15 +336,21 @@ pub fn run(
                 .flat_map(|b| (0..sh.hkv).map(move |kh| (b, kh * group, group, 0, group * sh.q)))
                 .collect()
         }
+        Grid::Sequences { rows } => {
+            assert!(
+                sh.h * sh.q <= rows && sh.q <= bq,
+                "a tile of all heads holds H x Q <= {rows} rows and one query tile"
+            );
+            (0..sh.b).map(|b| (b, 0, sh.h, 0, sh.h * sh.q)).collect()
+        }
     };
     for (b, h0, heads, row0, rows) in tasks {
         let q_start = bound.q_start(b);
         let kv_len = bound.kv_len(b);
-        let kh = bound.kv_head(h0);
         // Row i of the tile: its head and query row.
         let row_at = |i: usize| match k.nest.rows {
             RowMap::OneHead => (h0, row0 + i),
-            RowMap::GqaGroup => (h0 + i / sh.q, i % sh.q),
+            RowMap::GqaGroup | RowMap::AllHeads => (h0 + i / sh.q, i % sh.q),
         };
         let head = Here {
             b: b as i64,
@@ -411,7 +417,9 @@ pub fn run(
         // Both sources read the caller's rows here; they differ in how the
         // compiled backends reach them (packed per call, or in place).
         let (KvSource::Packed | KvSource::InPlace) = k.nest.kv;
-        let kv_at = |j: usize, d: usize| bound.kv_index(b, kh, j, d);
+        // Row i reads the KV head of its query head.
+        let row_kh: Vec<usize> = (0..rows).map(|i| bound.kv_head(row_at(i).0)).collect();
+        let kv_at = |i: usize, j: usize, d: usize| bound.kv_index(b, row_kh[i], j, d);
         for (kt, section) in walk {
             let col0 = kt * bkv;
             let cols = bkv.min(kv_len - col0);
@@ -425,7 +433,7 @@ pub fn run(
                             for (j, x) in row.iter_mut().enumerate() {
                                 let mut dot = 0f32;
                                 for d in 0..sh.d {
-                                    dot += qs[i][d] * inputs.k[kv_at(col0 + j, d)];
+                                    dot += qs[i][d] * inputs.k[kv_at(i, col0 + j, d)];
                                 }
                                 *x = dot * prescale;
                             }
@@ -474,7 +482,7 @@ pub fn run(
                     Step::OnlineSoftmax => {
                         online_softmax(&mut s, &mut mx, &mut l, &mut acc, k.schedule.exp2)
                     }
-                    Step::Pv => pv(&s, &mut acc, |j, d| inputs.v[kv_at(col0 + j, d)]),
+                    Step::Pv => pv(&s, &mut acc, |i, j, d| inputs.v[kv_at(i, col0 + j, d)]),
                 }
             }
         }
@@ -542,12 +550,12 @@ fn nan_max(a: f32, b: f32) -> f32 {
 
 /// `acc += P V` over a tile of probabilities, skipping keys of probability 0
 /// (so a NaN or infinite V at a masked key never reaches a row).
-fn pv(p: &[Vec<f32>], acc: &mut [Vec<f32>], v: impl Fn(usize, usize) -> f32) {
-    for (row, a) in p.iter().zip(acc.iter_mut()) {
+fn pv(p: &[Vec<f32>], acc: &mut [Vec<f32>], v: impl Fn(usize, usize, usize) -> f32) {
+    for (i, (row, a)) in p.iter().zip(acc.iter_mut()).enumerate() {
         for (j, &pj) in row.iter().enumerate() {
             if pj != 0.0 {
                 for (d, x) in a.iter_mut().enumerate() {
-                    *x += pj * v(j, d);
+                    *x += pj * v(i, j, d);
                 }
             }
         }

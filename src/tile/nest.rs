@@ -20,7 +20,12 @@
 //!   holds the `H / HKV` query heads that share the KV head times the `Q`
 //!   query rows ([`RowMap::GqaGroup`]), so each K/V row is read once per KV
 //!   head; K and V are read in place ([`KvSource::InPlace`]: dense rows or a
-//!   paged pool), and the chunks' partial states are merged.
+//!   paged pool), and the chunks' partial states are merged;
+//! - decode on a paged pool: one task per (b, chunk of the key walk), whose
+//!   tile holds every query head times the `Q` rows ([`RowMap::AllHeads`]):
+//!   a pool page `[page_size, HKV, D]` is read whole, once, by one task,
+//!   where a task per KV head would read a `D`-float slice out of every
+//!   `HKV x D` row.
 
 use std::fmt;
 
@@ -57,6 +62,10 @@ pub enum Grid {
     /// tasks would leave threads idle (flash-decoding), finishes each chunk
     /// and merges the chunks' `(out, lse)` (`merge_states`' row merge).
     KvHeads { rows: usize },
+    /// `(b, chunk)` for every batch and chunk of the key walk: a tile of at
+    /// most `rows` rows holds every query row of every head of sequence `b`,
+    /// chunks split and merged as for [`Grid::KvHeads`].
+    Sequences { rows: usize },
 }
 
 /// How a tile's rows map to (batch, head, query position).
@@ -71,6 +80,21 @@ pub enum RowMap {
     /// `i % Q`, at position `q_start(b) + i % Q`. The head `h` is then a
     /// row-level value.
     GqaGroup,
+    /// The rows of a tile are all `H` query heads times the `Q` query rows
+    /// of sequence `b`: row `i` is head `i / Q` (reading KV head `i / Q / (H
+    /// / HKV)`), query row `i % Q`, at position `q_start(b) + i % Q`. As for
+    /// [`RowMap::GqaGroup`], `h` is a row-level value.
+    AllHeads,
+}
+
+impl RowMap {
+    /// Whether the head `h` varies across the rows of a tile.
+    pub fn head_per_row(self) -> bool {
+        match self {
+            RowMap::OneHead => false,
+            RowMap::GqaGroup | RowMap::AllHeads => true,
+        }
+    }
 }
 
 /// Where K and V come from.
@@ -143,6 +167,7 @@ impl LoopNest {
             grid: match schedule.rows {
                 RowMap::OneHead => Grid::QueryTiles { bq: schedule.bq },
                 RowMap::GqaGroup => Grid::KvHeads { rows: schedule.bq },
+                RowMap::AllHeads => Grid::Sequences { rows: schedule.bq },
             },
             rows: schedule.rows,
             kv: schedule.kv,
@@ -192,6 +217,11 @@ impl fmt::Display for LoopNest {
                 "grid kv_heads: b in 0..B, kh in 0..HKV, chunk in 0..splits parallel; \
                  (H / HKV) * Q <= {rows} rows per tile; chunks' (out, lse) merged"
             )?,
+            Grid::Sequences { rows } => writeln!(
+                f,
+                "grid sequences: b in 0..B, chunk in 0..splits parallel; \
+                 H * Q <= {rows} rows per tile; chunks' (out, lse) merged"
+            )?,
         }
         match (self.rows, self.grid) {
             (RowMap::OneHead, Grid::QueryTiles { bq }) => writeln!(
@@ -203,7 +233,12 @@ impl fmt::Display for LoopNest {
                 "rows gqa_group: row i of (b, kh, chunk) is head h = kh * (H / HKV) + i / Q, \
                  query q = q_start(b) + i % Q"
             )?,
-            (RowMap::OneHead, Grid::KvHeads { .. }) => {
+            (RowMap::AllHeads, _) => writeln!(
+                f,
+                "rows all_heads: row i of (b, chunk) is head h = i / Q (kv head h / (H / HKV)), \
+                 query q = q_start(b) + i % Q"
+            )?,
+            (RowMap::OneHead, Grid::KvHeads { .. } | Grid::Sequences { .. }) => {
                 unreachable!("a one-head row map has query tiles")
             }
         }
@@ -215,7 +250,12 @@ impl fmt::Display for LoopNest {
             KvSource::InPlace => writeln!(
                 f,
                 "kv in_place: rows j < kv_len(b) of kv head kh read where they are: \
-                 dense [B, HKV, KV, D] or pages [P, page_size, HKV, D] at table[b, j / page_size]"
+                 dense [B, HKV, KV, D] or pages [P, page_size, HKV, D] at table[b, j / page_size]{}",
+                if self.rows == RowMap::AllHeads {
+                    "; a tile reads every kv head of a row together"
+                } else {
+                    ""
+                }
             )?,
         }
         match &self.walk {
@@ -280,6 +320,24 @@ mod tests {
         let text = nest.to_string();
         assert!(text.contains("head h = kh * (H / HKV) + i / Q"), "{text}");
         assert!(text.contains("kv in_place"), "{text}");
+    }
+
+    #[test]
+    fn the_paged_decode_nest_holds_every_head_of_a_sequence() {
+        let schedule = Schedule {
+            rows: RowMap::AllHeads,
+            kv: KvSource::InPlace,
+            ..Schedule::default()
+        };
+        let nest = LoopNest::forward(&schedule);
+        assert_eq!(nest.grid, Grid::Sequences { rows: 64 });
+        let text = nest.to_string();
+        assert!(text.contains("grid sequences: b in 0..B, chunk"), "{text}");
+        assert!(
+            text.contains("head h = i / Q (kv head h / (H / HKV))"),
+            "{text}"
+        );
+        assert!(text.contains("every kv head of a row together"), "{text}");
     }
 
     #[test]

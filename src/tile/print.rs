@@ -180,6 +180,15 @@ impl fmt::Display for Kernel {
                     "    q_tile = load_q b, heads kh * (H / HKV) .., all Q rows   ; <= {rows} rows"
                 )?;
             }
+            Grid::Sequences { rows } => {
+                writeln!(f, "  grid b in 0..B, chunk in 0..splits parallel:")?;
+                writeln!(f, "    head:")?;
+                self.write_level(f, "      ", Level::Head, None)?;
+                writeln!(
+                    f,
+                    "    q_tile = load_q b, every head, all Q rows   ; <= {rows} rows"
+                )?;
+            }
         }
         writeln!(f, "    m = -inf, l = 0, acc = 0")?;
         match (self.nest.rows, self.nest.grid) {
@@ -191,7 +200,11 @@ impl fmt::Display for Kernel {
                 f,
                 "    row i (h = kh * (H / HKV) + i / Q, q = q_start(b) + i % Q, i < (H / HKV) * Q):"
             )?,
-            (RowMap::OneHead, Grid::KvHeads { .. }) => {
+            (RowMap::AllHeads, _) => writeln!(
+                f,
+                "    row i (h = i / Q, kh = h / (H / HKV), q = q_start(b) + i % Q, i < H * Q):"
+            )?,
+            (RowMap::OneHead, Grid::KvHeads { .. } | Grid::Sequences { .. }) => {
                 unreachable!("one-head rows have query tiles")
             }
         }

@@ -324,10 +324,12 @@ impl Emitter<'_> {
         self.task = Some(begin_function(b)[0]);
         let k = self.k;
         // The loop nest this body lowers: one task per (b, h, query tile), or
-        // per (b, KV head, key chunk) for a GQA group (the runtime's task block
-        // says which); the grid itself is the runtime's.
-        let (crate::tile::nest::Grid::QueryTiles { .. } | crate::tile::nest::Grid::KvHeads { .. }) =
-            k.nest.grid;
+        // per (b, KV head, key chunk) for a GQA group, or per (b, key chunk)
+        // for all heads (the runtime's task block says which); the grid
+        // itself is the runtime's.
+        let (crate::tile::nest::Grid::QueryTiles { .. }
+        | crate::tile::nest::Grid::KvHeads { .. }
+        | crate::tile::nest::Grid::Sequences { .. }) = k.nest.grid;
         let bq = k.schedule.bq as i64;
         let bkv = k.schedule.bkv as i64;
         let bv = self.task_field(b, offset::B);
@@ -443,7 +445,8 @@ impl Emitter<'_> {
 
     /// Where row `i` of the tile is: its query position and head, as the
     /// loop nest's row map says (`q_start + i` of the task's head, or head
-    /// `h + i / Q`, query `q_start + i % Q` in a GQA group).
+    /// `h + i / Q`, query `q_start + i % Q` in a GQA group or, from `h = 0`,
+    /// in a tile of all heads).
     fn row_here(&self, b: &mut FunctionBuilder<'_>, q_start: Value, i: Value, here: &Here) -> Here {
         use crate::tile::nest::RowMap;
         match self.k.nest.rows {
@@ -451,7 +454,7 @@ impl Emitter<'_> {
                 q: Some(b.ins().iadd(q_start, i)),
                 ..*here
             },
-            RowMap::GqaGroup => {
+            RowMap::GqaGroup | RowMap::AllHeads => {
                 let shapes = self.task_field(b, offset::SHAPES);
                 let qn = b.ins().load(types::I64, flags(), shapes, 3 * 8);
                 let head = b.ins().udiv(i, qn);

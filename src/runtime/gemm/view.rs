@@ -68,19 +68,29 @@ struct Segments<'a> {
     key0: usize,
     cols: usize,
     c: usize,
-    d: usize,
+    /// Floats of a row to prefetch: the head dim of each KV head the view's
+    /// tile reads.
+    span: usize,
 }
 
 impl<'a> Segments<'a> {
     #[inline(always)]
-    fn new(view: &'a KvView, base: *const f32, key0: usize, cols: usize, d: usize) -> Segments<'a> {
+    fn new(
+        view: &'a KvView,
+        base: *const f32,
+        key0: usize,
+        cols: usize,
+        d: usize,
+        rows: usize,
+    ) -> Segments<'a> {
+        let heads = rows.div_ceil(head_rows(view)).max(1);
         Segments {
             view,
             base,
             key0,
             cols,
             c: 0,
-            d,
+            span: (heads - 1) * view.head_stride as usize + d,
         }
     }
 
@@ -106,7 +116,7 @@ impl<'a> Segments<'a> {
         // Bring the rows `PF_KEYS` keys ahead into L2, found through the
         // table: in a pool of small pages they are in other pages.
         let ahead = key + PF_KEYS;
-        if ps < PAGE_PF_BELOW && ahead < v.len as usize {
+        if ps < PAGE_PF_BELOW && self.span < PF_RUN_BELOW && ahead < v.len as usize {
             let page = *v.table.add(ahead / ps) as usize;
             let slot = ahead % ps;
             let rows = n.min(ps - slot).min(v.len as usize - ahead);
@@ -114,13 +124,28 @@ impl<'a> Segments<'a> {
                 .base
                 .add(page * v.page_stride as usize + slot * v.row_stride as usize);
             for r in 0..rows {
-                prefetch(first.add(r * v.row_stride as usize), self.d);
+                prefetch(first.add(r * v.row_stride as usize), self.span);
             }
         }
         let c = self.c;
         self.c += n;
         Some((c, row, n))
     }
+}
+
+/// Tile rows per KV head of a view (see [`KvView`]).
+#[inline(always)]
+fn head_rows(view: &KvView) -> usize {
+    (view.head_rows.max(1) as u64).min(usize::MAX as u64) as usize
+}
+
+/// Rows `r0 ..` of a tile that read one KV head, at most `max` of them, and
+/// the offset (in floats) of that head's rows in the view.
+#[inline(always)]
+fn head_block(view: &KvView, r0: usize, rows: usize, max: usize) -> (usize, usize) {
+    let hr = head_rows(view);
+    let n = (rows - r0).min(max).min(hr - r0 % hr);
+    (n, (r0 / hr) * view.head_stride as usize)
 }
 
 /// Asks for the `n` floats at `p` to be brought into L2 (a hint; never
@@ -155,6 +180,23 @@ const PF_KEYS: usize = 128;
 /// table; in longer ones (and dense rows) the products prefetch key by key
 /// within the page, which streams better.
 const PAGE_PF_BELOW: usize = 4 * PF_KEYS;
+
+/// Rows of K and V whose contiguous run (every KV head a tile reads, in
+/// floats) is at least this long are left to the hardware prefetchers, which
+/// stream a long run better than hints do: a tile of all heads of a paged
+/// pool (rows of `HKV x D` floats) took a median 36-39 ms with hints 128 keys
+/// ahead and 28-31 ms without, on the paged GQA decode benchmark of
+/// docs/performance.md (8 KV heads of 128 floats: runs of 4 KiB).
+const PF_RUN_BELOW: usize = 512;
+
+/// Whether the products prefetch key by key (rows in long pages or dense,
+/// each a short run).
+#[inline(always)]
+fn key_prefetch(view: &KvView, d: usize, rows: usize) -> bool {
+    let heads = rows.div_ceil(head_rows(view)).max(1);
+    view.page_size as usize >= PAGE_PF_BELOW
+        && (heads - 1) * view.head_stride as usize + d < PF_RUN_BELOW
+}
 
 /// Query rows handled together in `qk`.
 const QK_ROWS: usize = 4;
@@ -233,8 +275,8 @@ unsafe fn qk<S: Simd>(
     let zero = S::splat(0.0);
     let scale_v = S::splat(scale);
     let rs = view.row_stride as usize;
-    let pf = view.page_size as usize >= PAGE_PF_BELOW;
-    let mut segs = Segments::new(view, view.k, key0, cols, d);
+    let pf = key_prefetch(view, d, rows);
+    let mut segs = Segments::new(view, view.k, key0, cols, d, rows);
     while let Some((c0, krows, n)) = segs.next() {
         // Blocks of LANES keys, walked key after key (each K row read in
         // order, as the hardware prefetchers expect): for a few query rows at
@@ -242,10 +284,10 @@ unsafe fn qk<S: Simd>(
         // transposing reduction per row gives the block's LANES scores.
         let mut j = 0;
         while j + S::LANES <= n {
-            let kb = krows.add(j * rs);
             let mut r0 = 0;
             while r0 < rows {
-                let nr = (rows - r0).min(QK_ROWS);
+                let (nr, head) = head_block(view, r0, rows, QK_ROWS);
+                let kb = krows.add(head + j * rs);
                 // Written before read, rows `..nr` and lanes `..LANES`
                 // (zeroing 4 KiB per block would cost more than the block).
                 let mut part = [[MaybeUninit::<S::V>::uninit(); super::simd::MAX_LANES]; QK_ROWS];
@@ -273,10 +315,10 @@ unsafe fn qk<S: Simd>(
         }
         // The keys left: one at a time, each K vector shared by a few rows.
         for j in j..n {
-            let krow = krows.add(j * rs);
             let mut r0 = 0;
             while r0 < rows {
-                let nr = (rows - r0).min(QK_ROWS);
+                let (nr, head) = head_block(view, r0, rows, QK_ROWS);
+                let krow = krows.add(head + j * rs);
                 let mut acc = [zero; QK_ROWS];
                 let mut t = 0;
                 while t < full {
@@ -393,8 +435,8 @@ unsafe fn pv<S: Simd>(
     acc_stride: usize,
 ) {
     let rs = view.row_stride as usize;
-    let pf = view.page_size as usize >= PAGE_PF_BELOW;
-    let mut segs = Segments::new(view, view.v, key0, cols, d);
+    let pf = key_prefetch(view, d, rows);
+    let mut segs = Segments::new(view, view.v, key0, cols, d, rows);
     while let Some((c0, vrows, n)) = segs.next() {
         let mut t0 = 0;
         while t0 < d {
@@ -402,10 +444,10 @@ unsafe fn pv<S: Simd>(
             let last = (d - t0 - (nv - 1) * S::LANES).min(S::LANES);
             let mut r0 = 0;
             while r0 < rows {
-                let nr = (rows - r0).min(2);
+                let (nr, head) = head_block(view, r0, rows, 2);
                 let pr = p.add(r0 * p_stride + c0);
                 let ar = acc.add(r0 * acc_stride + t0);
-                let vr = vrows.add(t0);
+                let vr = vrows.add(head + t0);
                 macro_rules! block {
                     ($($nv:literal)*) => {
                         match (nr, nv) {
@@ -495,50 +537,73 @@ mod tests {
     use super::*;
     use crate::runtime::gemm::NativeIsa;
 
-    /// A pool of `pages` pages of `ps` slots x `d` floats (one KV head),
-    /// page table `table`; keys `0 .. n` of the sequence, NaN everywhere else.
-    fn pool(ps: usize, d: usize, table: &[i32], n: usize) -> (Vec<f32>, Vec<f32>, Vec<Vec<f32>>) {
+    /// A pool of pages of `ps` slots x `hkv` KV heads x `d` floats, page
+    /// table `table`; keys `0 .. n` of the sequence for each head (`keys[kh][j]`),
+    /// NaN everywhere else.
+    #[allow(clippy::type_complexity)]
+    fn pool(
+        ps: usize,
+        hkv: usize,
+        d: usize,
+        table: &[i32],
+        n: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<Vec<Vec<f32>>>) {
         let pages = table.iter().copied().max().unwrap() as usize + 2;
-        let mut k = vec![f32::NAN; pages * ps * d];
-        let mut v = vec![f32::NAN; pages * ps * d];
-        let mut rows = Vec::new();
-        for j in 0..n {
-            let at = (table[j / ps] as usize * ps + j % ps) * d;
-            let row: Vec<f32> = (0..d)
-                .map(|t| ((j * 7 + t * 3) % 11) as f32 - 5.0)
-                .collect();
-            k[at..at + d].copy_from_slice(&row);
-            for (x, y) in v[at..at + d].iter_mut().zip(&row) {
-                *x = y * 0.5;
+        let mut k = vec![f32::NAN; pages * ps * hkv * d];
+        let mut v = k.clone();
+        let mut keys = vec![Vec::new(); hkv];
+        for (kh, keys) in keys.iter_mut().enumerate() {
+            for j in 0..n {
+                let at = ((table[j / ps] as usize * ps + j % ps) * hkv + kh) * d;
+                let row: Vec<f32> = (0..d)
+                    .map(|t| ((j * 7 + t * 3 + kh * 5) % 11) as f32 - 5.0)
+                    .collect();
+                k[at..at + d].copy_from_slice(&row);
+                for (x, y) in v[at..at + d].iter_mut().zip(&row) {
+                    *x = y * 0.5;
+                }
+                keys.push(row);
             }
-            rows.push(row);
         }
-        (k, v, rows)
+        (k, v, keys)
     }
 
     #[test]
     fn in_place_products_follow_the_page_table_and_skip_zero_probabilities() {
         for isa in NativeIsa::ALL.into_iter().filter(|i| i.is_supported()) {
             let (qk_fn, pv_fn) = view_kernels(isa);
-            for (ps, d, key0, cols) in
-                [(1, 5, 0, 3), (7, 19, 3, 20), (16, 32, 16, 16), (4, 3, 2, 9)]
-            {
+            // (page size, KV heads in a row, tile rows per KV head, d, key0, cols)
+            for (ps, hkv, hr, d, key0, cols) in [
+                (1, 1, 6, 5, 0, 3),
+                (7, 1, 6, 19, 3, 20),
+                (16, 1, 6, 32, 16, 16),
+                (4, 1, 6, 3, 2, 9),
+                (16, 3, 2, 32, 5, 27),
+                (3, 2, 3, 19, 1, 17),
+                (1, 6, 1, 16, 0, 5),
+            ] {
                 let table = [
                     5i32, 2, 0, 7, 1, 3, 4, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
                     21, 22, 23,
                 ];
                 let n = key0 + cols;
-                let (k, v, keys) = pool(ps, d, &table, n);
+                let (k, v, keys) = pool(ps, hkv, d, &table, n);
+                let rows: usize = 6;
+                // Tile rows `r` read KV head `r / hr`; a view of one head has
+                // `hr` >= rows.
                 let view = KvView {
                     k: k.as_ptr(),
                     v: v.as_ptr(),
                     len: n as i64,
-                    row_stride: d as i64,
-                    page_stride: (ps * d) as i64,
+                    row_stride: (hkv * d) as i64,
+                    page_stride: (ps * hkv * d) as i64,
                     page_size: ps as i64,
                     table: table.as_ptr(),
+                    head_stride: d as i64,
+                    head_rows: hr as i64,
                 };
-                let rows = 6;
+                let head = |r: usize| (r / hr).min(hkv - 1);
+                assert_eq!(rows.div_ceil(hr), hkv, "the tile covers every head");
                 let q: Vec<f32> = (0..rows * d).map(|i| (i % 5) as f32 - 2.0).collect();
                 let mut s = vec![0f32; rows * cols];
                 unsafe {
@@ -558,10 +623,14 @@ mod tests {
                 for r in 0..rows {
                     for c in 0..cols {
                         let want: f32 = (0..d)
-                            .map(|t| q[r * d + t] * keys[key0 + c][t])
+                            .map(|t| q[r * d + t] * keys[head(r)][key0 + c][t])
                             .sum::<f32>()
                             * 0.5;
-                        assert_eq!(s[r * cols + c], want, "{isa} ps={ps} d={d} r={r} c={c}");
+                        assert_eq!(
+                            s[r * cols + c],
+                            want,
+                            "{isa} ps={ps} hkv={hkv} d={d} r={r} c={c}"
+                        );
                     }
                 }
                 // Probabilities with zeros; the accumulator starts at 1.
@@ -589,10 +658,14 @@ mod tests {
                             if pc == 0.0 {
                                 a
                             } else {
-                                a + pc * keys[key0 + c][t] * 0.5
+                                a + pc * keys[head(r)][key0 + c][t] * 0.5
                             }
                         });
-                        assert_eq!(acc[r * d + t], want, "{isa} ps={ps} d={d} r={r} t={t}");
+                        assert_eq!(
+                            acc[r * d + t],
+                            want,
+                            "{isa} ps={ps} hkv={hkv} d={d} r={r} t={t}"
+                        );
                     }
                 }
             }
