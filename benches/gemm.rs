@@ -240,6 +240,71 @@ fn jit_tiled(tile: MicroTile) -> TileKernels {
     }
 }
 
+/// The in-place decode products (`runtime::gemm::view`): GFLOP/s of `qk`
+/// and `pv` for a decode tile of `rows` query rows against dense K/V rows
+/// (in cache), one thread, D = 128, tiles of 64 keys.
+fn print_view() {
+    use attnc::runtime::abi::KvView;
+    use attnc::runtime::gemm::view::view_kernels;
+    let (d, n, bkv) = (128usize, 2048usize, 64usize);
+    let k = matrix(n, d, 1);
+    let v = matrix(n, d, 2);
+    let table = [0i32];
+    let view = KvView {
+        k: k.as_ptr(),
+        v: v.as_ptr(),
+        len: n as i64,
+        row_stride: d as i64,
+        page_stride: 0,
+        page_size: n as i64,
+        table: table.as_ptr(),
+        head_stride: 0,
+        head_rows: i64::MAX,
+    };
+    println!("in-place decode products, D = {d}, {n} keys in tiles of {bkv}, one thread, GFLOP/s:");
+    for isa in NativeIsa::ALL.into_iter().filter(|i| i.is_supported()) {
+        let (qk, pv) = view_kernels(isa);
+        for rows in [1usize, 4, 8, 16, 32] {
+            let q = matrix(rows, d, 3);
+            let mut s = vec![0.5f32; rows * bkv];
+            let mut acc = vec![0f32; rows * d];
+            let flops = (2 * rows * n * d) as f64;
+            let t_qk = best_time(20, 7, || {
+                for c in (0..n).step_by(bkv) {
+                    // SAFETY: the view covers keys 0 .. n; s holds rows x bkv.
+                    unsafe {
+                        qk(
+                            q.as_ptr(),
+                            d,
+                            &view,
+                            c,
+                            d,
+                            rows,
+                            bkv,
+                            s.as_mut_ptr(),
+                            bkv,
+                            0.1,
+                        )
+                    };
+                }
+                black_box(&s);
+            });
+            let t_pv = best_time(20, 7, || {
+                for c in (0..n).step_by(bkv) {
+                    // SAFETY: as above; acc holds rows x d.
+                    unsafe { pv(s.as_ptr(), bkv, &view, c, d, rows, bkv, acc.as_mut_ptr(), d) };
+                }
+                black_box(&acc);
+            });
+            println!(
+                "  {isa:>8} rows {rows:>2}: qk {:6.1}  pv {:6.1}",
+                flops / t_qk / 1e9,
+                flops / t_pv / 1e9
+            );
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let threads = args
@@ -250,6 +315,10 @@ fn main() {
         .unwrap_or(1usize);
     if args.iter().any(|a| a == "--softmax") {
         print_softmax();
+        return;
+    }
+    if args.iter().any(|a| a == "--view") {
+        print_view();
         return;
     }
     let mut impls: Vec<TileKernels> = vec![GemmImpl::Jit.kernels().unwrap()];

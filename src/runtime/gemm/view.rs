@@ -288,6 +288,9 @@ unsafe fn qk<S: Simd>(
             while r0 < rows {
                 let (nr, head) = head_block(view, r0, rows, QK_ROWS);
                 let kb = krows.add(head + j * rs);
+                // The first rows of a KV head ask for its keys ahead; the
+                // others read the same keys.
+                let pf_here = pf && r0 % head_rows(view) == 0;
                 // Written before read, rows `..nr` and lanes `..LANES`
                 // (zeroing 4 KiB per block would cost more than the block).
                 let mut part = [[MaybeUninit::<S::V>::uninit(); super::simd::MAX_LANES]; QK_ROWS];
@@ -296,10 +299,10 @@ unsafe fn qk<S: Simd>(
                 while jj < S::LANES {
                     let kr = kb.add(jj * rs);
                     match nr {
-                        4 => qk_part::<S, 4>(qr, q_stride, kr, rs, d, &mut part, jj, pf),
-                        3 => qk_part::<S, 3>(qr, q_stride, kr, rs, d, &mut part, jj, pf),
-                        2 => qk_part::<S, 2>(qr, q_stride, kr, rs, d, &mut part, jj, pf),
-                        _ => qk_part::<S, 1>(qr, q_stride, kr, rs, d, &mut part, jj, pf),
+                        4 => qk_part::<S, 4>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
+                        3 => qk_part::<S, 3>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
+                        2 => qk_part::<S, 2>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
+                        _ => qk_part::<S, 1>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
                     }
                     jj += QK_KEYS;
                 }
@@ -445,6 +448,7 @@ unsafe fn pv<S: Simd>(
             let mut r0 = 0;
             while r0 < rows {
                 let (nr, head) = head_block(view, r0, rows, 2);
+                let pf = pf && r0 % head_rows(view) == 0;
                 let pr = p.add(r0 * p_stride + c0);
                 let ar = acc.add(r0 * acc_stride + t0);
                 let vr = vrows.add(head + t0);
