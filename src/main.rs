@@ -243,7 +243,9 @@ struct EmitArgs {
     #[arg(long, value_name = "HKV", requires = "q_len")]
     kv_heads: Option<usize>,
     /// With --q-len: K and V in a paged pool (or a ragged batch), read in place.
-    #[arg(long, value_name = "P", requires = "q_len")]
+    /// With --target ptx: the kernel that reads K and V in place through a page
+    /// table (a paged pool or ragged rows; the page size is a launch parameter).
+    #[arg(long, value_name = "P")]
     page_size: Option<usize>,
     /// Buffers for `--stage blocks`: `NAME=FILE.npy` or a recipe (repeatable).
     #[arg(long = "buffer", value_name = "NAME=FILE.npy|RECIPE")]
@@ -1130,6 +1132,13 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
         }
         return emit_ptx(args);
     }
+    if args.page_size.is_some() && args.q_len.is_none() {
+        return Err(Error::Usage(
+            "`--page-size` picks the loop nest for shapes: pass `--q-len N` too (and --kv-len, \
+             --batch, --heads, --kv-heads), or `--target ptx` for the PTX kernel that reads a paged pool"
+                .into(),
+        ));
+    }
     let stage = args.stage.unwrap_or(Stage::Tile);
     if stage == Stage::Blocks {
         let Some(q_len) = args.q_len else {
@@ -1838,6 +1847,11 @@ fn emit_ptx(args: EmitArgs) -> Result<String, Error> {
         bkv,
         dim: Some(dim),
         exp2: args.exp == ExpBase::Exp2,
+        kv: if args.page_size.is_some() {
+            attnc::tile::nest::KvSource::InPlace
+        } else {
+            attnc::tile::nest::KvSource::Packed
+        },
         ..attnc::tile::Schedule::default()
     };
     let kernel = program.kernel(&schedule);

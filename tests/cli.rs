@@ -1729,6 +1729,31 @@ fn emit_ptx_dtype_defaults_to_f32_like_run() {
     assert!(ptx(&["--dtype", "bf16"]).contains("bf16 inputs, mma.sync"));
 }
 
+/// `emit --target ptx --page-size P` prints the kernel that reads K and V in
+/// place through a page table; without --target ptx, --page-size needs shapes.
+#[test]
+fn emit_ptx_of_a_paged_pool() {
+    let paged = emit_ptx("examples/causal.attn", &["--page-size", "16"]);
+    for param in [
+        "p_kv_lens_ptr",
+        "p_page_table_ptr",
+        "p_page_size",
+        "p_head_stride",
+    ] {
+        assert!(paged.contains(param), "{param} missing:\n{paged}");
+    }
+    assert!(!emit_ptx("examples/causal.attn", &[]).contains("p_page_table_ptr"));
+    let o = attnc(&["emit", "examples/causal.attn", "--page-size", "16"]);
+    assert_fails(
+        &o,
+        &[
+            "`--page-size` picks the loop nest for shapes",
+            "--q-len",
+            "--target ptx",
+        ],
+    );
+}
+
 /// The reference backend and `bench` draw a progress bar on stderr when it is
 /// a terminal (here a pseudo-terminal made by `script`, from util-linux), and
 /// never into a pipe or a log, nor with `--quiet`.

@@ -63,7 +63,7 @@ impl Cache {
             k.slice_mut(s![bi, .., n.., ..]).fill(f32::NAN);
             v.slice_mut(s![bi, .., n.., ..]).fill(f32::NAN);
         }
-        let (k_pages, v_pages, table) = pool_of(&k, &v, lens, ps, &mut rng);
+        let (k_pages, v_pages, table) = common::paged_pool(&k, &v, lens, ps, &mut rng);
         let slope = Array1::from_iter((0..h).map(|i| 0.05 * (i + 1) as f32));
         let doc = Array1::from_iter((0..kv_max).map(|i| (i / 23) as i64));
         Cache {
@@ -109,53 +109,6 @@ impl Cache {
         );
         self.with_buffers(program, inputs)
     }
-}
-
-/// The rows `..lens[b]` of dense `[B, HKV, KVmax, D]` k and v as a paged pool
-/// of pages of `ps` slots in a shuffled order, with a spare page or three:
-/// `(k_pages, v_pages, table)`, NaN in every slot no sequence owns and -1
-/// past each sequence's pages in the table.
-fn pool_of(
-    k: &Array4<f32>,
-    v: &Array4<f32>,
-    lens: &[usize],
-    ps: usize,
-    rng: &mut Rng,
-) -> (Array4<f32>, Array4<f32>, Array2<i32>) {
-    let (b, hkv, _, d) = k.dim();
-    let used: Vec<usize> = lens.iter().map(|n| n.div_ceil(ps)).collect();
-    let spare = 3;
-    let num_pages = used.iter().sum::<usize>() + spare;
-    // A shuffled assignment of pages to (sequence, page index).
-    let mut order: Vec<usize> = (0..num_pages).collect();
-    for i in (1..order.len()).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        order.swap(i, j);
-    }
-    let max_pages = used.iter().copied().max().unwrap() + 1;
-    let mut table = Array2::from_elem((b, max_pages), -1i32);
-    let mut k_pages = Array4::from_elem((num_pages, ps, hkv, d), f32::NAN);
-    let mut v_pages = Array4::from_elem((num_pages, ps, hkv, d), f32::NAN);
-    let mut next = 0;
-    for (bi, &n) in lens.iter().enumerate() {
-        for p in 0..used[bi] {
-            let page = order[next];
-            next += 1;
-            table[[bi, p]] = page as i32;
-            for slot in 0..ps.min(n - p * ps) {
-                let j = p * ps + slot;
-                for kh in 0..hkv {
-                    k_pages
-                        .slice_mut(s![page, slot, kh, ..])
-                        .assign(&k.slice(s![bi, kh, j, ..]));
-                    v_pages
-                        .slice_mut(s![page, slot, kh, ..])
-                        .assign(&v.slice(s![bi, kh, j, ..]));
-                }
-            }
-        }
-    }
-    (k_pages, v_pages, table)
 }
 
 fn assert_close(what: &str, got: &Outputs, want: &Outputs, tol: f32) {
@@ -298,7 +251,7 @@ proptest! {
         }
         let lens_arr = Array1::from_iter(lens.iter().map(|&n| n as i32));
         let mut rng = Rng::new(case.seed);
-        let (kp, vp, table) = pool_of(&data.k, &data.v, &lens, ps, &mut rng);
+        let (kp, vp, table) = common::paged_pool(&data.k, &data.v, &lens, ps, &mut rng);
         let mut dense = Inputs::new(data.q.view(), data.k.view(), data.v.view())
             .kv_lens(lens_arr.view())
             .with_lse();

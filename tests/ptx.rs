@@ -53,6 +53,14 @@ fn ptx_snapshots_of_focused_specs() {
             k.text
         );
     }
+    // K/V read in place through a page table (a paged pool or ragged rows).
+    let spec = spec_of(&common::root().join("tests/specs/affine_window.attn"));
+    let schedule = Schedule {
+        kv: attnc::tile::nest::KvSource::InPlace,
+        ..SNAPSHOT_SCHEDULE
+    };
+    let k = compile(&spec, &schedule, Arch::Sm80, Dtype::F16);
+    insta::assert_snapshot!("ptx_affine_window_f16_in_place", k.text);
 }
 
 #[test]
@@ -478,6 +486,31 @@ fn other_layouts_assemble() {
             });
         }
     }
+    // K/V read in place through a page table: every example on tensor cores
+    // and with FMAs, and the general cp.async split.
+    let in_place = |schedule: Schedule| Schedule {
+        kv: attnc::tile::nest::KvSource::InPlace,
+        ..schedule
+    };
+    for path in examples() {
+        let spec = spec_of(&path);
+        for (arch, dtype) in [(Arch::Sm90, Dtype::F16), (Arch::Sm80, Dtype::F32)] {
+            jobs.push(Job {
+                name: format!("{}_in_place_d128_{dtype}_{arch}", spec.name),
+                kernel: compile(&spec, &in_place(ptx::schedule(128, dtype)), arch, dtype),
+            });
+        }
+    }
+    let gemma = spec_of(&common::root().join("examples/gemma2_local.attn"));
+    jobs.push(Job {
+        name: "gemma2_local_in_place_d72_bf16_sm80".into(),
+        kernel: compile(
+            &gemma,
+            &in_place(ptx::schedule(72, Dtype::Bf16)),
+            Arch::Sm80,
+            Dtype::Bf16,
+        ),
+    });
     // Float division by non-constants in the score code (straight-line: ptxas
     // interleaves the elements), in every dtype.
     let divisions = divisions_spec();

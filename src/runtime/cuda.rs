@@ -262,7 +262,8 @@ impl CudaRuntime {
         let s = bound.shapes;
         if bound.is_ragged() || bound.pages.is_some() || bound.kv_offset != 0 {
             return Err(crate::codegen::ptx::PtxError::Nest {
-                what: "ragged lengths, a paged pool or a key offset".to_string(),
+                what: "ragged lengths, a paged pool or a key offset in the CUDA runtime"
+                    .to_string(),
             }
             .into());
         }

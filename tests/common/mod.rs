@@ -129,3 +129,50 @@ pub fn assert_close(what: &str, got: &Outputs, out: &Array4<f32>, lse: &Array3<f
         "{what}: max |out diff| = {d_out:e}, max |lse diff| = {d_lse:e} (tolerance {tol:e})"
     );
 }
+
+/// The rows `..lens[b]` of dense `[B, HKV, KVmax, D]` k and v as a paged pool
+/// of pages of `ps` slots in a shuffled order, with a spare page or three:
+/// `(k_pages, v_pages, table)`, NaN in every slot no sequence owns and -1
+/// past each sequence's pages in the table.
+pub fn paged_pool(
+    k: &Array4<f32>,
+    v: &Array4<f32>,
+    lens: &[usize],
+    ps: usize,
+    rng: &mut attnc::bench::Rng,
+) -> (Array4<f32>, Array4<f32>, ndarray::Array2<i32>) {
+    let (b, hkv, _, d) = k.dim();
+    let used: Vec<usize> = lens.iter().map(|n| n.div_ceil(ps)).collect();
+    let spare = 3;
+    let num_pages = used.iter().sum::<usize>() + spare;
+    // A shuffled assignment of pages to (sequence, page index).
+    let mut order: Vec<usize> = (0..num_pages).collect();
+    for i in (1..order.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    let max_pages = used.iter().copied().max().unwrap() + 1;
+    let mut table = ndarray::Array2::from_elem((b, max_pages), -1i32);
+    let mut k_pages = Array4::from_elem((num_pages, ps, hkv, d), f32::NAN);
+    let mut v_pages = Array4::from_elem((num_pages, ps, hkv, d), f32::NAN);
+    let mut next = 0;
+    for (bi, &n) in lens.iter().enumerate() {
+        for p in 0..used[bi] {
+            let page = order[next];
+            next += 1;
+            table[[bi, p]] = page as i32;
+            for slot in 0..ps.min(n - p * ps) {
+                let j = p * ps + slot;
+                for kh in 0..hkv {
+                    k_pages
+                        .slice_mut(ndarray::s![page, slot, kh, ..])
+                        .assign(&k.slice(ndarray::s![bi, kh, j, ..]));
+                    v_pages
+                        .slice_mut(ndarray::s![page, slot, kh, ..])
+                        .assign(&v.slice(ndarray::s![bi, kh, j, ..]));
+                }
+            }
+        }
+    }
+    (k_pages, v_pages, table)
+}

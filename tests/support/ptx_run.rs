@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use attnc::codegen::ptx::{self, host, Arch, Dtype, ErrorRecord, PtxOptions, PARAMS};
 use attnc::mask::{classify, Tiling};
 use attnc::sema::eval::EvalError;
+use attnc::tile::nest::KvSource;
 use attnc::tile::{self, Schedule};
 use attnc::{Inputs, Outputs};
 use ndarray::Array3;
@@ -15,7 +16,9 @@ use ndarray::Array3;
 use super::ptx_emu;
 
 /// Runs the PTX of `spec` under `schedule` on the emulator, the approximate
-/// instructions off by their bounds in scattered directions.
+/// instructions off by their bounds in scattered directions. A schedule that
+/// reads K/V in place takes ragged or paged inputs (see
+/// [`host::InPlaceKv`]).
 pub fn emulate(
     spec: &attnc::sema::Spec,
     schedule: &Schedule,
@@ -53,8 +56,17 @@ pub fn emulate_with(
     let rows = s.b * s.h * s.q;
     let mut params: HashMap<String, u64> = HashMap::new();
     let v = host::pack(&inputs.v, l.d_pad, dtype);
-    let (kv_b, hkv, kv, _) = inputs.v.dim();
-    let v_flags = host::nonfinite_tiles(&v, kv_b * hkv, kv, l.d_pad, dtype, l.bkv);
+    // In place: K/V packed as given (a pool, or dense rows), rows found
+    // through the page table; flags per (sequence, KV head).
+    let in_place =
+        (kernel.nest.kv == KvSource::InPlace).then(|| host::InPlaceKv::of(&bound).unwrap());
+    let v_flags = match &in_place {
+        Some(ip) => ip.nonfinite_tiles(&v, s.hkv, s.kv, l.d_pad, dtype, l.bkv),
+        None => {
+            let (kv_b, hkv, kv, _) = inputs.v.dim();
+            host::nonfinite_tiles(&v, kv_b * hkv, kv, l.d_pad, dtype, l.bkv)
+        }
+    };
     let pointers = [
         host::pack(&inputs.q, l.d_pad, dtype),
         host::pack(&inputs.k, l.d_pad, dtype),
@@ -74,6 +86,20 @@ pub fn emulate_with(
         params.insert(format!("p_{name}"), u64::from(v));
     }
     params.insert("p_q_offset".into(), scalars.q_offset as u64);
+    if let Some(ip) = &in_place {
+        let values = [
+            mem.alloc(u32s(&ip.lens)),
+            mem.alloc(u32s(&ip.table)),
+            u64::from(ip.table_stride),
+            u64::from(ip.page_size),
+            u64::from(ip.page_stride),
+            u64::from(ip.row_stride),
+            u64::from(ip.head_stride),
+        ];
+        for (name, v) in ptx::IN_PLACE_PARAMS.iter().zip(values) {
+            params.insert(format!("p_{name}"), v);
+        }
+    }
     for (i, b) in bound.buffers.iter().enumerate() {
         params.insert(format!("p_buf{i}"), mem.alloc(host::buffer_bytes(b)));
     }

@@ -103,20 +103,6 @@ pub fn nonfinite_tiles(
     assert!(tile > 0, "tiles hold at least one key");
     let size = dtype.size();
     assert_eq!(packed.len(), heads * kv * d_pad * size, "packed V");
-    // Non-finite exactly when the exponent bits are all ones.
-    let nonfinite = |bytes: &[u8]| -> bool {
-        match dtype {
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .any(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
-            Dtype::Bf16 => bytes
-                .chunks_exact(2)
-                .any(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .any(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000),
-        }
-    };
     let tiles = kv.div_ceil(tile);
     let row = d_pad * size;
     let mut flags = Vec::with_capacity(heads * tiles);
@@ -126,10 +112,151 @@ pub fn nonfinite_tiles(
             let base = head * kv * row;
             flags.push(u8::from(nonfinite(
                 &packed[base + r0 * row..base + r1 * row],
+                dtype,
             )));
         }
     }
     flags
+}
+
+/// Where an in-place kernel finds key rows (the [`super::IN_PLACE_PARAMS`]):
+/// key `j` of KV head `kh` of sequence `b` is row `table[b * table_stride + j
+/// / page_size] * page_stride + (j % page_size) * row_stride + kh *
+/// head_stride` of k and v packed by [`pack`] (rows of the padded head dim).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InPlaceKv {
+    /// Keys of each sequence.
+    pub lens: Vec<u32>,
+    /// `[B, table_stride]` page numbers.
+    pub table: Vec<u32>,
+    pub table_stride: u32,
+    pub page_size: u32,
+    pub page_stride: u32,
+    pub row_stride: u32,
+    pub head_stride: u32,
+}
+
+impl InPlaceKv {
+    /// The layout of `bound`'s K/V as packed by [`pack`]: its paged pool
+    /// `[P, page_size, HKV, d_pad]`, or dense rows `[B, HKV, rows, d_pad]` (one
+    /// page per sequence).
+    ///
+    /// # Panics
+    ///
+    /// Unless `bound` is a ragged batch or a paged pool without a key offset
+    /// (the in-place kernel puts each sequence's queries at its end; the
+    /// CUDA runtime refuses other calls before this point).
+    pub fn of(bound: &Bound) -> Result<InPlaceKv, TooLarge> {
+        assert!(
+            bound.kv_lens.is_some() && bound.kv_offset == 0,
+            "an in-place kernel takes ragged or paged K/V without a key offset"
+        );
+        let s = bound.shapes;
+        let big = (i32::MAX / 2) as usize;
+        let limit = |what, value: usize| {
+            if value > big {
+                Err(TooLarge {
+                    what,
+                    value,
+                    max: big,
+                })
+            } else {
+                Ok(value as u32)
+            }
+        };
+        let lens = (0..s.b)
+            .map(|b| limit("a sequence's keys", bound.kv_len(b)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(match &bound.pages {
+            Some(p) => {
+                let (rows, stride) = p.table.dim();
+                // Entries past a sequence's pages are never read: any value.
+                let table = p.table.iter().map(|&x| x as u32).collect();
+                debug_assert_eq!(rows, s.b);
+                limit("the pool's rows", p.num_pages * p.page_size * s.hkv)?;
+                InPlaceKv {
+                    lens,
+                    table,
+                    table_stride: limit("the page table's width", stride)?,
+                    page_size: limit("the page size", p.page_size)?,
+                    page_stride: limit("a page's rows", p.page_size * s.hkv)?,
+                    row_stride: s.hkv as u32,
+                    head_stride: 1,
+                }
+            }
+            None => {
+                let rows = bound.kv_rows;
+                limit("k's rows", bound.kv_batch * s.hkv * rows)?;
+                InPlaceKv {
+                    lens,
+                    table: (0..s.b).map(|b| bound.kv_batch_index(b) as u32).collect(),
+                    table_stride: 1,
+                    page_size: rows.max(1) as u32,
+                    page_stride: (s.hkv * rows) as u32,
+                    row_stride: 1,
+                    head_stride: rows as u32,
+                }
+            }
+        })
+    }
+
+    /// The packed row of key `j` of KV head `kh` of sequence `b`.
+    pub fn row(&self, b: usize, kh: usize, j: usize) -> usize {
+        let ps = self.page_size as usize;
+        let page = self.table[b * self.table_stride as usize + j / ps] as usize;
+        page * self.page_stride as usize
+            + (j % ps) * self.row_stride as usize
+            + kh * self.head_stride as usize
+    }
+
+    /// The V-tile flags of an in-place mma kernel, as [`nonfinite_tiles`]
+    /// gives them for packed V: one byte per (sequence, KV head) `b * hkv +
+    /// kh` and key tile `kt` of `tile` keys, at `(b * hkv + kh) * ceil(kv /
+    /// tile) + kt`, 1 where a key of the tile below the sequence's length
+    /// holds a non-finite value in the dtype (`kv`: the longest sequence).
+    #[allow(clippy::too_many_arguments)]
+    pub fn nonfinite_tiles(
+        &self,
+        packed: &[u8],
+        hkv: usize,
+        kv: usize,
+        d_pad: usize,
+        dtype: Dtype,
+        tile: usize,
+    ) -> Vec<u8> {
+        assert!(tile > 0, "tiles hold at least one key");
+        let row = d_pad * dtype.size();
+        let tiles = kv.div_ceil(tile);
+        let mut flags = Vec::with_capacity(self.lens.len() * hkv * tiles);
+        for (b, &len) in self.lens.iter().enumerate() {
+            for kh in 0..hkv {
+                for kt in 0..tiles {
+                    let keys = kt * tile..(len as usize).min((kt + 1) * tile);
+                    flags.push(u8::from(keys.into_iter().any(|j| {
+                        let at = self.row(b, kh, j) * row;
+                        nonfinite(&packed[at..at + row], dtype)
+                    })));
+                }
+            }
+        }
+        flags
+    }
+}
+
+/// Whether `bytes` hold a non-finite value of `dtype`: exactly when the
+/// exponent bits of one are all ones.
+fn nonfinite(bytes: &[u8], dtype: Dtype) -> bool {
+    match dtype {
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .any(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
+        Dtype::Bf16 => bytes
+            .chunks_exact(2)
+            .any(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .any(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000),
+    }
 }
 
 /// A buffer as the kernel reads it: row-major, int as i64, float as f32,

@@ -5,8 +5,9 @@
 use std::fmt::Write;
 
 use super::writer::{f32_imm, ins, Reg, Writer};
-use super::{Dtype, Launch, PARAMS};
+use super::{Dtype, Launch, IN_PLACE_PARAMS, PARAMS};
 use crate::sema::{Dim, ShapeVar};
+use crate::tile::nest::KvSource;
 use crate::tile::{Kernel, Level, Op, Section, Ty, UnOp, ValueId};
 
 /// Where the tiles live in shared memory. Rows of Q, K and V are padded by
@@ -128,8 +129,10 @@ pub(super) struct Gen<'a> {
     /// The error block (global u64 address).
     pub err: Reg,
     pub zero64: Reg,
-    /// Key rows of K and V per head (s64).
+    /// Key rows of K and V per head (s64): of this sequence for in-place K/V.
     pub kv_rows64: Reg,
+    /// In-place K/V ([`KvSource::InPlace`]): how a key row is found.
+    pages: Option<Pages>,
     /// Per buffer: its global address and its dims (s64).
     pub bufs: Vec<(Reg, Vec<Reg>)>,
     /// s64 shapes, indexed by `ShapeVar as usize`.
@@ -174,13 +177,14 @@ fn mma_type(dtype: Dtype) -> &'static str {
 /// Generates the whole PTX module.
 pub(super) fn generate(k: &Kernel, launch: &Launch, entry: &str) -> String {
     // The loop nest this backend lowers: the grid (qt, H, B), one head per
-    // CTA, dense K/V, FULL then PARTIAL tiles, the forward steps, normalize.
+    // CTA, packed or in-place K/V, FULL then PARTIAL tiles, the forward
+    // steps, normalize.
     {
         use crate::tile::nest::*;
-        // `launch` refuses every other grid, row map and K/V source.
+        // `launch` refuses every other grid and row map.
         assert!(matches!(k.nest.grid, Grid::QueryTiles { .. }));
         assert_eq!(k.nest.rows, RowMap::OneHead);
-        assert_eq!(k.nest.kv, KvSource::Packed);
+        let (KvSource::Packed | KvSource::InPlace) = k.nest.kv;
         let Finish::Normalize = k.nest.finish;
         assert_eq!(
             k.nest,
@@ -244,6 +248,7 @@ pub(super) fn generate(k: &Kernel, launch: &Launch, entry: &str) -> String {
         err,
         zero64,
         kv_rows64,
+        pages: None,
         bufs: Vec::new(),
         shapes,
         b64,
@@ -410,6 +415,13 @@ impl Gen<'_> {
             l.threads,
             l.threads / 32
         );
+        if k.nest.kv == KvSource::InPlace {
+            let _ = writeln!(
+                s,
+                "// K/V in place: key j of sequence b at row table[b, j / page_size] * page_stride + \
+                 (j % page_size) * row_stride + kh * head_stride; queries end on key kv_lens[b] - 1"
+            );
+        }
         if !k.params.is_empty() {
             let p = k
                 .params
@@ -456,6 +468,16 @@ impl Gen<'_> {
                 _ => ".u64",
             };
             params.push(format!("\t.param {ty} {}", self.param(name)));
+        }
+        if k.nest.kv == KvSource::InPlace {
+            for name in IN_PLACE_PARAMS {
+                let ty = if name.ends_with("_ptr") {
+                    ".u64"
+                } else {
+                    ".u32"
+                };
+                params.push(format!("\t.param {ty} {}", self.param(name)));
+            }
         }
         for i in 0..k.buffers.len() {
             params.push(format!("\t.param .u64 {}", self.param(&format!("buf{i}"))));
@@ -547,7 +569,12 @@ impl Gen<'_> {
         // K and V hold `kv_rows` keys per head; `KV`, the end of the call's
         // positions, may be larger (queries past the keys).
         let (h_len, hkv_len, q_len) = (shape32[1], shape32[2], shape32[3]);
-        let kv_len = self.ld_param("kv_rows", "u32");
+        let in_place = self.k.nest.kv == KvSource::InPlace;
+        let (kv_len, q_offset) = if in_place {
+            self.in_place_setup(b32, q_len)
+        } else {
+            (self.ld_param("kv_rows", "u32"), q_offset)
+        };
         ins!(self.w, "cvt.u64.u32 {}, {kv_len}", self.kv_rows64);
         ins!(self.w, "mov.b64 {}, 0", self.zero64);
         ins!(self.w, "cvt.u64.u32 {}, {b32}", self.b64);
@@ -599,14 +626,22 @@ impl Gen<'_> {
         ins!(self.w, "div.u32 {kh}, {h32}, {group}");
         ins!(self.w, "mad.lo.u32 {kvh}, {kb}, {hkv_len}, {kh}");
         let head_off = self.w.rd();
-        ins!(self.w, "mul.wide.u32 {head_off}, {kvh}, {kv_len}");
+        match &self.pages {
+            // The KV head's rows start `kh * head_stride` rows in; the
+            // sequence's rows are found through its table row.
+            Some(p) => ins!(self.w, "mul.wide.u32 {head_off}, {kh}, {}", p.head_stride),
+            None => ins!(self.w, "mul.wide.u32 {head_off}, {kvh}, {kv_len}"),
+        }
         ins!(self.w, "mul.lo.u64 {head_off}, {head_off}, {grow}");
         ins!(self.w, "add.s64 {k_head}, {k_ptr}, {head_off}");
         ins!(self.w, "add.s64 {v_head}, {v_ptr}, {head_off}");
-        // This K/V head's V-tile flags: ceil(KV / bkv) bytes at kvh * ceil(KV / bkv).
+        // This K/V head's V-tile flags: ceil(KV / bkv) bytes at kvh * ceil(KV / bkv)
+        // (for in-place K/V, per sequence: kvh = b * HKV + kh, and KV the
+        // longest sequence's keys).
+        let flag_keys = if in_place { shape32[4] } else { kv_len };
         let flag_head = v_flags.map(|ptr| {
             let (n_kt, fh) = (self.w.r(), self.w.rd());
-            ins!(self.w, "add.u32 {n_kt}, {kv_len}, {}", lay.bkv - 1);
+            ins!(self.w, "add.u32 {n_kt}, {flag_keys}, {}", lay.bkv - 1);
             ins!(
                 self.w,
                 "shr.u32 {n_kt}, {n_kt}, {}",
@@ -660,8 +695,8 @@ impl Gen<'_> {
         ins!(self.w, "mov.pred {full}, {nfull}");
         ins!(self.w, "mov.pred {has}, {nhas}");
         let (kt_off, kv_rows) = (self.w.rd(), self.w.r());
-        self.kv_tile_addr(kt, k_head, kv_len, kt_off, kv_rows);
-        self.load_tile_if(&loader, lay.k_off, lay.bkv, kt_off, kv_rows, Some(has));
+        let key0 = self.kv_tile_addr(kt, k_head, kv_len, kt_off, kv_rows);
+        self.load_kv_tile_if(&loader, lay.k_off, kt_off, key0, kv_rows, Some(has));
         for half in 0..2 {
             ins!(
                 self.w,
@@ -765,8 +800,8 @@ impl Gen<'_> {
         ins!(self.w, "cp.async.wait_group 0");
         ins!(self.w, "bar.sync 0");
         self.w.comment("V of this tile loads during S = Q K^T");
-        self.kv_tile_addr(kt, v_head, kv_len, kt_off, kv_rows);
-        self.load_tile_if(&loader, lay.v_off, lay.bkv, kt_off, kv_rows, None);
+        let key0 = self.kv_tile_addr(kt, v_head, kv_len, kt_off, kv_rows);
+        self.load_kv_tile_if(&loader, lay.v_off, kt_off, key0, kv_rows, None);
         self.qk();
         let prescale =
             self.env[self.k.q_prescale.0 as usize].expect("q_prescale is a call-level value");
@@ -781,8 +816,8 @@ impl Gen<'_> {
         self.w
             .comment("K of the next tile loads during the softmax and P V");
         let (nkt_off, nkv_rows) = (self.w.rd(), self.w.r());
-        self.kv_tile_addr(nkt, k_head, kv_len, nkt_off, nkv_rows);
-        self.load_tile_if(&loader, lay.k_off, lay.bkv, nkt_off, nkv_rows, Some(nhas));
+        let key0 = self.kv_tile_addr(nkt, k_head, kv_len, nkt_off, nkv_rows);
+        self.load_kv_tile_if(&loader, lay.k_off, nkt_off, key0, nkv_rows, Some(nhas));
 
         let kv0 = self.w.rd();
         let kv0_32 = self.w.r();
@@ -923,19 +958,103 @@ impl Gen<'_> {
     }
 
     /// `off = head + kt * bkv * row bytes`, `rows = min(bkv, KV - kt * bkv)`.
-    fn kv_tile_addr(&mut self, kt: Reg, head: Reg, kv_len: Reg, off: Reg, rows: Reg) {
+    fn kv_tile_addr(&mut self, kt: Reg, head: Reg, kv_len: Reg, off: Reg, rows: Reg) -> Reg {
         let lay = &self.lay;
         let (bkv, grow) = (lay.bkv, lay.global_row_bytes());
         let c0 = self.w.r();
         ins!(self.w, "mul.lo.u32 {c0}, {kt}, {bkv}");
-        ins!(self.w, "mul.wide.u32 {off}, {c0}, {grow}");
-        ins!(self.w, "add.s64 {off}, {head}, {off}");
+        if self.pages.is_some() {
+            // Rows are found key by key through the table, from the head.
+            ins!(self.w, "mov.b64 {off}, {head}");
+        } else {
+            ins!(self.w, "mul.wide.u32 {off}, {c0}, {grow}");
+            ins!(self.w, "add.s64 {off}, {head}, {off}");
+        }
         // Past the end (no next tile) the row count clamps to 0.
         let p = self.w.p();
         ins!(self.w, "setp.lt.u32 {p}, {c0}, {kv_len}");
         ins!(self.w, "sub.u32 {rows}, {kv_len}, {c0}");
         ins!(self.w, "min.u32 {rows}, {rows}, {bkv}");
         ins!(self.w, "selp.b32 {rows}, {rows}, 0, {p}");
+        c0
+    }
+
+    /// The in-place K/V parameters of sequence `b32`: its key count
+    /// `kv_lens[b]` (u32) and the absolute position of its first query row,
+    /// `kv_lens[b] - Q` (s64), which puts the last query on its last key.
+    fn in_place_setup(&mut self, b32: Reg, q_len: Reg) -> (Reg, Reg) {
+        let lens = self.global_ptr("kv_lens_ptr");
+        let table = self.global_ptr("page_table_ptr");
+        let [ts, page_size, page_stride, row_stride, head_stride] = [
+            "table_stride",
+            "page_size",
+            "page_stride",
+            "row_stride",
+            "head_stride",
+        ]
+        .map(|n| self.ld_param(n, "u32"));
+        let (a, len) = (self.w.rd(), self.w.r());
+        ins!(self.w, "mul.wide.u32 {a}, {b32}, 4");
+        ins!(self.w, "add.s64 {a}, {lens}, {a}");
+        ins!(self.w, "ld.global.nc.u32 {len}, [{a}]");
+        let (q_start, q64) = (self.w.rd(), self.w.rd());
+        ins!(self.w, "cvt.u64.u32 {q_start}, {len}");
+        ins!(self.w, "cvt.u64.u32 {q64}, {q_len}");
+        ins!(self.w, "sub.s64 {q_start}, {q_start}, {q64}");
+        let table_row = self.w.rd();
+        ins!(self.w, "mul.wide.u32 {table_row}, {b32}, {ts}");
+        ins!(self.w, "shl.b64 {table_row}, {table_row}, 2");
+        ins!(self.w, "add.s64 {table_row}, {table}, {table_row}");
+        self.pages = Some(Pages {
+            table_row,
+            page_size,
+            page_stride,
+            row_stride,
+            head_stride,
+        });
+        (len, q_start)
+    }
+
+    /// The global address of key row `key` (u32) of the K/V head at `head`
+    /// into `src`, through the page table (in-place K/V); the table is read
+    /// only where `ok` holds (a real key: entries past a sequence's pages
+    /// may hold anything).
+    fn kv_row_addr(&mut self, src: Reg, head: Reg, key: Reg, ok: Reg) {
+        let p = self.pages.clone().expect("in-place K/V");
+        let (page_i, slot, page, rows) = (self.w.r(), self.w.r(), self.w.r(), self.w.rd());
+        ins!(self.w, "div.u32 {page_i}, {key}, {}", p.page_size);
+        ins!(self.w, "rem.u32 {slot}, {key}, {}", p.page_size);
+        let ta = self.w.rd();
+        ins!(self.w, "mul.wide.u32 {ta}, {page_i}, 4");
+        ins!(self.w, "add.s64 {ta}, {}, {ta}", p.table_row);
+        ins!(self.w, "mov.u32 {page}, 0");
+        ins!(self.w, "@{ok} ld.global.nc.u32 {page}, [{ta}]");
+        let t = self.w.rd();
+        ins!(self.w, "mul.wide.u32 {rows}, {page}, {}", p.page_stride);
+        ins!(self.w, "mul.wide.u32 {t}, {slot}, {}", p.row_stride);
+        ins!(self.w, "add.s64 {rows}, {rows}, {t}");
+        ins!(
+            self.w,
+            "mul.lo.u64 {rows}, {rows}, {}",
+            self.lay.global_row_bytes()
+        );
+        ins!(self.w, "add.s64 {src}, {head}, {rows}");
+    }
+
+    /// A K or V tile: [`Self::load_tile_if`] from `gptr` for packed K/V, or
+    /// key by key from `key0` through the table for in-place K/V.
+    fn load_kv_tile_if(
+        &mut self,
+        loader: &Loader,
+        smem_off: usize,
+        gptr: Reg,
+        key0: Reg,
+        valid_rows: Reg,
+        when: Option<Reg>,
+    ) {
+        let bkv = self.lay.bkv;
+        let key0 = self.pages.is_some().then_some(key0);
+        self.load_rows_if(loader, smem_off, bkv, gptr, key0, valid_rows, when);
     }
 
     /// Per-thread constants of the `cp.async` tile loads.
@@ -959,6 +1078,7 @@ impl Gen<'_> {
                 row,
                 soff,
                 goff,
+                coff: c64,
                 rows_per_pass: threads / cpr,
             }
         } else {
@@ -974,19 +1094,23 @@ impl Gen<'_> {
         gptr: Reg,
         valid_rows: Reg,
     ) {
-        self.load_tile_if(loader, smem_off, rows, gptr, valid_rows, None);
+        self.load_rows_if(loader, smem_off, rows, gptr, None, valid_rows, None);
     }
 
     /// Stages `rows` rows of a tile into shared memory at `smem_off` with
     /// `cp.async` (16 bytes per instruction); rows `>= valid_rows` are
     /// zero-filled (source size 0) without reading global memory. Only
     /// where `when` holds; always ends the `cp.async` group.
-    fn load_tile_if(
+    /// With `key0`, row `r` is key `key0 + r` of the K/V head at `gptr`,
+    /// found through the page table ([`Self::kv_row_addr`]).
+    #[allow(clippy::too_many_arguments)]
+    fn load_rows_if(
         &mut self,
         loader: &Loader,
         smem_off: usize,
         rows: usize,
         gptr: Reg,
+        key0: Option<Reg>,
         valid_rows: Reg,
         when: Option<Reg>,
     ) {
@@ -1003,6 +1127,7 @@ impl Gen<'_> {
                 row,
                 soff,
                 goff,
+                coff,
                 rows_per_pass,
             } => {
                 let r = self.w.r();
@@ -1010,13 +1135,20 @@ impl Gen<'_> {
                     let dr = pass * rows_per_pass;
                     ins!(self.w, "add.u32 {r}, {row}, {dr}");
                     ins!(self.w, "setp.lt.u32 {ok}, {r}, {valid_rows}");
-                    ins!(self.w, "add.s64 {src}, {gptr}, {goff}");
-                    if dr > 0 {
-                        ins!(
-                            self.w,
-                            "add.s64 {src}, {src}, {}",
-                            dr * lay.global_row_bytes()
-                        );
+                    if let Some(key0) = key0 {
+                        let key = self.w.r();
+                        ins!(self.w, "add.u32 {key}, {key0}, {r}");
+                        self.kv_row_addr(src, gptr, key, ok);
+                        ins!(self.w, "add.s64 {src}, {src}, {coff}");
+                    } else {
+                        ins!(self.w, "add.s64 {src}, {gptr}, {goff}");
+                        if dr > 0 {
+                            ins!(
+                                self.w,
+                                "add.s64 {src}, {src}, {}",
+                                dr * lay.global_row_bytes()
+                            );
+                        }
                     }
                     ins!(self.w, "selp.b64 {src}, {src}, {gptr}, {ok}");
                     ins!(self.w, "selp.b32 {size}, 16, 0, {ok}");
@@ -1042,12 +1174,18 @@ impl Gen<'_> {
                     ins!(self.w, "div.u32 {row}, {idx}, {cpr}");
                     ins!(self.w, "rem.u32 {col}, {idx}, {cpr}");
                     ins!(self.w, "setp.lt.u32 {ok}, {row}, {valid_rows}");
-                    ins!(
-                        self.w,
-                        "mul.wide.u32 {goff}, {row}, {}",
-                        lay.global_row_bytes()
-                    );
-                    ins!(self.w, "add.s64 {src}, {gptr}, {goff}");
+                    if let Some(key0) = key0 {
+                        let key = self.w.r();
+                        ins!(self.w, "add.u32 {key}, {key0}, {row}");
+                        self.kv_row_addr(src, gptr, key, ok);
+                    } else {
+                        ins!(
+                            self.w,
+                            "mul.wide.u32 {goff}, {row}, {}",
+                            lay.global_row_bytes()
+                        );
+                        ins!(self.w, "add.s64 {src}, {gptr}, {goff}");
+                    }
                     ins!(self.w, "mul.wide.u32 {goff}, {col}, 16");
                     ins!(self.w, "add.s64 {src}, {src}, {goff}");
                     ins!(self.w, "selp.b64 {src}, {src}, {gptr}, {ok}");
@@ -1675,6 +1813,22 @@ struct TileIter {
 }
 
 /// How threads split a tile into 16-byte `cp.async` chunks.
+/// How in-place K/V rows are found ([`KvSource::InPlace`]): key `j` of KV
+/// head `kh` of the sequence is row `table_row[j / page_size] * page_stride +
+/// (j % page_size) * row_stride + kh * head_stride` of k (and v), all u32 in
+/// rows of the padded head dim. A paged pool `[P, page_size, HKV, Dp]` has
+/// `page_stride = page_size * HKV`, `row_stride = HKV`, `head_stride = 1`;
+/// dense rows `[B, HKV, rows, Dp]` are one page per sequence.
+#[derive(Clone, Debug)]
+struct Pages {
+    /// This sequence's table row (global address of u32 page numbers).
+    table_row: Reg,
+    page_size: Reg,
+    page_stride: Reg,
+    row_stride: Reg,
+    head_stride: Reg,
+}
+
 enum Loader {
     /// Threads are a multiple of the chunks per row: every thread keeps
     /// its column and steps `rows_per_pass` rows at a time.
@@ -1682,6 +1836,8 @@ enum Loader {
         row: Reg,
         soff: Reg,
         goff: Reg,
+        /// The column's byte offset within a row (`goff` less the row's).
+        coff: Reg,
         rows_per_pass: usize,
     },
     /// Otherwise chunk `tid + i * threads` of the tile, row-major.

@@ -50,8 +50,9 @@
 //! HKV, Q, KV, D`, `group` (= H / HKV), `kv_batch_stride` (1, or 0 when k and
 //! v broadcast over the batch), `map_stride_b`, `map_stride_h`, `kv_rows`
 //! (the key rows of k and v; `KV`, the end of the call's positions, is larger
-//! when queries run past the keys), then the `s64` `q_offset`, then one
-//! pointer per buffer of the kernel.
+//! when queries run past the keys), then the `s64` `q_offset`, then, for a
+//! kernel that reads K/V in place (a paged pool or ragged dense rows), the
+//! [`IN_PLACE_PARAMS`], then one pointer per buffer of the kernel.
 //!
 //! Device layouts: q is `[B, H, Q, Dp]`, k and v are `[B or 1, HKV, kv_rows, Dp]`
 //! in the dtype, with `Dp` the padded head dim ([`Launch::d_pad`]; the pad
@@ -223,6 +224,23 @@ pub const PARAMS: [&str; 22] = [
     "q_offset",
 ];
 
+/// The parameters of a kernel that reads K and V in place
+/// ([`crate::tile::nest::KvSource::InPlace`]: a paged pool, or dense rows of
+/// ragged lengths), after `q_offset` and before the buffers: the sequences'
+/// key counts (u32 `[B]`), the page table (u32 `[B, table_stride]`), and the
+/// page size and the strides, in rows of the padded head dim, of a page, a
+/// slot and a KV head in k and v (see [`host::InPlaceKv`]). `q_offset` and
+/// `kv_rows` are unused there: sequence `b`'s queries end on its last key.
+pub const IN_PLACE_PARAMS: [&str; 7] = [
+    "kv_lens_ptr",
+    "page_table_ptr",
+    "table_stride",
+    "page_size",
+    "page_stride",
+    "row_stride",
+    "head_stride",
+];
+
 /// The layout of the error block (`err`, 16 u64 words, zeroed by the host).
 ///
 /// Word 0: the failure kind in its low 32 bits (0 = none; set once by an
@@ -359,7 +377,7 @@ pub enum PtxError {
     #[error("the PTX backend does not lower this loop nest yet: {what}")]
     #[diagnostic(
         code(attnc::ptx::nest),
-        help("the PTX backend lowers the prefill nest (one head per tile, dense K/V packed per call); run GQA-grouped decode, ragged batches, key offsets and paged pools on the CPU (`--backend jit`)")
+        help("the PTX backend lowers one head per tile, with dense K/V or K/V read in place through a page table (`attnc emit --target ptx --page-size P`); the CUDA runtime launches the dense one only: run GQA-grouped decode, ragged batches, key offsets and paged pools on the CPU (`--backend jit`)")
     )]
     Nest { what: String },
 }
@@ -391,9 +409,9 @@ pub fn pad_head_dim(d: usize, dtype: Dtype) -> usize {
 
 /// Plans the launch of `kernel` under `opts`, or says why it cannot run.
 pub fn launch(kernel: &Kernel, opts: &PtxOptions) -> Result<Launch, PtxError> {
-    use crate::tile::nest::{KvSource, RowMap};
+    use crate::tile::nest::RowMap;
     let s = &kernel.schedule;
-    if s.rows != RowMap::OneHead || s.kv != KvSource::Packed {
+    if s.rows != RowMap::OneHead {
         return Err(PtxError::Nest {
             what: format!("rows {:?}, K/V {:?}", s.rows, s.kv),
         });
