@@ -39,6 +39,16 @@ impl BufferData {
         self.len() == 0
     }
 
+    /// Bytes of the elements in memory.
+    pub fn size_bytes(&self) -> usize {
+        self.len()
+            * match self {
+                BufferData::Int(_) => 8,
+                BufferData::Float(_) => 4,
+                BufferData::Bool(_) => 1,
+            }
+    }
+
     /// The element at a (possibly out-of-range or negative) index.
     pub fn get(&self, index: &[i64]) -> Option<Value> {
         let shape = self.shape();

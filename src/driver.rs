@@ -590,15 +590,39 @@ pub struct JitKernel {
     /// (and fault in) them; bounded by [`crate::runtime::exec::PACK_BUDGET_BYTES`]
     /// or one head. Concurrent calls that find it busy use a buffer of their own.
     workspace: std::sync::Mutex<Vec<f32>>,
+    /// The block maps of the last [`MAP_CACHE_ENTRIES`] distinct problems.
+    maps: crate::mask::MapCache,
 }
 
+/// Block maps a [`JitKernel`] keeps (per distinct shapes, offsets, lengths and
+/// mask buffers; see [`crate::mask::cache`]).
+pub const MAP_CACHE_ENTRIES: usize = 8;
+
 impl JitKernel {
-    /// Runs the kernel: binds the inputs, builds the block maps, runs the tasks.
+    /// Runs the kernel: binds the inputs, takes their block maps from the
+    /// kernel's cache (building them on a miss), runs the tasks.
     pub fn run(&self, inputs: &Inputs<'_>) -> Result<Outputs, Error> {
         let bound = bind(&self.program.spec, inputs)?;
-        let maps = crate::mask::classify(&self.program.spec, &bound, self.tiling)
-            .map_err(|e| self.program.classify_error(inputs, &bound, e))?;
+        let maps = self.maps_of(inputs, &bound)?;
         self.run_with_maps(inputs, &bound, &maps)
+    }
+
+    /// The block maps a call with `inputs` uses: the kernel keeps the maps of
+    /// its last few distinct problems (shapes, offsets, lengths and the
+    /// contents of the buffers the mask reads), so repeated calls reuse them.
+    pub fn block_maps(&self, inputs: &Inputs<'_>) -> Result<Arc<crate::mask::BlockMaps>, Error> {
+        let bound = bind(&self.program.spec, inputs)?;
+        self.maps_of(inputs, &bound)
+    }
+
+    fn maps_of(
+        &self,
+        inputs: &Inputs<'_>,
+        bound: &crate::bind::Bound,
+    ) -> Result<Arc<crate::mask::BlockMaps>, Error> {
+        self.maps
+            .get_or_build(&self.program.spec, bound, self.tiling)
+            .map_err(|e| self.program.classify_error(inputs, bound, e))
     }
 
     /// Binds `inputs` and builds their block maps once, for callers that run
@@ -836,6 +860,7 @@ impl Program {
             compiled,
             variants: std::sync::Mutex::new(Vec::new()),
             workspace: std::sync::Mutex::new(Vec::new()),
+            maps: crate::mask::MapCache::new(MAP_CACHE_ENTRIES),
         })
     }
 
@@ -882,6 +907,59 @@ impl Program {
     }
 
     /// Runs the reference interpreter.
+    /// When the block-map analysis of `maps` fell back to evaluating
+    /// elements one by one, a note that says how many and names the mask
+    /// sub-expression that defeated the symbolic analysis (with its place in
+    /// the file), and the next one if another did too; `None` otherwise.
+    pub fn fallback_note(&self, maps: &crate::mask::BlockMaps) -> Option<String> {
+        let by = maps.fallback();
+        let total: u64 = by.iter().map(|&(_, n)| n).sum();
+        if total == 0 {
+            return None;
+        }
+        let text = &self.file.text;
+        let place = |id: crate::sema::ExprId| {
+            let span = self.spec.spans[id.0 as usize];
+            // A parenthesised operand's span leaves out its parentheses:
+            // take them back in where the snippet does not balance.
+            let (mut start, mut end) = (span.start, span.end);
+            let count =
+                |a: usize, b: usize, c: char| text.get(a..b).map_or(0, |t| t.matches(c).count());
+            while count(start, end, ')') > count(start, end, '(') {
+                match text.get(..start).and_then(|t| t.rfind('(')) {
+                    Some(i) => start = i,
+                    None => break,
+                }
+            }
+            while count(start, end, '(') > count(start, end, ')') {
+                match text.get(end..).and_then(|t| t.find(')')) {
+                    Some(i) => end += i + 1,
+                    None => break,
+                }
+            }
+            let (line, col) = line_col(text, start);
+            let src = text.get(start..end).unwrap_or("?");
+            let src: String = src.split_whitespace().collect::<Vec<_>>().join(" ");
+            let src = if src.chars().count() > 60 {
+                format!("{}...", src.chars().take(57).collect::<String>())
+            } else {
+                src
+            };
+            format!("`{src}` ({}:{line}:{col})", self.file.name)
+        };
+        let mut note = format!(
+            "note: {total} element(s) of the mask were evaluated one by one: the symbolic analysis \
+             could not decide {} over whole tiles",
+            place(by[0].0)
+        );
+        if let Some(&(id, n)) = by.get(1) {
+            note += &format!(" ({} of them; {n} for {})", by[0].1, place(id));
+        }
+        note += "; masks of positions, affine comparisons and sorted or constant buffers are \
+                 decided per tile (docs/block-maps.md)";
+        Some(note)
+    }
+
     pub fn run_reference(&self, inputs: &Inputs<'_>) -> Result<Outputs, Error> {
         self.run_reference_observed(inputs, &mut |_, _| {})
     }

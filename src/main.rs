@@ -82,6 +82,9 @@ against the machine's speed at that moment."
 struct BlocksArgs {
     #[command(flatten)]
     spec: SpecArgs,
+    /// No progress bar (one is drawn on stderr only when it is a terminal).
+    #[arg(long, short)]
+    quiet: bool,
     /// Number of query rows Q.
     #[arg(long, value_name = "N")]
     q_len: usize,
@@ -1101,8 +1104,18 @@ fn run(cmd: Command) -> Result<(), Error> {
             let file = std::sync::Arc::new(SourceFile::read(&spec)?);
             let module = driver::check(&file)?;
             let names: Vec<&str> = module.specs.iter().map(|s| s.name.as_str()).collect();
+            let mut notes = String::new();
+            for s in &module.specs {
+                let program = driver::Program {
+                    file: file.clone(),
+                    spec: s.clone(),
+                };
+                if let Some(note) = probe_fallback(&program) {
+                    notes += &format!("{}: {note}\n", s.name);
+                }
+            }
             say(format_args!(
-                "{}: ok ({} attention block{}: {})\n",
+                "{}: ok ({} attention block{}: {})\n{notes}",
                 spec.display(),
                 names.len(),
                 if names.len() == 1 { "" } else { "s" },
@@ -1111,6 +1124,31 @@ fn run(cmd: Command) -> Result<(), Error> {
         }
         Command::Run(args) => run_spec(args),
     }
+}
+
+/// Shapes of the block-map probe of `attnc check`.
+const PROBE_LEN: usize = 2048;
+
+/// `attnc check`'s probe of the block-map analysis: a spec whose mask reads
+/// no buffer is classified at Q = KV = [`PROBE_LEN`] in 64x64 tiles (B = H =
+/// 1), and a fallback to element evaluation is reported with the
+/// sub-expression that caused it. Masks that read buffers depend on their
+/// data: `attnc blocks` with the data says it there. A mask that fails at
+/// some element of the probe is left to the run to report.
+fn probe_fallback(program: &driver::Program) -> Option<String> {
+    let spec = &program.spec;
+    if spec.mask.is_none() || !spec.mask_buffers().is_empty() || !spec.buffers.is_empty() {
+        return None;
+    }
+    let one = ndarray::Array4::<f32>::zeros((1, 1, 1, 1));
+    let view = one.broadcast((1, 1, PROBE_LEN, 1))?;
+    let inputs = Inputs::new(view.clone(), view.clone(), view);
+    let bound = attnc::bind::bind(spec, &inputs).ok()?;
+    let tiling = attnc::mask::Tiling::new(64, 64).ok()?;
+    let maps = attnc::mask::classify(spec, &bound, tiling).ok()?;
+    program
+        .fallback_note(&maps)
+        .map(|n| format!("{n} (probed at Q = KV = {PROBE_LEN}, 64x64 tiles)"))
 }
 
 /// `attnc emit`: the text of the stage or target asked for.
@@ -1146,6 +1184,7 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
         };
         return blocks(BlocksArgs {
             spec: args.spec,
+            quiet: false,
             q_len,
             kv_len: args.kv_len,
             block: args.block,
@@ -1711,9 +1750,22 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
     let bound = attnc::bind::bind(&program.spec, &inputs)?;
     let mut times = Vec::with_capacity(repeat);
     let mut built = None;
+    // A bar over the query tiles of the first build (a mask the symbolic
+    // analysis cannot follow is evaluated element by element: slow).
+    let mut bar = progress_bar(args.quiet, "block map", "query tiles", 0);
     for _ in 0..repeat {
         let start = std::time::Instant::now();
-        let maps = mask::classify(&program.spec, &bound, tiling).map_err(|e| match e {
+        let mut observe = |done: u64, total: u64| {
+            if let Some(bar) = &bar {
+                bar.set_length(total);
+                bar.set_position(done);
+            }
+        };
+        let maps = mask::classify_observed(&program.spec, &bound, tiling, &mut observe);
+        if let Some(bar) = bar.take() {
+            bar.finish_and_clear();
+        }
+        let maps = maps.map_err(|e| match e {
             MaskError::Eval(error) => Error::Eval {
                 file: program.file.clone(),
                 error,
@@ -1765,6 +1817,8 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
             "map_bytes": maps.maps().iter().map(|m| m.heap_bytes()).sum::<usize>(),
             "box_evaluations": maps.counts().box_evaluations,
             "element_evaluations": maps.counts().element_evaluations,
+            "fallback_elements": maps.fallback().iter().map(|&(_, n)| n).sum::<u64>(),
+            "fallback_note": program.fallback_note(&maps),
             "shared": maps.is_shared(),
             "maps": maps.maps().len(),
             "summed_over_bh": !maps.is_shared(),
@@ -1812,6 +1866,9 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
             "built in {build_ms:.3} ms ({work}); counts summed over all {n_pairs} (b, h) pairs ({} distinct maps)",
             maps.maps().len()
         );
+    }
+    if let Some(note) = program.fallback_note(&maps) {
+        let _ = writeln!(out, "{note}");
     }
     Ok(out)
 }

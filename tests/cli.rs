@@ -1771,8 +1771,9 @@ fn progress_bars_only_on_a_terminal_and_not_with_quiet() {
         "{bin} bench {} --q-len 64 --heads 1 --runs 3",
         spec.display()
     );
+    let blocks = format!("{bin} blocks {} --q-len 4096", spec.display());
     // In a pipe: no bar, with or without --quiet.
-    for args in [&run, &bench] {
+    for args in [&run, &bench, &blocks] {
         let parts: Vec<&str> = args.split(' ').skip(1).collect();
         let o = attnc(&parts);
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
@@ -1802,12 +1803,70 @@ fn progress_bars_only_on_a_terminal_and_not_with_quiet() {
         "{shown}"
     );
     assert!(shown.contains(" runs ("), "{shown}");
-    for cmd in [format!("{run} --quiet"), format!("{bench} -q")] {
+    let shown = on_terminal(&blocks);
+    assert!(
+        shown.contains("block map [") && shown.contains(" query tiles ("),
+        "{shown}"
+    );
+    for cmd in [
+        format!("{run} --quiet"),
+        format!("{bench} -q"),
+        format!("{blocks} --quiet"),
+    ] {
         let shown = on_terminal(&cmd);
         assert!(
-            !shown.contains(" rows (") && !shown.contains(" runs ("),
+            !shown.contains(" rows (")
+                && !shown.contains(" runs (")
+                && !shown.contains(" query tiles ("),
             "{shown}"
         );
+    }
+}
+
+/// When the block-map analysis falls back to evaluating elements one by one,
+/// `attnc check` (probing a mask that reads no buffer) and `attnc blocks` say
+/// so, naming the sub-expression that defeated it, with its place; a mask it
+/// decides per tile gets no note.
+#[test]
+fn block_map_fallback_is_named() {
+    let dir = TempDir::new();
+    let spec = dir.path("strided.attn");
+    std::fs::write(
+        &spec,
+        "// every third key, causal\nattention strided {\n    mask = causal && (q - kv) % 3 == 0\n}\n",
+    )
+    .unwrap();
+    let spec = spec.to_str().unwrap();
+    let expr = "`(q - kv) % 3 == 0` (";
+    let place = "strided.attn:3:22)";
+    let o = attnc(&["check", spec]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("ok (1 attention block: strided)"), "{text}");
+    assert!(
+        text.contains("strided: note: ") && text.contains("evaluated one by one"),
+        "{text}"
+    );
+    assert!(text.contains(expr) && text.contains(place), "{text}");
+    assert!(text.contains("probed at Q = KV = 2048"), "{text}");
+    let o = attnc(&["blocks", spec, "--q-len", "512"]);
+    assert!(
+        stdout(&o).contains(expr) && stdout(&o).contains(place),
+        "{}",
+        stdout(&o)
+    );
+    let o = attnc(&["blocks", spec, "--q-len", "512", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(v["fallback_elements"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["fallback_note"].as_str().unwrap().contains(expr), "{v}");
+    // Decided per tile: no note.
+    for example in ["examples/causal.attn", "examples/sliding_window.attn"] {
+        let o = attnc(&["check", example]);
+        assert!(!stdout(&o).contains("note:"), "{}", stdout(&o));
+        let o = attnc(&["blocks", example, "--q-len", "2048", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(v["fallback_elements"], 0, "{v}");
+        assert!(v["fallback_note"].is_null(), "{v}");
     }
 }
 

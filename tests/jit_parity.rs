@@ -155,6 +155,115 @@ fn compile_api_plans_and_no_recompilation_across_shapes() {
     }
 }
 
+/// A compiled kernel keeps the block maps of its last few problems: the same
+/// shapes, offsets and mask buffers reuse them; a changed mask buffer,
+/// offset or length builds new ones (and the outputs stay right); a buffer
+/// only the score reads, K, V and q do not matter; the cache is bounded.
+#[test]
+fn block_maps_are_reused_across_calls_of_one_kernel() {
+    let src = "attention docs { buffer doc[KV]: int\n buffer bias[H]: float\n \
+               mask = doc[q] == doc[kv] && causal\n score = score + bias[h] }";
+    let kernel = attnc::compile(
+        attnc::SourceFile::new("docs.attn", src),
+        &attnc::CompileOptions::default(),
+    )
+    .unwrap();
+    let program = attnc::load(
+        attnc::SourceFile::new("docs.attn", src),
+        &Default::default(),
+    )
+    .unwrap();
+    let (h, n, d) = (2, 150, 8);
+    let mut rng = attnc::bench::Rng::new(3);
+    let (q, k, v) = (
+        rng.array4((1, h, n, d)),
+        rng.array4((1, h, n, d)),
+        rng.array4((1, h, n, d)),
+    );
+    let doc = |w: usize| {
+        attnc::BufferData::Int(ndarray::ArrayD::from_shape_fn(vec![n], move |i| {
+            (i[0] / w) as i64
+        }))
+    };
+    let bias = |x: f32| attnc::BufferData::Float(ndarray::ArrayD::from_elem(vec![h], x));
+    fn with<'a>(
+        inputs: attnc::Inputs<'a>,
+        doc: attnc::BufferData,
+        bias: attnc::BufferData,
+    ) -> attnc::Inputs<'a> {
+        inputs.buffer("doc", doc).buffer("bias", bias).with_lse()
+    }
+    // Two query tensors: `which` picks one.
+    let qs = [q, rng.array4((1, h, n, d))];
+    let inputs = |doc_w: usize, b: f32, which: usize| {
+        with(
+            attnc::Inputs::new(qs[which].view(), k.view(), v.view()),
+            doc(doc_w),
+            bias(b),
+        )
+    };
+    let first = kernel.block_maps(&inputs(40, 0.5, 0)).unwrap();
+    // Same mask inputs: the same maps, even with other q and score buffers.
+    assert!(std::sync::Arc::ptr_eq(
+        &first,
+        &kernel.block_maps(&inputs(40, 0.5, 0)).unwrap()
+    ));
+    assert!(std::sync::Arc::ptr_eq(
+        &first,
+        &kernel.block_maps(&inputs(40, -2.0, 1)).unwrap()
+    ));
+    // Another document table: other maps, and the run is right.
+    let other = kernel.block_maps(&inputs(10, 0.5, 0)).unwrap();
+    assert!(!std::sync::Arc::ptr_eq(&first, &other));
+    assert_ne!(*first, *other);
+    for w in [10, 40] {
+        let i = inputs(w, 0.5, 0);
+        let want = program.run_reference(&i).unwrap();
+        let got = kernel.run(&i).unwrap();
+        common::assert_close(
+            "cached maps",
+            &got,
+            &want.out,
+            want.lse.as_ref().unwrap(),
+            1e-5,
+        );
+    }
+    // Another query offset: other maps.
+    let shifted = inputs(40, 0.5, 0).q_offset(0);
+    assert!(std::sync::Arc::ptr_eq(
+        &first,
+        &kernel.block_maps(&shifted).unwrap()
+    ));
+    let (qs, ks, vs) = (
+        rng.array4((1, h, 20, d)),
+        rng.array4((1, h, n, d)),
+        rng.array4((1, h, n, d)),
+    );
+    let off = |o: i64| {
+        attnc::Inputs::new(qs.view(), ks.view(), vs.view())
+            .q_offset(o)
+            .buffer("doc", doc(40))
+            .buffer("bias", bias(0.5))
+    };
+    let at_100 = kernel.block_maps(&off(100)).unwrap();
+    assert!(!std::sync::Arc::ptr_eq(
+        &at_100,
+        &kernel.block_maps(&off(120)).unwrap()
+    ));
+    assert!(std::sync::Arc::ptr_eq(
+        &at_100,
+        &kernel.block_maps(&off(100)).unwrap()
+    ));
+    // Bounded: after as many other problems as the cache holds, the first is
+    // rebuilt (equal, not the same).
+    for w in 0..attnc::driver::MAP_CACHE_ENTRIES {
+        kernel.block_maps(&inputs(11 + w, 0.5, 0)).unwrap();
+    }
+    let again = kernel.block_maps(&inputs(40, 0.5, 0)).unwrap();
+    assert!(!std::sync::Arc::ptr_eq(&first, &again));
+    assert_eq!(*first, *again);
+}
+
 #[test]
 fn bad_inputs_are_errors_not_crashes() {
     let kernel = attnc::compile(

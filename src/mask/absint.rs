@@ -372,6 +372,40 @@ impl<'s> AbsEval<'s> {
         self.h = h;
     }
 
+    /// After [`Self::eval`] of `root` left it undecided, the sub-expression
+    /// that defeated the analysis: from `root`, down through undecided (or
+    /// possibly failing) operands of the logical operators (`!`, `&&`, `||`,
+    /// `if`), to the first node that is undecided while its own operands are
+    /// not logical ones left undecided (a comparison of ranges that overlap,
+    /// a read of a buffer, ...). `None` when `root` is decided.
+    pub fn culprit(&self, root: ExprId) -> Option<ExprId> {
+        let now = |id: ExprId| {
+            let (gen, a) = self.memo[id.0 as usize];
+            (gen == self.generation).then_some(a)
+        };
+        let open = |a: Abs| a.may_fail || matches!(a.v, AVal::Bool(Tri::Unknown));
+        let mut id = root;
+        if !open(now(id)?) {
+            return None;
+        }
+        loop {
+            let next = match self.spec.expr(id) {
+                Expr::Unary(UnaryOp::Not, a) => vec![*a],
+                Expr::Binary(BinaryOp::And | BinaryOp::Or, a, b) => vec![*a, *b],
+                Expr::Select {
+                    cond,
+                    then,
+                    otherwise,
+                } => vec![*cond, *then, *otherwise],
+                _ => return Some(id),
+            };
+            match next.into_iter().find(|&o| now(o).is_some_and(open)) {
+                Some(o) => id = o,
+                None => return Some(id),
+            }
+        }
+    }
+
     /// Evaluates `id` over `bx`.
     pub fn eval(&mut self, id: ExprId, bx: QBox, sums: &mut Summaries<'_>) -> Abs {
         debug_assert!(bx.q0 <= bx.q1 && bx.k0 <= bx.k1);

@@ -42,6 +42,18 @@ const LEAF: u128 = 32;
 /// Classifies every (query tile, key tile) of every (b, h) that needs its
 /// own map. See the module docs.
 pub fn classify(spec: &Spec, bound: &Bound, tiling: Tiling) -> Result<BlockMaps, MaskError> {
+    classify_observed(spec, bound, tiling, &mut |_, _| {})
+}
+
+/// [`classify`], calling `progress(done, total)` after each query tile of
+/// each map (for a progress bar: a mask the symbolic analysis cannot follow
+/// is evaluated element by element, and that can take a while).
+pub fn classify_observed(
+    spec: &Spec,
+    bound: &Bound,
+    tiling: Tiling,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<BlockMaps, MaskError> {
     let tiling = Tiling::new(tiling.bq, tiling.bkv)?;
     let sh = bound.shapes;
     let q_tiles = sh.q.div_ceil(tiling.bq);
@@ -69,6 +81,7 @@ pub fn classify(spec: &Spec, bound: &Bound, tiling: Tiling) -> Result<BlockMaps,
     let n_h = if by_h { sh.h } else { 1 };
     let mut maps = Vec::with_capacity(n_b * n_h);
     let mut counts = AnalysisCounts::default();
+    let mut fallback = Vec::new();
     match spec.mask {
         None => {
             for b in 0..n_b {
@@ -96,18 +109,32 @@ pub fn classify(spec: &Spec, bound: &Bound, tiling: Tiling) -> Result<BlockMaps,
                 h: 0,
                 single: None,
                 element_evaluations: 0,
+                fallback: vec![0; spec.exprs.len()],
             };
+            let total = (n_b * n_h * q_tiles) as u64;
             for b in 0..n_b {
                 c.kv_len = bound.kv_len(b);
                 c.q_offset = bound.q_start(b);
                 for h in 0..n_h {
-                    maps.push(c.map(b as i64, h as i64)?);
+                    let done = ((b * n_h + h) * q_tiles) as u64;
+                    maps.push(c.map(b as i64, h as i64, &mut |qt| {
+                        progress(done + qt as u64 + 1, total)
+                    })?);
                 }
             }
             counts = AnalysisCounts {
                 box_evaluations: c.abs.evaluations(),
                 element_evaluations: c.element_evaluations,
             };
+            let mut by: Vec<(ExprId, u64)> = c
+                .fallback
+                .iter()
+                .enumerate()
+                .filter(|&(_, &n)| n > 0)
+                .map(|(i, &n)| (ExprId(i as u32), n))
+                .collect();
+            by.sort_by_key(|&(id, n)| (std::cmp::Reverse(n), id.0));
+            fallback = by;
         }
     }
     debug_assert!(maps.iter().all(BlockMap::is_complete));
@@ -118,6 +145,7 @@ pub fn classify(spec: &Spec, bound: &Bound, tiling: Tiling) -> Result<BlockMaps,
         by_h,
         maps,
         counts,
+        fallback,
     })
 }
 
@@ -171,10 +199,18 @@ struct Classifier<'a> {
     /// The last single-tile evaluation of the current query tile.
     single: Option<(u32, Abs)>,
     element_evaluations: u64,
+    /// Per sub-expression of the mask, the elements evaluated one by one in
+    /// boxes it left undecided ([`AbsEval::culprit`]).
+    fallback: Vec<u64>,
 }
 
 impl<'a> Classifier<'a> {
-    fn map(&mut self, b: i64, h: i64) -> Result<BlockMap, EvalError> {
+    fn map(
+        &mut self,
+        b: i64,
+        h: i64,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<BlockMap, EvalError> {
         self.b = b;
         self.h = h;
         self.abs.set_head(b, h);
@@ -187,6 +223,7 @@ impl<'a> Classifier<'a> {
             self.row(qt, map.kv_tiles() as u32, &prev, &mut cur)?;
             map.push_row(cur.iter().map(|s| (s.start, s.end, s.class)));
             std::mem::swap(&mut prev, &mut cur);
+            progress(qt);
         }
         Ok(map.with_kv_offset(self.kv_offset))
     }
@@ -347,7 +384,11 @@ impl<'a> Classifier<'a> {
                 }
             }
         }
-        self.explore(bx, top.may_fail, &mut w)?;
+        // The sub-expression that left the tile undecided (the box is
+        // evaluated again: the memo may hold a later box by now).
+        self.abs.eval(self.mask, bx, &mut self.sums);
+        let culprit = self.abs.culprit(self.mask).unwrap_or(self.mask);
+        self.explore(bx, top.may_fail, culprit, &mut w)?;
         Ok(match (w.visible, w.masked) {
             (true, true) => TileClass::Partial,
             (true, false) => TileClass::Full,
@@ -357,14 +398,22 @@ impl<'a> Classifier<'a> {
     }
 
     /// Looks for witnesses in `bx`, whose abstract evaluation gave
-    /// `may_fail`; explores every element of boxes that may fail.
-    fn explore(&mut self, bx: QBox, may_fail: bool, w: &mut Witness) -> Result<(), EvalError> {
+    /// `may_fail`, undecided because of `culprit`; explores every element of
+    /// boxes that may fail.
+    fn explore(
+        &mut self,
+        bx: QBox,
+        may_fail: bool,
+        culprit: ExprId,
+        w: &mut Witness,
+    ) -> Result<(), EvalError> {
         if !may_fail && w.both() {
             return Ok(());
         }
         if bx.size() <= LEAF {
             for q in bx.q0..=bx.q1 {
                 for kv in bx.k0..=bx.k1 {
+                    self.fallback[culprit.0 as usize] += 1;
                     let v = self.eval_at(q, kv)?;
                     w.record(v);
                     if !may_fail && w.both() {
@@ -381,17 +430,20 @@ impl<'a> Classifier<'a> {
             let m = bx.k0 + (bx.k1 - bx.k0) / 2;
             [QBox { k1: m, ..bx }, QBox { k0: m + 1, ..bx }]
         };
-        let results = halves.map(|h| (h, self.abs.eval(self.mask, h, &mut self.sums)));
+        let results = halves.map(|h| {
+            let a = self.abs.eval(self.mask, h, &mut self.sums);
+            (h, a, self.abs.culprit(self.mask).unwrap_or(culprit))
+        });
         // Decided halves give witnesses at once; then the others.
         let mut rest = Vec::with_capacity(2);
-        for (h, a) in results {
+        for (h, a, c) in results {
             match a.decided() {
                 Some(v) => w.record(v),
-                None => rest.push((h, a.may_fail)),
+                None => rest.push((h, a.may_fail, c)),
             }
         }
-        for (h, mf) in rest {
-            self.explore(h, mf, w)?;
+        for (h, mf, c) in rest {
+            self.explore(h, mf, c, w)?;
         }
         Ok(())
     }

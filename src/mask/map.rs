@@ -520,6 +520,9 @@ pub struct BlockMaps {
     /// `(by_b ? B : 1) x (by_h ? H : 1)`, row-major.
     pub(crate) maps: Vec<BlockMap>,
     pub(crate) counts: AnalysisCounts,
+    /// Elements evaluated one by one because the symbolic analysis left their
+    /// box undecided, per mask sub-expression that defeated it, most first.
+    pub(crate) fallback: Vec<(crate::sema::ExprId, u64)>,
 }
 
 /// How much work the analysis did (all maps together).
@@ -533,6 +536,16 @@ pub struct AnalysisCounts {
 }
 
 impl BlockMaps {
+    /// The elements the analysis evaluated one by one (in boxes of at most a
+    /// few dozen elements that symbolic evaluation could not decide), per
+    /// sub-expression of the mask that left them undecided, most first: the
+    /// cost cliff of a mask the interval/affine reasoning cannot follow.
+    /// Tiles decided by a few probe elements (the partial tiles of a causal
+    /// mask) are not counted.
+    pub fn fallback(&self) -> &[(crate::sema::ExprId, u64)] {
+        &self.fallback
+    }
+
     /// The map of batch `b`, head `h`.
     pub fn get(&self, b: usize, h: usize) -> &BlockMap {
         assert!(

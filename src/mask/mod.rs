@@ -25,12 +25,14 @@
 //! block-mask layout for interop.
 
 mod absint;
+pub mod cache;
 mod classify;
 mod map;
 pub mod render;
 mod summary;
 
-pub use classify::classify;
+pub use cache::MapCache;
+pub use classify::{classify, classify_observed};
 pub use map::{AnalysisCounts, BlockMap, BlockMaps, BlockStats, FlexLayout, TileClass, Tiling};
 
 use crate::sema::eval::EvalError;

@@ -477,6 +477,30 @@ impl Spec {
         &self.buffers[id.0 as usize]
     }
 
+    /// The buffers the mask reads (by a load or as an `ancestor` parent), in
+    /// buffer order: what a block map depends on besides shapes and offsets.
+    pub fn mask_buffers(&self) -> Vec<BufferId> {
+        let mut seen = vec![false; self.exprs.len()];
+        let mut used = vec![false; self.buffers.len()];
+        let mut stack: Vec<ExprId> = self.mask.into_iter().collect();
+        while let Some(id) = stack.pop() {
+            if std::mem::replace(&mut seen[id.0 as usize], true) {
+                continue;
+            }
+            let e = self.expr(id);
+            match e {
+                Expr::Load { buffer, .. } => used[buffer.0 as usize] = true,
+                Expr::Ancestor { parent, .. } => used[parent.0 as usize] = true,
+                _ => {}
+            }
+            stack.extend(e.operands());
+        }
+        (0..self.buffers.len())
+            .filter(|&i| used[i])
+            .map(|i| BufferId(i as u32))
+            .collect()
+    }
+
     pub fn buffer_id(&self, name: &str) -> Option<BufferId> {
         self.buffers
             .iter()
