@@ -602,8 +602,21 @@ impl JitKernel {
     /// Runs the kernel: binds the inputs, takes their block maps from the
     /// kernel's cache (building them on a miss), runs the tasks.
     pub fn run(&self, inputs: &Inputs<'_>) -> Result<Outputs, Error> {
+        self.run_observed(inputs, &mut |_, _| {})
+    }
+
+    /// [`JitKernel::run`], calling `progress(done, total)` per query tile
+    /// while it builds block maps (not when they come from the cache).
+    pub fn run_observed(
+        &self,
+        inputs: &Inputs<'_>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Outputs, Error> {
         let bound = bind(&self.program.spec, inputs)?;
-        let maps = self.maps_of(inputs, &bound)?;
+        let maps = self
+            .maps
+            .get_or_build_observed(&self.program.spec, &bound, self.tiling, progress)
+            .map_err(|e| self.program.classify_error(inputs, &bound, e))?;
         self.run_with_maps(inputs, &bound, &maps)
     }
 

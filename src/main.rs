@@ -1530,9 +1530,23 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
         }
         Backend::Jit => {
             let attnc::mask::Tiling { bq, bkv } = tiling.expect("parsed above");
-            program
-                .compile_jit(bq, bkv, gemm_impl(args.gemm))?
-                .run(&inputs)?
+            let kernel = program.compile_jit(bq, bkv, gemm_impl(args.gemm))?;
+            // A bar while the block maps are built (a mask the symbolic
+            // analysis cannot follow is evaluated element by element).
+            let bar = progress_bar(args.quiet, "block map", "query tiles", 0);
+            let out = kernel.run_observed(&inputs, &mut |done, total| {
+                if let Some(bar) = &bar {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                    if done == total {
+                        bar.finish_and_clear(); // the maps are built; the run goes on
+                    }
+                }
+            });
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            out?
         }
         Backend::Cuda => run_cuda(&program, &inputs, &args.dtype)?,
     };

@@ -1772,8 +1772,12 @@ fn progress_bars_only_on_a_terminal_and_not_with_quiet() {
         spec.display()
     );
     let blocks = format!("{bin} blocks {} --q-len 4096", spec.display());
+    let jit = format!(
+        "{bin} run {} --random --q-len 4096 --heads 1 --out {out}",
+        spec.display()
+    );
     // In a pipe: no bar, with or without --quiet.
-    for args in [&run, &bench, &blocks] {
+    for args in [&run, &bench, &blocks, &jit] {
         let parts: Vec<&str> = args.split(' ').skip(1).collect();
         let o = attnc(&parts);
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
@@ -1803,15 +1807,18 @@ fn progress_bars_only_on_a_terminal_and_not_with_quiet() {
         "{shown}"
     );
     assert!(shown.contains(" runs ("), "{shown}");
-    let shown = on_terminal(&blocks);
-    assert!(
-        shown.contains("block map [") && shown.contains(" query tiles ("),
-        "{shown}"
-    );
+    for cmd in [&blocks, &jit] {
+        let shown = on_terminal(cmd);
+        assert!(
+            shown.contains("block map [") && shown.contains(" query tiles ("),
+            "{shown}"
+        );
+    }
     for cmd in [
         format!("{run} --quiet"),
         format!("{bench} -q"),
         format!("{blocks} --quiet"),
+        format!("{jit} -q"),
     ] {
         let shown = on_terminal(&cmd);
         assert!(

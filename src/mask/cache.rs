@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use super::{classify, BlockMaps, MaskError, Tiling};
+use super::{classify_observed, BlockMaps, MaskError, Tiling};
 use crate::bind::Bound;
 use crate::buffer::BufferData;
 use crate::sema::eval::Shapes;
@@ -87,6 +87,18 @@ impl MapCache {
         bound: &Bound,
         tiling: Tiling,
     ) -> Result<Arc<BlockMaps>, MaskError> {
+        self.get_or_build_observed(spec, bound, tiling, &mut |_, _| {})
+    }
+
+    /// [`MapCache::get_or_build`], reporting the progress of a build as
+    /// [`super::classify_observed`] does.
+    pub fn get_or_build_observed(
+        &self,
+        spec: &Spec,
+        bound: &Bound,
+        tiling: Tiling,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Arc<BlockMaps>, MaskError> {
         let ids: Vec<usize> = spec.mask_buffers().iter().map(|b| b.0 as usize).collect();
         {
             let mut entries = self.lock();
@@ -101,7 +113,7 @@ impl MapCache {
             }
         }
         // Built outside the lock: other calls go on meanwhile.
-        let maps = Arc::new(classify(spec, bound, tiling)?);
+        let maps = Arc::new(classify_observed(spec, bound, tiling, progress)?);
         let bytes: usize = ids.iter().map(|&i| bound.buffers[i].size_bytes()).sum();
         if self.capacity > 0 && bytes <= MAX_CACHED_BUFFER_BYTES {
             let key = Key {
