@@ -242,11 +242,18 @@ fn jit_tiled(tile: MicroTile) -> TileKernels {
 
 /// The in-place decode products (`runtime::gemm::view`): GFLOP/s of `qk`
 /// and `pv` for a decode tile of `rows` query rows against dense K/V rows
-/// (in cache), one thread, D = 128, tiles of 64 keys.
+/// (256 keys: in L2; 2048 keys: 2 MiB of K and V, past L2), one thread,
+/// D = 128, tiles of 64 keys.
 fn print_view() {
+    for n in [256, 2048] {
+        print_view_at(n);
+    }
+}
+
+fn print_view_at(n: usize) {
     use attnc::runtime::abi::KvView;
     use attnc::runtime::gemm::view::view_kernels;
-    let (d, n, bkv) = (128usize, 2048usize, 64usize);
+    let (d, bkv) = (128usize, 64usize);
     let k = matrix(n, d, 1);
     let v = matrix(n, d, 2);
     let table = [0i32];
@@ -269,7 +276,8 @@ fn print_view() {
             let mut s = vec![0.5f32; rows * bkv];
             let mut acc = vec![0f32; rows * d];
             let flops = (2 * rows * n * d) as f64;
-            let t_qk = best_time(20, 7, || {
+            let reps = 40960 / n;
+            let t_qk = best_time(reps, 7, || {
                 for c in (0..n).step_by(bkv) {
                     // SAFETY: the view covers keys 0 .. n; s holds rows x bkv.
                     unsafe {
@@ -289,7 +297,7 @@ fn print_view() {
                 }
                 black_box(&s);
             });
-            let t_pv = best_time(20, 7, || {
+            let t_pv = best_time(reps, 7, || {
                 for c in (0..n).step_by(bkv) {
                     // SAFETY: as above; acc holds rows x d.
                     unsafe { pv(s.as_ptr(), bkv, &view, c, d, rows, bkv, acc.as_mut_ptr(), d) };
