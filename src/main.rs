@@ -1385,6 +1385,17 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
         targets.push(("--lse", lse.as_path()));
     }
     Staged::check_targets(&targets)?;
+    // The CPU backends compute in f32 on f32 inputs: a half-precision dtype
+    // there is refused, never quietly computed in f32.
+    if !matches!(args.backend, Backend::Cuda) && args.dtype != "f32" {
+        return Err(Error::Usage(format!(
+            "`--dtype {}`: the {} backend takes f32 inputs only (half precision on the CPU is not \
+             built yet); drop --dtype, or run on the GPU with `--backend cuda --dtype {}`",
+            args.dtype,
+            backend_name(args.backend),
+            args.dtype
+        )));
+    }
     if args.check && !(args.tolerance >= 0.0 && args.tolerance.is_finite()) {
         return Err(Error::Usage(format!(
             "`--tolerance {}`: the tolerance is the largest max |diff| that passes, a finite number >= 0 (default 1e-4)",

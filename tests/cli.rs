@@ -1729,6 +1729,57 @@ fn emit_ptx_dtype_defaults_to_f32_like_run() {
     assert!(ptx(&["--dtype", "bf16"]).contains("bf16 inputs, mma.sync"));
 }
 
+/// A half-precision `--dtype` on a CPU backend is refused (the CPU backends
+/// compute in f32), not quietly run in f32; no output is written.
+#[test]
+fn run_refuses_a_dtype_the_cpu_backends_cannot_honour() {
+    let dir = TempDir::new();
+    let out = dir.str("out.npy");
+    for backend in ["jit", "interp", "reference"] {
+        for dtype in ["bf16", "f16"] {
+            let o = attnc(&[
+                "run",
+                "examples/causal.attn",
+                "--random",
+                "--q-len",
+                "32",
+                "--backend",
+                backend,
+                "--dtype",
+                dtype,
+                "--out",
+                &out,
+            ]);
+            assert_eq!(
+                o.status.code(),
+                Some(1),
+                "{backend} {dtype}: {}",
+                stderr(&o)
+            );
+            let err = stderr(&o);
+            assert!(
+                err.contains(&format!(
+                    "`--dtype {dtype}`: the {backend} backend takes f32 inputs only"
+                )) && err.contains("--backend cuda"),
+                "{err}"
+            );
+            assert!(!std::path::Path::new(&out).exists());
+        }
+    }
+    let o = attnc(&[
+        "run",
+        "examples/causal.attn",
+        "--random",
+        "--q-len",
+        "32",
+        "--dtype",
+        "f32",
+        "--out",
+        &out,
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
 /// `emit --target ptx --page-size P` prints the kernel that reads K and V in
 /// place through a page table; without --target ptx, --page-size needs shapes.
 #[test]
