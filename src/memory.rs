@@ -144,13 +144,20 @@ impl Estimate {
         self
     }
 
-    /// Adds an array of `shape` with elements of `elem` bytes, named with its shape.
+    /// Adds an array of `shape` with elements of `elem` bytes, named with its
+    /// shape. An array with a zero axis counts as the product of its other
+    /// axes: ndarray refuses a shape whose non-zero axes overflow the address
+    /// space even when it holds no element.
     pub fn array(&mut self, name: &str, shape: &[usize], elem: usize) -> &mut Estimate {
         let dims: Vec<String> = shape.iter().map(|n| n.to_string()).collect();
-        self.add(
-            format!("{name} [{}]", dims.join(", ")),
-            array_bytes(shape, elem),
-        )
+        let nonzero: Vec<usize> = shape.iter().copied().filter(|&n| n > 0).collect();
+        let bytes = match array_bytes(&nonzero, elem) {
+            // Empty but unrepresentable: as much as its non-zero axes.
+            n if nonzero.len() < shape.len() && n > isize::MAX as u128 => n,
+            _ if nonzero.len() < shape.len() => 0,
+            n => n,
+        };
+        self.add(format!("{name} [{}]", dims.join(", ")), bytes)
     }
 
     /// The sum of the parts, saturated.

@@ -49,6 +49,10 @@ fn expected_error_parts(f: &EvalFailure) -> Vec<String> {
             ]
         }
         EvalFailure::Cycle { buffer } => vec![format!("cycle in buffer `{buffer}`")],
+        EvalFailure::Shift { count, at } => vec![format!(
+            "shift by {count}, outside 0..=63 (at b={}, h={}, q={}, kv={})",
+            at.b, at.h, at.q, at.kv
+        )],
     }
 }
 
@@ -106,6 +110,7 @@ fn generator_covers_the_interesting_cases() {
     let (mut errors, mut empty_rows, mut full_rows, mut gqa, mut mqa, mut offset, mut broadcast) =
         (0, 0, 0, 0, 0, 0, 0);
     let (mut q_ne_kv, mut overrides, mut scale, mut score, mut buffers) = (0, 0, 0, 0, 0);
+    let (mut bit_ops, mut shift_errors) = (0, 0);
     for _ in 0..200 {
         let case = strategy.new_tree(&mut runner).unwrap().current();
         let s = case.shapes;
@@ -118,7 +123,18 @@ fn generator_covers_the_interesting_cases() {
         scale += usize::from(case.spec.scale.is_some());
         score += usize::from(case.spec.score.is_some());
         buffers += usize::from(!case.spec.buffers.is_empty());
+        bit_ops += usize::from(["&", "|", "^", "<<", ">>", "~"].iter().any(|op| {
+            case.spec
+                .source
+                .replace("&&", "")
+                .replace("||", "")
+                .contains(op)
+        }));
         match dense::attention(&case, &case.data()) {
+            Err(EvalFailure::Shift { .. }) => {
+                errors += 1;
+                shift_errors += 1
+            }
             Err(_) => errors += 1,
             Ok(d) => {
                 empty_rows += usize::from(d.lse.iter().any(|x| *x == f64::NEG_INFINITY));
@@ -139,6 +155,8 @@ fn generator_covers_the_interesting_cases() {
         ("explicit scale", scale),
         ("score mods", score),
         ("buffers", buffers),
+        ("bit operators", bit_ops),
+        ("shifts out of range", shift_errors),
     ];
     for (what, n) in counts {
         assert!(

@@ -489,6 +489,15 @@ impl<'s> AbsEval<'s> {
                     may_fail: a.may_fail,
                 }
             }
+            Expr::Unary(UnaryOp::BitNot, a) => {
+                // `~x == -x - 1`.
+                let a = self.go(*a, sums);
+                let r = a.v.int();
+                Abs {
+                    v: AVal::Int(IntRange::interval(-(r.hi as i128) - 1, -(r.lo as i128) - 1)),
+                    may_fail: a.may_fail,
+                }
+            }
             Expr::Binary(op @ (BinaryOp::And | BinaryOp::Or), x, y) => {
                 let a = self.go(*x, sums);
                 if a.may_fail {
@@ -777,7 +786,76 @@ fn compare_float(op: BinaryOp, a: FloatRange, b: FloatRange) -> Tri {
     }
 }
 
-/// A non-short-circuit binary operator; `None` when an int divisor may be 0.
+/// `&`, `|`, `^` over int ranges: exact on two points; on non-negative
+/// ranges bounded by the bits they can hold (`x & y <= min(x, y)`; `x | y` and
+/// `x ^ y` stay below the next power of two above both); `x & m` with a
+/// non-negative point `m` lies in `0..=m`; otherwise any int.
+fn bits(op: BinaryOp, x: IntRange, y: IntRange) -> IntRange {
+    if let (Some(a), Some(b)) = (x.is_point(), y.is_point()) {
+        return IntRange::point(match op {
+            BinaryOp::BitAnd => a & b,
+            BinaryOp::BitOr => a | b,
+            _ => a ^ b,
+        });
+    }
+    let nonneg = |r: IntRange| r.lo >= 0;
+    let below_pow2 = |hi: i64| {
+        // The largest value with no bit above hi's top bit.
+        if hi <= 0 {
+            0
+        } else {
+            (1i64 << (63 - hi.leading_zeros()))
+                .wrapping_shl(1)
+                .wrapping_sub(1)
+                .max(hi)
+        }
+    };
+    match op {
+        BinaryOp::BitAnd if nonneg(x) && nonneg(y) => IntRange::interval(0, x.hi.min(y.hi) as i128),
+        BinaryOp::BitAnd if nonneg(x) => IntRange::interval(0, x.hi as i128),
+        BinaryOp::BitAnd if nonneg(y) => IntRange::interval(0, y.hi as i128),
+        BinaryOp::BitOr if nonneg(x) && nonneg(y) => {
+            IntRange::interval(x.lo.max(y.lo) as i128, below_pow2(x.hi.max(y.hi)) as i128)
+        }
+        BinaryOp::BitXor if nonneg(x) && nonneg(y) => {
+            IntRange::interval(0, below_pow2(x.hi.max(y.hi)) as i128)
+        }
+        _ => IntRange::TOP,
+    }
+}
+
+/// `<<` and `>>` over int ranges; `None` when a count may fall outside
+/// `0..=63` (the evaluator fails there). `>>` is monotone in the value and
+/// antitone in the count on non-negative values (and monotone on negative
+/// ones); `<<` is exact where no bit leaves the value.
+fn shift(op: BinaryOp, x: IntRange, n: IntRange) -> Option<IntRange> {
+    if n.lo < 0 || n.hi > 63 {
+        return None;
+    }
+    let (n0, n1) = (n.lo as u32, n.hi as u32);
+    Some(match op {
+        BinaryOp::Shr => {
+            let ends = [x.lo >> n0, x.lo >> n1, x.hi >> n0, x.hi >> n1];
+            IntRange::interval(
+                *ends.iter().min().unwrap() as i128,
+                *ends.iter().max().unwrap() as i128,
+            )
+        }
+        _ => {
+            // x * 2^n, exact while it fits in i64 (then `<<` equals it).
+            let ends = [
+                (x.lo as i128) << n0,
+                (x.lo as i128) << n1,
+                (x.hi as i128) << n0,
+                (x.hi as i128) << n1,
+            ];
+            IntRange::interval(*ends.iter().min().unwrap(), *ends.iter().max().unwrap())
+        }
+    })
+}
+
+/// A non-short-circuit binary operator; `None` when an int divisor may be 0
+/// or a shift count may fall outside `0..=63`.
 fn binary(op: BinaryOp, a: AVal, b: AVal, bx: &QBox) -> Option<AVal> {
     use BinaryOp::*;
     Some(match (a, b) {
@@ -793,6 +871,8 @@ fn binary(op: BinaryOp, a: AVal, b: AVal, bx: &QBox) -> Option<AVal> {
                 _ => div(x, y)?,
             }),
             Rem => AVal::Int(rem(x, y, bx)?),
+            BitAnd | BitOr | BitXor => AVal::Int(bits(op, x, y)),
+            Shl | Shr => AVal::Int(shift(op, x, y)?),
             Eq | Ne | Lt | Le | Gt | Ge => AVal::Bool(compare_int(op, x, y, bx)),
             And | Or => unreachable!("logical op on ints"),
         },
@@ -808,7 +888,9 @@ fn binary(op: BinaryOp, a: AVal, b: AVal, bx: &QBox) -> Option<AVal> {
             }),
             Rem => AVal::Float(FloatRange::Top),
             Eq | Ne | Lt | Le | Gt | Ge => AVal::Bool(compare_float(op, x, y)),
-            And | Or => unreachable!("logical op on floats"),
+            And | Or | BitAnd | BitOr | BitXor | Shl | Shr => {
+                unreachable!("logical or bit op on floats")
+            }
         },
         (AVal::Bool(x), AVal::Bool(y)) => AVal::Bool(match op {
             Eq | Ne => {

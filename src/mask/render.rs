@@ -210,7 +210,10 @@ pub fn png(map: &BlockMap) -> Result<Vec<u8>, png::EncodingError> {
     let (w, h) = ((cols * px).max(1), (rows * px).max(1));
     let mut data = vec![0xFFu8; w * h * 3];
     if rows == 0 || cols == 0 {
-        data.copy_from_slice(&Cell::Empty.rgb());
+        // No tile on one side (Q or KV is 0): the picture is all empty.
+        for pixel in data.chunks_exact_mut(3) {
+            pixel.copy_from_slice(&Cell::Empty.rgb());
+        }
     }
     for (r, row) in f.cells.iter().enumerate() {
         for (c, cell) in row.iter().enumerate() {
@@ -290,5 +293,21 @@ mod tests {
         let reader = decoder.read_info().unwrap();
         let info = reader.info();
         assert_eq!((info.width, info.height), (4 * 24, 4 * 24));
+    }
+
+    #[test]
+    fn png_of_a_map_without_key_tiles_is_empty_colored() {
+        // Q = 2 (one query tile), KV = 0: a column of nothing.
+        let classes: Vec<Vec<TileClass>> = vec![Vec::new()];
+        let map = BlockMap::from_classes(Tiling::new(2, 2).unwrap(), 2, 0, 0, &classes);
+        let bytes = png(&map).unwrap();
+        let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        assert_eq!((info.width, info.height), (1, 24));
+        assert!(buf[..info.buffer_size()]
+            .chunks_exact(3)
+            .all(|p| p == Cell::Empty.rgb()));
     }
 }

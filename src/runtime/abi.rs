@@ -125,6 +125,8 @@ pub mod code {
     /// A read the optimiser proved in range is out of range (only with
     /// `JitOptions::check_proven_loads`): a compiler bug.
     pub const PROVEN_OUT_OF_RANGE: i64 = 4;
+    /// A shift (`<<`, `>>`) by a count outside `0..=63`; `index[0]` is the count.
+    pub const SHIFT: i64 = 5;
 }
 
 /// Byte offsets of the fields, for generated loads and stores.

@@ -498,6 +498,11 @@ fn error(
             )
         }
         code::DIV_ZERO => EvalError::DivisionByZero { at, span },
+        code::SHIFT => EvalError::ShiftOutOfRange {
+            count: err.index[0],
+            at,
+            span,
+        },
         code::CYCLE => {
             let (buf, _) = buffer_of(&k.insts[v].op).expect("cycles come from ancestor");
             EvalError::AncestorCycle {

@@ -425,7 +425,28 @@ impl Checker {
                             format!("`!` expects bool, found {t}"),
                             Label::new(a.span, format!("this is {t}")),
                         )
-                        .with_help("use `-` to negate a number, or compare it, e.g. `x != 0`");
+                        .with_help(if t == Type::Int {
+                            "`!` is logical not: for the bits of an int use `~`, to test it compare, e.g. `x != 0`"
+                        } else {
+                            "use `-` to negate a number, or compare it, e.g. `x != 0`"
+                        });
+                        None
+                    }
+                    (ast::UnaryOp::BitNot, Type::Int) => Some((
+                        self.push(Expr::Unary(UnaryOp::BitNot, a_id), Type::Int, span),
+                        Type::Int,
+                    )),
+                    (ast::UnaryOp::BitNot, t) => {
+                        self.error(
+                            "attnc::sema::type_mismatch",
+                            format!("`~` expects int, found {t}"),
+                            Label::new(a.span, format!("this is {t}")),
+                        )
+                        .with_help(if t == Type::Bool {
+                            "`~` is the bitwise not of an int: for a bool use `!`"
+                        } else {
+                            "`~` is the bitwise not of an int: `int(x)` converts a float"
+                        });
                         None
                     }
                 }
@@ -439,12 +460,23 @@ impl Checker {
                     BinaryOp::And | BinaryOp::Or => {
                         for (t, sub) in [(lt, a), (rt, b)] {
                             if t != Type::Bool {
+                                let bits = if sop == BinaryOp::And { "&" } else { "|" };
                                 self.error(
                                     "attnc::sema::type_mismatch",
                                     format!("`{}` expects bool operands, found {t}", op.symbol()),
                                     Label::new(sub.span, format!("this is {t}")),
                                 )
-                                .with_help("compare the number to make a condition, e.g. `x != 0`");
+                                .with_help(
+                                    if lt == Type::Int && rt == Type::Int {
+                                        format!(
+                                            "`{}` is logical; for the bits of ints use `{bits}`",
+                                            op.symbol()
+                                        )
+                                    } else {
+                                        "compare the number to make a condition, e.g. `x != 0`"
+                                            .to_string()
+                                    },
+                                );
                                 return None;
                             }
                         }
@@ -479,6 +511,48 @@ impl Checker {
                         Some((
                             self.push(Expr::Binary(sop, l, r), Type::Bool, span),
                             Type::Bool,
+                        ))
+                    }
+                    BinaryOp::BitAnd
+                    | BinaryOp::BitOr
+                    | BinaryOp::BitXor
+                    | BinaryOp::Shl
+                    | BinaryOp::Shr => {
+                        for (t, sub) in [(lt, a), (rt, b)] {
+                            if t != Type::Int {
+                                let logical = match sop {
+                                    BinaryOp::BitAnd => Some("`&&`"),
+                                    BinaryOp::BitOr => Some("`||`"),
+                                    BinaryOp::BitXor => Some("`!=`"),
+                                    _ => None,
+                                };
+                                let help = match (t, logical) {
+                                    (Type::Bool, Some(l)) if lt == Type::Bool && rt == Type::Bool => format!(
+                                        "`{}` is an integer bit operator: for bools use {l}",
+                                        op.symbol()
+                                    ),
+                                    (Type::Bool, Some(l)) => format!(
+                                        "`{}` is an integer bit operator and binds tighter than comparisons: for a condition use {l}",
+                                        op.symbol()
+                                    ),
+                                    (Type::Bool, None) => "bit operators take ints: `int(COND)` turns a condition into 0 or 1".to_string(),
+                                    _ => format!(
+                                        "`{}` is an integer bit operator: `int(x)` converts a float (shifts by a power of two are `x * exp2(n)` in floats)",
+                                        op.symbol()
+                                    ),
+                                };
+                                self.error(
+                                    "attnc::sema::type_mismatch",
+                                    format!("`{}` expects int operands, found {t}", op.symbol()),
+                                    Label::new(sub.span, format!("this is {t}")),
+                                )
+                                .with_help(help);
+                                return None;
+                            }
+                        }
+                        Some((
+                            self.push(Expr::Binary(sop, l, r), Type::Int, span),
+                            Type::Int,
                         ))
                     }
                     _ => {
@@ -1092,6 +1166,11 @@ fn sema_binop(op: ast::BinaryOp) -> BinaryOp {
         A::Mul => BinaryOp::Mul,
         A::Div => BinaryOp::Div,
         A::Rem => BinaryOp::Rem,
+        A::BitAnd => BinaryOp::BitAnd,
+        A::BitOr => BinaryOp::BitOr,
+        A::BitXor => BinaryOp::BitXor,
+        A::Shl => BinaryOp::Shl,
+        A::Shr => BinaryOp::Shr,
     }
 }
 

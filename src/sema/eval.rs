@@ -81,6 +81,17 @@ pub enum EvalError {
         #[label("divides by zero here")]
         span: miette::SourceSpan,
     },
+    #[error("shift by {count}, outside 0..=63 (at b={}, h={}, q={}, kv={})", at.b, at.h, at.q, at.kv)]
+    #[diagnostic(
+        code(attnc::run::shift_out_of_range),
+        help("the count of `<<` and `>>` on 64-bit ints must be 0 to 63: guard or clamp it, e.g. `x << clamp(n, 0, 63)`")
+    )]
+    ShiftOutOfRange {
+        count: i64,
+        at: Point,
+        #[label("shifts by {count} here")]
+        span: miette::SourceSpan,
+    },
     #[error("`ancestor` found a cycle in buffer `{buffer}` starting from position {start}")]
     #[diagnostic(
         code(attnc::run::ancestor_cycle),
@@ -220,15 +231,26 @@ impl<'a> Evaluator<'a> {
                 v => unreachable!("neg of {v:?}"),
             },
             Expr::Unary(UnaryOp::Not, a) => Value::Bool(!self.boolean(*a)?),
+            Expr::Unary(UnaryOp::BitNot, a) => match self.go(*a)? {
+                Value::Int(i) => Value::Int(!i),
+                v => unreachable!("bitnot of {v:?}"),
+            },
             Expr::Binary(BinaryOp::And, a, b) => {
                 Value::Bool(self.boolean(*a)? && self.boolean(*b)?)
             }
             Expr::Binary(BinaryOp::Or, a, b) => Value::Bool(self.boolean(*a)? || self.boolean(*b)?),
             Expr::Binary(op, a, b) => {
                 let (x, y) = (self.go(*a)?, self.go(*b)?);
-                binary(*op, x, y).ok_or_else(|| EvalError::DivisionByZero {
-                    at: self.point,
-                    span: self.span(id),
+                binary(*op, x, y).ok_or_else(|| match (op.is_shift(), y) {
+                    (true, Value::Int(count)) => EvalError::ShiftOutOfRange {
+                        count,
+                        at: self.point,
+                        span: self.span(id),
+                    },
+                    _ => EvalError::DivisionByZero {
+                        at: self.point,
+                        span: self.span(id),
+                    },
                 })?
             }
             Expr::Select {
@@ -312,7 +334,13 @@ pub fn floor_mod(a: i64, b: i64) -> Option<i64> {
     })
 }
 
-/// Applies a (non short-circuit) binary operator; `None` on int division by zero.
+/// The shift count of `<<` and `>>` as a `u32`, or `None` outside `0..=63`.
+pub fn shift_count(n: i64) -> Option<u32> {
+    (0..=63).contains(&n).then_some(n as u32)
+}
+
+/// Applies a (non short-circuit) binary operator; `None` on int division by
+/// zero and on a shift count outside `0..=63`.
 pub fn binary(op: BinaryOp, x: Value, y: Value) -> Option<Value> {
     use BinaryOp::*;
     Some(match (x, y) {
@@ -328,6 +356,11 @@ pub fn binary(op: BinaryOp, x: Value, y: Value) -> Option<Value> {
             Le => Value::Bool(a <= b),
             Gt => Value::Bool(a > b),
             Ge => Value::Bool(a >= b),
+            BitAnd => Value::Int(a & b),
+            BitOr => Value::Int(a | b),
+            BitXor => Value::Int(a ^ b),
+            Shl => Value::Int(a << shift_count(b)?),
+            Shr => Value::Int(a >> shift_count(b)?),
             And | Or => unreachable!("logical op on ints"),
         },
         (Value::Float(a), Value::Float(b)) => match op {
@@ -342,7 +375,9 @@ pub fn binary(op: BinaryOp, x: Value, y: Value) -> Option<Value> {
             Le => Value::Bool(a <= b),
             Gt => Value::Bool(a > b),
             Ge => Value::Bool(a >= b),
-            And | Or => unreachable!("logical op on floats"),
+            And | Or | BitAnd | BitOr | BitXor | Shl | Shr => {
+                unreachable!("logical or bit op on floats")
+            }
         },
         (Value::Bool(a), Value::Bool(b)) => match op {
             Eq => Value::Bool(a == b),

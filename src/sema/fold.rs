@@ -27,6 +27,10 @@ pub fn f32_overflow(spec: &Spec) -> Option<(ExprId, f64)> {
                 Value::Float(x) => Value::Float(-x),
                 Value::Bool(b) => Value::Bool(b),
             }),
+            Expr::Unary(UnaryOp::BitNot, a) => get(a).map(|v| match v {
+                Value::Int(x) => Value::Int(!x),
+                v => v,
+            }),
             Expr::Unary(UnaryOp::Not, a) => get(a).map(|v| match v {
                 Value::Bool(b) => Value::Bool(!b),
                 v => v,

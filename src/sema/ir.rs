@@ -155,6 +155,8 @@ impl ShapeVar {
 pub enum UnaryOp {
     Neg,
     Not,
+    /// `~x` on int: bitwise not.
+    BitNot,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -172,6 +174,14 @@ pub enum BinaryOp {
     Ge,
     And,
     Or,
+    /// Integer bit operators: `&`, `|`, `^`.
+    BitAnd,
+    BitOr,
+    BitXor,
+    /// `x << n`, `x >> n` (arithmetic) on ints; a count outside `0..=63` is
+    /// a run-time error.
+    Shl,
+    Shr,
 }
 
 impl BinaryOp {
@@ -190,7 +200,17 @@ impl BinaryOp {
             BinaryOp::Ge => "ge",
             BinaryOp::And => "and",
             BinaryOp::Or => "or",
+            BinaryOp::BitAnd => "bitand",
+            BinaryOp::BitOr => "bitor",
+            BinaryOp::BitXor => "bitxor",
+            BinaryOp::Shl => "shl",
+            BinaryOp::Shr => "shr",
         }
+    }
+
+    /// Whether the operator shifts (and fails on a count outside `0..=63`).
+    pub fn is_shift(self) -> bool {
+        matches!(self, BinaryOp::Shl | BinaryOp::Shr)
     }
 
     pub fn is_comparison(self) -> bool {
@@ -509,8 +529,8 @@ impl Spec {
     }
 
     /// Per expression, whether its subtree holds a range-checked read, an
-    /// `ancestor` or an integer division or remainder: the operations that can
-    /// fail at run time. Operands precede their users in the arena; an operand
+    /// `ancestor`, an integer division or remainder or a shift: the
+    /// operations that can fail at run time. Operands precede their users in the arena; an operand
     /// that does not is taken to fail.
     pub fn may_trap(&self) -> Vec<bool> {
         let mut traps = vec![true; self.exprs.len()];
@@ -518,6 +538,7 @@ impl Spec {
             let own = match e {
                 Expr::Load { .. } | Expr::Ancestor { .. } => true,
                 Expr::Binary(BinaryOp::Div | BinaryOp::Rem, a, _) => self.ty(*a) == Type::Int,
+                Expr::Binary(BinaryOp::Shl | BinaryOp::Shr, _, _) => true,
                 _ => false,
             };
             traps[i] = own

@@ -63,6 +63,7 @@ impl fmt::Display for Spec {
                 }
                 Expr::Unary(UnaryOp::Neg, a) => write!(f, "neg {a}")?,
                 Expr::Unary(UnaryOp::Not, a) => write!(f, "not {a}")?,
+                Expr::Unary(UnaryOp::BitNot, a) => write!(f, "bitnot {a}")?,
                 Expr::Binary(op, a, b) => write!(f, "{} {a}, {b}", op.name())?,
                 Expr::Select {
                     cond,

@@ -184,6 +184,8 @@ pub enum ExprKind {
 pub enum UnaryOp {
     Neg,
     Not,
+    /// `~`: integer bitwise not.
+    BitNot,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -201,6 +203,11 @@ pub enum BinaryOp {
     Mul,
     Div,
     Rem,
+    BitOr,
+    BitXor,
+    BitAnd,
+    Shl,
+    Shr,
 }
 
 impl BinaryOp {
@@ -219,6 +226,11 @@ impl BinaryOp {
             BinaryOp::Mul => "*",
             BinaryOp::Div => "/",
             BinaryOp::Rem => "%",
+            BinaryOp::BitOr => "|",
+            BinaryOp::BitXor => "^",
+            BinaryOp::BitAnd => "&",
+            BinaryOp::Shl => "<<",
+            BinaryOp::Shr => ">>",
         }
     }
 
@@ -235,6 +247,7 @@ impl UnaryOp {
         match self {
             UnaryOp::Neg => "-",
             UnaryOp::Not => "!",
+            UnaryOp::BitNot => "~",
         }
     }
 }

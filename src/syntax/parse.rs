@@ -143,7 +143,15 @@ fn type_name(pair: Pair<'_, Rule>) -> TypeName {
 }
 
 fn parse_uint(pair: &Pair<'_, Rule>) -> Result<u64, SyntaxError> {
-    pair.as_str().parse::<u64>().map_err(|_| {
+    let text: String = pair.as_str().chars().filter(|&c| c != '_').collect();
+    let parsed = if let Some(hex) = text.strip_prefix("0x") {
+        u64::from_str_radix(hex, 16)
+    } else if let Some(bin) = text.strip_prefix("0b") {
+        u64::from_str_radix(bin, 2)
+    } else {
+        text.parse::<u64>()
+    };
+    parsed.map_err(|_| {
         SyntaxError::new(
             span_of(pair),
             format!("integer literal `{}` is too large", pair.as_str()),
@@ -251,6 +259,11 @@ fn binary_op(pair: &Pair<'_, Rule>) -> BinaryOp {
         "*" => BinaryOp::Mul,
         "/" => BinaryOp::Div,
         "%" => BinaryOp::Rem,
+        "|" => BinaryOp::BitOr,
+        "^" => BinaryOp::BitXor,
+        "&" => BinaryOp::BitAnd,
+        "<<" => BinaryOp::Shl,
+        ">>" => BinaryOp::Shr,
         s => unreachable!("grammar: unknown operator {s}"),
     }
 }
@@ -259,7 +272,15 @@ fn build_expr(pair: Pair<'_, Rule>) -> Result<Expr, SyntaxError> {
     let span = span_of(&pair);
     match pair.as_rule() {
         Rule::expr | Rule::paren => build_expr(pair.into_inner().next().unwrap()),
-        Rule::or_expr | Rule::and_expr | Rule::cmp_expr | Rule::add_expr | Rule::mul_expr => {
+        Rule::or_expr
+        | Rule::and_expr
+        | Rule::cmp_expr
+        | Rule::bor_expr
+        | Rule::bxor_expr
+        | Rule::band_expr
+        | Rule::shift_expr
+        | Rule::add_expr
+        | Rule::mul_expr => {
             let is_cmp = pair.as_rule() == Rule::cmp_expr;
             let mut inner = pair.into_inner();
             let mut lhs = build_expr(inner.next().unwrap())?;
@@ -295,15 +316,20 @@ fn build_expr(pair: Pair<'_, Rule>) -> Result<Expr, SyntaxError> {
             let mut operand = None;
             for p in pair.into_inner() {
                 if p.as_rule() == Rule::unary_op {
-                    ops.push((p.as_str() == "-", span_of(&p)));
+                    let op = match p.as_str() {
+                        "-" => UnaryOp::Neg,
+                        "~" => UnaryOp::BitNot,
+                        _ => UnaryOp::Not,
+                    };
+                    ops.push((op, span_of(&p)));
                 } else {
                     operand = Some(build_expr(p)?);
                 }
             }
             let mut e = operand.expect("grammar: unary operand");
-            for (neg, op_span) in ops.into_iter().rev() {
+            for (op, op_span) in ops.into_iter().rev() {
                 // Fold `-LITERAL` into the literal so `-9223372036854775808` works.
-                if neg {
+                if op == UnaryOp::Neg {
                     if let ExprKind::Float(x) = e.kind {
                         e = Expr {
                             kind: ExprKind::Float(-x),
@@ -312,7 +338,6 @@ fn build_expr(pair: Pair<'_, Rule>) -> Result<Expr, SyntaxError> {
                         continue;
                     }
                 }
-                let op = if neg { UnaryOp::Neg } else { UnaryOp::Not };
                 e = Expr {
                     kind: ExprKind::Unary(op, Box::new(e)),
                     span: op_span.to(span),
@@ -379,6 +404,10 @@ fn rule_name(rule: &Rule) -> Option<&'static str> {
         | Rule::or_expr
         | Rule::and_expr
         | Rule::cmp_expr
+        | Rule::bor_expr
+        | Rule::bxor_expr
+        | Rule::band_expr
+        | Rule::shift_expr
         | Rule::add_expr
         | Rule::mul_expr
         | Rule::unary
@@ -388,7 +417,15 @@ fn rule_name(rule: &Rule) -> Option<&'static str> {
         | Rule::if_expr => "an expression",
         Rule::float | Rule::uint => "a number",
         Rule::bool_lit => "`true` or `false`",
-        Rule::op_or | Rule::op_and | Rule::cmp_op | Rule::add_op | Rule::mul_op => "an operator",
+        Rule::op_or
+        | Rule::op_and
+        | Rule::cmp_op
+        | Rule::op_bor
+        | Rule::op_bxor
+        | Rule::op_band
+        | Rule::shift_op
+        | Rule::add_op
+        | Rule::mul_op => "an operator",
         Rule::unary_op => "an expression",
         Rule::kw_param
         | Rule::kw_buffer
@@ -420,10 +457,9 @@ fn token_name(token: &str) -> Option<&'static str> {
     Some(match token {
         "param" | "buffer" | "let" | "mask" | "score" | "scale" => AN_ITEM,
         "else" => "`else`",
-        "if" | "true" | "false" | "!" | "(" => "an expression",
-        "+" | "-" | "*" | "%" | "<" | "<=" | ">" | ">=" | "==" | "!=" | "&&" | "||" => {
-            "an operator"
-        }
+        "if" | "true" | "false" | "!" | "~" | "(" => "an expression",
+        "+" | "-" | "*" | "%" | "<" | "<=" | ">" | ">=" | "==" | "!=" | "&&" | "||" | "|" | "^"
+        | "&" | "<<" | ">>" => "an operator",
         "/" => "`/`",
         ":" => "`:`",
         "=" => "`=`",
@@ -604,11 +640,32 @@ fn syntax_hint(source: &str, pos: usize, found: &str, expected: &[&str]) -> Opti
         }
         return Some("to compare values use `==`".to_string());
     }
-    if rest.starts_with('&') && !rest.starts_with("&&") {
+    // What users type from other languages.
+    if rest.starts_with("**") {
+        return Some(
+            "there is no power operator `**`: write `x * x` for a square, or `exp2(y * log2(x))` for x > 0"
+                .to_string(),
+        );
+    }
+    let word = |w: &str| {
+        rest.starts_with(w)
+            && !rest[w.len()..].starts_with(|c: char| c.is_alphanumeric() || c == '_')
+    };
+    if word("and") {
         return Some("logical and is written `&&`".to_string());
     }
-    if rest.starts_with('|') && !rest.starts_with("||") {
+    if word("or") {
         return Some("logical or is written `||`".to_string());
+    }
+    let last_word = before
+        .rsplit(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .next()
+        .unwrap_or("");
+    if last_word == "not" {
+        return Some("logical not is written `!`, e.g. `!causal`".to_string());
+    }
+    if rest.starts_with(';') {
+        return Some("items end at the end of the line: remove the `;`".to_string());
     }
     if expects("`else`") {
         return Some(
@@ -671,8 +728,9 @@ fn syntax_hint(source: &str, pos: usize, found: &str, expected: &[&str]) -> Opti
         ));
     }
     if expects("an expression") && expected.len() == 1 {
-        const OPS: [&str; 15] = [
-            "||", "&&", "==", "!=", "<=", ">=", "<", ">", "+", "-", "*", "/", "%", "!", "=",
+        const OPS: [&str; 21] = [
+            "||", "&&", "==", "!=", "<=", ">=", "<<", ">>", "<", ">", "+", "-", "*", "/", "%", "!",
+            "=", "|", "^", "&", "~",
         ];
         if let Some(op) = OPS.iter().find(|op| before.ends_with(**op)) {
             return Some(if *op == "=" {
@@ -701,6 +759,37 @@ mod tests {
             s.contains("(|| (< (- (- q kv) 1) (+ (* 2 3) 4)) (&& (! causal) true))"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn bit_operators_bind_as_in_rust() {
+        // `|` < `^` < `&` < shifts < `+ -` < `* / %`, all tighter than comparisons.
+        let s = ok("attention a { mask = q | kv ^ 3 & q << 1 + 2 == ~kv >> 1 * 2 }");
+        assert!(
+            s.contains("(== (| q (^ kv (& 3 (<< q (+ 1 2))))) (>> (~ kv) (* 1 2)))"),
+            "{s}"
+        );
+        // `<<` and `>>` are not two comparisons; `&&`, `||` stay logical.
+        let s = ok("attention a { mask = q < kv && (q >> 1) > (kv << 1) || q <= 1 }");
+        assert!(
+            s.contains("(|| (&& (< q kv) (> (>> q 1) (<< kv 1))) (<= q 1))"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn hex_binary_and_separated_literals() {
+        let s = ok("attention a {\n param m: int = 0x5555_5555\n param b: int = -0b1010\n buffer t[1_000]: int\n mask = (q & 0xFF) == 1_024 }");
+        assert!(s.contains("param m: int = 1431655765"), "{s}");
+        assert!(s.contains("param b: int = -10"), "{s}");
+        assert!(s.contains("buffer t[1000]: int"), "{s}");
+        assert!(s.contains("(== (& q 255) 1024)"), "{s}");
+        for bad in ["0x", "0b2", "1__0x", "0xG"] {
+            assert!(
+                parse(&format!("attention a {{ mask = q == {bad} }}")).is_err(),
+                "{bad} parses"
+            );
+        }
     }
 
     #[test]

@@ -52,11 +52,7 @@ pub fn build(spec: &Spec, schedule: &Schedule) -> Kernel {
     });
     let traps = |b: &Builder, from: usize| -> Vec<ValueId> {
         (from..b.insts.len())
-            .filter(|&i| {
-                b.insts[i]
-                    .op
-                    .may_trap(|c| b.const_int(c).is_some_and(|x| x != 0))
-            })
+            .filter(|&i| b.insts[i].op.may_trap(|c| b.const_int(c)))
             .map(|i| ValueId(i as u32))
             .collect()
     };
@@ -304,6 +300,10 @@ impl Lower<'_> {
                 let a = self.expr(*a, guard);
                 self.not(a)
             }
+            Expr::Unary(UnaryOp::BitNot, a) => {
+                let a = self.expr(*a, guard);
+                self.b.add(Op::Unary(UnOp::INot, a), Ty::I64, None, None)
+            }
             Expr::Unary(UnaryOp::Neg, a) => {
                 let a = self.expr(*a, guard);
                 let op = if ty == Ty::I64 {
@@ -360,6 +360,11 @@ impl Lower<'_> {
                     (BinaryOp::Mul, false) => BinOp::FMul,
                     (BinaryOp::Div, false) => BinOp::FDiv,
                     (BinaryOp::Rem, false) => BinOp::FRem,
+                    (BinaryOp::BitAnd, _) => BinOp::IAnd,
+                    (BinaryOp::BitOr, _) => BinOp::IOr,
+                    (BinaryOp::BitXor, _) => BinOp::IXor,
+                    (BinaryOp::Shl, _) => BinOp::IShl,
+                    (BinaryOp::Shr, _) => BinOp::ISar,
                     _ => unreachable!("logical and comparison ops handled above"),
                 };
                 self.b.add(Op::Binary(bop, a, c), ty, guard, span)

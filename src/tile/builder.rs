@@ -107,7 +107,7 @@ impl Builder {
     /// Adds (or finds) an instruction. The guard is kept only on ops that may
     /// trap; the level is the join of the operands' and the guard's levels.
     pub fn add(&mut self, op: Op, ty: Ty, guard: Option<ValueId>, span: Option<Span>) -> ValueId {
-        let traps = op.may_trap(|v| self.const_int(v).is_some_and(|c| c != 0));
+        let traps = op.may_trap(|v| self.const_int(v));
         let guard = if traps || Self::keeps_guard(&op) {
             guard
         } else {
@@ -261,8 +261,10 @@ fn effects(list: &[ValueId], insts: &[Inst], remap: &[Option<ValueId>]) -> Vec<V
         .filter_map(|v| remap[v.0 as usize])
         .filter(|v| {
             let inst = &insts[v.0 as usize];
-            inst.op
-                .may_trap(|c| matches!(insts[c.0 as usize].op, Op::IConst(x) if x != 0))
+            inst.op.may_trap(|c| match insts[c.0 as usize].op {
+                Op::IConst(x) => Some(x),
+                _ => None,
+            })
         })
         .collect();
     out.sort();

@@ -62,7 +62,8 @@ pub fn umulhi(a: i64, b: i64) -> i64 {
 
 /// Evaluates an op that reads no index, shape, tile or buffer: the
 /// arithmetic shared by the interpreter and constant folding. `None` for
-/// other ops and for integer division by zero.
+/// other ops, for integer division by zero and for a checked shift by a
+/// count outside `0..=63`.
 pub fn eval_pure(op: &Op, get: impl Fn(ValueId) -> Scalar) -> Option<Scalar> {
     use Scalar::*;
     Some(match op {
@@ -72,6 +73,7 @@ pub fn eval_pure(op: &Op, get: impl Fn(ValueId) -> Scalar) -> Option<Scalar> {
         Op::Unary(UnOp::INeg, a) => I(get(*a).i().wrapping_neg()),
         Op::Unary(UnOp::FNeg, a) => F(-get(*a).f()),
         Op::Unary(UnOp::Not, a) => B(!get(*a).b()),
+        Op::Unary(UnOp::INot, a) => I(!get(*a).i()),
         Op::Binary(op, a, b) => {
             let (x, y) = (get(*a), get(*b));
             match op {
@@ -83,6 +85,9 @@ pub fn eval_pure(op: &Op, get: impl Fn(ValueId) -> Scalar) -> Option<Scalar> {
                 BinOp::IShr => I(x.i() >> y.i()),
                 BinOp::IAnd => I(x.i() & y.i()),
                 BinOp::IXor => I(x.i() ^ y.i()),
+                BinOp::IOr => I(x.i() | y.i()),
+                BinOp::IShl => I(x.i() << crate::sema::eval::shift_count(y.i())?),
+                BinOp::ISar => I(x.i() >> crate::sema::eval::shift_count(y.i())?),
                 BinOp::IMulHiU => I(umulhi(x.i(), y.i())),
                 BinOp::IMin => I(x.i().min(y.i())),
                 BinOp::IMax => I(x.i().max(y.i())),
@@ -253,9 +258,16 @@ impl Machine<'_> {
                 }
                 Scalar::B(found)
             }
-            op => eval_pure(op, get).ok_or_else(|| EvalError::DivisionByZero {
-                at: Self::error_point(here),
-                span: self.span(v),
+            op => eval_pure(op, get).ok_or_else(|| match op {
+                Op::Binary(b, _, y) if b.is_checked_shift() => EvalError::ShiftOutOfRange {
+                    count: self.vals[y.0 as usize].i(),
+                    at: Self::error_point(here),
+                    span: self.span(v),
+                },
+                _ => EvalError::DivisionByZero {
+                    at: Self::error_point(here),
+                    span: self.span(v),
+                },
             })?,
         };
         self.vals[v] = result;

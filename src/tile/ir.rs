@@ -159,6 +159,8 @@ pub enum UnOp {
     INeg,
     FNeg,
     Not,
+    /// Bitwise not of an int (`~`).
+    INot,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -177,6 +179,14 @@ pub enum BinOp {
     /// Bitwise exclusive or (with `ishr x, 63`: the sign trick of
     /// division by a constant).
     IXor,
+    /// Bitwise or.
+    IOr,
+    /// The spec's `<<`: shift left (bits shifted out are lost); a count
+    /// outside `0..=63` traps, as an error from the call.
+    IShl,
+    /// The spec's `>>`: arithmetic shift right, trapping as `ishl` does
+    /// (`ishr` is the unchecked shift the optimiser makes of divisions).
+    ISar,
     /// The high 64 bits of the unsigned 128-bit product of the operands'
     /// bit patterns: the magic multiply of division by a constant.
     IMulHiU,
@@ -242,6 +252,9 @@ impl BinOp {
             BinOp::IShr => "ishr",
             BinOp::IAnd => "iand",
             BinOp::IXor => "ixor",
+            BinOp::IOr => "ior",
+            BinOp::IShl => "ishl",
+            BinOp::ISar => "isar",
             BinOp::IMulHiU => "umulhi",
             BinOp::IMin => "imin",
             BinOp::IMax => "imax",
@@ -259,9 +272,15 @@ impl BinOp {
         }
     }
 
-    /// Whether the op may trap (integer division by a value that may be zero).
+    /// Whether the op may trap (integer division by a value that may be
+    /// zero, a shift by a count that may fall outside `0..=63`).
     pub fn may_trap(self) -> bool {
-        matches!(self, BinOp::IDiv | BinOp::IRem)
+        matches!(self, BinOp::IDiv | BinOp::IRem | BinOp::IShl | BinOp::ISar)
+    }
+
+    /// Whether the op is a checked shift (`ishl`, `isar`).
+    pub fn is_checked_shift(self) -> bool {
+        matches!(self, BinOp::IShl | BinOp::ISar)
     }
 }
 
@@ -351,12 +370,16 @@ impl Op {
         }
     }
 
-    /// Whether executing the op where it is not wanted could fail.
-    pub fn may_trap(&self, is_const_nonzero: impl Fn(ValueId) -> bool) -> bool {
+    /// Whether executing the op where it is not wanted could fail, given the
+    /// constant value of an operand where it has one.
+    pub fn may_trap(&self, const_of: impl Fn(ValueId) -> Option<i64>) -> bool {
         match self {
             Op::Load { checked, .. } => *checked,
             Op::Ancestor { .. } => true,
-            Op::Binary(op, _, b) if op.may_trap() => !is_const_nonzero(*b),
+            Op::Binary(op, _, b) if op.is_checked_shift() => {
+                !const_of(*b).is_some_and(|c| (0..=63).contains(&c))
+            }
+            Op::Binary(op, _, b) if op.may_trap() => !const_of(*b).is_some_and(|c| c != 0),
             _ => false,
         }
     }

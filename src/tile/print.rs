@@ -35,6 +35,7 @@ impl Kernel {
                     UnOp::INeg => "ineg",
                     UnOp::FNeg => "fneg",
                     UnOp::Not => "bnot",
+                    UnOp::INot => "inot",
                 }
             )?,
             Op::Binary(op, a, b) => write!(f, "{} {a}, {b}", op.name())?,

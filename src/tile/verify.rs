@@ -66,6 +66,10 @@ pub fn verify(k: &Kernel) -> Result<(), VerifyError> {
                 inst.ty == Ty::Bool && ty(a) == Ty::Bool,
                 "bnot takes and gives bool",
             )?,
+            Op::Unary(UnOp::INot, a) => expect(
+                inst.ty == Ty::I64 && ty(a) == Ty::I64,
+                "inot takes and gives i64",
+            )?,
             Op::Binary(op, a, b) => {
                 let want = match op {
                     BinOp::And | BinOp::Or | BinOp::BEq | BinOp::BNe => (Ty::Bool, Ty::Bool),

@@ -674,11 +674,14 @@ fn step(
             Some(u64::from(r))
         }
         "selp" => Some(if x(3) != 0 { x(1) } else { x(2) }),
-        "not" => Some(u64::from(x(1) == 0)),
+        "not" if ty == "pred" => Some(u64::from(x(1) == 0)),
+        "not" if ty == "b32" => Some(u64::from(!(x(1) as u32))),
+        "not" => Some(!x(1)),
         "and" if ty == "pred" => Some(u64::from(x(1) != 0 && x(2) != 0)),
         "or" if ty == "pred" => Some(u64::from(x(1) != 0 || x(2) != 0)),
         "xor" if ty == "pred" => Some(u64::from((x(1) != 0) != (x(2) != 0))),
         "and" => Some(x(1) & x(2)),
+        "or" => Some(x(1) | x(2)),
         "xor" => Some(x(1) ^ x(2)),
         "shl" => Some(if ty == "b32" {
             u64::from((x(1) as u32).wrapping_shl(x(2) as u32))
@@ -687,6 +690,7 @@ fn step(
         }),
         "shr" => Some(match ty {
             "u32" => u64::from((x(1) as u32) >> (x(2) as u32)),
+            "u64" | "b64" => x(1) >> (x(2) as u32).min(63),
             _ => ((x(1) as i64) >> (x(2) as u32).min(63)) as u64,
         }),
         "bfe" => Some(((x(1) as u32 >> x(2) as u32) & ((1u32 << x(3) as u32) - 1)) as u64),

@@ -48,7 +48,13 @@ pub fn emulate_with(
     let l = &compiled.launch;
     let bound = attnc::bind::bind(spec, inputs).unwrap();
     let s = bound.shapes;
-    let maps = classify(spec, &bound, Tiling::new(l.bq, l.bkv).unwrap()).unwrap();
+    // A mask that fails at some element fails in the block-map analysis
+    // first, as the CUDA runtime reports it.
+    let maps = match classify(spec, &bound, Tiling::new(l.bq, l.bkv).unwrap()) {
+        Ok(maps) => maps,
+        Err(attnc::mask::MaskError::Eval(e)) => return Err(e),
+        Err(e) => panic!("block maps: {e}"),
+    };
     let dm = host::device_maps(&maps, s.h);
     let scalars = host::scalars(&bound, &dm).unwrap();
     let mut mem = ptx_emu::Memory::default();

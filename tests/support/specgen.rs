@@ -101,6 +101,18 @@ pub enum MaskAtom {
     Ancestor { guarded: bool },
     /// A bool param.
     Flag { value: bool, default: bool },
+    /// `((q OP kv) & M) == R` with OP one of `&`, `|`, `^` (0, 1, 2); M
+    /// written in decimal, hex or binary (`radix` 10, 16, 2) with a `_`.
+    Bits { op: u8, m: i64, r: i64, radix: u32 },
+    /// `(q >> S) == (kv >> S)`: aligned blocks of 2^S positions.
+    ShiftBlock { s: i64 },
+    /// `(~q & kv & M) == 0`: kv's bits under M are among q's.
+    BitSubset { m: i64 },
+    /// `((q - kv) >> S) == K`: an arithmetic shift of a value of either sign.
+    ShiftDiff { s: i64, k: i64 },
+    /// `(1 << (q - kv + S)) > 1`: a shift by a count that leaves 0..=63 on
+    /// some elements, an error there (the `<<` of bit 63 gives a negative).
+    ShiftCount { s: i64 },
 }
 
 /// A mask: atoms combined with `&&`, `||`, `!`, `if` and `let`.
@@ -424,6 +436,22 @@ impl Render {
                 );
                 format!("{}ancestor({p}, q + 1, kv)", guard(*guarded))
             }
+            MaskAtom::Bits { op, m, r, radix } => {
+                let sym = ["&", "|", "^"][*op as usize];
+                let m = match radix {
+                    16 => format!("0x{m:x}"),
+                    2 => format!("0b{:b}", m)
+                        .replacen("0b1", "0b1_", 1)
+                        .trim_end_matches('_')
+                        .to_string(),
+                    _ => m.to_string(),
+                };
+                format!("((q {sym} kv) & {m}) == {r}")
+            }
+            MaskAtom::ShiftBlock { s } => format!("(q >> {s}) == (kv >> {s})"),
+            MaskAtom::BitSubset { m } => format!("(~q & kv & {m}) == 0"),
+            MaskAtom::ShiftDiff { s, k } => format!("((q - kv) >> {s}) == {}", int_lit(*k)),
+            MaskAtom::ShiftCount { s } => format!("(1 << (q - kv + {s})) > 1"),
             MaskAtom::Flag { value, default } => {
                 self.param("bool", default.to_string(), value.to_string())
             }
@@ -812,6 +840,8 @@ pub enum EvalFailure {
     },
     /// `ancestor` looped.
     Cycle { buffer: String },
+    /// A shift by a count outside 0..=63.
+    Shift { count: i64, at: At },
 }
 
 /// Floor division, computed through f64 (exact for the small operands used here).
@@ -939,6 +969,24 @@ impl MaskAtom {
                 guard(*guarded) && env.ancestor("parent", qn, kv, at)?
             }
             MaskAtom::Flag { value, .. } => *value,
+            MaskAtom::Bits { op, m, r, .. } => {
+                let x = match op {
+                    0 => q & kv,
+                    1 => q | kv,
+                    _ => q ^ kv,
+                };
+                (x & m) == *r
+            }
+            MaskAtom::ShiftBlock { s } => (q >> s) == (kv >> s),
+            MaskAtom::BitSubset { m } => (!q & kv & m) == 0,
+            MaskAtom::ShiftDiff { s, k } => ((q - kv) >> s) == *k,
+            MaskAtom::ShiftCount { s } => {
+                let count = q - kv + s;
+                if !(0..=63).contains(&count) {
+                    return Err(EvalFailure::Shift { count, at });
+                }
+                (1i64 << count) > 1
+            }
         })
     }
 }
@@ -1122,6 +1170,12 @@ pub fn arb_atom() -> impl Strategy<Value = MaskAtom> {
         2 => (1i64..=5, 1i64..=5, guarded()).prop_map(|(bq, bk, guarded)| MaskAtom::Block { bq, bk, guarded }),
         2 => guarded().prop_map(|guarded| MaskAtom::Ancestor { guarded }),
         1 => (any::<bool>(), any::<bool>()).prop_map(|(value, default)| MaskAtom::Flag { value, default }),
+        2 => (0u8..3, 1i64..=15, 0i64..=15, prop::sample::select(vec![10u32, 16, 2]))
+            .prop_map(|(op, m, r, radix)| MaskAtom::Bits { op, m, r: r & m, radix }),
+        1 => (0i64..=4).prop_map(|s| MaskAtom::ShiftBlock { s }),
+        1 => (1i64..=31).prop_map(|m| MaskAtom::BitSubset { m }),
+        1 => (0i64..=3, -3i64..=3).prop_map(|(s, k)| MaskAtom::ShiftDiff { s, k }),
+        2 => (-4i64..=8).prop_map(|s| MaskAtom::ShiftCount { s }),
     ]
 }
 

@@ -961,6 +961,10 @@ impl Emitter<'_> {
                 let (lo, hi) = self.as_i64(b, vv, *a);
                 VVal::I(b.ins().ineg(lo), b.ins().ineg(hi))
             }
+            Op::Unary(UnOp::INot, a) => {
+                let (lo, hi) = self.as_i64(b, vv, *a);
+                VVal::I(b.ins().bnot(lo), b.ins().bnot(hi))
+            }
             Op::Binary(op, x, y) => match op {
                 BinOp::FAdd
                 | BinOp::FSub
@@ -1010,6 +1014,7 @@ impl Emitter<'_> {
                 | BinOp::IMul
                 | BinOp::IAnd
                 | BinOp::IXor
+                | BinOp::IOr
                 | BinOp::IMin
                 | BinOp::IMax => {
                     let ((a0, a1), (b0, b1)) = (self.as_i64(b, vv, *x), self.as_i64(b, vv, *y));
@@ -1019,6 +1024,7 @@ impl Emitter<'_> {
                         BinOp::IMul => b.ins().imul(p, q),
                         BinOp::IAnd => b.ins().band(p, q),
                         BinOp::IXor => b.ins().bxor(p, q),
+                        BinOp::IOr => b.ins().bor(p, q),
                         _ => {
                             let cc = if *op == BinOp::IMin {
                                 IntCC::SignedLessThan
@@ -1040,7 +1046,7 @@ impl Emitter<'_> {
                     VVal::I(b.ins().sshr_imm_s(lo, s), b.ins().sshr_imm_s(hi, s))
                 }
                 // No i64x2 `umulhi` on x86: `IMulHiU` (and integer
-                // division) run lane by lane.
+                // division and the checked shifts, which trap) run lane by lane.
                 _ => return None,
             },
             Op::Cmp(cmp, x, y) => {
@@ -1317,6 +1323,7 @@ impl Emitter<'_> {
             Op::Unary(UnOp::INeg, a) => b.ins().ineg(g(a)),
             Op::Unary(UnOp::FNeg, a) => b.ins().fneg(g(a)),
             Op::Unary(UnOp::Not, a) => b.ins().bxor_imm_s(g(a), 1),
+            Op::Unary(UnOp::INot, a) => b.ins().bnot(g(a)),
             Op::Binary(op, x, y) => {
                 let (x, y) = (g(x), g(y));
                 self.binary(b, *op, x, y, v, here)
@@ -1522,6 +1529,17 @@ impl Emitter<'_> {
             BinOp::IShr => b.ins().sshr(x, y),
             BinOp::IAnd => b.ins().band(x, y),
             BinOp::IXor => b.ins().bxor(x, y),
+            BinOp::IOr => b.ins().bor(x, y),
+            BinOp::IShl | BinOp::ISar => {
+                // A count outside 0..=63 (unsigned: negative counts too) fails.
+                let bad = b.ins().icmp_imm_s(IntCC::UnsignedGreaterThan, y, 63);
+                self.fail_if(b, bad, code::SHIFT, v, here, &[y]);
+                if op == BinOp::IShl {
+                    b.ins().ishl(x, y)
+                } else {
+                    b.ins().sshr(x, y)
+                }
+            }
             BinOp::IMulHiU => b.ins().umulhi(x, y),
             BinOp::IMin => {
                 let c = b.ins().icmp(IntCC::SignedLessThan, x, y);

@@ -72,9 +72,7 @@ impl Gen<'_> {
         let text = self.inst_text(v);
         self.w.comment(&text);
         let ty = inst.ty;
-        let trapping = inst
-            .op
-            .may_trap(|x| self.k.const_int(x).is_some_and(|c| c != 0));
+        let trapping = inst.op.may_trap(|x| self.k.const_int(x));
         let d = match &inst.op {
             Op::Var(Var::B) => self.b64,
             Op::Var(Var::H) => self.h64,
@@ -104,6 +102,20 @@ impl Gen<'_> {
                 let (i, j) = (self.get(*i), self.get(*j));
                 let active = self.active(inst.guard);
                 self.ancestor(v, *parent as usize, i, j, active)
+            }
+            Op::Binary(op @ (BinOp::IShl | BinOp::ISar), a, b) => {
+                let (a, b) = (self.get(*a), self.get(*b));
+                let active = if trapping {
+                    self.active(inst.guard)
+                } else {
+                    None
+                };
+                let d = self.checked_shift(v, *op, a, b, trapping, active);
+                if !trapping {
+                    self.apply_guard(d, ty, inst.guard)
+                } else {
+                    d
+                }
             }
             Op::Binary(op @ (BinOp::IDiv | BinOp::IRem), a, b) => {
                 let (a, b) = (self.get(*a), self.get(*b));
@@ -150,6 +162,7 @@ impl Gen<'_> {
             Op::Unary(UnOp::INeg, a) => ins!(self.w, "neg.s64 {d}, {}", self.get(*a)),
             Op::Unary(UnOp::FNeg, a) => ins!(self.w, "neg.f32 {d}, {}", self.get(*a)),
             Op::Unary(UnOp::Not, a) => ins!(self.w, "not.pred {d}, {}", self.get(*a)),
+            Op::Unary(UnOp::INot, a) => ins!(self.w, "not.b64 {d}, {}", self.get(*a)),
             Op::Binary(op, a, b) => {
                 let (a, b) = (self.get(*a), self.get(*b));
                 self.binary(*op, d, a, b);
@@ -209,6 +222,7 @@ impl Gen<'_> {
             }
             BinOp::IAnd => ins!(self.w, "and.b64 {d}, {a}, {b}"),
             BinOp::IXor => ins!(self.w, "xor.b64 {d}, {a}, {b}"),
+            BinOp::IOr => ins!(self.w, "or.b64 {d}, {a}, {b}"),
             BinOp::IMulHiU => ins!(self.w, "mul.hi.u64 {d}, {a}, {b}"),
             BinOp::IMin => ins!(self.w, "min.s64 {d}, {a}, {b}"),
             BinOp::IMax => ins!(self.w, "max.s64 {d}, {a}, {b}"),
@@ -240,6 +254,7 @@ impl Gen<'_> {
                 ins!(self.w, "not.pred {d}, {t}");
             }
             BinOp::IDiv | BinOp::IRem => unreachable!("lowered by `floor_div`"),
+            BinOp::IShl | BinOp::ISar => unreachable!("lowered by `checked_shift`"),
         }
     }
 
@@ -351,6 +366,49 @@ impl Gen<'_> {
                     ins!(self.w, "or.pred {off}, {z}, {nact}");
                 }
                 None => ins!(self.w, "mov.pred {off}, {z}"),
+            }
+            ins!(self.w, "selp.b64 {d}, 0, {d}, {off}");
+        }
+        d
+    }
+
+    /// The spec's `a << b` / `a >> b` (arithmetic): a count outside
+    /// `0..=63` is recorded as an error where the op is `active` (the value
+    /// is then 0); PTX shifts clamp counts above the width, so the count is
+    /// masked first and the result zeroed where it was out of range.
+    fn checked_shift(
+        &mut self,
+        v: ValueId,
+        op: BinOp,
+        a: Reg,
+        b: Reg,
+        trapping: bool,
+        active: Option<Reg>,
+    ) -> Reg {
+        let bad = self.w.p();
+        ins!(self.w, "setp.gt.u64 {bad}, {b}, 63");
+        if trapping {
+            let fail = self.and_opt(Some(bad), active).expect("bad is present");
+            self.record_error(Some(fail), ErrorRecord::SHIFT_OUT_OF_RANGE, v, &[b]);
+        }
+        let n = self.w.r();
+        ins!(self.w, "cvt.u32.u64 {n}, {b}");
+        ins!(self.w, "and.b32 {n}, {n}, 63");
+        let d = self.w.rd();
+        match op {
+            BinOp::IShl => ins!(self.w, "shl.b64 {d}, {a}, {n}"),
+            _ => ins!(self.w, "shr.s64 {d}, {a}, {n}"),
+        }
+        if trapping {
+            // Zero where the count is out of range or the op is not active.
+            let off = self.w.p();
+            match active {
+                Some(act) => {
+                    let nact = self.w.p();
+                    ins!(self.w, "not.pred {nact}, {act}");
+                    ins!(self.w, "or.pred {off}, {bad}, {nact}");
+                }
+                None => ins!(self.w, "mov.pred {off}, {bad}"),
             }
             ins!(self.w, "selp.b64 {d}, 0, {d}, {off}");
         }

@@ -408,6 +408,11 @@ pub fn decode_error(words: &[u64], kernel: &Kernel, bound: &Bound) -> Option<Eva
     };
     Some(match (kind, op) {
         (ErrorRecord::DIVISION_BY_ZERO, _) => EvalError::DivisionByZero { at, span },
+        (ErrorRecord::SHIFT_OUT_OF_RANGE, _) => EvalError::ShiftOutOfRange {
+            count: words[5] as i64,
+            at,
+            span,
+        },
         (ErrorRecord::ANCESTOR_CYCLE, Some(Op::Ancestor { parent, .. })) => {
             EvalError::AncestorCycle {
                 buffer: buffer(*parent).0,

@@ -289,6 +289,7 @@ impl Gen<'_> {
                     UnOp::INeg => "ineg",
                     UnOp::FNeg => "fneg",
                     UnOp::Not => "bnot",
+                    UnOp::INot => "inot",
                 };
                 format!("{name} {a}")
             }

@@ -263,6 +263,8 @@ impl ErrorRecord {
     pub const DIVISION_BY_ZERO: u32 = 2;
     /// An `ancestor` walk that does not end.
     pub const ANCESTOR_CYCLE: u32 = 3;
+    /// A shift by a count outside `0..=63`; the count is index word 0.
+    pub const SHIFT_OUT_OF_RANGE: u32 = 4;
 }
 
 /// How the host must launch a kernel, and the budget it was laid out for.
