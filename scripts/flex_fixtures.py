@@ -301,6 +301,26 @@ def m_neighborhood_2d(width, radius):
     return mods
 
 
+def m_natten_morton(radius):
+    def mods(bufs, off):
+        def even_bits(x):
+            x = x & 0x55555555
+            x = (x | (x >> 1)) & 0x33333333
+            x = (x | (x >> 2)) & 0x0F0F0F0F
+            x = (x | (x >> 4)) & 0x00FF00FF
+            return (x | (x >> 8)) & 0xFFFF
+
+        def mask(b, h, q, kv):
+            qa = q + off
+            dx = even_bits(qa) - even_bits(kv)
+            dy = even_bits(qa >> 1) - even_bits(kv >> 1)
+            return (dx.abs() <= radius) & (dy.abs() <= radius)
+
+        return mask, None
+
+    return mods
+
+
 def m_gemma2_local(window, cap):
     def mods(bufs, off):
         cap_t = fconst(cap)
@@ -402,6 +422,9 @@ def build_cases():
         dict(name="neighborhood_2d", entry="neighborhood_2d", params={"W": 9, "R": 2},
              Q=63, KV=63, off=0, mods=m_neighborhood_2d(9, 2),
              note="7 x 9 image, 5 x 5 neighbourhood cut at the borders"),
+        dict(name="natten_morton", entry="natten_morton", params={"R": 1},
+             Q=64, KV=64, off=0, mods=m_natten_morton(1),
+             note="8 x 8 image in Z order, 3 x 3 neighbourhood cut at the borders"),
         dict(name="gemma2_local", entry="gemma2_local", params={"window": 24, "cap": 2.0},
              Q=81, KV=81, off=0, mods=m_gemma2_local(24, 2.0),
              note="window 24, soft cap 2.0"),

@@ -363,8 +363,23 @@ impl Lower<'_> {
                     (BinaryOp::BitAnd, _) => BinOp::IAnd,
                     (BinaryOp::BitOr, _) => BinOp::IOr,
                     (BinaryOp::BitXor, _) => BinOp::IXor,
-                    (BinaryOp::Shl, _) => BinOp::IShl,
-                    (BinaryOp::Shr, _) => BinOp::ISar,
+                    (BinaryOp::Shl | BinaryOp::Shr, _) => {
+                        // A constant count in range cannot fail: `x << c` is
+                        // the wrapping `x * 2^c` and `x >> c` the unchecked
+                        // `ishr`, which the range proofs and the vector code
+                        // know.
+                        match self.b.const_int(c).filter(|n| (0..=63).contains(n)) {
+                            Some(n) if *op == BinaryOp::Shl => {
+                                let m = self.b.iconst(1i64 << n);
+                                return self.b.add(Op::Binary(BinOp::IMul, a, m), ty, None, None);
+                            }
+                            Some(_) => {
+                                return self.b.add(Op::Binary(BinOp::IShr, a, c), ty, None, None)
+                            }
+                            None if *op == BinaryOp::Shl => BinOp::IShl,
+                            None => BinOp::ISar,
+                        }
+                    }
                     _ => unreachable!("logical and comparison ops handled above"),
                 };
                 self.b.add(Op::Binary(bop, a, c), ty, guard, span)
