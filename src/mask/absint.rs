@@ -1181,6 +1181,29 @@ mod tests {
     }
 
     #[test]
+    fn bit_operators_are_bounded() {
+        let b = bx(0, 23, 0, 23);
+        check_decisions(&[
+            ("(q & 7) <= 7", b, Some(true)),
+            ("(q & kv) <= 23", b, Some(true)),
+            ("(q | 8) >= 8", b, Some(true)),
+            ("(q | kv) <= 31", b, Some(true)),
+            ("(q ^ kv) <= 31", b, Some(true)),
+            ("(q >> 2) < 6", b, Some(true)),
+            ("(q << 2) <= 92", b, Some(true)),
+            ("~q < 0", b, Some(true)),
+            ("~q >= -24", b, Some(true)),
+            // Two points: exact.
+            ("(5 ^ 3) == 6", b, Some(true)),
+            // A count that may leave 0..=63 may fail: not decided.
+            ("(q << (kv - 1)) >= 0", b, None),
+            ("(q >> (kv % 64)) >= 0", b, Some(true)),
+        ]);
+        assert!(eval("(1 << (q - kv)) > 0", b).may_fail);
+        assert!(!eval("(1 << (q % 8)) > 0", b).may_fail);
+    }
+
+    #[test]
     fn abstract_results_are_sound_on_small_boxes() {
         let masks = [
             "causal",
@@ -1196,6 +1219,17 @@ mod tests {
             "q != 6 && kv / (q - 6) >= 1",
             "kv / (q - 6) >= 0",
             "(q * q - kv) % 5 < 2",
+            "((q ^ kv) & 7) == 3",
+            "(q | kv) >= 16",
+            "((q - kv) >> 2) == -1",
+            "(~q & kv & 12) == 0",
+            "(1 << (q - kv)) > 2",
+            "((kv - q) << 3) < -8",
+            "((q - 10) & (kv - 12)) < 0",
+            "((q - 10) | 5) > 0",
+            "((q - kv) ^ -1) >= 0",
+            "((q >> (kv % 4)) & 1) == 1",
+            "(kv >> (q - 8)) > 1",
         ];
         for mask in masks {
             for q0 in (0..24).step_by(5) {
