@@ -19,6 +19,7 @@ mod support;
 
 use attnc::codegen::clif::GemmImpl;
 use proptest::prelude::*;
+use support::agree_to;
 use support::specgen::{arb_case, GenCase};
 
 fn agree(
@@ -28,39 +29,6 @@ fn agree(
     got: Result<attnc::Outputs, attnc::Error>,
 ) -> Result<(), TestCaseError> {
     agree_to(what, case, reference, got, 1e-5)
-}
-
-fn agree_to(
-    what: &str,
-    case: &GenCase,
-    reference: &Result<attnc::Outputs, attnc::Error>,
-    got: Result<attnc::Outputs, attnc::Error>,
-    tol: f32,
-) -> Result<(), TestCaseError> {
-    match (reference, got) {
-        (Ok(r), Ok(g)) => {
-            let d_out = common::max_abs_diff(g.out.iter(), r.out.iter());
-            let d_lse = common::max_abs_diff(
-                g.lse.as_ref().unwrap().iter(),
-                r.lse.as_ref().unwrap().iter(),
-            );
-            prop_assert!(
-                d_out <= tol && d_lse <= tol,
-                "{what}: |out diff| {d_out:e}, |lse diff| {d_lse:e}\nspec:\n{}",
-                case.spec.source
-            );
-        }
-        // Every backend reports the reference's first error, word for word.
-        (Err(r), Err(g)) if r.to_string() == g.to_string() => {}
-        (r, g) => prop_assert!(
-            false,
-            "{what}: reference {:?}, backend {:?}\nspec:\n{}",
-            r.as_ref().map(|_| "ok").map_err(|e| e.to_string()),
-            g.as_ref().map(|_| "ok").map_err(|e| e.to_string()),
-            case.spec.source
-        ),
-    }
-    Ok(())
 }
 
 proptest! {

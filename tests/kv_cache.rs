@@ -13,7 +13,8 @@ use attnc::ndarray::{s, Array1, Array2, Array3, Array4};
 use attnc::{merge_states, BufferData, Inputs, Outputs, Program, SourceFile, SpecOptions};
 use common::max_abs_diff;
 use proptest::prelude::*;
-use support::specgen::{arb_case, GenCase};
+use support::agree_to;
+use support::specgen::arb_case;
 
 /// Specs whose masks and score mods exercise positions, heads and buffers:
 /// `h` in the mask makes the block maps differ per head, so a GQA-grouped
@@ -274,43 +275,10 @@ proptest! {
         let kernel = program.compile_jit_with(&options).unwrap();
         for (layout, inputs) in [("dense rows", &dense), ("pool", &paged)] {
             let what = format!("ragged {lens:?} page {ps} {layout}");
-            agree(&format!("jit {bq}x16 {what}"), &case, &reference, kernel.run(inputs))?;
-            agree(&format!("interp {bq}x16 {what}"), &case, &reference, program.run_interp(inputs, bq, 16))?;
+            agree_to(&format!("jit {bq}x16 {what}"), &case, &reference, kernel.run(inputs), 1e-5)?;
+            agree_to(&format!("interp {bq}x16 {what}"), &case, &reference, program.run_interp(inputs, bq, 16), 1e-5)?;
         }
     }
-}
-
-/// As in `backend_props`: within 1e-5 (NaN where the reference has NaN), or
-/// the reference's error word for word.
-fn agree(
-    what: &str,
-    case: &GenCase,
-    reference: &Result<Outputs, attnc::Error>,
-    got: Result<Outputs, attnc::Error>,
-) -> Result<(), TestCaseError> {
-    match (reference, got) {
-        (Ok(r), Ok(g)) => {
-            let d_out = max_abs_diff(g.out.iter(), r.out.iter());
-            let d_lse = max_abs_diff(
-                g.lse.as_ref().unwrap().iter(),
-                r.lse.as_ref().unwrap().iter(),
-            );
-            prop_assert!(
-                d_out <= 1e-5 && d_lse <= 1e-5,
-                "{what}: |out diff| {d_out:e}, |lse diff| {d_lse:e}\nspec:\n{}",
-                case.spec.source
-            );
-        }
-        (Err(r), Err(g)) if r.to_string() == g.to_string() => {}
-        (r, g) => prop_assert!(
-            false,
-            "{what}: reference {:?}, backend {:?}\nspec:\n{}",
-            r.as_ref().map(|_| "ok").map_err(|e| e.to_string()),
-            g.as_ref().map(|_| "ok").map_err(|e| e.to_string()),
-            case.spec.source
-        ),
-    }
-    Ok(())
 }
 
 /// A dense call of uniform length whose keys are cut into chunks, each run on

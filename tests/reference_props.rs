@@ -12,6 +12,7 @@
 //! out-of-range reads, short-circuiting, `if`, `ancestor`, NaN inputs and
 //! division by zero.
 
+mod common;
 mod support;
 
 use std::collections::BTreeMap;

@@ -271,45 +271,37 @@ fn focused_specs_agree_with_reference_on_random_inputs() {
 /// The decode kernel of a spec whose score mod reads a per-head buffer: `h`
 /// is a row-level value (each row of a GQA-grouped tile has its own head),
 /// so the slope is read per row, not once per task.
+/// The decode kernels: the GQA group of a KV head in one tile
+/// (`decode_kernel_text`), and every head of a sequence for a paged pool
+/// (`paged_decode_kernel_text`); either way `h` is row-level.
 #[test]
 fn decode_kernel_text() {
     let spec = spec_of(&common::root().join("examples/alibi.attn"));
-    let schedule = Schedule {
-        bq: 16,
-        bkv: 32,
-        rows: tile::nest::RowMap::GqaGroup,
-        kv: tile::nest::KvSource::InPlace,
-        ..Schedule::default()
-    };
-    let k = tile::lower(&spec, &schedule);
-    let h = k
-        .insts
-        .iter()
-        .find(|i| i.op == tile::Op::Var(attnc::sema::Var::H))
-        .expect("the slope is read at h");
-    assert_eq!(h.level, tile::Level::Row);
-    insta::assert_snapshot!(k.to_string());
-}
-
-#[test]
-fn paged_decode_kernel_text() {
-    // Every head of a sequence in one tile: `h` is row-level, as in a GQA group.
-    let spec = spec_of(&common::root().join("examples/alibi.attn"));
-    let schedule = Schedule {
-        bq: 32,
-        bkv: 16,
-        rows: tile::nest::RowMap::AllHeads,
-        kv: tile::nest::KvSource::InPlace,
-        ..Schedule::default()
-    };
-    let k = tile::lower(&spec, &schedule);
-    let h = k
-        .insts
-        .iter()
-        .find(|i| i.op == tile::Op::Var(attnc::sema::Var::H))
-        .expect("the slope is read at h");
-    assert_eq!(h.level, tile::Level::Row);
-    insta::assert_snapshot!(k.to_string());
+    for (name, rows, bq, bkv) in [
+        ("decode_kernel_text", tile::nest::RowMap::GqaGroup, 16, 32),
+        (
+            "paged_decode_kernel_text",
+            tile::nest::RowMap::AllHeads,
+            32,
+            16,
+        ),
+    ] {
+        let schedule = Schedule {
+            bq,
+            bkv,
+            rows,
+            kv: tile::nest::KvSource::InPlace,
+            ..Schedule::default()
+        };
+        let k = tile::lower(&spec, &schedule);
+        let h = k
+            .insts
+            .iter()
+            .find(|i| i.op == tile::Op::Var(attnc::sema::Var::H))
+            .expect("the slope is read at h");
+        assert_eq!(h.level, tile::Level::Row);
+        insta::assert_snapshot!(name, k.to_string());
+    }
 }
 
 #[test]

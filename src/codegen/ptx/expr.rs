@@ -103,28 +103,18 @@ impl Gen<'_> {
                 let active = self.active(inst.guard);
                 self.ancestor(v, *parent as usize, i, j, active)
             }
-            Op::Binary(op @ (BinOp::IShl | BinOp::ISar), a, b) => {
+            Op::Binary(op @ (BinOp::IShl | BinOp::ISar | BinOp::IDiv | BinOp::IRem), a, b) => {
                 let (a, b) = (self.get(*a), self.get(*b));
                 let active = if trapping {
                     self.active(inst.guard)
                 } else {
                     None
                 };
-                let d = self.checked_shift(v, *op, a, b, trapping, active);
-                if !trapping {
-                    self.apply_guard(d, ty, inst.guard)
+                let d = if op.is_checked_shift() {
+                    self.checked_shift(v, *op, a, b, trapping, active)
                 } else {
-                    d
-                }
-            }
-            Op::Binary(op @ (BinOp::IDiv | BinOp::IRem), a, b) => {
-                let (a, b) = (self.get(*a), self.get(*b));
-                let active = if trapping {
-                    self.active(inst.guard)
-                } else {
-                    None
+                    self.floor_div(v, *op, a, b, trapping, active)
                 };
-                let d = self.floor_div(v, *op, a, b, trapping, active);
                 if !trapping {
                     self.apply_guard(d, ty, inst.guard)
                 } else {
@@ -358,18 +348,24 @@ impl Gen<'_> {
         }
         if let Some((_, z)) = divisor {
             // Zero where the divisor is zero or the op is not active.
-            let off = self.w.p();
-            match active {
-                Some(act) => {
-                    let nact = self.w.p();
-                    ins!(self.w, "not.pred {nact}, {act}");
-                    ins!(self.w, "or.pred {off}, {z}, {nact}");
-                }
-                None => ins!(self.w, "mov.pred {off}, {z}"),
-            }
-            ins!(self.w, "selp.b64 {d}, 0, {d}, {off}");
+            self.zero_where_failed(d, z, active);
         }
         d
+    }
+
+    /// `d = 0` where `bad` holds or the op is not `active` (a trapping op's
+    /// value where it failed or did not run).
+    fn zero_where_failed(&mut self, d: Reg, bad: Reg, active: Option<Reg>) {
+        let off = self.w.p();
+        match active {
+            Some(act) => {
+                let nact = self.w.p();
+                ins!(self.w, "not.pred {nact}, {act}");
+                ins!(self.w, "or.pred {off}, {bad}, {nact}");
+            }
+            None => ins!(self.w, "mov.pred {off}, {bad}"),
+        }
+        ins!(self.w, "selp.b64 {d}, 0, {d}, {off}");
     }
 
     /// The spec's `a << b` / `a >> b` (arithmetic): a count outside
@@ -401,16 +397,7 @@ impl Gen<'_> {
         }
         if trapping {
             // Zero where the count is out of range or the op is not active.
-            let off = self.w.p();
-            match active {
-                Some(act) => {
-                    let nact = self.w.p();
-                    ins!(self.w, "not.pred {nact}, {act}");
-                    ins!(self.w, "or.pred {off}, {bad}, {nact}");
-                }
-                None => ins!(self.w, "mov.pred {off}, {bad}"),
-            }
-            ins!(self.w, "selp.b64 {d}, 0, {d}, {off}");
+            self.zero_where_failed(d, bad, active);
         }
         d
     }

@@ -152,18 +152,7 @@ impl InPlaceKv {
             "an in-place kernel takes ragged or paged K/V without a key offset"
         );
         let s = bound.shapes;
-        let big = (i32::MAX / 2) as usize;
-        let limit = |what, value: usize| {
-            if value > big {
-                Err(TooLarge {
-                    what,
-                    value,
-                    max: big,
-                })
-            } else {
-                Ok(value as u32)
-            }
-        };
+        let limit = |what, value| TooLarge::check(what, value, BIG);
         let lens = (0..s.b)
             .map(|b| limit("a sequence's keys", bound.kv_len(b)))
             .collect::<Result<Vec<_>, _>>()?;
@@ -333,17 +322,25 @@ pub struct TooLarge {
     pub max: usize,
 }
 
-/// The scalar parameters of a launch, checked against the kernel's limits.
-pub fn scalars(bound: &Bound, maps: &DeviceMaps) -> Result<Scalars, TooLarge> {
-    let s = bound.shapes;
-    let limit = |what, value: usize, max: usize| {
+/// The largest size or index the kernel's 32-bit arithmetic takes.
+const BIG: usize = (i32::MAX / 2) as usize;
+
+impl TooLarge {
+    /// `value` as a u32 parameter, or the error when it exceeds `max`.
+    fn check(what: &'static str, value: usize, max: usize) -> Result<u32, TooLarge> {
         if value > max {
             Err(TooLarge { what, value, max })
         } else {
             Ok(value as u32)
         }
-    };
-    let big = (i32::MAX / 2) as usize;
+    }
+}
+
+/// The scalar parameters of a launch, checked against the kernel's limits.
+pub fn scalars(bound: &Bound, maps: &DeviceMaps) -> Result<Scalars, TooLarge> {
+    let s = bound.shapes;
+    let limit = TooLarge::check;
+    let big = BIG;
     let grid = 65535;
     Ok(Scalars {
         u32s: [
