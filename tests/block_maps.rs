@@ -506,6 +506,45 @@ fn causal_million_by_million_is_one_range_and_one_partial_per_row() {
     assert_eq!(s.full, 8192 * 8191 / 2);
 }
 
+/// Sub-expressions the interval rules follow loosely are evaluated exactly
+/// over a box: a per-head window computed from `h` (a constant per head),
+/// and the coordinates of a Morton index (bit operators on `q` alone and
+/// `kv` alone). Their maps build with a few element evaluations per tile,
+/// not the element-by-element fallback, and equal the element-wise
+/// classification.
+#[test]
+fn per_head_constants_and_bit_coordinates_are_folded() {
+    let head_window =
+        "attention w {\n let w = int(exp2(float(h + 4)))\n mask = causal && q - kv < w }";
+    let morton = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/natten_morton.attn"),
+    )
+    .unwrap();
+    for (src, h, n) in [(head_window, 8, 1024), (morton.as_str(), 1, 512)] {
+        let spec = load(src);
+        let bound = bound(&spec, 1, h, n, n, 0, BTreeMap::new());
+        let t = Tiling::new(64, 64).unwrap();
+        let maps = mask::classify(&spec, &bound, t).unwrap();
+        let want = brute(&spec, &bound, t).unwrap();
+        for (i, rows) in want.iter().enumerate() {
+            let m = maps.get(0, i % h);
+            for (qt, row) in rows.iter().enumerate() {
+                for (kt, class) in row.iter().enumerate() {
+                    assert_eq!(m.class(qt, kt), *class, "{src}: h={i} tile ({qt}, {kt})");
+                }
+            }
+        }
+        // A few probe elements per tile at most (partial tiles are told
+        // by their corners), against n^2 per head element by element.
+        let tiles = (h * n.div_ceil(64) * n.div_ceil(64)) as u64;
+        let elements = maps.counts().element_evaluations;
+        assert!(
+            elements <= 5 * tiles,
+            "{src}: {elements} element evaluations for {tiles} tiles"
+        );
+    }
+}
+
 #[test]
 fn sliding_window_with_offset_and_unaligned_tiles() {
     // Decode-style: 1000 new queries after 50,000 cached keys, window 300.

@@ -28,8 +28,8 @@
 //! evaluation there. `&&`, `||` and `if` follow the evaluator's short-circuit
 //! rules, so a read the evaluator never performs never makes a box fail.
 
-use crate::sema::eval::{floor_div, floor_mod, Shapes};
-use crate::sema::{BinaryOp, Expr, ExprId, Func, ShapeVar, Spec, Type, UnaryOp, Value, Var};
+use crate::sema::eval::{floor_div, floor_mod, Evaluator, Shapes};
+use crate::sema::{BinaryOp, Deps, Expr, ExprId, Func, ShapeVar, Spec, Type, UnaryOp, Value, Var};
 
 use super::summary::Summaries;
 
@@ -341,14 +341,102 @@ pub struct AbsEval<'s> {
     bx: QBox,
     b: i64,
     h: i64,
+    /// Per expression, whether it is evaluated concretely instead ([`Fold`]).
+    folds: Vec<Fold>,
+    /// The concrete evaluator of those (they read no buffer).
+    ev: Evaluator<'s>,
+    /// Their ranges by (expression, b, h, first and last position of the
+    /// axis they depend on): the same query tile and key tiles recur from
+    /// box to box and row to row. Cleared when it grows past
+    /// [`FOLD_CACHE_ENTRIES`].
+    fold_cache: std::collections::HashMap<(u32, i64, i64, i64, i64), AVal>,
+}
+
+/// Entries of the fold cache before it is cleared.
+const FOLD_CACHE_ENTRIES: usize = 1 << 16;
+
+/// Sub-expressions evaluated concretely over a box, for an exact range: those
+/// that cannot fail and read no buffer or score, and depend
+/// - on neither `q` nor `kv` (a per-head or per-batch constant, such as a
+///   window computed from `h`): once per box;
+/// - on one of them only, through bit operators or `%` (whose interval rules
+///   are loose, as in the coordinates of a Morton index): once per position
+///   of that axis when the box spans at most [`FOLD_LIMIT`] of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fold {
+    No,
+    Once,
+    OverQ,
+    OverKv,
+}
+
+/// Positions of one axis a box may span for a [`Fold::OverQ`] or
+/// [`Fold::OverKv`] sub-expression to be enumerated.
+const FOLD_LIMIT: i64 = 128;
+
+/// The [`Fold`] of every expression of `spec`, in arena order.
+fn folds(spec: &Spec) -> Vec<Fold> {
+    let traps = spec.may_trap();
+    let mut loose = vec![false; spec.exprs.len()];
+    let mut out = Vec::with_capacity(spec.exprs.len());
+    for (i, e) in spec.exprs.iter().enumerate() {
+        let own = matches!(
+            e,
+            Expr::Unary(UnaryOp::BitNot, _)
+                | Expr::Binary(
+                    BinaryOp::BitAnd
+                        | BinaryOp::BitOr
+                        | BinaryOp::BitXor
+                        | BinaryOp::Shl
+                        | BinaryOp::Shr
+                        | BinaryOp::Rem,
+                    _,
+                    _
+                )
+        );
+        loose[i] = own
+            || e.operands()
+                .iter()
+                .any(|o| (o.0 as usize) < i && loose[o.0 as usize]);
+        let id = ExprId(i as u32);
+        let deps = spec.deps(id);
+        let trivial = matches!(
+            e,
+            Expr::Const(_) | Expr::Var(_) | Expr::Shape(_) | Expr::Param(_) | Expr::Score
+        );
+        let (q, kv) = (deps.contains(Deps::Q), deps.contains(Deps::KV));
+        out.push(
+            if trivial || traps[i] || deps.contains(Deps::BUFFER) || deps.contains(Deps::SCORE) {
+                Fold::No
+            } else {
+                match (q, kv) {
+                    (false, false) => Fold::Once,
+                    (true, false) if loose[i] => Fold::OverQ,
+                    (false, true) if loose[i] => Fold::OverKv,
+                    _ => Fold::No,
+                }
+            },
+        );
+    }
+    out
 }
 
 impl<'s> AbsEval<'s> {
-    pub fn new(spec: &'s Spec, shapes: Shapes) -> AbsEval<'s> {
+    /// An evaluator of `spec`'s expressions at `shapes`, with the call's
+    /// `buffers` (only the folded sub-expressions, which read none, are
+    /// evaluated concretely here).
+    pub fn new(
+        spec: &'s Spec,
+        shapes: Shapes,
+        buffers: &'s [crate::buffer::BufferData],
+    ) -> AbsEval<'s> {
         AbsEval {
             spec,
             shapes,
             memo: vec![(0, Abs::ok(AVal::Bool(Tri::Unknown))); spec.exprs.len()],
+            folds: folds(spec),
+            ev: Evaluator::new(spec, shapes, buffers),
+            fold_cache: std::collections::HashMap::new(),
             generation: 0,
             bx: QBox {
                 q0: 0,
@@ -419,9 +507,57 @@ impl<'s> AbsEval<'s> {
         if slot.0 == self.generation {
             return slot.1;
         }
-        let r = self.compute(id, sums);
+        let r = match self.fold(id) {
+            Some(r) => r,
+            None => self.compute(id, sums),
+        };
         self.memo[id.0 as usize] = (self.generation, r);
         r
+    }
+
+    /// The exact range of a [`Fold`] sub-expression over the box, by
+    /// evaluating it at every position it depends on; `None` when it is not
+    /// folded here.
+    fn fold(&mut self, id: ExprId) -> Option<Abs> {
+        let bx = self.bx;
+        let (positions, span): (Vec<(i64, i64)>, (i64, i64)) = match self.folds[id.0 as usize] {
+            Fold::No => return None,
+            Fold::Once => (vec![(bx.q0, bx.k0)], (0, 0)),
+            Fold::OverQ if bx.q1 - bx.q0 < FOLD_LIMIT => (
+                (bx.q0..=bx.q1).map(|q| (q, bx.k0)).collect(),
+                (bx.q0, bx.q1),
+            ),
+            Fold::OverKv if bx.k1 - bx.k0 < FOLD_LIMIT => (
+                (bx.k0..=bx.k1).map(|k| (bx.q0, k)).collect(),
+                (bx.k0, bx.k1),
+            ),
+            _ => return None,
+        };
+        let key = (id.0, self.b, self.h, span.0, span.1);
+        if let Some(v) = self.fold_cache.get(&key) {
+            return Some(Abs::ok(*v));
+        }
+        let mut acc: Option<AVal> = None;
+        for (q, kv) in positions {
+            let point = crate::sema::eval::Point {
+                b: self.b,
+                h: self.h,
+                q,
+                kv,
+                score: 0.0,
+            };
+            // Cannot fail (no read, no trap); an error would say otherwise.
+            let v = AVal::of_value(self.ev.eval(id, point).ok()?);
+            acc = Some(match acc {
+                None => v,
+                Some(a) => AVal::hull(a, v),
+            });
+        }
+        if self.fold_cache.len() >= FOLD_CACHE_ENTRIES {
+            self.fold_cache.clear();
+        }
+        self.fold_cache.insert(key, acc?);
+        acc.map(Abs::ok)
     }
 
     fn compute(&mut self, id: ExprId, sums: &mut Summaries<'_>) -> Abs {
@@ -1045,7 +1181,7 @@ mod tests {
         let s = spec(mask);
         let buffers: [BufferData; 0] = [];
         let mut sums = Summaries::new(&buffers);
-        AbsEval::new(&s, shapes()).eval(s.mask.unwrap(), bx, &mut sums)
+        AbsEval::new(&s, shapes(), &[]).eval(s.mask.unwrap(), bx, &mut sums)
     }
 
     fn bx(q0: i64, q1: i64, k0: i64, k1: i64) -> QBox {

@@ -102,7 +102,7 @@ pub fn classify_observed(
                 kv_len: sh.kv,
                 q_offset: bound.q_offset,
                 kv_offset: bound.kv_offset,
-                abs: AbsEval::new(spec, sh),
+                abs: AbsEval::new(spec, sh, &bound.buffers),
                 ev: Evaluator::new(spec, sh, &bound.buffers),
                 sums: Summaries::new(&bound.buffers),
                 b: 0,

@@ -538,7 +538,14 @@ impl Spec {
             let own = match e {
                 Expr::Load { .. } | Expr::Ancestor { .. } => true,
                 Expr::Binary(BinaryOp::Div | BinaryOp::Rem, a, _) => self.ty(*a) == Type::Int,
-                Expr::Binary(BinaryOp::Shl | BinaryOp::Shr, _, _) => true,
+                // A constant count in range cannot fail.
+                Expr::Binary(BinaryOp::Shl | BinaryOp::Shr, _, n) => {
+                    !matches!(self.expr(*n), Expr::Const(Value::Int(0..=63)))
+                        && !matches!(
+                            self.expr(*n),
+                            Expr::Param(p) if matches!(self.param(*p).value, Value::Int(0..=63))
+                        )
+                }
                 _ => false,
             };
             traps[i] = own
