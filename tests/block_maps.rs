@@ -543,6 +543,30 @@ fn per_head_constants_and_bit_coordinates_are_folded() {
             "{src}: {elements} element evaluations for {tiles} tiles"
         );
     }
+    // Folded sub-expressions that may fail (a division by a q-dependent
+    // value, a shift) leave the failing boxes to the rules: still exact, and
+    // the error is the element-wise one.
+    for src in [
+        "attention m { mask = ((q % 7) ^ 3) == kv % 5 || (q >> 2) == (kv >> 3) }",
+        "attention x { mask = (q ^ 5) / (kv % 3 - 1) > 2 }",
+        "attention d { mask = q != 6 && 36 / (q - 6) > kv % 4 }",
+        "attention s { mask = (1 << (q % 70)) > kv }",
+    ] {
+        let spec = load(src);
+        let bound = bound(&spec, 1, 1, 200, 200, 0, BTreeMap::new());
+        let t = Tiling::new(16, 32).unwrap();
+        match (mask::classify(&spec, &bound, t), brute(&spec, &bound, t)) {
+            (Ok(maps), Ok(want)) => {
+                for (qt, row) in want[0].iter().enumerate() {
+                    for (kt, class) in row.iter().enumerate() {
+                        assert_eq!(maps.get(0, 0).class(qt, kt), *class, "{src}: ({qt}, {kt})");
+                    }
+                }
+            }
+            (Err(mask::MaskError::Eval(e)), Err(f)) => assert_eq!(e, f, "{src}"),
+            (got, want) => panic!("{src}: {:?} vs {:?}", got.map(|_| ()), want.map(|_| ())),
+        }
+    }
 }
 
 #[test]

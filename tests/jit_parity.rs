@@ -264,6 +264,93 @@ fn block_maps_are_reused_across_calls_of_one_kernel() {
     assert_eq!(*first, *again);
 }
 
+/// A mask buffer that differs only in the sign of a zero is another mask
+/// (`1.0 / w > 0.0`): the kernel's map cache compares floats bit for bit; a
+/// buffer holding NaN still finds its own entry.
+#[test]
+fn map_cache_tells_signed_zeros_apart() {
+    let src = "attention z { buffer w[KV]: float\n mask = 1.0 / w[kv] > 0.0 }";
+    let kernel =
+        attnc::compile(attnc::SourceFile::new("z.attn", src), &Default::default()).unwrap();
+    let program = attnc::load(attnc::SourceFile::new("z.attn", src), &Default::default()).unwrap();
+    let mut rng = attnc::bench::Rng::new(5);
+    let (q, k, v) = (
+        rng.array4((1, 1, 64, 8)),
+        rng.array4((1, 1, 64, 8)),
+        rng.array4((1, 1, 64, 8)),
+    );
+    let run = |x: f32| {
+        let w = attnc::BufferData::Float(ndarray::ArrayD::from_elem(vec![64], x));
+        let inputs = attnc::Inputs::new(q.view(), k.view(), v.view())
+            .buffer("w", w)
+            .with_lse();
+        let want = program.run_reference(&inputs).unwrap();
+        let got = kernel.run(&inputs).unwrap();
+        common::assert_close(
+            &format!("w = {x:?}"),
+            &got,
+            &want.out,
+            want.lse.as_ref().unwrap(),
+            1e-5,
+        );
+        (kernel.block_maps(&inputs).unwrap(), got)
+    };
+    let (plus, seen) = run(0.0);
+    let (minus, hidden) = run(-0.0);
+    assert!(!std::sync::Arc::ptr_eq(&plus, &minus));
+    assert!(seen.lse.unwrap().iter().all(|x| x.is_finite()));
+    assert!(hidden.lse.unwrap().iter().all(|x| *x == f32::NEG_INFINITY));
+    let (nan, _) = run(f32::NAN);
+    let (nan_again, _) = run(f32::NAN);
+    assert!(std::sync::Arc::ptr_eq(&nan, &nan_again));
+}
+
+/// `kv << 61` wraps: the index `(kv << 61) >> 61` is negative at kv = 4, and
+/// the read is reported out of range as the reference reports it, never
+/// performed (the range proofs take a left shift as opaque, and do not
+/// multiply a bound by a factor above 2^20).
+#[test]
+fn wrapping_shifts_never_prove_a_read_in_range() {
+    // The same with a multiply by 2^61 and a division.
+    for index in [
+        "(kv << 61) >> 61",
+        "(kv * 2305843009213693952) / 2305843009213693952",
+    ] {
+        let src =
+            format!("attention s {{ buffer bias[KV]: float\n score = score + bias[{index}] }}");
+        let program = attnc::load(
+            attnc::SourceFile::new("s.attn", src.as_str()),
+            &Default::default(),
+        )
+        .unwrap();
+        let options = attnc::CompileOptions {
+            check_proven_loads: true,
+            ..Default::default()
+        };
+        let kernel = program.compile_jit_with(&options).unwrap();
+        let mut rng = attnc::bench::Rng::new(6);
+        let (q, k, v) = (
+            rng.array4((1, 1, 8, 4)),
+            rng.array4((1, 1, 8, 4)),
+            rng.array4((1, 1, 8, 4)),
+        );
+        let bias = attnc::BufferData::Float(ndarray::ArrayD::zeros(vec![8]));
+        let inputs = attnc::Inputs::new(q.view(), k.view(), v.view()).buffer("bias", bias);
+        let want = program.run_reference(&inputs).unwrap_err().to_string();
+        assert!(want.contains("`bias[-4]`"), "{want}");
+        assert_eq!(
+            kernel.run(&inputs).unwrap_err().to_string(),
+            want,
+            "{index}"
+        );
+        assert_eq!(
+            program.run_interp(&inputs, 8, 16).unwrap_err().to_string(),
+            want,
+            "{index}"
+        );
+    }
+}
+
 #[test]
 fn bad_inputs_are_errors_not_crashes() {
     let kernel = attnc::compile(

@@ -356,12 +356,15 @@ pub struct AbsEval<'s> {
 const FOLD_CACHE_ENTRIES: usize = 1 << 16;
 
 /// Sub-expressions evaluated concretely over a box, for an exact range: those
-/// that cannot fail and read no buffer or score, and depend
+/// that read no buffer or score (one whose evaluation fails somewhere in the
+/// box is left to the rules), and depend
 /// - on neither `q` nor `kv` (a per-head or per-batch constant, such as a
 ///   window computed from `h`): once per box;
-/// - on one of them only, through bit operators or `%` (whose interval rules
-///   are loose, as in the coordinates of a Morton index): once per position
-///   of that axis when the box spans at most [`FOLD_LIMIT`] of them.
+/// - on one of them only, through bit operators (whose interval rules are
+///   loose and keep no affine form, as in the coordinates of a Morton
+///   index): once per position of that axis when the box spans at most
+///   [`FOLD_LIMIT`] of them. (`%` is not folded: its rule keeps the affine
+///   form `q % c == q - k c` over an aligned box, which a range cannot say.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fold {
     No,
@@ -376,7 +379,6 @@ const FOLD_LIMIT: i64 = 128;
 
 /// The [`Fold`] of every expression of `spec`, in arena order.
 fn folds(spec: &Spec) -> Vec<Fold> {
-    let traps = spec.may_trap();
     let mut loose = vec![false; spec.exprs.len()];
     let mut out = Vec::with_capacity(spec.exprs.len());
     for (i, e) in spec.exprs.iter().enumerate() {
@@ -388,8 +390,7 @@ fn folds(spec: &Spec) -> Vec<Fold> {
                         | BinaryOp::BitOr
                         | BinaryOp::BitXor
                         | BinaryOp::Shl
-                        | BinaryOp::Shr
-                        | BinaryOp::Rem,
+                        | BinaryOp::Shr,
                     _,
                     _
                 )
@@ -406,7 +407,10 @@ fn folds(spec: &Spec) -> Vec<Fold> {
         );
         let (q, kv) = (deps.contains(Deps::Q), deps.contains(Deps::KV));
         out.push(
-            if trivial || traps[i] || deps.contains(Deps::BUFFER) || deps.contains(Deps::SCORE) {
+            // A sub-expression that may fail (a division, a shift) is folded
+            // too: where its evaluation fails at some position, `fold` gives
+            // up and the rules (which mark the box as failing) apply.
+            if trivial || deps.contains(Deps::BUFFER) || deps.contains(Deps::SCORE) {
                 Fold::No
             } else {
                 match (q, kv) {
@@ -508,7 +512,7 @@ impl<'s> AbsEval<'s> {
             return slot.1;
         }
         let r = match self.fold(id) {
-            Some(r) => r,
+            Some(exact) => exact,
             None => self.compute(id, sums),
         };
         self.memo[id.0 as usize] = (self.generation, r);
@@ -520,23 +524,23 @@ impl<'s> AbsEval<'s> {
     /// folded here.
     fn fold(&mut self, id: ExprId) -> Option<Abs> {
         let bx = self.bx;
-        let (positions, span): (Vec<(i64, i64)>, (i64, i64)) = match self.folds[id.0 as usize] {
+        let fold = self.folds[id.0 as usize];
+        let span = match fold {
             Fold::No => return None,
-            Fold::Once => (vec![(bx.q0, bx.k0)], (0, 0)),
-            Fold::OverQ if bx.q1 - bx.q0 < FOLD_LIMIT => (
-                (bx.q0..=bx.q1).map(|q| (q, bx.k0)).collect(),
-                (bx.q0, bx.q1),
-            ),
-            Fold::OverKv if bx.k1 - bx.k0 < FOLD_LIMIT => (
-                (bx.k0..=bx.k1).map(|k| (bx.q0, k)).collect(),
-                (bx.k0, bx.k1),
-            ),
+            Fold::Once => (0, 0),
+            Fold::OverQ if bx.q1 - bx.q0 < FOLD_LIMIT => (bx.q0, bx.q1),
+            Fold::OverKv if bx.k1 - bx.k0 < FOLD_LIMIT => (bx.k0, bx.k1),
             _ => return None,
         };
         let key = (id.0, self.b, self.h, span.0, span.1);
         if let Some(v) = self.fold_cache.get(&key) {
             return Some(Abs::ok(*v));
         }
+        let positions: Vec<(i64, i64)> = match fold {
+            Fold::OverQ => (span.0..=span.1).map(|q| (q, bx.k0)).collect(),
+            Fold::OverKv => (span.0..=span.1).map(|k| (bx.q0, k)).collect(),
+            _ => vec![(bx.q0, bx.k0)],
+        };
         let mut acc: Option<AVal> = None;
         for (q, kv) in positions {
             let point = crate::sema::eval::Point {
@@ -546,7 +550,8 @@ impl<'s> AbsEval<'s> {
                 kv,
                 score: 0.0,
             };
-            // Cannot fail (no read, no trap); an error would say otherwise.
+            // A failure (a division by zero, a shift out of range) leaves the
+            // box to the rules, which report it as possibly failing.
             let v = AVal::of_value(self.ev.eval(id, point).ok()?);
             acc = Some(match acc {
                 None => v,

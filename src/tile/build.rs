@@ -364,20 +364,18 @@ impl Lower<'_> {
                     (BinaryOp::BitOr, _) => BinOp::IOr,
                     (BinaryOp::BitXor, _) => BinOp::IXor,
                     (BinaryOp::Shl | BinaryOp::Shr, _) => {
-                        // A constant count in range cannot fail: `x << c` is
-                        // the wrapping `x * 2^c` and `x >> c` the unchecked
-                        // `ishr`, which the range proofs and the vector code
-                        // know.
+                        // `x >> c` by a constant count in range cannot fail:
+                        // the unchecked `ishr`, which the vector code knows.
+                        // `x << c` stays `ishl` even then: the range proofs
+                        // take index arithmetic not to wrap, and a left shift
+                        // is where bits are meant to leave (`kv << 61`), so
+                        // its result is opaque to them.
                         match self.b.const_int(c).filter(|n| (0..=63).contains(n)) {
-                            Some(n) if *op == BinaryOp::Shl => {
-                                let m = self.b.iconst(1i64 << n);
-                                return self.b.add(Op::Binary(BinOp::IMul, a, m), ty, None, None);
-                            }
-                            Some(_) => {
+                            Some(_) if *op == BinaryOp::Shr => {
                                 return self.b.add(Op::Binary(BinOp::IShr, a, c), ty, None, None)
                             }
-                            None if *op == BinaryOp::Shl => BinOp::IShl,
-                            None => BinOp::ISar,
+                            _ if *op == BinaryOp::Shl => BinOp::IShl,
+                            _ => BinOp::ISar,
                         }
                     }
                     _ => unreachable!("logical and comparison ops handled above"),

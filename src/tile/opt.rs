@@ -19,13 +19,21 @@
 //!
 //! Affine rewriting, and strength reduction where it drops the sign handling
 //! of a dividend the interval analysis proves non-negative, assume index
-//! arithmetic does not overflow i64.
+//! arithmetic does not overflow i64. The range analysis does not multiply a
+//! bound by a factor above 2^20 (a wrapping idiom such as `kv * 2^61` proves
+//! nothing) and treats `<<` as opaque; a position or shape near 2^43 combined
+//! with a factor near 2^20 could still wrap unnoticed (bind does not yet cap
+//! positions).
 
 use super::builder::{rewrite, Builder};
 use super::interp::{eval_pure, Scalar};
 use super::ir::*;
 use super::verify::verify;
 use crate::sema::{Dim, ShapeVar, Var};
+
+/// The largest constant factor the range analysis multiplies a bound by: with
+/// positions and shapes far below 2^40, products stay below 2^60 (no wrap).
+const MAX_PROOF_FACTOR: u64 = 1 << 20;
 
 /// The optimisation pipeline, in order.
 pub const PASSES: [(&str, fn(&Kernel) -> Kernel); 5] = [
@@ -292,6 +300,12 @@ fn interval(k: &Kernel, v: ValueId, depth: usize) -> Interval {
                         (Some(c), _) => (ib, c),
                         _ => return Interval::default(),
                     };
+                    // A large factor is how bits are pushed out on purpose
+                    // (`kv * 2^61`): the product may wrap, which the affine
+                    // bounds do not model, so it proves nothing.
+                    if c.unsigned_abs() > MAX_PROOF_FACTOR {
+                        return Interval::default();
+                    }
                     let s =
                         |b: Option<BoundExpr>| lin(b).map(|a| BoundExpr::exact(a.scale(c as i128)));
                     if c >= 0 {
