@@ -625,17 +625,9 @@ impl JitKernel {
     /// contents of the buffers the mask reads), so repeated calls reuse them.
     pub fn block_maps(&self, inputs: &Inputs<'_>) -> Result<Arc<crate::mask::BlockMaps>, Error> {
         let bound = bind(&self.program.spec, inputs)?;
-        self.maps_of(inputs, &bound)
-    }
-
-    fn maps_of(
-        &self,
-        inputs: &Inputs<'_>,
-        bound: &crate::bind::Bound,
-    ) -> Result<Arc<crate::mask::BlockMaps>, Error> {
         self.maps
-            .get_or_build(&self.program.spec, bound, self.tiling)
-            .map_err(|e| self.program.classify_error(inputs, bound, e))
+            .get_or_build(&self.program.spec, &bound, self.tiling)
+            .map_err(|e| self.program.classify_error(inputs, &bound, e))
     }
 
     /// Binds `inputs` and builds their block maps once, for callers that run

@@ -839,6 +839,14 @@ fn progress_bar(quiet: bool, what: &str, unit: &str, total: u64) -> Option<indic
     Some(bar)
 }
 
+/// Moves `bar` (when one is drawn) to `done` of `total`.
+fn show(bar: &Option<indicatif::ProgressBar>, done: u64, total: u64) {
+    if let Some(bar) = bar {
+        bar.set_length(total);
+        bar.set_position(done);
+    }
+}
+
 /// Runs the reference backend with a progress bar over its rows (the
 /// reference is slow: f64, one thread).
 fn run_reference_with_progress(
@@ -847,12 +855,7 @@ fn run_reference_with_progress(
     quiet: bool,
 ) -> Result<attnc::Outputs, Error> {
     let bar = progress_bar(quiet, "reference", "rows", 0);
-    let result = program.run_reference_observed(inputs, &mut |done, total| {
-        if let Some(bar) = &bar {
-            bar.set_length(total);
-            bar.set_position(done);
-        }
-    });
+    let result = program.run_reference_observed(inputs, &mut |done, total| show(&bar, done, total));
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
@@ -1546,12 +1549,9 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
             // analysis cannot follow is evaluated element by element).
             let bar = progress_bar(args.quiet, "block map", "query tiles", 0);
             let out = kernel.run_observed(&inputs, &mut |done, total| {
-                if let Some(bar) = &bar {
-                    bar.set_length(total);
-                    bar.set_position(done);
-                    if done == total {
-                        bar.finish_and_clear(); // the maps are built; the run goes on
-                    }
+                show(&bar, done, total);
+                if let (Some(bar), true) = (&bar, done == total) {
+                    bar.finish_and_clear(); // the maps are built; the run goes on
                 }
             });
             if let Some(bar) = bar {
@@ -1780,12 +1780,7 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
     let mut bar = progress_bar(args.quiet, "block map", "query tiles", 0);
     for _ in 0..repeat {
         let start = std::time::Instant::now();
-        let mut observe = |done: u64, total: u64| {
-            if let Some(bar) = &bar {
-                bar.set_length(total);
-                bar.set_position(done);
-            }
-        };
+        let mut observe = |done, total| show(&bar, done, total);
         let maps = mask::classify_observed(&program.spec, &bound, tiling, &mut observe);
         if let Some(bar) = bar.take() {
             bar.finish_and_clear();

@@ -83,14 +83,13 @@ impl<'a> Segments<'a> {
         d: usize,
         rows: usize,
     ) -> Segments<'a> {
-        let heads = rows.div_ceil(head_rows(view)).max(1);
         Segments {
             view,
             base,
             key0,
             cols,
             c: 0,
-            span: (heads - 1) * view.head_stride as usize + d,
+            span: row_span(view, d, rows),
         }
     }
 
@@ -136,7 +135,15 @@ impl<'a> Segments<'a> {
 /// Tile rows per KV head of a view (see [`KvView`]).
 #[inline(always)]
 fn head_rows(view: &KvView) -> usize {
-    (view.head_rows.max(1) as u64).min(usize::MAX as u64) as usize
+    view.head_rows.max(1) as usize
+}
+
+/// Floats of a key row that a tile of `rows` rows reads: the head dim `d` of
+/// each KV head it spans, from the first head's.
+#[inline(always)]
+fn row_span(view: &KvView, d: usize, rows: usize) -> usize {
+    let heads = rows.div_ceil(head_rows(view)).max(1);
+    (heads - 1) * view.head_stride as usize + d
 }
 
 /// Rows `r0 ..` of a tile that read one KV head, at most `max` of them, and
@@ -193,9 +200,7 @@ const PF_RUN_BELOW: usize = 512;
 /// each a short run).
 #[inline(always)]
 fn key_prefetch(view: &KvView, d: usize, rows: usize) -> bool {
-    let heads = rows.div_ceil(head_rows(view)).max(1);
-    view.page_size as usize >= PAGE_PF_BELOW
-        && (heads - 1) * view.head_stride as usize + d < PF_RUN_BELOW
+    view.page_size as usize >= PAGE_PF_BELOW && row_span(view, d, rows) < PF_RUN_BELOW
 }
 
 /// Query rows handled together in `qk`.
