@@ -315,6 +315,10 @@ fn wrapping_shifts_never_prove_a_read_in_range() {
     for index in [
         "(kv << 61) >> 61",
         "(kv * 2305843009213693952) / 2305843009213693952",
+        // Factors each below the proof limit whose product wraps.
+        "kv * 1048576 * 1048576 * 2097152 / 1048576 / 1048576 / 2097152",
+        "max(max(kv * 1048576, 0) * 1048576, 0) * 2097152 / 2305843009213693952",
+        "max(max(kv * 1048576, 0) * 1048576, 0) * 2097152 / 1048576 / 1048576 / 2097152",
     ] {
         let src =
             format!("attention s {{ buffer bias[KV]: float\n score = score + bias[{index}] }}");

@@ -19,11 +19,11 @@
 //!
 //! Affine rewriting, and strength reduction where it drops the sign handling
 //! of a dividend the interval analysis proves non-negative, assume index
-//! arithmetic does not overflow i64. The range analysis does not multiply a
-//! bound by a factor above 2^20 (a wrapping idiom such as `kv * 2^61` proves
-//! nothing) and treats `<<` as opaque; a position or shape near 2^43 combined
-//! with a factor near 2^20 could still wrap unnoticed (bind does not yet cap
-//! positions).
+//! arithmetic does not overflow i64. The range analysis makes that true of
+//! every value it bounds: bind caps shapes and positions at 2^31 - 1
+//! (`sema::POSITION_LIMIT`), and a bound that could reach 2^62 for such
+//! symbols is dropped (`interval`), as is any multiply by a factor above 2^20
+//! (a wrapping idiom such as `kv * 2^61` proves nothing); `<<` stays opaque.
 
 use super::builder::{rewrite, Builder};
 use super::interp::{eval_pure, Scalar};
@@ -31,8 +31,9 @@ use super::ir::*;
 use super::verify::verify;
 use crate::sema::{Dim, ShapeVar, Var};
 
-/// The largest constant factor the range analysis multiplies a bound by: with
-/// positions and shapes far below 2^40, products stay below 2^60 (no wrap).
+/// The largest constant factor the range analysis multiplies a bound by (a
+/// larger one is a wrapping idiom; `interval` also drops any bound that could
+/// reach 2^62).
 const MAX_PROOF_FACTOR: u64 = 1 << 20;
 
 /// The optimisation pipeline, in order.
@@ -245,7 +246,24 @@ fn le(a: BoundExpr, b: BoundExpr) -> bool {
     }
 }
 
+/// The interval of `v`, with every bound dropped whose magnitude could reach
+/// 2^62 for symbols up to `sema::POSITION_LIMIT` (bind caps every shape and
+/// position there): each proven value is then far from wrapping in i64, so
+/// the bounds the proofs trust hold for the wrapping arithmetic that runs.
 fn interval(k: &Kernel, v: ValueId, depth: usize) -> Interval {
+    let fits = |b: &BoundExpr| {
+        let limit = crate::sema::POSITION_LIMIT as i128;
+        let a = &b.affine;
+        a.c.abs() + a.a.iter().map(|x| x.abs() * limit).sum::<i128>() < 1 << 62
+    };
+    let i = interval_unguarded(k, v, depth);
+    Interval {
+        lo: i.lo.filter(fits),
+        hi: i.hi.filter(fits),
+    }
+}
+
+fn interval_unguarded(k: &Kernel, v: ValueId, depth: usize) -> Interval {
     let point = |a: Affine| Interval {
         lo: Some(BoundExpr::exact(a)),
         hi: Some(BoundExpr::exact(a)),
@@ -932,6 +950,28 @@ mod tests {
             panic!("the score is an itof\n{k}")
         };
         vals[r.0 as usize].i()
+    }
+
+    #[test]
+    fn bounds_that_could_reach_2_62_are_dropped() {
+        // One factor of 2^20 keeps kv's bounds; a second could reach 2^71.
+        let k = kernel_of(|b, _| {
+            let kv = b.add(Op::Var(Var::Kv), Ty::I64, None, None);
+            let f = b.iconst(1 << 20);
+            let once = b.binary(BinOp::IMul, kv, f);
+            b.binary(BinOp::IMul, once, f)
+        });
+        let Op::IToF(twice) = k.inst(k.score_full).op else {
+            panic!("{k}")
+        };
+        let Op::Binary(BinOp::IMul, once, _) = k.inst(twice).op else {
+            panic!("{k}")
+        };
+        // 2^20 * (2^31 - 1) fits below 2^62; 2^40 * (2^31 - 1) does not.
+        let i = interval(&k, once, 0);
+        assert!(i.lo.is_some() && i.hi.is_some(), "{k}");
+        let i = interval(&k, twice, 0);
+        assert!(i.lo.is_some() && i.hi.is_none(), "{i:?}");
     }
 
     fn ops(k: &Kernel) -> Vec<BinOp> {
