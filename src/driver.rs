@@ -745,7 +745,7 @@ impl JitKernel {
 
 impl Program {
     /// Lowers the spec to the optimised loop IR under `schedule`.
-    pub fn kernel(&self, schedule: &crate::tile::Schedule) -> crate::tile::Kernel {
+    pub fn kernel(&self, schedule: &crate::tile::Schedule) -> crate::tile::Verified {
         crate::tile::lower(&self.spec, schedule)
     }
 

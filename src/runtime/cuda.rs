@@ -29,7 +29,7 @@ use crate::codegen::ptx::{self, host, Arch, Dtype, ErrorRecord, PtxError, PtxKer
 use crate::mask::{classify, MaskError, Tiling};
 use crate::sema::eval::EvalError;
 use crate::sema::Spec;
-use crate::tile::Kernel;
+use crate::tile::Verified;
 
 /// What can go wrong running on a GPU.
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
@@ -103,7 +103,7 @@ pub struct CudaRuntime {
 
 /// A kernel loaded on the device.
 pub struct CudaKernel {
-    pub kernel: Kernel,
+    pub kernel: Verified,
     pub ptx: PtxKernel,
     function: CudaFunction,
 }
@@ -196,7 +196,7 @@ impl CudaRuntime {
     }
 
     /// Generates and loads the PTX of a lowered kernel.
-    pub fn load(&self, kernel: Kernel, dtype: Dtype) -> Result<CudaKernel, CudaError> {
+    pub fn load(&self, kernel: Verified, dtype: Dtype) -> Result<CudaKernel, CudaError> {
         let ptx = ptx::compile(
             &kernel,
             &PtxOptions {

@@ -19,9 +19,9 @@ pub use build::build;
 pub use ir::*;
 pub use nest::LoopNest;
 pub use opt::optimize;
-pub use verify::{verify, VerifyError};
+pub use verify::{verify, Verified, VerifyError};
 
 /// Lowers and optimises a spec: the kernel every backend translates.
-pub fn lower(spec: &crate::sema::Spec, schedule: &Schedule) -> Kernel {
+pub fn lower(spec: &crate::sema::Spec, schedule: &Schedule) -> Verified {
     optimize(&build(spec, schedule))
 }

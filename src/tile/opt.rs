@@ -28,7 +28,7 @@
 use super::builder::{rewrite, Builder};
 use super::interp::{eval_pure, Scalar};
 use super::ir::*;
-use super::verify::verify;
+use super::verify::{verify, Verified};
 use crate::sema::{Dim, ShapeVar, Var};
 
 /// The largest constant factor the range analysis multiplies a bound by (a
@@ -49,18 +49,45 @@ pub const PASSES: [(&str, fn(&Kernel) -> Kernel); 5] = [
 /// (in every build: `verify` is linear, and the backends rely on its
 /// invariants, so a pass that breaks one stops here with the kernel printed
 /// rather than in generated code).
-pub fn optimize(k: &Kernel) -> Kernel {
+///
+/// Every read enters checked (an unchecked read of the input is checked
+/// again), so the only unchecked reads of the result are those
+/// `prove_bounds` proved in range: what [`Verified`] promises the backends.
+pub fn optimize(k: &Kernel) -> Verified {
     if let Err(e) = verify(k) {
         panic!("after lowering: {e}\n{k}");
     }
-    let mut k = k.clone();
+    let mut k = check_every_read(k);
     for (name, pass) in PASSES {
         k = pass(&k);
         if let Err(e) = verify(&k) {
             panic!("after {name}: {e}\n{k}");
         }
     }
-    k
+    Verified::by_optimize(k)
+}
+
+/// `k` with every read range-checked.
+fn check_every_read(k: &Kernel) -> Kernel {
+    let unchecked = |i: &Inst| matches!(i.op, Op::Load { checked: false, .. });
+    if !k.insts.iter().any(unchecked) {
+        return k.clone();
+    }
+    rewrite(k, |b, inst, span| match &inst.op {
+        Op::Load {
+            buffer,
+            indices,
+            checked: false,
+        } => {
+            let op = Op::Load {
+                buffer: *buffer,
+                indices: indices.clone(),
+                checked: true,
+            };
+            Some(b.add_guarded(op, inst.ty, inst.guard, span))
+        }
+        _ => None,
+    })
 }
 
 fn as_scalar(b: &Builder, v: ValueId) -> Option<Scalar> {
@@ -950,6 +977,36 @@ mod tests {
             panic!("the score is an itof\n{k}")
         };
         vals[r.0 as usize].i()
+    }
+
+    #[test]
+    fn only_proofs_make_a_verified_kernel_read_unchecked() {
+        // A hand-built kernel that reads `xs[x]` unchecked, `x` unknown: the
+        // read comes out of `optimize` checked again.
+        let k = kernel_of(|b, x| {
+            b.add(
+                Op::Load {
+                    buffer: 0,
+                    indices: vec![x],
+                    checked: false,
+                },
+                Ty::I64,
+                None,
+                None,
+            )
+        });
+        let reads = |k: &Kernel| {
+            k.insts
+                .iter()
+                .filter_map(|i| match i.op {
+                    Op::Load { checked, .. } => Some(checked),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(reads(&k), [true, false]);
+        // `xs[0]` of `xs[1]` is proven in range; `xs[x]` is checked again.
+        assert_eq!(reads(&optimize(&k)), [false, true]);
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! The loop-IR verifier: checks the invariants listed in [`super::ir`].
 //!
-//! Run after lowering and after every optimisation in tests and debug
-//! builds. Once a kernel verifies, backends may translate it without
-//! further checks: they either succeed or return an error, never panic.
+//! Run after lowering and after every optimisation, in every build (it is
+//! linear). Backends take a [`Verified`] kernel, which only
+//! [`super::optimize`] (so [`super::lower`]) produces: it verified, and its
+//! only unchecked reads are the ones `prove_bounds` proved in range. Backends
+//! translate it without further checks: they either succeed or return an
+//! error, never panic.
 
 use super::ir::*;
 use crate::sema::Func;
@@ -13,6 +16,38 @@ use crate::sema::Func;
 pub struct VerifyError {
     pub value: ValueId,
     pub message: String,
+}
+
+/// A kernel that verified after every optimisation pass and whose unchecked
+/// reads were all proven in range: what the backends compile. Only
+/// [`super::optimize`] makes one (the field is private), so generated code
+/// that reads without a check never comes from a hand-built kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Verified(Kernel);
+
+impl Verified {
+    /// Wraps a kernel `optimize` verified (and proved the unchecked reads of).
+    pub(super) fn by_optimize(k: Kernel) -> Verified {
+        Verified(k)
+    }
+
+    /// The kernel, to inspect or to transform (which makes it unverified).
+    pub fn into_kernel(self) -> Kernel {
+        self.0
+    }
+}
+
+impl std::ops::Deref for Verified {
+    type Target = Kernel;
+    fn deref(&self) -> &Kernel {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Verified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 pub fn verify(k: &Kernel) -> Result<(), VerifyError> {

@@ -30,7 +30,7 @@ use super::vmath::VMath;
 use crate::codegen::CodegenError;
 use crate::sema::{Func, ShapeVar, Var};
 use crate::tile::nest::Step;
-use crate::tile::{BinOp, CmpOp, Kernel, Level, Op, Section, Ty, UnOp, ValueId};
+use crate::tile::{BinOp, CmpOp, Kernel, Level, Op, Section, Ty, UnOp, ValueId, Verified};
 
 use crate::runtime::abi::{code, offset, BufferDesc};
 
@@ -90,7 +90,7 @@ pub struct ValueSlots {
 
 /// A kernel compiled for the host CPU.
 pub struct CompiledKernel {
-    pub kernel: Kernel,
+    pub kernel: Verified,
     /// The raw task function: only the runtime calls it, with a task block it
     /// has sized and filled (`runtime::abi::Task`).
     pub(crate) task: TaskFn,
@@ -112,7 +112,7 @@ impl std::fmt::Debug for CompiledKernel {
 
 /// Compiles `kernel` with the tile products of `gemm`.
 pub fn compile(
-    kernel: &Kernel,
+    kernel: &Verified,
     gemm: GemmImpl,
     options: &JitOptions,
 ) -> Result<CompiledKernel, CodegenError> {

@@ -8,7 +8,7 @@ use super::writer::{f32_imm, ins, Reg, Writer};
 use super::{Dtype, Launch, IN_PLACE_PARAMS, PARAMS};
 use crate::sema::{Dim, ShapeVar};
 use crate::tile::nest::KvSource;
-use crate::tile::{Kernel, Level, Op, Section, Ty, UnOp, ValueId};
+use crate::tile::{Kernel, Level, Op, Section, Ty, UnOp, ValueId, Verified};
 
 /// Where the tiles live in shared memory. Rows of Q, K and V are padded by
 /// 16 bytes, which makes `ldmatrix` and the f32 reads conflict-free.
@@ -175,7 +175,7 @@ fn mma_type(dtype: Dtype) -> &'static str {
 }
 
 /// Generates the whole PTX module.
-pub(super) fn generate(k: &Kernel, launch: &Launch, entry: &str) -> String {
+pub(super) fn generate(k: &Verified, launch: &Launch, entry: &str) -> String {
     // The loop nest this backend lowers: the grid (qt, H, B), one head per
     // CTA, packed or in-place K/V, FULL then PARTIAL tiles, the forward
     // steps, normalize.
@@ -192,10 +192,6 @@ pub(super) fn generate(k: &Kernel, launch: &Launch, entry: &str) -> String {
             "the PTX backend lowers the forward loop nest"
         );
     }
-    debug_assert!(
-        crate::tile::verify(k).is_ok(),
-        "the PTX backend takes verified kernels"
-    );
     let lay = Layout::new(
         launch.bq,
         launch.bkv,

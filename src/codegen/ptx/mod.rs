@@ -74,7 +74,7 @@ mod writer;
 use std::fmt;
 use std::str::FromStr;
 
-use crate::tile::{Kernel, Schedule};
+use crate::tile::{Kernel, Schedule, Verified};
 
 /// A GPU architecture the PTX targets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -481,7 +481,7 @@ pub fn heavy_scores(kernel: &Kernel) -> bool {
 }
 
 /// Generates the PTX module of `kernel` and its launch configuration.
-pub fn compile(kernel: &Kernel, opts: &PtxOptions) -> Result<PtxKernel, PtxError> {
+pub fn compile(kernel: &Verified, opts: &PtxOptions) -> Result<PtxKernel, PtxError> {
     let launch = launch(kernel, opts)?;
     let entry = entry_name(&kernel.name);
     let text = kernel::generate(kernel, &launch, &entry);
@@ -493,7 +493,7 @@ pub fn compile(kernel: &Kernel, opts: &PtxOptions) -> Result<PtxKernel, PtxError
 }
 
 /// The PTX module text of `kernel` (see [`compile`] for the launch data).
-pub fn emit(kernel: &Kernel, opts: &PtxOptions) -> Result<String, PtxError> {
+pub fn emit(kernel: &Verified, opts: &PtxOptions) -> Result<String, PtxError> {
     compile(kernel, opts).map(|k| k.text)
 }
 
@@ -518,7 +518,7 @@ mod tests {
     use super::*;
     use crate::driver::{load, SourceFile, SpecOptions};
 
-    fn kernel(src: &str, schedule: &Schedule) -> Kernel {
+    fn kernel(src: &str, schedule: &Schedule) -> Verified {
         let program = load(SourceFile::new("t.attn", src), &SpecOptions::default()).unwrap();
         crate::tile::lower(&program.spec, schedule)
     }
