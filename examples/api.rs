@@ -90,7 +90,7 @@ fn fixture_parity(root: &Path) -> Result<(), attnc::Error> {
     );
 
     // The same spec lowered to the tiled loop IR and run by its f32 interpreter.
-    let tiled = program.run_interp(&inputs, 32, 32)?;
+    let tiled = program.run_interp(&inputs, attnc::mask::Tiling { bq: 32, bkv: 32 })?;
     println!(
         "loop IR, 32 x 32 tiles: max |out - FlexAttention out| = {:.3e}",
         max_abs_diff(tiled.out.iter(), flex_out.iter())

@@ -749,16 +749,20 @@ impl Program {
         crate::tile::lower(&self.spec, schedule)
     }
 
-    /// Runs the loop-IR interpreter with `bq x bkv` tiles.
-    pub fn run_interp(&self, inputs: &Inputs<'_>, bq: usize, bkv: usize) -> Result<Outputs, Error> {
+    /// Runs the loop-IR interpreter with `tiling`.
+    pub fn run_interp(
+        &self,
+        inputs: &Inputs<'_>,
+        tiling: crate::mask::Tiling,
+    ) -> Result<Outputs, Error> {
+        let tiling =
+            crate::mask::Tiling::new(tiling.bq, tiling.bkv).map_err(|e| self.mask_error(e))?;
         let bound = bind(&self.spec, inputs)?;
-        let tiling = crate::mask::Tiling::new(bq, bkv).map_err(|e| self.mask_error(e))?;
         let maps = crate::mask::classify(&self.spec, &bound, tiling)
             .map_err(|e| self.classify_error(inputs, &bound, e))?;
         let (rows, kv) = nest_for(&bound, tiling);
         let schedule = crate::tile::Schedule {
-            bq,
-            bkv,
+            tiling,
             dim: Some(bound.shapes.d),
             exp2: true,
             rows,
@@ -829,16 +833,16 @@ impl Program {
         }
     }
 
-    /// Compiles the spec to native code for this CPU with `bq x bkv` tiles
-    /// (`bkv` a multiple of 16). The kernel is generic over batch, heads,
+    /// Compiles the spec to native code for this CPU with `tiling` (key
+    /// tiles a multiple of 16). The kernel is generic over batch, heads,
     /// lengths and head dim: one compilation serves every call.
     pub fn compile_jit(
         &self,
-        bq: usize,
-        bkv: usize,
+        tiling: crate::mask::Tiling,
         gemm: crate::codegen::clif::GemmImpl,
     ) -> Result<JitKernel, Error> {
-        let tiling = crate::mask::Tiling::new(bq, bkv).map_err(|e| self.mask_error(e))?;
+        let tiling =
+            crate::mask::Tiling::new(tiling.bq, tiling.bkv).map_err(|e| self.mask_error(e))?;
         self.compile_jit_with(&CompileOptions {
             tiles: Tiles::Fixed(tiling),
             gemm,
@@ -851,8 +855,7 @@ impl Program {
         let tiling = self.tiling(options.tiles);
         check_jit_tiling(tiling)?;
         let schedule = crate::tile::Schedule {
-            bq: tiling.bq,
-            bkv: tiling.bkv,
+            tiling,
             dim: None,
             exp2: true,
             ..crate::tile::Schedule::default()
@@ -986,6 +989,125 @@ impl Program {
     }
 }
 
+/// The backend that runs a call ([`Program::run_on`]): the choice a CLI or
+/// a binding passes through, with what each backend needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The f64 reference interpreter (the oracle).
+    Reference,
+    /// The loop-IR interpreter (f32, tile by tile).
+    Interp(Tiles),
+    /// Native code for this CPU, compiled with Cranelift.
+    Jit {
+        tiles: Tiles,
+        gemm: crate::codegen::clif::GemmImpl,
+    },
+    /// An NVIDIA GPU through the CUDA driver, with q, k and v of this type
+    /// (needs a build with the `cuda` feature).
+    Cuda(crate::codegen::ptx::Dtype),
+}
+
+impl Backend {
+    /// The name `attnc run --backend` gives it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Reference => "reference",
+            Backend::Interp(_) => "interp",
+            Backend::Jit { .. } => "jit",
+            Backend::Cuda(_) => "cuda",
+        }
+    }
+}
+
+impl Program {
+    /// Runs a call on `backend`, calling `progress(done, total)` where the
+    /// backend reports progress: rows of the reference, query tiles of the
+    /// jit's block maps while they are built.
+    pub fn run_on(
+        &self,
+        backend: Backend,
+        inputs: &Inputs<'_>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Outputs, Error> {
+        match backend {
+            Backend::Reference => self.run_reference_observed(inputs, progress),
+            Backend::Interp(tiles) => self.run_interp(inputs, self.tiling(tiles)),
+            Backend::Jit { tiles, gemm } => self
+                .compile_jit(self.tiling(tiles), gemm)?
+                .run_observed(inputs, progress),
+            Backend::Cuda(dtype) => self.run_cuda(inputs, dtype),
+        }
+    }
+
+    /// Runs a call on GPU 0 through the CUDA driver, with q, k and v rounded
+    /// to `dtype`; errors are those of the CPU backends (a run-time error is
+    /// the reference's first, as on the CPU).
+    #[cfg(feature = "cuda")]
+    pub fn run_cuda(
+        &self,
+        inputs: &Inputs<'_>,
+        dtype: crate::codegen::ptx::Dtype,
+    ) -> Result<Outputs, Error> {
+        use crate::runtime::cuda::{CudaError, CudaRuntime};
+        let run = || CudaRuntime::new(0)?.run(&self.spec, inputs, dtype);
+        run().map_err(|e| match e {
+            CudaError::Bind(e) => Error::Bind(e),
+            CudaError::Eval(error) | CudaError::Mask(crate::mask::MaskError::Eval(error)) => {
+                self.first_error_of(inputs, error)
+            }
+            CudaError::Mask(e) => Error::Mask(e),
+            CudaError::Codegen(e) => Error::Codegen(e.into()),
+            e => {
+                let help = e.help().map(|h| format!(" ({h})")).unwrap_or_default();
+                Error::Io {
+                    what: "the CUDA backend failed".into(),
+                    reason: format!("{e}{help}"),
+                }
+            }
+        })
+    }
+
+    /// Without the `cuda` feature: a usage error that says how to build it.
+    #[cfg(not(feature = "cuda"))]
+    pub fn run_cuda(
+        &self,
+        _: &Inputs<'_>,
+        _: crate::codegen::ptx::Dtype,
+    ) -> Result<Outputs, Error> {
+        Err(Error::Usage(
+            "this attnc was built without CUDA support: rebuild with `cargo build --release --features cuda`"
+                .into(),
+        ))
+    }
+
+    /// Binds the buffer `name` to `source`: a `.npy` file (float64 data of a
+    /// float buffer is converted), or, with `rng`, a recipe of
+    /// [`crate::bench::generate_buffer`] for `shapes` where `source` does not
+    /// end in `.npy`. Returns whether the file was converted, for a note.
+    pub fn bind_buffer(
+        &self,
+        inputs: &mut Inputs<'_>,
+        shapes: &crate::sema::eval::Shapes,
+        name: &str,
+        source: &str,
+        rng: Option<&mut crate::bench::Rng>,
+    ) -> Result<bool, Error> {
+        let Some(id) = self.spec.buffer_id(name) else {
+            return Err(crate::bind::unknown_buffer(&self.spec, name).into());
+        };
+        let decl = self.spec.buffer(id);
+        let (data, converted) = match rng {
+            Some(rng) if !source.ends_with(".npy") => (
+                crate::bench::generate_buffer(decl, shapes, source, rng)?,
+                false,
+            ),
+            _ => crate::npy::read_buffer_converting(std::path::Path::new(source), name, decl.elem)?,
+        };
+        inputs.buffers.insert(name.to_string(), data);
+        Ok(converted)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1031,6 +1153,91 @@ mod tests {
                     "n={n} d={d}, budget of {heads_per_group} unpadded heads"
                 );
             }
+        }
+    }
+
+    /// `run_on` runs every CPU backend with buffers bound by `bind_buffer`
+    /// (a recipe and a `.npy` file), to the reference's outputs; CUDA without
+    /// the feature, an unknown buffer and a bad recipe are errors.
+    #[test]
+    fn run_on_selects_the_backend_and_bind_buffer_binds() {
+        let src = "attention a {\n    buffer doc[KV]: int\n    buffer bias[H]: float\n    \
+                   mask = causal && doc[q] == doc[kv]\n    score = score + bias[h]\n}\n";
+        let program = load(SourceFile::new("a.attn", src), &SpecOptions::default()).unwrap();
+        let mut rng = Rng::new(4);
+        let (q, k, v) = (
+            rng.array4((1, 2, 40, 8)),
+            rng.array4((1, 2, 40, 8)),
+            rng.array4((1, 2, 40, 8)),
+        );
+        let shapes = crate::sema::eval::Shapes {
+            b: 1,
+            h: 2,
+            hkv: 2,
+            q: 40,
+            kv: 40,
+            d: 8,
+        };
+        let dir = std::env::temp_dir().join(format!("attnc-bind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bias = dir.join("bias.npy");
+        ndarray_npy::write_npy(&bias, &ndarray::arr1(&[0.5f64, -1.0])).unwrap();
+        let mut inputs = Inputs::new(q.view(), k.view(), v.view()).with_lse();
+        let converted = program
+            .bind_buffer(&mut inputs, &shapes, "doc", "docs:3", Some(&mut rng))
+            .unwrap();
+        assert!(!converted);
+        let converted = program
+            .bind_buffer(
+                &mut inputs,
+                &shapes,
+                "bias",
+                bias.to_str().unwrap(),
+                Some(&mut rng),
+            )
+            .unwrap();
+        assert!(converted, "float64 data is converted");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let want = program
+            .run_on(Backend::Reference, &inputs, &mut |_, _| {})
+            .unwrap();
+        let tiles = Tiles::Fixed(crate::mask::Tiling::new(16, 16).unwrap());
+        for backend in [
+            Backend::Interp(tiles),
+            Backend::Jit {
+                tiles,
+                gemm: crate::codegen::clif::GemmImpl::detect(),
+            },
+        ] {
+            let mut calls = 0;
+            let got = program
+                .run_on(backend, &inputs, &mut |_, _| calls += 1)
+                .unwrap();
+            let diff = got
+                .out
+                .iter()
+                .zip(&want.out)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-5, "{} differs by {diff}", backend.name());
+            if matches!(backend, Backend::Jit { .. }) {
+                assert!(calls > 0, "the jit reports its block-map progress");
+            }
+        }
+        let e = program.bind_buffer(&mut inputs, &shapes, "nope", "docs:3", Some(&mut rng));
+        assert!(matches!(e, Err(Error::Bind(_))), "{e:?}");
+        let e = program.bind_buffer(&mut inputs, &shapes, "doc", "docs:x", Some(&mut rng));
+        assert!(e.is_err(), "{e:?}");
+        #[cfg(not(feature = "cuda"))]
+        {
+            let e = program
+                .run_on(
+                    Backend::Cuda(crate::codegen::ptx::Dtype::F32),
+                    &inputs,
+                    &mut |_, _| {},
+                )
+                .unwrap_err();
+            assert!(e.to_string().contains("--features cuda"), "{e}");
         }
     }
 

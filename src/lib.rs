@@ -45,6 +45,7 @@ pub use ndarray;
 pub use bind::{Inputs, KvLayout, Outputs};
 pub use buffer::BufferData;
 pub use driver::{
-    compile, load, CompileOptions, Error, JitKernel, Plan, Program, SourceFile, SpecOptions, Tiles,
+    compile, load, Backend, CompileOptions, Error, JitKernel, Plan, Program, SourceFile,
+    SpecOptions, Tiles,
 };
 pub use merge::merge_states;

@@ -772,24 +772,9 @@ fn bind_buffers(
     mut rng: Option<&mut attnc::bench::Rng>,
 ) -> Result<(), Error> {
     for (name, source) in buffers {
-        let Some(id) = program.spec.buffer_id(&name) else {
-            return Err(attnc::bind::unknown_buffer(&program.spec, &name).into());
-        };
-        let decl = program.spec.buffer(id);
-        let data = match rng.as_deref_mut() {
-            Some(rng) if !source.ends_with(".npy") => {
-                attnc::bench::generate_buffer(decl, shapes, &source, rng)?
-            }
-            _ => {
-                let path = Path::new(&source);
-                let (data, converted) = npy::read_buffer_converting(path, &name, decl.elem)?;
-                if converted {
-                    note_converted(path);
-                }
-                data
-            }
-        };
-        inputs.buffers.insert(name, data);
+        if program.bind_buffer(inputs, shapes, &name, &source, rng.as_deref_mut())? {
+            note_converted(Path::new(&source));
+        }
     }
     Ok(())
 }
@@ -849,17 +834,47 @@ fn show(bar: &Option<indicatif::ProgressBar>, done: u64, total: u64) {
 
 /// Runs the reference backend with a progress bar over its rows (the
 /// reference is slow: f64, one thread).
-fn run_reference_with_progress(
+fn run_with_progress(
     program: &driver::Program,
+    backend: driver::Backend,
     inputs: &Inputs<'_>,
     quiet: bool,
 ) -> Result<attnc::Outputs, Error> {
-    let bar = progress_bar(quiet, "reference", "rows", 0);
-    let result = program.run_reference_observed(inputs, &mut |done, total| show(&bar, done, total));
+    let (what, unit) = match backend {
+        driver::Backend::Reference => ("reference", "rows"),
+        _ => ("block map", "query tiles"),
+    };
+    let bar = progress_bar(quiet, what, unit, 0);
+    let result = program.run_on(backend, inputs, &mut |done, total| {
+        show(&bar, done, total);
+        if let (Some(bar), driver::Backend::Jit { .. }, true) = (&bar, backend, done == total) {
+            bar.finish_and_clear(); // the block maps are built; the run goes on
+        }
+    });
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
     result
+}
+
+/// The library backend `--backend` names, with the tile sizes, tile
+/// products and element type the flags give.
+fn library_backend(
+    backend: Backend,
+    tiling: Option<attnc::mask::Tiling>,
+    gemm: Gemm,
+    dtype: &str,
+) -> Result<driver::Backend, Error> {
+    let tiles = tiling.map_or(attnc::Tiles::Auto, attnc::Tiles::Fixed);
+    Ok(match backend {
+        Backend::Reference => driver::Backend::Reference,
+        Backend::Interp => driver::Backend::Interp(tiles),
+        Backend::Jit => driver::Backend::Jit {
+            tiles,
+            gemm: gemm_impl(gemm),
+        },
+        Backend::Cuda => driver::Backend::Cuda(dtype.parse().map_err(Error::Usage)?),
+    })
 }
 
 /// K and V `[B, HKV, KV, D]` moved into a pool of pages of `ps` slots in a
@@ -982,8 +997,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         ))?;
     }
     let schedule = attnc::tile::Schedule {
-        bq,
-        bkv,
+        tiling,
         dim: Some(args.dim),
         exp2: true,
         ..attnc::tile::Schedule::default()
@@ -992,7 +1006,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         let _ = program.kernel(&schedule);
     }
     let jit = match args.backend {
-        Backend::Jit => Some(program.compile_jit(bq, bkv, gemm_impl(args.gemm))?),
+        Backend::Jit => Some(program.compile_jit(tiling, gemm_impl(args.gemm))?),
         _ => None,
     };
     let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -1054,7 +1068,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         |i| {
             let r = match args.backend {
                 Backend::Reference => program.run_reference(i),
-                Backend::Interp => program.run_interp(i, bq, bkv),
+                Backend::Interp => program.run_interp(i, tiling),
                 Backend::Jit => jit.as_ref().expect("compiled above").run(i),
                 Backend::Cuda => unreachable!("rejected above"),
             };
@@ -1233,7 +1247,7 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
     }
     let tiles = parse_tiles(&args.block)?;
     let tiling = program.tiling(tiles);
-    let attnc::mask::Tiling { bq, bkv } = tiling;
+    let bkv = tiling.bkv;
     let dim = match args.dim.as_str() {
         "generic" => None,
         d => match d.parse::<usize>() {
@@ -1295,8 +1309,7 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
         }
     };
     let schedule = attnc::tile::Schedule {
-        bq,
-        bkv,
+        tiling,
         dim,
         exp2: args.exp == ExpBase::Exp2,
         rows,
@@ -1536,31 +1549,8 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
             attnc::memory::shapes_text(&shapes)
         ))?;
     }
-    let outputs = match args.backend {
-        Backend::Reference => run_reference_with_progress(&program, &inputs, args.quiet)?,
-        Backend::Interp => {
-            let attnc::mask::Tiling { bq, bkv } = tiling.expect("parsed above");
-            program.run_interp(&inputs, bq, bkv)?
-        }
-        Backend::Jit => {
-            let attnc::mask::Tiling { bq, bkv } = tiling.expect("parsed above");
-            let kernel = program.compile_jit(bq, bkv, gemm_impl(args.gemm))?;
-            // A bar while the block maps are built (a mask the symbolic
-            // analysis cannot follow is evaluated element by element).
-            let bar = progress_bar(args.quiet, "block map", "query tiles", 0);
-            let out = kernel.run_observed(&inputs, &mut |done, total| {
-                show(&bar, done, total);
-                if let (Some(bar), true) = (&bar, done == total) {
-                    bar.finish_and_clear(); // the maps are built; the run goes on
-                }
-            });
-            if let Some(bar) = bar {
-                bar.finish_and_clear();
-            }
-            out?
-        }
-        Backend::Cuda => run_cuda(&program, &inputs, &args.dtype)?,
-    };
+    let backend = library_backend(args.backend, tiling, args.gemm, &args.dtype)?;
+    let outputs = run_with_progress(&program, backend, &inputs, args.quiet)?;
     if let Some(out) = &args.out {
         use ndarray_npy::WriteNpyExt;
         let mut staged = Staged::new();
@@ -1587,7 +1577,7 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
     if args.check {
         let reference = match args.backend {
             Backend::Reference => outputs.clone(),
-            _ => run_reference_with_progress(&program, &inputs, args.quiet)?,
+            _ => run_with_progress(&program, driver::Backend::Reference, &inputs, args.quiet)?,
         };
         let out_diff = max_abs_diff(outputs.out.iter(), reference.out.iter());
         let lse_diff = match (&outputs.lse, &reference.lse) {
@@ -1616,12 +1606,9 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
 }
 
 fn backend_name(b: Backend) -> &'static str {
-    match b {
-        Backend::Reference => "reference",
-        Backend::Interp => "interp",
-        Backend::Jit => "jit",
-        Backend::Cuda => "cuda",
-    }
+    library_backend(b, None, Gemm::Auto, "f32")
+        .expect("f32 is a dtype")
+        .name()
 }
 
 /// The largest |a - b| over paired elements, with equal values (infinities
@@ -1912,61 +1899,16 @@ fn emit_ptx(args: EmitArgs) -> Result<String, Error> {
         }
     };
     // `auto` is what `attnc run --backend cuda` runs: `ptx::schedule`.
-    let (bq, bkv) = match parse_tiles(&args.block)? {
-        attnc::Tiles::Auto => {
-            let s = ptx::schedule(dim, dtype);
-            (s.bq, s.bkv)
-        }
-        attnc::Tiles::Fixed(t) => (t.bq, t.bkv),
-    };
-    let schedule = attnc::tile::Schedule {
-        bq,
-        bkv,
-        dim: Some(dim),
-        exp2: args.exp == ExpBase::Exp2,
-        kv: if args.page_size.is_some() {
-            attnc::tile::nest::KvSource::InPlace
-        } else {
-            attnc::tile::nest::KvSource::Packed
-        },
-        ..attnc::tile::Schedule::default()
-    };
+    let mut schedule = ptx::schedule(dim, dtype);
+    if let attnc::Tiles::Fixed(t) = parse_tiles(&args.block)? {
+        schedule.tiling = t;
+    }
+    schedule.exp2 = args.exp == ExpBase::Exp2;
+    if args.page_size.is_some() {
+        schedule.kv = attnc::tile::nest::KvSource::InPlace;
+    }
     let kernel = program.kernel(&schedule);
     ptx::emit(&kernel, &PtxOptions { arch, dtype }).map_err(|e| Error::Codegen(e.into()))
-}
-
-/// `attnc run --backend cuda`.
-#[cfg(feature = "cuda")]
-fn run_cuda(
-    program: &driver::Program,
-    inputs: &Inputs<'_>,
-    dtype: &str,
-) -> Result<attnc::Outputs, Error> {
-    use attnc::runtime::cuda::{CudaError, CudaRuntime};
-    let dtype = dtype.parse().map_err(Error::Usage)?;
-    let run = || CudaRuntime::new(0)?.run(&program.spec, inputs, dtype);
-    run().map_err(|e| match e {
-        CudaError::Bind(e) => Error::Bind(e),
-        CudaError::Eval(error) | CudaError::Mask(attnc::mask::MaskError::Eval(error)) => {
-            program.first_error_of(inputs, error)
-        }
-        CudaError::Mask(e) => Error::Mask(e),
-        CudaError::Codegen(e) => Error::Codegen(e.into()),
-        e => {
-            use miette::Diagnostic;
-            let help = e.help().map(|h| format!(" ({h})")).unwrap_or_default();
-            Error::Io {
-                what: "the CUDA backend failed".into(),
-                reason: format!("{e}{help}"),
-            }
-        }
-    })
-}
-
-/// `attnc run --backend cuda` in a build without the `cuda` feature.
-#[cfg(not(feature = "cuda"))]
-fn run_cuda(_: &driver::Program, _: &Inputs<'_>, _: &str) -> Result<attnc::Outputs, Error> {
-    Err(Error::Usage("this attnc was built without CUDA support: rebuild with `cargo build --release --features cuda`".into()))
 }
 
 /// Parses `args` (the program name first) and runs the command; returns the

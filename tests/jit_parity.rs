@@ -20,7 +20,9 @@ fn jit_matches_reference_on_every_fixture() {
         let lse = reference.lse.clone().unwrap();
         for gemm in gemms() {
             for (bq, bkv) in [(64, 64), (16, 16), (7, 32), (1, 16)] {
-                let kernel = program.compile_jit(bq, bkv, gemm).unwrap();
+                let kernel = program
+                    .compile_jit(attnc::mask::Tiling { bq: bq, bkv: bkv }, gemm)
+                    .unwrap();
                 let got = kernel
                     .run(&case.inputs())
                     .unwrap_or_else(|e| panic!("{}: {}", case.name, e.render()));
@@ -44,7 +46,11 @@ fn jit_matches_reference_on_focused_specs_with_random_inputs() {
             attnc::load(attnc::SourceFile::read(path).unwrap(), &Default::default()).unwrap();
         let kernels: Vec<_> = [(64, 64), (5, 16), (32, 48)]
             .into_iter()
-            .map(|(bq, bkv)| program.compile_jit(bq, bkv, GemmImpl::detect()).unwrap())
+            .map(|(bq, bkv)| {
+                program
+                    .compile_jit(attnc::mask::Tiling { bq: bq, bkv: bkv }, GemmImpl::detect())
+                    .unwrap()
+            })
             .collect();
         for (b, h, hkv, q_len, kv_len, offset, d) in [
             (1, 2, 1, 100, 100, 0, 8),
@@ -348,7 +354,10 @@ fn wrapping_shifts_never_prove_a_read_in_range() {
             "{index}"
         );
         assert_eq!(
-            program.run_interp(&inputs, 8, 16).unwrap_err().to_string(),
+            program
+                .run_interp(&inputs, attnc::mask::Tiling { bq: 8, bkv: 16 })
+                .unwrap_err()
+                .to_string(),
             want,
             "{index}"
         );

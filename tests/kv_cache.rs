@@ -144,8 +144,12 @@ fn paged_and_ragged_calls_match_the_reference_on_every_backend() {
     let mut nests = std::collections::BTreeSet::new();
     for src in SPECS {
         let program = program(src);
-        let jit = program.compile_jit(64, 64, GemmImpl::detect()).unwrap();
-        let jit16 = program.compile_jit(16, 16, GemmImpl::detect()).unwrap();
+        let jit = program
+            .compile_jit(attnc::mask::Tiling { bq: 64, bkv: 64 }, GemmImpl::detect())
+            .unwrap();
+        let jit16 = program
+            .compile_jit(attnc::mask::Tiling { bq: 16, bkv: 16 }, GemmImpl::detect())
+            .unwrap();
         for (si, &shape) in shapes.iter().enumerate() {
             let ps = [1, 7, 16, 64][(seed as usize + si) % 4];
             for bq in [64, 16] {
@@ -192,7 +196,9 @@ fn paged_and_ragged_calls_match_the_reference_on_every_backend() {
                     assert_close(&what(name, layout), &got, &want, 2e-5);
                 }
                 for (bq, bkv) in [(64, 64), (8, 16)] {
-                    let got = program.run_interp(inputs, bq, bkv).unwrap();
+                    let got = program
+                        .run_interp(inputs, attnc::mask::Tiling { bq: bq, bkv: bkv })
+                        .unwrap();
                     assert_close(
                         &what(&format!("interp {bq}x{bkv}"), layout),
                         &got,
@@ -276,7 +282,7 @@ proptest! {
         for (layout, inputs) in [("dense rows", &dense), ("pool", &paged)] {
             let what = format!("ragged {lens:?} page {ps} {layout}");
             agree_to(&format!("jit {bq}x16 {what}"), &case, &reference, kernel.run(inputs), 1e-5)?;
-            agree_to(&format!("interp {bq}x16 {what}"), &case, &reference, program.run_interp(inputs, bq, 16), 1e-5)?;
+            agree_to(&format!("interp {bq}x16 {what}"), &case, &reference, program.run_interp(inputs, attnc::mask::Tiling { bq: bq, bkv: 16 }), 1e-5)?;
         }
     }
 }
@@ -288,7 +294,9 @@ proptest! {
 fn key_chunks_with_offsets_merge_into_the_whole() {
     for (i, src) in SPECS.iter().enumerate() {
         let program = program(src);
-        let jit = program.compile_jit(32, 32, GemmImpl::detect()).unwrap();
+        let jit = program
+            .compile_jit(attnc::mask::Tiling { bq: 32, bkv: 32 }, GemmImpl::detect())
+            .unwrap();
         let (b, h, hkv, q, n, d) = (2, 4, 2, 21, 90, 16);
         let cache = Cache::new(100 + i as u64, (h, hkv, q, d), &vec![n; b], 16);
         let offset = (n - q) as i64;
@@ -347,7 +355,9 @@ fn long_decode_splits_and_merges() {
         .unwrap();
     for src in SPECS {
         let program = program(src);
-        let jit = program.compile_jit(64, 64, GemmImpl::detect()).unwrap();
+        let jit = program
+            .compile_jit(attnc::mask::Tiling { bq: 64, bkv: 64 }, GemmImpl::detect())
+            .unwrap();
         let cache = Cache::new(9, (4, 1, 1, 32), &[3000], 16);
         let inputs = cache.paged(&program);
         let want = program.run_reference(&inputs).unwrap();
@@ -380,7 +390,9 @@ fn merging_rows_that_saw_nothing() {
 #[test]
 fn nan_at_keys_the_mask_hides_never_reaches_a_row() {
     let program = program(SPECS[2]);
-    let jit = program.compile_jit(64, 64, GemmImpl::detect()).unwrap();
+    let jit = program
+        .compile_jit(attnc::mask::Tiling { bq: 64, bkv: 64 }, GemmImpl::detect())
+        .unwrap();
     for (shape, ps) in [((4, 2, 1, 16), 16), ((2, 2, 5, 8), 7), ((2, 1, 40, 8), 1)] {
         let lens = [200, 121, 64 + shape.2];
         let mut cache = Cache::new(3, shape, &lens, ps);
@@ -413,7 +425,9 @@ fn nan_at_keys_the_mask_hides_never_reaches_a_row() {
             );
             assert_close(
                 &format!("{shape:?} page {ps} interp"),
-                &program.run_interp(&inputs, 8, 16).unwrap(),
+                &program
+                    .run_interp(&inputs, attnc::mask::Tiling { bq: 8, bkv: 16 })
+                    .unwrap(),
                 &want,
                 2e-5,
             );
@@ -429,7 +443,9 @@ fn nan_at_keys_the_mask_hides_never_reaches_a_row() {
 #[test]
 fn views_of_other_layouts_give_the_same_outputs() {
     let program = program(SPECS[3]);
-    let jit = program.compile_jit(64, 64, GemmImpl::detect()).unwrap();
+    let jit = program
+        .compile_jit(attnc::mask::Tiling { bq: 64, bkv: 64 }, GemmImpl::detect())
+        .unwrap();
     let cache = Cache::new(21, (4, 2, 1, 16), &[40, 75, 9], 7);
     let want = jit.run(&cache.paged(&program)).unwrap();
     // [pages, HKV, ps, D] in memory, viewed as [pages, ps, HKV, D].

@@ -79,9 +79,11 @@ fn shared_lets_compute_what_the_reference_computes() {
             inputs = inputs.buffer("t", BufferData::Int(t));
         }
         let want = program.run_reference(&inputs).unwrap();
-        let interp = program.run_interp(&inputs, 16, 16).unwrap();
+        let interp = program
+            .run_interp(&inputs, attnc::mask::Tiling { bq: 16, bkv: 16 })
+            .unwrap();
         let jit = program
-            .compile_jit(16, 16, GemmImpl::detect())
+            .compile_jit(attnc::mask::Tiling { bq: 16, bkv: 16 }, GemmImpl::detect())
             .unwrap()
             .run(&inputs)
             .unwrap();
@@ -133,7 +135,7 @@ fn thousands_of_independent_lets_compile() {
         let inputs = Inputs::new(q.view(), q.view(), q.view()).with_lse();
         let want = program.run_reference(&inputs).unwrap();
         let got = program
-            .compile_jit(16, 16, GemmImpl::detect())
+            .compile_jit(attnc::mask::Tiling { bq: 16, bkv: 16 }, GemmImpl::detect())
             .unwrap()
             .run(&inputs)
             .unwrap();

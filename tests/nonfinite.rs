@@ -31,12 +31,16 @@ fn every_backend(program: &Program, inputs: &Inputs<'_>) -> Vec<(String, Outputs
     for (bq, bkv) in [(64, 64), (16, 16), (5, 32)] {
         runs.push((
             format!("interp {bq}x{bkv}"),
-            program.run_interp(inputs, bq, bkv).unwrap(),
+            program
+                .run_interp(inputs, attnc::mask::Tiling { bq: bq, bkv: bkv })
+                .unwrap(),
         ));
         let mut gemms = vec![GemmImpl::Jit, GemmImpl::detect()];
         gemms.dedup();
         for gemm in gemms {
-            let kernel = program.compile_jit(bq, bkv, gemm).unwrap();
+            let kernel = program
+                .compile_jit(attnc::mask::Tiling { bq: bq, bkv: bkv }, gemm)
+                .unwrap();
             runs.push((
                 format!("jit {bq}x{bkv} {}", gemm.name()),
                 kernel

@@ -30,8 +30,7 @@ fn compile(spec: &attnc::sema::Spec, schedule: &Schedule, arch: Arch, dtype: Dty
 /// A small schedule (one warp, 16 x 16 tiles, D = 16) keeps the snapshots
 /// readable; the structure is the same at every size.
 const SNAPSHOT_SCHEDULE: Schedule = Schedule {
-    bq: 16,
-    bkv: 16,
+    tiling: attnc::mask::Tiling { bq: 16, bkv: 16 },
     dim: Some(16),
     exp2: true,
     rows: attnc::tile::nest::RowMap::OneHead,
@@ -443,8 +442,7 @@ fn other_layouts_assemble() {
         (
             "spec_tree",
             Schedule {
-                bq: 16,
-                bkv: 16,
+                tiling: attnc::mask::Tiling { bq: 16, bkv: 16 },
                 dim: Some(64),
                 exp2: true,
                 ..Schedule::default()
@@ -454,8 +452,7 @@ fn other_layouts_assemble() {
         (
             "causal",
             Schedule {
-                bq: 128,
-                bkv: 128,
+                tiling: attnc::mask::Tiling { bq: 128, bkv: 128 },
                 dim: Some(64),
                 exp2: true,
                 ..Schedule::default()
@@ -480,7 +477,7 @@ fn other_layouts_assemble() {
             jobs.push(Job {
                 name: format!(
                     "{name}_{}x{}_d{d}_{dtype}_{arch}",
-                    schedule.bq, schedule.bkv
+                    schedule.tiling.bq, schedule.tiling.bkv
                 ),
                 kernel,
             });

@@ -31,12 +31,7 @@ fn interp(
 ) -> Result<Outputs, EvalError> {
     let kernel = tile::lower(spec, schedule);
     let bound = attnc::bind::bind(spec, inputs).unwrap();
-    let maps = classify(
-        spec,
-        &bound,
-        Tiling::new(schedule.bq, schedule.bkv).unwrap(),
-    )
-    .unwrap();
+    let maps = classify(spec, &bound, schedule.tiling).unwrap();
     tile::interp::run(&kernel, inputs, &bound, &maps)
 }
 
@@ -265,8 +260,7 @@ fn emulated_ptx_reads_paged_pools_and_ragged_rows() {
 #[test]
 fn emulated_ptx_matches_in_other_layouts() {
     let sched = |bq, bkv, d, exp2| Schedule {
-        bq,
-        bkv,
+        tiling: attnc::mask::Tiling { bq, bkv },
         dim: Some(d),
         exp2,
         ..Schedule::default()
@@ -359,12 +353,12 @@ fn emulated_ptx_matches_in_other_layouts() {
         let tol = if dtype == Dtype::F32 { 1e-4 } else { 1e-2 };
         eprintln!(
             "{:14} {}x{} D={d} {dtype:4}: {err:.2e}",
-            spec.name, schedule.bq, schedule.bkv
+            spec.name, schedule.tiling.bq, schedule.tiling.bkv
         );
         if err > tol {
             failures.push(format!(
                 "{} {}x{} D={d} {dtype}: error {err:.3e}",
-                spec.name, schedule.bq, schedule.bkv
+                spec.name, schedule.tiling.bq, schedule.tiling.bkv
             ));
         }
     }
@@ -609,8 +603,7 @@ fn emulated_ptx_keeps_non_finite_values_at_masked_keys_out() {
         let want_lse = want.lse.as_ref().unwrap();
         for dtype in Dtype::ALL {
             let tiny = Schedule {
-                bq: 16,
-                bkv: 16,
+                tiling: attnc::mask::Tiling { bq: 16, bkv: 16 },
                 dim: Some(d),
                 exp2: true,
                 ..Schedule::default()
@@ -643,16 +636,16 @@ fn emulated_ptx_keeps_non_finite_values_at_masked_keys_out() {
                 eprintln!(
                     "{:46} {}x{} {dtype:4}: {} mismatches, max rel err {worst:.2e}",
                     case.name,
-                    schedule.bq,
-                    schedule.bkv,
+                    schedule.tiling.bq,
+                    schedule.tiling.bkv,
                     bad.len()
                 );
                 if !bad.is_empty() {
                     failures.push(format!(
                         "{} {}x{} {dtype}: {} mismatches, e.g. {}",
                         case.name,
-                        schedule.bq,
-                        schedule.bkv,
+                        schedule.tiling.bq,
+                        schedule.tiling.bkv,
                         bad.len(),
                         bad[..bad.len().min(3)].join("; ")
                     ));

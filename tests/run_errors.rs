@@ -31,14 +31,16 @@ fn same_error_everywhere(program: &Program, inputs: &Inputs<'_>) -> String {
     assert_ne!(want, "ok", "the case must fail");
     for (bq, bkv) in [(64, 64), (16, 16), (3, 32)] {
         assert_eq!(
-            message(program.run_interp(inputs, bq, bkv)),
+            message(program.run_interp(inputs, attnc::mask::Tiling { bq: bq, bkv: bkv })),
             want,
             "interp {bq}x{bkv}"
         );
         let mut gemms = vec![GemmImpl::Jit, GemmImpl::detect()];
         gemms.dedup();
         for gemm in gemms {
-            let kernel = program.compile_jit(bq, bkv, gemm).unwrap();
+            let kernel = program
+                .compile_jit(attnc::mask::Tiling { bq: bq, bkv: bkv }, gemm)
+                .unwrap();
             assert_eq!(
                 message(kernel.run(inputs)),
                 want,

@@ -22,8 +22,7 @@ fn tile_ir_of_every_example_under_two_schedules() {
         for schedule in [
             Schedule::default(),
             Schedule {
-                bq: 32,
-                bkv: 128,
+                tiling: attnc::mask::Tiling { bq: 32, bkv: 128 },
                 dim: Some(128),
                 exp2: true,
                 ..Schedule::default()
@@ -121,8 +120,7 @@ fn interp_case(case: &common::Case, bq: usize, bkv: usize, dim: bool) -> attnc::
     let inputs = case.inputs();
     let bound = bind(&program.spec, &inputs).unwrap();
     let schedule = Schedule {
-        bq,
-        bkv,
+        tiling: attnc::mask::Tiling { bq, bkv },
         dim: dim.then_some(bound.shapes.d),
         exp2: true,
         ..Schedule::default()
@@ -242,7 +240,7 @@ fn focused_specs_agree_with_reference_on_random_inputs() {
             }
             let reference = program.run_reference(&inputs);
             for (bq, bkv) in [(64, 64), (16, 8), (5, 7)] {
-                let got = program.run_interp(&inputs, bq, bkv);
+                let got = program.run_interp(&inputs, attnc::mask::Tiling { bq: bq, bkv: bkv });
                 match (&reference, &got) {
                     (Ok(r), Ok(g)) => common::assert_close(
                         &format!("{} {bq}x{bkv}", path.display()),
@@ -287,8 +285,7 @@ fn decode_kernel_text() {
         ),
     ] {
         let schedule = Schedule {
-            bq,
-            bkv,
+            tiling: attnc::mask::Tiling { bq, bkv },
             rows,
             kv: tile::nest::KvSource::InPlace,
             ..Schedule::default()
@@ -311,8 +308,7 @@ fn loop_nest_text() {
     for schedule in [
         Schedule::default(),
         Schedule {
-            bq: 128,
-            bkv: 32,
+            tiling: attnc::mask::Tiling { bq: 128, bkv: 32 },
             dim: None,
             exp2: false,
             ..Schedule::default()

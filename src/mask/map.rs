@@ -52,7 +52,7 @@ impl fmt::Display for TileClass {
 }
 
 /// Tile sizes: `bq` query rows by `bkv` keys.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Tiling {
     pub bq: usize,
     pub bkv: usize,

@@ -229,7 +229,7 @@ pub(crate) fn run_with_budget(
 ) -> Result<Outputs, EvalError> {
     let k = &compiled.kernel;
     let sh = bound.shapes;
-    let (bq, bkv) = (k.schedule.bq, k.schedule.bkv);
+    let (bq, bkv) = (k.schedule.tiling.bq, k.schedule.tiling.bkv);
     if let Some(d) = k.schedule.dim {
         assert_eq!(d, sh.d, "the kernel is specialised on D = {d}");
     }
@@ -600,7 +600,7 @@ fn run_in_place(
 ) -> Result<Outputs, EvalError> {
     let k = &compiled.kernel;
     let sh = bound.shapes;
-    let (bq, bkv, d) = (k.schedule.bq, k.schedule.bkv, sh.d);
+    let (bq, bkv, d) = (k.schedule.tiling.bq, k.schedule.tiling.bkv, sh.d);
     let call = CallData::new(inputs, bound);
     let group = sh.h / sh.hkv;
     // K and V with unit stride along D, the same strides, none negative (a

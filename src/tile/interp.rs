@@ -310,7 +310,7 @@ pub fn run(
     maps: &BlockMaps,
 ) -> Result<Outputs, EvalError> {
     let sh = bound.shapes;
-    let (bq, bkv) = (k.schedule.bq, k.schedule.bkv);
+    let (bq, bkv) = (k.schedule.tiling.bq, k.schedule.tiling.bkv);
     if let Some(d) = k.schedule.dim {
         assert_eq!(d, sh.d, "the kernel is specialised on D = {d}");
     }

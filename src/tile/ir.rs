@@ -45,10 +45,8 @@ use crate::sema::{Dim, Func, ShapeVar, Var};
 /// compute; the schedule says how.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Schedule {
-    /// Query rows per tile.
-    pub bq: usize,
-    /// Key columns per tile.
-    pub bkv: usize,
+    /// Query rows by key columns per tile.
+    pub tiling: crate::mask::Tiling,
     /// Head dim to specialise on (`D` becomes a constant), or generic.
     pub dim: Option<usize>,
     /// Use base-2 exponentials (log2(e) folded into the query prescale).
@@ -62,8 +60,7 @@ pub struct Schedule {
 impl Default for Schedule {
     fn default() -> Schedule {
         Schedule {
-            bq: 64,
-            bkv: 64,
+            tiling: crate::mask::Tiling::default(),
             dim: Some(64),
             exp2: true,
             rows: Default::default(),

@@ -165,14 +165,20 @@ impl LoopNest {
     pub fn forward(schedule: &Schedule) -> LoopNest {
         LoopNest {
             grid: match schedule.rows {
-                RowMap::OneHead => Grid::QueryTiles { bq: schedule.bq },
-                RowMap::GqaGroup => Grid::KvHeads { rows: schedule.bq },
-                RowMap::AllHeads => Grid::Sequences { rows: schedule.bq },
+                RowMap::OneHead => Grid::QueryTiles {
+                    bq: schedule.tiling.bq,
+                },
+                RowMap::GqaGroup => Grid::KvHeads {
+                    rows: schedule.tiling.bq,
+                },
+                RowMap::AllHeads => Grid::Sequences {
+                    rows: schedule.tiling.bq,
+                },
             },
             rows: schedule.rows,
             kv: schedule.kv,
             walk: KeyWalk::BlockMap {
-                bkv: schedule.bkv,
+                bkv: schedule.tiling.bkv,
                 sections: vec![Section::Full, Section::Partial],
             },
             steps: vec![

@@ -118,8 +118,8 @@ impl fmt::Display for Kernel {
         writeln!(
             f,
             "; schedule: bq={} bkv={} dim={} exp={}",
-            s.bq,
-            s.bkv,
+            s.tiling.bq,
+            s.tiling.bkv,
             s.dim.map_or("generic".to_string(), |d| d.to_string()),
             if s.exp2 { "exp2" } else { "exp" }
         )?;
@@ -158,7 +158,7 @@ impl fmt::Display for Kernel {
             }
         }
         use super::nest::{Finish, Grid, KvSource, RowMap, Step};
-        let bkv = s.bkv;
+        let bkv = s.tiling.bkv;
         match self.nest.grid {
             Grid::QueryTiles { bq } => {
                 writeln!(

@@ -117,10 +117,10 @@ pub fn compile(
     options: &JitOptions,
 ) -> Result<CompiledKernel, CodegenError> {
     let start = Instant::now();
-    if kernel.schedule.bkv % 16 != 0 {
+    if kernel.schedule.tiling.bkv % 16 != 0 {
         return Err(CodegenError::Isa(format!(
             "the CPU backend needs key tiles that are a multiple of 16 (packed K panels), found bkv = {}",
-            kernel.schedule.bkv
+            kernel.schedule.tiling.bkv
         )));
     }
     let mut symbols = gemm
@@ -330,8 +330,8 @@ impl Emitter<'_> {
         let (crate::tile::nest::Grid::QueryTiles { .. }
         | crate::tile::nest::Grid::KvHeads { .. }
         | crate::tile::nest::Grid::Sequences { .. }) = k.nest.grid;
-        let bq = k.schedule.bq as i64;
-        let bkv = k.schedule.bkv as i64;
+        let bq = k.schedule.tiling.bq as i64;
+        let bkv = k.schedule.tiling.bkv as i64;
         let bv = self.task_field(b, offset::B);
         let hv = self.task_field(b, offset::H);
         let mut here = Here {

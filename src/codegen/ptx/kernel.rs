@@ -404,8 +404,8 @@ impl Gen<'_> {
         let _ = writeln!(
             s,
             "// schedule: bq={} bkv={} D={} (arrays padded to {}) exp={}; {} threads ({} warps x 16 query rows)",
-            sch.bq,
-            sch.bkv,
+            sch.tiling.bq,
+            sch.tiling.bkv,
             l.d,
             l.d_pad,
             if sch.exp2 { "exp2" } else { "exp" },

@@ -394,8 +394,7 @@ pub fn schedule(d: usize, dtype: Dtype) -> Schedule {
         64
     };
     Schedule {
-        bq: 64,
-        bkv,
+        tiling: crate::mask::Tiling { bq: 64, bkv },
         dim: Some(d),
         exp2: true,
         ..Schedule::default()
@@ -428,15 +427,15 @@ pub fn launch(kernel: &Kernel, opts: &PtxOptions) -> Result<Launch, PtxError> {
         });
     }
     let ok = |n: usize| matches!(n, 16 | 32 | 64 | 128);
-    if !ok(s.bq) || !ok(s.bkv) {
+    if !ok(s.tiling.bq) || !ok(s.tiling.bkv) {
         return Err(PtxError::TileSize {
-            bq: s.bq,
-            bkv: s.bkv,
+            bq: s.tiling.bq,
+            bkv: s.tiling.bkv,
         });
     }
     let q_in_regs =
         opts.dtype.uses_mma() && (d_pad <= 64 || (d_pad <= 128 && !heavy_scores(kernel)));
-    let layout = kernel::Layout::new(s.bq, s.bkv, d_pad, opts.dtype, q_in_regs);
+    let layout = kernel::Layout::new(s.tiling.bq, s.tiling.bkv, d_pad, opts.dtype, q_in_regs);
     let smem_bytes = layout.smem_bytes;
     if smem_bytes > opts.arch.max_smem_per_block() {
         return Err(PtxError::SharedMemory {
@@ -448,8 +447,8 @@ pub fn launch(kernel: &Kernel, opts: &PtxOptions) -> Result<Launch, PtxError> {
     Ok(Launch {
         arch: opts.arch,
         dtype: opts.dtype,
-        bq: s.bq,
-        bkv: s.bkv,
+        bq: s.tiling.bq,
+        bkv: s.tiling.bkv,
         d,
         d_pad,
         threads: layout.threads,
@@ -528,15 +527,14 @@ mod tests {
         assert_eq!(
             schedule(128, Dtype::F16),
             Schedule {
-                bq: 64,
-                bkv: 64,
+                tiling: crate::mask::Tiling { bq: 64, bkv: 64 },
                 dim: Some(128),
                 exp2: true,
                 ..Schedule::default()
             }
         );
-        assert_eq!(schedule(256, Dtype::Bf16).bkv, 32);
-        assert_eq!(schedule(64, Dtype::F32).bkv, 32);
+        assert_eq!(schedule(256, Dtype::Bf16).tiling.bkv, 32);
+        assert_eq!(schedule(64, Dtype::F32).tiling.bkv, 32);
         assert_eq!(pad_head_dim(72, Dtype::F16), 80);
         assert_eq!(pad_head_dim(72, Dtype::F32), 72);
         assert_eq!(pad_head_dim(3, Dtype::F32), 8);
@@ -576,7 +574,7 @@ mod tests {
         let odd = kernel(
             "attention a { }",
             &Schedule {
-                bq: 48,
+                tiling: crate::mask::Tiling { bq: 48, bkv: 64 },
                 ..Schedule::default()
             },
         );
