@@ -1156,6 +1156,48 @@ mod tests {
         }
     }
 
+    /// The jit's own error record, decoded by `runtime::abi::decode` without
+    /// the reference's help, names the cycle's start as the reference does.
+    #[test]
+    fn the_jit_decodes_a_cycle_with_its_start() {
+        let src = "attention t {\n    buffer parent[KV]: int\n    \
+                   score = if ancestor(parent, q, kv) { score } else { score - 1.0 }\n}\n";
+        let program = load(SourceFile::new("t.attn", src), &SpecOptions::default()).unwrap();
+        let kernel = program
+            .compile_jit(
+                crate::mask::Tiling::new(16, 16).unwrap(),
+                crate::codegen::clif::GemmImpl::detect(),
+            )
+            .unwrap();
+        // 0 <- 1 <- 2 ... with 5 -> 6 -> 5 a cycle.
+        let mut parent: Vec<i64> = (0..20).map(|i| i - 1).collect();
+        parent[5] = 6;
+        parent[6] = 5;
+        let q = Rng::new(2).array4((1, 1, 20, 8));
+        let inputs = Inputs::new(q.view(), q.view(), q.view()).buffer(
+            "parent",
+            crate::BufferData::Int(ndarray::ArrayD::from_shape_vec(vec![20], parent).unwrap()),
+        );
+        let Err(Error::Eval { error: want, .. }) = program.run_reference(&inputs) else {
+            panic!("the reference finds the cycle")
+        };
+        let plan = kernel.plan(&inputs).unwrap();
+        let got = crate::runtime::exec::run(
+            &kernel.compiled,
+            &inputs,
+            &plan.bound,
+            &plan.maps,
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        let start = |e: &EvalError| match e {
+            EvalError::AncestorCycle { start, .. } => *start,
+            e => panic!("{e}"),
+        };
+        assert!((5..20).contains(&start(&got)), "{got}");
+        assert_eq!(start(&want), 5, "{want}");
+    }
+
     /// `run_on` runs every CPU backend with buffers bound by `bind_buffer`
     /// (a recipe and a `.npy` file), to the reference's outputs; CUDA without
     /// the feature, an unknown buffer and a bad recipe are errors.

@@ -129,6 +129,93 @@ pub mod code {
     pub const SHIFT: i64 = 5;
 }
 
+/// A failure as a backend recorded it, before decoding: the kind
+/// ([`code`]), the failing instruction, the point, and the words recorded
+/// with it (a read's indices, a shift's count, a cycle's start). The CPU
+/// task's [`ErrorRecord`] and the GPU's error block both become one, and
+/// [`decode`] turns it into the error the reference gives, so every backend
+/// reports the same kind and coordinates.
+#[derive(Clone, Debug)]
+pub struct RawError<'a> {
+    pub code: i64,
+    pub value: usize,
+    pub at: crate::sema::eval::Point,
+    pub words: &'a [i64],
+}
+
+/// The [`EvalError`](crate::sema::eval::EvalError) of `raw`, for `kernel`
+/// run on buffers of `shapes`. A proven read out of range
+/// ([`code::PROVEN_OUT_OF_RANGE`]) is a compiler bug: it panics, naming it.
+pub fn decode(
+    raw: &RawError<'_>,
+    kernel: &crate::tile::Kernel,
+    shapes: &[&[usize]],
+) -> crate::sema::eval::EvalError {
+    use crate::sema::eval::EvalError;
+    use crate::tile::Op;
+    let v = raw.value;
+    let span: miette::SourceSpan = kernel
+        .spans
+        .get(v)
+        .copied()
+        .flatten()
+        .unwrap_or_default()
+        .into();
+    let at = raw.at;
+    let word = |i: usize| raw.words.get(i).copied().unwrap_or(0);
+    // The buffer a failing read or `ancestor` reads, and its index count.
+    let (buf, n) = match kernel.insts.get(v).map(|i| &i.op) {
+        Some(Op::Load {
+            buffer, indices, ..
+        }) => (*buffer as usize, indices.len()),
+        Some(Op::Ancestor { parent, .. }) => (*parent as usize, 1),
+        _ => (usize::MAX, 0),
+    };
+    let reads = || {
+        assert!(
+            buf != usize::MAX,
+            "error kind {} at {v}, which does not read a buffer",
+            raw.code
+        );
+        (
+            kernel.buffers[buf].name.clone(),
+            raw.words[..n.min(raw.words.len())].to_vec(),
+            shapes[buf].to_vec(),
+        )
+    };
+    match raw.code {
+        code::DIV_ZERO => EvalError::DivisionByZero { at, span },
+        code::SHIFT => EvalError::ShiftOutOfRange {
+            count: word(0),
+            at,
+            span,
+        },
+        code::CYCLE => EvalError::AncestorCycle {
+            buffer: reads().0,
+            start: word(0),
+            span,
+        },
+        code::PROVEN_OUT_OF_RANGE => {
+            let (name, index, shape) = reads();
+            panic!(
+                "compiler bug: the read {v} of `{name}` was proven in range but reads index \
+                 {index:?} of shape {shape:?} (at {at:?})\n{kernel}"
+            )
+        }
+        code::OUT_OF_RANGE => {
+            let (buffer, index, shape) = reads();
+            EvalError::OutOfRange {
+                buffer,
+                index,
+                shape,
+                at,
+                span,
+            }
+        }
+        other => panic!("the kernel recorded error kind {other} at {v}, which is not a kind"),
+    }
+}
+
 /// Byte offsets of the fields, for generated loads and stores.
 pub mod offset {
     use super::*;

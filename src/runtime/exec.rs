@@ -18,7 +18,7 @@ use crate::bind::{Bound, Inputs, Outputs};
 use crate::buffer::BufferData;
 use crate::codegen::clif::kernel::CompiledKernel;
 use crate::mask::BlockMaps;
-use crate::runtime::abi::{self, code, BufferDesc, ErrorRecord, KvView};
+use crate::runtime::abi::{self, BufferDesc, ErrorRecord, KvView};
 use crate::runtime::gemm::{nonfinite_tiles, pack_k, pack_v, PackedK, PackedV};
 use crate::sema::eval::{EvalError, Point};
 use crate::tile::nest::{Grid, KvSource};
@@ -462,7 +462,8 @@ fn standard(b: &BufferData) -> BufferData {
     }
 }
 
-/// Turns an error code and slot into the error the reference interpreter gives.
+/// The error the reference gives for a failing task's record
+/// ([`abi::decode`], shared with the GPU).
 fn error(
     compiled: &CompiledKernel,
     buffers: &[BufferData],
@@ -470,58 +471,20 @@ fn error(
     b: usize,
     h: usize,
 ) -> EvalError {
-    let k = &compiled.kernel;
-    let v = err.value as usize;
-    let span: miette::SourceSpan = k.spans.get(v).copied().flatten().unwrap_or_default().into();
-    let at = Point {
-        b: b as i64,
-        h: h as i64,
-        q: err.q,
-        kv: err.kv,
-        score: 0.0,
-    };
-    let buffer_of = |op: &crate::tile::Op| match op {
-        crate::tile::Op::Load {
-            buffer, indices, ..
-        } => Some((*buffer as usize, indices.len())),
-        crate::tile::Op::Ancestor { parent, .. } => Some((*parent as usize, 1)),
-        _ => None,
-    };
-    match err.code {
-        code::PROVEN_OUT_OF_RANGE => {
-            let (buf, n) = buffer_of(&k.insts[v].op).expect("out-of-range errors come from reads");
-            panic!(
-                "compiler bug: the read {v} of `{}` was proven in range but reads index {:?} of shape {:?} (at {at:?})\n{k}",
-                k.buffers[buf].name,
-                &err.index[..n],
-                buffers[buf].shape()
-            )
-        }
-        code::DIV_ZERO => EvalError::DivisionByZero { at, span },
-        code::SHIFT => EvalError::ShiftOutOfRange {
-            count: err.index[0],
-            at,
-            span,
+    let shapes: Vec<&[usize]> = buffers.iter().map(|b| b.shape()).collect();
+    let raw = abi::RawError {
+        code: err.code,
+        value: err.value as usize,
+        at: Point {
+            b: b as i64,
+            h: h as i64,
+            q: err.q,
+            kv: err.kv,
+            score: 0.0,
         },
-        code::CYCLE => {
-            let (buf, _) = buffer_of(&k.insts[v].op).expect("cycles come from ancestor");
-            EvalError::AncestorCycle {
-                buffer: k.buffers[buf].name.clone(),
-                start: -1,
-                span,
-            }
-        }
-        _ => {
-            let (buf, n) = buffer_of(&k.insts[v].op).expect("out-of-range errors come from reads");
-            EvalError::OutOfRange {
-                buffer: k.buffers[buf].name.clone(),
-                index: err.index[..n].to_vec(),
-                shape: buffers[buf].shape().to_vec(),
-                at,
-                span,
-            }
-        }
-    }
+        words: &err.index,
+    };
+    abi::decode(&raw, &compiled.kernel, &shapes)
 }
 
 /// Key tiles per chunk at least, when a decode step splits its key walk.

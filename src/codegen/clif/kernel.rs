@@ -46,7 +46,8 @@ pub const QK_VIEW_SYMBOL: &str = "attnc_qk_view";
 pub const PV_VIEW_SYMBOL: &str = "attnc_pv_view";
 
 /// `ancestor(parent, i, j)` over a buffer descriptor. Returns 0 or 1, or
-/// `-code::OUT_OF_RANGE` (with the index in `*bad`) or `-code::CYCLE`.
+/// `-code::OUT_OF_RANGE` (with the index in `*bad`) or `-code::CYCLE` (with
+/// the walk's start `i` in `*bad`).
 ///
 /// # Safety
 /// `desc` must point at a valid 1-d i64 buffer descriptor and `bad` be writable.
@@ -75,6 +76,7 @@ pub unsafe extern "C" fn ancestor_helper(
             return 1;
         }
     }
+    *bad = i;
     -code::CYCLE
 }
 

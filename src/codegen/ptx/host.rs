@@ -10,7 +10,7 @@ use crate::bind::Bound;
 use crate::buffer::BufferData;
 use crate::mask::BlockMaps;
 use crate::sema::eval::{EvalError, Point};
-use crate::tile::{Kernel, Op, ValueId};
+use crate::tile::Kernel;
 
 /// `x` as an IEEE half (round to nearest even; overflow to infinity).
 pub fn f16_bits(x: f32) -> u16 {
@@ -375,7 +375,6 @@ pub fn decode_error(words: &[u64], kernel: &Kernel, bound: &Bound) -> Option<Eva
     if kind == 0 {
         return None;
     }
-    let v = (words[0] >> 32) as usize;
     let at = Point {
         b: words[1] as i64,
         h: words[2] as i64,
@@ -383,70 +382,18 @@ pub fn decode_error(words: &[u64], kernel: &Kernel, bound: &Bound) -> Option<Eva
         kv: words[4] as i64,
         score: 0.0,
     };
-    let span: miette::SourceSpan = kernel
-        .spans
-        .get(v)
-        .copied()
-        .flatten()
-        .unwrap_or_default()
-        .into();
-    let index = |n: usize| {
-        words[5..5 + n.min(ErrorRecord::MAX_INDICES)]
-            .iter()
-            .map(|&w| w as i64)
-            .collect::<Vec<_>>()
+    let rest: Vec<i64> = words[5..5 + ErrorRecord::MAX_INDICES]
+        .iter()
+        .map(|&w| w as i64)
+        .collect();
+    let shapes: Vec<&[usize]> = bound.buffers.iter().map(|b| b.shape()).collect();
+    let raw = crate::runtime::abi::RawError {
+        code: i64::from(kind),
+        value: (words[0] >> 32) as usize,
+        at,
+        words: &rest,
     };
-    let op = kernel.insts.get(v).map(|i| &i.op);
-    let buffer = |b: u32| {
-        (
-            kernel.buffers[b as usize].name.clone(),
-            bound.buffers[b as usize].shape().to_vec(),
-        )
-    };
-    Some(match (kind, op) {
-        (ErrorRecord::DIVISION_BY_ZERO, _) => EvalError::DivisionByZero { at, span },
-        (ErrorRecord::SHIFT_OUT_OF_RANGE, _) => EvalError::ShiftOutOfRange {
-            count: words[5] as i64,
-            at,
-            span,
-        },
-        (ErrorRecord::ANCESTOR_CYCLE, Some(Op::Ancestor { parent, .. })) => {
-            EvalError::AncestorCycle {
-                buffer: buffer(*parent).0,
-                start: words[5] as i64,
-                span,
-            }
-        }
-        (
-            _,
-            Some(Op::Load {
-                buffer: b, indices, ..
-            }),
-        ) => {
-            let (buffer, shape) = buffer(*b);
-            EvalError::OutOfRange {
-                buffer,
-                index: index(indices.len()),
-                shape,
-                at,
-                span,
-            }
-        }
-        (_, Some(Op::Ancestor { parent, .. })) => {
-            let (buffer, shape) = buffer(*parent);
-            EvalError::OutOfRange {
-                buffer,
-                index: index(1),
-                shape,
-                at,
-                span,
-            }
-        }
-        _ => panic!(
-            "the kernel recorded error kind {kind} at {}, which cannot fail",
-            ValueId(v as u32)
-        ),
-    })
+    Some(crate::runtime::abi::decode(&raw, kernel, &shapes))
 }
 
 #[cfg(test)]
@@ -573,7 +520,7 @@ mod tests {
         let load_id = k
             .insts
             .iter()
-            .position(|i| matches!(i.op, Op::Load { .. }))
+            .position(|i| matches!(i.op, crate::tile::Op::Load { .. }))
             .unwrap();
         let q = Array4::<f32>::zeros((1, 1, 4, 64));
         let inputs = Inputs::new(q.view(), q.view(), q.view())

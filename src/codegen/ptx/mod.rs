@@ -74,6 +74,7 @@ mod writer;
 use std::fmt;
 use std::str::FromStr;
 
+use crate::runtime::abi::code;
 use crate::tile::{Kernel, Schedule, Verified};
 
 /// A GPU architecture the PTX targets.
@@ -257,14 +258,16 @@ impl ErrorRecord {
     pub const WORDS: usize = 16;
     /// Index words recorded for an out-of-range read.
     pub const MAX_INDICES: usize = 8;
+    // The kinds are the CPU's (`runtime::abi::code`): one decoder
+    // (`runtime::abi::decode`) serves both.
     /// A read out of range (`load.checked` or an `ancestor` step).
-    pub const OUT_OF_RANGE: u32 = 1;
+    pub const OUT_OF_RANGE: u32 = code::OUT_OF_RANGE as u32;
     /// An integer division or modulo by zero.
-    pub const DIVISION_BY_ZERO: u32 = 2;
+    pub const DIVISION_BY_ZERO: u32 = code::DIV_ZERO as u32;
     /// An `ancestor` walk that does not end.
-    pub const ANCESTOR_CYCLE: u32 = 3;
+    pub const ANCESTOR_CYCLE: u32 = code::CYCLE as u32;
     /// A shift by a count outside `0..=63`; the count is index word 0.
-    pub const SHIFT_OUT_OF_RANGE: u32 = 4;
+    pub const SHIFT_OUT_OF_RANGE: u32 = code::SHIFT as u32;
 }
 
 /// How the host must launch a kernel, and the budget it was laid out for.
