@@ -693,7 +693,7 @@ impl JitKernel {
         let workspace = shared.as_deref_mut().unwrap_or(&mut own);
         let variant = self.variant(nest_for(bound, self.tiling))?;
         let compiled = variant.as_deref().unwrap_or(&self.compiled);
-        crate::runtime::exec::run(compiled, inputs, bound, maps, workspace)
+        crate::runtime::exec::run(compiled.code(), inputs, bound, maps, workspace)
             .map_err(|error| self.program.first_error(inputs, bound, error))
     }
 
@@ -1131,7 +1131,7 @@ mod tests {
             let plan = kernel.plan(&inputs).unwrap();
             let run = |budget: usize, ws: &mut Vec<f32>| {
                 crate::runtime::exec::run_with_budget(
-                    &kernel.compiled,
+                    kernel.compiled.code(),
                     &inputs,
                     &plan.bound,
                     &plan.maps,
@@ -1183,7 +1183,7 @@ mod tests {
         };
         let plan = kernel.plan(&inputs).unwrap();
         let got = crate::runtime::exec::run(
-            &kernel.compiled,
+            kernel.compiled.code(),
             &inputs,
             &plan.bound,
             &plan.maps,

@@ -19,7 +19,7 @@ use ptx_run::{emulate, emulate_with};
 
 use attnc::bench::{generate_buffer, Rng};
 use attnc::codegen::ptx::{self, Dtype};
-use attnc::mask::{classify, Tiling};
+use attnc::mask::classify;
 use attnc::sema::eval::{EvalError, Shapes};
 use attnc::tile::{self, Schedule};
 use attnc::{Inputs, Outputs, SourceFile, SpecOptions};

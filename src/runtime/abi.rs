@@ -113,6 +113,23 @@ pub struct ErrorRecord {
     pub index: [i64; 4],
 }
 
+/// The task function of a compiled CPU kernel.
+pub type TaskFn = unsafe extern "C" fn(task: *const Task) -> i64;
+
+/// A compiled CPU kernel as the runtime runs it: the verified kernel it was
+/// lowered from, its task function (private: only the runtime calls it,
+/// with a task block it has sized and filled) and the row- and column-level
+/// scratch slots a task needs. A backend makes one
+/// (`codegen::clif::kernel::CompiledKernel::code`); the runtime needs no
+/// backend type.
+#[derive(Clone, Copy)]
+pub struct TaskCode<'a> {
+    pub kernel: &'a crate::tile::Verified,
+    pub(crate) task: TaskFn,
+    pub row_slots: usize,
+    pub col_slots: usize,
+}
+
 /// The kinds of run-time error, as `ErrorRecord::code` and as the (negated)
 /// return value of `ancestor`.
 pub mod code {

@@ -1,6 +1,6 @@
 //! Running a compiled kernel: packing, the parallel task grid, and results.
 //!
-//! Consumes a [`CompiledKernel`], bound inputs and block maps; produces
+//! Consumes a compiled kernel ([`TaskCode`]), bound inputs and block maps; produces
 //! `out` and `lse`. K and V are packed once per call and (batch, kv-head);
 //! tasks (b, h, query tile) run in parallel on rayon's pool, most expensive
 //! first, each with its own scratch (no allocation per tile, no O(Q x KV)
@@ -16,9 +16,8 @@ use rayon::prelude::*;
 
 use crate::bind::{Bound, Inputs, Outputs};
 use crate::buffer::BufferData;
-use crate::codegen::clif::kernel::CompiledKernel;
 use crate::mask::BlockMaps;
-use crate::runtime::abi::{self, BufferDesc, ErrorRecord, KvView};
+use crate::runtime::abi::{self, BufferDesc, ErrorRecord, KvView, TaskCode};
 use crate::runtime::gemm::{nonfinite_tiles, pack_k, pack_v, PackedK, PackedV};
 use crate::sema::eval::{EvalError, Point};
 use crate::tile::nest::{Grid, KvSource};
@@ -208,7 +207,7 @@ impl<'a> CallData<'a> {
 /// the packed heads (at most [`PACK_BUDGET_BYTES`], or one head if more); it is
 /// grown as needed and may be reused across calls to avoid reallocating it.
 pub fn run(
-    compiled: &CompiledKernel,
+    compiled: TaskCode<'_>,
     inputs: &Inputs<'_>,
     bound: &Bound,
     maps: &BlockMaps,
@@ -220,14 +219,14 @@ pub fn run(
 /// [`run`] with `budget` bytes of packed heads per group instead of
 /// [`PACK_BUDGET_BYTES`] (tests use small budgets to exercise the grouping).
 pub(crate) fn run_with_budget(
-    compiled: &CompiledKernel,
+    compiled: TaskCode<'_>,
     inputs: &Inputs<'_>,
     bound: &Bound,
     maps: &BlockMaps,
     workspace: &mut Vec<f32>,
     budget: usize,
 ) -> Result<Outputs, EvalError> {
-    let k = &compiled.kernel;
+    let k = compiled.kernel;
     let sh = bound.shapes;
     let (bq, bkv) = (k.schedule.tiling.bq, k.schedule.tiling.bkv);
     if let Some(d) = k.schedule.dim {
@@ -314,8 +313,8 @@ pub(crate) fn run_with_budget(
         partial
     });
     let mut vflags: Vec<u8> = Vec::new();
-    let n_row = compiled.slots.row.len();
-    let n_col = compiled.slots.col.len();
+    let n_row = compiled.row_slots;
+    let n_col = compiled.col_slots;
     for (g, tasks) in groups.iter().enumerate() {
         if tasks.is_empty() {
             continue;
@@ -465,7 +464,7 @@ fn standard(b: &BufferData) -> BufferData {
 /// The error the reference gives for a failing task's record
 /// ([`abi::decode`], shared with the GPU).
 fn error(
-    compiled: &CompiledKernel,
+    compiled: TaskCode<'_>,
     buffers: &[BufferData],
     err: &ErrorRecord,
     b: usize,
@@ -484,7 +483,7 @@ fn error(
         },
         words: &err.index,
     };
-    abi::decode(&raw, &compiled.kernel, &shapes)
+    abi::decode(&raw, compiled.kernel, &shapes)
 }
 
 /// Key tiles per chunk at least, when a decode step splits its key walk.
@@ -556,12 +555,12 @@ fn split_walk(full: &[Range<u32>], part: &[u32], n: usize) -> Vec<(Vec<u32>, Vec
 /// threads idle each walk is split into chunks whose results are merged
 /// ([`crate::merge`]).
 fn run_in_place(
-    compiled: &CompiledKernel,
+    compiled: TaskCode<'_>,
     inputs: &Inputs<'_>,
     bound: &Bound,
     maps: &BlockMaps,
 ) -> Result<Outputs, EvalError> {
-    let k = &compiled.kernel;
+    let k = compiled.kernel;
     let sh = bound.shapes;
     let (bq, bkv, d) = (k.schedule.tiling.bq, k.schedule.tiling.bkv, sh.d);
     let call = CallData::new(inputs, bound);
@@ -729,7 +728,7 @@ fn run_in_place(
     let lse_ptr = SendPtr(lse.as_mut_ptr());
     let pout_ptr = SendPtr(part_out.as_mut_ptr());
     let plse_ptr = SendPtr(part_lse.as_mut_ptr());
-    let (n_row, n_col) = (compiled.slots.row.len(), compiled.slots.col.len());
+    let (n_row, n_col) = (compiled.row_slots, compiled.col_slots);
     let no_flags = [0u8];
     tasks.par_iter().enumerate().try_for_each_init(
         || Scratch::new(bq, bkv, d, n_row, n_col),

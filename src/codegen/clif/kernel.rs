@@ -80,8 +80,7 @@ pub unsafe extern "C" fn ancestor_helper(
     -code::CYCLE
 }
 
-/// The task function of a compiled kernel.
-pub type TaskFn = unsafe extern "C" fn(task: *const crate::runtime::abi::Task) -> i64;
+use crate::runtime::abi::{TaskCode, TaskFn};
 
 /// Where row- and column-level values live in scratch (by instruction id).
 #[derive(Clone, Debug, Default)]
@@ -101,6 +100,18 @@ pub struct CompiledKernel {
     pub compile_time: Duration,
     pub clif: Option<String>,
     _code: Arc<JitCode>,
+}
+
+impl CompiledKernel {
+    /// The kernel as the runtime runs it.
+    pub fn code(&self) -> TaskCode<'_> {
+        TaskCode {
+            kernel: &self.kernel,
+            task: self.task,
+            row_slots: self.slots.row.len(),
+            col_slots: self.slots.col.len(),
+        }
+    }
 }
 
 impl std::fmt::Debug for CompiledKernel {
