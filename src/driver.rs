@@ -1108,6 +1108,42 @@ impl Program {
     }
 }
 
+/// The CUDA runtime and the PTX backend composed: the runtime launches what
+/// codegen generated, and neither knows the other.
+#[cfg(feature = "cuda")]
+impl crate::runtime::cuda::CudaRuntime {
+    /// Lowers `spec` for head dim `d` under the PTX schedule, generates the
+    /// PTX for this device and loads it.
+    pub fn compile(
+        &self,
+        spec: &Spec,
+        d: usize,
+        dtype: crate::codegen::ptx::Dtype,
+    ) -> Result<crate::runtime::cuda::CudaKernel, crate::runtime::cuda::CudaError> {
+        use crate::codegen::ptx;
+        let kernel = crate::tile::lower(spec, &ptx::schedule(d, dtype));
+        let options = ptx::PtxOptions {
+            arch: self.arch(),
+            dtype,
+        };
+        let code = ptx::compile(&kernel, &options)?;
+        self.load(kernel, code)
+    }
+
+    /// Compiles, uploads, runs and downloads in one call.
+    pub fn run(
+        &self,
+        spec: &Spec,
+        inputs: &Inputs<'_>,
+        dtype: crate::codegen::ptx::Dtype,
+    ) -> Result<Outputs, crate::runtime::cuda::CudaError> {
+        let k = self.compile(spec, inputs.q.shape()[3], dtype)?;
+        let mut p = self.prepare(&k, spec, inputs)?;
+        self.launch(&k, &mut p)?;
+        self.finish(&k, &p)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

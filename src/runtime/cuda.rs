@@ -1,13 +1,16 @@
 //! The CUDA runtime (`--backend cuda`, feature `cuda`): runs the PTX of
-//! [`crate::codegen::ptx`] on an NVIDIA GPU through the driver API.
+//! `codegen::ptx` on an NVIDIA GPU through the driver API.
 //!
 //! Consumes a checked spec and bound inputs; produces [`Outputs`] as
 //! ndarrays. The driver library is loaded at run time (`cudarc` with
 //! dynamic loading), so building needs no CUDA toolkit; with no driver or no
 //! device every entry point returns a [`CudaError`] instead of panicking.
 //!
-//! A run lowers the spec under [`ptx::schedule`], generates PTX for the
-//! device's architecture, lets the driver JIT it, builds the block maps on
+//! The runtime launches what the PTX backend generated: the driver
+//! composes the two (`CudaRuntime::compile` and `run` are defined there,
+//! so this module needs nothing of codegen). A run lowers the spec under
+//! `codegen::ptx::schedule`, generates PTX for the device's architecture,
+//! lets the driver JIT it, builds the block maps on
 //! the host, uploads q/k/v (converted to the dtype and padded to the
 //! kernel's head dim), the buffers, the maps and (f16/bf16) the flags of
 //! the V tiles holding NaN or inf, launches one CTA per
@@ -25,8 +28,8 @@ use cudarc::driver::{
 use ndarray::{Array3, Array4};
 
 use crate::bind::{bind, BindError, Bound, Inputs, Outputs};
-use crate::codegen::ptx::{self, host, Arch, Dtype, ErrorRecord, PtxError, PtxKernel, PtxOptions};
 use crate::mask::{classify, MaskError, Tiling};
+use crate::runtime::device::{host, Arch, ErrorRecord, PtxError, PtxKernel};
 use crate::sema::eval::EvalError;
 use crate::sema::Spec;
 use crate::tile::Verified;
@@ -188,22 +191,9 @@ impl CudaRuntime {
         &self.name
     }
 
-    /// Lowers `spec` for head dim `d` under the PTX schedule, generates the
-    /// PTX and loads it.
-    pub fn compile(&self, spec: &Spec, d: usize, dtype: Dtype) -> Result<CudaKernel, CudaError> {
-        let kernel = crate::tile::lower(spec, &ptx::schedule(d, dtype));
-        self.load(kernel, dtype)
-    }
-
-    /// Generates and loads the PTX of a lowered kernel.
-    pub fn load(&self, kernel: Verified, dtype: Dtype) -> Result<CudaKernel, CudaError> {
-        let ptx = ptx::compile(
-            &kernel,
-            &PtxOptions {
-                arch: self.arch,
-                dtype,
-            },
-        )?;
+    /// Loads `ptx`, the PTX the backend generated for `kernel`
+    /// (`codegen::ptx::compile` for this device's [`Self::arch`]).
+    pub fn load(&self, kernel: Verified, ptx: PtxKernel) -> Result<CudaKernel, CudaError> {
         let l = &ptx.launch;
         if l.smem_bytes > self.max_smem {
             return Err(PtxError::SharedMemory {
@@ -261,7 +251,7 @@ impl CudaRuntime {
         let bound = bind(spec, inputs)?;
         let s = bound.shapes;
         if bound.is_ragged() || bound.pages.is_some() || bound.kv_offset != 0 {
-            return Err(crate::codegen::ptx::PtxError::Nest {
+            return Err(PtxError::Nest {
                 what: "ragged lengths, a paged pool or a key offset in the CUDA runtime"
                     .to_string(),
             }
@@ -407,19 +397,6 @@ impl CudaRuntime {
             out,
             lse: p.want_lse.then_some(lse),
         })
-    }
-
-    /// Compiles, uploads, runs and downloads in one call.
-    pub fn run(
-        &self,
-        spec: &Spec,
-        inputs: &Inputs<'_>,
-        dtype: Dtype,
-    ) -> Result<Outputs, CudaError> {
-        let k = self.compile(spec, inputs.q.shape()[3], dtype)?;
-        let mut p = self.prepare(&k, spec, inputs)?;
-        self.launch(&k, &mut p)?;
-        self.finish(&k, &p)
     }
 
     /// Milliseconds of `reps` back-to-back launches, timed with events on

@@ -8,5 +8,6 @@
 pub mod abi;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device;
 pub mod exec;
 pub mod gemm;

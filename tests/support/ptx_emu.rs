@@ -712,13 +712,13 @@ fn step(
                 ("f32", "f32", "f16") => fb(half_to_f32(v as u16, false)),
                 ("rn", "f16x2", "f32") => {
                     let (hi, lo) = (f(x(1)), f(x(2)));
-                    u64::from(attnc::codegen::ptx::host::f16_bits(lo))
-                        | (u64::from(attnc::codegen::ptx::host::f16_bits(hi)) << 16)
+                    u64::from(attnc::runtime::device::host::f16_bits(lo))
+                        | (u64::from(attnc::runtime::device::host::f16_bits(hi)) << 16)
                 }
                 ("rn", "bf16x2", "f32") => {
                     let (hi, lo) = (f(x(1)), f(x(2)));
-                    u64::from(attnc::codegen::ptx::host::bf16_bits(lo))
-                        | (u64::from(attnc::codegen::ptx::host::bf16_bits(hi)) << 16)
+                    u64::from(attnc::runtime::device::host::bf16_bits(lo))
+                        | (u64::from(attnc::runtime::device::host::bf16_bits(hi)) << 16)
                 }
                 _ => panic!("unsupported `{}`", inst.text),
             })

@@ -5,8 +5,9 @@
 
 use std::collections::HashMap;
 
-use attnc::codegen::ptx::{self, host, Arch, Dtype, ErrorRecord, PtxOptions, PARAMS};
+use attnc::codegen::ptx::{self, PtxOptions};
 use attnc::mask::{classify, Tiling};
+use attnc::runtime::device::{host, Arch, Dtype, ErrorRecord, PARAMS};
 use attnc::sema::eval::EvalError;
 use attnc::tile::nest::KvSource;
 use attnc::tile::{self, Schedule};
