@@ -2,7 +2,7 @@
 # The whole test suite, with the tools it needs (this is what .ci/run runs).
 #
 #   scripts/test.sh              # every test
-#   scripts/test.sh --test ptx   # arguments go to `cargo test`
+#   scripts/test.sh --test suite ptx::   # arguments go to `cargo test`
 #
 # Needs a Rust toolchain from rustup and python3 with pip; installs what the tests
 # need beyond cargo into .tools/ (kept between runs). A test whose tool is missing
@@ -12,7 +12,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # --- Tools the tests need beyond cargo ---------------------------------------------
 # ptxas (from NVIDIA's PyPI wheel; no GPU or driver needed) assembles the PTX of every
-# example in tests/ptx.rs.
+# example in tests/suite/ptx.rs.
 if [ ! -x .tools/cuda/nvidia/cuda_nvcc/bin/ptxas ]; then
     echo "installing ptxas into .tools/cuda (once)" >&2
     python3 -m pip install --quiet --target .tools/cuda nvidia-cuda-nvcc-cu12==12.9.86

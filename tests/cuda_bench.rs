@@ -15,6 +15,7 @@
 // The runtime's errors carry the interpreter's diagnostics by value.
 #![allow(clippy::result_large_err)]
 
+#[path = "suite/support/common.rs"]
 mod common;
 
 use std::io::Write;

@@ -6,6 +6,7 @@
 //! with tol = 1e-4 for f32 inputs and 1e-2 for f16/bf16.
 #![cfg(feature = "cuda")]
 
+#[path = "suite/support/common.rs"]
 mod common;
 
 use attnc::bench::{generate_buffer, Rng};

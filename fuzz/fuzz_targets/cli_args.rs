@@ -22,7 +22,7 @@
 //! available, so none may exceed the RSS limit by an input's doing.
 //! Repetition counts (`--runs`, `--warmup`, `--repeat`) take small values
 //! only: a billion timed runs is a valid, long request.
-//! The same property runs on stable in `tests/robustness.rs`
+//! The same property runs on stable in `tests/suite/robustness.rs`
 //! (`command_lines_never_crash`).
 #![no_main]
 

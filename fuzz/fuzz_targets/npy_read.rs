@@ -6,7 +6,7 @@
 //! that claims more data than the file holds is an error before anything is
 //! allocated (run with `-rss_limit_mb=2048`: no input may make the reader
 //! allocate what its header claims). The same property runs on stable in
-//! `tests/robustness.rs` (`mutated_npy_files_never_panic`).
+//! `tests/suite/robustness.rs` (`mutated_npy_files_never_panic`).
 #![no_main]
 
 use std::path::PathBuf;

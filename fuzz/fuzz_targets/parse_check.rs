@@ -3,7 +3,7 @@
 //! Invalid UTF-8 is decoded lossily, so every input reaches the parser. A
 //! panic, an abort or a stack overflow is a bug: the parser and the checker
 //! must answer every input with a module or a diagnostic. The same body runs
-//! on stable in `tests/robustness.rs` over token soup and mutated examples.
+//! on stable in `tests/suite/robustness.rs` over token soup and mutated examples.
 #![no_main]
 
 use std::sync::Arc;

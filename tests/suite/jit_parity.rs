@@ -1,0 +1,466 @@
+//! The Cranelift backend against the reference interpreter: every fixture,
+//! several tilings, both tile-product implementations.
+
+use crate::support::common;
+
+use attnc::codegen::clif::GemmImpl;
+
+fn gemms() -> Vec<GemmImpl> {
+    let mut g = vec![GemmImpl::Jit, GemmImpl::detect()];
+    g.dedup();
+    g
+}
+
+#[test]
+fn jit_matches_reference_on_every_fixture() {
+    for dir in common::fixture_dirs() {
+        let case = common::load_case(&dir);
+        let program = case.program();
+        let reference = program.run_reference(&case.inputs()).unwrap();
+        let lse = reference.lse.clone().unwrap();
+        for gemm in gemms() {
+            for (bq, bkv) in [(64, 64), (16, 16), (7, 32), (1, 16)] {
+                let kernel = program
+                    .compile_jit(attnc::mask::Tiling { bq: bq, bkv: bkv }, gemm)
+                    .unwrap();
+                let got = kernel
+                    .run(&case.inputs())
+                    .unwrap_or_else(|e| panic!("{}: {}", case.name, e.render()));
+                common::assert_close(
+                    &format!("{} {bq}x{bkv} {}", case.name, gemm.name()),
+                    &got,
+                    &reference.out,
+                    &lse,
+                    1e-5,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn jit_matches_reference_on_focused_specs_with_random_inputs() {
+    use ndarray::Array4;
+    insta::glob!("../specs", "*.attn", |path| {
+        let program =
+            attnc::load(attnc::SourceFile::read(path).unwrap(), &Default::default()).unwrap();
+        let kernels: Vec<_> = [(64, 64), (5, 16), (32, 48)]
+            .into_iter()
+            .map(|(bq, bkv)| {
+                program
+                    .compile_jit(attnc::mask::Tiling { bq: bq, bkv: bkv }, GemmImpl::detect())
+                    .unwrap()
+            })
+            .collect();
+        for (b, h, hkv, q_len, kv_len, offset, d) in [
+            (1, 2, 1, 100, 100, 0, 8),
+            (2, 2, 2, 37, 70, 20, 16),
+            (1, 1, 1, 7, 3, 0, 5),
+        ] {
+            let mut rng = attnc::bench::Rng::new(q_len as u64);
+            let q = rng.array4((b, h, q_len, d));
+            let k = rng.array4((b, hkv, kv_len, d));
+            let v = rng.array4((b, hkv, kv_len, d));
+            let shapes = attnc::sema::eval::Shapes {
+                b,
+                h,
+                hkv,
+                q: q_len,
+                // `KV` is the end of the call's positions.
+                kv: kv_len.max(offset as usize + q_len),
+                d,
+            };
+            let mut inputs = attnc::Inputs::new(q.view(), k.view(), v.view())
+                .q_offset(offset)
+                .with_lse();
+            for decl in &program.spec.buffers {
+                let recipe = match decl.elem {
+                    attnc::sema::Type::Int => "docs:3",
+                    attnc::sema::Type::Float => "uniform",
+                    attnc::sema::Type::Bool => "bernoulli:0.6",
+                };
+                let data = attnc::bench::generate_buffer(decl, &shapes, recipe, &mut rng).unwrap();
+                inputs.buffers.insert(decl.name.clone(), data);
+            }
+            let _: &Array4<f32> = &q;
+            let reference = program.run_reference(&inputs);
+            for kernel in &kernels {
+                let got = kernel.run(&inputs);
+                match (&reference, &got) {
+                    (Ok(r), Ok(g)) => common::assert_close(
+                        &format!("{}", path.display()),
+                        g,
+                        &r.out,
+                        r.lse.as_ref().unwrap(),
+                        1e-5,
+                    ),
+                    // The same first error, word for word.
+                    (Err(r), Err(g)) if r.to_string() == g.to_string() => {}
+                    (r, g) => panic!(
+                        "{}: reference {:?} but jit {:?}",
+                        path.display(),
+                        r.as_ref().map(|_| "ok").map_err(|e| e.to_string()),
+                        g.as_ref().map(|_| "ok").map_err(|e| e.to_string())
+                    ),
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn compile_api_plans_and_no_recompilation_across_shapes() {
+    let src = "attention docs { buffer doc[KV]: int\n mask = doc[q] == doc[kv] && causal }";
+    let kernel = attnc::compile(
+        attnc::SourceFile::new("docs.attn", src),
+        &attnc::CompileOptions::default(),
+    )
+    .unwrap();
+    let program = attnc::load(
+        attnc::SourceFile::new("docs.attn", src),
+        &Default::default(),
+    )
+    .unwrap();
+    // One compiled kernel serves several shapes, batches, heads and head dims.
+    for (b, h, hkv, n, d) in [(1, 4, 2, 150, 16), (2, 2, 1, 33, 40), (1, 1, 1, 1, 7)] {
+        let mut rng = attnc::bench::Rng::new(n as u64);
+        let q = rng.array4((b, h, n, d));
+        let k = rng.array4((b, hkv, n, d));
+        let v = rng.array4((b, hkv, n, d));
+        let doc = attnc::BufferData::Int(ndarray::ArrayD::from_shape_fn(vec![n], |i| {
+            (i[0] / 40) as i64
+        }));
+        let inputs = attnc::Inputs::new(q.view(), k.view(), v.view())
+            .buffer("doc", doc)
+            .with_lse();
+        let reference = program.run_reference(&inputs).unwrap();
+        let plan = kernel.plan(&inputs).unwrap();
+        for _ in 0..2 {
+            let got = kernel.run_planned(&inputs, &plan).unwrap();
+            common::assert_close(
+                "planned",
+                &got,
+                &reference.out,
+                reference.lse.as_ref().unwrap(),
+                1e-5,
+            );
+        }
+        // A plan made for other buffers is refused, not silently reused.
+        if n <= 10 {
+            continue; // both buffers are all zeros
+        }
+        let other = attnc::BufferData::Int(ndarray::ArrayD::from_shape_fn(vec![n], |i| {
+            (i[0] / 10) as i64
+        }));
+        let changed = attnc::Inputs::new(q.view(), k.view(), v.view()).buffer("doc", other);
+        assert!(kernel
+            .run_planned(&changed, &plan)
+            .unwrap_err()
+            .to_string()
+            .contains("plan was made for other inputs"));
+    }
+}
+
+/// A compiled kernel keeps the block maps of its last few problems: the same
+/// shapes, offsets and mask buffers reuse them; a changed mask buffer,
+/// offset or length builds new ones (and the outputs stay right); a buffer
+/// only the score reads, K, V and q do not matter; the cache is bounded.
+#[test]
+fn block_maps_are_reused_across_calls_of_one_kernel() {
+    let src = "attention docs { buffer doc[KV]: int\n buffer bias[H]: float\n \
+               mask = doc[q] == doc[kv] && causal\n score = score + bias[h] }";
+    let kernel = attnc::compile(
+        attnc::SourceFile::new("docs.attn", src),
+        &attnc::CompileOptions::default(),
+    )
+    .unwrap();
+    let program = attnc::load(
+        attnc::SourceFile::new("docs.attn", src),
+        &Default::default(),
+    )
+    .unwrap();
+    let (h, n, d) = (2, 150, 8);
+    let mut rng = attnc::bench::Rng::new(3);
+    let (q, k, v) = (
+        rng.array4((1, h, n, d)),
+        rng.array4((1, h, n, d)),
+        rng.array4((1, h, n, d)),
+    );
+    let doc = |w: usize| {
+        attnc::BufferData::Int(ndarray::ArrayD::from_shape_fn(vec![n], move |i| {
+            (i[0] / w) as i64
+        }))
+    };
+    let bias = |x: f32| attnc::BufferData::Float(ndarray::ArrayD::from_elem(vec![h], x));
+    fn with<'a>(
+        inputs: attnc::Inputs<'a>,
+        doc: attnc::BufferData,
+        bias: attnc::BufferData,
+    ) -> attnc::Inputs<'a> {
+        inputs.buffer("doc", doc).buffer("bias", bias).with_lse()
+    }
+    // Two query tensors: `which` picks one.
+    let qs = [q, rng.array4((1, h, n, d))];
+    let inputs = |doc_w: usize, b: f32, which: usize| {
+        with(
+            attnc::Inputs::new(qs[which].view(), k.view(), v.view()),
+            doc(doc_w),
+            bias(b),
+        )
+    };
+    let first = kernel.block_maps(&inputs(40, 0.5, 0)).unwrap();
+    // Same mask inputs: the same maps, even with other q and score buffers.
+    assert!(std::sync::Arc::ptr_eq(
+        &first,
+        &kernel.block_maps(&inputs(40, 0.5, 0)).unwrap()
+    ));
+    assert!(std::sync::Arc::ptr_eq(
+        &first,
+        &kernel.block_maps(&inputs(40, -2.0, 1)).unwrap()
+    ));
+    // Another document table: other maps, and the run is right.
+    let other = kernel.block_maps(&inputs(10, 0.5, 0)).unwrap();
+    assert!(!std::sync::Arc::ptr_eq(&first, &other));
+    assert_ne!(*first, *other);
+    for w in [10, 40] {
+        let i = inputs(w, 0.5, 0);
+        let want = program.run_reference(&i).unwrap();
+        let got = kernel.run(&i).unwrap();
+        common::assert_close(
+            "cached maps",
+            &got,
+            &want.out,
+            want.lse.as_ref().unwrap(),
+            1e-5,
+        );
+    }
+    // Another query offset: other maps.
+    let shifted = inputs(40, 0.5, 0).q_offset(0);
+    assert!(std::sync::Arc::ptr_eq(
+        &first,
+        &kernel.block_maps(&shifted).unwrap()
+    ));
+    let (qs, ks, vs) = (
+        rng.array4((1, h, 20, d)),
+        rng.array4((1, h, n, d)),
+        rng.array4((1, h, n, d)),
+    );
+    let off = |o: i64| {
+        attnc::Inputs::new(qs.view(), ks.view(), vs.view())
+            .q_offset(o)
+            .buffer("doc", doc(40))
+            .buffer("bias", bias(0.5))
+    };
+    let at_100 = kernel.block_maps(&off(100)).unwrap();
+    assert!(!std::sync::Arc::ptr_eq(
+        &at_100,
+        &kernel.block_maps(&off(120)).unwrap()
+    ));
+    assert!(std::sync::Arc::ptr_eq(
+        &at_100,
+        &kernel.block_maps(&off(100)).unwrap()
+    ));
+    // Bounded: after as many other problems as the cache holds, the first is
+    // rebuilt (equal, not the same).
+    for w in 0..attnc::driver::MAP_CACHE_ENTRIES {
+        kernel.block_maps(&inputs(11 + w, 0.5, 0)).unwrap();
+    }
+    let again = kernel.block_maps(&inputs(40, 0.5, 0)).unwrap();
+    assert!(!std::sync::Arc::ptr_eq(&first, &again));
+    assert_eq!(*first, *again);
+}
+
+/// A mask buffer that differs only in the sign of a zero is another mask
+/// (`1.0 / w > 0.0`): the kernel's map cache compares floats bit for bit; a
+/// buffer holding NaN still finds its own entry.
+#[test]
+fn map_cache_tells_signed_zeros_apart() {
+    let src = "attention z { buffer w[KV]: float\n mask = 1.0 / w[kv] > 0.0 }";
+    let kernel =
+        attnc::compile(attnc::SourceFile::new("z.attn", src), &Default::default()).unwrap();
+    let program = attnc::load(attnc::SourceFile::new("z.attn", src), &Default::default()).unwrap();
+    let mut rng = attnc::bench::Rng::new(5);
+    let (q, k, v) = (
+        rng.array4((1, 1, 64, 8)),
+        rng.array4((1, 1, 64, 8)),
+        rng.array4((1, 1, 64, 8)),
+    );
+    let run = |x: f32| {
+        let w = attnc::BufferData::Float(ndarray::ArrayD::from_elem(vec![64], x));
+        let inputs = attnc::Inputs::new(q.view(), k.view(), v.view())
+            .buffer("w", w)
+            .with_lse();
+        let want = program.run_reference(&inputs).unwrap();
+        let got = kernel.run(&inputs).unwrap();
+        common::assert_close(
+            &format!("w = {x:?}"),
+            &got,
+            &want.out,
+            want.lse.as_ref().unwrap(),
+            1e-5,
+        );
+        (kernel.block_maps(&inputs).unwrap(), got)
+    };
+    let (plus, seen) = run(0.0);
+    let (minus, hidden) = run(-0.0);
+    assert!(!std::sync::Arc::ptr_eq(&plus, &minus));
+    assert!(seen.lse.unwrap().iter().all(|x| x.is_finite()));
+    assert!(hidden.lse.unwrap().iter().all(|x| *x == f32::NEG_INFINITY));
+    let (nan, _) = run(f32::NAN);
+    let (nan_again, _) = run(f32::NAN);
+    assert!(std::sync::Arc::ptr_eq(&nan, &nan_again));
+}
+
+/// `kv << 61` wraps: the index `(kv << 61) >> 61` is negative at kv = 4, and
+/// the read is reported out of range as the reference reports it, never
+/// performed (the range proofs take a left shift as opaque, and do not
+/// multiply a bound by a factor above 2^20).
+#[test]
+fn wrapping_shifts_never_prove_a_read_in_range() {
+    // The same with a multiply by 2^61 and a division.
+    for index in [
+        "(kv << 61) >> 61",
+        "(kv * 2305843009213693952) / 2305843009213693952",
+        // Factors each below the proof limit whose product wraps.
+        "kv * 1048576 * 1048576 * 2097152 / 1048576 / 1048576 / 2097152",
+        "max(max(kv * 1048576, 0) * 1048576, 0) * 2097152 / 2305843009213693952",
+        "max(max(kv * 1048576, 0) * 1048576, 0) * 2097152 / 1048576 / 1048576 / 2097152",
+    ] {
+        let src =
+            format!("attention s {{ buffer bias[KV]: float\n score = score + bias[{index}] }}");
+        let program = attnc::load(
+            attnc::SourceFile::new("s.attn", src.as_str()),
+            &Default::default(),
+        )
+        .unwrap();
+        let options = attnc::CompileOptions {
+            check_proven_loads: true,
+            ..Default::default()
+        };
+        let kernel = program.compile_jit_with(&options).unwrap();
+        let mut rng = attnc::bench::Rng::new(6);
+        let (q, k, v) = (
+            rng.array4((1, 1, 8, 4)),
+            rng.array4((1, 1, 8, 4)),
+            rng.array4((1, 1, 8, 4)),
+        );
+        let bias = attnc::BufferData::Float(ndarray::ArrayD::zeros(vec![8]));
+        let inputs = attnc::Inputs::new(q.view(), k.view(), v.view()).buffer("bias", bias);
+        let want = program.run_reference(&inputs).unwrap_err().to_string();
+        assert!(want.contains("`bias[-4]`"), "{want}");
+        assert_eq!(
+            kernel.run(&inputs).unwrap_err().to_string(),
+            want,
+            "{index}"
+        );
+        assert_eq!(
+            program
+                .run_interp(&inputs, attnc::mask::Tiling { bq: 8, bkv: 16 })
+                .unwrap_err()
+                .to_string(),
+            want,
+            "{index}"
+        );
+    }
+}
+
+#[test]
+fn bad_inputs_are_errors_not_crashes() {
+    let kernel = attnc::compile(
+        attnc::SourceFile::new(
+            "t.attn",
+            "attention t { buffer t[4]: float\n score = score + t[kv] }",
+        ),
+        &attnc::CompileOptions::default(),
+    )
+    .unwrap();
+    let q = ndarray::Array4::<f32>::zeros((1, 1, 8, 4));
+    let t = attnc::BufferData::Float(ndarray::ArrayD::zeros(vec![4]));
+    // kv runs to 7 but t has 4 entries: an error naming the buffer and index.
+    let err = kernel
+        .run(&attnc::Inputs::new(q.view(), q.view(), q.view()).buffer("t", t))
+        .unwrap_err();
+    let text = err.render();
+    assert!(text.contains("`t[4]`") && text.contains("t[kv]"), "{text}");
+    // Non-contiguous inputs work (a transposed view).
+    let big = attnc::bench::Rng::new(3).array4((1, 8, 1, 4));
+    let view = big.view().permuted_axes([0, 2, 1, 3]);
+    let causal = attnc::compile(
+        attnc::SourceFile::new("c.attn", "attention c { mask = causal }"),
+        &attnc::CompileOptions::default(),
+    )
+    .unwrap();
+    let p = attnc::load(
+        attnc::SourceFile::new("c.attn", "attention c { mask = causal }"),
+        &Default::default(),
+    )
+    .unwrap();
+    let i = attnc::Inputs::new(view, view, view).with_lse();
+    let r = p.run_reference(&i).unwrap();
+    common::assert_close(
+        "strided",
+        &causal.run(&i).unwrap(),
+        &r.out,
+        r.lse.as_ref().unwrap(),
+        1e-5,
+    );
+}
+
+#[test]
+fn automatic_tiles_follow_the_mask_and_match_the_reference() {
+    use attnc::mask::Tiling;
+    let cases = [
+        (
+            "attention dense { score = score * 0.5 }",
+            Tiling::new(128, 64),
+        ),
+        ("attention c { mask = causal }", Tiling::new(64, 64)),
+    ];
+    for (src, want) in cases {
+        let file = || attnc::SourceFile::new("auto.attn", src);
+        let program = attnc::load(file(), &Default::default()).unwrap();
+        assert_eq!(program.auto_tiling(), want.unwrap(), "{src}");
+        for gemm in gemms() {
+            let options = attnc::CompileOptions {
+                gemm,
+                ..Default::default()
+            };
+            let kernel = attnc::compile(file(), &options).unwrap();
+            assert_eq!(kernel.tiling(), program.auto_tiling(), "{src}");
+            // Lengths around the 128-row tile: one partial query tile, several, ragged KV.
+            for (q_len, kv_len) in [(100, 100), (300, 77), (129, 257)] {
+                let mut rng = attnc::bench::Rng::new((q_len + kv_len) as u64);
+                let q = rng.array4((1, 2, q_len, 24));
+                let k = rng.array4((1, 2, kv_len, 24));
+                let v = rng.array4((1, 2, kv_len, 24));
+                let inputs = attnc::Inputs::new(q.view(), k.view(), v.view()).with_lse();
+                let reference = program.run_reference(&inputs).unwrap();
+                let got = kernel.run(&inputs).unwrap();
+                common::assert_close(
+                    &format!("{src} {q_len}x{kv_len} {}", gemm.name()),
+                    &got,
+                    &reference.out,
+                    reference.lse.as_ref().unwrap(),
+                    1e-5,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn tile_choices_parse_from_text() {
+    use attnc::mask::Tiling;
+    use attnc::Tiles;
+    assert_eq!("auto".parse::<Tiles>().unwrap(), Tiles::Auto);
+    assert_eq!(
+        "64x128".parse::<Tiles>().unwrap(),
+        Tiles::Fixed(Tiling::new(64, 128).unwrap())
+    );
+    assert_eq!(
+        "32".parse::<Tiles>().unwrap(),
+        Tiles::Fixed(Tiling::new(32, 32).unwrap())
+    );
+    assert!("automatic".parse::<Tiles>().is_err());
+    assert!("0x64".parse::<Tiles>().is_err());
+}
