@@ -4,9 +4,13 @@
 //! it can find. Names are resolved in declaration order (an item sees the
 //! items above it), int/float mixes get explicit conversions, `causal` is
 //! expanded, and each expression's dependence on `b`, `h`, `q`, `kv`, `score`
-//! and buffers is recorded.
+//! and buffers is recorded. Calls of user functions (`fn`) are inlined: the
+//! body is checked again at each call with the arguments bound to its
+//! parameters, so the checked spec has no functions, and `let`s and
+//! arguments are shared nodes of the expression DAG.
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use super::ir::*;
 use super::{Diag, Label};
@@ -18,10 +22,54 @@ const BUILTIN_NAMES: [&str; 12] = [
     "b", "h", "q", "kv", "score", "causal", "B", "H", "HKV", "Q", "KV", "D",
 ];
 
+/// The most expressions one attention block may hold once its function
+/// calls are inlined: functions that call the next one several times grow
+/// exponentially, and the checker stops there with an error naming the chain.
+pub const MAX_INLINED_EXPRS: usize = 100_000;
+
+/// The names of the built-in functions, which a `fn` may not reuse.
+fn builtin_function(name: &str) -> bool {
+    name == "ancestor" || Func::from_name(name).is_some()
+}
+
+/// Registers `f` in `functions`, or reports why it cannot be: a built-in
+/// function's name, or one defined already.
+fn register_function(
+    functions: &mut HashMap<String, Rc<ast::Function>>,
+    f: &ast::Function,
+    diags: &mut Vec<Diag>,
+) {
+    let name = &f.name;
+    if builtin_function(&name.name) {
+        let mut d = Diag::error(
+            "attnc::sema::reserved_name",
+            format!("`{}` is a built-in function", name.name),
+            Label::new(name.span, "cannot be redefined"),
+        );
+        d.with_help("give the function another name");
+        diags.push(d);
+    } else if let Some(prev) = functions.get(&name.name) {
+        let mut d = Diag::error(
+            "attnc::sema::duplicate",
+            format!("function `{}` is defined twice", name.name),
+            Label::new(name.span, "second definition"),
+        );
+        d.with_label(Label::new(prev.name.span, "first defined here"))
+            .with_help("give each function its own name");
+        diags.push(d);
+    } else {
+        functions.insert(name.name.clone(), Rc::new(f.clone()));
+    }
+}
+
 /// Checks a parsed file. Returns every error found, not only the first.
 pub fn check(file: &ast::File) -> Result<Module, Vec<Diag>> {
     let mut diags = Vec::new();
     let mut specs = Vec::new();
+    let mut shared = HashMap::new();
+    for f in &file.functions {
+        register_function(&mut shared, f, &mut diags);
+    }
     let mut seen: HashMap<&str, Span> = HashMap::new();
     for att in &file.attentions {
         if let Some(prev) = seen.insert(&att.name.name, att.name.span) {
@@ -34,8 +82,9 @@ pub fn check(file: &ast::File) -> Result<Module, Vec<Diag>> {
                 .with_help("give each attention block in a file its own name");
             diags.push(d);
         }
-        let mut checker = Checker::new(att);
+        let mut checker = Checker::new(att, &shared);
         checker.check_items(&att.items);
+        checker.check_functions();
         if checker.diags.is_empty() {
             if let Some((id, x)) = super::f32_overflow(&checker.spec) {
                 let mut d = Diag::error(
@@ -56,6 +105,17 @@ pub fn check(file: &ast::File) -> Result<Module, Vec<Diag>> {
     if diags.is_empty() {
         Ok(Module { specs })
     } else {
+        // A function body is checked on its own and again at each call (and
+        // a shared one in every block): report each error once.
+        let mut seen = std::collections::HashSet::new();
+        diags.retain(|d| {
+            let spans: Vec<_> = d
+                .labels
+                .iter()
+                .map(|l| (l.span.start, l.span.end))
+                .collect();
+            seen.insert((d.code, d.message.clone(), spans))
+        });
         Err(diags)
     }
 }
@@ -91,10 +151,27 @@ struct Checker {
     /// Declarations that failed to check (already reported); their uses
     /// are not reported again as unknown names.
     poisoned: std::collections::HashSet<String>,
+    /// The functions this block sees: the file's and its own.
+    functions: HashMap<String, Rc<ast::Function>>,
+    /// Which of them are the block's own (they see its params and buffers).
+    own_functions: std::collections::HashSet<String>,
+    /// The calls being inlined, outermost first: (function, call site).
+    calls: Vec<(String, Span)>,
+    /// Whether the inlining budget was exceeded (reported once).
+    budget_hit: bool,
 }
 
 impl Checker {
-    fn new(att: &ast::Attention) -> Checker {
+    fn new(att: &ast::Attention, shared: &HashMap<String, Rc<ast::Function>>) -> Checker {
+        let mut functions = shared.clone();
+        let mut own_functions = std::collections::HashSet::new();
+        let mut diags = vec![];
+        for item in &att.items {
+            if let ItemKind::Fn(f) = &item.kind {
+                register_function(&mut functions, f, &mut diags);
+                own_functions.insert(f.name.name.clone());
+            }
+        }
         let mut declared_later = HashMap::new();
         for item in &att.items {
             let name = match &item.kind {
@@ -122,10 +199,308 @@ impl Checker {
             },
             scope: HashMap::new(),
             declared_later,
-            diags: vec![],
+            diags,
             score_use: None,
             poisoned: Default::default(),
+            functions,
+            own_functions,
+            calls: vec![],
+            budget_hit: false,
         }
+    }
+
+    /// Checks every function's body once on its own (with placeholder
+    /// arguments), so a function that is never called is checked too; what
+    /// it adds to the spec is dropped again. Runs after the block's items,
+    /// so the block's own functions see all its params and buffers.
+    fn check_functions(&mut self) {
+        let mut names: Vec<_> = self.functions.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let f = self.functions[&name].clone();
+            let mark = self.spec.exprs.len();
+            let args: Vec<_> = f
+                .args
+                .iter()
+                .map(|(arg, ty)| {
+                    let ty = sema_type(ty.kind);
+                    let zero = match ty {
+                        Type::Int => Value::Int(0),
+                        Type::Float => Value::Float(0.0),
+                        Type::Bool => Value::Bool(false),
+                    };
+                    Some((self.push(Expr::Const(zero), ty, arg.span), ty))
+                })
+                .collect();
+            let arg_spans: Vec<_> = f.args.iter().map(|(a, _)| a.span).collect();
+            self.inline(&f, args, &arg_spans, f.name.span, Context::Let);
+            self.spec.exprs.truncate(mark);
+            self.spec.types.truncate(mark);
+            self.spec.deps.truncate(mark);
+            self.spec.spans.truncate(mark);
+        }
+    }
+
+    /// A call of the user function `f`: checks the arguments, then inlines.
+    fn user_call(
+        &mut self,
+        f: Rc<ast::Function>,
+        args: &[ast::Expr],
+        span: Span,
+        ctx: Context,
+    ) -> Option<(ExprId, Type)> {
+        let checked: Vec<_> = args.iter().map(|a| self.expr(a, ctx)).collect();
+        if args.len() != f.args.len() {
+            let sig = f
+                .args
+                .iter()
+                .map(|(n, t)| format!("{}: {}", n.name, t.kind))
+                .collect::<Vec<_>>()
+                .join(", ");
+            self.error(
+                "attnc::sema::wrong_arity",
+                format!(
+                    "`{}` takes {} argument{}, found {}",
+                    f.name.name,
+                    f.args.len(),
+                    plural(f.args.len()),
+                    args.len()
+                ),
+                Label::new(
+                    span,
+                    format!("{} argument{}", args.len(), plural(args.len())),
+                ),
+            )
+            .with_label(Label::new(
+                f.name.span,
+                format!("defined as `{}({sig})`", f.name.name),
+            ))
+            .with_help("pass one value for each parameter, in order");
+            return None;
+        }
+        let arg_spans: Vec<_> = args.iter().map(|a| a.span).collect();
+        self.inline(&f, checked, &arg_spans, span, ctx)
+    }
+
+    /// Inlines a call of `f` at `call`: binds its parameters to the checked
+    /// arguments (converting int to float where a float is declared) in a
+    /// scope of their own, checks its `let`s and body there and returns the
+    /// body's value. Recursion and the size budget are checked here.
+    fn inline(
+        &mut self,
+        f: &ast::Function,
+        args: Vec<Option<(ExprId, Type)>>,
+        arg_spans: &[Span],
+        call: Span,
+        ctx: Context,
+    ) -> Option<(ExprId, Type)> {
+        let name = &f.name.name;
+        if let Some(pos) = self.calls.iter().position(|(n, _)| n == name) {
+            self.recursion(pos, call);
+            return None;
+        }
+        if self.spec.exprs.len() > MAX_INLINED_EXPRS {
+            if !self.budget_hit {
+                self.budget_hit = true;
+                let chain = self
+                    .calls
+                    .iter()
+                    .map(|(n, _)| format!("`{n}`"))
+                    .chain([format!("`{name}`")])
+                    .collect::<Vec<_>>()
+                    .join(" → ");
+                let outer = self.calls.first().map_or(call, |(_, s)| *s);
+                self.error(
+                    "attnc::sema::inline_budget",
+                    format!(
+                        "inlining its function calls makes attention `{}` larger than {MAX_INLINED_EXPRS} expressions, at {chain}",
+                        self.spec.name
+                    ),
+                    Label::new(outer, "this call expands past the limit"),
+                )
+                .with_help("a function that calls another several times with different arguments doubles in size at each level: compute shared values once with `let` and pass them on");
+            }
+            return None;
+        }
+        // The arguments, typed as declared.
+        let mut scope = HashMap::new();
+        if self.own_functions.contains(name) {
+            for (n, (b, s)) in &self.scope {
+                if matches!(b, Binding::Param(_) | Binding::Buffer(_)) {
+                    scope.insert(n.clone(), (*b, *s));
+                }
+            }
+        }
+        let mut locals: HashMap<String, Span> = HashMap::new();
+        let mut failed = std::collections::HashSet::new();
+        let mut ok = true;
+        for (((arg, ty), value), span) in f.args.iter().zip(args).zip(arg_spans) {
+            ok &= self.declare_local(arg, &mut locals);
+            let Some((id, found)) = value else {
+                // Reported at the call; uses in the body are not unknown names.
+                failed.insert(arg.name.clone());
+                ok = false;
+                continue;
+            };
+            let want = sema_type(ty.kind);
+            let id = match (found, want) {
+                _ if found == want => id,
+                (Type::Int, Type::Float) => self.to_float(id),
+                _ => {
+                    self.error(
+                        "attnc::sema::type_mismatch",
+                        format!(
+                            "argument `{}` of `{name}` must be {want}, found {found}",
+                            arg.name
+                        ),
+                        Label::new(*span, format!("this is {found}")),
+                    )
+                    .with_label(Label::new(
+                        ty.span,
+                        format!("`{}` is declared {want} here", arg.name),
+                    ))
+                    .with_help(match want {
+                        Type::Bool => "pass a condition, e.g. `x != 0`",
+                        Type::Int => "convert with `int(x)`, which rounds toward zero",
+                        Type::Float => "convert a condition with `float(c)`",
+                    });
+                    failed.insert(arg.name.clone());
+                    ok = false;
+                    continue;
+                }
+            };
+            scope.insert(
+                arg.name.clone(),
+                (
+                    Binding::Let {
+                        value: id,
+                        score_use: None,
+                    },
+                    arg.span,
+                ),
+            );
+        }
+        let saved_scope = std::mem::replace(&mut self.scope, scope);
+        let saved_poisoned = std::mem::replace(&mut self.poisoned, failed);
+        let saved_later = std::mem::take(&mut self.declared_later);
+        self.calls.push((name.clone(), call));
+        for (let_name, value) in &f.lets {
+            let checked = self.expr(value, ctx);
+            if !self.declare_local(let_name, &mut locals) {
+                ok = false;
+                continue;
+            }
+            match checked {
+                Some((id, _)) => {
+                    self.scope.insert(
+                        let_name.name.clone(),
+                        (
+                            Binding::Let {
+                                value: id,
+                                score_use: None,
+                            },
+                            let_name.span,
+                        ),
+                    );
+                }
+                None => {
+                    self.poisoned.insert(let_name.name.clone());
+                    ok = false;
+                }
+            }
+        }
+        let body = self.expr(&f.body, ctx);
+        self.calls.pop();
+        self.scope = saved_scope;
+        self.poisoned = saved_poisoned;
+        self.declared_later = saved_later;
+        let (id, found) = body?;
+        if !ok {
+            return None;
+        }
+        let want = sema_type(f.ret.kind);
+        match (found, want) {
+            _ if found == want => Some((id, want)),
+            (Type::Int, Type::Float) => Some((self.to_float(id), Type::Float)),
+            _ => {
+                self.error(
+                    "attnc::sema::type_mismatch",
+                    format!("`{name}` must return {want}, found {found}"),
+                    Label::new(f.body.span, format!("this is {found}")),
+                )
+                .with_label(Label::new(f.ret.span, format!("declared to return {want}")))
+                .with_help(match want {
+                    Type::Bool => "a bool function ends in a condition, e.g. `x >= 0`",
+                    Type::Int => "convert with `int(x)`, or declare the function `-> float`",
+                    Type::Float => {
+                        "convert a condition with `float(c)`, or declare the function `-> bool`"
+                    }
+                });
+                None
+            }
+        }
+    }
+
+    /// Declares a function's parameter or `let`: a name may appear once in
+    /// a function, may shadow the block's names and the indices `b h q kv`
+    /// and `score`, and may not be a shape, `causal` or a built-in function.
+    fn declare_local(&mut self, name: &ast::Ident, locals: &mut HashMap<String, Span>) -> bool {
+        let n = name.name.as_str();
+        let shadowable = matches!(n, "b" | "h" | "q" | "kv" | "score");
+        if !shadowable
+            && (BUILTIN_NAMES.contains(&n) || builtin_function(n) || matches!(n, "mask" | "scale"))
+        {
+            self.error(
+                "attnc::sema::reserved_name",
+                format!("`{n}` is a built-in name and cannot be declared"),
+                Label::new(name.span, "reserved"),
+            )
+            .with_help("pick another name");
+            return false;
+        }
+        if let Some(prev) = locals.insert(n.to_string(), name.span) {
+            self.error(
+                "attnc::sema::duplicate",
+                format!("`{n}` is defined twice"),
+                Label::new(name.span, "second definition"),
+            )
+            .with_label(Label::new(prev, "first defined here"))
+            .with_help("rename one of them");
+            return false;
+        }
+        true
+    }
+
+    /// Reports the cycle that a call of `self.calls[pos]`'s function at
+    /// `call` closes. The cycle is named from its alphabetically first
+    /// function, so every way into it gives the same error.
+    fn recursion(&mut self, pos: usize, call: Span) {
+        // Edge i: `nodes[i]` calls `nodes[i + 1]` at `edges[i]`.
+        let mut nodes: Vec<String> = self.calls[pos..].iter().map(|(n, _)| n.clone()).collect();
+        let mut edges: Vec<Span> = self.calls[pos + 1..].iter().map(|(_, s)| *s).collect();
+        edges.push(call);
+        let first = (0..nodes.len()).min_by_key(|&i| &nodes[i]).unwrap_or(0);
+        nodes.rotate_left(first);
+        edges.rotate_left(first);
+        let chain = nodes
+            .iter()
+            .chain([&nodes[0]])
+            .map(|n| format!("`{n}`"))
+            .collect::<Vec<_>>()
+            .join(" → ");
+        let label = |i: usize| {
+            let callee = &nodes[(i + 1) % nodes.len()];
+            Label::new(edges[i], format!("`{}` calls `{callee}` here", nodes[i]))
+        };
+        let d = self.error(
+            "attnc::sema::recursion",
+            format!("functions may not be recursive: {chain}"),
+            label(0),
+        );
+        for i in 1..edges.len() {
+            d.with_label(label(i));
+        }
+        d.with_help("functions are inlined where they are called: write the repetition out, or compute it with a buffer");
     }
 
     fn error(&mut self, code: &'static str, message: String, label: Label) -> &mut Diag {
@@ -156,6 +531,8 @@ impl Checker {
         let mut seen_main: HashMap<&'static str, Span> = HashMap::new();
         for item in items {
             match &item.kind {
+                // Hoisted: registered in `Checker::new`, checked in `check_functions`.
+                ItemKind::Fn(_) => {}
                 ItemKind::Param { name, ty, value } => {
                     if !self.declare(name) {
                         continue;
@@ -624,6 +1001,29 @@ impl Checker {
 
     fn name(&mut self, n: &ast::Ident, ctx: Context) -> Option<(ExprId, Type)> {
         let span = n.span;
+        if let Some((function, _)) = self.calls.last() {
+            // In a function body its parameters and lets come first; the
+            // per-element names are not in scope: they are passed in.
+            let local = self.scope.contains_key(&n.name);
+            if !local && matches!(n.name.as_str(), "b" | "h" | "q" | "kv" | "score" | "causal") {
+                let function = function.clone();
+                self.error(
+                    "attnc::sema::fn_scope",
+                    format!("function `{function}` cannot use `{}`", n.name),
+                    Label::new(span, "not in scope in a function"),
+                )
+                .with_help(format!(
+                    "a function sees only its parameters: add a parameter (e.g. `{}: {}`) and pass `{}` at the call",
+                    n.name,
+                    if n.name == "score" { "float" } else if n.name == "causal" { "bool" } else { "int" },
+                    n.name
+                ));
+                return None;
+            }
+            if local {
+                return self.scoped_name(n, ctx);
+            }
+        }
         let index_var = |s: &str| match s {
             "b" => Some(Var::B),
             "h" => Some(Var::H),
@@ -695,6 +1095,12 @@ impl Checker {
             }
             _ => {}
         }
+        self.scoped_name(n, ctx)
+    }
+
+    /// A name declared in the block (or the function being inlined).
+    fn scoped_name(&mut self, n: &ast::Ident, ctx: Context) -> Option<(ExprId, Type)> {
+        let span = n.span;
         match self.scope.get(&n.name).map(|(b, s)| (*b, *s)) {
             Some((Binding::Param(id), _)) => {
                 let ty = self.spec.param(id).ty;
@@ -797,6 +1203,7 @@ impl Checker {
                 .iter()
                 .map(|f| f.name().to_string())
                 .chain(["ancestor".to_string()])
+                .chain(self.functions.keys().cloned())
                 .collect();
         }
         candidates.sort();
@@ -933,6 +1340,9 @@ impl Checker {
     ) -> Option<(ExprId, Type)> {
         if name.name == "ancestor" {
             return self.ancestor(name, args, span, ctx);
+        }
+        if let Some(f) = self.functions.get(&name.name).cloned() {
+            return self.user_call(f, args, span, ctx);
         }
         let Some(func) = Func::from_name(&name.name) else {
             for a in args {

@@ -45,10 +45,23 @@ pub struct Ident {
     pub span: Span,
 }
 
-/// A whole source file: one or more attention blocks.
+/// A whole source file: one or more attention blocks, and the functions
+/// they share.
 #[derive(Clone, Debug, PartialEq)]
 pub struct File {
+    pub functions: Vec<Function>,
     pub attentions: Vec<Attention>,
+}
+
+/// `fn NAME(ARG: TYPE, ...) -> TYPE { let NAME = EXPR ... EXPR }`
+#[derive(Clone, Debug, PartialEq)]
+pub struct Function {
+    pub name: Ident,
+    pub args: Vec<(Ident, TypeName)>,
+    pub ret: TypeName,
+    pub lets: Vec<(Ident, Expr)>,
+    pub body: Expr,
+    pub span: Span,
 }
 
 /// `attention NAME { ITEM* }`
@@ -67,6 +80,8 @@ pub struct Item {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum ItemKind {
+    /// `fn NAME(...) -> TYPE { ... }`, seen by this block only
+    Fn(Function),
     /// `param NAME: TYPE = LITERAL`
     Param {
         name: Ident,
@@ -93,6 +108,7 @@ impl ItemKind {
     /// The keyword that introduces the item.
     pub fn keyword(&self) -> &'static str {
         match self {
+            ItemKind::Fn(_) => "fn",
             ItemKind::Param { .. } => "param",
             ItemKind::Buffer { .. } => "buffer",
             ItemKind::Let { .. } => "let",
@@ -258,6 +274,9 @@ impl UnaryOp {
 
 impl fmt::Display for File {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for func in &self.functions {
+            writeln!(f, "fn {func} @{}..{}", func.span.start, func.span.end)?;
+        }
         for (i, a) in self.attentions.iter().enumerate() {
             if i > 0 {
                 writeln!(f)?;
@@ -265,6 +284,24 @@ impl fmt::Display for File {
             write!(f, "{a}")?;
         }
         Ok(())
+    }
+}
+
+/// `NAME(ARG: TYPE, ...) -> TYPE { let NAME = EXPR; ...; EXPR }` on one line.
+impl fmt::Display for Function {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}(", self.name.name)?;
+        for (i, (name, ty)) in self.args.iter().enumerate() {
+            if i > 0 {
+                write!(f, ", ")?;
+            }
+            write!(f, "{}: {}", name.name, ty.kind)?;
+        }
+        write!(f, ") -> {} {{ ", self.ret.kind)?;
+        for (name, value) in &self.lets {
+            write!(f, "let {} = {}; ", name.name, SExpr(value))?;
+        }
+        write!(f, "{} }}", SExpr(&self.body))
     }
 }
 
@@ -278,6 +315,7 @@ impl fmt::Display for Attention {
         for item in &self.items {
             write!(f, "    {} ", item.kind.keyword())?;
             match &item.kind {
+                ItemKind::Fn(func) => write!(f, "{func}")?,
                 ItemKind::Param { name, ty, value } => {
                     let v = match value.value {
                         LitValue::Int(i) => i.to_string(),

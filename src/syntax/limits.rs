@@ -11,7 +11,7 @@
 //! expressions deeper than [`MAX_NESTING`]. A rejected AST is taken apart
 //! iteratively, since dropping it recursively could overflow the stack too.
 
-use super::ast::{Expr, ExprKind, File, ItemKind, Span};
+use super::ast::{Expr, ExprKind, File, Function, ItemKind, Span};
 use super::SyntaxError;
 
 /// The deepest nesting of brackets (`(`, `[`, `{`, the block's own `{`
@@ -102,15 +102,28 @@ fn children(e: &Expr) -> Vec<&Expr> {
     }
 }
 
-fn expressions(file: &File) -> impl Iterator<Item = &Expr> {
-    file.attentions
+/// The expressions of a function: its `let`s and its body.
+fn function_exprs(f: &Function) -> impl Iterator<Item = &Expr> {
+    f.lets
         .iter()
-        .flat_map(|a| &a.items)
-        .filter_map(|item| match &item.kind {
-            ItemKind::Let { value, .. } => Some(value),
-            ItemKind::Mask(e) | ItemKind::Score(e) | ItemKind::Scale(e) => Some(e),
-            ItemKind::Param { .. } | ItemKind::Buffer { .. } => None,
-        })
+        .map(|(_, e)| e)
+        .chain(std::iter::once(&f.body))
+}
+
+fn expressions(file: &File) -> impl Iterator<Item = &Expr> {
+    let items = file.attentions.iter().flat_map(|a| &a.items).flat_map(
+        |item| -> Box<dyn Iterator<Item = &Expr> + '_> {
+            match &item.kind {
+                ItemKind::Let { value, .. } => Box::new(std::iter::once(value)),
+                ItemKind::Mask(e) | ItemKind::Score(e) | ItemKind::Scale(e) => {
+                    Box::new(std::iter::once(e))
+                }
+                ItemKind::Fn(f) => Box::new(function_exprs(f)),
+                ItemKind::Param { .. } | ItemKind::Buffer { .. } => Box::new(std::iter::empty()),
+            }
+        },
+    );
+    file.functions.iter().flat_map(function_exprs).chain(items)
 }
 
 /// Returns `file` if no expression in it is nested deeper than
@@ -146,11 +159,19 @@ pub fn check_depth(file: File) -> Result<File, SyntaxError> {
 /// list before its parent is dropped.
 fn dismantle(file: File) {
     let mut work: Vec<Expr> = Vec::new();
+    let take = |f: Function, work: &mut Vec<Expr>| {
+        work.extend(f.lets.into_iter().map(|(_, e)| e));
+        work.push(f.body);
+    };
+    for f in file.functions {
+        take(f, &mut work);
+    }
     for attention in file.attentions {
         for item in attention.items {
             match item.kind {
                 ItemKind::Let { value, .. } => work.push(value),
                 ItemKind::Mask(e) | ItemKind::Score(e) | ItemKind::Scale(e) => work.push(e),
+                ItemKind::Fn(f) => take(f, &mut work),
                 ItemKind::Param { .. } | ItemKind::Buffer { .. } => {}
             }
         }

@@ -37,9 +37,11 @@ pub fn parse(source: &str) -> Result<File, SyntaxError> {
         .next()
         .expect("grammar: file rule always yields one pair");
     let mut attentions = Vec::new();
+    let mut functions = Vec::new();
     for pair in file.into_inner() {
         match pair.as_rule() {
             Rule::attention => attentions.push(build_attention(pair)?),
+            Rule::fn_item => functions.push(build_function(pair)?),
             Rule::EOI => {}
             r => unreachable!("grammar: unexpected {r:?} in file"),
         }
@@ -52,7 +54,47 @@ pub fn parse(source: &str) -> Result<File, SyntaxError> {
         )
         .with_help("a spec starts with `attention NAME { mask = ... }`"));
     }
-    Ok(File { attentions })
+    Ok(File {
+        functions,
+        attentions,
+    })
+}
+
+fn build_function(pair: Pair<'_, Rule>) -> Result<Function, SyntaxError> {
+    let span = span_of(&pair);
+    let mut inner = pair.into_inner();
+    inner.next(); // kw_fn
+    let name = ident(inner.next().expect("grammar: fn name"));
+    let mut args = Vec::new();
+    let mut lets = Vec::new();
+    let mut ret = None;
+    let mut body = None;
+    for p in inner {
+        match p.as_rule() {
+            Rule::fn_arg => {
+                let mut a = p.into_inner();
+                let arg = ident(a.next().expect("grammar: arg name"));
+                args.push((arg, type_name(a.next().expect("grammar: arg type"))));
+            }
+            Rule::type_name => ret = Some(type_name(p)),
+            Rule::let_item => {
+                let mut l = p.into_inner();
+                l.next(); // kw_let
+                let name = ident(l.next().expect("grammar: let name"));
+                lets.push((name, build_expr(l.next().expect("grammar: let value"))?));
+            }
+            Rule::expr => body = Some(build_expr(p)?),
+            r => unreachable!("grammar: unexpected {r:?} in fn"),
+        }
+    }
+    Ok(Function {
+        name,
+        args,
+        ret: ret.expect("grammar: fn return type"),
+        lets,
+        body: body.expect("grammar: fn body"),
+        span,
+    })
 }
 
 /// The span of a pair without the whitespace and comments pest lets trail it.
@@ -91,6 +133,10 @@ fn build_attention(pair: Pair<'_, Rule>) -> Result<Attention, SyntaxError> {
 fn build_item(pair: Pair<'_, Rule>) -> Result<Item, SyntaxError> {
     let span = span_of(&pair);
     let rule = pair.as_rule();
+    if rule == Rule::fn_item {
+        let kind = ItemKind::Fn(build_function(pair)?);
+        return Ok(Item { kind, span });
+    }
     let mut inner = pair.into_inner();
     inner.next(); // the keyword
     let kind = match rule {
@@ -390,12 +436,13 @@ fn build_expr(pair: Pair<'_, Rule>) -> Result<Expr, SyntaxError> {
 }
 
 /// How an expected item is named when it is the only thing expected.
-const AN_ITEM: &str = "an item (`param`, `buffer`, `let`, `mask`, `score` or `scale`)";
+const AN_ITEM: &str = "an item (`fn`, `param`, `buffer`, `let`, `mask`, `score` or `scale`)";
 
 /// The words users know for each grammar rule pest may say it expected.
 fn rule_name(rule: &Rule) -> Option<&'static str> {
     Some(match rule {
         Rule::attention | Rule::kw_attention => "`attention`",
+        Rule::fn_arg => "an argument (`NAME: TYPE`)",
         Rule::ident => "a name",
         Rule::type_name => "a type (`int`, `float` or `bool`)",
         Rule::literal => "a literal",
@@ -427,7 +474,9 @@ fn rule_name(rule: &Rule) -> Option<&'static str> {
         | Rule::add_op
         | Rule::mul_op => "an operator",
         Rule::unary_op => "an expression",
-        Rule::kw_param
+        Rule::kw_fn
+        | Rule::fn_item
+        | Rule::kw_param
         | Rule::kw_buffer
         | Rule::kw_let
         | Rule::kw_mask
@@ -455,7 +504,7 @@ const STRUCTURAL: [&str; 7] = [":", "=", ",", "{", "]", ")", "}"];
 /// better (see [`convert_error`]).
 fn token_name(token: &str) -> Option<&'static str> {
     Some(match token {
-        "param" | "buffer" | "let" | "mask" | "score" | "scale" => AN_ITEM,
+        "fn" | "param" | "buffer" | "let" | "mask" | "score" | "scale" => AN_ITEM,
         "else" => "`else`",
         "if" | "true" | "false" | "!" | "~" | "(" => "an expression",
         "+" | "-" | "*" | "%" | "<" | "<=" | ">" | ">=" | "==" | "!=" | "&&" | "||" | "|" | "^"

@@ -126,6 +126,10 @@ pub enum MaskDesc {
     Or(Box<MaskDesc>, Box<MaskDesc>),
     /// `if COND { THEN } else { OTHERWISE }`
     If(Box<MaskDesc>, Box<MaskDesc>, Box<MaskDesc>),
+    /// `fN(q, kv, b, h)` of a function of the block, `fn fN(q: int, kv:
+    /// int, b: int, h: int) -> bool { LETS INNER }`; the same value as
+    /// `INNER`. Its lets go into the function's body.
+    Fn(Box<MaskDesc>),
 }
 
 /// A position-dependent bias added to the score.
@@ -191,6 +195,10 @@ pub enum ScoreDesc {
     Mul(f64, Box<ScoreDesc>),
     /// `cap * tanh((INNER) / cap)`
     Softcap(FloatArg, Box<ScoreDesc>),
+    /// `softcap(INNER, cap)` of the file's function `fn softcap(x: float,
+    /// cap: float) -> float { let t = tanh(x / cap)  cap * t }`: the same
+    /// value as `Softcap`.
+    CallSoftcap(FloatArg, Box<ScoreDesc>),
     /// `(INNER) - slope[h] * (q - kv)`; `buffer slope[H]: float`.
     Alibi(Box<ScoreDesc>),
     /// `(INNER) + rel_M[h, clamp(kv - q, -M, M) + M]`; `buffer rel_M[H, 2M+1]: float`.
@@ -317,6 +325,14 @@ struct Render {
     overrides: Vec<(String, String)>,
     buffers: Vec<GenBuffer>,
     lets: Vec<String>,
+    /// Lets made so far, which numbers their names.
+    let_count: usize,
+    /// The block's functions and the file's.
+    functions: Vec<String>,
+    file_functions: Vec<String>,
+    /// Whether the text is inside a function's body, where `causal` is
+    /// not in scope.
+    in_fn: bool,
 }
 
 fn int_lit(v: i64) -> String {
@@ -378,7 +394,8 @@ impl Render {
     }
 
     fn let_(&mut self, prefix: &str, value: String) -> String {
-        let name = format!("{prefix}{}", self.lets.len());
+        let name = format!("{prefix}{}", self.let_count);
+        self.let_count += 1;
         self.lets.push(format!("let {name} = {value}"));
         name
     }
@@ -387,6 +404,7 @@ impl Render {
         let guard = |g: bool| if g { "q + 1 < KV && " } else { "" };
         match a {
             MaskAtom::Const(c) => c.to_string(),
+            MaskAtom::Causal if self.in_fn => "q >= kv".to_string(),
             MaskAtom::Causal => "causal".to_string(),
             MaskAtom::Window(w) => format!("q - kv < {}", self.int_arg(w)),
             MaskAtom::Band(w) => format!("abs(q - kv) <= {}", self.int_arg(w)),
@@ -466,6 +484,21 @@ impl Render {
                 self.let_("m", value)
             }
             MaskDesc::Not(a) => format!("!{}", self.mask(a)),
+            MaskDesc::Fn(inner) => {
+                let outer_lets = std::mem::take(&mut self.lets);
+                let was_in_fn = std::mem::replace(&mut self.in_fn, true);
+                let body = self.mask(inner);
+                self.in_fn = was_in_fn;
+                let lets = std::mem::replace(&mut self.lets, outer_lets);
+                let name = format!("f{}", self.functions.len());
+                let mut text = format!("fn {name}(q: int, kv: int, b: int, h: int) -> bool {{\n");
+                for l in lets {
+                    text += &format!("        {l}\n");
+                }
+                text += &format!("        {body}\n    }}");
+                self.functions.push(text);
+                format!("{name}(q, kv, b, h)")
+            }
             MaskDesc::And(a, b) => format!("({} && {})", self.mask(a), self.mask(b)),
             MaskDesc::Or(a, b) => format!("({} || {})", self.mask(a), self.mask(b)),
             MaskDesc::If(c, a, b) => {
@@ -507,6 +540,14 @@ impl Render {
             ScoreDesc::Softcap(cap, inner) => {
                 let cap = self.float_arg(cap);
                 format!("{cap} * tanh(({}) / {cap})", self.score(inner))
+            }
+            ScoreDesc::CallSoftcap(cap, inner) => {
+                let cap = self.float_arg(cap);
+                let f = "fn softcap(x: float, cap: float) -> float {\n    let t = tanh(x / cap)\n    cap * t\n}";
+                if !self.file_functions.iter().any(|g| g == f) {
+                    self.file_functions.push(f.to_string());
+                }
+                format!("softcap({}, {cap})", self.score(inner))
             }
             ScoreDesc::Alibi(inner) => {
                 let slope = self.buffer(
@@ -592,7 +633,11 @@ impl GenSpec {
             main.reverse();
         }
         let name = "gen".to_string();
-        let mut source = format!("// generated spec\nattention {name} {{\n");
+        let mut source = "// generated spec\n".to_string();
+        for f in &r.file_functions {
+            source += &format!("{f}\n");
+        }
+        source += &format!("attention {name} {{\n");
         for p in &r.params {
             source += &format!("    {p}\n");
         }
@@ -612,6 +657,9 @@ impl GenSpec {
                 Elem::Bool => "bool",
             };
             source += &format!("    buffer {}[{}]: {elem}\n", b.name, dims.join(", "));
+        }
+        for f in &r.functions {
+            source += &format!("    {f}\n");
         }
         for l in r.lets.iter().chain(&main) {
             source += &format!("    {l}\n");
@@ -996,7 +1044,7 @@ impl MaskDesc {
     pub fn eval(&self, env: &Env<'_>, at: At) -> Result<bool, EvalFailure> {
         Ok(match self {
             MaskDesc::Atom(a) => a.eval(env, at)?,
-            MaskDesc::Let(inner) => inner.eval(env, at)?,
+            MaskDesc::Let(inner) | MaskDesc::Fn(inner) => inner.eval(env, at)?,
             MaskDesc::Not(a) => !a.eval(env, at)?,
             MaskDesc::And(a, b) => a.eval(env, at)? && b.eval(env, at)?,
             MaskDesc::Or(a, b) => a.eval(env, at)? || b.eval(env, at)?,
@@ -1042,7 +1090,7 @@ impl ScoreDesc {
             ScoreDesc::Score => score,
             ScoreDesc::Const(c) => *c,
             ScoreDesc::Mul(c, inner) => c * inner.eval(env, at, score)?,
-            ScoreDesc::Softcap(cap, inner) => {
+            ScoreDesc::Softcap(cap, inner) | ScoreDesc::CallSoftcap(cap, inner) => {
                 cap.value * (inner.eval(env, at, score)? / cap.value).tanh()
             }
             ScoreDesc::Alibi(inner) => {
@@ -1188,7 +1236,8 @@ pub fn arb_mask_depth(depth: u32) -> impl Strategy<Value = MaskDesc> {
             1 => inner.clone().prop_map(|a| MaskDesc::Not(Box::new(a))),
             1 => (inner.clone(), inner.clone(), inner.clone())
                 .prop_map(|(c, a, b)| MaskDesc::If(Box::new(c), Box::new(a), Box::new(b))),
-            1 => inner.prop_map(|a| MaskDesc::Let(Box::new(a))),
+            1 => inner.clone().prop_map(|a| MaskDesc::Let(Box::new(a))),
+            1 => inner.prop_map(|a| MaskDesc::Fn(Box::new(a))),
         ]
     })
 }
@@ -1209,6 +1258,7 @@ pub fn arb_score() -> impl Strategy<Value = ScoreDesc> {
         prop_oneof![
             1 => (arb_quarter(-2, 2), inner.clone()).prop_map(move |(c, s)| ScoreDesc::Mul(c, b(s))),
             2 => (arb_float_arg(1, 8), inner.clone()).prop_map(move |(cap, s)| ScoreDesc::Softcap(cap, b(s))),
+            1 => (arb_float_arg(1, 8), inner.clone()).prop_map(move |(cap, s)| ScoreDesc::CallSoftcap(cap, b(s))),
             2 => inner.clone().prop_map(move |s| ScoreDesc::Alibi(b(s))),
             2 => (0i64..=4, inner.clone()).prop_map(move |(m, s)| ScoreDesc::RelBias(m, b(s))),
             3 => (prop::sample::select(BiasFn::ALL.to_vec()), inner.clone())
