@@ -27,9 +27,42 @@ const BUILTIN_NAMES: [&str; 12] = [
 /// exponentially, and the checker stops there with an error naming the chain.
 pub const MAX_INLINED_EXPRS: usize = 100_000;
 
+/// The per-element names: not in scope in a function's body, where a
+/// parameter or `let` may take the name (`causal` is the fifth such name,
+/// but may not be taken).
+const ELEMENT_NAMES: [&str; 5] = ["b", "h", "q", "kv", "score"];
+
 /// The names of the built-in functions, which a `fn` may not reuse.
 fn builtin_function(name: &str) -> bool {
     name == "ancestor" || Func::from_name(name).is_some()
+}
+
+/// Whether a `param`, `buffer` or `let` may not take `name`.
+fn reserved(name: &str) -> bool {
+    BUILTIN_NAMES.contains(&name) || builtin_function(name) || matches!(name, "mask" | "scale")
+}
+
+/// The error for a declaration of a reserved name.
+fn reserved_diag(name: &ast::Ident) -> Diag {
+    let mut d = Diag::error(
+        "attnc::sema::reserved_name",
+        format!("`{}` is a built-in name and cannot be declared", name.name),
+        Label::new(name.span, "reserved"),
+    );
+    d.with_help("pick another name");
+    d
+}
+
+/// The error for a second definition at `span` of what `prev` defined.
+fn defined_twice(message: String, span: Span, prev: Span, help: &str) -> Diag {
+    let mut d = Diag::error(
+        "attnc::sema::duplicate",
+        message,
+        Label::new(span, "second definition"),
+    );
+    d.with_label(Label::new(prev, "first defined here"))
+        .with_help(help);
+    d
 }
 
 /// Registers `f` in `functions`, or reports why it cannot be: a built-in
@@ -49,14 +82,12 @@ fn register_function(
         d.with_help("give the function another name");
         diags.push(d);
     } else if let Some(prev) = functions.get(&name.name) {
-        let mut d = Diag::error(
-            "attnc::sema::duplicate",
+        diags.push(defined_twice(
             format!("function `{}` is defined twice", name.name),
-            Label::new(name.span, "second definition"),
-        );
-        d.with_label(Label::new(prev.name.span, "first defined here"))
-            .with_help("give each function its own name");
-        diags.push(d);
+            name.span,
+            prev.name.span,
+            "give each function its own name",
+        ));
     } else {
         functions.insert(name.name.clone(), Rc::new(f.clone()));
     }
@@ -71,20 +102,18 @@ pub fn check(file: &ast::File) -> Result<Module, Vec<Diag>> {
         register_function(&mut shared, f, &mut diags);
     }
     let mut seen: HashMap<&str, Span> = HashMap::new();
-    for att in &file.attentions {
+    for (i, att) in file.attentions.iter().enumerate() {
         if let Some(prev) = seen.insert(&att.name.name, att.name.span) {
-            let mut d = Diag::error(
-                "attnc::sema::duplicate",
+            diags.push(defined_twice(
                 format!("attention block `{}` is defined twice", att.name.name),
-                Label::new(att.name.span, "second definition"),
-            );
-            d.with_label(Label::new(prev, "first defined here"))
-                .with_help("give each attention block in a file its own name");
-            diags.push(d);
+                att.name.span,
+                prev,
+                "give each attention block in a file its own name",
+            ));
         }
         let mut checker = Checker::new(att, &shared);
         checker.check_items(&att.items);
-        checker.check_functions();
+        checker.check_functions(i == 0);
         if checker.diags.is_empty() {
             if let Some((id, x)) = super::f32_overflow(&checker.spec) {
                 let mut d = Diag::error(
@@ -105,8 +134,8 @@ pub fn check(file: &ast::File) -> Result<Module, Vec<Diag>> {
     if diags.is_empty() {
         Ok(Module { specs })
     } else {
-        // A function body is checked on its own and again at each call (and
-        // a shared one in every block): report each error once.
+        // A function body is checked on its own and again at each call, in
+        // every block that calls it: report each error once.
         let mut seen = std::collections::HashSet::new();
         diags.retain(|d| {
             let spans: Vec<_> = d
@@ -212,9 +241,15 @@ impl Checker {
     /// Checks every function's body once on its own (with placeholder
     /// arguments), so a function that is never called is checked too; what
     /// it adds to the spec is dropped again. Runs after the block's items,
-    /// so the block's own functions see all its params and buffers.
-    fn check_functions(&mut self) {
-        let mut names: Vec<_> = self.functions.keys().cloned().collect();
+    /// so the block's own functions see all its params and buffers. The
+    /// file's functions see nothing of a block, so one block checks them.
+    fn check_functions(&mut self, with_file_functions: bool) {
+        let mut names: Vec<_> = self
+            .functions
+            .keys()
+            .filter(|n| with_file_functions || self.own_functions.contains(*n))
+            .cloned()
+            .collect();
         names.sort();
         for name in names {
             let f = self.functions[&name].clone();
@@ -445,27 +480,17 @@ impl Checker {
     /// a function, may shadow the block's names and the indices `b h q kv`
     /// and `score`, and may not be a shape, `causal` or a built-in function.
     fn declare_local(&mut self, name: &ast::Ident, locals: &mut HashMap<String, Span>) -> bool {
-        let n = name.name.as_str();
-        let shadowable = matches!(n, "b" | "h" | "q" | "kv" | "score");
-        if !shadowable
-            && (BUILTIN_NAMES.contains(&n) || builtin_function(n) || matches!(n, "mask" | "scale"))
-        {
-            self.error(
-                "attnc::sema::reserved_name",
-                format!("`{n}` is a built-in name and cannot be declared"),
-                Label::new(name.span, "reserved"),
-            )
-            .with_help("pick another name");
+        if !ELEMENT_NAMES.contains(&name.name.as_str()) && reserved(&name.name) {
+            self.diags.push(reserved_diag(name));
             return false;
         }
-        if let Some(prev) = locals.insert(n.to_string(), name.span) {
-            self.error(
-                "attnc::sema::duplicate",
-                format!("`{n}` is defined twice"),
-                Label::new(name.span, "second definition"),
-            )
-            .with_label(Label::new(prev, "first defined here"))
-            .with_help("rename one of them");
+        if let Some(prev) = locals.insert(name.name.clone(), name.span) {
+            self.diags.push(defined_twice(
+                format!("`{}` is defined twice", name.name),
+                name.span,
+                prev,
+                "rename one of them",
+            ));
             return false;
         }
         true
@@ -655,13 +680,12 @@ impl Checker {
                     let kw = item.kind.keyword();
                     let kw_span = Span::new(item.span.start, item.span.start + kw.len());
                     if let Some(prev) = seen_main.insert(kw, kw_span) {
-                        self.error(
-                            "attnc::sema::duplicate",
+                        self.diags.push(defined_twice(
                             format!("`{kw}` is defined twice in attention `{}`", self.spec.name),
-                            Label::new(kw_span, "second definition"),
-                        )
-                        .with_label(Label::new(prev, "first defined here"))
-                        .with_help(format!("combine them into one `{kw} = ...`"));
+                            kw_span,
+                            prev,
+                            &format!("combine them into one `{kw} = ...`"),
+                        ));
                         continue;
                     }
                     self.check_main(&item.kind, e);
@@ -708,30 +732,19 @@ impl Checker {
 
     /// Registers a declared name; reports duplicates and builtin clashes.
     fn declare(&mut self, name: &ast::Ident) -> bool {
-        if BUILTIN_NAMES.contains(&name.name.as_str())
-            || Func::from_name(&name.name).is_some()
-            || name.name == "ancestor"
-            || matches!(name.name.as_str(), "mask" | "scale")
-        {
-            self.error(
-                "attnc::sema::reserved_name",
-                format!("`{}` is a built-in name and cannot be declared", name.name),
-                Label::new(name.span, "reserved"),
-            )
-            .with_help("pick another name");
+        if reserved(&name.name) {
+            self.diags.push(reserved_diag(name));
             // Uses of it that are not built in (`let exp = ...` then `exp`) are not unknown names too.
             self.poisoned.insert(name.name.clone());
             return false;
         }
         if let Some((_, prev)) = self.scope.get(&name.name) {
-            let prev = *prev;
-            self.error(
-                "attnc::sema::duplicate",
+            self.diags.push(defined_twice(
                 format!("`{}` is defined twice", name.name),
-                Label::new(name.span, "second definition"),
-            )
-            .with_label(Label::new(prev, "first defined here"))
-            .with_help("rename one of them");
+                name.span,
+                *prev,
+                "rename one of them",
+            ));
             return false;
         }
         true
@@ -1005,7 +1018,7 @@ impl Checker {
             // In a function body its parameters and lets come first; the
             // per-element names are not in scope: they are passed in.
             let local = self.scope.contains_key(&n.name);
-            if !local && matches!(n.name.as_str(), "b" | "h" | "q" | "kv" | "score" | "causal") {
+            if !local && (ELEMENT_NAMES.contains(&n.name.as_str()) || n.name == "causal") {
                 let function = function.clone();
                 self.error(
                     "attnc::sema::fn_scope",

@@ -49,7 +49,11 @@ pub fn parse(source: &str) -> Result<File, SyntaxError> {
     if attentions.is_empty() {
         return Err(SyntaxError::new(
             Span::new(0, source.len().min(1)),
-            "expected an `attention` block, found an empty file",
+            if functions.is_empty() {
+                "expected an `attention` block, found an empty file"
+            } else {
+                "expected an `attention` block, found only functions"
+            },
             "this file defines no attention block",
         )
         .with_help("a spec starts with `attention NAME { mask = ... }`"));
@@ -920,6 +924,11 @@ mod tests {
         assert!(e.help.as_deref().unwrap_or("").contains("=="), "{e:?}");
         let e = parse("").unwrap_err();
         assert!(e.to_string().contains("empty file"));
+        let e = parse("fn f(x: int) -> int { x }").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "expected an `attention` block, found only functions"
+        );
         let e = parse("attention let { }").unwrap_err();
         assert!(e.help.as_deref().unwrap_or("").contains("keyword"), "{e:?}");
     }

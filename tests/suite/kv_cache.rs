@@ -184,12 +184,9 @@ fn paged_and_ragged_calls_match_the_reference_on_every_backend() {
             let what = |backend: &str, layout: &str| {
                 format!("{src} {shape:?} page {ps} lens {lens:?}: {backend} on {layout}")
             };
+            // Exactly equal, NaN for NaN.
             let got = program.run_reference(&paged).unwrap();
-            assert!(
-                same_outputs(&got, &want),
-                "{}: {got:?} != {want:?}",
-                what("reference", "pages")
-            );
+            assert_close(&what("reference", "pages"), &got, &want, 0.0);
             for (layout, inputs) in [("dense rows", &dense), ("pages", &paged)] {
                 for (name, kernel) in [("jit 64x64", &jit), ("jit 16x16", &jit16)] {
                     let got = kernel.run(inputs).unwrap();
@@ -268,17 +265,9 @@ proptest! {
         paged.buffers = data.buffers.clone();
         let reference = program.run_reference(&dense);
         let on_pool = program.run_reference(&paged);
-        match (&reference, &on_pool) {
-            (Ok(a), Ok(b)) => prop_assert!(
-                same_outputs(a, b),
-                "reference on the pool: {:?} != {:?}\nspec:\n{}", b, a, case.spec.source
-            ),
-            (a, b) => prop_assert_eq!(
-                a.as_ref().map(|_| ()).map_err(|e| e.to_string()),
-                b.as_ref().map(|_| ()).map_err(|e| e.to_string()),
-                "reference on the pool\nspec:\n{}", case.spec.source
-            ),
-        }
+        // Exactly equal, NaN for NaN (a score mod can make `+inf`, and then
+        // a row is NaN on both layouts), or the same error.
+        agree_to(&format!("reference on the pool, ragged {lens:?} page {ps}"), &case, &reference, on_pool, 0.0)?;
         let options = attnc::CompileOptions {
             tiles: attnc::Tiles::Fixed(attnc::mask::Tiling::new(bq, 16).unwrap()),
             check_proven_loads: true,
@@ -500,18 +489,4 @@ fn views_of_other_layouts_give_the_same_outputs() {
     );
     let want_dense = jit.run(&cache.dense(&program)).unwrap();
     assert_eq!(jit.run(&dense).unwrap(), want_dense);
-}
-
-/// Equal outputs, NaN matching NaN: a score mod may make `+inf` (e.g.
-/// `-1.25 * -inf`), and then a row is NaN on every layout.
-fn same_outputs(a: &attnc::Outputs, b: &attnc::Outputs) -> bool {
-    let same = |x: &f32, y: &f32| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan());
-    a.out.shape() == b.out.shape()
-        && a.out.iter().zip(b.out.iter()).all(|(x, y)| same(x, y))
-        && a.lse.is_some() == b.lse.is_some()
-        && a.lse
-            .iter()
-            .flatten()
-            .zip(b.lse.iter().flatten())
-            .all(|(x, y)| same(x, y))
 }
