@@ -217,7 +217,12 @@ pub fn generate_buffer(
     recipe: &str,
     rng: &mut Rng,
 ) -> Result<BufferData, Error> {
-    let shape: Vec<usize> = decl.dims.iter().map(|d| shapes.dim(*d)).collect();
+    let shape = shapes.buffer_shape(decl).map_err(|d| {
+        Error::Usage(format!(
+            "cannot generate buffer `{}`: its dimension `{d}` is negative or undefined for B={}, H={}, HKV={}, Q={}, KV={}, D={}",
+            decl.name, shapes.b, shapes.h, shapes.hkv, shapes.q, shapes.kv, shapes.d
+        ))
+    })?;
     let n: usize = shape.iter().product();
     let bad = |why: String| {
         Error::Usage(format!(

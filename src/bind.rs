@@ -365,6 +365,16 @@ pub enum BindError {
         declared: Type,
         found: Type,
     },
+    #[error(
+        "buffer `{name}[{dims}]`: the dimension `{dim}` is negative or undefined for these inputs"
+    )]
+    #[diagnostic(code(attnc::bind::buffer_dim), help("the shapes are B={}, H={}, HKV={}, Q={}, KV={}, D={}; a dimension must be at least 0 and its divisors at least 1", shapes.b, shapes.h, shapes.hkv, shapes.q, shapes.kv, shapes.d))]
+    BufferDim {
+        name: String,
+        dims: String,
+        dim: String,
+        shapes: Shapes,
+    },
     #[error("buffer `{name}` has shape {found:?}, but `{name}[{dims}]` is {expected:?} for these inputs")]
     #[diagnostic(code(attnc::bind::buffer_shape), help("the shapes are B={}, H={}, HKV={}, Q={}, KV={}, D={}", shapes.b, shapes.h, shapes.hkv, shapes.q, shapes.kv, shapes.d))]
     BufferShape {
@@ -523,7 +533,14 @@ pub fn bind(spec: &Spec, inputs: &Inputs<'_>) -> Result<Bound, BindError> {
                 found: data.ty(),
             });
         }
-        let expected: Vec<usize> = decl.dims.iter().map(|d| shapes.dim(*d)).collect();
+        let expected = shapes
+            .buffer_shape(decl)
+            .map_err(|d| BindError::BufferDim {
+                name: decl.name.clone(),
+                dims: dims.clone(),
+                dim: d.to_string(),
+                shapes,
+            })?;
         if data.shape() != expected.as_slice() {
             return Err(BindError::BufferShape {
                 name: decl.name.clone(),

@@ -743,7 +743,8 @@ fn random_inputs_need(
     for (name, source) in buffers {
         if let (Some(id), false) = (program.spec.buffer_id(name), source.ends_with(".npy")) {
             let decl = program.spec.buffer(id);
-            let dims: Vec<usize> = decl.dims.iter().map(|d| shapes.dim(*d)).collect();
+            // An undefined dimension is reported when the buffer is bound.
+            let dims = shapes.buffer_shape(decl).unwrap_or_default();
             need.array(
                 &format!("buffer `{name}`"),
                 &dims,
@@ -1734,7 +1735,8 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
         for (name, source) in &buffers {
             if let (Some(id), false) = (program.spec.buffer_id(name), source.ends_with(".npy")) {
                 let decl = program.spec.buffer(id);
-                let dims: Vec<usize> = decl.dims.iter().map(|d| shapes.dim(*d)).collect();
+                // An undefined dimension is reported when the buffer is bound.
+                let dims = shapes.buffer_shape(decl).unwrap_or_default();
                 need.array(
                     &format!("buffer `{name}`"),
                     &dims,

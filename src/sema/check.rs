@@ -608,31 +608,9 @@ impl Checker {
                     let mut ok = true;
                     let mut out = Vec::new();
                     for d in dims {
-                        match &d.kind {
-                            ast::DimKind::Lit(n) => out.push(Dim::Lit(*n)),
-                            ast::DimKind::Shape(s) | ast::DimKind::CeilDiv(s, _) => {
-                                let Some(sv) = ShapeVar::from_name(&s.name) else {
-                                    ok = false;
-                                    let help = match suggest(&s.name, ShapeVar::ALL.iter().map(|s| s.name())) {
-                                        Some(n) => format!("did you mean `{n}`? dimensions use the shapes B, H, HKV, Q, KV, D or integer literals"),
-                                        None => "dimensions use the shapes B, H, HKV, Q, KV, D or integer literals".to_string(),
-                                    };
-                                    self.error(
-                                        "attnc::sema::unknown_shape",
-                                        format!(
-                                            "unknown shape `{}` in the dimensions of buffer `{}`",
-                                            s.name, name.name
-                                        ),
-                                        Label::new(s.span, "not a shape"),
-                                    )
-                                    .with_help(help);
-                                    continue;
-                                };
-                                out.push(match &d.kind {
-                                    ast::DimKind::CeilDiv(_, n) => Dim::CeilDiv(sv, *n),
-                                    _ => Dim::Shape(sv),
-                                });
-                            }
+                        match self.dim(d, &name.name) {
+                            Some(d) => out.push(d),
+                            None => ok = false,
                         }
                     }
                     if !ok {
@@ -642,7 +620,8 @@ impl Checker {
                     let id = BufferId(self.spec.buffers.len() as u32);
                     self.spec.buffers.push(Buffer {
                         name: name.name.clone(),
-                        dims: out,
+                        dims: out.iter().map(|d| d.resolve(&self.spec.params)).collect(),
+                        declared: out,
                         elem: sema_type(elem.kind),
                         span: name.span,
                     });
@@ -690,6 +669,149 @@ impl Checker {
                     }
                     self.check_main(&item.kind, e);
                 }
+            }
+        }
+    }
+
+    /// A buffer dimension: literals, int params (folded to their values),
+    /// shape names, `+ - * /` (`/` rounding up) and parentheses. `None`
+    /// after reporting what else it holds.
+    fn dim(&mut self, e: &ast::Expr, buffer: &str) -> Option<Dim> {
+        const ALLOWED: &str = "a buffer dimension is computed before the kernel runs: it may use integer literals, int params, the shapes B, H, HKV, Q, KV, D, `+ - * /` and parentheses";
+        let lit = |d: &Dim| match d {
+            Dim::Lit(n) => Some(*n),
+            _ => None,
+        };
+        let overflow = |this: &mut Self| {
+            this.error(
+                "attnc::sema::dim_overflow",
+                format!("a dimension of buffer `{buffer}` overflows a 64-bit integer"),
+                Label::new(e.span, "too large"),
+            );
+            None
+        };
+        match &e.kind {
+            ast::ExprKind::Int(n) => Some(Dim::Lit(*n)),
+            ast::ExprKind::Unary(ast::UnaryOp::Neg, x) => {
+                let x = self.dim(x, buffer)?;
+                match lit(&x) {
+                    Some(n) => n.checked_neg().map(Dim::Lit).or_else(|| overflow(self)),
+                    None => Some(Dim::Sub(Box::new(Dim::Lit(0)), Box::new(x))),
+                }
+            }
+            ast::ExprKind::Name(n) => {
+                if let Some(sv) = ShapeVar::from_name(&n.name) {
+                    return Some(Dim::Shape(sv));
+                }
+                match self.scope.get(&n.name) {
+                    Some((Binding::Param(id), _)) => {
+                        let p = &self.spec.params[id.0 as usize];
+                        if p.ty == Type::Int {
+                            return Some(Dim::Param(*id));
+                        }
+                        let ty = p.ty;
+                        self.error(
+                            "attnc::sema::dim_not_int",
+                            format!("param `{}` is {ty}, but a dimension of buffer `{buffer}` must be an int", n.name),
+                            Label::new(n.span, format!("this is {ty}")),
+                        )
+                        .with_help("declare the param as int");
+                        None
+                    }
+                    Some(_) => {
+                        self.error(
+                            "attnc::sema::dim_not_constant",
+                            format!("`{}` cannot size buffer `{buffer}`", n.name),
+                            Label::new(n.span, "not known before the kernel runs"),
+                        )
+                        .with_help(ALLOWED);
+                        None
+                    }
+                    None => {
+                        let params = self
+                            .spec
+                            .params
+                            .iter()
+                            .filter(|p| p.ty == Type::Int)
+                            .map(|p| p.name.as_str());
+                        let names: Vec<&str> = ShapeVar::ALL
+                            .iter()
+                            .map(|s| s.name())
+                            .chain(params)
+                            .collect();
+                        let mut help = ALLOWED.to_string();
+                        if let Some(s) = suggest(&n.name, names.iter().copied()) {
+                            help = format!("did you mean `{s}`? {help}");
+                        }
+                        if ELEMENT_NAMES.contains(&n.name.as_str()) || n.name == "score" {
+                            help = format!("`{}` changes from element to element; {help}", n.name);
+                        }
+                        self.error(
+                            "attnc::sema::unknown_shape",
+                            format!(
+                                "unknown shape `{}` in the dimensions of buffer `{buffer}`",
+                                n.name
+                            ),
+                            Label::new(n.span, "not a shape or an int param declared above"),
+                        )
+                        .with_help(help);
+                        None
+                    }
+                }
+            }
+            ast::ExprKind::Binary(
+                op @ (ast::BinaryOp::Add
+                | ast::BinaryOp::Sub
+                | ast::BinaryOp::Mul
+                | ast::BinaryOp::Div),
+                a,
+                b,
+            ) => {
+                let (a, b) = (self.dim(a, buffer), self.dim(b, buffer));
+                let (a, b) = (a?, b?);
+                if *op == ast::BinaryOp::Div && lit(&b).is_some_and(|n| n <= 0) {
+                    self.error(
+                        "attnc::sema::dim_divided_by_zero",
+                        format!("a dimension of buffer `{buffer}` is divided by {}", lit(&b).unwrap()),
+                        Label::new(e.span, "divided by a number below 1"),
+                    )
+                    .with_help("`A / N` is A divided by N, rounded up, e.g. `Q / 64` query blocks of 64; N must be at least 1");
+                    return None;
+                }
+                if let (Some(x), Some(y)) = (lit(&a), lit(&b)) {
+                    let v = match op {
+                        ast::BinaryOp::Add => x.checked_add(y),
+                        ast::BinaryOp::Sub => x.checked_sub(y),
+                        ast::BinaryOp::Mul => x.checked_mul(y),
+                        _ => Some(x.div_euclid(y) + i64::from(x.rem_euclid(y) != 0)),
+                    };
+                    return v.map(Dim::Lit).or_else(|| overflow(self));
+                }
+                let (a, b) = (Box::new(a), Box::new(b));
+                Some(match op {
+                    ast::BinaryOp::Add => Dim::Add(a, b),
+                    ast::BinaryOp::Sub => Dim::Sub(a, b),
+                    ast::BinaryOp::Mul => Dim::Mul(a, b),
+                    _ => Dim::CeilDiv(a, b),
+                })
+            }
+            _ => {
+                let what = match &e.kind {
+                    ast::ExprKind::Float(_) => "a float".to_string(),
+                    ast::ExprKind::Bool(_) => "a bool".to_string(),
+                    ast::ExprKind::Binary(op, ..) => format!("`{}`", op.symbol()),
+                    ast::ExprKind::Unary(op, _) => format!("`{}`", op.symbol()),
+                    ast::ExprKind::Index(..) => "a buffer read".to_string(),
+                    ast::ExprKind::Call(..) => "a function call".to_string(),
+                    _ => "`if`".to_string(),
+                };
+                self.error(
+                    "attnc::sema::dim_not_constant",
+                    format!("{what} cannot size buffer `{buffer}`"),
+                    Label::new(e.span, "not allowed in a buffer dimension"),
+                )
+                .with_help(ALLOWED);
+                None
             }
         }
     }
@@ -1648,6 +1770,41 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buffer_dimensions_are_int_expressions_of_params_and_shapes() {
+        let src = "attention a {\n param n: int = 3\n buffer t[n + 1, (KV - 1) / 64 + 1, -n + KV * 2, Q / n]: float\n score = score + t[0, 0, 0, 0]\n}";
+        let file = crate::syntax::parse(src).unwrap();
+        let module = check(&file).unwrap();
+        let mut spec = module.specs[0].clone();
+        let dims: Vec<String> = spec.buffers[0].dims.iter().map(|d| d.to_string()).collect();
+        assert_eq!(dims, ["4", "(KV - 1) / 64 + 1", "(-3) + KV * 2", "Q / 3"]);
+        let shapes = super::super::eval::Shapes {
+            b: 1,
+            h: 1,
+            hkv: 1,
+            q: 7,
+            kv: 65,
+            d: 8,
+        };
+        assert_eq!(
+            shapes.buffer_shape(&spec.buffers[0]).unwrap(),
+            [4, 2, 127, 3]
+        );
+        // An override re-sizes the buffer; a divisor of 0 leaves it undefined.
+        spec.set_param("n", "0").unwrap();
+        let err = shapes.buffer_shape(&spec.buffers[0]).unwrap_err();
+        assert_eq!(err.to_string(), "Q / 0");
+        spec.set_param("n", "-200").unwrap();
+        assert_eq!(spec.buffers[0].dims[0].to_string(), "(-199)");
+        assert_eq!(
+            shapes
+                .buffer_shape(&spec.buffers[0])
+                .unwrap_err()
+                .to_string(),
+            "(-199)"
+        );
+    }
 
     #[test]
     fn suggestions_count_transpositions() {

@@ -33,13 +33,17 @@ impl Shapes {
         }
     }
 
-    /// The length of a buffer dimension under these shapes.
-    pub fn dim(&self, d: Dim) -> usize {
-        match d {
-            Dim::Lit(n) => n as usize,
-            Dim::Shape(s) => self.get(s),
-            Dim::CeilDiv(s, n) => self.get(s).div_ceil(n as usize),
-        }
+    /// The shape of buffer `b` under these shapes, or the first dimension
+    /// that is undefined for them (see [`Dim::eval`]).
+    pub fn buffer_shape<'a>(&self, b: &'a Buffer) -> Result<Vec<usize>, &'a Dim> {
+        b.dims.iter().map(|d| self.dim(d).ok_or(d)).collect()
+    }
+
+    /// The length of a buffer dimension under these shapes, or `None` where
+    /// it is undefined (see [`Dim::eval`]).
+    pub fn dim(&self, d: &Dim) -> Option<usize> {
+        let shape = |s| i64::try_from(self.get(s)).unwrap_or(i64::MAX);
+        d.eval(&shape).and_then(|n| usize::try_from(n).ok())
     }
 }
 

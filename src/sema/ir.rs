@@ -416,22 +416,116 @@ pub struct Param {
     pub span: Span,
 }
 
-/// One dimension of a buffer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// One dimension of a buffer: an int expression of literals, int params
+/// and shapes. `/` rounds up, so `Q / 64` counts the query tiles of 64 rows,
+/// a partial one included.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Dim {
-    Lit(u64),
+    Lit(i64),
     Shape(ShapeVar),
-    /// `ceil(SHAPE / n)`.
-    CeilDiv(ShapeVar, u64),
+    /// An int param: only in [`Buffer::declared`]; [`Buffer::dims`] holds
+    /// its current value.
+    Param(ParamId),
+    Add(Box<Dim>, Box<Dim>),
+    Sub(Box<Dim>, Box<Dim>),
+    Mul(Box<Dim>, Box<Dim>),
+    /// `ceil(A / B)`.
+    CeilDiv(Box<Dim>, Box<Dim>),
+}
+
+impl Dim {
+    /// The value under `shape`, or `None` where it is undefined: a division
+    /// by zero or a negative divisor, an overflow of i64, or a negative
+    /// length.
+    pub fn eval(&self, shape: &dyn Fn(ShapeVar) -> i64) -> Option<i64> {
+        let v = self.eval_signed(shape)?;
+        (v >= 0).then_some(v)
+    }
+
+    fn eval_signed(&self, shape: &dyn Fn(ShapeVar) -> i64) -> Option<i64> {
+        Some(match self {
+            Dim::Lit(n) => *n,
+            Dim::Shape(s) => shape(*s),
+            Dim::Param(_) => return None,
+            Dim::Add(a, b) => a.eval_signed(shape)?.checked_add(b.eval_signed(shape)?)?,
+            Dim::Sub(a, b) => a.eval_signed(shape)?.checked_sub(b.eval_signed(shape)?)?,
+            Dim::Mul(a, b) => a.eval_signed(shape)?.checked_mul(b.eval_signed(shape)?)?,
+            Dim::CeilDiv(a, b) => {
+                let (a, b) = (a.eval_signed(shape)?, b.eval_signed(shape)?);
+                if b <= 0 {
+                    return None;
+                }
+                a.div_euclid(b) + i64::from(a.rem_euclid(b) != 0)
+            }
+        })
+    }
+
+    /// 1 for `+ -`, 2 for `* /`, 3 for atoms: the parentheses printing needs.
+    fn level(&self) -> u8 {
+        match self {
+            Dim::Add(..) | Dim::Sub(..) => 1,
+            Dim::Mul(..) | Dim::CeilDiv(..) => 2,
+            Dim::Lit(_) | Dim::Shape(_) | Dim::Param(_) => 3,
+        }
+    }
+
+    /// This dimension with every param replaced by its value in `params`,
+    /// and literal arithmetic folded where it stays within i64.
+    pub fn resolve(&self, params: &[Param]) -> Dim {
+        let fold = |a: &Dim,
+                    b: &Dim,
+                    f: fn(i64, i64) -> Option<i64>,
+                    make: fn(Box<Dim>, Box<Dim>) -> Dim| {
+            let (a, b) = (a.resolve(params), b.resolve(params));
+            match (&a, &b) {
+                (Dim::Lit(x), Dim::Lit(y)) => f(*x, *y).map(Dim::Lit),
+                _ => None,
+            }
+            .unwrap_or_else(|| make(Box::new(a), Box::new(b)))
+        };
+        match self {
+            Dim::Lit(_) | Dim::Shape(_) => self.clone(),
+            Dim::Param(id) => match params[id.0 as usize].value {
+                Value::Int(v) => Dim::Lit(v),
+                // The checker admits int params only.
+                _ => self.clone(),
+            },
+            Dim::Add(a, b) => fold(a, b, i64::checked_add, Dim::Add),
+            Dim::Sub(a, b) => fold(a, b, i64::checked_sub, Dim::Sub),
+            Dim::Mul(a, b) => fold(a, b, i64::checked_mul, Dim::Mul),
+            Dim::CeilDiv(a, b) => fold(
+                a,
+                b,
+                |x, y| (y > 0).then(|| x.div_euclid(y) + i64::from(x.rem_euclid(y) != 0)),
+                Dim::CeilDiv,
+            ),
+        }
+    }
 }
 
 impl fmt::Display for Dim {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Dim::Lit(n) => write!(f, "{n}"),
-            Dim::Shape(s) => f.write_str(s.name()),
-            Dim::CeilDiv(s, n) => write!(f, "{} / {n}", s.name()),
-        }
+        let (a, op, b) = match self {
+            Dim::Lit(n) if *n < 0 => return write!(f, "({n})"),
+            Dim::Lit(n) => return write!(f, "{n}"),
+            Dim::Shape(s) => return f.write_str(s.name()),
+            Dim::Param(id) => return write!(f, "param{}", id.0),
+            Dim::Add(a, b) => (a, "+", b),
+            Dim::Sub(a, b) => (a, "-", b),
+            Dim::Mul(a, b) => (a, "*", b),
+            Dim::CeilDiv(a, b) => (a, "/", b),
+        };
+        let level = self.level();
+        let side = |f: &mut fmt::Formatter<'_>, x: &Dim, right: bool| {
+            if x.level() < level || (right && x.level() == level) {
+                write!(f, "({x})")
+            } else {
+                write!(f, "{x}")
+            }
+        };
+        side(f, a, false)?;
+        write!(f, " {op} ")?;
+        side(f, b, true)
     }
 }
 
@@ -439,7 +533,12 @@ impl fmt::Display for Dim {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Buffer {
     pub name: String,
+    /// The dimensions under the current param values (no [`Dim::Param`]):
+    /// what binding checks and the kernels index.
     pub dims: Vec<Dim>,
+    /// The dimensions as declared, params included; [`Spec::set_param`]
+    /// recomputes `dims` from them.
+    pub declared: Vec<Dim>,
     pub elem: Type,
     pub span: Span,
 }

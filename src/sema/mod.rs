@@ -195,6 +195,9 @@ impl Spec {
                         span: self.span(at).into(),
                     });
                 }
+                for b in &mut self.buffers {
+                    b.dims = b.declared.iter().map(|d| d.resolve(&self.params)).collect();
+                }
                 Ok(())
             }
             None => Err(ParamError::WrongType {

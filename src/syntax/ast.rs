@@ -91,7 +91,9 @@ pub enum ItemKind {
     /// `buffer NAME[DIM, ...]: TYPE`
     Buffer {
         name: Ident,
-        dims: Vec<Dim>,
+        /// Compile-time int expressions; the checker restricts them to
+        /// literals, int params, shape names, `+ - * /` and parentheses.
+        dims: Vec<Expr>,
         elem: TypeName,
     },
     /// `let NAME = EXPR`
@@ -155,23 +157,6 @@ pub enum LitValue {
     Int(i64),
     Float(f64),
     Bool(bool),
-}
-
-/// One dimension of a buffer declaration.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Dim {
-    pub kind: DimKind,
-    pub span: Span,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub enum DimKind {
-    /// `32`
-    Lit(u64),
-    /// `KV`
-    Shape(Ident),
-    /// `KV / 64`, ceil-divided.
-    CeilDiv(Ident, u64),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -330,11 +315,7 @@ impl fmt::Display for Attention {
                         if i > 0 {
                             write!(f, ", ")?;
                         }
-                        match &d.kind {
-                            DimKind::Lit(n) => write!(f, "{n}")?,
-                            DimKind::Shape(s) => write!(f, "{}", s.name)?,
-                            DimKind::CeilDiv(s, n) => write!(f, "{} / {n}", s.name)?,
-                        }
+                        write!(f, "{}", Infix(d))?;
                     }
                     write!(f, "]: {}", elem.kind)?;
                 }
@@ -351,6 +332,46 @@ impl fmt::Display for Attention {
 
 /// Fully parenthesised rendering of an expression, showing how it parsed.
 pub struct SExpr<'a>(pub &'a Expr);
+
+/// Arithmetic in the infix form it was written in (buffer dimensions:
+/// `KV / 64 + 1`), with the parentheses its precedence needs; anything
+/// else as an [`SExpr`].
+pub struct Infix<'a>(pub &'a Expr);
+
+impl Infix<'_> {
+    /// 1 for `+ -`, 2 for `* / %`, 3 for what needs no parentheses.
+    fn level(e: &Expr) -> u8 {
+        match &e.kind {
+            ExprKind::Binary(BinaryOp::Add | BinaryOp::Sub, ..) => 1,
+            ExprKind::Binary(BinaryOp::Mul | BinaryOp::Div | BinaryOp::Rem, ..) => 2,
+            _ => 3,
+        }
+    }
+}
+
+impl fmt::Display for Infix<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let e = self.0;
+        let level = Infix::level(e);
+        match &e.kind {
+            ExprKind::Binary(op, a, b) if level < 3 => {
+                let side = |f: &mut fmt::Formatter<'_>, x: &Expr, right: bool| {
+                    let lx = Infix::level(x);
+                    if lx < level || (right && lx == level) {
+                        write!(f, "({})", Infix(x))
+                    } else {
+                        write!(f, "{}", Infix(x))
+                    }
+                };
+                side(f, a, false)?;
+                write!(f, " {} ", op.symbol())?;
+                side(f, b, true)
+            }
+            ExprKind::Unary(UnaryOp::Neg, x) if Infix::level(x) == 3 => write!(f, "-{}", Infix(x)),
+            _ => write!(f, "{}", SExpr(e)),
+        }
+    }
+}
 
 impl fmt::Display for SExpr<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

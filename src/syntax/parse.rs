@@ -156,7 +156,7 @@ fn build_item(pair: Pair<'_, Rule>) -> Result<Item, SyntaxError> {
             let mut elem = None;
             for p in inner {
                 match p.as_rule() {
-                    Rule::dim => dims.push(build_dim(p)?),
+                    Rule::dim => dims.push(build_expr(p.into_inner().next().unwrap())?),
                     Rule::type_name => elem = Some(type_name(p)),
                     r => unreachable!("grammar: unexpected {r:?} in buffer"),
                 }
@@ -266,32 +266,6 @@ fn build_literal(pair: Pair<'_, Rule>) -> Result<Literal, SyntaxError> {
         value: value.expect("grammar: literal value"),
         span,
     })
-}
-
-fn build_dim(pair: Pair<'_, Rule>) -> Result<Dim, SyntaxError> {
-    let span = span_of(&pair);
-    let inner = pair.into_inner().next().expect("grammar: dim");
-    let kind = match inner.as_rule() {
-        Rule::uint => DimKind::Lit(parse_uint(&inner)?),
-        Rule::ident => DimKind::Shape(ident(inner)),
-        Rule::dim_div => {
-            let mut it = inner.into_inner();
-            let shape = ident(it.next().unwrap());
-            let n = it.next().unwrap();
-            let divisor = parse_uint(&n)?;
-            if divisor == 0 {
-                return Err(SyntaxError::new(
-                    span_of(&n),
-                    "buffer dimension divided by zero",
-                    "the divisor of a dimension must be at least 1",
-                )
-                .with_help("`SHAPE / N` is SHAPE divided by N, rounded up, e.g. `Q / 64` query blocks of 64"));
-            }
-            DimKind::CeilDiv(shape, divisor)
-        }
-        r => unreachable!("grammar: unexpected {r:?} in dim"),
-    };
-    Ok(Dim { kind, span })
 }
 
 fn binary_op(pair: &Pair<'_, Rule>) -> BinaryOp {
@@ -450,7 +424,9 @@ fn rule_name(rule: &Rule) -> Option<&'static str> {
         Rule::ident => "a name",
         Rule::type_name => "a type (`int`, `float` or `bool`)",
         Rule::literal => "a literal",
-        Rule::dim | Rule::dim_div => "a dimension (an integer, a shape name, or `SHAPE / INT`)",
+        Rule::dim => {
+            "a dimension (an int expression of literals, params and shapes, e.g. `KV / 64`)"
+        }
         Rule::expr
         | Rule::or_expr
         | Rule::and_expr
@@ -751,7 +727,9 @@ fn syntax_hint(source: &str, pos: usize, found: &str, expected: &[&str]) -> Opti
         return Some("a buffer is declared `buffer NAME[DIM, ...]: int|float|bool`".to_string());
     }
     if expects("`]`") && expects("`,`") {
-        return Some(if expects("an operator") {
+        let line = &before[before.rfind('\n').map_or(0, |i| i + 1)..];
+        let in_dims = line.trim_start().starts_with("buffer") && !line.contains('=');
+        return Some(if expects("an operator") && !in_dims {
             "separate the indices with `,` and close them with `]`, e.g. `layout[q / 64, kv / 64]`"
         } else {
             "close the dimensions with `]`, e.g. `buffer doc[KV]: int`"

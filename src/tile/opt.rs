@@ -540,27 +540,63 @@ fn candidates(k: &Kernel, x: ValueId, guard: Option<ValueId>) -> (Vec<BoundExpr>
     (lo, hi)
 }
 
+/// A dimension without division, as an affine form of the shapes.
+fn affine_dim(d: &Dim) -> Option<Affine> {
+    Some(match d {
+        Dim::Lit(n) => Affine::constant(*n as i128),
+        Dim::Shape(s) => Affine::sym(sym_of(*s)),
+        Dim::Add(a, b) => affine_dim(a)?.add(affine_dim(b)?),
+        Dim::Sub(a, b) => affine_dim(a)?.sub(affine_dim(b)?),
+        Dim::Mul(a, b) => match (&**a, &**b) {
+            (Dim::Lit(k), x) | (x, Dim::Lit(k)) => {
+                // Past 2^20 a product proves nothing, so i128 cannot overflow
+                // however deep the dimension's expression.
+                let x = affine_dim(x)?;
+                let small = |v: i128| v.unsigned_abs() <= 1 << 80;
+                if k.unsigned_abs() > MAX_PROOF_FACTOR as u64
+                    || !small(x.c)
+                    || !x.a.iter().all(|&v| small(v))
+                {
+                    return None;
+                }
+                x.scale(*k as i128)
+            }
+            _ => return None,
+        },
+        Dim::CeilDiv(..) | Dim::Param(_) => return None,
+    })
+}
+
 /// Whether `floor(A / div) <= dim - 1` holds for every admissible shape.
-fn below_dim(b: BoundExpr, dim: Dim) -> bool {
-    let limit = |d: Affine| {
-        d.scale(b.div)
+/// Dimensions that are not affine, or not an affine form rounded up by a
+/// literal, prove nothing: their reads stay checked.
+fn below_dim(b: BoundExpr, dim: &Dim) -> bool {
+    if let Some(d) = affine_dim(dim) {
+        return d
+            .scale(b.div)
             .sub(Affine::constant(1))
             .sub(b.affine)
-            .nonneg()
+            .nonneg();
+    }
+    let Dim::CeilDiv(num, den) = dim else {
+        return false;
     };
-    match dim {
-        Dim::Lit(n) => limit(Affine::constant(n as i128)),
-        Dim::Shape(s) => limit(Affine::sym(sym_of(s))),
-        // floor(A / n) <= ceil(S / n) - 1 when A <= S - 1.
-        Dim::CeilDiv(s, n) if b.div == n as i128 => Affine::sym(sym_of(s))
-            .sub(Affine::constant(1))
-            .sub(b.affine)
-            .nonneg(),
-        Dim::CeilDiv(..) => b.div == 1 && Affine::constant(0).sub(b.affine).nonneg(),
+    let (Some(s), Dim::Lit(n)) = (affine_dim(num), &**den) else {
+        return false;
+    };
+    let n = *n as i128;
+    if b.div == n {
+        // floor(X / n) <= floor((S - 1) / n) = ceil(S / n) - 1 when X <= S - 1.
+        s.sub(Affine::constant(1)).sub(b.affine).nonneg()
+    } else {
+        // X <= floor((S - 1) / n) = ceil(S / n) - 1 when n·X <= S - 1.
+        b.div == 1
+            && n <= MAX_PROOF_FACTOR as i128
+            && s.sub(Affine::constant(1)).sub(b.affine.scale(n)).nonneg()
     }
 }
 
-fn in_range(k: &Kernel, x: ValueId, guard: Option<ValueId>, dim: Dim) -> bool {
+fn in_range(k: &Kernel, x: ValueId, guard: Option<ValueId>, dim: &Dim) -> bool {
     let (lo, hi) = candidates(k, x, guard);
     lo.iter().any(|b| b.affine.nonneg()) && hi.iter().any(|b| below_dim(*b, dim))
 }
@@ -591,7 +627,7 @@ pub fn prove_bounds(k: &Kernel) -> Kernel {
                 indices
                     .iter()
                     .zip(dims)
-                    .all(|(x, d)| in_range(k, *x, guard, *d))
+                    .all(|(x, d)| in_range(k, *x, guard, d))
             };
             proofs[i] = if all(None) {
                 Proof::Always

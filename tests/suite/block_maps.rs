@@ -421,7 +421,7 @@ fn example_maps(path: &Path, q: usize, kv: usize, tiling: Tiling) -> (Spec, Boun
     };
     let mut buffers = BTreeMap::new();
     for decl in &spec.buffers {
-        let shape: Vec<usize> = decl.dims.iter().map(|d| shapes.dim(*d)).collect();
+        let shape: Vec<usize> = shapes.buffer_shape(decl).unwrap();
         buffers.insert(decl.name.clone(), example_buffer(&spec, &decl.name, &shape));
     }
     let bound = bound(&spec, 1, 1, q, kv, 0, buffers);

@@ -464,3 +464,83 @@ fn tile_choices_parse_from_text() {
     assert!("automatic".parse::<Tiles>().is_err());
     assert!("0x64".parse::<Tiles>().is_err());
 }
+
+#[test]
+fn buffer_dimensions_follow_params_and_shapes_at_bind() {
+    let src = "attention d {\n    param n: int = 3\n    buffer off[n + 1]: int\n    buffer t[KV - 6, (H + 1) / 2]: float\n    mask = kv >= off[0]\n    score = score + t[0, 0]\n}\n";
+    let q = attnc::bench::Rng::new(9).array4((1, 2, 8, 4));
+    let run_all = |params: &[(&str, &str)], off: usize, t: Vec<usize>| {
+        let program = attnc::load(
+            attnc::SourceFile::new("d.attn", src),
+            &attnc::SpecOptions::with_params(params),
+        )
+        .unwrap();
+        let inputs = attnc::Inputs::new(q.view(), q.view(), q.view())
+            .buffer(
+                "off",
+                attnc::BufferData::Int(ndarray::ArrayD::zeros(vec![off])),
+            )
+            .buffer("t", attnc::BufferData::Float(ndarray::ArrayD::ones(t)));
+        let reference = program.run_reference(&inputs).map(|o| o.out);
+        let interp = program
+            .run_interp(&inputs, attnc::mask::Tiling { bq: 4, bkv: 4 })
+            .map(|o| o.out);
+        let jit = program
+            .compile_jit_with(&Default::default())
+            .unwrap()
+            .run(&inputs)
+            .map(|o| o.out);
+        let show = |r: &Result<ndarray::Array4<f32>, attnc::Error>| match r {
+            Ok(_) => "ok".to_string(),
+            Err(e) => e.to_string(),
+        };
+        if let (Ok(r), Ok(i), Ok(j)) = (&reference, &interp, &jit) {
+            let diff = |x: &ndarray::Array4<f32>| (x - r).iter().fold(0f32, |m, d| m.max(d.abs()));
+            assert!(diff(i) < 1e-5 && diff(j) < 1e-5, "{} {}", diff(i), diff(j));
+        }
+        let (r, i, j) = (show(&reference), show(&interp), show(&jit));
+        assert_eq!(r, i, "interp");
+        assert_eq!(r, j, "jit");
+        r
+    };
+    // n + 1 = 4, KV - 6 = 2, (H + 1) / 2 rounds 1.5 up to 2.
+    let r = run_all(&[], 4, vec![2, 2]);
+    assert!(r.starts_with("ok"), "{r}");
+    // An override of n resizes `off`.
+    let r = run_all(&[("n", "7")], 8, vec![2, 2]);
+    assert!(r.starts_with("ok"), "{r}");
+    let e = run_all(&[("n", "7")], 4, vec![2, 2]);
+    assert!(
+        e.contains("`off` has shape [4]") && e.contains("`off[8]` is [8]"),
+        "{e}"
+    );
+    let e = run_all(&[], 4, vec![3, 2]);
+    assert!(e.contains("`t[KV - 6, (H + 1) / 2]` is [2, 2]"), "{e}");
+    // KV = 8 with a 4-row K: KV - 6 is fine; with 4 keys it would be -2.
+    let k = attnc::bench::Rng::new(2).array4((1, 2, 4, 4));
+    let program = attnc::load(attnc::SourceFile::new("d.attn", src), &Default::default()).unwrap();
+    let inputs = attnc::Inputs::new(k.view(), k.view(), k.view())
+        .buffer(
+            "off",
+            attnc::BufferData::Int(ndarray::ArrayD::zeros(vec![4])),
+        )
+        .buffer(
+            "t",
+            attnc::BufferData::Float(ndarray::ArrayD::ones(vec![0, 2])),
+        );
+    for e in [
+        program.run_reference(&inputs).unwrap_err(),
+        program
+            .compile_jit_with(&Default::default())
+            .unwrap()
+            .run(&inputs)
+            .unwrap_err(),
+    ] {
+        let text = e.render();
+        assert!(
+            text.contains("the dimension `KV - 6` is negative or undefined")
+                && text.contains("KV=4"),
+            "{text}"
+        );
+    }
+}

@@ -94,6 +94,9 @@ fn emulated_ptx_matches_the_tile_interpreter() {
         ),
         // Division by constants that are not powers of two (`mul.hi.u64`).
         ("tests/specs/divide_by_constant.attn", vec![]),
+        // Buffer dimensions computed from params and shapes, one rounded up
+        // in the kernel (`div.s64`/`rem.s64`).
+        ("tests/specs/param_dims.attn", vec![("num_docs", "4")]),
         (
             "examples/neighborhood_2d.attn",
             vec![("W", "7"), ("R", "1")],

@@ -72,7 +72,7 @@ fn run_small(program: &attnc::Program) {
         .q_offset(1)
         .with_lse();
     for decl in &program.spec.buffers {
-        let dims: Vec<usize> = decl.dims.iter().map(|d| shapes.dim(*d)).collect();
+        let dims: Vec<usize> = shapes.buffer_shape(decl).unwrap();
         let Some(n) = dims
             .iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))

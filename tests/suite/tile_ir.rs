@@ -171,7 +171,7 @@ fn buffer_data(
     shapes: &attnc::sema::eval::Shapes,
     seed: &mut u64,
 ) -> attnc::BufferData {
-    let shape: Vec<usize> = decl.dims.iter().map(|d| shapes.dim(*d)).collect();
+    let shape: Vec<usize> = shapes.buffer_shape(decl).unwrap();
     let n: usize = shape.iter().product();
     let mut next = || {
         *seed = seed

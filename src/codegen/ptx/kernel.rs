@@ -888,24 +888,54 @@ impl Gen<'_> {
             let ptr = self.global_ptr(&format!("buf{i}"));
             let mut dims = Vec::new();
             for d in &decl.dims {
-                let r = self.w.rd();
-                match *d {
-                    Dim::Lit(n) => ins!(self.w, "mov.b64 {r}, {n}"),
-                    Dim::Shape(s) => ins!(self.w, "mov.b64 {r}, {}", self.shapes[s as usize]),
-                    Dim::CeilDiv(s, n) => {
-                        ins!(
-                            self.w,
-                            "add.s64 {r}, {}, {}",
-                            self.shapes[s as usize],
-                            n - 1
-                        );
-                        ins!(self.w, "div.u64 {r}, {r}, {n}");
-                    }
-                }
+                let r = self.dim(d);
                 dims.push(r);
             }
             self.bufs.push((ptr, dims));
         }
+    }
+
+    /// A buffer dimension (s64), checked non-negative and defined by the
+    /// host before the launch.
+    fn dim(&mut self, d: &Dim) -> Reg {
+        let r = self.w.rd();
+        match d {
+            Dim::Lit(n) => ins!(self.w, "mov.b64 {r}, {n}"),
+            Dim::Shape(s) => ins!(self.w, "mov.b64 {r}, {}", self.shapes[*s as usize]),
+            Dim::Param(_) => unreachable!("a kernel's buffer dims hold param values, not params"),
+            // A shape is never negative: round up with one unsigned division.
+            Dim::CeilDiv(a, b) if matches!((&**a, &**b), (Dim::Shape(_), Dim::Lit(_))) => {
+                let (Dim::Shape(s), Dim::Lit(n)) = (&**a, &**b) else {
+                    unreachable!()
+                };
+                ins!(
+                    self.w,
+                    "add.s64 {r}, {}, {}",
+                    self.shapes[*s as usize],
+                    n - 1
+                );
+                ins!(self.w, "div.u64 {r}, {r}, {n}");
+            }
+            Dim::Add(a, b) | Dim::Sub(a, b) | Dim::Mul(a, b) | Dim::CeilDiv(a, b) => {
+                let (a, b) = (self.dim(a), self.dim(b));
+                match d {
+                    Dim::Add(..) => ins!(self.w, "add.s64 {r}, {a}, {b}"),
+                    Dim::Sub(..) => ins!(self.w, "sub.s64 {r}, {a}, {b}"),
+                    Dim::Mul(..) => ins!(self.w, "mul.lo.s64 {r}, {a}, {b}"),
+                    _ => {
+                        // ceil(a / b) for b >= 1 and a of either sign: the
+                        // truncated quotient, plus one where a positive
+                        // remainder was cut off.
+                        let (rem, p) = (self.w.rd(), self.w.p());
+                        ins!(self.w, "div.s64 {r}, {a}, {b}");
+                        ins!(self.w, "rem.s64 {rem}, {a}, {b}");
+                        ins!(self.w, "setp.gt.s64 {p}, {rem}, 0");
+                        ins!(self.w, "@{p} add.s64 {r}, {r}, 1");
+                    }
+                }
+            }
+        }
+        r
     }
 
     /// The next tile of the walk: after a FULL tile comes the next tile of
