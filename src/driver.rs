@@ -6,6 +6,7 @@
 //! source text, so rendering it (with miette) shows file, line, column and a
 //! caret under the offending span.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use miette::{Diagnostic, NamedSource};
 
 use crate::bind::{bind, BindError, Inputs, Outputs};
 use crate::sema::eval::EvalError;
-use crate::sema::{self, Diag, EntryError, Module, ParamError, Spec};
+use crate::sema::{self, Diag, EntryError, Module, ParamError, Spec, Value};
 use crate::syntax::{self, ast, SyntaxError};
 
 /// The largest spec file [`SourceFile::read`] reads: 16 MiB.
@@ -420,13 +421,39 @@ pub fn load(file: SourceFile, options: &SpecOptions) -> Result<Program, Error> {
         .map_err(|e| Error::spec(&file, vec![SpecProblem::Entry(e)]))?
         .clone();
     let mut problems = Vec::new();
+    // Overrides of params that bound a reduction re-check the source.
+    let mut fixed = HashMap::new();
     for (name, value) in &options.params {
-        if let Err(e) = spec.set_param(name, value) {
+        let result = match spec.param_value(name, value) {
+            Ok((id, v)) if spec.fixed_params.contains(&id) => {
+                fixed.insert(name.clone(), v);
+                Ok(())
+            }
+            _ => spec.set_param(name, value),
+        };
+        if let Err(e) = result {
             problems.push(SpecProblem::Param(e));
         }
     }
     if !problems.is_empty() {
         return Err(Error::spec(&file, problems));
+    }
+    if !fixed.is_empty() {
+        let mut values: HashMap<String, Value> = spec
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.value))
+            .collect();
+        values.extend(fixed);
+        let ast = parse(&file)?;
+        let module = sema::check_with(&ast, Some((&spec.name, &values))).map_err(|diags| {
+            Error::spec(&file, diags.into_iter().map(SpecProblem::Sema).collect())
+        })?;
+        spec = module
+            .specs
+            .into_iter()
+            .find(|s| s.name == spec.name)
+            .expect("the re-checked file holds the entry block");
     }
     Ok(Program { file, spec })
 }

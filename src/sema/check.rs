@@ -27,6 +27,10 @@ const BUILTIN_NAMES: [&str; 12] = [
 /// exponentially, and the checker stops there with an error naming the chain.
 pub const MAX_INLINED_EXPRS: usize = 100_000;
 
+/// The most terms one reduction may have (`sum(i in 0..N: ...)` is
+/// expanded into N terms when the spec is checked).
+pub const MAX_REDUCTION_LENGTH: i64 = 65_536;
+
 /// The per-element names: not in scope in a function's body, where a
 /// parameter or `let` may take the name (`causal` is the fifth such name,
 /// but may not be taken).
@@ -94,7 +98,13 @@ fn register_function(
 }
 
 /// Checks a parsed file. Returns every error found, not only the first.
-pub fn check(file: &ast::File) -> Result<Module, Vec<Diag>> {
+/// Checks a file (see [`super::check`]), with the params of attention block `block` given the values
+/// in `values` instead of their defaults, from the start: reductions whose
+/// range they set are expanded for those values.
+pub fn check_with(
+    file: &ast::File,
+    overrides: Option<(&str, &HashMap<String, Value>)>,
+) -> Result<Module, Vec<Diag>> {
     let mut diags = Vec::new();
     let mut specs = Vec::new();
     let mut shared = HashMap::new();
@@ -112,6 +122,11 @@ pub fn check(file: &ast::File) -> Result<Module, Vec<Diag>> {
             ));
         }
         let mut checker = Checker::new(att, &shared);
+        if let Some((block, values)) = overrides {
+            if block == att.name.name {
+                checker.overrides = values.clone();
+            }
+        }
         checker.check_items(&att.items);
         checker.check_functions(i == 0);
         if checker.diags.is_empty() {
@@ -171,6 +186,8 @@ enum Context {
 
 struct Checker {
     spec: Spec,
+    /// Param values that replace the declared defaults (see [`check_with`]).
+    overrides: HashMap<String, Value>,
     scope: HashMap<String, (Binding, Span)>,
     /// Names declared anywhere in the block, to say "declared below" rather than "unknown".
     declared_later: HashMap<String, Span>,
@@ -225,7 +242,9 @@ impl Checker {
                 mask: None,
                 score: None,
                 scale: None,
+                fixed_params: vec![],
             },
+            overrides: HashMap::new(),
             scope: HashMap::new(),
             declared_later,
             diags,
@@ -591,6 +610,10 @@ impl Checker {
                             Type::Bool => Value::Bool(false),
                         }
                     });
+                    let v = match self.overrides.get(&name.name) {
+                        Some(o) if o.ty() == ty => *o,
+                        _ => v,
+                    };
                     let id = ParamId(self.spec.params.len() as u32);
                     self.spec.params.push(Param {
                         name: name.name.clone(),
@@ -803,6 +826,7 @@ impl Checker {
                     ast::ExprKind::Unary(op, _) => format!("`{}`", op.symbol()),
                     ast::ExprKind::Index(..) => "a buffer read".to_string(),
                     ast::ExprKind::Call(..) => "a function call".to_string(),
+                    ast::ExprKind::Reduce(r) => format!("`{}(...)`", r.op.name()),
                     _ => "`if`".to_string(),
                 };
                 self.error(
@@ -870,6 +894,253 @@ impl Checker {
             return false;
         }
         true
+    }
+
+    /// A bounded reduction `OP(VAR in LO..HI: BODY)`, expanded here: the
+    /// body is checked once per value of VAR (bound to that int constant)
+    /// and the values are combined left to right, `sum` with `+`, `any`
+    /// with `||` and `all` with `&&` (which short-circuit), `max`/`min`
+    /// with the functions of those names. LO and HI are compile-time ints.
+    fn reduce(&mut self, r: &ast::Reduce, span: Span, ctx: Context) -> Option<(ExprId, Type)> {
+        let lo = self.bound(&r.lo, ctx, r.op);
+        let hi = self.bound(&r.hi, ctx, r.op);
+        let var = &r.var;
+        if reserved(&var.name) || ELEMENT_NAMES.contains(&var.name.as_str()) {
+            self.diags.push(reserved_diag(var));
+            return None;
+        }
+        let (lo, hi) = (lo?, hi?);
+        let n = hi.saturating_sub(lo).max(0);
+        let op = r.op;
+        if n == 0 && matches!(op, ast::ReduceOp::Max | ast::ReduceOp::Min) {
+            self.error(
+                "attnc::sema::empty_reduction",
+                format!("`{}` over the empty range {lo}..{hi} has no value", op.name()),
+                Label::new(span, format!("{lo}..{hi} holds no value of `{}`", var.name)),
+            )
+            .with_help("the range LO..HI runs from LO up to HI - 1: make HI greater than LO, or use `sum`, `any` or `all`, which have a value for an empty range");
+            return None;
+        }
+        if n > MAX_REDUCTION_LENGTH {
+            self.error(
+                "attnc::sema::reduction_too_long",
+                format!(
+                    "`{}` over {lo}..{hi} has {n} terms, more than {MAX_REDUCTION_LENGTH}",
+                    op.name()
+                ),
+                Label::new(span, "too many terms"),
+            )
+            .with_help("reductions are expanded when the spec is checked: reduce a shorter range, or precompute the values into a buffer");
+            return None;
+        }
+        let saved = self.scope.remove(&var.name);
+        let saved_poisoned = self.poisoned.remove(&var.name);
+        let mut acc: Option<(ExprId, Type)> = None;
+        let mut failed = false;
+        for i in lo..hi {
+            if self.spec.exprs.len() > MAX_INLINED_EXPRS {
+                if !self.budget_hit {
+                    self.budget_hit = true;
+                    self.error(
+                        "attnc::sema::inline_budget",
+                        format!(
+                            "expanding `{}({} in {lo}..{hi}: ...)` makes attention `{}` larger than {MAX_INLINED_EXPRS} expressions",
+                            op.name(),
+                            var.name,
+                            self.spec.name
+                        ),
+                        Label::new(span, "this reduction expands past the limit"),
+                    )
+                    .with_help("reduce a shorter range, move work that does not depend on the index out of the body with `let`, or precompute the values into a buffer");
+                }
+                failed = true;
+                break;
+            }
+            let value = self.push(Expr::Const(Value::Int(i)), Type::Int, var.span);
+            self.scope.insert(
+                var.name.clone(),
+                (
+                    Binding::Let {
+                        value,
+                        score_use: None,
+                    },
+                    var.span,
+                ),
+            );
+            let Some((id, ty)) = self.expr(&r.body, ctx) else {
+                failed = true;
+                break;
+            };
+            let want = match op {
+                ast::ReduceOp::Any | ast::ReduceOp::All => ty == Type::Bool,
+                _ => ty.is_numeric(),
+            };
+            if !want {
+                let (need, help) = match op {
+                    ast::ReduceOp::Any | ast::ReduceOp::All => ("bool", "write a condition, e.g. `t[i] == kv / 64`"),
+                    _ => ("a number", "convert a condition with `float(c)`, or count with `sum(i in ..: if c { 1 } else { 0 })`"),
+                };
+                self.error(
+                    "attnc::sema::type_mismatch",
+                    format!("the body of `{}` must be {need}, found {ty}", op.name()),
+                    Label::new(r.body.span, format!("this is {ty}")),
+                )
+                .with_help(help);
+                failed = true;
+                break;
+            }
+            acc = Some(match acc {
+                None => (id, ty),
+                Some((a, _)) => {
+                    let mut ids = [a, id];
+                    let (e, t) = match op {
+                        ast::ReduceOp::Sum => {
+                            let t = self.unify_numeric(&mut ids);
+                            (Expr::Binary(BinaryOp::Add, ids[0], ids[1]), t)
+                        }
+                        ast::ReduceOp::Max | ast::ReduceOp::Min => {
+                            let t = self.unify_numeric(&mut ids);
+                            let f = if op == ast::ReduceOp::Max {
+                                Func::Max
+                            } else {
+                                Func::Min
+                            };
+                            (Expr::Call(f, ids.to_vec()), t)
+                        }
+                        ast::ReduceOp::Any => (Expr::Binary(BinaryOp::Or, a, id), Type::Bool),
+                        ast::ReduceOp::All => (Expr::Binary(BinaryOp::And, a, id), Type::Bool),
+                    };
+                    (self.push(e, t, span), t)
+                }
+            });
+        }
+        self.scope.remove(&var.name);
+        if let Some(b) = saved {
+            self.scope.insert(var.name.clone(), b);
+        }
+        if saved_poisoned {
+            self.poisoned.insert(var.name.clone());
+        }
+        if failed {
+            return None;
+        }
+        Some(acc.unwrap_or_else(|| {
+            // The empty range: the identity of the operation.
+            let v = match op {
+                ast::ReduceOp::Sum => Value::Int(0),
+                ast::ReduceOp::Any => Value::Bool(false),
+                _ => Value::Bool(true),
+            };
+            let ty = v.ty();
+            (self.push(Expr::Const(v), ty, span), ty)
+        }))
+    }
+
+    /// A bound of a reduction's range: an int known when the spec is
+    /// checked (literals, int params, and arithmetic and functions of them;
+    /// a function's argument when the call passes such a value). The params
+    /// it reads are recorded in [`Spec::fixed_params`].
+    fn bound(&mut self, e: &ast::Expr, ctx: Context, op: ast::ReduceOp) -> Option<i64> {
+        let (id, ty) = self.expr(e, ctx)?;
+        if ty != Type::Int {
+            self.error(
+                "attnc::sema::type_mismatch",
+                format!("the bounds of `{}` must be int, found {ty}", op.name()),
+                Label::new(e.span, format!("this is {ty}")),
+            )
+            .with_help("a range is written `LO..HI` with ints, e.g. `0..4` or `0..top_k`");
+            return None;
+        }
+        // Every node it depends on must be known now.
+        let mut params = Vec::new();
+        let mut work = vec![id];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(x) = work.pop() {
+            if !seen.insert(x) {
+                continue;
+            }
+            let why = match self.spec.expr(x) {
+                Expr::Param(p) => {
+                    params.push(*p);
+                    None
+                }
+                Expr::Shape(s) => Some(format!("the shape `{}`", s.name())),
+                Expr::Var(v) => Some(format!("the index `{}`", v.name())),
+                Expr::Score => Some("`score`".to_string()),
+                Expr::Load { .. } | Expr::Ancestor { .. } => Some("a buffer read".to_string()),
+                _ => None,
+            };
+            if let Some(why) = why {
+                self.error(
+                    "attnc::sema::reduction_bound",
+                    format!("the range of `{}` must be known when the spec is checked, but depends on {why}", op.name()),
+                    Label::new(e.span, "not a compile-time int"),
+                )
+                .with_help("bounds are ints made of literals and int params (kernels are compiled for any shape): declare a `param` for it, e.g. `param top_k: int = 4` and `0..top_k`");
+                return None;
+            }
+            work.extend(self.spec.expr(x).operands());
+        }
+        match self.constant(id) {
+            Ok(Value::Int(v)) => {
+                for p in params {
+                    if !self.spec.fixed_params.contains(&p) {
+                        self.spec.fixed_params.push(p);
+                    }
+                }
+                Some(v)
+            }
+            Ok(v) => unreachable!("an int expression gave {v:?}"),
+            Err(err) => {
+                self.error(
+                    "attnc::sema::reduction_bound",
+                    format!("the range of `{}` cannot be computed: {err}", op.name()),
+                    Label::new(e.span, "fails"),
+                );
+                None
+            }
+        }
+    }
+
+    /// The value of an expression of constants and params (checked by the
+    /// caller), or why it has none.
+    fn constant(&self, id: ExprId) -> Result<Value, &'static str> {
+        use super::eval;
+        Ok(match self.spec.expr(id) {
+            Expr::Const(v) => *v,
+            Expr::Param(p) => self.spec.param(*p).value,
+            Expr::Unary(op, a) => match (op, self.constant(*a)?) {
+                (UnaryOp::Neg, Value::Int(i)) => Value::Int(i.wrapping_neg()),
+                (UnaryOp::Neg, Value::Float(x)) => Value::Float(-x),
+                (UnaryOp::Not, Value::Bool(b)) => Value::Bool(!b),
+                (UnaryOp::BitNot, Value::Int(i)) => Value::Int(!i),
+                _ => unreachable!("checked unary operand"),
+            },
+            Expr::Binary(op, a, b) => {
+                let (x, y) = (self.constant(*a)?, self.constant(*b)?);
+                eval::binary(*op, x, y).ok_or(if op.is_shift() {
+                    "a shift count outside 0..=63"
+                } else {
+                    "an integer division by zero"
+                })?
+            }
+            Expr::Select {
+                cond,
+                then,
+                otherwise,
+            } => match self.constant(*cond)? {
+                Value::Bool(true) => self.constant(*then)?,
+                _ => self.constant(*otherwise)?,
+            },
+            Expr::Call(f, args) => {
+                let args = args
+                    .iter()
+                    .map(|a| self.constant(*a))
+                    .collect::<Result<Vec<_>, _>>()?;
+                eval::call(*f, &args)
+            }
+            e => unreachable!("not a constant: {e:?}"),
+        })
     }
 
     fn to_float(&mut self, id: ExprId) -> ExprId {
@@ -1085,6 +1356,7 @@ impl Checker {
                     }
                 }
             }
+            ExprKind::Reduce(r) => self.reduce(r, span, ctx),
             ExprKind::If(c, a, b) => {
                 let cond = self.expr(c, ctx);
                 let then = self.expr(a, ctx);
@@ -1775,7 +2047,7 @@ mod tests {
     fn buffer_dimensions_are_int_expressions_of_params_and_shapes() {
         let src = "attention a {\n param n: int = 3\n buffer t[n + 1, (KV - 1) / 64 + 1, -n + KV * 2, Q / n]: float\n score = score + t[0, 0, 0, 0]\n}";
         let file = crate::syntax::parse(src).unwrap();
-        let module = check(&file).unwrap();
+        let module = crate::sema::check(&file).unwrap();
         let mut spec = module.specs[0].clone();
         let dims: Vec<String> = spec.buffers[0].dims.iter().map(|d| d.to_string()).collect();
         assert_eq!(dims, ["4", "(KV - 1) / 64 + 1", "(-3) + KV * 2", "Q / 3"]);
@@ -1823,7 +2095,7 @@ mod tests {
     }
 
     fn diags(src: &str) -> Vec<Diag> {
-        check(&crate::syntax::parse(src).unwrap()).unwrap_err()
+        crate::sema::check(&crate::syntax::parse(src).unwrap()).unwrap_err()
     }
 
     #[test]

@@ -569,6 +569,10 @@ pub struct Spec {
     pub mask: Option<ExprId>,
     pub score: Option<ExprId>,
     pub scale: Option<ExprId>,
+    /// Params whose values the checker used: those that bound a reduction
+    /// (`sum(i in 0..top_k: ...)` is expanded into `top_k` terms). An
+    /// override of one re-checks the source ([`crate::driver::load`] does).
+    pub fixed_params: Vec<ParamId>,
 }
 
 impl Spec {

@@ -30,7 +30,17 @@ use crate::syntax::{ast, Span};
 /// Checks a parsed file: names, types, dependences, and the depth limit of
 /// expressions ([`MAX_DEPTH`]). Returns every error found, not only the first.
 pub fn check(file: &ast::File) -> Result<Module, Vec<Diag>> {
-    let module = check::check(file)?;
+    check_with(file, None)
+}
+
+/// [`check`], with the params of one attention block given other values
+/// from the start (`(block, name → value)`): what an override of a param in
+/// [`Spec::fixed_params`] needs.
+pub fn check_with(
+    file: &ast::File,
+    overrides: Option<(&str, &std::collections::HashMap<String, Value>)>,
+) -> Result<Module, Vec<Diag>> {
+    let module = check::check_with(file, overrides)?;
     limits::check_depth(&module)?;
     Ok(module)
 }
@@ -136,6 +146,18 @@ pub enum ParamError {
         #[help]
         help: String,
     },
+    #[error(
+        "param `{name}` sets the range of a reduction, so it is fixed when the spec is checked"
+    )]
+    #[diagnostic(
+        code(attnc::param::fixed),
+        help("give it when loading the spec (`attnc::load` with `SpecOptions::params`, or `--param {name}=...`), which expands the reduction for that value")
+    )]
+    Fixed {
+        name: String,
+        #[label("declared here")]
+        span: miette::SourceSpan,
+    },
     #[error("param `{name}` = {value} makes a constant of the spec {constant}, outside the range of f32")]
     #[diagnostic(
         code(attnc::param::f32_range),
@@ -155,6 +177,34 @@ impl Spec {
     /// An int param takes an integer, a float param any number, a bool param
     /// `true` or `false`.
     pub fn set_param(&mut self, name: &str, text: &str) -> Result<(), ParamError> {
+        let (id, v) = self.param_value(name, text)?;
+        if self.fixed_params.contains(&id) {
+            return Err(ParamError::Fixed {
+                name: name.to_string(),
+                span: self.params[id.0 as usize].span.into(),
+            });
+        }
+        let p = &mut self.params[id.0 as usize];
+        let old = std::mem::replace(&mut p.value, v);
+        if let Some((at, x)) = f32_overflow(self) {
+            self.params[id.0 as usize].value = old;
+            return Err(ParamError::OutOfF32Range {
+                name: name.to_string(),
+                value: text.to_string(),
+                constant: format!("{x:.3e}"),
+                span: self.span(at).into(),
+            });
+        }
+        for b in &mut self.buffers {
+            b.dims = b.declared.iter().map(|d| d.resolve(&self.params)).collect();
+        }
+        Ok(())
+    }
+
+    /// The param `name` and the value `text` gives it, without setting it:
+    /// an int param takes an integer, a float param any finite number, a
+    /// bool param `true` or `false`.
+    pub fn param_value(&self, name: &str, text: &str) -> Result<(ParamId, Value), ParamError> {
         let Some(id) = self.param_id(name) else {
             let names: Vec<&str> = self.params.iter().map(|p| p.name.as_str()).collect();
             let help = match suggest(name, names.iter().copied()) {
@@ -168,7 +218,7 @@ impl Spec {
                 help,
             });
         };
-        let p = &mut self.params[id.0 as usize];
+        let p = &self.params[id.0 as usize];
         let t = text.trim();
         let value = match p.ty {
             Type::Int => t.parse::<i64>().ok().map(Value::Int),
@@ -184,22 +234,7 @@ impl Spec {
             },
         };
         match value {
-            Some(v) => {
-                let old = std::mem::replace(&mut p.value, v);
-                if let Some((at, x)) = f32_overflow(self) {
-                    self.params[id.0 as usize].value = old;
-                    return Err(ParamError::OutOfF32Range {
-                        name: name.to_string(),
-                        value: text.to_string(),
-                        constant: format!("{x:.3e}"),
-                        span: self.span(at).into(),
-                    });
-                }
-                for b in &mut self.buffers {
-                    b.dims = b.declared.iter().map(|d| d.resolve(&self.params)).collect();
-                }
-                Ok(())
-            }
+            Some(v) => Ok((id, v)),
             None => Err(ParamError::WrongType {
                 name: name.to_string(),
                 ty: p.ty,

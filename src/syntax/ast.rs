@@ -179,6 +179,41 @@ pub enum ExprKind {
     Call(Ident, Vec<Expr>),
     /// `if COND { A } else { B }`
     If(Box<Expr>, Box<Expr>, Box<Expr>),
+    /// `OP(VAR in LO..HI: BODY)`
+    Reduce(Box<Reduce>),
+}
+
+/// A bounded reduction `OP(VAR in LO..HI: BODY)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reduce {
+    pub op: ReduceOp,
+    pub op_span: Span,
+    pub var: Ident,
+    pub lo: Expr,
+    pub hi: Expr,
+    pub body: Expr,
+}
+
+/// What a reduction combines its values with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    Sum,
+    Any,
+    All,
+    Max,
+    Min,
+}
+
+impl ReduceOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "sum",
+            ReduceOp::Any => "any",
+            ReduceOp::All => "all",
+            ReduceOp::Max => "max",
+            ReduceOp::Min => "min",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -398,6 +433,15 @@ impl fmt::Display for SExpr<'_> {
                 write!(f, "{close}")
             }
             ExprKind::If(c, a, b) => write!(f, "(if {} {} {})", SExpr(c), SExpr(a), SExpr(b)),
+            ExprKind::Reduce(r) => write!(
+                f,
+                "({} {} {} {} {})",
+                r.op.name(),
+                r.var.name,
+                SExpr(&r.lo),
+                SExpr(&r.hi),
+                SExpr(&r.body)
+            ),
         }
     }
 }

@@ -99,6 +99,7 @@ fn children(e: &Expr) -> Vec<&Expr> {
         ExprKind::Binary(_, a, b) => vec![a, b],
         ExprKind::Index(_, args) | ExprKind::Call(_, args) => args.iter().collect(),
         ExprKind::If(c, a, b) => vec![c, b, a],
+        ExprKind::Reduce(r) => vec![&r.lo, &r.hi, &r.body],
     }
 }
 
@@ -119,7 +120,8 @@ fn expressions(file: &File) -> impl Iterator<Item = &Expr> {
                     Box::new(std::iter::once(e))
                 }
                 ItemKind::Fn(f) => Box::new(function_exprs(f)),
-                ItemKind::Param { .. } | ItemKind::Buffer { .. } => Box::new(std::iter::empty()),
+                ItemKind::Buffer { dims, .. } => Box::new(dims.iter()),
+                ItemKind::Param { .. } => Box::new(std::iter::empty()),
             }
         },
     );
@@ -172,7 +174,8 @@ fn dismantle(file: File) {
                 ItemKind::Let { value, .. } => work.push(value),
                 ItemKind::Mask(e) | ItemKind::Score(e) | ItemKind::Scale(e) => work.push(e),
                 ItemKind::Fn(f) => take(f, &mut work),
-                ItemKind::Param { .. } | ItemKind::Buffer { .. } => {}
+                ItemKind::Buffer { dims, .. } => work.extend(dims),
+                ItemKind::Param { .. } => {}
             }
         }
     }
@@ -182,6 +185,10 @@ fn dismantle(file: File) {
             ExprKind::Binary(_, a, b) => work.extend([*a, *b]),
             ExprKind::Index(_, args) | ExprKind::Call(_, args) => work.extend(args),
             ExprKind::If(c, a, b) => work.extend([*c, *a, *b]),
+            ExprKind::Reduce(r) => {
+                let r = *r;
+                work.extend([r.lo, r.hi, r.body]);
+            }
             ExprKind::Int(_) | ExprKind::Float(_) | ExprKind::Bool(_) | ExprKind::Name(_) => {}
         }
     }

@@ -397,6 +397,34 @@ fn build_expr(pair: Pair<'_, Rule>) -> Result<Expr, SyntaxError> {
             };
             Ok(Expr { kind, span })
         }
+        Rule::reduce => {
+            let mut inner = pair.into_inner();
+            let op_pair = inner.next().unwrap();
+            let op = match op_pair.as_str() {
+                "sum" => ReduceOp::Sum,
+                "any" => ReduceOp::Any,
+                "all" => ReduceOp::All,
+                "max" => ReduceOp::Max,
+                _ => ReduceOp::Min,
+            };
+            let op_span = span_of(&op_pair);
+            let var = ident(inner.next().unwrap());
+            inner.next(); // kw_in
+            let lo = build_expr(inner.next().unwrap())?;
+            let hi = build_expr(inner.next().unwrap())?;
+            let body = build_expr(inner.next().unwrap())?;
+            Ok(Expr {
+                kind: ExprKind::Reduce(Box::new(Reduce {
+                    op,
+                    op_span,
+                    var,
+                    lo,
+                    hi,
+                    body,
+                })),
+                span,
+            })
+        }
         Rule::if_expr => {
             let mut inner = pair.into_inner();
             inner.next(); // kw_if
@@ -722,6 +750,17 @@ fn syntax_hint(source: &str, pos: usize, found: &str, expected: &[&str]) -> Opti
             .is_some_and(|w| w.starts_with("param"))
     {
         return Some("a param is declared `param NAME: int|float|bool = VALUE`".to_string());
+    }
+    if expects("`:`")
+        && before
+            .rsplit('(')
+            .next()
+            .is_some_and(|inner| inner.contains(" in ") && inner.contains(".."))
+    {
+        return Some(
+            "a reduction is written `OP(i in LO..HI: EXPR)`, e.g. `any(i in 0..top_k: t[i] == kv)`"
+                .to_string(),
+        );
     }
     if expects("`:`") && before.ends_with(']') {
         return Some("a buffer is declared `buffer NAME[DIM, ...]: int|float|bool`".to_string());

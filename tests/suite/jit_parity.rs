@@ -544,3 +544,79 @@ fn buffer_dimensions_follow_params_and_shapes_at_bind() {
         );
     }
 }
+
+#[test]
+fn reductions_expand_for_the_loaded_param_values() {
+    let src = "attention r {\n    param k: int = 3\n    buffer t[k]: int\n    buffer w[H, 4]: float\n    mask = any(i in 0..k: t[i] == kv % 5) || all(i in 1..3: q - kv >= i)\n    score = score + sum(i in 0..4: w[h, i] * float(i)) - min(i in 0..k: float(t[i]))\n}\n";
+    // The same spec for k = 2, written out by hand.
+    let by_hand = "attention r {\n    param k: int = 2\n    buffer t[k]: int\n    buffer w[H, 4]: float\n    mask = (t[0] == kv % 5 || t[1] == kv % 5) || (q - kv >= 1 && q - kv >= 2)\n    score = score + (((w[h, 0] * float(0) + w[h, 1] * float(1)) + w[h, 2] * float(2)) + w[h, 3] * float(3)) - min(float(t[0]), float(t[1]))\n}\n";
+    let program = attnc::load(
+        attnc::SourceFile::new("r.attn", src),
+        &attnc::SpecOptions::with_params(&[("k", "2")]),
+    )
+    .unwrap();
+    let manual = attnc::load(
+        attnc::SourceFile::new("h.attn", by_hand),
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(program.spec.buffers[0].dims, manual.spec.buffers[0].dims);
+    let mut rng = attnc::bench::Rng::new(4);
+    let (q, k, v) = (
+        rng.array4((1, 2, 19, 8)),
+        rng.array4((1, 1, 19, 8)),
+        rng.array4((1, 1, 19, 8)),
+    );
+    let inputs = attnc::Inputs::new(q.view(), k.view(), v.view())
+        .with_lse()
+        .buffer(
+            "t",
+            attnc::BufferData::Int(ndarray::arr1(&[3i64, 1]).into_dyn()),
+        )
+        .buffer(
+            "w",
+            attnc::BufferData::Float(
+                rng.array4((1, 1, 2, 4))
+                    .into_shape_with_order(vec![2, 4])
+                    .unwrap(),
+            ),
+        );
+    let want = manual.run_reference(&inputs).unwrap();
+    let got = program.run_reference(&inputs).unwrap();
+    assert_eq!(
+        got.out, want.out,
+        "the expansion is the hand-written spec, bit for bit"
+    );
+    let jit = program
+        .compile_jit_with(&Default::default())
+        .unwrap()
+        .run(&inputs)
+        .unwrap();
+    common::assert_close("jit", &jit, &want.out, want.lse.as_ref().unwrap(), 1e-5);
+    // The param is fixed once checked: a later override is an error naming it.
+    let mut spec = program.spec.clone();
+    let e = spec.set_param("k", "4").unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("param `k` sets the range of a reduction"),
+        "{e}"
+    );
+    // A bad override is still a type error, and a new value re-checks: k = 0
+    // leaves `min` without a value.
+    let e = attnc::load(
+        attnc::SourceFile::new("r.attn", src),
+        &attnc::SpecOptions::with_params(&[("k", "two")]),
+    )
+    .unwrap_err();
+    assert!(e.render().contains("not an int"), "{}", e.render());
+    let e = attnc::load(
+        attnc::SourceFile::new("r.attn", src),
+        &attnc::SpecOptions::with_params(&[("k", "0")]),
+    )
+    .unwrap_err();
+    assert!(
+        e.render().contains("`min` over the empty range 0..0"),
+        "{}",
+        e.render()
+    );
+}

@@ -97,6 +97,9 @@ fn emulated_ptx_matches_the_tile_interpreter() {
         // Buffer dimensions computed from params and shapes, one rounded up
         // in the kernel (`div.s64`/`rem.s64`).
         ("tests/specs/param_dims.attn", vec![("num_docs", "4")]),
+        // Bounded reductions (expanded by the checker), one range set by an
+        // override of its param.
+        ("tests/specs/reductions.attn", vec![("top_k", "2")]),
         (
             "examples/neighborhood_2d.attn",
             vec![("W", "7"), ("R", "1")],
@@ -124,7 +127,7 @@ fn emulated_ptx_matches_the_tile_interpreter() {
                 let recipe = match decl.name.as_str() {
                     "parent" => "const:-1",
                     "slope" => "alibi",
-                    "doc" => "docs:3",
+                    "doc" | "topk" => "docs:3",
                     _ if decl.elem == attnc::sema::Type::Bool => "bernoulli:0.5",
                     _ => "uniform",
                 };
