@@ -1142,6 +1142,22 @@ fn call(f: Func, args: &[AVal], bx: &QBox) -> AVal {
         Func::Floor => AVal::Float(args[0].float().monotone(f64::floor)),
         Func::Ceil => AVal::Float(args[0].float().monotone(f64::ceil)),
         Func::Round => AVal::Float(args[0].float().monotone(f64::round_ties_even)),
+        // sign is monotone non-decreasing.
+        Func::Sign => match args[0] {
+            AVal::Int(r) => AVal::Int(IntRange::interval(
+                (r.lo as i128).signum(),
+                (r.hi as i128).signum(),
+            )),
+            a => AVal::Float(a.float().monotone(|x| {
+                if x > 0.0 {
+                    1.0
+                } else if x < 0.0 {
+                    -1.0
+                } else {
+                    x
+                }
+            })),
+        },
         // Transcendental functions: libm gives no monotonicity guarantee.
         Func::Exp
         | Func::Exp2
@@ -1150,7 +1166,12 @@ fn call(f: Func, args: &[AVal], bx: &QBox) -> AVal {
         | Func::Sqrt
         | Func::Rsqrt
         | Func::Tanh
-        | Func::Sigmoid => AVal::Float(FloatRange::Top),
+        | Func::Sigmoid
+        | Func::Erf
+        | Func::Sin
+        | Func::Cos
+        | Func::Pow
+        | Func::TanhApprox => AVal::Float(FloatRange::Top),
     }
 }
 

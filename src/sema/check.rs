@@ -1616,7 +1616,10 @@ impl Checker {
         candidates.sort();
         let help = match suggest(&n.name, candidates.iter().map(|s| s.as_str())) {
             Some(s) => format!("did you mean `{s}`?"),
-            None if what == "function" => "the functions are abs min max clamp exp exp2 log log2 sqrt rsqrt tanh sigmoid floor ceil round float int ancestor".to_string(),
+            None if what == "function" => format!(
+                "the functions are {} ancestor, and the reductions sum any all max min (`sum(i in 0..4: ...)`)",
+                Func::ALL.map(Func::name).join(" ")
+            ),
             None => "names in scope: b h q kv (indices), B H HKV Q KV D (shapes), causal, score (in `score =`), and params, buffers and lets declared above".to_string(),
         };
         self.error(
@@ -1771,6 +1774,7 @@ impl Checker {
         if args.len() != func.arity() {
             let sig = match func {
                 Func::Min | Func::Max => format!("{}(a, b)", func.name()),
+                Func::Pow => "pow(x, y)".to_string(),
                 Func::Clamp => "clamp(x, lo, hi)".to_string(),
                 _ => format!("{}(x)", func.name()),
             };
@@ -1823,9 +1827,13 @@ impl Checker {
                     return None;
                 }
                 match func {
-                    Func::Abs | Func::Min | Func::Max | Func::Clamp => self.unify_numeric(&mut ids),
+                    Func::Abs | Func::Sign | Func::Min | Func::Max | Func::Clamp => {
+                        self.unify_numeric(&mut ids)
+                    }
                     _ => {
-                        ids[0] = self.to_float(ids[0]);
+                        for id in ids.iter_mut() {
+                            *id = self.to_float(*id);
+                        }
                         Type::Float
                     }
                 }

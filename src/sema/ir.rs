@@ -238,6 +238,16 @@ pub enum Func {
     Sigmoid,
     Floor,
     Ceil,
+    Erf,
+    Sin,
+    Cos,
+    /// `pow(x, y)`, float.
+    Pow,
+    /// -1, 0 or 1, int for int and float for float.
+    Sign,
+    /// `tanh` computed fast: `tanh.approx.f32` on the GPU, a rational
+    /// function on the CPU (`tile::math::tanh_approx`).
+    TanhApprox,
     Round,
     /// int or bool to float.
     Float,
@@ -246,7 +256,7 @@ pub enum Func {
 }
 
 impl Func {
-    pub const ALL: [Func; 17] = [
+    pub const ALL: [Func; 23] = [
         Func::Abs,
         Func::Min,
         Func::Max,
@@ -264,6 +274,12 @@ impl Func {
         Func::Round,
         Func::Float,
         Func::Int,
+        Func::Erf,
+        Func::Sin,
+        Func::Cos,
+        Func::Pow,
+        Func::Sign,
+        Func::TanhApprox,
     ];
 
     pub fn name(self) -> &'static str {
@@ -285,6 +301,12 @@ impl Func {
             Func::Round => "round",
             Func::Float => "float",
             Func::Int => "int",
+            Func::Erf => "erf",
+            Func::Sin => "sin",
+            Func::Cos => "cos",
+            Func::Pow => "pow",
+            Func::Sign => "sign",
+            Func::TanhApprox => "tanh_approx",
         }
     }
 
@@ -294,7 +316,7 @@ impl Func {
 
     pub fn arity(self) -> usize {
         match self {
-            Func::Min | Func::Max => 2,
+            Func::Min | Func::Max | Func::Pow => 2,
             Func::Clamp => 3,
             _ => 1,
         }

@@ -433,7 +433,10 @@ impl Lower<'_> {
                         Ty::Bool => self.b.add(Op::BToI(args[0]), Ty::I64, None, None),
                         Ty::I64 => args[0],
                     },
-                    f => self.b.add(Op::Call(*f, args[0]), ty, None, None),
+                    f => match super::math::lower(&mut self.b, *f, &args) {
+                        Some(v) => v,
+                        None => self.b.add(Op::Call(*f, args[0]), ty, None, None),
+                    },
                 }
             }
             Expr::Load { buffer, indices } => {

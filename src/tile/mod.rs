@@ -9,6 +9,7 @@ mod build;
 pub mod builder;
 pub mod interp;
 pub mod ir;
+pub mod math;
 pub mod nest;
 pub mod opt;
 mod print;

@@ -17,6 +17,7 @@ mod flex_parity;
 mod jit_parity;
 mod kv_cache;
 mod lowering_scale;
+mod math_accuracy;
 mod nonfinite;
 mod ptx;
 mod ptx_emulated;

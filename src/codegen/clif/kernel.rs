@@ -1124,6 +1124,7 @@ impl Emitter<'_> {
                         b.ins().fdiv(one, s)
                     }
                     Func::Tanh => self.vm.tanh(b, x),
+                    Func::TanhApprox => self.vm.tanh_approx(b, x),
                     Func::Sigmoid => self.vm.sigmoid(b, x),
                     Func::Floor => b.ins().floor(x),
                     Func::Ceil => b.ins().ceil(x),
@@ -1389,6 +1390,7 @@ impl Emitter<'_> {
                         b.ins().fdiv(one, s)
                     }
                     Func::Tanh => self.vm.tanh_scalar(b, x),
+                    Func::TanhApprox => self.vm.tanh_approx_scalar(b, x),
                     Func::Sigmoid => self.vm.sigmoid_scalar(b, x),
                     Func::Floor => b.ins().floor(x),
                     Func::Ceil => b.ins().ceil(x),

@@ -19,6 +19,7 @@
 //! | `log2` | x > 0 | <= 2 ulp | as `log` |
 //! | `tanh` | all x | <= 2 ulp | `±inf -> ±1`, NaN -> NaN |
 //! | `sigmoid` | all x (subnormal results as absolute error) | <= 2.1 ulp (2.01 measured) | `-inf -> 0`, `+inf -> 1`, NaN -> NaN |
+//! | `tanh_approx` | all x | <= 6 ulp, absolute <= 3.3e-7 | `±inf -> ±1`, NaN -> NaN, `±0 -> ±0` |
 //!
 //! `max(x, y)` is `x > y ? x : y` (one `maxps`): when either operand is NaN it returns
 //! `y`. `min(x, y)` is `x < y ? x : y` likewise. The horizontal reductions return an f32.
@@ -402,6 +403,38 @@ impl VMath {
         b.ins().fdiv(num, d)
     }
 
+    /// `tanh_approx`: the rational function of [`crate::tile::math::tanh_approx`]
+    /// (`x·N(x²) / D(x²)` on `x` clamped to ±7.905311, `x` below 2^-12, ±1 above 9), with fused
+    /// multiply-adds where the host has them. No exponential, no branch.
+    pub fn tanh_approx(&self, b: &mut FunctionBuilder<'_>, x: Value) -> Value {
+        use crate::tile::math::{
+            TANH_APPROX_CLAMP, TANH_APPROX_DEN, TANH_APPROX_NUM, TANH_APPROX_ONE, TANH_APPROX_TINY,
+        };
+        // max(-c, x) then min(c, .): the second operand wins when unordered, so NaN stays.
+        let lo = self.splat(b, -TANH_APPROX_CLAMP);
+        let hi = self.splat(b, TANH_APPROX_CLAMP);
+        let xc = self.max(b, lo, x);
+        let xc = self.min(b, hi, xc);
+        let z = b.ins().fmul(xc, xc);
+        let n = self.horner(b, z, &TANH_APPROX_NUM);
+        let d = self.horner(b, z, &TANH_APPROX_DEN);
+        let n = b.ins().fmul(xc, n);
+        let r = b.ins().fdiv(n, d);
+        // x itself below 2^-12, where the rational would round subnormals away.
+        let ax = b.ins().fabs(x);
+        let tiny = self.splat(b, TANH_APPROX_TINY);
+        let small = self.cmp(b, FloatCC::LessThan, ax, tiny);
+        let r = b.ins().bitselect(small, x, r);
+        // ±1 above 9, where tanh rounds to 1.
+        let one_at = self.splat(b, TANH_APPROX_ONE);
+        let big = self.cmp(b, FloatCC::GreaterThan, ax, one_at);
+        let sign_mask = self.splat(b, -0.0);
+        let sign = b.ins().band(x, sign_mask);
+        let one = self.splat(b, 1.0);
+        let unit = b.ins().bor(one, sign);
+        b.ins().bitselect(big, unit, r)
+    }
+
     /// Applies a vector emitter to a scalar f32 (splat, emit, extract lane 0).
     pub fn scalar(
         &self,
@@ -433,6 +466,10 @@ impl VMath {
     /// Scalar [`Self::tanh`].
     pub fn tanh_scalar(&self, b: &mut FunctionBuilder<'_>, x: Value) -> Value {
         self.scalar(b, x, Self::tanh)
+    }
+    /// Scalar [`Self::tanh_approx`].
+    pub fn tanh_approx_scalar(&self, b: &mut FunctionBuilder<'_>, x: Value) -> Value {
+        self.scalar(b, x, Self::tanh_approx)
     }
     /// Scalar [`Self::sigmoid`].
     pub fn sigmoid_scalar(&self, b: &mut FunctionBuilder<'_>, x: Value) -> Value {
@@ -558,6 +595,10 @@ mod tests {
             ("log2", &|vm, b, x| vm.log2(b, x)),
             ("tanh", &|vm, b, x| vm.tanh(b, x)),
             ("sigmoid", &|vm, b, x| vm.sigmoid(b, x)),
+            ("tanh_approx", &|vm, b, x| vm.tanh_approx(b, x)),
+            ("tanh_approx_s", &|vm, b, x| {
+                per_lane(vm, b, x, VMath::tanh_approx_scalar)
+            }),
             ("exp_s", &|vm, b, x| per_lane(vm, b, x, VMath::exp_scalar)),
             ("log_s", &|vm, b, x| per_lane(vm, b, x, VMath::log_scalar)),
             ("tanh_s", &|vm, b, x| per_lane(vm, b, x, VMath::tanh_scalar)),
@@ -694,6 +735,33 @@ mod tests {
         assert_eq!(y[1], 1.0);
         assert!(y[2].is_nan());
         assert_eq!(y[3], 0.5);
+    }
+
+    #[test]
+    fn tanh_approx_accuracy_and_special_values() {
+        let code = all_maps();
+        let xs: Vec<f32> = sweep(-10.0, 10.0, 1 << 16)
+            .into_iter()
+            .chain((-149..0).map(|e| (e as f32).exp2()))
+            .collect();
+        assert!(max_ulp(&code, "tanh_approx", &xs, f64::tanh) <= 6.0);
+        assert!(max_ulp(&code, "tanh_approx_s", &sweep(-3.0, 3.0, 4096), f64::tanh) <= 6.0);
+        // The jit and the CPU reference form agree to an ulp (fused or not).
+        let ys = run(&code, "tanh_approx", &xs);
+        for (&x, &y) in xs.iter().zip(&ys) {
+            let want = crate::tile::math::tanh_approx(x);
+            assert!(ulp_error(y, want as f64) <= 1.0, "{x}: {y} vs {want}");
+        }
+        let y = run(
+            &code,
+            "tanh_approx",
+            &[f32::NEG_INFINITY, f32::INFINITY, f32::NAN, 0.0, -0.0, 100.0],
+        );
+        assert_eq!(&y[..2], &[-1.0, 1.0]);
+        assert!(y[2].is_nan());
+        assert_eq!(y[3].to_bits(), 0.0f32.to_bits());
+        assert_eq!(y[4].to_bits(), (-0.0f32).to_bits());
+        assert_eq!(y[5], 1.0);
     }
 
     #[test]
