@@ -29,7 +29,7 @@ attnc's f64 reference interpreter is meaningful.
 
 Usage (from the repository root):
 
-    python scripts/flex_fixtures.py [--out tests/fixtures]
+    python scripts/flex_fixtures.py [--out tests/fixtures] [--cases NAME ...]
 
 Needs torch (with torch.nn.attention.flex_attention) and numpy.
 """
@@ -351,6 +351,74 @@ def m_packed_alibi(bufs, off):
     return mask, score
 
 
+def m_doc_offsets(num_docs):
+    def mods(bufs, off):
+        offsets = bufs["offsets"]
+
+        def doc_of(p):
+            d = torch.zeros_like(p)
+            for i in range(1, num_docs):
+                d = d + (offsets[i] <= p).to(torch.int64)
+            return d
+
+        def mask(b, h, q, kv):
+            qa = q + off
+            return (doc_of(qa) == doc_of(kv)) & (qa >= kv)
+
+        return mask, None
+
+    return mods
+
+
+def m_sandwich(half_dim, weight):
+    def mods(bufs, off):
+        w = fconst(weight)
+        freqs = [fconst(10000.0 ** (i / half_dim)) for i in range(1, half_dim + 1)]
+
+        def mask(b, h, q, kv):
+            return q + off >= kv
+
+        def score(s, b, h, q, kv):
+            d = (q + off - kv).to(s.dtype)
+            bias = torch.zeros_like(s)
+            for f in freqs:
+                bias = bias + torch.cos(d / f)
+            return s + w * bias
+
+        return mask, score
+
+    return mods
+
+
+def m_gelu_score(bufs, off):
+    def mask(b, h, q, kv):
+        return q + off >= kv
+
+    def score(s, b, h, q, kv):
+        return fconst(0.5) * s * (1.0 + torch.erf(s * fconst(0.70710678)))
+
+    return mask, score
+
+
+def m_mla_rope(rope_dim, rope_scale):
+    def mods(bufs, off):
+        q_pe, k_pe = bufs["q_pe"], bufs["k_pe"]
+        c = fconst(rope_scale)
+
+        def mask(b, h, q, kv):
+            return q + off >= kv
+
+        def score(s, b, h, q, kv):
+            acc = torch.zeros_like(s)
+            for i in range(rope_dim):
+                acc = acc + q_pe[b, h, q + off, i] * k_pe[b, kv, i]
+            return s + c * acc
+
+        return mask, score
+
+    return mods
+
+
 def build_cases():
     """Each case: name, spec entry, params (overrides), q_len, kv_len, q_offset,
     hkv, buffers(rng) -> dict of numpy arrays, mods, scale, note."""
@@ -434,6 +502,24 @@ def build_cases():
              mods=m_packed_alibi,
              note="5 packed documents of lengths 20, 33, 2, 25, 15; the call covers "
                   "positions 55..94 (q_offset 55)"),
+        dict(name="doc_offsets", entry="doc_offsets", params={"num_docs": 5}, Q=80, KV=80, off=0,
+             buffers=lambda rng, Q, KV: {"offsets": np.array([0, 20, 27, 28, 61, 80], dtype=np.int64)},
+             mods=m_doc_offsets(5),
+             note="5 documents starting at 0, 20, 27, 28, 61 (one of length 1); the table "
+                  "has num_docs + 1 = 6 entries"),
+        dict(name="sandwich", entry="sandwich", params={"half_dim": 8, "weight": 0.1},
+             Q=70, KV=70, off=0, mods=m_sandwich(8, 0.1),
+             note="causal, 8 frequencies, weight 0.1"),
+        dict(name="gelu_score", entry="gelu_score", params={}, Q=66, KV=66, off=0,
+             mods=m_gelu_score,
+             note="causal, exact GELU of each logit"),
+        dict(name="mla_rope", entry="mla_rope", params={"rope_dim": 4, "rope_scale": 0.25},
+             Q=60, KV=60, off=0,
+             buffers=lambda rng, Q, KV: {
+                 "q_pe": rng.standard_normal((B, H, Q, 4)).astype(np.float32),
+                 "k_pe": rng.standard_normal((B, KV, 4)).astype(np.float32)},
+             mods=m_mla_rope(4, 0.25),
+             note="causal; rotary parts of length 4, the key's shared by the heads"),
     ]
 
 
@@ -543,13 +629,19 @@ def generate(case, out_dir):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="tests/fixtures", help="output folder")
+    ap.add_argument("--cases", nargs="*", help="only these cases (default: all)")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, numpy {np.__version__}")
-    for case in build_cases():
-        generate(case, out_dir)
+    cases = build_cases()
+    unknown = set(args.cases or []) - {c["name"] for c in cases}
+    if unknown:
+        sys.exit(f"unknown cases: {', '.join(sorted(unknown))}")
+    for case in cases:
+        if not args.cases or case["name"] in args.cases:
+            generate(case, out_dir)
 
 
 if __name__ == "__main__":

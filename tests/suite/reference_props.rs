@@ -110,7 +110,7 @@ fn generator_covers_the_interesting_cases() {
     let (mut errors, mut empty_rows, mut full_rows, mut gqa, mut mqa, mut offset, mut broadcast) =
         (0, 0, 0, 0, 0, 0, 0);
     let (mut q_ne_kv, mut overrides, mut scale, mut score, mut buffers) = (0, 0, 0, 0, 0);
-    let (mut bit_ops, mut shift_errors) = (0, 0);
+    let (mut bit_ops, mut shift_errors, mut reductions, mut new_math) = (0, 0, 0, 0);
     for _ in 0..200 {
         let case = strategy.new_tree(&mut runner).unwrap().current();
         let s = case.shapes;
@@ -130,6 +130,13 @@ fn generator_covers_the_interesting_cases() {
                 .replace("||", "")
                 .contains(op)
         }));
+        let src = &case.spec.source;
+        reductions += usize::from(["sum(", "any(", "all("].iter().any(|r| src.contains(r)));
+        new_math += usize::from(
+            ["sin(", "cos(", "erf(", "pow(", "sign(", "tanh_approx("]
+                .iter()
+                .any(|f| src.contains(f)),
+        );
         match dense::attention(&case, &case.data()) {
             Err(EvalFailure::Shift { .. }) => {
                 errors += 1;
@@ -157,6 +164,8 @@ fn generator_covers_the_interesting_cases() {
         ("buffers", buffers),
         ("bit operators", bit_ops),
         ("shifts out of range", shift_errors),
+        ("reductions", reductions),
+        ("sin, cos, erf, pow, sign or tanh_approx", new_math),
     ];
     for (what, n) in counts {
         assert!(

@@ -113,6 +113,10 @@ pub enum MaskAtom {
     /// `(1 << (q - kv + S)) > 1`: a shift by a count that leaves 0..=63 on
     /// some elements, an error there (the `<<` of bit 63 gives a negative).
     ShiftCount { s: i64 },
+    /// `any(i in 0..N: q - kv == i * STEP)`: keys at N strided offsets.
+    AnyStride { n: i64, step: i64 },
+    /// `all(i in 0..N: q - kv + i >= 0)` (causal for N >= 1, true for N = 0).
+    AllCausal { n: i64 },
 }
 
 /// A mask: atoms combined with `&&`, `||`, `!`, `if` and `let`.
@@ -163,10 +167,26 @@ pub enum BiasFn {
     Trunc,
     /// `float((kv - q) % 3) * 0.5` (floor modulo)
     Mod,
+    /// `sin(float(q - kv) * 0.3) * 0.5`
+    Sin,
+    /// `cos(float(kv) * 0.2)`
+    Cos,
+    /// `erf(float(q - kv) * 0.25)`
+    Erf,
+    /// `pow(float(abs(q - kv)) + 1.0, -0.5)`
+    Pow,
+    /// `float(sign(q - kv)) * 0.5`
+    Sign,
+    /// `tanh_approx(float(kv) / 8.0) * 0.01` (the GPU's `tanh.approx`
+    /// errs by 2^-11 relative; the factor keeps that inside the parity
+    /// tolerance)
+    TanhApprox,
+    /// `sum(i in 0..3: float(q - kv + i)) * 0.05`
+    Sum,
 }
 
 impl BiasFn {
-    pub const ALL: [BiasFn; 14] = [
+    pub const ALL: [BiasFn; 21] = [
         BiasFn::Sigmoid,
         BiasFn::Tanh,
         BiasFn::Exp2,
@@ -181,6 +201,13 @@ impl BiasFn {
         BiasFn::MinMax,
         BiasFn::Trunc,
         BiasFn::Mod,
+        BiasFn::Sin,
+        BiasFn::Cos,
+        BiasFn::Erf,
+        BiasFn::Pow,
+        BiasFn::Sign,
+        BiasFn::TanhApprox,
+        BiasFn::Sum,
     ];
 }
 
@@ -470,6 +497,10 @@ impl Render {
             MaskAtom::BitSubset { m } => format!("(~q & kv & {m}) == 0"),
             MaskAtom::ShiftDiff { s, k } => format!("((q - kv) >> {s}) == {}", int_lit(*k)),
             MaskAtom::ShiftCount { s } => format!("(1 << (q - kv + {s})) > 1"),
+            MaskAtom::AnyStride { n, step } => {
+                format!("any(i in 0..{n}: q - kv == i * {})", int_lit(*step))
+            }
+            MaskAtom::AllCausal { n } => format!("all(i in 0..{n}: q - kv + i >= 0)"),
             MaskAtom::Flag { value, default } => {
                 self.param("bool", default.to_string(), value.to_string())
             }
@@ -528,6 +559,13 @@ impl Render {
             BiasFn::MinMax => "float(min(max(q - kv, -3), 5)) * 0.2",
             BiasFn::Trunc => "float(int(float(kv) * 0.7)) * 0.1",
             BiasFn::Mod => "float((kv - q) % 3) * 0.5",
+            BiasFn::Sin => "sin(float(q - kv) * 0.3) * 0.5",
+            BiasFn::Cos => "cos(float(kv) * 0.2)",
+            BiasFn::Erf => "erf(float(q - kv) * 0.25)",
+            BiasFn::Pow => "pow(float(abs(q - kv)) + 1.0, -0.5)",
+            BiasFn::Sign => "float(sign(q - kv)) * 0.5",
+            BiasFn::TanhApprox => "tanh_approx(float(kv) / 8.0) * 0.01",
+            BiasFn::Sum => "sum(i in 0..3: float(q - kv + i)) * 0.05",
         }
         .to_string()
     }
@@ -1035,6 +1073,8 @@ impl MaskAtom {
                 }
                 (1i64 << count) > 1
             }
+            MaskAtom::AnyStride { n, step } => (0..*n).any(|i| q - kv == i * step),
+            MaskAtom::AllCausal { n } => (0..*n).all(|i| q - kv + i >= 0),
         })
     }
 }
@@ -1077,6 +1117,13 @@ impl BiasFn {
             BiasFn::MinMax => (at.q - at.kv).clamp(-3, 5) as f64 * 0.2,
             BiasFn::Trunc => (kv * 0.7).trunc() * 0.1,
             BiasFn::Mod => floor_mod(at.kv - at.q, 3) as f64 * 0.5,
+            BiasFn::Sin => ((q - kv) * 0.3).sin() * 0.5,
+            BiasFn::Cos => (kv * 0.2).cos(),
+            BiasFn::Erf => libm::erf((q - kv) * 0.25),
+            BiasFn::Pow => ((q - kv).abs() + 1.0).powf(-0.5),
+            BiasFn::Sign => (at.q - at.kv).signum() as f64 * 0.5,
+            BiasFn::TanhApprox => (kv / 8.0).tanh() * 0.01,
+            BiasFn::Sum => (0..3).map(|i| q - kv + i as f64).sum::<f64>() * 0.05,
         }
     }
 }
@@ -1224,6 +1271,8 @@ pub fn arb_atom() -> impl Strategy<Value = MaskAtom> {
         1 => (1i64..=31).prop_map(|m| MaskAtom::BitSubset { m }),
         1 => (0i64..=3, -3i64..=3).prop_map(|(s, k)| MaskAtom::ShiftDiff { s, k }),
         2 => (-4i64..=8).prop_map(|s| MaskAtom::ShiftCount { s }),
+        1 => (0i64..=5, -4i64..=4).prop_map(|(n, step)| MaskAtom::AnyStride { n, step }),
+        1 => (0i64..=3).prop_map(|n| MaskAtom::AllCausal { n }),
     ]
 }
 
