@@ -1167,11 +1167,20 @@ fn call(f: Func, args: &[AVal], bx: &QBox) -> AVal {
         | Func::Rsqrt
         | Func::Tanh
         | Func::Sigmoid
-        | Func::Erf
-        | Func::Sin
-        | Func::Cos
-        | Func::Pow
-        | Func::TanhApprox => AVal::Float(FloatRange::Top),
+        | Func::Pow => AVal::Float(FloatRange::Top),
+        // Bounded for finite arguments on every backend: sin and cos are
+        // clamped to [-1, 1] after their reduction (tile::math), erf's two
+        // branches stay within it; `tanh.approx.f32` may overshoot 1 by its
+        // relative error (2^-10.987). No monotonicity is claimed: the f32
+        // forms are not proven monotone.
+        Func::Sin | Func::Cos | Func::Erf => AVal::Float(match args[0].float() {
+            FloatRange::Range(..) => FloatRange::new(-1.0, 1.0),
+            FloatRange::Top => FloatRange::Top,
+        }),
+        Func::TanhApprox => AVal::Float(match args[0].float() {
+            FloatRange::Range(..) => FloatRange::new(-1.001, 1.001),
+            FloatRange::Top => FloatRange::Top,
+        }),
     }
 }
 
@@ -1292,6 +1301,28 @@ mod tests {
             ),
             ("q % 16 < 16 && q % 16 >= 0", bx(0, 999, 0, 999), Some(true)),
         ]);
+    }
+
+    #[test]
+    fn bounded_math_decides_and_sign_is_monotone() {
+        check_decisions(&[
+            ("sin(float(q - kv)) <= 1.0", bx(0, 999, 0, 999), Some(true)),
+            ("cos(float(q)) > 1.5 || erf(float(kv)) < -1.5", bx(0, 999, 0, 999), Some(false)),
+            ("tanh_approx(float(q)) < 1.01", bx(0, 999, 0, 999), Some(true)),
+            // Not monotone: a range in between stays undecided.
+            ("sin(float(q)) > 0.5", bx(0, 999, 0, 999), None),
+            ("sign(q - kv) == 1", bx(100, 199, 0, 99), Some(true)),
+            ("sign(q - kv) >= 0", bx(0, 99, 100, 199), Some(false)),
+            ("sign(float(q - kv)) < 0.0", bx(100, 199, 0, 99), Some(false)),
+            ("pow(2.0, float(q)) > 0.0", bx(0, 9, 0, 9), None),
+        ]);
+        for (mask, b) in [
+            ("sin(float(q - kv)) <= 1.0", bx(0, 40, 0, 40)),
+            ("sign(q - kv) == 1", bx(0, 40, 0, 40)),
+            ("erf(float(q - kv) * 0.1) > 0.5", bx(0, 40, 0, 40)),
+        ] {
+            sound(mask, b);
+        }
     }
 
     #[test]
