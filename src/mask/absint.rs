@@ -1307,13 +1307,25 @@ mod tests {
     fn bounded_math_decides_and_sign_is_monotone() {
         check_decisions(&[
             ("sin(float(q - kv)) <= 1.0", bx(0, 999, 0, 999), Some(true)),
-            ("cos(float(q)) > 1.5 || erf(float(kv)) < -1.5", bx(0, 999, 0, 999), Some(false)),
-            ("tanh_approx(float(q)) < 1.01", bx(0, 999, 0, 999), Some(true)),
+            (
+                "cos(float(q)) > 1.5 || erf(float(kv)) < -1.5",
+                bx(0, 999, 0, 999),
+                Some(false),
+            ),
+            (
+                "tanh_approx(float(q)) < 1.01",
+                bx(0, 999, 0, 999),
+                Some(true),
+            ),
             // Not monotone: a range in between stays undecided.
             ("sin(float(q)) > 0.5", bx(0, 999, 0, 999), None),
             ("sign(q - kv) == 1", bx(100, 199, 0, 99), Some(true)),
             ("sign(q - kv) >= 0", bx(0, 99, 100, 199), Some(false)),
-            ("sign(float(q - kv)) < 0.0", bx(100, 199, 0, 99), Some(false)),
+            (
+                "sign(float(q - kv)) < 0.0",
+                bx(100, 199, 0, 99),
+                Some(false),
+            ),
             ("pow(2.0, float(q)) > 0.0", bx(0, 9, 0, 9), None),
         ]);
         for (mask, b) in [

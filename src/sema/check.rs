@@ -205,6 +205,10 @@ struct Checker {
     calls: Vec<(String, Span)>,
     /// Whether the inlining budget was exceeded (reported once).
     budget_hit: bool,
+    /// Checking a function body on its own (arguments are placeholders):
+    /// reductions are checked once, not expanded, since their ranges may
+    /// depend on the arguments of each call.
+    standalone: bool,
 }
 
 impl Checker {
@@ -254,6 +258,7 @@ impl Checker {
             own_functions,
             calls: vec![],
             budget_hit: false,
+            standalone: false,
         }
     }
 
@@ -287,7 +292,9 @@ impl Checker {
                 })
                 .collect();
             let arg_spans: Vec<_> = f.args.iter().map(|(a, _)| a.span).collect();
+            self.standalone = true;
             self.inline(&f, args, &arg_spans, f.name.span, Context::Let);
+            self.standalone = false;
             self.spec.exprs.truncate(mark);
             self.spec.types.truncate(mark);
             self.spec.deps.truncate(mark);
@@ -898,28 +905,57 @@ impl Checker {
 
     /// A bounded reduction `OP(VAR in LO..HI: BODY)`, expanded here: the
     /// body is checked once per value of VAR (bound to that int constant)
-    /// and the values are combined left to right, `sum` with `+`, `any`
-    /// with `||` and `all` with `&&` (which short-circuit), `max`/`min`
-    /// with the functions of those names. LO and HI are compile-time ints.
+    /// and the values are combined by [`Self::combine`]. LO and HI are
+    /// compile-time ints; an empty range still checks the body once.
     fn reduce(&mut self, r: &ast::Reduce, span: Span, ctx: Context) -> Option<(ExprId, Type)> {
-        let lo = self.bound(&r.lo, ctx, r.op);
-        let hi = self.bound(&r.hi, ctx, r.op);
         let var = &r.var;
+        let op = r.op;
+        if self.standalone {
+            // A function body on its own: the range may depend on the
+            // arguments, so check the bounds' types and the body once.
+            let lo = self
+                .expr(&r.lo, ctx)
+                .map(|b| self.bound_type(b.1, &r.lo, op));
+            let hi = self
+                .expr(&r.hi, ctx)
+                .map(|b| self.bound_type(b.1, &r.hi, op));
+            if reserved(&var.name) || ELEMENT_NAMES.contains(&var.name.as_str()) {
+                self.diags.push(reserved_diag(var));
+                return None;
+            }
+            let (Some(true), Some(true)) = (lo, hi) else {
+                return None;
+            };
+            return self.reduce_term(r, 0, ctx);
+        }
+        let lo = self.bound(&r.lo, ctx, op);
+        let hi = self.bound(&r.hi, ctx, op);
         if reserved(&var.name) || ELEMENT_NAMES.contains(&var.name.as_str()) {
             self.diags.push(reserved_diag(var));
             return None;
         }
         let (lo, hi) = (lo?, hi?);
         let n = hi.saturating_sub(lo).max(0);
-        let op = r.op;
-        if n == 0 && matches!(op, ast::ReduceOp::Max | ast::ReduceOp::Min) {
-            self.error(
-                "attnc::sema::empty_reduction",
-                format!("`{}` over the empty range {lo}..{hi} has no value", op.name()),
-                Label::new(span, format!("{lo}..{hi} holds no value of `{}`", var.name)),
-            )
-            .with_help("the range LO..HI runs from LO up to HI - 1: make HI greater than LO, or use `sum`, `any` or `all`, which have a value for an empty range");
-            return None;
+        if n == 0 {
+            // The body is checked once all the same (names, types), and an
+            // empty `sum` has the body's type.
+            let (_, ty) = self.reduce_term(r, lo, ctx)?;
+            if matches!(op, ast::ReduceOp::Max | ast::ReduceOp::Min) {
+                self.error(
+                    "attnc::sema::empty_reduction",
+                    format!("`{}` over the empty range {lo}..{hi} has no value", op.name()),
+                    Label::new(span, format!("{lo}..{hi} holds no value of `{}`", var.name)),
+                )
+                .with_help("the range LO..HI runs from LO up to HI - 1: make HI greater than LO, or use `sum`, `any` or `all`, which have a value for an empty range");
+                return None;
+            }
+            let v = match (op, ty) {
+                (ast::ReduceOp::Sum, Type::Float) => Value::Float(0.0),
+                (ast::ReduceOp::Sum, _) => Value::Int(0),
+                (ast::ReduceOp::Any, _) => Value::Bool(false),
+                _ => Value::Bool(true),
+            };
+            return Some((self.push(Expr::Const(v), v.ty(), span), v.ty()));
         }
         if n > MAX_REDUCTION_LENGTH {
             self.error(
@@ -933,10 +969,7 @@ impl Checker {
             .with_help("reductions are expanded when the spec is checked: reduce a shorter range, or precompute the values into a buffer");
             return None;
         }
-        let saved = self.scope.remove(&var.name);
-        let saved_poisoned = self.poisoned.remove(&var.name);
-        let mut acc: Option<(ExprId, Type)> = None;
-        let mut failed = false;
+        let mut terms = Vec::with_capacity(n as usize);
         for i in lo..hi {
             if self.spec.exprs.len() > MAX_INLINED_EXPRS {
                 if !self.budget_hit {
@@ -953,67 +986,31 @@ impl Checker {
                     )
                     .with_help("reduce a shorter range, move work that does not depend on the index out of the body with `let`, or precompute the values into a buffer");
                 }
-                failed = true;
-                break;
+                return None;
             }
-            let value = self.push(Expr::Const(Value::Int(i)), Type::Int, var.span);
-            self.scope.insert(
-                var.name.clone(),
-                (
-                    Binding::Let {
-                        value,
-                        score_use: None,
-                    },
-                    var.span,
-                ),
-            );
-            let Some((id, ty)) = self.expr(&r.body, ctx) else {
-                failed = true;
-                break;
-            };
-            let want = match op {
-                ast::ReduceOp::Any | ast::ReduceOp::All => ty == Type::Bool,
-                _ => ty.is_numeric(),
-            };
-            if !want {
-                let (need, help) = match op {
-                    ast::ReduceOp::Any | ast::ReduceOp::All => ("bool", "write a condition, e.g. `t[i] == kv / 64`"),
-                    _ => ("a number", "convert a condition with `float(c)`, or count with `sum(i in ..: if c { 1 } else { 0 })`"),
-                };
-                self.error(
-                    "attnc::sema::type_mismatch",
-                    format!("the body of `{}` must be {need}, found {ty}", op.name()),
-                    Label::new(r.body.span, format!("this is {ty}")),
-                )
-                .with_help(help);
-                failed = true;
-                break;
-            }
-            acc = Some(match acc {
-                None => (id, ty),
-                Some((a, _)) => {
-                    let mut ids = [a, id];
-                    let (e, t) = match op {
-                        ast::ReduceOp::Sum => {
-                            let t = self.unify_numeric(&mut ids);
-                            (Expr::Binary(BinaryOp::Add, ids[0], ids[1]), t)
-                        }
-                        ast::ReduceOp::Max | ast::ReduceOp::Min => {
-                            let t = self.unify_numeric(&mut ids);
-                            let f = if op == ast::ReduceOp::Max {
-                                Func::Max
-                            } else {
-                                Func::Min
-                            };
-                            (Expr::Call(f, ids.to_vec()), t)
-                        }
-                        ast::ReduceOp::Any => (Expr::Binary(BinaryOp::Or, a, id), Type::Bool),
-                        ast::ReduceOp::All => (Expr::Binary(BinaryOp::And, a, id), Type::Bool),
-                    };
-                    (self.push(e, t, span), t)
-                }
-            });
+            terms.push(self.reduce_term(r, i, ctx)?);
         }
+        Some(self.combine(op, &terms, span))
+    }
+
+    /// The body of reduction `r` with its index bound to the int `i`,
+    /// type-checked against the operation.
+    fn reduce_term(&mut self, r: &ast::Reduce, i: i64, ctx: Context) -> Option<(ExprId, Type)> {
+        let var = &r.var;
+        let op = r.op;
+        let value = self.push(Expr::Const(Value::Int(i)), Type::Int, var.span);
+        let saved = self.scope.insert(
+            var.name.clone(),
+            (
+                Binding::Let {
+                    value,
+                    score_use: None,
+                },
+                var.span,
+            ),
+        );
+        let saved_poisoned = self.poisoned.remove(&var.name);
+        let body = self.expr(&r.body, ctx);
         self.scope.remove(&var.name);
         if let Some(b) = saved {
             self.scope.insert(var.name.clone(), b);
@@ -1021,19 +1018,76 @@ impl Checker {
         if saved_poisoned {
             self.poisoned.insert(var.name.clone());
         }
-        if failed {
+        let (id, ty) = body?;
+        let fits = match op {
+            ast::ReduceOp::Any | ast::ReduceOp::All => ty == Type::Bool,
+            _ => ty.is_numeric(),
+        };
+        if !fits {
+            let (need, help) = match op {
+                ast::ReduceOp::Any | ast::ReduceOp::All => ("bool", "write a condition, e.g. `t[i] == kv / 64`"),
+                _ => ("a number", "convert a condition with `float(c)`, or count with `sum(i in ..: if c { 1 } else { 0 })`"),
+            };
+            self.error(
+                "attnc::sema::type_mismatch",
+                format!("the body of `{}` must be {need}, found {ty}", op.name()),
+                Label::new(r.body.span, format!("this is {ty}")),
+            )
+            .with_help(help);
             return None;
         }
-        Some(acc.unwrap_or_else(|| {
-            // The empty range: the identity of the operation.
-            let v = match op {
-                ast::ReduceOp::Sum => Value::Int(0),
-                ast::ReduceOp::Any => Value::Bool(false),
-                _ => Value::Bool(true),
-            };
-            let ty = v.ty();
-            (self.push(Expr::Const(v), ty, span), ty)
-        }))
+        Some((id, ty))
+    }
+
+    /// Combines the terms of a reduction pairwise (a balanced tree, so its
+    /// depth is log2 of the number of terms): `+` for `sum`, `||` and `&&`
+    /// for `any` and `all` (which short-circuit left to right as a chain
+    /// would), the functions `max` and `min`.
+    fn combine(
+        &mut self,
+        op: ast::ReduceOp,
+        terms: &[(ExprId, Type)],
+        span: Span,
+    ) -> (ExprId, Type) {
+        if terms.len() == 1 {
+            return terms[0];
+        }
+        let mid = terms.len() / 2;
+        let (a, _) = self.combine(op, &terms[..mid], span);
+        let (b, _) = self.combine(op, &terms[mid..], span);
+        let mut ids = [a, b];
+        let (e, t) = match op {
+            ast::ReduceOp::Sum => {
+                let t = self.unify_numeric(&mut ids);
+                (Expr::Binary(BinaryOp::Add, ids[0], ids[1]), t)
+            }
+            ast::ReduceOp::Max | ast::ReduceOp::Min => {
+                let t = self.unify_numeric(&mut ids);
+                let f = if op == ast::ReduceOp::Max {
+                    Func::Max
+                } else {
+                    Func::Min
+                };
+                (Expr::Call(f, ids.to_vec()), t)
+            }
+            ast::ReduceOp::Any => (Expr::Binary(BinaryOp::Or, a, b), Type::Bool),
+            ast::ReduceOp::All => (Expr::Binary(BinaryOp::And, a, b), Type::Bool),
+        };
+        (self.push(e, t, span), t)
+    }
+
+    /// Whether a checked bound has type int (reporting it if not).
+    fn bound_type(&mut self, ty: Type, e: &ast::Expr, op: ast::ReduceOp) -> bool {
+        if ty != Type::Int {
+            self.error(
+                "attnc::sema::type_mismatch",
+                format!("the bounds of `{}` must be int, found {ty}", op.name()),
+                Label::new(e.span, format!("this is {ty}")),
+            )
+            .with_help("a range is written `LO..HI` with ints, e.g. `0..4` or `0..top_k`");
+            return false;
+        }
+        true
     }
 
     /// A bound of a reduction's range: an int known when the spec is
@@ -1042,13 +1096,7 @@ impl Checker {
     /// it reads are recorded in [`Spec::fixed_params`].
     fn bound(&mut self, e: &ast::Expr, ctx: Context, op: ast::ReduceOp) -> Option<i64> {
         let (id, ty) = self.expr(e, ctx)?;
-        if ty != Type::Int {
-            self.error(
-                "attnc::sema::type_mismatch",
-                format!("the bounds of `{}` must be int, found {ty}", op.name()),
-                Label::new(e.span, format!("this is {ty}")),
-            )
-            .with_help("a range is written `LO..HI` with ints, e.g. `0..4` or `0..top_k`");
+        if !self.bound_type(ty, e, op) {
             return None;
         }
         // Every node it depends on must be known now.

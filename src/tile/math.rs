@@ -171,9 +171,10 @@ impl MathBuilder<'_> {
 
     /// `sin x` or `cos x`: `j = round(x · 2/π)`, `r = x - j·π/2` (three
     /// parts), the Cephes polynomials on `r`, and the quadrant `j mod 4`
-    /// choosing among `±sin r`, `±cos r`; clamped to [-1, 1] so a reduction
-    /// that lost its accuracy (huge `|x|`) stays in range. NaN and `±inf`
-    /// give NaN.
+    /// choosing among `±sin r`, `±cos r`; clamped to [-1, 1] (with `r` kept
+    /// within ±4) so a reduction that lost its accuracy (huge `|x|`) stays
+    /// finite and in range. `sin x` is `x` below 2^-12 (so `sin(-0) = -0`).
+    /// NaN and `±inf` give NaN.
     fn sin_cos(&mut self, x: ValueId, cos: bool) -> ValueId {
         let two_over_pi = self.c(std::f32::consts::FRAC_2_PI);
         let t = self.mul(x, two_over_pi);
@@ -184,6 +185,10 @@ impl MathBuilder<'_> {
             let jp = self.mul(j, p);
             r = self.sub(r, jp);
         }
+        // Past |x| ~ 1e26 the reduction is meaningless and r could square to
+        // inf: keep it within ±4 (NaN passes), so finite x gives a finite
+        // result, clamped below.
+        let r = self.clamp(r, 4.0);
         let z = self.mul(r, r);
         // sin r = r + (z·r)·S(z)
         let s_poly = self.horner(&SIN_P, z);
@@ -222,10 +227,26 @@ impl MathBuilder<'_> {
         let zero = self.c(0.0);
         let is0 = self.cmp(CmpOp::Eq, n, zero);
         let v = self.select(is0, s, v);
-        // min(1, max(-1, v)): the second operand wins when unordered, so NaN stays.
-        let m1 = self.c(-1.0);
-        let lo = self.b.binary(BinOp::FMax, m1, v);
-        self.b.binary(BinOp::FMin, one, lo)
+        let v = self.clamp(v, 1.0);
+        if cos {
+            return v;
+        }
+        // sin x = x (within a third of an ulp) below 2^-12, which keeps -0.
+        let a = self.call(Func::Abs, x);
+        let tiny = self.c(1.0 / 4096.0);
+        let small = self.cmp(CmpOp::Lt, a, tiny);
+        self.select(small, x, v)
+    }
+
+    /// `x` limited to `[-m, m]` with selects, so NaN stays NaN (the IR's
+    /// `fmin`/`fmax` would return the other operand).
+    fn clamp(&mut self, x: ValueId, m: f32) -> ValueId {
+        let hi = self.c(m);
+        let lo = self.c(-m);
+        let above = self.cmp(CmpOp::Gt, x, hi);
+        let x = self.select(above, hi, x);
+        let below = self.cmp(CmpOp::Lt, x, lo);
+        self.select(below, lo, x)
     }
 
     /// `erf x`: `x·P(x²)` for `|x| <= 1`; else `±(1 - exp(Q(|x| - 2.5)))`

@@ -228,6 +228,42 @@ impl Affine {
         self.add(o.scale(-1))
     }
 
+    fn checked_scale(self, k: i128) -> Option<Affine> {
+        let mut r = self;
+        r.c = r.c.checked_mul(k)?;
+        for x in r.a.iter_mut() {
+            *x = x.checked_mul(k)?;
+        }
+        Some(r)
+    }
+
+    fn checked_add(self, o: Affine) -> Option<Affine> {
+        let mut r = self;
+        r.c = r.c.checked_add(o.c)?;
+        for i in 0..N_SYMS {
+            r.a[i] = r.a[i].checked_add(o.a[i])?;
+        }
+        Some(r)
+    }
+
+    fn checked_sub(self, o: Affine) -> Option<Affine> {
+        self.checked_add(o.checked_scale(-1)?)
+    }
+
+    /// [`Self::nonneg`], or `None` where the sum would overflow i128.
+    fn checked_nonneg(self) -> Option<bool> {
+        let mut sum = self.c;
+        for (i, &x) in self.a.iter().enumerate() {
+            if x < 0 {
+                return Some(false);
+            }
+            if i != SYM_OFF {
+                sum = sum.checked_add(x)?;
+            }
+        }
+        Some(sum >= 0)
+    }
+
     /// Provably >= 0 for every admissible value of the symbols.
     fn nonneg(self) -> bool {
         self.a.iter().all(|&x| x >= 0)
@@ -540,60 +576,59 @@ fn candidates(k: &Kernel, x: ValueId, guard: Option<ValueId>) -> (Vec<BoundExpr>
     (lo, hi)
 }
 
-/// A dimension without division, as an affine form of the shapes.
+/// A dimension without division, as an affine form of the shapes (`None`
+/// also where a coefficient would overflow i128).
 fn affine_dim(d: &Dim) -> Option<Affine> {
-    Some(match d {
-        Dim::Lit(n) => Affine::constant(*n as i128),
-        Dim::Shape(s) => Affine::sym(sym_of(*s)),
-        Dim::Add(a, b) => affine_dim(a)?.add(affine_dim(b)?),
-        Dim::Sub(a, b) => affine_dim(a)?.sub(affine_dim(b)?),
+    match d {
+        Dim::Lit(n) => Some(Affine::constant(*n as i128)),
+        Dim::Shape(s) => Some(Affine::sym(sym_of(*s))),
+        Dim::Add(a, b) => affine_dim(a)?.checked_add(affine_dim(b)?),
+        Dim::Sub(a, b) => affine_dim(a)?.checked_sub(affine_dim(b)?),
         Dim::Mul(a, b) => match (&**a, &**b) {
-            (Dim::Lit(k), x) | (x, Dim::Lit(k)) => {
-                // Past 2^20 a product proves nothing, so i128 cannot overflow
-                // however deep the dimension's expression.
-                let x = affine_dim(x)?;
-                let small = |v: i128| v.unsigned_abs() <= 1 << 80;
-                if k.unsigned_abs() > MAX_PROOF_FACTOR as u64
-                    || !small(x.c)
-                    || !x.a.iter().all(|&v| small(v))
-                {
-                    return None;
-                }
-                x.scale(*k as i128)
-            }
-            _ => return None,
+            (Dim::Lit(k), x) | (x, Dim::Lit(k)) => affine_dim(x)?.checked_scale(*k as i128),
+            _ => None,
         },
-        Dim::CeilDiv(..) | Dim::Param(_) => return None,
-    })
+        Dim::CeilDiv(..) | Dim::Param(_) => None,
+    }
 }
 
 /// Whether `floor(A / div) <= dim - 1` holds for every admissible shape.
 /// Dimensions that are not affine, or not an affine form rounded up by a
-/// literal, prove nothing: their reads stay checked.
+/// literal of at least 1, prove nothing, nor does any step that would
+/// overflow i128: their reads stay checked.
 fn below_dim(b: BoundExpr, dim: &Dim) -> bool {
-    if let Some(d) = affine_dim(dim) {
-        return d
-            .scale(b.div)
-            .sub(Affine::constant(1))
-            .sub(b.affine)
-            .nonneg();
-    }
-    let Dim::CeilDiv(num, den) = dim else {
-        return false;
+    let one = Affine::constant(1);
+    let proof = || -> Option<bool> {
+        if let Some(d) = affine_dim(dim) {
+            return d
+                .checked_scale(b.div)?
+                .checked_sub(one)?
+                .checked_sub(b.affine)?
+                .checked_nonneg();
+        }
+        let Dim::CeilDiv(num, den) = dim else {
+            return Some(false);
+        };
+        let (Some(s), Dim::Lit(n)) = (affine_dim(num), &**den) else {
+            return Some(false);
+        };
+        let n = *n as i128;
+        if n < 1 {
+            return Some(false);
+        }
+        if b.div == n {
+            // floor(X / n) <= floor((S - 1) / n) = ceil(S / n) - 1 when X <= S - 1.
+            s.checked_sub(one)?.checked_sub(b.affine)?.checked_nonneg()
+        } else if b.div == 1 {
+            // X <= floor((S - 1) / n) = ceil(S / n) - 1 when n·X <= S - 1.
+            s.checked_sub(one)?
+                .checked_sub(b.affine.checked_scale(n)?)?
+                .checked_nonneg()
+        } else {
+            Some(false)
+        }
     };
-    let (Some(s), Dim::Lit(n)) = (affine_dim(num), &**den) else {
-        return false;
-    };
-    let n = *n as i128;
-    if b.div == n {
-        // floor(X / n) <= floor((S - 1) / n) = ceil(S / n) - 1 when X <= S - 1.
-        s.sub(Affine::constant(1)).sub(b.affine).nonneg()
-    } else {
-        // X <= floor((S - 1) / n) = ceil(S / n) - 1 when n·X <= S - 1.
-        b.div == 1
-            && n <= MAX_PROOF_FACTOR as i128
-            && s.sub(Affine::constant(1)).sub(b.affine.scale(n)).nonneg()
-    }
+    proof().unwrap_or(false)
 }
 
 fn in_range(k: &Kernel, x: ValueId, guard: Option<ValueId>, dim: &Dim) -> bool {

@@ -141,9 +141,16 @@ pub fn verify(k: &Kernel) -> Result<(), VerifyError> {
                     ty(a) == inst.ty && inst.ty != Ty::Bool,
                     "abs keeps its numeric type",
                 )?,
-                Func::Min | Func::Max | Func::Clamp | Func::Float | Func::Int => {
-                    return err(format!("`{}` must be lowered to other ops", f.name()))
-                }
+                Func::Min
+                | Func::Max
+                | Func::Clamp
+                | Func::Float
+                | Func::Int
+                | Func::Sin
+                | Func::Cos
+                | Func::Erf
+                | Func::Pow
+                | Func::Sign => return err(format!("`{}` must be lowered to other ops", f.name())),
                 _ => expect(
                     ty(a) == Ty::F32 && inst.ty == Ty::F32,
                     "float functions take and give f32",

@@ -620,3 +620,23 @@ fn reductions_expand_for_the_loaded_param_values() {
         e.render()
     );
 }
+
+#[test]
+fn huge_dimensions_never_prove_a_read_in_range() {
+    // Scaling the dimension by the divisor of the index passes 2^127: the
+    // proof must give up rather than wrap into "in range".
+    let src = "attention oob {\n    buffer t[(KV - 3) * 1048576 * 1048576 * 1048576 * 262144 * 1048576]: int\n    mask = t[kv / 268435456] == 0\n}\n";
+    let program =
+        attnc::load(attnc::SourceFile::new("oob.attn", src), &Default::default()).unwrap();
+    let options = attnc::CompileOptions {
+        check_proven_loads: true,
+        ..Default::default()
+    };
+    let kernel = program.compile_jit_with(&options).unwrap();
+    let q = attnc::bench::Rng::new(1).array4((1, 1, 3, 4));
+    let t = attnc::BufferData::Int(ndarray::ArrayD::zeros(vec![0]));
+    let inputs = attnc::Inputs::new(q.view(), q.view(), q.view()).buffer("t", t);
+    let want = program.run_reference(&inputs).unwrap_err().to_string();
+    assert!(want.contains("`t[0]`"), "{want}");
+    assert_eq!(kernel.run(&inputs).unwrap_err().to_string(), want);
+}

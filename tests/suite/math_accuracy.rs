@@ -264,6 +264,32 @@ fn pow_and_sign_follow_ieee_special_values_on_every_backend() {
         r[0].is_nan() && r[2] == 0.0 && r[5].is_nan() && r[8] == -1.0 && r[9] == -1.0,
         "{r:?}"
     );
+    // sin and cos: NaN for NaN and ±inf, finite for huge finite x, and
+    // sin keeps the sign of zero (-1 / sin(-0) = +inf: a NaN row).
+    let xs = [nan, inf, -inf, 1e30, -3e38, -0.0, 0.0, 1e-30];
+    for expr in ["sin(x[q])", "cos(x[q])", "-1.0 / sin(x[q])"] {
+        let want = reference_rows(expr, &xs, &xs);
+        for (name, got) in rows(expr, &xs, &xs, true) {
+            for (i, x) in xs.iter().enumerate() {
+                if x.is_finite() && x.abs() > 1e6 {
+                    // Beyond the reduction's range: finite, and in [-1, 1].
+                    let bound = if expr.starts_with("-1.0") {
+                        f32::MAX
+                    } else {
+                        1.0
+                    };
+                    assert!(got[i].abs() <= bound, "{name}: {expr} at {x} is {}", got[i]);
+                } else {
+                    assert!(
+                        agrees(got[i], want[i]),
+                        "{name}: {expr} at {x} is {} but the reference says {}",
+                        got[i],
+                        want[i]
+                    );
+                }
+            }
+        }
+    }
     let xs = [-0.0, 0.0, -3.5, 2.0, nan, -inf];
     let want = reference_rows("-1.0 / sign(x[q])", &xs, &xs);
     assert!(

@@ -904,7 +904,8 @@ impl Gen<'_> {
             Dim::Shape(s) => ins!(self.w, "mov.b64 {r}, {}", self.shapes[*s as usize]),
             Dim::Param(_) => unreachable!("a kernel's buffer dims hold param values, not params"),
             // A shape is never negative: round up with one unsigned division.
-            Dim::CeilDiv(a, b) if matches!((&**a, &**b), (Dim::Shape(_), Dim::Lit(_))) => {
+            Dim::CeilDiv(a, b) if matches!((&**a, &**b), (Dim::Shape(_), Dim::Lit(n)) if *n >= 1) =>
+            {
                 let (Dim::Shape(s), Dim::Lit(n)) = (&**a, &**b) else {
                     unreachable!()
                 };
