@@ -640,3 +640,28 @@ fn huge_dimensions_never_prove_a_read_in_range() {
     assert!(want.contains("`t[0]`"), "{want}");
     assert_eq!(kernel.run(&inputs).unwrap_err().to_string(), want);
 }
+
+#[test]
+fn reductions_in_functions_long_ranges_and_empty_ranges() {
+    // A range set by a function's argument expands at each call (the body
+    // checked on its own does not reject `max` over 0..k); 600 terms fit
+    // the nesting limit (a balanced tree); an empty float sum is 0.0.
+    let src = "fn best(k: int) -> int { max(i in 0..k: i) }\nfn per(k: int) -> int { sum(i in 0..64 / k: i) }\nattention r {\n    param n: int = 0\n    score = score + sum(i in 0..600: float(i)) * 0.00001 + float(best(3) + per(4)) + sum(i in 0..n: 1.5)\n}\n";
+    let program = attnc::load(attnc::SourceFile::new("r.attn", src), &Default::default())
+        .unwrap_or_else(|e| panic!("{}", e.render()));
+    let q = attnc::bench::Rng::new(3).array4((1, 1, 5, 4));
+    let inputs = attnc::Inputs::new(q.view(), q.view(), q.view()).with_lse();
+    let want = program.run_reference(&inputs).unwrap();
+    let got = program.compile_jit_with(&Default::default()).unwrap().run(&inputs).unwrap();
+    common::assert_close("reductions", &got, &want.out, want.lse.as_ref().unwrap(), 1e-5);
+    // The value the reductions add: 0.00001 * 179700 + 2 + 120 + 0.
+    let plain = attnc::load(
+        attnc::SourceFile::new("p.attn", "attention p { score = score + 123.797 }"),
+        &Default::default(),
+    )
+    .unwrap();
+    let same = plain.run_reference(&inputs).unwrap();
+    for (a, b) in want.lse.unwrap().iter().zip(same.lse.unwrap().iter()) {
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
+}
