@@ -415,7 +415,33 @@ pub struct Program {
 /// Parses, checks, picks the entry and applies param overrides.
 pub fn load(file: SourceFile, options: &SpecOptions) -> Result<Program, Error> {
     let file = Arc::new(file);
-    let module = check(&file)?;
+    let ast = parse(&file)?;
+    let module = match sema::check(&ast) {
+        Ok(module) => module,
+        Err(diags) => {
+            // A default may be what fails (a `max` over `0..n` with n = 0):
+            // check again with the overrides in place from the start.
+            let (entry, values) = match overrides_from_the_start(&ast, options) {
+                Ok(Some(found)) => found,
+                Ok(None) => {
+                    let problems = diags.into_iter().map(SpecProblem::Sema).collect();
+                    return Err(Error::spec(&file, problems));
+                }
+                Err(errors) => {
+                    let problems = errors.into_iter().map(SpecProblem::Param).collect();
+                    return Err(Error::spec(&file, problems));
+                }
+            };
+            let module = sema::check_with(&ast, Some((&entry, &values))).map_err(|diags| {
+                Error::spec(&file, diags.into_iter().map(SpecProblem::Sema).collect())
+            })?;
+            let spec = module
+                .entry(options.entry.as_deref())
+                .map_err(|e| Error::spec(&file, vec![SpecProblem::Entry(e)]))?
+                .clone();
+            return Ok(Program { file, spec });
+        }
+    };
     let mut spec = module
         .entry(options.entry.as_deref())
         .map_err(|e| Error::spec(&file, vec![SpecProblem::Entry(e)]))?
@@ -445,7 +471,6 @@ pub fn load(file: SourceFile, options: &SpecOptions) -> Result<Program, Error> {
             .map(|p| (p.name.clone(), p.value))
             .collect();
         values.extend(fixed);
-        let ast = parse(&file)?;
         let module = sema::check_with(&ast, Some((&spec.name, &values))).map_err(|diags| {
             Error::spec(&file, diags.into_iter().map(SpecProblem::Sema).collect())
         })?;
@@ -456,6 +481,59 @@ pub fn load(file: SourceFile, options: &SpecOptions) -> Result<Program, Error> {
             .expect("the re-checked file holds the entry block");
     }
     Ok(Program { file, spec })
+}
+
+/// The overrides of `options` as values for the params the entry block
+/// declares, read from the syntax tree (so before any check): `Ok(None)`
+/// when there are none or the entry is not one block of the file (the
+/// ordinary path reports that), the errors of overrides that name no param
+/// or do not fit its type.
+#[allow(clippy::type_complexity)]
+fn overrides_from_the_start(
+    ast: &ast::File,
+    options: &SpecOptions,
+) -> Result<Option<(String, HashMap<String, Value>)>, Vec<ParamError>> {
+    if options.params.is_empty() {
+        return Ok(None);
+    }
+    let block = match options.entry.as_deref() {
+        Some(name) => ast.attentions.iter().find(|a| a.name.name == name),
+        None if ast.attentions.len() == 1 => ast.attentions.first(),
+        None => None,
+    };
+    let Some(block) = block else {
+        return Ok(None);
+    };
+    let declared: Vec<(&str, sema::Type, syntax::Span)> = block
+        .items
+        .iter()
+        .filter_map(|item| match &item.kind {
+            ast::ItemKind::Param { name, ty, .. } => {
+                let ty = match ty.kind {
+                    ast::ScalarKind::Int => sema::Type::Int,
+                    ast::ScalarKind::Float => sema::Type::Float,
+                    ast::ScalarKind::Bool => sema::Type::Bool,
+                };
+                Some((name.name.as_str(), ty, name.span))
+            }
+            _ => None,
+        })
+        .collect();
+    let mut values = HashMap::new();
+    let mut errors = Vec::new();
+    for (name, text) in &options.params {
+        match sema::override_value(&block.name.name, &declared, name, text) {
+            Ok((_, v)) => {
+                values.insert(name.clone(), v);
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(Some((block.name.name.clone(), values)))
+    } else {
+        Err(errors)
+    }
 }
 
 /// Bound inputs and their block maps, reusable across calls with the same

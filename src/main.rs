@@ -1432,7 +1432,7 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
         driver::check_jit_tiling(t)?;
     }
     let mut rng = attnc::bench::Rng::new(args.seed);
-    let (q, k, v, shapes) = if args.random {
+    let (q, k, v) = if args.random {
         let q_len = args.q_len.expect("clap requires --q-len with --random");
         let shapes = attnc::sema::eval::Shapes {
             b: args.batch,
@@ -1448,8 +1448,7 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
             "making random inputs of {}",
             attnc::memory::shapes_text(&shapes)
         ))?;
-        let (q, k, v) = rng.qkv(&shapes);
-        (q, k, v, shapes)
+        rng.qkv(&shapes)
     } else {
         let read = |path: &Option<PathBuf>, what: &str| {
             let path = path
@@ -1472,7 +1471,7 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
             read(k_path, if paged { "k_pages" } else { "k" })?,
             read(v_path, if paged { "v_pages" } else { "v" })?,
         );
-        (q, k, v, attnc::sema::eval::Shapes::default())
+        (q, k, v)
     };
     let page_table = args
         .page_table
@@ -1495,24 +1494,21 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
             page_table: table.view().into_dimensionality().expect("read as 2-d"),
         };
     }
-    // The shapes buffers and estimates see: those of the bound call (the
-    // binding's error, if any, is the clearest message for bad shapes).
-    let shapes = if args.random {
-        shapes
-    } else {
-        attnc::bind::bind(
-            &program.spec,
-            &Inputs {
-                buffers: Default::default(),
-                ..inputs.clone()
-            },
-        )
-        .map(|b| b.shapes)
-        .or_else(|e| match e {
-            attnc::bind::BindError::MissingBuffer { .. } => Ok(fallback_shapes(&inputs)),
-            e => Err(e),
-        })?
-    };
+    // The shapes buffers and estimates see: those of the bound call, random
+    // inputs included (`KV` covers the queries past the keys); the binding's
+    // error, if any, is the clearest message for bad shapes.
+    let shapes = attnc::bind::bind(
+        &program.spec,
+        &Inputs {
+            buffers: Default::default(),
+            ..inputs.clone()
+        },
+    )
+    .map(|b| b.shapes)
+    .or_else(|e| match e {
+        attnc::bind::BindError::MissingBuffer { .. } => Ok(fallback_shapes(&inputs)),
+        e => Err(e),
+    })?;
     inputs.want_lse = args.lse.is_some() || args.check;
     bind_buffers(
         &mut inputs,

@@ -172,6 +172,67 @@ pub enum ParamError {
     },
 }
 
+/// The value of an override `text` for a param of type `ty`: an int param
+/// takes an integer, a float param any finite number, a bool param `true` or
+/// `false`.
+pub fn param_text(ty: Type, text: &str) -> Option<Value> {
+    let t = text.trim();
+    match ty {
+        Type::Int => t.parse::<i64>().ok().map(Value::Int),
+        Type::Float => t
+            .parse::<f64>()
+            .ok()
+            .filter(|x| x.is_finite())
+            .map(Value::Float),
+        Type::Bool => match t {
+            "true" => Some(Value::Bool(true)),
+            "false" => Some(Value::Bool(false)),
+            _ => None,
+        },
+    }
+}
+
+/// The override `name = text` against the params `(name, type, span)` that
+/// attention block `block` declares: the index of the param and its value,
+/// or the error naming what is wrong (an unknown param, with the nearest
+/// name; a value that does not fit its type).
+pub fn override_value(
+    block: &str,
+    params: &[(&str, Type, Span)],
+    name: &str,
+    text: &str,
+) -> Result<(usize, Value), ParamError> {
+    let Some(i) = params.iter().position(|p| p.0 == name) else {
+        let names: Vec<&str> = params.iter().map(|p| p.0).collect();
+        let help = match suggest(name, names.iter().copied()) {
+            Some(s) => format!("did you mean `{s}`?"),
+            None if names.is_empty() => "this attention block declares no params".to_string(),
+            None => format!("its params are: {}", names.join(", ")),
+        };
+        return Err(ParamError::Unknown {
+            spec: block.to_string(),
+            name: name.to_string(),
+            help,
+        });
+    };
+    let (_, ty, span) = params[i];
+    match param_text(ty, text) {
+        Some(v) => Ok((i, v)),
+        None => Err(ParamError::WrongType {
+            name: name.to_string(),
+            ty,
+            article: if ty == Type::Int { "an" } else { "a" },
+            value: text.to_string(),
+            span: span.into(),
+            help: match ty {
+                Type::Int => format!("write an integer, e.g. `{name}=128`"),
+                Type::Float => format!("write a finite number, e.g. `{name}=0.5`"),
+                Type::Bool => format!("write `{name}=true` or `{name}=false`"),
+            },
+        }),
+    }
+}
+
 impl Spec {
     /// Overrides a param's value, given as text (`--param window=128`).
     /// An int param takes an integer, a float param any number, a bool param
@@ -205,49 +266,12 @@ impl Spec {
     /// an int param takes an integer, a float param any finite number, a
     /// bool param `true` or `false`.
     pub fn param_value(&self, name: &str, text: &str) -> Result<(ParamId, Value), ParamError> {
-        let Some(id) = self.param_id(name) else {
-            let names: Vec<&str> = self.params.iter().map(|p| p.name.as_str()).collect();
-            let help = match suggest(name, names.iter().copied()) {
-                Some(s) => format!("did you mean `{s}`?"),
-                None if names.is_empty() => "this attention block declares no params".to_string(),
-                None => format!("its params are: {}", names.join(", ")),
-            };
-            return Err(ParamError::Unknown {
-                spec: self.name.clone(),
-                name: name.to_string(),
-                help,
-            });
-        };
-        let p = &self.params[id.0 as usize];
-        let t = text.trim();
-        let value = match p.ty {
-            Type::Int => t.parse::<i64>().ok().map(Value::Int),
-            Type::Float => t
-                .parse::<f64>()
-                .ok()
-                .filter(|x| x.is_finite())
-                .map(Value::Float),
-            Type::Bool => match t {
-                "true" => Some(Value::Bool(true)),
-                "false" => Some(Value::Bool(false)),
-                _ => None,
-            },
-        };
-        match value {
-            Some(v) => Ok((id, v)),
-            None => Err(ParamError::WrongType {
-                name: name.to_string(),
-                ty: p.ty,
-                article: if p.ty == Type::Int { "an" } else { "a" },
-                value: text.to_string(),
-                span: p.span.into(),
-                help: match p.ty {
-                    Type::Int => format!("write an integer, e.g. `{name}=128`"),
-                    Type::Float => format!("write a finite number, e.g. `{name}=0.5`"),
-                    Type::Bool => format!("write `{name}=true` or `{name}=false`"),
-                },
-            }),
-        }
+        let params: Vec<(&str, Type, Span)> = self
+            .params
+            .iter()
+            .map(|p| (p.name.as_str(), p.ty, p.span))
+            .collect();
+        override_value(&self.name, &params, name, text).map(|(i, v)| (ParamId(i as u32), v))
     }
 }
 

@@ -15,7 +15,8 @@
 //! | `sin`, `cos` | `|x| <= 100` | <= 2 ulp (1.5 measured) |
 //! | `sin` | `|x| <= 8192` | <= 2 ulp; absolute <= 1e-7 |
 //! | `cos` | `|x| <= 8192` | absolute <= 1e-7 (44 ulp near its zeros) |
-//! | `sin`, `cos` | larger `|x|` | absolute error grows with `|x|` (1e-6 at 1e5); results stay in [-1, 1] |
+//! | `sin`, `cos` | `8192 < |x| <= 1e5` | absolute <= about 1e-6 |
+//! | `sin`, `cos` | `|x| > 1e5` | not the sine: the reduction has lost every bit; finite, in [-1, 1] |
 //! | `erf` | all x | <= 3 ulp (2.3 measured) |
 //! | `pow` | `exp2(y · log2|x|)`: the error of `log2` scaled by `|y · log2 |x||` | see the table in docs/language.md |
 //! | `tanh_approx` | all x | <= 6 ulp (5.4 measured), absolute <= 3.3e-7 |

@@ -2207,3 +2207,68 @@ fn emit_prints_the_nest_chosen_for_shapes() {
     ]);
     assert_fails(&o, &["H a multiple of HKV"]);
 }
+
+#[test]
+fn random_buffers_are_sized_for_the_bound_shapes() {
+    // Queries past the keys: `KV` is q_offset + Q = 7, not --kv-len 1.
+    let dir = TempDir::new();
+    let spec = dir.path("kv.attn");
+    std::fs::write(
+        &spec,
+        "attention a {\n buffer t[KV]: int\n mask = t[kv] >= 0\n}\n",
+    )
+    .unwrap();
+    let o = attnc(&[
+        "run",
+        spec.to_str().unwrap(),
+        "--random",
+        "--q-len",
+        "7",
+        "--kv-len",
+        "1",
+        "--heads",
+        "1",
+        "--dim",
+        "4",
+        "-q",
+        "--buffer",
+        "t=iota",
+        "--check",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn an_override_can_repair_a_default_that_empties_a_reduction() {
+    // With n = 0, `max` over 0..n has no value; the override is checked
+    // from the start, so n = 3 runs.
+    let dir = TempDir::new();
+    let spec = dir.path("ov.attn");
+    std::fs::write(
+        &spec,
+        "attention a {\n param n: int = 0\n score = score + float(max(i in 0..n: i))\n}\n",
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            spec.to_str().unwrap(),
+            "--random",
+            "--q-len",
+            "4",
+            "--heads",
+            "1",
+            "--dim",
+            "4",
+            "-q",
+            "--check",
+        ];
+        args.extend_from_slice(extra);
+        attnc(&args)
+    };
+    assert_fails(&run(&[]), &["`max` over the empty range 0..0"]);
+    let o = run(&["--param", "n=3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_fails(&run(&["--param", "n=x"]), &["param `n` is declared int"]);
+    assert_fails(&run(&["--param", "m=3"]), &["has no param `m`"]);
+}

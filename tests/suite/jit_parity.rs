@@ -652,8 +652,18 @@ fn reductions_in_functions_long_ranges_and_empty_ranges() {
     let q = attnc::bench::Rng::new(3).array4((1, 1, 5, 4));
     let inputs = attnc::Inputs::new(q.view(), q.view(), q.view()).with_lse();
     let want = program.run_reference(&inputs).unwrap();
-    let got = program.compile_jit_with(&Default::default()).unwrap().run(&inputs).unwrap();
-    common::assert_close("reductions", &got, &want.out, want.lse.as_ref().unwrap(), 1e-5);
+    let got = program
+        .compile_jit_with(&Default::default())
+        .unwrap()
+        .run(&inputs)
+        .unwrap();
+    common::assert_close(
+        "reductions",
+        &got,
+        &want.out,
+        want.lse.as_ref().unwrap(),
+        1e-5,
+    );
     // The value the reductions add: 0.00001 * 179700 + 2 + 120 + 0.
     let plain = attnc::load(
         attnc::SourceFile::new("p.attn", "attention p { score = score + 123.797 }"),
