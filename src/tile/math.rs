@@ -13,10 +13,9 @@
 //! | function | domain with the bound | max error |
 //! |---|---|---|
 //! | `sin`, `cos` | `|x| <= 100` | <= 2 ulp (1.5 measured) |
-//! | `sin` | `|x| <= 8192` | <= 2 ulp; absolute <= 1e-7 |
-//! | `cos` | `|x| <= 8192` | absolute <= 1e-7 (44 ulp near its zeros) |
-//! | `sin`, `cos` | `8192 < |x| <= 1e5` | absolute <= about 1e-6 |
-//! | `sin`, `cos` | `|x| > 1e5` | not the sine: the reduction has lost every bit; finite, in [-1, 1] |
+//! | `sin`, `cos` | `|x| <= 1e6` | absolute <= 1.1e-7 (more ulps next to their zeros) |
+//! | `sin`, `cos` | `1e6 < |x| <= 4e6` | absolute <= 3e-6 |
+//! | `sin`, `cos` | `|x| > 4e6` | the reduction loses its bits (1e-4 at 1.6e7, nothing from 1e8): finite, in [-1, 1] |
 //! | `erf` | all x | <= 3 ulp (2.3 measured) |
 //! | `pow` | `exp2(y · log2|x|)`: the error of `log2` scaled by `|y · log2 |x||` | see the table in docs/language.md |
 //! | `tanh_approx` | all x | <= 6 ulp (5.4 measured), absolute <= 3.3e-7 |
@@ -25,12 +24,15 @@ use super::builder::Builder;
 use super::ir::{BinOp, CmpOp, Op, Ty, UnOp, ValueId};
 use crate::sema::Func;
 
-/// `π/2` in three parts for Cody–Waite reduction: `PIO2_1` has 8
-/// significant bits and `PIO2_2` 11, so `j · PIO2_1` and `j · PIO2_2` are
-/// exact for `|j| < 2^13` (`|x| <= 8192 · π/2`).
-const PIO2_1: f32 = 1.570_312_5;
-const PIO2_2: f32 = 4.837_512_969_970_703e-4;
-const PIO2_3: f32 = 7.549_789_954_891_882e-8;
+/// `π/2` in four parts for Cody–Waite reduction: the first three have at
+/// most 12 significant bits (`0x3fc90000`, `0x39fda000`, `0x33a22000`), so
+/// with `j = jh·4096 + jl` (both parts of at most 12 bits, `|j| < 2^24`)
+/// every product `jh·4096·P_i` and `jl·P_i` is exact, and the subtractions
+/// stay exact up to `|x|` of about 10^6.
+const PIO2_1: f32 = f32::from_bits(0x3fc9_0000);
+const PIO2_2: f32 = f32::from_bits(0x39fd_a000);
+const PIO2_3: f32 = f32::from_bits(0x33a2_2000);
+const PIO2_4: f32 = f32::from_bits(0x2c34_611a);
 /// `S` in `sin r = r + r³·S(r²)` on `[-π/4, π/4]`, lowest degree first (Cephes).
 const SIN_P: [f32; 3] = [-1.666_665_5e-1, 8.332_161e-3, -1.951_529_6e-4];
 /// `C` in `cos r = 1 - r²/2 + r⁴·C(r²)` on `[-π/4, π/4]`, lowest degree first (Cephes).
@@ -180,12 +182,28 @@ impl MathBuilder<'_> {
         let two_over_pi = self.c(std::f32::consts::FRAC_2_PI);
         let t = self.mul(x, two_over_pi);
         let j = self.call(Func::Round, t);
+        // j = jh·4096 + jl with jh = trunc(j / 4096), so both have j's sign.
+        let inv = self.c(1.0 / 4096.0);
+        let jq = self.mul(j, inv);
+        let zero = self.c(0.0);
+        let negative = self.cmp(CmpOp::Lt, jq, zero);
+        let up = self.call(Func::Ceil, jq);
+        let down = self.call(Func::Floor, jq);
+        let jh = self.select(negative, up, down);
+        let k4096 = self.c(4096.0);
+        let jh4 = self.mul(jh, k4096);
+        let jl = self.sub(j, jh4);
         let mut r = x;
         for part in [PIO2_1, PIO2_2, PIO2_3] {
             let p = self.c(part);
-            let jp = self.mul(j, p);
-            r = self.sub(r, jp);
+            let hp = self.mul(jh4, p);
+            r = self.sub(r, hp);
+            let lp = self.mul(jl, p);
+            r = self.sub(r, lp);
         }
+        let p4 = self.c(PIO2_4);
+        let jp = self.mul(j, p4);
+        let r = self.sub(r, jp);
         // Past |x| ~ 1e26 the reduction is meaningless and r could square to
         // inf: keep it within ±4 (NaN passes), so finite x gives a finite
         // result, clamped below.
