@@ -82,21 +82,21 @@ pub const TANH_APPROX_DEN: [f32; 4] =
 /// rational function reaches 1 in f32.
 pub const TANH_APPROX_CLAMP: f32 = 7.905_311;
 
-/// Below this magnitude `tanh_approx(x)` is `x` (within a third of an
-/// ulp), which the rational function would round away in the subnormals.
-pub const TANH_APPROX_TINY: f32 = 1.0 / 4096.0;
+/// Below this magnitude `tanh_approx(x)` is `tanh` (the jit's odd
+/// polynomial, within 2 ulp; libm's here): as fast where soft-capping keeps
+/// its arguments, and exact for the tiny ones the rational would round away.
+pub const TANH_APPROX_SMALL: f32 = 0.625;
 
 /// Above this magnitude `tanh_approx(x)` is `±1` (as `tanh` rounds to f32).
 pub const TANH_APPROX_ONE: f32 = 9.0;
 
-/// `tanh_approx(x)`: the rational function `x·N(x²) / D(x²)` of degree
-/// 13/6 on `x` clamped to `±7.905311`, `x` itself below 2^-12 and `±1`
-/// above 9; no exponential and no branch on the vector units. NaN
-/// gives NaN, `±inf` gives `±1`. The backends on the CPU compute exactly
-/// this (the jit with fused multiply-adds where the host has them).
+/// `tanh_approx(x)` as the CPU backends compute it: `tanh` below 0.625 (the
+/// jit's odd polynomial there, within 2 ulp), else the rational function
+/// `x·N(x²) / D(x²)` of degree 13/6 on `x` clamped to `±7.905311`, and `±1`
+/// above 9: no exponential. NaN gives NaN, `±inf` gives `±1`.
 pub fn tanh_approx(x: f32) -> f32 {
-    if x.abs() < TANH_APPROX_TINY {
-        return x;
+    if x.abs() < TANH_APPROX_SMALL {
+        return x.tanh();
     }
     if x.abs() > TANH_APPROX_ONE {
         return 1f32.copysign(x);

@@ -19,7 +19,7 @@
 //! | `log2` | x > 0 | <= 2 ulp | as `log` |
 //! | `tanh` | all x | <= 2 ulp | `±inf -> ±1`, NaN -> NaN |
 //! | `sigmoid` | all x (subnormal results as absolute error) | <= 2.1 ulp (2.01 measured) | `-inf -> 0`, `+inf -> 1`, NaN -> NaN |
-//! | `tanh_approx` | all x | <= 6 ulp, absolute <= 3.3e-7 | `±inf -> ±1`, NaN -> NaN, `±0 -> ±0` |
+//! | `tanh_approx` | all x | <= 6 ulp, absolute <= 3.3e-7 (`tanh`'s polynomial below 0.625) | `±inf -> ±1`, NaN -> NaN, `±0 -> ±0` |
 //!
 //! `max(x, y)` is `x > y ? x : y` (one `maxps`): when either operand is NaN it returns
 //! `y`. `min(x, y)` is `x < y ? x : y` likewise. The horizontal reductions return an f32.
@@ -353,13 +353,7 @@ impl VMath {
     /// branch is skipped.
     pub fn tanh(&self, b: &mut FunctionBuilder<'_>, x: Value) -> Value {
         let ax = b.ins().fabs(x);
-        // |x| < 0.625: |x| + |x|³·P(x²).
-        let x2 = b.ins().fmul(x, x);
-        let p = self.horner(b, x2, &TANH_P);
-        let px2 = b.ins().fmul(p, x2);
-        let small = self.fma(b, px2, ax, ax);
-        let limit = self.splat(b, TANH_POLY_LIMIT);
-        let in_poly = b.ins().fcmp(FloatCC::LessThan, ax, limit);
+        let (small, in_poly) = self.tanh_small(b, x, ax);
         let all_small = b.ins().vall_true(in_poly);
         let large_block = b.create_block();
         let merge = b.create_block();
@@ -389,6 +383,18 @@ impl VMath {
         b.ins().bor(magnitude, sign)
     }
 
+    /// `|x| + |x|³·P(x²)`, `tanh |x|` for `|x| < TANH_POLY_LIMIT`, and the
+    /// lane mask (as an int vector) of the lanes where that holds.
+    fn tanh_small(&self, b: &mut FunctionBuilder<'_>, x: Value, ax: Value) -> (Value, Value) {
+        let x2 = b.ins().fmul(x, x);
+        let p = self.horner(b, x2, &TANH_P);
+        let px2 = b.ins().fmul(p, x2);
+        let small = self.fma(b, px2, ax, ax);
+        let limit = self.splat(b, TANH_POLY_LIMIT);
+        let in_poly = b.ins().fcmp(FloatCC::LessThan, ax, limit);
+        (small, in_poly)
+    }
+
     /// Logistic sigmoid: with `t = e^-|x|` (at most 1), `1 / (1 + t)` for `x >= 0` and
     /// `t / (1 + t)` for `x < 0`, so large negative inputs keep full relative accuracy.
     pub fn sigmoid(&self, b: &mut FunctionBuilder<'_>, x: Value) -> Value {
@@ -403,36 +409,50 @@ impl VMath {
         b.ins().fdiv(num, d)
     }
 
-    /// `tanh_approx`: the rational function of [`crate::tile::math::tanh_approx`]
-    /// (`x·N(x²) / D(x²)` on `x` clamped to ±7.905311, `x` below 2^-12, ±1 above 9), with fused
-    /// multiply-adds where the host has them. No exponential, no branch.
+    /// `tanh_approx`: below [`TANH_POLY_LIMIT`] the odd polynomial of
+    /// [`Self::tanh`] (so when every lane is small, as in soft-capping, it
+    /// costs what `tanh` does); otherwise the rational function of
+    /// [`crate::tile::math::tanh_approx`] (`x·N(x²) / D(x²)` on `|x|`
+    /// clamped to 7.905311, 1 above 9), with the sign of `x` put back: no
+    /// exponential, which makes it faster than `tanh` on large arguments.
     pub fn tanh_approx(&self, b: &mut FunctionBuilder<'_>, x: Value) -> Value {
         use crate::tile::math::{
-            TANH_APPROX_CLAMP, TANH_APPROX_DEN, TANH_APPROX_NUM, TANH_APPROX_ONE, TANH_APPROX_TINY,
+            TANH_APPROX_CLAMP, TANH_APPROX_DEN, TANH_APPROX_NUM, TANH_APPROX_ONE,
         };
-        // max(-c, x) then min(c, .): the second operand wins when unordered, so NaN stays.
-        let lo = self.splat(b, -TANH_APPROX_CLAMP);
+        let ax = b.ins().fabs(x);
+        let (small, in_poly) = self.tanh_small(b, x, ax);
+        let all_small = b.ins().vall_true(in_poly);
+        let large_block = b.create_block();
+        let merge = b.create_block();
+        let magnitude = b.append_block_param(merge, F32X4);
+        b.ins().brif(
+            all_small,
+            merge,
+            &[BlockArg::Value(small)],
+            large_block,
+            &[],
+        );
+        b.switch_to_block(large_block);
+        // min(c, |x|): the second operand wins when unordered, so NaN stays.
         let hi = self.splat(b, TANH_APPROX_CLAMP);
-        let xc = self.max(b, lo, x);
-        let xc = self.min(b, hi, xc);
+        let xc = self.min(b, hi, ax);
         let z = b.ins().fmul(xc, xc);
         let n = self.horner(b, z, &TANH_APPROX_NUM);
         let d = self.horner(b, z, &TANH_APPROX_DEN);
         let n = b.ins().fmul(xc, n);
         let r = b.ins().fdiv(n, d);
-        // x itself below 2^-12, where the rational would round subnormals away.
-        let ax = b.ins().fabs(x);
-        let tiny = self.splat(b, TANH_APPROX_TINY);
-        let small = self.cmp(b, FloatCC::LessThan, ax, tiny);
-        let r = b.ins().bitselect(small, x, r);
-        // ±1 above 9, where tanh rounds to 1.
+        // 1 above 9, where tanh rounds to 1.
         let one_at = self.splat(b, TANH_APPROX_ONE);
         let big = self.cmp(b, FloatCC::GreaterThan, ax, one_at);
+        let one = self.splat(b, 1.0);
+        let r = b.ins().bitselect(big, one, r);
+        let use_small = b.ins().bitcast(F32X4, lane_flags(), in_poly);
+        let mixed = b.ins().bitselect(use_small, small, r);
+        b.ins().jump(merge, &[BlockArg::Value(mixed)]);
+        b.switch_to_block(merge);
         let sign_mask = self.splat(b, -0.0);
         let sign = b.ins().band(x, sign_mask);
-        let one = self.splat(b, 1.0);
-        let unit = b.ins().bor(one, sign);
-        b.ins().bitselect(big, unit, r)
+        b.ins().bor(magnitude, sign)
     }
 
     /// Applies a vector emitter to a scalar f32 (splat, emit, extract lane 0).
@@ -746,12 +766,20 @@ mod tests {
             .collect();
         assert!(max_ulp(&code, "tanh_approx", &xs, f64::tanh) <= 6.0);
         assert!(max_ulp(&code, "tanh_approx_s", &sweep(-3.0, 3.0, 4096), f64::tanh) <= 6.0);
-        // The jit and the CPU reference form agree to an ulp (fused or not).
+        // The jit and the interpreter's form agree to 3 ulp (below 0.625 one
+        // is a polynomial within 2 ulp, the other libm's tanh).
         let ys = run(&code, "tanh_approx", &xs);
         for (&x, &y) in xs.iter().zip(&ys) {
             let want = crate::tile::math::tanh_approx(x);
-            assert!(ulp_error(y, want as f64) <= 1.0, "{x}: {y} vs {want}");
+            assert!(ulp_error(y, want as f64) <= 3.0, "{x}: {y} vs {want}");
         }
+        // Vectors whose lanes take both forms.
+        let mixed: Vec<f32> = sweep(-0.7, 0.7, 4096)
+            .into_iter()
+            .zip(sweep(-10.0, 10.0, 4096))
+            .flat_map(|(a, b)| [a, b])
+            .collect();
+        assert!(max_ulp(&code, "tanh_approx", &mixed, f64::tanh) <= 6.0);
         let y = run(
             &code,
             "tanh_approx",
