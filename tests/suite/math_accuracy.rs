@@ -6,29 +6,9 @@
 
 use crate::support::{ptx_emu::Approx, ptx_run};
 use attnc::runtime::device::Dtype;
+use attnc::runtime::gemm::math::ulp_error as ulps;
 use attnc::{BufferData, Inputs, SourceFile};
 use ndarray::{Array1, Array4};
-
-/// Max ulp error of `got` against the exact `want`, at the exact result.
-fn ulps(got: f32, want: f64) -> f64 {
-    if got.is_nan() || want.is_nan() {
-        return if got.is_nan() && want.is_nan() {
-            0.0
-        } else {
-            f64::INFINITY
-        };
-    }
-    if got as f64 == want {
-        return 0.0;
-    }
-    let w = want as f32;
-    let ulp = if w == 0.0 {
-        f32::from_bits(1)
-    } else {
-        (w.abs().next_up() - w.abs()).max(f32::MIN_POSITIVE * f32::EPSILON)
-    };
-    (got as f64 - want).abs() / ulp as f64
-}
 
 /// Runs `f` on the program `score = expr` (buffers `x`, `y` of Q floats)
 /// and inputs of Q rows over one key.

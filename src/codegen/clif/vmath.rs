@@ -352,6 +352,28 @@ impl VMath {
     /// common case of soft-capping, `cap * tanh(score / cap)`), the exponential
     /// branch is skipped.
     pub fn tanh(&self, b: &mut FunctionBuilder<'_>, x: Value) -> Value {
+        self.tanh_with(b, x, |vm, b, ax| {
+            // 1 - 2/(e^(2|x|) + 1).
+            let two_ax = b.ins().fadd(ax, ax);
+            let e = vm.exp(b, two_ax);
+            let one = vm.splat(b, 1.0);
+            let e1 = b.ins().fadd(e, one);
+            let two = vm.splat(b, 2.0);
+            let q = b.ins().fdiv(two, e1);
+            b.ins().fsub(one, q)
+        })
+    }
+
+    /// `tanh`'s frame, shared by [`Self::tanh`] and [`Self::tanh_approx`]:
+    /// `|x| + |x|³·P(x²)` below [`TANH_POLY_LIMIT`], and only that when
+    /// every lane is below it; `large(|x|)` (the magnitude) for the other
+    /// lanes; the sign of `x` put back.
+    fn tanh_with(
+        &self,
+        b: &mut FunctionBuilder<'_>,
+        x: Value,
+        large: impl FnOnce(&Self, &mut FunctionBuilder<'_>, Value) -> Value,
+    ) -> Value {
         let ax = b.ins().fabs(x);
         let (small, in_poly) = self.tanh_small(b, x, ax);
         let all_small = b.ins().vall_true(in_poly);
@@ -366,16 +388,9 @@ impl VMath {
             &[],
         );
         b.switch_to_block(large_block);
-        // otherwise: 1 - 2/(e^(2|x|) + 1).
-        let two_ax = b.ins().fadd(ax, ax);
-        let e = self.exp(b, two_ax);
-        let one = self.splat(b, 1.0);
-        let e1 = b.ins().fadd(e, one);
-        let two = self.splat(b, 2.0);
-        let q = b.ins().fdiv(two, e1);
-        let large = b.ins().fsub(one, q);
+        let big = large(self, b, ax);
         let use_small = b.ins().bitcast(F32X4, lane_flags(), in_poly);
-        let mixed = b.ins().bitselect(use_small, small, large);
+        let mixed = b.ins().bitselect(use_small, small, big);
         b.ins().jump(merge, &[BlockArg::Value(mixed)]);
         b.switch_to_block(merge);
         let sign_mask = self.splat(b, -0.0);
@@ -419,40 +434,21 @@ impl VMath {
         use crate::tile::math::{
             TANH_APPROX_CLAMP, TANH_APPROX_DEN, TANH_APPROX_NUM, TANH_APPROX_ONE,
         };
-        let ax = b.ins().fabs(x);
-        let (small, in_poly) = self.tanh_small(b, x, ax);
-        let all_small = b.ins().vall_true(in_poly);
-        let large_block = b.create_block();
-        let merge = b.create_block();
-        let magnitude = b.append_block_param(merge, F32X4);
-        b.ins().brif(
-            all_small,
-            merge,
-            &[BlockArg::Value(small)],
-            large_block,
-            &[],
-        );
-        b.switch_to_block(large_block);
-        // min(c, |x|): the second operand wins when unordered, so NaN stays.
-        let hi = self.splat(b, TANH_APPROX_CLAMP);
-        let xc = self.min(b, hi, ax);
-        let z = b.ins().fmul(xc, xc);
-        let n = self.horner(b, z, &TANH_APPROX_NUM);
-        let d = self.horner(b, z, &TANH_APPROX_DEN);
-        let n = b.ins().fmul(xc, n);
-        let r = b.ins().fdiv(n, d);
-        // 1 above 9, where tanh rounds to 1.
-        let one_at = self.splat(b, TANH_APPROX_ONE);
-        let big = self.cmp(b, FloatCC::GreaterThan, ax, one_at);
-        let one = self.splat(b, 1.0);
-        let r = b.ins().bitselect(big, one, r);
-        let use_small = b.ins().bitcast(F32X4, lane_flags(), in_poly);
-        let mixed = b.ins().bitselect(use_small, small, r);
-        b.ins().jump(merge, &[BlockArg::Value(mixed)]);
-        b.switch_to_block(merge);
-        let sign_mask = self.splat(b, -0.0);
-        let sign = b.ins().band(x, sign_mask);
-        b.ins().bor(magnitude, sign)
+        self.tanh_with(b, x, |vm, b, ax| {
+            // min(c, |x|): the second operand wins when unordered, so NaN stays.
+            let hi = vm.splat(b, TANH_APPROX_CLAMP);
+            let xc = vm.min(b, hi, ax);
+            let z = b.ins().fmul(xc, xc);
+            let n = vm.horner(b, z, &TANH_APPROX_NUM);
+            let d = vm.horner(b, z, &TANH_APPROX_DEN);
+            let n = b.ins().fmul(xc, n);
+            let r = b.ins().fdiv(n, d);
+            // 1 above 9, where tanh rounds to 1.
+            let one_at = vm.splat(b, TANH_APPROX_ONE);
+            let big = vm.cmp(b, FloatCC::GreaterThan, ax, one_at);
+            let one = vm.splat(b, 1.0);
+            b.ins().bitselect(big, one, r)
+        })
     }
 
     /// Applies a vector emitter to a scalar f32 (splat, emit, extract lane 0).

@@ -251,30 +251,4 @@ pub(crate) fn check_online_softmax(
     }
 }
 
-/// Max error in ulps of `got` against the exact `want`, where ulps are measured at the
-/// exact result (subnormal results count in subnormal ulps).
-pub(crate) fn ulp_error(got: f32, want: f64) -> f64 {
-    if got.is_nan() || want.is_nan() {
-        return if got.is_nan() && want.is_nan() {
-            0.0
-        } else {
-            f64::INFINITY
-        };
-    }
-    if got as f64 == want {
-        return 0.0;
-    }
-    if want.is_infinite() || got.is_infinite() {
-        // An exact result beyond f32::MAX rounds to inf: allowed when got is inf too.
-        let beyond = want.abs() >= f32::MAX as f64;
-        return if got.is_infinite() && beyond && got.signum() as f64 == want.signum() {
-            0.0
-        } else {
-            f64::INFINITY
-        };
-    }
-    let w = want.abs().max(f32::MIN_POSITIVE as f64);
-    let ulp = 2f64.powi(w.log2().floor() as i32 - 23);
-    let ulp = ulp.max(2f64.powi(-149));
-    (got as f64 - want).abs() / ulp
-}
+pub(crate) use super::math::ulp_error;
