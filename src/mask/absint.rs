@@ -1148,15 +1148,7 @@ fn call(f: Func, args: &[AVal], bx: &QBox) -> AVal {
                 (r.lo as i128).signum(),
                 (r.hi as i128).signum(),
             )),
-            a => AVal::Float(a.float().monotone(|x| {
-                if x > 0.0 {
-                    1.0
-                } else if x < 0.0 {
-                    -1.0
-                } else {
-                    x
-                }
-            })),
+            a => AVal::Float(a.float().monotone(crate::sema::eval::sign)),
         },
         // Transcendental functions: libm gives no monotonicity guarantee.
         Func::Exp

@@ -724,10 +724,10 @@ impl Checker {
             ast::ExprKind::Int(n) => Some(Dim::Lit(*n)),
             ast::ExprKind::Unary(ast::UnaryOp::Neg, x) => {
                 let x = self.dim(x, buffer)?;
-                match lit(&x) {
-                    Some(n) => n.checked_neg().map(Dim::Lit).or_else(|| overflow(self)),
-                    None => Some(Dim::Sub(Box::new(Dim::Lit(0)), Box::new(x))),
-                }
+                Dim::Sub(Box::new(Dim::Lit(0)), Box::new(x))
+                    .fold_literals()
+                    .ok()
+                    .or_else(|| overflow(self))
             }
             ast::ExprKind::Name(n) => {
                 if let Some(sv) = ShapeVar::from_name(&n.name) {
@@ -808,22 +808,14 @@ impl Checker {
                     .with_help("`A / N` is A divided by N, rounded up, e.g. `Q / 64` query blocks of 64; N must be at least 1");
                     return None;
                 }
-                if let (Some(x), Some(y)) = (lit(&a), lit(&b)) {
-                    let v = match op {
-                        ast::BinaryOp::Add => x.checked_add(y),
-                        ast::BinaryOp::Sub => x.checked_sub(y),
-                        ast::BinaryOp::Mul => x.checked_mul(y),
-                        _ => Some(x.div_euclid(y) + i64::from(x.rem_euclid(y) != 0)),
-                    };
-                    return v.map(Dim::Lit).or_else(|| overflow(self));
-                }
                 let (a, b) = (Box::new(a), Box::new(b));
-                Some(match op {
+                let d = match op {
                     ast::BinaryOp::Add => Dim::Add(a, b),
                     ast::BinaryOp::Sub => Dim::Sub(a, b),
                     ast::BinaryOp::Mul => Dim::Mul(a, b),
                     _ => Dim::CeilDiv(a, b),
-                })
+                };
+                d.fold_literals().ok().or_else(|| overflow(self))
             }
             _ => {
                 let what = match &e.kind {
@@ -910,31 +902,28 @@ impl Checker {
     fn reduce(&mut self, r: &ast::Reduce, span: Span, ctx: Context) -> Option<(ExprId, Type)> {
         let var = &r.var;
         let op = r.op;
-        if self.standalone {
-            // A function body on its own: the range may depend on the
-            // arguments, so check the bounds' types and the body once.
+        // `Some(None)`: a function body checked on its own, whose range may
+        // depend on the arguments: the bounds' types are checked and the
+        // body once.
+        let range = if self.standalone {
             let lo = self
                 .expr(&r.lo, ctx)
                 .map(|b| self.bound_type(b.1, &r.lo, op));
             let hi = self
                 .expr(&r.hi, ctx)
                 .map(|b| self.bound_type(b.1, &r.hi, op));
-            if reserved(&var.name) || ELEMENT_NAMES.contains(&var.name.as_str()) {
-                self.diags.push(reserved_diag(var));
-                return None;
-            }
-            let (Some(true), Some(true)) = (lo, hi) else {
-                return None;
-            };
-            return self.reduce_term(r, 0, ctx);
-        }
-        let lo = self.bound(&r.lo, ctx, op);
-        let hi = self.bound(&r.hi, ctx, op);
+            (lo == Some(true) && hi == Some(true)).then_some(None)
+        } else {
+            let (lo, hi) = (self.bound(&r.lo, ctx, op), self.bound(&r.hi, ctx, op));
+            lo.zip(hi).map(Some)
+        };
         if reserved(&var.name) || ELEMENT_NAMES.contains(&var.name.as_str()) {
             self.diags.push(reserved_diag(var));
             return None;
         }
-        let (lo, hi) = (lo?, hi?);
+        let Some((lo, hi)) = range? else {
+            return self.reduce_term(r, 0, ctx);
+        };
         let n = hi.saturating_sub(lo).max(0);
         if n == 0 {
             // The body is checked once all the same (names, types), and an

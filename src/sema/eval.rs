@@ -395,6 +395,17 @@ pub fn binary(op: BinaryOp, x: Value, y: Value) -> Option<Value> {
 }
 
 /// Applies a built-in function to checked (already unified) arguments.
+/// `sign` of a float: 1 or -1 by its sign, `±0` and NaN unchanged.
+pub fn sign(x: f64) -> f64 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        x
+    }
+}
+
 pub fn call(f: Func, args: &[Value]) -> Value {
     let fl = |v: Value| match v {
         Value::Float(x) => x,
@@ -417,16 +428,7 @@ pub fn call(f: Func, args: &[Value]) -> Value {
         },
         Func::Sign => match args[0] {
             Value::Int(i) => Value::Int(i.signum()),
-            v => {
-                let x = fl(v);
-                Value::Float(if x > 0.0 {
-                    1.0
-                } else if x < 0.0 {
-                    -1.0
-                } else {
-                    x
-                })
-            }
+            v => Value::Float(sign(fl(v))),
         },
         Func::Pow => Value::Float(fl(args[0]).powf(fl(args[1]))),
         Func::Min | Func::Max | Func::Clamp => {

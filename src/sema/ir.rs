@@ -469,17 +469,36 @@ impl Dim {
             Dim::Lit(n) => *n,
             Dim::Shape(s) => shape(*s),
             Dim::Param(_) => return None,
-            Dim::Add(a, b) => a.eval_signed(shape)?.checked_add(b.eval_signed(shape)?)?,
-            Dim::Sub(a, b) => a.eval_signed(shape)?.checked_sub(b.eval_signed(shape)?)?,
-            Dim::Mul(a, b) => a.eval_signed(shape)?.checked_mul(b.eval_signed(shape)?)?,
-            Dim::CeilDiv(a, b) => {
-                let (a, b) = (a.eval_signed(shape)?, b.eval_signed(shape)?);
-                if b <= 0 {
-                    return None;
-                }
-                a.div_euclid(b) + i64::from(a.rem_euclid(b) != 0)
+            _ => {
+                let (a, b, op) = self.operation().expect("the other dimensions are binary");
+                op(a.eval_signed(shape)?, b.eval_signed(shape)?)?
             }
         })
+    }
+
+    /// The operands of `+ - * /` and the operation on their values (`None`
+    /// where it overflows, or for a divisor below 1).
+    fn operation(&self) -> Option<(&Dim, &Dim, fn(i64, i64) -> Option<i64>)> {
+        Some(match self {
+            Dim::Add(a, b) => (a, b, i64::checked_add),
+            Dim::Sub(a, b) => (a, b, i64::checked_sub),
+            Dim::Mul(a, b) => (a, b, i64::checked_mul),
+            Dim::CeilDiv(a, b) => (a, b, |x, y| {
+                (y > 0).then(|| x.div_euclid(y) + i64::from(x.rem_euclid(y) != 0))
+            }),
+            _ => return None,
+        })
+    }
+
+    /// A binary dimension of two literals as the literal it computes; other
+    /// dimensions unchanged; `Err` with the dimension where the literal
+    /// arithmetic overflows (or divides by less than 1).
+    pub fn fold_literals(self) -> Result<Dim, Dim> {
+        let value = match self.operation() {
+            Some((Dim::Lit(x), Dim::Lit(y), op)) => op(*x, *y),
+            _ => return Ok(self),
+        };
+        value.map(Dim::Lit).ok_or(self)
     }
 
     /// 1 for `+ -`, 2 for `* /`, 3 for atoms: the parentheses printing needs.
@@ -494,34 +513,20 @@ impl Dim {
     /// This dimension with every param replaced by its value in `params`,
     /// and literal arithmetic folded where it stays within i64.
     pub fn resolve(&self, params: &[Param]) -> Dim {
-        let fold = |a: &Dim,
-                    b: &Dim,
-                    f: fn(i64, i64) -> Option<i64>,
-                    make: fn(Box<Dim>, Box<Dim>) -> Dim| {
-            let (a, b) = (a.resolve(params), b.resolve(params));
-            match (&a, &b) {
-                (Dim::Lit(x), Dim::Lit(y)) => f(*x, *y).map(Dim::Lit),
-                _ => None,
-            }
-            .unwrap_or_else(|| make(Box::new(a), Box::new(b)))
-        };
-        match self {
-            Dim::Lit(_) | Dim::Shape(_) => self.clone(),
+        let r = |d: &Dim| Box::new(d.resolve(params));
+        let d = match self {
+            Dim::Lit(_) | Dim::Shape(_) => return self.clone(),
             Dim::Param(id) => match params[id.0 as usize].value {
-                Value::Int(v) => Dim::Lit(v),
+                Value::Int(v) => return Dim::Lit(v),
                 // The checker admits int params only.
-                _ => self.clone(),
+                _ => return self.clone(),
             },
-            Dim::Add(a, b) => fold(a, b, i64::checked_add, Dim::Add),
-            Dim::Sub(a, b) => fold(a, b, i64::checked_sub, Dim::Sub),
-            Dim::Mul(a, b) => fold(a, b, i64::checked_mul, Dim::Mul),
-            Dim::CeilDiv(a, b) => fold(
-                a,
-                b,
-                |x, y| (y > 0).then(|| x.div_euclid(y) + i64::from(x.rem_euclid(y) != 0)),
-                Dim::CeilDiv,
-            ),
-        }
+            Dim::Add(a, b) => Dim::Add(r(a), r(b)),
+            Dim::Sub(a, b) => Dim::Sub(r(a), r(b)),
+            Dim::Mul(a, b) => Dim::Mul(r(a), r(b)),
+            Dim::CeilDiv(a, b) => Dim::CeilDiv(r(a), r(b)),
+        };
+        d.fold_literals().unwrap_or_else(|d| d)
     }
 }
 

@@ -187,7 +187,6 @@ pub enum ExprKind {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Reduce {
     pub op: ReduceOp,
-    pub op_span: Span,
     pub var: Ident,
     pub lo: Expr,
     pub hi: Expr,

@@ -407,7 +407,6 @@ fn build_expr(pair: Pair<'_, Rule>) -> Result<Expr, SyntaxError> {
                 "max" => ReduceOp::Max,
                 _ => ReduceOp::Min,
             };
-            let op_span = span_of(&op_pair);
             let var = ident(inner.next().unwrap());
             inner.next(); // kw_in
             let lo = build_expr(inner.next().unwrap())?;
@@ -416,7 +415,6 @@ fn build_expr(pair: Pair<'_, Rule>) -> Result<Expr, SyntaxError> {
             Ok(Expr {
                 kind: ExprKind::Reduce(Box::new(Reduce {
                     op,
-                    op_span,
                     var,
                     lo,
                     hi,

@@ -250,7 +250,7 @@ impl Affine {
         self.checked_add(o.checked_scale(-1)?)
     }
 
-    /// [`Self::nonneg`], or `None` where the sum would overflow i128.
+    /// Whether provably >= 0, or `None` where the sum would overflow i128.
     fn checked_nonneg(self) -> Option<bool> {
         let mut sum = self.c;
         for (i, &x) in self.a.iter().enumerate() {
@@ -264,17 +264,10 @@ impl Affine {
         Some(sum >= 0)
     }
 
-    /// Provably >= 0 for every admissible value of the symbols.
+    /// Provably >= 0 for every admissible value of the symbols (`false`
+    /// where deciding it would overflow i128).
     fn nonneg(self) -> bool {
-        self.a.iter().all(|&x| x >= 0)
-            && self.c
-                + self
-                    .a
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &x)| if i == SYM_OFF { 0 } else { x })
-                    .sum::<i128>()
-                >= 0
+        self.checked_nonneg().unwrap_or(false)
     }
 }
 

@@ -585,6 +585,16 @@ mod tests {
         worst.0
     }
 
+    /// Small arguments (|x| < 0.7) in the even lanes, arguments up to `big`
+    /// in the odd ones: vectors whose lanes take both branches of `tanh`.
+    fn mixed_lanes(big: f64) -> Vec<f32> {
+        sweep(-0.7, 0.7, 4096)
+            .into_iter()
+            .zip(sweep(-big, big, 4096))
+            .flat_map(|(a, b)| [a, b])
+            .collect()
+    }
+
     /// Applies a scalar emitter to each lane separately.
     fn per_lane(
         vm: &VMath,
@@ -723,11 +733,7 @@ mod tests {
         assert!(max_ulp(&code, "tanh", &sweep(-0.7, 0.7, n), f64::tanh) <= 2.0);
         assert!(max_ulp(&code, "tanh_s", &sweep(-3.0, 3.0, 4096), f64::tanh) <= 2.0);
         // Vectors whose lanes take both branches (small lanes alone skip the exponential).
-        let mixed: Vec<f32> = sweep(-0.7, 0.7, 4096)
-            .into_iter()
-            .zip(sweep(-12.0, 12.0, 4096))
-            .flat_map(|(a, b)| [a, b])
-            .collect();
+        let mixed = mixed_lanes(12.0);
         assert!(max_ulp(&code, "tanh", &mixed, f64::tanh) <= 2.0);
         let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
         assert!(max_ulp(&code, "sigmoid", &sweep(-87.0, 30.0, n), sig) <= 2.1);
@@ -770,11 +776,7 @@ mod tests {
             assert!(ulp_error(y, want as f64) <= 3.0, "{x}: {y} vs {want}");
         }
         // Vectors whose lanes take both forms.
-        let mixed: Vec<f32> = sweep(-0.7, 0.7, 4096)
-            .into_iter()
-            .zip(sweep(-10.0, 10.0, 4096))
-            .flat_map(|(a, b)| [a, b])
-            .collect();
+        let mixed = mixed_lanes(10.0);
         assert!(max_ulp(&code, "tanh_approx", &mixed, f64::tanh) <= 6.0);
         let y = run(
             &code,
