@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use ndarray::{Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView4};
 
 use crate::buffer::BufferData;
+use crate::tensor::{ElemType, KvData};
 use crate::sema::eval::Shapes;
 use crate::sema::{suggest, Spec, Type};
 
@@ -20,9 +21,10 @@ pub struct Inputs<'a> {
     pub q: ArrayView4<'a, f32>,
     /// Keys, laid out as [`Inputs::kv_layout`] says: `[B or 1, HKV, KV, D]`
     /// dense, or a pool `[num_pages, page_size, HKV, D]` when paged.
-    pub k: ArrayView4<'a, f32>,
-    /// Values, with the layout and shape of `k`.
-    pub v: ArrayView4<'a, f32>,
+    /// Stored as f32, bf16, f16, or quantized with scales (see [`crate::tensor`]).
+    pub k: KvData<'a>,
+    /// Values, with the layout, shape and element type of `k`.
+    pub v: KvData<'a>,
     /// How `k` and `v` are laid out.
     pub kv_layout: KvLayout<'a>,
     /// Per sequence, how many keys it has (`[B]`; ragged batches and paged
@@ -59,13 +61,13 @@ pub enum KvLayout<'a> {
 impl<'a> Inputs<'a> {
     pub fn new(
         q: ArrayView4<'a, f32>,
-        k: ArrayView4<'a, f32>,
-        v: ArrayView4<'a, f32>,
+        k: impl Into<KvData<'a>>,
+        v: impl Into<KvData<'a>>,
     ) -> Inputs<'a> {
         Inputs {
             q,
-            k,
-            v,
+            k: k.into(),
+            v: v.into(),
             kv_layout: KvLayout::Dense,
             kv_lens: None,
             buffers: BTreeMap::new(),
@@ -81,8 +83,8 @@ impl<'a> Inputs<'a> {
     /// positions of each sequence.
     pub fn paged(
         q: ArrayView4<'a, f32>,
-        k_pages: ArrayView4<'a, f32>,
-        v_pages: ArrayView4<'a, f32>,
+        k_pages: impl Into<KvData<'a>>,
+        v_pages: impl Into<KvData<'a>>,
         page_table: ArrayView2<'a, i32>,
         kv_lens: ArrayView1<'a, i32>,
     ) -> Inputs<'a> {
@@ -153,6 +155,8 @@ pub struct Bound {
     pub kv_lens: Option<Vec<usize>>,
     /// The page table and page size of a paged pool.
     pub pages: Option<Pages>,
+    /// The stored element type of k and v.
+    pub kv_elem: ElemType,
     /// Indexed by `BufferId`.
     pub buffers: Vec<BufferData>,
 }
@@ -223,6 +227,34 @@ impl Bound {
 /// Inputs that do not fit the spec or each other.
 #[derive(Clone, Debug, PartialEq, thiserror::Error, miette::Diagnostic)]
 pub enum BindError {
+    #[error("k and v must have the same element type: k is {k}, v is {v}")]
+    #[diagnostic(
+        code(attnc::bind::kv_dtype),
+        help("store the cache's keys and values in one type (f32, bf16, f16, int8 or fp8)")
+    )]
+    KvTypes { k: ElemType, v: ElemType },
+    #[error("the {which} scales have shape {found:?}, expected {expected:?} (one float32 per row of D elements of the {which} data)")]
+    #[diagnostic(
+        code(attnc::bind::kv_scales),
+        help("int8/fp8 data [A, B, C, D] takes scales [A, B, C]: [B, HKV, KV] for dense k/v, [num_pages, page_size, HKV] for a pool")
+    )]
+    ScalesShape {
+        which: &'static str,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("the {which} scale of key {key} of sequence {b}, KV head {kh} is {value}, which is not finite")]
+    #[diagnostic(
+        code(attnc::bind::kv_scales),
+        help("every key a sequence uses needs a finite scale (slots past its length may hold anything)")
+    )]
+    NonFiniteScale {
+        which: &'static str,
+        b: usize,
+        kh: usize,
+        key: usize,
+        value: f32,
+    },
     #[error("k and v must have the same shape: k is {k:?}, v is {v:?}")]
     #[diagnostic(code(attnc::bind::kv_shape))]
     KvShape { k: Vec<usize>, v: Vec<usize> },
@@ -404,6 +436,23 @@ pub fn unknown_buffer(spec: &Spec, name: &str) -> BindError {
 /// Validates `inputs` against `spec`.
 pub fn bind(spec: &Spec, inputs: &Inputs<'_>) -> Result<Bound, BindError> {
     let (qs, ks, vs) = (inputs.q.shape(), inputs.k.shape(), inputs.v.shape());
+    if inputs.k.elem() != inputs.v.elem() {
+        return Err(BindError::KvTypes {
+            k: inputs.k.elem(),
+            v: inputs.v.elem(),
+        });
+    }
+    for (which, data) in [("k", &inputs.k), ("v", &inputs.v)] {
+        if let Some(sc) = data.scales() {
+            if sc.shape() != &data.shape()[..3] {
+                return Err(BindError::ScalesShape {
+                    which,
+                    expected: data.shape()[..3].to_vec(),
+                    found: sc.shape().to_vec(),
+                });
+            }
+        }
+    }
     if ks != vs {
         return Err(BindError::KvShape {
             k: ks.to_vec(),
@@ -552,7 +601,7 @@ pub fn bind(spec: &Spec, inputs: &Inputs<'_>) -> Result<Bound, BindError> {
         }
         buffers.push(data.clone());
     }
-    Ok(Bound {
+    let bound = Bound {
         shapes,
         q_offset: inputs.q_offset,
         kv_offset: inputs.kv_offset,
@@ -560,8 +609,44 @@ pub fn bind(spec: &Spec, inputs: &Inputs<'_>) -> Result<Bound, BindError> {
         kv_batch,
         kv_lens,
         pages,
+        kv_elem: inputs.k.elem(),
         buffers,
-    })
+    };
+    for (which, data) in [("k", &inputs.k), ("v", &inputs.v)] {
+        if let Some(scales) = data.scales() {
+            check_scales(which, scales, &bound)?;
+        }
+    }
+    Ok(bound)
+}
+
+/// Checks that the scale of every key a sequence uses is finite (stale slots
+/// past a sequence's length, or in pages it does not use, may hold anything).
+fn check_scales(
+    which: &'static str,
+    scales: &ndarray::ArrayView3<'_, f32>,
+    bound: &Bound,
+) -> Result<(), BindError> {
+    let sh = bound.shapes;
+    let batches = if bound.pages.is_some() { sh.b } else { bound.kv_batch.min(sh.b) };
+    for b in 0..batches {
+        for kh in 0..sh.hkv {
+            for key in 0..bound.kv_len(b) {
+                let [i, j, k, _] = bound.kv_index(b, kh, key, 0);
+                let value = scales[[i, j, k]];
+                if !value.is_finite() {
+                    return Err(BindError::NonFiniteScale {
+                        which,
+                        b,
+                        kh,
+                        key,
+                        value,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks the sequence lengths: each at least `Q` (the queries are its last

@@ -656,16 +656,20 @@ pub fn nest_for(bound: &crate::bind::Bound, tiling: crate::mask::Tiling) -> Nest
         &bound.shapes,
         bound.is_ragged(),
         bound.pages.is_some(),
+        bound.kv_elem,
         tiling,
     )
 }
 
-/// [`nest_for`] from the shapes alone, with `ragged` for a ragged batch and
-/// `paged` for a paged pool (for `attnc emit`, which has no inputs).
+/// [`nest_for`] from the shapes alone, with `ragged` for a ragged batch,
+/// `paged` for a paged pool and `kv_elem` the stored type of K and V (for
+/// `attnc emit`, which has no inputs). K/V in any type but f32 are read in
+/// place (widened in the tile loads), never packed.
 pub fn nest_for_shapes(
     sh: &crate::sema::eval::Shapes,
     ragged: bool,
     paged: bool,
+    kv_elem: crate::tensor::ElemType,
     tiling: crate::mask::Tiling,
 ) -> NestShape {
     use crate::tile::nest::{KvSource, RowMap};
@@ -674,7 +678,7 @@ pub fn nest_for_shapes(
         (RowMap::AllHeads, KvSource::InPlace)
     } else if group * sh.q <= tiling.bq && sh.q > 0 {
         (RowMap::GqaGroup, KvSource::InPlace)
-    } else if ragged || paged {
+    } else if ragged || paged || kv_elem != crate::tensor::ElemType::F32 {
         (RowMap::OneHead, KvSource::InPlace)
     } else {
         (RowMap::OneHead, KvSource::Packed)

@@ -36,6 +36,7 @@ pub mod reference;
 pub mod runtime;
 pub mod sema;
 pub mod syntax;
+pub mod tensor;
 pub mod tile;
 
 /// The ndarray this API takes and returns (`Array4<f32>` views in, arrays
@@ -49,6 +50,7 @@ pub use driver::{
     SpecOptions, Tiles,
 };
 pub use merge::merge_states;
+pub use tensor::{ElemType, KvArray, KvData};
 
 /// The pipeline runs one way: a stage's code (outside its tests) names no
 /// later stage. `runtime` owns the ABI between generated code and the host,

@@ -1281,7 +1281,7 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
                 kv: kv_len,
                 d: dim.unwrap_or(64),
             };
-            let nest = driver::nest_for_shapes(&shapes, false, args.page_size.is_some(), tiling);
+            let nest = driver::nest_for_shapes(&shapes, false, args.page_size.is_some(), attnc::ElemType::F32, tiling);
             let threads = rayon::current_num_threads();
             let walks = match nest.0 {
                 attnc::tile::nest::RowMap::GqaGroup => Some(args.batch * hkv),

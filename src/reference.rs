@@ -75,7 +75,7 @@ pub fn run_observed(
                     }
                     sum += p;
                     for (d, a) in acc.iter_mut().enumerate() {
-                        *a += p * f64::from(inputs.v[bound.kv_index(b, kh, kv, d)]);
+                        *a += p * f64::from(inputs.v.get(bound.kv_index(b, kh, kv, d)));
                     }
                 }
                 for (d, a) in acc.iter().enumerate() {
@@ -142,7 +142,7 @@ fn row_scores(
         let mut dot = 0f64;
         for d in 0..bound.shapes.d {
             dot += f64::from(inputs.q[[b, h, row, d]])
-                * f64::from(inputs.k[bound.kv_index(b, kh, kv, d)]);
+                * f64::from(inputs.k.get(bound.kv_index(b, kh, kv, d)));
         }
         let s = dot * scale;
         let s = match score_mod {

@@ -61,19 +61,25 @@ pub struct Task {
 /// Where the key and value rows of one (sequence, KV head) live, for the
 /// in-place tile products (`runtime::gemm::view`): key `j` is in page
 /// `table[j / page_size]`, slot `j % page_size`, at `k + page * page_stride +
-/// slot * row_stride` (and likewise in `v`), strides in floats. Dense rows are
-/// one page as long as the sequence, with a table of one entry, 0.
+/// slot * row_stride` (and likewise in `v`), strides in elements of type
+/// `elem`. Dense rows are one page as long as the sequence, with a table of
+/// one entry, 0.
+///
+/// Quantized elements (`elem` int8 or fp8) have a float32 scale per key row:
+/// that of key `j` is at `k_scales + page * scale_page_stride + slot *
+/// scale_row_stride` (and in `v_scales`), and element `t` of the row stands
+/// for `f32(x[t]) * scale`.
 ///
 /// A view may span several KV heads of the sequence, for a tile that holds
 /// every query head ([`crate::tile::nest::RowMap::AllHeads`]): tile row `r`
-/// reads KV head `r / head_rows`, whose rows start `head_stride` floats after
-/// the previous head's. A view of one KV head has `head_rows` at least the
-/// tile's rows.
+/// reads KV head `r / head_rows`, whose rows start `head_stride` elements
+/// (and whose scales start `scale_head_stride` floats) after the previous
+/// head's. A view of one KV head has `head_rows` at least the tile's rows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct KvView {
-    pub k: *const f32,
-    pub v: *const f32,
+    pub k: *const u8,
+    pub v: *const u8,
     /// Keys of the sequence: the table lists a page for every key below it.
     pub len: i64,
     pub row_stride: i64,
@@ -82,6 +88,12 @@ pub struct KvView {
     pub table: *const i32,
     pub head_stride: i64,
     pub head_rows: i64,
+    pub elem: crate::tensor::ElemType,
+    pub k_scales: *const f32,
+    pub v_scales: *const f32,
+    pub scale_row_stride: i64,
+    pub scale_page_stride: i64,
+    pub scale_head_stride: i64,
 }
 
 // SAFETY: a view is only read, by the tasks of one run, and points at K/V rows

@@ -29,7 +29,7 @@ use ndarray::{Array3, Array4};
 
 use crate::bind::{bind, BindError, Bound, Inputs, Outputs};
 use crate::mask::{classify, MaskError, Tiling};
-use crate::runtime::device::{host, Arch, ErrorRecord, PtxError, PtxKernel};
+use crate::runtime::device::{host, Arch, Dtype, ErrorRecord, PtxError, PtxKernel};
 use crate::sema::eval::EvalError;
 use crate::sema::Spec;
 use crate::tile::Verified;
@@ -257,6 +257,29 @@ impl CudaRuntime {
             }
             .into());
         }
+        if bound.kv_elem.is_quantized() {
+            return Err(PtxError::Nest {
+                what: format!(
+                    "{} K/V in the CUDA runtime (its kernels dequantize nothing yet)",
+                    bound.kv_elem
+                ),
+            }
+            .into());
+        }
+        let mismatch = match (bound.kv_elem, l.dtype) {
+            (crate::tensor::ElemType::Bf16, Dtype::F16) => Some("f16"),
+            (crate::tensor::ElemType::F16, Dtype::Bf16) => Some("bf16"),
+            _ => None,
+        };
+        if let Some(device) = mismatch {
+            return Err(PtxError::Nest {
+                what: format!(
+                    "{} K/V in a kernel compiled for {device} (it would round them again)",
+                    bound.kv_elem
+                ),
+            }
+            .into());
+        }
         if s.d != l.d {
             return Err(CudaError::HeadDim {
                 kernel: l.d,
@@ -267,11 +290,13 @@ impl CudaRuntime {
         let dm = host::device_maps(&maps, s.h);
         let scalars = host::scalars(&bound, &dm)?;
         let q = self.upload(&host::pack(&inputs.q, l.d_pad, l.dtype))?;
-        let kk = self.upload(&host::pack(&inputs.k, l.d_pad, l.dtype))?;
-        let v_packed = host::pack(&inputs.v, l.d_pad, l.dtype);
+        // bf16/f16 K/V widen exactly to f32 and pack back to the kernel's type.
+        let (kf, vf) = (inputs.k.to_f32(), inputs.v.to_f32());
+        let kk = self.upload(&host::pack(&kf.view(), l.d_pad, l.dtype))?;
+        let v_packed = host::pack(&vf.view(), l.d_pad, l.dtype);
         // The f32 kernel predicates every product on p != 0 and never reads the flags.
         let v_flags = if l.dtype.uses_mma() {
-            let (kv_b, hkv, kv, _) = inputs.v.dim();
+            let (kv_b, hkv, kv, _) = vf.dim();
             host::nonfinite_tiles(&v_packed, kv_b * hkv, kv, l.d_pad, l.dtype, l.bkv)
         } else {
             Vec::new()

@@ -18,6 +18,7 @@ use crate::bind::{Bound, Inputs, Outputs};
 use crate::buffer::BufferData;
 use crate::mask::BlockMaps;
 use crate::runtime::abi::{self, BufferDesc, ErrorRecord, KvView, TaskCode};
+use crate::tensor::KvData;
 use crate::runtime::gemm::{nonfinite_tiles, pack_k, pack_v, PackedK, PackedV};
 use crate::sema::eval::{EvalError, Point};
 use crate::tile::nest::{Grid, KvSource};
@@ -240,6 +241,9 @@ pub(crate) fn run_with_budget(
         "packed K/V serve dense calls of one length"
     );
     let d = sh.d;
+    let (Some(kin), Some(vin)) = (inputs.k.as_f32(), inputs.v.as_f32()) else {
+        panic!("the driver packs K/V only when they are f32 (others are read in place)");
+    };
     // K is packed per (kv batch, kv head); V is used in place when its rows
     // already have the packed layout (contiguous, `d` a multiple of the panel).
     let heads: Vec<(usize, usize)> = (0..bound.kv_batch)
@@ -249,7 +253,7 @@ pub(crate) fn run_with_budget(
     let kv_rows = bound.kv_len(0);
     let klay = PackedK { d, kv_len: kv_rows };
     let vlay = PackedV { d, kv_len: kv_rows };
-    let v_head = |b: usize, h: usize| inputs.v.slice(s![b, h, .., ..]);
+    let v_head = |b: usize, h: usize| vin.slice(s![b, h, .., ..]);
     let v_direct = vlay.row_stride() == d
         && heads
             .iter()
@@ -332,7 +336,7 @@ pub(crate) fn run_with_budget(
             .zip(group_heads.par_iter())
             .for_each(|((slot, flags), &(b, h))| {
                 let (kp, vp) = slot.split_at_mut(klay.len());
-                pack_k(inputs.k.index_axis(Axis(0), b).index_axis(Axis(0), h), kp)
+                pack_k(kin.index_axis(Axis(0), b).index_axis(Axis(0), h), kp)
                     .expect("sized by the layout");
                 if !v_direct {
                     pack_v(v_head(b, h), vp).expect("sized by the layout");
@@ -568,56 +572,96 @@ fn run_in_place(
     // K and V with unit stride along D, the same strides, none negative (a
     // copy only for inputs that lack it: views of odd layouts).
     let (k_own, v_own);
-    let direct = |a: &ndarray::ArrayView4<'_, f32>| {
-        (a.strides()[3] == 1 || a.shape()[3] == 1) && a.strides().iter().all(|&st| st >= 0)
+    let direct = |a: &KvData<'_>| {
+        let scales_ok = a
+            .scales()
+            .is_none_or(|sc| sc.strides().iter().all(|&st| st >= 0));
+        (a.strides()[3] == 1 || a.shape()[3] == 1)
+            && a.strides().iter().all(|&st| st >= 0)
+            && scales_ok
     };
-    let (kin, vin) =
-        if direct(&inputs.k) && direct(&inputs.v) && inputs.k.strides() == inputs.v.strides() {
-            (inputs.k.view(), inputs.v.view())
-        } else {
-            k_own = inputs.k.as_standard_layout().into_owned();
-            v_own = inputs.v.as_standard_layout().into_owned();
-            (k_own.view(), v_own.view())
-        };
+    let same_scales = match (inputs.k.scales(), inputs.v.scales()) {
+        (Some(a), Some(b)) => a.strides() == b.strides(),
+        (None, None) => true,
+        _ => false,
+    };
+    let (kin, vin) = if direct(&inputs.k)
+        && direct(&inputs.v)
+        && inputs.k.strides() == inputs.v.strides()
+        && same_scales
+    {
+        (inputs.k.reborrow(), inputs.v.reborrow())
+    } else {
+        k_own = inputs.k.to_standard();
+        v_own = inputs.v.to_standard();
+        (k_own.view(), v_own.view())
+    };
+    let elem = kin.elem();
+    let st = kin.strides().to_vec();
+    let sst: Vec<isize> = kin
+        .scales()
+        .map_or(vec![0; 3], |sc| sc.strides().to_vec());
+    // The address of element `[i, j, k, 0]` (and of its scale).
+    let at = |a: &KvData<'_>, [i, j, k]: [usize; 3]| -> *const u8 {
+        let off = (i as isize * st[0] + j as isize * st[1] + k as isize * st[2]) as usize;
+        a.as_ptr().wrapping_add(off * elem.size())
+    };
+    let scale_at = |a: &KvData<'_>, [i, j, k]: [usize; 3]| -> *const f32 {
+        a.scales().map_or(std::ptr::null(), |sc| {
+            sc.as_ptr()
+                .wrapping_add((i as isize * sst[0] + j as isize * sst[1] + k as isize * sst[2]) as usize)
+        })
+    };
     // One view per (sequence, KV head); a tile of all heads reads from the
     // view of KV head 0 onwards, a head every `group * Q` rows.
-    let (head_stride, head_rows) = match (k.nest.grid, &bound.pages) {
-        (Grid::Sequences { .. }, None) => (kin.strides()[1] as i64, (group * sh.q) as i64),
-        (Grid::Sequences { .. }, Some(_)) => (kin.strides()[2] as i64, (group * sh.q) as i64),
-        _ => (0, i64::MAX),
+    let paged = bound.pages.is_some();
+    let (head_stride, scale_head_stride, head_rows) = match (k.nest.grid, paged) {
+        (Grid::Sequences { .. }, false) => (st[1] as i64, sst[1] as i64, (group * sh.q) as i64),
+        (Grid::Sequences { .. }, true) => (st[2] as i64, sst[2] as i64, (group * sh.q) as i64),
+        _ => (0, 0, i64::MAX),
     };
     let one_page = [0i32];
     let views: Vec<KvView> = (0..sh.b)
         .flat_map(|b| (0..sh.hkv).map(move |kh| (b, kh)))
-        .map(|(b, kh)| match &bound.pages {
-            None => {
-                let kb = bound.kv_batch_index(b);
-                let st = kin.strides();
-                KvView {
-                    k: kin.slice(s![kb, kh, .., ..]).as_ptr(),
-                    v: vin.slice(s![kb, kh, .., ..]).as_ptr(),
-                    len: bound.kv_len(b) as i64,
-                    row_stride: st[2] as i64,
-                    page_stride: 0,
-                    page_size: bound.kv_len(b).max(1) as i64,
-                    table: one_page.as_ptr(),
-                    head_stride,
-                    head_rows,
-                }
-            }
-            Some(p) => {
-                let st = kin.strides();
-                KvView {
-                    k: kin.slice(s![.., .., kh, ..]).as_ptr(),
-                    v: vin.slice(s![.., .., kh, ..]).as_ptr(),
-                    len: bound.kv_len(b) as i64,
-                    row_stride: st[1] as i64,
-                    page_stride: st[0] as i64,
-                    page_size: p.page_size as i64,
-                    table: p.table.row(b).as_ptr(),
-                    head_stride,
-                    head_rows,
-                }
+        .map(|(b, kh)| {
+            // The first row's index, the row, page and head strides, the
+            // page size and table.
+            let (first, rs, ps, srs, sps, page_size, table) = match &bound.pages {
+                None => (
+                    [bound.kv_batch_index(b), kh, 0],
+                    st[2],
+                    0,
+                    sst[2],
+                    0,
+                    bound.kv_len(b).max(1) as i64,
+                    one_page.as_ptr(),
+                ),
+                Some(p) => (
+                    [0, 0, kh],
+                    st[1],
+                    st[0],
+                    sst[1],
+                    sst[0],
+                    p.page_size as i64,
+                    p.table.row(b).as_ptr(),
+                ),
+            };
+            KvView {
+                k: at(&kin, first),
+                v: at(&vin, first),
+                len: bound.kv_len(b) as i64,
+                row_stride: rs as i64,
+                page_stride: ps as i64,
+                page_size,
+                table,
+                head_stride,
+                head_rows,
+                elem,
+                k_scales: scale_at(&kin, first),
+                v_scales: scale_at(&vin, first),
+                scale_row_stride: srs as i64,
+                scale_page_stride: sps as i64,
+                scale_head_stride,
             }
         })
         .collect();

@@ -446,7 +446,7 @@ pub fn run(
                             for (j, x) in row.iter_mut().enumerate() {
                                 let mut dot = 0f32;
                                 for d in 0..sh.d {
-                                    dot += qs[i][d] * inputs.k[kv_at(i, col0 + j, d)];
+                                    dot += qs[i][d] * inputs.k.get(kv_at(i, col0 + j, d));
                                 }
                                 *x = dot * prescale;
                             }
@@ -495,7 +495,7 @@ pub fn run(
                     Step::OnlineSoftmax => {
                         online_softmax(&mut s, &mut mx, &mut l, &mut acc, k.schedule.exp2)
                     }
-                    Step::Pv => pv(&s, &mut acc, |i, j, d| inputs.v[kv_at(i, col0 + j, d)]),
+                    Step::Pv => pv(&s, &mut acc, |i, j, d| inputs.v.get(kv_at(i, col0 + j, d))),
                 }
             }
         }

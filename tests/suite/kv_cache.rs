@@ -165,7 +165,7 @@ fn paged_and_ragged_calls_match_the_reference_on_every_backend() {
                 let tiling = attnc::mask::Tiling::new(bq, bq).unwrap();
                 nests.insert(format!(
                     "{:?}",
-                    attnc::driver::nest_for_shapes(&sh, false, true, tiling)
+                    attnc::driver::nest_for_shapes(&sh, false, true, attnc::ElemType::F32, tiling)
                 ));
             }
             let q = shape.2;

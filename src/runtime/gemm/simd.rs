@@ -50,6 +50,26 @@ pub(crate) unsafe trait Simd: Copy {
     /// shifting `n + 127` into the exponent field; exact for `-126 <= n <= 127` and
     /// `0.0` for `n = -127`.
     unsafe fn pow2_from_magic(t: Self::V) -> Self::V;
+    /// `LANES` bf16 values (bits) widened to f32.
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> Self::V {
+        widen::<Self, u16>(p, Self::LANES, |x| f32::from_bits((x as u32) << 16))
+    }
+    /// `LANES` f16 values (bits) widened to f32.
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> Self::V {
+        widen::<Self, u16>(p, Self::LANES, |x| half::f16::from_bits(x).to_f32())
+    }
+    /// `LANES` int8 values as f32.
+    #[inline(always)]
+    unsafe fn load_i8(p: *const i8) -> Self::V {
+        widen::<Self, i8>(p, Self::LANES, |x| x as f32)
+    }
+    /// `LANES` e4m3fn values (bits) widened to f32.
+    #[inline(always)]
+    unsafe fn load_e4m3(p: *const u8) -> Self::V {
+        widen::<Self, u8>(p, Self::LANES, crate::tensor::e4m3_to_f32)
+    }
     /// Row maxima of `LANES` rows at once: lane `r` of the result is the horizontal
     /// maximum of `rows[r]` (`rows.len() == LANES`; a row holding NaN gives an
     /// unspecified lane, which the online softmax never meets: its column maxima drop NaN).
@@ -63,6 +83,21 @@ pub(crate) unsafe trait Simd: Copy {
     unsafe fn reduce_rows_sum(rows: &[Self::V]) -> Self::V {
         reduce_each_row::<Self>(rows, |v| Self::reduce_sum(v))
     }
+}
+
+/// The first `n` elements at `p` converted by `f` (the other lanes 0): the
+/// scalar form of the widening loads, and every type's masked load.
+#[inline(always)]
+pub(crate) unsafe fn widen<S: Simd + ?Sized, T: Copy>(
+    p: *const T,
+    n: usize,
+    f: impl Fn(T) -> f32,
+) -> S::V {
+    let mut out = [0f32; MAX_LANES];
+    for (i, o) in out.iter_mut().enumerate().take(n) {
+        *o = f(*p.add(i));
+    }
+    S::load(out.as_ptr())
 }
 
 /// The default of [`Simd::reduce_rows_max`] and [`Simd::reduce_rows_sum`]: one
@@ -247,6 +282,35 @@ mod x86 {
             _mm_cvtss_f32(s)
         }
         #[inline(always)]
+        unsafe fn load_bf16(p: *const u16) -> __m256 {
+            let x = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(x))
+        }
+        // `load_f16` keeps the scalar default: F16C is not part of this
+        // instruction set's detection.
+        #[inline(always)]
+        unsafe fn load_i8(p: *const i8) -> __m256 {
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast())))
+        }
+        #[inline(always)]
+        unsafe fn load_e4m3(p: *const u8) -> __m256 {
+            let x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()));
+            let mag = _mm256_and_si256(x, _mm256_set1_epi32(0x7f));
+            // Normal: exponent rebiased from 7 to 127, 3 mantissa bits on top.
+            let normal = _mm256_castsi256_ps(_mm256_add_epi32(
+                _mm256_slli_epi32::<20>(mag),
+                _mm256_set1_epi32(120 << 23),
+            ));
+            // Subnormal (exponent 0): m * 2^-9.
+            let sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(1.0 / 512.0));
+            let is_sub = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag));
+            let v = _mm256_blendv_ps(normal, sub, is_sub);
+            let nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7f)));
+            let v = _mm256_blendv_ps(v, _mm256_set1_ps(f32::NAN), nan);
+            let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(x, _mm256_set1_epi32(0x80)));
+            _mm256_or_ps(v, _mm256_castsi256_ps(sign))
+        }
+        #[inline(always)]
         unsafe fn pow2_from_magic(t: __m256) -> __m256 {
             let bits = _mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127));
             _mm256_castsi256_ps(_mm256_slli_epi32(bits, 23))
@@ -360,6 +424,36 @@ mod x86 {
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
             let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
             _mm_cvtss_f32(s)
+        }
+        #[inline(always)]
+        unsafe fn load_bf16(p: *const u16) -> __m512 {
+            let x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(x))
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+        }
+        #[inline(always)]
+        unsafe fn load_i8(p: *const i8) -> __m512 {
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast())))
+        }
+        #[inline(always)]
+        unsafe fn load_e4m3(p: *const u8) -> __m512 {
+            let x = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()));
+            let mag = _mm512_and_si512(x, _mm512_set1_epi32(0x7f));
+            // Normal: exponent rebiased from 7 to 127, 3 mantissa bits on top.
+            let normal = _mm512_castsi512_ps(_mm512_add_epi32(
+                _mm512_slli_epi32::<20>(mag),
+                _mm512_set1_epi32(120 << 23),
+            ));
+            // Subnormal (exponent 0): m * 2^-9.
+            let sub = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(1.0 / 512.0));
+            let v = _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(8)), normal, sub);
+            let nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f));
+            let v = _mm512_mask_blend_ps(nan, v, _mm512_set1_ps(f32::NAN));
+            let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(x, _mm512_set1_epi32(0x80)));
+            _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign))
         }
         #[inline(always)]
         unsafe fn pow2_from_magic(t: __m512) -> __m512 {

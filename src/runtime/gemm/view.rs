@@ -9,11 +9,102 @@
 //! contiguous at the view's row stride); a tile may span pages of any size.
 //! `pv` skips keys of probability 0, so a NaN or infinite V row at a masked key
 //! never reaches a row (no scan of V is needed).
+//!
+//! Rows are stored as f32, bf16, f16, int8 or fp8 (e4m3fn) ([`KvView::elem`]);
+//! the products widen each vector to f32 as they load it (and apply a
+//! quantized row's scale to its dot products and probabilities), so no f32
+//! copy of the cache is made. The arithmetic is f32 in every case.
 
 use std::mem::MaybeUninit;
 
-use super::simd::Simd;
+use half::{bf16, f16};
+
+use super::simd::{widen, Simd};
 use crate::runtime::abi::KvView;
+use crate::tensor::ElemType;
+
+/// A stored element type of K/V rows, widened to f32 as it is loaded.
+trait Elem: Copy {
+    /// Whether a row carries a float32 scale.
+    const QUANTIZED: bool;
+    /// `LANES` elements at `p`, as f32.
+    unsafe fn load<S: Simd>(p: *const Self) -> S::V;
+    fn to_f32(self) -> f32;
+    /// The first `n` elements at `p` (other lanes 0; no memory past them is read).
+    #[inline(always)]
+    unsafe fn load_first<S: Simd>(p: *const Self, n: usize) -> S::V {
+        widen::<S, Self>(p, n, Self::to_f32)
+    }
+}
+
+impl Elem for f32 {
+    const QUANTIZED: bool = false;
+    #[inline(always)]
+    unsafe fn load<S: Simd>(p: *const f32) -> S::V {
+        S::load(p)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    unsafe fn load_first<S: Simd>(p: *const f32, n: usize) -> S::V {
+        S::load_masked(p, S::first_lanes(n), S::splat(0.0))
+    }
+}
+
+impl Elem for bf16 {
+    const QUANTIZED: bool = false;
+    #[inline(always)]
+    unsafe fn load<S: Simd>(p: *const bf16) -> S::V {
+        S::load_bf16(p.cast())
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+impl Elem for f16 {
+    const QUANTIZED: bool = false;
+    #[inline(always)]
+    unsafe fn load<S: Simd>(p: *const f16) -> S::V {
+        S::load_f16(p.cast())
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+impl Elem for i8 {
+    const QUANTIZED: bool = true;
+    #[inline(always)]
+    unsafe fn load<S: Simd>(p: *const i8) -> S::V {
+        S::load_i8(p)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+}
+
+/// e4m3fn bits.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct E4m3(u8);
+
+impl Elem for E4m3 {
+    const QUANTIZED: bool = true;
+    #[inline(always)]
+    unsafe fn load<S: Simd>(p: *const E4m3) -> S::V {
+        S::load_e4m3(p.cast())
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        crate::tensor::e4m3_to_f32(self.0)
+    }
+}
 
 /// `qk_view(q, q_stride, view, key0, d, rows, cols, s, s_stride, scale)`:
 /// `S[r][c] = scale · Σ_t Q[r][t] · K[key0 + c][t]` for `r < rows`, `c < cols`.
@@ -56,36 +147,48 @@ pub type PvViewFn = unsafe extern "C" fn(
 );
 
 /// The runs of keys `key0 + c .. key0 + c + n` (with `c < cols`) that lie in
-/// one page, each with the K (or V) row of its first key at `base`;
-/// consecutive keys of a run are `view.row_stride` floats apart.
+/// one page, each with the K (or V) row of its first key at `base` and its
+/// scale at `scales` (quantized rows); consecutive keys of a run are
+/// `view.row_stride` elements (`view.scale_row_stride` scales) apart.
 ///
 /// An iterator rather than a callback: a closure would not inherit the target
 /// features of the kernel entry point, and its vector intrinsics would not be
 /// inlined.
-struct Segments<'a> {
+struct Segments<'a, E> {
     view: &'a KvView,
-    base: *const f32,
+    base: *const E,
+    scales: *const f32,
     key0: usize,
     cols: usize,
     c: usize,
-    /// Floats of a row to prefetch: the head dim of each KV head the view's
-    /// tile reads.
+    /// Elements of a row to prefetch: the head dim of each KV head the
+    /// view's tile reads.
     span: usize,
 }
 
-impl<'a> Segments<'a> {
+/// One run of keys in a page: its first column, its first row and scale, its length.
+struct Segment<E> {
+    c: usize,
+    rows: *const E,
+    scales: *const f32,
+    n: usize,
+}
+
+impl<'a, E: Elem> Segments<'a, E> {
     #[inline(always)]
     fn new(
         view: &'a KvView,
-        base: *const f32,
+        base: *const u8,
+        scales: *const f32,
         key0: usize,
         cols: usize,
         d: usize,
         rows: usize,
-    ) -> Segments<'a> {
+    ) -> Segments<'a, E> {
         Segments {
             view,
-            base,
+            base: base.cast(),
+            scales,
             key0,
             cols,
             c: 0,
@@ -93,13 +196,13 @@ impl<'a> Segments<'a> {
         }
     }
 
-    /// The next run: `(c, row, n)`.
+    /// The next run.
     ///
     /// # Safety
     ///
     /// The view's table must list a page for every key of the run.
     #[inline(always)]
-    unsafe fn next(&mut self) -> Option<(usize, *const f32, usize)> {
+    unsafe fn next(&mut self) -> Option<Segment<E>> {
         if self.c >= self.cols {
             return None;
         }
@@ -112,10 +215,13 @@ impl<'a> Segments<'a> {
         let row = self
             .base
             .add(page * v.page_stride as usize + slot * v.row_stride as usize);
+        let scales = self.scales.wrapping_add(
+            page * v.scale_page_stride as usize + slot * v.scale_row_stride as usize,
+        );
         // Bring the rows `PF_KEYS` keys ahead into L2, found through the
         // table: in a pool of small pages they are in other pages.
         let ahead = key + PF_KEYS;
-        if ps < PAGE_PF_BELOW && self.span < PF_RUN_BELOW && ahead < v.len as usize {
+        if ps < PAGE_PF_BELOW && self.span * size_of::<E>() < PF_RUN_BELOW_BYTES && ahead < v.len as usize {
             let page = *v.table.add(ahead / ps) as usize;
             let slot = ahead % ps;
             let rows = n.min(ps - slot).min(v.len as usize - ahead);
@@ -128,7 +234,12 @@ impl<'a> Segments<'a> {
         }
         let c = self.c;
         self.c += n;
-        Some((c, row, n))
+        Some(Segment {
+            c,
+            rows: row,
+            scales,
+            n,
+        })
     }
 }
 
@@ -147,32 +258,38 @@ fn row_span(view: &KvView, d: usize, rows: usize) -> usize {
 }
 
 /// Rows `r0 ..` of a tile that read one KV head, at most `max` of them, and
-/// the offset (in floats) of that head's rows in the view.
+/// the offsets of that head's rows (in elements) and scales in the view.
 #[inline(always)]
-fn head_block(view: &KvView, r0: usize, rows: usize, max: usize) -> (usize, usize) {
+fn head_block(view: &KvView, r0: usize, rows: usize, max: usize) -> (usize, usize, usize) {
     let hr = head_rows(view);
     let n = (rows - r0).min(max).min(hr - r0 % hr);
-    (n, (r0 / hr) * view.head_stride as usize)
+    let head = r0 / hr;
+    (
+        n,
+        head * view.head_stride as usize,
+        head * view.scale_head_stride as usize,
+    )
 }
 
-/// Asks for the `n` floats at `p` to be brought into L2 (a hint; never
+/// Asks for the `n` elements at `p` to be brought into L2 (a hint; never
 /// faults). The products stream K and V once; without it a core reads them at
 /// about half the rate the memory delivers (measured on the decode benchmark:
 /// 27 ms without, 17-18 ms with a distance of 128 keys into L2; into L1, or
 /// nearer, gained nothing).
 #[inline(always)]
-fn prefetch(p: *const f32, n: usize) {
+fn prefetch<E>(p: *const E, n: usize) {
     #[cfg(target_arch = "x86_64")]
     {
+        let (p, bytes) = (p.cast::<u8>(), n * size_of::<E>());
         let mut off = 0;
-        while off < n {
+        while off < bytes {
             // SAFETY: a prefetch is a hint that never faults, whatever the address.
             unsafe {
                 std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
                     p.wrapping_add(off).cast(),
                 )
             };
-            off += 16; // one 64-byte line
+            off += 64; // one line
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -189,18 +306,19 @@ const PF_KEYS: usize = 128;
 const PAGE_PF_BELOW: usize = 4 * PF_KEYS;
 
 /// Rows of K and V whose contiguous run (every KV head a tile reads, in
-/// floats) is at least this long are left to the hardware prefetchers, which
+/// bytes) is at least this long are left to the hardware prefetchers, which
 /// stream a long run better than hints do: a tile of all heads of a paged
 /// pool (rows of `HKV x D` floats) took a median 36-39 ms with hints 128 keys
 /// ahead and 28-31 ms without, on the paged GQA decode benchmark of
 /// docs/performance.md (8 KV heads of 128 floats: runs of 4 KiB).
-const PF_RUN_BELOW: usize = 512;
+const PF_RUN_BELOW_BYTES: usize = 2048;
 
 /// Whether the products prefetch key by key (rows in long pages or dense,
 /// each a short run).
 #[inline(always)]
-fn key_prefetch(view: &KvView, d: usize, rows: usize) -> bool {
-    view.page_size as usize >= PAGE_PF_BELOW && row_span(view, d, rows) < PF_RUN_BELOW
+fn key_prefetch<E>(view: &KvView, d: usize, rows: usize) -> bool {
+    view.page_size as usize >= PAGE_PF_BELOW
+        && row_span(view, d, rows) * size_of::<E>() < PF_RUN_BELOW_BYTES
 }
 
 /// Query rows handled together in `qk`.
@@ -214,10 +332,10 @@ const QK_KEYS: usize = 4;
 /// `d`, into `part[row][jj + key]`; the keys' rows are read in order.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn qk_part<S: Simd, const NR: usize>(
+unsafe fn qk_part<S: Simd, E: Elem, const NR: usize>(
     q: *const f32,
     q_stride: usize,
-    k: *const f32,
+    k: *const E,
     rs: usize,
     d: usize,
     part: &mut [[MaybeUninit<S::V>; super::simd::MAX_LANES]; QK_ROWS],
@@ -234,7 +352,7 @@ unsafe fn qk_part<S: Simd, const NR: usize>(
     let mut acc = [[zero; QK_KEYS]; NR];
     let mut t = 0;
     while t < full {
-        let kv: [S::V; QK_KEYS] = std::array::from_fn(|c| S::load(k.add(c * rs + t)));
+        let kv: [S::V; QK_KEYS] = std::array::from_fn(|c| E::load::<S>(k.add(c * rs + t)));
         for (i, row) in acc.iter_mut().enumerate() {
             let qv = S::load(q.add(i * q_stride + t));
             for (a, &kc) in row.iter_mut().zip(&kv) {
@@ -246,7 +364,7 @@ unsafe fn qk_part<S: Simd, const NR: usize>(
     if full < d {
         let m = S::first_lanes(d - full);
         let kv: [S::V; QK_KEYS] =
-            std::array::from_fn(|c| S::load_masked(k.add(c * rs + full), m, zero));
+            std::array::from_fn(|c| E::load_first::<S>(k.add(c * rs + full), d - full));
         for (i, row) in acc.iter_mut().enumerate() {
             let qv = S::load_masked(q.add(i * q_stride + full), m, zero);
             for (a, &kc) in row.iter_mut().zip(&kv) {
@@ -263,7 +381,7 @@ unsafe fn qk_part<S: Simd, const NR: usize>(
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn qk<S: Simd>(
+unsafe fn qk<S: Simd, E: Elem>(
     q: *const f32,
     q_stride: usize,
     view: &KvView,
@@ -276,13 +394,19 @@ unsafe fn qk<S: Simd>(
     scale: f32,
 ) {
     let full = d - d % S::LANES;
-    let tail = S::first_lanes(d - full);
     let zero = S::splat(0.0);
     let scale_v = S::splat(scale);
-    let rs = view.row_stride as usize;
-    let pf = key_prefetch(view, d, rows);
-    let mut segs = Segments::new(view, view.k, key0, cols, d, rows);
-    while let Some((c0, krows, n)) = segs.next() {
+    let tail = S::first_lanes(d - full);
+    let (rs, srs) = (view.row_stride as usize, view.scale_row_stride as usize);
+    let pf = key_prefetch::<E>(view, d, rows);
+    let mut segs = Segments::<E>::new(view, view.k, view.k_scales, key0, cols, d, rows);
+    while let Some(Segment {
+        c: c0,
+        rows: krows,
+        scales,
+        n,
+    }) = segs.next()
+    {
         // Blocks of LANES keys, walked key after key (each K row read in
         // order, as the hardware prefetchers expect): for a few query rows at
         // once, one accumulator per (row, key) over the head dim, then one
@@ -291,8 +415,18 @@ unsafe fn qk<S: Simd>(
         while j + S::LANES <= n {
             let mut r0 = 0;
             while r0 < rows {
-                let (nr, head) = head_block(view, r0, rows, QK_ROWS);
+                let (nr, head, shead) = head_block(view, r0, rows, QK_ROWS);
                 let kb = krows.add(head + j * rs);
+                // The block's keys' scales (quantized rows).
+                let key_scales = if E::QUANTIZED {
+                    let mut sc = [0f32; super::simd::MAX_LANES];
+                    for (c, x) in sc.iter_mut().enumerate().take(S::LANES) {
+                        *x = *scales.add(shead + (j + c) * srs);
+                    }
+                    S::mul(S::load(sc.as_ptr()), scale_v)
+                } else {
+                    scale_v
+                };
                 // The first rows of a KV head ask for its keys ahead; the
                 // others read the same keys.
                 let pf_here = pf && r0 % head_rows(view) == 0;
@@ -304,10 +438,10 @@ unsafe fn qk<S: Simd>(
                 while jj < S::LANES {
                     let kr = kb.add(jj * rs);
                     match nr {
-                        4 => qk_part::<S, 4>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
-                        3 => qk_part::<S, 3>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
-                        2 => qk_part::<S, 2>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
-                        _ => qk_part::<S, 1>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
+                        4 => qk_part::<S, E, 4>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
+                        3 => qk_part::<S, E, 3>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
+                        2 => qk_part::<S, E, 2>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
+                        _ => qk_part::<S, E, 1>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
                     }
                     jj += QK_KEYS;
                 }
@@ -315,7 +449,7 @@ unsafe fn qk<S: Simd>(
                     // SAFETY: lanes `..LANES` of rows `..nr` were written above.
                     let p = std::slice::from_raw_parts(p.as_ptr().cast::<S::V>(), S::LANES);
                     let sums = S::reduce_rows_sum(p);
-                    S::store(s.add((r0 + i) * s_stride + c0 + j), S::mul(sums, scale_v));
+                    S::store(s.add((r0 + i) * s_stride + c0 + j), S::mul(sums, key_scales));
                 }
                 r0 += nr;
             }
@@ -325,26 +459,31 @@ unsafe fn qk<S: Simd>(
         for j in j..n {
             let mut r0 = 0;
             while r0 < rows {
-                let (nr, head) = head_block(view, r0, rows, QK_ROWS);
+                let (nr, head, shead) = head_block(view, r0, rows, QK_ROWS);
                 let krow = krows.add(head + j * rs);
+                let key_scale = if E::QUANTIZED {
+                    scale * *scales.add(shead + j * srs)
+                } else {
+                    scale
+                };
                 let mut acc = [zero; QK_ROWS];
                 let mut t = 0;
                 while t < full {
-                    let kv = S::load(krow.add(t));
+                    let kv = E::load::<S>(krow.add(t));
                     for (i, a) in acc.iter_mut().enumerate().take(nr) {
                         *a = S::fma(S::load(q.add((r0 + i) * q_stride + t)), kv, *a);
                     }
                     t += S::LANES;
                 }
                 if full < d {
-                    let kv = S::load_masked(krow.add(full), tail, zero);
+                    let kv = E::load_first::<S>(krow.add(full), d - full);
                     for (i, a) in acc.iter_mut().enumerate().take(nr) {
                         let qv = S::load_masked(q.add((r0 + i) * q_stride + full), tail, zero);
                         *a = S::fma(qv, kv, *a);
                     }
                 }
                 for (i, a) in acc.iter().enumerate().take(nr) {
-                    *s.add((r0 + i) * s_stride + c0 + j) = S::reduce_sum(*a) * scale;
+                    *s.add((r0 + i) * s_stride + c0 + j) = S::reduce_sum(*a) * key_scale;
                 }
                 r0 += nr;
             }
@@ -358,14 +497,16 @@ const PV_VECS: usize = 8;
 /// `Acc[r0 .. r0 + NR][t0 .. t0 + NV vectors] += P V` over keys `0 .. n` of
 /// one page segment, the accumulators in registers across the keys. The last
 /// vector covers `last` lanes. A key whose probability is 0 for a row is
-/// skipped for that row.
+/// skipped for that row. A quantized row's scale multiplies its probabilities.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pv_block<S: Simd, const NR: usize, const NV: usize>(
+unsafe fn pv_block<S: Simd, E: Elem, const NR: usize, const NV: usize>(
     p: *const f32,
     p_stride: usize,
-    vrows: *const f32,
+    vrows: *const E,
     rs: usize,
+    scales: *const f32,
+    srs: usize,
     n: usize,
     acc: *mut f32,
     acc_stride: usize,
@@ -375,32 +516,40 @@ unsafe fn pv_block<S: Simd, const NR: usize, const NV: usize>(
     let zero = S::splat(0.0);
     let m = S::first_lanes(last);
     let whole = last == S::LANES;
-    // Vector `v` of a row: whole, or the first `last` lanes of the last one.
-    macro_rules! load {
+    // Vector `v` of a V row: whole, or the first `last` lanes of the last one.
+    macro_rules! load_v {
         ($ptr:expr, $v:expr) => {
             if $v + 1 < NV || whole {
-                S::load($ptr)
+                E::load::<S>($ptr)
             } else {
-                S::load_masked($ptr, m, zero)
+                E::load_first::<S>($ptr, last)
             }
         };
     }
     let mut a = [[zero; NV]; NR];
     for (g, row) in a.iter_mut().enumerate() {
         for (v, x) in row.iter_mut().enumerate() {
-            *x = load!(acc.add(g * acc_stride + v * S::LANES), v);
+            let ptr = acc.add(g * acc_stride + v * S::LANES);
+            *x = if v + 1 < NV || whole {
+                S::load(ptr)
+            } else {
+                S::load_masked(ptr, m, zero)
+            };
         }
     }
     for j in 0..n {
         let pj: [f32; NR] = std::array::from_fn(|g| *p.add(g * p_stride + j));
         let vrow = vrows.add(j * rs);
+        let sj = if E::QUANTIZED { *scales.add(j * srs) } else { 1.0 };
         if pf {
             prefetch(vrow.wrapping_add(PF_KEYS * rs), NV * S::LANES);
         }
         if pj.iter().all(|&x| x != 0.0) {
-            let pv: [S::V; NR] = std::array::from_fn(|g| S::splat(pj[g]));
+            let pv: [S::V; NR] = std::array::from_fn(|g| {
+                S::splat(if E::QUANTIZED { pj[g] * sj } else { pj[g] })
+            });
             for v in 0..NV {
-                let x = load!(vrow.add(v * S::LANES), v);
+                let x = load_v!(vrow.add(v * S::LANES), v);
                 for g in 0..NR {
                     a[g][v] = S::fma(pv[g], x, a[g][v]);
                 }
@@ -409,9 +558,9 @@ unsafe fn pv_block<S: Simd, const NR: usize, const NV: usize>(
             // Masked or underflowed for some row: its V row may be stale.
             for g in 0..NR {
                 if pj[g] != 0.0 {
-                    let pv = S::splat(pj[g]);
+                    let pv = S::splat(if E::QUANTIZED { pj[g] * sj } else { pj[g] });
                     for v in 0..NV {
-                        a[g][v] = S::fma(pv, load!(vrow.add(v * S::LANES), v), a[g][v]);
+                        a[g][v] = S::fma(pv, load_v!(vrow.add(v * S::LANES), v), a[g][v]);
                     }
                 }
             }
@@ -431,7 +580,7 @@ unsafe fn pv_block<S: Simd, const NR: usize, const NV: usize>(
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pv<S: Simd>(
+unsafe fn pv<S: Simd, E: Elem>(
     p: *const f32,
     p_stride: usize,
     view: &KvView,
@@ -442,26 +591,33 @@ unsafe fn pv<S: Simd>(
     acc: *mut f32,
     acc_stride: usize,
 ) {
-    let rs = view.row_stride as usize;
-    let pf = key_prefetch(view, d, rows);
-    let mut segs = Segments::new(view, view.v, key0, cols, d, rows);
-    while let Some((c0, vrows, n)) = segs.next() {
+    let (rs, srs) = (view.row_stride as usize, view.scale_row_stride as usize);
+    let pf = key_prefetch::<E>(view, d, rows);
+    let mut segs = Segments::<E>::new(view, view.v, view.v_scales, key0, cols, d, rows);
+    while let Some(Segment {
+        c: c0,
+        rows: vrows,
+        scales,
+        n,
+    }) = segs.next()
+    {
         let mut t0 = 0;
         while t0 < d {
             let nv = (d - t0).div_ceil(S::LANES).min(PV_VECS);
             let last = (d - t0 - (nv - 1) * S::LANES).min(S::LANES);
             let mut r0 = 0;
             while r0 < rows {
-                let (nr, head) = head_block(view, r0, rows, 2);
+                let (nr, head, shead) = head_block(view, r0, rows, 2);
                 let pf = pf && r0 % head_rows(view) == 0;
                 let pr = p.add(r0 * p_stride + c0);
                 let ar = acc.add(r0 * acc_stride + t0);
                 let vr = vrows.add(head + t0);
+                let sr = scales.wrapping_add(shead);
                 macro_rules! block {
                     ($($nv:literal)*) => {
                         match (nr, nv) {
-                            $((2, $nv) => pv_block::<S, 2, $nv>(pr, p_stride, vr, rs, n, ar, acc_stride, last, pf),
-                              (_, $nv) => pv_block::<S, 1, $nv>(pr, p_stride, vr, rs, n, ar, acc_stride, last, pf),)*
+                            $((2, $nv) => pv_block::<S, E, 2, $nv>(pr, p_stride, vr, rs, sr, srs, n, ar, acc_stride, last, pf),
+                              (_, $nv) => pv_block::<S, E, 1, $nv>(pr, p_stride, vr, rs, sr, srs, n, ar, acc_stride, last, pf),)*
                             _ => unreachable!("1 to {PV_VECS} vectors"),
                         }
                     };
@@ -472,6 +628,19 @@ unsafe fn pv<S: Simd>(
             t0 += nv * S::LANES;
         }
     }
+}
+
+/// `$f::<S, E>(args)` with `E` the element type of `view`.
+macro_rules! by_elem {
+    ($f:ident, $simd:ty, $view:expr, ($($arg:expr),*)) => {
+        match $view.elem {
+            ElemType::F32 => $f::<$simd, f32>($($arg),*),
+            ElemType::Bf16 => $f::<$simd, bf16>($($arg),*),
+            ElemType::F16 => $f::<$simd, f16>($($arg),*),
+            ElemType::Int8 => $f::<$simd, i8>($($arg),*),
+            ElemType::Fp8 => $f::<$simd, E4m3>($($arg),*),
+        }
+    };
 }
 
 macro_rules! view_entry_points {
@@ -490,7 +659,8 @@ macro_rules! view_entry_points {
             s_stride: usize,
             scale: f32,
         ) {
-            qk::<$simd>(q, q_stride, &*view, key0, d, rows, cols, s, s_stride, scale)
+            let view = &*view;
+            by_elem!(qk, $simd, view, (q, q_stride, view, key0, d, rows, cols, s, s_stride, scale))
         }
 
         $(#[$attr])*
@@ -506,7 +676,8 @@ macro_rules! view_entry_points {
             acc: *mut f32,
             acc_stride: usize,
         ) {
-            pv::<$simd>(p, p_stride, &*view, key0, d, rows, cols, acc, acc_stride)
+            let view = &*view;
+            by_elem!(pv, $simd, view, (p, p_stride, view, key0, d, rows, cols, acc, acc_stride))
         }
     };
 }
@@ -545,136 +716,166 @@ pub fn view_kernels(isa: super::NativeIsa) -> (QkViewFn, PvViewFn) {
 mod tests {
     use super::*;
     use crate::runtime::gemm::NativeIsa;
+    use crate::tensor::{KvArray, KvData};
+    use ndarray::{s, Array4};
 
-    /// A pool of pages of `ps` slots x `hkv` KV heads x `d` floats, page
-    /// table `table`; keys `0 .. n` of the sequence for each head (`keys[kh][j]`),
-    /// NaN everywhere else.
-    #[allow(clippy::type_complexity)]
+    /// A pool `[pages, ps, hkv, d]` whose keys `0 .. n` of the sequence (page
+    /// table `table`) hold small integers (V: halves of K), NaN everywhere
+    /// else, stored as `elem`; for quantized types every unused row gets a
+    /// NaN scale (and fp8 data NaN bits), so reading one shows.
     fn pool(
         ps: usize,
         hkv: usize,
         d: usize,
         table: &[i32],
         n: usize,
-    ) -> (Vec<f32>, Vec<f32>, Vec<Vec<Vec<f32>>>) {
+        elem: ElemType,
+    ) -> (KvArray, KvArray) {
         let pages = table.iter().copied().max().unwrap() as usize + 2;
-        let mut k = vec![f32::NAN; pages * ps * hkv * d];
+        let mut k = Array4::<f32>::from_elem((pages, ps, hkv, d), f32::NAN);
         let mut v = k.clone();
-        let mut keys = vec![Vec::new(); hkv];
-        for (kh, keys) in keys.iter_mut().enumerate() {
-            for j in 0..n {
-                let at = ((table[j / ps] as usize * ps + j % ps) * hkv + kh) * d;
-                let row: Vec<f32> = (0..d)
-                    .map(|t| ((j * 7 + t * 3 + kh * 5) % 11) as f32 - 5.0)
-                    .collect();
-                k[at..at + d].copy_from_slice(&row);
-                for (x, y) in v[at..at + d].iter_mut().zip(&row) {
-                    *x = y * 0.5;
+        let mut used = vec![vec![false; ps]; pages];
+        for j in 0..n {
+            let (page, slot) = (table[j / ps] as usize, j % ps);
+            used[page][slot] = true;
+            for kh in 0..hkv {
+                for t in 0..d {
+                    let x = ((j * 7 + t * 3 + kh * 5) % 11) as f32 - 5.0;
+                    k[[page, slot, kh, t]] = x;
+                    v[[page, slot, kh, t]] = x * 0.5;
                 }
-                keys.push(row);
             }
         }
-        (k, v, keys)
+        let poison = |a: &mut KvArray| {
+            if let KvArray::Int8 { scales, .. } | KvArray::Fp8 { scales, .. } = a {
+                for ((page, slot, _), s) in scales.indexed_iter_mut() {
+                    if !used[page][slot] {
+                        *s = f32::NAN;
+                    }
+                }
+            }
+            if let KvArray::Fp8 { data, .. } = a {
+                for ((page, slot, _, _), x) in data.indexed_iter_mut() {
+                    if !used[page][slot] {
+                        *x = 0x7f;
+                    }
+                }
+            }
+        };
+        let (mut k, mut v) = (KvArray::quantize(k.view(), elem), KvArray::quantize(v.view(), elem));
+        poison(&mut k);
+        poison(&mut v);
+        (k, v)
+    }
+
+    /// `|got - want|` within f32 rounding of a sum whose terms' magnitudes add to `mag`.
+    fn close(got: f32, want: f64, mag: f64) -> bool {
+        (f64::from(got) - want).abs() <= 1e-6 * mag + 1e-30
     }
 
     #[test]
-    fn in_place_products_follow_the_page_table_and_skip_zero_probabilities() {
+    fn in_place_products_follow_the_page_table_widen_every_type_and_skip_zero_probabilities() {
         for isa in NativeIsa::ALL.into_iter().filter(|i| i.is_supported()) {
             let (qk_fn, pv_fn) = view_kernels(isa);
-            // (page size, KV heads in a row, tile rows per KV head, d, key0, cols)
-            for (ps, hkv, hr, d, key0, cols) in [
-                (1, 1, 6, 5, 0, 3),
-                (7, 1, 6, 19, 3, 20),
-                (16, 1, 6, 32, 16, 16),
-                (4, 1, 6, 3, 2, 9),
-                (16, 3, 2, 32, 5, 27),
-                (3, 2, 3, 19, 1, 17),
-                (1, 6, 1, 16, 0, 5),
-            ] {
-                let table = [
-                    5i32, 2, 0, 7, 1, 3, 4, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
-                    21, 22, 23,
-                ];
-                let n = key0 + cols;
-                let (k, v, keys) = pool(ps, hkv, d, &table, n);
-                let rows: usize = 6;
-                // Tile rows `r` read KV head `r / hr`; a view of one head has
-                // `hr` >= rows.
-                let view = KvView {
-                    k: k.as_ptr(),
-                    v: v.as_ptr(),
-                    len: n as i64,
-                    row_stride: (hkv * d) as i64,
-                    page_stride: (ps * hkv * d) as i64,
-                    page_size: ps as i64,
-                    table: table.as_ptr(),
-                    head_stride: d as i64,
-                    head_rows: hr as i64,
-                };
-                let head = |r: usize| (r / hr).min(hkv - 1);
-                assert_eq!(rows.div_ceil(hr), hkv, "the tile covers every head");
-                let q: Vec<f32> = (0..rows * d).map(|i| (i % 5) as f32 - 2.0).collect();
-                let mut s = vec![0f32; rows * cols];
-                unsafe {
-                    qk_fn(
-                        q.as_ptr(),
-                        d,
-                        &view,
-                        key0,
-                        d,
-                        rows,
-                        cols,
-                        s.as_mut_ptr(),
-                        cols,
-                        0.5,
-                    )
-                };
-                for r in 0..rows {
-                    for c in 0..cols {
-                        let want: f32 = (0..d)
-                            .map(|t| q[r * d + t] * keys[head(r)][key0 + c][t])
-                            .sum::<f32>()
-                            * 0.5;
-                        assert_eq!(
-                            s[r * cols + c],
-                            want,
-                            "{isa} ps={ps} hkv={hkv} d={d} r={r} c={c}"
-                        );
+            for elem in ElemType::ALL {
+                // (page size, KV heads in a row, tile rows per KV head, d, key0, cols)
+                for (ps, hkv, hr, d, key0, cols) in [
+                    (1, 1, 6, 5, 0, 3),
+                    (7, 1, 6, 19, 3, 20),
+                    (16, 1, 6, 32, 16, 16),
+                    (4, 1, 6, 3, 2, 9),
+                    (16, 3, 2, 32, 5, 27),
+                    (3, 2, 3, 19, 1, 17),
+                    (1, 6, 1, 16, 0, 5),
+                ] {
+                    let table = [
+                        5i32, 2, 0, 7, 1, 3, 4, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
+                        20, 21, 22, 23,
+                    ];
+                    let n = key0 + cols;
+                    let (k, v) = pool(ps, hkv, d, &table, n, elem);
+                    let (kd, vd) = (k.view(), v.view());
+                    let rows: usize = 6;
+                    let head = |r: usize| (r / hr).min(hkv - 1);
+                    assert_eq!(rows.div_ceil(hr), hkv, "the tile covers every head");
+                    let at = |a: &KvData<'_>, j: usize, kh: usize, t: usize| {
+                        f64::from(a.get([table[j / ps] as usize, j % ps, kh, t]))
+                    };
+                    let scales = |a: &KvData<'_>| {
+                        a.scales().map_or(std::ptr::null(), |s| s.slice(s![.., .., 0]).as_ptr())
+                    };
+                    // Tile rows `r` read KV head `r / hr`; a view of one head
+                    // has `hr` >= rows.
+                    let view = KvView {
+                        k: kd.as_ptr(),
+                        v: vd.as_ptr(),
+                        len: n as i64,
+                        row_stride: (hkv * d) as i64,
+                        page_stride: (ps * hkv * d) as i64,
+                        page_size: ps as i64,
+                        table: table.as_ptr(),
+                        head_stride: d as i64,
+                        head_rows: hr as i64,
+                        elem,
+                        k_scales: scales(&kd),
+                        v_scales: scales(&vd),
+                        scale_row_stride: hkv as i64,
+                        scale_page_stride: (ps * hkv) as i64,
+                        scale_head_stride: 1,
+                    };
+                    let q: Vec<f32> = (0..rows * d).map(|i| (i % 5) as f32 - 2.0).collect();
+                    let mut s = vec![0f32; rows * cols];
+                    unsafe {
+                        qk_fn(
+                            q.as_ptr(),
+                            d,
+                            &view,
+                            key0,
+                            d,
+                            rows,
+                            cols,
+                            s.as_mut_ptr(),
+                            cols,
+                            0.5,
+                        )
+                    };
+                    let what = format!("{isa} {elem} ps={ps} hkv={hkv} d={d}");
+                    for r in 0..rows {
+                        for c in 0..cols {
+                            let terms = (0..d)
+                                .map(|t| f64::from(q[r * d + t]) * at(&kd, key0 + c, head(r), t) * 0.5);
+                            let want: f64 = terms.clone().sum();
+                            let mag: f64 = terms.map(f64::abs).sum();
+                            assert!(close(s[r * cols + c], want, mag), "{what} r={r} c={c}: {} vs {want}", s[r * cols + c]);
+                        }
                     }
-                }
-                // Probabilities with zeros; the accumulator starts at 1.
-                let p: Vec<f32> = (0..rows * cols)
-                    .map(|i| if i % 3 == 0 { 0.0 } else { 0.25 })
-                    .collect();
-                let mut acc = vec![1f32; rows * d];
-                unsafe {
-                    pv_fn(
-                        p.as_ptr(),
-                        cols,
-                        &view,
-                        key0,
-                        d,
-                        rows,
-                        cols,
-                        acc.as_mut_ptr(),
-                        d,
-                    )
-                };
-                for r in 0..rows {
-                    for t in 0..d {
-                        let want = (0..cols).fold(1f32, |a, c| {
-                            let pc = p[r * cols + c];
-                            if pc == 0.0 {
-                                a
-                            } else {
-                                a + pc * keys[head(r)][key0 + c][t] * 0.5
-                            }
-                        });
-                        assert_eq!(
-                            acc[r * d + t],
-                            want,
-                            "{isa} ps={ps} hkv={hkv} d={d} r={r} t={t}"
-                        );
+                    // Probabilities with zeros; the accumulator starts at 1.
+                    let p: Vec<f32> = (0..rows * cols)
+                        .map(|i| if i % 3 == 0 { 0.0 } else { 0.25 })
+                        .collect();
+                    let mut acc = vec![1f32; rows * d];
+                    unsafe {
+                        pv_fn(
+                            p.as_ptr(),
+                            cols,
+                            &view,
+                            key0,
+                            d,
+                            rows,
+                            cols,
+                            acc.as_mut_ptr(),
+                            d,
+                        )
+                    };
+                    for r in 0..rows {
+                        for t in 0..d {
+                            let terms = (0..cols)
+                                .filter(|&c| p[r * cols + c] != 0.0)
+                                .map(|c| f64::from(p[r * cols + c]) * at(&vd, key0 + c, head(r), t));
+                            let want = 1.0 + terms.clone().sum::<f64>();
+                            let mag = 1.0 + terms.map(f64::abs).sum::<f64>();
+                            assert!(close(acc[r * d + t], want, mag), "{what} r={r} t={t}: {} vs {want}", acc[r * d + t]);
+                        }
                     }
                 }
             }

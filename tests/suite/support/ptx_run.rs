@@ -62,7 +62,8 @@ pub fn emulate_with(
     let u32s = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let rows = s.b * s.h * s.q;
     let mut params: HashMap<String, u64> = HashMap::new();
-    let v = host::pack(&inputs.v, l.d_pad, dtype);
+    let (kf, vf) = (inputs.k.to_f32(), inputs.v.to_f32());
+    let v = host::pack(&vf.view(), l.d_pad, dtype);
     // In place: K/V packed as given (a pool, or dense rows), rows found
     // through the page table; flags per (sequence, KV head).
     let in_place =
@@ -70,13 +71,13 @@ pub fn emulate_with(
     let v_flags = match &in_place {
         Some(ip) => ip.nonfinite_tiles(&v, s.hkv, s.kv, l.d_pad, dtype, l.bkv),
         None => {
-            let (kv_b, hkv, kv, _) = inputs.v.dim();
+            let (kv_b, hkv, kv, _) = vf.dim();
             host::nonfinite_tiles(&v, kv_b * hkv, kv, l.d_pad, dtype, l.bkv)
         }
     };
     let pointers = [
         host::pack(&inputs.q, l.d_pad, dtype),
-        host::pack(&inputs.k, l.d_pad, dtype),
+        host::pack(&kf.view(), l.d_pad, dtype),
         v,
         vec![0u8; rows * l.d_pad * 4],
         vec![0u8; rows * 4],

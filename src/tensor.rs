@@ -1,0 +1,541 @@
+//! Element types of the K and V operands: f32, the half-precision types
+//! bf16 and f16, and the quantized types int8 and fp8 (OCP e4m3fn) with a
+//! float32 scale per (token, KV head).
+//!
+//! [`KvData`] is a K or V operand as a call reads it (a view of the caller's
+//! memory, in its stored type); [`KvArray`] owns one, and makes one from f32
+//! data by rounding or quantizing ([`KvArray::quantize`]). Every backend
+//! reads the same values: element `[i, j, k, t]` of a quantized operand is
+//! `f32(x) * scale[i, j, k]`, rounded once to f32 ([`KvData::get`]); the
+//! reference computes in f64 on those values.
+//!
+//! Quantization (what `attnc run --kv-dtype` and [`KvArray::quantize`] do):
+//! the scale of a (token, KV head) row is its largest magnitude divided by
+//! 127 (int8) or 448 (fp8, the largest finite e4m3fn value); each element is
+//! `x / scale` rounded to nearest, ties to even. A row of zeros has scale 0.
+
+use half::{bf16, f16};
+use ndarray::{Array3, Array4, ArrayView3, ArrayView4, ArrayViewMut1, Axis, Zip};
+
+/// The element type of q, k or v as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ElemType {
+    F32,
+    Bf16,
+    F16,
+    /// Symmetric int8 with a float32 scale per (token, KV head).
+    Int8,
+    /// OCP FP8 e4m3fn (as `torch.float8_e4m3fn`, stored as its bits in u8)
+    /// with a float32 scale per (token, KV head).
+    Fp8,
+}
+
+impl ElemType {
+    pub const ALL: [ElemType; 5] = [
+        ElemType::F32,
+        ElemType::Bf16,
+        ElemType::F16,
+        ElemType::Int8,
+        ElemType::Fp8,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ElemType::F32 => "f32",
+            ElemType::Bf16 => "bf16",
+            ElemType::F16 => "f16",
+            ElemType::Int8 => "int8",
+            ElemType::Fp8 => "fp8",
+        }
+    }
+
+    /// Bytes per element (without scales).
+    pub fn size(self) -> usize {
+        match self {
+            ElemType::F32 => 4,
+            ElemType::Bf16 | ElemType::F16 => 2,
+            ElemType::Int8 | ElemType::Fp8 => 1,
+        }
+    }
+
+    /// Whether elements carry a scale per (token, KV head).
+    pub fn is_quantized(self) -> bool {
+        matches!(self, ElemType::Int8 | ElemType::Fp8)
+    }
+
+    /// The largest magnitude a quantized element holds (the divisor of the
+    /// row's absmax that gives its scale).
+    fn quant_max(self) -> f32 {
+        match self {
+            ElemType::Int8 => 127.0,
+            ElemType::Fp8 => 448.0,
+            _ => unreachable!("only int8 and fp8 have scales"),
+        }
+    }
+
+    /// `x` rounded to this type and back (nearest, ties to even); quantized
+    /// types have no rounding of their own (they need a scale) and keep `x`.
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            ElemType::Bf16 => bf16::from_f32(x).to_f32(),
+            ElemType::F16 => f16::from_f32(x).to_f32(),
+            _ => x,
+        }
+    }
+}
+
+impl std::fmt::Display for ElemType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ElemType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ElemType, String> {
+        ElemType::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| format!("unknown element type `{s}` (expected f32, bf16, f16, int8 or fp8)"))
+    }
+}
+
+/// The value of e4m3fn bits: sign, 4 exponent bits (bias 7), 3 mantissa
+/// bits; exponent 0 is subnormal (`m * 2^-9`); `S.1111.111` is NaN and
+/// there are no infinities.
+pub fn e4m3_to_f32(bits: u8) -> f32 {
+    let sign = if bits & 0x80 != 0 { -1.0 } else { 1.0 };
+    let e = (bits >> 3) & 0xf;
+    let m = (bits & 7) as f32;
+    if bits & 0x7f == 0x7f {
+        f32::NAN
+    } else if e == 0 {
+        sign * m * (-9f32).exp2()
+    } else {
+        sign * (1.0 + m / 8.0) * (e as f32 - 7.0).exp2()
+    }
+}
+
+/// `x` as e4m3fn bits, rounded to nearest (ties to even); magnitudes past
+/// the largest finite value 448 saturate to it, NaN gives NaN.
+pub fn f32_to_e4m3(x: f32) -> u8 {
+    if x.is_nan() {
+        return 0x7f;
+    }
+    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+    let a = x.abs();
+    // Subnormals: multiples of 2^-9 below 2^-6 (8 * 2^-9 rounds up into
+    // the first normal, code 8).
+    let code = if a < (-6f32).exp2() {
+        (a * 512.0).round_ties_even() as u32
+    } else if a >= 448.0 {
+        0x7e
+    } else {
+        // Round the f32 mantissa to 3 bits, ties to even, carrying into the
+        // exponent.
+        let b = a.to_bits();
+        let b = b + 0x7ffff + ((b >> 20) & 1);
+        let e = (b >> 23) as i32 - 127 + 7;
+        let code = ((e as u32) << 3) | ((b >> 20) & 7);
+        code.min(0x7e)
+    };
+    sign | code as u8
+}
+
+/// A K or V operand as a call reads it, in its stored type. Quantized data
+/// has a float32 scale per row of `D` elements (the first three axes):
+/// `[B, HKV, KV]` for dense k/v, `[num_pages, page_size, HKV]` for a pool.
+#[derive(Clone, Debug)]
+pub enum KvData<'a> {
+    F32(ArrayView4<'a, f32>),
+    Bf16(ArrayView4<'a, bf16>),
+    F16(ArrayView4<'a, f16>),
+    Int8 {
+        data: ArrayView4<'a, i8>,
+        scales: ArrayView3<'a, f32>,
+    },
+    /// e4m3fn bits.
+    Fp8 {
+        data: ArrayView4<'a, u8>,
+        scales: ArrayView3<'a, f32>,
+    },
+}
+
+impl<'a> From<ArrayView4<'a, f32>> for KvData<'a> {
+    fn from(a: ArrayView4<'a, f32>) -> KvData<'a> {
+        KvData::F32(a)
+    }
+}
+
+impl<'a> From<ArrayView4<'a, bf16>> for KvData<'a> {
+    fn from(a: ArrayView4<'a, bf16>) -> KvData<'a> {
+        KvData::Bf16(a)
+    }
+}
+
+impl<'a> From<ArrayView4<'a, f16>> for KvData<'a> {
+    fn from(a: ArrayView4<'a, f16>) -> KvData<'a> {
+        KvData::F16(a)
+    }
+}
+
+impl<'a> KvData<'a> {
+    pub fn elem(&self) -> ElemType {
+        match self {
+            KvData::F32(_) => ElemType::F32,
+            KvData::Bf16(_) => ElemType::Bf16,
+            KvData::F16(_) => ElemType::F16,
+            KvData::Int8 { .. } => ElemType::Int8,
+            KvData::Fp8 { .. } => ElemType::Fp8,
+        }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            KvData::F32(a) => a.shape(),
+            KvData::Bf16(a) => a.shape(),
+            KvData::F16(a) => a.shape(),
+            KvData::Int8 { data, .. } => data.shape(),
+            KvData::Fp8 { data, .. } => data.shape(),
+        }
+    }
+
+    /// Strides in elements.
+    pub fn strides(&self) -> &[isize] {
+        match self {
+            KvData::F32(a) => a.strides(),
+            KvData::Bf16(a) => a.strides(),
+            KvData::F16(a) => a.strides(),
+            KvData::Int8 { data, .. } => data.strides(),
+            KvData::Fp8 { data, .. } => data.strides(),
+        }
+    }
+
+    /// The same view, borrowed for a shorter time.
+    pub fn reborrow(&self) -> KvData<'_> {
+        match self {
+            KvData::F32(a) => KvData::F32(a.view()),
+            KvData::Bf16(a) => KvData::Bf16(a.view()),
+            KvData::F16(a) => KvData::F16(a.view()),
+            KvData::Int8 { data, scales } => KvData::Int8 {
+                data: data.view(),
+                scales: scales.view(),
+            },
+            KvData::Fp8 { data, scales } => KvData::Fp8 {
+                data: data.view(),
+                scales: scales.view(),
+            },
+        }
+    }
+
+    /// The data, when it is f32.
+    pub fn as_f32(&self) -> Option<&ArrayView4<'a, f32>> {
+        match self {
+            KvData::F32(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// A copy in standard layout (scales too).
+    pub fn to_standard(&self) -> KvArray {
+        fn std<T: Clone>(a: &ArrayView4<'_, T>) -> Array4<T> {
+            a.as_standard_layout().into_owned()
+        }
+        match self {
+            KvData::F32(a) => KvArray::F32(std(a)),
+            KvData::Bf16(a) => KvArray::Bf16(std(a)),
+            KvData::F16(a) => KvArray::F16(std(a)),
+            KvData::Int8 { data, scales } => KvArray::Int8 {
+                data: std(data),
+                scales: scales.as_standard_layout().into_owned(),
+            },
+            KvData::Fp8 { data, scales } => KvArray::Fp8 {
+                data: std(data),
+                scales: scales.as_standard_layout().into_owned(),
+            },
+        }
+    }
+
+    /// The scales of a quantized operand.
+    pub fn scales(&self) -> Option<&ArrayView3<'a, f32>> {
+        match self {
+            KvData::Int8 { scales, .. } | KvData::Fp8 { scales, .. } => Some(scales),
+            _ => None,
+        }
+    }
+
+    /// Element `i` as every backend reads it (dequantized: `f32(x) * scale`).
+    #[inline]
+    pub fn get(&self, i: [usize; 4]) -> f32 {
+        match self {
+            KvData::F32(a) => a[i],
+            KvData::Bf16(a) => a[i].to_f32(),
+            KvData::F16(a) => a[i].to_f32(),
+            KvData::Int8 { data, scales } => data[i] as f32 * scales[[i[0], i[1], i[2]]],
+            KvData::Fp8 { data, scales } => e4m3_to_f32(data[i]) * scales[[i[0], i[1], i[2]]],
+        }
+    }
+
+    /// Every element as f32 (for backends that take f32 operands and make a
+    /// copy of their own).
+    pub fn to_f32(&self) -> Array4<f32> {
+        match self {
+            KvData::F32(a) => a.to_owned(),
+            _ => {
+                let sh = self.shape();
+                Array4::from_shape_fn((sh[0], sh[1], sh[2], sh[3]), |(a, b, c, d)| {
+                    self.get([a, b, c, d])
+                })
+            }
+        }
+    }
+
+    /// The stored data: pointer to element `[0, 0, 0, 0]`, for the runtime.
+    pub fn as_ptr(&self) -> *const u8 {
+        match self {
+            KvData::F32(a) => a.as_ptr().cast(),
+            KvData::Bf16(a) => a.as_ptr().cast(),
+            KvData::F16(a) => a.as_ptr().cast(),
+            KvData::Int8 { data, .. } => data.as_ptr().cast(),
+            KvData::Fp8 { data, .. } => data.as_ptr().cast(),
+        }
+    }
+
+    /// Bytes a read of `rows` rows of `d` elements takes, scales included.
+    pub fn row_bytes(elem: ElemType, rows: usize, d: usize) -> usize {
+        rows * (d * elem.size() + if elem.is_quantized() { 4 } else { 0 })
+    }
+}
+
+/// An owned K or V operand (see [`KvData`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum KvArray {
+    F32(Array4<f32>),
+    Bf16(Array4<bf16>),
+    F16(Array4<f16>),
+    Int8 {
+        data: Array4<i8>,
+        scales: Array3<f32>,
+    },
+    Fp8 {
+        data: Array4<u8>,
+        scales: Array3<f32>,
+    },
+}
+
+impl KvArray {
+    /// `x` in type `elem`: rounded (bf16, f16; nearest, ties to even) or
+    /// quantized with a scale per row of the last axis (int8, fp8).
+    pub fn quantize(x: ArrayView4<'_, f32>, elem: ElemType) -> KvArray {
+        match elem {
+            ElemType::F32 => KvArray::F32(x.to_owned()),
+            ElemType::Bf16 => KvArray::Bf16(x.mapv(bf16::from_f32)),
+            ElemType::F16 => KvArray::F16(x.mapv(f16::from_f32)),
+            ElemType::Int8 | ElemType::Fp8 => {
+                let (a, b, c, d) = x.dim();
+                let mut scales = Array3::<f32>::zeros((a, b, c));
+                let mut bytes = Array4::<u8>::zeros((a, b, c, d));
+                Zip::from(bytes.lanes_mut(Axis(3)))
+                    .and(&mut scales)
+                    .and(x.lanes(Axis(3)))
+                    .for_each(|out, s, row| {
+                        *s = quantize_row(row.iter().copied(), out, elem);
+                    });
+                match elem {
+                    ElemType::Int8 => KvArray::Int8 {
+                        data: bytes.mapv(|b| b as i8),
+                        scales,
+                    },
+                    _ => KvArray::Fp8 {
+                        data: bytes,
+                        scales,
+                    },
+                }
+            }
+        }
+    }
+
+    pub fn view(&self) -> KvData<'_> {
+        match self {
+            KvArray::F32(a) => KvData::F32(a.view()),
+            KvArray::Bf16(a) => KvData::Bf16(a.view()),
+            KvArray::F16(a) => KvData::F16(a.view()),
+            KvArray::Int8 { data, scales } => KvData::Int8 {
+                data: data.view(),
+                scales: scales.view(),
+            },
+            KvArray::Fp8 { data, scales } => KvData::Fp8 {
+                data: data.view(),
+                scales: scales.view(),
+            },
+        }
+    }
+
+    pub fn elem(&self) -> ElemType {
+        self.view().elem()
+    }
+
+    /// Writes one row of `D` elements (`[i, j, k, ..]`: one token of one KV
+    /// head) from f32, rounding or quantizing it (with a new scale) as
+    /// [`KvArray::quantize`] does: how a server appends a decoding step's
+    /// keys and values to its cache.
+    ///
+    /// # Panics
+    ///
+    /// If `row` is not `D` long or the index is out of range.
+    pub fn set_row(&mut self, [i, j, k]: [usize; 3], row: &[f32]) {
+        fn put<T>(mut lane: ArrayViewMut1<'_, T>, row: &[f32], f: impl Fn(f32) -> T) {
+            assert_eq!(lane.len(), row.len(), "a row has D elements");
+            for (o, &x) in lane.iter_mut().zip(row) {
+                *o = f(x);
+            }
+        }
+        match self {
+            KvArray::F32(a) => put(a.slice_mut(ndarray::s![i, j, k, ..]), row, |x| x),
+            KvArray::Bf16(a) => put(a.slice_mut(ndarray::s![i, j, k, ..]), row, bf16::from_f32),
+            KvArray::F16(a) => put(a.slice_mut(ndarray::s![i, j, k, ..]), row, f16::from_f32),
+            KvArray::Int8 { data, scales } => {
+                let mut lane = data.slice_mut(ndarray::s![i, j, k, ..]);
+                assert_eq!(lane.len(), row.len(), "a row has D elements");
+                let mut bytes = vec![0u8; row.len()];
+                scales[[i, j, k]] = quantize_row(
+                    row.iter().copied(),
+                    ArrayViewMut1::from(&mut bytes[..]),
+                    ElemType::Int8,
+                );
+                for (o, b) in lane.iter_mut().zip(bytes) {
+                    *o = b as i8;
+                }
+            }
+            KvArray::Fp8 { data, scales } => {
+                assert_eq!(data.shape()[3], row.len(), "a row has D elements");
+                scales[[i, j, k]] = quantize_row(
+                    row.iter().copied(),
+                    data.slice_mut(ndarray::s![i, j, k, ..]),
+                    ElemType::Fp8,
+                );
+            }
+        }
+    }
+}
+
+/// Quantizes one row into `out` (int8 as its two's-complement byte, fp8 as
+/// e4m3fn bits) and returns its scale.
+fn quantize_row(
+    row: impl Iterator<Item = f32> + Clone,
+    mut out: ArrayViewMut1<'_, u8>,
+    elem: ElemType,
+) -> f32 {
+    let absmax = row.clone().fold(0f32, |m, x| m.max(x.abs()));
+    let scale = absmax / elem.quant_max();
+    for (o, x) in out.iter_mut().zip(row) {
+        let y = if scale > 0.0 { x / scale } else { 0.0 };
+        *o = match elem {
+            ElemType::Int8 => (y.round_ties_even().clamp(-127.0, 127.0) as i8) as u8,
+            _ => f32_to_e4m3(y),
+        };
+    }
+    scale
+}
+
+/// `x` with every element rounded to `elem` (bf16, f16) and kept as f32:
+/// q in a half type, on a backend that computes with f32 operands (the
+/// product of two bf16 or f16 values is exact in f32).
+pub fn round_to(x: ArrayView4<'_, f32>, elem: ElemType) -> Array4<f32> {
+    x.mapv(|v| elem.round(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e4m3_round_trips_every_code_and_rounds_to_nearest_even() {
+        for bits in 0..=255u8 {
+            let x = e4m3_to_f32(bits);
+            if bits & 0x7f == 0x7f {
+                assert!(x.is_nan());
+                assert_eq!(f32_to_e4m3(x) & 0x7f, 0x7f);
+            } else {
+                assert_eq!(f32_to_e4m3(x), bits, "{bits:#x} = {x}");
+            }
+        }
+        // The largest finite value, the smallest subnormal, and ties.
+        assert_eq!(e4m3_to_f32(0x7e), 448.0);
+        assert_eq!(e4m3_to_f32(0x01), (-9f32).exp2());
+        assert_eq!(f32_to_e4m3(1000.0), 0x7e);
+        assert_eq!(f32_to_e4m3(-1000.0), 0xfe);
+        // 1.0625 lies halfway between 1.0 (code 0x38) and 1.125 (0x39): even.
+        assert_eq!(f32_to_e4m3(1.0625), 0x38);
+        assert_eq!(f32_to_e4m3(1.1875), 0x3a);
+        // Halfway between two subnormals 1 and 2 * 2^-9: even (2).
+        assert_eq!(f32_to_e4m3(1.5 * (-9f32).exp2()), 0x02);
+        // Between the largest subnormal (7 * 2^-9) and the first normal (2^-6).
+        assert_eq!(f32_to_e4m3(7.5 * (-9f32).exp2()), 0x08);
+        // Every f32 rounds to a nearest code.
+        let codes: Vec<f32> = (0..0x7f).map(e4m3_to_f32).collect();
+        let mut x = 0f32;
+        while x < 460.0 {
+            let got = e4m3_to_f32(f32_to_e4m3(x));
+            let best = codes
+                .iter()
+                .map(|c| (c - x).abs())
+                .fold(f32::INFINITY, f32::min);
+            assert_eq!((got - x).abs(), best, "x = {x}");
+            x = x * 1.013 + 1e-4;
+        }
+    }
+
+    #[test]
+    fn quantized_rows_have_absmax_scales_and_dequantize_within_half_a_step() {
+        let x = Array4::from_shape_fn((2, 3, 4, 9), |(a, b, c, d)| {
+            ((a * 31 + b * 17 + c * 7 + d * 5) % 23) as f32 * 0.37 - 4.0
+        });
+        let mut zero_row = x.clone();
+        zero_row.slice_mut(ndarray::s![1, 2, 3, ..]).fill(0.0);
+        for elem in [ElemType::Int8, ElemType::Fp8] {
+            let q = KvArray::quantize(zero_row.view(), elem);
+            let v = q.view();
+            let scales = v.scales().unwrap();
+            for ((a, b, c), &s) in scales.indexed_iter() {
+                let row = zero_row.slice(ndarray::s![a, b, c, ..]);
+                let absmax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+                assert_eq!(s, absmax / elem.quant_max());
+                for (t, &want) in row.iter().enumerate() {
+                    let got = v.get([a, b, c, t]);
+                    // int8: half a step of `s`; e4m3: half an ulp of 3 bits.
+                    let bound = match elem {
+                        ElemType::Int8 => 0.5 * s * 1.0001,
+                        _ => (want.abs() / 16.0).max(s * (-10f32).exp2()) * 1.0001,
+                    };
+                    assert!((got - want).abs() <= bound, "{elem} {got} vs {want}");
+                }
+            }
+            assert_eq!(scales[[1, 2, 3]], 0.0);
+            assert!((0..9).all(|t| v.get([1, 2, 3, t]) == 0.0));
+            // The absmax element is represented exactly at the top code.
+            let mut owned = q.clone();
+            let row: Vec<f32> = (0..9).map(|t| x[[0, 1, 2, t]]).collect();
+            owned.set_row([1, 2, 3], &row);
+            for t in 0..9 {
+                assert_eq!(owned.view().get([1, 2, 3, t]), v.get([0, 1, 2, t]));
+            }
+        }
+        for elem in [ElemType::Bf16, ElemType::F16, ElemType::F32] {
+            let q = KvArray::quantize(x.view(), elem);
+            assert_eq!(q.elem(), elem);
+            for (i, &want) in x.indexed_iter() {
+                let i = [i.0, i.1, i.2, i.3];
+                assert_eq!(q.view().get(i), elem.round(want));
+            }
+        }
+    }
+
+    #[test]
+    fn element_types_parse_from_their_names() {
+        for t in ElemType::ALL {
+            assert_eq!(t.name().parse::<ElemType>(), Ok(t));
+        }
+        assert!("fp16".parse::<ElemType>().unwrap_err().contains("bf16"));
+    }
+}
