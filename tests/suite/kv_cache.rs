@@ -19,7 +19,7 @@ use support::specgen::arb_case;
 /// Specs whose masks and score mods exercise positions, heads and buffers:
 /// `h` in the mask makes the block maps differ per head, so a GQA-grouped
 /// tile walks the union of its heads' maps.
-const SPECS: &[&str] = &[
+pub(crate) const SPECS: &[&str] = &[
     "attention dense { }",
     "attention causal { mask = causal }",
     "attention window { param window: int = 37\n mask = causal && q - kv < window }",
@@ -30,26 +30,26 @@ const SPECS: &[&str] = &[
     "attention by_head { mask = causal && (h % 2 == 0 || q - kv < 11) }",
 ];
 
-fn program(src: &str) -> Program {
+pub(crate) fn program(src: &str) -> Program {
     attnc::load(SourceFile::new("spec.attn", src), &SpecOptions::default()).unwrap()
 }
 
 /// A ragged batch: the same keys as dense `[B, HKV, KVmax, D]` rows and as a
 /// shuffled paged pool, NaN in every stale slot and in spare pages.
-struct Cache {
-    q: Array4<f32>,
-    k: Array4<f32>,
-    v: Array4<f32>,
-    k_pages: Array4<f32>,
-    v_pages: Array4<f32>,
-    table: Array2<i32>,
-    lens: Array1<i32>,
+pub(crate) struct Cache {
+    pub q: Array4<f32>,
+    pub k: Array4<f32>,
+    pub v: Array4<f32>,
+    pub k_pages: Array4<f32>,
+    pub v_pages: Array4<f32>,
+    pub table: Array2<i32>,
+    pub lens: Array1<i32>,
     slope: Array1<f32>,
     doc: Array1<i64>,
 }
 
 impl Cache {
-    fn new(
+    pub(crate) fn new(
         seed: u64,
         (h, hkv, q, d): (usize, usize, usize, usize),
         lens: &[usize],
@@ -80,7 +80,7 @@ impl Cache {
         }
     }
 
-    fn with_buffers<'a>(&self, program: &Program, inputs: Inputs<'a>) -> Inputs<'a> {
+    pub(crate) fn with_buffers<'a>(&self, program: &Program, inputs: Inputs<'a>) -> Inputs<'a> {
         let mut inputs = inputs.with_lse();
         for decl in &program.spec.buffers {
             let data = match decl.name.as_str() {
@@ -112,7 +112,7 @@ impl Cache {
     }
 }
 
-fn assert_close(what: &str, got: &Outputs, want: &Outputs, tol: f32) {
+pub(crate) fn assert_close(what: &str, got: &Outputs, want: &Outputs, tol: f32) {
     let d_out = max_abs_diff(got.out.iter(), want.out.iter());
     let d_lse = max_abs_diff(
         got.lse.as_ref().unwrap().iter(),

@@ -16,6 +16,7 @@ mod errors;
 mod flex_parity;
 mod jit_parity;
 mod kv_cache;
+mod kv_types;
 mod lowering_scale;
 mod math_accuracy;
 mod nonfinite;
