@@ -453,9 +453,29 @@ struct RunArgs {
     /// 128x64 for a spec without a mask, 64x64 otherwise.
     #[arg(long, default_value = "auto", value_name = "BQxBKV|auto")]
     block: String,
-    /// Element type of q, k and v on the GPU (`--backend cuda`): f32 (FMA), f16 or bf16 (tensor cores).
-    #[arg(long, default_value = "f32", value_name = "f32|f16|bf16")]
+    /// Element type of q, k and v: f32, bf16 or f16. Every backend reads them
+    /// in it: float32/float64 files are rounded to it (nearest, ties to even),
+    /// float16 files (with f16) and uint16 files of bf16 bit patterns (with
+    /// bf16) are taken as they are. The CPU backends compute in f32 on those
+    /// values; the GPU (`--backend cuda`) runs its products in the type
+    /// (tensor cores for f16 and bf16).
+    #[arg(long, default_value = "f32", value_name = "f32|bf16|f16")]
     dtype: String,
+    /// Element type of K and V (default: --dtype): f32, bf16, f16, or a
+    /// quantized cache, int8 (symmetric) or fp8 (e4m3fn), with a float32
+    /// scale per (token, KV head). Float files are quantized on load (scale =
+    /// absmax / 127 or / 448); int8 or uint8 (fp8 bits) files are taken as
+    /// they are, with --k-scales and --v-scales. The CPU backends widen K/V
+    /// to f32 in the tile loads.
+    #[arg(long, value_name = "f32|bf16|f16|int8|fp8")]
+    kv_dtype: Option<String>,
+    /// float32 scales of stored int8/fp8 keys: [B, HKV, KV] for --k,
+    /// [num_pages, page_size, HKV] for --k-pages.
+    #[arg(long, value_name = "FILE.npy", requires = "v_scales", conflicts_with = "random")]
+    k_scales: Option<PathBuf>,
+    /// float32 scales of stored int8/fp8 values, the shape of --k-scales.
+    #[arg(long, value_name = "FILE.npy", requires = "k_scales", conflicts_with = "random")]
+    v_scales: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -1338,6 +1358,28 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
     })
 }
 
+/// The element types of q and of K/V from `--dtype` and `--kv-dtype`.
+fn elem_types(
+    dtype: &str,
+    kv_dtype: Option<&str>,
+) -> Result<(attnc::ElemType, attnc::ElemType), Error> {
+    let q: attnc::ElemType = dtype
+        .parse()
+        .map_err(|e| Error::Usage(format!("`--dtype {dtype}`: {e}")))?;
+    if q.is_quantized() {
+        return Err(Error::Usage(format!(
+            "`--dtype {dtype}`: q, k and v are f32, bf16 or f16; {dtype} is a type of the K/V cache: `--kv-dtype {dtype}`"
+        )));
+    }
+    let kv = match kv_dtype {
+        None => q,
+        Some(t) => t
+            .parse()
+            .map_err(|e| Error::Usage(format!("`--kv-dtype {t}`: {e}")))?,
+    };
+    Ok((q, kv))
+}
+
 /// `attnc run`: reads (or makes) the inputs, runs the spec, writes the
 /// outputs (all or none), and with --check compares with the reference.
 /// Reads an int32 (or int64) `.npy` of `ndim` dims as i32 (a page table or
@@ -1402,17 +1444,7 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
         targets.push(("--lse", lse.as_path()));
     }
     Staged::check_targets(&targets)?;
-    // The CPU backends compute in f32 on f32 inputs: a half-precision dtype
-    // there is refused, never quietly computed in f32.
-    if !matches!(args.backend, Backend::Cuda) && args.dtype != "f32" {
-        return Err(Error::Usage(format!(
-            "`--dtype {}`: the {} backend takes f32 inputs only (half precision on the CPU is not \
-             built yet); drop --dtype, or run on the GPU with `--backend cuda --dtype {}`",
-            args.dtype,
-            backend_name(args.backend),
-            args.dtype
-        )));
-    }
+    let (q_elem, kv_elem) = elem_types(&args.dtype, args.kv_dtype.as_deref())?;
     if args.check && !(args.tolerance >= 0.0 && args.tolerance.is_finite()) {
         return Err(Error::Usage(format!(
             "`--tolerance {}`: the tolerance is the largest max |diff| that passes, a finite number >= 0 (default 1e-4)",
@@ -1448,17 +1480,21 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
             "making random inputs of {}",
             attnc::memory::shapes_text(&shapes)
         ))?;
-        rng.qkv(&shapes)
+        let (q, k, v) = rng.qkv(&shapes);
+        (
+            attnc::tensor::round_to(q.view(), q_elem),
+            attnc::KvArray::quantize(k.view(), kv_elem),
+            attnc::KvArray::quantize(v.view(), kv_elem),
+        )
     } else {
-        let read = |path: &Option<PathBuf>, what: &str| {
-            let path = path
-                .as_deref()
-                .expect("clap requires --q, --k, --v without --random");
-            let (a, converted) = npy::read_float_4d(path, what)?;
-            if converted {
-                note_converted(path);
+        let path = |path: &Option<PathBuf>| -> PathBuf {
+            path.clone()
+                .expect("clap requires --q, --k, --v without --random")
+        };
+        let noted = |path: &std::path::Path, note: Option<String>| {
+            if let Some(note) = note {
+                say_err(format_args!("note: {} is {note}\n", path.display()));
             }
-            Ok::<_, Error>(a)
         };
         let paged = args.k_pages.is_some();
         let (k_path, v_path) = if paged {
@@ -1466,11 +1502,22 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
         } else {
             (&args.k, &args.v)
         };
-        let (q, k, v) = (
-            read(&args.q, "q")?,
-            read(k_path, if paged { "k_pages" } else { "k" })?,
-            read(v_path, if paged { "v_pages" } else { "v" })?,
-        );
+        let q_path = path(&args.q);
+        let (q, note) = npy::read_q(&q_path, q_elem)?;
+        noted(&q_path, note);
+        let mut kv = Vec::new();
+        for (p, what, scales, flag) in [
+            (k_path, if paged { "k_pages" } else { "k" }, &args.k_scales, "--k-scales"),
+            (v_path, if paged { "v_pages" } else { "v" }, &args.v_scales, "--v-scales"),
+        ] {
+            let p = path(p);
+            let scales = scales.as_deref().map(|s| (s, flag));
+            let (a, note) = npy::read_kv(&p, what, kv_elem, scales)?;
+            noted(&p, note);
+            kv.push(a);
+        }
+        let v = kv.pop().expect("read above");
+        let k = kv.pop().expect("read above");
         (q, k, v)
     };
     let page_table = args

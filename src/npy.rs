@@ -525,6 +525,240 @@ fn read_4d(path: &Path, what: &str, allow_f64: bool) -> Result<(Array<f32, Ix4>,
     Ok((a, f64))
 }
 
+/// What a q, k or v file held, read in its own type.
+enum Stored {
+    F32(ArrayD<f32>),
+    /// float64, converted to float32 (rounded to nearest).
+    F64(ArrayD<f32>),
+    F16(ArrayD<half::f16>),
+    /// uint16: bf16 bit patterns (numpy has no bf16).
+    U16(ArrayD<u16>),
+    I8(ArrayD<i8>),
+    /// uint8: fp8 e4m3fn bits.
+    U8(ArrayD<u8>),
+}
+
+impl Stored {
+    fn kind(&self) -> &'static str {
+        match self {
+            Stored::F32(_) => "float32",
+            Stored::F64(_) => "float64",
+            Stored::F16(_) => "float16",
+            Stored::U16(_) => "uint16 (bf16 bits)",
+            Stored::I8(_) => "int8",
+            Stored::U8(_) => "uint8 (fp8 bits)",
+        }
+    }
+}
+
+/// The descriptors of the element types q, k and v may be stored in.
+const STORED: [&str; 14] = [
+    "<f4", ">f4", "<f8", ">f8", "<f2", ">f2", "<u2", ">u2", "|i1", "<i1", ">i1", "|u1", "<u1", ">u1",
+];
+
+/// Reads a 4-D q, k or v file in the type it holds.
+fn read_stored(path: &Path, what: &str, expected: &str) -> Result<Stored, Error> {
+    let mut opened = open_npy(path)?;
+    let wrong = |reason: String| Error::Io {
+        what: format!("cannot read {what} from `{}` (expected {expected})", path.display()),
+        reason,
+    };
+    if let Some(reason) = wrong_descr(&opened, &STORED) {
+        return Err(wrong(reason));
+    }
+    let descr = opened
+        .header
+        .as_ref()
+        .map(|h| h.descr.clone())
+        .unwrap_or_default();
+    let size = match &descr[1..] {
+        "f8" => 8,
+        "f4" => 4,
+        "f2" | "u2" => 2,
+        _ => 1,
+    };
+    check_claim(&opened, path, what, size, if size == 8 { 4 } else { 0 })?;
+    let stored = match &descr[1..] {
+        "f8" => Stored::F64(read_as::<f64>(opened).map_err(wrong)?.mapv(|x| x as f32)),
+        "f4" => Stored::F32(read_as::<f32>(opened).map_err(wrong)?),
+        "f2" => {
+            // The reader has no float16: the same bytes as uint16 bits.
+            let prefix = opened.reader.get_mut().0.get_mut();
+            let at = find(prefix, descr.as_bytes()).expect("the header holds its descriptor");
+            prefix[at + 1] = b'u';
+            Stored::F16(read_as::<u16>(opened).map_err(wrong)?.mapv(half::f16::from_bits))
+        }
+        "u2" => Stored::U16(read_as::<u16>(opened).map_err(wrong)?),
+        "i1" => Stored::I8(read_as::<i8>(opened).map_err(wrong)?),
+        _ => Stored::U8(read_as::<u8>(opened).map_err(wrong)?),
+    };
+    let shape = match &stored {
+        Stored::F32(a) | Stored::F64(a) => a.shape().to_vec(),
+        Stored::F16(a) => a.shape().to_vec(),
+        Stored::U16(a) => a.shape().to_vec(),
+        Stored::I8(a) => a.shape().to_vec(),
+        Stored::U8(a) => a.shape().to_vec(),
+    };
+    if shape.len() != 4 {
+        return Err(Error::Io {
+            what: format!("{what} in `{}` has shape {shape:?}", path.display()),
+            reason: format!(
+                "{what} must be 4-dimensional: {}",
+                match what {
+                    "q" => "[B, H, Q, D]",
+                    "k_pages" | "v_pages" => "[num_pages, page_size, HKV, D]",
+                    _ => "[B, HKV, KV, D]",
+                }
+            ),
+        });
+    }
+    Ok(stored)
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn four<T>(a: ArrayD<T>) -> ndarray::Array4<T> {
+    a.into_dimensionality().expect("checked 4-dimensional")
+}
+
+/// Reads q for a call in `elem` (f32, bf16 or f16), as f32 holding values of
+/// that type: float32 and float64 files are rounded to it (nearest, ties to
+/// even; float64 first to float32), a float16 file is taken as it is with
+/// `elem` f16, and a uint16 file as bf16 bit patterns with `elem` bf16.
+/// Returns a note on any conversion, for the caller to show.
+pub fn read_q(
+    path: &Path,
+    elem: crate::tensor::ElemType,
+) -> Result<(ndarray::Array4<f32>, Option<String>), Error> {
+    use crate::tensor::ElemType;
+    let stored = read_stored(path, "q", "float32 or float64, or the --dtype's own type")?;
+    let kind = stored.kind();
+    let note = |to: &str| Some(format!("{kind}; {to}"));
+    match (stored, elem) {
+        (Stored::F32(a), ElemType::F32) => Ok((four(a), None)),
+        (Stored::F64(a), ElemType::F32) => Ok((four(a), note("converted to float32"))),
+        (Stored::F32(a) | Stored::F64(a), ElemType::Bf16 | ElemType::F16) => Ok((
+            four(a).mapv(|x| elem.round(x)),
+            note(&format!("rounded to {elem}")),
+        )),
+        (Stored::F16(a), ElemType::F16) => Ok((four(a.mapv(half::f16::to_f32)), None)),
+        (Stored::U16(a), ElemType::Bf16) => Ok((
+            four(a.mapv(|b| half::bf16::from_bits(b).to_f32())),
+            None,
+        )),
+        (stored, elem) => Err(type_mismatch(path, "q", stored.kind(), elem, "--dtype")),
+    }
+}
+
+/// The error for a file whose type does not go with the call's type.
+fn type_mismatch(
+    path: &Path,
+    what: &str,
+    kind: &str,
+    elem: crate::tensor::ElemType,
+    flag: &str,
+) -> Error {
+    let fix = match kind {
+        "int8" | "uint8 (fp8 bits)" if what == "q" => {
+            "q is float32, bf16 or f16 (int8 and fp8 are types of the K/V cache, `--kv-dtype`)".to_string()
+        }
+        "float16" => format!("float16 data goes with `{flag} f16`"),
+        "uint16 (bf16 bits)" => {
+            format!("numpy has no bf16: uint16 files are bf16 bit patterns, read with `{flag} bf16`")
+        }
+        "int8" => "int8 data goes with `--kv-dtype int8` and its scales (`--k-scales`, `--v-scales`)".to_string(),
+        "uint8 (fp8 bits)" => "uint8 data is fp8 e4m3fn bits: use `--kv-dtype fp8` with its scales (`--k-scales`, `--v-scales`)".to_string(),
+        _ => "give float32 or float64 data, which attnc rounds or quantizes to the call's type".to_string(),
+    };
+    Error::Io {
+        what: format!("cannot read {what} from `{}` as {elem}", path.display()),
+        reason: format!("the file holds {kind} data; {fix}"),
+    }
+}
+
+/// Reads k or v (or a page pool) for a call whose K/V are stored as `elem`.
+/// float32 and float64 files are rounded (bf16, f16) or quantized with a
+/// scale per (token, KV head) (int8, fp8); files already in the type are
+/// taken as they are: float16 for f16, uint16 bf16 bit patterns for bf16,
+/// and int8 or uint8 (e4m3fn bits) with their float32 scales `scales`
+/// (`[A, B, C]` for data `[A, B, C, D]`), which quantized files need and
+/// float files must not have. Returns a note on any conversion.
+pub fn read_kv(
+    path: &Path,
+    what: &str,
+    elem: crate::tensor::ElemType,
+    scales: Option<(&Path, &str)>,
+) -> Result<(crate::tensor::KvArray, Option<String>), Error> {
+    use crate::tensor::{ElemType, KvArray};
+    let stored = read_stored(path, what, "float32 or float64, or the --kv-dtype's own type")?;
+    let kind = stored.kind();
+    let quantized_file = matches!(stored, Stored::I8(_) | Stored::U8(_));
+    if let (Some((_, flag)), false) = (scales, quantized_file) {
+        return Err(Error::Io {
+            what: format!("`{flag}` with {what} from `{}`", path.display()),
+            reason: format!(
+                "the file holds {kind} data, which attnc quantizes itself (with scales of its own); scales go with int8 or uint8 (fp8) files: drop `{flag}`"
+            ),
+        });
+    }
+    let read_scales = |flag_what: &str| -> Result<ndarray::Array3<f32>, Error> {
+        let Some((sp, flag)) = scales else {
+            return Err(Error::Io {
+                what: format!("{what} from `{}` is {kind} without scales", path.display()),
+                reason: format!(
+                    "quantized {flag_what} data needs a float32 scale per (token, KV head): pass `--{}-scales FILE.npy`",
+                    &what[..1]
+                ),
+            });
+        };
+        let a = read_f32_dyn(sp).map_err(|e| match e {
+            Error::Io { reason, .. } => Error::Io {
+                what: format!("cannot read the scales of `{flag}` from `{}` (expected float32)", sp.display()),
+                reason,
+            },
+            e => e,
+        })?;
+        let shape = a.shape().to_vec();
+        a.into_dimensionality().map_err(|_| Error::Io {
+            what: format!("`{flag}` `{}` has shape {shape:?}", sp.display()),
+            reason: "scales are 3-dimensional: [B, HKV, KV] for dense k/v, [num_pages, page_size, HKV] for a pool".to_string(),
+        })
+    };
+    let note = |to: String| Some(format!("{kind}; {to}"));
+    match (stored, elem) {
+        (Stored::F32(a), ElemType::F32) => Ok((KvArray::F32(four(a)), None)),
+        (Stored::F32(a) | Stored::F64(a), elem) => {
+            let to = match elem {
+                ElemType::F32 => "converted to float32".to_string(),
+                ElemType::Bf16 | ElemType::F16 => format!("rounded to {elem}"),
+                _ => format!("quantized to {elem} with a scale per (token, KV head)"),
+            };
+            Ok((KvArray::quantize(four(a).view(), elem), note(to)))
+        }
+        (Stored::F16(a), ElemType::F16) => Ok((KvArray::F16(four(a)), None)),
+        (Stored::U16(a), ElemType::Bf16) => {
+            Ok((KvArray::Bf16(four(a.mapv(half::bf16::from_bits))), None))
+        }
+        (Stored::I8(a), ElemType::Int8) => Ok((
+            KvArray::Int8 {
+                data: four(a),
+                scales: read_scales("int8")?,
+            },
+            None,
+        )),
+        (Stored::U8(a), ElemType::Fp8) => Ok((
+            KvArray::Fp8 {
+                data: four(a),
+                scales: read_scales("fp8")?,
+            },
+            None,
+        )),
+        (stored, elem) => Err(type_mismatch(path, what, stored.kind(), elem, "--kv-dtype")),
+    }
+}
+
 /// Reads a buffer in its declared element type.
 pub fn read_buffer(path: &Path, name: &str, ty: Type) -> Result<BufferData, Error> {
     read_buffer_of(path, name, ty, false).map(|(data, _)| data)

@@ -1729,55 +1729,122 @@ fn emit_ptx_dtype_defaults_to_f32_like_run() {
     assert!(ptx(&["--dtype", "bf16"]).contains("bf16 inputs, mma.sync"));
 }
 
-/// A half-precision `--dtype` on a CPU backend is refused (the CPU backends
-/// compute in f32), not quietly run in f32; no output is written.
+/// `--dtype bf16|f16` and `--kv-dtype` on the CPU backends: float32 files
+/// are rounded or quantized on load (with a note), files already in the
+/// type (uint16 bf16 bits, float16, int8 or uint8 fp8 bits with their
+/// scales) are taken as they are and give the same outputs bit for bit, and
+/// `--check` against the reference on the same values passes on every CPU
+/// backend. Every mismatch of file and type is a clear error that leaves
+/// no output.
 #[test]
-fn run_refuses_a_dtype_the_cpu_backends_cannot_honour() {
+fn run_reads_half_precision_and_quantized_inputs() {
+    use attnc::{ElemType, KvArray};
     let dir = TempDir::new();
-    let out = dir.str("out.npy");
-    for backend in ["jit", "interp", "reference"] {
-        for dtype in ["bf16", "f16"] {
-            let o = attnc(&[
-                "run",
-                "examples/causal.attn",
-                "--random",
-                "--q-len",
-                "32",
-                "--backend",
-                backend,
-                "--dtype",
-                dtype,
-                "--out",
-                &out,
-            ]);
-            assert_eq!(
-                o.status.code(),
-                Some(1),
-                "{backend} {dtype}: {}",
-                stderr(&o)
-            );
-            let err = stderr(&o);
-            assert!(
-                err.contains(&format!(
-                    "`--dtype {dtype}`: the {backend} backend takes f32 inputs only"
-                )) && err.contains("--backend cuda"),
-                "{err}"
-            );
-            assert!(!std::path::Path::new(&out).exists());
+    let (b, h, hkv, n, d) = (1usize, 4usize, 2usize, 37usize, 16usize);
+    let val = |i: usize| ((i * 37 % 101) as f32) / 50.0 - 1.0;
+    let qa = Array4::from_shape_fn((b, h, n, d), |(x, y, z, w)| val(x * 1000 + y * 100 + z * 10 + w));
+    let ka = Array4::from_shape_fn((b, hkv, n, d), |(x, y, z, w)| val(7 + x * 999 + y * 99 + z * 9 + w));
+    let va = ka.mapv(|x| x * 0.5 + 0.25);
+    for (name, a) in [("q", &qa), ("k", &ka), ("v", &va)] {
+        write_npy(&dir.path(&format!("{name}.npy")), a);
+    }
+    // Raw files of a type ndarray-npy cannot write: float16.
+    let write_raw = |name: &str, descr: &str, a: &Array4<f32>, bytes: &dyn Fn(f32) -> Vec<u8>| {
+        let sh = a.shape();
+        let header = format!(
+            "{{'descr': '{descr}', 'fortran_order': False, 'shape': ({}, {}, {}, {}), }}",
+            sh[0], sh[1], sh[2], sh[3]
+        );
+        let data: Vec<u8> = a.iter().flat_map(|&x| bytes(x)).collect();
+        std::fs::write(dir.path(name), npy::v1_file_bytes(&header, &data)).unwrap();
+    };
+    for (name, a) in [("q", &qa), ("k", &ka), ("v", &va)] {
+        write_raw(&format!("{name}_f16.npy"), "<f2", a, &|x| half::f16::from_f32(x).to_le_bytes().to_vec());
+        write_npy(&dir.path(&format!("{name}_bf16.npy")), &a.mapv(|x| half::bf16::from_f32(x).to_bits()));
+    }
+    for (elem, tag) in [(ElemType::Int8, "int8"), (ElemType::Fp8, "fp8")] {
+        for (name, a) in [("k", &ka), ("v", &va)] {
+            match KvArray::quantize(a.view(), elem) {
+                KvArray::Int8 { data, scales } => {
+                    write_npy(&dir.path(&format!("{name}_{tag}.npy")), &data);
+                    write_npy(&dir.path(&format!("{name}_{tag}_scales.npy")), &scales);
+                }
+                KvArray::Fp8 { data, scales } => {
+                    write_npy(&dir.path(&format!("{name}_{tag}.npy")), &data);
+                    write_npy(&dir.path(&format!("{name}_{tag}_scales.npy")), &scales);
+                }
+                _ => unreachable!(),
+            }
         }
     }
-    let o = attnc(&[
-        "run",
-        "examples/causal.attn",
-        "--random",
-        "--q-len",
-        "32",
-        "--dtype",
-        "f32",
-        "--out",
-        &out,
-    ]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let spec = "examples/sliding_window.attn";
+    let run = |files: [&str; 3], extra: &[&str], out: &str| {
+        let (q, k, v, o) = (dir.str(files[0]), dir.str(files[1]), dir.str(files[2]), dir.str(out));
+        attnc(&[&["run", spec, "--q", &q, "--k", &k, "--v", &v, "--out", &o], extra].concat())
+    };
+    let read = |p: &str| ArrayD::<f32>::read_npy(File::open(dir.path(p)).unwrap()).unwrap();
+    let f32_files = ["q.npy", "k.npy", "v.npy"];
+    // (--dtype, --kv-dtype, files already in the type, their extra flags)
+    let cases: [(&str, Option<&str>, [&str; 3], Vec<String>); 4] = [
+        ("bf16", None, ["q_bf16.npy", "k_bf16.npy", "v_bf16.npy"], vec![]),
+        ("f16", None, ["q_f16.npy", "k_f16.npy", "v_f16.npy"], vec![]),
+        ("f32", Some("int8"), ["q.npy", "k_int8.npy", "v_int8.npy"], vec![
+            "--k-scales".into(), dir.str("k_int8_scales.npy"), "--v-scales".into(), dir.str("v_int8_scales.npy"),
+        ]),
+        ("f16", Some("fp8"), ["q_f16.npy", "k_fp8.npy", "v_fp8.npy"], vec![
+            "--k-scales".into(), dir.str("k_fp8_scales.npy"), "--v-scales".into(), dir.str("v_fp8_scales.npy"),
+        ]),
+    ];
+    for (dtype, kv_dtype, stored, extra) in &cases {
+        let mut types = vec!["--dtype", dtype];
+        if let Some(t) = kv_dtype {
+            types.extend(["--kv-dtype", t]);
+        }
+        let what = format!("--dtype {dtype} --kv-dtype {kv_dtype:?}");
+        for backend in ["jit", "interp", "reference"] {
+            let o = run(f32_files, &[&types[..], &["--backend", backend, "--check"]].concat(), "rounded.npy");
+            assert!(o.status.success(), "{what} {backend}: {}", stderr(&o));
+            assert!(stdout(&o).contains(": ok"), "{}", stdout(&o));
+            let err = stderr(&o);
+            let kv_to = kv_dtype.unwrap_or(dtype);
+            if *dtype != "f32" {
+                assert!(err.contains(&format!("q.npy is float32; rounded to {dtype}")), "{err}");
+            }
+            let quantized = matches!(kv_to, "int8" | "fp8");
+            let note = if quantized {
+                format!("k.npy is float32; quantized to {kv_to} with a scale per (token, KV head)")
+            } else {
+                format!("k.npy is float32; rounded to {kv_to}")
+            };
+            assert!(err.contains(&note), "{err}");
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            let o = run(*stored, &[&types[..], &["--backend", backend], &extra[..]].concat(), "stored.npy");
+            assert!(o.status.success(), "{what} {backend} stored: {}", stderr(&o));
+            assert!(!stderr(&o).contains("note:"), "{}", stderr(&o));
+            assert_eq!(read("rounded.npy"), read("stored.npy"), "{what} {backend}");
+        }
+    }
+    // Bad combinations: each an error, no output.
+    let bad: Vec<(Vec<String>, [&str; 3], &str)> = vec![
+        (vec![], ["q_bf16.npy", "k.npy", "v.npy"], "numpy has no bf16: uint16 files are bf16 bit patterns, read with `--dtype bf16`"),
+        (vec!["--dtype".into(), "bf16".into()], ["q_f16.npy", "k.npy", "v.npy"], "float16 data goes with `--dtype f16`"),
+        (vec!["--kv-dtype".into(), "int8".into()], ["q.npy", "k_int8.npy", "v_int8.npy"], "quantized int8 data needs a float32 scale per (token, KV head): pass `--k-scales FILE.npy`"),
+        (vec!["--kv-dtype".into(), "fp8".into()], ["q.npy", "k_int8.npy", "v_int8.npy"], "the file holds int8 data; int8 data goes with `--kv-dtype int8`"),
+        (vec!["--kv-dtype".into(), "int8".into(), "--k-scales".into(), dir.str("k_int8_scales.npy"), "--v-scales".into(), dir.str("v_int8_scales.npy")], ["q.npy", "k.npy", "v.npy"], "which attnc quantizes itself (with scales of its own); scales go with int8 or uint8 (fp8) files: drop `--k-scales`"),
+        (vec!["--kv-dtype".into(), "int8".into(), "--k-scales".into(), dir.str("v_int8_scales.npy"), "--v-scales".into(), dir.str("q.npy")], ["q.npy", "k_int8.npy", "v_int8.npy"], "q.npy` has shape [1, 4, 37, 16]"),
+        (vec![], ["k_int8.npy", "k.npy", "v.npy"], "q is float32, bf16 or f16 (int8 and fp8 are types of the K/V cache, `--kv-dtype`)"),
+        (vec!["--dtype".into(), "fp8".into()], f32_files, "`--dtype fp8`: q, k and v are f32, bf16 or f16; fp8 is a type of the K/V cache: `--kv-dtype fp8`"),
+    ];
+    for (flags, files, needle) in bad {
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let o = run(files, &flags, "bad.npy");
+        assert_fails(&o, &[needle]);
+        assert!(!dir.path("bad.npy").exists(), "no output is left on failure");
+    }
+    // Scales of the wrong shape are the binding's error.
+    write_npy(&dir.path("short_scales.npy"), &ndarray::Array3::<f32>::ones((1, 2, 36)));
+    let o = run(["q.npy", "k_int8.npy", "v_int8.npy"], &["--kv-dtype", "int8", "--k-scales", &dir.str("short_scales.npy"), "--v-scales", &dir.str("v_int8_scales.npy")], "bad.npy");
+    assert_fails(&o, &["the k scales have shape [1, 2, 36], expected [1, 2, 37]"]);
 }
 
 /// `emit --target ptx --page-size P` prints the kernel that reads K and V in
