@@ -28,6 +28,8 @@ pub struct BenchConfig {
     pub runs: usize,
     pub warmup: usize,
     pub seed: u64,
+    /// The stored type of K and V (what `kv_bytes` counts).
+    pub kv_elem: crate::tensor::ElemType,
 }
 
 /// What `attnc bench` prints.
@@ -442,7 +444,8 @@ pub fn measure(
         d: config.dim,
     };
     let dense = (shapes.b * shapes.h * shapes.q * shapes.kv) as f64;
-    let kv_bytes = (shapes.b * shapes.hkv * shapes.kv * shapes.d * 4 * 2) as u64;
+    let kv_rows = shapes.b * shapes.hkv * shapes.kv;
+    let kv_bytes = (2 * crate::tensor::KvData::row_bytes(config.kv_elem, kv_rows, shapes.d)) as u64;
     let visible = count_visible(program, inputs)? as f64;
     let flops_per_entry = 4.0 * shapes.d as f64;
     let fma_peak = peak.map(|p| {
@@ -478,8 +481,8 @@ pub fn measure(
 }
 
 /// Attaches to `report` the memory read bandwidth measured by [`read_bandwidth`]
-/// over `arrays` (the K and V the call read), median of `passes`.
-pub fn with_memory(mut report: BenchReport, arrays: &[&[f32]], passes: usize) -> BenchReport {
+/// over `arrays` (the bytes of the K and V the call read), median of `passes`.
+pub fn with_memory(mut report: BenchReport, arrays: &[&[u8]], passes: usize) -> BenchReport {
     let rates: Vec<f64> = (0..passes.max(1)).map(|_| read_bandwidth(arrays)).collect();
     let read_gb_per_s = median(&rates);
     report.memory = Some(MemoryReport {
@@ -489,17 +492,17 @@ pub fn with_memory(mut report: BenchReport, arrays: &[&[f32]], passes: usize) ->
     report
 }
 
-/// Reads every float of `arrays` once, in order, with every worker thread
+/// Reads every byte of `arrays` once, in order, with every worker thread
 /// (each a contiguous share of each array), and returns the bytes read per
 /// second in GB/s: the streaming read bandwidth that bounds a call reading
 /// those arrays. The sum is integer (the bits), so no float rule stops the
 /// compiler from vectorizing it; a hint 64 KiB ahead keeps the hardware
 /// prefetchers fed (measured here: 25 GB/s with it, 20 GB/s without on 2
 /// threads).
-pub fn read_bandwidth(arrays: &[&[f32]]) -> f64 {
+pub fn read_bandwidth(arrays: &[&[u8]]) -> f64 {
     use rayon::prelude::*;
     let threads = rayon::current_num_threads().max(1);
-    let bytes: usize = arrays.iter().map(|a| std::mem::size_of_val(*a)).sum();
+    let bytes: usize = arrays.iter().map(|a| a.len()).sum();
     let t = Instant::now();
     let mut total = 0u32;
     for a in arrays {
@@ -514,28 +517,29 @@ pub fn read_bandwidth(arrays: &[&[f32]]) -> f64 {
     bytes as f64 / t.elapsed().as_secs_f64() / 1e9
 }
 
-/// The wrapping sum of the bits of `xs`, 16 lanes at a time.
-fn sum_bits(xs: &[f32]) -> u32 {
-    const AHEAD: usize = 16 * 1024; // floats: 64 KiB
+/// The wrapping sum of the 32-bit words of `xs` (and its last bytes), a
+/// 64-byte line at a time.
+fn sum_bits(xs: &[u8]) -> u32 {
+    const AHEAD: usize = 64 * 1024;
     let mut acc = [0u32; 16];
-    let mut lines = xs.chunks_exact(16);
+    let mut lines = xs.chunks_exact(64);
     for (i, line) in lines.by_ref().enumerate() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a prefetch is a hint that never faults, whatever the address.
         unsafe {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                xs.as_ptr().wrapping_add(i * 16 + AHEAD).cast(),
+                xs.as_ptr().wrapping_add(i * 64 + AHEAD).cast(),
             )
         };
-        for (a, x) in acc.iter_mut().zip(line) {
-            *a = a.wrapping_add(x.to_bits());
+        for (a, w) in acc.iter_mut().zip(line.chunks_exact(4)) {
+            *a = a.wrapping_add(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
         }
     }
     lines
         .remainder()
         .iter()
-        .fold(acc.iter().fold(0, |s, &a| s.wrapping_add(a)), |s, x| {
-            s.wrapping_add(x.to_bits())
+        .fold(acc.iter().fold(0, |s, &a| s.wrapping_add(a)), |s, &x| {
+            s.wrapping_add(u32::from(x))
         })
 }
 
@@ -579,6 +583,7 @@ mod tests {
             runs: 5,
             warmup: 1,
             seed: 0,
+            kv_elem: crate::tensor::ElemType::F32,
         };
         let probes = std::rc::Rc::new(std::cell::Cell::new(0));
         let count = probes.clone();

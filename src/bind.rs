@@ -622,6 +622,8 @@ pub fn bind(spec: &Spec, inputs: &Inputs<'_>) -> Result<Bound, BindError> {
 
 /// Checks that the scale of every key a sequence uses is finite (stale slots
 /// past a sequence's length, or in pages it does not use, may hold anything).
+/// Runs of keys in one page (dense rows: one run) are checked as slices, and
+/// only a run that fails is searched for the first bad key.
 fn check_scales(
     which: &'static str,
     scales: &ndarray::ArrayView3<'_, f32>,
@@ -630,18 +632,41 @@ fn check_scales(
     let sh = bound.shapes;
     let batches = if bound.pages.is_some() { sh.b } else { bound.kv_batch.min(sh.b) };
     for b in 0..batches {
-        for kh in 0..sh.hkv {
-            for key in 0..bound.kv_len(b) {
-                let [i, j, k, _] = bound.kv_index(b, kh, key, 0);
-                let value = scales[[i, j, k]];
-                if !value.is_finite() {
-                    return Err(BindError::NonFiniteScale {
-                        which,
-                        b,
-                        kh,
-                        key,
-                        value,
-                    });
+        let len = bound.kv_len(b);
+        let run = match &bound.pages {
+            None => len.max(1),
+            Some(p) => p.page_size,
+        };
+        for start in (0..len).step_by(run) {
+            let n = run.min(len - start);
+            let [i, j, _, _] = bound.kv_index(b, 0, start, 0);
+            // The scales of keys `start .. start + n`, every KV head.
+            let ok = match &bound.pages {
+                None => scales
+                    .slice(ndarray::s![i, .., start..start + n])
+                    .iter()
+                    .all(|x| x.is_finite()),
+                Some(_) => scales
+                    .slice(ndarray::s![i, j..j + n, ..])
+                    .iter()
+                    .all(|x| x.is_finite()),
+            };
+            if ok {
+                continue;
+            }
+            for key in start..start + n {
+                for kh in 0..sh.hkv {
+                    let [i, j, k, _] = bound.kv_index(b, kh, key, 0);
+                    let value = scales[[i, j, k]];
+                    if !value.is_finite() {
+                        return Err(BindError::NonFiniteScale {
+                            which,
+                            b,
+                            kh,
+                            key,
+                            value,
+                        });
+                    }
                 }
             }
         }

@@ -168,6 +168,15 @@ struct BenchArgs {
     /// Q positions of each sequence of KV keys.
     #[arg(long, value_name = "P", conflicts_with = "q_offset")]
     page_size: Option<usize>,
+    /// Element type of q, k and v: f32, bf16 or f16 (the random inputs are
+    /// rounded to it), as for `attnc run`.
+    #[arg(long, default_value = "f32", value_name = "f32|bf16|f16")]
+    dtype: String,
+    /// Element type of K and V (default: --dtype): f32, bf16, f16, int8 or
+    /// fp8 (quantized with a scale per (token, KV head)); `kv_bytes` in
+    /// --json counts the bytes of that type and of the scales.
+    #[arg(long, value_name = "f32|bf16|f16|int8|fp8")]
+    kv_dtype: Option<String>,
     /// Bind a buffer from a file or a recipe: `--buffer doc=docs:4` (repeatable).
     #[arg(long = "buffer", value_name = "NAME=FILE.npy|RECIPE")]
     buffers: Vec<String>,
@@ -959,6 +968,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         ));
     }
     count("runs", args.runs, usize::MAX)?;
+    let (q_elem, kv_elem) = elem_types(&args.dtype, args.kv_dtype.as_deref())?;
     let threads = args
         .threads
         .map(|t| count("threads", t, MAX_THREADS))
@@ -987,6 +997,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         runs: args.runs,
         warmup: args.warmup,
         seed: args.seed,
+        kv_elem,
     };
     let shapes = attnc::sema::eval::Shapes {
         b: config.batch,
@@ -1008,6 +1019,13 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
             rayon::current_num_threads(),
         );
         random_inputs_need(&mut need, &program, &shapes, &buffers);
+        if kv_elem != attnc::ElemType::F32 {
+            let rows = shapes.b * shapes.hkv * shapes.kv;
+            need.add(
+                &format!("k and v in {kv_elem}"),
+                2 * attnc::KvData::row_bytes(kv_elem, rows, shapes.d) as u128,
+            );
+        }
         if program.spec.mask.is_some() {
             let tiles = attnc::mask::Tiling::new(64, 64).expect("64x64 is a valid tiling");
             memory::block_maps(&mut need, &program.spec, &shapes, tiles);
@@ -1033,14 +1051,27 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut rng = Rng::new(config.seed);
     let (q, k, v) = rng.qkv(&shapes);
-    let pool = args
-        .page_size
-        .map(|ps| paged_pool(&k, &v, ps, &mut rng))
-        .transpose()?;
-    let mut inputs = match &pool {
+    let q = match q_elem {
+        attnc::ElemType::F32 => q,
+        _ => attnc::tensor::round_to(q.view(), q_elem),
+    };
+    // The pool (when paged) replaces the dense rows, then both are stored
+    // in the K/V type.
+    let (k, v, pages) = match args.page_size {
+        None => (k, v, None),
+        Some(ps) => {
+            let (kp, vp, table, lens) = paged_pool(&k, &v, ps, &mut rng)?;
+            (kp, vp, Some((table, lens)))
+        }
+    };
+    let (k, v) = (
+        attnc::KvArray::from_f32(k, kv_elem),
+        attnc::KvArray::from_f32(v, kv_elem),
+    );
+    let mut inputs = match &pages {
         None => Inputs::new(q.view(), k.view(), v.view()).q_offset(config.q_offset),
-        Some((kp, vp, table, lens)) => {
-            Inputs::paged(q.view(), kp.view(), vp.view(), table.view(), lens.view())
+        Some((table, lens)) => {
+            Inputs::paged(q.view(), k.view(), v.view(), table.view(), lens.view())
         }
     };
     bind_buffers(&mut inputs, &program, &shapes, buffers, Some(&mut rng))?;
@@ -1104,10 +1135,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     }
     let mut report = report?;
     if args.bandwidth {
-        let arrays: Vec<&[f32]> = match &pool {
-            None => vec![contiguous(&k), contiguous(&v)],
-            Some((kp, vp, ..)) => vec![contiguous(kp), contiguous(vp)],
-        };
+        let arrays: Vec<&[u8]> = k.bytes().into_iter().chain(v.bytes()).collect();
         report = attnc::bench::with_memory(report, &arrays, args.runs.max(5));
     }
     if args.json {
@@ -1115,12 +1143,6 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     } else {
         say(format_args!("{report}\n"))
     }
-}
-
-/// The elements of an array made in standard layout.
-fn contiguous(a: &ndarray::Array4<f32>) -> &[f32] {
-    a.as_slice()
-        .expect("arrays made here are in standard layout")
 }
 
 fn run(cmd: Command) -> Result<(), Error> {

@@ -127,7 +127,7 @@ pub fn f32_to_e4m3(x: f32) -> u8 {
     // Subnormals: multiples of 2^-9 below 2^-6 (8 * 2^-9 rounds up into
     // the first normal, code 8).
     let code = if a < (-6f32).exp2() {
-        (a * 512.0).round_ties_even() as u32
+        round_even(a * 512.0) as u32
     } else if a >= 448.0 {
         0x7e
     } else {
@@ -140,6 +140,16 @@ pub fn f32_to_e4m3(x: f32) -> u8 {
         code.min(0x7e)
     };
     sign | code as u8
+}
+
+/// `x` rounded to an integer, ties to even, for `|x| <= 2^22` (adding and
+/// subtracting 1.5 * 2^23 leaves no fraction bits; `round_ties_even` is a
+/// library call on the baseline x86-64 target, and quantizing a cache calls
+/// this once per element).
+#[inline]
+fn round_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (x + MAGIC) - MAGIC
 }
 
 /// A K or V operand as a call reads it, in its stored type. Quantized data
@@ -355,6 +365,39 @@ impl KvArray {
         }
     }
 
+    /// `x` in type `elem`, as [`KvArray::quantize`] makes it; f32 data is
+    /// moved, not copied.
+    pub fn from_f32(x: Array4<f32>, elem: ElemType) -> KvArray {
+        match elem {
+            ElemType::F32 => KvArray::F32(x),
+            _ => KvArray::quantize(x.view(), elem),
+        }
+    }
+
+    /// The bytes of the data and of the scales (what a call reading every
+    /// row reads).
+    pub fn bytes(&self) -> Vec<&[u8]> {
+        fn raw<T>(a: &[T]) -> &[u8] {
+            // SAFETY: the elements are plain numbers (f32, u16 bit patterns,
+            // i8, u8) without padding; any initialised bytes may be read as u8.
+            unsafe { std::slice::from_raw_parts(a.as_ptr().cast(), std::mem::size_of_val(a)) }
+        }
+        let slice = "arrays made by KvArray are in standard layout";
+        match self {
+            KvArray::F32(a) => vec![raw(a.as_slice().expect(slice))],
+            KvArray::Bf16(a) => vec![raw(a.as_slice().expect(slice))],
+            KvArray::F16(a) => vec![raw(a.as_slice().expect(slice))],
+            KvArray::Int8 { data, scales } => vec![
+                raw(data.as_slice().expect(slice)),
+                raw(scales.as_slice().expect(slice)),
+            ],
+            KvArray::Fp8 { data, scales } => vec![
+                raw(data.as_slice().expect(slice)),
+                raw(scales.as_slice().expect(slice)),
+            ],
+        }
+    }
+
     pub fn view(&self) -> KvData<'_> {
         match self {
             KvArray::F32(a) => KvData::F32(a.view()),
@@ -419,6 +462,60 @@ impl KvArray {
     }
 }
 
+impl KvArray {
+    /// Appends one decoding step to a paged pool `[num_pages, page_size,
+    /// HKV, D]`: `step` `[B, HKV, D]` holds each sequence's new key (or
+    /// value) row per KV head, written (rounded or quantized, with fresh
+    /// scales) at position `kv_lens[b]` of sequence `b`, in page
+    /// `page_table[b, kv_lens[b] / page_size]`. The caller then adds 1 to
+    /// each length. Only those `B x HKV` rows are written.
+    ///
+    /// # Errors
+    ///
+    /// A step of the wrong shape, or a position whose page the table does
+    /// not list inside the pool; nothing is written then.
+    pub fn append(
+        &mut self,
+        page_table: ndarray::ArrayView2<'_, i32>,
+        kv_lens: ndarray::ArrayView1<'_, i32>,
+        step: ndarray::ArrayView3<'_, f32>,
+    ) -> Result<(), String> {
+        let sh = self.view().shape().to_vec();
+        let (pages, ps, hkv, d) = (sh[0], sh[1], sh[2], sh[3]);
+        let b = kv_lens.len();
+        if step.shape() != [b, hkv, d] || page_table.nrows() != b {
+            return Err(format!(
+                "a step is [B, HKV, D] = [{b}, {hkv}, {d}] with a page table of B = {b} rows; found a step {:?} and a table {:?}",
+                step.shape(),
+                page_table.shape()
+            ));
+        }
+        let mut at = Vec::with_capacity(b);
+        for (seq, &len) in kv_lens.iter().enumerate() {
+            let len = usize::try_from(len)
+                .map_err(|_| format!("kv_lens[{seq}] is {len}, a negative length"))?;
+            let slot = len / ps;
+            let page = page_table
+                .get([seq, slot])
+                .copied()
+                .filter(|&p| p >= 0 && (p as usize) < pages)
+                .ok_or_else(|| {
+                    format!(
+                        "sequence {seq} appends key {len}, in its page {slot}: the table lists no page of the pool there (pages 0 .. {pages})"
+                    )
+                })?;
+            at.push((page as usize, len % ps));
+        }
+        for (seq, (page, slot)) in at.into_iter().enumerate() {
+            for kh in 0..hkv {
+                let row: Vec<f32> = step.slice(ndarray::s![seq, kh, ..]).to_vec();
+                self.set_row([page, slot, kh], &row);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Quantizes one row into `out` (int8 as its two's-complement byte, fp8 as
 /// e4m3fn bits) and returns its scale.
 fn quantize_row(
@@ -431,7 +528,7 @@ fn quantize_row(
     for (o, x) in out.iter_mut().zip(row) {
         let y = if scale > 0.0 { x / scale } else { 0.0 };
         *o = match elem {
-            ElemType::Int8 => (y.round_ties_even().clamp(-127.0, 127.0) as i8) as u8,
+            ElemType::Int8 => (round_even(y.clamp(-127.0, 127.0)) as i8) as u8,
             _ => f32_to_e4m3(y),
         };
     }
@@ -528,6 +625,52 @@ mod tests {
                 let i = [i.0, i.1, i.2, i.3];
                 assert_eq!(q.view().get(i), elem.round(want));
             }
+        }
+    }
+
+    #[test]
+    fn append_quantizes_one_step_into_each_sequences_next_slot() {
+        let pool = Array4::<f32>::from_elem((4, 2, 2, 3), f32::NAN);
+        let table = ndarray::arr2(&[[2, 0], [3, -1]]);
+        let lens = ndarray::arr1(&[3, 1]);
+        let step = ndarray::Array3::from_shape_fn((2, 2, 3), |(b, h, t)| (b * 6 + h * 3 + t) as f32 - 4.0);
+        for elem in ElemType::ALL {
+            let mut a = KvArray::quantize(pool.view(), elem);
+            a.append(table.view(), lens.view(), step.view()).unwrap();
+            // Sequence 0's key 3 is page 0, slot 1; sequence 1's key 1 is page 3, slot 1.
+            let mut want = KvArray::quantize(pool.view(), elem);
+            for (b, page) in [(0, 0), (1, 3)] {
+                for kh in 0..2 {
+                    let row: Vec<f32> = step.slice(ndarray::s![b, kh, ..]).to_vec();
+                    want.set_row([page, 1, kh], &row);
+                }
+            }
+            assert_eq!(a.view().get([0, 1, 1, 2]), want.view().get([0, 1, 1, 2]));
+            for (i, _) in pool.indexed_iter() {
+                let i = [i.0, i.1, i.2, i.3];
+                let (x, y) = (a.view().get(i), want.view().get(i));
+                assert!(x == y || (x.is_nan() && y.is_nan()), "{elem} {i:?}");
+            }
+            // A position past the table, and a step of the wrong shape.
+            let full = ndarray::arr1(&[4, 1]);
+            let err = a.append(table.view(), full.view(), step.view()).unwrap_err();
+            assert!(err.contains("sequence 0 appends key 4"), "{err}");
+            let err = a
+                .append(table.view(), lens.view(), step.slice(ndarray::s![.., .., ..2]))
+                .unwrap_err();
+            assert!(err.contains("[2, 2, 3]"), "{err}");
+        }
+    }
+
+    #[test]
+    fn round_even_is_round_ties_even_in_its_range() {
+        let mut x = -140.0f32;
+        while x < 140.0 {
+            assert_eq!(round_even(x), x.round_ties_even(), "{x}");
+            x += 0.125;
+        }
+        for x in [0.5f32, 1.5, 2.5, -0.5, -2.5, 126.5, 4_194_303.5] {
+            assert_eq!(round_even(x), x.round_ties_even(), "{x}");
         }
     }
 

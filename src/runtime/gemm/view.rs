@@ -352,7 +352,13 @@ unsafe fn qk_part<S: Simd, E: Elem, const NR: usize>(
     let mut acc = [[zero; QK_KEYS]; NR];
     let mut t = 0;
     while t < full {
-        let kv: [S::V; QK_KEYS] = std::array::from_fn(|c| E::load::<S>(k.add(c * rs + t)));
+        // A loop, not `array::from_fn`: a closure would not inherit the
+        // entry point's target features, and a widening load (a dozen
+        // intrinsics for fp8) would stay a call.
+        let mut kv = [zero; QK_KEYS];
+        for (c, x) in kv.iter_mut().enumerate() {
+            *x = E::load::<S>(k.add(c * rs + t));
+        }
         for (i, row) in acc.iter_mut().enumerate() {
             let qv = S::load(q.add(i * q_stride + t));
             for (a, &kc) in row.iter_mut().zip(&kv) {
@@ -363,8 +369,10 @@ unsafe fn qk_part<S: Simd, E: Elem, const NR: usize>(
     }
     if full < d {
         let m = S::first_lanes(d - full);
-        let kv: [S::V; QK_KEYS] =
-            std::array::from_fn(|c| E::load_first::<S>(k.add(c * rs + full), d - full));
+        let mut kv = [zero; QK_KEYS];
+        for (c, x) in kv.iter_mut().enumerate() {
+            *x = E::load_first::<S>(k.add(c * rs + full), d - full);
+        }
         for (i, row) in acc.iter_mut().enumerate() {
             let qv = S::load_masked(q.add(i * q_stride + full), m, zero);
             for (a, &kc) in row.iter_mut().zip(&kv) {
@@ -601,51 +609,63 @@ unsafe fn pv<S: Simd, E: Elem>(
         n,
     }) = segs.next()
     {
-        let mut t0 = 0;
-        while t0 < d {
-            let nv = (d - t0).div_ceil(S::LANES).min(PV_VECS);
-            let last = (d - t0 - (nv - 1) * S::LANES).min(S::LANES);
-            let mut r0 = 0;
-            while r0 < rows {
-                let (nr, head, shead) = head_block(view, r0, rows, 2);
-                let pf = pf && r0 % head_rows(view) == 0;
-                let pr = p.add(r0 * p_stride + c0);
+        // Up to four rows of one KV head share each V vector (a GQA group
+        // of a decode step): with four rows, four vectors of the head dim
+        // at a time (16 accumulators), else up to `PV_VECS`.
+        let mut r0 = 0;
+        while r0 < rows {
+            let (nr, head, shead) = head_block(view, r0, rows, 4);
+            let nr = if nr == 3 { 2 } else { nr };
+            let cap = if nr == 4 { 4 } else { PV_VECS };
+            let pf = pf && r0 % head_rows(view) == 0;
+            let pr = p.add(r0 * p_stride + c0);
+            let sr = scales.wrapping_add(shead);
+            let mut t0 = 0;
+            while t0 < d {
+                let nv = (d - t0).div_ceil(S::LANES).min(cap);
+                let last = (d - t0 - (nv - 1) * S::LANES).min(S::LANES);
                 let ar = acc.add(r0 * acc_stride + t0);
                 let vr = vrows.add(head + t0);
-                let sr = scales.wrapping_add(shead);
                 macro_rules! block {
                     ($($nv:literal)*) => {
                         match (nr, nv) {
+                            (4, 1) => pv_block::<S, E, 4, 1>(pr, p_stride, vr, rs, sr, srs, n, ar, acc_stride, last, pf),
+                            (4, 2) => pv_block::<S, E, 4, 2>(pr, p_stride, vr, rs, sr, srs, n, ar, acc_stride, last, pf),
+                            (4, 3) => pv_block::<S, E, 4, 3>(pr, p_stride, vr, rs, sr, srs, n, ar, acc_stride, last, pf),
+                            (4, 4) => pv_block::<S, E, 4, 4>(pr, p_stride, vr, rs, sr, srs, n, ar, acc_stride, last, pf),
                             $((2, $nv) => pv_block::<S, E, 2, $nv>(pr, p_stride, vr, rs, sr, srs, n, ar, acc_stride, last, pf),
-                              (_, $nv) => pv_block::<S, E, 1, $nv>(pr, p_stride, vr, rs, sr, srs, n, ar, acc_stride, last, pf),)*
-                            _ => unreachable!("1 to {PV_VECS} vectors"),
+                              (1, $nv) => pv_block::<S, E, 1, $nv>(pr, p_stride, vr, rs, sr, srs, n, ar, acc_stride, last, pf),)*
+                            _ => unreachable!("1, 2 or 4 rows of 1 to {PV_VECS} vectors"),
                         }
                     };
                 }
                 block!(1 2 3 4 5 6 7 8);
-                r0 += nr;
+                t0 += nv * S::LANES;
             }
-            t0 += nv * S::LANES;
+            r0 += nr;
         }
     }
 }
 
-/// `$f::<S, E>(args)` with `E` the element type of `view`.
+/// `$f::<E>(args)` with `E` the element type of `view`.
 macro_rules! by_elem {
-    ($f:ident, $simd:ty, $view:expr, ($($arg:expr),*)) => {
+    ($f:ident, $view:expr, ($($arg:expr),*)) => {
         match $view.elem {
-            ElemType::F32 => $f::<$simd, f32>($($arg),*),
-            ElemType::Bf16 => $f::<$simd, bf16>($($arg),*),
-            ElemType::F16 => $f::<$simd, f16>($($arg),*),
-            ElemType::Int8 => $f::<$simd, i8>($($arg),*),
-            ElemType::Fp8 => $f::<$simd, E4m3>($($arg),*),
+            ElemType::F32 => $f::<f32>($($arg),*),
+            ElemType::Bf16 => $f::<bf16>($($arg),*),
+            ElemType::F16 => $f::<f16>($($arg),*),
+            ElemType::Int8 => $f::<i8>($($arg),*),
+            ElemType::Fp8 => $f::<E4m3>($($arg),*),
         }
     };
 }
 
+/// The entry points of one instruction set: each dispatches on the view's
+/// element type to a function compiled with the set's target features for
+/// that type alone (one function per type keeps each small enough that
+/// LLVM inlines every vector intrinsic into it).
 macro_rules! view_entry_points {
     ($(#[$attr:meta])* $simd:ty, $qk:ident, $pv:ident) => {
-        $(#[$attr])*
         #[allow(clippy::too_many_arguments)]
         pub(crate) unsafe extern "C" fn $qk(
             q: *const f32,
@@ -659,11 +679,27 @@ macro_rules! view_entry_points {
             s_stride: usize,
             scale: f32,
         ) {
+            $(#[$attr])*
+            #[allow(clippy::too_many_arguments)]
+            #[inline(never)]
+            unsafe fn typed<E: Elem>(
+                q: *const f32,
+                q_stride: usize,
+                view: &KvView,
+                key0: usize,
+                d: usize,
+                rows: usize,
+                cols: usize,
+                s: *mut f32,
+                s_stride: usize,
+                scale: f32,
+            ) {
+                qk::<$simd, E>(q, q_stride, view, key0, d, rows, cols, s, s_stride, scale)
+            }
             let view = &*view;
-            by_elem!(qk, $simd, view, (q, q_stride, view, key0, d, rows, cols, s, s_stride, scale))
+            by_elem!(typed, view, (q, q_stride, view, key0, d, rows, cols, s, s_stride, scale))
         }
 
-        $(#[$attr])*
         #[allow(clippy::too_many_arguments)]
         pub(crate) unsafe extern "C" fn $pv(
             p: *const f32,
@@ -676,8 +712,24 @@ macro_rules! view_entry_points {
             acc: *mut f32,
             acc_stride: usize,
         ) {
+            $(#[$attr])*
+            #[allow(clippy::too_many_arguments)]
+            #[inline(never)]
+            unsafe fn typed<E: Elem>(
+                p: *const f32,
+                p_stride: usize,
+                view: &KvView,
+                key0: usize,
+                d: usize,
+                rows: usize,
+                cols: usize,
+                acc: *mut f32,
+                acc_stride: usize,
+            ) {
+                pv::<$simd, E>(p, p_stride, view, key0, d, rows, cols, acc, acc_stride)
+            }
             let view = &*view;
-            by_elem!(pv, $simd, view, (p, p_stride, view, key0, d, rows, cols, acc, acc_stride))
+            by_elem!(typed, view, (p, p_stride, view, key0, d, rows, cols, acc, acc_stride))
         }
     };
 }
