@@ -663,8 +663,9 @@ pub fn nest_for(bound: &crate::bind::Bound, tiling: crate::mask::Tiling) -> Nest
 
 /// [`nest_for`] from the shapes alone, with `ragged` for a ragged batch,
 /// `paged` for a paged pool and `kv_elem` the stored type of K and V (for
-/// `attnc emit`, which has no inputs). K/V in any type but f32 are read in
-/// place (widened in the tile loads), never packed.
+/// `attnc emit`, which has no inputs). A quantized cache (int8, fp8) is
+/// always read in place (dequantized in the tile loads, never copied);
+/// bf16/f16 K/V of a dense prefill are widened as they are packed.
 pub fn nest_for_shapes(
     sh: &crate::sema::eval::Shapes,
     ragged: bool,
@@ -678,7 +679,7 @@ pub fn nest_for_shapes(
         (RowMap::AllHeads, KvSource::InPlace)
     } else if group * sh.q <= tiling.bq && sh.q > 0 {
         (RowMap::GqaGroup, KvSource::InPlace)
-    } else if ragged || paged || kv_elem != crate::tensor::ElemType::F32 {
+    } else if ragged || paged || kv_elem.is_quantized() {
         (RowMap::OneHead, KvSource::InPlace)
     } else {
         (RowMap::OneHead, KvSource::Packed)

@@ -238,6 +238,31 @@ impl<'a> KvData<'a> {
         }
     }
 
+    /// The rows `[i, j, .., ..]` as f32 (borrowed when they are f32,
+    /// widened or dequantized otherwise).
+    pub fn rows_f32(&self, i: usize, j: usize) -> ndarray::CowArray<'_, f32, ndarray::Ix2> {
+        use ndarray::s;
+        let scaled = |data: ndarray::Array2<f32>, scales: &ArrayView3<'_, f32>| {
+            let sc = scales.slice(s![i, j, ..]);
+            let mut data = data;
+            for (mut row, &sv) in data.rows_mut().into_iter().zip(sc.iter()) {
+                row.mapv_inplace(|x| x * sv);
+            }
+            data
+        };
+        match self {
+            KvData::F32(a) => a.slice(s![i, j, .., ..]).into(),
+            KvData::Bf16(a) => a.slice(s![i, j, .., ..]).mapv(bf16::to_f32).into(),
+            KvData::F16(a) => a.slice(s![i, j, .., ..]).mapv(f16::to_f32).into(),
+            KvData::Int8 { data, scales } => {
+                scaled(data.slice(s![i, j, .., ..]).mapv(|x| x as f32), scales).into()
+            }
+            KvData::Fp8 { data, scales } => {
+                scaled(data.slice(s![i, j, .., ..]).mapv(e4m3_to_f32), scales).into()
+            }
+        }
+    }
+
     /// The data, when it is f32.
     pub fn as_f32(&self) -> Option<&ArrayView4<'a, f32>> {
         match self {

@@ -11,7 +11,7 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
-use ndarray::{s, Array3, Array4, Axis};
+use ndarray::{s, Array3, Array4};
 use rayon::prelude::*;
 
 use crate::bind::{Bound, Inputs, Outputs};
@@ -241,11 +241,13 @@ pub(crate) fn run_with_budget(
         "packed K/V serve dense calls of one length"
     );
     let d = sh.d;
-    let (Some(kin), Some(vin)) = (inputs.k.as_f32(), inputs.v.as_f32()) else {
-        panic!("the driver packs K/V only when they are f32 (others are read in place)");
-    };
+    assert!(
+        !bound.kv_elem.is_quantized(),
+        "the driver packs no quantized K/V (they are read in place)"
+    );
     // K is packed per (kv batch, kv head); V is used in place when its rows
-    // already have the packed layout (contiguous, `d` a multiple of the panel).
+    // are f32 and already have the packed layout (contiguous, `d` a multiple
+    // of the panel). bf16/f16 rows are widened as they are packed.
     let heads: Vec<(usize, usize)> = (0..bound.kv_batch)
         .flat_map(|b| (0..sh.hkv).map(move |h| (b, h)))
         .collect();
@@ -253,11 +255,13 @@ pub(crate) fn run_with_budget(
     let kv_rows = bound.kv_len(0);
     let klay = PackedK { d, kv_len: kv_rows };
     let vlay = PackedV { d, kv_len: kv_rows };
-    let v_head = |b: usize, h: usize| vin.slice(s![b, h, .., ..]);
+    let v_f32 = inputs.v.as_f32();
     let v_direct = vlay.row_stride() == d
-        && heads
-            .iter()
-            .all(|&(b, h)| v_head(b, h).is_standard_layout());
+        && v_f32.is_some_and(|vin| {
+            heads
+                .iter()
+                .all(|&(b, h)| vin.slice(s![b, h, .., ..]).is_standard_layout())
+        });
     let per_head = klay.len() + if v_direct { 0 } else { vlay.len() };
     // Heads are packed and run in groups whose packed copies fit the budget.
     let group = (budget / 4 / per_head.max(1)).clamp(1, heads.len().max(1));
@@ -336,12 +340,12 @@ pub(crate) fn run_with_budget(
             .zip(group_heads.par_iter())
             .for_each(|((slot, flags), &(b, h))| {
                 let (kp, vp) = slot.split_at_mut(klay.len());
-                pack_k(kin.index_axis(Axis(0), b).index_axis(Axis(0), h), kp)
-                    .expect("sized by the layout");
+                pack_k(inputs.k.rows_f32(b, h).view(), kp).expect("sized by the layout");
+                let v_rows = inputs.v.rows_f32(b, h);
                 if !v_direct {
-                    pack_v(v_head(b, h), vp).expect("sized by the layout");
+                    pack_v(v_rows.view(), vp).expect("sized by the layout");
                 }
-                nonfinite_tiles(v_head(b, h), bkv, scan.as_deref(), &mut flags[..n_kt]);
+                nonfinite_tiles(v_rows.view(), bkv, scan.as_deref(), &mut flags[..n_kt]);
             });
         let packed: &[f32] = workspace;
         let vflags: &[u8] = &vflags;
@@ -363,7 +367,7 @@ pub(crate) fn run_with_budget(
                 let kp = slot.as_ptr();
                 let vp = if v_direct {
                     let (vb, vh) = heads[head];
-                    v_head(vb, vh).as_ptr()
+                    v_f32.expect("direct V is f32").slice(s![vb, vh, .., ..]).as_ptr()
                 } else {
                     slot[klay.len()..].as_ptr()
                 };
