@@ -560,6 +560,13 @@ fn quantize_row(
     scale
 }
 
+/// q given in bf16 or f16 (the `half` crate's types) as the f32 array
+/// `Inputs::q` takes: every value is exact in f32, so a call on it computes
+/// with the half-precision values themselves.
+pub fn widen<T: Copy + Into<f32>>(x: ArrayView4<'_, T>) -> Array4<f32> {
+    x.mapv(Into::into)
+}
+
 /// `x` with every element rounded to `elem` (bf16, f16) and kept as f32:
 /// q in a half type, on a backend that computes with f32 operands (the
 /// product of two bf16 or f16 values is exact in f32).
