@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use ndarray::{Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView4};
 
 use crate::buffer::BufferData;
-use crate::tensor::{ElemType, KvData};
 use crate::sema::eval::Shapes;
 use crate::sema::{suggest, Spec, Type};
+use crate::tensor::{ElemType, KvData};
 
 /// The inputs of one attention call.
 #[derive(Clone, Debug)]
@@ -630,7 +630,11 @@ fn check_scales(
     bound: &Bound,
 ) -> Result<(), BindError> {
     let sh = bound.shapes;
-    let batches = if bound.pages.is_some() { sh.b } else { bound.kv_batch.min(sh.b) };
+    let batches = if bound.pages.is_some() {
+        sh.b
+    } else {
+        bound.kv_batch.min(sh.b)
+    };
     for b in 0..batches {
         let len = bound.kv_len(b);
         let run = match &bound.pages {

@@ -480,10 +480,20 @@ struct RunArgs {
     kv_dtype: Option<String>,
     /// float32 scales of stored int8/fp8 keys: [B, HKV, KV] for --k,
     /// [num_pages, page_size, HKV] for --k-pages.
-    #[arg(long, value_name = "FILE.npy", requires = "v_scales", conflicts_with = "random")]
+    #[arg(
+        long,
+        value_name = "FILE.npy",
+        requires = "v_scales",
+        conflicts_with = "random"
+    )]
     k_scales: Option<PathBuf>,
     /// float32 scales of stored int8/fp8 values, the shape of --k-scales.
-    #[arg(long, value_name = "FILE.npy", requires = "k_scales", conflicts_with = "random")]
+    #[arg(
+        long,
+        value_name = "FILE.npy",
+        requires = "k_scales",
+        conflicts_with = "random"
+    )]
     v_scales: Option<PathBuf>,
 }
 
@@ -1323,7 +1333,13 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
                 kv: kv_len,
                 d: dim.unwrap_or(64),
             };
-            let nest = driver::nest_for_shapes(&shapes, false, args.page_size.is_some(), attnc::ElemType::F32, tiling);
+            let nest = driver::nest_for_shapes(
+                &shapes,
+                false,
+                args.page_size.is_some(),
+                attnc::ElemType::F32,
+                tiling,
+            );
             let threads = rayon::current_num_threads();
             let walks = match nest.0 {
                 attnc::tile::nest::RowMap::GqaGroup => Some(args.batch * hkv),
@@ -1529,8 +1545,18 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
         noted(&q_path, note);
         let mut kv = Vec::new();
         for (p, what, scales, flag) in [
-            (k_path, if paged { "k_pages" } else { "k" }, &args.k_scales, "--k-scales"),
-            (v_path, if paged { "v_pages" } else { "v" }, &args.v_scales, "--v-scales"),
+            (
+                k_path,
+                if paged { "k_pages" } else { "k" },
+                &args.k_scales,
+                "--k-scales",
+            ),
+            (
+                v_path,
+                if paged { "v_pages" } else { "v" },
+                &args.v_scales,
+                "--v-scales",
+            ),
         ] {
             let p = path(p);
             let scales = scales.as_deref().map(|s| (s, flag));

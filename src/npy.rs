@@ -553,24 +553,29 @@ impl Stored {
 
 /// The descriptors of the element types q, k and v may be stored in.
 const STORED: [&str; 14] = [
-    "<f4", ">f4", "<f8", ">f8", "<f2", ">f2", "<u2", ">u2", "|i1", "<i1", ">i1", "|u1", "<u1", ">u1",
+    "<f4", ">f4", "<f8", ">f8", "<f2", ">f2", "<u2", ">u2", "|i1", "<i1", ">i1", "|u1", "<u1",
+    ">u1",
 ];
 
 /// Reads a 4-D q, k or v file in the type it holds.
 fn read_stored(path: &Path, what: &str, expected: &str) -> Result<Stored, Error> {
     let mut opened = open_npy(path)?;
     let wrong = |reason: String| Error::Io {
-        what: format!("cannot read {what} from `{}` (expected {expected})", path.display()),
+        what: format!(
+            "cannot read {what} from `{}` (expected {expected})",
+            path.display()
+        ),
         reason,
     };
     if let Some(reason) = wrong_descr(&opened, &STORED) {
         return Err(wrong(reason));
     }
-    let descr = opened
-        .header
-        .as_ref()
-        .map(|h| h.descr.clone())
-        .unwrap_or_default();
+    let Some(descr) = opened.header.as_ref().map(|h| h.descr.clone()) else {
+        // Not an .npy file (no header attnc could read): the reader says why.
+        return Err(wrong(read_as::<f32>(opened).err().unwrap_or_else(|| {
+            "its header is not one attnc reads".to_string()
+        })));
+    };
     let size = match &descr[1..] {
         "f8" => 8,
         "f4" => 4,
@@ -586,7 +591,11 @@ fn read_stored(path: &Path, what: &str, expected: &str) -> Result<Stored, Error>
             let prefix = opened.reader.get_mut().0.get_mut();
             let at = find(prefix, descr.as_bytes()).expect("the header holds its descriptor");
             prefix[at + 1] = b'u';
-            Stored::F16(read_as::<u16>(opened).map_err(wrong)?.mapv(half::f16::from_bits))
+            Stored::F16(
+                read_as::<u16>(opened)
+                    .map_err(wrong)?
+                    .mapv(half::f16::from_bits),
+            )
         }
         "u2" => Stored::U16(read_as::<u16>(opened).map_err(wrong)?),
         "i1" => Stored::I8(read_as::<i8>(opened).map_err(wrong)?),
@@ -633,7 +642,11 @@ pub fn read_q(
     elem: crate::tensor::ElemType,
 ) -> Result<(ndarray::Array4<f32>, Option<String>), Error> {
     use crate::tensor::ElemType;
-    let stored = read_stored(path, "q", "float32 or float64, or the --dtype's own type")?;
+    let stored = read_stored(
+        path,
+        "q",
+        "a float32 or float64 .npy, or one in the --dtype's own type",
+    )?;
     let kind = stored.kind();
     let note = |to: &str| Some(format!("{kind}; {to}"));
     match (stored, elem) {
@@ -644,10 +657,9 @@ pub fn read_q(
             note(&format!("rounded to {elem}")),
         )),
         (Stored::F16(a), ElemType::F16) => Ok((four(a.mapv(half::f16::to_f32)), None)),
-        (Stored::U16(a), ElemType::Bf16) => Ok((
-            four(a.mapv(|b| half::bf16::from_bits(b).to_f32())),
-            None,
-        )),
+        (Stored::U16(a), ElemType::Bf16) => {
+            Ok((four(a.mapv(|b| half::bf16::from_bits(b).to_f32())), None))
+        }
         (stored, elem) => Err(type_mismatch(path, "q", stored.kind(), elem, "--dtype")),
     }
 }
@@ -692,7 +704,11 @@ pub fn read_kv(
     scales: Option<(&Path, &str)>,
 ) -> Result<(crate::tensor::KvArray, Option<String>), Error> {
     use crate::tensor::{ElemType, KvArray};
-    let stored = read_stored(path, what, "float32 or float64, or the --kv-dtype's own type")?;
+    let stored = read_stored(
+        path,
+        what,
+        "a float32 or float64 .npy, or one in the --kv-dtype's own type",
+    )?;
     let kind = stored.kind();
     let quantized_file = matches!(stored, Stored::I8(_) | Stored::U8(_));
     if let (Some((_, flag)), false) = (scales, quantized_file) {
@@ -715,7 +731,10 @@ pub fn read_kv(
         };
         let a = read_f32_dyn(sp).map_err(|e| match e {
             Error::Io { reason, .. } => Error::Io {
-                what: format!("cannot read the scales of `{flag}` from `{}` (expected float32)", sp.display()),
+                what: format!(
+                    "cannot read the scales of `{flag}` from `{}` (expected float32)",
+                    sp.display()
+                ),
                 reason,
             },
             e => e,

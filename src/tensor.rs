@@ -96,7 +96,9 @@ impl std::str::FromStr for ElemType {
         ElemType::ALL
             .into_iter()
             .find(|t| t.name() == s)
-            .ok_or_else(|| format!("unknown element type `{s}` (expected f32, bf16, f16, int8 or fp8)"))
+            .ok_or_else(|| {
+                format!("unknown element type `{s}` (expected f32, bf16, f16, int8 or fp8)")
+            })
     }
 }
 
@@ -665,7 +667,8 @@ mod tests {
         let pool = Array4::<f32>::from_elem((4, 2, 2, 3), f32::NAN);
         let table = ndarray::arr2(&[[2, 0], [3, -1]]);
         let lens = ndarray::arr1(&[3, 1]);
-        let step = ndarray::Array3::from_shape_fn((2, 2, 3), |(b, h, t)| (b * 6 + h * 3 + t) as f32 - 4.0);
+        let step =
+            ndarray::Array3::from_shape_fn((2, 2, 3), |(b, h, t)| (b * 6 + h * 3 + t) as f32 - 4.0);
         for elem in ElemType::ALL {
             let mut a = KvArray::quantize(pool.view(), elem);
             a.append(table.view(), lens.view(), step.view()).unwrap();
@@ -685,10 +688,16 @@ mod tests {
             }
             // A position past the table, and a step of the wrong shape.
             let full = ndarray::arr1(&[4, 1]);
-            let err = a.append(table.view(), full.view(), step.view()).unwrap_err();
+            let err = a
+                .append(table.view(), full.view(), step.view())
+                .unwrap_err();
             assert!(err.contains("sequence 0 appends key 4"), "{err}");
             let err = a
-                .append(table.view(), lens.view(), step.slice(ndarray::s![.., .., ..2]))
+                .append(
+                    table.view(),
+                    lens.view(),
+                    step.slice(ndarray::s![.., .., ..2]),
+                )
                 .unwrap_err();
             assert!(err.contains("[2, 2, 3]"), "{err}");
         }

@@ -18,9 +18,9 @@ use crate::bind::{Bound, Inputs, Outputs};
 use crate::buffer::BufferData;
 use crate::mask::BlockMaps;
 use crate::runtime::abi::{self, BufferDesc, ErrorRecord, KvView, TaskCode};
-use crate::tensor::KvData;
 use crate::runtime::gemm::{nonfinite_tiles, pack_k, pack_v, PackedK, PackedV};
 use crate::sema::eval::{EvalError, Point};
+use crate::tensor::KvData;
 use crate::tile::nest::{Grid, KvSource};
 
 /// The block maps flattened for generated code.
@@ -367,7 +367,10 @@ pub(crate) fn run_with_budget(
                 let kp = slot.as_ptr();
                 let vp = if v_direct {
                     let (vb, vh) = heads[head];
-                    v_f32.expect("direct V is f32").slice(s![vb, vh, .., ..]).as_ptr()
+                    v_f32
+                        .expect("direct V is f32")
+                        .slice(s![vb, vh, .., ..])
+                        .as_ptr()
                 } else {
                     slot[klay.len()..].as_ptr()
                 };
@@ -602,9 +605,7 @@ fn run_in_place(
     };
     let elem = kin.elem();
     let st = kin.strides().to_vec();
-    let sst: Vec<isize> = kin
-        .scales()
-        .map_or(vec![0; 3], |sc| sc.strides().to_vec());
+    let sst: Vec<isize> = kin.scales().map_or(vec![0; 3], |sc| sc.strides().to_vec());
     // The address of element `[i, j, k, 0]` (and of its scale).
     let at = |a: &KvData<'_>, [i, j, k]: [usize; 3]| -> *const u8 {
         let off = (i as isize * st[0] + j as isize * st[1] + k as isize * st[2]) as usize;
@@ -612,8 +613,9 @@ fn run_in_place(
     };
     let scale_at = |a: &KvData<'_>, [i, j, k]: [usize; 3]| -> *const f32 {
         a.scales().map_or(std::ptr::null(), |sc| {
-            sc.as_ptr()
-                .wrapping_add((i as isize * sst[0] + j as isize * sst[1] + k as isize * sst[2]) as usize)
+            sc.as_ptr().wrapping_add(
+                (i as isize * sst[0] + j as isize * sst[1] + k as isize * sst[2]) as usize,
+            )
         })
     };
     // One view per (sequence, KV head); a tile of all heads reads from the

@@ -343,7 +343,7 @@ fn run_of_an_unreadable_npy() {
         &o,
         &[
             "cannot read q from `",
-            "q.npy` (expected a float32 or float64 .npy): not an .npy file",
+            "q.npy` (expected a float32 or float64 .npy, or one in the --dtype's own type): not an .npy file",
         ],
     );
     // A text file given as a buffer.
@@ -453,7 +453,7 @@ fn run_with_int64_q_is_an_error() {
         &o,
         &[
             "cannot read q from `",
-            "(expected a float32 or float64 .npy): the file holds int64 data (descriptor `<i8`)",
+            "(expected a float32 or float64 .npy, or one in the --dtype's own type): the file holds int64 data (descriptor `<i8`)",
         ],
     );
     assert!(!dir.path("o.npy").exists());
@@ -1742,8 +1742,12 @@ fn run_reads_half_precision_and_quantized_inputs() {
     let dir = TempDir::new();
     let (b, h, hkv, n, d) = (1usize, 4usize, 2usize, 37usize, 16usize);
     let val = |i: usize| ((i * 37 % 101) as f32) / 50.0 - 1.0;
-    let qa = Array4::from_shape_fn((b, h, n, d), |(x, y, z, w)| val(x * 1000 + y * 100 + z * 10 + w));
-    let ka = Array4::from_shape_fn((b, hkv, n, d), |(x, y, z, w)| val(7 + x * 999 + y * 99 + z * 9 + w));
+    let qa = Array4::from_shape_fn((b, h, n, d), |(x, y, z, w)| {
+        val(x * 1000 + y * 100 + z * 10 + w)
+    });
+    let ka = Array4::from_shape_fn((b, hkv, n, d), |(x, y, z, w)| {
+        val(7 + x * 999 + y * 99 + z * 9 + w)
+    });
     let va = ka.mapv(|x| x * 0.5 + 0.25);
     for (name, a) in [("q", &qa), ("k", &ka), ("v", &va)] {
         write_npy(&dir.path(&format!("{name}.npy")), a);
@@ -1759,8 +1763,13 @@ fn run_reads_half_precision_and_quantized_inputs() {
         std::fs::write(dir.path(name), npy::v1_file_bytes(&header, &data)).unwrap();
     };
     for (name, a) in [("q", &qa), ("k", &ka), ("v", &va)] {
-        write_raw(&format!("{name}_f16.npy"), "<f2", a, &|x| half::f16::from_f32(x).to_le_bytes().to_vec());
-        write_npy(&dir.path(&format!("{name}_bf16.npy")), &a.mapv(|x| half::bf16::from_f32(x).to_bits()));
+        write_raw(&format!("{name}_f16.npy"), "<f2", a, &|x| {
+            half::f16::from_f32(x).to_le_bytes().to_vec()
+        });
+        write_npy(
+            &dir.path(&format!("{name}_bf16.npy")),
+            &a.mapv(|x| half::bf16::from_f32(x).to_bits()),
+        );
     }
     for (elem, tag) in [(ElemType::Int8, "int8"), (ElemType::Fp8, "fp8")] {
         for (name, a) in [("k", &ka), ("v", &va)] {
@@ -1779,21 +1788,53 @@ fn run_reads_half_precision_and_quantized_inputs() {
     }
     let spec = "examples/sliding_window.attn";
     let run = |files: [&str; 3], extra: &[&str], out: &str| {
-        let (q, k, v, o) = (dir.str(files[0]), dir.str(files[1]), dir.str(files[2]), dir.str(out));
-        attnc(&[&["run", spec, "--q", &q, "--k", &k, "--v", &v, "--out", &o], extra].concat())
+        let (q, k, v, o) = (
+            dir.str(files[0]),
+            dir.str(files[1]),
+            dir.str(files[2]),
+            dir.str(out),
+        );
+        attnc(
+            &[
+                &["run", spec, "--q", &q, "--k", &k, "--v", &v, "--out", &o],
+                extra,
+            ]
+            .concat(),
+        )
     };
     let read = |p: &str| ArrayD::<f32>::read_npy(File::open(dir.path(p)).unwrap()).unwrap();
     let f32_files = ["q.npy", "k.npy", "v.npy"];
     // (--dtype, --kv-dtype, files already in the type, their extra flags)
     let cases: [(&str, Option<&str>, [&str; 3], Vec<String>); 4] = [
-        ("bf16", None, ["q_bf16.npy", "k_bf16.npy", "v_bf16.npy"], vec![]),
+        (
+            "bf16",
+            None,
+            ["q_bf16.npy", "k_bf16.npy", "v_bf16.npy"],
+            vec![],
+        ),
         ("f16", None, ["q_f16.npy", "k_f16.npy", "v_f16.npy"], vec![]),
-        ("f32", Some("int8"), ["q.npy", "k_int8.npy", "v_int8.npy"], vec![
-            "--k-scales".into(), dir.str("k_int8_scales.npy"), "--v-scales".into(), dir.str("v_int8_scales.npy"),
-        ]),
-        ("f16", Some("fp8"), ["q_f16.npy", "k_fp8.npy", "v_fp8.npy"], vec![
-            "--k-scales".into(), dir.str("k_fp8_scales.npy"), "--v-scales".into(), dir.str("v_fp8_scales.npy"),
-        ]),
+        (
+            "f32",
+            Some("int8"),
+            ["q.npy", "k_int8.npy", "v_int8.npy"],
+            vec![
+                "--k-scales".into(),
+                dir.str("k_int8_scales.npy"),
+                "--v-scales".into(),
+                dir.str("v_int8_scales.npy"),
+            ],
+        ),
+        (
+            "f16",
+            Some("fp8"),
+            ["q_f16.npy", "k_fp8.npy", "v_fp8.npy"],
+            vec![
+                "--k-scales".into(),
+                dir.str("k_fp8_scales.npy"),
+                "--v-scales".into(),
+                dir.str("v_fp8_scales.npy"),
+            ],
+        ),
     ];
     for (dtype, kv_dtype, stored, extra) in &cases {
         let mut types = vec!["--dtype", dtype];
@@ -1802,13 +1843,20 @@ fn run_reads_half_precision_and_quantized_inputs() {
         }
         let what = format!("--dtype {dtype} --kv-dtype {kv_dtype:?}");
         for backend in ["jit", "interp", "reference"] {
-            let o = run(f32_files, &[&types[..], &["--backend", backend, "--check"]].concat(), "rounded.npy");
+            let o = run(
+                f32_files,
+                &[&types[..], &["--backend", backend, "--check"]].concat(),
+                "rounded.npy",
+            );
             assert!(o.status.success(), "{what} {backend}: {}", stderr(&o));
             assert!(stdout(&o).contains(": ok"), "{}", stdout(&o));
             let err = stderr(&o);
             let kv_to = kv_dtype.unwrap_or(dtype);
             if *dtype != "f32" {
-                assert!(err.contains(&format!("q.npy is float32; rounded to {dtype}")), "{err}");
+                assert!(
+                    err.contains(&format!("q.npy is float32; rounded to {dtype}")),
+                    "{err}"
+                );
             }
             let quantized = matches!(kv_to, "int8" | "fp8");
             let note = if quantized {
@@ -1818,8 +1866,16 @@ fn run_reads_half_precision_and_quantized_inputs() {
             };
             assert!(err.contains(&note), "{err}");
             let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-            let o = run(*stored, &[&types[..], &["--backend", backend], &extra[..]].concat(), "stored.npy");
-            assert!(o.status.success(), "{what} {backend} stored: {}", stderr(&o));
+            let o = run(
+                *stored,
+                &[&types[..], &["--backend", backend], &extra[..]].concat(),
+                "stored.npy",
+            );
+            assert!(
+                o.status.success(),
+                "{what} {backend} stored: {}",
+                stderr(&o)
+            );
             assert!(!stderr(&o).contains("note:"), "{}", stderr(&o));
             assert_eq!(read("rounded.npy"), read("stored.npy"), "{what} {backend}");
         }
@@ -1839,12 +1895,32 @@ fn run_reads_half_precision_and_quantized_inputs() {
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         let o = run(files, &flags, "bad.npy");
         assert_fails(&o, &[needle]);
-        assert!(!dir.path("bad.npy").exists(), "no output is left on failure");
+        assert!(
+            !dir.path("bad.npy").exists(),
+            "no output is left on failure"
+        );
     }
     // Scales of the wrong shape are the binding's error.
-    write_npy(&dir.path("short_scales.npy"), &ndarray::Array3::<f32>::ones((1, 2, 36)));
-    let o = run(["q.npy", "k_int8.npy", "v_int8.npy"], &["--kv-dtype", "int8", "--k-scales", &dir.str("short_scales.npy"), "--v-scales", &dir.str("v_int8_scales.npy")], "bad.npy");
-    assert_fails(&o, &["the k scales have shape [1, 2, 36], expected [1, 2, 37]"]);
+    write_npy(
+        &dir.path("short_scales.npy"),
+        &ndarray::Array3::<f32>::ones((1, 2, 36)),
+    );
+    let o = run(
+        ["q.npy", "k_int8.npy", "v_int8.npy"],
+        &[
+            "--kv-dtype",
+            "int8",
+            "--k-scales",
+            &dir.str("short_scales.npy"),
+            "--v-scales",
+            &dir.str("v_int8_scales.npy"),
+        ],
+        "bad.npy",
+    );
+    assert_fails(
+        &o,
+        &["the k scales have shape [1, 2, 36], expected [1, 2, 37]"],
+    );
 }
 
 /// `emit --target ptx --page-size P` prints the kernel that reads K and V in

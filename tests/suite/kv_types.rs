@@ -122,11 +122,19 @@ fn dense_prefill_in_every_type_matches_the_reference() {
         let k = rng.array4((kv_b, hkv, n, d));
         let v = rng.array4((kv_b, hkv, n, d));
         for elem in ElemType::ALL {
-            let (ks, vs) = (KvArray::quantize(k.view(), elem), KvArray::quantize(v.view(), elem));
+            let (ks, vs) = (
+                KvArray::quantize(k.view(), elem),
+                KvArray::quantize(v.view(), elem),
+            );
             let inputs = Inputs::new(q.view(), ks.view(), vs.view()).with_lse();
             let want = program.run_reference(&inputs).unwrap();
             let got = jit.run(&inputs).unwrap();
-            assert_close(&format!("{elem} B{b} KVB{kv_b} H{h} HKV{hkv} N{n} D{d}"), &got, &want, 2e-5);
+            assert_close(
+                &format!("{elem} B{b} KVB{kv_b} H{h} HKV{hkv} N{n} D{d}"),
+                &got,
+                &want,
+                2e-5,
+            );
         }
     }
 }
@@ -163,7 +171,9 @@ fn accuracy_against_float64_is_within_the_torch_bounds() {
             KvArray::quantize(k.view(), kv_elem),
             KvArray::quantize(v.view(), kv_elem),
         );
-        let got = jit.run(&Inputs::new(qr.view(), ks.view(), vs.view())).unwrap();
+        let got = jit
+            .run(&Inputs::new(qr.view(), ks.view(), vs.view()))
+            .unwrap();
         let max = max_abs_diff(got.out.iter(), exact.out.iter());
         let mean = got
             .out
@@ -216,12 +226,17 @@ fn bad_stored_kv_is_refused_on_every_backend() {
         &Inputs::new(q.view(), int8.view(), bf16.view()),
         "k and v must have the same element type: k is int8, v is bf16",
     );
-    let KvArray::Int8 { data, scales } = &int8 else { unreachable!() };
+    let KvArray::Int8 { data, scales } = &int8 else {
+        unreachable!()
+    };
     let short = scales.slice(s![.., .., ..9]);
     all_say(
         &Inputs::new(
             q.view(),
-            attnc::KvData::Int8 { data: data.view(), scales: short },
+            attnc::KvData::Int8 {
+                data: data.view(),
+                scales: short,
+            },
             int8.view(),
         ),
         "the k scales have shape [2, 2, 9], expected [2, 2, 10]",
@@ -238,7 +253,10 @@ fn bad_stored_kv_is_refused_on_every_backend() {
         &Inputs::new(
             q.view(),
             int8.view(),
-            attnc::KvData::Int8 { data: data.view(), scales: bad.view() },
+            attnc::KvData::Int8 {
+                data: data.view(),
+                scales: bad.view(),
+            },
         )
         .kv_lens(lens.view()),
         "the v scale of key 5 of sequence 0, KV head 1 is inf, which is not finite",
@@ -246,7 +264,10 @@ fn bad_stored_kv_is_refused_on_every_backend() {
     let fine = Inputs::new(
         q.view(),
         int8.view(),
-        attnc::KvData::Int8 { data: data.view(), scales: stale_only.view() },
+        attnc::KvData::Int8 {
+            data: data.view(),
+            scales: stale_only.view(),
+        },
     )
     .kv_lens(lens.view())
     .with_lse();

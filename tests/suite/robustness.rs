@@ -697,6 +697,12 @@ fn read_npy_every_way(bytes: &[u8]) {
     for ty in [Type::Int, Type::Float, Type::Bool] {
         let _ = attnc::npy::read_buffer(&path, "doc", ty).map_err(|e| e.render());
     }
+    for elem in attnc::ElemType::ALL {
+        let _ = attnc::npy::read_q(&path, elem).map_err(|e| e.render());
+        let _ = attnc::npy::read_kv(&path, "k", elem, None).map_err(|e| e.render());
+        let _ = attnc::npy::read_kv(&path, "k", elem, Some((&path, "--k-scales")))
+            .map_err(|e| e.render());
+    }
     let _ = std::fs::remove_file(&path);
 }
 
@@ -733,6 +739,11 @@ fn arb_npy_mutation() -> impl Strategy<Value = NpyMutation> {
             Just("<i8"),
             Just("|b1"),
             Just(">f4"),
+            Just("<f2"),
+            Just(">f2"),
+            Just("<u2"),
+            Just("|i1"),
+            Just("|u1"),
             Just("<f99999999999999999999"),
             Just("<U3"),
             Just("|O"),
@@ -903,6 +914,16 @@ fn arb_command_line() -> impl Strategy<Value = Vec<String>> {
     fn backend() -> impl Strategy<Value = &'static str> + Clone {
         prop_oneof![Just("reference"), Just("interp"), Just("jit"), Just("cuda")]
     }
+    fn elem() -> impl Strategy<Value = &'static str> + Clone {
+        prop_oneof![
+            Just("f32"),
+            Just("bf16"),
+            Just("f16"),
+            Just("int8"),
+            Just("fp8"),
+            Just("int4")
+        ]
+    }
     let flags = |options: Vec<BoxedStrategy<Vec<String>>>| {
         prop::collection::vec(proptest::strategy::Union::new(options), 0..4)
             .prop_map(|f| f.into_iter().flatten().collect::<Vec<String>>())
@@ -921,6 +942,10 @@ fn arb_command_line() -> impl Strategy<Value = Vec<String>> {
             flag_of("--q-offset", number()).boxed(),
             flag_of("--backend", backend()).boxed(),
             flag_of("--block", block()).boxed(),
+            flag_of("--dtype", elem()).boxed(),
+            flag_of("--kv-dtype", elem()).boxed(),
+            flag_of("--k-scales", npy("tests/fixtures/packed_docs/q.npy")).boxed(),
+            flag_of("--v-scales", npy("tests/fixtures/packed_docs/doc.npy")).boxed(),
             flag_of(
                 "--lse",
                 prop_oneof![Just("OUT/l.npy"), Just("OUT/o.npy"), Just("OUT/no/l.npy")],
@@ -952,6 +977,8 @@ fn arb_command_line() -> impl Strategy<Value = Vec<String>> {
             flag_of("--block", block()).boxed(),
             flag_of("--runs", small()).boxed(),
             flag_of("--warmup", small()).boxed(),
+            flag_of("--dtype", elem()).boxed(),
+            flag_of("--kv-dtype", elem()).boxed(),
             Just(vec!["--json".to_string()]).boxed(),
         ]),
     )

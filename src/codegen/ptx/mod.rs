@@ -112,7 +112,7 @@ pub fn schedule(d: usize, dtype: Dtype) -> Schedule {
 /// step is 16) or 8 (f32, whose column blocks are 8 wide).
 pub fn pad_head_dim(d: usize, dtype: Dtype) -> usize {
     let unit = if dtype.uses_mma() { 16 } else { 8 };
-    d.max(1).div_ceil(unit) * unit
+    d.max(1).div_ceil(unit).saturating_mul(unit)
 }
 
 /// Plans the launch of `kernel` under `opts`, or says why it cannot run.

@@ -449,7 +449,11 @@ mod x86 {
             ));
             // Subnormal (exponent 0): m * 2^-9.
             let sub = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(1.0 / 512.0));
-            let v = _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(8)), normal, sub);
+            let v = _mm512_mask_blend_ps(
+                _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(8)),
+                normal,
+                sub,
+            );
             let nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f));
             let v = _mm512_mask_blend_ps(nan, v, _mm512_set1_ps(f32::NAN));
             let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(x, _mm512_set1_epi32(0x80)));

@@ -215,13 +215,16 @@ impl<'a, E: Elem> Segments<'a, E> {
         let row = self
             .base
             .add(page * v.page_stride as usize + slot * v.row_stride as usize);
-        let scales = self.scales.wrapping_add(
-            page * v.scale_page_stride as usize + slot * v.scale_row_stride as usize,
-        );
+        let scales = self
+            .scales
+            .wrapping_add(page * v.scale_page_stride as usize + slot * v.scale_row_stride as usize);
         // Bring the rows `PF_KEYS` keys ahead into L2, found through the
         // table: in a pool of small pages they are in other pages.
         let ahead = key + PF_KEYS;
-        if ps < PAGE_PF_BELOW && self.span * size_of::<E>() < PF_RUN_BELOW_BYTES && ahead < v.len as usize {
+        if ps < PAGE_PF_BELOW
+            && self.span * size_of::<E>() < PF_RUN_BELOW_BYTES
+            && ahead < v.len as usize
+        {
             let page = *v.table.add(ahead / ps) as usize;
             let slot = ahead % ps;
             let rows = n.min(ps - slot).min(v.len as usize - ahead);
@@ -457,7 +460,10 @@ unsafe fn qk<S: Simd, E: Elem>(
                     // SAFETY: lanes `..LANES` of rows `..nr` were written above.
                     let p = std::slice::from_raw_parts(p.as_ptr().cast::<S::V>(), S::LANES);
                     let sums = S::reduce_rows_sum(p);
-                    S::store(s.add((r0 + i) * s_stride + c0 + j), S::mul(sums, key_scales));
+                    S::store(
+                        s.add((r0 + i) * s_stride + c0 + j),
+                        S::mul(sums, key_scales),
+                    );
                 }
                 r0 += nr;
             }
@@ -548,14 +554,17 @@ unsafe fn pv_block<S: Simd, E: Elem, const NR: usize, const NV: usize>(
     for j in 0..n {
         let pj: [f32; NR] = std::array::from_fn(|g| *p.add(g * p_stride + j));
         let vrow = vrows.add(j * rs);
-        let sj = if E::QUANTIZED { *scales.add(j * srs) } else { 1.0 };
+        let sj = if E::QUANTIZED {
+            *scales.add(j * srs)
+        } else {
+            1.0
+        };
         if pf {
             prefetch(vrow.wrapping_add(PF_KEYS * rs), NV * S::LANES);
         }
         if pj.iter().all(|&x| x != 0.0) {
-            let pv: [S::V; NR] = std::array::from_fn(|g| {
-                S::splat(if E::QUANTIZED { pj[g] * sj } else { pj[g] })
-            });
+            let pv: [S::V; NR] =
+                std::array::from_fn(|g| S::splat(if E::QUANTIZED { pj[g] * sj } else { pj[g] }));
             for v in 0..NV {
                 let x = load_v!(vrow.add(v * S::LANES), v);
                 for g in 0..NR {
@@ -814,7 +823,10 @@ mod tests {
                 }
             }
         };
-        let (mut k, mut v) = (KvArray::quantize(k.view(), elem), KvArray::quantize(v.view(), elem));
+        let (mut k, mut v) = (
+            KvArray::quantize(k.view(), elem),
+            KvArray::quantize(v.view(), elem),
+        );
         poison(&mut k);
         poison(&mut v);
         (k, v)
@@ -854,7 +866,8 @@ mod tests {
                         f64::from(a.get([table[j / ps] as usize, j % ps, kh, t]))
                     };
                     let scales = |a: &KvData<'_>| {
-                        a.scales().map_or(std::ptr::null(), |s| s.slice(s![.., .., 0]).as_ptr())
+                        a.scales()
+                            .map_or(std::ptr::null(), |s| s.slice(s![.., .., 0]).as_ptr())
                     };
                     // Tile rows `r` read KV head `r / hr`; a view of one head
                     // has `hr` >= rows.
@@ -894,11 +907,16 @@ mod tests {
                     let what = format!("{isa} {elem} ps={ps} hkv={hkv} d={d}");
                     for r in 0..rows {
                         for c in 0..cols {
-                            let terms = (0..d)
-                                .map(|t| f64::from(q[r * d + t]) * at(&kd, key0 + c, head(r), t) * 0.5);
+                            let terms = (0..d).map(|t| {
+                                f64::from(q[r * d + t]) * at(&kd, key0 + c, head(r), t) * 0.5
+                            });
                             let want: f64 = terms.clone().sum();
                             let mag: f64 = terms.map(f64::abs).sum();
-                            assert!(close(s[r * cols + c], want, mag), "{what} r={r} c={c}: {} vs {want}", s[r * cols + c]);
+                            assert!(
+                                close(s[r * cols + c], want, mag),
+                                "{what} r={r} c={c}: {} vs {want}",
+                                s[r * cols + c]
+                            );
                         }
                     }
                     // Probabilities with zeros; the accumulator starts at 1.
@@ -921,12 +939,16 @@ mod tests {
                     };
                     for r in 0..rows {
                         for t in 0..d {
-                            let terms = (0..cols)
-                                .filter(|&c| p[r * cols + c] != 0.0)
-                                .map(|c| f64::from(p[r * cols + c]) * at(&vd, key0 + c, head(r), t));
+                            let terms = (0..cols).filter(|&c| p[r * cols + c] != 0.0).map(|c| {
+                                f64::from(p[r * cols + c]) * at(&vd, key0 + c, head(r), t)
+                            });
                             let want = 1.0 + terms.clone().sum::<f64>();
                             let mag = 1.0 + terms.map(f64::abs).sum::<f64>();
-                            assert!(close(acc[r * d + t], want, mag), "{what} r={r} t={t}: {} vs {want}", acc[r * d + t]);
+                            assert!(
+                                close(acc[r * d + t], want, mag),
+                                "{what} r={r} t={t}: {} vs {want}",
+                                acc[r * d + t]
+                            );
                         }
                     }
                 }
