@@ -793,6 +793,35 @@ fn random_inputs_need(
     }
 }
 
+/// Adds to `need` the copies random inputs take in other element types: q
+/// rounded (kept as f32), K and V stored as `kv_elem` (with their scales).
+fn typed_inputs_need(
+    need: &mut attnc::memory::Estimate,
+    shapes: &attnc::sema::eval::Shapes,
+    q_elem: attnc::ElemType,
+    kv_elem: attnc::ElemType,
+) {
+    let sh = shapes;
+    if q_elem != attnc::ElemType::F32 {
+        need.array(
+            &format!("q rounded to {q_elem}"),
+            &[sh.b, sh.h, sh.q, sh.d],
+            4,
+        );
+    }
+    if kv_elem != attnc::ElemType::F32 {
+        let rows = [2, sh.b, sh.hkv, sh.kv];
+        need.array(
+            &format!("k and v in {kv_elem}"),
+            &[rows[0], rows[1], rows[2], rows[3], sh.d],
+            kv_elem.size(),
+        );
+        if kv_elem.is_quantized() {
+            need.array("their scales", &rows, 4);
+        }
+    }
+}
+
 /// Says once on stderr that `path` held float64 data that was converted.
 fn note_converted(path: &Path) {
     say_err(format_args!(
@@ -1029,13 +1058,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
             rayon::current_num_threads(),
         );
         random_inputs_need(&mut need, &program, &shapes, &buffers);
-        if kv_elem != attnc::ElemType::F32 {
-            let rows = shapes.b * shapes.hkv * shapes.kv;
-            need.add(
-                &format!("k and v in {kv_elem}"),
-                2 * attnc::KvData::row_bytes(kv_elem, rows, shapes.d) as u128,
-            );
-        }
+        typed_inputs_need(&mut need, &shapes, q_elem, kv_elem);
         if program.spec.mask.is_some() {
             let tiles = attnc::mask::Tiling::new(64, 64).expect("64x64 is a valid tiling");
             memory::block_maps(&mut need, &program.spec, &shapes, tiles);
@@ -1514,6 +1537,7 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
         };
         let mut need = attnc::memory::Estimate::new();
         random_inputs_need(&mut need, &program, &shapes, &buffers);
+        typed_inputs_need(&mut need, &shapes, q_elem, kv_elem);
         need.check(format_args!(
             "making random inputs of {}",
             attnc::memory::shapes_text(&shapes)
