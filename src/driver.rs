@@ -1235,6 +1235,7 @@ impl crate::runtime::cuda::CudaRuntime {
         let options = ptx::PtxOptions {
             arch: self.arch(),
             dtype,
+            kv_quant: None,
         };
         let code = ptx::compile(&kernel, &options)?;
         self.load(kernel, code)

@@ -272,6 +272,10 @@ struct EmitArgs {
     /// (tensor cores); f32 by default, as for `attnc run --backend cuda`.
     #[arg(long, default_value = "f32", value_name = "f32|f16|bf16")]
     dtype: String,
+    /// With --target ptx and --page-size: K and V stored as int8 or fp8 with
+    /// a float32 scale per row, dequantized to --dtype in the tile loads.
+    #[arg(long, value_name = "int8|fp8", requires = "page_size")]
+    kv_dtype: Option<String>,
     /// Write the output to this file instead of stdout.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     output: Option<PathBuf>,
@@ -2006,6 +2010,25 @@ fn emit_ptx(args: EmitArgs) -> Result<String, Error> {
     )?;
     let arch = args.arch.parse().map_err(Error::Usage)?;
     let dtype = args.dtype.parse().map_err(Error::Usage)?;
+    let kv_quant = match args.kv_dtype.as_deref() {
+        None => None,
+        Some(t) => {
+            let e: attnc::ElemType = t
+                .parse()
+                .map_err(|e| Error::Usage(format!("`--kv-dtype {t}`: {e}")))?;
+            if !e.is_quantized() {
+                return Err(Error::Usage(format!(
+                    "`--kv-dtype {t}` with --target ptx: the kernel takes K/V in its --dtype, or int8/fp8 with scales"
+                )));
+            }
+            if args.page_size.is_none() {
+                return Err(Error::Usage(format!(
+                    "`--kv-dtype {t}` with --target ptx needs --page-size: int8/fp8 K/V are dequantized by the kernel that reads K/V in place"
+                )));
+            }
+            Some(e)
+        }
+    };
     let dim = match args.dim.parse::<usize>() {
         Ok(d) if d > 0 => d,
         _ => {
@@ -2025,7 +2048,15 @@ fn emit_ptx(args: EmitArgs) -> Result<String, Error> {
         schedule.kv = attnc::tile::nest::KvSource::InPlace;
     }
     let kernel = program.kernel(&schedule);
-    ptx::emit(&kernel, &PtxOptions { arch, dtype }).map_err(|e| Error::Codegen(e.into()))
+    ptx::emit(
+        &kernel,
+        &PtxOptions {
+            arch,
+            dtype,
+            kv_quant,
+        },
+    )
+    .map_err(|e| Error::Codegen(e.into()))
 }
 
 /// Parses `args` (the program name first) and runs the command; returns the

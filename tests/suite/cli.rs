@@ -1923,6 +1923,50 @@ fn run_reads_half_precision_and_quantized_inputs() {
     );
 }
 
+/// `emit --target ptx --page-size P --kv-dtype int8|fp8` prints the in-place
+/// kernel that dequantizes K/V in its tile loads; `--kv-dtype` needs
+/// `--page-size` and a quantized type.
+#[test]
+fn emit_ptx_of_a_quantized_pool() {
+    for (elem, dtype) in [("int8", "f16"), ("fp8", "bf16")] {
+        let ptx = emit_ptx(
+            "examples/causal.attn",
+            &["--page-size", "16", "--kv-dtype", elem, "--dtype", dtype],
+        );
+        assert!(
+            ptx.contains(&format!(
+                "// K/V stored as {elem} with a float32 scale per row (k_scales_ptr, v_scales_ptr), dequantized to {dtype} in the tile loads"
+            )),
+            "{ptx}"
+        );
+        assert!(
+            ptx.contains("_param_k_scales_ptr") || ptx.contains("k_scales_ptr"),
+            "{ptx}"
+        );
+    }
+    let o = attnc(&[
+        "emit",
+        "examples/causal.attn",
+        "--target",
+        "ptx",
+        "--kv-dtype",
+        "int8",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--page-size"), "{}", stderr(&o));
+    let o = attnc(&[
+        "emit",
+        "examples/causal.attn",
+        "--target",
+        "ptx",
+        "--page-size",
+        "16",
+        "--kv-dtype",
+        "bf16",
+    ]);
+    assert_fails(&o, &["`--kv-dtype bf16` with --target ptx: the kernel takes K/V in its --dtype, or int8/fp8 with scales"]);
+}
+
 /// `emit --target ptx --page-size P` prints the kernel that reads K and V in
 /// place through a page table; without --target ptx, --page-size needs shapes.
 #[test]

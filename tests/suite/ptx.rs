@@ -24,7 +24,15 @@ fn spec_of(path: &Path) -> attnc::sema::Spec {
 fn compile(spec: &attnc::sema::Spec, schedule: &Schedule, arch: Arch, dtype: Dtype) -> PtxKernel {
     let k = tile::lower(spec, schedule);
     tile::verify(&k).unwrap();
-    ptx::compile(&k, &PtxOptions { arch, dtype }).unwrap_or_else(|e| panic!("{}: {e}", spec.name))
+    ptx::compile(
+        &k,
+        &PtxOptions {
+            arch,
+            dtype,
+            kv_quant: None,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", spec.name))
 }
 
 /// A small schedule (one warp, 16 x 16 tiles, D = 16) keeps the snapshots
@@ -60,6 +68,34 @@ fn ptx_snapshots_of_focused_specs() {
     };
     let k = compile(&spec, &schedule, Arch::Sm80, Dtype::F16);
     insta::assert_snapshot!("ptx_affine_window_f16_in_place", k.text);
+    // Quantized K/V dequantized in the tile loads: int8 into an f32 kernel,
+    // fp8 into an f16 one.
+    for (elem, dtype) in [
+        (attnc::ElemType::Int8, Dtype::F32),
+        (attnc::ElemType::Fp8, Dtype::F16),
+    ] {
+        let k = tile::lower(&spec, &schedule);
+        let options = PtxOptions {
+            arch: Arch::Sm80,
+            dtype,
+            kv_quant: Some(elem),
+        };
+        let k = ptx::compile(&k, &options).unwrap();
+        insta::assert_snapshot!(format!("ptx_affine_window_{dtype}_in_place_{elem}"), k.text);
+    }
+    // A packed kernel takes no quantized K/V.
+    let packed = tile::lower(&spec, &SNAPSHOT_SCHEDULE);
+    let err = ptx::compile(
+        &packed,
+        &PtxOptions {
+            arch: Arch::Sm80,
+            dtype: Dtype::F16,
+            kv_quant: Some(attnc::ElemType::Int8),
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("int8 K/V in the packed kernel"), "{err}");
 }
 
 #[test]
@@ -535,6 +571,33 @@ fn other_layouts_assemble() {
                 name: format!("{}_in_place_d128_{dtype}_{arch}", spec.name),
                 kernel: compile(&spec, &in_place(ptx::schedule(128, dtype)), arch, dtype),
             });
+        }
+    }
+    // Quantized K/V (int8, fp8) dequantized in the tile loads, on tensor
+    // cores and with FMAs, D = 128 and a padded D = 72.
+    for (name, d) in [("sliding_window", 128), ("gemma2_local", 72)] {
+        let spec = spec_of(&common::root().join("examples").join(format!("{name}.attn")));
+        for elem in [attnc::ElemType::Int8, attnc::ElemType::Fp8] {
+            for (arch, dtype) in [
+                (Arch::Sm90, Dtype::F16),
+                (Arch::Sm80, Dtype::Bf16),
+                (Arch::Sm80, Dtype::F32),
+            ] {
+                let k = tile::lower(&spec, &in_place(ptx::schedule(d, dtype)));
+                let kernel = ptx::compile(
+                    &k,
+                    &PtxOptions {
+                        arch,
+                        dtype,
+                        kv_quant: Some(elem),
+                    },
+                )
+                .unwrap();
+                jobs.push(Job {
+                    name: format!("{name}_in_place_{elem}_d{d}_{dtype}_{arch}"),
+                    kernel,
+                });
+            }
         }
     }
     let gemma = spec_of(&common::root().join("examples/gemma2_local.attn"));

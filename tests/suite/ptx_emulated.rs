@@ -269,6 +269,101 @@ fn emulated_ptx_reads_paged_pools_and_ragged_rows() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Quantized K/V (int8, fp8 e4m3fn, a float32 scale per row) read in place
+/// and dequantized in the tile loads, for every compute type: a shuffled
+/// paged pool and dense ragged rows, decode and a chunked prefill. Stale
+/// slots hold NaN scales (and NaN fp8 bits). The emulated PTX matches the
+/// tile interpreter on the same stored values.
+#[test]
+fn emulated_ptx_dequantizes_int8_and_fp8_pools() {
+    use attnc::{ElemType, KvArray};
+    let (h, hkv) = (4, 2);
+    let spec = load("examples/sliding_window.attn", &[("window", "40")]);
+    let mut failures = Vec::new();
+    for (d, dtype) in [(32, Dtype::F32), (32, Dtype::F16), (24, Dtype::Bf16)] {
+        for (q_len, ps) in [(1, 16), (20, 7)] {
+            let lens = [q_len, 37, 90];
+            let b = lens.len();
+            let kv_max = 90;
+            let mut rng = Rng::new((d * 10 + q_len) as u64);
+            let q = rng.array4((b, h, q_len, d));
+            let k = rng.array4((b, hkv, kv_max, d));
+            let v = rng.array4((b, hkv, kv_max, d));
+            let (kp, vp, table) = common::paged_pool(&k, &v, &lens, ps, &mut rng);
+            let lens_arr = ndarray::Array1::from_iter(lens.iter().map(|&n| n as i32));
+            let mut used = vec![vec![false; ps]; kp.dim().0];
+            for (bi, &n) in lens.iter().enumerate() {
+                for j in 0..n {
+                    used[table[[bi, j / ps]] as usize][j % ps] = true;
+                }
+            }
+            for elem in [ElemType::Int8, ElemType::Fp8] {
+                // Stale rows: NaN scales (and NaN fp8 bits) past each length.
+                let stale = |a: &mut KvArray, live: &dyn Fn(usize, usize) -> bool| {
+                    if let KvArray::Int8 { scales, .. } | KvArray::Fp8 { scales, .. } = a {
+                        for ((i, j, _), x) in scales.indexed_iter_mut() {
+                            if !live(i, j) {
+                                *x = f32::NAN;
+                            }
+                        }
+                    }
+                    if let KvArray::Fp8 { data, .. } = a {
+                        for ((i, j, _, _), x) in data.indexed_iter_mut() {
+                            if !live(i, j) {
+                                *x = 0x7f;
+                            }
+                        }
+                    }
+                };
+                let quantize = |x: &ndarray::Array4<f32>| KvArray::quantize(x.view(), elem);
+                let (mut kq, mut vq) = (quantize(&k), quantize(&v));
+                let (mut kpq, mut vpq) = (quantize(&kp), quantize(&vp));
+                // Dense rows [B, HKV, KV]: key j of sequence b is live below its length.
+                for a in [&mut kq, &mut vq] {
+                    if let KvArray::Int8 { scales, .. } | KvArray::Fp8 { scales, .. } = a {
+                        for ((bi, _, j), x) in scales.indexed_iter_mut() {
+                            if j >= lens[bi] {
+                                *x = f32::NAN;
+                            }
+                        }
+                    }
+                }
+                for a in [&mut kpq, &mut vpq] {
+                    stale(a, &|p, slot| used[p][slot]);
+                }
+                let paged = Inputs::paged(
+                    q.view(),
+                    kpq.view(),
+                    vpq.view(),
+                    table.view(),
+                    lens_arr.view(),
+                )
+                .with_lse();
+                let dense = Inputs::new(q.view(), kq.view(), vq.view())
+                    .kv_lens(lens_arr.view())
+                    .with_lse();
+                let schedule = Schedule {
+                    kv: tile::nest::KvSource::InPlace,
+                    ..ptx::schedule(d, dtype)
+                };
+                let want = interp(&spec, &schedule, &dense).unwrap();
+                let tol = if dtype == Dtype::F32 { 1e-4 } else { 1e-2 };
+                for (layout, inputs) in [("pool", &paged), ("dense rows", &dense)] {
+                    let got = emulate(&spec, &schedule, dtype, inputs).unwrap();
+                    let err = max_err(&got, &want);
+                    eprintln!("D={d} {dtype:4} {elem} Q={q_len} page {ps} {layout}: {err:.2e}");
+                    if !(err <= tol) {
+                        failures.push(format!(
+                            "D={d} {dtype} {elem} Q={q_len} page {ps} {layout}: error {err:.3e}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// Other layouts: Q from shared memory (heavy scores at D = 128), padded
 /// head dims with the general `cp.async` split, one-warp and eight-warp
 /// tiles, natural-exp units, a query offset with a broadcast k/v batch.

@@ -5,8 +5,9 @@
 use std::fmt::Write;
 
 use super::writer::{f32_imm, ins, Reg, Writer};
-use super::{Dtype, Launch, IN_PLACE_PARAMS, PARAMS};
+use super::{Dtype, Launch, IN_PLACE_PARAMS, PARAMS, QUANT_PARAMS};
 use crate::sema::{Dim, ShapeVar};
+use crate::tensor::ElemType;
 use crate::tile::nest::KvSource;
 use crate::tile::{Kernel, Level, Op, Section, Ty, UnOp, ValueId, Verified};
 
@@ -133,6 +134,9 @@ pub(super) struct Gen<'a> {
     pub kv_rows64: Reg,
     /// In-place K/V ([`KvSource::InPlace`]): how a key row is found.
     pages: Option<Pages>,
+    /// Quantized K/V ([`Launch::kv_quant`]): the type and the scales of
+    /// this CTA's K/V head.
+    quant: Option<Quant>,
     /// Per buffer: its global address and its dims (s64).
     pub bufs: Vec<(Reg, Vec<Reg>)>,
     /// s64 shapes, indexed by `ShapeVar as usize`.
@@ -245,6 +249,7 @@ pub(super) fn generate(k: &Verified, launch: &Launch, entry: &str) -> String {
         zero64,
         kv_rows64,
         pages: None,
+        quant: None,
         bufs: Vec::new(),
         shapes,
         b64,
@@ -419,6 +424,14 @@ impl Gen<'_> {
                  (j % page_size) * row_stride + kh * head_stride; queries end on key kv_lens[b] - 1"
             );
         }
+        if let Some(e) = l.kv_quant {
+            let _ = writeln!(
+                s,
+                "// K/V stored as {e} with a float32 scale per row (k_scales_ptr, v_scales_ptr), \
+                 dequantized to {} in the tile loads",
+                l.dtype.name()
+            );
+        }
         if !k.params.is_empty() {
             let p = k
                 .params
@@ -474,6 +487,11 @@ impl Gen<'_> {
                     ".u32"
                 };
                 params.push(format!("\t.param {ty} {}", self.param(name)));
+            }
+        }
+        if l.kv_quant.is_some() {
+            for name in QUANT_PARAMS {
+                params.push(format!("\t.param .u64 {}", self.param(name)));
             }
         }
         for i in 0..k.buffers.len() {
@@ -629,7 +647,27 @@ impl Gen<'_> {
             Some(p) => ins!(self.w, "mul.wide.u32 {head_off}, {kh}, {}", p.head_stride),
             None => ins!(self.w, "mul.wide.u32 {head_off}, {kvh}, {kv_len}"),
         }
-        ins!(self.w, "mul.lo.u64 {head_off}, {head_off}, {grow}");
+        if let Some(elem) = self.launch.kv_quant {
+            // The head's first scale: one f32 per row, rows as in K/V.
+            let (ks, vs, so) = (
+                self.global_ptr("k_scales_ptr"),
+                self.global_ptr("v_scales_ptr"),
+                self.w.rd(),
+            );
+            ins!(self.w, "shl.b64 {so}, {head_off}, 2");
+            ins!(self.w, "add.s64 {ks}, {ks}, {so}");
+            ins!(self.w, "add.s64 {vs}, {vs}, {so}");
+            self.quant = Some(Quant {
+                elem,
+                k_scales: ks,
+                v_scales: vs,
+            });
+        }
+        ins!(
+            self.w,
+            "mul.lo.u64 {head_off}, {head_off}, {}",
+            self.kv_row_bytes()
+        );
         ins!(self.w, "add.s64 {k_head}, {k_ptr}, {head_off}");
         ins!(self.w, "add.s64 {v_head}, {v_ptr}, {head_off}");
         // This K/V head's V-tile flags: ceil(KV / bkv) bytes at kvh * ceil(KV / bkv)
@@ -693,7 +731,16 @@ impl Gen<'_> {
         ins!(self.w, "mov.pred {has}, {nhas}");
         let (kt_off, kv_rows) = (self.w.rd(), self.w.r());
         let key0 = self.kv_tile_addr(kt, k_head, kv_len, kt_off, kv_rows);
-        self.load_kv_tile_if(&loader, lay.k_off, kt_off, key0, kv_rows, Some(has));
+        let k_scales = self.quant.as_ref().map(|q| q.k_scales);
+        self.load_kv_tile_if(
+            &loader,
+            lay.k_off,
+            kt_off,
+            key0,
+            kv_rows,
+            Some(has),
+            k_scales,
+        );
         for half in 0..2 {
             ins!(
                 self.w,
@@ -798,7 +845,8 @@ impl Gen<'_> {
         ins!(self.w, "bar.sync 0");
         self.w.comment("V of this tile loads during S = Q K^T");
         let key0 = self.kv_tile_addr(kt, v_head, kv_len, kt_off, kv_rows);
-        self.load_kv_tile_if(&loader, lay.v_off, kt_off, key0, kv_rows, None);
+        let v_scales = self.quant.as_ref().map(|q| q.v_scales);
+        self.load_kv_tile_if(&loader, lay.v_off, kt_off, key0, kv_rows, None, v_scales);
         self.qk();
         let prescale =
             self.env[self.k.q_prescale.0 as usize].expect("q_prescale is a call-level value");
@@ -814,7 +862,15 @@ impl Gen<'_> {
             .comment("K of the next tile loads during the softmax and P V");
         let (nkt_off, nkv_rows) = (self.w.rd(), self.w.r());
         let key0 = self.kv_tile_addr(nkt, k_head, kv_len, nkt_off, nkv_rows);
-        self.load_kv_tile_if(&loader, lay.k_off, nkt_off, key0, nkv_rows, Some(nhas));
+        self.load_kv_tile_if(
+            &loader,
+            lay.k_off,
+            nkt_off,
+            key0,
+            nkv_rows,
+            Some(nhas),
+            k_scales,
+        );
 
         let kv0 = self.w.rd();
         let kv0_32 = self.w.r();
@@ -1043,11 +1099,20 @@ impl Gen<'_> {
         (len, q_start)
     }
 
-    /// The global address of key row `key` (u32) of the K/V head at `head`
-    /// into `src`, through the page table (in-place K/V); the table is read
-    /// only where `ok` holds (a real key: entries past a sequence's pages
-    /// may hold anything).
-    fn kv_row_addr(&mut self, src: Reg, head: Reg, key: Reg, ok: Reg) {
+    /// Bytes of one K/V row in global memory: `d_pad` elements of the
+    /// kernel's type, or of one byte when quantized.
+    fn kv_row_bytes(&self) -> usize {
+        match self.launch.kv_quant {
+            Some(_) => self.lay.dp,
+            None => self.lay.global_row_bytes(),
+        }
+    }
+
+    /// The row index (u64, in rows from the head's first) of key `key`
+    /// (u32), through the page table (in-place K/V); the table is read only
+    /// where `ok` holds (a real key: entries past a sequence's pages may
+    /// hold anything).
+    fn kv_row_index(&mut self, key: Reg, ok: Reg) -> Reg {
         let p = self.pages.clone().expect("in-place K/V");
         let (page_i, slot, page, rows) = (self.w.r(), self.w.r(), self.w.r(), self.w.rd());
         ins!(self.w, "div.u32 {page_i}, {key}, {}", p.page_size);
@@ -1061,16 +1126,26 @@ impl Gen<'_> {
         ins!(self.w, "mul.wide.u32 {rows}, {page}, {}", p.page_stride);
         ins!(self.w, "mul.wide.u32 {t}, {slot}, {}", p.row_stride);
         ins!(self.w, "add.s64 {rows}, {rows}, {t}");
+        rows
+    }
+
+    /// The global address of key row `key` (u32) of the K/V head at `head`
+    /// into `src`, through the page table (see [`Self::kv_row_index`]).
+    fn kv_row_addr(&mut self, src: Reg, head: Reg, key: Reg, ok: Reg) {
+        let rows = self.kv_row_index(key, ok);
+        let bytes = self.w.rd();
         ins!(
             self.w,
-            "mul.lo.u64 {rows}, {rows}, {}",
-            self.lay.global_row_bytes()
+            "mul.lo.u64 {bytes}, {rows}, {}",
+            self.kv_row_bytes()
         );
-        ins!(self.w, "add.s64 {src}, {head}, {rows}");
+        ins!(self.w, "add.s64 {src}, {head}, {bytes}");
     }
 
     /// A K or V tile: [`Self::load_tile_if`] from `gptr` for packed K/V, or
-    /// key by key from `key0` through the table for in-place K/V.
+    /// key by key from `key0` through the table for in-place K/V; quantized
+    /// K/V (with the head's `scales`) through [`Self::load_rows_dequant`].
+    #[allow(clippy::too_many_arguments)]
     fn load_kv_tile_if(
         &mut self,
         loader: &Loader,
@@ -1079,10 +1154,138 @@ impl Gen<'_> {
         key0: Reg,
         valid_rows: Reg,
         when: Option<Reg>,
+        scales: Option<Reg>,
     ) {
         let bkv = self.lay.bkv;
+        if let (Some(scales), true) = (scales, self.pages.is_some()) {
+            return self.load_rows_dequant(smem_off, bkv, gptr, key0, valid_rows, when, scales);
+        }
         let key0 = self.pages.is_some().then_some(key0);
         self.load_rows_if(loader, smem_off, bkv, gptr, key0, valid_rows, when);
+    }
+
+    /// Stages `rows` quantized K/V rows (keys `key0 ..` of the head at
+    /// `head`, found through the page table) into shared memory at
+    /// `smem_off`, dequantized to the kernel's type: each thread takes 4
+    /// elements of a row at a time (one u32 load), widens them to f32
+    /// (int8: sign-extend and convert; fp8 e4m3fn: the exponent rebiased with
+    /// integer ops, subnormals `m * 2^-9`, NaN for `S.1111.111`), multiplies
+    /// by the row's scale and stores them (f32, or rounded to f16/bf16
+    /// pairs). Rows `>= valid_rows` are zero-filled without reading global
+    /// memory, scales included. Only where `when` holds; ends an (empty)
+    /// `cp.async` group so the group counting of the pipeline is unchanged.
+    #[allow(clippy::too_many_arguments)]
+    fn load_rows_dequant(
+        &mut self,
+        smem_off: usize,
+        rows: usize,
+        head: Reg,
+        key0: Reg,
+        valid_rows: Reg,
+        when: Option<Reg>,
+        scales: Reg,
+    ) {
+        let lay = self.lay.clone();
+        let elem = self.quant.as_ref().expect("quantized K/V").elem;
+        let cpr = lay.dp / 4;
+        let total = rows * cpr;
+        let skip = self.w.label("no_dequant");
+        if let Some(p) = when {
+            ins!(self.w, "@!{p} bra.uni {skip}");
+        }
+        let (idx, row, col, key, soff) =
+            (self.w.r(), self.w.r(), self.w.r(), self.w.r(), self.w.r());
+        let (ok, inb) = (self.w.p(), self.w.p());
+        let (src, sa, c64) = (self.w.rd(), self.w.rd(), self.w.rd());
+        let (word, sc) = (self.w.r(), self.w.f());
+        let vals = [self.w.f(), self.w.f(), self.w.f(), self.w.f()];
+        let (b, mag, bits, sign, sub) =
+            (self.w.r(), self.w.r(), self.w.r(), self.w.r(), self.w.f());
+        let (is_sub, is_nan) = (self.w.p(), self.w.p());
+        // A loop, not unrolled: unrolled, ptxas issued every iteration's
+        // loads up front and spilled (fp8 at D = 128).
+        let (top, done) = (self.w.label("dequant"), self.w.label("dequant_done"));
+        ins!(self.w, "mov.u32 {idx}, {}", self.tid);
+        self.w.place(&top);
+        ins!(self.w, ".pragma \"nounroll\"");
+        ins!(self.w, "setp.lt.u32 {inb}, {idx}, {total}");
+        ins!(self.w, "@!{inb} bra.uni {done}");
+        {
+            ins!(self.w, "div.u32 {row}, {idx}, {cpr}");
+            ins!(self.w, "rem.u32 {col}, {idx}, {cpr}");
+            ins!(self.w, "setp.lt.u32 {ok}, {row}, {valid_rows}");
+            ins!(self.w, "add.u32 {key}, {key0}, {row}");
+            let rix = self.kv_row_index(key, ok);
+            ins!(self.w, "mul.lo.u64 {src}, {rix}, {}", lay.dp);
+            ins!(self.w, "add.s64 {src}, {head}, {src}");
+            ins!(self.w, "mul.wide.u32 {c64}, {col}, 4");
+            ins!(self.w, "add.s64 {src}, {src}, {c64}");
+            ins!(self.w, "shl.b64 {sa}, {rix}, 2");
+            ins!(self.w, "add.s64 {sa}, {scales}, {sa}");
+            ins!(self.w, "mov.u32 {word}, 0");
+            ins!(self.w, "mov.f32 {sc}, 0f00000000");
+            ins!(self.w, "@{ok} ld.global.nc.u32 {word}, [{src}]");
+            ins!(self.w, "@{ok} ld.global.nc.f32 {sc}, [{sa}]");
+            for (e, v) in vals.iter().enumerate() {
+                match elem {
+                    ElemType::Int8 => {
+                        ins!(self.w, "bfe.s32 {b}, {word}, {}, 8", 8 * e);
+                        ins!(self.w, "cvt.rn.f32.s32 {v}, {b}");
+                    }
+                    _ => {
+                        ins!(self.w, "bfe.u32 {b}, {word}, {}, 8", 8 * e);
+                        ins!(self.w, "and.b32 {mag}, {b}, 127");
+                        ins!(self.w, "and.b32 {sign}, {b}, 128");
+                        ins!(self.w, "shl.b32 {sign}, {sign}, 24");
+                        // Normal: the exponent rebiased from 7 to 127.
+                        ins!(self.w, "shl.b32 {bits}, {mag}, 20");
+                        ins!(self.w, "add.u32 {bits}, {bits}, 1006632960");
+                        // Subnormal (exponent 0): m * 2^-9.
+                        ins!(self.w, "cvt.rn.f32.u32 {sub}, {mag}");
+                        ins!(self.w, "mul.rn.f32 {sub}, {sub}, 0f3B000000");
+                        ins!(self.w, "setp.lt.u32 {is_sub}, {mag}, 8");
+                        ins!(self.w, "mov.b32 {v}, {bits}");
+                        ins!(self.w, "selp.f32 {v}, {sub}, {v}, {is_sub}");
+                        ins!(self.w, "mov.b32 {bits}, {v}");
+                        ins!(self.w, "setp.eq.u32 {is_nan}, {mag}, 127");
+                        ins!(self.w, "selp.b32 {bits}, 2143289344, {bits}, {is_nan}");
+                        ins!(self.w, "or.b32 {bits}, {bits}, {sign}");
+                        ins!(self.w, "mov.b32 {v}, {bits}");
+                    }
+                }
+                ins!(self.w, "mul.rn.f32 {v}, {v}, {sc}");
+            }
+            let esize = lay.dtype.size();
+            ins!(
+                self.w,
+                "mad.lo.u32 {soff}, {row}, {}, {}",
+                lay.row_bytes,
+                self.smem
+            );
+            ins!(self.w, "mad.lo.u32 {soff}, {col}, {}, {soff}", 4 * esize);
+            let [v0, v1, v2, v3] = vals;
+            match lay.dtype {
+                Dtype::F32 => ins!(
+                    self.w,
+                    "st.shared.v4.f32 [{soff}+{smem_off}], {{{v0}, {v1}, {v2}, {v3}}}"
+                ),
+                half => {
+                    let (lo, hi) = (self.w.r(), self.w.r());
+                    let t = half.name();
+                    ins!(self.w, "cvt.rn.{t}x2.f32 {lo}, {v1}, {v0}");
+                    ins!(self.w, "cvt.rn.{t}x2.f32 {hi}, {v3}, {v2}");
+                    ins!(
+                        self.w,
+                        "st.shared.v2.b32 [{soff}+{smem_off}], {{{lo}, {hi}}}"
+                    );
+                }
+            }
+            ins!(self.w, "add.u32 {idx}, {idx}, {}", lay.threads);
+            ins!(self.w, "bra.uni {top}");
+        }
+        self.w.place(&done);
+        self.w.place(&skip);
+        ins!(self.w, "cp.async.commit_group");
     }
 
     /// Per-thread constants of the `cp.async` tile loads.
@@ -1855,6 +2058,16 @@ struct Pages {
     page_stride: Reg,
     row_stride: Reg,
     head_stride: Reg,
+}
+
+/// Quantized K/V: the stored type and the global address of the scale of
+/// row 0 of this CTA's K and V head (scales are f32, one per row, indexed
+/// like the rows).
+#[derive(Clone, Debug)]
+struct Quant {
+    elem: ElemType,
+    k_scales: Reg,
+    v_scales: Reg,
 }
 
 enum Loader {

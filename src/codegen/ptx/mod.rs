@@ -77,7 +77,7 @@ use crate::tile::{Kernel, Schedule, Verified};
 // block, launch data) belongs to the runtime, which launches kernels; the
 // backend generates code against it.
 pub use crate::runtime::device::{
-    Arch, Dtype, ErrorRecord, Launch, PtxError, PtxKernel, IN_PLACE_PARAMS, PARAMS,
+    Arch, Dtype, ErrorRecord, Launch, PtxError, PtxKernel, IN_PLACE_PARAMS, PARAMS, QUANT_PARAMS,
     STATIC_SMEM_LIMIT,
 };
 
@@ -86,6 +86,10 @@ pub use crate::runtime::device::{
 pub struct PtxOptions {
     pub arch: Arch,
     pub dtype: Dtype,
+    /// K and V stored as int8 or fp8 with a float32 scale per row,
+    /// dequantized to `dtype` in the tile loads (the in-place kernel only);
+    /// `None`: K and V are in `dtype`.
+    pub kv_quant: Option<crate::tensor::ElemType>,
 }
 
 /// The largest (padded) head dim the backend supports.
@@ -123,6 +127,16 @@ pub fn launch(kernel: &Kernel, opts: &PtxOptions) -> Result<Launch, PtxError> {
         return Err(PtxError::Nest {
             what: format!("rows {:?}, K/V {:?}", s.rows, s.kv),
         });
+    }
+    if let Some(e) = opts.kv_quant {
+        if !e.is_quantized() || s.kv != crate::tile::nest::KvSource::InPlace {
+            return Err(PtxError::Nest {
+                what: format!(
+                    "{e} K/V in the {} kernel (scaled int8/fp8 K/V are dequantized by the in-place kernel's tile loads: emit it with a page size)",
+                    if s.kv == crate::tile::nest::KvSource::InPlace { "in-place" } else { "packed" }
+                ),
+            });
+        }
     }
     let d = s.dim.ok_or(PtxError::GenericDim)?;
     let d_pad = pad_head_dim(d, opts.dtype);
@@ -163,6 +177,7 @@ pub fn launch(kernel: &Kernel, opts: &PtxOptions) -> Result<Launch, PtxError> {
         dynamic_smem: smem_bytes > STATIC_SMEM_LIMIT,
         q_in_registers: layout.q_in_regs,
         max_registers: 255,
+        kv_quant: opts.kv_quant,
     })
 }
 
@@ -252,6 +267,7 @@ mod tests {
         let opts = PtxOptions {
             arch: Arch::Sm80,
             dtype: Dtype::F16,
+            kv_quant: None,
         };
         let generic = kernel(
             "attention a { }",
@@ -299,6 +315,7 @@ mod tests {
             &PtxOptions {
                 arch: Arch::Sm90,
                 dtype: Dtype::F16,
+                kv_quant: None,
             },
         )
         .unwrap();
@@ -313,6 +330,7 @@ mod tests {
             &PtxOptions {
                 arch: Arch::Sm80,
                 dtype: Dtype::F32,
+                kv_quant: None,
             },
         )
         .unwrap();

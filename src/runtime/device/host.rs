@@ -56,6 +56,27 @@ pub fn bf16_bits(x: f32) -> u16 {
     ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
+/// Quantized K or V packed for the device ([`super::Launch::kv_quant`]):
+/// the data `[n0, n1, n2, d_pad]` one byte per element (int8, or fp8 e4m3fn
+/// bits), pad columns zero, and its float32 scales, one per row in the same
+/// row order, as raw little-endian bytes. `None` for f32/bf16/f16 data.
+pub fn pack_quantized(a: &crate::tensor::KvData<'_>, d_pad: usize) -> Option<(Vec<u8>, Vec<u8>)> {
+    use crate::tensor::KvData;
+    let (bytes, scales): (Vec<u8>, _) = match a {
+        KvData::Int8 { data, scales } => (data.iter().map(|&x| x as u8).collect(), scales),
+        KvData::Fp8 { data, scales } => (data.iter().copied().collect(), scales),
+        _ => return None,
+    };
+    let d = a.shape()[3];
+    let rows = bytes.len() / d.max(1);
+    let mut out = vec![0u8; rows * d_pad];
+    for (r, row) in bytes.chunks(d.max(1)).enumerate().take(rows) {
+        out[r * d_pad..r * d_pad + d].copy_from_slice(row);
+    }
+    let s = scales.iter().flat_map(|x| x.to_le_bytes()).collect();
+    Some((out, s))
+}
+
 /// A tensor packed for the device: `[n0, n1, n2, d_pad]` in the dtype,
 /// pad columns zero, as raw little-endian bytes.
 pub fn pack(a: &ArrayView4<'_, f32>, d_pad: usize, dtype: Dtype) -> Vec<u8> {

@@ -158,6 +158,11 @@ pub const PARAMS: [&str; 22] = [
 /// page size and the strides, in rows of the padded head dim, of a page, a
 /// slot and a KV head in k and v (see [`host::InPlaceKv`]). `q_offset` and
 /// `kv_rows` are unused there: sequence `b`'s queries end on its last key.
+/// The parameters a kernel with quantized K/V ([`Launch::kv_quant`]) takes
+/// after [`IN_PLACE_PARAMS`]: the float32 scale of each K and V row, indexed
+/// like the rows (`row * 4` bytes from the pointer).
+pub const QUANT_PARAMS: [&str; 2] = ["k_scales_ptr", "v_scales_ptr"];
+
 pub const IN_PLACE_PARAMS: [&str; 7] = [
     "kv_lens_ptr",
     "page_table_ptr",
@@ -225,6 +230,10 @@ pub struct Launch {
     /// The register budget the layout is planned for: ptxas must fit the
     /// kernel in this many registers per thread without spilling.
     pub max_registers: usize,
+    /// K and V stored quantized (int8 or fp8, with a float32 scale per row
+    /// in `k_scales_ptr`/`v_scales_ptr`, [`QUANT_PARAMS`]), dequantized to
+    /// `dtype` in the tile loads; `None`: K and V are in `dtype`.
+    pub kv_quant: Option<crate::tensor::ElemType>,
 }
 
 /// Static shared memory is limited to 48 KiB per CTA.

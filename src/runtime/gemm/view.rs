@@ -53,57 +53,35 @@ impl Elem for f32 {
     }
 }
 
-impl Elem for bf16 {
-    const QUANTIZED: bool = false;
-    #[inline(always)]
-    unsafe fn load<S: Simd>(p: *const bf16) -> S::V {
-        S::load_bf16(p.cast())
-    }
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-}
-
-impl Elem for f16 {
-    const QUANTIZED: bool = false;
-    #[inline(always)]
-    unsafe fn load<S: Simd>(p: *const f16) -> S::V {
-        S::load_f16(p.cast())
-    }
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-}
-
-impl Elem for i8 {
-    const QUANTIZED: bool = true;
-    #[inline(always)]
-    unsafe fn load<S: Simd>(p: *const i8) -> S::V {
-        S::load_i8(p)
-    }
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self as f32
-    }
-}
-
 /// e4m3fn bits.
 #[derive(Clone, Copy)]
 #[repr(transparent)]
 struct E4m3(u8);
 
-impl Elem for E4m3 {
-    const QUANTIZED: bool = true;
-    #[inline(always)]
-    unsafe fn load<S: Simd>(p: *const E4m3) -> S::V {
-        S::load_e4m3(p.cast())
-    }
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        crate::tensor::e4m3_to_f32(self.0)
-    }
+/// `impl Elem` for a stored type: whether it is quantized, its widening
+/// load (a `Simd` method taking the raw element pointer) and its scalar value.
+macro_rules! elem {
+    ($($t:ty: $quantized:literal, $load:ident, |$x:ident| $value:expr;)*) => {
+        $(impl Elem for $t {
+            const QUANTIZED: bool = $quantized;
+            #[inline(always)]
+            unsafe fn load<S: Simd>(p: *const $t) -> S::V {
+                S::$load(p.cast())
+            }
+            #[inline(always)]
+            fn to_f32(self) -> f32 {
+                let $x = self;
+                $value
+            }
+        })*
+    };
+}
+
+elem! {
+    bf16: false, load_bf16, |x| x.to_f32();
+    f16: false, load_f16, |x| x.to_f32();
+    i8: true, load_i8, |x| x as f32;
+    E4m3: true, load_e4m3, |x| crate::tensor::e4m3_to_f32(x.0);
 }
 
 /// `qk_view(q, q_stride, view, key0, d, rows, cols, s, s_stride, scale)`:

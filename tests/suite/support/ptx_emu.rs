@@ -98,7 +98,12 @@ impl Program {
         let mut static_smem = 0;
         for line in body.lines() {
             let l = line.trim();
-            if l.is_empty() || l.starts_with("//") || l == "}" || l.starts_with(".reg") {
+            if l.is_empty()
+                || l.starts_with("//")
+                || l == "}"
+                || l.starts_with(".reg")
+                || l.starts_with(".pragma")
+            {
                 continue;
             }
             if l.starts_with(".shared") {
@@ -693,6 +698,13 @@ fn step(
             "u64" | "b64" => x(1) >> (x(2) as u32).min(63),
             _ => ((x(1) as i64) >> (x(2) as u32).min(63)) as u64,
         }),
+        "bfe" if ty == "s32" => {
+            // The field sign-extended from its top bit (len < 32 here).
+            let len = x(3) as u32;
+            let field = (x(1) as u32 >> x(2) as u32) & ((1u32 << len) - 1);
+            let shift = 32 - len;
+            Some((((field << shift) as i32) >> shift) as u32 as u64)
+        }
         "bfe" => Some(((x(1) as u32 >> x(2) as u32) & ((1u32 << x(3) as u32) - 1)) as u64),
         "add" | "sub" | "mul" | "mad" | "div" | "rem" | "min" | "max" | "fma" | "neg" | "abs"
         | "rcp" | "sqrt" | "ex2" | "lg2" | "copysign" | "tanh" => {
@@ -705,6 +717,8 @@ fn step(
                 (_, "u64", "u32") => v & 0xffff_ffff,
                 (_, "u32", "u64") => v & 0xffff_ffff,
                 ("rn", "f32", "s64") => fb(v as i64 as f32),
+                ("rn", "f32", "s32") => fb(v as u32 as i32 as f32),
+                ("rn", "f32", "u32") => fb(v as u32 as f32),
                 ("rzi", "s64", "f32") => (f(v) as i64) as u64,
                 ("rmi", "f32", "f32") => fb(f(v).floor()),
                 ("rpi", "f32", "f32") => fb(f(v).ceil()),

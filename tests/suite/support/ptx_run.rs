@@ -43,6 +43,7 @@ pub fn emulate_with(
         &PtxOptions {
             arch: Arch::Sm80,
             dtype,
+            kv_quant: inputs.k.elem().is_quantized().then(|| inputs.k.elem()),
         },
     )
     .unwrap();
@@ -75,10 +76,23 @@ pub fn emulate_with(
             host::nonfinite_tiles(&v, kv_b * hkv, kv, l.d_pad, dtype, l.bkv)
         }
     };
+    // Quantized K/V go to the kernel as stored (bytes and scales); the V
+    // flags above are those of the dequantized values.
+    let (k_dev, v_dev, scales) = match (
+        host::pack_quantized(&inputs.k, l.d_pad),
+        host::pack_quantized(&inputs.v, l.d_pad),
+    ) {
+        (Some((kb, ks)), Some((vb, vs))) => (kb, vb, Some((ks, vs))),
+        _ => (host::pack(&kf.view(), l.d_pad, dtype), v, None),
+    };
+    if let Some((ks, vs)) = scales {
+        params.insert("p_k_scales_ptr".into(), mem.alloc(ks));
+        params.insert("p_v_scales_ptr".into(), mem.alloc(vs));
+    }
     let pointers = [
         host::pack(&inputs.q, l.d_pad, dtype),
-        host::pack(&kf.view(), l.d_pad, dtype),
-        v,
+        k_dev,
+        v_dev,
         vec![0u8; rows * l.d_pad * 4],
         vec![0u8; rows * 4],
         vec![0u8; ErrorRecord::WORDS * 8],
