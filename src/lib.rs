@@ -50,7 +50,7 @@ pub use driver::{
     SpecOptions, Tiles,
 };
 pub use merge::merge_states;
-pub use tensor::{ElemType, KvArray, KvData};
+pub use tensor::{AppendError, ElemType, KvArray, KvData};
 
 /// The pipeline runs one way: a stage's code (outside its tests) names no
 /// later stage. `runtime` owns the ABI between generated code and the host,

@@ -86,8 +86,37 @@ impl ElemType {
 
 impl std::fmt::Display for ElemType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+        f.pad(self.name())
     }
+}
+
+/// Why [`KvArray::append`] wrote nothing.
+#[derive(Clone, Debug, PartialEq, thiserror::Error, miette::Diagnostic)]
+pub enum AppendError {
+    #[error("a step is [B, HKV, D] = {expected:?} with a page table of B rows; found a step {step:?} and a table {table:?}")]
+    #[diagnostic(
+        code(attnc::append::shape),
+        help("one new row per sequence and KV head, of the pool's D")
+    )]
+    Shape {
+        expected: [usize; 3],
+        step: Vec<usize>,
+        table: Vec<usize>,
+    },
+    #[error("kv_lens[{b}] is {len}, a negative length")]
+    #[diagnostic(code(attnc::append::kv_lens))]
+    NegativeLen { b: usize, len: i32 },
+    #[error("sequence {b} appends key {key}, in its page {slot}: the table lists no page of the pool there (pages 0 .. {pages})")]
+    #[diagnostic(
+        code(attnc::append::page),
+        help("give the sequence a free page in its table row before its last page is full")
+    )]
+    NoPage {
+        b: usize,
+        key: usize,
+        slot: usize,
+        pages: usize,
+    },
 }
 
 impl std::str::FromStr for ElemType {
@@ -506,32 +535,32 @@ impl KvArray {
         page_table: ndarray::ArrayView2<'_, i32>,
         kv_lens: ndarray::ArrayView1<'_, i32>,
         step: ndarray::ArrayView3<'_, f32>,
-    ) -> Result<(), String> {
+    ) -> Result<(), AppendError> {
         let sh = self.view().shape().to_vec();
         let (pages, ps, hkv, d) = (sh[0], sh[1], sh[2], sh[3]);
         let b = kv_lens.len();
         if step.shape() != [b, hkv, d] || page_table.nrows() != b {
-            return Err(format!(
-                "a step is [B, HKV, D] = [{b}, {hkv}, {d}] with a page table of B = {b} rows; found a step {:?} and a table {:?}",
-                step.shape(),
-                page_table.shape()
-            ));
+            return Err(AppendError::Shape {
+                expected: [b, hkv, d],
+                step: step.shape().to_vec(),
+                table: page_table.shape().to_vec(),
+            });
         }
         let mut at = Vec::with_capacity(b);
         for (seq, &len) in kv_lens.iter().enumerate() {
-            let len = usize::try_from(len)
-                .map_err(|_| format!("kv_lens[{seq}] is {len}, a negative length"))?;
-            let slot = len / ps;
+            let key = usize::try_from(len).map_err(|_| AppendError::NegativeLen { b: seq, len })?;
+            let slot = key / ps.max(1);
             let page = page_table
                 .get([seq, slot])
                 .copied()
                 .filter(|&p| p >= 0 && (p as usize) < pages)
-                .ok_or_else(|| {
-                    format!(
-                        "sequence {seq} appends key {len}, in its page {slot}: the table lists no page of the pool there (pages 0 .. {pages})"
-                    )
+                .ok_or(AppendError::NoPage {
+                    b: seq,
+                    key,
+                    slot,
+                    pages,
                 })?;
-            at.push((page as usize, len % ps));
+            at.push((page as usize, key % ps.max(1)));
         }
         for (seq, (page, slot)) in at.into_iter().enumerate() {
             for kh in 0..hkv {
@@ -691,7 +720,10 @@ mod tests {
             let err = a
                 .append(table.view(), full.view(), step.view())
                 .unwrap_err();
-            assert!(err.contains("sequence 0 appends key 4"), "{err}");
+            assert!(
+                err.to_string().contains("sequence 0 appends key 4"),
+                "{err}"
+            );
             let err = a
                 .append(
                     table.view(),
@@ -699,7 +731,10 @@ mod tests {
                     step.slice(ndarray::s![.., .., ..2]),
                 )
                 .unwrap_err();
-            assert!(err.contains("[2, 2, 3]"), "{err}");
+            assert!(err.to_string().contains("[2, 2, 3]"), "{err}");
+            let neg = ndarray::arr1(&[-1, 1]);
+            let err = a.append(table.view(), neg.view(), step.view()).unwrap_err();
+            assert_eq!(err, AppendError::NegativeLen { b: 0, len: -1 });
         }
     }
 
