@@ -291,8 +291,11 @@ const PAGE_PF_BELOW: usize = 4 * PF_KEYS;
 /// stream a long run better than hints do: a tile of all heads of a paged
 /// pool (rows of `HKV x D` floats) took a median 36-39 ms with hints 128 keys
 /// ahead and 28-31 ms without, on the paged GQA decode benchmark of
-/// docs/performance.md (8 KV heads of 128 floats: runs of 4 KiB).
-const PF_RUN_BELOW_BYTES: usize = 2048;
+/// docs/performance.md (8 KV heads of 128 floats: runs of 4 KiB). Shorter
+/// runs take hints: at D = 64 (runs of 2 KiB) the same call took 16.9 ms
+/// without and 14.8 ms with them; an int8 pool at D = 128 (1 KiB) 17-19 ms
+/// without.
+const PF_RUN_BELOW_BYTES: usize = 4096;
 
 /// Whether the products prefetch key by key (rows in long pages or dense,
 /// each a short run).
