@@ -269,28 +269,32 @@ impl<'a> KvData<'a> {
         }
     }
 
-    /// The rows `[i, j, .., ..]` as f32 (borrowed when they are f32,
-    /// widened or dequantized otherwise).
-    pub fn rows_f32(&self, i: usize, j: usize) -> ndarray::CowArray<'_, f32, ndarray::Ix2> {
+    /// Rows `[i, j, keys, ..]` as f32 (borrowed when they are f32, widened
+    /// or dequantized otherwise).
+    pub fn rows_f32(
+        &self,
+        i: usize,
+        j: usize,
+        keys: std::ops::Range<usize>,
+    ) -> ndarray::CowArray<'_, f32, ndarray::Ix2> {
         use ndarray::s;
         let scaled = |data: ndarray::Array2<f32>, scales: &ArrayView3<'_, f32>| {
-            let sc = scales.slice(s![i, j, ..]);
+            let sc = scales.slice(s![i, j, keys.clone()]);
             let mut data = data;
             for (mut row, &sv) in data.rows_mut().into_iter().zip(sc.iter()) {
                 row.mapv_inplace(|x| x * sv);
             }
             data
         };
+        let at = s![i, j, keys.clone(), ..];
         match self {
-            KvData::F32(a) => a.slice(s![i, j, .., ..]).into(),
-            KvData::Bf16(a) => a.slice(s![i, j, .., ..]).mapv(bf16::to_f32).into(),
-            KvData::F16(a) => a.slice(s![i, j, .., ..]).mapv(f16::to_f32).into(),
+            KvData::F32(a) => a.slice(at).into(),
+            KvData::Bf16(a) => a.slice(at).mapv(bf16::to_f32).into(),
+            KvData::F16(a) => a.slice(at).mapv(f16::to_f32).into(),
             KvData::Int8 { data, scales } => {
-                scaled(data.slice(s![i, j, .., ..]).mapv(|x| x as f32), scales).into()
+                scaled(data.slice(at).mapv(|x| x as f32), scales).into()
             }
-            KvData::Fp8 { data, scales } => {
-                scaled(data.slice(s![i, j, .., ..]).mapv(e4m3_to_f32), scales).into()
-            }
+            KvData::Fp8 { data, scales } => scaled(data.slice(at).mapv(e4m3_to_f32), scales).into(),
         }
     }
 

@@ -18,6 +18,7 @@ use crate::bind::{Bound, Inputs, Outputs};
 use crate::buffer::BufferData;
 use crate::mask::BlockMaps;
 use crate::runtime::abi::{self, BufferDesc, ErrorRecord, KvView, TaskCode};
+use crate::runtime::gemm::PANEL;
 use crate::runtime::gemm::{nonfinite_tiles, pack_k, pack_v, PackedK, PackedV};
 use crate::sema::eval::{EvalError, Point};
 use crate::tensor::KvData;
@@ -204,6 +205,10 @@ impl<'a> CallData<'a> {
     }
 }
 
+/// Keys of a bf16/f16 head widened to f32 at a time while it is packed
+/// (rounded to a multiple of the key tile).
+const WIDEN_KEYS: usize = 1024;
+
 /// Runs `compiled` on bound inputs with the given block maps. `workspace` holds
 /// the packed heads (at most [`PACK_BUDGET_BYTES`], or one head if more); it is
 /// grown as needed and may be reused across calls to avoid reallocating it.
@@ -340,12 +345,29 @@ pub(crate) fn run_with_budget(
             .zip(group_heads.par_iter())
             .for_each(|((slot, flags), &(b, h))| {
                 let (kp, vp) = slot.split_at_mut(klay.len());
-                pack_k(inputs.k.rows_f32(b, h).view(), kp).expect("sized by the layout");
-                let v_rows = inputs.v.rows_f32(b, h);
-                if !v_direct {
-                    pack_v(v_rows.view(), vp).expect("sized by the layout");
+                // f32 heads in one piece; others widened a chunk of keys at a
+                // time (a multiple of the panel and of the tile), so the f32
+                // copy is a few hundred KiB per thread, not a head.
+                let chunk = match inputs.k.elem() {
+                    crate::tensor::ElemType::F32 => kv_rows.max(1),
+                    _ => bkv * (WIDEN_KEYS / bkv).max(1),
+                };
+                for key0 in (0..kv_rows.max(1)).step_by(chunk) {
+                    let keys = key0..kv_rows.min(key0 + chunk);
+                    let n = keys.len();
+                    let k_rows = inputs.k.rows_f32(b, h, keys.clone());
+                    let kd = &mut kp[key0 / PANEL * klay.panel_stride()..]
+                        [..n.div_ceil(PANEL) * klay.panel_stride()];
+                    pack_k(k_rows.view(), kd).expect("sized by the layout");
+                    let v_rows = inputs.v.rows_f32(b, h, keys);
+                    if !v_direct {
+                        let vd = &mut vp[key0 * vlay.row_stride()..][..n * vlay.row_stride()];
+                        pack_v(v_rows.view(), vd).expect("sized by the layout");
+                    }
+                    let (t0, nt) = (key0 / bkv, n.div_ceil(bkv));
+                    let only = scan.as_deref().map(|s| &s[t0..t0 + nt]);
+                    nonfinite_tiles(v_rows.view(), bkv, only, &mut flags[t0..t0 + nt]);
                 }
-                nonfinite_tiles(v_rows.view(), bkv, scan.as_deref(), &mut flags[..n_kt]);
             });
         let packed: &[f32] = workspace;
         let vflags: &[u8] = &vflags;
