@@ -445,7 +445,7 @@ pub fn measure(
     };
     let dense = (shapes.b * shapes.h * shapes.q * shapes.kv) as f64;
     let kv_rows = shapes.b * shapes.hkv * shapes.kv;
-    let kv_bytes = (2 * crate::tensor::KvData::row_bytes(config.kv_elem, kv_rows, shapes.d)) as u64;
+    let kv_bytes = (2 * config.kv_elem.row_bytes(kv_rows, shapes.d)) as u64;
     let visible = count_visible(program, inputs)? as f64;
     let flops_per_entry = 4.0 * shapes.d as f64;
     let fma_peak = peak.map(|p| {

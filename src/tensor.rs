@@ -58,6 +58,11 @@ impl ElemType {
         }
     }
 
+    /// Bytes of `rows` rows of `d` elements, their scales included.
+    pub fn row_bytes(self, rows: usize, d: usize) -> usize {
+        rows * (d * self.size() + if self.is_quantized() { 4 } else { 0 })
+    }
+
     /// Whether elements carry a scale per (token, KV head).
     pub fn is_quantized(self) -> bool {
         matches!(self, ElemType::Int8 | ElemType::Fp8)
@@ -349,15 +354,15 @@ impl<'a> KvData<'a> {
     /// Every element as f32 (for backends that take f32 operands and make a
     /// copy of their own).
     pub fn to_f32(&self) -> Array4<f32> {
-        match self {
-            KvData::F32(a) => a.to_owned(),
-            _ => {
-                let sh = self.shape();
-                Array4::from_shape_fn((sh[0], sh[1], sh[2], sh[3]), |(a, b, c, d)| {
-                    self.get([a, b, c, d])
-                })
+        let sh = self.shape();
+        let mut out = Array4::zeros((sh[0], sh[1], sh[2], sh[3]));
+        for i in 0..sh[0] {
+            for j in 0..sh[1] {
+                out.slice_mut(ndarray::s![i, j, .., ..])
+                    .assign(&self.rows_f32(i, j, 0..sh[2]));
             }
         }
+        out
     }
 
     /// The stored data: pointer to element `[0, 0, 0, 0]`, for the runtime.
@@ -369,11 +374,6 @@ impl<'a> KvData<'a> {
             KvData::Int8 { data, .. } => data.as_ptr().cast(),
             KvData::Fp8 { data, .. } => data.as_ptr().cast(),
         }
-    }
-
-    /// Bytes a read of `rows` rows of `d` elements takes, scales included.
-    pub fn row_bytes(elem: ElemType, rows: usize, d: usize) -> usize {
-        rows * (d * elem.size() + if elem.is_quantized() { 4 } else { 0 })
     }
 }
 

@@ -124,6 +124,40 @@ pub(crate) fn assert_close(what: &str, got: &Outputs, want: &Outputs, tol: f32) 
     );
 }
 
+/// The reference on `paged` equals the reference on `dense` exactly (NaN for
+/// NaN), and every jit kernel and the interpreter under every tiling in
+/// `interp` agree with it to 2e-5 on both layouts.
+pub(crate) fn agree_on_pool_and_rows<'a>(
+    program: &Program,
+    jits: &[(&str, &attnc::JitKernel)],
+    interp: &[(usize, usize)],
+    dense: &Inputs<'a>,
+    paged: &Inputs<'a>,
+    case: &str,
+) {
+    let want = program.run_reference(dense).unwrap();
+    let what = |backend: &str, layout: &str| format!("{case}: {backend} on {layout}");
+    let got = program.run_reference(paged).unwrap();
+    assert_close(&what("reference", "pages"), &got, &want, 0.0);
+    for (layout, inputs) in [("dense rows", dense), ("pages", paged)] {
+        for (name, kernel) in jits {
+            let got = kernel.run(inputs).unwrap();
+            assert_close(&what(name, layout), &got, &want, 2e-5);
+        }
+        for &(bq, bkv) in interp {
+            let got = program
+                .run_interp(inputs, attnc::mask::Tiling { bq, bkv })
+                .unwrap();
+            assert_close(
+                &what(&format!("interp {bq}x{bkv}"), layout),
+                &got,
+                &want,
+                2e-5,
+            );
+        }
+    }
+}
+
 /// Every spec, page sizes 1, 7, 16 and 64, ragged lengths around page
 /// boundaries, decode (Q = 1), speculative verification (Q = 3) and a
 /// chunked prefill (Q = 40), GQA ratios 1, 2 and 4: the paged pool and the
@@ -180,30 +214,14 @@ fn paged_and_ragged_calls_match_the_reference_on_every_backend() {
             let cache = Cache::new(seed, shape, &lens, ps);
             let dense = cache.dense(&program);
             let paged = cache.paged(&program);
-            let want = program.run_reference(&dense).unwrap();
-            let what = |backend: &str, layout: &str| {
-                format!("{src} {shape:?} page {ps} lens {lens:?}: {backend} on {layout}")
-            };
-            // Exactly equal, NaN for NaN.
-            let got = program.run_reference(&paged).unwrap();
-            assert_close(&what("reference", "pages"), &got, &want, 0.0);
-            for (layout, inputs) in [("dense rows", &dense), ("pages", &paged)] {
-                for (name, kernel) in [("jit 64x64", &jit), ("jit 16x16", &jit16)] {
-                    let got = kernel.run(inputs).unwrap();
-                    assert_close(&what(name, layout), &got, &want, 2e-5);
-                }
-                for (bq, bkv) in [(64, 64), (8, 16)] {
-                    let got = program
-                        .run_interp(inputs, attnc::mask::Tiling { bq: bq, bkv: bkv })
-                        .unwrap();
-                    assert_close(
-                        &what(&format!("interp {bq}x{bkv}"), layout),
-                        &got,
-                        &want,
-                        2e-5,
-                    );
-                }
-            }
+            agree_on_pool_and_rows(
+                &program,
+                &[("jit 64x64", &jit), ("jit 16x16", &jit16)],
+                &[(64, 64), (8, 16)],
+                &dense,
+                &paged,
+                &format!("{src} {shape:?} page {ps} lens {lens:?}"),
+            );
         }
     }
     assert_eq!(

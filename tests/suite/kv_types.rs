@@ -4,7 +4,7 @@
 //! and NaN scales; the accuracy against float64 attention on the unrounded
 //! values stays within the bounds the issue sets from torch's figures.
 
-use crate::kv_cache::{assert_close, program, Cache, SPECS};
+use crate::kv_cache::{agree_on_pool_and_rows, assert_close, program, Cache, SPECS};
 use crate::support::common::max_abs_diff;
 
 use attnc::bench::Rng;
@@ -87,22 +87,14 @@ fn every_kv_type_matches_the_reference_on_pools_and_dense_rows() {
                         cache.lens.view(),
                     ),
                 );
-                let want = program.run_reference(&dense).unwrap();
-                let what = |backend: &str, layout: &str| {
-                    format!("{src} {shape:?} {elem} page {ps} lens {lens:?}: {backend} on {layout}")
-                };
-                let got = program.run_reference(&paged).unwrap();
-                assert_close(&what("reference", "pages"), &got, &want, 0.0);
-                for (layout, inputs) in [("dense rows", &dense), ("pages", &paged)] {
-                    for (name, kernel) in [("jit 64x64", &jit), ("jit 16x16", &jit16)] {
-                        let got = kernel.run(inputs).unwrap();
-                        assert_close(&what(name, layout), &got, &want, 2e-5);
-                    }
-                    let got = program
-                        .run_interp(inputs, attnc::mask::Tiling { bq: 8, bkv: 16 })
-                        .unwrap();
-                    assert_close(&what("interp 8x16", layout), &got, &want, 2e-5);
-                }
+                agree_on_pool_and_rows(
+                    &program,
+                    &[("jit 64x64", &jit), ("jit 16x16", &jit16)],
+                    &[(8, 16)],
+                    &dense,
+                    &paged,
+                    &format!("{src} {shape:?} {elem} page {ps} lens {lens:?}"),
+                );
             }
         }
     }

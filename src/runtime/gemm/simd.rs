@@ -563,22 +563,77 @@ mod tests {
         }
     }
 
+    /// Every widening load of `S` against the scalar conversions, on every
+    /// bit pattern of e4m3 and int8 and on bf16/f16 patterns of every
+    /// exponent (subnormals, infinities and NaN included): the same bits, or
+    /// NaN for NaN.
+    unsafe fn check_widening_loads<S: Simd>(name: &str) {
+        let same = |got: f32, want: f32, what: &str| {
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{name} {what}: {got:e} ({:#x}) against {want:e} ({:#x})",
+                got.to_bits(),
+                want.to_bits()
+            );
+        };
+        let mut out = [0f32; MAX_LANES];
+        for block in (0..256usize).step_by(S::LANES) {
+            let bytes: Vec<u8> = (block..block + S::LANES).map(|b| b as u8).collect();
+            S::store(out.as_mut_ptr(), S::load_e4m3(bytes.as_ptr()));
+            for (i, &b) in bytes.iter().enumerate() {
+                same(
+                    out[i],
+                    crate::tensor::e4m3_to_f32(b),
+                    &format!("e4m3 {b:#x}"),
+                );
+            }
+            S::store(out.as_mut_ptr(), S::load_i8(bytes.as_ptr().cast()));
+            for (i, &b) in bytes.iter().enumerate() {
+                same(out[i], b as i8 as f32, &format!("i8 {b:#x}"));
+            }
+        }
+        for block in (0..65536usize).step_by(257 * S::LANES) {
+            let bits: Vec<u16> = (0..S::LANES).map(|i| (block + 257 * i) as u16).collect();
+            S::store(out.as_mut_ptr(), S::load_bf16(bits.as_ptr()));
+            for (i, &b) in bits.iter().enumerate() {
+                same(
+                    out[i],
+                    half::bf16::from_bits(b).to_f32(),
+                    &format!("bf16 {b:#x}"),
+                );
+            }
+            S::store(out.as_mut_ptr(), S::load_f16(bits.as_ptr()));
+            for (i, &b) in bits.iter().enumerate() {
+                same(
+                    out[i],
+                    half::f16::from_bits(b).to_f32(),
+                    &format!("f16 {b:#x}"),
+                );
+            }
+        }
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn check_avx2() {
-        check_row_reductions::<Avx2>("avx2")
+        check_row_reductions::<Avx2>("avx2");
+        check_widening_loads::<Avx2>("avx2");
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn check_avx512() {
-        check_row_reductions::<Avx512>("avx512")
+        check_row_reductions::<Avx512>("avx512");
+        check_widening_loads::<Avx512>("avx512");
     }
 
     #[test]
-    fn row_reductions_match_scalar_ones_on_every_supported_isa() {
+    fn row_reductions_and_widening_loads_match_scalar_ones_on_every_supported_isa() {
         // SAFETY: the portable primitives need no CPU feature.
-        unsafe { check_row_reductions::<Portable>("portable") };
+        unsafe {
+            check_row_reductions::<Portable>("portable");
+            check_widening_loads::<Portable>("portable");
+        }
         #[cfg(target_arch = "x86_64")]
         {
             use super::super::NativeIsa;
@@ -590,7 +645,7 @@ mod tests {
                 // SAFETY: AVX-512F was detected.
                 unsafe { check_avx512() };
             } else {
-                eprintln!("avx512: not supported here, row reductions not run");
+                eprintln!("avx512: not supported here, row reductions and widening loads not run");
             }
         }
     }
