@@ -33,6 +33,7 @@
 //! `qk`, 4 x 8 for `pv`).
 
 mod kernels;
+pub mod pairs;
 pub mod math;
 mod simd;
 pub mod view;

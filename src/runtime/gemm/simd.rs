@@ -55,6 +55,15 @@ pub(crate) unsafe trait Simd: Copy {
     unsafe fn load_bf16(p: *const u16) -> Self::V {
         widen::<Self, u16>(p, Self::LANES, |x| f32::from_bits((x as u32) << 16))
     }
+    /// `LANES` pairs of bf16 (bits; the first of a pair in the low half of
+    /// its `u32`) widened to f32: the first of each pair, then the second.
+    #[inline(always)]
+    unsafe fn load_bf16_pairs(p: *const u32) -> (Self::V, Self::V) {
+        (
+            widen::<Self, u32>(p, Self::LANES, |x| f32::from_bits(x << 16)),
+            widen::<Self, u32>(p, Self::LANES, |x| f32::from_bits(x & 0xffff_0000)),
+        )
+    }
     /// `LANES` f16 values (bits) widened to f32.
     #[inline(always)]
     unsafe fn load_f16(p: *const u16) -> Self::V {
@@ -282,6 +291,14 @@ mod x86 {
             _mm_cvtss_f32(s)
         }
         #[inline(always)]
+        unsafe fn load_bf16_pairs(p: *const u32) -> (__m256, __m256) {
+            let x = _mm256_loadu_si256(p.cast());
+            (
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(x)),
+                _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(-65536))),
+            )
+        }
+        #[inline(always)]
         unsafe fn load_bf16(p: *const u16) -> __m256 {
             let x = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(x))
@@ -424,6 +441,14 @@ mod x86 {
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
             let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
             _mm_cvtss_f32(s)
+        }
+        #[inline(always)]
+        unsafe fn load_bf16_pairs(p: *const u32) -> (__m512, __m512) {
+            let x = _mm512_loadu_si512(p.cast());
+            (
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(x)),
+                _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(-65536))),
+            )
         }
         #[inline(always)]
         unsafe fn load_bf16(p: *const u16) -> __m512 {
