@@ -19,6 +19,11 @@ use crate::tensor::{ElemType, KvData};
 pub struct Inputs<'a> {
     /// `[B, H, Q, D]`
     pub q: ArrayView4<'a, f32>,
+    /// The element type whose values `q` holds (carried in f32, which holds
+    /// every bf16 and f16 value exactly): f32 unless [`Inputs::q_elem`] says
+    /// otherwise. bf16 q with bf16 k and v makes a dense prefill multiply on
+    /// bf16 operands ([`crate::tile::nest::KvSource::PackedBf16`]).
+    pub q_elem: ElemType,
     /// Keys, laid out as [`Inputs::kv_layout`] says: `[B or 1, HKV, KV, D]`
     /// dense, or a pool `[num_pages, page_size, HKV, D]` when paged.
     /// Stored as f32, bf16, f16, or quantized with scales (see [`crate::tensor`]).
@@ -66,6 +71,7 @@ impl<'a> Inputs<'a> {
     ) -> Inputs<'a> {
         Inputs {
             q,
+            q_elem: ElemType::F32,
             k: k.into(),
             v: v.into(),
             kv_layout: KvLayout::Dense,
@@ -119,6 +125,14 @@ impl<'a> Inputs<'a> {
         self
     }
 
+    /// Declares that `q` holds values of `elem` (bf16 or f16 values widened
+    /// to f32, e.g. by [`crate::tensor::round_to`]); binding checks that it
+    /// does. Quantized types are not query types.
+    pub fn q_elem(mut self, elem: ElemType) -> Inputs<'a> {
+        self.q_elem = elem;
+        self
+    }
+
     pub fn with_lse(mut self) -> Inputs<'a> {
         self.want_lse = true;
         self
@@ -157,6 +171,8 @@ pub struct Bound {
     pub pages: Option<Pages>,
     /// The stored element type of k and v.
     pub kv_elem: ElemType,
+    /// The element type of q's values ([`Inputs::q_elem`]).
+    pub q_elem: ElemType,
     /// Indexed by `BufferId`.
     pub buffers: Vec<BufferData>,
 }
@@ -227,6 +243,22 @@ impl Bound {
 /// Inputs that do not fit the spec or each other.
 #[derive(Clone, Debug, PartialEq, thiserror::Error, miette::Diagnostic)]
 pub enum BindError {
+    #[error("q is declared {elem}, but q{index:?} = {value:e} is not a {elem} value")]
+    #[diagnostic(
+        code(attnc::bind::q_dtype),
+        help("round q to {elem} first (`attnc::tensor::round_to`, round to nearest even), or leave it f32")
+    )]
+    QNotRounded {
+        elem: ElemType,
+        index: [usize; 4],
+        value: f32,
+    },
+    #[error("q cannot be {elem}: queries are f32, bf16 or f16")]
+    #[diagnostic(
+        code(attnc::bind::q_dtype),
+        help("quantized types (int8, fp8) are for the K/V cache (`--kv-dtype`); use `--dtype f32|bf16|f16` for q")
+    )]
+    QElem { elem: ElemType },
     #[error("k and v must have the same element type: k is {k}, v is {v}")]
     #[diagnostic(
         code(attnc::bind::kv_dtype),
@@ -442,6 +474,7 @@ pub fn bind(spec: &Spec, inputs: &Inputs<'_>) -> Result<Bound, BindError> {
             v: inputs.v.elem(),
         });
     }
+    check_q_elem(inputs)?;
     for (which, data) in [("k", &inputs.k), ("v", &inputs.v)] {
         if let Some(sc) = data.scales() {
             if sc.shape() != &data.shape()[..3] {
@@ -610,6 +643,7 @@ pub fn bind(spec: &Spec, inputs: &Inputs<'_>) -> Result<Bound, BindError> {
         kv_lens,
         pages,
         kv_elem: inputs.k.elem(),
+        q_elem: inputs.q_elem,
         buffers,
     };
     for (which, data) in [("k", &inputs.k), ("v", &inputs.v)] {
@@ -618,6 +652,38 @@ pub fn bind(spec: &Spec, inputs: &Inputs<'_>) -> Result<Bound, BindError> {
         }
     }
     Ok(bound)
+}
+
+/// Checks that q holds values of its declared element type.
+fn check_q_elem(inputs: &Inputs<'_>) -> Result<(), BindError> {
+    let elem = inputs.q_elem;
+    match elem {
+        ElemType::F32 => return Ok(()),
+        ElemType::Bf16 | ElemType::F16 => {}
+        ElemType::Int8 | ElemType::Fp8 => return Err(BindError::QElem { elem }),
+    }
+    // A bf16 value is an f32 whose low 16 bits are zero (a bit test the
+    // compiler vectorises: this runs on every call).
+    let exact = |x: f32| match elem {
+        ElemType::Bf16 => x.to_bits() & 0xffff == 0 || x.is_nan(),
+        _ => elem.round(x).to_bits() == x.to_bits() || x.is_nan(),
+    };
+    let all_exact = match inputs.q.as_slice_memory_order() {
+        Some(xs) => xs.iter().fold(true, |ok, &x| ok & exact(x)),
+        None => inputs.q.iter().all(|&x| exact(x)),
+    };
+    if all_exact {
+        return Ok(());
+    }
+    let bad = inputs.q.indexed_iter().find(|&(_, &x)| !exact(x));
+    match bad {
+        None => Ok(()),
+        Some(((b, h, i, d), &value)) => Err(BindError::QNotRounded {
+            elem,
+            index: [b, h, i, d],
+            value,
+        }),
+    }
 }
 
 /// Checks that the scale of every key a sequence uses is finite (stale slots

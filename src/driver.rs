@@ -650,29 +650,35 @@ pub type NestShape = (crate::tile::nest::RowMap, crate::tile::nest::KvSource);
 /// - decode, speculative verification (`(H / HKV) x Q` rows fit): the query
 ///   heads of a KV head in one tile;
 /// - ragged batches and paged pools otherwise: one head per tile;
-/// - dense prefill: one head per tile, K/V packed per call.
+/// - dense prefill: one head per tile, K/V packed per call, as bf16 pairs
+///   multiplied on bf16 operands when q, k and v are all bf16.
 pub fn nest_for(bound: &crate::bind::Bound, tiling: crate::mask::Tiling) -> NestShape {
     nest_for_shapes(
         &bound.shapes,
         bound.is_ragged(),
         bound.pages.is_some(),
+        bound.q_elem,
         bound.kv_elem,
         tiling,
     )
 }
 
 /// [`nest_for`] from the shapes alone, with `ragged` for a ragged batch,
-/// `paged` for a paged pool and `kv_elem` the stored type of K and V (for
-/// `attnc emit`, which has no inputs). A quantized cache (int8, fp8) is
-/// always read in place (dequantized in the tile loads, never copied);
-/// bf16/f16 K/V of a dense prefill are widened as they are packed.
+/// `paged` for a paged pool, `q_elem` the type of q's values and `kv_elem`
+/// the stored type of K and V (for `attnc emit`, which has no inputs). A
+/// quantized cache (int8, fp8) is always read in place (dequantized in the
+/// tile loads, never copied); bf16 q, k and v of a dense prefill are packed
+/// as bf16 pairs; other bf16/f16 K/V of a dense prefill are widened to f32 as
+/// they are packed.
 pub fn nest_for_shapes(
     sh: &crate::sema::eval::Shapes,
     ragged: bool,
     paged: bool,
+    q_elem: crate::tensor::ElemType,
     kv_elem: crate::tensor::ElemType,
     tiling: crate::mask::Tiling,
 ) -> NestShape {
+    use crate::tensor::ElemType;
     use crate::tile::nest::{KvSource, RowMap};
     let group = sh.h / sh.hkv.max(1);
     if paged && sh.hkv > 1 && sh.h * sh.q <= tiling.bq && sh.q > 0 {
@@ -681,6 +687,8 @@ pub fn nest_for_shapes(
         (RowMap::GqaGroup, KvSource::InPlace)
     } else if ragged || paged || kv_elem.is_quantized() {
         (RowMap::OneHead, KvSource::InPlace)
+    } else if (q_elem, kv_elem) == (ElemType::Bf16, ElemType::Bf16) {
+        (RowMap::OneHead, KvSource::PackedBf16)
     } else {
         (RowMap::OneHead, KvSource::Packed)
     }

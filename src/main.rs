@@ -268,8 +268,10 @@ struct EmitArgs {
     /// GPU architecture of the PTX: sm_80 (A100) or sm_90 (H100/H200).
     #[arg(long, default_value = "sm_80", value_name = "sm_80|sm_90")]
     arch: String,
-    /// Element type of q, k and v in the PTX kernel: f32 (FMA), f16 or bf16
-    /// (tensor cores); f32 by default, as for `attnc run --backend cuda`.
+    /// Element type of q, k and v: in the PTX kernel, f32 (FMA), f16 or bf16
+    /// (tensor cores), f32 by default as for `attnc run --backend cuda`; with
+    /// --q-len, the loop nest a CPU call of that type takes (bf16: products
+    /// on bf16 pairs).
     #[arg(long, default_value = "f32", value_name = "f32|f16|bf16")]
     dtype: String,
     /// With --target ptx and --page-size: K and V stored as int8 or fp8 with
@@ -1110,7 +1112,8 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         Some((table, lens)) => {
             Inputs::paged(q.view(), k.view(), v.view(), table.view(), lens.view())
         }
-    };
+    }
+    .q_elem(q_elem);
     bind_buffers(&mut inputs, &program, &shapes, buffers, Some(&mut rng))?;
     require_all_buffers(&program, &inputs)?;
     let backend_name = match args.backend {
@@ -1360,11 +1363,13 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
                 kv: kv_len,
                 d: dim.unwrap_or(64),
             };
+            let (q_elem, kv_elem) = elem_types(&args.dtype, args.kv_dtype.as_deref())?;
             let nest = driver::nest_for_shapes(
                 &shapes,
                 false,
                 args.page_size.is_some(),
-                attnc::ElemType::F32,
+                q_elem,
+                kv_elem,
                 tiling,
             );
             let threads = rayon::current_num_threads();
@@ -1607,6 +1612,7 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
         .map(|p| read_ints(p, "kv_lens", 1))
         .transpose()?;
     let mut inputs = Inputs::new(q.view(), k.view(), v.view())
+        .q_elem(q_elem)
         .q_offset(args.q_offset)
         .kv_offset(args.kv_offset);
     if let Some(lens) = &kv_lens {

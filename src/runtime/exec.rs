@@ -18,6 +18,7 @@ use crate::bind::{Bound, Inputs, Outputs};
 use crate::buffer::BufferData;
 use crate::mask::BlockMaps;
 use crate::runtime::abi::{self, BufferDesc, ErrorRecord, KvView, TaskCode};
+use crate::runtime::gemm::pairs::{pack_k_pairs, pack_v_pairs, PairsK, PairsV};
 use crate::runtime::gemm::PANEL;
 use crate::runtime::gemm::{nonfinite_tiles, pack_k, pack_v, PackedK, PackedV};
 use crate::sema::eval::{EvalError, Point};
@@ -205,6 +206,14 @@ impl<'a> CallData<'a> {
     }
 }
 
+/// A packed head's f32 workspace as the `u32` pairs of bf16 it holds for
+/// [`KvSource::PackedBf16`].
+fn as_pairs(x: &mut [f32]) -> &mut [u32] {
+    // SAFETY: f32 and u32 have the same size and alignment, and every bit
+    // pattern is a valid value of both.
+    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<u32>(), x.len()) }
+}
+
 /// Keys of a bf16/f16 head widened to f32 at a time while it is packed
 /// (rounded to a multiple of the key tile).
 const WIDEN_KEYS: usize = 1024;
@@ -250,9 +259,15 @@ pub(crate) fn run_with_budget(
         !bound.kv_elem.is_quantized(),
         "the driver packs no quantized K/V (they are read in place)"
     );
+    let bf16_pairs = k.nest.kv == KvSource::PackedBf16;
+    assert!(
+        !bf16_pairs || matches!(inputs.k, KvData::Bf16(_)) && matches!(inputs.v, KvData::Bf16(_)),
+        "bf16 pairs pack bf16 K and V"
+    );
     // K is packed per (kv batch, kv head); V is used in place when its rows
     // are f32 and already have the packed layout (contiguous, `d` a multiple
-    // of the panel). bf16/f16 rows are widened as they are packed.
+    // of the panel). bf16/f16 rows are widened as they are packed, unless the
+    // kernel multiplies bf16 pairs (`KvSource::PackedBf16`).
     let heads: Vec<(usize, usize)> = (0..bound.kv_batch)
         .flat_map(|b| (0..sh.hkv).map(move |h| (b, h)))
         .collect();
@@ -261,13 +276,21 @@ pub(crate) fn run_with_budget(
     let klay = PackedK { d, kv_len: kv_rows };
     let vlay = PackedV { d, kv_len: kv_rows };
     let v_f32 = inputs.v.as_f32();
-    let v_direct = vlay.row_stride() == d
+    let (klay2, vlay2) = (PairsK { d, kv_len: kv_rows }, PairsV { d, kv_len: kv_rows });
+    let v_direct = !bf16_pairs
+        && vlay.row_stride() == d
         && v_f32.is_some_and(|vin| {
             heads
                 .iter()
                 .all(|&(b, h)| vin.slice(s![b, h, .., ..]).is_standard_layout())
         });
-    let per_head = klay.len() + if v_direct { 0 } else { vlay.len() };
+    // Packed K, then packed V, in f32 (or in u32 pairs of bf16).
+    let (k_len, v_len, v_stride) = if bf16_pairs {
+        (klay2.len(), vlay2.len(), vlay2.row_stride())
+    } else {
+        (klay.len(), vlay.len(), vlay.row_stride())
+    };
+    let per_head = k_len + if v_direct { 0 } else { v_len };
     // Heads are packed and run in groups whose packed copies fit the budget.
     let group = (budget / 4 / per_head.max(1)).clamp(1, heads.len().max(1));
     let call = CallData::new(inputs, bound);
@@ -344,10 +367,10 @@ pub(crate) fn run_with_budget(
             .zip(vflags.par_chunks_mut(n_kt.max(1)))
             .zip(group_heads.par_iter())
             .for_each(|((slot, flags), &(b, h))| {
-                let (kp, vp) = slot.split_at_mut(klay.len());
-                // f32 heads in one piece; others widened a chunk of keys at a
-                // time (a multiple of the panel and of the tile), so the f32
-                // copy is a few hundred KiB per thread, not a head.
+                let (kp, vp) = slot.split_at_mut(k_len);
+                // f32 heads in one piece; others a chunk of keys at a time (a
+                // multiple of the panel and of the tile), so any f32 copy is a
+                // few hundred KiB per thread, not a head.
                 let chunk = match inputs.k.elem() {
                     crate::tensor::ElemType::F32 => kv_rows.max(1),
                     _ => bkv * (WIDEN_KEYS / bkv).max(1),
@@ -355,14 +378,26 @@ pub(crate) fn run_with_budget(
                 for key0 in (0..kv_rows.max(1)).step_by(chunk) {
                     let keys = key0..kv_rows.min(key0 + chunk);
                     let n = keys.len();
-                    let k_rows = inputs.k.rows_f32(b, h, keys.clone());
-                    let kd = &mut kp[key0 / PANEL * klay.panel_stride()..]
-                        [..n.div_ceil(PANEL) * klay.panel_stride()];
-                    pack_k(k_rows.view(), kd).expect("sized by the layout");
-                    let v_rows = inputs.v.rows_f32(b, h, keys);
-                    if !v_direct {
-                        let vd = &mut vp[key0 * vlay.row_stride()..][..n * vlay.row_stride()];
-                        pack_v(v_rows.view(), vd).expect("sized by the layout");
+                    let v_rows = inputs.v.rows_f32(b, h, keys.clone());
+                    match (&inputs.k, &inputs.v) {
+                        (KvData::Bf16(kin), KvData::Bf16(vin)) if bf16_pairs => {
+                            let kd = &mut as_pairs(kp)[key0 / PANEL * klay2.panel_stride()..]
+                                [..n.div_ceil(PANEL) * klay2.panel_stride()];
+                            pack_k_pairs(kin.slice(s![b, h, keys.clone(), ..]), kd);
+                            let vd = &mut as_pairs(vp)[key0 / 2 * v_stride..]
+                                [..n.div_ceil(2) * v_stride];
+                            pack_v_pairs(vin.slice(s![b, h, keys, ..]), vd);
+                        }
+                        _ => {
+                            let k_rows = inputs.k.rows_f32(b, h, keys);
+                            let kd = &mut kp[key0 / PANEL * klay.panel_stride()..]
+                                [..n.div_ceil(PANEL) * klay.panel_stride()];
+                            pack_k(k_rows.view(), kd).expect("sized by the layout");
+                            if !v_direct {
+                                let vd = &mut vp[key0 * v_stride..][..n * v_stride];
+                                pack_v(v_rows.view(), vd).expect("sized by the layout");
+                            }
+                        }
                     }
                     let (t0, nt) = (key0 / bkv, n.div_ceil(bkv));
                     let only = scan.as_deref().map(|s| &s[t0..t0 + nt]);
@@ -394,7 +429,7 @@ pub(crate) fn run_with_budget(
                         .slice(s![vb, vh, .., ..])
                         .as_ptr()
                 } else {
-                    slot[klay.len()..].as_ptr()
+                    slot[k_len..].as_ptr()
                 };
                 let q_off = ((b * sh.h + h) * sh.q + row0) * d;
                 scratch.reset(rows, d);
@@ -408,7 +443,7 @@ pub(crate) fn run_with_budget(
                     q: q[q_off..q_off + rows * d].as_ptr(),
                     k: kp,
                     v: vp,
-                    v_stride: vlay.row_stride() as i64,
+                    v_stride: v_stride as i64,
                     full: fm.full.as_ptr().wrapping_add(2 * fo),
                     n_full: fnum as i64,
                     part: fm.part.as_ptr().wrapping_add(po),

@@ -429,7 +429,12 @@ pub fn run(
             .collect();
         // Both sources read the caller's rows here; they differ in how the
         // compiled backends reach them (packed per call, or in place).
-        let (KvSource::Packed | KvSource::InPlace) = k.nest.kv;
+        // Packed bf16 products are exact on bf16 q and k (a product of two
+        // bf16 values fits an f32); P is rounded to bf16 for pv.
+        let round_p = match k.nest.kv {
+            KvSource::Packed | KvSource::InPlace => false,
+            KvSource::PackedBf16 => true,
+        };
         // Row i reads the KV head of its query head.
         let row_kh: Vec<usize> = (0..rows).map(|i| bound.kv_head(row_at(i).0)).collect();
         let kv_at = |i: usize, j: usize, d: usize| bound.kv_index(b, row_kh[i], j, d);
@@ -495,7 +500,14 @@ pub fn run(
                     Step::OnlineSoftmax => {
                         online_softmax(&mut s, &mut mx, &mut l, &mut acc, k.schedule.exp2)
                     }
-                    Step::Pv => pv(&s, &mut acc, |i, j, d| inputs.v.get(kv_at(i, col0 + j, d))),
+                    Step::Pv => {
+                        if round_p {
+                            for x in s.iter_mut().flatten() {
+                                *x = half::bf16::from_f32(*x).to_f32();
+                            }
+                        }
+                        pv(&s, &mut acc, |i, j, d| inputs.v.get(kv_at(i, col0 + j, d)))
+                    }
                 }
             }
         }

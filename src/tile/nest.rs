@@ -110,6 +110,23 @@ pub enum KvSource {
     /// pages of a pool (`[pages, page_size, HKV, D]`, page `table[b, j /
     /// page_size]`, slot `j % page_size`). Only keys `< kv_len(b)` are read.
     InPlace,
+    /// As [`KvSource::Packed`] for bf16 q, k and v: K and V are packed per
+    /// call as pairs of bf16 values (K in panels of 16 keys, V in rows of two
+    /// keys), and the tile products run on bf16 operands with f32
+    /// accumulation (`vdpbf16ps` where the CPU has AVX-512 BF16, widened to
+    /// f32 elsewhere). Q is bf16 already; P is rounded to bf16 for `pv`, as
+    /// FlashAttention does, after the row sums `l` are taken in f32.
+    PackedBf16,
+}
+
+impl KvSource {
+    /// Whether K and V are packed per call (rather than read in place).
+    pub fn is_packed(self) -> bool {
+        match self {
+            KvSource::Packed | KvSource::PackedBf16 => true,
+            KvSource::InPlace => false,
+        }
+    }
 }
 
 /// The key tiles a task visits.
@@ -252,6 +269,11 @@ impl fmt::Display for LoopNest {
             KvSource::Packed => writeln!(
                 f,
                 "kv packed: k, v f32[B|1, HKV, KV, D] packed per call; head h reads kv head h / (H / HKV)"
+            )?,
+            KvSource::PackedBf16 => writeln!(
+                f,
+                "kv packed_bf16: k, v bf16[B|1, HKV, KV, D] packed per call in pairs; head h reads kv head h / (H / HKV); \
+                 qk and pv on bf16 operands with f32 sums, p rounded to bf16 for pv"
             )?,
             KvSource::InPlace => writeln!(
                 f,

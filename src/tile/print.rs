@@ -212,6 +212,7 @@ impl fmt::Display for Kernel {
         self.write_level(f, "      ", Level::Row, None)?;
         let kv = match self.nest.kv {
             KvSource::Packed => "[b, h / (H / HKV), kt] (packed)",
+            KvSource::PackedBf16 => "[b, h / (H / HKV), kt] (packed bf16 pairs)",
             KvSource::InPlace => "[b, kh, kt] (in place)",
         };
         let exp = if s.exp2 { "exp2" } else { "exp" };
@@ -243,7 +244,10 @@ impl fmt::Display for Kernel {
                         }
                     }
                     Step::OnlineSoftmax => writeln!(f, "      online_softmax s, m, l, acc   ; m' = max(m, rowmax s), p = {exp}(s - m'), l = l * {exp}(m - m') + rowsum p")?,
-                    Step::Pv => writeln!(f, "      acc += pv p, v{kv}   ; keys with p = 0 skipped where v is not finite")?,
+                    Step::Pv => {
+                        let p = if self.nest.kv == KvSource::PackedBf16 { "bf16(p)" } else { "p" };
+                        writeln!(f, "      acc += pv {p}, v{kv}   ; keys with p = 0 skipped where v is not finite")?
+                    }
                 }
             }
         }

@@ -199,7 +199,14 @@ fn paged_and_ragged_calls_match_the_reference_on_every_backend() {
                 let tiling = attnc::mask::Tiling::new(bq, bq).unwrap();
                 nests.insert(format!(
                     "{:?}",
-                    attnc::driver::nest_for_shapes(&sh, false, true, attnc::ElemType::F32, tiling)
+                    attnc::driver::nest_for_shapes(
+                        &sh,
+                        false,
+                        true,
+                        attnc::ElemType::F32,
+                        attnc::ElemType::F32,
+                        tiling
+                    )
                 ));
             }
             let q = shape.2;

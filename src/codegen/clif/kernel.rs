@@ -29,7 +29,7 @@ use super::microkernel::{
 use super::vmath::VMath;
 use crate::codegen::CodegenError;
 use crate::sema::{Func, ShapeVar, Var};
-use crate::tile::nest::Step;
+use crate::tile::nest::{KvSource, Step};
 use crate::tile::{BinOp, CmpOp, Kernel, Level, Op, Section, Ty, UnOp, ValueId, Verified};
 
 use crate::runtime::abi::{code, offset, BufferDesc};
@@ -44,6 +44,12 @@ pub const PV_EXACT_SYMBOL: &str = "attnc_pv_exact";
 /// The symbols of the in-place tile products (`runtime::gemm::view`).
 pub const QK_VIEW_SYMBOL: &str = "attnc_qk_view";
 pub const PV_VIEW_SYMBOL: &str = "attnc_pv_view";
+
+/// The symbols of the bf16 pair products (`runtime::gemm::pairs`), linked in
+/// kernels of [`KvSource::PackedBf16`].
+pub const QK_PAIRS_SYMBOL: &str = "attnc_qk_pairs";
+pub const PV_PAIRS_SYMBOL: &str = "attnc_pv_pairs";
+pub const PV_PAIRS_EXACT_SYMBOL: &str = "attnc_pv_pairs_exact";
 
 /// `ancestor(parent, i, j)` over a buffer descriptor. Returns 0 or 1, or
 /// `-code::OUT_OF_RANGE` (with the index in `*bad`) or `-code::CYCLE` (with
@@ -148,6 +154,15 @@ pub fn compile(
     let (qk_view, pv_view) = crate::runtime::gemm::view::view_kernels(view_isa);
     symbols.push((QK_VIEW_SYMBOL, qk_view as *const u8));
     symbols.push((PV_VIEW_SYMBOL, pv_view as *const u8));
+    // bf16 pairs replace the f32 tile products of a packed nest.
+    let pairs = (kernel.nest.kv == KvSource::PackedBf16)
+        .then(|| crate::runtime::gemm::pairs::PairProducts::for_isa(view_isa, false));
+    if let Some(pairs) = pairs {
+        let (qk, pv, pv_exact) = pairs.kernels();
+        symbols.push((QK_PAIRS_SYMBOL, qk as *const u8));
+        symbols.push((PV_PAIRS_SYMBOL, pv as *const u8));
+        symbols.push((PV_PAIRS_EXACT_SYMBOL, pv_exact as *const u8));
+    }
     let mut jit = JitModule::new(options, &symbols)?;
     let tiles = gemm.declare_in(&mut jit)?;
     let p = jit.pointer_type();
@@ -157,6 +172,17 @@ pub fn compile(
     let qk_view_sig = jit.signature(&[p, p, p, p, p, p, p, p, p, types::F32], &[]);
     let qk_view = jit.declare_import(QK_VIEW_SYMBOL, &qk_view_sig)?;
     let pv_view = jit.declare_import(PV_VIEW_SYMBOL, &super::microkernel::pv_signature(&jit))?;
+    let pair_funcs = match pairs {
+        Some(_) => Some((
+            jit.declare_import(QK_PAIRS_SYMBOL, &super::microkernel::qk_signature(&jit))?,
+            jit.declare_import(PV_PAIRS_SYMBOL, &super::microkernel::pv_signature(&jit))?,
+            jit.declare_import(
+                PV_PAIRS_EXACT_SYMBOL,
+                &super::microkernel::pv_signature(&jit),
+            )?,
+        )),
+        None => None,
+    };
     let sig = jit.signature(&[p], &[types::I64]);
     let name = format!("attnc_task_{}", kernel.name);
     let id = jit.declare_function(&name, &sig)?;
@@ -200,11 +226,15 @@ pub fn compile(
     let has_fma = jit.has_native_fma();
     let clif = {
         let info = jit.define_function(id, |b, refs| {
-            let qk = refs.func_ref(b, tiles.qk);
-            let pv = refs.func_ref(b, tiles.pv);
+            let (qk, pv, pv_exact) = match pair_funcs {
+                Some((qk, pv, pv_exact)) => (qk, pv, pv_exact),
+                None => (tiles.qk, tiles.pv, pv_exact),
+            };
+            let qk = refs.func_ref(b, qk);
+            let pv = refs.func_ref(b, pv);
+            let pv_exact = refs.func_ref(b, pv_exact);
             let sm = refs.func_ref(b, tiles.softmax_update);
             let anc = refs.func_ref(b, ancestor);
-            let pv_exact = refs.func_ref(b, pv_exact);
             let qk_view = refs.func_ref(b, qk_view);
             let pv_view = refs.func_ref(b, pv_view);
             let funcs = Funcs {
@@ -594,19 +624,27 @@ impl Emitter<'_> {
         let q = self.task_field(b, offset::Q);
         let kp = self.task_field(b, offset::K);
         let s = self.task_field(b, offset::S);
-        // K panel of the tile's first key: col0 * d floats in (col0 is a multiple of 16).
-        let koff = b.ins().imul(col0, d);
-        let koff = b.ins().imul_imm_s(koff, 4);
+        // K panel of the tile's first key (col0 is a multiple of 16): col0 * d
+        // floats in, or col0 * round_up(d, 2) bf16 values of pairs.
+        let bf16_pairs = k.nest.kv == KvSource::PackedBf16;
+        let koff = if bf16_pairs {
+            let d2 = b.ins().iadd_imm_s(d, 1);
+            let d2 = b.ins().band_imm_s(d2, -2);
+            let koff = b.ins().imul(col0, d2);
+            b.ins().imul_imm_s(koff, 2)
+        } else {
+            let koff = b.ins().imul(col0, d);
+            b.ins().imul_imm_s(koff, 4)
+        };
         let kaddr = b.ins().iadd(kp, koff);
         let s_stride = b.ins().iconst(p, tc.bkv);
         let m = self.task_field(b, offset::M);
         let l = self.task_field(b, offset::L);
         let acc = self.task_field(b, offset::ACC);
-        use crate::tile::nest::KvSource;
         for step in &k.nest.steps {
             match step {
                 Step::Qk => match k.nest.kv {
-                    KvSource::Packed => {
+                    KvSource::Packed | KvSource::PackedBf16 => {
                         b.ins().call(
                             self.funcs.qk,
                             &[q, d, kaddr, d, tc.rows, cols, s, s_stride, tc.prescale],
@@ -721,8 +759,10 @@ impl Emitter<'_> {
                 Step::Pv => {
                     let vp = self.task_field(b, offset::V);
                     let vstride = self.task_field(b, offset::V_STRIDE);
+                    // V row of the tile's first key: col0 rows of v_stride floats,
+                    // or col0 / 2 rows of v_stride pairs (col0 is even).
                     let voff = b.ins().imul(col0, vstride);
-                    let voff = b.ins().imul_imm_s(voff, 4);
+                    let voff = b.ins().imul_imm_s(voff, if bf16_pairs { 2 } else { 4 });
                     let vaddr = b.ins().iadd(vp, voff);
                     // A tile whose V holds NaN or inf takes the exact product, which skips
                     // keys of probability 0 (the dense one would compute 0 x NaN).

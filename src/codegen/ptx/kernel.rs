@@ -188,7 +188,12 @@ pub(super) fn generate(k: &Verified, launch: &Launch, entry: &str) -> String {
         // `launch` refuses every other grid and row map.
         assert!(matches!(k.nest.grid, Grid::QueryTiles { .. }));
         assert_eq!(k.nest.rows, RowMap::OneHead);
-        let (KvSource::Packed | KvSource::InPlace) = k.nest.kv;
+        // `launch` refuses the CPU's bf16 pairs (bf16 runs on tensor cores
+        // here, chosen by `PtxOptions::dtype`).
+        match k.nest.kv {
+            KvSource::Packed | KvSource::InPlace => {}
+            KvSource::PackedBf16 => unreachable!("refused by `launch`"),
+        }
         let Finish::Normalize = k.nest.finish;
         assert_eq!(
             k.nest,

@@ -123,7 +123,7 @@ pub fn pad_head_dim(d: usize, dtype: Dtype) -> usize {
 pub fn launch(kernel: &Kernel, opts: &PtxOptions) -> Result<Launch, PtxError> {
     use crate::tile::nest::RowMap;
     let s = &kernel.schedule;
-    if s.rows != RowMap::OneHead {
+    if s.rows != RowMap::OneHead || s.kv == crate::tile::nest::KvSource::PackedBf16 {
         return Err(PtxError::Nest {
             what: format!("rows {:?}, K/V {:?}", s.rows, s.kv),
         });

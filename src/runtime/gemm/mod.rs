@@ -33,8 +33,8 @@
 //! `qk`, 4 x 8 for `pv`).
 
 mod kernels;
-pub mod pairs;
 pub mod math;
+pub mod pairs;
 mod simd;
 pub mod view;
 

@@ -722,10 +722,14 @@ mod tests {
     use ndarray::Array2;
 
     fn rnd(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -792,7 +796,14 @@ mod tests {
     fn pair_products_match_f64_on_every_supported_isa() {
         for prod in all_products() {
             let (qk, pv, exact) = prod.kernels();
-            for &(rows, cols, d) in &[(1, 1, 1), (7, 33, 3), (13, 64, 64), (64, 64, 128), (5, 17, 72), (9, 48, 130)] {
+            for &(rows, cols, d) in &[
+                (1, 1, 1),
+                (7, 33, 3),
+                (13, 64, 64),
+                (64, 64, 128),
+                (5, 17, 72),
+                (9, 48, 130),
+            ] {
                 let q = rnd(rows * d, 1);
                 let kf = rnd(cols * d, 2);
                 let k = Array2::from_shape_fn((cols, d), |(j, c)| bf16::from_f32(kf[j * d + c]));
@@ -802,12 +813,31 @@ mod tests {
                 let mut s = vec![f32::NAN; rows * cols];
                 let scale = 0.3f32;
                 // SAFETY: buffers sized by the layouts and shapes.
-                unsafe { qk(q.as_ptr(), d, kp.as_ptr().cast(), d, rows, cols, s.as_mut_ptr(), cols, scale) };
+                unsafe {
+                    qk(
+                        q.as_ptr(),
+                        d,
+                        kp.as_ptr().cast(),
+                        d,
+                        rows,
+                        cols,
+                        s.as_mut_ptr(),
+                        cols,
+                        scale,
+                    )
+                };
                 for r in 0..rows {
                     for c in 0..cols {
-                        let want: f64 = (0..d).map(|t| round(q[r * d + t]) * f64::from(k[[c, t]].to_f32())).sum::<f64>() * f64::from(scale);
+                        let want: f64 = (0..d)
+                            .map(|t| round(q[r * d + t]) * f64::from(k[[c, t]].to_f32()))
+                            .sum::<f64>()
+                            * f64::from(scale);
                         let got = f64::from(s[r * cols + c]);
-                        assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()) * (d as f64).sqrt(), "{} qk {rows}x{cols}x{d} [{r},{c}]: {got} vs {want}", prod.name());
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()) * (d as f64).sqrt(),
+                            "{} qk {rows}x{cols}x{d} [{r},{c}]: {got} vs {want}",
+                            prod.name()
+                        );
                     }
                 }
                 // P in [0, 1), some exact zeros; V with a NaN row at a zero probability for `exact`.
@@ -816,22 +846,43 @@ mod tests {
                     p[r * cols] = 0.0;
                 }
                 let vf = rnd(cols * d, 4);
-                let mut v = Array2::from_shape_fn((cols, d), |(j, c)| bf16::from_f32(vf[j * d + c]));
+                let mut v =
+                    Array2::from_shape_fn((cols, d), |(j, c)| bf16::from_f32(vf[j * d + c]));
                 let vlay = PairsV { d, kv_len: cols };
                 let mut vp = vec![0u32; vlay.len()];
                 pack_v_pairs(v.view(), &mut vp);
                 let acc0 = rnd(rows * d, 5);
                 let mut acc = acc0.clone();
                 // SAFETY: as above.
-                unsafe { pv(p.as_ptr(), cols, vp.as_ptr().cast(), vlay.row_stride(), d, rows, cols, acc.as_mut_ptr(), d) };
+                unsafe {
+                    pv(
+                        p.as_ptr(),
+                        cols,
+                        vp.as_ptr().cast(),
+                        vlay.row_stride(),
+                        d,
+                        rows,
+                        cols,
+                        acc.as_mut_ptr(),
+                        d,
+                    )
+                };
                 let want = |v: &Array2<bf16>, r: usize, t: usize| -> f64 {
-                    f64::from(acc0[r * d + t]) + (0..cols).filter(|&c| p[r * cols + c] != 0.0).map(|c| round(p[r * cols + c]) * f64::from(v[[c, t]].to_f32())).sum::<f64>()
+                    f64::from(acc0[r * d + t])
+                        + (0..cols)
+                            .filter(|&c| p[r * cols + c] != 0.0)
+                            .map(|c| round(p[r * cols + c]) * f64::from(v[[c, t]].to_f32()))
+                            .sum::<f64>()
                 };
                 for r in 0..rows {
                     for t in 0..d {
                         let w = want(&v, r, t);
                         let got = f64::from(acc[r * d + t]);
-                        assert!((got - w).abs() <= 1e-5 * (1.0 + w.abs()) * (cols as f64).sqrt(), "{} pv {rows}x{cols}x{d} [{r},{t}]: {got} vs {w}", prod.name());
+                        assert!(
+                            (got - w).abs() <= 1e-5 * (1.0 + w.abs()) * (cols as f64).sqrt(),
+                            "{} pv {rows}x{cols}x{d} [{r},{t}]: {got} vs {w}",
+                            prod.name()
+                        );
                     }
                 }
                 // Key 0 has probability 0 in every row: a NaN V there stays out.
@@ -841,12 +892,28 @@ mod tests {
                 pack_v_pairs(v.view(), &mut vp);
                 let mut acc = acc0.clone();
                 // SAFETY: as above.
-                unsafe { exact(p.as_ptr(), cols, vp.as_ptr().cast(), vlay.row_stride(), d, rows, cols, acc.as_mut_ptr(), d) };
+                unsafe {
+                    exact(
+                        p.as_ptr(),
+                        cols,
+                        vp.as_ptr().cast(),
+                        vlay.row_stride(),
+                        d,
+                        rows,
+                        cols,
+                        acc.as_mut_ptr(),
+                        d,
+                    )
+                };
                 for r in 0..rows {
                     for t in 0..d {
                         let w = want(&v, r, t);
                         let got = f64::from(acc[r * d + t]);
-                        assert!((got - w).abs() <= 1e-5 * (1.0 + w.abs()) * (cols as f64).sqrt(), "{} exact pv [{r},{t}]: {got} vs {w}", prod.name());
+                        assert!(
+                            (got - w).abs() <= 1e-5 * (1.0 + w.abs()) * (cols as f64).sqrt(),
+                            "{} exact pv [{r},{t}]: {got} vs {w}",
+                            prod.name()
+                        );
                     }
                 }
             }
@@ -869,7 +936,8 @@ mod tests {
         ];
         let d = xs.len();
         // One key per dimension: S[0][c] = bf16(q[c]) (scale 1, K the identity).
-        let eye = Array2::from_shape_fn((d, d), |(j, c)| bf16::from_f32(f32::from(u8::from(j == c))));
+        let eye =
+            Array2::from_shape_fn((d, d), |(j, c)| bf16::from_f32(f32::from(u8::from(j == c))));
         let lay = PairsK { d, kv_len: d };
         let mut kp = vec![0u32; lay.len()];
         pack_k_pairs(eye.view(), &mut kp);
@@ -877,14 +945,43 @@ mod tests {
             let (qk, _, _) = prod.kernels();
             let mut s = vec![0f32; d];
             // SAFETY: sized by the layout.
-            unsafe { qk(xs.as_ptr(), d, kp.as_ptr().cast(), d, 1, d, s.as_mut_ptr(), d, 1.0) };
+            unsafe {
+                qk(
+                    xs.as_ptr(),
+                    d,
+                    kp.as_ptr().cast(),
+                    d,
+                    1,
+                    d,
+                    s.as_mut_ptr(),
+                    d,
+                    1.0,
+                )
+            };
             for (c, &x) in xs.iter().enumerate() {
-                assert_eq!(s[c], bf16::from_f32(x).to_f32(), "{} stage {x}", prod.name());
+                assert_eq!(
+                    s[c],
+                    bf16::from_f32(x).to_f32(),
+                    "{} stage {x}",
+                    prod.name()
+                );
             }
             let mut nan = xs.clone();
             nan[3] = f32::NAN;
             // SAFETY: as above.
-            unsafe { qk(nan.as_ptr(), d, kp.as_ptr().cast(), d, 1, d, s.as_mut_ptr(), d, 1.0) };
+            unsafe {
+                qk(
+                    nan.as_ptr(),
+                    d,
+                    kp.as_ptr().cast(),
+                    d,
+                    1,
+                    d,
+                    s.as_mut_ptr(),
+                    d,
+                    1.0,
+                )
+            };
             assert!(s[3].is_nan(), "{}: a NaN query stays NaN", prod.name());
         }
     }
