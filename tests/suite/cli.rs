@@ -2355,6 +2355,21 @@ fn emit_prints_the_nest_chosen_for_shapes() {
         stdout(&o)
     );
     assert!(stdout(&o).contains("grid query_tiles"), "{}", stdout(&o));
+    // bf16 q, k and v: the prefill multiplies bf16 pairs.
+    let o = attnc(&[
+        "emit", spec, "--stage", "nest", "--q-len", "2048", "--heads", "8", "--dtype", "bf16",
+    ]);
+    let text = stdout(&o);
+    assert!(text.contains("rows OneHead, K/V PackedBf16"), "{text}");
+    assert!(text.contains("kv packed_bf16"), "{text}");
+    let o = attnc(&[
+        "emit", spec, "--stage", "tile", "--q-len", "2048", "--heads", "8", "--dtype", "bf16",
+    ]);
+    let text = stdout(&o);
+    assert!(
+        text.contains("acc += pv bf16(p), v[b, h / (H / HKV), kt] (packed bf16 pairs)"),
+        "{text}"
+    );
     // GQA decode on a paged pool: every head of a sequence in one tile.
     let o = attnc(&[
         "emit",

@@ -325,6 +325,11 @@ fn loop_nest_text() {
             kv: tile::nest::KvSource::InPlace,
             ..Schedule::default()
         },
+        // Prefill with bf16 q, k and v: products on bf16 pairs.
+        Schedule {
+            kv: tile::nest::KvSource::PackedBf16,
+            ..Schedule::default()
+        },
     ] {
         let k = tile::lower(&spec, &schedule);
         assert_eq!(k.nest, tile::LoopNest::forward(&schedule));

@@ -270,15 +270,20 @@ mod x86 {
 /// Pairs staged on the stack per call (above it, on the heap).
 const STAGE: usize = 4096;
 
-/// Runs `f` on a buffer of at least `n` pairs.
+/// Memory for `n` staged pairs: `stack` when it holds them, else `heap`,
+/// grown. (No closure: a closure's body would not inherit the caller's
+/// `#[target_feature]`s, and the intrinsics in it would not be inlined.)
 #[inline(always)]
-unsafe fn with_stage<R>(n: usize, f: impl FnOnce(*mut u32) -> R) -> R {
-    let mut stack = [0u32; STAGE];
+fn stage_ptr(
+    stack: &mut std::mem::MaybeUninit<[u32; STAGE]>,
+    heap: &mut Vec<u32>,
+    n: usize,
+) -> *mut u32 {
     if n <= STAGE {
-        f(stack.as_mut_ptr())
+        stack.as_mut_ptr().cast()
     } else {
-        let mut heap = vec![0u32; n];
-        f(heap.as_mut_ptr())
+        heap.resize(n, 0);
+        heap.as_mut_ptr()
     }
 }
 
@@ -298,10 +303,12 @@ unsafe fn qk_tile<D: PairDot, const R: usize, const NV: usize>(
     let panel_stride = np * PANEL;
     let mut acc = [[D::S::splat(0.0); NV]; R];
     for t in 0..np {
-        let b: [D::B; NV] = std::array::from_fn(|v| {
-            let col = v * lanes;
-            D::b(k.add((col / PANEL) * panel_stride + t * PANEL + col % PANEL))
-        });
+        // (A loop, not `array::from_fn`: see `stage_ptr` on closures.)
+        let at = |v: usize| (v * lanes / PANEL) * panel_stride + t * PANEL + v * lanes % PANEL;
+        let mut b = [D::b(k.add(at(0))); NV];
+        for (v, b_v) in b.iter_mut().enumerate().skip(1) {
+            *b_v = D::b(k.add(at(v)));
+        }
         for (i, acc_row) in acc.iter_mut().enumerate() {
             let a = D::a(*qs.add(i * np + t));
             for (acc_v, &b_v) in acc_row.iter_mut().zip(b.iter()) {
@@ -407,7 +414,10 @@ unsafe fn qk<D: PairDot, const MR: usize, const NV: usize>(
     let np = d.div_ceil(2);
     // Rows staged at a time: as many as fit the stack buffer, at least one.
     let block = (STAGE / np.max(1)).clamp(1, rows.max(1));
-    with_stage(block * np, |qs| {
+    let (mut stack, mut heap) = (std::mem::MaybeUninit::uninit(), Vec::new());
+    // Every pair read is staged first.
+    let qs = stage_ptr(&mut stack, &mut heap, block * np);
+    {
         let mut r0 = 0;
         while r0 < rows {
             let n_rows = block.min(rows - r0);
@@ -443,7 +453,7 @@ unsafe fn qk<D: PairDot, const MR: usize, const NV: usize>(
             }
             r0 += n_rows;
         }
-    })
+    }
 }
 
 /// Register tile of `pv`: `R` rows by `NV` vectors of the head dimension,
@@ -476,7 +486,10 @@ unsafe fn pv_tile<D: PairDot, const R: usize, const NV: usize>(
     }
     for u in 0..n_pairs {
         let vrow = v.add(u * v_stride);
-        let b: [D::B; NV] = std::array::from_fn(|j| D::b(vrow.add(j * lanes)));
+        let mut b = [D::b(vrow); NV];
+        for (j, b_j) in b.iter_mut().enumerate().skip(1) {
+            *b_j = D::b(vrow.add(j * lanes));
+        }
         for (i, c_row) in c.iter_mut().enumerate() {
             let a = D::a(*ps.add(i * ps_stride + u));
             for (c_v, &b_v) in c_row.iter_mut().zip(b.iter()) {
@@ -505,7 +518,10 @@ unsafe fn pv<D: PairDot, const MR: usize, const NV: usize>(
     let width = NV * lanes;
     let n_pairs = cols.div_ceil(2);
     let block = (STAGE / n_pairs.max(1)).clamp(1, rows.max(1));
-    with_stage(block * n_pairs, |ps| {
+    let (mut stack, mut heap) = (std::mem::MaybeUninit::uninit(), Vec::new());
+    // Every pair read is staged first.
+    let ps = stage_ptr(&mut stack, &mut heap, block * n_pairs);
+    {
         let mut r0 = 0;
         while r0 < rows {
             let n_rows = block.min(rows - r0);
@@ -541,7 +557,7 @@ unsafe fn pv<D: PairDot, const MR: usize, const NV: usize>(
             }
             r0 += n_rows;
         }
-    })
+    }
 }
 
 /// `pv` over the keys whose rounded probability is not zero (see the module
