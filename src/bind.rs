@@ -662,12 +662,7 @@ fn check_q_elem(inputs: &Inputs<'_>) -> Result<(), BindError> {
         ElemType::Bf16 | ElemType::F16 => {}
         ElemType::Int8 | ElemType::Fp8 => return Err(BindError::QElem { elem }),
     }
-    // A bf16 value is an f32 whose low 16 bits are zero (a bit test the
-    // compiler vectorises: this runs on every call).
-    let exact = |x: f32| match elem {
-        ElemType::Bf16 => x.to_bits() & 0xffff == 0 || x.is_nan(),
-        _ => elem.round(x).to_bits() == x.to_bits() || x.is_nan(),
-    };
+    let exact = |x: f32| elem.holds(x);
     let all_exact = match inputs.q.as_slice_memory_order() {
         Some(xs) => xs.iter().fold(true, |ok, &x| ok & exact(x)),
         None => inputs.q.iter().all(|&x| exact(x)),

@@ -78,6 +78,27 @@ impl ElemType {
         }
     }
 
+    /// Whether `x` is a value of this type (exactly what [`ElemType::round`]
+    /// keeps; NaN counts, whatever its payload). Bit tests, no conversion:
+    /// binding runs it over every element of q on every call.
+    pub fn holds(self, x: f32) -> bool {
+        let bits = x.to_bits() & 0x7fff_ffff;
+        if bits == 0 || bits >= 0x7f80_0000 {
+            return true; // zeros, infinities, NaN
+        }
+        match self {
+            ElemType::Bf16 => bits & 0xffff == 0,
+            ElemType::F16 => {
+                // f16 keeps 10 of f32's 23 mantissa bits for exponents -14..=15,
+                // and fewer below (subnormals, down to 2^-24).
+                let e = (bits >> 23) as i32 - 127;
+                let dropped = 13 + (-14 - e).max(0);
+                (-24..=15).contains(&e) && bits & ((1u32 << dropped) - 1) == 0
+            }
+            _ => true,
+        }
+    }
+
     /// `x` rounded to this type and back (nearest, ties to even); quantized
     /// types have no rounding of their own (they need a scale) and keep `x`.
     pub fn round(self, x: f32) -> f32 {
@@ -612,6 +633,31 @@ pub fn round_to(x: ArrayView4<'_, f32>, elem: ElemType) -> Array4<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `holds` is exactly "round keeps it": on every f16 and bf16 value
+    /// widened, their neighbours one f32 ulp away, and a sweep of all f32
+    /// bit patterns.
+    #[test]
+    fn holds_is_what_rounding_keeps() {
+        let kept = |e: ElemType, x: f32| e.round(x).to_bits() == x.to_bits() || x.is_nan();
+        let mut xs: Vec<f32> = (0..=u16::MAX)
+            .flat_map(|h| [f16::from_bits(h).to_f32(), bf16::from_bits(h).to_f32()])
+            .flat_map(|x| {
+                let b = x.to_bits();
+                [
+                    x,
+                    f32::from_bits(b.wrapping_add(1)),
+                    f32::from_bits(b.wrapping_sub(1)),
+                ]
+            })
+            .collect();
+        xs.extend((0..=u32::MAX).step_by(4099).map(f32::from_bits));
+        for e in [ElemType::F16, ElemType::Bf16, ElemType::F32] {
+            for &x in &xs {
+                assert_eq!(e.holds(x), kept(e, x), "{e} {x:e} ({:#x})", x.to_bits());
+            }
+        }
+    }
 
     #[test]
     fn e4m3_round_trips_every_code_and_rounds_to_nearest_even() {
