@@ -9,14 +9,18 @@ Two cases of docs/performance.md ("Half precision and quantized caches"):
            right after, over the bytes the call reads), torch SDPA (enable_gqa, contiguous K/V)
            in float32 and bfloat16.
 Each attnc configuration is measured before and after torch, so both sides see the machine in
-the same state; the table gives both medians. Prints the CPU's AVX-512 BF16 / VNNI / AMX flags.
+the same state; the table gives both medians. Then `--rounds` paired rounds of the prefill (attnc
+f32 then bf16, back to back, `--runs` each): the median and range of the per-round f32 / bf16
+ratios, which compare two measurements made in the same state of a noisy machine. Prints the
+CPU's AVX-512 BF16 / VNNI / AMX flags.
 
 Usage (from the repository root, after `cargo build --release`):
-    scripts/bench_dtypes.py [--python PY] [--runs 5]
+    scripts/bench_dtypes.py [--python PY] [--runs 5] [--rounds 7]
 PY is a python with torch (default: this one); without torch the SDPA rows say so.
 """
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 
@@ -87,6 +91,7 @@ def main():
     ap.add_argument("--python", default=sys.executable, help="python with torch")
     ap.add_argument("--binary", default="target/release/attnc")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7, help="paired f32/bf16 prefill rounds")
     args = ap.parse_args()
     model, have = flags()
     print(f"CPU: {model}; flags: {' '.join(have)}; load before: {load()}\n")
@@ -119,6 +124,15 @@ def main():
                 print(f"| {t} | {a['median_ms']:.1f}, {b['median_ms']:.1f} | {f32 / best:.2f}x | "
                       f"{a['kv_bytes'] / 2**20:.0f} | {rate:.1f} | {mem:.2f} | {sd_text} |")
         print()
+    ratios = []
+    for _ in range(args.rounds):
+        f32 = attnc(args.binary, "prefill", "f32", args.runs)["median_ms"]
+        bf16 = attnc(args.binary, "prefill", "bf16", args.runs)["median_ms"]
+        ratios.append(f32 / bf16)
+    if ratios:
+        ratios.sort()
+        print(f"### prefill bf16 against f32, {len(ratios)} paired rounds (load {load()})\n")
+        print(f"f32 / bf16: median {statistics.median(ratios):.2f}x, range {ratios[0]:.2f}-{ratios[-1]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -144,12 +144,18 @@ struct Segments<'a, E> {
     span: usize,
 }
 
-/// One run of keys in a page: its first column, its first row and scale, its length.
+/// One run of keys in a page: its first column, its first row and scale, its
+/// length, and where the products ask for rows ahead.
 struct Segment<E> {
     c: usize,
     rows: *const E,
     scales: *const f32,
     n: usize,
+    /// Null, or the row [`PF_KEYS`] keys after the run's first key, so that
+    /// the products ask for key `j`'s row ahead at `ahead + j * row_stride`
+    /// as they read key `j` (interleaved with the reads, where a burst a
+    /// segment at a time stalls on full miss queues).
+    ahead: *const E,
 }
 
 impl<'a, E: Elem> Segments<'a, E> {
@@ -197,12 +203,23 @@ impl<'a, E: Elem> Segments<'a, E> {
             .scales
             .wrapping_add(page * v.scale_page_stride as usize + slot * v.scale_row_stride as usize);
         // Bring the rows `PF_KEYS` keys ahead into L2, found through the
-        // table: in a pool of small pages they are in other pages.
+        // table: in a pool of small pages they are in other pages. Key by key
+        // as the products read (`Segment::ahead`) when the keys ahead of a
+        // segment share one page (pages that divide `PF_KEYS`: same slot, one
+        // table entry); else a segment at a time, here.
         let ahead = key + PF_KEYS;
-        if ps < PAGE_PF_BELOW
-            && self.span * size_of::<E>() < PF_RUN_BELOW_BYTES
-            && ahead < v.len as usize
-        {
+        let short_runs = self.span * size_of::<E>() < PF_RUN_BELOW_BYTES;
+        let mut ahead_row = std::ptr::null();
+        if short_runs && ps >= PAGE_PF_BELOW {
+            ahead_row = row.wrapping_add(PF_KEYS * v.row_stride as usize);
+        } else if short_runs && PF_KEYS.is_multiple_of(ps) {
+            if ahead < v.len as usize {
+                let page = *v.table.add(ahead / ps) as usize;
+                ahead_row = self
+                    .base
+                    .add(page * v.page_stride as usize + slot * v.row_stride as usize);
+            }
+        } else if short_runs && ahead < v.len as usize {
             let page = *v.table.add(ahead / ps) as usize;
             let slot = ahead % ps;
             let rows = n.min(ps - slot).min(v.len as usize - ahead);
@@ -220,6 +237,7 @@ impl<'a, E: Elem> Segments<'a, E> {
             rows: row,
             scales,
             n,
+            ahead: ahead_row,
         })
     }
 }
@@ -281,9 +299,14 @@ fn prefetch<E>(p: *const E, n: usize) {
 /// segment's stride; past it the hint is wasted, never wrong).
 const PF_KEYS: usize = 128;
 
-/// Pages shorter than this are prefetched a segment at a time through the
-/// table; in longer ones (and dense rows) the products prefetch key by key
-/// within the page, which streams better.
+/// In pages at least this long (and dense rows) the products ask for the row
+/// `PF_KEYS` keys ahead within the page. Shorter pages that divide `PF_KEYS`
+/// find that row through the table, once per segment (the same slot of the
+/// page `PF_KEYS` keys on), and are asked for key by key as well: on the
+/// decode benchmarks of docs/performance.md, against a burst of hints for
+/// the whole segment ahead, pages of 16 took an int8 GQA decode from 17.8-21.9
+/// to 11.2-11.7 ms, a bf16 one from 17.0 to 11.2 ms and an f32 MQA decode from
+/// 8.8-9.7 to 6.5-8.0 ms. Other short pages still take the burst.
 const PAGE_PF_BELOW: usize = 4 * PF_KEYS;
 
 /// Rows of K and V whose contiguous run (every KV head a tile reads, in
@@ -296,14 +319,6 @@ const PAGE_PF_BELOW: usize = 4 * PF_KEYS;
 /// without and 14.8 ms with them; an int8 pool at D = 128 (1 KiB) 17-19 ms
 /// without.
 const PF_RUN_BELOW_BYTES: usize = 4096;
-
-/// Whether the products prefetch key by key (rows in long pages or dense,
-/// each a short run).
-#[inline(always)]
-fn key_prefetch<E>(view: &KvView, d: usize, rows: usize) -> bool {
-    view.page_size as usize >= PAGE_PF_BELOW
-        && row_span(view, d, rows) * size_of::<E>() < PF_RUN_BELOW_BYTES
-}
 
 /// Query rows handled together in `qk`.
 const QK_ROWS: usize = 4;
@@ -324,13 +339,13 @@ unsafe fn qk_part<S: Simd, E: Elem, const NR: usize>(
     d: usize,
     part: &mut [[MaybeUninit<S::V>; super::simd::MAX_LANES]; QK_ROWS],
     jj: usize,
-    pf: bool,
+    ahead: *const E,
 ) {
     let zero = S::splat(0.0);
     let full = d - d % S::LANES;
-    if pf {
+    if !ahead.is_null() {
         for c in 0..QK_KEYS {
-            prefetch(k.wrapping_add((c + PF_KEYS) * rs), d);
+            prefetch(ahead.wrapping_add(c * rs), d);
         }
     }
     let mut acc = [[zero; QK_KEYS]; NR];
@@ -390,13 +405,13 @@ unsafe fn qk<S: Simd, E: Elem>(
     let scale_v = S::splat(scale);
     let tail = S::first_lanes(d - full);
     let (rs, srs) = (view.row_stride as usize, view.scale_row_stride as usize);
-    let pf = key_prefetch::<E>(view, d, rows);
     let mut segs = Segments::<E>::new(view, view.k, view.k_scales, key0, cols, d, rows);
     while let Some(Segment {
         c: c0,
         rows: krows,
         scales,
         n,
+        ahead,
     }) = segs.next()
     {
         // Blocks of LANES keys, walked key after key (each K row read in
@@ -421,7 +436,7 @@ unsafe fn qk<S: Simd, E: Elem>(
                 };
                 // The first rows of a KV head ask for its keys ahead; the
                 // others read the same keys.
-                let pf_here = pf && r0 % head_rows(view) == 0;
+                let pf_here = !ahead.is_null() && r0 % head_rows(view) == 0;
                 // Written before read, rows `..nr` and lanes `..LANES`
                 // (zeroing 4 KiB per block would cost more than the block).
                 let mut part = [[MaybeUninit::<S::V>::uninit(); super::simd::MAX_LANES]; QK_ROWS];
@@ -429,6 +444,11 @@ unsafe fn qk<S: Simd, E: Elem>(
                 let mut jj = 0;
                 while jj < S::LANES {
                     let kr = kb.add(jj * rs);
+                    let pf_here = if pf_here {
+                        ahead.wrapping_add(head + (j + jj) * rs)
+                    } else {
+                        std::ptr::null()
+                    };
                     match nr {
                         4 => qk_part::<S, E, 4>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
                         3 => qk_part::<S, E, 3>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
@@ -506,7 +526,7 @@ unsafe fn pv_block<S: Simd, E: Elem, const NR: usize, const NV: usize>(
     acc: *mut f32,
     acc_stride: usize,
     last: usize,
-    pf: bool,
+    ahead: *const E,
 ) {
     let zero = S::splat(0.0);
     let m = S::first_lanes(last);
@@ -540,8 +560,8 @@ unsafe fn pv_block<S: Simd, E: Elem, const NR: usize, const NV: usize>(
         } else {
             1.0
         };
-        if pf {
-            prefetch(vrow.wrapping_add(PF_KEYS * rs), NV * S::LANES);
+        if !ahead.is_null() {
+            prefetch(ahead.wrapping_add(j * rs), NV * S::LANES);
         }
         if pj.iter().all(|&x| x != 0.0) {
             let pv: [S::V; NR] =
@@ -590,13 +610,13 @@ unsafe fn pv<S: Simd, E: Elem>(
     acc_stride: usize,
 ) {
     let (rs, srs) = (view.row_stride as usize, view.scale_row_stride as usize);
-    let pf = key_prefetch::<E>(view, d, rows);
     let mut segs = Segments::<E>::new(view, view.v, view.v_scales, key0, cols, d, rows);
     while let Some(Segment {
         c: c0,
         rows: vrows,
         scales,
         n,
+        ahead,
     }) = segs.next()
     {
         // Up to four rows of one KV head share each V vector (a GQA group
@@ -607,7 +627,8 @@ unsafe fn pv<S: Simd, E: Elem>(
             let (nr, head, shead) = head_block(view, r0, rows, 4);
             let nr = if nr == 3 { 2 } else { nr };
             let cap = if nr == 4 { 4 } else { PV_VECS };
-            let pf = pf && r0 % head_rows(view) == 0;
+            // The first rows of a KV head ask for its rows ahead.
+            let pf_head = !ahead.is_null() && r0 % head_rows(view) == 0;
             let pr = p.add(r0 * p_stride + c0);
             let sr = scales.wrapping_add(shead);
             let mut t0 = 0;
@@ -616,6 +637,11 @@ unsafe fn pv<S: Simd, E: Elem>(
                 let last = (d - t0 - (nv - 1) * S::LANES).min(S::LANES);
                 let ar = acc.add(r0 * acc_stride + t0);
                 let vr = vrows.add(head + t0);
+                let pf = if pf_head {
+                    ahead.wrapping_add(head + t0)
+                } else {
+                    std::ptr::null()
+                };
                 macro_rules! block {
                     ($($nv:literal)*) => {
                         match (nr, nv) {
