@@ -696,6 +696,27 @@ fn check_scales(
     } else {
         bound.kv_batch.min(sh.b)
     };
+    // A pool is checked page by page in memory order, each page up to the
+    // last slot a sequence uses in it: in table order the pages come in a
+    // shuffled order, and the scan waits on memory at every page. Only on
+    // failure is the table order walked, for the first bad key.
+    if let Some(p) = &bound.pages {
+        let mut used = vec![0usize; p.num_pages];
+        for b in 0..batches {
+            let len = bound.kv_len(b);
+            for (t, start) in (0..len).step_by(p.page_size).enumerate() {
+                let page = p.table[[b, t]] as usize;
+                used[page] = used[page].max(p.page_size.min(len - start));
+            }
+        }
+        let ok = used
+            .iter()
+            .enumerate()
+            .all(|(page, &n)| n == 0 || all_finite(scales.slice(ndarray::s![page, ..n, ..])));
+        if ok {
+            return Ok(());
+        }
+    }
     for b in 0..batches {
         let len = bound.kv_len(b);
         let run = match &bound.pages {
@@ -707,14 +728,8 @@ fn check_scales(
             let [i, j, _, _] = bound.kv_index(b, 0, start, 0);
             // The scales of keys `start .. start + n`, every KV head.
             let ok = match &bound.pages {
-                None => scales
-                    .slice(ndarray::s![i, .., start..start + n])
-                    .iter()
-                    .all(|x| x.is_finite()),
-                Some(_) => scales
-                    .slice(ndarray::s![i, j..j + n, ..])
-                    .iter()
-                    .all(|x| x.is_finite()),
+                None => all_finite(scales.slice(ndarray::s![i, .., start..start + n])),
+                Some(_) => all_finite(scales.slice(ndarray::s![i, j..j + n, ..])),
             };
             if ok {
                 continue;
@@ -737,6 +752,21 @@ fn check_scales(
         }
     }
     Ok(())
+}
+
+/// Whether every value is finite: row by row, as the largest magnitude in
+/// bits (a fold the compiler vectorises, where `all(is_finite)` stops to
+/// branch per value; this runs on every call over every scale a call uses).
+fn all_finite(a: ndarray::ArrayView2<'_, f32>) -> bool {
+    let worst = |m: u32, x: &f32| m.max(x.to_bits() & 0x7fff_ffff);
+    let worst = match a.as_slice_memory_order() {
+        Some(xs) => xs.iter().fold(0, worst),
+        None => a.rows().into_iter().fold(0, |m, row| match row.as_slice() {
+            Some(xs) => xs.iter().fold(m, worst),
+            None => row.iter().fold(m, worst),
+        }),
+    };
+    worst < 0x7f80_0000
 }
 
 /// Checks the sequence lengths: each at least `Q` (the queries are its last

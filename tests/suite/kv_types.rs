@@ -388,6 +388,64 @@ fn bad_stored_kv_is_refused_on_every_backend() {
     assert_close("stale NaN scale", &jit.run(&fine).unwrap(), &want, 2e-5);
 }
 
+/// A pool's scales are checked page by page in memory order, but a failure
+/// names the first bad key in the order of the sequences and their keys:
+/// with two bad scales of one sequence, the earlier key is named even when
+/// its page lies later in the pool. NaN scales in stale slots (past each
+/// sequence's length, spare pages) are no error.
+#[test]
+fn a_bad_scale_in_a_pool_is_named_in_key_order() {
+    let program = program("attention causal { mask = causal }");
+    let mut rng = Rng::new(9);
+    let (ps, lens) = (7, [20usize, 37]);
+    let q = rng.array4((2, 2, 1, 8));
+    let (k, v) = (rng.array4((2, 2, 40, 8)), rng.array4((2, 2, 40, 8)));
+    let (kp, vp, table) = crate::support::common::paged_pool(&k, &v, &lens, ps, &mut rng);
+    let kv_lens = attnc::ndarray::arr1(&lens.map(|n| n as i32));
+    let (kq, vq) = (
+        KvArray::quantize(kp.view(), ElemType::Int8),
+        KvArray::quantize(vp.view(), ElemType::Int8),
+    );
+    let KvArray::Int8 { data, scales } = &vq else {
+        unreachable!()
+    };
+    // NaN scales in every slot no sequence uses.
+    let mut stale = attnc::ndarray::Array3::from_elem(scales.dim(), f32::NAN);
+    for (s, &n) in lens.iter().enumerate() {
+        for key in 0..n {
+            let (page, slot) = (table[[s, key / ps]] as usize, key % ps);
+            stale
+                .slice_mut(s![page, slot, ..])
+                .assign(&scales.slice(s![page, slot, ..]));
+        }
+    }
+    let scales = &stale;
+    let fine_v = attnc::KvData::Int8 {
+        data: data.view(),
+        scales: scales.view(),
+    };
+    let fine = Inputs::paged(q.view(), kq.view(), fine_v, table.view(), kv_lens.view());
+    assert!(program.run_reference(&fine).is_ok());
+    // Keys a < b of sequence 1 whose pages lie the other way round.
+    let page = |key: usize| table[[1, key / ps]] as usize;
+    let (a, b) = (0..37)
+        .flat_map(|a| (a + 1..37).map(move |b| (a, b)))
+        .find(|&(a, b)| page(a) > page(b))
+        .expect("a shuffled table");
+    let mut bad = scales.clone();
+    bad[[page(a), a % ps, 1]] = f32::NAN;
+    bad[[page(b), b % ps, 0]] = f32::INFINITY;
+    let bad_v = attnc::KvData::Int8 {
+        data: data.view(),
+        scales: bad.view(),
+    };
+    let inputs = Inputs::paged(q.view(), kq.view(), bad_v, table.view(), kv_lens.view());
+    let err = program.run_reference(&inputs).unwrap_err().to_string();
+    let want =
+        format!("the v scale of key {a} of sequence 1, KV head 1 is NaN, which is not finite");
+    assert!(err.contains(&want), "{err:?} should say {want:?}");
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig {
         cases: 48,
