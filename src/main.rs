@@ -454,9 +454,20 @@ struct RunArgs {
         allow_negative_numbers = true
     )]
     q_offset: i64,
-    /// Where to write the output, float32 [B, H, Q, D] (optional with --check).
+    /// Where to write the output, [B, H, Q, D] in --out-dtype (optional with --check).
     #[arg(long, value_name = "FILE.npy", required_unless_present = "check")]
     out: Option<PathBuf>,
+    /// Element type of the --out file: f32 (float32), f16 (float16, `<f2`) or
+    /// bf16 (uint16 bit patterns, as bf16 inputs travel: numpy has no bf16),
+    /// rounded from the f32 result to nearest, ties to even. lse stays
+    /// float32, and --check compares the f32 result.
+    #[arg(
+        long,
+        default_value = "f32",
+        value_name = "f32|bf16|f16",
+        requires = "out"
+    )]
+    out_dtype: String,
     /// Also write the log-sum-exp of every row, float32 [B, H, Q].
     #[arg(long, value_name = "FILE.npy")]
     lse: Option<PathBuf>,
@@ -1520,6 +1531,20 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
     }
     Staged::check_targets(&targets)?;
     let (q_elem, kv_elem) = elem_types(&args.dtype, args.kv_dtype.as_deref())?;
+    let out_elem = match args.out_dtype.parse::<attnc::ElemType>() {
+        Ok(e) if !e.is_quantized() => e,
+        Ok(e) => {
+            return Err(Error::Usage(format!(
+                "`--out-dtype {e}`: the output is written as f32, bf16 or f16"
+            )))
+        }
+        Err(e) => {
+            return Err(Error::Usage(format!(
+                "`--out-dtype {}`: {e}",
+                args.out_dtype
+            )))
+        }
+    };
     if let Some(t) = args.tolerance.filter(|t| !(*t >= 0.0 && t.is_finite())) {
         return Err(Error::Usage(format!(
             "`--tolerance {t}`: the tolerance is the largest max |diff| that passes, a finite number >= 0 (default 1e-4)"
@@ -1684,14 +1709,14 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
     if let Some(out) = &args.out {
         use ndarray_npy::WriteNpyExt;
         let mut staged = Staged::new();
-        staged.write(out, |w| outputs.out.write_npy(w).map_err(|e| e.to_string()))?;
+        staged.write(out, |w| npy::write_out(w, &outputs.out, out_elem))?;
         if let (Some(path), Some(lse)) = (&args.lse, &outputs.lse) {
             staged.write(path, |w| lse.write_npy(w).map_err(|e| e.to_string()))?;
         }
         staged.commit()?;
         let sh = outputs.out.shape();
         say_err(format_args!(
-            "{}: wrote out [{}, {}, {}, {}] to {}{}\n",
+            "{}: wrote out {out_elem}[{}, {}, {}, {}] to {}{}\n",
             program.spec.name,
             sh[0],
             sh[1],

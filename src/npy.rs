@@ -852,6 +852,43 @@ pub fn write_f32<D: Dimension>(path: &Path, a: &Array<f32, D>) -> Result<(), Err
         .map_err(|e| io(e.to_string()))
 }
 
+/// Writes the output `out` in `elem` to `w`: float32; float16 (`<f2`); or
+/// bf16 as uint16 bit patterns (`<u2`, numpy having no bf16), each value
+/// rounded to nearest, ties to even.
+///
+/// # Panics
+///
+/// If `elem` is quantized (int8, fp8: no output type).
+pub fn write_out<W: std::io::Write>(
+    w: &mut W,
+    out: &ndarray::Array4<f32>,
+    elem: crate::tensor::ElemType,
+) -> Result<(), String> {
+    use crate::tensor::ElemType;
+    match elem {
+        ElemType::F32 => out.write_npy(w).map_err(|e| e.to_string()),
+        ElemType::Bf16 => out
+            .mapv(|x| half::bf16::from_f32(x).to_bits())
+            .write_npy(w)
+            .map_err(|e| e.to_string()),
+        ElemType::F16 => {
+            // ndarray-npy has no float16: the header and data by hand.
+            let shape: Vec<String> = out.shape().iter().map(|n| n.to_string()).collect();
+            let header = format!(
+                "{{'descr': '<f2', 'fortran_order': False, 'shape': ({}), }}",
+                shape.join(", ")
+            );
+            let data: Vec<u8> = out
+                .iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect();
+            w.write_all(&v1_file_bytes(&header, &data))
+                .map_err(|e| e.to_string())
+        }
+        ElemType::Int8 | ElemType::Fp8 => panic!("{elem} is no output type"),
+    }
+}
+
 /// Reads any float32 array (for tests and tools).
 pub fn read_f32_dyn(path: &Path) -> Result<ArrayD<f32>, Error> {
     let opened = open_npy(path)?;

@@ -252,7 +252,7 @@ fn run_reproduces_the_fixture() {
     let o = run_packed(&dir, &["--lse", &lse]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("packed_docs: wrote out [2, 4, 95, 16]"),
+        stderr(&o).contains("packed_docs: wrote out f32[2, 4, 95, 16]"),
         "{}",
         stderr(&o)
     );
@@ -1498,6 +1498,41 @@ fn run_random_check_compares_with_the_reference() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let a = npy::read_f32_dyn(&dir.path("out.npy")).unwrap();
     assert_eq!(a.shape(), &[1, 4, 100, 16]);
+}
+
+/// `--out-dtype bf16|f16` writes the f32 result rounded to nearest even, as
+/// uint16 bf16 bit patterns or float16; a quantized type or an unknown one is
+/// a usage error that writes nothing.
+#[test]
+fn run_writes_the_output_in_half_precision() {
+    let dir = TempDir::new();
+    let o = run_random(&["--out", &dir.str("f32.npy")]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let exact = npy::read_f32_4d(&dir.path("f32.npy"), "out").unwrap();
+    for elem in [attnc::ElemType::Bf16, attnc::ElemType::F16] {
+        let name = format!("{elem}.npy");
+        let o = run_random(&["--out", &dir.str(&name), "--out-dtype", elem.name()]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains(&format!("wrote out {elem}[1, 4, 100, 16]")),
+            "{}",
+            stderr(&o)
+        );
+        let (got, note) = npy::read_q(&dir.path(&name), elem).unwrap();
+        assert_eq!(note, None, "stored as {elem} already");
+        assert_eq!(got, attnc::tensor::round_to(exact.view(), elem), "{elem}");
+    }
+    for (bad, says) in [
+        (
+            "int8",
+            "`--out-dtype int8`: the output is written as f32, bf16 or f16",
+        ),
+        ("f64", "`--out-dtype f64`"),
+    ] {
+        let o = run_random(&["--out", &dir.str("bad.npy"), "--out-dtype", bad]);
+        assert_fails(&o, &[says]);
+        assert!(!dir.path("bad.npy").exists());
+    }
 }
 
 #[test]
