@@ -13,6 +13,59 @@ use super::math::{exp2_nonpositive, exp_nonpositive};
 use super::simd::{Simd, MAX_LANES};
 use super::PANEL;
 
+/// Loads `R` rows of `NV` vectors from rows `stride` apart: the first
+/// `n_cols` columns, zero past them.
+#[inline(always)]
+pub(crate) unsafe fn load_rows<S: Simd, const R: usize, const NV: usize>(
+    p: *const f32,
+    stride: usize,
+    n_cols: usize,
+) -> [[S::V; NV]; R] {
+    let lanes = S::LANES;
+    let zero = S::splat(0.0);
+    let mut c = [[zero; NV]; R];
+    for (i, c_row) in c.iter_mut().enumerate() {
+        let row = p.add(i * stride);
+        for (j, c_v) in c_row.iter_mut().enumerate() {
+            let col = j * lanes;
+            if col + lanes <= n_cols {
+                *c_v = S::load(row.add(col));
+            } else if col < n_cols {
+                *c_v = S::load_masked(row.add(col), S::first_lanes(n_cols - col), zero);
+            }
+        }
+    }
+    c
+}
+
+/// Stores `R` rows of `NV` vectors (times `scale`, if any) to the first
+/// `n_cols` columns of rows `s_stride` apart.
+#[inline(always)]
+pub(crate) unsafe fn store_rows<S: Simd, const R: usize, const NV: usize>(
+    rows: &[[S::V; NV]; R],
+    n_cols: usize,
+    s: *mut f32,
+    s_stride: usize,
+    scale: Option<f32>,
+) {
+    let lanes = S::LANES;
+    for (i, row_v) in rows.iter().enumerate() {
+        let row = s.add(i * s_stride);
+        for (v, &x) in row_v.iter().enumerate() {
+            let col = v * lanes;
+            let val = match scale {
+                Some(f) => S::mul(x, S::splat(f)),
+                None => x,
+            };
+            if col + lanes <= n_cols {
+                S::store(row.add(col), val);
+            } else if col < n_cols {
+                S::store_masked(row.add(col), S::first_lanes(n_cols - col), val);
+            }
+        }
+    }
+}
+
 /// Register tile of `qk`: `R` rows by `NV` vectors, reduced over `d`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -41,19 +94,7 @@ unsafe fn qk_tile<S: Simd, const R: usize, const NV: usize>(
             }
         }
     }
-    let scale_v = S::splat(scale);
-    for (i, acc_row) in acc.iter().enumerate() {
-        let row = s.add(i * s_stride);
-        for (v, &acc_v) in acc_row.iter().enumerate() {
-            let col = v * lanes;
-            let val = S::mul(acc_v, scale_v);
-            if col + lanes <= n_cols {
-                S::store(row.add(col), val);
-            } else if col < n_cols {
-                S::store_masked(row.add(col), S::first_lanes(n_cols - col), val);
-            }
-        }
-    }
+    store_rows::<S, R, NV>(&acc, n_cols, s, s_stride, Some(scale));
 }
 
 /// All rows of one `qk` column tile: full `MR`-row tiles, then tiles of 8, 4, 2, 1 rows.
@@ -173,19 +214,7 @@ unsafe fn pv_tile<S: Simd, const R: usize, const NV: usize>(
     acc_stride: usize,
 ) {
     let lanes = S::LANES;
-    let zero = S::splat(0.0);
-    let mut c = [[zero; NV]; R];
-    for (i, c_row) in c.iter_mut().enumerate() {
-        let row = acc.add(i * acc_stride);
-        for (j, c_v) in c_row.iter_mut().enumerate() {
-            let col = j * lanes;
-            if col + lanes <= n_cols {
-                *c_v = S::load(row.add(col));
-            } else if col < n_cols {
-                *c_v = S::load_masked(row.add(col), S::first_lanes(n_cols - col), zero);
-            }
-        }
-    }
+    let mut c = load_rows::<S, R, NV>(acc, acc_stride, n_cols);
     for kk in 0..n_keys {
         let vrow = v.add(kk * v_stride);
         let b: [S::V; NV] = std::array::from_fn(|j| S::load(vrow.add(j * lanes)));
@@ -196,17 +225,7 @@ unsafe fn pv_tile<S: Simd, const R: usize, const NV: usize>(
             }
         }
     }
-    for (i, c_row) in c.iter().enumerate() {
-        let row = acc.add(i * acc_stride);
-        for (j, &c_v) in c_row.iter().enumerate() {
-            let col = j * lanes;
-            if col + lanes <= n_cols {
-                S::store(row.add(col), c_v);
-            } else if col < n_cols {
-                S::store_masked(row.add(col), S::first_lanes(n_cols - col), c_v);
-            }
-        }
-    }
+    store_rows::<S, R, NV>(&c, n_cols, acc, acc_stride, None);
 }
 
 /// All rows of one `pv` column block.

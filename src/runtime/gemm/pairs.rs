@@ -33,6 +33,7 @@
 //! * `pv_exact`: `pv` over the keys whose rounded probability is not zero, so a
 //!   NaN or infinite V of a masked key cannot reach the accumulator.
 
+use super::kernels::{load_rows, store_rows};
 use super::simd::{Portable, Simd};
 use super::{PvFn, QkFn, PANEL};
 use half::bf16;
@@ -319,34 +320,6 @@ unsafe fn qk_tile<D: PairDot, const R: usize, const NV: usize>(
     store_rows::<D::S, R, NV>(&acc, n_cols, s, s_stride, Some(scale));
 }
 
-/// Stores `R` rows of `NV` vectors (times `scale`, if any) to the first
-/// `n_cols` columns of rows `s_stride` apart.
-#[inline(always)]
-unsafe fn store_rows<S: Simd, const R: usize, const NV: usize>(
-    rows: &[[S::V; NV]; R],
-    n_cols: usize,
-    s: *mut f32,
-    s_stride: usize,
-    scale: Option<f32>,
-) {
-    let lanes = S::LANES;
-    for (i, row_v) in rows.iter().enumerate() {
-        let row = s.add(i * s_stride);
-        for (v, &x) in row_v.iter().enumerate() {
-            let col = v * lanes;
-            let val = match scale {
-                Some(f) => S::mul(x, S::splat(f)),
-                None => x,
-            };
-            if col + lanes <= n_cols {
-                S::store(row.add(col), val);
-            } else if col < n_cols {
-                S::store_masked(row.add(col), S::first_lanes(n_cols - col), val);
-            }
-        }
-    }
-}
-
 /// Row tiles of `MR` rows, then of 4, 2 and 1: calls `tile!(R, r)` for each
 /// tile of `R` rows starting at row `r`.
 macro_rules! row_tiles {
@@ -471,19 +444,7 @@ unsafe fn pv_tile<D: PairDot, const R: usize, const NV: usize>(
     acc_stride: usize,
 ) {
     let lanes = D::S::LANES;
-    let zero = D::S::splat(0.0);
-    let mut c = [[zero; NV]; R];
-    for (i, c_row) in c.iter_mut().enumerate() {
-        let row = acc.add(i * acc_stride);
-        for (j, c_v) in c_row.iter_mut().enumerate() {
-            let col = j * lanes;
-            if col + lanes <= n_cols {
-                *c_v = D::S::load(row.add(col));
-            } else if col < n_cols {
-                *c_v = D::S::load_masked(row.add(col), D::S::first_lanes(n_cols - col), zero);
-            }
-        }
-    }
+    let mut c = load_rows::<D::S, R, NV>(acc, acc_stride, n_cols);
     for u in 0..n_pairs {
         let vrow = v.add(u * v_stride);
         let mut b = [D::b(vrow); NV];
