@@ -683,8 +683,11 @@ fn check_q_elem(inputs: &Inputs<'_>) -> Result<(), BindError> {
 
 /// Checks that the scale of every key a sequence uses is finite (stale slots
 /// past a sequence's length, or in pages it does not use, may hold anything).
-/// Runs of keys in one page (dense rows: one run) are checked as slices, and
-/// only a run that fails is searched for the first bad key.
+/// A pool is checked page by page in memory order, each page up to the last
+/// slot a sequence uses in it; dense rows (and a pool that fails) run by run
+/// in the order of the sequences and their keys (a run: the keys of one
+/// page, or all of a sequence's dense rows), and only a run that fails is
+/// searched for the first bad key, so the error names the first in key order.
 fn check_scales(
     which: &'static str,
     scales: &ndarray::ArrayView3<'_, f32>,
@@ -754,17 +757,18 @@ fn check_scales(
     Ok(())
 }
 
-/// Whether every value is finite: row by row, as the largest magnitude in
-/// bits (a fold the compiler vectorises, where `all(is_finite)` stops to
-/// branch per value; this runs on every call over every scale a call uses).
+/// Whether every value is finite ([`crate::tensor::MagnitudeBits`]; this runs
+/// on every call over every scale a call uses).
 fn all_finite(a: ndarray::ArrayView2<'_, f32>) -> bool {
-    let worst = |m: u32, x: &f32| m.max(x.to_bits() & 0x7fff_ffff);
+    use crate::tensor::max_magnitude_bits;
     let worst = match a.as_slice_memory_order() {
-        Some(xs) => xs.iter().fold(0, worst),
-        None => a.rows().into_iter().fold(0, |m, row| match row.as_slice() {
-            Some(xs) => xs.iter().fold(m, worst),
-            None => row.iter().fold(m, worst),
-        }),
+        Some(xs) => max_magnitude_bits(ndarray::ArrayView1::from(xs)),
+        None => a
+            .rows()
+            .into_iter()
+            .map(max_magnitude_bits)
+            .max()
+            .unwrap_or(0),
     };
     worst < 0x7f80_0000
 }

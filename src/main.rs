@@ -436,9 +436,11 @@ struct RunArgs {
     #[arg(long, short)]
     quiet: bool,
     /// With --check: the largest max |diff| that passes. Default 1e-4, or
-    /// with q, k and v all bf16 1e-4 + 2^-9 max|v|: a bf16 prefill rounds the
-    /// probabilities to bf16 for P·V, as FlashAttention does, which moves out
-    /// by at most 2^-9 max|v| from the reference's exact f64.
+    /// 1e-4 + 2^-9 max|v| (over V's finite values) when the call multiplies
+    /// bf16 pairs (a dense prefill with q, k and v all bf16, on the jit or
+    /// interp backend): it rounds the probabilities to bf16 for P·V, as
+    /// FlashAttention does, which moves out by at most 2^-9 max|v| from the
+    /// reference's exact f64.
     #[arg(
         long,
         value_name = "T",
@@ -1547,7 +1549,7 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
     };
     if let Some(t) = args.tolerance.filter(|t| !(*t >= 0.0 && t.is_finite())) {
         return Err(Error::Usage(format!(
-            "`--tolerance {t}`: the tolerance is the largest max |diff| that passes, a finite number >= 0 (default 1e-4)"
+            "`--tolerance {t}`: the tolerance is the largest max |diff| that passes, a finite number >= 0 (default 1e-4; see `attnc run --help`)"
         )));
     }
     let buffers = assignments(&args.buffers, "buffer")?;
@@ -1742,8 +1744,18 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
         let tolerance = match args.tolerance {
             Some(t) => t,
             // P·V on bf16 probabilities (see `--tolerance`).
-            None if (q_elem, kv_elem) == (attnc::ElemType::Bf16, attnc::ElemType::Bf16) => {
-                let v_max = inputs.v.to_f32().iter().fold(0f32, |m, x| m.max(x.abs()));
+            None if tiling.is_some_and(|t| {
+                attnc::bind::bind(&program.spec, &inputs).is_ok_and(|b| {
+                    driver::nest_for(&b, t).1 == attnc::tile::nest::KvSource::PackedBf16
+                })
+            }) =>
+            {
+                let v_max = inputs
+                    .v
+                    .to_f32()
+                    .iter()
+                    .filter(|x| x.is_finite())
+                    .fold(0f32, |m, x| m.max(x.abs()));
                 1e-4 + f64::from(v_max) * 2f64.powi(-9)
             }
             None => 1e-4,

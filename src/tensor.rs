@@ -116,6 +116,37 @@ impl std::fmt::Display for ElemType {
     }
 }
 
+/// The bits of `|x|` read as an f32: at least `0x7f80_0000` exactly when `x`
+/// is not finite. The scans for non-finite values fold these with an integer
+/// maximum, which vectorises where a float test stops to branch per value.
+pub trait MagnitudeBits: Copy {
+    fn magnitude_bits(self) -> u32;
+}
+
+impl MagnitudeBits for f32 {
+    #[inline(always)]
+    fn magnitude_bits(self) -> u32 {
+        self.to_bits() & 0x7fff_ffff
+    }
+}
+
+impl MagnitudeBits for bf16 {
+    /// A bf16 is the high half of the f32 it widens to.
+    #[inline(always)]
+    fn magnitude_bits(self) -> u32 {
+        (u32::from(self.to_bits()) << 16) & 0x7fff_ffff
+    }
+}
+
+/// The largest [`MagnitudeBits`] of a row (0 when empty).
+#[inline]
+pub fn max_magnitude_bits<T: MagnitudeBits>(row: ndarray::ArrayView1<'_, T>) -> u32 {
+    match row.as_slice() {
+        Some(xs) => xs.iter().fold(0, |m, x| m.max(x.magnitude_bits())),
+        None => row.iter().fold(0, |m, x| m.max(x.magnitude_bits())),
+    }
+}
+
 /// Why [`KvArray::append`] wrote nothing.
 #[derive(Clone, Debug, PartialEq, thiserror::Error, miette::Diagnostic)]
 pub enum AppendError {

@@ -261,8 +261,11 @@ pub(crate) fn run_with_budget(
     );
     let bf16_pairs = k.nest.kv == KvSource::PackedBf16;
     assert!(
-        !bf16_pairs || matches!(inputs.k, KvData::Bf16(_)) && matches!(inputs.v, KvData::Bf16(_)),
-        "bf16 pairs pack bf16 K and V"
+        !bf16_pairs
+            || bound.q_elem == crate::tensor::ElemType::Bf16
+                && matches!(inputs.k, KvData::Bf16(_))
+                && matches!(inputs.v, KvData::Bf16(_)),
+        "bf16 pairs multiply bf16 q, K and V"
     );
     // K is packed per (kv batch, kv head); V is used in place when its rows
     // are f32 and already have the packed layout (contiguous, `d` a multiple
@@ -378,30 +381,33 @@ pub(crate) fn run_with_budget(
                 for key0 in (0..kv_rows.max(1)).step_by(chunk) {
                     let keys = key0..kv_rows.min(key0 + chunk);
                     let n = keys.len();
-                    let v_rows = inputs.v.rows_f32(b, h, keys.clone());
+                    let (t0, nt) = (key0 / bkv, n.div_ceil(bkv));
+                    let only = scan.as_deref().map(|s| &s[t0..t0 + nt]);
+                    let flags = &mut flags[t0..t0 + nt];
                     match (&inputs.k, &inputs.v) {
                         (KvData::Bf16(kin), KvData::Bf16(vin)) if bf16_pairs => {
                             let kd = &mut as_pairs(kp)[key0 / PANEL * klay2.panel_stride()..]
                                 [..n.div_ceil(PANEL) * klay2.panel_stride()];
                             pack_k_pairs(kin.slice(s![b, h, keys.clone(), ..]), kd);
+                            let vin = vin.slice(s![b, h, keys, ..]);
                             let vd = &mut as_pairs(vp)[key0 / 2 * v_stride..]
                                 [..n.div_ceil(2) * v_stride];
-                            pack_v_pairs(vin.slice(s![b, h, keys, ..]), vd);
+                            pack_v_pairs(vin, vd);
+                            nonfinite_tiles(vin, bkv, only, flags);
                         }
                         _ => {
-                            let k_rows = inputs.k.rows_f32(b, h, keys);
+                            let k_rows = inputs.k.rows_f32(b, h, keys.clone());
                             let kd = &mut kp[key0 / PANEL * klay.panel_stride()..]
                                 [..n.div_ceil(PANEL) * klay.panel_stride()];
                             pack_k(k_rows.view(), kd).expect("sized by the layout");
+                            let v_rows = inputs.v.rows_f32(b, h, keys);
                             if !v_direct {
                                 let vd = &mut vp[key0 * v_stride..][..n * v_stride];
                                 pack_v(v_rows.view(), vd).expect("sized by the layout");
                             }
+                            nonfinite_tiles(v_rows.view(), bkv, only, flags);
                         }
                     }
-                    let (t0, nt) = (key0 / bkv, n.div_ceil(bkv));
-                    let only = scan.as_deref().map(|s| &s[t0..t0 + nt]);
-                    nonfinite_tiles(v_rows.view(), bkv, only, &mut flags[t0..t0 + nt]);
                 }
             });
         let packed: &[f32] = workspace;

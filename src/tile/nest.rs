@@ -119,16 +119,6 @@ pub enum KvSource {
     PackedBf16,
 }
 
-impl KvSource {
-    /// Whether K and V are packed per call (rather than read in place).
-    pub fn is_packed(self) -> bool {
-        match self {
-            KvSource::Packed | KvSource::PackedBf16 => true,
-            KvSource::InPlace => false,
-        }
-    }
-}
-
 /// The key tiles a task visits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KeyWalk {

@@ -1885,15 +1885,16 @@ fn run_reads_half_precision_and_quantized_inputs() {
             );
             assert!(o.status.success(), "{what} {backend}: {}", stderr(&o));
             assert!(stdout(&o).contains(": ok"), "{}", stdout(&o));
-            // bf16 q, k and v: the default tolerance allows for the bf16
-            // probabilities of P·V, 1e-4 + 2^-9 max|v| (v in [-1, 1) here).
+            // bf16 q, k and v on a tiled backend: the default tolerance allows
+            // for the bf16 probabilities of P·V, 1e-4 + 2^-9 max|v| (v in
+            // [-1, 1) here); the reference itself is exact.
             let tol: f64 = stdout(&o)
                 .split("(tolerance ")
                 .nth(1)
                 .and_then(|t| t.split(')').next())
                 .and_then(|t| t.parse().ok())
                 .unwrap_or_else(|| panic!("no tolerance in {}", stdout(&o)));
-            if (*dtype, *kv_dtype) == ("bf16", None) {
+            if (*dtype, *kv_dtype) == ("bf16", None) && backend != "reference" {
                 assert!(tol > 1e-4 && tol <= 1e-4 + 2f64.powi(-9), "{tol}");
             } else {
                 assert_eq!(tol, 1e-4);

@@ -38,7 +38,7 @@ pub mod pairs;
 mod simd;
 pub mod view;
 
-use ndarray::{ArrayView1, ArrayView2};
+use ndarray::ArrayView2;
 use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
@@ -298,17 +298,15 @@ pub fn pack_v(v: ArrayView2<f32>, dst: &mut [f32]) -> Result<PackedV, PackError>
 ///
 /// If `out` (or `only`) does not hold exactly `ceil(kv_len / tile)` flags or `tile`
 /// is 0.
-pub fn nonfinite_tiles(v: ArrayView2<f32>, tile: usize, only: Option<&[bool]>, out: &mut [u8]) {
+pub fn nonfinite_tiles<T: crate::tensor::MagnitudeBits>(
+    v: ArrayView2<T>,
+    tile: usize,
+    only: Option<&[bool]>,
+    out: &mut [u8],
+) {
     assert!(tile > 0, "tiles hold at least one key");
     assert_eq!(out.len(), v.nrows().div_ceil(tile), "one flag per tile");
-    // |x| as bits is at least the exponent mask exactly when x is not finite; the
-    // integer maximum vectorises where a float test would not.
-    let worst = |row: ArrayView1<f32>| match row.as_slice() {
-        Some(r) => r.iter().fold(0u32, |a, x| a.max(x.to_bits() & 0x7fff_ffff)),
-        None => row
-            .iter()
-            .fold(0u32, |a, x| a.max(x.to_bits() & 0x7fff_ffff)),
-    };
+    let worst = crate::tensor::max_magnitude_bits::<T>;
     if let Some(only) = only {
         assert_eq!(only.len(), out.len(), "one choice per tile");
     }

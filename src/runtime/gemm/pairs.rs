@@ -4,11 +4,14 @@
 //! Operands travel as *pairs*: one `u32` holds two bf16 values, the first in
 //! the low half, as `vdpbf16ps` (AVX-512 BF16) reads them. That instruction
 //! multiplies 16 pairs by 16 pairs and adds both products to 16 f32
-//! accumulators: twice the multiply-adds of an f32 FMA per instruction, at the
-//! same rate on the cores that have it. Elsewhere the same layouts are widened
-//! to f32 (a shift and a mask per pair vector) and multiplied with two FMAs,
-//! so every instruction set computes the same thing: the products of two bf16
-//! values are exact in f32, so only the order of the f32 additions differs.
+//! accumulators: twice the multiply-adds of an f32 FMA per instruction.
+//! Elsewhere the same layouts are widened to f32 (a shift and a mask per pair
+//! vector) and multiplied with two FMAs. The products of two bf16 values are
+//! exact in f32, so the instruction sets differ in the order of the f32
+//! additions, and in one more way: `vdpbf16ps` and `vcvtne2ps2bf16` treat
+//! subnormal inputs as zero and flush subnormal results (their fixed
+//! behaviour), where the widened products keep them. Only values below 2^-126
+//! are affected, far below the bf16 rounding of P.
 //!
 //! # Layouts (in `u32` pairs)
 //!
@@ -97,12 +100,13 @@ fn pair(lo: bf16, hi: bf16) -> u32 {
     u32::from(lo.to_bits()) | u32::from(hi.to_bits()) << 16
 }
 
-/// Packs the keys `k` (`[keys, d]`) that start at key `key0` of a head (a
-/// multiple of 16) into `dst`, the pairs of their panels.
+/// Packs the keys `k` (`[keys, d]`) into `dst`, the pairs of their panels
+/// ([`PairsK`]); a caller packing a head in pieces starts each piece at a
+/// multiple of 16 keys, `key0 / 16` panels into the head.
 ///
 /// # Panics
 ///
-/// If `key0` is not a multiple of 16 or `dst` is shorter than the panels.
+/// If `dst` is shorter than the panels.
 pub fn pack_k_pairs(k: ArrayView2<bf16>, dst: &mut [u32]) {
     let (keys, d) = k.dim();
     let lay = PairsK { d, kv_len: keys };
@@ -118,8 +122,9 @@ pub fn pack_k_pairs(k: ArrayView2<bf16>, dst: &mut [u32]) {
     }
 }
 
-/// Packs the keys `v` (`[keys, d]`, an even first key) into `dst`, the pair
-/// rows of [`PairsV`].
+/// Packs the keys `v` (`[keys, d]`) into `dst`, the pair rows of
+/// [`PairsV`]; a caller packing a head in pieces starts each piece at an even
+/// key, `key0 / 2` pair rows into the head.
 ///
 /// # Panics
 ///
@@ -129,7 +134,7 @@ pub fn pack_v_pairs(v: ArrayView2<bf16>, dst: &mut [u32]) {
     let lay = PairsV { d, kv_len: keys };
     let dst = &mut dst[..lay.len()];
     let rs = lay.row_stride();
-    for (u, out) in dst.chunks_exact_mut(rs).enumerate() {
+    for (u, out) in dst.chunks_exact_mut(rs.max(1)).enumerate() {
         let lo = v.row(2 * u);
         let hi = (2 * u + 1 < keys).then(|| v.row(2 * u + 1));
         for (c, x) in out.iter_mut().enumerate() {
@@ -897,7 +902,8 @@ mod tests {
         }
     }
 
-    /// Staging rounds to nearest even, on every instruction set; a NaN stays NaN.
+    /// Staging rounds to nearest even, on every instruction set; a NaN stays
+    /// NaN. (Subnormals are not compared: `vcvtne2ps2bf16` flushes them.)
     #[test]
     fn staging_rounds_to_nearest_even() {
         let xs: Vec<f32> = vec![
