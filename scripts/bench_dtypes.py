@@ -10,8 +10,9 @@ Two cases of docs/performance.md ("Half precision and quantized caches"):
            in float32 and bfloat16.
 Each attnc configuration is measured before and after torch, so both sides see the machine in
 the same state; the table gives both medians. Then `--rounds` paired rounds of the prefill (attnc
-f32 then bf16, back to back, `--runs` each): the median and range of the per-round f32 / bf16
-ratios, which compare two measurements made in the same state of a noisy machine. Prints the
+f32 then bf16, back to back, `--runs` each) and of the decode (f32 then int8): the median and range
+of the per-round ratios, which compare two measurements made in the same state of a noisy machine
+(and, for int8, its time over the memory time). Prints the
 CPU's AVX-512 BF16 / VNNI / AMX flags.
 
 Usage (from the repository root, after `cargo build --release`):
@@ -124,15 +125,22 @@ def main():
                 print(f"| {t} | {a['median_ms']:.1f}, {b['median_ms']:.1f} | {f32 / best:.2f}x | "
                       f"{a['kv_bytes'] / 2**20:.0f} | {rate:.1f} | {mem:.2f} | {sd_text} |")
         print()
-    ratios = []
-    for _ in range(args.rounds):
-        f32 = attnc(args.binary, "prefill", "f32", args.runs)["median_ms"]
-        bf16 = attnc(args.binary, "prefill", "bf16", args.runs)["median_ms"]
-        ratios.append(f32 / bf16)
-    if ratios:
-        ratios.sort()
-        print(f"### prefill bf16 against f32, {len(ratios)} paired rounds (load {load()})\n")
-        print(f"f32 / bf16: median {statistics.median(ratios):.2f}x, range {ratios[0]:.2f}-{ratios[-1]:.2f}x")
+    for case, fast in [("prefill", "bf16"), ("decode", "int8")]:
+        ratios, mems = [], []
+        for _ in range(args.rounds):
+            f32 = attnc(args.binary, case, "f32", args.runs)["median_ms"]
+            other = attnc(args.binary, case, fast, args.runs)
+            ratios.append(f32 / other["median_ms"])
+            if other.get("memory_ratio"):
+                mems.append(other["memory_ratio"])
+        if ratios:
+            ratios.sort()
+            print(f"### {case} {fast} against f32, {len(ratios)} paired rounds (load {load()})\n")
+            print(f"f32 / {fast}: median {statistics.median(ratios):.2f}x, range {ratios[0]:.2f}-{ratios[-1]:.2f}x")
+            if mems:
+                mems.sort()
+                print(f"{fast} x memory time: median {statistics.median(mems):.2f}, range {mems[0]:.2f}-{mems[-1]:.2f}")
+            print()
 
 
 if __name__ == "__main__":
