@@ -495,4 +495,41 @@ proptest::proptest! {
             tol,
         )?;
     }
+
+    /// Random specs of `support::specgen` with q, k and v all bf16: a dense
+    /// prefill multiplies bf16 pairs (`KvSource::PackedBf16`) and rounds P to
+    /// bf16, others read K/V in place; either way the jit (every read
+    /// bounds-checked) and the interpreter agree with the reference on the
+    /// same bf16 values within the bf16 rounding of P (2^-9 max|v|, |v| < 1
+    /// here), or fail with its error word for word.
+    #[test]
+    fn bf16_pairs_agree_on_random_specs(case in crate::support::specgen::arb_case()) {
+        let program = attnc::load(case.spec.source_file(), &case.spec.options()).unwrap();
+        let mut data = case.data();
+        data.q = attnc::tensor::round_to(data.q.view(), ElemType::Bf16);
+        let (k, v) = (
+            KvArray::quantize(data.k.view(), ElemType::Bf16),
+            KvArray::quantize(data.v.view(), ElemType::Bf16),
+        );
+        let mut inputs = Inputs::new(data.q.view(), k.view(), v.view())
+            .q_elem(ElemType::Bf16)
+            .q_offset(case.shapes.q_offset)
+            .with_lse();
+        inputs.buffers = data.buffers.clone();
+        let reference = program.run_reference(&inputs);
+        let options = attnc::CompileOptions {
+            tiles: attnc::Tiles::Fixed(attnc::mask::Tiling::new(16, 16).unwrap()),
+            check_proven_loads: true,
+            ..Default::default()
+        };
+        let kernel = program.compile_jit_with(&options).unwrap();
+        crate::support::agree_to("jit 16x16, bf16", &case, &reference, kernel.run(&inputs), 2.5e-3)?;
+        crate::support::agree_to(
+            "interp 16x16, bf16",
+            &case,
+            &reference,
+            program.run_interp(&inputs, attnc::mask::Tiling { bq: 16, bkv: 16 }),
+            2.5e-3,
+        )?;
+    }
 }
