@@ -355,6 +355,27 @@ impl<'a> KvData<'a> {
         }
     }
 
+    /// The same data with axes 1 and 2 swapped (scales too): a pool `[pages,
+    /// page_size, HKV, D]` as `[pages, HKV, page_size, D]`, so that
+    /// [`KvData::rows_f32`]`(page, kh, slots)` reads a run of slots of one KV
+    /// head.
+    pub fn slots_by_head(&self) -> KvData<'_> {
+        let swap = [0, 2, 1, 3];
+        match self {
+            KvData::F32(a) => KvData::F32(a.view().permuted_axes(swap)),
+            KvData::Bf16(a) => KvData::Bf16(a.view().permuted_axes(swap)),
+            KvData::F16(a) => KvData::F16(a.view().permuted_axes(swap)),
+            KvData::Int8 { data, scales } => KvData::Int8 {
+                data: data.view().permuted_axes(swap),
+                scales: scales.view().permuted_axes([0, 2, 1]),
+            },
+            KvData::Fp8 { data, scales } => KvData::Fp8 {
+                data: data.view().permuted_axes(swap),
+                scales: scales.view().permuted_axes([0, 2, 1]),
+            },
+        }
+    }
+
     /// The data, when it is f32.
     pub fn as_f32(&self) -> Option<&ArrayView4<'a, f32>> {
         match self {

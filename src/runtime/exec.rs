@@ -206,6 +206,33 @@ impl<'a> CallData<'a> {
     }
 }
 
+/// Keys `keys` of sequence (or k/v batch) `b`, KV head `kh` of `data` (K or
+/// V) as f32 rows `[keys, d]`: dense rows in one piece (borrowed when f32),
+/// the rows of a paged pool run by run through the table.
+fn sequence_rows<'a>(
+    data: &'a KvData<'_>,
+    bound: &Bound,
+    b: usize,
+    kh: usize,
+    keys: Range<usize>,
+) -> ndarray::CowArray<'a, f32, ndarray::Ix2> {
+    let Some(p) = &bound.pages else {
+        return data.rows_f32(b, kh, keys);
+    };
+    let by_head = data.slots_by_head();
+    let mut rows = ndarray::Array2::<f32>::zeros((keys.len(), bound.shapes.d));
+    let mut j = keys.start;
+    while j < keys.end {
+        let (page, slot) = (p.table[[b, j / p.page_size]] as usize, j % p.page_size);
+        let n = (p.page_size - slot).min(keys.end - j);
+        let at = j - keys.start;
+        rows.slice_mut(s![at..at + n, ..])
+            .assign(&by_head.rows_f32(page, kh, slot..slot + n));
+        j += n;
+    }
+    rows.into()
+}
+
 /// A packed head's f32 workspace as the `u32` pairs of bf16 it holds for
 /// [`KvSource::PackedBf16`].
 fn as_pairs(x: &mut [f32]) -> &mut [u32] {
@@ -250,10 +277,7 @@ pub(crate) fn run_with_budget(
     if k.nest.kv == KvSource::InPlace {
         return run_in_place(compiled, inputs, bound, maps);
     }
-    assert!(
-        !bound.is_ragged() && bound.pages.is_none(),
-        "packed K/V serve dense calls of one length"
-    );
+    let paged = bound.pages.is_some();
     let d = sh.d;
     assert!(
         !bound.kv_elem.is_quantized(),
@@ -267,20 +291,30 @@ pub(crate) fn run_with_budget(
                 && matches!(inputs.v, KvData::Bf16(_)),
         "bf16 pairs multiply bf16 q, K and V"
     );
+    assert!(
+        !bf16_pairs || !bound.is_ragged() && !paged,
+        "bf16 pairs pack dense rows of one length"
+    );
     // K is packed per (kv batch, kv head); V is used in place when its rows
-    // are f32 and already have the packed layout (contiguous, `d` a multiple
-    // of the panel). bf16/f16 rows are widened as they are packed, unless the
-    // kernel multiplies bf16 pairs (`KvSource::PackedBf16`).
+    // are f32 and dense and already have the packed layout (contiguous, `d` a
+    // multiple of the panel). bf16/f16 rows are widened as they are packed,
+    // unless the kernel multiplies bf16 pairs (`KvSource::PackedBf16`); the
+    // rows of a paged pool are gathered through the table
+    // ([`sequence_rows`]). Sequence `b` has `kv_len(b)` keys (a ragged batch
+    // or a pool); every packed head has room for the longest.
     let heads: Vec<(usize, usize)> = (0..bound.kv_batch)
         .flat_map(|b| (0..sh.hkv).map(move |h| (b, h)))
         .collect();
-    // Every sequence has the rows of k (the packed nest is not ragged).
-    let kv_rows = bound.kv_len(0);
+    let kv_rows = (0..bound.kv_batch.min(sh.b))
+        .map(|b| bound.kv_len(b))
+        .max()
+        .unwrap_or(0);
     let klay = PackedK { d, kv_len: kv_rows };
     let vlay = PackedV { d, kv_len: kv_rows };
     let v_f32 = inputs.v.as_f32();
     let (klay2, vlay2) = (PairsK { d, kv_len: kv_rows }, PairsV { d, kv_len: kv_rows });
     let v_direct = !bf16_pairs
+        && !paged
         && vlay.row_stride() == d
         && v_f32.is_some_and(|vin| {
             heads
@@ -371,15 +405,18 @@ pub(crate) fn run_with_budget(
             .zip(group_heads.par_iter())
             .for_each(|((slot, flags), &(b, h))| {
                 let (kp, vp) = slot.split_at_mut(k_len);
-                // f32 heads in one piece; others a chunk of keys at a time (a
-                // multiple of the panel and of the tile), so any f32 copy is a
-                // few hundred KiB per thread, not a head.
+                // Tiles past the sequence are never visited.
+                flags.fill(0);
+                let len = bound.kv_len(b);
+                // Dense f32 heads in one piece; others a chunk of keys at a
+                // time (a multiple of the panel and of the tile), so any f32
+                // copy is a few hundred KiB per thread, not a head.
                 let chunk = match inputs.k.elem() {
-                    crate::tensor::ElemType::F32 => kv_rows.max(1),
+                    crate::tensor::ElemType::F32 if !paged => len.max(1),
                     _ => bkv * (WIDEN_KEYS / bkv).max(1),
                 };
-                for key0 in (0..kv_rows.max(1)).step_by(chunk) {
-                    let keys = key0..kv_rows.min(key0 + chunk);
+                for key0 in (0..len.max(1)).step_by(chunk) {
+                    let keys = key0..len.min(key0 + chunk);
                     let n = keys.len();
                     let (t0, nt) = (key0 / bkv, n.div_ceil(bkv));
                     let only = scan.as_deref().map(|s| &s[t0..t0 + nt]);
@@ -396,11 +433,11 @@ pub(crate) fn run_with_budget(
                             nonfinite_tiles(vin, bkv, only, flags);
                         }
                         _ => {
-                            let k_rows = inputs.k.rows_f32(b, h, keys.clone());
+                            let k_rows = sequence_rows(&inputs.k, bound, b, h, keys.clone());
                             let kd = &mut kp[key0 / PANEL * klay.panel_stride()..]
                                 [..n.div_ceil(PANEL) * klay.panel_stride()];
                             pack_k(k_rows.view(), kd).expect("sized by the layout");
-                            let v_rows = inputs.v.rows_f32(b, h, keys);
+                            let v_rows = sequence_rows(&inputs.v, bound, b, h, keys);
                             if !v_direct {
                                 let vd = &mut vp[key0 * v_stride..][..n * v_stride];
                                 pack_v(v_rows.view(), vd).expect("sized by the layout");
@@ -454,7 +491,7 @@ pub(crate) fn run_with_budget(
                     n_full: fnum as i64,
                     part: fm.part.as_ptr().wrapping_add(po),
                     n_part: pnum as i64,
-                    kv_len: kv_rows as i64,
+                    kv_len: bound.kv_len(b) as i64,
                     d: d as i64,
                     v_flags: vflags[(head - g0) * n_kt..].as_ptr(),
                     kv_start: bound.kv_offset,

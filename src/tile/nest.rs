@@ -100,9 +100,11 @@ impl RowMap {
 /// Where K and V come from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum KvSource {
-    /// Dense f32 tensors `[B|1, HKV, KV, D]`, packed per call and KV head
-    /// (K in panels of 16 keys); query head `h` reads KV head `h / (H /
-    /// HKV)`; batch 1 is shared by every query batch.
+    /// The rows `j < kv_len(b)` of each sequence and KV head, packed per call
+    /// as f32 (K in panels of 16 keys) from dense rows `[B|1, HKV, KV, D]`
+    /// or gathered from the pages of a pool through its table; query head
+    /// `h` reads KV head `h / (H / HKV)`; a k/v batch of 1 is shared by every
+    /// query batch.
     #[default]
     Packed,
     /// Read in place from the caller's memory through a K/V view: the rows
@@ -258,7 +260,7 @@ impl fmt::Display for LoopNest {
         match self.kv {
             KvSource::Packed => writeln!(
                 f,
-                "kv packed: k, v f32[B|1, HKV, KV, D] packed per call; head h reads kv head h / (H / HKV)"
+                "kv packed: rows j < kv_len(b) of k, v (dense or pages) packed per call as f32; head h reads kv head h / (H / HKV)"
             )?,
             KvSource::PackedBf16 => writeln!(
                 f,

@@ -166,7 +166,7 @@ pub(crate) fn agree_on_pool_and_rows<'a>(
 #[test]
 fn paged_and_ragged_calls_match_the_reference_on_every_backend() {
     // Nests: all heads in a tile (H x Q rows fit), a KV head's group (the
-    // 16-row tiling with (8, 2, 3, 16)), one head per tile.
+    // 16-row tiling with (8, 2, 3, 16)), one head per tile (packed).
     let shapes = [
         (4, 2, 1, 16),
         (4, 1, 3, 24),
@@ -231,12 +231,15 @@ fn paged_and_ragged_calls_match_the_reference_on_every_backend() {
             );
         }
     }
+    // Decode and verification read the pool in place; a chunked prefill
+    // packs its rows, gathered through the table (the one-head in-place
+    // nest serves quantized pools: `kv_types`).
     assert_eq!(
         nests.into_iter().collect::<Vec<_>>(),
         [
             "(AllHeads, InPlace)",
             "(GqaGroup, InPlace)",
-            "(OneHead, InPlace)"
+            "(OneHead, Packed)"
         ],
         "the pools go through every in-place nest"
     );

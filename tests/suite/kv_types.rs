@@ -87,6 +87,21 @@ fn every_kv_type_matches_the_reference_on_pools_and_dense_rows() {
                         cache.lens.view(),
                     ),
                 );
+                if q > 16 {
+                    // A chunked prefill on 16-row tiles: packed, gathered
+                    // through the table, unless the cache is quantized.
+                    let bound = attnc::bind::bind(&program.spec, &paged).unwrap();
+                    let tiling = attnc::mask::Tiling::new(16, 16).unwrap();
+                    let kv = if elem.is_quantized() {
+                        attnc::tile::nest::KvSource::InPlace
+                    } else {
+                        attnc::tile::nest::KvSource::Packed
+                    };
+                    assert_eq!(
+                        attnc::driver::nest_for(&bound, tiling),
+                        (attnc::tile::nest::RowMap::OneHead, kv)
+                    );
+                }
                 agree_on_pool_and_rows(
                     &program,
                     &[("jit 64x64", &jit), ("jit 16x16", &jit16)],
