@@ -654,14 +654,13 @@ pub type NestShape = (crate::tile::nest::RowMap, crate::tile::nest::KvSource);
 /// - prefill otherwise (chunked prefill on a ragged batch or a paged pool
 ///   included): one head per tile, K/V packed per call (a pool's rows
 ///   gathered through its table), as bf16 pairs multiplied on bf16 operands
-///   when q, k and v are all bf16 and dense of one length. Packed products
+///   when q, k and v are all bf16. Packed products
 ///   run a prefill 1.6-1.8x faster than in-place ones (`attnc bench
 ///   examples/causal.attn --q-len 4096 --heads 8 --dim 64`, with and without
 ///   `--page-size 16`).
 pub fn nest_for(bound: &crate::bind::Bound, tiling: crate::mask::Tiling) -> NestShape {
     nest_for_shapes(
         &bound.shapes,
-        bound.is_ragged(),
         bound.pages.is_some(),
         bound.q_elem,
         bound.kv_elem,
@@ -669,16 +668,15 @@ pub fn nest_for(bound: &crate::bind::Bound, tiling: crate::mask::Tiling) -> Nest
     )
 }
 
-/// [`nest_for`] from the shapes alone, with `ragged` for a ragged batch,
-/// `paged` for a paged pool, `q_elem` the type of q's values and `kv_elem`
+/// [`nest_for`] from the shapes alone (a ragged batch takes the nest of a
+/// dense one of its shapes), with `paged` for a paged pool, `q_elem` the type of q's values and `kv_elem`
 /// the stored type of K and V (for `attnc emit`, which has no inputs). A
 /// quantized cache (int8, fp8) is always read in place (dequantized in the
-/// tile loads, never copied); bf16 q, k and v of a dense prefill are packed
-/// as bf16 pairs; other bf16/f16 K/V of a prefill are widened to f32 as they
+/// tile loads, never copied); bf16 q, k and v of a prefill are packed as
+/// bf16 pairs; other bf16/f16 K/V of a prefill are widened to f32 as they
 /// are packed.
 pub fn nest_for_shapes(
     sh: &crate::sema::eval::Shapes,
-    ragged: bool,
     paged: bool,
     q_elem: crate::tensor::ElemType,
     kv_elem: crate::tensor::ElemType,
@@ -693,7 +691,7 @@ pub fn nest_for_shapes(
         (RowMap::GqaGroup, KvSource::InPlace)
     } else if kv_elem.is_quantized() {
         (RowMap::OneHead, KvSource::InPlace)
-    } else if !ragged && !paged && (q_elem, kv_elem) == (ElemType::Bf16, ElemType::Bf16) {
+    } else if (q_elem, kv_elem) == (ElemType::Bf16, ElemType::Bf16) {
         (RowMap::OneHead, KvSource::PackedBf16)
     } else {
         (RowMap::OneHead, KvSource::Packed)

@@ -1382,14 +1382,8 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
                 d: dim.unwrap_or(64),
             };
             let (q_elem, kv_elem) = elem_types(&args.dtype, args.kv_dtype.as_deref())?;
-            let nest = driver::nest_for_shapes(
-                &shapes,
-                false,
-                args.page_size.is_some(),
-                q_elem,
-                kv_elem,
-                tiling,
-            );
+            let nest =
+                driver::nest_for_shapes(&shapes, args.page_size.is_some(), q_elem, kv_elem, tiling);
             let threads = rayon::current_num_threads();
             let walks = match nest.0 {
                 attnc::tile::nest::RowMap::GqaGroup => Some(args.batch * hkv),

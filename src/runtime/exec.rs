@@ -216,21 +216,57 @@ fn sequence_rows<'a>(
     kh: usize,
     keys: Range<usize>,
 ) -> ndarray::CowArray<'a, f32, ndarray::Ix2> {
-    let Some(p) = &bound.pages else {
+    if bound.pages.is_none() {
         return data.rows_f32(b, kh, keys);
-    };
+    }
     let by_head = data.slots_by_head();
     let mut rows = ndarray::Array2::<f32>::zeros((keys.len(), bound.shapes.d));
-    let mut j = keys.start;
-    while j < keys.end {
-        let (page, slot) = (p.table[[b, j / p.page_size]] as usize, j % p.page_size);
-        let n = (p.page_size - slot).min(keys.end - j);
-        let at = j - keys.start;
-        rows.slice_mut(s![at..at + n, ..])
-            .assign(&by_head.rows_f32(page, kh, slot..slot + n));
-        j += n;
+    for (at, page, slots) in page_runs(bound, b, keys) {
+        rows.slice_mut(s![at..at + slots.len(), ..])
+            .assign(&by_head.rows_f32(page, kh, slots));
     }
     rows.into()
+}
+
+/// [`sequence_rows`] of bf16 rows `[B, HKV, KV, D]` or a bf16 pool, kept in
+/// bf16 (for [`KvSource::PackedBf16`]).
+fn sequence_rows_bf16<'a>(
+    data: &'a ndarray::ArrayView4<'_, half::bf16>,
+    bound: &Bound,
+    b: usize,
+    kh: usize,
+    keys: Range<usize>,
+) -> ndarray::CowArray<'a, half::bf16, ndarray::Ix2> {
+    if bound.pages.is_none() {
+        return data.slice(s![b, kh, keys, ..]).into();
+    }
+    let mut rows = ndarray::Array2::from_elem((keys.len(), bound.shapes.d), half::bf16::ZERO);
+    for (at, page, slots) in page_runs(bound, b, keys) {
+        rows.slice_mut(s![at..at + slots.len(), ..])
+            .assign(&data.slice(s![page, slots, kh, ..]));
+    }
+    rows.into()
+}
+
+/// The keys `keys` of sequence `b` of a paged pool, run by run within a
+/// page: the run's first row in the keys, its page and its slots.
+fn page_runs(
+    bound: &Bound,
+    b: usize,
+    keys: Range<usize>,
+) -> impl Iterator<Item = (usize, usize, Range<usize>)> + '_ {
+    let p = bound.pages.as_ref().expect("a paged pool");
+    let mut j = keys.start;
+    std::iter::from_fn(move || {
+        if j >= keys.end {
+            return None;
+        }
+        let (page, slot) = (p.table[[b, j / p.page_size]] as usize, j % p.page_size);
+        let n = (p.page_size - slot).min(keys.end - j);
+        let run = (j - keys.start, page, slot..slot + n);
+        j += n;
+        Some(run)
+    })
 }
 
 /// A packed head's f32 workspace as the `u32` pairs of bf16 it holds for
@@ -290,10 +326,6 @@ pub(crate) fn run_with_budget(
                 && matches!(inputs.k, KvData::Bf16(_))
                 && matches!(inputs.v, KvData::Bf16(_)),
         "bf16 pairs multiply bf16 q, K and V"
-    );
-    assert!(
-        !bf16_pairs || !bound.is_ragged() && !paged,
-        "bf16 pairs pack dense rows of one length"
     );
     // K is packed per (kv batch, kv head); V is used in place when its rows
     // are f32 and dense and already have the packed layout (contiguous, `d` a
@@ -425,8 +457,10 @@ pub(crate) fn run_with_budget(
                         (KvData::Bf16(kin), KvData::Bf16(vin)) if bf16_pairs => {
                             let kd = &mut as_pairs(kp)[key0 / PANEL * klay2.panel_stride()..]
                                 [..n.div_ceil(PANEL) * klay2.panel_stride()];
-                            pack_k_pairs(kin.slice(s![b, h, keys.clone(), ..]), kd);
-                            let vin = vin.slice(s![b, h, keys, ..]);
+                            let kin = sequence_rows_bf16(kin, bound, b, h, keys.clone());
+                            pack_k_pairs(kin.view(), kd);
+                            let vin = sequence_rows_bf16(vin, bound, b, h, keys);
+                            let vin = vin.view();
                             let vd = &mut as_pairs(vp)[key0 / 2 * v_stride..]
                                 [..n.div_ceil(2) * v_stride];
                             pack_v_pairs(vin, vd);

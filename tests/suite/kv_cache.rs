@@ -201,7 +201,6 @@ fn paged_and_ragged_calls_match_the_reference_on_every_backend() {
                     "{:?}",
                     attnc::driver::nest_for_shapes(
                         &sh,
-                        false,
                         true,
                         attnc::ElemType::F32,
                         attnc::ElemType::F32,
