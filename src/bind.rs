@@ -21,7 +21,7 @@ pub struct Inputs<'a> {
     pub q: ArrayView4<'a, f32>,
     /// The element type whose values `q` holds (carried in f32, which holds
     /// every bf16 and f16 value exactly): f32 unless [`Inputs::q_elem`] says
-    /// otherwise. bf16 q with bf16 k and v makes a dense prefill multiply on
+    /// otherwise. bf16 q with bf16 k and v makes a prefill multiply on
     /// bf16 operands ([`crate::tile::nest::KvSource::PackedBf16`]).
     pub q_elem: ElemType,
     /// Keys, laid out as [`Inputs::kv_layout`] says: `[B or 1, HKV, KV, D]`

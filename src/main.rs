@@ -437,7 +437,7 @@ struct RunArgs {
     quiet: bool,
     /// With --check: the largest max |diff| that passes. Default 1e-4, or
     /// 1e-4 + 2^-9 max|v| (over V's finite values) when the call multiplies
-    /// bf16 pairs (a dense prefill with q, k and v all bf16, on the jit or
+    /// bf16 pairs (a prefill with q, k and v all bf16, on the jit or
     /// interp backend): it rounds the probabilities to bf16 for P·V, as
     /// FlashAttention does, which moves out by at most 2^-9 max|v| from the
     /// reference's exact f64.

@@ -1,4 +1,4 @@
-//! The tile products on bf16 operands with f32 accumulation, for a dense
+//! The tile products on bf16 operands with f32 accumulation, for a
 //! prefill whose q, k and v are all bf16 ([`crate::tile::nest::KvSource::PackedBf16`]).
 //!
 //! Operands travel as *pairs*: one `u32` holds two bf16 values, the first in
