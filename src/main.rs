@@ -437,11 +437,10 @@ struct RunArgs {
     quiet: bool,
     /// With --check: the largest max |diff| that passes. Default 1e-4, or
     /// 1e-4 + 2^-9 max|v| (over the finite values of the keys the sequences
-    /// use) when the call multiplies
-    /// bf16 pairs (a prefill with q, k and v all bf16, on the jit or
-    /// interp backend): it rounds the probabilities to bf16 for P·V, as
-    /// FlashAttention does, which moves out by at most 2^-9 max|v| from the
-    /// reference's exact f64.
+    /// use) when the call multiplies bf16 pairs (a prefill with q, k and v
+    /// all bf16, on the jit or interp backend): it rounds the probabilities
+    /// to bf16 for P·V, as FlashAttention does, which moves out by at most
+    /// 2^-9 max|v| from the reference's exact f64.
     #[arg(
         long,
         value_name = "T",
