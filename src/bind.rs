@@ -670,15 +670,16 @@ fn check_q_elem(inputs: &Inputs<'_>) -> Result<(), BindError> {
     if all_exact {
         return Ok(());
     }
-    let bad = inputs.q.indexed_iter().find(|&(_, &x)| !exact(x));
-    match bad {
-        None => Ok(()),
-        Some(((b, h, i, d), &value)) => Err(BindError::QNotRounded {
-            elem,
-            index: [b, h, i, d],
-            value,
-        }),
-    }
+    let ((b, h, i, d), &value) = inputs
+        .q
+        .indexed_iter()
+        .find(|&(_, &x)| !exact(x))
+        .expect("a value that is not exact, found above");
+    Err(BindError::QNotRounded {
+        elem,
+        index: [b, h, i, d],
+        value,
+    })
 }
 
 /// Checks that the scale of every key a sequence uses is finite (stale slots

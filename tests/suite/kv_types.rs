@@ -152,6 +152,41 @@ fn dense_prefill_in_every_type_matches_the_reference() {
     }
 }
 
+/// The call `inputs` (q, k and v bf16) takes the bf16 pair nest; the jit and
+/// the interpreter lowering it agree with each other and stay within the
+/// bf16 rounding of P (2^-9 max|v|, |v| < 1) of the reference, and no NaN of a
+/// hidden key or stale slot reaches the output. Returns the reference.
+fn check_bf16_pairs(
+    program: &attnc::Program,
+    jit: &attnc::JitKernel,
+    tiling: attnc::mask::Tiling,
+    inputs: &Inputs<'_>,
+    what: &str,
+) -> attnc::Outputs {
+    let bound = attnc::bind::bind(&program.spec, inputs).unwrap();
+    assert_eq!(
+        attnc::driver::nest_for(&bound, tiling).1,
+        attnc::tile::nest::KvSource::PackedBf16,
+        "{what}"
+    );
+    let want = program.run_reference(inputs).unwrap();
+    let got = jit.run(inputs).unwrap();
+    let interp = program.run_interp(inputs, tiling).unwrap();
+    assert!(
+        got.out.iter().all(|x| x.is_finite()),
+        "{what}: a NaN V reached the output"
+    );
+    assert_close(&format!("{what}: jit vs interp"), &got, &interp, 1e-3);
+    assert_close(&format!("{what}: jit vs reference"), &got, &want, 2.5e-3);
+    assert_close(
+        &format!("{what}: interp vs reference"),
+        &interp,
+        &want,
+        2.5e-3,
+    );
+    want
+}
+
 /// bf16 q, k and v of a dense prefill multiply bf16 pairs
 /// (`KvSource::PackedBf16`): the jit and the interpreter lowering the same
 /// nest agree, and both stay within the bf16 rounding of P (|error| <= 2^-9
@@ -191,27 +226,7 @@ fn bf16_pairs_prefill_matches_the_interpreter_and_the_reference() {
                 .q_elem(ElemType::Bf16)
                 .with_lse();
             let what = format!("{src} B{b} KVB{kv_b} H{h} HKV{hkv} N{n} D{d}");
-            let bound = attnc::bind::bind(&program.spec, &inputs).unwrap();
-            assert_eq!(
-                attnc::driver::nest_for(&bound, tiling).1,
-                attnc::tile::nest::KvSource::PackedBf16,
-                "{what}"
-            );
-            let want = program.run_reference(&inputs).unwrap();
-            let got = jit.run(&inputs).unwrap();
-            let interp = program.run_interp(&inputs, tiling).unwrap();
-            assert!(
-                got.out.iter().all(|x| x.is_finite()),
-                "{what}: NaN V reached the output"
-            );
-            assert_close(&format!("{what}: jit vs interp"), &got, &interp, 1e-3);
-            assert_close(&format!("{what}: jit vs reference"), &got, &want, 2.5e-3);
-            assert_close(
-                &format!("{what}: interp vs reference"),
-                &interp,
-                &want,
-                2.5e-3,
-            );
+            let want = check_bf16_pairs(&program, &jit, tiling, &inputs, &what);
             // f32 q (not declared bf16) keeps the f32 products: tight.
             let f32_q = Inputs::new(q.view(), ks.view(), vs.view()).with_lse();
             assert_close(
@@ -266,22 +281,13 @@ fn bf16_pairs_gather_a_chunked_prefill_from_a_pool() {
         ];
         for (what, inputs) in calls {
             let inputs = inputs.q_elem(ElemType::Bf16).with_lse();
-            let what = format!("{what}, pages of {ps}");
-            let bound = attnc::bind::bind(&program.spec, &inputs).unwrap();
-            assert_eq!(
-                attnc::driver::nest_for(&bound, tiling).1,
-                attnc::tile::nest::KvSource::PackedBf16,
-                "{what}"
+            check_bf16_pairs(
+                &program,
+                &jit,
+                tiling,
+                &inputs,
+                &format!("{what}, pages of {ps}"),
             );
-            let want = program.run_reference(&inputs).unwrap();
-            let got = jit.run(&inputs).unwrap();
-            let interp = program.run_interp(&inputs, tiling).unwrap();
-            assert!(
-                got.out.iter().all(|x| x.is_finite()),
-                "{what}: a stale NaN reached the output"
-            );
-            assert_close(&format!("{what}: jit"), &got, &want, 2.5e-3);
-            assert_close(&format!("{what}: interp"), &interp, &want, 2.5e-3);
         }
     }
 }

@@ -395,42 +395,40 @@ unsafe fn qk<D: PairDot, const MR: usize, const NV: usize>(
     let (mut stack, mut heap) = (std::mem::MaybeUninit::uninit(), Vec::new());
     // Every pair read is staged first.
     let qs = stage_ptr(&mut stack, &mut heap, block * np);
-    {
-        let mut r0 = 0;
-        while r0 < rows {
-            let n_rows = block.min(rows - r0);
-            for i in 0..n_rows {
-                D::stage(q.add((r0 + i) * q_stride), d, qs.add(i * np));
-            }
-            let mut c0 = 0;
-            while c0 < cols {
-                let n_cols = (cols - c0).min(tile_cols);
-                let kc = k.add((c0 / PANEL) * np * PANEL);
-                let sc = s.add(r0 * s_stride + c0);
-                let n_vec = n_cols.div_ceil(lanes);
-                macro_rules! go {
-                    ($NV:expr) => {{
-                        macro_rules! tile {
-                            ($R:expr, $r:expr) => {
-                                qk_tile::<D, { $R }, { $NV }>(
-                                    qs.add($r * np),
-                                    np,
-                                    kc,
-                                    n_cols,
-                                    sc.add($r * s_stride),
-                                    s_stride,
-                                    scale,
-                                )
-                            };
-                        }
-                        row_tiles!(n_rows, MR, tile)
-                    }};
-                }
-                by_vectors!(n_vec, NV, go);
-                c0 += tile_cols;
-            }
-            r0 += n_rows;
+    let mut r0 = 0;
+    while r0 < rows {
+        let n_rows = block.min(rows - r0);
+        for i in 0..n_rows {
+            D::stage(q.add((r0 + i) * q_stride), d, qs.add(i * np));
         }
+        let mut c0 = 0;
+        while c0 < cols {
+            let n_cols = (cols - c0).min(tile_cols);
+            let kc = k.add((c0 / PANEL) * np * PANEL);
+            let sc = s.add(r0 * s_stride + c0);
+            let n_vec = n_cols.div_ceil(lanes);
+            macro_rules! go {
+                ($NV:expr) => {{
+                    macro_rules! tile {
+                        ($R:expr, $r:expr) => {
+                            qk_tile::<D, { $R }, { $NV }>(
+                                qs.add($r * np),
+                                np,
+                                kc,
+                                n_cols,
+                                sc.add($r * s_stride),
+                                s_stride,
+                                scale,
+                            )
+                        };
+                    }
+                    row_tiles!(n_rows, MR, tile)
+                }};
+            }
+            by_vectors!(n_vec, NV, go);
+            c0 += tile_cols;
+        }
+        r0 += n_rows;
     }
 }
 
@@ -487,42 +485,40 @@ unsafe fn pv<D: PairDot, const MR: usize, const NV: usize>(
     let (mut stack, mut heap) = (std::mem::MaybeUninit::uninit(), Vec::new());
     // Every pair read is staged first.
     let ps = stage_ptr(&mut stack, &mut heap, block * n_pairs);
-    {
-        let mut r0 = 0;
-        while r0 < rows {
-            let n_rows = block.min(rows - r0);
-            for i in 0..n_rows {
-                D::stage(p.add((r0 + i) * p_stride), cols, ps.add(i * n_pairs));
-            }
-            let mut c0 = 0;
-            while c0 < d {
-                let n_cols = (d - c0).min(width);
-                let n_vec = n_cols.div_ceil(lanes);
-                let ac = acc.add(r0 * acc_stride + c0);
-                macro_rules! go {
-                    ($NV:expr) => {{
-                        macro_rules! tile {
-                            ($R:expr, $r:expr) => {
-                                pv_tile::<D, { $R }, { $NV }>(
-                                    ps.add($r * n_pairs),
-                                    n_pairs,
-                                    v.add(c0),
-                                    v_stride,
-                                    n_pairs,
-                                    n_cols,
-                                    ac.add($r * acc_stride),
-                                    acc_stride,
-                                )
-                            };
-                        }
-                        row_tiles!(n_rows, MR, tile)
-                    }};
-                }
-                by_vectors!(n_vec, NV, go);
-                c0 += width;
-            }
-            r0 += n_rows;
+    let mut r0 = 0;
+    while r0 < rows {
+        let n_rows = block.min(rows - r0);
+        for i in 0..n_rows {
+            D::stage(p.add((r0 + i) * p_stride), cols, ps.add(i * n_pairs));
         }
+        let mut c0 = 0;
+        while c0 < d {
+            let n_cols = (d - c0).min(width);
+            let n_vec = n_cols.div_ceil(lanes);
+            let ac = acc.add(r0 * acc_stride + c0);
+            macro_rules! go {
+                ($NV:expr) => {{
+                    macro_rules! tile {
+                        ($R:expr, $r:expr) => {
+                            pv_tile::<D, { $R }, { $NV }>(
+                                ps.add($r * n_pairs),
+                                n_pairs,
+                                v.add(c0),
+                                v_stride,
+                                n_pairs,
+                                n_cols,
+                                ac.add($r * acc_stride),
+                                acc_stride,
+                            )
+                        };
+                    }
+                    row_tiles!(n_rows, MR, tile)
+                }};
+            }
+            by_vectors!(n_vec, NV, go);
+            c0 += width;
+        }
+        r0 += n_rows;
     }
 }
 
