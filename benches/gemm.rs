@@ -240,12 +240,16 @@ fn jit_tiled(tile: MicroTile) -> TileKernels {
     }
 }
 
-/// The in-place decode products (`runtime::gemm::view`): GFLOP/s of `qk`
-/// and `pv` for a decode tile of `rows` query rows against dense K/V rows
-/// (256 keys: in L2; 2048 keys: 2 MiB of K and V, past L2), one thread,
-/// D = 128, tiles of 64 keys.
+/// The in-place decode products (`runtime::gemm::view`) on the tile of a
+/// paged GQA decode step (`attnc emit --stage nest --q-len 1 --heads 32
+/// --kv-heads 8 --page-size 16`): every query head of a sequence in one tile
+/// (32 rows, 4 per KV head), key rows of 8 KV heads x D = 128 in pages of 16
+/// slots in a shuffled order, tiles of 64 keys. GFLOP/s of `qk` and `pv`
+/// (2 x rows x keys x D each), one thread, K/V stored f32 and int8 (with a
+/// scale per row), for 128 keys (in cache) and 65536 keys (128 MiB of int8
+/// K and V, 512 MiB of f32: past every cache).
 fn print_view() {
-    for n in [256, 2048] {
+    for n in [128, 65536] {
         print_view_at(n);
     }
 }
@@ -253,46 +257,58 @@ fn print_view() {
 fn print_view_at(n: usize) {
     use attnc::runtime::abi::KvView;
     use attnc::runtime::gemm::view::view_kernels;
-    let (d, bkv) = (128usize, 64usize);
-    let k = matrix(n, d, 1);
-    let v = matrix(n, d, 2);
-    let table = [0i32];
-    let view = KvView {
-        k: k.as_ptr(),
-        v: v.as_ptr(),
-        len: n as i64,
-        row_stride: d as i64,
-        page_stride: 0,
-        page_size: n as i64,
-        table: table.as_ptr(),
-        head_stride: 0,
-        head_rows: i64::MAX,
-    };
-    println!("in-place decode products, D = {d}, {n} keys in tiles of {bkv}, one thread, GFLOP/s:");
+    use attnc::tensor::ElemType;
+    let (d, hkv, group, page, bkv) = (128usize, 8usize, 4usize, 16usize, 64usize);
+    let rows = hkv * group;
+    let pages = n / page;
+    let values = matrix(pages * page * hkv, d, 1);
+    let k_f32: Vec<f32> = values.iter().copied().collect();
+    let v_f32: Vec<f32> = k_f32.iter().rev().copied().collect();
+    let to_i8 = |x: &[f32]| -> Vec<i8> { x.iter().map(|&x| (x * 254.0).round() as i8).collect() };
+    let (k_i8, v_i8) = (to_i8(&k_f32), to_i8(&v_f32));
+    let scales = vec![1.0f32 / 254.0; pages * page * hkv];
+    // A shuffled page order (a fixed odd stride through the pages).
+    let table: Vec<i32> = (0..pages).map(|i| ((i * 7 + 3) % pages) as i32).collect();
+    println!(
+        "in-place decode products, {rows} rows (GQA {group}), {hkv} KV heads, D = {d}, {n} keys \
+         in pages of {page}, tiles of {bkv}, one thread, GFLOP/s:"
+    );
     for isa in NativeIsa::ALL.into_iter().filter(|i| i.is_supported()) {
         let (qk, pv) = view_kernels(isa);
-        for rows in [1usize, 4, 8, 16, 32] {
+        for elem in [ElemType::F32, ElemType::Int8] {
+            let quantized = elem == ElemType::Int8;
+            let (k, v): (*const u8, *const u8) = if quantized {
+                (k_i8.as_ptr().cast(), v_i8.as_ptr().cast())
+            } else {
+                (k_f32.as_ptr().cast(), v_f32.as_ptr().cast())
+            };
+            let view = KvView {
+                k,
+                v,
+                len: n as i64,
+                row_stride: (hkv * d) as i64,
+                page_stride: (page * hkv * d) as i64,
+                page_size: page as i64,
+                table: table.as_ptr(),
+                head_stride: d as i64,
+                head_rows: group as i64,
+                elem,
+                k_scales: if quantized { scales.as_ptr() } else { std::ptr::null() },
+                v_scales: if quantized { scales.as_ptr() } else { std::ptr::null() },
+                scale_row_stride: hkv as i64,
+                scale_page_stride: (page * hkv) as i64,
+                scale_head_stride: 1,
+            };
             let q = matrix(rows, d, 3);
             let mut s = vec![0.5f32; rows * bkv];
             let mut acc = vec![0f32; rows * d];
             let flops = (2 * rows * n * d) as f64;
-            let reps = 40960 / n;
+            let reps = (4096 / n).max(1);
             let t_qk = best_time(reps, 7, || {
                 for c in (0..n).step_by(bkv) {
                     // SAFETY: the view covers keys 0 .. n; s holds rows x bkv.
                     unsafe {
-                        qk(
-                            q.as_ptr(),
-                            d,
-                            &view,
-                            c,
-                            d,
-                            rows,
-                            bkv,
-                            s.as_mut_ptr(),
-                            bkv,
-                            0.1,
-                        )
+                        qk(q.as_ptr(), d, &view, c, d, rows, bkv, s.as_mut_ptr(), bkv, 0.1)
                     };
                 }
                 black_box(&s);
@@ -305,7 +321,8 @@ fn print_view_at(n: usize) {
                 black_box(&acc);
             });
             println!(
-                "  {isa:>8} rows {rows:>2}: qk {:6.1}  pv {:6.1}",
+                "  {isa:>8} {:>4}: qk {:6.1}  pv {:6.1}",
+                format!("{elem:?}").to_lowercase(),
                 flops / t_qk / 1e9,
                 flops / t_pv / 1e9
             );

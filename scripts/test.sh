@@ -19,4 +19,7 @@ if [ ! -x .tools/cuda/nvidia/cuda_nvcc/bin/ptxas ]; then
 fi
 
 # --- The test suite ----------------------------------------------------------------
+# The benchmarks build too (they run only by hand, `cargo bench`), so that a change of
+# the library's types cannot leave them broken.
+cargo test --benches --no-run
 cargo test "$@"

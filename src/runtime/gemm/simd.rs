@@ -20,6 +20,10 @@
 pub(crate) unsafe trait Simd: Copy {
     /// Number of f32 lanes.
     const LANES: usize;
+    /// Vector registers of the instruction set: register blocks of the
+    /// products are sized to fit them (a block that does not spills its
+    /// accumulators to the stack on every step).
+    const REGS: usize;
     /// A vector of `LANES` f32.
     type V: Copy;
     /// A lane mask selecting the first `n` lanes.
@@ -133,6 +137,7 @@ pub(crate) struct Portable;
 // feature.
 unsafe impl Simd for Portable {
     const LANES: usize = 4;
+    const REGS: usize = 16;
     type V = [f32; 4];
     type M = usize;
 
@@ -223,6 +228,7 @@ mod x86 {
     // that are called after run-time detection of both features.
     unsafe impl Simd for Avx2 {
         const LANES: usize = 8;
+        const REGS: usize = 16;
         type V = __m256;
         type M = __m256i;
 
@@ -375,6 +381,7 @@ mod x86 {
     // are called after run-time detection of the feature.
     unsafe impl Simd for Avx512 {
         const LANES: usize = 16;
+        const REGS: usize = 32;
         type V = __m512;
         type M = __mmask16;
 

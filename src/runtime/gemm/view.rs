@@ -334,16 +334,28 @@ const PF_RUN_BELOW_BYTES: usize = 4096;
 
 /// Query rows handled together in `qk`.
 const QK_ROWS: usize = 4;
-/// Keys handled together in `qk` (a divisor of every `Simd::LANES`): with
-/// `QK_ROWS` rows, 16 independent accumulation chains hide the FMA latency.
-const QK_KEYS: usize = 4;
+
+/// Keys handled together in `qk` on `S` (a divisor of every `Simd::LANES`):
+/// with `QK_ROWS` rows, 16 independent accumulation chains hide the FMA
+/// latency where there are 32 vector registers; with 16 registers, 8 chains:
+/// 16 spilled accumulators to the stack on every step (`cargo bench --bench
+/// gemm -- --view` on a Zen 3 AVX2 host, medians of 8 alternating runs, one
+/// thread: 128 keys in cache, f32 28.1 -> 45.1 GFLOP/s and int8 38.3 -> 54.5;
+/// 65536 keys from memory, int8 37.5 -> 47.5).
+const fn qk_keys<S: Simd>() -> usize {
+    if S::REGS >= 32 {
+        4
+    } else {
+        2
+    }
+}
 
 /// Per-lane partial dot products of rows `..NR` of Q (at `q`, stride
-/// `q_stride`) with keys `..QK_KEYS` (at `k`, stride `rs`) over the head dim
+/// `q_stride`) with keys `..NK` (at `k`, stride `rs`) over the head dim
 /// `d`, into `part[row][jj + key]`; the keys' rows are read in order.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn qk_part<S: Simd, E: Elem, const NR: usize>(
+unsafe fn qk_part<S: Simd, E: Elem, const NR: usize, const NK: usize>(
     q: *const f32,
     q_stride: usize,
     k: *const E,
@@ -356,17 +368,17 @@ unsafe fn qk_part<S: Simd, E: Elem, const NR: usize>(
     let zero = S::splat(0.0);
     let full = d - d % S::LANES;
     if !ahead.is_null() {
-        for c in 0..QK_KEYS {
+        for c in 0..NK {
             prefetch(ahead.wrapping_add(c * rs), d);
         }
     }
-    let mut acc = [[zero; QK_KEYS]; NR];
+    let mut acc = [[zero; NK]; NR];
     let mut t = 0;
     while t < full {
         // A loop, not `array::from_fn`: a closure would not inherit the
         // entry point's target features, and a widening load (a dozen
         // intrinsics for fp8) would stay a call.
-        let mut kv = [zero; QK_KEYS];
+        let mut kv = [zero; NK];
         for (c, x) in kv.iter_mut().enumerate() {
             *x = E::load::<S>(k.add(c * rs + t));
         }
@@ -380,7 +392,7 @@ unsafe fn qk_part<S: Simd, E: Elem, const NR: usize>(
     }
     if full < d {
         let m = S::first_lanes(d - full);
-        let mut kv = [zero; QK_KEYS];
+        let mut kv = [zero; NK];
         for (c, x) in kv.iter_mut().enumerate() {
             *x = E::load_first::<S>(k.add(c * rs + full), d - full);
         }
@@ -461,13 +473,22 @@ unsafe fn qk<S: Simd, E: Elem>(
                     } else {
                         std::ptr::null()
                     };
-                    match nr {
-                        4 => qk_part::<S, E, 4>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
-                        3 => qk_part::<S, E, 3>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
-                        2 => qk_part::<S, E, 2>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
-                        _ => qk_part::<S, E, 1>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
+                    macro_rules! part {
+                        ($nk:literal) => {
+                            match nr {
+                                4 => qk_part::<S, E, 4, $nk>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
+                                3 => qk_part::<S, E, 3, $nk>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
+                                2 => qk_part::<S, E, 2, $nk>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
+                                _ => qk_part::<S, E, 1, $nk>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
+                            }
+                        };
                     }
-                    jj += QK_KEYS;
+                    // `qk_keys` is a constant of `S`: one arm is compiled.
+                    match qk_keys::<S>() {
+                        4 => part!(4),
+                        _ => part!(2),
+                    }
+                    jj += qk_keys::<S>();
                 }
                 for (i, p) in part.iter().enumerate().take(nr) {
                     // SAFETY: lanes `..LANES` of rows `..nr` were written above.
