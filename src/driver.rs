@@ -609,6 +609,11 @@ pub struct CompileOptions {
     /// Check the bounds of the reads the optimiser proved in range too, and
     /// panic if one is out of range (a compiler bug). For tests; slower.
     pub check_proven_loads: bool,
+    /// Multiply a prefill's bf16 q, k and v as bf16 pairs
+    /// ([`crate::tile::nest::KvSource::PackedBf16`]) rather than widening
+    /// them to f32 as they are packed. `None`: where the tile products have a
+    /// bf16 dot product ([`has_bf16_dot`]).
+    pub bf16_pairs: Option<bool>,
 }
 
 impl Default for CompileOptions {
@@ -619,6 +624,7 @@ impl Default for CompileOptions {
             gemm: crate::codegen::clif::GemmImpl::detect(),
             keep_clif: false,
             check_proven_loads: false,
+            bf16_pairs: None,
         }
     }
 }
@@ -658,14 +664,35 @@ pub type NestShape = (crate::tile::nest::RowMap, crate::tile::nest::KvSource);
 ///   run a prefill 1.6-1.8x faster than in-place ones (`attnc bench
 ///   examples/causal.attn --q-len 4096 --heads 8 --dim 64`, with and without
 ///   `--page-size 16`).
-pub fn nest_for(bound: &crate::bind::Bound, tiling: crate::mask::Tiling) -> NestShape {
+///
+/// `bf16_pairs`: whether bf16 q, k and v of a prefill are multiplied as bf16
+/// pairs (where the products have a bf16 dot product, [`has_bf16_dot`]) or
+/// widened to f32 as they are packed (elsewhere: on AVX2 the pair products
+/// ran a prefill at 0.46x the f32 speed, the widened packing at 1.0x;
+/// docs/performance.md).
+pub fn nest_for(
+    bound: &crate::bind::Bound,
+    tiling: crate::mask::Tiling,
+    bf16_pairs: bool,
+) -> NestShape {
     nest_for_shapes(
         &bound.shapes,
         bound.pages.is_some(),
         bound.q_elem,
         bound.kv_elem,
         tiling,
+        bf16_pairs,
     )
+}
+
+/// Whether the tile products of `gemm` on this CPU multiply bf16 pairs with
+/// a dot-product instruction (`vdpbf16ps`, AVX-512 BF16): there a prefill
+/// on bf16 operands runs about 1.5x the f32 speed; elsewhere the pairs are
+/// widened to f32 in the products, which is slower than widening them once
+/// as they are packed.
+pub fn has_bf16_dot(gemm: crate::codegen::clif::GemmImpl) -> bool {
+    use crate::runtime::gemm::pairs::PairProducts;
+    PairProducts::for_isa(gemm.products_isa(), false) == PairProducts::Dpbf16
 }
 
 /// [`nest_for`] from the shapes alone (a ragged batch takes the nest of a
@@ -673,14 +700,15 @@ pub fn nest_for(bound: &crate::bind::Bound, tiling: crate::mask::Tiling) -> Nest
 /// the stored type of K and V (for `attnc emit`, which has no inputs). A
 /// quantized cache (int8, fp8) is always read in place (dequantized in the
 /// tile loads, never copied); bf16 q, k and v of a prefill are packed as
-/// bf16 pairs; other bf16/f16 K/V of a prefill are widened to f32 as they
-/// are packed.
+/// bf16 pairs with `bf16_pairs`; other bf16/f16 K/V of a prefill (and bf16
+/// ones without `bf16_pairs`) are widened to f32 as they are packed.
 pub fn nest_for_shapes(
     sh: &crate::sema::eval::Shapes,
     paged: bool,
     q_elem: crate::tensor::ElemType,
     kv_elem: crate::tensor::ElemType,
     tiling: crate::mask::Tiling,
+    bf16_pairs: bool,
 ) -> NestShape {
     use crate::tensor::ElemType;
     use crate::tile::nest::{KvSource, RowMap};
@@ -691,7 +719,7 @@ pub fn nest_for_shapes(
         (RowMap::GqaGroup, KvSource::InPlace)
     } else if kv_elem.is_quantized() {
         (RowMap::OneHead, KvSource::InPlace)
-    } else if (q_elem, kv_elem) == (ElemType::Bf16, ElemType::Bf16) {
+    } else if bf16_pairs && (q_elem, kv_elem) == (ElemType::Bf16, ElemType::Bf16) {
         (RowMap::OneHead, KvSource::PackedBf16)
     } else {
         (RowMap::OneHead, KvSource::Packed)
@@ -813,7 +841,7 @@ impl JitKernel {
         let mut own = Vec::new();
         let mut shared = self.workspace.try_lock().ok();
         let workspace = shared.as_deref_mut().unwrap_or(&mut own);
-        let variant = self.variant(nest_for(bound, self.tiling))?;
+        let variant = self.variant(nest_for(bound, self.tiling, self.bf16_pairs()))?;
         let compiled = variant.as_deref().unwrap_or(&self.compiled);
         crate::runtime::exec::run(compiled.code(), inputs, bound, maps, workspace)
             .map_err(|error| self.program.first_error(inputs, bound, error))
@@ -844,6 +872,14 @@ impl JitKernel {
         Ok(Some(compiled))
     }
 
+    /// Whether the kernel multiplies a prefill's bf16 q, k and v as bf16
+    /// pairs ([`CompileOptions::bf16_pairs`]).
+    pub fn bf16_pairs(&self) -> bool {
+        self.options
+            .bf16_pairs
+            .unwrap_or_else(|| has_bf16_dot(self.compiled.gemm))
+    }
+
     /// The tile sizes the kernel was compiled for.
     pub fn tiling(&self) -> crate::mask::Tiling {
         self.tiling
@@ -871,18 +907,31 @@ impl Program {
         crate::tile::lower(&self.spec, schedule)
     }
 
-    /// Runs the loop-IR interpreter with `tiling`.
+    /// Runs the loop-IR interpreter with `tiling`, on the loop nest the jit
+    /// backend of this CPU would run (bf16 pairs where [`has_bf16_dot`]).
     pub fn run_interp(
         &self,
         inputs: &Inputs<'_>,
         tiling: crate::mask::Tiling,
+    ) -> Result<Outputs, Error> {
+        let pairs = has_bf16_dot(crate::codegen::clif::GemmImpl::detect());
+        self.run_interp_nest(inputs, tiling, pairs)
+    }
+
+    /// [`Program::run_interp`], multiplying bf16 operands as pairs with
+    /// `bf16_pairs` (see [`nest_for`]).
+    pub fn run_interp_nest(
+        &self,
+        inputs: &Inputs<'_>,
+        tiling: crate::mask::Tiling,
+        bf16_pairs: bool,
     ) -> Result<Outputs, Error> {
         let tiling =
             crate::mask::Tiling::new(tiling.bq, tiling.bkv).map_err(|e| self.mask_error(e))?;
         let bound = bind(&self.spec, inputs)?;
         let maps = crate::mask::classify(&self.spec, &bound, tiling)
             .map_err(|e| self.classify_error(inputs, &bound, e))?;
-        let (rows, kv) = nest_for(&bound, tiling);
+        let (rows, kv) = nest_for(&bound, tiling, bf16_pairs);
         let schedule = crate::tile::Schedule {
             tiling,
             dim: Some(bound.shapes.d),

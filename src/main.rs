@@ -1382,8 +1382,14 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
                 d: dim.unwrap_or(64),
             };
             let (q_elem, kv_elem) = elem_types(&args.dtype, args.kv_dtype.as_deref())?;
-            let nest =
-                driver::nest_for_shapes(&shapes, args.page_size.is_some(), q_elem, kv_elem, tiling);
+            let nest = driver::nest_for_shapes(
+                &shapes,
+                args.page_size.is_some(),
+                q_elem,
+                kv_elem,
+                tiling,
+                driver::has_bf16_dot(attnc::codegen::clif::GemmImpl::detect()),
+            );
             let threads = rayon::current_num_threads();
             let walks = match nest.0 {
                 attnc::tile::nest::RowMap::GqaGroup => Some(args.batch * hkv),
@@ -1398,8 +1404,15 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
                 ),
                 None => String::new(),
             };
+            let widened = if (q_elem, kv_elem, nest.1)
+                == (attnc::ElemType::Bf16, attnc::ElemType::Bf16, attnc::tile::nest::KvSource::Packed)
+            {
+                " (bf16 widened to f32 as it is packed: this CPU has no bf16 dot product)"
+            } else {
+                ""
+            };
             chosen = format!(
-                "; chosen for B={} H={} HKV={hkv} Q={q_len} KV={kv_len}{}: rows {:?}, K/V {:?}{split}\n",
+                "; chosen for B={} H={} HKV={hkv} Q={q_len} KV={kv_len}{}: rows {:?}, K/V {:?}{widened}{split}\n",
                 args.batch,
                 args.heads,
                 args.page_size
@@ -1735,13 +1748,17 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
             (Some(a), Some(b)) => max_abs_diff(a.iter(), b.iter()),
             _ => 0.0,
         };
+        // The jit and the interpreter multiply bf16 pairs where the CPU has a
+        // bf16 dot product (`--gemm` jit or native use this CPU's products).
+        let bf16_pairs = driver::has_bf16_dot(gemm_impl(args.gemm));
         let tolerance = match args.tolerance {
             Some(t) => t,
             // P·V on bf16 probabilities (see `--tolerance`): max |v| over the
             // keys the sequences use (a pool's stale slots may hold anything).
             None => match (tiling, attnc::bind::bind(&program.spec, &inputs)) {
                 (Some(t), Ok(bound))
-                    if driver::nest_for(&bound, t).1 == attnc::tile::nest::KvSource::PackedBf16 =>
+                    if driver::nest_for(&bound, t, bf16_pairs).1
+                        == attnc::tile::nest::KvSource::PackedBf16 =>
                 {
                     let sh = bound.shapes;
                     let mut v_max = 0f32;

@@ -204,7 +204,8 @@ fn paged_and_ragged_calls_match_the_reference_on_every_backend() {
                         true,
                         attnc::ElemType::F32,
                         attnc::ElemType::F32,
-                        tiling
+                        tiling,
+                        true,
                     )
                 ));
             }

@@ -98,7 +98,7 @@ fn every_kv_type_matches_the_reference_on_pools_and_dense_rows() {
                         attnc::tile::nest::KvSource::Packed
                     };
                     assert_eq!(
-                        attnc::driver::nest_for(&bound, tiling),
+                        attnc::driver::nest_for(&bound, tiling, true),
                         (attnc::tile::nest::RowMap::OneHead, kv)
                     );
                 }
@@ -164,14 +164,15 @@ fn check_bf16_pairs(
     what: &str,
 ) -> attnc::Outputs {
     let bound = attnc::bind::bind(&program.spec, inputs).unwrap();
+    assert!(jit.bf16_pairs(), "{what}");
     assert_eq!(
-        attnc::driver::nest_for(&bound, tiling).1,
+        attnc::driver::nest_for(&bound, tiling, true).1,
         attnc::tile::nest::KvSource::PackedBf16,
         "{what}"
     );
     let want = program.run_reference(inputs).unwrap();
     let got = jit.run(inputs).unwrap();
-    let interp = program.run_interp(inputs, tiling).unwrap();
+    let interp = program.run_interp_nest(inputs, tiling, true).unwrap();
     assert!(
         got.out.iter().all(|x| x.is_finite()),
         "{what}: a NaN V reached the output"
@@ -187,22 +188,50 @@ fn check_bf16_pairs(
     want
 }
 
+/// A jit kernel that multiplies bf16 q, k and v as bf16 pairs, with the
+/// pair products of this CPU (`vdpbf16ps` or widened), and one that widens
+/// them to f32 as it packs them.
+fn bf16_jits(
+    program: &attnc::Program,
+    tiling: attnc::mask::Tiling,
+) -> (attnc::JitKernel, attnc::JitKernel) {
+    let options = |pairs| attnc::CompileOptions {
+        tiles: attnc::Tiles::Fixed(tiling),
+        bf16_pairs: Some(pairs),
+        ..Default::default()
+    };
+    (
+        program.compile_jit_with(&options(true)).unwrap(),
+        program.compile_jit_with(&options(false)).unwrap(),
+    )
+}
+
 /// bf16 q, k and v of a dense prefill multiply bf16 pairs
 /// (`KvSource::PackedBf16`): the jit and the interpreter lowering the same
 /// nest agree, and both stay within the bf16 rounding of P (|error| <= 2^-9
 /// max|v|) of the reference's f64 on the same values; odd and even head
 /// dims, GQA, a broadcast batch, more keys than one packing chunk (1024),
 /// a score mod (every tile scanned for NaN V), and NaN V at keys the mask
-/// hides from every query, which must not reach the output.
+/// hides from every query, which must not reach the output. Where they are
+/// widened to f32 as they are packed instead (`kv packed`: the choice on a
+/// CPU without a bf16 dot product), P is not rounded: the f32 bound holds.
 #[test]
 fn bf16_pairs_prefill_matches_the_interpreter_and_the_reference() {
+    assert_eq!(
+        program("attention c { mask = causal }")
+            .compile_jit(attnc::mask::Tiling { bq: 64, bkv: 64 }, GemmImpl::detect())
+            .unwrap()
+            .bf16_pairs(),
+        attnc::driver::has_bf16_dot(GemmImpl::detect()),
+        "by default, bf16 pairs where the CPU has a bf16 dot product"
+    );
     for src in [
         "attention a { mask = causal && kv % 7 != 3 }",
         "attention b { score = score * 0.5 mask = causal && kv % 7 != 3 }",
     ] {
         let program = program(src);
         let tiling = attnc::mask::Tiling { bq: 64, bkv: 64 };
-        let jit = program.compile_jit(tiling, GemmImpl::detect()).unwrap();
+        let (jit, widened) = bf16_jits(&program, tiling);
         let mut rng = Rng::new(77);
         for (b, kv_b, h, hkv, n, d) in [
             (2, 2, 4, 2, 333, 23),
@@ -227,6 +256,24 @@ fn bf16_pairs_prefill_matches_the_interpreter_and_the_reference() {
                 .with_lse();
             let what = format!("{src} B{b} KVB{kv_b} H{h} HKV{hkv} N{n} D{d}");
             let want = check_bf16_pairs(&program, &jit, tiling, &inputs, &what);
+            let bound = attnc::bind::bind(&program.spec, &inputs).unwrap();
+            assert_eq!(
+                attnc::driver::nest_for(&bound, tiling, false).1,
+                attnc::tile::nest::KvSource::Packed,
+                "{what}"
+            );
+            assert_close(
+                &format!("{what}: widened as packed"),
+                &widened.run(&inputs).unwrap(),
+                &want,
+                2e-5,
+            );
+            assert_close(
+                &format!("{what}: interp, widened as packed"),
+                &program.run_interp_nest(&inputs, tiling, false).unwrap(),
+                &want,
+                2e-5,
+            );
             // f32 q (not declared bf16) keeps the f32 products: tight.
             let f32_q = Inputs::new(q.view(), ks.view(), vs.view()).with_lse();
             assert_close(
@@ -247,7 +294,7 @@ fn bf16_pairs_prefill_matches_the_interpreter_and_the_reference() {
 fn bf16_pairs_gather_a_chunked_prefill_from_a_pool() {
     let program = program("attention causal { mask = causal && q - kv < 300 }");
     let tiling = attnc::mask::Tiling { bq: 64, bkv: 64 };
-    let jit = program.compile_jit(tiling, GemmImpl::detect()).unwrap();
+    let (jit, _) = bf16_jits(&program, tiling);
     let mut rng = Rng::new(31);
     let (h, hkv, q, d, lens) = (4, 2, 70, 24, [70usize, 100, 333]);
     let qv = attnc::tensor::round_to(rng.array4((3, h, q, d)).view(), ElemType::Bf16);
@@ -600,9 +647,11 @@ proptest::proptest! {
             .with_lse();
         inputs.buffers = data.buffers.clone();
         let reference = program.run_reference(&inputs);
+        // Pairs on every CPU (`vdpbf16ps` or widened in the products).
         let options = attnc::CompileOptions {
             tiles: attnc::Tiles::Fixed(attnc::mask::Tiling::new(16, 16).unwrap()),
             check_proven_loads: true,
+            bf16_pairs: Some(true),
             ..Default::default()
         };
         let kernel = program.compile_jit_with(&options).unwrap();
@@ -611,7 +660,7 @@ proptest::proptest! {
             "interp 16x16, bf16",
             &case,
             &reference,
-            program.run_interp(&inputs, attnc::mask::Tiling { bq: 16, bkv: 16 }),
+            program.run_interp_nest(&inputs, attnc::mask::Tiling { bq: 16, bkv: 16 }, true),
             2.5e-3,
         )?;
     }

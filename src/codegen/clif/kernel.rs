@@ -147,10 +147,7 @@ pub fn compile(
         .map_err(|e| CodegenError::Isa(e.to_string()))?;
     symbols.push((ANCESTOR_SYMBOL, ancestor_helper as *const u8));
     symbols.push((PV_EXACT_SYMBOL, crate::runtime::gemm::pv_exact as *const u8));
-    let view_isa = match gemm {
-        GemmImpl::Native(isa) => isa,
-        GemmImpl::Jit => crate::runtime::gemm::NativeIsa::detect(),
-    };
+    let view_isa = gemm.products_isa();
     let (qk_view, pv_view) = crate::runtime::gemm::view::view_kernels(view_isa);
     symbols.push((QK_VIEW_SYMBOL, qk_view as *const u8));
     symbols.push((PV_VIEW_SYMBOL, pv_view as *const u8));

@@ -100,6 +100,16 @@ impl GemmImpl {
         }
     }
 
+    /// The instruction set of the native products that a kernel with these
+    /// tile products links beside them (the in-place and bf16 pair
+    /// products): `Native`'s own, or this CPU's best for `Jit`.
+    pub fn products_isa(&self) -> NativeIsa {
+        match self {
+            GemmImpl::Native(isa) => *isa,
+            GemmImpl::Jit => NativeIsa::detect(),
+        }
+    }
+
     /// A short name: `jit` or `native-avx512` / `native-avx2` / `native-portable`.
     pub fn name(&self) -> String {
         match self {

@@ -586,7 +586,7 @@ entry_points!(
 
 #[cfg(target_arch = "x86_64")]
 entry_points!(
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     super::simd::Avx2,
     qk = (qk_avx2, 6, 2),
     pv = (pv_avx2, 6, 2),
@@ -627,7 +627,7 @@ pub(crate) fn exp_in_place_portable(xs: &mut [f32], base2: bool) {
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn exp_in_place_avx2(xs: &mut [f32], base2: bool) {
     exp_in_place::<super::simd::Avx2>(xs, base2)
 }

@@ -390,6 +390,7 @@ impl NativeIsa {
             NativeIsa::Avx2 => {
                 std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c")
             }
             NativeIsa::Portable => true,
             #[allow(unreachable_patterns)]
@@ -1057,7 +1058,7 @@ mod tests {
             {
                 if NativeIsa::Avx2.is_supported() {
                     let mut ys = xs.clone();
-                    // SAFETY: AVX2 and FMA were detected.
+                    // SAFETY: AVX2, FMA and F16C were detected.
                     unsafe { kernels::exp_in_place_avx2(&mut ys, base2) };
                     runs.push(("avx2", ys));
                 }

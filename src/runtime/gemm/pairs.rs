@@ -609,7 +609,7 @@ entry_points!(
 
 #[cfg(target_arch = "x86_64")]
 entry_points!(
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     Widening<super::simd::Avx2>,
     qk = (qk_avx2, 4, 2),
     pv = (pv_avx2, 4, 2)

@@ -220,12 +220,12 @@ mod x86 {
     use super::Simd;
     use std::arch::x86_64::*;
 
-    /// AVX2 + FMA, 8 lanes.
+    /// AVX2 + FMA (and F16C, for f16 widening), 8 lanes.
     #[derive(Clone, Copy, Debug)]
     pub(crate) struct Avx2;
 
-    // SAFETY: only used inside `#[target_feature(enable = "avx2,fma")]` entry points
-    // that are called after run-time detection of both features.
+    // SAFETY: only used inside `#[target_feature(enable = "avx2,fma,f16c")]` entry points
+    // that are called after run-time detection of the three features.
     unsafe impl Simd for Avx2 {
         const LANES: usize = 8;
         const REGS: usize = 16;
@@ -309,8 +309,10 @@ mod x86 {
             let x = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(x))
         }
-        // `load_f16` keeps the scalar default: F16C is not part of this
-        // instruction set's detection.
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+        }
         #[inline(always)]
         unsafe fn load_i8(p: *const i8) -> __m256 {
             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast())))
@@ -646,7 +648,7 @@ mod tests {
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn check_avx2() {
         check_row_reductions::<Avx2>("avx2");
         check_widening_loads::<Avx2>("avx2");
@@ -670,7 +672,7 @@ mod tests {
         {
             use super::super::NativeIsa;
             if NativeIsa::Avx2.is_supported() {
-                // SAFETY: AVX2 and FMA were detected.
+                // SAFETY: AVX2, FMA and F16C were detected.
                 unsafe { check_avx2() };
             }
             if NativeIsa::Avx512.is_supported() {

@@ -787,7 +787,7 @@ view_entry_points!(super::simd::Portable, qk_view_portable, pv_view_portable);
 
 #[cfg(target_arch = "x86_64")]
 view_entry_points!(
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     super::simd::Avx2,
     qk_view_avx2,
     pv_view_avx2
