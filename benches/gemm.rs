@@ -282,23 +282,16 @@ fn print_view_at(n: usize) {
             } else {
                 (k_f32.as_ptr().cast(), v_f32.as_ptr().cast())
             };
-            let view = KvView {
-                k,
-                v,
-                len: n as i64,
-                row_stride: (hkv * d) as i64,
-                page_stride: (page * hkv * d) as i64,
-                page_size: page as i64,
-                table: table.as_ptr(),
-                head_stride: d as i64,
-                head_rows: group as i64,
+            let scales = if quantized { scales.as_ptr() } else { std::ptr::null() };
+            let view = KvView::pool(
+                (k, v),
+                (scales, scales),
+                table.as_ptr(),
+                n,
+                [page, hkv, d],
+                group,
                 elem,
-                k_scales: if quantized { scales.as_ptr() } else { std::ptr::null() },
-                v_scales: if quantized { scales.as_ptr() } else { std::ptr::null() },
-                scale_row_stride: hkv as i64,
-                scale_page_stride: (page * hkv) as i64,
-                scale_head_stride: 1,
-            };
+            );
             let q = matrix(rows, d, 3);
             let mut s = vec![0.5f32; rows * bkv];
             let mut acc = vec![0f32; rows * d];

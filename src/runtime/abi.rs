@@ -96,6 +96,41 @@ pub struct KvView {
     pub scale_head_stride: i64,
 }
 
+impl KvView {
+    /// The view of a pool in the standard layout `[pages, page_size, hkv,
+    /// d]` (scales `[pages, page_size, hkv]`, or null), from KV head 0 of
+    /// `k` and `v`, for a tile of `head_rows` rows per KV head, keys `..len`
+    /// listed by `table`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pool(
+        (k, v): (*const u8, *const u8),
+        (k_scales, v_scales): (*const f32, *const f32),
+        table: *const i32,
+        len: usize,
+        [page_size, hkv, d]: [usize; 3],
+        head_rows: usize,
+        elem: crate::tensor::ElemType,
+    ) -> KvView {
+        KvView {
+            k,
+            v,
+            len: len as i64,
+            row_stride: (hkv * d) as i64,
+            page_stride: (page_size * hkv * d) as i64,
+            page_size: page_size as i64,
+            table,
+            head_stride: d as i64,
+            head_rows: head_rows as i64,
+            elem,
+            k_scales,
+            v_scales,
+            scale_row_stride: hkv as i64,
+            scale_page_stride: (page_size * hkv) as i64,
+            scale_head_stride: 1,
+        }
+    }
+}
+
 // SAFETY: a view is only read, by the tasks of one run, and points at K/V rows
 // and a page table that the run holds and nobody writes while it runs.
 unsafe impl Send for KvView {}

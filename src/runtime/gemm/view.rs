@@ -911,23 +911,15 @@ mod tests {
                     };
                     // Tile rows `r` read KV head `r / hr`; a view of one head
                     // has `hr` >= rows.
-                    let view = KvView {
-                        k: kd.as_ptr(),
-                        v: vd.as_ptr(),
-                        len: n as i64,
-                        row_stride: (hkv * d) as i64,
-                        page_stride: (ps * hkv * d) as i64,
-                        page_size: ps as i64,
-                        table: table.as_ptr(),
-                        head_stride: d as i64,
-                        head_rows: hr as i64,
+                    let view = KvView::pool(
+                        (kd.as_ptr(), vd.as_ptr()),
+                        (scales(&kd), scales(&vd)),
+                        table.as_ptr(),
+                        n,
+                        [ps, hkv, d],
+                        hr,
                         elem,
-                        k_scales: scales(&kd),
-                        v_scales: scales(&vd),
-                        scale_row_stride: hkv as i64,
-                        scale_page_stride: (ps * hkv) as i64,
-                        scale_head_stride: 1,
-                    };
+                    );
                     let q: Vec<f32> = (0..rows * d).map(|i| (i % 5) as f32 - 2.0).collect();
                     let mut s = vec![0f32; rows * cols];
                     unsafe {
