@@ -261,8 +261,7 @@ fn print_view_at(n: usize) {
     let (d, hkv, group, page, bkv) = (128usize, 8usize, 4usize, 16usize, 64usize);
     let rows = hkv * group;
     let pages = n / page;
-    let values = matrix(pages * page * hkv, d, 1);
-    let k_f32: Vec<f32> = values.iter().copied().collect();
+    let k_f32: Vec<f32> = matrix(pages * page * hkv, d, 1).iter().copied().collect();
     let v_f32: Vec<f32> = k_f32.iter().rev().copied().collect();
     let to_i8 = |x: &[f32]| -> Vec<i8> { x.iter().map(|&x| (x * 254.0).round() as i8).collect() };
     let (k_i8, v_i8) = (to_i8(&k_f32), to_i8(&v_f32));

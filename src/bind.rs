@@ -21,8 +21,9 @@ pub struct Inputs<'a> {
     pub q: ArrayView4<'a, f32>,
     /// The element type whose values `q` holds (carried in f32, which holds
     /// every bf16 and f16 value exactly): f32 unless [`Inputs::q_elem`] says
-    /// otherwise. bf16 q with bf16 k and v makes a prefill multiply on
-    /// bf16 operands ([`crate::tile::nest::KvSource::PackedBf16`]).
+    /// otherwise. bf16 q with bf16 k and v lets a prefill multiply on bf16
+    /// operands ([`crate::tile::nest::KvSource::PackedBf16`], where the CPU
+    /// has a bf16 dot product: [`crate::driver::has_bf16_dot`]).
     pub q_elem: ElemType,
     /// Keys, laid out as [`Inputs::kv_layout`] says: `[B or 1, HKV, KV, D]`
     /// dense, or a pool `[num_pages, page_size, HKV, D]` when paged.

@@ -907,8 +907,12 @@ impl Program {
         crate::tile::lower(&self.spec, schedule)
     }
 
-    /// Runs the loop-IR interpreter with `tiling`, on the loop nest the jit
-    /// backend of this CPU would run (bf16 pairs where [`has_bf16_dot`]).
+    /// Runs the loop-IR interpreter with `tiling`, on the loop nest a jit
+    /// kernel with the default tile products ([`GemmImpl::detect`]) runs on
+    /// this CPU (bf16 pairs where [`has_bf16_dot`]); a kernel forced to
+    /// other products may widen bf16 instead ([`JitKernel::bf16_pairs`]).
+    ///
+    /// [`GemmImpl::detect`]: crate::codegen::clif::GemmImpl::detect
     pub fn run_interp(
         &self,
         inputs: &Inputs<'_>,

@@ -270,8 +270,8 @@ struct EmitArgs {
     arch: String,
     /// Element type of q, k and v: in the PTX kernel, f32 (FMA), f16 or bf16
     /// (tensor cores), f32 by default as for `attnc run --backend cuda`; with
-    /// --q-len, the loop nest a CPU call of that type takes (bf16: products
-    /// on bf16 pairs).
+    /// --q-len, the loop nest a CPU call of that type takes on this CPU
+    /// (bf16: products on bf16 pairs where it has AVX-512 BF16).
     #[arg(long, default_value = "f32", value_name = "f32|f16|bf16")]
     dtype: String,
     /// With --target ptx and --page-size: K and V stored as int8 or fp8 with
@@ -487,9 +487,9 @@ struct RunArgs {
     /// in it: float32/float64 files are rounded to it (nearest, ties to even),
     /// float16 files (with f16) and uint16 files of bf16 bit patterns (with
     /// bf16) are taken as they are. The CPU backends compute in f32 on those
-    /// values, except that a bf16 prefill (q, k and v bf16) runs its tile
-    /// products on bf16 operands with f32 sums (`vdpbf16ps` where the CPU has
-    /// AVX-512 BF16) and rounds the probabilities to bf16 for P·V, as
+    /// values, except that where the CPU has AVX-512 BF16 a bf16 prefill (q,
+    /// k and v bf16) runs its tile products on bf16 operands with f32 sums
+    /// (`vdpbf16ps`) and rounds the probabilities to bf16 for P·V, as
     /// FlashAttention does; the GPU (`--backend cuda`) runs its products in
     /// the type (tensor cores for f16 and bf16).
     #[arg(long, default_value = "f32", value_name = "f32|bf16|f16")]

@@ -1,5 +1,6 @@
 //! The tile products on bf16 operands with f32 accumulation, for a
-//! prefill whose q, k and v are all bf16 ([`crate::tile::nest::KvSource::PackedBf16`]).
+//! prefill whose q, k and v are all bf16 ([`crate::tile::nest::KvSource::PackedBf16`],
+//! chosen where the CPU has `vdpbf16ps`: [`crate::driver::has_bf16_dot`]).
 //!
 //! Operands travel as *pairs*: one `u32` holds two bf16 values, the first in
 //! the low half, as `vdpbf16ps` (AVX-512 BF16) reads them. That instruction
