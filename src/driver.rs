@@ -1325,6 +1325,56 @@ mod tests {
     use super::*;
     use crate::bench::Rng;
 
+    /// A bf16 prefill multiplies pairs only where asked, and by default only
+    /// where the products have `vdpbf16ps`: never on AVX2 or the portable
+    /// path, on AVX-512 only with AVX-512 BF16. Decode and quantized caches
+    /// read in place either way.
+    #[test]
+    fn bf16_pairs_need_a_bf16_dot_product() {
+        use crate::codegen::clif::GemmImpl;
+        use crate::runtime::gemm::NativeIsa;
+        use crate::tensor::ElemType::{Bf16, Int8, F16, F32};
+        use crate::tile::nest::{KvSource, RowMap};
+        assert!(!has_bf16_dot(GemmImpl::Native(NativeIsa::Avx2)));
+        assert!(!has_bf16_dot(GemmImpl::Native(NativeIsa::Portable)));
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            has_bf16_dot(GemmImpl::Native(NativeIsa::Avx512)),
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+        );
+        let tiling = crate::mask::Tiling::new(64, 64).unwrap();
+        let prefill = crate::sema::eval::Shapes {
+            b: 1,
+            h: 8,
+            hkv: 2,
+            q: 512,
+            kv: 512,
+            d: 64,
+        };
+        let decode = crate::sema::eval::Shapes { q: 1, ..prefill };
+        for paged in [false, true] {
+            let nest = |sh, q, kv, pairs| nest_for_shapes(sh, paged, q, kv, tiling, pairs);
+            assert_eq!(
+                nest(&prefill, Bf16, Bf16, true),
+                (RowMap::OneHead, KvSource::PackedBf16)
+            );
+            assert_eq!(
+                nest(&prefill, Bf16, Bf16, false),
+                (RowMap::OneHead, KvSource::Packed)
+            );
+            for (q, kv) in [(F32, Bf16), (F16, F16), (F32, F32)] {
+                assert_eq!(nest(&prefill, q, kv, true), (RowMap::OneHead, KvSource::Packed));
+            }
+            assert_eq!(
+                nest(&prefill, Bf16, Int8, true),
+                (RowMap::OneHead, KvSource::InPlace)
+            );
+            let rows = if paged { RowMap::AllHeads } else { RowMap::GqaGroup };
+            assert_eq!(nest(&decode, Bf16, Bf16, true), (rows, KvSource::InPlace));
+        }
+    }
+
     /// Running heads in small packing groups (down to one head at a time, and
     /// with a ragged last group) and reusing the workspace across calls of
     /// other shapes gives exactly the outputs of one group.
