@@ -56,6 +56,12 @@ pub struct BenchReport {
     pub fma_peak: Option<PeakReport>,
     /// The memory read bandwidth measured beside the runs, when asked for.
     pub memory: Option<MemoryReport>,
+    /// The type of q's values and the stored type of K and V.
+    pub q_elem: crate::tensor::ElemType,
+    pub kv_elem: crate::tensor::ElemType,
+    /// The loop nest a tiled backend ran (rows, K/V source; `attnc emit
+    /// --stage nest` prints it whole), when the caller names it.
+    pub nest: Option<String>,
 }
 
 /// The machine's memory read bandwidth, measured in the same run as the
@@ -115,6 +121,9 @@ impl BenchReport {
             "gb_per_s": self.gb_per_s,
             "read_gb_per_s": self.memory.as_ref().map(|m| m.read_gb_per_s),
             "memory_ratio": self.memory.as_ref().map(|m| m.ratio),
+            "q_dtype": self.q_elem.name(),
+            "kv_dtype": self.kv_elem.name(),
+            "nest": self.nest,
             "fma_peak": self.fma_peak.as_ref().map(|p| serde_json::json!({
                 "kind": p.name,
                 "median_gflops": p.median_gflops,
@@ -130,9 +139,22 @@ impl std::fmt::Display for BenchReport {
         let s = &self.shapes;
         writeln!(
             f,
-            "{} on {}: B={} H={} HKV={} Q={} KV={} D={}, {} runs",
-            self.spec, self.backend, s.b, s.h, s.hkv, s.q, s.kv, s.d, self.runs
+            "{} on {}: B={} H={} HKV={} Q={} KV={} D={}, q {}, K/V {}, {} runs",
+            self.spec,
+            self.backend,
+            s.b,
+            s.h,
+            s.hkv,
+            s.q,
+            s.kv,
+            s.d,
+            self.q_elem,
+            self.kv_elem,
+            self.runs
         )?;
+        if let Some(nest) = &self.nest {
+            writeln!(f, "  loop nest: {nest}")?;
+        }
         writeln!(
             f,
             "  median {:.3} ms, min {:.3} ms, compile {:.3} ms",
@@ -477,6 +499,9 @@ pub fn measure(
         gb_per_s: kv_bytes as f64 / (median_ms * 1e6),
         fma_peak,
         memory: None,
+        q_elem: inputs.q_elem,
+        kv_elem: config.kv_elem,
+        nest: None,
     })
 }
 

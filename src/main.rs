@@ -1192,6 +1192,17 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         bar.finish_and_clear();
     }
     let mut report = report?;
+    // The nest the tiled backend ran (the jit kernel's choice of bf16 pairs;
+    // the interpreter's is the host's).
+    if let Some(t) = matches!(args.backend, Backend::Interp | Backend::Jit).then_some(tiling) {
+        let bound = attnc::bind::bind(&program.spec, &inputs)?;
+        let pairs = jit.as_ref().map_or_else(
+            || driver::has_bf16_dot(attnc::codegen::clif::GemmImpl::detect()),
+            |j| j.bf16_pairs(),
+        );
+        let (rows, kv) = driver::nest_for(&bound, t, pairs);
+        report.nest = Some(format!("rows {rows:?}, K/V {kv:?}"));
+    }
     if args.bandwidth {
         let arrays: Vec<&[u8]> = k.bytes().into_iter().chain(v.bytes()).collect();
         report = attnc::bench::with_memory(report, &arrays, args.runs.max(5));

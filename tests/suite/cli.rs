@@ -824,6 +824,57 @@ fn bench_reports_the_tile_sizes_it_picked() {
 }
 
 #[test]
+fn bench_reports_the_types_and_the_loop_nest_it_ran() {
+    // A prefill of 256 rows (64 rows of one head would be read in place).
+    let prefill = |extra: &[&str]| {
+        let args = [&["--runs", "1", "--q-len", "256", "--heads", "2", "--json"][..], extra].concat();
+        let o = attnc(&[&["bench", "examples/causal.attn"][..], &args].concat());
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        serde_json::from_str::<serde_json::Value>(&stdout(&o)).expect("one JSON object")
+    };
+    let r = prefill(&[]);
+    assert_eq!(
+        (&r["q_dtype"], &r["kv_dtype"], &r["nest"]),
+        (
+            &serde_json::json!("f32"),
+            &serde_json::json!("f32"),
+            &serde_json::json!("rows OneHead, K/V Packed")
+        ),
+        "{r}"
+    );
+    // bf16 q, k and v: pairs where this CPU has a bf16 dot product.
+    let pairs = attnc::driver::has_bf16_dot(attnc::codegen::clif::GemmImpl::detect());
+    let r = prefill(&["--dtype", "bf16"]);
+    let kv = if pairs { "PackedBf16" } else { "Packed" };
+    assert_eq!(r["q_dtype"], "bf16", "{r}");
+    assert_eq!(r["kv_dtype"], "bf16", "{r}");
+    assert_eq!(r["nest"], format!("rows OneHead, K/V {kv}"), "{r}");
+    // The interpreter runs the same nest.
+    let r = prefill(&["--dtype", "bf16", "--backend", "interp"]);
+    assert_eq!(r["nest"], format!("rows OneHead, K/V {kv}"), "{r}");
+    // An int8 decode step on a pool: every head of a sequence in one tile,
+    // read in place; the text report says it too.
+    let decode = [
+        "--runs", "1", "--q-len", "1", "--kv-len", "64", "--heads", "4", "--kv-heads", "2",
+        "--page-size", "16", "--kv-dtype", "int8",
+    ];
+    let o = attnc(&[&["bench", "examples/causal.attn"][..], &decode, &["--json"]].concat());
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
+    assert_eq!(r["q_dtype"], "f32", "{r}");
+    assert_eq!(r["kv_dtype"], "int8", "{r}");
+    assert_eq!(r["nest"], "rows AllHeads, K/V InPlace", "{r}");
+    let o = attnc(&[&["bench", "examples/causal.attn"][..], &decode].concat());
+    assert!(
+        stdout(&o).contains("D=64, q f32, K/V int8, 1 runs\n  loop nest: rows AllHeads, K/V InPlace\n"),
+        "{}",
+        stdout(&o)
+    );
+    // The reference has no loop nest.
+    let r = bench_causal_json(&["--runs", "1", "--backend", "reference"]);
+    assert!(r["nest"].is_null(), "{r}");
+}
+
+#[test]
 fn usage_errors_exit_2() {
     // Missing required flags and unknown flags are clap's usage errors.
     let o = attnc(&["run", "examples/causal.attn", "--q", "q.npy"]);
