@@ -281,7 +281,11 @@ fn print_view_at(n: usize) {
             } else {
                 (k_f32.as_ptr().cast(), v_f32.as_ptr().cast())
             };
-            let scales = if quantized { scales.as_ptr() } else { std::ptr::null() };
+            let scales = if quantized {
+                scales.as_ptr()
+            } else {
+                std::ptr::null()
+            };
             let view = KvView::pool(
                 (k, v),
                 (scales, scales),
@@ -300,7 +304,18 @@ fn print_view_at(n: usize) {
                 for c in (0..n).step_by(bkv) {
                     // SAFETY: the view covers keys 0 .. n; s holds rows x bkv.
                     unsafe {
-                        qk(q.as_ptr(), d, &view, c, d, rows, bkv, s.as_mut_ptr(), bkv, 0.1)
+                        qk(
+                            q.as_ptr(),
+                            d,
+                            &view,
+                            c,
+                            d,
+                            rows,
+                            bkv,
+                            s.as_mut_ptr(),
+                            bkv,
+                            0.1,
+                        )
                     };
                 }
                 black_box(&s);

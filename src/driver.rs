@@ -695,6 +695,13 @@ pub fn has_bf16_dot(gemm: crate::codegen::clif::GemmImpl) -> bool {
     PairProducts::for_isa(gemm.products_isa(), false) == PairProducts::Dpbf16
 }
 
+/// [`has_bf16_dot`] for the default tile products ([`CompileOptions`]'s
+/// `gemm`): the choice of a default jit kernel on this CPU, and of the
+/// interpreter ([`Program::run_interp`]) and `attnc emit`.
+pub fn default_bf16_pairs() -> bool {
+    has_bf16_dot(crate::codegen::clif::GemmImpl::detect())
+}
+
 /// [`nest_for`] from the shapes alone (a ragged batch takes the nest of a
 /// dense one of its shapes), with `paged` for a paged pool, `q_elem` the type of q's values and `kv_elem`
 /// the stored type of K and V (for `attnc emit`, which has no inputs). A
@@ -908,18 +915,15 @@ impl Program {
     }
 
     /// Runs the loop-IR interpreter with `tiling`, on the loop nest a jit
-    /// kernel with the default tile products ([`GemmImpl::detect`]) runs on
-    /// this CPU (bf16 pairs where [`has_bf16_dot`]); a kernel forced to
-    /// other products may widen bf16 instead ([`JitKernel::bf16_pairs`]).
-    ///
-    /// [`GemmImpl::detect`]: crate::codegen::clif::GemmImpl::detect
+    /// kernel with the default tile products runs on this CPU (bf16 pairs
+    /// where [`default_bf16_pairs`]); a kernel forced to other products may
+    /// widen bf16 instead ([`JitKernel::bf16_pairs`]).
     pub fn run_interp(
         &self,
         inputs: &Inputs<'_>,
         tiling: crate::mask::Tiling,
     ) -> Result<Outputs, Error> {
-        let pairs = has_bf16_dot(crate::codegen::clif::GemmImpl::detect());
-        self.run_interp_nest(inputs, tiling, pairs)
+        self.run_interp_nest(inputs, tiling, default_bf16_pairs())
     }
 
     /// [`Program::run_interp`], multiplying bf16 operands as pairs with
@@ -1354,24 +1358,62 @@ mod tests {
         };
         let decode = crate::sema::eval::Shapes { q: 1, ..prefill };
         for paged in [false, true] {
-            let nest = |sh, q, kv, pairs| nest_for_shapes(sh, paged, q, kv, tiling, pairs);
-            assert_eq!(
-                nest(&prefill, Bf16, Bf16, true),
-                (RowMap::OneHead, KvSource::PackedBf16)
-            );
-            assert_eq!(
-                nest(&prefill, Bf16, Bf16, false),
-                (RowMap::OneHead, KvSource::Packed)
-            );
-            for (q, kv) in [(F32, Bf16), (F16, F16), (F32, F32)] {
-                assert_eq!(nest(&prefill, q, kv, true), (RowMap::OneHead, KvSource::Packed));
+            let decode_rows = if paged {
+                RowMap::AllHeads
+            } else {
+                RowMap::GqaGroup
+            };
+            for (sh, q, kv, pairs, want) in [
+                (
+                    &prefill,
+                    Bf16,
+                    Bf16,
+                    true,
+                    (RowMap::OneHead, KvSource::PackedBf16),
+                ),
+                (
+                    &prefill,
+                    Bf16,
+                    Bf16,
+                    false,
+                    (RowMap::OneHead, KvSource::Packed),
+                ),
+                (
+                    &prefill,
+                    F32,
+                    Bf16,
+                    true,
+                    (RowMap::OneHead, KvSource::Packed),
+                ),
+                (
+                    &prefill,
+                    F16,
+                    F16,
+                    true,
+                    (RowMap::OneHead, KvSource::Packed),
+                ),
+                (
+                    &prefill,
+                    F32,
+                    F32,
+                    true,
+                    (RowMap::OneHead, KvSource::Packed),
+                ),
+                (
+                    &prefill,
+                    Bf16,
+                    Int8,
+                    true,
+                    (RowMap::OneHead, KvSource::InPlace),
+                ),
+                (&decode, Bf16, Bf16, true, (decode_rows, KvSource::InPlace)),
+            ] {
+                assert_eq!(
+                    nest_for_shapes(sh, paged, q, kv, tiling, pairs),
+                    want,
+                    "{sh:?} paged {paged} q {q} kv {kv} pairs {pairs}"
+                );
             }
-            assert_eq!(
-                nest(&prefill, Bf16, Int8, true),
-                (RowMap::OneHead, KvSource::InPlace)
-            );
-            let rows = if paged { RowMap::AllHeads } else { RowMap::GqaGroup };
-            assert_eq!(nest(&decode, Bf16, Bf16, true), (rows, KvSource::InPlace));
         }
     }
 

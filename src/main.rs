@@ -1196,10 +1196,9 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     // the interpreter's is the host's).
     if let Some(t) = matches!(args.backend, Backend::Interp | Backend::Jit).then_some(tiling) {
         let bound = attnc::bind::bind(&program.spec, &inputs)?;
-        let pairs = jit.as_ref().map_or_else(
-            || driver::has_bf16_dot(attnc::codegen::clif::GemmImpl::detect()),
-            |j| j.bf16_pairs(),
-        );
+        let pairs = jit
+            .as_ref()
+            .map_or_else(|| driver::default_bf16_pairs(), |j| j.bf16_pairs());
         let (rows, kv) = driver::nest_for(&bound, t, pairs);
         report.nest = Some(format!("rows {rows:?}, K/V {kv:?}"));
     }
@@ -1399,7 +1398,7 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
                 q_elem,
                 kv_elem,
                 tiling,
-                driver::has_bf16_dot(attnc::codegen::clif::GemmImpl::detect()),
+                driver::default_bf16_pairs(),
             );
             let threads = rayon::current_num_threads();
             let walks = match nest.0 {
@@ -1416,8 +1415,11 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
                 None => String::new(),
             };
             let widened = if (q_elem, kv_elem, nest.1)
-                == (attnc::ElemType::Bf16, attnc::ElemType::Bf16, attnc::tile::nest::KvSource::Packed)
-            {
+                == (
+                    attnc::ElemType::Bf16,
+                    attnc::ElemType::Bf16,
+                    attnc::tile::nest::KvSource::Packed,
+                ) {
                 " (bf16 widened to f32 as it is packed: this CPU has no bf16 dot product)"
             } else {
                 ""

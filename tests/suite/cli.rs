@@ -827,7 +827,11 @@ fn bench_reports_the_tile_sizes_it_picked() {
 fn bench_reports_the_types_and_the_loop_nest_it_ran() {
     // A prefill of 256 rows (64 rows of one head would be read in place).
     let prefill = |extra: &[&str]| {
-        let args = [&["--runs", "1", "--q-len", "256", "--heads", "2", "--json"][..], extra].concat();
+        let args = [
+            &["--runs", "1", "--q-len", "256", "--heads", "2", "--json"][..],
+            extra,
+        ]
+        .concat();
         let o = attnc(&[&["bench", "examples/causal.attn"][..], &args].concat());
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
         serde_json::from_str::<serde_json::Value>(&stdout(&o)).expect("one JSON object")
@@ -843,7 +847,7 @@ fn bench_reports_the_types_and_the_loop_nest_it_ran() {
         "{r}"
     );
     // bf16 q, k and v: pairs where this CPU has a bf16 dot product.
-    let pairs = attnc::driver::has_bf16_dot(attnc::codegen::clif::GemmImpl::detect());
+    let pairs = attnc::driver::default_bf16_pairs();
     let r = prefill(&["--dtype", "bf16"]);
     let kv = if pairs { "PackedBf16" } else { "Packed" };
     assert_eq!(r["q_dtype"], "bf16", "{r}");
@@ -855,8 +859,20 @@ fn bench_reports_the_types_and_the_loop_nest_it_ran() {
     // An int8 decode step on a pool: every head of a sequence in one tile,
     // read in place; the text report says it too.
     let decode = [
-        "--runs", "1", "--q-len", "1", "--kv-len", "64", "--heads", "4", "--kv-heads", "2",
-        "--page-size", "16", "--kv-dtype", "int8",
+        "--runs",
+        "1",
+        "--q-len",
+        "1",
+        "--kv-len",
+        "64",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--page-size",
+        "16",
+        "--kv-dtype",
+        "int8",
     ];
     let o = attnc(&[&["bench", "examples/causal.attn"][..], &decode, &["--json"]].concat());
     let r: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
@@ -865,7 +881,8 @@ fn bench_reports_the_types_and_the_loop_nest_it_ran() {
     assert_eq!(r["nest"], "rows AllHeads, K/V InPlace", "{r}");
     let o = attnc(&[&["bench", "examples/causal.attn"][..], &decode].concat());
     assert!(
-        stdout(&o).contains("D=64, q f32, K/V int8, 1 runs\n  loop nest: rows AllHeads, K/V InPlace\n"),
+        stdout(&o)
+            .contains("D=64, q f32, K/V int8, 1 runs\n  loop nest: rows AllHeads, K/V InPlace\n"),
         "{}",
         stdout(&o)
     );
@@ -1922,7 +1939,7 @@ fn run_reads_half_precision_and_quantized_inputs() {
             ],
         ),
     ];
-    let pairs = attnc::driver::has_bf16_dot(attnc::codegen::clif::GemmImpl::detect());
+    let pairs = attnc::driver::default_bf16_pairs();
     for (dtype, kv_dtype, stored, extra) in &cases {
         let mut types = vec!["--dtype", dtype];
         if let Some(t) = kv_dtype {
@@ -2461,7 +2478,7 @@ fn emit_prints_the_nest_chosen_for_shapes() {
     // bf16 q, k and v: the prefill multiplies bf16 pairs where this CPU has
     // a bf16 dot product, else widens them to f32 as it packs them, and says
     // so.
-    let pairs = attnc::driver::has_bf16_dot(attnc::codegen::clif::GemmImpl::detect());
+    let pairs = attnc::driver::default_bf16_pairs();
     let o = attnc(&[
         "emit", spec, "--stage", "nest", "--q-len", "2048", "--heads", "8", "--dtype", "bf16",
     ]);

@@ -222,7 +222,7 @@ fn bf16_pairs_prefill_matches_the_interpreter_and_the_reference() {
             .compile_jit(attnc::mask::Tiling { bq: 64, bkv: 64 }, GemmImpl::detect())
             .unwrap()
             .bf16_pairs(),
-        attnc::driver::has_bf16_dot(GemmImpl::detect()),
+        attnc::driver::default_bf16_pairs(),
         "by default, bf16 pairs where the CPU has a bf16 dot product"
     );
     for src in [

@@ -277,20 +277,69 @@ mod x86 {
 /// Pairs staged on the stack per call (above it, on the heap).
 const STAGE: usize = 4096;
 
-/// Memory for `n` staged pairs: `stack` when it holds them, else `heap`,
-/// grown. (No closure: a closure's body would not inherit the caller's
-/// `#[target_feature]`s, and the intrinsics in it would not be inlined.)
-#[inline(always)]
-fn stage_ptr(
-    stack: &mut std::mem::MaybeUninit<[u32; STAGE]>,
-    heap: &mut Vec<u32>,
+/// Rows of floats staged as bf16 pairs ([`PairDot::stage`]), a block of
+/// rows at a time: on the stack when a block fits [`STAGE`] pairs, else on
+/// the heap. An iterator rather than a callback: a closure's body would not
+/// inherit the caller's `#[target_feature]`s, and the intrinsics in it would
+/// not be inlined.
+struct StagedRows {
+    stack: std::mem::MaybeUninit<[u32; STAGE]>,
+    heap: Vec<u32>,
+    /// Values per row, pairs per row, rows per block, rows, the next row.
     n: usize,
-) -> *mut u32 {
-    if n <= STAGE {
-        stack.as_mut_ptr().cast()
-    } else {
-        heap.resize(n, 0);
-        heap.as_mut_ptr()
+    pairs: usize,
+    block: usize,
+    rows: usize,
+    r0: usize,
+}
+
+impl StagedRows {
+    /// Staging for `rows` rows of `n` values each.
+    #[inline(always)]
+    fn new(n: usize, rows: usize) -> StagedRows {
+        let pairs = n.div_ceil(2);
+        // As many rows as fit the stack buffer, at least one.
+        let block = (STAGE / pairs.max(1)).clamp(1, rows.max(1));
+        StagedRows {
+            stack: std::mem::MaybeUninit::uninit(),
+            heap: Vec::new(),
+            n,
+            pairs,
+            block,
+            rows,
+            r0: 0,
+        }
+    }
+
+    /// Stages the next block of the rows at `src` (`stride` floats apart):
+    /// its first row, its number of rows and its pairs (row `i` of the block
+    /// at `i * self.pairs`), valid until the next call.
+    ///
+    /// # Safety
+    ///
+    /// `src` must hold the rows given to [`StagedRows::new`].
+    #[inline(always)]
+    unsafe fn next<D: PairDot>(
+        &mut self,
+        src: *const f32,
+        stride: usize,
+    ) -> Option<(usize, usize, *const u32)> {
+        if self.r0 >= self.rows {
+            return None;
+        }
+        let (r0, n_rows) = (self.r0, self.block.min(self.rows - self.r0));
+        let len = n_rows * self.pairs;
+        let dst: *mut u32 = if len <= STAGE {
+            self.stack.as_mut_ptr().cast()
+        } else {
+            self.heap.resize(len, 0);
+            self.heap.as_mut_ptr()
+        };
+        for i in 0..n_rows {
+            D::stage(src.add((r0 + i) * stride), self.n, dst.add(i * self.pairs));
+        }
+        self.r0 += n_rows;
+        Some((r0, n_rows, dst))
     }
 }
 
@@ -310,7 +359,7 @@ unsafe fn qk_tile<D: PairDot, const R: usize, const NV: usize>(
     let panel_stride = np * PANEL;
     let mut acc = [[D::S::splat(0.0); NV]; R];
     for t in 0..np {
-        // (A loop, not `array::from_fn`: see `stage_ptr` on closures.)
+        // (A loop, not `array::from_fn`: see `StagedRows` on closures.)
         let at = |v: usize| (v * lanes / PANEL) * panel_stride + t * PANEL + v * lanes % PANEL;
         let mut b = [D::b(k.add(at(0))); NV];
         for (v, b_v) in b.iter_mut().enumerate().skip(1) {
@@ -390,18 +439,10 @@ unsafe fn qk<D: PairDot, const MR: usize, const NV: usize>(
     let lanes = D::S::LANES;
     let tile_cols = NV * lanes;
     debug_assert!(tile_cols.is_multiple_of(PANEL) && NV <= 4);
-    let np = d.div_ceil(2);
-    // Rows staged at a time: as many as fit the stack buffer, at least one.
-    let block = (STAGE / np.max(1)).clamp(1, rows.max(1));
-    let (mut stack, mut heap) = (std::mem::MaybeUninit::uninit(), Vec::new());
     // Every pair read is staged first.
-    let qs = stage_ptr(&mut stack, &mut heap, block * np);
-    let mut r0 = 0;
-    while r0 < rows {
-        let n_rows = block.min(rows - r0);
-        for i in 0..n_rows {
-            D::stage(q.add((r0 + i) * q_stride), d, qs.add(i * np));
-        }
+    let mut staged = StagedRows::new(d, rows);
+    let np = staged.pairs;
+    while let Some((r0, n_rows, qs)) = staged.next::<D>(q, q_stride) {
         let mut c0 = 0;
         while c0 < cols {
             let n_cols = (cols - c0).min(tile_cols);
@@ -429,7 +470,6 @@ unsafe fn qk<D: PairDot, const MR: usize, const NV: usize>(
             by_vectors!(n_vec, NV, go);
             c0 += tile_cols;
         }
-        r0 += n_rows;
     }
 }
 
@@ -481,17 +521,10 @@ unsafe fn pv<D: PairDot, const MR: usize, const NV: usize>(
 ) {
     let lanes = D::S::LANES;
     let width = NV * lanes;
-    let n_pairs = cols.div_ceil(2);
-    let block = (STAGE / n_pairs.max(1)).clamp(1, rows.max(1));
-    let (mut stack, mut heap) = (std::mem::MaybeUninit::uninit(), Vec::new());
     // Every pair read is staged first.
-    let ps = stage_ptr(&mut stack, &mut heap, block * n_pairs);
-    let mut r0 = 0;
-    while r0 < rows {
-        let n_rows = block.min(rows - r0);
-        for i in 0..n_rows {
-            D::stage(p.add((r0 + i) * p_stride), cols, ps.add(i * n_pairs));
-        }
+    let mut staged = StagedRows::new(cols, rows);
+    let n_pairs = staged.pairs;
+    while let Some((r0, n_rows, ps)) = staged.next::<D>(p, p_stride) {
         let mut c0 = 0;
         while c0 < d {
             let n_cols = (d - c0).min(width);
@@ -519,7 +552,6 @@ unsafe fn pv<D: PairDot, const MR: usize, const NV: usize>(
             by_vectors!(n_vec, NV, go);
             c0 += width;
         }
-        r0 += n_rows;
     }
 }
 

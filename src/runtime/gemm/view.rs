@@ -476,10 +476,18 @@ unsafe fn qk<S: Simd, E: Elem>(
                     macro_rules! part {
                         ($nk:literal) => {
                             match nr {
-                                4 => qk_part::<S, E, 4, $nk>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
-                                3 => qk_part::<S, E, 3, $nk>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
-                                2 => qk_part::<S, E, 2, $nk>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
-                                _ => qk_part::<S, E, 1, $nk>(qr, q_stride, kr, rs, d, &mut part, jj, pf_here),
+                                4 => qk_part::<S, E, 4, $nk>(
+                                    qr, q_stride, kr, rs, d, &mut part, jj, pf_here,
+                                ),
+                                3 => qk_part::<S, E, 3, $nk>(
+                                    qr, q_stride, kr, rs, d, &mut part, jj, pf_here,
+                                ),
+                                2 => qk_part::<S, E, 2, $nk>(
+                                    qr, q_stride, kr, rs, d, &mut part, jj, pf_here,
+                                ),
+                                _ => qk_part::<S, E, 1, $nk>(
+                                    qr, q_stride, kr, rs, d, &mut part, jj, pf_here,
+                                ),
                             }
                         };
                     }
