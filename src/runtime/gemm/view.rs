@@ -547,41 +547,98 @@ unsafe fn qk<S: Simd, E: Elem>(
     }
 }
 
-/// Vectors of the head dim kept in registers per row in `pv`.
+/// Vectors of the head dim kept in registers per row in `pv`, at most.
 const PV_VECS: usize = 8;
 
-/// `Acc[r0 .. r0 + NR][t0 .. t0 + NV vectors] += P V` over keys `0 .. n` of
-/// one page segment, the accumulators in registers across the keys. The last
-/// vector covers `last` lanes. A key whose probability is 0 for a row is
-/// skipped for that row. A quantized row's scale multiplies its probabilities.
+/// Rows of one KV head that share each V vector in `pv` (a GQA group of a
+/// decode step), at most.
+const PV_ROWS: usize = 4;
+
+/// Keys whose probabilities `pv` stages at a time.
+const PV_KEYS: usize = 32;
+
+/// Vectors of the head dim per row that `pv` keeps in registers for `rows`
+/// rows on `S`: accumulators in half the registers, the other half for the V
+/// vectors and the broadcast probability. Four rows of four vectors on 16
+/// registers spilled accumulators to the stack on every key.
+const fn pv_vecs<S: Simd>(rows: usize) -> usize {
+    let v = S::REGS / 2 / rows;
+    if v < PV_VECS {
+        v
+    } else {
+        PV_VECS
+    }
+}
+
+/// A chunk of at most [`PV_KEYS`] keys' probabilities for at most
+/// [`PV_ROWS`] rows, each multiplied by its key's scale (quantized rows), and
+/// whether every one of them is nonzero.
+struct StagedP {
+    p: [[f32; PV_KEYS]; PV_ROWS],
+    dense: bool,
+}
+
+impl StagedP {
+    /// Stages keys `..n` of rows `..nr` of `p` (stride `p_stride`), with the
+    /// scales at `scales` (stride `srs`; read only for quantized rows).
+    #[inline(always)]
+    unsafe fn new<E: Elem>(
+        p: *const f32,
+        p_stride: usize,
+        nr: usize,
+        n: usize,
+        scales: *const f32,
+        srs: usize,
+    ) -> StagedP {
+        let mut sc = [1f32; PV_KEYS];
+        if E::QUANTIZED {
+            for (j, s) in sc.iter_mut().enumerate().take(n) {
+                *s = *scales.add(j * srs);
+            }
+        }
+        let mut staged = StagedP {
+            p: [[0.0; PV_KEYS]; PV_ROWS],
+            dense: true,
+        };
+        for (g, row) in staged.p.iter_mut().enumerate().take(nr) {
+            let src = std::slice::from_raw_parts(p.add(g * p_stride), n);
+            let mut zeros = 0;
+            for ((x, &pj), &s) in row.iter_mut().zip(src).zip(&sc) {
+                zeros += (pj == 0.0) as usize;
+                // A stale slot's scale may be NaN: its probability is 0 and
+                // `pv_block` skips it.
+                *x = if E::QUANTIZED { pj * s } else { pj };
+            }
+            staged.dense &= zeros == 0;
+        }
+        staged
+    }
+}
+
+/// `Acc[..NR][t0 .. t0 + NV vectors] += P V` over keys `0 .. n` of one page
+/// segment, with the staged probabilities `p` (scales applied), the
+/// accumulators in registers across the keys. The last vector covers `last`
+/// lanes. Unless `DENSE` (every staged probability nonzero), a key is skipped
+/// for a row whose probability `live` (stride `live_stride`) is 0: a masked
+/// key's V row may be stale, NaN included. `ahead`, unless null, is key 0's
+/// row ahead, asked for key by key as the keys are read.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pv_block<S: Simd, E: Elem, const NR: usize, const NV: usize>(
-    p: *const f32,
-    p_stride: usize,
+unsafe fn pv_block<S: Simd, E: Elem, const NR: usize, const NV: usize, const DENSE: bool>(
+    p: &StagedP,
+    live: *const f32,
+    live_stride: usize,
     vrows: *const E,
     rs: usize,
-    scales: *const f32,
-    srs: usize,
     n: usize,
     acc: *mut f32,
     acc_stride: usize,
     last: usize,
-    ahead: *const E,
+    ahead: (*const E, usize),
 ) {
     let zero = S::splat(0.0);
     let m = S::first_lanes(last);
     let whole = last == S::LANES;
-    // Vector `v` of a V row: whole, or the first `last` lanes of the last one.
-    macro_rules! load_v {
-        ($ptr:expr, $v:expr) => {
-            if $v + 1 < NV || whole {
-                E::load::<S>($ptr)
-            } else {
-                E::load_first::<S>($ptr, last)
-            }
-        };
-    }
     let mut a = [[zero; NV]; NR];
     for (g, row) in a.iter_mut().enumerate() {
         for (v, x) in row.iter_mut().enumerate() {
@@ -594,33 +651,23 @@ unsafe fn pv_block<S: Simd, E: Elem, const NR: usize, const NV: usize>(
         }
     }
     for j in 0..n {
-        let pj: [f32; NR] = std::array::from_fn(|g| *p.add(g * p_stride + j));
         let vrow = vrows.add(j * rs);
-        let sj = if E::QUANTIZED {
-            *scales.add(j * srs)
-        } else {
-            1.0
-        };
-        if !ahead.is_null() {
-            prefetch(ahead.wrapping_add(j * rs), NV * S::LANES);
+        if !ahead.0.is_null() {
+            prefetch(ahead.0.wrapping_add(j * rs), ahead.1);
         }
-        if pj.iter().all(|&x| x != 0.0) {
-            let pv: [S::V; NR] =
-                std::array::from_fn(|g| S::splat(if E::QUANTIZED { pj[g] * sj } else { pj[g] }));
-            for v in 0..NV {
-                let x = load_v!(vrow.add(v * S::LANES), v);
-                for g in 0..NR {
-                    a[g][v] = S::fma(pv[g], x, a[g][v]);
-                }
-            }
-        } else {
-            // Masked or underflowed for some row: its V row may be stale.
-            for g in 0..NR {
-                if pj[g] != 0.0 {
-                    let pv = S::splat(if E::QUANTIZED { pj[g] * sj } else { pj[g] });
-                    for v in 0..NV {
-                        a[g][v] = S::fma(pv, load_v!(vrow.add(v * S::LANES), v), a[g][v]);
-                    }
+        let mut x = [zero; NV];
+        for (v, x) in x.iter_mut().enumerate() {
+            *x = if v + 1 < NV || whole {
+                E::load::<S>(vrow.add(v * S::LANES))
+            } else {
+                E::load_first::<S>(vrow.add(v * S::LANES), last)
+            };
+        }
+        for (g, row) in a.iter_mut().enumerate() {
+            if DENSE || *live.add(g * live_stride + j) != 0.0 {
+                let pg = S::splat(p.p[g][j]);
+                for (acc, &x) in row.iter_mut().zip(&x) {
+                    *acc = S::fma(pg, x, *acc);
                 }
             }
         }
@@ -651,6 +698,9 @@ unsafe fn pv<S: Simd, E: Elem>(
     acc_stride: usize,
 ) {
     let (rs, srs) = (view.row_stride as usize, view.scale_row_stride as usize);
+    // Elements of a row in one cache line: a chunk of the head dim asks for
+    // the rows ahead only where it starts a line's worth of elements.
+    let line = (64 / size_of::<E>()).max(1);
     let mut segs = Segments::<E>::new(view, view.v, view.v_scales, key0, cols, d, rows);
     while let Some(Segment {
         c: c0,
@@ -661,43 +711,63 @@ unsafe fn pv<S: Simd, E: Elem>(
     }) = segs.next()
     {
         // Up to four rows of one KV head share each V vector (a GQA group
-        // of a decode step): with four rows, four vectors of the head dim
-        // at a time (16 accumulators), else up to `PV_VECS`.
+        // of a decode step).
         let mut r0 = 0;
         while r0 < rows {
-            let (nr, head, shead) = head_block(view, r0, rows, 4);
+            let (nr, head, shead) = head_block(view, r0, rows, PV_ROWS);
             let nr = if nr == 3 { 2 } else { nr };
-            let cap = if nr == 4 { 4 } else { PV_VECS };
+            let cap = match nr {
+                4 => pv_vecs::<S>(4),
+                2 => pv_vecs::<S>(2),
+                _ => pv_vecs::<S>(1),
+            };
             // The first rows of a KV head ask for its rows ahead.
             let pf_head = !ahead.is_null() && r0 % head_rows(view) == 0;
-            let pr = p.add(r0 * p_stride + c0);
-            let sr = scales.wrapping_add(shead);
-            let mut t0 = 0;
-            while t0 < d {
-                let nv = (d - t0).div_ceil(S::LANES).min(cap);
-                let last = (d - t0 - (nv - 1) * S::LANES).min(S::LANES);
-                let ar = acc.add(r0 * acc_stride + t0);
-                let vr = vrows.add(head + t0);
-                let pf = if pf_head {
-                    ahead.wrapping_add(head + t0)
-                } else {
-                    std::ptr::null()
-                };
-                macro_rules! block {
-                    ($($nv:literal)*) => {
-                        match (nr, nv) {
-                            (4, 1) => pv_block::<S, E, 4, 1>(pr, p_stride, vr, rs, sr, srs, n, ar, acc_stride, last, pf),
-                            (4, 2) => pv_block::<S, E, 4, 2>(pr, p_stride, vr, rs, sr, srs, n, ar, acc_stride, last, pf),
-                            (4, 3) => pv_block::<S, E, 4, 3>(pr, p_stride, vr, rs, sr, srs, n, ar, acc_stride, last, pf),
-                            (4, 4) => pv_block::<S, E, 4, 4>(pr, p_stride, vr, rs, sr, srs, n, ar, acc_stride, last, pf),
-                            $((2, $nv) => pv_block::<S, E, 2, $nv>(pr, p_stride, vr, rs, sr, srs, n, ar, acc_stride, last, pf),
-                              (1, $nv) => pv_block::<S, E, 1, $nv>(pr, p_stride, vr, rs, sr, srs, n, ar, acc_stride, last, pf),)*
-                            _ => unreachable!("1, 2 or 4 rows of 1 to {PV_VECS} vectors"),
-                        }
+            let mut j0 = 0;
+            while j0 < n {
+                let kn = (n - j0).min(PV_KEYS);
+                let pr = p.add(r0 * p_stride + c0 + j0);
+                let staged = StagedP::new::<E>(
+                    pr,
+                    p_stride,
+                    nr,
+                    kn,
+                    scales.wrapping_add(shead + j0 * srs),
+                    srs,
+                );
+                let vr = vrows.add(head + j0 * rs);
+                let mut t0 = 0;
+                while t0 < d {
+                    let nv = (d - t0).div_ceil(S::LANES).min(cap);
+                    let last = (d - t0 - (nv - 1) * S::LANES).min(S::LANES);
+                    let ar = acc.add(r0 * acc_stride + t0);
+                    let pf = if pf_head && t0 % line < nv * S::LANES {
+                        (
+                            ahead.wrapping_add(head + j0 * rs + t0),
+                            (nv * S::LANES).max(line),
+                        )
+                    } else {
+                        (std::ptr::null(), 0)
                     };
+                    macro_rules! block {
+                        ($($nr:literal: $($nv:literal)*;)*) => {
+                            match (nr, nv, staged.dense) {
+                                $($(
+                                    ($nr, $nv, true) => pv_block::<S, E, $nr, $nv, true>(
+                                        &staged, pr, p_stride, vr.add(t0), rs, kn, ar, acc_stride, last, pf,
+                                    ),
+                                    ($nr, $nv, false) => pv_block::<S, E, $nr, $nv, false>(
+                                        &staged, pr, p_stride, vr.add(t0), rs, kn, ar, acc_stride, last, pf,
+                                    ),
+                                )*)*
+                                _ => unreachable!("1, 2 or 4 rows of 1 to {PV_VECS} vectors"),
+                            }
+                        };
+                    }
+                    block!(4: 1 2 3 4; 2: 1 2 3 4 5 6 7 8; 1: 1 2 3 4 5 6 7 8;);
+                    t0 += nv * S::LANES;
                 }
-                block!(1 2 3 4 5 6 7 8);
-                t0 += nv * S::LANES;
+                j0 += kn;
             }
             r0 += nr;
         }
@@ -883,6 +953,70 @@ mod tests {
     /// `|got - want|` within f32 rounding of a sum whose terms' magnitudes add to `mag`.
     fn close(got: f32, want: f64, mag: f64) -> bool {
         (f64::from(got) - want).abs() <= 1e-6 * mag + 1e-30
+    }
+
+    /// `pv` on the decode shape: four rows of a KV head sharing each V vector
+    /// (and two of the next), chunks of staged probabilities where every one
+    /// is nonzero, and a tail of keys past the sequence, stale (NaN V rows and
+    /// scales, fp8 NaN bits) with probability 0 for every row.
+    #[test]
+    fn pv_of_a_gqa_group_stages_dense_chunks_and_skips_stale_keys() {
+        for isa in NativeIsa::ALL.into_iter().filter(|i| i.is_supported()) {
+            let (_, pv_fn) = view_kernels(isa);
+            for elem in ElemType::ALL {
+                // (page size, d): whole pages and short ones, a head dim with a tail.
+                for (ps, d) in [(64, 131), (16, 128), (5, 24)] {
+                    let (hkv, hr, rows, key0, cols, live) = (2, 4, 6, 3, 48, 40);
+                    let table: Vec<i32> = (0..24).rev().collect();
+                    let n = key0 + live;
+                    let (_, v) = pool(ps, hkv, d, &table, n, elem);
+                    let vd = v.view();
+                    let scales = vd
+                        .scales()
+                        .map_or(std::ptr::null(), |s| s.slice(s![.., .., 0]).as_ptr());
+                    let view = KvView::pool(
+                        (vd.as_ptr(), vd.as_ptr()),
+                        (scales, scales),
+                        table.as_ptr(),
+                        key0 + cols,
+                        [ps, hkv, d],
+                        hr,
+                        elem,
+                    );
+                    let p: Vec<f32> = (0..rows * cols)
+                        .map(|i| {
+                            let (r, c) = (i / cols, i % cols);
+                            if c < live {
+                                0.125 + ((r + c) % 5) as f32 * 0.0625
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    let mut acc = vec![1f32; rows * d];
+                    unsafe {
+                        pv_fn(p.as_ptr(), cols, &view, key0, d, rows, cols, acc.as_mut_ptr(), d)
+                    };
+                    let what = format!("{isa} {elem} ps={ps} d={d}");
+                    for r in 0..rows {
+                        for t in 0..d {
+                            let terms = (0..live).map(|c| {
+                                let j = key0 + c;
+                                let x = f64::from(vd.get([table[j / ps] as usize, j % ps, r / hr, t]));
+                                f64::from(p[r * cols + c]) * x
+                            });
+                            let want = 1.0 + terms.clone().sum::<f64>();
+                            let mag = 1.0 + terms.map(f64::abs).sum::<f64>();
+                            assert!(
+                                close(acc[r * d + t], want, mag),
+                                "{what} r={r} t={t}: {} vs {want}",
+                                acc[r * d + t]
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
