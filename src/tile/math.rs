@@ -39,6 +39,9 @@ const SIN_P: [f32; 3] = [-1.666_665_5e-1, 8.332_161e-3, -1.951_529_6e-4];
 const COS_P: [f32; 3] = [4.166_664_6e-2, -1.388_731_6e-3, 2.443_315_7e-5];
 /// `P` in `erf x = x·P(x²)` for `|x| <= 1`, lowest degree first (weighted
 /// minimax by Lawson's iteration, relative error 1.2e-9 in exact arithmetic).
+/// The first is the fitted coefficient, not 2/√π: as an f32 it is one unit
+/// in the last place below it.
+#[allow(clippy::approx_constant)]
 const ERF_SMALL: [f32; 7] = [
     1.128_379_1,
     -0.376_126_26,

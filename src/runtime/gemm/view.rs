@@ -955,6 +955,61 @@ mod tests {
         (f64::from(got) - want).abs() <= 1e-6 * mag + 1e-30
     }
 
+    /// `pv_fn` on an accumulator of `rows` rows of `d` ones, with `p` of
+    /// `rows` rows of `cols` keys from `key0` of `view`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_pv(
+        pv_fn: PvViewFn,
+        p: &[f32],
+        view: &KvView,
+        key0: usize,
+        d: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Vec<f32> {
+        assert_eq!(p.len(), rows * cols);
+        let mut acc = vec![1f32; rows * d];
+        // SAFETY: `p` and `acc` hold `rows` rows of `cols` and `d`; the
+        // caller's view covers keys `key0 .. key0 + cols`.
+        unsafe {
+            pv_fn(
+                p.as_ptr(),
+                cols,
+                view,
+                key0,
+                d,
+                rows,
+                cols,
+                acc.as_mut_ptr(),
+                d,
+            )
+        };
+        acc
+    }
+
+    /// Asserts that `acc` (`rows` rows of `d`, started at 1) holds `1 + Σ
+    /// terms(r, t)` at each `[r][t]`.
+    fn assert_acc<I: Iterator<Item = f64> + Clone>(
+        acc: &[f32],
+        rows: usize,
+        d: usize,
+        what: &str,
+        terms: impl Fn(usize, usize) -> I,
+    ) {
+        for r in 0..rows {
+            for t in 0..d {
+                let terms = terms(r, t);
+                let want = 1.0 + terms.clone().sum::<f64>();
+                let mag = 1.0 + terms.map(f64::abs).sum::<f64>();
+                assert!(
+                    close(acc[r * d + t], want, mag),
+                    "{what} r={r} t={t}: {} vs {want}",
+                    acc[r * d + t]
+                );
+            }
+        }
+    }
+
     /// `pv` on the decode shape: four rows of a KV head sharing each V vector
     /// (and two of the next), chunks of staged probabilities where every one
     /// is nonzero, and a tail of keys past the sequence, stale (NaN V rows and
@@ -993,27 +1048,16 @@ mod tests {
                             }
                         })
                         .collect();
-                    let mut acc = vec![1f32; rows * d];
-                    unsafe {
-                        pv_fn(p.as_ptr(), cols, &view, key0, d, rows, cols, acc.as_mut_ptr(), d)
-                    };
+                    let acc = run_pv(pv_fn, &p, &view, key0, d, rows, cols);
                     let what = format!("{isa} {elem} ps={ps} d={d}");
-                    for r in 0..rows {
-                        for t in 0..d {
-                            let terms = (0..live).map(|c| {
-                                let j = key0 + c;
-                                let x = f64::from(vd.get([table[j / ps] as usize, j % ps, r / hr, t]));
-                                f64::from(p[r * cols + c]) * x
-                            });
-                            let want = 1.0 + terms.clone().sum::<f64>();
-                            let mag = 1.0 + terms.map(f64::abs).sum::<f64>();
-                            assert!(
-                                close(acc[r * d + t], want, mag),
-                                "{what} r={r} t={t}: {} vs {want}",
-                                acc[r * d + t]
-                            );
-                        }
-                    }
+                    assert_acc(&acc, rows, d, &what, |r, t| {
+                        let (p, vd, table) = (&p, &vd, &table);
+                        (0..live).map(move |c| {
+                            let j = key0 + c;
+                            let x = f64::from(vd.get([table[j / ps] as usize, j % ps, r / hr, t]));
+                            f64::from(p[r * cols + c]) * x
+                        })
+                    });
                 }
             }
         }
@@ -1097,34 +1141,13 @@ mod tests {
                     let p: Vec<f32> = (0..rows * cols)
                         .map(|i| if i % 3 == 0 { 0.0 } else { 0.25 })
                         .collect();
-                    let mut acc = vec![1f32; rows * d];
-                    unsafe {
-                        pv_fn(
-                            p.as_ptr(),
-                            cols,
-                            &view,
-                            key0,
-                            d,
-                            rows,
-                            cols,
-                            acc.as_mut_ptr(),
-                            d,
-                        )
-                    };
-                    for r in 0..rows {
-                        for t in 0..d {
-                            let terms = (0..cols).filter(|&c| p[r * cols + c] != 0.0).map(|c| {
-                                f64::from(p[r * cols + c]) * at(&vd, key0 + c, head(r), t)
-                            });
-                            let want = 1.0 + terms.clone().sum::<f64>();
-                            let mag = 1.0 + terms.map(f64::abs).sum::<f64>();
-                            assert!(
-                                close(acc[r * d + t], want, mag),
-                                "{what} r={r} t={t}: {} vs {want}",
-                                acc[r * d + t]
-                            );
-                        }
-                    }
+                    let acc = run_pv(pv_fn, &p, &view, key0, d, rows, cols);
+                    assert_acc(&acc, rows, d, &what, |r, t| {
+                        let (p, vd, at, head) = (&p, &vd, &at, &head);
+                        (0..cols)
+                            .filter(move |&c| p[r * cols + c] != 0.0)
+                            .map(move |c| f64::from(p[r * cols + c]) * at(vd, key0 + c, head(r), t))
+                    });
                 }
             }
         }
