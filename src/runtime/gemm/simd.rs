@@ -78,7 +78,10 @@ pub(crate) unsafe trait Simd: Copy {
     unsafe fn load_i8(p: *const i8) -> Self::V {
         widen::<Self, i8>(p, Self::LANES, |x| x as f32)
     }
-    /// `LANES` e4m3fn values (bits) widened to f32.
+    /// What [`Simd::load_e4m3`] gives for an e4m3fn value of 1: a power of
+    /// two, so that a caller folds its inverse into a row scale.
+    const E4M3_UNIT: f32 = 1.0;
+    /// `LANES` e4m3fn values (bits) widened to f32, times [`Simd::E4M3_UNIT`].
     #[inline(always)]
     unsafe fn load_e4m3(p: *const u8) -> Self::V {
         widen::<Self, u8>(p, Self::LANES, crate::tensor::e4m3_to_f32)
@@ -317,21 +320,25 @@ mod x86 {
         unsafe fn load_i8(p: *const i8) -> __m256 {
             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast())))
         }
+        /// The values come out times 2^-8 (see `load_e4m3`).
+        const E4M3_UNIT: f32 = 1.0 / 256.0;
         #[inline(always)]
         unsafe fn load_e4m3(p: *const u8) -> __m256 {
             // Through f16 (F16C): e4m3fn's exponent and mantissa fields, moved
             // into f16's, give 2^-8 times the value (the biases are 7 and 15),
-            // subnormals included; S.1111.111 (NaN) becomes 0xffff, an f16
-            // NaN. Ten operations on eight 16-bit lanes, where rebiasing in
-            // 32-bit lanes (as the AVX-512 load does) took thirteen, two of
-            // them blends of two micro-ops each.
-            let x = _mm_cvtepu8_epi16(_mm_loadl_epi64(p.cast()));
-            let mag = _mm_and_si128(x, _mm_set1_epi16(0x7f));
-            let sign = _mm_slli_epi16::<8>(_mm_and_si128(x, _mm_set1_epi16(0x80)));
-            let bits = _mm_or_si128(sign, _mm_slli_epi16::<7>(mag));
-            let nan = _mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7f));
-            let half = _mm256_cvtph_ps(_mm_or_si128(bits, nan));
-            _mm256_mul_ps(half, _mm256_set1_ps(256.0))
+            // subnormals included; the caller folds the 2^8 into the row's
+            // scale (`E4M3_UNIT`). Each byte goes to the high half of a 16-bit
+            // lane, and an arithmetic shift right by one puts the sign at bit
+            // 15 (and 14, cleared) and the other seven bits at 13..7.
+            // S.1111.111 (NaN) becomes 0xffff, an f16 NaN. Seven operations
+            // on eight 16-bit lanes, where rebiasing in 32-bit lanes (as the
+            // AVX-512 load does) took thirteen, two of them blends of two
+            // micro-ops each.
+            let x = _mm_unpacklo_epi8(_mm_setzero_si128(), _mm_loadl_epi64(p.cast()));
+            let bits = _mm_and_si128(_mm_srai_epi16::<1>(x), _mm_set1_epi16(0xbf80u16 as i16));
+            let high = _mm_set1_epi16(0x7f00);
+            let nan = _mm_cmpeq_epi16(_mm_and_si128(x, high), high);
+            _mm256_cvtph_ps(_mm_or_si128(bits, nan))
         }
         #[inline(always)]
         unsafe fn pow2_from_magic(t: __m256) -> __m256 {
@@ -615,7 +622,7 @@ mod tests {
             for (i, &b) in bytes.iter().enumerate() {
                 same(
                     out[i],
-                    crate::tensor::e4m3_to_f32(b),
+                    crate::tensor::e4m3_to_f32(b) * S::E4M3_UNIT,
                     &format!("e4m3 {b:#x}"),
                 );
             }

@@ -27,13 +27,26 @@ use crate::tensor::ElemType;
 trait Elem: Copy {
     /// Whether a row carries a float32 scale.
     const QUANTIZED: bool;
-    /// `LANES` elements at `p`, as f32.
+    /// `LANES` elements at `p`, as f32, times [`Elem::unit`].
     unsafe fn load<S: Simd>(p: *const Self) -> S::V;
     fn to_f32(self) -> f32;
-    /// The first `n` elements at `p` (other lanes 0; no memory past them is read).
+    /// What [`Elem::load`] gives for an element of value 1 on `S`: a power of
+    /// two whose inverse the products fold into a quantized row's scale
+    /// (e4m3fn on AVX2 widens through f16 to 2^-8 times the value).
+    #[inline(always)]
+    fn unit<S: Simd>() -> f32 {
+        1.0
+    }
+    /// The first `n` elements at `p` as [`Elem::load`] gives them (other lanes
+    /// 0; no memory past them is read).
     #[inline(always)]
     unsafe fn load_first<S: Simd>(p: *const Self, n: usize) -> S::V {
-        widen::<S, Self>(p, n, Self::to_f32)
+        let v = widen::<S, Self>(p, n, Self::to_f32);
+        if Self::unit::<S>() == 1.0 {
+            v
+        } else {
+            S::mul(v, S::splat(Self::unit::<S>()))
+        }
     }
 }
 
@@ -61,7 +74,7 @@ struct E4m3(u8);
 /// `impl Elem` for a stored type: whether it is quantized, its widening
 /// load (a `Simd` method taking the raw element pointer) and its scalar value.
 macro_rules! elem {
-    ($($t:ty: $quantized:literal, $load:ident, |$x:ident| $value:expr;)*) => {
+    ($($t:ty: $quantized:literal, $load:ident, |$x:ident| $value:expr $(, unit $unit:ident)?;)*) => {
         $(impl Elem for $t {
             const QUANTIZED: bool = $quantized;
             #[inline(always)]
@@ -73,6 +86,10 @@ macro_rules! elem {
                 let $x = self;
                 $value
             }
+            $(#[inline(always)]
+            fn unit<S: Simd>() -> f32 {
+                S::$unit
+            })?
         })*
     };
 }
@@ -81,7 +98,7 @@ elem! {
     bf16: false, load_bf16, |x| x.to_f32();
     f16: false, load_f16, |x| x.to_f32();
     i8: true, load_i8, |x| x as f32;
-    E4m3: true, load_e4m3, |x| crate::tensor::e4m3_to_f32(x.0);
+    E4m3: true, load_e4m3, |x| crate::tensor::e4m3_to_f32(x.0), unit E4M3_UNIT;
 }
 
 /// `qk_view(q, q_stride, view, key0, d, rows, cols, s, s_stride, scale)`:
@@ -427,6 +444,10 @@ unsafe fn qk<S: Simd, E: Elem>(
     let full = d - d % S::LANES;
     let zero = S::splat(0.0);
     let scale_v = S::splat(scale);
+    // A quantized row's scale times the softmax scale, over what a loaded
+    // element of value 1 is (a power of two: exact).
+    let row_scale = scale / E::unit::<S>();
+    let row_scale_v = S::splat(row_scale);
     let tail = S::first_lanes(d - full);
     let (rs, srs) = (view.row_stride as usize, view.scale_row_stride as usize);
     let mut segs = Segments::<E>::new(view, view.k, view.k_scales, key0, cols, d, rows);
@@ -454,7 +475,7 @@ unsafe fn qk<S: Simd, E: Elem>(
                     for (c, x) in sc.iter_mut().enumerate().take(S::LANES) {
                         *x = *scales.add(shead + (j + c) * srs);
                     }
-                    S::mul(S::load(sc.as_ptr()), scale_v)
+                    S::mul(S::load(sc.as_ptr()), row_scale_v)
                 } else {
                     scale_v
                 };
@@ -518,7 +539,7 @@ unsafe fn qk<S: Simd, E: Elem>(
                 let (nr, head, shead) = head_block(view, r0, rows, QK_ROWS);
                 let krow = krows.add(head + j * rs);
                 let key_scale = if E::QUANTIZED {
-                    scale * *scales.add(shead + j * srs)
+                    row_scale * *scales.add(shead + j * srs)
                 } else {
                     scale
                 };
@@ -582,7 +603,7 @@ impl StagedP {
     /// Stages keys `..n` of rows `..nr` of `p` (stride `p_stride`), with the
     /// scales at `scales` (stride `srs`; read only for quantized rows).
     #[inline(always)]
-    unsafe fn new<E: Elem>(
+    unsafe fn new<S: Simd, E: Elem>(
         p: *const f32,
         p_stride: usize,
         nr: usize,
@@ -592,8 +613,10 @@ impl StagedP {
     ) -> StagedP {
         let mut sc = [1f32; PV_KEYS];
         if E::QUANTIZED {
+            // Over what a loaded element of value 1 is (a power of two: exact).
+            let unit = E::unit::<S>();
             for (j, s) in sc.iter_mut().enumerate().take(n) {
-                *s = *scales.add(j * srs);
+                *s = *scales.add(j * srs) / unit;
             }
         }
         let mut staged = StagedP {
@@ -727,7 +750,7 @@ unsafe fn pv<S: Simd, E: Elem>(
             while j0 < n {
                 let kn = (n - j0).min(PV_KEYS);
                 let pr = p.add(r0 * p_stride + c0 + j0);
-                let staged = StagedP::new::<E>(
+                let staged = StagedP::new::<S, E>(
                     pr,
                     p_stride,
                     nr,
