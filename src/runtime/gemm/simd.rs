@@ -604,8 +604,8 @@ mod tests {
 
     /// Every widening load of `S` against the scalar conversions, on every
     /// bit pattern of e4m3 and int8 and on bf16/f16 patterns of every
-    /// exponent (subnormals, infinities and NaN included): the same bits, or
-    /// NaN for NaN.
+    /// exponent (subnormals, infinities and NaN included): the same bits (for
+    /// e4m3, of the value times `E4M3_UNIT`), or NaN for NaN.
     unsafe fn check_widening_loads<S: Simd>(name: &str) {
         let same = |got: f32, want: f32, what: &str| {
             assert!(

@@ -580,8 +580,10 @@ const PV_KEYS: usize = 32;
 
 /// Vectors of the head dim per row that `pv` keeps in registers for `rows`
 /// rows on `S`: accumulators in half the registers, the other half for the V
-/// vectors and the broadcast probability. Four rows of four vectors on 16
-/// registers spilled accumulators to the stack on every key.
+/// vectors and the broadcast probability (one short for a single row of
+/// `REGS / 2` vectors, where the compiler reloads a V vector rather than an
+/// accumulator). Four rows of four vectors on 16 registers spilled
+/// accumulators to the stack on every key.
 const fn pv_vecs<S: Simd>(rows: usize) -> usize {
     let v = S::REGS / 2 / rows;
     if v < PV_VECS {
@@ -638,13 +640,15 @@ impl StagedP {
     }
 }
 
-/// `Acc[..NR][t0 .. t0 + NV vectors] += P V` over keys `0 .. n` of one page
-/// segment, with the staged probabilities `p` (scales applied), the
-/// accumulators in registers across the keys. The last vector covers `last`
-/// lanes. Unless `DENSE` (every staged probability nonzero), a key is skipped
-/// for a row whose probability `live` (stride `live_stride`) is 0: a masked
-/// key's V row may be stale, NaN included. `ahead`, unless null, is key 0's
-/// row ahead, asked for key by key as the keys are read.
+/// `Acc[..NR][t0 .. t0 + NV vectors] += P V` over the keys `0 .. n` of one
+/// staged chunk (at most [`PV_KEYS`] keys of a page segment), with the staged
+/// probabilities `p` (scales applied), the accumulators in registers across
+/// the keys. The last vector covers `last` lanes. Unless `DENSE` (every staged
+/// probability nonzero), a key is skipped for a row whose probability `live`
+/// (stride `live_stride`) is 0, and its V row is not read when it is 0 for
+/// every row: a masked key's V row and scale may be stale, NaN included.
+/// `ahead.0`, unless null, is key 0's row `PF_KEYS` keys on, of which
+/// `ahead.1` elements are asked for key by key as the keys are read.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn pv_block<S: Simd, E: Elem, const NR: usize, const NV: usize, const DENSE: bool>(
@@ -677,6 +681,9 @@ unsafe fn pv_block<S: Simd, E: Elem, const NR: usize, const NV: usize, const DEN
         let vrow = vrows.add(j * rs);
         if !ahead.0.is_null() {
             prefetch(ahead.0.wrapping_add(j * rs), ahead.1);
+        }
+        if !DENSE && (0..NR).all(|g| *live.add(g * live_stride + j) == 0.0) {
+            continue;
         }
         let mut x = [zero; NV];
         for (v, x) in x.iter_mut().enumerate() {
@@ -1043,10 +1050,22 @@ mod tests {
             let (_, pv_fn) = view_kernels(isa);
             for elem in ElemType::ALL {
                 // (page size, d): whole pages and short ones, a head dim with a tail.
-                for (ps, d) in [(64, 131), (16, 128), (5, 24)] {
-                    let (hkv, hr, rows, key0, cols, live) = (2, 4, 6, 3, 48, 40);
+                // Every row live on keys ..40, the sequence 40 long; or rows 1
+                // and 4 live on ..40 and the others on ..36, the sequence 36
+                // long: rows 1 and 4 then read stale keys (NaN), and the other
+                // rows, in the same blocks, must skip them.
+                for (ps, d, mixed) in [
+                    (64, 131, false),
+                    (16, 128, false),
+                    (5, 24, false),
+                    (64, 131, true),
+                    (16, 40, true),
+                ] {
+                    let (hkv, hr, rows, key0, cols) = (2, 4, 6, 3, 48);
+                    let live = |r: usize| if mixed && r != 1 && r != 4 { 36 } else { 40 };
+                    let stale_rows = |r: usize| mixed && (r == 1 || r == 4);
                     let table: Vec<i32> = (0..24).rev().collect();
-                    let n = key0 + live;
+                    let n = key0 + if mixed { 36 } else { 40 };
                     let (_, v) = pool(ps, hkv, d, &table, n, elem);
                     let vd = v.view();
                     let scales = vd
@@ -1064,7 +1083,7 @@ mod tests {
                     let p: Vec<f32> = (0..rows * cols)
                         .map(|i| {
                             let (r, c) = (i / cols, i % cols);
-                            if c < live {
+                            if c < live(r) {
                                 0.125 + ((r + c) % 5) as f32 * 0.0625
                             } else {
                                 0.0
@@ -1072,10 +1091,24 @@ mod tests {
                         })
                         .collect();
                     let acc = run_pv(pv_fn, &p, &view, key0, d, rows, cols);
-                    let what = format!("{isa} {elem} ps={ps} d={d}");
-                    assert_acc(&acc, rows, d, &what, |r, t| {
-                        let (p, vd, table) = (&p, &vd, &table);
-                        (0..live).map(move |c| {
+                    let what = format!("{isa} {elem} ps={ps} d={d} mixed={mixed}");
+                    for r in (0..rows).filter(|&r| stale_rows(r)) {
+                        for t in 0..d {
+                            assert!(
+                                acc[r * d + t].is_nan(),
+                                "{what} r={r} t={t} read no stale key"
+                            );
+                        }
+                    }
+                    // The rows that read no stale key, checked alone.
+                    let fresh: Vec<usize> = (0..rows).filter(|&r| !stale_rows(r)).collect();
+                    let acc: Vec<f32> = fresh
+                        .iter()
+                        .flat_map(|&r| acc[r * d..(r + 1) * d].iter().copied())
+                        .collect();
+                    assert_acc(&acc, fresh.len(), d, &what, |i, t| {
+                        let (p, vd, table, r) = (&p, &vd, &table, fresh[i]);
+                        (0..live(r)).map(move |c| {
                             let j = key0 + c;
                             let x = f64::from(vd.get([table[j / ps] as usize, j % ps, r / hr, t]));
                             f64::from(p[r * cols + c]) * x
