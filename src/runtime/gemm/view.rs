@@ -1049,8 +1049,9 @@ mod tests {
         for isa in NativeIsa::ALL.into_iter().filter(|i| i.is_supported()) {
             let (_, pv_fn) = view_kernels(isa);
             for elem in ElemType::ALL {
-                // (page size, d): whole pages and short ones, a head dim with a tail.
-                // Every row live on keys ..40, the sequence 40 long; or rows 1
+                // (page size, d, mixed): whole pages and short ones, a head dim
+                // with a tail. Not mixed: every row live on keys ..40, the
+                // sequence 40 long. Mixed: rows 1
                 // and 4 live on ..40 and the others on ..36, the sequence 36
                 // long: rows 1 and 4 then read stale keys (NaN), and the other
                 // rows, in the same blocks, must skip them.
