@@ -1762,8 +1762,8 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
             _ => 0.0,
         };
         // The jit and the interpreter multiply bf16 pairs where the CPU has a
-        // bf16 dot product (`--gemm` jit or native use this CPU's products).
-        let bf16_pairs = driver::has_bf16_dot(gemm_impl(args.gemm));
+        // bf16 dot product (every `--gemm` runs this CPU's products).
+        let bf16_pairs = driver::default_bf16_pairs();
         let tolerance = match args.tolerance {
             Some(t) => t,
             // P·V on bf16 probabilities (see `--tolerance`): max |v| over the

@@ -746,11 +746,7 @@ unsafe fn pv<S: Simd, E: Elem>(
         while r0 < rows {
             let (nr, head, shead) = head_block(view, r0, rows, PV_ROWS);
             let nr = if nr == 3 { 2 } else { nr };
-            let cap = match nr {
-                4 => pv_vecs::<S>(4),
-                2 => pv_vecs::<S>(2),
-                _ => pv_vecs::<S>(1),
-            };
+            let cap = pv_vecs::<S>(nr);
             // The first rows of a KV head ask for its rows ahead.
             let pf_head = !ahead.is_null() && r0 % head_rows(view) == 0;
             let mut j0 = 0;
