@@ -733,6 +733,25 @@ pub fn nest_for_shapes(
     }
 }
 
+/// The PTX schedule a bound call takes on the CUDA runtime, and the stored
+/// type of its K/V when they are quantized: K/V read in place
+/// ([`crate::tile::nest::KvSource::InPlace`]: through the page table, up to
+/// each sequence's length, dequantized in the tile loads) for a ragged
+/// batch, a paged pool or a quantized cache; dense K/V, packed for the
+/// device, otherwise. One head per tile either way (the PTX backend's only
+/// row mapping).
+pub fn ptx_plan(
+    bound: &crate::bind::Bound,
+    dtype: crate::codegen::ptx::Dtype,
+) -> (crate::tile::Schedule, Option<crate::tensor::ElemType>) {
+    let quant = bound.kv_elem.is_quantized().then_some(bound.kv_elem);
+    let mut schedule = crate::codegen::ptx::schedule(bound.shapes.d, dtype);
+    if bound.is_ragged() || quant.is_some() {
+        schedule.kv = crate::tile::nest::KvSource::InPlace;
+    }
+    (schedule, quant)
+}
+
 /// A spec compiled to native code: run it many times on new inputs.
 #[derive(Debug)]
 pub struct JitKernel {
@@ -1291,34 +1310,58 @@ impl Program {
 /// codegen generated, and neither knows the other.
 #[cfg(feature = "cuda")]
 impl crate::runtime::cuda::CudaRuntime {
-    /// Lowers `spec` for head dim `d` under the PTX schedule, generates the
-    /// PTX for this device and loads it.
+    /// Lowers `spec` for head dim `d` under the PTX schedule for dense K/V,
+    /// generates the PTX for this device and loads it.
     pub fn compile(
         &self,
         spec: &Spec,
         d: usize,
         dtype: crate::codegen::ptx::Dtype,
     ) -> Result<crate::runtime::cuda::CudaKernel, crate::runtime::cuda::CudaError> {
+        let schedule = crate::codegen::ptx::schedule(d, dtype);
+        self.compile_with(spec, &schedule, dtype, None)
+    }
+
+    /// The kernel a bound call takes ([`ptx_plan`]: K/V read in place for a
+    /// ragged batch, a paged pool or a quantized cache), loaded.
+    pub fn compile_for(
+        &self,
+        spec: &Spec,
+        bound: &crate::bind::Bound,
+        dtype: crate::codegen::ptx::Dtype,
+    ) -> Result<crate::runtime::cuda::CudaKernel, crate::runtime::cuda::CudaError> {
+        let (schedule, kv_quant) = ptx_plan(bound, dtype);
+        self.compile_with(spec, &schedule, dtype, kv_quant)
+    }
+
+    fn compile_with(
+        &self,
+        spec: &Spec,
+        schedule: &crate::tile::Schedule,
+        dtype: crate::codegen::ptx::Dtype,
+        kv_quant: Option<crate::tensor::ElemType>,
+    ) -> Result<crate::runtime::cuda::CudaKernel, crate::runtime::cuda::CudaError> {
         use crate::codegen::ptx;
-        let kernel = crate::tile::lower(spec, &ptx::schedule(d, dtype));
+        let kernel = crate::tile::lower(spec, schedule);
         let options = ptx::PtxOptions {
             arch: self.arch(),
             dtype,
-            kv_quant: None,
+            kv_quant,
         };
         let code = ptx::compile(&kernel, &options)?;
         self.load(kernel, code)
     }
 
-    /// Compiles, uploads, runs and downloads in one call.
+    /// Binds, compiles, uploads, runs and downloads in one call.
     pub fn run(
         &self,
         spec: &Spec,
         inputs: &Inputs<'_>,
         dtype: crate::codegen::ptx::Dtype,
     ) -> Result<Outputs, crate::runtime::cuda::CudaError> {
-        let k = self.compile(spec, inputs.q.shape()[3], dtype)?;
-        let mut p = self.prepare(&k, spec, inputs)?;
+        let bound = bind(spec, inputs)?;
+        let k = self.compile_for(spec, &bound, dtype)?;
+        let mut p = self.prepare_bound(&k, spec, inputs, bound)?;
         self.launch(&k, &mut p)?;
         self.finish(&k, &p)
     }
@@ -1328,6 +1371,49 @@ impl crate::runtime::cuda::CudaRuntime {
 mod tests {
     use super::*;
     use crate::bench::Rng;
+
+    /// On the CUDA runtime, a ragged batch, a paged pool and a quantized
+    /// cache read K/V in place (quantized: with its stored type); dense f32
+    /// K/V are packed for the device.
+    #[test]
+    fn cuda_calls_read_ragged_paged_and_quantized_kv_in_place() {
+        use crate::codegen::ptx::Dtype;
+        use crate::tensor::{ElemType, KvArray};
+        use crate::tile::nest::KvSource;
+        let program = load(
+            SourceFile::new("t.attn", "attention a { mask = causal }"),
+            &SpecOptions::default(),
+        )
+        .unwrap();
+        let q = ndarray::Array4::<f32>::zeros((2, 2, 1, 8));
+        let kv = ndarray::Array4::<f32>::zeros((2, 1, 32, 8));
+        let pool = ndarray::Array4::<f32>::zeros((4, 16, 1, 8));
+        let table = ndarray::Array2::from_shape_vec((2, 2), vec![0, 1, 3, 2]).unwrap();
+        let lens = ndarray::Array1::from_vec(vec![32, 20]);
+        let k8 = KvArray::quantize(kv.view(), ElemType::Int8);
+        let plan = |inputs: &Inputs<'_>| {
+            let bound = bind(&program.spec, inputs).unwrap();
+            let (schedule, quant) = ptx_plan(&bound, Dtype::F16);
+            (schedule.kv, quant, schedule.dim)
+        };
+        let dense = Inputs::new(q.view(), kv.view(), kv.view()).q_offset(31);
+        assert_eq!(plan(&dense), (KvSource::Packed, None, Some(8)));
+        let ragged = Inputs::new(q.view(), kv.view(), kv.view()).kv_lens(lens.view());
+        assert_eq!(plan(&ragged), (KvSource::InPlace, None, Some(8)));
+        let paged = Inputs::paged(
+            q.view(),
+            pool.view(),
+            pool.view(),
+            table.view(),
+            lens.view(),
+        );
+        assert_eq!(plan(&paged), (KvSource::InPlace, None, Some(8)));
+        let quant = Inputs::new(q.view(), k8.view(), k8.view()).q_offset(31);
+        assert_eq!(
+            plan(&quant),
+            (KvSource::InPlace, Some(ElemType::Int8), Some(8))
+        );
+    }
 
     /// A bf16 prefill multiplies pairs only where asked, and by default only
     /// where the products have `vdpbf16ps`: never on AVX2 or the portable

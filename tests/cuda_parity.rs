@@ -437,3 +437,92 @@ fn non_finite_values_at_masked_keys_do_not_reach_the_output() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// K/V read in place on the GPU (the kernel `driver::ptx_plan` picks for
+/// them): a shuffled paged pool (pages of 16 and 7) and dense rows of ragged
+/// lengths, decode and a chunked prefill past a page boundary, GQA 2, every
+/// stale slot NaN; f32 K/V in every dtype and int8/fp8 pools (scales per
+/// row, NaN past each length) dequantized in the tile loads. Against the
+/// reference on the same stored values.
+#[test]
+fn paged_ragged_and_quantized_caches_match_the_reference() {
+    use attnc::{ElemType, KvArray};
+    let rt = runtime();
+    let mut failures = Vec::new();
+    let (h, hkv, d) = (4, 2, 64);
+    let specs = ["causal", "sliding_window", "alibi"];
+    for (q_len, ps) in [(1, 16), (20, 7)] {
+        let lens = [q_len, 37, 190];
+        let (b, kv_max) = (lens.len(), 190);
+        let mut rng = Rng::new((q_len * 100 + ps) as u64);
+        let q = rng.array4((b, h, q_len, d));
+        let mut k = rng.array4((b, hkv, kv_max, d));
+        let mut v = rng.array4((b, hkv, kv_max, d));
+        for (bi, &n) in lens.iter().enumerate() {
+            k.slice_mut(ndarray::s![bi, .., n.., ..]).fill(f32::NAN);
+            v.slice_mut(ndarray::s![bi, .., n.., ..]).fill(f32::NAN);
+        }
+        let (kp, vp, table) = common::paged_pool(&k, &v, &lens, ps, &mut rng);
+        let lens_arr = ndarray::Array1::from_iter(lens.iter().map(|&n| n as i32));
+        for name in specs {
+            let path = common::root().join(format!("examples/{name}.attn"));
+            let program =
+                attnc::load(SourceFile::read(&path).unwrap(), &SpecOptions::default()).unwrap();
+            let shapes = Shapes {
+                b,
+                h,
+                hkv,
+                q: q_len,
+                kv: kv_max,
+                d,
+            };
+            let buffers = buffers_for(&program.spec, &shapes, &mut rng);
+            for elem in [ElemType::F32, ElemType::Int8, ElemType::Fp8] {
+                let (kq, vq) = (
+                    KvArray::quantize(k.view(), elem),
+                    KvArray::quantize(v.view(), elem),
+                );
+                let (kpq, vpq) = (
+                    KvArray::quantize(kp.view(), elem),
+                    KvArray::quantize(vp.view(), elem),
+                );
+                let pool = Inputs::paged(
+                    q.view(),
+                    kpq.view(),
+                    vpq.view(),
+                    table.view(),
+                    lens_arr.view(),
+                );
+                let rows = Inputs::new(q.view(), kq.view(), vq.view()).kv_lens(lens_arr.view());
+                for (layout, inputs) in [("pool", pool), ("ragged rows", rows)] {
+                    let mut inputs = inputs.with_lse();
+                    for (n, data) in &buffers {
+                        inputs = inputs.buffer(n, data.clone());
+                    }
+                    let want = program.run_reference(&inputs).unwrap();
+                    for dtype in Dtype::ALL {
+                        let what = format!(
+                            "{name:15} {elem:4} {layout:11} Q={q_len:2} page {ps:2} {dtype:4}"
+                        );
+                        match rt.run(&program.spec, &inputs, dtype) {
+                            Ok(got) => {
+                                let (err, same_inf) = compare(&got, &want);
+                                eprintln!("{what}: max rel err {err:.2e}");
+                                if err > tolerance(dtype) || !same_inf {
+                                    failures.push(format!(
+                                        "{what}: error {err:.3e}, lse -inf rows agree: {same_inf}"
+                                    ));
+                                }
+                            }
+                            Err(e) => {
+                                eprintln!("{what}: run failed: {e}");
+                                failures.push(format!("{what}: run failed: {e}"));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -9,12 +9,15 @@
 //! The runtime launches what the PTX backend generated: the driver
 //! composes the two (`CudaRuntime::compile` and `run` are defined there,
 //! so this module needs nothing of codegen). A run lowers the spec under
-//! `codegen::ptx::schedule`, generates PTX for the device's architecture,
-//! lets the driver JIT it, builds the block maps on
-//! the host, uploads q/k/v (converted to the dtype and padded to the
-//! kernel's head dim), the buffers, the maps and (f16/bf16) the flags of
-//! the V tiles holding NaN or inf, launches one CTA per
-//! (query tile, head, batch), and downloads out, lse and the error block.
+//! `codegen::ptx::schedule` (K/V read in place for a ragged batch, a paged
+//! pool or a quantized cache), generates PTX for the device's architecture,
+//! lets the driver JIT it, builds the block maps on the host, uploads the
+//! arguments [`host::launch_args`] builds (q, k and v in the kernel's types
+//! and padded head dim, or quantized K/V with their scales; the page table
+//! and lengths; the buffers, the maps and the flags of the V tiles holding
+//! NaN or inf), launches one CTA per (query tile, head, batch), and
+//! downloads out, lse and the error block. The PTX emulator of the tests
+//! runs the same arguments.
 
 // The errors carry the interpreter's diagnostics by value, as `driver::Error` does.
 #![allow(clippy::result_large_err)]
@@ -29,7 +32,7 @@ use ndarray::{Array3, Array4};
 
 use crate::bind::{bind, BindError, Bound, Inputs, Outputs};
 use crate::mask::{classify, MaskError, Tiling};
-use crate::runtime::device::{host, Arch, Dtype, ErrorRecord, PtxError, PtxKernel};
+use crate::runtime::device::{host, Arch, PtxError, PtxKernel};
 use crate::sema::eval::EvalError;
 use crate::sema::Spec;
 use crate::tile::Verified;
@@ -77,9 +80,6 @@ pub enum CudaError {
     #[diagnostic(transparent)]
     Codegen(#[from] PtxError),
     #[error(transparent)]
-    #[diagnostic(code(attnc::cuda::too_large))]
-    TooLarge(#[from] host::TooLarge),
-    #[error(transparent)]
     #[diagnostic(transparent)]
     Bind(#[from] BindError),
     #[error(transparent)]
@@ -111,23 +111,18 @@ pub struct CudaKernel {
     function: CudaFunction,
 }
 
-/// Everything one launch reads and writes, on the device.
+/// One kernel argument on the device: an array, or a scalar passed by value.
+enum DeviceArg {
+    Array(CudaSlice<u8>),
+    U32(u32),
+    S64(i64),
+}
+
+/// Everything one launch reads and writes, on the device: the arguments of
+/// [`host::launch_args`], in the kernel's parameter order.
 pub struct Prepared {
     bound: Bound,
-    q: CudaSlice<u8>,
-    k: CudaSlice<u8>,
-    v: CudaSlice<u8>,
-    out: CudaSlice<f32>,
-    lse: CudaSlice<f32>,
-    err: CudaSlice<u64>,
-    map_rows: CudaSlice<u32>,
-    map_full: CudaSlice<u32>,
-    map_partial: CudaSlice<u32>,
-    /// Per K/V head and key tile, whether the V tile holds NaN or inf
-    /// (`host::nonfinite_tiles`; the mma kernels' exact P V path).
-    v_flags: CudaSlice<u8>,
-    buffers: Vec<CudaSlice<u8>>,
-    scalars: host::Scalars,
+    args: Vec<(String, DeviceArg)>,
     want_lse: bool,
 }
 
@@ -240,100 +235,48 @@ impl CudaRuntime {
     }
 
     /// Binds the inputs, builds the block maps and uploads everything a
-    /// launch of `k` needs.
+    /// launch of `k` needs ([`host::launch_args`]).
     pub fn prepare(
         &self,
         k: &CudaKernel,
         spec: &Spec,
         inputs: &Inputs<'_>,
     ) -> Result<Prepared, CudaError> {
+        self.prepare_bound(k, spec, inputs, bind(spec, inputs)?)
+    }
+
+    /// [`Self::prepare`] for inputs already bound (`bound` is `bind(spec, inputs)`).
+    pub fn prepare_bound(
+        &self,
+        k: &CudaKernel,
+        spec: &Spec,
+        inputs: &Inputs<'_>,
+        bound: Bound,
+    ) -> Result<Prepared, CudaError> {
         let l = &k.ptx.launch;
-        let bound = bind(spec, inputs)?;
-        let s = bound.shapes;
-        if bound.is_ragged() || bound.pages.is_some() || bound.kv_offset != 0 {
-            return Err(PtxError::Nest {
-                what: "ragged lengths, a paged pool or a key offset in the CUDA runtime"
-                    .to_string(),
-            }
-            .into());
-        }
-        if bound.kv_elem.is_quantized() {
-            return Err(PtxError::Nest {
-                what: format!(
-                    "{} K/V in the CUDA runtime (its kernels dequantize nothing yet)",
-                    bound.kv_elem
-                ),
-            }
-            .into());
-        }
-        let mismatch = match (bound.kv_elem, l.dtype) {
-            (crate::tensor::ElemType::Bf16, Dtype::F16) => Some("f16"),
-            (crate::tensor::ElemType::F16, Dtype::Bf16) => Some("bf16"),
-            _ => None,
-        };
-        if let Some(device) = mismatch {
-            return Err(PtxError::Nest {
-                what: format!(
-                    "{} K/V in a kernel compiled for {device} (it would round them again)",
-                    bound.kv_elem
-                ),
-            }
-            .into());
-        }
-        if s.d != l.d {
+        if bound.shapes.d != l.d {
             return Err(CudaError::HeadDim {
                 kernel: l.d,
-                inputs: s.d,
+                inputs: bound.shapes.d,
             });
         }
         let maps = classify(spec, &bound, Tiling::new(l.bq, l.bkv)?)?;
-        let dm = host::device_maps(&maps, s.h);
-        let scalars = host::scalars(&bound, &dm)?;
-        let q = self.upload(&host::pack(&inputs.q, l.d_pad, l.dtype))?;
-        // bf16/f16 K/V widen exactly to f32 and pack back to the kernel's type.
-        let (kf, vf) = (inputs.k.to_f32(), inputs.v.to_f32());
-        let kk = self.upload(&host::pack(&kf.view(), l.d_pad, l.dtype))?;
-        let v_packed = host::pack(&vf.view(), l.d_pad, l.dtype);
-        // The f32 kernel predicates every product on p != 0 and never reads the flags.
-        let v_flags = if l.dtype.uses_mma() {
-            let (kv_b, hkv, kv, _) = vf.dim();
-            host::nonfinite_tiles(&v_packed, kv_b * hkv, kv, l.d_pad, l.dtype, l.bkv)
-        } else {
-            Vec::new()
-        };
-        let v = self.upload(&v_packed)?;
-        drop(v_packed);
-        let rows = s.b * s.h * s.q;
-        let out = self
-            .stream
-            .alloc_zeros::<f32>((rows * l.d_pad).max(1))
-            .map_err(driver("allocating out"))?;
-        let lse = self
-            .stream
-            .alloc_zeros::<f32>(rows.max(1))
-            .map_err(driver("allocating lse"))?;
-        let err = self
-            .stream
-            .alloc_zeros::<u64>(ErrorRecord::WORDS)
-            .map_err(driver("allocating the error block"))?;
-        let buffers = bound
-            .buffers
-            .iter()
-            .map(|b| self.upload(&host::buffer_bytes(b)))
-            .collect::<Result<_, _>>()?;
+        let mut args = Vec::new();
+        for (name, arg) in host::launch_args(&k.kernel, &k.ptx, inputs, &bound, &maps)? {
+            let arg = match arg {
+                host::Arg::Array(bytes) => DeviceArg::Array(self.upload(&bytes)?),
+                host::Arg::Output(n) => DeviceArg::Array(
+                    self.stream
+                        .alloc_zeros::<u8>(n.max(1))
+                        .map_err(driver("allocating an output"))?,
+                ),
+                host::Arg::U32(x) => DeviceArg::U32(x),
+                host::Arg::S64(x) => DeviceArg::S64(x),
+            };
+            args.push((name, arg));
+        }
         Ok(Prepared {
-            q,
-            k: kk,
-            v,
-            out,
-            lse,
-            err,
-            map_rows: self.upload(&dm.rows)?,
-            map_full: self.upload(&dm.full)?,
-            map_partial: self.upload(&dm.partial)?,
-            v_flags: self.upload(&v_flags)?,
-            buffers,
-            scalars,
+            args,
             want_lse: inputs.want_lse,
             bound,
         })
@@ -356,30 +299,33 @@ impl CudaRuntime {
             },
         };
         let mut b = self.stream.launch_builder(&k.function);
-        b.arg(&p.q)
-            .arg(&p.k)
-            .arg(&p.v)
-            .arg(&mut p.out)
-            .arg(&mut p.lse)
-            .arg(&mut p.err);
-        b.arg(&p.map_rows)
-            .arg(&p.map_full)
-            .arg(&p.map_partial)
-            .arg(&p.v_flags);
-        for x in &p.scalars.u32s {
-            b.arg(x);
+        for (_, arg) in &mut p.args {
+            match arg {
+                DeviceArg::Array(a) => b.arg(a),
+                DeviceArg::U32(x) => b.arg(&*x),
+                DeviceArg::S64(x) => b.arg(&*x),
+            };
         }
-        b.arg(&p.scalars.q_offset);
-        for buf in &p.buffers {
-            b.arg(buf);
-        }
-        // SAFETY: the arguments match the kernel's parameter list in order
-        // and type (`ptx::PARAMS`, then one pointer per buffer), every
-        // device array has the size the kernel indexes (checked shapes,
-        // padded head dim, block maps built for this tiling), and the
-        // shared memory is what the kernel was laid out for.
+        // SAFETY: the arguments are those of `host::launch_args` for this
+        // kernel: its parameter list in order and type, every device array of
+        // the size the kernel indexes (checked shapes, padded head dim, block
+        // maps built for this tiling, the page table and lengths of the
+        // bound call), and the shared memory is what the kernel was laid
+        // out for.
         unsafe { b.launch(cfg) }.map_err(driver("launching the kernel"))?;
         Ok(())
+    }
+
+    /// The bytes of the device array `name` of `p`.
+    fn download(&self, p: &Prepared, name: &str) -> Result<Vec<u8>, CudaError> {
+        let array = p.args.iter().find_map(|(n, a)| match a {
+            DeviceArg::Array(a) if n == name => Some(a),
+            _ => None,
+        });
+        let array = array.expect("launch_args names every output");
+        self.stream
+            .clone_dtoh(array)
+            .map_err(driver("downloading the outputs"))
     }
 
     /// Waits for the launch, downloads the outputs and turns a recorded
@@ -390,10 +336,11 @@ impl CudaRuntime {
         self.stream
             .synchronize()
             .map_err(driver("running the kernel"))?;
-        let words = self
-            .stream
-            .clone_dtoh(&p.err)
-            .map_err(driver("downloading the error block"))?;
+        let words: Vec<u64> = self
+            .download(p, "err")?
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
         if let Some(e) = host::decode_error(&words, &k.kernel, &p.bound) {
             return Err(e.into());
         }
@@ -404,14 +351,14 @@ impl CudaRuntime {
                 Array3::from_elem((s.b, s.h, s.q), f32::NEG_INFINITY),
             )
         } else {
-            let out = self
-                .stream
-                .clone_dtoh(&p.out)
-                .map_err(driver("downloading out"))?;
-            let lse = self
-                .stream
-                .clone_dtoh(&p.lse)
-                .map_err(driver("downloading lse"))?;
+            let f32s = |bytes: Vec<u8>| -> Vec<f32> {
+                bytes
+                    .chunks(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                    .collect()
+            };
+            let out = f32s(self.download(p, "out")?);
+            let lse = f32s(self.download(p, "lse")?);
             (
                 host::unpad(&out, l, s.b, s.h, s.q),
                 Array3::from_shape_vec((s.b, s.h, s.q), lse[..rows].to_vec())

@@ -164,13 +164,16 @@ impl InPlaceKv {
     ///
     /// # Panics
     ///
-    /// Unless `bound` is a ragged batch or a paged pool without a key offset
-    /// (the in-place kernel puts each sequence's queries at its end; the
-    /// CUDA runtime refuses other calls before this point).
+    /// Unless every sequence's queries end on its last key without a key
+    /// offset: a ragged batch, a paged pool, or dense K/V whose query offset
+    /// puts the last query on the last key (the in-place kernel puts each
+    /// sequence's queries at its end; [`launch_args`] refuses other calls).
     pub fn of(bound: &Bound) -> Result<InPlaceKv, TooLarge> {
         assert!(
-            bound.kv_lens.is_some() && bound.kv_offset == 0,
-            "an in-place kernel takes ragged or paged K/V without a key offset"
+            bound.kv_offset == 0
+                && (bound.kv_lens.is_some()
+                    || bound.q_offset + bound.shapes.q as i64 == bound.kv_rows as i64),
+            "an in-place kernel takes K/V whose sequences end on their queries, without a key offset"
         );
         let s = bound.shapes;
         let limit = |what, value| TooLarge::check(what, value, BIG);
@@ -417,6 +420,167 @@ pub fn decode_error(words: &[u64], kernel: &Kernel, bound: &Bound) -> Option<Eva
     Some(crate::runtime::abi::decode(&raw, kernel, &shapes))
 }
 
+/// One argument of a launch, as the host prepares it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Arg {
+    /// A device array holding these bytes (uploaded before the launch).
+    Array(Vec<u8>),
+    /// A device array of this many zeroed bytes that the kernel writes
+    /// (`out`, `lse`, the error block).
+    Output(usize),
+    /// A `.u32` scalar.
+    U32(u32),
+    /// A `.s64` scalar.
+    S64(i64),
+}
+
+/// The arguments of one launch of `ptx` on `inputs`, in the kernel's
+/// parameter order and named as its parameters ([`super::PARAMS`], then
+/// [`super::IN_PLACE_PARAMS`] for a kernel that reads K/V in place,
+/// [`super::QUANT_PARAMS`] for quantized K/V, then `buf0`, `buf1`, ...):
+/// everything a runtime uploads, passes and downloads. `maps` are the block
+/// maps of `bound` for the launch's tiling. One builder serves the CUDA
+/// runtime and the PTX emulator of the tests, so what the emulator checks is
+/// what the GPU is given.
+///
+/// Fails, without building anything, for a call the kernel cannot take: a
+/// key offset; ragged or paged K/V for a kernel of dense K/V; for an in-place
+/// kernel, queries that do not end on each sequence's last key (dense K/V
+/// without lengths and with another query offset); K/V stored in another
+/// type than the kernel dequantizes or rounds to; sizes past the kernel's
+/// 32-bit indexing.
+pub fn launch_args(
+    kernel: &Kernel,
+    ptx: &super::PtxKernel,
+    inputs: &crate::Inputs<'_>,
+    bound: &Bound,
+    maps: &BlockMaps,
+) -> Result<Vec<(String, Arg)>, super::PtxError> {
+    use crate::tensor::ElemType;
+    use crate::tile::nest::KvSource;
+    let l = &ptx.launch;
+    let s = bound.shapes;
+    let refuse = |what: String| Err(super::PtxError::Launch { what });
+    let in_place = kernel.nest.kv == KvSource::InPlace;
+    if bound.kv_offset != 0 {
+        return refuse(format!("a key offset ({})", bound.kv_offset));
+    }
+    if !in_place && (bound.is_ragged() || bound.pages.is_some()) {
+        return refuse(
+            "ragged or paged K/V in a kernel of dense K/V (compile it to read K/V in place)".into(),
+        );
+    }
+    if in_place && !bound.is_ragged() && bound.q_offset + s.q as i64 != bound.kv_rows as i64 {
+        return refuse(format!(
+            "queries at {} .. {} of {} keys in a kernel that reads K/V in place (it puts each \
+             sequence's queries on its last keys: give the lengths of the sequences)",
+            bound.q_offset,
+            bound.q_offset + s.q as i64,
+            bound.kv_rows
+        ));
+    }
+    let kv_elem = bound.kv_elem;
+    match (kv_elem, l.kv_quant, l.dtype) {
+        (e, Some(q), _) if e == q => {}
+        (e, None, dtype) if !e.is_quantized() => {
+            let other = match (e, dtype) {
+                (ElemType::Bf16, Dtype::F16) => Some("f16"),
+                (ElemType::F16, Dtype::Bf16) => Some("bf16"),
+                _ => None,
+            };
+            if let Some(other) = other {
+                return refuse(format!(
+                    "{e} K/V in a kernel compiled for {other} (it would round them again)"
+                ));
+            }
+        }
+        (e, q, _) => {
+            return refuse(format!(
+                "{e} K/V in a kernel compiled for {} K/V",
+                q.map_or_else(|| l.dtype.to_string(), |q| q.to_string())
+            ))
+        }
+    }
+    let dm = device_maps(maps, s.h);
+    let scalars = scalars(bound, &dm)?;
+    let in_place_kv = if in_place {
+        Some(InPlaceKv::of(bound)?)
+    } else {
+        None
+    };
+    let u32s = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    // K and V as the kernel reads them: quantized bytes and their scales, or
+    // values rounded to the dtype. The V-tile flags of the mma kernels are
+    // those of the values in the dtype (dequantized for a quantized cache);
+    // the f32 kernel predicates every product on p != 0 and reads none.
+    let (kf, vf) = (inputs.k.to_f32(), inputs.v.to_f32());
+    let v_dtype = pack(&vf.view(), l.d_pad, l.dtype);
+    let v_flags = match (&in_place_kv, l.dtype.uses_mma()) {
+        (_, false) => Vec::new(),
+        (Some(ip), true) => ip.nonfinite_tiles(&v_dtype, s.hkv, s.kv, l.d_pad, l.dtype, l.bkv),
+        (None, true) => {
+            let (kv_b, hkv, kv, _) = vf.dim();
+            nonfinite_tiles(&v_dtype, kv_b * hkv, kv, l.d_pad, l.dtype, l.bkv)
+        }
+    };
+    let (k, v, scales) = match (
+        pack_quantized(&inputs.k, l.d_pad),
+        pack_quantized(&inputs.v, l.d_pad),
+    ) {
+        (Some((kb, ks)), Some((vb, vs))) => (kb, vb, Some((ks, vs))),
+        _ => (pack(&kf.view(), l.d_pad, l.dtype), v_dtype, None),
+    };
+    let rows = s.b * s.h * s.q;
+    let mut args: Vec<(String, Arg)> = Vec::new();
+    let arrays = [
+        Arg::Array(pack(&inputs.q, l.d_pad, l.dtype)),
+        Arg::Array(k),
+        Arg::Array(v),
+        Arg::Output(rows * l.d_pad * 4),
+        Arg::Output(rows * 4),
+        Arg::Output(ErrorRecord::WORDS * 8),
+        Arg::Array(u32s(&dm.rows)),
+        Arg::Array(u32s(&dm.full)),
+        Arg::Array(u32s(&dm.partial)),
+        Arg::Array(v_flags),
+    ];
+    let values = arrays
+        .into_iter()
+        .chain(scalars.u32s.map(Arg::U32))
+        .chain([Arg::S64(scalars.q_offset)]);
+    args.extend(super::PARAMS.iter().map(|n| n.to_string()).zip(values));
+    if let Some(ip) = in_place_kv {
+        let values = [
+            Arg::Array(u32s(&ip.lens)),
+            Arg::Array(u32s(&ip.table)),
+            Arg::U32(ip.table_stride),
+            Arg::U32(ip.page_size),
+            Arg::U32(ip.page_stride),
+            Arg::U32(ip.row_stride),
+            Arg::U32(ip.head_stride),
+        ];
+        args.extend(
+            super::IN_PLACE_PARAMS
+                .iter()
+                .map(|n| n.to_string())
+                .zip(values),
+        );
+    }
+    if let Some((ks, vs)) = scales {
+        let values = [Arg::Array(ks), Arg::Array(vs)];
+        args.extend(
+            super::QUANT_PARAMS
+                .iter()
+                .map(|n| n.to_string())
+                .zip(values),
+        );
+    }
+    for (i, b) in bound.buffers.iter().enumerate() {
+        args.push((format!("buf{i}"), Arg::Array(buffer_bytes(b))));
+    }
+    Ok(args)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -525,6 +689,119 @@ mod tests {
         assert!(!dm.partial.is_empty() && !dm.full.is_empty());
         let s = scalars(&bound, &dm).unwrap();
         assert_eq!(s.u32s, [1, 2, 2, 100, 100, 8, 1, 0, 0, 0, 100]);
+    }
+
+    /// The arguments follow the kernel's parameter list (dense, in place,
+    /// quantized), and every call the kernel cannot take is refused with what
+    /// it is, before anything is built.
+    #[test]
+    fn launch_args_follow_the_parameters_and_refuse_what_the_kernel_cannot_take() {
+        use crate::codegen::ptx::{self, PtxOptions};
+        use crate::tensor::{ElemType, KvArray};
+        use crate::tile::nest::KvSource;
+        let program = load(
+            SourceFile::new("t.attn", "attention a { mask = causal }"),
+            &SpecOptions::default(),
+        )
+        .unwrap();
+        let spec = &program.spec;
+        let (d, q_len, kv) = (16, 3, 40);
+        let compile = |kv_src: KvSource, dtype: Dtype, quant: Option<ElemType>| {
+            let schedule = crate::tile::Schedule {
+                kv: kv_src,
+                ..ptx::schedule(d, dtype)
+            };
+            let kernel = crate::tile::lower(spec, &schedule);
+            let opts = PtxOptions {
+                arch: super::super::Arch::Sm80,
+                dtype,
+                kv_quant: quant,
+            };
+            let code = ptx::compile(&kernel, &opts).unwrap();
+            (kernel, code)
+        };
+        let args = |k: &(crate::tile::Verified, super::super::PtxKernel), inputs: &Inputs<'_>| {
+            let bound = crate::bind::bind(spec, inputs).unwrap();
+            let l = &k.1.launch;
+            let maps = classify(spec, &bound, Tiling::new(l.bq, l.bkv).unwrap()).unwrap();
+            launch_args(&k.0, &k.1, inputs, &bound, &maps)
+        };
+        let names = |a: &[(String, Arg)]| a.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        let refused = |r: Result<Vec<(String, Arg)>, super::super::PtxError>, what: &str| match r {
+            Err(e @ super::super::PtxError::Launch { .. }) => {
+                assert!(e.to_string().contains(what), "{e}")
+            }
+            other => panic!("{what}: {other:?}"),
+        };
+        let q = Array4::<f32>::from_shape_fn((2, 2, q_len, d), |(b, h, i, c)| {
+            (b + h + i + c) as f32 / 10.0
+        });
+        let kvf = Array4::<f32>::from_shape_fn((2, 1, kv, d), |(b, _, j, c)| {
+            ((b * 7 + j * 3 + c) % 11) as f32 / 10.0 - 0.5
+        });
+        let lens = Array1::from_vec(vec![kv as i32, 17]);
+        let dense = compile(KvSource::Packed, Dtype::F32, None);
+        let in_place = compile(KvSource::InPlace, Dtype::F32, None);
+        let plain: Vec<String> = super::super::PARAMS.iter().map(|s| s.to_string()).collect();
+        let with = |extra: &[&str]| {
+            let mut v = plain.clone();
+            v.extend(extra.iter().map(|s| s.to_string()));
+            v
+        };
+
+        // Dense K/V: PARAMS; the last query on the last key, in place: the
+        // in-place parameters, every sequence KV long.
+        let end = Inputs::new(q.view(), kvf.view(), kvf.view()).q_offset((kv - q_len) as i64);
+        assert_eq!(names(&args(&dense, &end).unwrap()), plain);
+        let a = args(&in_place, &end).unwrap();
+        assert_eq!(names(&a), with(&super::super::IN_PLACE_PARAMS));
+        let lens_bytes: Vec<u8> = [kv as u32, kv as u32]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        assert_eq!(a[plain.len()].1, Arg::Array(lens_bytes));
+        // Outputs are zeroed device arrays of the padded rows.
+        let rows = 2 * 2 * q_len;
+        assert_eq!(a[3].1, Arg::Output(rows * d * 4));
+        assert_eq!(a[4].1, Arg::Output(rows * 4));
+
+        // A ragged batch, in place; quantized K/V add their scales.
+        let ragged = Inputs::new(q.view(), kvf.view(), kvf.view()).kv_lens(lens.view());
+        assert_eq!(
+            names(&args(&in_place, &ragged).unwrap()),
+            with(&super::super::IN_PLACE_PARAMS)
+        );
+        let k8 = KvArray::quantize(kvf.view(), ElemType::Int8);
+        let int8 = Inputs::new(q.view(), k8.view(), k8.view()).kv_lens(lens.view());
+        let quant = compile(KvSource::InPlace, Dtype::F16, Some(ElemType::Int8));
+        let mut all = super::super::IN_PLACE_PARAMS.to_vec();
+        all.extend(super::super::QUANT_PARAMS);
+        assert_eq!(names(&args(&quant, &int8).unwrap()), with(&all));
+
+        // Refused: a key offset, ragged K/V in a dense kernel, queries that do
+        // not end on the keys in place, K/V of another type.
+        refused(args(&dense, &end.clone().kv_offset(5)), "a key offset (5)");
+        refused(
+            args(&dense, &ragged),
+            "ragged or paged K/V in a kernel of dense K/V",
+        );
+        let start = Inputs::new(q.view(), kvf.view(), kvf.view());
+        refused(args(&in_place, &start), "queries at 0 .. 3 of 40 keys");
+        refused(
+            args(&in_place, &int8),
+            "int8 K/V in a kernel compiled for f32 K/V",
+        );
+        refused(
+            args(&quant, &ragged),
+            "f32 K/V in a kernel compiled for int8 K/V",
+        );
+        let kb = KvArray::quantize(kvf.view(), ElemType::Bf16);
+        let bf16 = Inputs::new(q.view(), kb.view(), kb.view()).q_offset((kv - q_len) as i64);
+        let f16_kernel = compile(KvSource::Packed, Dtype::F16, None);
+        refused(
+            args(&f16_kernel, &bf16),
+            "bf16 K/V in a kernel compiled for f16",
+        );
     }
 
     #[test]

@@ -318,7 +318,16 @@ pub enum PtxError {
     #[error("the PTX backend does not lower this loop nest yet: {what}")]
     #[diagnostic(
         code(attnc::ptx::nest),
-        help("the PTX backend lowers one head per tile, with dense K/V or K/V read in place through a page table (`attnc emit --target ptx --page-size P`); the CUDA runtime launches the dense one only: run GQA-grouped decode, ragged batches, key offsets and paged pools on the CPU (`--backend jit`)")
+        help("the PTX backend lowers one head per tile, with dense K/V or K/V read in place through a page table (`attnc emit --target ptx --page-size P`): run GQA-grouped decode on the CPU (`--backend jit`)")
     )]
     Nest { what: String },
+    #[error("the CUDA kernel cannot take this call: {what}")]
+    #[diagnostic(
+        code(attnc::ptx::launch),
+        help("run it on the CPU (`--backend jit`), which takes every call")
+    )]
+    Launch { what: String },
+    #[error(transparent)]
+    #[diagnostic(code(attnc::ptx::too_large))]
+    TooLarge(#[from] host::TooLarge),
 }

@@ -1,15 +1,15 @@
 //! Runs the PTX backend's kernels on the CPU emulator (`ptx_emu`), as the CUDA
-//! runtime would launch them: the same packing, block maps, scalars, V-tile
-//! flags and error record. Shared by `tests/suite/ptx_emulated.rs` and the random-spec
+//! runtime launches them: the arguments of `host::launch_args` (packing,
+//! block maps, scalars, page table, V-tile flags, error record), the same
+//! grid, the same decoding of the error block. Shared by `tests/suite/ptx_emulated.rs` and the random-spec
 //! property test (`tests/suite/backend_props.rs`).
 
 use std::collections::HashMap;
 
 use attnc::codegen::ptx::{self, PtxOptions};
 use attnc::mask::{classify, Tiling};
-use attnc::runtime::device::{host, Arch, Dtype, ErrorRecord, PARAMS};
+use attnc::runtime::device::{host, Arch, Dtype};
 use attnc::sema::eval::EvalError;
-use attnc::tile::nest::KvSource;
 use attnc::tile::{self, Schedule};
 use attnc::{Inputs, Outputs};
 use ndarray::Array3;
@@ -57,73 +57,45 @@ pub fn emulate_with(
         Err(attnc::mask::MaskError::Eval(e)) => return Err(e),
         Err(e) => panic!("block maps: {e}"),
     };
-    let dm = host::device_maps(&maps, s.h);
-    let scalars = host::scalars(&bound, &dm).unwrap();
+    // The arguments the CUDA runtime uploads and passes, as emulator memory
+    // and parameter values.
+    let args = host::launch_args(&kernel, &compiled, inputs, &bound, &maps).unwrap();
+    // The CUDA runtime passes them by position: they must be the entry's
+    // parameters, in order and type.
+    let declared: Vec<(String, String)> = compiled
+        .text
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix(".param "))
+        .map(|decl| {
+            let (ty, name) = decl.trim_end_matches(',').split_once(' ').unwrap();
+            (name.to_string(), ty.to_string())
+        })
+        .collect();
+    let passed: Vec<(String, String)> = args
+        .iter()
+        .map(|(name, arg)| {
+            let ty = match arg {
+                host::Arg::Array(_) | host::Arg::Output(_) => ".u64",
+                host::Arg::U32(_) => ".u32",
+                host::Arg::S64(_) => ".s64",
+            };
+            (format!("p_{name}"), ty.to_string())
+        })
+        .collect();
+    assert_eq!(
+        passed, declared,
+        "launch_args against the entry's parameters"
+    );
     let mut mem = ptx_emu::Memory::default();
-    let u32s = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    let rows = s.b * s.h * s.q;
     let mut params: HashMap<String, u64> = HashMap::new();
-    let (kf, vf) = (inputs.k.to_f32(), inputs.v.to_f32());
-    let v = host::pack(&vf.view(), l.d_pad, dtype);
-    // In place: K/V packed as given (a pool, or dense rows), rows found
-    // through the page table; flags per (sequence, KV head).
-    let in_place =
-        (kernel.nest.kv == KvSource::InPlace).then(|| host::InPlaceKv::of(&bound).unwrap());
-    let v_flags = match &in_place {
-        Some(ip) => ip.nonfinite_tiles(&v, s.hkv, s.kv, l.d_pad, dtype, l.bkv),
-        None => {
-            let (kv_b, hkv, kv, _) = vf.dim();
-            host::nonfinite_tiles(&v, kv_b * hkv, kv, l.d_pad, dtype, l.bkv)
-        }
-    };
-    // Quantized K/V go to the kernel as stored (bytes and scales); the V
-    // flags above are those of the dequantized values.
-    let (k_dev, v_dev, scales) = match (
-        host::pack_quantized(&inputs.k, l.d_pad),
-        host::pack_quantized(&inputs.v, l.d_pad),
-    ) {
-        (Some((kb, ks)), Some((vb, vs))) => (kb, vb, Some((ks, vs))),
-        _ => (host::pack(&kf.view(), l.d_pad, dtype), v, None),
-    };
-    if let Some((ks, vs)) = scales {
-        params.insert("p_k_scales_ptr".into(), mem.alloc(ks));
-        params.insert("p_v_scales_ptr".into(), mem.alloc(vs));
-    }
-    let pointers = [
-        host::pack(&inputs.q, l.d_pad, dtype),
-        k_dev,
-        v_dev,
-        vec![0u8; rows * l.d_pad * 4],
-        vec![0u8; rows * 4],
-        vec![0u8; ErrorRecord::WORDS * 8],
-        u32s(&dm.rows),
-        u32s(&dm.full),
-        u32s(&dm.partial),
-        v_flags,
-    ];
-    for (name, data) in PARAMS.iter().zip(pointers) {
-        params.insert(format!("p_{name}"), mem.alloc(data));
-    }
-    for (name, v) in PARAMS[10..21].iter().zip(scalars.u32s) {
-        params.insert(format!("p_{name}"), u64::from(v));
-    }
-    params.insert("p_q_offset".into(), scalars.q_offset as u64);
-    if let Some(ip) = &in_place {
-        let values = [
-            mem.alloc(u32s(&ip.lens)),
-            mem.alloc(u32s(&ip.table)),
-            u64::from(ip.table_stride),
-            u64::from(ip.page_size),
-            u64::from(ip.page_stride),
-            u64::from(ip.row_stride),
-            u64::from(ip.head_stride),
-        ];
-        for (name, v) in ptx::IN_PLACE_PARAMS.iter().zip(values) {
-            params.insert(format!("p_{name}"), v);
-        }
-    }
-    for (i, b) in bound.buffers.iter().enumerate() {
-        params.insert(format!("p_buf{i}"), mem.alloc(host::buffer_bytes(b)));
+    for (name, arg) in args {
+        let value = match arg {
+            host::Arg::Array(bytes) => mem.alloc(bytes),
+            host::Arg::Output(n) => mem.alloc(vec![0u8; n]),
+            host::Arg::U32(x) => u64::from(x),
+            host::Arg::S64(x) => x as u64,
+        };
+        params.insert(format!("p_{name}"), value);
     }
     let mut program = ptx_emu::Program::parse(&compiled.text);
     program.approx = approx;
