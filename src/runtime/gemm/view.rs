@@ -651,7 +651,14 @@ impl StagedP {
 /// `ahead.1` elements are asked for key by key as the keys are read.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pv_block<S: Simd, E: Elem, const NR: usize, const NV: usize, const DENSE: bool>(
+unsafe fn pv_block<
+    S: Simd,
+    E: Elem,
+    const NR: usize,
+    const NV: usize,
+    const DENSE: bool,
+    const WHOLE: bool,
+>(
     p: &StagedP,
     live: *const f32,
     live_stride: usize,
@@ -665,7 +672,9 @@ unsafe fn pv_block<S: Simd, E: Elem, const NR: usize, const NV: usize, const DEN
 ) {
     let zero = S::splat(0.0);
     let m = S::first_lanes(last);
-    let whole = last == S::LANES;
+    // A constant, so the key loop tests nothing for the last vector.
+    let whole = WHOLE;
+    debug_assert_eq!(whole, last == S::LANES);
     let mut a = [[zero; NV]; NR];
     for (g, row) in a.iter_mut().enumerate() {
         for (v, x) in row.iter_mut().enumerate() {
@@ -766,6 +775,13 @@ unsafe fn pv<S: Simd, E: Elem>(
                 while t0 < d {
                     let nv = (d - t0).div_ceil(S::LANES).min(cap);
                     let last = (d - t0 - (nv - 1) * S::LANES).min(S::LANES);
+                    // Whole vectors, then (where `d` is not a multiple of
+                    // the lanes) the last one alone, masked.
+                    let (nv, last) = if last < S::LANES && nv > 1 {
+                        (nv - 1, S::LANES)
+                    } else {
+                        (nv, last)
+                    };
                     let ar = acc.add(r0 * acc_stride + t0);
                     let pf = if pf_head && t0 % line < nv * S::LANES {
                         (
@@ -777,21 +793,28 @@ unsafe fn pv<S: Simd, E: Elem>(
                     };
                     macro_rules! block {
                         ($($nr:literal: $($nv:literal)*;)*) => {
-                            match (nr, nv, staged.dense) {
+                            match (nr, nv, staged.dense, last == S::LANES) {
                                 $($(
-                                    ($nr, $nv, true) => pv_block::<S, E, $nr, $nv, true>(
+                                    ($nr, $nv, true, true) => pv_block::<S, E, $nr, $nv, true, true>(
                                         &staged, pr, p_stride, vr.add(t0), rs, kn, ar, acc_stride, last, pf,
                                     ),
-                                    ($nr, $nv, false) => pv_block::<S, E, $nr, $nv, false>(
+                                    ($nr, $nv, false, true) => pv_block::<S, E, $nr, $nv, false, true>(
                                         &staged, pr, p_stride, vr.add(t0), rs, kn, ar, acc_stride, last, pf,
                                     ),
-                                )*)*
+                                )*
+                                    ($nr, 1, true, false) => pv_block::<S, E, $nr, 1, true, false>(
+                                        &staged, pr, p_stride, vr.add(t0), rs, kn, ar, acc_stride, last, pf,
+                                    ),
+                                    ($nr, 1, false, false) => pv_block::<S, E, $nr, 1, false, false>(
+                                        &staged, pr, p_stride, vr.add(t0), rs, kn, ar, acc_stride, last, pf,
+                                    ),
+                                )*
                                 _ => unreachable!("1, 2 or 4 rows of 1 to {PV_VECS} vectors"),
                             }
                         };
                     }
                     block!(4: 1 2 3 4; 2: 1 2 3 4 5 6 7 8; 1: 1 2 3 4 5 6 7 8;);
-                    t0 += nv * S::LANES;
+                    t0 += (nv - 1) * S::LANES + last;
                 }
                 j0 += kn;
             }
