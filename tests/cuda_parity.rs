@@ -455,15 +455,15 @@ fn paged_ragged_and_quantized_caches_match_the_reference() {
         let lens = [q_len, 37, 190];
         let (b, kv_max) = (lens.len(), 190);
         let mut rng = Rng::new((q_len * 100 + ps) as u64);
-        let q = rng.array4((b, h, q_len, d));
-        let mut k = rng.array4((b, hkv, kv_max, d));
-        let mut v = rng.array4((b, hkv, kv_max, d));
-        for (bi, &n) in lens.iter().enumerate() {
-            k.slice_mut(ndarray::s![bi, .., n.., ..]).fill(f32::NAN);
-            v.slice_mut(ndarray::s![bi, .., n.., ..]).fill(f32::NAN);
-        }
-        let (kp, vp, table) = common::paged_pool(&k, &v, &lens, ps, &mut rng);
-        let lens_arr = ndarray::Array1::from_iter(lens.iter().map(|&n| n as i32));
+        let common::Ragged {
+            q,
+            k,
+            v,
+            k_pages: kp,
+            v_pages: vp,
+            table,
+            lens: lens_arr,
+        } = common::ragged(&lens, (h, hkv, q_len, d), ps, &mut rng);
         for name in specs {
             let path = common::root().join(format!("examples/{name}.attn"));
             let program =

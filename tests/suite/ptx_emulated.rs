@@ -180,18 +180,17 @@ fn emulated_ptx_reads_paged_pools_and_ragged_rows() {
     for (d, dtype) in [(32, Dtype::F32), (32, Dtype::F16), (24, Dtype::Bf16)] {
         for (q_len, ps) in [(1, 16), (20, 7)] {
             let lens = [q_len, 37, 90];
-            let b = lens.len();
-            let kv_max = 90;
+            let (b, kv_max) = (lens.len(), 90);
             let mut rng = Rng::new((d * 100 + q_len) as u64);
-            let q = rng.array4((b, h, q_len, d));
-            let mut k = rng.array4((b, hkv, kv_max, d));
-            let mut v = rng.array4((b, hkv, kv_max, d));
-            for (bi, &n) in lens.iter().enumerate() {
-                k.slice_mut(ndarray::s![bi, .., n.., ..]).fill(f32::NAN);
-                v.slice_mut(ndarray::s![bi, .., n.., ..]).fill(f32::NAN);
-            }
-            let (kp, vp, table) = common::paged_pool(&k, &v, &lens, ps, &mut rng);
-            let lens_arr = ndarray::Array1::from_iter(lens.iter().map(|&n| n as i32));
+            let common::Ragged {
+                q,
+                k,
+                v,
+                k_pages: kp,
+                v_pages: vp,
+                table,
+                lens: lens_arr,
+            } = common::ragged(&lens, (h, hkv, q_len, d), ps, &mut rng);
             for (path, params) in &specs {
                 let spec = load(path, params);
                 let shapes = Shapes {

@@ -176,3 +176,46 @@ pub fn paged_pool(
     }
     (k_pages, v_pages, table)
 }
+
+/// A ragged batch of the KV-cache tests, dense and paged.
+pub struct Ragged {
+    /// `[B, H, Q, D]`.
+    pub q: Array4<f32>,
+    /// `[B, HKV, max(lens), D]`, NaN in every row past its sequence's length.
+    pub k: Array4<f32>,
+    pub v: Array4<f32>,
+    /// The same rows in a shuffled pool ([`paged_pool`]).
+    pub k_pages: Array4<f32>,
+    pub v_pages: Array4<f32>,
+    pub table: ndarray::Array2<i32>,
+    pub lens: ndarray::Array1<i32>,
+}
+
+/// Random q, k and v for sequences of `lens` keys, `h` query heads on `hkv`
+/// KV heads, `q_len` queries and head dim `d`, with the pool of pages of `ps`
+/// slots holding the same rows.
+pub fn ragged(
+    lens: &[usize],
+    (h, hkv, q_len, d): (usize, usize, usize, usize),
+    ps: usize,
+    rng: &mut attnc::bench::Rng,
+) -> Ragged {
+    let (b, kv_max) = (lens.len(), lens.iter().copied().max().unwrap_or(0));
+    let q = rng.array4((b, h, q_len, d));
+    let mut k = rng.array4((b, hkv, kv_max, d));
+    let mut v = rng.array4((b, hkv, kv_max, d));
+    for (bi, &n) in lens.iter().enumerate() {
+        k.slice_mut(ndarray::s![bi, .., n.., ..]).fill(f32::NAN);
+        v.slice_mut(ndarray::s![bi, .., n.., ..]).fill(f32::NAN);
+    }
+    let (k_pages, v_pages, table) = paged_pool(&k, &v, lens, ps, rng);
+    Ragged {
+        q,
+        k,
+        v,
+        k_pages,
+        v_pages,
+        table,
+        lens: ndarray::Array1::from_iter(lens.iter().map(|&n| n as i32)),
+    }
+}
