@@ -455,15 +455,9 @@ fn paged_ragged_and_quantized_caches_match_the_reference() {
         let lens = [q_len, 37, 190];
         let (b, kv_max) = (lens.len(), 190);
         let mut rng = Rng::new((q_len * 100 + ps) as u64);
-        let common::Ragged {
-            q,
-            k,
-            v,
-            k_pages: kp,
-            v_pages: vp,
-            table,
-            lens: lens_arr,
-        } = common::ragged(&lens, (h, hkv, q_len, d), ps, &mut rng);
+        let r = common::ragged(&lens, (h, hkv, q_len, d), ps, &mut rng);
+        let (q, k, v, table, lens_arr) = (&r.q, &r.k, &r.v, &r.table, &r.lens);
+        let (kp, vp) = (&r.k_pages, &r.v_pages);
         for name in specs {
             let path = common::root().join(format!("examples/{name}.attn"));
             let program =

@@ -182,15 +182,9 @@ fn emulated_ptx_reads_paged_pools_and_ragged_rows() {
             let lens = [q_len, 37, 90];
             let (b, kv_max) = (lens.len(), 90);
             let mut rng = Rng::new((d * 100 + q_len) as u64);
-            let common::Ragged {
-                q,
-                k,
-                v,
-                k_pages: kp,
-                v_pages: vp,
-                table,
-                lens: lens_arr,
-            } = common::ragged(&lens, (h, hkv, q_len, d), ps, &mut rng);
+            let r = common::ragged(&lens, (h, hkv, q_len, d), ps, &mut rng);
+            let (q, k, v, table, lens_arr) = (&r.q, &r.k, &r.v, &r.table, &r.lens);
+            let (kp, vp) = (&r.k_pages, &r.v_pages);
             for (path, params) in &specs {
                 let spec = load(path, params);
                 let shapes = Shapes {
