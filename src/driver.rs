@@ -744,9 +744,22 @@ pub fn ptx_plan(
     bound: &crate::bind::Bound,
     dtype: crate::codegen::ptx::Dtype,
 ) -> (crate::tile::Schedule, Option<crate::tensor::ElemType>) {
-    let quant = bound.kv_elem.is_quantized().then_some(bound.kv_elem);
-    let mut schedule = crate::codegen::ptx::schedule(bound.shapes.d, dtype);
-    if bound.is_ragged() || quant.is_some() {
+    ptx_plan_for(bound.shapes.d, dtype, bound.is_ragged(), bound.kv_elem)
+}
+
+/// [`ptx_plan`] from what it depends on: the head dim `d`, whether every
+/// sequence has a length of its own (`ragged`: a ragged batch or a paged
+/// pool) and the stored type of K/V (for `attnc emit --target ptx`, which has
+/// no inputs).
+pub fn ptx_plan_for(
+    d: usize,
+    dtype: crate::codegen::ptx::Dtype,
+    ragged: bool,
+    kv_elem: crate::tensor::ElemType,
+) -> (crate::tile::Schedule, Option<crate::tensor::ElemType>) {
+    let quant = kv_elem.is_quantized().then_some(kv_elem);
+    let mut schedule = crate::codegen::ptx::schedule(d, dtype);
+    if ragged || quant.is_some() {
         schedule.kv = crate::tile::nest::KvSource::InPlace;
     }
     (schedule, quant)

@@ -274,9 +274,12 @@ struct EmitArgs {
     /// (bf16: products on bf16 pairs where it has AVX-512 BF16).
     #[arg(long, default_value = "f32", value_name = "f32|f16|bf16")]
     dtype: String,
-    /// With --target ptx and --page-size: K and V stored as int8 or fp8 with
-    /// a float32 scale per row, dequantized to --dtype in the tile loads.
-    #[arg(long, value_name = "int8|fp8", requires = "page_size")]
+    /// With --target ptx: K and V stored as int8 or fp8 with a float32 scale
+    /// per row, dequantized to --dtype in the tile loads of the kernel that
+    /// reads them in place (the one `attnc run --backend cuda` launches for
+    /// them). With --q-len: the stored type of K and V of the call whose loop
+    /// nest is printed.
+    #[arg(long, value_name = "int8|fp8")]
     kv_dtype: Option<String>,
     /// Write the output to this file instead of stdout.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
@@ -1298,6 +1301,13 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
         }
         return emit_ptx(args);
     }
+    if let (Some(t), None) = (&args.kv_dtype, args.q_len) {
+        return Err(Error::Usage(format!(
+            "`--kv-dtype {t}` is the stored type of K and V of a call: pass `--q-len N` too (and \
+             --kv-len, --page-size ...) for the loop nest that call takes, or `--target ptx` for \
+             the PTX kernel"
+        )));
+    }
     if args.page_size.is_some() && args.q_len.is_none() {
         return Err(Error::Usage(
             "`--page-size` picks the loop nest for shapes: pass `--q-len N` too (and --kv-len, \
@@ -2107,11 +2117,6 @@ fn emit_ptx(args: EmitArgs) -> Result<String, Error> {
                     "`--kv-dtype {t}` with --target ptx: the kernel takes K/V in its --dtype, or int8/fp8 with scales"
                 )));
             }
-            if args.page_size.is_none() {
-                return Err(Error::Usage(format!(
-                    "`--kv-dtype {t}` with --target ptx needs --page-size: int8/fp8 K/V are dequantized by the kernel that reads K/V in place"
-                )));
-            }
             Some(e)
         }
     };
@@ -2124,15 +2129,14 @@ fn emit_ptx(args: EmitArgs) -> Result<String, Error> {
             )))
         }
     };
-    // `auto` is what `attnc run --backend cuda` runs: `ptx::schedule`.
-    let mut schedule = ptx::schedule(dim, dtype);
+    // `auto` is what `attnc run --backend cuda` runs (`ptx::schedule`), K/V
+    // in place for a pool, ragged rows or a quantized cache.
+    let kv_elem = kv_quant.unwrap_or(attnc::ElemType::F32);
+    let (mut schedule, _) = driver::ptx_plan_for(dim, dtype, args.page_size.is_some(), kv_elem);
     if let attnc::Tiles::Fixed(t) = parse_tiles(&args.block)? {
         schedule.tiling = t;
     }
     schedule.exp2 = args.exp == ExpBase::Exp2;
-    if args.page_size.is_some() {
-        schedule.kv = attnc::tile::nest::KvSource::InPlace;
-    }
     let kernel = program.kernel(&schedule);
     ptx::emit(
         &kernel,

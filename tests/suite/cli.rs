@@ -2043,16 +2043,22 @@ fn run_reads_half_precision_and_quantized_inputs() {
     );
 }
 
-/// `emit --target ptx --page-size P --kv-dtype int8|fp8` prints the in-place
-/// kernel that dequantizes K/V in its tile loads; `--kv-dtype` needs
-/// `--page-size` and a quantized type.
+/// `emit --target ptx --kv-dtype int8|fp8` prints the in-place kernel that
+/// dequantizes K/V in its tile loads (with or without `--page-size`: the page
+/// size is a launch parameter); `--kv-dtype` needs `--target ptx` (then a
+/// quantized type) or `--q-len`.
 #[test]
 fn emit_ptx_of_a_quantized_pool() {
-    for (elem, dtype) in [("int8", "f16"), ("fp8", "bf16")] {
-        let ptx = emit_ptx(
-            "examples/causal.attn",
-            &["--page-size", "16", "--kv-dtype", elem, "--dtype", dtype],
-        );
+    for (elem, dtype, paged) in [
+        ("int8", "f16", true),
+        ("fp8", "bf16", true),
+        ("int8", "f32", false),
+    ] {
+        let mut args = vec!["--kv-dtype", elem, "--dtype", dtype];
+        if paged {
+            args.extend(["--page-size", "16"]);
+        }
+        let ptx = emit_ptx("examples/causal.attn", &args);
         assert!(
             ptx.contains(&format!(
                 "// K/V stored as {elem} with a float32 scale per row (k_scales_ptr, v_scales_ptr), dequantized to {dtype} in the tile loads"
@@ -2064,16 +2070,11 @@ fn emit_ptx_of_a_quantized_pool() {
             "{ptx}"
         );
     }
-    let o = attnc(&[
-        "emit",
-        "examples/causal.attn",
-        "--target",
-        "ptx",
-        "--kv-dtype",
-        "int8",
-    ]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("--page-size"), "{}", stderr(&o));
+    let o = attnc(&["emit", "examples/causal.attn", "--kv-dtype", "int8"]);
+    assert_fails(
+        &o,
+        &["`--kv-dtype int8` is the stored type of K and V of a call: pass `--q-len N` too"],
+    );
     let o = attnc(&[
         "emit",
         "examples/causal.attn",
