@@ -2106,8 +2106,8 @@ fn emit_ptx(args: EmitArgs) -> Result<String, Error> {
     )?;
     let arch = args.arch.parse().map_err(Error::Usage)?;
     let dtype = args.dtype.parse().map_err(Error::Usage)?;
-    let kv_quant = match args.kv_dtype.as_deref() {
-        None => None,
+    let kv_elem = match args.kv_dtype.as_deref() {
+        None => attnc::ElemType::F32,
         Some(t) => {
             let e: attnc::ElemType = t
                 .parse()
@@ -2117,7 +2117,7 @@ fn emit_ptx(args: EmitArgs) -> Result<String, Error> {
                     "`--kv-dtype {t}` with --target ptx: the kernel takes K/V in its --dtype, or int8/fp8 with scales"
                 )));
             }
-            Some(e)
+            e
         }
     };
     let dim = match args.dim.parse::<usize>() {
@@ -2131,8 +2131,8 @@ fn emit_ptx(args: EmitArgs) -> Result<String, Error> {
     };
     // `auto` is what `attnc run --backend cuda` runs (`ptx::schedule`), K/V
     // in place for a pool, ragged rows or a quantized cache.
-    let kv_elem = kv_quant.unwrap_or(attnc::ElemType::F32);
-    let (mut schedule, _) = driver::ptx_plan_for(dim, dtype, args.page_size.is_some(), kv_elem);
+    let (mut schedule, kv_quant) =
+        driver::ptx_plan_for(dim, dtype, args.page_size.is_some(), kv_elem);
     if let attnc::Tiles::Fixed(t) = parse_tiles(&args.block)? {
         schedule.tiling = t;
     }

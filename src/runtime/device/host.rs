@@ -170,9 +170,7 @@ impl InPlaceKv {
     /// sequence's queries at its end; [`launch_args`] refuses other calls).
     pub fn of(bound: &Bound) -> Result<InPlaceKv, TooLarge> {
         assert!(
-            bound.kv_offset == 0
-                && (bound.kv_lens.is_some()
-                    || bound.q_offset + bound.shapes.q as i64 == bound.kv_rows as i64),
+            bound.kv_offset == 0 && InPlaceKv::queries_end_the_keys(bound),
             "an in-place kernel takes K/V whose sequences end on their queries, without a key offset"
         );
         let s = bound.shapes;
@@ -211,6 +209,13 @@ impl InPlaceKv {
                 }
             }
         })
+    }
+
+    /// Whether every sequence's last query sits on its last key, as the
+    /// in-place kernel places them: a ragged batch or a paged pool, or dense
+    /// K/V whose query offset says so.
+    pub fn queries_end_the_keys(bound: &Bound) -> bool {
+        bound.is_ragged() || bound.q_offset + bound.shapes.q as i64 == bound.kv_rows as i64
     }
 
     /// The packed row of key `j` of KV head `kh` of sequence `b`.
@@ -470,7 +475,7 @@ pub fn launch_args(
             "ragged or paged K/V in a kernel of dense K/V (compile it to read K/V in place)".into(),
         );
     }
-    if in_place && !bound.is_ragged() && bound.q_offset + s.q as i64 != bound.kv_rows as i64 {
+    if in_place && !InPlaceKv::queries_end_the_keys(bound) {
         return refuse(format!(
             "queries at {} .. {} of {} keys in a kernel that reads K/V in place (it puts each \
              sequence's queries on its last keys: give the lengths of the sequences)",
@@ -512,26 +517,40 @@ pub fn launch_args(
     // K and V as the kernel reads them: quantized bytes and their scales, or
     // values rounded to the dtype. The V-tile flags of the mma kernels are
     // those of the values in the dtype (dequantized for a quantized cache);
-    // the f32 kernel predicates every product on p != 0 and reads none.
-    let (kf, vf) = (inputs.k.to_f32(), inputs.v.to_f32());
-    let v_dtype = pack(&vf.view(), l.d_pad, l.dtype);
-    let v_flags = match (&in_place_kv, l.dtype.uses_mma()) {
-        (_, false) => Vec::new(),
-        (Some(ip), true) => ip.nonfinite_tiles(&v_dtype, s.hkv, s.kv, l.d_pad, l.dtype, l.bkv),
-        (None, true) => {
-            let (kv_b, hkv, kv, _) = vf.dim();
-            nonfinite_tiles(&v_dtype, kv_b * hkv, kv, l.d_pad, l.dtype, l.bkv)
-        }
-    };
-    let (k, v, scales) = match (
+    // the f32 kernel predicates every product on p != 0 and reads none. No
+    // f32 copy of a quantized cache is made unless the flags need one.
+    let rounded = |a: &crate::tensor::KvData<'_>| pack(&a.to_f32().view(), l.d_pad, l.dtype);
+    let quantized = match (
         pack_quantized(&inputs.k, l.d_pad),
         pack_quantized(&inputs.v, l.d_pad),
     ) {
-        (Some((kb, ks)), Some((vb, vs))) => (kb, vb, Some((ks, vs))),
-        _ => (pack(&kf.view(), l.d_pad, l.dtype), v_dtype, None),
+        (Some(k), Some(v)) => Some((k, v)),
+        _ => None,
+    };
+    let mma = l.dtype.uses_mma();
+    let v_dtype = (quantized.is_none() || mma).then(|| rounded(&inputs.v));
+    let v_flags = match (&v_dtype, &in_place_kv) {
+        (Some(v), Some(ip)) if mma => ip.nonfinite_tiles(v, s.hkv, s.kv, l.d_pad, l.dtype, l.bkv),
+        (Some(v), None) if mma => {
+            let sh = inputs.v.shape();
+            nonfinite_tiles(v, sh[0] * sh[1], sh[2], l.d_pad, l.dtype, l.bkv)
+        }
+        _ => Vec::new(),
+    };
+    let (k, v, scales) = match quantized {
+        Some(((kb, ks), (vb, vs))) => (kb, vb, Some((ks, vs))),
+        None => (
+            rounded(&inputs.k),
+            v_dtype.expect("rounded where not quantized"),
+            None,
+        ),
     };
     let rows = s.b * s.h * s.q;
     let mut args: Vec<(String, Arg)> = Vec::new();
+    let mut push = |names: &[&str], values: Vec<Arg>| {
+        debug_assert_eq!(names.len(), values.len());
+        args.extend(names.iter().map(|n| n.to_string()).zip(values));
+    };
     let arrays = [
         Arg::Array(pack(&inputs.q, l.d_pad, l.dtype)),
         Arg::Array(k),
@@ -548,7 +567,7 @@ pub fn launch_args(
         .into_iter()
         .chain(scalars.u32s.map(Arg::U32))
         .chain([Arg::S64(scalars.q_offset)]);
-    args.extend(super::PARAMS.iter().map(|n| n.to_string()).zip(values));
+    push(&super::PARAMS, values.collect());
     if let Some(ip) = in_place_kv {
         let values = [
             Arg::Array(u32s(&ip.lens)),
@@ -559,21 +578,10 @@ pub fn launch_args(
             Arg::U32(ip.row_stride),
             Arg::U32(ip.head_stride),
         ];
-        args.extend(
-            super::IN_PLACE_PARAMS
-                .iter()
-                .map(|n| n.to_string())
-                .zip(values),
-        );
+        push(&super::IN_PLACE_PARAMS, values.into());
     }
     if let Some((ks, vs)) = scales {
-        let values = [Arg::Array(ks), Arg::Array(vs)];
-        args.extend(
-            super::QUANT_PARAMS
-                .iter()
-                .map(|n| n.to_string())
-                .zip(values),
-        );
+        push(&super::QUANT_PARAMS, vec![Arg::Array(ks), Arg::Array(vs)]);
     }
     for (i, b) in bound.buffers.iter().enumerate() {
         args.push((format!("buf{i}"), Arg::Array(buffer_bytes(b))));

@@ -672,14 +672,13 @@ unsafe fn pv_block<
 ) {
     let zero = S::splat(0.0);
     let m = S::first_lanes(last);
-    // A constant, so the key loop tests nothing for the last vector.
-    let whole = WHOLE;
-    debug_assert_eq!(whole, last == S::LANES);
+    // `WHOLE` is a constant, so the key loop tests nothing for the last vector.
+    debug_assert_eq!(WHOLE, last == S::LANES);
     let mut a = [[zero; NV]; NR];
     for (g, row) in a.iter_mut().enumerate() {
         for (v, x) in row.iter_mut().enumerate() {
             let ptr = acc.add(g * acc_stride + v * S::LANES);
-            *x = if v + 1 < NV || whole {
+            *x = if v + 1 < NV || WHOLE {
                 S::load(ptr)
             } else {
                 S::load_masked(ptr, m, zero)
@@ -696,7 +695,7 @@ unsafe fn pv_block<
         }
         let mut x = [zero; NV];
         for (v, x) in x.iter_mut().enumerate() {
-            *x = if v + 1 < NV || whole {
+            *x = if v + 1 < NV || WHOLE {
                 E::load::<S>(vrow.add(v * S::LANES))
             } else {
                 E::load_first::<S>(vrow.add(v * S::LANES), last)
@@ -714,7 +713,7 @@ unsafe fn pv_block<
     for (g, row) in a.iter().enumerate() {
         for (v, x) in row.iter().enumerate() {
             let ptr = acc.add(g * acc_stride + v * S::LANES);
-            if v + 1 < NV || whole {
+            if v + 1 < NV || WHOLE {
                 S::store(ptr, *x);
             } else {
                 S::store_masked(ptr, m, *x);
@@ -809,7 +808,7 @@ unsafe fn pv<S: Simd, E: Elem>(
                                         &staged, pr, p_stride, vr.add(t0), rs, kn, ar, acc_stride, last, pf,
                                     ),
                                 )*
-                                _ => unreachable!("1, 2 or 4 rows of 1 to {PV_VECS} vectors"),
+                                _ => unreachable!("1, 2 or 4 rows of 1 to {PV_VECS} whole vectors, or a masked one alone"),
                             }
                         };
                     }
@@ -1070,10 +1069,10 @@ mod tests {
             for elem in ElemType::ALL {
                 // (page size, d, mixed): whole pages and short ones, a head dim
                 // with a tail. Not mixed: every row live on keys ..40, the
-                // sequence 40 long. Mixed: rows 1
-                // and 4 live on ..40 and the others on ..36, the sequence 36
-                // long: rows 1 and 4 then read stale keys (NaN), and the other
-                // rows, in the same blocks, must skip them.
+                // sequence 40 long. Mixed: rows 1 and 4 live on ..40 and the
+                // others on ..36, the sequence 36 long: rows 1 and 4 then read
+                // stale keys (NaN), and the other rows, in the same blocks,
+                // must skip them.
                 for (ps, d, mixed) in [
                     (64, 131, false),
                     (16, 128, false),
