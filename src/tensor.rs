@@ -148,7 +148,7 @@ pub fn max_magnitude_bits<T: MagnitudeBits>(row: ndarray::ArrayView1<'_, T>) -> 
 }
 
 /// Why [`KvArray::append`] wrote nothing.
-#[derive(Clone, Debug, PartialEq, thiserror::Error, miette::Diagnostic)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, miette::Diagnostic)]
 pub enum AppendError {
     #[error("a step is [B, HKV, D] = {expected:?} with a page table of B rows; found a step {step:?} and a table {table:?}")]
     #[diagnostic(
@@ -623,22 +623,7 @@ impl KvArray {
                 table: page_table.shape().to_vec(),
             });
         }
-        let mut at = Vec::with_capacity(b);
-        for (seq, &len) in kv_lens.iter().enumerate() {
-            let key = usize::try_from(len).map_err(|_| AppendError::NegativeLen { b: seq, len })?;
-            let slot = key / ps.max(1);
-            let page = page_table
-                .get([seq, slot])
-                .copied()
-                .filter(|&p| p >= 0 && (p as usize) < pages)
-                .ok_or(AppendError::NoPage {
-                    b: seq,
-                    key,
-                    slot,
-                    pages,
-                })?;
-            at.push((page as usize, key % ps.max(1)));
-        }
+        let at = append_slots(pages, ps, page_table, kv_lens)?;
         for (seq, (page, slot)) in at.into_iter().enumerate() {
             for kh in 0..hkv {
                 let row: Vec<f32> = step.slice(ndarray::s![seq, kh, ..]).to_vec();
@@ -647,6 +632,40 @@ impl KvArray {
         }
         Ok(())
     }
+}
+
+/// Where one decoding step appends in a pool of `pages` pages of `ps`
+/// slots: `(page, slot)` of key `kv_lens[b]` of each sequence `b`, through
+/// its row of `page_table` ([`KvArray::append`], and the device copy of a
+/// pool that mirrors it).
+///
+/// # Errors
+///
+/// A negative length, or a key whose page the table does not list inside
+/// the pool.
+pub fn append_slots(
+    pages: usize,
+    ps: usize,
+    page_table: ndarray::ArrayView2<'_, i32>,
+    kv_lens: ndarray::ArrayView1<'_, i32>,
+) -> Result<Vec<(usize, usize)>, AppendError> {
+    let mut at = Vec::with_capacity(kv_lens.len());
+    for (seq, &len) in kv_lens.iter().enumerate() {
+        let key = usize::try_from(len).map_err(|_| AppendError::NegativeLen { b: seq, len })?;
+        let slot = key / ps.max(1);
+        let page = page_table
+            .get([seq, slot])
+            .copied()
+            .filter(|&p| p >= 0 && (p as usize) < pages)
+            .ok_or(AppendError::NoPage {
+                b: seq,
+                key,
+                slot,
+                pages,
+            })?;
+        at.push((page as usize, key % ps.max(1)));
+    }
+    Ok(at)
 }
 
 /// Quantizes one row into `out` (int8 as its two's-complement byte, fp8 as

@@ -6,6 +6,8 @@
 //! `scripts/gpu-check.sh`. Tolerance: `|got - want| <= tol * (1 + |want|)`
 //! with tol = 1e-4 for f32 inputs and 1e-2 for f16/bf16.
 #![cfg(feature = "cuda")]
+// The errors are the runtime's, by value.
+#![allow(clippy::result_large_err)]
 
 #[path = "suite/support/common.rs"]
 mod common;
@@ -519,4 +521,98 @@ fn paged_ragged_and_quantized_caches_match_the_reference() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A paged pool kept on the GPU between calls (`CudaRuntime::upload_pool`):
+/// uploaded once, then four decoding steps appended on the host
+/// (`KvArray::append`) and to the device by their new rows alone
+/// (`CudaRuntime::append_pool`), each followed by a call on the resident
+/// pool (`prepare_pooled`), against the reference on the host's pool and the
+/// call that uploads everything. f32, int8 and fp8 pools in every dtype;
+/// stale slots NaN; one sequence crosses into a new page.
+#[test]
+fn a_resident_pool_appended_step_by_step_matches_the_reference() {
+    use attnc::{ElemType, KvArray};
+    let rt = runtime();
+    let mut failures = Vec::new();
+    let (h, hkv, d, ps) = (4, 2, 64, 16);
+    let path = common::root().join("examples/sliding_window.attn");
+    let program = attnc::load(SourceFile::read(&path).unwrap(), &SpecOptions::default()).unwrap();
+    let spec = &program.spec;
+    for elem in [ElemType::F32, ElemType::Int8, ElemType::Fp8] {
+        for dtype in Dtype::ALL {
+            let mut lens = vec![5usize, 47, 190];
+            let b = lens.len();
+            let mut rng = Rng::new(11);
+            let k = rng.array4((b, hkv, 190, d));
+            let v = rng.array4((b, hkv, 190, d));
+            let (kp, vp, mut table) = common::paged_pool(&k, &v, &lens, ps, &mut rng);
+            let used: Vec<i32> = table.iter().copied().filter(|&p| p >= 0).collect();
+            table[[1, 3]] = (0..kp.dim().0 as i32).find(|p| !used.contains(p)).unwrap();
+            let (mut kq, mut vq) = (KvArray::from_f32(kp, elem), KvArray::from_f32(vp, elem));
+            let lens0 = ndarray::Array1::from_iter(lens.iter().map(|&n| n as i32));
+            let q0 = rng.array4((b, h, 1, d));
+            let first = Inputs::paged(q0.view(), kq.view(), vq.view(), table.view(), lens0.view());
+            let bound = attnc::bind::bind(spec, &first).unwrap();
+            let kernel = rt.compile_for(spec, &bound, dtype).unwrap();
+            let mut pool = rt.upload_pool(&kernel, &first).unwrap();
+            for step in 0..4 {
+                let what = format!("{elem:4} {dtype:4} step {step}");
+                let before = ndarray::Array1::from_iter(lens.iter().map(|&n| n as i32));
+                for a in [&mut kq, &mut vq] {
+                    let row = rng.array4((b, hkv, 1, d));
+                    let row = row.index_axis(ndarray::Axis(2), 0);
+                    a.append(table.view(), before.view(), row).unwrap();
+                }
+                let q = rng.array4((b, h, 1, d));
+                let host =
+                    Inputs::paged(q.view(), kq.view(), vq.view(), table.view(), before.view());
+                let bytes = rt.append_pool(&mut pool, &host, before.view()).unwrap();
+                eprintln!("{what}: appended {bytes} bytes");
+                for n in lens.iter_mut() {
+                    *n += 1;
+                }
+                let now = ndarray::Array1::from_iter(lens.iter().map(|&n| n as i32));
+                let inputs =
+                    Inputs::paged(q.view(), kq.view(), vq.view(), table.view(), now.view())
+                        .with_lse();
+                let want = program.run_reference(&inputs).unwrap();
+                let got = run_pooled(&rt, &kernel, spec, &inputs, &pool);
+                match got {
+                    Ok(got) => {
+                        let (err, same_inf) = compare(&got, &want);
+                        eprintln!("{what}: max rel err {err:.2e}");
+                        if err > tolerance(dtype) || !same_inf {
+                            failures.push(format!(
+                                "{what}: error {err:.3e}, lse -inf rows agree: {same_inf}"
+                            ));
+                        }
+                        match rt.run(spec, &inputs, dtype) {
+                            Ok(uploaded) if uploaded.out == got.out => {}
+                            Ok(_) => {
+                                failures.push(format!("{what}: differs from the uploading call"))
+                            }
+                            Err(e) => failures.push(format!("{what}: uploading call failed: {e}")),
+                        }
+                    }
+                    Err(e) => failures.push(format!("{what}: run failed: {e}")),
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// One call on a resident pool: prepared without uploading K/V, launched,
+/// downloaded.
+fn run_pooled(
+    rt: &CudaRuntime,
+    kernel: &attnc::runtime::cuda::CudaKernel,
+    spec: &attnc::sema::Spec,
+    inputs: &Inputs<'_>,
+    pool: &attnc::runtime::cuda::CudaPool,
+) -> Result<Outputs, CudaError> {
+    let mut p = rt.prepare_pooled(kernel, spec, inputs, pool)?;
+    rt.launch(kernel, &mut p)?;
+    rt.finish(kernel, &p)
 }

@@ -32,6 +32,7 @@ use ndarray::{Array3, Array4};
 
 use crate::bind::{bind, BindError, Bound, Inputs, Outputs};
 use crate::mask::{classify, MaskError, Tiling};
+use crate::runtime::device::pool::{PoolLayout, ResidentPool};
 use crate::runtime::device::{host, Arch, PtxError, PtxKernel};
 use crate::sema::eval::EvalError;
 use crate::sema::Spec;
@@ -111,22 +112,43 @@ pub struct CudaKernel {
     function: CudaFunction,
 }
 
-/// One kernel argument on the device: an array, or a scalar passed by value.
-enum DeviceArg {
+/// One kernel argument on the device: an array, an array of a resident
+/// pool, or a scalar passed by value.
+enum DeviceArg<'p> {
     Array(CudaSlice<u8>),
+    Pooled(&'p CudaSlice<u8>),
     U32(u32),
     S64(i64),
 }
 
 /// Everything one launch reads and writes, on the device: the arguments of
-/// [`host::launch_args`], in the kernel's parameter order.
-pub struct Prepared {
+/// [`host::launch_args`], in the kernel's parameter order. `'p`: the
+/// resident pool it reads ([`CudaRuntime::prepare_pooled`]), which cannot
+/// change or go while it lives.
+pub struct Prepared<'p> {
     bound: Bound,
-    args: Vec<(String, DeviceArg)>,
+    args: Vec<(String, DeviceArg<'p>)>,
     want_lse: bool,
 }
 
-impl Prepared {
+/// A paged K/V pool kept on the device between calls
+/// ([`CudaRuntime::upload_pool`]): calls on it ([`CudaRuntime::prepare_pooled`])
+/// upload q, the page table, the lengths and the block maps, never K or V,
+/// and a decoding step uploads only its new rows ([`CudaRuntime::append_pool`]).
+pub struct CudaPool {
+    pool: ResidentPool,
+    /// The device arrays, by the kernel parameter they are passed as.
+    arrays: Vec<(&'static str, CudaSlice<u8>)>,
+}
+
+impl CudaPool {
+    /// What the pool was laid out for.
+    pub fn layout(&self) -> PoolLayout {
+        self.pool.layout()
+    }
+}
+
+impl Prepared<'_> {
     /// The bound problem (shapes, query offset).
     pub fn bound(&self) -> &Bound {
         &self.bound
@@ -241,7 +263,7 @@ impl CudaRuntime {
         k: &CudaKernel,
         spec: &Spec,
         inputs: &Inputs<'_>,
-    ) -> Result<Prepared, CudaError> {
+    ) -> Result<Prepared<'static>, CudaError> {
         self.prepare_bound(k, spec, inputs, bind(spec, inputs)?)
     }
 
@@ -252,7 +274,84 @@ impl CudaRuntime {
         spec: &Spec,
         inputs: &Inputs<'_>,
         bound: Bound,
-    ) -> Result<Prepared, CudaError> {
+    ) -> Result<Prepared<'static>, CudaError> {
+        self.prepare_with(k, spec, inputs, bound, None)
+    }
+
+    /// Uploads the paged pool of `inputs` for kernel `k` (an in-place kernel:
+    /// [`crate::driver::ptx_plan`]), to stay on the device between calls.
+    ///
+    /// # Errors
+    ///
+    /// K/V that are not a paged pool, or a pool of another head dim or
+    /// stored type than `k` reads ([`PtxError::Pool`], [`PtxError::Launch`]).
+    pub fn upload_pool(&self, k: &CudaKernel, inputs: &Inputs<'_>) -> Result<CudaPool, CudaError> {
+        let (pool, whole) = ResidentPool::new(&k.ptx, inputs)?;
+        let arrays = whole
+            .into_iter()
+            .map(|w| Ok((w.array, self.upload(&w.bytes)?)))
+            .collect::<Result<_, CudaError>>()?;
+        Ok(CudaPool { pool, arrays })
+    }
+
+    /// Uploads the rows [`crate::KvArray::append`] just wrote into `inputs`'
+    /// pool (key `kv_lens[b]` of each sequence `b`, `kv_lens` as given to the
+    /// append), and nothing else ([`ResidentPool::append`]); returns the
+    /// bytes uploaded.
+    ///
+    /// # Errors
+    ///
+    /// `inputs` not a pool of `pool`'s layout, or a length whose page the
+    /// table does not list; nothing is uploaded then.
+    pub fn append_pool(
+        &self,
+        pool: &mut CudaPool,
+        inputs: &Inputs<'_>,
+        kv_lens: ndarray::ArrayView1<'_, i32>,
+    ) -> Result<usize, CudaError> {
+        let writes = pool.pool.append(inputs, kv_lens)?;
+        let mut bytes = 0;
+        for w in writes {
+            let array = pool
+                .arrays
+                .iter_mut()
+                .find_map(|(name, a)| (*name == w.array).then_some(a))
+                .expect("the pool holds every array it writes");
+            let mut dst = array.slice_mut(w.offset..w.offset + w.bytes.len());
+            self.stream
+                .memcpy_htod(&w.bytes[..], &mut dst)
+                .map_err(driver("uploading the appended rows"))?;
+            bytes += w.bytes.len();
+        }
+        Ok(bytes)
+    }
+
+    /// [`Self::prepare`] for a call on a resident pool: `inputs`' pool is
+    /// bound (shapes, page table, lengths, the scales of the slots in use)
+    /// but not uploaded; the kernel reads `pool`'s arrays.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Self::prepare`], and a `pool` laid out for another pool or
+    /// kernel ([`PtxError::Pool`]).
+    pub fn prepare_pooled<'p>(
+        &self,
+        k: &CudaKernel,
+        spec: &Spec,
+        inputs: &Inputs<'_>,
+        pool: &'p CudaPool,
+    ) -> Result<Prepared<'p>, CudaError> {
+        self.prepare_with(k, spec, inputs, bind(spec, inputs)?, Some(pool))
+    }
+
+    fn prepare_with<'p>(
+        &self,
+        k: &CudaKernel,
+        spec: &Spec,
+        inputs: &Inputs<'_>,
+        bound: Bound,
+        pool: Option<&'p CudaPool>,
+    ) -> Result<Prepared<'p>, CudaError> {
         let l = &k.ptx.launch;
         if bound.shapes.d != l.d {
             return Err(CudaError::HeadDim {
@@ -262,8 +361,16 @@ impl CudaRuntime {
         }
         let maps = classify(spec, &bound, Tiling::new(l.bq, l.bkv)?)?;
         let mut args = Vec::new();
-        for (name, arg) in host::launch_args(&k.kernel, &k.ptx, inputs, &bound, &maps)? {
+        let resident = pool.map(|p| &p.pool);
+        for (name, arg) in host::launch_args(&k.kernel, &k.ptx, inputs, &bound, &maps, resident)? {
             let arg = match arg {
+                host::Arg::Resident => DeviceArg::Pooled(
+                    pool.and_then(|p| p.arrays.iter().find(|(n, _)| *n == name))
+                        .map(|(_, a)| a)
+                        .expect(
+                            "launch_args passes resident arrays only with the pool that holds them",
+                        ),
+                ),
                 host::Arg::Array(bytes) => DeviceArg::Array(self.upload(&bytes)?),
                 host::Arg::Output(n) => DeviceArg::Array(
                     self.stream
@@ -283,7 +390,7 @@ impl CudaRuntime {
     }
 
     /// Enqueues one launch (asynchronous; [`Self::finish`] waits).
-    pub fn launch(&self, k: &CudaKernel, p: &mut Prepared) -> Result<(), CudaError> {
+    pub fn launch(&self, k: &CudaKernel, p: &mut Prepared<'_>) -> Result<(), CudaError> {
         let l = &k.ptx.launch;
         let s = p.bound.shapes;
         if s.b == 0 || s.h == 0 || s.q == 0 {
@@ -302,6 +409,7 @@ impl CudaRuntime {
         for (_, arg) in &mut p.args {
             match arg {
                 DeviceArg::Array(a) => b.arg(a),
+                DeviceArg::Pooled(a) => b.arg(*a),
                 DeviceArg::U32(x) => b.arg(&*x),
                 DeviceArg::S64(x) => b.arg(&*x),
             };
@@ -317,7 +425,7 @@ impl CudaRuntime {
     }
 
     /// The bytes of the device array `name` of `p`.
-    fn download(&self, p: &Prepared, name: &str) -> Result<Vec<u8>, CudaError> {
+    fn download(&self, p: &Prepared<'_>, name: &str) -> Result<Vec<u8>, CudaError> {
         let array = p.args.iter().find_map(|(n, a)| match a {
             DeviceArg::Array(a) if n == name => Some(a),
             _ => None,
@@ -330,7 +438,7 @@ impl CudaRuntime {
 
     /// Waits for the launch, downloads the outputs and turns a recorded
     /// failure into the interpreter's error.
-    pub fn finish(&self, k: &CudaKernel, p: &Prepared) -> Result<Outputs, CudaError> {
+    pub fn finish(&self, k: &CudaKernel, p: &Prepared<'_>) -> Result<Outputs, CudaError> {
         let l = &k.ptx.launch;
         let s = p.bound.shapes;
         self.stream
@@ -373,7 +481,12 @@ impl CudaRuntime {
 
     /// Milliseconds of `reps` back-to-back launches, timed with events on
     /// the stream (after one warm-up launch).
-    pub fn time(&self, k: &CudaKernel, p: &mut Prepared, reps: usize) -> Result<f64, CudaError> {
+    pub fn time(
+        &self,
+        k: &CudaKernel,
+        p: &mut Prepared<'_>,
+        reps: usize,
+    ) -> Result<f64, CudaError> {
         use cudarc::driver::sys::CUevent_flags;
         self.launch(k, p)?;
         let start = self

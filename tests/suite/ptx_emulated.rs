@@ -971,3 +971,163 @@ fn emulated_ptx_float_specials_keep_the_interpreter_class() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// A paged pool kept on the device between calls (`ResidentPool`, as
+/// `runtime::cuda::CudaPool` holds it): uploaded once, then three decoding
+/// steps, each appended on the host (`KvArray::append`) and to the device by
+/// the pool's writes alone (one sequence crossing into a new page). After
+/// every step the device arrays equal a fresh upload of the whole pool, the
+/// writes hold exactly the new rows, the V-tile flags kept per row equal
+/// those read from V, and the emulated call on the resident arrays matches
+/// the tile interpreter and the call that uploads everything, bit for bit.
+/// Stale slots hold NaN (NaN scales for int8), and a key outside the window
+/// holds 1e6 in V (inf in f16: the mma kernel must take its exact path there).
+#[test]
+fn emulated_ptx_reads_a_resident_pool_appended_step_by_step() {
+    use attnc::runtime::device::host::Arg;
+    use attnc::runtime::device::pool::ResidentPool;
+    use attnc::{ElemType, KvArray};
+    let spec = load("examples/sliding_window.attn", &[("window", "40")]);
+    let (h, hkv, d, ps) = (4, 2, 32, 16);
+    let mut failures = Vec::new();
+    for dtype in [Dtype::F32, Dtype::F16] {
+        for elem in [ElemType::F32, ElemType::Int8] {
+            let mut lens = vec![5usize, 47, 90];
+            let b = lens.len();
+            let mut rng = Rng::new(7 + d as u64);
+            let k = rng.array4((b, hkv, 90, d));
+            let mut v = rng.array4((b, hkv, 90, d));
+            v[[2, 0, 10, 3]] = 1e6;
+            let (kp, vp, mut table) = common::paged_pool(&k, &v, &lens, ps, &mut rng);
+            // Sequence 1 reaches key 48, the first of its fourth page: give
+            // it a page no sequence uses.
+            let used: Vec<i32> = table.iter().copied().filter(|&p| p >= 0).collect();
+            let free = (0..kp.dim().0 as i32).find(|p| !used.contains(p)).unwrap();
+            table[[1, 3]] = free;
+            let (mut kq, mut vq) = (KvArray::from_f32(kp, elem), KvArray::from_f32(vp, elem));
+            // NaN scales at every stale int8 slot (the slots past each length).
+            let stale_scales = |a: &mut KvArray, lens: &[usize], table: &ndarray::Array2<i32>| {
+                if let KvArray::Int8 { scales, .. } = a {
+                    for ((p, slot, _), x) in scales.indexed_iter_mut() {
+                        let live = lens.iter().enumerate().any(|(bi, &n)| {
+                            (0..n).any(|j| table[[bi, j / ps]] == p as i32 && j % ps == slot)
+                        });
+                        if !live {
+                            *x = f32::NAN;
+                        }
+                    }
+                }
+            };
+            stale_scales(&mut kq, &lens, &table);
+            stale_scales(&mut vq, &lens, &table);
+            let schedule = Schedule {
+                kv: tile::nest::KvSource::InPlace,
+                ..ptx::schedule(d, dtype)
+            };
+            let (kernel, code) = ptx_run::compile(&spec, &schedule, dtype, elem);
+            let q0 = rng.array4((b, h, 1, d));
+            let lens0 = ndarray::Array1::from_iter(lens.iter().map(|&n| n as i32));
+            let inputs0 =
+                Inputs::paged(q0.view(), kq.view(), vq.view(), table.view(), lens0.view());
+            let (mut pool, whole) = ResidentPool::new(&code, &inputs0).unwrap();
+            let mut device = ptx_run::PoolBytes::default();
+            device.apply(whole);
+            let row_bytes = if elem == ElemType::Int8 {
+                d
+            } else {
+                d * dtype.size()
+            };
+            for step in 0..3 {
+                let at = format!("{dtype} {elem} step {step}");
+                let lens_before = ndarray::Array1::from_iter(lens.iter().map(|&n| n as i32));
+                let (sk, sv) = (rng.array4((b, hkv, 1, d)), rng.array4((b, hkv, 1, d)));
+                let step_of =
+                    |a: &ndarray::Array4<f32>| a.index_axis(ndarray::Axis(2), 0).to_owned();
+                kq.append(table.view(), lens_before.view(), step_of(&sk).view())
+                    .unwrap();
+                vq.append(table.view(), lens_before.view(), step_of(&sv).view())
+                    .unwrap();
+                let q = rng.array4((b, h, 1, d));
+                let host = Inputs::paged(
+                    q.view(),
+                    kq.view(),
+                    vq.view(),
+                    table.view(),
+                    lens_before.view(),
+                );
+                let writes = pool.append(&host, lens_before.view()).unwrap();
+                let written: usize = writes.iter().map(|w| w.bytes.len()).sum();
+                let scales = if elem == ElemType::Int8 {
+                    2 * b * hkv * 4
+                } else {
+                    0
+                };
+                if written != 2 * b * hkv * row_bytes + scales {
+                    failures.push(format!("{at}: {written} bytes written for {b} new rows"));
+                }
+                device.apply(writes);
+                for n in lens.iter_mut() {
+                    *n += 1;
+                }
+                let lens_now = ndarray::Array1::from_iter(lens.iter().map(|&n| n as i32));
+                let inputs = Inputs::paged(
+                    q.view(),
+                    kq.view(),
+                    vq.view(),
+                    table.view(),
+                    lens_now.view(),
+                )
+                .with_lse();
+                // The device arrays are those of a fresh upload of the pool.
+                let (_, fresh) = ResidentPool::new(&code, &inputs).unwrap();
+                for w in fresh {
+                    if device.0[w.array] != w.bytes {
+                        failures.push(format!("{at}: device `{}` differs from an upload", w.array));
+                    }
+                }
+                // The flags kept per row are those read from V.
+                let bound = attnc::bind::bind(&spec, &inputs).unwrap();
+                let l = &code.launch;
+                let maps = classify(
+                    &spec,
+                    &bound,
+                    attnc::mask::Tiling::new(l.bq, l.bkv).unwrap(),
+                )
+                .unwrap();
+                let flags = |pool| {
+                    attnc::runtime::device::host::launch_args(
+                        &kernel, &code, &inputs, &bound, &maps, pool,
+                    )
+                    .unwrap()
+                    .into_iter()
+                    .find(|(n, _)| n == "v_flags")
+                    .unwrap()
+                    .1
+                };
+                let (kept, read) = (flags(Some(&pool)), flags(None));
+                if kept != read {
+                    failures.push(format!("{at}: V-tile flags {kept:?}, from V {read:?}"));
+                }
+                if dtype == Dtype::F16 && !matches!(&read, Arg::Array(f) if f.contains(&1)) {
+                    failures.push(format!("{at}: no V tile flagged (1e6 is inf in f16)"));
+                }
+                let want = interp(&spec, &schedule, &inputs).unwrap();
+                let got = ptx_run::emulate_pooled(&kernel, &code, &spec, &inputs, (&pool, &device))
+                    .unwrap();
+                let uploaded = emulate(&spec, &schedule, dtype, &inputs).unwrap();
+                let err = max_err(&got, &want);
+                let tol = if dtype == Dtype::F32 { 1e-4 } else { 1e-2 };
+                eprintln!("resident pool {at}: {err:.2e}");
+                if !(err <= tol) {
+                    failures.push(format!("{at}: error {err:.3e}"));
+                }
+                if got != uploaded {
+                    failures.push(format!(
+                        "{at}: the resident call and the uploading one differ"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

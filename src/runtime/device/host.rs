@@ -80,23 +80,90 @@ pub fn pack_quantized(a: &crate::tensor::KvData<'_>, d_pad: usize) -> Option<(Ve
 /// A tensor packed for the device: `[n0, n1, n2, d_pad]` in the dtype,
 /// pad columns zero, as raw little-endian bytes.
 pub fn pack(a: &ArrayView4<'_, f32>, d_pad: usize, dtype: Dtype) -> Vec<u8> {
-    let (n0, n1, n2, d) = a.dim();
+    let (n0, n1, n2, _) = a.dim();
     let mut out = Vec::with_capacity(n0 * n1 * n2 * d_pad * dtype.size());
     for i in 0..n0 {
         for j in 0..n1 {
             for r in 0..n2 {
-                for c in 0..d_pad {
-                    let x = if c < d { a[[i, j, r, c]] } else { 0.0 };
-                    match dtype {
-                        Dtype::F16 => out.extend_from_slice(&f16_bits(x).to_le_bytes()),
-                        Dtype::Bf16 => out.extend_from_slice(&bf16_bits(x).to_le_bytes()),
-                        Dtype::F32 => out.extend_from_slice(&x.to_le_bytes()),
-                    }
-                }
+                pack_row(
+                    a.slice(ndarray::s![i, j, r, ..]).iter().copied(),
+                    d_pad,
+                    dtype,
+                    &mut out,
+                );
             }
         }
     }
     out
+}
+
+/// Appends one row of [`pack`]'s output: the values in the dtype, then zero
+/// up to `d_pad` elements.
+pub(super) fn pack_row(
+    row: impl Iterator<Item = f32>,
+    d_pad: usize,
+    dtype: Dtype,
+    out: &mut Vec<u8>,
+) {
+    let mut n = 0;
+    for x in row.chain(std::iter::repeat(0.0)).take(d_pad) {
+        match dtype {
+            Dtype::F16 => out.extend_from_slice(&f16_bits(x).to_le_bytes()),
+            Dtype::Bf16 => out.extend_from_slice(&bf16_bits(x).to_le_bytes()),
+            Dtype::F32 => out.extend_from_slice(&x.to_le_bytes()),
+        }
+        n += 1;
+    }
+    debug_assert_eq!(n, d_pad);
+}
+
+/// K and V as a kernel reads them: quantized bytes and their scales, or
+/// values rounded to the dtype.
+pub(super) struct KvBytes {
+    pub k: Vec<u8>,
+    pub v: Vec<u8>,
+    /// `k_scales_ptr`, `v_scales_ptr` of a quantized cache.
+    pub scales: Option<(Vec<u8>, Vec<u8>)>,
+    /// V dequantized and rounded to the dtype, for the V-tile flags of an
+    /// mma kernel on a quantized cache.
+    dequantized_v: Option<Vec<u8>>,
+}
+
+impl KvBytes {
+    /// `k` and `v` for a launch of `l`. No f32 copy of a quantized cache is
+    /// made unless the V-tile flags need one (mma kernels).
+    pub(super) fn of(
+        k: &crate::tensor::KvData<'_>,
+        v: &crate::tensor::KvData<'_>,
+        l: &Launch,
+    ) -> KvBytes {
+        let rounded = |a: &crate::tensor::KvData<'_>| pack(&a.to_f32().view(), l.d_pad, l.dtype);
+        match (pack_quantized(k, l.d_pad), pack_quantized(v, l.d_pad)) {
+            (Some((kb, ks)), Some((vb, vs))) => KvBytes {
+                k: kb,
+                v: vb,
+                scales: Some((ks, vs)),
+                dequantized_v: l.dtype.uses_mma().then(|| rounded(v)),
+            },
+            _ => KvBytes {
+                k: rounded(k),
+                v: rounded(v),
+                scales: None,
+                dequantized_v: None,
+            },
+        }
+    }
+
+    /// V in the dtype, packed, where the V-tile flags are taken from it
+    /// (mma kernels; the f32 kernel predicates every product on p != 0 and
+    /// reads no flags).
+    pub(super) fn v_for_flags(&self, l: &Launch) -> Option<&[u8]> {
+        match (&self.scales, l.dtype.uses_mma()) {
+            (_, false) => None,
+            (None, true) => Some(&self.v),
+            (Some(_), true) => self.dequantized_v.as_deref(),
+        }
+    }
 }
 
 /// The V-tile flags of the mma kernels: for packed V (`pack`'s output for
@@ -231,29 +298,25 @@ impl InPlaceKv {
     /// gives them for packed V: one byte per (sequence, KV head) `b * hkv +
     /// kh` and key tile `kt` of `tile` keys, at `(b * hkv + kh) * ceil(kv /
     /// tile) + kt`, 1 where a key of the tile below the sequence's length
-    /// holds a non-finite value in the dtype (`kv`: the longest sequence).
-    #[allow(clippy::too_many_arguments)]
+    /// has a V row (by its index, [`InPlaceKv::row`]) for which `nonfinite`
+    /// holds (`kv`: the longest sequence).
     pub fn nonfinite_tiles(
         &self,
-        packed: &[u8],
         hkv: usize,
         kv: usize,
-        d_pad: usize,
-        dtype: Dtype,
         tile: usize,
+        nonfinite: impl Fn(usize) -> bool,
     ) -> Vec<u8> {
         assert!(tile > 0, "tiles hold at least one key");
-        let row = d_pad * dtype.size();
         let tiles = kv.div_ceil(tile);
         let mut flags = Vec::with_capacity(self.lens.len() * hkv * tiles);
         for (b, &len) in self.lens.iter().enumerate() {
             for kh in 0..hkv {
                 for kt in 0..tiles {
                     let keys = kt * tile..(len as usize).min((kt + 1) * tile);
-                    flags.push(u8::from(keys.into_iter().any(|j| {
-                        let at = self.row(b, kh, j) * row;
-                        nonfinite(&packed[at..at + row], dtype)
-                    })));
+                    flags.push(u8::from(
+                        keys.into_iter().any(|j| nonfinite(self.row(b, kh, j))),
+                    ));
                 }
             }
         }
@@ -263,7 +326,7 @@ impl InPlaceKv {
 
 /// Whether `bytes` hold a non-finite value of `dtype`: exactly when the
 /// exponent bits of one are all ones.
-fn nonfinite(bytes: &[u8], dtype: Dtype) -> bool {
+pub(super) fn nonfinite(bytes: &[u8], dtype: Dtype) -> bool {
     match dtype {
         Dtype::F16 => bytes
             .chunks_exact(2)
@@ -425,6 +488,38 @@ pub fn decode_error(words: &[u64], kernel: &Kernel, bound: &Bound) -> Option<Eva
     Some(crate::runtime::abi::decode(&raw, kernel, &shapes))
 }
 
+/// Refuses K/V stored in another type than `l`'s kernel dequantizes or
+/// rounds to (bf16 data in an f16 kernel, int8 in an f32 one, and so on).
+pub(super) fn check_kv_type(
+    kv_elem: crate::tensor::ElemType,
+    l: &Launch,
+) -> Result<(), super::PtxError> {
+    use crate::tensor::ElemType;
+    let refuse = |what: String| Err(super::PtxError::Launch { what });
+    match (kv_elem, l.kv_quant, l.dtype) {
+        (e, Some(q), _) if e == q => {}
+        (e, None, dtype) if !e.is_quantized() => {
+            let other = match (e, dtype) {
+                (ElemType::Bf16, Dtype::F16) => Some("f16"),
+                (ElemType::F16, Dtype::Bf16) => Some("bf16"),
+                _ => None,
+            };
+            if let Some(other) = other {
+                return refuse(format!(
+                    "{e} K/V in a kernel compiled for {other} (it would round them again)"
+                ));
+            }
+        }
+        (e, q, _) => {
+            return refuse(format!(
+                "{e} K/V in a kernel compiled for {} K/V",
+                q.map_or_else(|| l.dtype.to_string(), |q| q.to_string())
+            ))
+        }
+    }
+    Ok(())
+}
+
 /// One argument of a launch, as the host prepares it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Arg {
@@ -437,6 +532,10 @@ pub enum Arg {
     U32(u32),
     /// A `.s64` scalar.
     S64(i64),
+    /// The device array of a resident pool passed as this parameter (`k`,
+    /// `v`, `k_scales_ptr`, `v_scales_ptr`: [`super::pool::ResidentPool`]),
+    /// already on the device: nothing is uploaded.
+    Resident,
 }
 
 /// The arguments of one launch of `ptx` on `inputs`, in the kernel's
@@ -453,15 +552,22 @@ pub enum Arg {
 /// kernel, queries that do not end on each sequence's last key (dense K/V
 /// without lengths and with another query offset); K/V stored in another
 /// type than the kernel dequantizes or rounds to; sizes past the kernel's
-/// 32-bit indexing.
+/// 32-bit indexing; a resident `pool` laid out for another pool or kernel
+/// than `inputs`' pool and `ptx`.
+///
+/// With `pool`, the pool of `inputs` is on the device already
+/// ([`super::pool::ResidentPool`]): K, V and their scales are passed as
+/// [`Arg::Resident`] and the V-tile flags come from the pool's per-row
+/// flags; `inputs`' pool is read only for its shape (binding reads its
+/// scales, and the page table and lengths are passed as for any call).
 pub fn launch_args(
     kernel: &Kernel,
     ptx: &super::PtxKernel,
     inputs: &crate::Inputs<'_>,
     bound: &Bound,
     maps: &BlockMaps,
+    pool: Option<&super::pool::ResidentPool>,
 ) -> Result<Vec<(String, Arg)>, super::PtxError> {
-    use crate::tensor::ElemType;
     use crate::tile::nest::KvSource;
     let l = &ptx.launch;
     let s = bound.shapes;
@@ -484,28 +590,7 @@ pub fn launch_args(
             bound.kv_rows
         ));
     }
-    let kv_elem = bound.kv_elem;
-    match (kv_elem, l.kv_quant, l.dtype) {
-        (e, Some(q), _) if e == q => {}
-        (e, None, dtype) if !e.is_quantized() => {
-            let other = match (e, dtype) {
-                (ElemType::Bf16, Dtype::F16) => Some("f16"),
-                (ElemType::F16, Dtype::Bf16) => Some("bf16"),
-                _ => None,
-            };
-            if let Some(other) = other {
-                return refuse(format!(
-                    "{e} K/V in a kernel compiled for {other} (it would round them again)"
-                ));
-            }
-        }
-        (e, q, _) => {
-            return refuse(format!(
-                "{e} K/V in a kernel compiled for {} K/V",
-                q.map_or_else(|| l.dtype.to_string(), |q| q.to_string())
-            ))
-        }
-    }
+    check_kv_type(bound.kv_elem, l)?;
     let dm = device_maps(maps, s.h);
     let scalars = scalars(bound, &dm)?;
     let in_place_kv = if in_place {
@@ -514,36 +599,40 @@ pub fn launch_args(
         None
     };
     let u32s = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    // K and V as the kernel reads them: quantized bytes and their scales, or
-    // values rounded to the dtype. The V-tile flags of the mma kernels are
-    // those of the values in the dtype (dequantized for a quantized cache);
-    // the f32 kernel predicates every product on p != 0 and reads none. No
-    // f32 copy of a quantized cache is made unless the flags need one.
-    let rounded = |a: &crate::tensor::KvData<'_>| pack(&a.to_f32().view(), l.d_pad, l.dtype);
-    let quantized = match (
-        pack_quantized(&inputs.k, l.d_pad),
-        pack_quantized(&inputs.v, l.d_pad),
-    ) {
-        (Some(k), Some(v)) => Some((k, v)),
-        _ => None,
-    };
-    let mma = l.dtype.uses_mma();
-    let v_dtype = (quantized.is_none() || mma).then(|| rounded(&inputs.v));
-    let v_flags = match (&v_dtype, &in_place_kv) {
-        (Some(v), Some(ip)) if mma => ip.nonfinite_tiles(v, s.hkv, s.kv, l.d_pad, l.dtype, l.bkv),
-        (Some(v), None) if mma => {
-            let sh = inputs.v.shape();
-            nonfinite_tiles(v, sh[0] * sh[1], sh[2], l.d_pad, l.dtype, l.bkv)
+    // K and V as the kernel reads them, and the V-tile flags of the mma
+    // kernels: those of the values in the dtype (dequantized for a quantized
+    // cache), from the rows' bytes, or, for a resident pool, from the flags
+    // it keeps per row.
+    let (k, v, scales, v_flags) = match pool {
+        Some(pool) => {
+            pool.check(ptx, inputs, bound)?;
+            let ip = in_place_kv
+                .as_ref()
+                .expect("a resident pool is read in place");
+            let flags = pool.v_flags(ip, s.hkv, s.kv, l.bkv);
+            let scales = pool
+                .layout()
+                .elem
+                .is_quantized()
+                .then_some((Arg::Resident, Arg::Resident));
+            (Arg::Resident, Arg::Resident, scales, flags)
         }
-        _ => Vec::new(),
-    };
-    let (k, v, scales) = match quantized {
-        Some(((kb, ks), (vb, vs))) => (kb, vb, Some((ks, vs))),
-        None => (
-            rounded(&inputs.k),
-            v_dtype.expect("rounded where not quantized"),
-            None,
-        ),
+        None => {
+            let kv = KvBytes::of(&inputs.k, &inputs.v, l);
+            let row = l.d_pad * l.dtype.size();
+            let flags = match (kv.v_for_flags(l), &in_place_kv) {
+                (Some(v), Some(ip)) => ip.nonfinite_tiles(s.hkv, s.kv, l.bkv, |r| {
+                    nonfinite(&v[r * row..(r + 1) * row], l.dtype)
+                }),
+                (Some(v), None) => {
+                    let sh = inputs.v.shape();
+                    nonfinite_tiles(v, sh[0] * sh[1], sh[2], l.d_pad, l.dtype, l.bkv)
+                }
+                (None, _) => Vec::new(),
+            };
+            let scales = kv.scales.map(|(ks, vs)| (Arg::Array(ks), Arg::Array(vs)));
+            (Arg::Array(kv.k), Arg::Array(kv.v), scales, flags)
+        }
     };
     let rows = s.b * s.h * s.q;
     let mut args: Vec<(String, Arg)> = Vec::new();
@@ -553,8 +642,8 @@ pub fn launch_args(
     };
     let arrays = [
         Arg::Array(pack(&inputs.q, l.d_pad, l.dtype)),
-        Arg::Array(k),
-        Arg::Array(v),
+        k,
+        v,
         Arg::Output(rows * l.d_pad * 4),
         Arg::Output(rows * 4),
         Arg::Output(ErrorRecord::WORDS * 8),
@@ -581,7 +670,7 @@ pub fn launch_args(
         push(&super::IN_PLACE_PARAMS, values.into());
     }
     if let Some((ks, vs)) = scales {
-        push(&super::QUANT_PARAMS, vec![Arg::Array(ks), Arg::Array(vs)]);
+        push(&super::QUANT_PARAMS, vec![ks, vs]);
     }
     for (i, b) in bound.buffers.iter().enumerate() {
         args.push((format!("buf{i}"), Arg::Array(buffer_bytes(b))));
@@ -732,7 +821,7 @@ mod tests {
             let bound = crate::bind::bind(spec, inputs).unwrap();
             let l = &k.1.launch;
             let maps = classify(spec, &bound, Tiling::new(l.bq, l.bkv).unwrap()).unwrap();
-            launch_args(&k.0, &k.1, inputs, &bound, &maps)
+            launch_args(&k.0, &k.1, inputs, &bound, &maps, None)
         };
         let names = |a: &[(String, Arg)]| a.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
         let refused = |r: Result<Vec<(String, Arg)>, super::super::PtxError>, what: &str| match r {

@@ -7,6 +7,7 @@
 //! GPU.
 
 pub mod host;
+pub mod pool;
 
 use std::fmt;
 use std::str::FromStr;
@@ -330,4 +331,13 @@ pub enum PtxError {
     #[error(transparent)]
     #[diagnostic(code(attnc::ptx::too_large))]
     TooLarge(#[from] host::TooLarge),
+    #[error("the pool on the device does not fit this call: {what}")]
+    #[diagnostic(
+        code(attnc::ptx::pool),
+        help("upload the pool again for this kernel and pool shape (`CudaRuntime::upload_pool`); rows written on the host reach the device through `CudaPool::append`")
+    )]
+    Pool { what: String },
+    #[error(transparent)]
+    #[diagnostic(transparent)]
+    Append(#[from] crate::tensor::AppendError),
 }

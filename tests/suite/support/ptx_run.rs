@@ -8,6 +8,7 @@ use std::collections::HashMap;
 
 use attnc::codegen::ptx::{self, PtxOptions};
 use attnc::mask::{classify, Tiling};
+use attnc::runtime::device::pool::{ResidentPool, RowWrite};
 use attnc::runtime::device::{host, Arch, Dtype};
 use attnc::sema::eval::EvalError;
 use attnc::tile::{self, Schedule};
@@ -37,16 +38,78 @@ pub fn emulate_with(
     inputs: &Inputs<'_>,
     approx: ptx_emu::Approx,
 ) -> Result<Outputs, EvalError> {
+    let (kernel, compiled) = compile(spec, schedule, dtype, inputs.k.elem());
+    run(&kernel, &compiled, spec, inputs, approx, None)
+}
+
+/// The device arrays of a resident pool, as emulator bytes by kernel
+/// parameter: the whole arrays of [`ResidentPool::new`], then every
+/// append's writes applied, as the CUDA runtime copies them.
+#[derive(Default)]
+pub struct PoolBytes(pub HashMap<&'static str, Vec<u8>>);
+
+impl PoolBytes {
+    pub fn apply(&mut self, writes: Vec<RowWrite>) {
+        for w in writes {
+            if w.offset == 0 && !self.0.contains_key(w.array) {
+                self.0.insert(w.array, w.bytes);
+            } else {
+                let a = self.0.get_mut(w.array).expect("an array of the pool");
+                a[w.offset..w.offset + w.bytes.len()].copy_from_slice(&w.bytes);
+            }
+        }
+    }
+}
+
+/// The kernel of `spec` under `schedule` and its PTX for `dtype`, reading
+/// K/V stored as `kv_elem`.
+pub fn compile(
+    spec: &attnc::sema::Spec,
+    schedule: &Schedule,
+    dtype: Dtype,
+    kv_elem: attnc::ElemType,
+) -> (attnc::tile::Verified, attnc::runtime::device::PtxKernel) {
     let kernel = tile::lower(spec, schedule);
     let compiled = ptx::compile(
         &kernel,
         &PtxOptions {
             arch: Arch::Sm80,
             dtype,
-            kv_quant: inputs.k.elem().is_quantized().then(|| inputs.k.elem()),
+            kv_quant: kv_elem.is_quantized().then_some(kv_elem),
         },
     )
     .unwrap();
+    (kernel, compiled)
+}
+
+/// Runs `ptx` (the PTX of `kernel`, from [`compile`]) on `inputs` whose pool
+/// is resident as `pool` with the device arrays `bytes`: K, V and their
+/// scales come from `bytes`, not from `inputs`.
+pub fn emulate_pooled(
+    kernel: &attnc::tile::Verified,
+    ptx: &attnc::runtime::device::PtxKernel,
+    spec: &attnc::sema::Spec,
+    inputs: &Inputs<'_>,
+    pool: (&ResidentPool, &PoolBytes),
+) -> Result<Outputs, EvalError> {
+    run(
+        kernel,
+        ptx,
+        spec,
+        inputs,
+        ptx_emu::Approx::Scattered,
+        Some(pool),
+    )
+}
+
+fn run(
+    kernel: &attnc::tile::Verified,
+    compiled: &attnc::runtime::device::PtxKernel,
+    spec: &attnc::sema::Spec,
+    inputs: &Inputs<'_>,
+    approx: ptx_emu::Approx,
+    pool: Option<(&ResidentPool, &PoolBytes)>,
+) -> Result<Outputs, EvalError> {
     let l = &compiled.launch;
     let bound = attnc::bind::bind(spec, inputs).unwrap();
     let s = bound.shapes;
@@ -59,7 +122,8 @@ pub fn emulate_with(
     };
     // The arguments the CUDA runtime uploads and passes, as emulator memory
     // and parameter values.
-    let args = host::launch_args(&kernel, &compiled, inputs, &bound, &maps).unwrap();
+    let args =
+        host::launch_args(kernel, compiled, inputs, &bound, &maps, pool.map(|p| p.0)).unwrap();
     // The CUDA runtime passes them by position: they must be the entry's
     // parameters, in order and type.
     let declared: Vec<(String, String)> = compiled
@@ -75,7 +139,7 @@ pub fn emulate_with(
         .iter()
         .map(|(name, arg)| {
             let ty = match arg {
-                host::Arg::Array(_) | host::Arg::Output(_) => ".u64",
+                host::Arg::Array(_) | host::Arg::Output(_) | host::Arg::Resident => ".u64",
                 host::Arg::U32(_) => ".u32",
                 host::Arg::S64(_) => ".s64",
             };
@@ -92,6 +156,10 @@ pub fn emulate_with(
         let value = match arg {
             host::Arg::Array(bytes) => mem.alloc(bytes),
             host::Arg::Output(n) => mem.alloc(vec![0u8; n]),
+            host::Arg::Resident => {
+                let bytes = pool.expect("resident arrays come with their pool").1;
+                mem.alloc(bytes.0[name.as_str()].clone())
+            }
             host::Arg::U32(x) => u64::from(x),
             host::Arg::S64(x) => x as u64,
         };
@@ -113,7 +181,7 @@ pub fn emulate_with(
         .chunks(8)
         .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
         .collect();
-    if let Some(e) = host::decode_error(&words, &kernel, &bound) {
+    if let Some(e) = host::decode_error(&words, kernel, &bound) {
         return Err(e);
     }
     let f32s = |base: u64| {
