@@ -95,7 +95,7 @@ impl MapCache {
     }
 
     /// The block maps of `spec` on `bound` under `tiling`: a cached one when
-    /// an entry matches, else built by [`classify`] and kept (evicting the
+    /// an entry matches, else built by [`super::classify`] and kept (evicting the
     /// least recently used entry past the capacity). Errors are not cached.
     pub fn get_or_build(
         &self,

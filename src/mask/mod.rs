@@ -16,7 +16,7 @@
 //!   the same error the reference interpreter reports; it never reads a
 //!   buffer out of range.
 //! - cost: decided by interval/affine reasoning and buffer summaries over
-//!   boxes of many tiles ([`absint`], [`summary`]); only tiles left undecided
+//!   boxes of many tiles (`absint`, `summary`); only tiles left undecided
 //!   are looked at element by element. Causal and sliding-window maps take
 //!   O(query tiles) time and memory whatever the sequence length.
 //!

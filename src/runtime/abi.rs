@@ -35,12 +35,12 @@ pub struct Task {
     pub n_part: i64,
     pub kv_len: i64,
     pub d: i64,
-    /// Scratch: S [bq x bkv], m [bq], l [bq], acc [bq x d] (f32).
+    /// Scratch: S `[bq x bkv]`, m `[bq]`, l `[bq]`, acc `[bq x d]` (f32).
     pub s: *mut f32,
     pub m: *mut f32,
     pub l: *mut f32,
     pub acc: *mut f32,
-    /// Row-level values [n_row][bq] and column-level values [n_col][bkv], 8 bytes each.
+    /// Row-level values `[n_row][bq]` and column-level values `[n_col][bkv]`, 8 bytes each.
     pub rowvals: *mut u64,
     pub colvals: *mut u64,
     /// Where a failing task describes its error.

@@ -2,7 +2,7 @@
 //!
 //! Stage: tile. Built from a checked spec and a [`Schedule`] by
 //! [`super::build`], optimised by [`super::opt`], checked by
-//! [`super::verify`], executed by [`super::interp`] and translated by the
+//! [`super::verify()`], executed by [`super::interp`] and translated by the
 //! backends. It never refers to the AST or to sema's expression arena.
 //!
 //! A [`Kernel`] is a fixed FlashAttention-2 loop nest with straight-line SSA

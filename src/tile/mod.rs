@@ -1,7 +1,7 @@
 //! Stage 4, tile: the tiled online-softmax loop IR.
 //!
 //! Entry points: [`build`] (checked spec + schedule → kernel), [`optimize`],
-//! [`verify`], [`interp::run`], and the text form (`Display` on [`Kernel`]).
+//! [`verify()`], [`interp::run`], and the text form (`Display` on [`Kernel`]).
 //! The IR is generic over batch, heads and lengths; it specialises on the
 //! schedule (tile sizes, exp base, optionally the head dim).
 

@@ -921,7 +921,7 @@ fn floor_div_by_const(b: &mut Builder, x: ValueId, d: i64, range: DividendRange)
 
 /// Division and modulo by constants: powers of two become shifts and
 /// masks; other positive divisors a multiply by a magic constant (see
-/// [`floor_div_by_const`]), and modulo `x - d * floor(x / d)`. Negative
+/// `floor_div_by_const`), and modulo `x - d * floor(x / d)`. Negative
 /// divisors stay `idiv`/`irem` (rare in masks, and `-x` may overflow).
 pub fn strength_reduce(k: &Kernel) -> Kernel {
     // Dividend ranges from the input kernel, by instruction index.

@@ -1,6 +1,6 @@
 //! Lowering a loop-IR kernel to one Cranelift function per kernel.
 //!
-//! Stage: CPU backend. Consumes a verified [`tile::Kernel`]; produces a
+//! Stage: CPU backend. Consumes a verified [`crate::tile::Kernel`]; produces a
 //! [`CompiledKernel`] whose task function runs one (b, h, query tile) task:
 //! the row-level values of the tile, then the walk over the FULL and PARTIAL
 //! key tiles of the block map with, per tile, `qk` (S = scale · Q Kᵀ), the

@@ -1,6 +1,6 @@
 //! The CUDA backend: PTX text for the loop IR.
 //!
-//! Stage: GPU code generation. Consumes a verified [`tile::Kernel`] and
+//! Stage: GPU code generation. Consumes a verified [`crate::tile::Kernel`] and
 //! [`PtxOptions`] (target architecture, input dtype); produces a
 //! [`PtxKernel`]: the PTX module text and the launch configuration the host
 //! must use. It never sees the AST or sema, does no I/O and needs no GPU.
