@@ -477,15 +477,11 @@ pub fn bind(spec: &Spec, inputs: &Inputs<'_>) -> Result<Bound, BindError> {
     }
     check_q_elem(inputs)?;
     for (which, data) in [("k", &inputs.k), ("v", &inputs.v)] {
-        if let Some(sc) = data.scales() {
-            if sc.shape() != &data.shape()[..3] {
-                return Err(BindError::ScalesShape {
-                    which,
-                    expected: data.shape()[..3].to_vec(),
-                    found: sc.shape().to_vec(),
-                });
-            }
-        }
+        data.scales_fit().map_err(|found| BindError::ScalesShape {
+            which,
+            expected: data.shape()[..3].to_vec(),
+            found,
+        })?;
     }
     if ks != vs {
         return Err(BindError::KvShape {

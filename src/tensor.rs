@@ -174,6 +174,20 @@ pub enum AppendError {
         slot: usize,
         pages: usize,
     },
+    #[error("the pool has pages of 0 slots: nothing can be appended")]
+    #[diagnostic(
+        code(attnc::append::page_size),
+        help("a pool is [num_pages, page_size, HKV, D] with page_size >= 1")
+    )]
+    ZeroPageSize,
+    #[error("the pool's scales have shape {found:?}, its data {data:?}")]
+    #[diagnostic(
+        code(attnc::append::scales),
+        help(
+            "int8/fp8 data [num_pages, page_size, HKV, D] takes scales [num_pages, page_size, HKV]"
+        )
+    )]
+    ScalesShape { data: Vec<usize>, found: Vec<usize> },
 }
 
 impl std::str::FromStr for ElemType {
@@ -404,6 +418,36 @@ impl<'a> KvData<'a> {
         }
     }
 
+    /// Whether a quantized operand's scales have one value per row (shape
+    /// `[A, B, C]` for data `[A, B, C, D]`); `Err` holds their shape.
+    pub fn scales_fit(&self) -> Result<(), Vec<usize>> {
+        match self.scales() {
+            Some(sc) if sc.shape() != &self.shape()[..3] => Err(sc.shape().to_vec()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Rows `[i, j, .., ..]` as an operand of shape `[1, 1, C, D]` (scales
+    /// `[1, 1, C]`): one slot of a pool, every KV head.
+    pub fn rows_at(&self, i: usize, j: usize) -> KvData<'_> {
+        use ndarray::s;
+        let at = s![i..i + 1, j..j + 1, .., ..];
+        let sat = s![i..i + 1, j..j + 1, ..];
+        match self {
+            KvData::F32(a) => KvData::F32(a.slice(at)),
+            KvData::Bf16(a) => KvData::Bf16(a.slice(at)),
+            KvData::F16(a) => KvData::F16(a.slice(at)),
+            KvData::Int8 { data, scales } => KvData::Int8 {
+                data: data.slice(at),
+                scales: scales.slice(sat),
+            },
+            KvData::Fp8 { data, scales } => KvData::Fp8 {
+                data: data.slice(at),
+                scales: scales.slice(sat),
+            },
+        }
+    }
+
     /// The scales of a quantized operand.
     pub fn scales(&self) -> Option<&ArrayView3<'a, f32>> {
         match self {
@@ -623,6 +667,12 @@ impl KvArray {
                 table: page_table.shape().to_vec(),
             });
         }
+        self.view()
+            .scales_fit()
+            .map_err(|found| AppendError::ScalesShape {
+                data: sh.clone(),
+                found,
+            })?;
         let at = append_slots(pages, ps, page_table, kv_lens)?;
         for (seq, (page, slot)) in at.into_iter().enumerate() {
             for kh in 0..hkv {
@@ -649,10 +699,13 @@ pub fn append_slots(
     page_table: ndarray::ArrayView2<'_, i32>,
     kv_lens: ndarray::ArrayView1<'_, i32>,
 ) -> Result<Vec<(usize, usize)>, AppendError> {
+    if ps == 0 {
+        return Err(AppendError::ZeroPageSize);
+    }
     let mut at = Vec::with_capacity(kv_lens.len());
     for (seq, &len) in kv_lens.iter().enumerate() {
         let key = usize::try_from(len).map_err(|_| AppendError::NegativeLen { b: seq, len })?;
-        let slot = key / ps.max(1);
+        let slot = key / ps;
         let page = page_table
             .get([seq, slot])
             .copied()
@@ -663,7 +716,7 @@ pub fn append_slots(
                 slot,
                 pages,
             })?;
-        at.push((page as usize, key % ps.max(1)));
+        at.push((page as usize, key % ps));
     }
     Ok(at)
 }
@@ -856,6 +909,32 @@ mod tests {
             let neg = ndarray::arr1(&[-1, 1]);
             let err = a.append(table.view(), neg.view(), step.view()).unwrap_err();
             assert_eq!(err, AppendError::NegativeLen { b: 0, len: -1 });
+            // Pages of no slots, and scales that are not one per row:
+            // refused, nothing written.
+            let empty = Array4::<f32>::zeros((4, 0, 2, 3));
+            let mut e = KvArray::quantize(empty.view(), elem);
+            let err = e
+                .append(table.view(), lens.view(), step.view())
+                .unwrap_err();
+            assert_eq!(err, AppendError::ZeroPageSize);
+            if let KvArray::Int8 { data, .. } = KvArray::quantize(pool.view(), ElemType::Int8) {
+                let mut bad = KvArray::Int8 {
+                    data,
+                    scales: ndarray::Array3::zeros((4, 2, 1)),
+                };
+                let before = bad.clone();
+                let err = bad
+                    .append(table.view(), lens.view(), step.view())
+                    .unwrap_err();
+                assert_eq!(
+                    err,
+                    AppendError::ScalesShape {
+                        data: vec![4, 2, 2, 3],
+                        found: vec![4, 2, 1]
+                    }
+                );
+                assert_eq!(bad, before);
+            }
         }
     }
 

@@ -58,6 +58,19 @@ fn compare(got: &Outputs, want: &Outputs) -> (f32, bool) {
     (if worst.is_nan() { f32::INFINITY } else { worst }, same_inf)
 }
 
+/// Prints [`compare`]'s error under `what` and records a failure past the
+/// dtype's tolerance.
+fn check(what: &str, got: &Outputs, want: &Outputs, dtype: Dtype, failures: &mut Vec<String>) {
+    let (err, same_inf) = compare(got, want);
+    eprintln!("{what}: max rel err {err:.2e}");
+    if err > tolerance(dtype) || !same_inf {
+        failures.push(format!(
+            "{what}: error {err:.3e} (tolerance {:.0e}), lse -inf rows agree: {same_inf}",
+            tolerance(dtype)
+        ));
+    }
+}
+
 #[test]
 fn every_fixture_matches_the_reference_in_every_dtype() {
     let rt = runtime();
@@ -77,11 +90,8 @@ fn every_fixture_matches_the_reference_in_every_dtype() {
                     continue;
                 }
             };
-            let (err, same_inf) = compare(&got, &want);
-            eprintln!("{:32} {dtype:4}: max rel err {err:.2e}", case.name);
-            if err > tolerance(dtype) || !same_inf {
-                failures.push(format!("{} {dtype}: error {err:.3e} (tolerance {:.0e}), lse -inf rows agree: {same_inf}", case.name, tolerance(dtype)));
-            }
+            let what = format!("{:32} {dtype:4}", case.name);
+            check(&what, &got, &want, dtype, &mut failures);
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -172,17 +182,8 @@ fn every_example_matches_at_ragged_sizes_and_large_heads() {
                         continue;
                     }
                 };
-                let (err, same_inf) = compare(&got, &want);
-                eprintln!(
-                    "{:22} D={d:3} N={n:3} {dtype:4}: max rel err {err:.2e}",
-                    program.spec.name
-                );
-                if err > tolerance(dtype) || !same_inf {
-                    failures.push(format!(
-                        "{} D={d} {dtype}: error {err:.3e}, lse -inf rows agree: {same_inf}",
-                        program.spec.name
-                    ));
-                }
+                let what = format!("{:22} D={d:3} N={n:3} {dtype:4}", program.spec.name);
+                check(&what, &got, &want, dtype, &mut failures);
             }
         }
     }
@@ -501,15 +502,7 @@ fn paged_ragged_and_quantized_caches_match_the_reference() {
                             "{name:15} {elem:4} {layout:11} Q={q_len:2} page {ps:2} {dtype:4}"
                         );
                         match rt.run(&program.spec, &inputs, dtype) {
-                            Ok(got) => {
-                                let (err, same_inf) = compare(&got, &want);
-                                eprintln!("{what}: max rel err {err:.2e}");
-                                if err > tolerance(dtype) || !same_inf {
-                                    failures.push(format!(
-                                        "{what}: error {err:.3e}, lse -inf rows agree: {same_inf}"
-                                    ));
-                                }
-                            }
+                            Ok(got) => check(&what, &got, &want, dtype, &mut failures),
                             Err(e) => {
                                 eprintln!("{what}: run failed: {e}");
                                 failures.push(format!("{what}: run failed: {e}"));
@@ -580,13 +573,7 @@ fn a_resident_pool_appended_step_by_step_matches_the_reference() {
                 let got = run_pooled(&rt, &kernel, spec, &inputs, &pool);
                 match got {
                     Ok(got) => {
-                        let (err, same_inf) = compare(&got, &want);
-                        eprintln!("{what}: max rel err {err:.2e}");
-                        if err > tolerance(dtype) || !same_inf {
-                            failures.push(format!(
-                                "{what}: error {err:.3e}, lse -inf rows agree: {same_inf}"
-                            ));
-                        }
+                        check(&what, &got, &want, dtype, &mut failures);
                         match rt.run(spec, &inputs, dtype) {
                             Ok(uploaded) if uploaded.out == got.out => {}
                             Ok(_) => {

@@ -139,12 +139,37 @@ pub struct CudaPool {
     pool: ResidentPool,
     /// The device arrays, by the kernel parameter they are passed as.
     arrays: Vec<(&'static str, CudaSlice<u8>)>,
+    /// The device the arrays live on.
+    ordinal: usize,
+    /// An append failed part-way (a driver error): the device arrays may
+    /// hold some of its rows and not others, so the pool refuses every call
+    /// until it is uploaded again.
+    broken: bool,
 }
 
 impl CudaPool {
     /// What the pool was laid out for.
     pub fn layout(&self) -> PoolLayout {
         self.pool.layout()
+    }
+
+    /// Refuses a pool on another device than `rt`'s, or one an append left
+    /// half-written.
+    fn usable(&self, rt: &CudaRuntime) -> Result<(), CudaError> {
+        let what = if self.ordinal != rt.ctx.ordinal() {
+            format!(
+                "the pool is on device {}, the runtime on device {}",
+                self.ordinal,
+                rt.ctx.ordinal()
+            )
+        } else if self.broken {
+            "an earlier append failed part-way (a driver error), so the device arrays may hold \
+             some of its rows and not others"
+                .into()
+        } else {
+            return Ok(());
+        };
+        Err(PtxError::Pool { what }.into())
     }
 }
 
@@ -286,12 +311,17 @@ impl CudaRuntime {
     /// K/V that are not a paged pool, or a pool of another head dim or
     /// stored type than `k` reads ([`PtxError::Pool`], [`PtxError::Launch`]).
     pub fn upload_pool(&self, k: &CudaKernel, inputs: &Inputs<'_>) -> Result<CudaPool, CudaError> {
-        let (pool, whole) = ResidentPool::new(&k.ptx, inputs)?;
+        let (pool, whole) = ResidentPool::new(&k.kernel, &k.ptx, inputs)?;
         let arrays = whole
             .into_iter()
             .map(|w| Ok((w.array, self.upload(&w.bytes)?)))
             .collect::<Result<_, CudaError>>()?;
-        Ok(CudaPool { pool, arrays })
+        Ok(CudaPool {
+            pool,
+            arrays,
+            ordinal: self.ctx.ordinal(),
+            broken: false,
+        })
     }
 
     /// Uploads the rows [`crate::KvArray::append`] just wrote into `inputs`'
@@ -302,14 +332,19 @@ impl CudaRuntime {
     /// # Errors
     ///
     /// `inputs` not a pool of `pool`'s layout, or a length whose page the
-    /// table does not list; nothing is uploaded then.
+    /// table does not list, or a pool on another device; nothing is uploaded
+    /// then. A driver error during the copies leaves `pool` refusing every
+    /// call until it is uploaded again ([`Self::upload_pool`]).
     pub fn append_pool(
         &self,
         pool: &mut CudaPool,
         inputs: &Inputs<'_>,
         kv_lens: ndarray::ArrayView1<'_, i32>,
     ) -> Result<usize, CudaError> {
+        pool.usable(self)?;
         let writes = pool.pool.append(inputs, kv_lens)?;
+        // Until every copy has succeeded.
+        pool.broken = true;
         let mut bytes = 0;
         for w in writes {
             let array = pool
@@ -323,6 +358,7 @@ impl CudaRuntime {
                 .map_err(driver("uploading the appended rows"))?;
             bytes += w.bytes.len();
         }
+        pool.broken = false;
         Ok(bytes)
     }
 
@@ -333,7 +369,8 @@ impl CudaRuntime {
     /// # Errors
     ///
     /// Those of [`Self::prepare`], and a `pool` laid out for another pool or
-    /// kernel ([`PtxError::Pool`]).
+    /// kernel, on another device, or left half-written by a failed append
+    /// ([`PtxError::Pool`]).
     pub fn prepare_pooled<'p>(
         &self,
         k: &CudaKernel,
@@ -341,6 +378,7 @@ impl CudaRuntime {
         inputs: &Inputs<'_>,
         pool: &'p CudaPool,
     ) -> Result<Prepared<'p>, CudaError> {
+        pool.usable(self)?;
         self.prepare_with(k, spec, inputs, bind(spec, inputs)?, Some(pool))
     }
 

@@ -130,20 +130,23 @@ pub(super) struct KvBytes {
 }
 
 impl KvBytes {
-    /// `k` and `v` for a launch of `l`. No f32 copy of a quantized cache is
-    /// made unless the V-tile flags need one (mma kernels).
+    /// `k` and `v` for a kernel of padded head dim `d_pad` and type `dtype`
+    /// (every K/V row, or the rows of one slot of a pool for an append). No
+    /// f32 copy of a quantized cache is made unless the V-tile flags need
+    /// one (mma kernels).
     pub(super) fn of(
         k: &crate::tensor::KvData<'_>,
         v: &crate::tensor::KvData<'_>,
-        l: &Launch,
+        d_pad: usize,
+        dtype: Dtype,
     ) -> KvBytes {
-        let rounded = |a: &crate::tensor::KvData<'_>| pack(&a.to_f32().view(), l.d_pad, l.dtype);
-        match (pack_quantized(k, l.d_pad), pack_quantized(v, l.d_pad)) {
+        let rounded = |a: &crate::tensor::KvData<'_>| pack(&a.to_f32().view(), d_pad, dtype);
+        match (pack_quantized(k, d_pad), pack_quantized(v, d_pad)) {
             (Some((kb, ks)), Some((vb, vs))) => KvBytes {
                 k: kb,
                 v: vb,
                 scales: Some((ks, vs)),
-                dequantized_v: l.dtype.uses_mma().then(|| rounded(v)),
+                dequantized_v: dtype.uses_mma().then(|| rounded(v)),
             },
             _ => KvBytes {
                 k: rounded(k),
@@ -157,13 +160,31 @@ impl KvBytes {
     /// V in the dtype, packed, where the V-tile flags are taken from it
     /// (mma kernels; the f32 kernel predicates every product on p != 0 and
     /// reads no flags).
-    pub(super) fn v_for_flags(&self, l: &Launch) -> Option<&[u8]> {
-        match (&self.scales, l.dtype.uses_mma()) {
+    fn v_for_flags(&self, dtype: Dtype) -> Option<&[u8]> {
+        match (&self.scales, dtype.uses_mma()) {
             (_, false) => None,
             (None, true) => Some(&self.v),
             (Some(_), true) => self.dequantized_v.as_deref(),
         }
     }
+
+    /// Per V row (rows of `d_pad` elements in `dtype`, in the packed row
+    /// order), 1 where it holds a non-finite value in the dtype (dequantized,
+    /// for a quantized cache): what the V-tile flags of the mma kernels are
+    /// made of. `None` for the f32 kernel, which reads no flags.
+    pub(super) fn v_row_flags(&self, d_pad: usize, dtype: Dtype) -> Option<Vec<u8>> {
+        self.v_for_flags(dtype).map(|v| {
+            v.chunks_exact(d_pad * dtype.size())
+                .map(|r| u8::from(nonfinite(r, dtype)))
+                .collect()
+        })
+    }
+}
+
+/// The strides, in rows, of a page, a slot and a KV head of a pool
+/// `[P, page_size, HKV, d_pad]` packed by [`pack`].
+pub(super) fn pool_strides(page_size: usize, hkv: usize) -> [usize; 3] {
+    [page_size * hkv, hkv, 1]
 }
 
 /// The V-tile flags of the mma kernels: for packed V (`pack`'s output for
@@ -252,14 +273,15 @@ impl InPlaceKv {
                 let table = p.table.iter().map(|&x| x as u32).collect();
                 debug_assert_eq!(rows, s.b);
                 limit("the pool's rows", p.num_pages * p.page_size * s.hkv)?;
+                let [page_stride, row_stride, head_stride] = pool_strides(p.page_size, s.hkv);
                 InPlaceKv {
                     lens,
                     table,
                     table_stride: limit("the page table's width", stride)?,
                     page_size: limit("the page size", p.page_size)?,
-                    page_stride: limit("a page's rows", p.page_size * s.hkv)?,
-                    row_stride: s.hkv as u32,
-                    head_stride: 1,
+                    page_stride: limit("a page's rows", page_stride)?,
+                    row_stride: row_stride as u32,
+                    head_stride: head_stride as u32,
                 }
             }
             None => {
@@ -326,7 +348,7 @@ impl InPlaceKv {
 
 /// Whether `bytes` hold a non-finite value of `dtype`: exactly when the
 /// exponent bits of one are all ones.
-pub(super) fn nonfinite(bytes: &[u8], dtype: Dtype) -> bool {
+fn nonfinite(bytes: &[u8], dtype: Dtype) -> bool {
     match dtype {
         Dtype::F16 => bytes
             .chunks_exact(2)
@@ -602,14 +624,18 @@ pub fn launch_args(
     // K and V as the kernel reads them, and the V-tile flags of the mma
     // kernels: those of the values in the dtype (dequantized for a quantized
     // cache), from the rows' bytes, or, for a resident pool, from the flags
-    // it keeps per row.
+    // it keeps per row; the tiles of an in-place kernel gather their rows'
+    // flags either way.
     let (k, v, scales, v_flags) = match pool {
         Some(pool) => {
             pool.check(ptx, inputs, bound)?;
             let ip = in_place_kv
                 .as_ref()
                 .expect("a resident pool is read in place");
-            let flags = pool.v_flags(ip, s.hkv, s.kv, l.bkv);
+            let flags = pool
+                .v_row_flags()
+                .map(|rows| ip.nonfinite_tiles(s.hkv, s.kv, l.bkv, |r| rows[r] != 0))
+                .unwrap_or_default();
             let scales = pool
                 .layout()
                 .elem
@@ -618,17 +644,19 @@ pub fn launch_args(
             (Arg::Resident, Arg::Resident, scales, flags)
         }
         None => {
-            let kv = KvBytes::of(&inputs.k, &inputs.v, l);
-            let row = l.d_pad * l.dtype.size();
-            let flags = match (kv.v_for_flags(l), &in_place_kv) {
-                (Some(v), Some(ip)) => ip.nonfinite_tiles(s.hkv, s.kv, l.bkv, |r| {
-                    nonfinite(&v[r * row..(r + 1) * row], l.dtype)
-                }),
-                (Some(v), None) => {
-                    let sh = inputs.v.shape();
-                    nonfinite_tiles(v, sh[0] * sh[1], sh[2], l.d_pad, l.dtype, l.bkv)
-                }
-                (None, _) => Vec::new(),
+            let kv = KvBytes::of(&inputs.k, &inputs.v, l.d_pad, l.dtype);
+            let flags = match &in_place_kv {
+                Some(ip) => kv
+                    .v_row_flags(l.d_pad, l.dtype)
+                    .map(|rows| ip.nonfinite_tiles(s.hkv, s.kv, l.bkv, |r| rows[r] != 0))
+                    .unwrap_or_default(),
+                None => match kv.v_for_flags(l.dtype) {
+                    Some(v) => {
+                        let sh = inputs.v.shape();
+                        nonfinite_tiles(v, sh[0] * sh[1], sh[2], l.d_pad, l.dtype, l.bkv)
+                    }
+                    None => Vec::new(),
+                },
             };
             let scales = kv.scales.map(|(ks, vs)| (Arg::Array(ks), Arg::Array(vs)));
             (Arg::Array(kv.k), Arg::Array(kv.v), scales, flags)
@@ -676,6 +704,64 @@ pub fn launch_args(
         args.push((format!("buf{i}"), Arg::Array(buffer_bytes(b))));
     }
     Ok(args)
+}
+
+/// Kernels for the unit tests of the host side (here and in
+/// [`super::pool`]).
+#[cfg(test)]
+pub(super) mod testing {
+    use super::*;
+    use crate::codegen::ptx::{self, PtxOptions};
+    use crate::driver::{load, SourceFile, SpecOptions};
+    use crate::mask::{classify, Tiling};
+    use crate::tensor::ElemType;
+    use crate::tile::nest::KvSource;
+
+    /// A causal spec.
+    pub fn causal() -> crate::sema::Spec {
+        load(
+            SourceFile::new("t.attn", "attention a { mask = causal }"),
+            &SpecOptions::default(),
+        )
+        .unwrap()
+        .spec
+    }
+
+    /// `spec` lowered with K/V `kv` at head dim `d`, and its PTX for `dtype`
+    /// with K/V stored quantized as `quant`.
+    pub fn compile(
+        spec: &crate::sema::Spec,
+        kv: KvSource,
+        dtype: Dtype,
+        quant: Option<ElemType>,
+        d: usize,
+    ) -> (crate::tile::Verified, super::super::PtxKernel) {
+        let schedule = crate::tile::Schedule {
+            kv,
+            ..ptx::schedule(d, dtype)
+        };
+        let kernel = crate::tile::lower(spec, &schedule);
+        let opts = PtxOptions {
+            arch: super::super::Arch::Sm80,
+            dtype,
+            kv_quant: quant,
+        };
+        let code = ptx::compile(&kernel, &opts).unwrap();
+        (kernel, code)
+    }
+
+    /// [`launch_args`] of `k` on `inputs` (bound and classified here).
+    pub fn args(
+        spec: &crate::sema::Spec,
+        k: &(crate::tile::Verified, super::super::PtxKernel),
+        inputs: &crate::Inputs<'_>,
+        pool: Option<&super::super::pool::ResidentPool>,
+    ) -> Result<Vec<(String, Arg)>, super::super::PtxError> {
+        let bound = crate::bind::bind(spec, inputs).unwrap();
+        let l = &k.1.launch;
+        let maps = classify(spec, &bound, Tiling::new(l.bq, l.bkv).unwrap()).unwrap();
+        launch_args(&k.0, &k.1, inputs, &bound, &maps, pool)
+    }
 }
 
 #[cfg(test)]
@@ -793,35 +879,15 @@ mod tests {
     /// it is, before anything is built.
     #[test]
     fn launch_args_follow_the_parameters_and_refuse_what_the_kernel_cannot_take() {
-        use crate::codegen::ptx::{self, PtxOptions};
         use crate::tensor::{ElemType, KvArray};
         use crate::tile::nest::KvSource;
-        let program = load(
-            SourceFile::new("t.attn", "attention a { mask = causal }"),
-            &SpecOptions::default(),
-        )
-        .unwrap();
-        let spec = &program.spec;
+        let spec = &testing::causal();
         let (d, q_len, kv) = (16, 3, 40);
         let compile = |kv_src: KvSource, dtype: Dtype, quant: Option<ElemType>| {
-            let schedule = crate::tile::Schedule {
-                kv: kv_src,
-                ..ptx::schedule(d, dtype)
-            };
-            let kernel = crate::tile::lower(spec, &schedule);
-            let opts = PtxOptions {
-                arch: super::super::Arch::Sm80,
-                dtype,
-                kv_quant: quant,
-            };
-            let code = ptx::compile(&kernel, &opts).unwrap();
-            (kernel, code)
+            testing::compile(spec, kv_src, dtype, quant, d)
         };
         let args = |k: &(crate::tile::Verified, super::super::PtxKernel), inputs: &Inputs<'_>| {
-            let bound = crate::bind::bind(spec, inputs).unwrap();
-            let l = &k.1.launch;
-            let maps = classify(spec, &bound, Tiling::new(l.bq, l.bkv).unwrap()).unwrap();
-            launch_args(&k.0, &k.1, inputs, &bound, &maps, None)
+            testing::args(spec, k, inputs, None)
         };
         let names = |a: &[(String, Arg)]| a.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
         let refused = |r: Result<Vec<(String, Arg)>, super::super::PtxError>, what: &str| match r {

@@ -334,7 +334,7 @@ pub enum PtxError {
     #[error("the pool on the device does not fit this call: {what}")]
     #[diagnostic(
         code(attnc::ptx::pool),
-        help("upload the pool again for this kernel and pool shape (`CudaRuntime::upload_pool`); rows written on the host reach the device through `CudaPool::append`")
+        help("upload the pool again for this kernel and pool shape (`CudaRuntime::upload_pool`); rows written on the host reach the device through `CudaRuntime::append_pool`")
     )]
     Pool { what: String },
     #[error(transparent)]
