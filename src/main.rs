@@ -1216,6 +1216,59 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     }
 }
 
+/// Checks that `attnc run` names its K/V one way: `--k` and `--v`, or a
+/// paged pool (`--k-pages`, `--v-pages`, `--page-table`, with `--kv-lens`),
+/// or `--random`. clap's `requires` does not hold these together once
+/// `--kv-lens` is given, so they are checked here.
+fn kv_source_flags(args: &RunArgs) -> Result<(), Error> {
+    if args.random {
+        return Ok(());
+    }
+    let usage = |what: String| Err(Error::Usage(what));
+    let given = |flags: &[(&str, bool)]| -> Vec<String> {
+        flags
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| format!("--{n}"))
+            .collect()
+    };
+    let dense = given(&[("k", args.k.is_some()), ("v", args.v.is_some())]);
+    let pool = [
+        ("k-pages", args.k_pages.is_some()),
+        ("v-pages", args.v_pages.is_some()),
+        ("page-table", args.page_table.is_some()),
+    ];
+    let paged = given(&pool);
+    if !paged.is_empty() {
+        if !dense.is_empty() {
+            return usage(format!(
+                "{} with {}: K/V come either as --k/--v or as a paged pool (--k-pages, --v-pages, --page-table)",
+                dense.join(" "),
+                paged.join(" ")
+            ));
+        }
+        let missing: Vec<String> = pool
+            .iter()
+            .filter(|(_, on)| !on)
+            .map(|(n, _)| format!("--{n}"))
+            .collect();
+        if !missing.is_empty() {
+            return usage(format!(
+                "a paged pool needs --k-pages, --v-pages and --page-table; {} missing",
+                missing.join(", ")
+            ));
+        }
+        if args.kv_lens.is_none() {
+            return usage("a paged pool needs --kv-lens (the keys of each sequence)".into());
+        }
+    } else if dense.len() < 2 {
+        return usage(
+            "give K/V as --k and --v, or as a paged pool (--k-pages, --v-pages, --page-table, --kv-lens), or use --random".into(),
+        );
+    }
+    Ok(())
+}
+
 fn run(cmd: Command) -> Result<(), Error> {
     match cmd {
         Command::Bench(args) => bench(args),
@@ -1582,6 +1635,7 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
             "`--tolerance {t}`: the tolerance is the largest max |diff| that passes, a finite number >= 0 (default 1e-4; see `attnc run --help`)"
         )));
     }
+    kv_source_flags(&args)?;
     let buffers = assignments(&args.buffers, "buffer")?;
     let program = driver::load(
         SourceFile::read(&args.spec.spec)?,

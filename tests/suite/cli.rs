@@ -2394,6 +2394,38 @@ fn run_on_a_paged_pool_and_a_ragged_batch() {
     ]);
     assert_eq!(o.status.code(), Some(2), "a usage error");
     assert!(stderr(&o).contains("'--kv-lens <FILE.npy>' cannot be used with '--q-offset <N>'"));
+    // K/V named two ways at once, or a pool without its table: usage errors
+    // (with --kv-lens, which clap's `requires` does not hold together).
+    let base = ["run", spec, "--q", &qs, "--kv-lens", &ls, "--out", &bad_out];
+    for (flags, want) in [
+        (
+            vec!["--k-pages", &kps, "--v", &vs, "--page-table", &ts],
+            "--v with --k-pages --page-table: K/V come either as --k/--v or as a paged pool",
+        ),
+        (
+            vec!["--k", &ks, "--v-pages", &vps, "--page-table", &ts],
+            "--k with --v-pages --page-table",
+        ),
+        (
+            vec!["--k", &ks, "--v", &vs, "--page-table", &ts],
+            "--k --v with --page-table",
+        ),
+    ] {
+        let o = attnc(&[&base[..], &flags[..]].concat());
+        assert_fails(&o, &["attnc::usage", want]);
+    }
+    for (flags, want) in [
+        (
+            vec!["--k-pages", &kps, "--v-pages", &vps],
+            "--page-table <FILE.npy>",
+        ),
+        (vec!["--k", &ks], "--v <FILE.npy>"),
+    ] {
+        let o = attnc(&[&base[..], &flags[..]].concat());
+        assert_eq!(o.status.code(), Some(2), "a usage error");
+        let err = stderr(&o);
+        assert!(err.contains("required arguments were not provided") && err.contains(want));
+    }
     assert!(
         !dir.path("bad.npy").exists(),
         "no output is left on failure"
