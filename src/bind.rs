@@ -279,7 +279,7 @@ pub enum BindError {
     #[error("the {which} scale of key {key} of sequence {b}, KV head {kh} is {value}, which is not finite")]
     #[diagnostic(
         code(attnc::bind::kv_scales),
-        help("every key a sequence uses needs a finite scale (slots past its length may hold anything)")
+        help("every key a sequence uses needs a finite scale (slots past its length may hold anything); a scale quantized from float data (`--kv-dtype int8|fp8` on a float file, `KvArray::quantize`, `KvArray::append`) is NaN or inf when that row of D values holds NaN or inf, which int8 and fp8 with a scale cannot carry")
     )]
     NonFiniteScale {
         which: &'static str,

@@ -127,6 +127,10 @@ pub enum Error {
     /// A command-line argument is malformed.
     #[error("{0}")]
     Usage(String),
+    /// A backend's result differs from the reference's by more than the
+    /// tolerance asked for (`attnc run --check`).
+    #[error("{0}")]
+    Check(String),
     /// Inputs whose size would need more memory than is available.
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
@@ -150,6 +154,7 @@ impl Diagnostic for Error {
             Error::Memory(e) => e.code(),
             Error::Io { .. } => Some(Box::new("attnc::io")),
             Error::Usage(_) => Some(Box::new("attnc::usage")),
+            Error::Check(_) => Some(Box::new("attnc::check")),
             Error::Spec { .. } => Some(Box::new("attnc::spec")),
         }
     }

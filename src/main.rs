@@ -1864,12 +1864,10 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
             if pass { "ok" } else { "FAILED" }
         ))?;
         if !pass {
-            return Err(Error::Io {
-                what: format!("`--check` of `{}` failed", program.spec.name),
-                reason: format!(
-                    "max |diff| against the reference is out {out_diff:.3e}, lse {lse_diff:.3e}: above the tolerance {tolerance:.3e} (`--tolerance`)"
-                ),
-            });
+            return Err(Error::Check(format!(
+                "`--check` of `{}` failed: max |diff| against the reference is out {out_diff:.3e}, lse {lse_diff:.3e}: above the tolerance {tolerance:.3e} (`--tolerance`)",
+                program.spec.name
+            )));
         }
     }
     Ok(())

@@ -512,7 +512,9 @@ pub enum KvArray {
 
 impl KvArray {
     /// `x` in type `elem`: rounded (bf16, f16; nearest, ties to even) or
-    /// quantized with a scale per row of the last axis (int8, fp8).
+    /// quantized with a scale per row of the last axis (int8, fp8). A row
+    /// holding NaN or inf gets a NaN or infinite scale (its values all
+    /// dequantize to NaN), which binding refuses at a key a sequence uses.
     pub fn quantize(x: ArrayView4<'_, f32>, elem: ElemType) -> KvArray {
         match elem {
             ElemType::F32 => KvArray::F32(x.to_owned()),
@@ -728,7 +730,15 @@ fn quantize_row(
     mut out: ArrayViewMut1<'_, u8>,
     elem: ElemType,
 ) -> f32 {
-    let absmax = row.clone().fold(0f32, |m, x| m.max(x.abs()));
+    // NaN propagates (`f32::max` would drop it): a row holding NaN or inf
+    // gets a non-finite scale, so every value it dequantizes to is NaN and a
+    // call that uses it is refused (`attnc::bind::kv_scales`), where int8
+    // would otherwise turn a NaN into a silent 0.
+    let absmax = if row.clone().any(f32::is_nan) {
+        f32::NAN
+    } else {
+        row.clone().fold(0f32, |m, x| m.max(x.abs()))
+    };
     let scale = absmax / elem.quant_max();
     for (o, x) in out.iter_mut().zip(row) {
         let y = if scale > 0.0 { x / scale } else { 0.0 };
@@ -935,6 +945,30 @@ mod tests {
                 );
                 assert_eq!(bad, before);
             }
+        }
+    }
+
+    /// int8 has no NaN: a row holding NaN or inf gets a non-finite scale
+    /// (every value of it dequantizes to NaN) instead of a silent 0; fp8
+    /// alike, so that the two refuse the same rows. Other rows keep finite
+    /// scales.
+    #[test]
+    fn a_non_finite_row_quantizes_to_a_non_finite_scale() {
+        let mut x = Array4::<f32>::from_shape_fn((1, 1, 4, 3), |(_, _, r, c)| (r + c) as f32 - 2.0);
+        x[[0, 0, 1, 2]] = f32::NAN;
+        x[[0, 0, 2, 0]] = f32::INFINITY;
+        x[[0, 0, 3, 1]] = f32::NEG_INFINITY;
+        for elem in [ElemType::Int8, ElemType::Fp8] {
+            let q = KvArray::quantize(x.view(), elem);
+            let scales = q.view().scales().unwrap().to_owned();
+            assert!(scales[[0, 0, 0]].is_finite(), "{elem}");
+            for r in 1..4 {
+                assert!(!scales[[0, 0, r]].is_finite(), "{elem} row {r}");
+                for c in 0..3 {
+                    assert!(q.view().get([0, 0, r, c]).is_nan(), "{elem} [{r}, {c}]");
+                }
+            }
+            assert_eq!(q.view().get([0, 0, 0, 2]), 0.0, "{elem}");
         }
     }
 

@@ -1610,6 +1610,7 @@ fn run_check_above_the_tolerance_fails() {
     assert_fails(
         &o,
         &[
+            "attnc::check",
             "`--check` of `packed_docs` failed",
             "above the tolerance 1.000e-30 (`--tolerance`)",
         ],
@@ -2041,6 +2042,27 @@ fn run_reads_half_precision_and_quantized_inputs() {
         &o,
         &["the k scales have shape [1, 2, 36], expected [1, 2, 37]"],
     );
+    // A NaN in a float file quantized on load: int8 has no NaN, and the
+    // row's scale is NaN (not a silent 0), refused at a key the sequence
+    // uses, in both quantized types; f32 keeps it (and computes NaN).
+    let mut k_nan = ka.clone();
+    k_nan[[0, 1, 5, 3]] = f32::NAN;
+    write_npy(&dir.path("k_nan.npy"), &k_nan);
+    for kv_dtype in ["int8", "fp8"] {
+        let o = run(
+            ["q.npy", "k_nan.npy", "v.npy"],
+            &["--kv-dtype", kv_dtype],
+            "bad.npy",
+        );
+        assert_fails(
+            &o,
+            &[
+                "the k scale of key 5 of sequence 0, KV head 1 is NaN, which is not finite",
+                "a scale quantized from float data",
+            ],
+        );
+        assert!(!dir.path("bad.npy").exists(), "no output is left on failure");
+    }
 }
 
 /// `emit --target ptx --kv-dtype int8|fp8` prints the in-place kernel that
