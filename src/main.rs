@@ -166,7 +166,7 @@ struct BenchArgs {
     /// Keep K and V in a paged pool of pages of P slots, in a shuffled order
     /// (as a server's pool is after many requests); the queries are the last
     /// Q positions of each sequence of KV keys.
-    #[arg(long, value_name = "P", conflicts_with = "q_offset")]
+    #[arg(long, value_name = "P", conflicts_with = "q_offset", value_parser = page_size)]
     page_size: Option<usize>,
     /// Element type of q, k and v: f32, bf16 or f16 (the random inputs are
     /// rounded to it), as for `attnc run`.
@@ -257,7 +257,7 @@ struct EmitArgs {
     /// With --q-len: K and V in a paged pool (or a ragged batch), read in place.
     /// With --target ptx: the kernel that reads K and V in place through a page
     /// table (a paged pool or ragged rows; the page size is a launch parameter).
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", value_parser = page_size)]
     page_size: Option<usize>,
     /// Buffers for `--stage blocks`: `NAME=FILE.npy` or a recipe (repeatable).
     #[arg(long = "buffer", value_name = "NAME=FILE.npy|RECIPE")]
@@ -1213,6 +1213,15 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         say(format_args!("{}\n", report.to_json()))
     } else {
         say(format_args!("{report}\n"))
+    }
+}
+
+/// A `--page-size`: a page holds at least one slot.
+fn page_size(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("a page holds at least one slot".into()),
+        Ok(p) => Ok(p),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -2061,7 +2061,10 @@ fn run_reads_half_precision_and_quantized_inputs() {
                 "a scale quantized from float data",
             ],
         );
-        assert!(!dir.path("bad.npy").exists(), "no output is left on failure");
+        assert!(
+            !dir.path("bad.npy").exists(),
+            "no output is left on failure"
+        );
     }
 }
 
@@ -2069,6 +2072,52 @@ fn run_reads_half_precision_and_quantized_inputs() {
 /// dequantizes K/V in its tile loads (with or without `--page-size`: the page
 /// size is a launch parameter); `--kv-dtype` needs `--target ptx` (then a
 /// quantized type) or `--q-len`.
+/// `--page-size 0` is a usage error for `emit` (PTX or a nest) and `bench`
+/// alike: a page holds at least one slot.
+#[test]
+fn a_page_size_of_zero_is_a_usage_error() {
+    for args in [
+        &[
+            "emit",
+            "examples/causal.attn",
+            "--target",
+            "ptx",
+            "--page-size",
+            "0",
+        ][..],
+        &[
+            "emit",
+            "examples/causal.attn",
+            "--stage",
+            "nest",
+            "--q-len",
+            "1",
+            "--page-size",
+            "0",
+        ],
+        &[
+            "bench",
+            "examples/causal.attn",
+            "--q-len",
+            "1",
+            "--kv-len",
+            "64",
+            "--page-size",
+            "0",
+        ],
+    ] {
+        let o = attnc(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(
+                "invalid value '0' for '--page-size <P>': a page holds at least one slot"
+            ),
+            "{}",
+            stderr(&o)
+        );
+    }
+}
+
 #[test]
 fn emit_ptx_of_a_quantized_pool() {
     for (elem, dtype, paged) in [
