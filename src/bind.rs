@@ -12,7 +12,7 @@ use ndarray::{Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView4};
 use crate::buffer::BufferData;
 use crate::sema::eval::Shapes;
 use crate::sema::{suggest, Spec, Type};
-use crate::tensor::{ElemType, KvData};
+use crate::tensor::{ElemType, KvData, MagnitudeBits};
 
 /// The inputs of one attention call.
 #[derive(Clone, Debug)]
@@ -276,7 +276,7 @@ pub enum BindError {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
-    #[error("the {which} scale of key {key} of sequence {b}, KV head {kh} is {value}, which is not finite")]
+    #[error("the {which} scale of key {key} of sequence {b}, KV head {kh} is {value:e}, which is not finite or, times the largest stored value, overflows f32")]
     #[diagnostic(
         code(attnc::bind::kv_scales),
         help("every key a sequence uses needs a finite scale (slots past its length may hold anything); a scale quantized from float data (`--kv-dtype int8|fp8` on a float file, `KvArray::quantize`, `KvArray::append`) is NaN or inf when that row of D values holds NaN or inf, which int8 and fp8 with a scale cannot carry")
@@ -399,7 +399,7 @@ pub enum BindError {
     #[error("{what} is {value}, past the limit of {limit} (2^31 - 1)", limit = crate::sema::POSITION_LIMIT)]
     #[diagnostic(
         code(attnc::bind::too_large),
-        help("shapes and positions (q_offset + Q, KV) must stay within 2^31 - 1; split the sequence into smaller calls")
+        help("shapes and positions (q_offset + Q, kv_offset + the key rows) must stay within 2^31 - 1; split the sequence into smaller calls")
     )]
     TooLarge { what: &'static str, value: u64 },
     #[error("missing buffer `{name}`: attention `{spec}` declares `buffer {name}[{dims}]: {ty}`")]
@@ -567,7 +567,10 @@ pub fn bind(spec: &Spec, inputs: &Inputs<'_>) -> Result<Bound, BindError> {
             "the query end q_offset + Q",
             inputs.q_offset as i128 + qs[2] as i128,
         ),
-        ("the position end KV", kv_end),
+        (
+            "the key end KV (kv_offset + the key rows, or q_offset + Q if later)",
+            kv_end,
+        ),
     ];
     if let Some(&(what, value)) = sizes
         .iter()
@@ -645,7 +648,7 @@ pub fn bind(spec: &Spec, inputs: &Inputs<'_>) -> Result<Bound, BindError> {
     };
     for (which, data) in [("k", &inputs.k), ("v", &inputs.v)] {
         if let Some(scales) = data.scales() {
-            check_scales(which, scales, &bound)?;
+            check_scales(which, scales, data.elem().quant_max(), &bound)?;
         }
     }
     Ok(bound)
@@ -689,8 +692,14 @@ fn check_q_elem(inputs: &Inputs<'_>) -> Result<(), BindError> {
 fn check_scales(
     which: &'static str,
     scales: &ndarray::ArrayView3<'_, f32>,
+    quant_max: f32,
     bound: &Bound,
 ) -> Result<(), BindError> {
+    // A scale is usable when the largest stored value times it is finite
+    // (so every dequantized value is): |scale| <= f32::MAX / (quant_max +
+    // 1), with room for int8's -128, which a file may hold.
+    let limit = (f32::MAX / (quant_max + 1.0)).to_bits();
+    let all_finite = |a: ndarray::ArrayView2<'_, f32>| all_within(a, limit);
     let sh = bound.shapes;
     let batches = if bound.pages.is_some() {
         sh.b
@@ -739,7 +748,7 @@ fn check_scales(
                 for kh in 0..sh.hkv {
                     let [i, j, k, _] = bound.kv_index(b, kh, key, 0);
                     let value = scales[[i, j, k]];
-                    if !value.is_finite() {
+                    if value.magnitude_bits() > limit {
                         return Err(BindError::NonFiniteScale {
                             which,
                             b,
@@ -755,9 +764,10 @@ fn check_scales(
     Ok(())
 }
 
-/// Whether every value is finite ([`crate::tensor::MagnitudeBits`]; this runs
-/// on every call over every scale a call uses).
-fn all_finite(a: ndarray::ArrayView2<'_, f32>) -> bool {
+/// Whether every value's magnitude bits are at most `limit` (the bits of a
+/// finite positive f32: NaN and inf are above it) ([`crate::tensor::MagnitudeBits`];
+/// this runs on every call over every scale a call uses).
+fn all_within(a: ndarray::ArrayView2<'_, f32>, limit: u32) -> bool {
     use crate::tensor::max_magnitude_bits;
     let worst = match a.as_slice_memory_order() {
         Some(xs) => max_magnitude_bits(ndarray::ArrayView1::from(xs)),
@@ -768,7 +778,7 @@ fn all_finite(a: ndarray::ArrayView2<'_, f32>) -> bool {
             .max()
             .unwrap_or(0),
     };
-    worst < 0x7f80_0000
+    worst <= limit
 }
 
 /// Checks the sequence lengths: each at least `Q` (the queries are its last

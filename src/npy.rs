@@ -441,7 +441,8 @@ fn plain_reason(reason: &str) -> String {
     let Some(descr) = descr else {
         return reason.to_string();
     };
-    let kind = match descr.trim_start_matches(['<', '>', '|', '=']) {
+    let bare = descr.trim_start_matches(['<', '>', '|', '=']);
+    let kind = match bare {
         "f2" => "float16",
         "f4" => "float32",
         "f8" => "float64",
@@ -456,6 +457,14 @@ fn plain_reason(reason: &str) -> String {
         "b1" => "bool",
         _ => return format!("the file holds data of type `{descr}`"),
     };
+    let one_byte = matches!(bare, "i1" | "u1" | "b1");
+    if !one_byte && !descr.starts_with(['<', '>']) {
+        // `=f4`, `|f4` or `f4`: no byte order, which the reader needs.
+        return format!(
+            "the file holds {kind} data without an explicit byte order (descriptor `{descr}`), \
+             which attnc does not read: save it as numpy does, `np.save(path, a.astype('<{bare}'))`"
+        );
+    }
     let order = if descr.starts_with('>') {
         ", big-endian"
     } else {
@@ -652,10 +661,10 @@ pub fn read_q(
     match (stored, elem) {
         (Stored::F32(a), ElemType::F32) => Ok((four(a), None)),
         (Stored::F64(a), ElemType::F32) => Ok((four(a), note("converted to float32"))),
-        (Stored::F32(a) | Stored::F64(a), ElemType::Bf16 | ElemType::F16) => Ok((
-            four(a).mapv(|x| elem.round(x)),
-            note(&format!("rounded to {elem}")),
-        )),
+        (Stored::F32(a) | Stored::F64(a), ElemType::Bf16 | ElemType::F16) => {
+            let to = format!("rounded to {elem}{}", overflowed(&a, elem));
+            Ok((four(a).mapv(|x| elem.round(x)), note(&to)))
+        }
         (Stored::F16(a), ElemType::F16) => Ok((four(a.mapv(half::f16::to_f32)), None)),
         (Stored::U16(a), ElemType::Bf16) => {
             Ok((four(a.mapv(|b| half::bf16::from_bits(b).to_f32())), None))
@@ -687,6 +696,21 @@ fn type_mismatch(
     Error::Io {
         what: format!("cannot read {what} from `{}` as {elem}", path.display()),
         reason: format!("the file holds {kind} data; {fix}"),
+    }
+}
+
+/// For the note of a file rounded to `elem`: how many of its finite values
+/// lie beyond the type's range and round to ±inf (f16 past ±65504), or
+/// nothing when none do.
+fn overflowed(a: &ArrayD<f32>, elem: crate::tensor::ElemType) -> String {
+    let n = a
+        .iter()
+        .filter(|x| x.is_finite() && !elem.round(**x).is_finite())
+        .count();
+    match n {
+        0 => String::new(),
+        1 => format!(" (1 finite value is beyond {elem}'s range and became ±inf)"),
+        n => format!(" ({n} finite values are beyond {elem}'s range and became ±inf)"),
     }
 }
 
@@ -751,7 +775,9 @@ pub fn read_kv(
         (Stored::F32(a) | Stored::F64(a), elem) => {
             let to = match elem {
                 ElemType::F32 => "converted to float32".to_string(),
-                ElemType::Bf16 | ElemType::F16 => format!("rounded to {elem}"),
+                ElemType::Bf16 | ElemType::F16 => {
+                    format!("rounded to {elem}{}", overflowed(&a, elem))
+                }
                 _ => format!("quantized to {elem} with a scale per (token, KV head)"),
             };
             Ok((KvArray::quantize(four(a).view(), elem), note(to)))
@@ -1014,6 +1040,24 @@ mod tests {
             plain_reason("incorrect descriptor ('|b1') for this type"),
             "the file holds bool data (descriptor `|b1`)"
         );
+        let mut a = ArrayD::<f32>::zeros(ndarray::IxDyn(&[3]));
+        assert_eq!(overflowed(&a, crate::tensor::ElemType::F16), "");
+        a[[0]] = 7e4;
+        a[[1]] = f32::NAN;
+        assert_eq!(
+            overflowed(&a, crate::tensor::ElemType::F16),
+            " (1 finite value is beyond f16's range and became ±inf)"
+        );
+        assert_eq!(overflowed(&a, crate::tensor::ElemType::Bf16), "");
+        for d in ["=f4", "|f4", "f4"] {
+            assert_eq!(
+                plain_reason(&format!("incorrect descriptor ('{d}') for this type")),
+                format!(
+                    "the file holds float32 data without an explicit byte order (descriptor `{d}`), \
+                     which attnc does not read: save it as numpy does, `np.save(path, a.astype('<f4'))`"
+                )
+            );
+        }
         assert!(
             plain_reason("error parsing header: start does not match magic string")
                 .starts_with("not an .npy file")

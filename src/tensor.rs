@@ -70,7 +70,7 @@ impl ElemType {
 
     /// The largest magnitude a quantized element holds (the divisor of the
     /// row's absmax that gives its scale).
-    fn quant_max(self) -> f32 {
+    pub(crate) fn quant_max(self) -> f32 {
         match self {
             ElemType::Int8 => 127.0,
             ElemType::Fp8 => 448.0,

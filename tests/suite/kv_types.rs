@@ -503,6 +503,33 @@ fn bad_stored_kv_is_refused_on_every_backend() {
         .kv_lens(lens.view()),
         "the v scale of key 5 of sequence 0, KV head 1 is inf, which is not finite",
     );
+    // A finite scale so large that a stored value times it overflows f32
+    // (here 3e38 x 127) is refused alike; the largest usable one is not.
+    let mut huge = scales.clone();
+    huge[[0, 0, 2]] = 3e38;
+    all_say(
+        &Inputs::new(
+            q.view(),
+            attnc::KvData::Int8 {
+                data: data.view(),
+                scales: huge.view(),
+            },
+            int8.view(),
+        )
+        .kv_lens(lens.view()),
+        "the k scale of key 2 of sequence 0, KV head 0 is 3e38, which is not finite or, times the largest stored value, overflows f32",
+    );
+    huge[[0, 0, 2]] = f32::MAX / 128.0;
+    let at_limit = Inputs::new(
+        q.view(),
+        attnc::KvData::Int8 {
+            data: data.view(),
+            scales: huge.view(),
+        },
+        int8.view(),
+    )
+    .kv_lens(lens.view());
+    attnc::bind::bind(&program.spec, &at_limit).unwrap();
     let fine = Inputs::new(
         q.view(),
         int8.view(),
