@@ -431,7 +431,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 0, value_name = "N", conflicts_with = "q")]
     seed: u64,
     /// Also run the reference backend on the same inputs, print the max |diff|
-    /// of out and lse, and exit 1 when one is above --tolerance.
+    /// of out and of lse (relative to max(1, |lse|)), and exit 1 when one is
+    /// above --tolerance.
     #[arg(long)]
     check: bool,
     /// No progress bar for the reference backend (one is drawn on stderr only
@@ -1829,9 +1830,11 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
             Backend::Reference => outputs.clone(),
             _ => run_with_progress(&program, driver::Backend::Reference, &inputs, args.quiet)?,
         };
-        let out_diff = max_abs_diff(outputs.out.iter(), reference.out.iter());
+        let out_diff = max_diff(outputs.out.iter(), reference.out.iter(), false);
+        // lse relative to max(1, |lse|): an absolute 1e-4 is below half an
+        // f32 ulp once |lse| passes 2048 (large logits).
         let lse_diff = match (&outputs.lse, &reference.lse) {
-            (Some(a), Some(b)) => max_abs_diff(a.iter(), b.iter()),
+            (Some(a), Some(b)) => max_diff(a.iter(), b.iter(), true),
             _ => 0.0,
         };
         // The jit and the interpreter multiply bf16 pairs where the CPU has a
@@ -1867,14 +1870,14 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
         };
         let pass = out_diff <= tolerance && lse_diff <= tolerance;
         say(format_args!(
-            "check `{}` {} against the reference: max |diff| out {out_diff:.3e}, lse {lse_diff:.3e} (tolerance {tolerance:.3e}): {}\n",
+            "check `{}` {} against the reference: max |diff| out {out_diff:.3e}, lse (relative to max(1, |lse|)) {lse_diff:.3e} (tolerance {tolerance:.3e}): {}\n",
             program.spec.name,
             backend_name(args.backend),
             if pass { "ok" } else { "FAILED" }
         ))?;
         if !pass {
             return Err(Error::Check(format!(
-                "`--check` of `{}` failed: max |diff| against the reference is out {out_diff:.3e}, lse {lse_diff:.3e}: above the tolerance {tolerance:.3e} (`--tolerance`)",
+                "`--check` of `{}` failed: max |diff| against the reference is out {out_diff:.3e}, lse (relative to max(1, |lse|)) {lse_diff:.3e}: above the tolerance {tolerance:.3e} (`--tolerance`)",
                 program.spec.name
             )));
         }
@@ -1888,16 +1891,26 @@ fn backend_name(b: Backend) -> &'static str {
         .name()
 }
 
-/// The largest |a - b| over paired elements, with equal values (infinities
-/// of one sign, as lse = -inf of a row that sees no key) counting 0 and NaN
-/// on one side only counting infinity.
-fn max_abs_diff<'a>(a: impl Iterator<Item = &'a f32>, b: impl Iterator<Item = &'a f32>) -> f64 {
+/// The largest |a - b| (divided by max(1, |b|) when `relative`) over
+/// paired elements, with equal values (infinities of one sign, as lse = -inf
+/// of a row that sees no key) counting 0 and NaN on one side only counting
+/// infinity.
+fn max_diff<'a>(
+    a: impl Iterator<Item = &'a f32>,
+    b: impl Iterator<Item = &'a f32>,
+    relative: bool,
+) -> f64 {
     a.zip(b)
         .map(|(&x, &y)| {
             if x == y || (x.is_nan() && y.is_nan()) {
                 0.0
             } else {
                 let d = (f64::from(x) - f64::from(y)).abs();
+                let d = if relative {
+                    d / f64::from(y.abs()).max(1.0)
+                } else {
+                    d
+                };
                 if d.is_nan() {
                     f64::INFINITY
                 } else {

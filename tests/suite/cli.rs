@@ -1555,7 +1555,7 @@ fn run_random_check_compares_with_the_reference() {
     let o = run_random(&["--check", "--backend", "reference", "--tolerance", "0"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(
-        stdout(&o).contains("max |diff| out 0.000e0, lse 0.000e0"),
+        stdout(&o).contains("max |diff| out 0.000e0, lse (relative to max(1, |lse|)) 0.000e0"),
         "{}",
         stdout(&o)
     );
@@ -1601,6 +1601,38 @@ fn run_writes_the_output_in_half_precision() {
         assert_fails(&o, &[says]);
         assert!(!dir.path("bad.npy").exists());
     }
+}
+
+/// Large logits give an lse of some thousands, where 1e-4 is below half an
+/// f32 ulp: `--check` compares lse relative to max(1, |lse|), so an exact
+/// result passes (compared absolutely, it read 1.6e-2 and failed).
+#[test]
+fn run_check_compares_a_large_lse_relatively() {
+    let dir = TempDir::new();
+    let spec = dir.path("big.attn");
+    std::fs::write(
+        &spec,
+        "attention big {\n  scale = 30000.0\n  mask = causal\n}\n",
+    )
+    .unwrap();
+    let o = attnc(&[
+        "run",
+        spec.to_str().unwrap(),
+        "--random",
+        "--q-len",
+        "64",
+        "--heads",
+        "2",
+        "--dim",
+        "16",
+        "--check",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).ends_with("(tolerance 1.000e-4): ok\n"),
+        "{}",
+        stdout(&o)
+    );
 }
 
 #[test]
