@@ -1257,11 +1257,7 @@ fn kv_source_flags(args: &RunArgs) -> Result<(), Error> {
                 paged.join(" ")
             ));
         }
-        let missing: Vec<String> = pool
-            .iter()
-            .filter(|(_, on)| !on)
-            .map(|(n, _)| format!("--{n}"))
-            .collect();
+        let missing = given(&pool.map(|(n, on)| (n, !on)));
         if !missing.is_empty() {
             return usage(format!(
                 "a paged pool needs --k-pages, --v-pages and --page-table; {} missing",

@@ -99,22 +99,14 @@ pub fn pack(a: &ArrayView4<'_, f32>, d_pad: usize, dtype: Dtype) -> Vec<u8> {
 
 /// Appends one row of [`pack`]'s output: the values in the dtype, then zero
 /// up to `d_pad` elements.
-pub(super) fn pack_row(
-    row: impl Iterator<Item = f32>,
-    d_pad: usize,
-    dtype: Dtype,
-    out: &mut Vec<u8>,
-) {
-    let mut n = 0;
+fn pack_row(row: impl Iterator<Item = f32>, d_pad: usize, dtype: Dtype, out: &mut Vec<u8>) {
     for x in row.chain(std::iter::repeat(0.0)).take(d_pad) {
         match dtype {
             Dtype::F16 => out.extend_from_slice(&f16_bits(x).to_le_bytes()),
             Dtype::Bf16 => out.extend_from_slice(&bf16_bits(x).to_le_bytes()),
             Dtype::F32 => out.extend_from_slice(&x.to_le_bytes()),
         }
-        n += 1;
     }
-    debug_assert_eq!(n, d_pad);
 }
 
 /// K and V as a kernel reads them: quantized bytes and their scales, or
@@ -320,15 +312,10 @@ impl InPlaceKv {
     /// gives them for packed V: one byte per (sequence, KV head) `b * hkv +
     /// kh` and key tile `kt` of `tile` keys, at `(b * hkv + kh) * ceil(kv /
     /// tile) + kt`, 1 where a key of the tile below the sequence's length
-    /// has a V row (by its index, [`InPlaceKv::row`]) for which `nonfinite`
-    /// holds (`kv`: the longest sequence).
-    pub fn nonfinite_tiles(
-        &self,
-        hkv: usize,
-        kv: usize,
-        tile: usize,
-        nonfinite: impl Fn(usize) -> bool,
-    ) -> Vec<u8> {
+    /// has a V row (by its index, [`InPlaceKv::row`]) flagged nonzero in
+    /// `row_flags` (`KvBytes::v_row_flags`, or a resident pool's) (`kv`: the
+    /// longest sequence).
+    pub fn nonfinite_tiles(&self, row_flags: &[u8], hkv: usize, kv: usize, tile: usize) -> Vec<u8> {
         assert!(tile > 0, "tiles hold at least one key");
         let tiles = kv.div_ceil(tile);
         let mut flags = Vec::with_capacity(self.lens.len() * hkv * tiles);
@@ -337,7 +324,7 @@ impl InPlaceKv {
                 for kt in 0..tiles {
                     let keys = kt * tile..(len as usize).min((kt + 1) * tile);
                     flags.push(u8::from(
-                        keys.into_iter().any(|j| nonfinite(self.row(b, kh, j))),
+                        keys.into_iter().any(|j| row_flags[self.row(b, kh, j)] != 0),
                     ));
                 }
             }
@@ -634,7 +621,7 @@ pub fn launch_args(
                 .expect("a resident pool is read in place");
             let flags = pool
                 .v_row_flags()
-                .map(|rows| ip.nonfinite_tiles(s.hkv, s.kv, l.bkv, |r| rows[r] != 0))
+                .map(|rows| ip.nonfinite_tiles(rows, s.hkv, s.kv, l.bkv))
                 .unwrap_or_default();
             let scales = pool
                 .layout()
@@ -648,7 +635,7 @@ pub fn launch_args(
             let flags = match &in_place_kv {
                 Some(ip) => kv
                     .v_row_flags(l.d_pad, l.dtype)
-                    .map(|rows| ip.nonfinite_tiles(s.hkv, s.kv, l.bkv, |r| rows[r] != 0))
+                    .map(|rows| ip.nonfinite_tiles(&rows, s.hkv, s.kv, l.bkv))
                     .unwrap_or_default(),
                 None => match kv.v_for_flags(l.dtype) {
                     Some(v) => {
