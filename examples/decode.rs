@@ -60,7 +60,7 @@ fn decode(
     let mut free: Vec<i32> = (0..num_pages as i32).rev().collect();
     // Gives sequence `seq` a page for key `pos` when it starts a new one.
     let mut grow = |table: &mut Array2<i32>, seq: usize, pos: usize| {
-        if pos % page_size == 0 {
+        if pos.is_multiple_of(page_size) {
             table[[seq, pos / page_size]] = free.pop().expect("the pool has room");
         }
     };

@@ -37,7 +37,7 @@ float32/float64, bool from bool.\n\n\
 A quick self-check without numpy: random inputs, compared with the reference backend:\n  \
 attnc run examples/packed_docs.attn --random --q-len 256 --buffer doc=docs:4 --check"
     )]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print a compiler stage's output for a spec.
     #[command(
         after_help = "Examples:\n  attnc emit examples/alibi.attn --stage tile\n  attnc emit examples/sliding_window.attn --stage tile --block 32x128 --dim 128 --param window=512\n  attnc emit examples/causal.attn --stage checked\n\n\
@@ -47,7 +47,7 @@ resolved, with dependences), tile (the optimised loop IR; --stage tile-unopt for
 optimisation). The tile IR is generic over batch, heads and lengths; it specialises on the\n\
 tile sizes (--block, default auto: 128x64 without a mask, 64x64 otherwise, as for `attnc run`) and the head dim (--dim, default 64; `--dim generic` keeps D symbolic)."
     )]
-    Emit(EmitArgs),
+    Emit(Box<EmitArgs>),
     /// Classify the tiles of a spec's mask (full / partial / empty) and draw the block map.
     #[command(
         after_help = "Examples:\n  attnc blocks examples/causal.attn --q-len 4096 --block 128x128\n  \
@@ -63,7 +63,7 @@ and HKV (--batch, --heads, --kv-heads; --b and --h are aliases) and D = 1 are us
 shapes; masks that depend on b or h get one map per (b, h), and the grid shows the one chosen with\n\
 --at. --kv-len defaults to --q-len and --block to auto, as for `attnc run` and `attnc bench`."
     )]
-    Blocks(BlocksArgs),
+    Blocks(Box<BlocksArgs>),
     /// Benchmark a spec on random inputs.
     #[command(
         after_help = "Examples:\n  attnc bench examples/causal.attn --q-len 4096 --heads 8 --dim 64\n  attnc bench examples/packed_docs.attn --q-len 4096 --heads 8 --dim 64 --buffer doc=docs:4 --json\n  attnc bench examples/alibi.attn --q-len 1024 --heads 8 --dim 64 --buffer slope=alibi --backend interp\n  attnc bench examples/causal.attn --q-len 4096 --gemm jit --peak   # efficiency against the f32x4 FMA peak\n\n\
@@ -75,7 +75,7 @@ const:V (any type). GFLOP/s count 4*B*H*Q*KV*D flops (dense) or only visible ent
 AVX2 or AVX-512 for native) on every thread right before each run, so efficiencies are measured\n\
 against the machine's speed at that moment."
     )]
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
 }
 
 #[derive(Args)]
@@ -1202,7 +1202,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         let bound = attnc::bind::bind(&program.spec, &inputs)?;
         let pairs = jit
             .as_ref()
-            .map_or_else(|| driver::default_bf16_pairs(), |j| j.bf16_pairs());
+            .map_or_else(driver::default_bf16_pairs, |j| j.bf16_pairs());
         let (rows, kv) = driver::nest_for(&bound, t, pairs);
         report.nest = Some(format!("rows {rows:?}, K/V {kv:?}"));
     }
@@ -1277,17 +1277,17 @@ fn kv_source_flags(args: &RunArgs) -> Result<(), Error> {
 
 fn run(cmd: Command) -> Result<(), Error> {
     match cmd {
-        Command::Bench(args) => bench(args),
+        Command::Bench(args) => bench(*args),
         Command::Emit(args) => {
             let output = args.output.clone();
             if let Some(path) = &output {
                 Staged::check_targets(&[("-o", path)])?;
             }
-            let text = emit(args)?;
+            let text = emit(*args)?;
             deliver(output.as_deref(), &text)
         }
         Command::Blocks(args) => {
-            let text = blocks(args)?;
+            let text = blocks(*args)?;
             say(text)
         }
         Command::Check { spec } => {
@@ -1312,7 +1312,7 @@ fn run(cmd: Command) -> Result<(), Error> {
                 names.join(", ")
             ))
         }
-        Command::Run(args) => run_spec(args),
+        Command::Run(args) => run_spec(*args),
     }
 }
 
@@ -1332,7 +1332,7 @@ fn probe_fallback(program: &driver::Program) -> Option<String> {
     }
     let one = ndarray::Array4::<f32>::zeros((1, 1, 1, 1));
     let view = one.broadcast((1, 1, PROBE_LEN, 1))?;
-    let inputs = Inputs::new(view.clone(), view.clone(), view);
+    let inputs = Inputs::new(view, view, view);
     let bound = attnc::bind::bind(spec, &inputs).ok()?;
     let tiling = attnc::mask::Tiling::new(64, 64).ok()?;
     let maps = attnc::mask::classify(spec, &bound, tiling).ok()?;
@@ -1445,7 +1445,7 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
         None => (Default::default(), Default::default()),
         Some(q_len) => {
             let hkv = args.kv_heads.unwrap_or(args.heads);
-            if args.heads == 0 || hkv == 0 || args.heads % hkv != 0 || args.batch == 0 {
+            if args.heads == 0 || hkv == 0 || !args.heads.is_multiple_of(hkv) || args.batch == 0 {
                 return Err(Error::Usage(format!(
                     "--heads {} and --kv-heads {hkv} (and --batch {}) must be at least 1, with H a multiple of HKV",
                     args.heads, args.batch

@@ -66,6 +66,9 @@ struct Opened {
     data_bytes: Option<u64>,
 }
 
+/// A tuple or list element, or a dict's key and value.
+type Item = (Lit, Option<Lit>);
+
 /// A Python literal of an `.npy` header, as far as attnc reads one.
 #[derive(Clone, Debug, PartialEq)]
 enum Lit {
@@ -111,7 +114,7 @@ impl LitParser<'_> {
 
     /// Items up to `close`, separated by commas, a trailing comma allowed.
     /// Returns the items and whether a comma was seen.
-    fn items(&mut self, close: u8, pairs: bool) -> Option<(Vec<(Lit, Option<Lit>)>, bool)> {
+    fn items(&mut self, close: u8, pairs: bool) -> Option<(Vec<Item>, bool)> {
         let mut items = Vec::new();
         let mut comma = false;
         loop {

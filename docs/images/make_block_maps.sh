@@ -21,6 +21,16 @@ with open(sys.argv[1], "wb") as f:
     f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode())
     f.write(struct.pack("<%dq" % n, *vals))
 PY
+# offsets[5] for doc_offsets: four documents of 200, 250, 350 and 224 tokens.
+python3 - "$tmp/offsets.npy" <<'PY'
+import struct, sys
+vals = [0, 200, 450, 800, 1024]
+header = "{'descr': '<i8', 'fortran_order': False, 'shape': (%d,), }" % len(vals)
+header += " " * (63 - (10 + len(header)) % 64) + "\n"
+with open(sys.argv[1], "wb") as f:
+    f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode())
+    f.write(struct.pack("<%dq" % len(vals), *vals))
+PY
 run() {
   local name=$1
   shift
@@ -44,4 +54,9 @@ run spec_tree --param prompt=768 --buffer "parent=$tmp/parent.npy"
 run alibi --buffer slope=alibi
 run softcap
 run t5_bias --buffer rel_bias=uniform
+run doc_offsets --buffer "offsets=$tmp/offsets.npy"
+run gelu_score
+run mla_rope --buffer q_pe=uniform --buffer k_pe=uniform
+run natten_morton --param R=3
+run sandwich
 ls "$out"

@@ -406,7 +406,7 @@ impl Checker {
             let want = sema_type(ty.kind);
             let id = match (found, want) {
                 _ if found == want => id,
-                (Type::Int, Type::Float) => self.to_float(id),
+                (Type::Int, Type::Float) => self.cast_to_float(id),
                 _ => {
                     self.error(
                         "attnc::sema::type_mismatch",
@@ -482,7 +482,7 @@ impl Checker {
         let want = sema_type(f.ret.kind);
         match (found, want) {
             _ if found == want => Some((id, want)),
-            (Type::Int, Type::Float) => Some((self.to_float(id), Type::Float)),
+            (Type::Int, Type::Float) => Some((self.cast_to_float(id), Type::Float)),
             _ => {
                 self.error(
                     "attnc::sema::type_mismatch",
@@ -853,7 +853,7 @@ impl Checker {
         let id = match (ctx, ty) {
             (Context::Mask, Type::Bool) => id,
             (Context::Score | Context::Scale, Type::Float) => id,
-            (Context::Score | Context::Scale, Type::Int) => self.to_float(id),
+            (Context::Score | Context::Scale, Type::Int) => self.cast_to_float(id),
             _ => {
                 let help = match ctx {
                     Context::Mask => "a mask is a condition, e.g. `q >= kv` or `doc[q] == doc[kv]`".to_string(),
@@ -1180,7 +1180,7 @@ impl Checker {
         })
     }
 
-    fn to_float(&mut self, id: ExprId) -> ExprId {
+    fn cast_to_float(&mut self, id: ExprId) -> ExprId {
         if self.spec.ty(id) == Type::Float {
             return id;
         }
@@ -1199,7 +1199,7 @@ impl Checker {
             return Type::Int;
         }
         for id in ids.iter_mut() {
-            *id = self.to_float(*id);
+            *id = self.cast_to_float(*id);
         }
         Type::Float
     }
@@ -1869,7 +1869,7 @@ impl Checker {
                     }
                     _ => {
                         for id in ids.iter_mut() {
-                            *id = self.to_float(*id);
+                            *id = self.cast_to_float(*id);
                         }
                         Type::Float
                     }
@@ -2066,8 +2066,8 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, row) in d.iter_mut().enumerate() {
         row[0] = i;
     }
-    for j in 0..=b.len() {
-        d[0][j] = j;
+    for (j, x) in d[0].iter_mut().enumerate() {
+        *x = j;
     }
     for i in 1..=a.len() {
         for j in 1..=b.len() {

@@ -438,6 +438,10 @@ pub struct Param {
     pub span: Span,
 }
 
+/// An integer operation on two dimensions' values: `None` where it
+/// overflows (or, for a division, for a divisor below 1).
+type CheckedOp = fn(i64, i64) -> Option<i64>;
+
 /// One dimension of a buffer: an int expression of literals, int params
 /// and shapes. `/` rounds up, so `Q / 64` counts the query tiles of 64 rows,
 /// a partial one included.
@@ -478,7 +482,7 @@ impl Dim {
 
     /// The operands of `+ - * /` and the operation on their values (`None`
     /// where it overflows, or for a divisor below 1).
-    fn operation(&self) -> Option<(&Dim, &Dim, fn(i64, i64) -> Option<i64>)> {
+    fn operation(&self) -> Option<(&Dim, &Dim, CheckedOp)> {
         Some(match self {
             Dim::Add(a, b) => (a, b, i64::checked_add),
             Dim::Sub(a, b) => (a, b, i64::checked_sub),

@@ -722,6 +722,16 @@ fn syntax_hint(source: &str, pos: usize, found: &str, expected: &[&str]) -> Opti
     if rest.starts_with(';') {
         return Some("items end at the end of the line: remove the `;`".to_string());
     }
+    if expects("a name") {
+        if let "`attention`" | "`fn`" | "`param`" | "`buffer`" | "`let`" | "`if`" | "`else`"
+        | "`true`" | "`false`" = found
+        {
+            return Some(format!("{found} is a keyword and cannot be used as a name"));
+        }
+        if before.ends_with("attention") {
+            return Some("name the block: `attention NAME { ... }`".to_string());
+        }
+    }
     if expects("`else`") {
         return Some(
             "`if` is an expression and always needs an `else`: `if COND { A } else { B }`"
@@ -730,16 +740,6 @@ fn syntax_hint(source: &str, pos: usize, found: &str, expected: &[&str]) -> Opti
     }
     if rest.starts_with("else") || rest.starts_with('?') {
         return Some("conditionals are written `if COND { A } else { B }`".to_string());
-    }
-    if expects("a name") {
-        if let "`attention`" | "`param`" | "`buffer`" | "`let`" | "`if`" | "`else`" | "`true`"
-        | "`false`" = found
-        {
-            return Some(format!("{found} is a keyword and cannot be used as a name"));
-        }
-        if before.ends_with("attention") {
-            return Some("name the block: `attention NAME { ... }`".to_string());
-        }
     }
     if expects("`:`")
         && before
@@ -818,6 +818,31 @@ mod tests {
 
     fn ok(src: &str) -> String {
         parse(src).unwrap().to_string()
+    }
+
+    /// Every keyword of the grammar, used as a name, is explained as one
+    /// (the list of the hint is kept by hand beside the grammar's).
+    #[test]
+    fn every_keyword_used_as_a_name_is_called_a_keyword() {
+        let grammar = include_str!("../../grammar/attn.pest");
+        let rule = grammar
+            .lines()
+            .find(|l| l.starts_with("keyword"))
+            .expect("the grammar has a keyword rule");
+        let words: Vec<&str> = rule.split('"').skip(1).step_by(2).collect();
+        assert!(words.len() >= 9 && words.contains(&"fn"), "{words:?}");
+        for word in words {
+            let err = parse(&format!(
+                "attention a {{ param {word}: int = 1 mask = causal }}"
+            ))
+            .expect_err(word);
+            let help = err.help.unwrap_or_default();
+            assert_eq!(
+                help,
+                format!("`{word}` is a keyword and cannot be used as a name"),
+                "{word}"
+            );
+        }
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub fn build(spec: &Spec, schedule: &Schedule) -> Kernel {
     let scale = match spec.scale {
         Some(s) => {
             let v = lower.expr(s, None);
-            lower.to_float(v)
+            lower.cast_to_float(v)
         }
         None => {
             let d = lower.shape(ShapeVar::D);
@@ -63,7 +63,7 @@ pub fn build(spec: &Spec, schedule: &Schedule) -> Kernel {
         None => tile,
         Some(s) => {
             let v = lower.expr(s, guard);
-            let v = lower.to_float(v);
+            let v = lower.cast_to_float(v);
             if schedule.exp2 {
                 let log2e = lower.b.fconst(std::f32::consts::LOG2_E);
                 lower.b.binary(BinOp::FMul, v, log2e)
@@ -166,7 +166,7 @@ impl Lower<'_> {
         }
     }
 
-    fn to_float(&mut self, v: ValueId) -> ValueId {
+    fn cast_to_float(&mut self, v: ValueId) -> ValueId {
         match self.b.ty(v) {
             Ty::F32 => v,
             Ty::I64 => self.b.add(Op::IToF(v), Ty::F32, None, None),
@@ -427,7 +427,7 @@ impl Lower<'_> {
                         let lo = self.b.binary(max, args[0], args[1]);
                         self.b.binary(min, lo, args[2])
                     }
-                    Func::Float => self.to_float(args[0]),
+                    Func::Float => self.cast_to_float(args[0]),
                     Func::Int => match self.b.ty(args[0]) {
                         Ty::F32 => self.b.add(Op::FToI(args[0]), Ty::I64, None, None),
                         Ty::Bool => self.b.add(Op::BToI(args[0]), Ty::I64, None, None),

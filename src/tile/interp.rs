@@ -450,8 +450,8 @@ pub fn run(
                         for (i, row) in s.iter_mut().enumerate() {
                             for (j, x) in row.iter_mut().enumerate() {
                                 let mut dot = 0f32;
-                                for d in 0..sh.d {
-                                    dot += qs[i][d] * inputs.k.get(kv_at(i, col0 + j, d));
+                                for (d, &q) in qs[i].iter().enumerate().take(sh.d) {
+                                    dot += q * inputs.k.get(kv_at(i, col0 + j, d));
                                 }
                                 *x = dot * prescale;
                             }

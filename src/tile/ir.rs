@@ -376,7 +376,7 @@ impl Op {
             Op::Binary(op, _, b) if op.is_checked_shift() => {
                 !const_of(*b).is_some_and(|c| (0..=63).contains(&c))
             }
-            Op::Binary(op, _, b) if op.may_trap() => !const_of(*b).is_some_and(|c| c != 0),
+            Op::Binary(op, _, b) if op.may_trap() => const_of(*b).is_none_or(|c| c == 0),
             _ => false,
         }
     }

@@ -74,8 +74,8 @@ pub const TANH_APPROX_NUM: [f32; 7] = [
     6.372_619_3e-4,
     1.485_722_4e-5,
     5.122_297e-8,
-    -8.604_671_5e-11,
-    2.000_187_9e-13,
+    -8.604_672e-11,
+    2.000_188e-13,
     -2.760_768_5e-16,
 ];
 /// The even denominator of [`tanh_approx`] in `x²`, lowest degree first.

@@ -36,8 +36,11 @@ use crate::sema::{Dim, ShapeVar, Var};
 /// reach 2^62).
 const MAX_PROOF_FACTOR: u64 = 1 << 20;
 
+/// One optimisation pass: a kernel in, the rewritten kernel out.
+pub type Pass = fn(&Kernel) -> Kernel;
+
 /// The optimisation pipeline, in order.
-pub const PASSES: [(&str, fn(&Kernel) -> Kernel); 5] = [
+pub const PASSES: [(&str, Pass); 5] = [
     ("fold_constants", fold_constants),
     ("prove_bounds", prove_bounds),
     ("simplify_affine", simplify_affine),

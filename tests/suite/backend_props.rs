@@ -38,7 +38,7 @@ proptest! {
         let reference = program.run_reference(&inputs);
         // NaN scores (e.g. `0.0 * -inf`) propagate as in the reference: NaN
         // cases are compared too (NaN where the reference has NaN).
-        agree(&format!("interp {bq}x{}", 16 * panels), &case, &reference, program.run_interp(&inputs, attnc::mask::Tiling { bq: bq, bkv: 16 * panels }))?;
+        agree(&format!("interp {bq}x{}", 16 * panels), &case, &reference, program.run_interp(&inputs, attnc::mask::Tiling { bq, bkv: 16 * panels }))?;
         let gemm = if native { GemmImpl::detect() } else { GemmImpl::Jit };
         // Every read is bounds-checked, the ones the optimiser proved in range
         // too: a proof that does not hold panics (and fails the case).

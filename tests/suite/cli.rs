@@ -1941,7 +1941,8 @@ fn run_reads_half_precision_and_quantized_inputs() {
     let read = |p: &str| ArrayD::<f32>::read_npy(File::open(dir.path(p)).unwrap()).unwrap();
     let f32_files = ["q.npy", "k.npy", "v.npy"];
     // (--dtype, --kv-dtype, files already in the type, their extra flags)
-    let cases: [(&str, Option<&str>, [&str; 3], Vec<String>); 4] = [
+    type Case<'a> = (&'a str, Option<&'a str>, [&'a str; 3], Vec<String>);
+    let cases: [Case; 4] = [
         (
             "bf16",
             None,

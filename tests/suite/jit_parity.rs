@@ -21,7 +21,7 @@ fn jit_matches_reference_on_every_fixture() {
         for gemm in gemms() {
             for (bq, bkv) in [(64, 64), (16, 16), (7, 32), (1, 16)] {
                 let kernel = program
-                    .compile_jit(attnc::mask::Tiling { bq: bq, bkv: bkv }, gemm)
+                    .compile_jit(attnc::mask::Tiling { bq, bkv }, gemm)
                     .unwrap();
                 let got = kernel
                     .run(&case.inputs())
@@ -48,7 +48,7 @@ fn jit_matches_reference_on_focused_specs_with_random_inputs() {
             .into_iter()
             .map(|(bq, bkv)| {
                 program
-                    .compile_jit(attnc::mask::Tiling { bq: bq, bkv: bkv }, GemmImpl::detect())
+                    .compile_jit(attnc::mask::Tiling { bq, bkv }, GemmImpl::detect())
                     .unwrap()
             })
             .collect();

@@ -305,7 +305,7 @@ proptest! {
         for (layout, inputs) in [("dense rows", &dense), ("pool", &paged)] {
             let what = format!("ragged {lens:?} page {ps} {layout}");
             agree_to(&format!("jit {bq}x16 {what}"), &case, &reference, kernel.run(inputs), 1e-5)?;
-            agree_to(&format!("interp {bq}x16 {what}"), &case, &reference, program.run_interp(inputs, attnc::mask::Tiling { bq: bq, bkv: 16 }), 1e-5)?;
+            agree_to(&format!("interp {bq}x16 {what}"), &case, &reference, program.run_interp(inputs, attnc::mask::Tiling { bq, bkv: 16 }), 1e-5)?;
         }
     }
 }

@@ -158,7 +158,15 @@ fn math_functions_meet_their_documented_bounds_on_every_backend() {
     let n = 2048;
     let zeros = vec![0.0f32; n];
     // (expr, inputs x, y, exact, bound on the CPU backends, bound on the GPU)
-    let cases: Vec<(&str, Vec<f32>, Vec<f32>, fn(f64, f64) -> f64, f64, f64)> = vec![
+    type Case = (
+        &'static str,
+        Vec<f32>,
+        Vec<f32>,
+        fn(f64, f64) -> f64,
+        f64,
+        f64,
+    );
+    let cases: Vec<Case> = vec![
         (
             "sin(x[q])",
             sweep(-100.0, 100.0, n),

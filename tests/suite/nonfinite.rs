@@ -32,14 +32,14 @@ fn every_backend(program: &Program, inputs: &Inputs<'_>) -> Vec<(String, Outputs
         runs.push((
             format!("interp {bq}x{bkv}"),
             program
-                .run_interp(inputs, attnc::mask::Tiling { bq: bq, bkv: bkv })
+                .run_interp(inputs, attnc::mask::Tiling { bq, bkv })
                 .unwrap(),
         ));
         let mut gemms = vec![GemmImpl::Jit, GemmImpl::detect()];
         gemms.dedup();
         for gemm in gemms {
             let kernel = program
-                .compile_jit(attnc::mask::Tiling { bq: bq, bkv: bkv }, gemm)
+                .compile_jit(attnc::mask::Tiling { bq, bkv }, gemm)
                 .unwrap();
             runs.push((
                 format!("jit {bq}x{bkv} {}", gemm.name()),

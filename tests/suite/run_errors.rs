@@ -31,7 +31,7 @@ fn same_error_everywhere(program: &Program, inputs: &Inputs<'_>) -> String {
     assert_ne!(want, "ok", "the case must fail");
     for (bq, bkv) in [(64, 64), (16, 16), (3, 32)] {
         assert_eq!(
-            message(program.run_interp(inputs, attnc::mask::Tiling { bq: bq, bkv: bkv })),
+            message(program.run_interp(inputs, attnc::mask::Tiling { bq, bkv })),
             want,
             "interp {bq}x{bkv}"
         );
@@ -39,7 +39,7 @@ fn same_error_everywhere(program: &Program, inputs: &Inputs<'_>) -> String {
         gemms.dedup();
         for gemm in gemms {
             let kernel = program
-                .compile_jit(attnc::mask::Tiling { bq: bq, bkv: bkv }, gemm)
+                .compile_jit(attnc::mask::Tiling { bq, bkv }, gemm)
                 .unwrap();
             assert_eq!(
                 message(kernel.run(inputs)),

@@ -240,7 +240,7 @@ fn focused_specs_agree_with_reference_on_random_inputs() {
             }
             let reference = program.run_reference(&inputs);
             for (bq, bkv) in [(64, 64), (16, 8), (5, 7)] {
-                let got = program.run_interp(&inputs, attnc::mask::Tiling { bq: bq, bkv: bkv });
+                let got = program.run_interp(&inputs, attnc::mask::Tiling { bq, bkv });
                 match (&reference, &got) {
                     (Ok(r), Ok(g)) => common::assert_close(
                         &format!("{} {bq}x{bkv}", path.display()),

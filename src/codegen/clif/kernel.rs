@@ -136,7 +136,7 @@ pub fn compile(
     options: &JitOptions,
 ) -> Result<CompiledKernel, CodegenError> {
     let start = Instant::now();
-    if kernel.schedule.tiling.bkv % 16 != 0 {
+    if !kernel.schedule.tiling.bkv.is_multiple_of(16) {
         return Err(CodegenError::Isa(format!(
             "the CPU backend needs key tiles that are a multiple of 16 (packed K panels), found bkv = {}",
             kernel.schedule.tiling.bkv

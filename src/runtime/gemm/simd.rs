@@ -104,11 +104,7 @@ pub(crate) unsafe trait Simd: Copy {
 /// The first `n` elements at `p` converted by `f` (the other lanes 0): the
 /// scalar form of the widening loads, and every type's masked load.
 #[inline(always)]
-pub(crate) unsafe fn widen<S: Simd + ?Sized, T: Copy>(
-    p: *const T,
-    n: usize,
-    f: impl Fn(T) -> f32,
-) -> S::V {
+pub(crate) unsafe fn widen<S: Simd, T: Copy>(p: *const T, n: usize, f: impl Fn(T) -> f32) -> S::V {
     let mut out = [0f32; MAX_LANES];
     for (i, o) in out.iter_mut().enumerate().take(n) {
         *o = f(*p.add(i));
