@@ -149,6 +149,19 @@ pub struct Outputs {
     pub lse: Option<Array3<f32>>,
 }
 
+impl Outputs {
+    /// The outputs of a call on `shapes` where B, H or Q is 0 (nothing to
+    /// compute), with lse when asked for.
+    pub fn empty(shapes: &Shapes, want_lse: bool) -> Outputs {
+        debug_assert!(shapes.b == 0 || shapes.h == 0 || shapes.q == 0);
+        let (b, h, q) = (shapes.b, shapes.h, shapes.q);
+        Outputs {
+            out: Array4::zeros((b, h, q, shapes.d)),
+            lse: want_lse.then(|| Array3::from_elem((b, h, q), f32::NEG_INFINITY)),
+        }
+    }
+}
+
 /// A validated problem: concrete shapes and the buffers in declaration order.
 ///
 /// `shapes.kv` is the `KV` the spec sees: the end of the positions of the
@@ -185,11 +198,28 @@ pub struct Pages {
     pub page_size: usize,
     /// Pages in the pool.
     pub num_pages: usize,
-    /// `[B, max_pages]`; entries a sequence uses are in `0 .. num_pages`.
+    /// `[B, max_pages]`, in standard (row-major) layout: the kernels read a
+    /// sequence's row as a contiguous run; entries a sequence uses are in
+    /// `0 .. num_pages`.
     pub table: Array2<i32>,
 }
 
 impl Bound {
+    /// The most keys any sequence has (its rows of k and v): the extent of
+    /// the key walk, which `shapes.kv` (the end of the positions, offsets
+    /// included) may far exceed.
+    pub fn key_rows(&self) -> usize {
+        match &self.kv_lens {
+            Some(lens) => lens.iter().copied().max().unwrap_or(0),
+            None => self.kv_rows,
+        }
+    }
+
+    /// Whether the call has no output to compute: B, H or Q is 0.
+    pub fn is_empty(&self) -> bool {
+        self.shapes.b == 0 || self.shapes.h == 0 || self.shapes.q == 0
+    }
+
     /// The number of keys of sequence `b` (its rows of k and v).
     pub fn kv_len(&self, b: usize) -> usize {
         match &self.kv_lens {
@@ -856,6 +886,6 @@ fn bind_pages(
     Ok(Pages {
         page_size,
         num_pages,
-        table: table.to_owned(),
+        table: table.as_standard_layout().into_owned(),
     })
 }

@@ -545,6 +545,9 @@ fn overrides_from_the_start(
 /// mask, shapes and buffers.
 #[derive(Debug)]
 pub struct Plan {
+    /// The spec the maps were built for: a plan serves kernels of this spec
+    /// only (another spec's maps would skip or mask other tiles).
+    spec: Spec,
     bound: crate::bind::Bound,
     maps: crate::mask::BlockMaps,
 }
@@ -725,9 +728,11 @@ pub fn nest_for_shapes(
     use crate::tensor::ElemType;
     use crate::tile::nest::{KvSource, RowMap};
     let group = sh.h / sh.hkv.max(1);
-    if paged && sh.hkv > 1 && sh.h * sh.q <= tiling.bq && sh.q > 0 {
+    // A grouped tile needs rows to group: none of 0 heads (H = 0 < HKV).
+    let rows = group > 0 && sh.q > 0;
+    if paged && sh.hkv > 1 && sh.h * sh.q <= tiling.bq && rows {
         (RowMap::AllHeads, KvSource::InPlace)
-    } else if group * sh.q <= tiling.bq && sh.q > 0 {
+    } else if group * sh.q <= tiling.bq && rows {
         (RowMap::GqaGroup, KvSource::InPlace)
     } else if kv_elem.is_quantized() {
         (RowMap::OneHead, KvSource::InPlace)
@@ -830,12 +835,24 @@ impl JitKernel {
         let bound = bind(&self.program.spec, inputs)?;
         let maps = crate::mask::classify(&self.program.spec, &bound, self.tiling)
             .map_err(|e| self.program.classify_error(inputs, &bound, e))?;
-        Ok(Plan { bound, maps })
+        Ok(Plan {
+            spec: self.program.spec.clone(),
+            bound,
+            maps,
+        })
     }
 
-    /// Runs the kernel with a plan made by [`JitKernel::plan`]. The inputs must
-    /// have the plan's shapes, query offset and buffers (checked).
+    /// Runs the kernel with a plan made by [`JitKernel::plan`] of a kernel of
+    /// the same spec. The inputs must have the plan's shapes, offsets, lengths,
+    /// page table and buffers (checked).
     pub fn run_planned(&self, inputs: &Inputs<'_>, plan: &Plan) -> Result<Outputs, Error> {
+        if plan.spec != self.program.spec {
+            return Err(Error::Usage(format!(
+                "the plan was made by a kernel of `{}`, and its block maps do not fit `{}`; \
+                 make a plan with this kernel (`plan`)",
+                plan.spec.name, self.program.spec.name
+            )));
+        }
         let bound = bind(&self.program.spec, inputs)?;
         if bound != plan.bound {
             return Err(Error::Usage(format!(
@@ -852,8 +869,11 @@ impl JitKernel {
         self.compiled.clif.as_deref()
     }
 
-    /// Runs the kernel with block maps built by the caller.
-    pub fn run_with_maps(
+    /// Runs the kernel on `bound` and `maps`, which the caller made from these
+    /// very inputs with this kernel's spec and tiling (`bind`, `classify`):
+    /// the task functions read what they describe without bounds checks, so
+    /// this is not public.
+    fn run_with_maps(
         &self,
         inputs: &Inputs<'_>,
         bound: &crate::bind::Bound,
@@ -873,6 +893,7 @@ impl JitKernel {
         crate::memory::jit_scratch(
             &mut need,
             &bound.shapes,
+            bound.key_rows(),
             self.tiling,
             rayon::current_num_threads(),
         );
@@ -882,6 +903,9 @@ impl JitKernel {
             crate::memory::shapes_text(&bound.shapes),
             self.tiling
         ))?;
+        if bound.is_empty() {
+            return Ok(Outputs::empty(&bound.shapes, inputs.want_lse));
+        }
         let mut own = Vec::new();
         let mut shared = self.workspace.try_lock().ok();
         let workspace = shared.as_deref_mut().unwrap_or(&mut own);
@@ -974,6 +998,7 @@ impl Program {
         let tiling =
             crate::mask::Tiling::new(tiling.bq, tiling.bkv).map_err(|e| self.mask_error(e))?;
         let bound = bind(&self.spec, inputs)?;
+        self.check_memory(&bound, crate::memory::Backend::Interp, tiling, 1)?;
         let maps = crate::mask::classify(&self.spec, &bound, tiling)
             .map_err(|e| self.classify_error(inputs, &bound, e))?;
         let (rows, kv) = nest_for(&bound, tiling, bf16_pairs);
@@ -1069,6 +1094,9 @@ impl Program {
     /// [`Program::compile_jit`] with all options.
     pub fn compile_jit_with(&self, options: &CompileOptions) -> Result<JitKernel, Error> {
         let tiling = self.tiling(options.tiles);
+        // `Tiles::Fixed` takes a `Tiling` literal: refuse tiles of 0 here,
+        // not at the first call.
+        crate::mask::Tiling::new(tiling.bq, tiling.bkv).map_err(|e| self.mask_error(e))?;
         check_jit_tiling(tiling)?;
         let schedule = crate::tile::Schedule {
             tiling,
@@ -1184,6 +1212,31 @@ impl Program {
         Some(note)
     }
 
+    /// Refuses a run on `backend` whose outputs and scratch
+    /// ([`crate::memory::run_estimate`]) would not fit the memory available,
+    /// before anything is allocated.
+    fn check_memory(
+        &self,
+        bound: &crate::bind::Bound,
+        backend: crate::memory::Backend,
+        tiling: crate::mask::Tiling,
+        threads: usize,
+    ) -> Result<(), Error> {
+        let need = crate::memory::run_estimate(
+            &self.spec,
+            &bound.shapes,
+            bound.key_rows(),
+            backend,
+            tiling,
+            threads,
+        );
+        Ok(need.check(format_args!(
+            "running `{}` on {} ({backend:?})",
+            self.spec.name,
+            crate::memory::shapes_text(&bound.shapes)
+        ))?)
+    }
+
     pub fn run_reference(&self, inputs: &Inputs<'_>) -> Result<Outputs, Error> {
         self.run_reference_observed(inputs, &mut |_, _| {})
     }
@@ -1196,6 +1249,9 @@ impl Program {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Outputs, Error> {
         let bound = bind(&self.spec, inputs)?;
+        // The reference has no tiles; the estimate does not use them.
+        let tiling = crate::mask::Tiling { bq: 1, bkv: 1 };
+        self.check_memory(&bound, crate::memory::Backend::Reference, tiling, 1)?;
         crate::reference::run_observed(&self.spec, inputs, &bound, progress).map_err(|error| {
             Error::Eval {
                 file: self.file.clone(),
@@ -1367,7 +1423,7 @@ impl crate::runtime::cuda::CudaRuntime {
             kv_quant,
         };
         let code = ptx::compile(&kernel, &options)?;
-        self.load(kernel, code)
+        self.load(spec, kernel, code)
     }
 
     /// Binds, compiles, uploads, runs and downloads in one call.
@@ -1378,6 +1434,10 @@ impl crate::runtime::cuda::CudaRuntime {
         dtype: crate::codegen::ptx::Dtype,
     ) -> Result<Outputs, crate::runtime::cuda::CudaError> {
         let bound = bind(spec, inputs)?;
+        if bound.is_empty() {
+            // No rows: nothing to launch (a grid of no blocks is an error).
+            return Ok(Outputs::empty(&bound.shapes, inputs.want_lse));
+        }
         let k = self.compile_for(spec, &bound, dtype)?;
         let mut p = self.prepare_bound(&k, spec, inputs, bound)?;
         self.launch(&k, &mut p)?;
@@ -1389,6 +1449,180 @@ impl crate::runtime::cuda::CudaRuntime {
 mod tests {
     use super::*;
     use crate::bench::Rng;
+
+    fn program(src: &str) -> Program {
+        load(SourceFile::new("t.attn", src), &SpecOptions::default()).unwrap()
+    }
+
+    fn jit(program: &Program) -> JitKernel {
+        program
+            .compile_jit(
+                crate::mask::Tiling::new(64, 64).unwrap(),
+                crate::codegen::clif::GemmImpl::detect(),
+            )
+            .unwrap()
+    }
+
+    fn max_diff(a: &Outputs, b: &Outputs) -> f32 {
+        a.out
+            .iter()
+            .zip(&b.out)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// A page table in column-major (Fortran) layout reads the same pages as
+    /// the same table in row-major layout: the kernels read a sequence's row
+    /// of the table as a contiguous run, so binding keeps a standard copy.
+    /// The entries past each sequence's pages are garbage.
+    #[test]
+    fn a_column_major_page_table_reads_the_same_pages() {
+        let p = program("attention a { mask = causal }");
+        let kernel = jit(&p);
+        let mut rng = Rng::new(7);
+        let (pages, ps, hkv, d) = (12, 4, 2, 8);
+        let kp = rng.array4((pages, ps, hkv, d));
+        let vp = rng.array4((pages, ps, hkv, d));
+        // Sequence 0 uses pages 3, 7, 1 (11 keys) and sequence 1 pages 10,
+        // 0, 5 (10 keys): 1_000_000 and -9 sit past their pages.
+        let rows = vec![3, 7, 1, 1_000_000, 10, 0, 5, -9, 11, 2, 4, 6];
+        let table = ndarray::Array2::from_shape_vec((3, 4), rows).unwrap();
+        let lens = ndarray::Array1::from_vec(vec![11, 10, 13]);
+        let mut fortran = ndarray::Array2::<i32>::zeros(ndarray::ShapeBuilder::f((3, 4)));
+        fortran.assign(&table);
+        assert!(!fortran.is_standard_layout());
+        for q_len in [1, 6] {
+            let q = rng.array4((3, 4, q_len, d));
+            let want = p
+                .run_reference(&Inputs::paged(
+                    q.view(),
+                    kp.view(),
+                    vp.view(),
+                    table.view(),
+                    lens.view(),
+                ))
+                .unwrap();
+            let inputs = Inputs::paged(q.view(), kp.view(), vp.view(), fortran.view(), lens.view());
+            let got = kernel.run(&inputs).unwrap();
+            assert!(max_diff(&got, &want) < 1e-5, "Q = {q_len}");
+            let tiling = crate::mask::Tiling::new(5, 3).unwrap();
+            let got = p.run_interp(&inputs, tiling).unwrap();
+            assert!(max_diff(&got, &want) < 1e-5, "interp, Q = {q_len}");
+        }
+    }
+
+    /// A plan carries the spec its block maps were built for: a kernel of
+    /// another spec refuses it (its maps would skip or mask other tiles),
+    /// another kernel of the same spec takes it.
+    #[test]
+    fn a_plan_serves_kernels_of_its_own_spec_only() {
+        let causal = program("attention a { mask = causal }");
+        let window = program("attention a { mask = causal && q - kv < 16 }");
+        let (kc, kw, kc2) = (jit(&causal), jit(&window), jit(&causal));
+        let x = Rng::new(3).array4((1, 2, 300, 16));
+        let inputs = Inputs::new(x.view(), x.view(), x.view());
+        let plan = kw.plan(&inputs).unwrap();
+        match kc.run_planned(&inputs, &plan) {
+            Err(Error::Usage(m)) => assert!(m.contains("made by a kernel of"), "{m}"),
+            other => panic!("expected a usage error, got {other:?}"),
+        }
+        let want = kc.run(&inputs).unwrap();
+        let got = kc2
+            .run_planned(&inputs, &kc.plan(&inputs).unwrap())
+            .unwrap();
+        assert_eq!(got.out, want.out);
+    }
+
+    /// A call with no rows (B, H or Q of 0, with key/value heads or not) gives
+    /// empty outputs on every CPU backend: H = 0 with HKV = 2 used to divide
+    /// by a GQA group of 0 heads in the jit.
+    #[test]
+    fn calls_without_rows_give_empty_outputs() {
+        let p = program("attention a { mask = causal }");
+        let kernel = jit(&p);
+        for (q_shape, q_offset) in [
+            ((1, 0, 1, 8), 3),
+            ((1, 0, 200, 8), 0),
+            ((0, 2, 4, 8), 0),
+            ((1, 2, 0, 8), 0),
+        ] {
+            let q = ndarray::Array4::<f32>::zeros(q_shape);
+            let kv = Rng::new(1).array4((1, 2, 200, 8));
+            let inputs = Inputs::new(q.view(), kv.view(), kv.view())
+                .q_offset(q_offset)
+                .with_lse();
+            let tiling = crate::mask::Tiling::new(64, 64).unwrap();
+            for out in [
+                kernel.run(&inputs).unwrap(),
+                p.run_interp(&inputs, tiling).unwrap(),
+                p.run_reference(&inputs).unwrap(),
+            ] {
+                let (b, h, q, d) = q_shape;
+                assert_eq!(out.out.shape(), &[b, h, q, d]);
+                assert_eq!(out.lse.unwrap().shape(), &[b, h, q]);
+            }
+        }
+    }
+
+    /// A small call far along the sequence costs what its rows cost: the
+    /// reference's row of scores and the jit's packed keys are sized by the
+    /// key rows, not by the end of the positions (`KV`, offsets included).
+    #[test]
+    fn a_small_call_at_a_large_offset_needs_little_memory() {
+        let p = program("attention a { param w: int = 3 mask = causal && q - kv < w }");
+        let kernel = jit(&p);
+        let mut rng = Rng::new(5);
+        let (q, kv) = (rng.array4((1, 2, 2, 8)), rng.array4((1, 2, 4, 8)));
+        for (q_offset, kv_offset) in [
+            (1_000_000_002, 1_000_000_000),
+            ((1 << 31) - 3, (1 << 31) - 5),
+        ] {
+            let inputs = Inputs::new(q.view(), kv.view(), kv.view())
+                .q_offset(q_offset)
+                .kv_offset(kv_offset)
+                .with_lse();
+            let want = p.run_reference(&inputs).unwrap();
+            let got = kernel.run(&inputs).unwrap();
+            assert!(max_diff(&got, &want) < 1e-5);
+            let near = Inputs::new(q.view(), kv.view(), kv.view())
+                .q_offset(2)
+                .with_lse();
+            assert!(max_diff(&p.run_reference(&near).unwrap(), &want) < 1e-6);
+        }
+    }
+
+    /// The reference and the interpreter refuse a call whose outputs cannot
+    /// fit in memory, before allocating them, as the jit does.
+    #[test]
+    fn every_cpu_backend_refuses_outputs_past_the_memory() {
+        let p = program("attention a { mask = causal }");
+        let one = ndarray::Array4::<f32>::zeros((1, 1, 1, 8));
+        let q = one.broadcast((1 << 15, 1 << 15, 1 << 15, 8)).unwrap();
+        let kv = one.broadcast((1, 1, 4, 8)).unwrap();
+        let inputs = Inputs::new(q, kv, kv);
+        let tiling = crate::mask::Tiling::new(64, 64).unwrap();
+        for result in [
+            p.run_reference(&inputs),
+            p.run_interp(&inputs, tiling),
+            jit(&p).run(&inputs),
+        ] {
+            match result {
+                Err(Error::Memory(e)) => assert!(e.to_string().contains("out"), "{e}"),
+                other => panic!("expected a memory error, got {:?}", other.map(|_| ())),
+            }
+        }
+    }
+
+    /// Tiles of 0 are refused when the kernel is compiled.
+    #[test]
+    fn fixed_tiles_of_zero_are_refused_at_compile_time() {
+        let p = program("attention a { mask = causal }");
+        let options = CompileOptions {
+            tiles: Tiles::Fixed(crate::mask::Tiling { bq: 0, bkv: 64 }),
+            ..CompileOptions::default()
+        };
+        assert!(matches!(p.compile_jit_with(&options), Err(Error::Mask(_))));
+    }
 
     /// On the CUDA runtime, a ragged batch, a paged pool and a quantized
     /// cache read K/V in place (quantized: with its stored type); dense f32

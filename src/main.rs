@@ -1081,6 +1081,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         let mut need = memory::run_estimate(
             &program.spec,
             &shapes,
+            config.kv_len,
             backend,
             tiling,
             rayon::current_num_threads(),
@@ -1593,7 +1594,9 @@ fn read_ints(
 
 /// The shapes of a dense call as its arrays give them (for buffer-free
 /// estimates before the buffers are bound).
-fn fallback_shapes(inputs: &Inputs<'_>) -> attnc::sema::eval::Shapes {
+/// The shapes of a call whose buffers are not bound yet, and the key rows of
+/// its longest sequence.
+fn fallback_shapes(inputs: &Inputs<'_>) -> (attnc::sema::eval::Shapes, usize) {
     let (qs, ks) = (inputs.q.shape(), inputs.k.shape());
     let paged = matches!(inputs.kv_layout, attnc::KvLayout::Paged { .. });
     let kv_rows = match &inputs.kv_lens {
@@ -1601,7 +1604,7 @@ fn fallback_shapes(inputs: &Inputs<'_>) -> attnc::sema::eval::Shapes {
         None if paged => 0,
         None => ks[2],
     };
-    attnc::sema::eval::Shapes {
+    let shapes = attnc::sema::eval::Shapes {
         b: qs[0],
         h: qs[1],
         hkv: if paged { ks[2] } else { ks[1] },
@@ -1609,7 +1612,8 @@ fn fallback_shapes(inputs: &Inputs<'_>) -> attnc::sema::eval::Shapes {
         kv: (inputs.kv_offset.max(0) as usize + kv_rows)
             .max(inputs.q_offset.max(0) as usize + qs[2]),
         d: qs[3],
-    }
+    };
+    (shapes, kv_rows)
 }
 
 fn run_spec(args: RunArgs) -> Result<(), Error> {
@@ -1747,14 +1751,14 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
     // The shapes buffers and estimates see: those of the bound call, random
     // inputs included (`KV` covers the queries past the keys); the binding's
     // error, if any, is the clearest message for bad shapes.
-    let shapes = attnc::bind::bind(
+    let (shapes, kv_rows) = attnc::bind::bind(
         &program.spec,
         &Inputs {
             buffers: Default::default(),
             ..inputs.clone()
         },
     )
-    .map(|b| b.shapes)
+    .map(|b| (b.shapes, b.key_rows()))
     .or_else(|e| match e {
         attnc::bind::BindError::MissingBuffer { .. } => Ok(fallback_shapes(&inputs)),
         e => Err(e),
@@ -1782,6 +1786,7 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
         let need = attnc::memory::run_estimate(
             &program.spec,
             &shapes,
+            kv_rows,
             backend,
             tiles,
             rayon::current_num_threads(),

@@ -276,9 +276,18 @@ pub fn outputs(e: &mut Estimate, shapes: &Shapes) {
 /// Adds what the Cranelift backend allocates for a run on `shapes` with
 /// `tiling` besides the outputs and the block maps: one tile's scratch per
 /// worker thread (scores, accumulators, row statistics; sized by the tile,
-/// not by the shapes) and the packed keys of a group of heads.
-pub fn jit_scratch(e: &mut Estimate, shapes: &Shapes, tiling: Tiling, threads: usize) {
-    let Shapes { hkv, kv, d, .. } = *shapes;
+/// not by the shapes) and the packed keys of a group of heads, `kv_rows`
+/// keys each (the longest sequence's, not `shapes.kv`, which counts the key
+/// offset too).
+pub fn jit_scratch(
+    e: &mut Estimate,
+    shapes: &Shapes,
+    kv_rows: usize,
+    tiling: Tiling,
+    threads: usize,
+) {
+    let Shapes { hkv, d, .. } = *shapes;
+    let kv = kv_rows;
     let Tiling { bq, bkv } = tiling;
     let threads = threads.max(1) as u128;
     let tile =
@@ -293,19 +302,21 @@ pub fn jit_scratch(e: &mut Estimate, shapes: &Shapes, tiling: Tiling, threads: u
     e.add("packed keys", head.saturating_mul(hkv as u128).min(budget));
 }
 
-/// A lower bound of the memory a run of `spec` on inputs of `shapes` needs
-/// beyond the inputs themselves: the outputs, the block maps and the scratch
-/// of `threads` worker threads.
+/// A lower bound of the memory a run of `spec` on inputs of `shapes`, whose
+/// longest sequence has `kv_rows` keys, needs beyond the inputs themselves:
+/// the outputs, the block maps and the scratch of `threads` worker threads.
 pub fn run_estimate(
     spec: &Spec,
     shapes: &Shapes,
+    kv_rows: usize,
     backend: Backend,
     tiling: Tiling,
     threads: usize,
 ) -> Estimate {
     let mut e = Estimate::new();
     outputs(&mut e, shapes);
-    let Shapes { q, kv, d, .. } = *shapes;
+    let Shapes { q, d, .. } = *shapes;
+    let kv = kv_rows;
     match backend {
         Backend::Reference => {
             let threads = threads.max(1) as u128;
@@ -323,7 +334,7 @@ pub fn run_estimate(
         }
         Backend::Jit => {
             block_maps(&mut e, spec, shapes, tiling);
-            jit_scratch(&mut e, shapes, tiling, threads);
+            jit_scratch(&mut e, shapes, kv_rows, tiling, threads);
         }
     }
     e

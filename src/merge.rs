@@ -14,7 +14,9 @@
 //! A part whose row saw no key has `out_i = 0`, `lse_i = -inf`, so `w_i = 0`:
 //! it contributes nothing (its `out_i` is never read, so it may hold anything).
 //! A row that no part saw (every `lse_i = -inf`) stays `out = 0`, `lse = -inf`.
-//! A NaN `lse_i` makes the row's `out` and `lse` NaN, as the unsplit call would.
+//! A NaN `lse_i` makes the row's `out` and `lse` NaN, as the unsplit call would;
+//! so does an `lse_i` of `+inf`, which no call produces (an `lse` is at most
+//! the row's largest score plus the log of its number of keys).
 //! This is what ring attention, star attention, context parallelism and the
 //! key splits of a decode step (flash-decoding) build on.
 
@@ -167,6 +169,12 @@ mod tests {
         // NaN propagates.
         let lse = merge_row(
             [(&[1f32, 1.0][..], f32::NAN), (&[3f32, 5.0][..], 2.0)].into_iter(),
+            &mut out,
+        );
+        assert!(lse.is_nan() && out.iter().all(|x| x.is_nan()));
+        // So does an lse of +inf, which no call produces.
+        let lse = merge_row(
+            [(&[1f32, 1.0][..], f32::INFINITY), (&[3f32, 5.0][..], 2.0)].into_iter(),
             &mut out,
         );
         assert!(lse.is_nan() && out.iter().all(|x| x.is_nan()));

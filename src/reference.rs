@@ -16,15 +16,11 @@ use crate::bind::{Bound, Inputs, Outputs};
 use crate::sema::eval::{EvalError, Evaluator, Point};
 use crate::sema::Spec;
 
-/// Runs `spec` on bound inputs.
-pub fn run(spec: &Spec, inputs: &Inputs<'_>, bound: &Bound) -> Result<Outputs, EvalError> {
-    run_observed(spec, inputs, bound, &mut |_, _| {})
-}
-
-/// [`run`], calling `progress(rows done, rows in all)` after every (batch,
-/// head), for a caller that shows progress (the reference is slow: O(Q x KV x D)
-/// in f64 on one thread).
-pub fn run_observed(
+/// Runs `spec` on inputs bound by `bind` (the bound of these very inputs:
+/// the driver's `run_reference` makes it), calling `progress(rows done, rows
+/// in all)` after every (batch, head), for a caller that shows progress (the
+/// reference is slow: O(Q x KV x D) in f64 on one thread).
+pub(crate) fn run_observed(
     spec: &Spec,
     inputs: &Inputs<'_>,
     bound: &Bound,
@@ -35,7 +31,9 @@ pub fn run_observed(
     let scale = scale(spec, &mut ev, bound)?;
     let mut out = Array4::<f32>::zeros((sh.b, sh.h, sh.q, sh.d));
     let mut lse = Array3::<f32>::from_elem((sh.b, sh.h, sh.q), f32::NEG_INFINITY);
-    let mut scores = vec![f64::NEG_INFINITY; sh.kv];
+    // A row of scores per key of the longest sequence (not `sh.kv`, the end
+    // of the positions, which counts the key offset).
+    let mut scores = vec![f64::NEG_INFINITY; bound.key_rows()];
     let mut acc = vec![0f64; sh.d];
     for b in 0..sh.b {
         let n = bound.kv_len(b);
@@ -162,7 +160,7 @@ fn row_scores(
 /// report, so every backend names the same element. Evaluates only what can
 /// fail: the mask, and the score mod where it holds a read, `ancestor` or an
 /// integer division.
-pub fn first_error(spec: &Spec, inputs: &Inputs<'_>, bound: &Bound) -> Option<EvalError> {
+pub(crate) fn first_error(spec: &Spec, inputs: &Inputs<'_>, bound: &Bound) -> Option<EvalError> {
     let sh = bound.shapes;
     let mut ev = Evaluator::new(spec, sh, &bound.buffers);
     let scale = match scale(spec, &mut ev, bound) {

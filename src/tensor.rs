@@ -188,6 +188,17 @@ pub enum AppendError {
         )
     )]
     ScalesShape { data: Vec<usize>, found: Vec<usize> },
+    #[error("sequences {first} and {second} both append into slot {slot} of page {page}")]
+    #[diagnostic(
+        code(attnc::append::shared_slot),
+        help("sequences may share the full pages of a common prefix, but each appends into a page of its own: copy a shared last page before appending to it")
+    )]
+    SharedSlot {
+        first: usize,
+        second: usize,
+        page: usize,
+        slot: usize,
+    },
 }
 
 impl std::str::FromStr for ElemType {
@@ -342,7 +353,7 @@ impl<'a> KvData<'a> {
 
     /// Rows `[i, j, keys, ..]` as f32 (borrowed when they are f32, widened
     /// or dequantized otherwise).
-    pub fn rows_f32(
+    pub(crate) fn rows_f32(
         &self,
         i: usize,
         j: usize,
@@ -371,7 +382,7 @@ impl<'a> KvData<'a> {
 
     /// The same data with axes 1 and 2 swapped (scales too): a pool `[pages,
     /// page_size, HKV, D]` as `[pages, HKV, page_size, D]`, so that
-    /// [`KvData::rows_f32`]`(page, kh, slots)` reads a run of slots of one KV
+    /// `rows_f32(page, kh, slots)` reads a run of slots of one KV
     /// head.
     pub fn slots_by_head(&self) -> KvData<'_> {
         let swap = [0, 2, 1, 3];
@@ -457,6 +468,12 @@ impl<'a> KvData<'a> {
     }
 
     /// Element `i` as every backend reads it (dequantized: `f32(x) * scale`).
+    ///
+    /// # Panics
+    ///
+    /// As ndarray's indexing, where `i` is out of range, or where the scales
+    /// do not fit the data ([`KvData::scales_fit`]; binding refuses such
+    /// operands).
     #[inline]
     pub fn get(&self, i: [usize; 4]) -> f32 {
         match self {
@@ -470,7 +487,7 @@ impl<'a> KvData<'a> {
 
     /// Every element as f32 (for backends that take f32 operands and make a
     /// copy of their own).
-    pub fn to_f32(&self) -> Array4<f32> {
+    pub(crate) fn to_f32(&self) -> Array4<f32> {
         let sh = self.shape();
         let mut out = Array4::zeros((sh[0], sh[1], sh[2], sh[3]));
         for i in 0..sh[0] {
@@ -693,8 +710,9 @@ impl KvArray {
 ///
 /// # Errors
 ///
-/// A negative length, or a key whose page the table does not list inside
-/// the pool.
+/// A negative length, a key whose page the table does not list inside the
+/// pool, or two sequences appending into the same slot (one would overwrite
+/// the other's key).
 pub fn append_slots(
     pages: usize,
     ps: usize,
@@ -705,6 +723,7 @@ pub fn append_slots(
         return Err(AppendError::ZeroPageSize);
     }
     let mut at = Vec::with_capacity(kv_lens.len());
+    let mut taken = std::collections::HashMap::with_capacity(kv_lens.len());
     for (seq, &len) in kv_lens.iter().enumerate() {
         let key = usize::try_from(len).map_err(|_| AppendError::NegativeLen { b: seq, len })?;
         let slot = key / ps;
@@ -718,7 +737,17 @@ pub fn append_slots(
                 slot,
                 pages,
             })?;
-        at.push((page as usize, key % ps));
+        let (page, slot) = (page as usize, key % ps);
+        if let Some(&first) = taken.get(&(page, slot)) {
+            return Err(AppendError::SharedSlot {
+                first,
+                second: seq,
+                page,
+                slot,
+            });
+        }
+        taken.insert((page, slot), seq);
+        at.push((page, slot));
     }
     Ok(at)
 }
@@ -919,6 +948,27 @@ mod tests {
             let neg = ndarray::arr1(&[-1, 1]);
             let err = a.append(table.view(), neg.view(), step.view()).unwrap_err();
             assert_eq!(err, AppendError::NegativeLen { b: 0, len: -1 });
+            // Two sequences whose next key is the same slot of a page they
+            // share: refused, nothing written.
+            let shared = ndarray::arr2(&[[2, 0], [0, -1]]);
+            let (before, lens2) = (a.clone(), ndarray::arr1(&[3, 1]));
+            let err = a
+                .append(shared.view(), lens2.view(), step.view())
+                .unwrap_err();
+            assert_eq!(
+                err,
+                AppendError::SharedSlot {
+                    first: 0,
+                    second: 1,
+                    page: 0,
+                    slot: 1
+                }
+            );
+            for (i, _) in pool.indexed_iter() {
+                let i = [i.0, i.1, i.2, i.3];
+                let (x, y) = (a.view().get(i), before.view().get(i));
+                assert!(x == y || (x.is_nan() && y.is_nan()), "{elem} {i:?}");
+            }
             // Pages of no slots, and scales that are not one per row:
             // refused, nothing written.
             let empty = Array4::<f32>::zeros((4, 0, 2, 3));

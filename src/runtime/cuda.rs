@@ -107,6 +107,10 @@ pub struct CudaRuntime {
 
 /// A kernel loaded on the device.
 pub struct CudaKernel {
+    /// The spec the kernel was lowered from: a call binds its inputs against
+    /// it, and [`CudaRuntime::prepare`] refuses another spec's inputs (their
+    /// buffers and maps would not be the ones the kernel reads).
+    spec: Spec,
     pub kernel: Verified,
     pub ptx: PtxKernel,
     function: CudaFunction,
@@ -235,7 +239,12 @@ impl CudaRuntime {
 
     /// Loads `ptx`, the PTX the backend generated for `kernel`
     /// (`codegen::ptx::compile` for this device's [`Self::arch`]).
-    pub fn load(&self, kernel: Verified, ptx: PtxKernel) -> Result<CudaKernel, CudaError> {
+    pub fn load(
+        &self,
+        spec: &Spec,
+        kernel: Verified,
+        ptx: PtxKernel,
+    ) -> Result<CudaKernel, CudaError> {
         let l = &ptx.launch;
         if l.smem_bytes > self.max_smem {
             return Err(PtxError::SharedMemory {
@@ -261,6 +270,7 @@ impl CudaRuntime {
                 .map_err(driver("raising the kernel's shared-memory limit"))?;
         }
         Ok(CudaKernel {
+            spec: spec.clone(),
             kernel,
             ptx,
             function,
@@ -292,8 +302,9 @@ impl CudaRuntime {
         self.prepare_bound(k, spec, inputs, bind(spec, inputs)?)
     }
 
-    /// [`Self::prepare`] for inputs already bound (`bound` is `bind(spec, inputs)`).
-    pub fn prepare_bound(
+    /// [`Self::prepare`] for inputs already bound (`bound` is `bind(spec,
+    /// inputs)`: the launch reads what it describes, so it is not public).
+    pub(crate) fn prepare_bound(
         &self,
         k: &CudaKernel,
         spec: &Spec,
@@ -390,6 +401,15 @@ impl CudaRuntime {
         bound: Bound,
         pool: Option<&'p CudaPool>,
     ) -> Result<Prepared<'p>, CudaError> {
+        if k.spec != *spec {
+            return Err(PtxError::Launch {
+                what: format!(
+                    "the kernel was compiled from spec `{}`, the call binds `{}`: compile the kernel for this spec",
+                    k.spec.name, spec.name
+                ),
+            }
+            .into());
+        }
         let l = &k.ptx.launch;
         if bound.shapes.d != l.d {
             return Err(CudaError::HeadDim {
