@@ -485,8 +485,25 @@ impl<'a> KvData<'a> {
         }
     }
 
+    /// Every element as every backend reads it ([`KvData::get`]): widened,
+    /// or dequantized with its scales.
+    ///
+    /// # Errors
+    ///
+    /// Scales that are not one per row of `D` values
+    /// ([`crate::bind::BindError::ScalesShape`], as binding reports them).
+    pub fn dequantize(&self) -> Result<Array4<f32>, crate::bind::BindError> {
+        self.scales_fit()
+            .map_err(|found| crate::bind::BindError::ScalesShape {
+                which: "K/V",
+                expected: self.shape()[..3].to_vec(),
+                found,
+            })?;
+        Ok(self.to_f32())
+    }
+
     /// Every element as f32 (for backends that take f32 operands and make a
-    /// copy of their own).
+    /// copy of their own), of an operand whose scales fit (bound).
     pub(crate) fn to_f32(&self) -> Array4<f32> {
         let sh = self.shape();
         let mut out = Array4::zeros((sh[0], sh[1], sh[2], sh[3]));
@@ -1002,6 +1019,33 @@ mod tests {
     /// (every value of it dequantizes to NaN) instead of a silent 0; fp8
     /// alike, so that the two refuse the same rows. Other rows keep finite
     /// scales.
+    /// `dequantize` gives every element as `get` reads it, and refuses
+    /// scales that are not one per row instead of panicking.
+    #[test]
+    fn dequantize_reads_every_element_and_refuses_misfit_scales() {
+        let x = Array4::<f32>::from_shape_fn((2, 3, 4, 5), |(a, b, c, d)| {
+            (a * 60 + b * 20 + c * 5 + d) as f32 * 0.37 - 20.0
+        });
+        for elem in ElemType::ALL {
+            let a = KvArray::quantize(x.view(), elem);
+            let got = a.view().dequantize().unwrap();
+            for (i, &y) in got.indexed_iter() {
+                assert_eq!(y, a.view().get([i.0, i.1, i.2, i.3]), "{elem} {i:?}");
+            }
+        }
+        if let KvArray::Int8 { data, .. } = KvArray::quantize(x.view(), ElemType::Int8) {
+            let bad = KvArray::Int8 {
+                data,
+                scales: ndarray::Array3::ones((2, 3, 2)),
+            };
+            let err = bad.view().dequantize().unwrap_err();
+            assert!(
+                err.to_string().contains("[2, 3, 2], expected [2, 3, 4]"),
+                "{err}"
+            );
+        }
+    }
+
     #[test]
     fn a_non_finite_row_quantizes_to_a_non_finite_scale() {
         let mut x = Array4::<f32>::from_shape_fn((1, 1, 4, 3), |(_, _, r, c)| (r + c) as f32 - 2.0);
