@@ -153,7 +153,7 @@ fn benchmark() {
                             continue;
                         }
                     };
-                    let l = &kernel.ptx.launch;
+                    let l = &kernel.ptx().launch;
                     let bound = attnc::bind::bind(&program.spec, &inputs).unwrap();
                     let stats = classify(&program.spec, &bound, Tiling::new(l.bq, l.bkv).unwrap())
                         .unwrap()

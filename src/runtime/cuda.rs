@@ -111,9 +111,23 @@ pub struct CudaKernel {
     /// it, and [`CudaRuntime::prepare`] refuses another spec's inputs (their
     /// buffers and maps would not be the ones the kernel reads).
     spec: Spec,
-    pub kernel: Verified,
-    pub ptx: PtxKernel,
+    // Private: the launch reads what these describe (tiles, shared memory,
+    // argument layout), so they must stay those of the loaded function.
+    kernel: Verified,
+    ptx: PtxKernel,
     function: CudaFunction,
+}
+
+impl CudaKernel {
+    /// The loop IR the kernel was emitted from.
+    pub fn kernel(&self) -> &Verified {
+        &self.kernel
+    }
+
+    /// The PTX text and its launch configuration.
+    pub fn ptx(&self) -> &PtxKernel {
+        &self.ptx
+    }
 }
 
 /// One kernel argument on the device: an array, an array of a resident
