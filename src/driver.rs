@@ -1613,6 +1613,30 @@ mod tests {
         }
     }
 
+    /// The nest groups heads only when there are heads to group: with H = 0
+    /// and HKV = 2 a GQA group has 0 heads, and the jit (past its early
+    /// return for calls without rows) and the interpreter would divide by it.
+    #[test]
+    fn no_grouped_nest_for_zero_heads() {
+        use crate::tensor::ElemType;
+        use crate::tile::nest::RowMap;
+        let tiling = crate::mask::Tiling::new(64, 64).unwrap();
+        for (h, q, paged) in [(0, 1, false), (0, 1, true), (0, 200, false), (8, 1, true)] {
+            let sh = crate::sema::eval::Shapes {
+                b: 1,
+                h,
+                hkv: 2,
+                q,
+                kv: 300,
+                d: 8,
+            };
+            let (rows, _) =
+                nest_for_shapes(&sh, paged, ElemType::F32, ElemType::F32, tiling, false);
+            let grouped = matches!(rows, RowMap::GqaGroup | RowMap::AllHeads);
+            assert_eq!(grouped, h > 0, "H = {h}, Q = {q}, paged {paged}: {rows:?}");
+        }
+    }
+
     /// Tiles of 0 are refused when the kernel is compiled.
     #[test]
     fn fixed_tiles_of_zero_are_refused_at_compile_time() {

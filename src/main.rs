@@ -1592,10 +1592,9 @@ fn read_ints(
     Ok(out)
 }
 
-/// The shapes of a dense call as its arrays give them (for buffer-free
-/// estimates before the buffers are bound).
-/// The shapes of a call whose buffers are not bound yet, and the key rows of
-/// its longest sequence.
+/// The shapes of a call whose buffers are not bound yet, as its arrays give
+/// them (for estimates before the buffers are bound), and the key rows of its
+/// longest sequence.
 fn fallback_shapes(inputs: &Inputs<'_>) -> (attnc::sema::eval::Shapes, usize) {
     let (qs, ks) = (inputs.q.shape(), inputs.k.shape());
     let paged = matches!(inputs.kv_layout, attnc::KvLayout::Paged { .. });

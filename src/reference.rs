@@ -154,7 +154,7 @@ fn row_scores(
     Ok(())
 }
 
-/// The error [`run`] reports for these inputs, if any: the first in the order
+/// The error [`run_observed`] reports for these inputs, if any: the first in the order
 /// of `b`, `h`, row and `kv`. The tiled backends evaluate in another order (and
 /// in parallel); when one of them fails, the driver asks this for the error to
 /// report, so every backend names the same element. Evaluates only what can

@@ -685,8 +685,13 @@ impl KvArray {
     ///
     /// # Errors
     ///
-    /// A step of the wrong shape, or a position whose page the table does
-    /// not list inside the pool; nothing is written then.
+    /// Nothing is written on any of these ([`AppendError`]): a step or table
+    /// of the wrong shape, a negative length, a position whose page the
+    /// table does not list inside the pool, pages of 0 slots, scales that are
+    /// not one per row, or two sequences appending into the same slot
+    /// (sequences may share the full pages of a common prefix, never the slot
+    /// they write; a batch that pads with inactive rows gives each its own
+    /// slot, or leaves them out of the step).
     pub fn append(
         &mut self,
         page_table: ndarray::ArrayView2<'_, i32>,
@@ -1015,10 +1020,6 @@ mod tests {
         }
     }
 
-    /// int8 has no NaN: a row holding NaN or inf gets a non-finite scale
-    /// (every value of it dequantizes to NaN) instead of a silent 0; fp8
-    /// alike, so that the two refuse the same rows. Other rows keep finite
-    /// scales.
     /// `dequantize` gives every element as `get` reads it, and refuses
     /// scales that are not one per row instead of panicking.
     #[test]
@@ -1046,6 +1047,10 @@ mod tests {
         }
     }
 
+    /// int8 has no NaN: a row holding NaN or inf gets a non-finite scale
+    /// (every value of it dequantizes to NaN) instead of a silent 0; fp8
+    /// alike, so that the two refuse the same rows. Other rows keep finite
+    /// scales.
     #[test]
     fn a_non_finite_row_quantizes_to_a_non_finite_scale() {
         let mut x = Array4::<f32>::from_shape_fn((1, 1, 4, 3), |(_, _, r, c)| (r + c) as f32 - 2.0);

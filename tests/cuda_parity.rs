@@ -603,3 +603,36 @@ fn run_pooled(
     rt.launch(kernel, &mut p)?;
     rt.finish(kernel, &p)
 }
+
+/// A call prepared for one kernel is refused by another (its arguments
+/// follow the first kernel's tiles and parameter layout), and a kernel
+/// refuses inputs bound to another spec.
+#[test]
+fn a_prepared_call_launches_only_with_its_own_kernel() {
+    let rt = runtime();
+    let load = |src: &str| attnc::load(SourceFile::new("t.attn", src), &SpecOptions::default());
+    let program = load("attention a { mask = causal }").unwrap();
+    let window = load("attention b { mask = causal && q - kv < 8 }")
+        .unwrap()
+        .spec;
+    let causal = program.spec.clone();
+    let x = Rng::new(3).array4((1, 2, 40, 16));
+    let inputs = Inputs::new(x.view(), x.view(), x.view()).with_lse();
+    let bound = attnc::bind::bind(&causal, &inputs).unwrap();
+    let kc = rt.compile_for(&causal, &bound, Dtype::F32).unwrap();
+    let kw = rt.compile_for(&window, &bound, Dtype::F32).unwrap();
+    let mut p = rt.prepare(&kc, &causal, &inputs).unwrap();
+    for e in [
+        rt.launch(&kw, &mut p).unwrap_err(),
+        rt.finish(&kw, &p).unwrap_err(),
+    ] {
+        assert!(e.to_string().contains("prepared for another kernel"), "{e}");
+    }
+    let e = rt.prepare(&kw, &causal, &inputs).err().expect("refused");
+    assert!(e.to_string().contains("compiled from spec `b`"), "{e}");
+    rt.launch(&kc, &mut p).unwrap();
+    let got = rt.finish(&kc, &p).unwrap();
+    let want = program.run_reference(&inputs).unwrap();
+    let (err, same_inf) = compare(&got, &want);
+    assert!(err <= tolerance(Dtype::F32) && same_inf, "{err:e}");
+}

@@ -111,6 +111,9 @@ pub struct CudaKernel {
     /// it, and [`CudaRuntime::prepare`] refuses another spec's inputs (their
     /// buffers and maps would not be the ones the kernel reads).
     spec: Spec,
+    /// Unique per loaded kernel: a [`Prepared`] call names the kernel it was
+    /// built for.
+    id: u64,
     // Private: the launch reads what these describe (tiles, shared memory,
     // argument layout), so they must stay those of the loaded function.
     kernel: Verified,
@@ -119,6 +122,21 @@ pub struct CudaKernel {
 }
 
 impl CudaKernel {
+    /// Refuses a call prepared for another kernel: its arguments follow
+    /// that kernel's tiles, head dim and parameter layout.
+    fn takes(&self, p: &Prepared<'_>) -> Result<(), CudaError> {
+        if p.kernel == self.id {
+            return Ok(());
+        }
+        Err(PtxError::Launch {
+            what: format!(
+                "the call was prepared for another kernel than `{}`: prepare it with the kernel that launches it",
+                self.kernel.name
+            ),
+        }
+        .into())
+    }
+
     /// The loop IR the kernel was emitted from.
     pub fn kernel(&self) -> &Verified {
         &self.kernel
@@ -144,6 +162,9 @@ enum DeviceArg<'p> {
 /// resident pool it reads ([`CudaRuntime::prepare_pooled`]), which cannot
 /// change or go while it lives.
 pub struct Prepared<'p> {
+    /// The [`CudaKernel::id`] of the kernel the arguments were built for
+    /// (tiles, head dim, argument layout): another kernel refuses them.
+    kernel: u64,
     bound: Bound,
     args: Vec<(String, DeviceArg<'p>)>,
     want_lse: bool,
@@ -252,8 +273,10 @@ impl CudaRuntime {
     }
 
     /// Loads `ptx`, the PTX the backend generated for `kernel`
-    /// (`codegen::ptx::compile` for this device's [`Self::arch`]).
-    pub fn load(
+    /// (`codegen::ptx::compile` for this device's [`Self::arch`]), lowered
+    /// from `spec`. It trusts that the three belong together (the launch
+    /// reads what they describe), so only the driver's `compile_for` calls it.
+    pub(crate) fn load(
         &self,
         spec: &Spec,
         kernel: Verified,
@@ -283,8 +306,10 @@ impl CudaRuntime {
                 )
                 .map_err(driver("raising the kernel's shared-memory limit"))?;
         }
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Ok(CudaKernel {
             spec: spec.clone(),
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             kernel,
             ptx,
             function,
@@ -356,9 +381,10 @@ impl CudaRuntime {
     ///
     /// # Errors
     ///
-    /// `inputs` not a pool of `pool`'s layout, or a length whose page the
-    /// table does not list, or a pool on another device; nothing is uploaded
-    /// then. A driver error during the copies leaves `pool` refusing every
+    /// `inputs` not a pool of `pool`'s layout, a length whose page the table
+    /// does not list, two sequences appending into one slot (as
+    /// [`crate::KvArray::append`] refuses), or a pool on another device;
+    /// nothing is uploaded then. A driver error during the copies leaves `pool` refusing every
     /// call until it is uploaded again ([`Self::upload_pool`]).
     pub fn append_pool(
         &self,
@@ -455,6 +481,7 @@ impl CudaRuntime {
             args.push((name, arg));
         }
         Ok(Prepared {
+            kernel: k.id,
             args,
             want_lse: inputs.want_lse,
             bound,
@@ -463,6 +490,7 @@ impl CudaRuntime {
 
     /// Enqueues one launch (asynchronous; [`Self::finish`] waits).
     pub fn launch(&self, k: &CudaKernel, p: &mut Prepared<'_>) -> Result<(), CudaError> {
+        k.takes(p)?;
         let l = &k.ptx.launch;
         let s = p.bound.shapes;
         if s.b == 0 || s.h == 0 || s.q == 0 {
@@ -511,6 +539,7 @@ impl CudaRuntime {
     /// Waits for the launch, downloads the outputs and turns a recorded
     /// failure into the interpreter's error.
     pub fn finish(&self, k: &CudaKernel, p: &Prepared<'_>) -> Result<Outputs, CudaError> {
+        k.takes(p)?;
         let l = &k.ptx.launch;
         let s = p.bound.shapes;
         self.stream

@@ -284,7 +284,7 @@ const WIDEN_KEYS: usize = 1024;
 /// Runs `compiled` on bound inputs with the given block maps. `workspace` holds
 /// the packed heads (at most [`PACK_BUDGET_BYTES`], or one head if more); it is
 /// grown as needed and may be reused across calls to avoid reallocating it.
-pub fn run(
+pub(crate) fn run(
     compiled: TaskCode<'_>,
     inputs: &Inputs<'_>,
     bound: &Bound,
