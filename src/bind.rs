@@ -168,43 +168,114 @@ impl Outputs {
 /// call, `max(kv_offset + key rows, q_offset + Q)` (for a ragged batch
 /// `kv_offset` plus the longest sequence's keys), so `0 .. KV` covers every
 /// absolute key and query position of the call.
+///
+/// Only [`bind`] makes one (the fields are read through accessors): the
+/// compiled backends read what a `Bound` describes without bounds checks, so
+/// it must be the binding of the inputs it runs with.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Bound {
-    pub shapes: Shapes,
+    pub(crate) shapes: Shapes,
     /// The absolute position of query row 0 when the batch is not ragged.
-    pub q_offset: i64,
+    pub(crate) q_offset: i64,
     /// The absolute position of key row 0.
-    pub kv_offset: i64,
+    pub(crate) kv_offset: i64,
     /// Key rows of dense k and v (every sequence's, unless `kv_lens`).
-    pub kv_rows: usize,
+    pub(crate) kv_rows: usize,
     /// Batch size of k and v: `shapes.b`, or 1 when they broadcast (dense only).
-    pub kv_batch: usize,
+    pub(crate) kv_batch: usize,
     /// Per sequence, its number of keys, when the batch is ragged (or paged).
-    pub kv_lens: Option<Vec<usize>>,
+    pub(crate) kv_lens: Option<Vec<usize>>,
     /// The page table and page size of a paged pool.
-    pub pages: Option<Pages>,
+    pub(crate) pages: Option<Pages>,
     /// The stored element type of k and v.
-    pub kv_elem: ElemType,
+    pub(crate) kv_elem: ElemType,
     /// The element type of q's values ([`Inputs::q_elem`]).
-    pub q_elem: ElemType,
+    pub(crate) q_elem: ElemType,
     /// Indexed by `BufferId`.
-    pub buffers: Vec<BufferData>,
+    pub(crate) buffers: Vec<BufferData>,
 }
 
 /// The page table of a paged K/V pool, as bound.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Pages {
     /// Slots per page.
-    pub page_size: usize,
+    pub(crate) page_size: usize,
     /// Pages in the pool.
-    pub num_pages: usize,
+    pub(crate) num_pages: usize,
     /// `[B, max_pages]`, in standard (row-major) layout: the kernels read a
     /// sequence's row as a contiguous run; entries a sequence uses are in
     /// `0 .. num_pages`.
-    pub table: Array2<i32>,
+    pub(crate) table: Array2<i32>,
+}
+
+impl Pages {
+    /// Slots per page.
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// Pages in the pool.
+    pub fn num_pages(&self) -> usize {
+        self.num_pages
+    }
+
+    /// `[B, max_pages]`, in standard layout.
+    pub fn table(&self) -> &Array2<i32> {
+        &self.table
+    }
 }
 
 impl Bound {
+    /// The shapes the spec sees (`KV`: the end of the call's positions).
+    pub fn shapes(&self) -> Shapes {
+        self.shapes
+    }
+
+    /// The absolute position of query row 0 when the batch is not ragged.
+    pub fn q_offset(&self) -> i64 {
+        self.q_offset
+    }
+
+    /// The absolute position of key row 0.
+    pub fn kv_offset(&self) -> i64 {
+        self.kv_offset
+    }
+
+    /// Key rows of dense k and v (every sequence's, unless ragged).
+    pub fn kv_rows(&self) -> usize {
+        self.kv_rows
+    }
+
+    /// Batch size of k and v: `B`, or 1 when they broadcast (dense only).
+    pub fn kv_batch(&self) -> usize {
+        self.kv_batch
+    }
+
+    /// Per sequence, its number of keys, when the batch is ragged (or paged).
+    pub fn kv_lens(&self) -> Option<&[usize]> {
+        self.kv_lens.as_deref()
+    }
+
+    /// The page table and page size of a paged pool.
+    pub fn pages(&self) -> Option<&Pages> {
+        self.pages.as_ref()
+    }
+
+    /// The stored element type of k and v.
+    pub fn kv_elem(&self) -> ElemType {
+        self.kv_elem
+    }
+
+    /// The element type of q's values.
+    pub fn q_elem(&self) -> ElemType {
+        self.q_elem
+    }
+
+    /// The buffers, indexed by `BufferId`.
+    pub fn buffers(&self) -> &[BufferData] {
+        &self.buffers
+    }
+
     /// The most keys any sequence has (its rows of k and v): the extent of
     /// the key walk, which `shapes.kv` (the end of the positions, offsets
     /// included) may far exceed.

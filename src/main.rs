@@ -1757,7 +1757,7 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
             ..inputs.clone()
         },
     )
-    .map(|b| (b.shapes, b.key_rows()))
+    .map(|b| (b.shapes(), b.key_rows()))
     .or_else(|e| match e {
         attnc::bind::BindError::MissingBuffer { .. } => Ok(fallback_shapes(&inputs)),
         e => Err(e),
@@ -1849,9 +1849,9 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
                     if driver::nest_for(&bound, t, bf16_pairs).1
                         == attnc::tile::nest::KvSource::PackedBf16 =>
                 {
-                    let sh = bound.shapes;
+                    let sh = bound.shapes();
                     let mut v_max = 0f32;
-                    for b in 0..bound.kv_batch.min(sh.b) {
+                    for b in 0..bound.kv_batch().min(sh.b) {
                         for kh in 0..sh.hkv {
                             for j in 0..bound.kv_len(b) {
                                 for d in 0..sh.d {

@@ -51,9 +51,9 @@ fn bound(
 
 /// The element-wise classification of every tile of every (b, h).
 fn brute(spec: &Spec, bound: &Bound, t: Tiling) -> Result<Vec<Vec<Vec<TileClass>>>, EvalError> {
-    let sh = bound.shapes;
-    let mut ev = Evaluator::new(spec, sh, &bound.buffers);
-    let (qn, kn) = (sh.q.div_ceil(t.bq), bound.kv_rows.div_ceil(t.bkv));
+    let sh = bound.shapes();
+    let mut ev = Evaluator::new(spec, sh, bound.buffers());
+    let (qn, kn) = (sh.q.div_ceil(t.bq), bound.kv_rows().div_ceil(t.bkv));
     let mut all = Vec::new();
     for b in 0..sh.b {
         for h in 0..sh.h {
@@ -63,14 +63,14 @@ fn brute(spec: &Spec, bound: &Bound, t: Tiling) -> Result<Vec<Vec<Vec<TileClass>
                 for kt in 0..kn {
                     let (mut vis, mut masked) = (false, false);
                     for r in qt * t.bq..((qt + 1) * t.bq).min(sh.q) {
-                        for k in kt * t.bkv..((kt + 1) * t.bkv).min(bound.kv_rows) {
+                        for k in kt * t.bkv..((kt + 1) * t.bkv).min(bound.kv_rows()) {
                             let v = match spec.mask {
                                 Some(m) => ev.eval_bool(
                                     m,
                                     Point {
                                         b: b as i64,
                                         h: h as i64,
-                                        q: r as i64 + bound.q_offset,
+                                        q: r as i64 + bound.q_offset(),
                                         kv: k as i64,
                                         score: 0.0,
                                     },
@@ -101,7 +101,7 @@ fn brute(spec: &Spec, bound: &Bound, t: Tiling) -> Result<Vec<Vec<Vec<TileClass>
 /// Checks the maps against the brute-force classes and the layout
 /// invariants of the data structure.
 fn check_maps(spec: &Spec, bound: &Bound, maps: &BlockMaps, expected: &[Vec<Vec<TileClass>>]) {
-    let sh = bound.shapes;
+    let sh = bound.shapes();
     let deps = spec.mask.map(|m| spec.deps(m)).unwrap_or(Deps::NONE);
     assert_eq!(
         maps.is_shared(),

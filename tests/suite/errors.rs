@@ -588,5 +588,5 @@ fn positions_past_the_limit_are_refused() {
     let (q, k, v) = qkv([1, 2, 6, 8], [1, 2, 6, 8], [1, 2, 6, 8]);
     let inputs = Inputs::new(q.view(), k.view(), v.view()).q_offset(i32::MAX as i64 - 6);
     let bound = attnc::bind::bind(&program.spec, &inputs).unwrap();
-    assert_eq!(bound.shapes.kv, i32::MAX as usize);
+    assert_eq!(bound.shapes().kv, i32::MAX as usize);
 }

@@ -121,7 +121,7 @@ fn interp_case(case: &common::Case, bq: usize, bkv: usize, dim: bool) -> attnc::
     let bound = bind(&program.spec, &inputs).unwrap();
     let schedule = Schedule {
         tiling: attnc::mask::Tiling { bq, bkv },
-        dim: dim.then_some(bound.shapes.d),
+        dim: dim.then_some(bound.shapes().d),
         exp2: true,
         ..Schedule::default()
     };

@@ -112,7 +112,7 @@ fn run(
 ) -> Result<Outputs, EvalError> {
     let l = &compiled.launch;
     let bound = attnc::bind::bind(spec, inputs).unwrap();
-    let s = bound.shapes;
+    let s = bound.shapes();
     // A mask that fails at some element fails in the block-map analysis
     // first, as the CUDA runtime reports it.
     let maps = match classify(spec, &bound, Tiling::new(l.bq, l.bkv).unwrap()) {
