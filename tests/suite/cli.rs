@@ -1515,15 +1515,25 @@ fn run_with_a_key_tile_the_jit_cannot_compile_is_a_usage_error() {
 }
 
 /// `attnc run --random` with `extra` appended.
+/// Writes `src` as the spec `name` in `dir` and returns its path.
+fn write_spec(dir: &TempDir, name: &str, src: &str) -> String {
+    let path = dir.str(name);
+    std::fs::write(&path, src).unwrap();
+    path
+}
+
+/// `attnc run SPEC --random` with `args` (shapes, buffers, checks).
+fn run_random_on(spec: &str, args: &[&str]) -> Output {
+    let mut all = vec!["run", spec, "--random"];
+    all.extend_from_slice(args);
+    attnc(&all)
+}
+
+/// `examples/packed_docs.attn` on random inputs, with `extra`.
 fn run_random(extra: &[&str]) -> Output {
     let mut args = vec![
-        "run",
-        "examples/packed_docs.attn",
-        "--random",
         "--q-len",
         "100",
-    ];
-    args.extend([
         "--heads",
         "4",
         "--kv-heads",
@@ -1532,9 +1542,9 @@ fn run_random(extra: &[&str]) -> Output {
         "16",
         "--buffer",
         "doc=docs:3",
-    ]);
+    ];
     args.extend(extra);
-    attnc(&args)
+    run_random_on("examples/packed_docs.attn", &args)
 }
 
 #[test]
@@ -1609,24 +1619,12 @@ fn run_writes_the_output_in_half_precision() {
 #[test]
 fn run_check_compares_a_large_lse_relatively() {
     let dir = TempDir::new();
-    let spec = dir.path("big.attn");
-    std::fs::write(
+    let src = "attention big {\n  scale = 30000.0\n  mask = causal\n}\n";
+    let spec = write_spec(&dir, "big.attn", src);
+    let o = run_random_on(
         &spec,
-        "attention big {\n  scale = 30000.0\n  mask = causal\n}\n",
-    )
-    .unwrap();
-    let o = attnc(&[
-        "run",
-        spec.to_str().unwrap(),
-        "--random",
-        "--q-len",
-        "64",
-        "--heads",
-        "2",
-        "--dim",
-        "16",
-        "--check",
-    ]);
+        &["--q-len", "64", "--heads", "2", "--dim", "16", "--check"],
+    );
     assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
     assert!(
         stdout(&o).ends_with("(tolerance 1.000e-4): ok\n"),
@@ -2686,29 +2684,15 @@ fn emit_prints_the_nest_chosen_for_shapes() {
 fn random_buffers_are_sized_for_the_bound_shapes() {
     // Queries past the keys: `KV` is q_offset + Q = 7, not --kv-len 1.
     let dir = TempDir::new();
-    let spec = dir.path("kv.attn");
-    std::fs::write(
+    let src = "attention a {\n buffer t[KV]: int\n mask = t[kv] >= 0\n}\n";
+    let spec = write_spec(&dir, "kv.attn", src);
+    let o = run_random_on(
         &spec,
-        "attention a {\n buffer t[KV]: int\n mask = t[kv] >= 0\n}\n",
-    )
-    .unwrap();
-    let o = attnc(&[
-        "run",
-        spec.to_str().unwrap(),
-        "--random",
-        "--q-len",
-        "7",
-        "--kv-len",
-        "1",
-        "--heads",
-        "1",
-        "--dim",
-        "4",
-        "-q",
-        "--buffer",
-        "t=iota",
-        "--check",
-    ]);
+        &[
+            "--q-len", "7", "--kv-len", "1", "--heads", "1", "--dim", "4", "-q", "--buffer",
+            "t=iota", "--check",
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -2717,28 +2701,14 @@ fn an_override_can_repair_a_default_that_empties_a_reduction() {
     // With n = 0, `max` over 0..n has no value; the override is checked
     // from the start, so n = 3 runs.
     let dir = TempDir::new();
-    let spec = dir.path("ov.attn");
-    std::fs::write(
-        &spec,
-        "attention a {\n param n: int = 0\n score = score + float(max(i in 0..n: i))\n}\n",
-    )
-    .unwrap();
+    let src = "attention a {\n param n: int = 0\n score = score + float(max(i in 0..n: i))\n}\n";
+    let spec = write_spec(&dir, "ov.attn", src);
     let run = |extra: &[&str]| {
         let mut args = vec![
-            "run",
-            spec.to_str().unwrap(),
-            "--random",
-            "--q-len",
-            "4",
-            "--heads",
-            "1",
-            "--dim",
-            "4",
-            "-q",
-            "--check",
+            "--q-len", "4", "--heads", "1", "--dim", "4", "-q", "--check",
         ];
         args.extend_from_slice(extra);
-        attnc(&args)
+        run_random_on(&spec, &args)
     };
     assert_fails(&run(&[]), &["`max` over the empty range 0..0"]);
     let o = run(&["--param", "n=3"]);
