@@ -1435,11 +1435,11 @@ impl crate::runtime::cuda::CudaRuntime {
     ) -> Result<Outputs, crate::runtime::cuda::CudaError> {
         let bound = bind(spec, inputs)?;
         if bound.is_empty() {
-            // No rows: nothing to launch (a grid of no blocks is an error).
+            // No rows: nothing to compile, upload or launch.
             return Ok(Outputs::empty(&bound.shapes, inputs.want_lse));
         }
         let k = self.compile_for(spec, &bound, dtype)?;
-        let mut p = self.prepare_bound(&k, spec, inputs, bound)?;
+        let mut p = self.prepare_bound(&k, inputs, bound)?;
         self.launch(&k, &mut p)?;
         self.finish(&k, &p)
     }

@@ -159,7 +159,7 @@ fn benchmark() {
                         .unwrap()
                         .stats_total();
                     let timed = (|| {
-                        let mut prepared = rt.prepare(kernel, &program.spec, &inputs)?;
+                        let mut prepared = rt.prepare(kernel, &inputs)?;
                         // About 0.2 s of launches per configuration.
                         let probe = rt.time(kernel, &mut prepared, 1)?;
                         let reps = ((200.0 / probe.max(1e-3)) as usize).clamp(3, 200);

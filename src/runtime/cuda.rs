@@ -108,8 +108,8 @@ pub struct CudaRuntime {
 /// A kernel loaded on the device.
 pub struct CudaKernel {
     /// The spec the kernel was lowered from: a call binds its inputs against
-    /// it, and [`CudaRuntime::prepare`] refuses another spec's inputs (their
-    /// buffers and maps would not be the ones the kernel reads).
+    /// it ([`CudaRuntime::prepare`]), so its buffers and block maps are the
+    /// ones the kernel reads.
     spec: Spec,
     /// Unique per loaded kernel: a [`Prepared`] call names the kernel it was
     /// built for.
@@ -330,27 +330,25 @@ impl CudaRuntime {
         self.stream.clone_htod(data).map_err(driver("uploading"))
     }
 
-    /// Binds the inputs, builds the block maps and uploads everything a
-    /// launch of `k` needs ([`host::launch_args`]).
+    /// Binds the inputs to `k`'s spec, builds the block maps and uploads
+    /// everything a launch of `k` needs ([`host::launch_args`]).
     pub fn prepare(
         &self,
         k: &CudaKernel,
-        spec: &Spec,
         inputs: &Inputs<'_>,
     ) -> Result<Prepared<'static>, CudaError> {
-        self.prepare_bound(k, spec, inputs, bind(spec, inputs)?)
+        self.prepare_bound(k, inputs, bind(&k.spec, inputs)?)
     }
 
-    /// [`Self::prepare`] for inputs already bound (`bound` is `bind(spec,
+    /// [`Self::prepare`] for inputs already bound (`bound` is `bind(k's spec,
     /// inputs)`: the launch reads what it describes, so it is not public).
     pub(crate) fn prepare_bound(
         &self,
         k: &CudaKernel,
-        spec: &Spec,
         inputs: &Inputs<'_>,
         bound: Bound,
     ) -> Result<Prepared<'static>, CudaError> {
-        self.prepare_with(k, spec, inputs, bound, None)
+        self.prepare_with(k, inputs, bound, None)
     }
 
     /// Uploads the paged pool of `inputs` for kernel `k` (an in-place kernel:
@@ -425,31 +423,21 @@ impl CudaRuntime {
     pub fn prepare_pooled<'p>(
         &self,
         k: &CudaKernel,
-        spec: &Spec,
         inputs: &Inputs<'_>,
         pool: &'p CudaPool,
     ) -> Result<Prepared<'p>, CudaError> {
         pool.usable(self)?;
-        self.prepare_with(k, spec, inputs, bind(spec, inputs)?, Some(pool))
+        self.prepare_with(k, inputs, bind(&k.spec, inputs)?, Some(pool))
     }
 
     fn prepare_with<'p>(
         &self,
         k: &CudaKernel,
-        spec: &Spec,
         inputs: &Inputs<'_>,
         bound: Bound,
         pool: Option<&'p CudaPool>,
     ) -> Result<Prepared<'p>, CudaError> {
-        if k.spec != *spec {
-            return Err(PtxError::Launch {
-                what: format!(
-                    "the kernel was compiled from spec `{}`, the call binds `{}`: compile the kernel for this spec",
-                    k.spec.name, spec.name
-                ),
-            }
-            .into());
-        }
+        let spec = &k.spec;
         let l = &k.ptx.launch;
         if bound.shapes.d != l.d {
             return Err(CudaError::HeadDim {
@@ -492,10 +480,10 @@ impl CudaRuntime {
     pub fn launch(&self, k: &CudaKernel, p: &mut Prepared<'_>) -> Result<(), CudaError> {
         k.takes(p)?;
         let l = &k.ptx.launch;
-        let s = p.bound.shapes;
-        if s.b == 0 || s.h == 0 || s.q == 0 {
+        if p.bound.is_empty() {
             return Ok(());
         }
+        let s = p.bound.shapes;
         let cfg = LaunchConfig {
             grid_dim: l.grid(s.b, s.h, s.q),
             block_dim: (l.threads as u32, 1, 1),
