@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # GPU check of the CUDA backend: build with the `cuda` feature, run the parity tests against the
 # reference interpreter on every example and fixture (tolerance 1e-4 for f32 inputs, 1e-2 for
-# f16/bf16) and with NaN/Inf at masked keys, then the benchmark (B = 4, H = 16, D = 64 and 128,
-# N = 1024, 4096, 16384; dense, causal, sliding window, document, soft-cap, ALiBi; f16 and bf16,
-# f32 at N = 1024), printing TFLOP/s.
+# f16/bf16), with NaN/Inf at masked keys, and on KV caches (paged pools, ragged rows, int8/fp8,
+# key offsets, a resident pool appended step by step), then the benchmark (B = 4, H = 16, D = 64
+# and 128, N = 1024, 4096, 16384; dense, causal, sliding window, document, soft-cap, ALiBi; f16
+# and bf16, f32 at N = 1024), printing TFLOP/s.
 #
 # Needs an NVIDIA GPU with compute capability 8.0+ and its driver; no CUDA toolkit (the driver
-# JIT-compiles the PTX). Sized to finish within 5 minutes on an H200, each part time-boxed so that
-# the script stops by itself: the quick parity tests 45 s, the parity over every example 105 s,
-# the benchmark 140 s (it starts no new configuration after ATTNC_BENCH_BUDGET_S, 110 s), and,
-# where python3 has torch, a 30 s baseline: torch's SDPA (FlashAttention-2) on the same GPU.
+# JIT-compiles the PTX). Sized to finish within 6 minutes on an H200, each part time-boxed so that
+# the script stops by itself: the quick parity tests 45 s, the KV-cache parity tests 60 s, the
+# parity over every example 105 s, the benchmark 140 s (it starts no new configuration after
+# ATTNC_BENCH_BUDGET_S, 110 s), and, where python3 has torch, a 30 s baseline: torch's SDPA
+# (FlashAttention-2) on the same GPU.
 # Results go to $OUT when it is set, else to target/gpu-check/: gpu_check.log (nvidia-smi, every
 # parity figure, the benchmark table), gpu_bench.jsonl (one line per benchmark configuration) and
 # gpu_dmon.log (nvidia-smi dmon: clocks, power, use during the run).
@@ -110,6 +112,8 @@ if [ "$mode" != "--bench" ]; then
   say "== parity with the reference interpreter"
   part "parity (fixtures, errors, NaN/Inf at masked keys)" 45 "${parity[@]}" --nocapture --test-threads=1 \
     non_finite failing_reads every_fixture
+  part "parity (KV caches: paged, ragged, quantized, key offsets, resident pool)" 60 "${parity[@]}" \
+    --nocapture --test-threads=1 paged_ragged key_offsets a_resident_pool a_prepared_call
   part "parity (every example)" 105 "${parity[@]}" --nocapture --test-threads=1 every_example
 fi
 if [ "$mode" != "--parity" ]; then

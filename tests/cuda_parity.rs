@@ -516,6 +516,146 @@ fn paged_ragged_and_quantized_caches_match_the_reference() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Key offsets (`kv = kv_offset + key row`), as ring attention runs them:
+/// dense blocks whose keys come before, overlap or follow the queries, each
+/// against the reference and, split in two key blocks merged by
+/// `merge_states`, against the whole call; ragged rows and a pool (f32 and
+/// int8) whose queries end on keys 1000 positions in. StreamingLLM's sinks
+/// and `doc[KV]` read positions absolutely.
+#[test]
+fn key_offsets_match_the_reference() {
+    use attnc::{ElemType, KvArray};
+    let rt = runtime();
+    let mut failures = Vec::new();
+    let (h, hkv, d) = (4, 2, 64);
+    let mut rng = Rng::new(29);
+    let specs: [(&str, &[(&str, &str)]); 4] = [
+        ("causal", &[]),
+        ("streaming_llm", &[("sinks", "4"), ("window", "40")]),
+        ("packed_docs", &[]),
+        ("alibi", &[]),
+    ];
+    for (name, params) in specs {
+        let path = common::root().join(format!("examples/{name}.attn"));
+        let options = SpecOptions::with_params(params);
+        let program = attnc::load(SourceFile::read(&path).unwrap(), &options).unwrap();
+        for (q_offset, q_len, kv_offset, rows) in
+            [(200, 70, 0, 150), (100, 70, 130, 140), (0, 30, 1000, 90)]
+        {
+            let b = 2;
+            let end = (q_offset + q_len).max(kv_offset + rows);
+            let q = rng.array4((b, h, q_len, d));
+            let k = rng.array4((b, hkv, rows, d));
+            let v = rng.array4((b, hkv, rows, d));
+            let shapes = Shapes {
+                b,
+                h,
+                hkv,
+                q: q_len,
+                kv: end,
+                d,
+            };
+            let buffers = buffers_for(&program.spec, &shapes, &mut rng);
+            // A block of keys `range` of the queries, with the prefix of the
+            // `doc[KV]` table its positions end.
+            let block = |range: std::ops::Range<usize>| {
+                let block_end = (q_offset + q_len).max(kv_offset + range.end);
+                let mut inputs = Inputs::new(
+                    q.view(),
+                    k.slice(ndarray::s![.., .., range.clone(), ..]),
+                    v.slice(ndarray::s![.., .., range.clone(), ..]),
+                )
+                .q_offset(q_offset as i64)
+                .kv_offset((kv_offset + range.start) as i64)
+                .with_lse();
+                for (n, data) in &buffers {
+                    let data = match data {
+                        BufferData::Int(ids) if n == "doc" => BufferData::Int(
+                            ids.slice(ndarray::s![..block_end]).to_owned().into_dyn(),
+                        ),
+                        other => other.clone(),
+                    };
+                    inputs = inputs.buffer(n, data);
+                }
+                inputs
+            };
+            let whole = block(0..rows);
+            let want = program.run_reference(&whole).unwrap();
+            let cut = rows / 2 + 5;
+            for dtype in Dtype::ALL {
+                let what =
+                    format!("{name:14} queries at {q_offset}, keys at {kv_offset} {dtype:4}");
+                let runs = [block(0..rows), block(0..cut), block(cut..rows)]
+                    .iter()
+                    .map(|inputs| rt.run(&program.spec, inputs, dtype))
+                    .collect::<Result<Vec<_>, _>>();
+                match runs {
+                    Ok(outs) => {
+                        check(&what, &outs[0], &want, dtype, &mut failures);
+                        let merged = attnc::merge_states(&[
+                            (outs[1].out.view(), outs[1].lse.as_ref().unwrap().view()),
+                            (outs[2].out.view(), outs[2].lse.as_ref().unwrap().view()),
+                        ])
+                        .unwrap();
+                        check(
+                            &format!("{what} (two blocks merged)"),
+                            &merged,
+                            &want,
+                            dtype,
+                            &mut failures,
+                        );
+                    }
+                    Err(e) => failures.push(format!("{what}: run failed: {e}")),
+                }
+            }
+        }
+        // Ragged rows and a pool, queries ending on keys at 1000 + 0 .. len.
+        let (lens, q_len, kv_offset) = ([20, 37, 190], 20, 1000);
+        let r = common::ragged(&lens, (h, hkv, q_len, d), 16, &mut rng);
+        let shapes = Shapes {
+            b: lens.len(),
+            h,
+            hkv,
+            q: q_len,
+            kv: kv_offset + 190,
+            d,
+        };
+        let buffers = buffers_for(&program.spec, &shapes, &mut rng);
+        for elem in [ElemType::F32, ElemType::Int8] {
+            let (kq, vq, kpq, vpq) = (
+                KvArray::quantize(r.k.view(), elem),
+                KvArray::quantize(r.v.view(), elem),
+                KvArray::quantize(r.k_pages.view(), elem),
+                KvArray::quantize(r.v_pages.view(), elem),
+            );
+            let pool = Inputs::paged(
+                r.q.view(),
+                kpq.view(),
+                vpq.view(),
+                r.table.view(),
+                r.lens.view(),
+            );
+            let rows = Inputs::new(r.q.view(), kq.view(), vq.view()).kv_lens(r.lens.view());
+            for (layout, inputs) in [("pool", pool), ("ragged rows", rows)] {
+                let mut inputs = inputs.kv_offset(kv_offset as i64).with_lse();
+                for (n, data) in &buffers {
+                    inputs = inputs.buffer(n, data.clone());
+                }
+                let want = program.run_reference(&inputs).unwrap();
+                for dtype in Dtype::ALL {
+                    let what =
+                        format!("{name:14} {elem:4} {layout:11} keys at {kv_offset} {dtype:4}");
+                    match rt.run(&program.spec, &inputs, dtype) {
+                        Ok(got) => check(&what, &got, &want, dtype, &mut failures),
+                        Err(e) => failures.push(format!("{what}: run failed: {e}")),
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// A paged pool kept on the GPU between calls (`CudaRuntime::upload_pool`):
 /// uploaded once, then four decoding steps appended on the host
 /// (`KvArray::append`) and to the device by their new rows alone

@@ -468,6 +468,213 @@ fn emulated_ptx_matches_in_other_layouts() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Random buffers for `spec` at `shapes` (`doc` ids in runs of 3, ALiBi
+/// slopes, uniform values otherwise).
+fn buffers_for(
+    spec: &attnc::sema::Spec,
+    shapes: &Shapes,
+    rng: &mut Rng,
+) -> Vec<(String, attnc::BufferData)> {
+    spec.buffers
+        .iter()
+        .map(|decl| {
+            let recipe = match decl.name.as_str() {
+                "slope" => "alibi",
+                "doc" => "docs:3",
+                _ => "uniform",
+            };
+            let data = generate_buffer(decl, shapes, recipe, rng).unwrap();
+            (decl.name.clone(), data)
+        })
+        .collect()
+}
+
+fn with_buffers<'a>(mut inputs: Inputs<'a>, buffers: &[(String, attnc::BufferData)]) -> Inputs<'a> {
+    for (name, data) in buffers {
+        inputs = inputs.buffer(name, data.clone());
+    }
+    inputs.with_lse()
+}
+
+/// Key offsets (`kv = kv_offset + key row`), as blocks of ring attention
+/// compute them: dense K/V whose keys come before, overlap or follow the
+/// queries (rows that see no key: out 0, lse -inf), and ragged rows and a
+/// shuffled pool (NaN in every stale slot) whose queries end on keys 1000
+/// positions in. The specs read positions absolutely (the sinks of
+/// `streaming_llm`, the `doc[KV]` table of `packed_docs`), so a kernel that
+/// dropped the offset fails. The emulated PTX matches the tile interpreter;
+/// and the blocks of one call, merged, give the whole call.
+#[test]
+fn emulated_ptx_takes_key_offsets() {
+    let specs: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        ("examples/causal.attn", vec![]),
+        (
+            "examples/streaming_llm.attn",
+            vec![("sinks", "4"), ("window", "20")],
+        ),
+        ("examples/packed_docs.attn", vec![]),
+        ("examples/alibi.attn", vec![]),
+    ];
+    let (h, hkv, d) = (4, 2, 32);
+    let mut failures = Vec::new();
+    let mut check = |what: String, got: &Outputs, want: &Outputs, tol: f32| {
+        let err = max_err(got, want);
+        eprintln!("{what}: {err:.2e}");
+        if err > tol {
+            failures.push(format!("{what}: error {err:.3e}"));
+        }
+    };
+    for dtype in [Dtype::F32, Dtype::F16] {
+        let tol = if dtype == Dtype::F32 { 1e-4 } else { 1e-2 };
+        let mut rng = Rng::new(17 + dtype as u64);
+        for (path, params) in &specs {
+            let spec = load(path, params);
+            // Dense K/V: (query offset, Q, key offset, key rows).
+            let dense = ptx::schedule(d, dtype);
+            for (q_offset, q_len, kv_offset, rows) in
+                [(90, 30, 0, 70), (40, 30, 50, 60), (0, 20, 1000, 40)]
+            {
+                let (b, end) = (2, (q_offset + q_len).max(kv_offset + rows));
+                let q = rng.array4((b, h, q_len, d));
+                let k = rng.array4((b, hkv, rows, d));
+                let v = rng.array4((b, hkv, rows, d));
+                let shapes = Shapes {
+                    b,
+                    h,
+                    hkv,
+                    q: q_len,
+                    kv: end,
+                    d,
+                };
+                let buffers = buffers_for(&spec, &shapes, &mut rng);
+                let inputs = with_buffers(
+                    Inputs::new(q.view(), k.view(), v.view())
+                        .q_offset(q_offset as i64)
+                        .kv_offset(kv_offset as i64),
+                    &buffers,
+                );
+                let want = interp(&spec, &dense, &inputs).unwrap();
+                let got = emulate(&spec, &dense, dtype, &inputs).unwrap();
+                check(
+                    format!(
+                        "{} {dtype} queries at {q_offset}, {rows} keys at {kv_offset}",
+                        spec.name
+                    ),
+                    &got,
+                    &want,
+                    tol,
+                );
+                // The same queries on the keys split in two blocks, merged;
+                // each block takes the prefix of `doc[KV]` its positions end.
+                let cut = rows / 2 + 3;
+                let part = |r: std::ops::Range<usize>| {
+                    let (k, v) = (
+                        k.slice(ndarray::s![.., .., r.clone(), ..]),
+                        v.slice(ndarray::s![.., .., r.clone(), ..]),
+                    );
+                    let block_end = (q_offset + q_len).max(kv_offset + r.end);
+                    let prefix: Vec<_> = buffers
+                        .iter()
+                        .map(|(name, data)| match data {
+                            attnc::BufferData::Int(ids) if name == "doc" => (
+                                name.clone(),
+                                attnc::BufferData::Int(
+                                    ids.slice(ndarray::s![..block_end]).to_owned().into_dyn(),
+                                ),
+                            ),
+                            _ => (name.clone(), data.clone()),
+                        })
+                        .collect();
+                    let inputs = with_buffers(
+                        Inputs::new(q.view(), k, v)
+                            .q_offset(q_offset as i64)
+                            .kv_offset((kv_offset + r.start) as i64),
+                        &prefix,
+                    );
+                    emulate(&spec, &dense, dtype, &inputs).unwrap()
+                };
+                let (a, c) = (part(0..cut), part(cut..rows));
+                let merged = attnc::merge_states(&[
+                    (a.out.view(), a.lse.as_ref().unwrap().view()),
+                    (c.out.view(), c.lse.as_ref().unwrap().view()),
+                ])
+                .unwrap();
+                check(
+                    format!(
+                        "{} {dtype} queries at {q_offset}, keys at {kv_offset} in two blocks, merged",
+                        spec.name
+                    ),
+                    &merged,
+                    &want,
+                    tol,
+                );
+            }
+            // In place: ragged rows and a pool, queries ending on keys at
+            // 1000 + 0 .. len.
+            let in_place = Schedule {
+                kv: tile::nest::KvSource::InPlace,
+                ..ptx::schedule(d, dtype)
+            };
+            for (q_len, ps) in [(1, 16), (20, 7)] {
+                let (lens, kv_offset) = ([q_len, 37, 90], 1000);
+                let r = common::ragged(&lens, (h, hkv, q_len, d), ps, &mut rng);
+                let shapes = Shapes {
+                    b: lens.len(),
+                    h,
+                    hkv,
+                    q: q_len,
+                    kv: kv_offset + 90,
+                    d,
+                };
+                let buffers = buffers_for(&spec, &shapes, &mut rng);
+                let paged = with_buffers(
+                    Inputs::paged(
+                        r.q.view(),
+                        r.k_pages.view(),
+                        r.v_pages.view(),
+                        r.table.view(),
+                        r.lens.view(),
+                    )
+                    .kv_offset(kv_offset as i64),
+                    &buffers,
+                );
+                let rows = with_buffers(
+                    Inputs::new(r.q.view(), r.k.view(), r.v.view())
+                        .kv_lens(r.lens.view())
+                        .kv_offset(kv_offset as i64),
+                    &buffers,
+                );
+                let want = interp(&spec, &in_place, &rows).unwrap();
+                for (layout, inputs) in [("pool", &paged), ("ragged rows", &rows)] {
+                    let got = emulate(&spec, &in_place, dtype, inputs).unwrap();
+                    check(
+                        format!(
+                            "{} {dtype} Q={q_len} {layout}, keys at {kv_offset}",
+                            spec.name
+                        ),
+                        &got,
+                        &want,
+                        tol,
+                    );
+                }
+                if spec.name == "streaming_llm" {
+                    // The sinks (kv < 4) are 1000 positions before these keys.
+                    let at_zero = with_buffers(
+                        Inputs::new(r.q.view(), r.k.view(), r.v.view()).kv_lens(r.lens.view()),
+                        &buffers,
+                    );
+                    let unshifted = interp(&spec, &in_place, &at_zero).unwrap();
+                    assert!(
+                        max_err(&unshifted, &want) > 1e-2,
+                        "the key offset must change what streaming_llm sees"
+                    );
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 #[test]
 fn emulated_ptx_reports_the_interpreter_error() {
     let src = "attention a { buffer pos[KV]: int\n score = score + float(pos[q - kv]) }";
@@ -476,21 +683,27 @@ fn emulated_ptx_reports_the_interpreter_error() {
         .spec;
     let mut rng = Rng::new(3);
     let q = rng.array4((1, 1, 20, 16));
-    let pos = attnc::BufferData::Int(ndarray::Array1::zeros(20).into_dyn());
-    let inputs = Inputs::new(q.view(), q.view(), q.view()).buffer("pos", pos);
     let schedule = ptx::schedule(16, Dtype::F16);
-    match emulate(&spec, &schedule, Dtype::F16, &inputs) {
-        Err(EvalError::OutOfRange {
-            buffer, index, at, ..
-        }) => {
-            assert_eq!(buffer, "pos");
-            assert_eq!(index, vec![at.q - at.kv]);
-            assert!(index[0] < 0);
+    // With a key offset the error names the key's position, not its row.
+    for kv_offset in [0, 10] {
+        let pos = attnc::BufferData::Int(ndarray::Array1::zeros(20 + kv_offset).into_dyn());
+        let inputs = Inputs::new(q.view(), q.view(), q.view())
+            .kv_offset(kv_offset as i64)
+            .buffer("pos", pos);
+        match emulate(&spec, &schedule, Dtype::F16, &inputs) {
+            Err(EvalError::OutOfRange {
+                buffer, index, at, ..
+            }) => {
+                assert_eq!(buffer, "pos");
+                assert_eq!(index, vec![at.q - at.kv]);
+                assert!(index[0] < 0);
+                assert!((kv_offset as i64..kv_offset as i64 + 20).contains(&at.kv));
+            }
+            other => panic!(
+                "expected an out-of-range read, got {:?}",
+                other.map(|o| o.out.shape().to_vec())
+            ),
         }
-        other => panic!(
-            "expected an out-of-range read, got {:?}",
-            other.map(|o| o.out.shape().to_vec())
-        ),
     }
 }
 

@@ -132,6 +132,10 @@ pub(super) struct Gen<'a> {
     pub zero64: Reg,
     /// Key rows of K and V per head (s64): of this sequence for in-place K/V.
     pub kv_rows64: Reg,
+    /// The position past the last key (s64): `kv_offset + kv_rows64`.
+    pub kv_end64: Reg,
+    /// The position of key row 0 (s64).
+    pub kv_offset64: Reg,
     /// In-place K/V ([`KvSource::InPlace`]): how a key row is found.
     pages: Option<Pages>,
     /// Quantized K/V ([`Launch::kv_quant`]): the type and the scales of
@@ -224,7 +228,7 @@ pub(super) fn generate(k: &Verified, launch: &Launch, entry: &str) -> String {
         reg(Writer::rd),
         reg(Writer::rd),
     );
-    let kv_rows64 = w.rd();
+    let (kv_rows64, kv_end64, kv_offset64) = (w.rd(), w.rd(), w.rd());
     let shapes = ShapeVar::ALL.iter().map(|_| w.rd()).collect();
     let s = (0..lay.bkv / 8)
         .map(|_| [w.f(), w.f(), w.f(), w.f()])
@@ -253,6 +257,8 @@ pub(super) fn generate(k: &Verified, launch: &Launch, entry: &str) -> String {
         err,
         zero64,
         kv_rows64,
+        kv_end64,
+        kv_offset64,
         pages: None,
         quant: None,
         bufs: Vec::new(),
@@ -362,14 +368,15 @@ impl Gen<'_> {
         }
     }
 
-    /// `kv < kv_rows` (a real key) for the current column, computed once per column.
+    /// `kv < kv_offset + kv_rows` (a real key; `kv` is the key's position)
+    /// for the current column, computed once per column.
     fn col_valid(&mut self) -> Reg {
         if let Some(p) = self.ctx.col_valid {
             return p;
         }
         let kv = self.ctx.kv.expect("a column context has kv");
         let p = self.w.p();
-        ins!(self.w, "setp.lt.s64 {p}, {kv}, {}", self.kv_rows64);
+        ins!(self.w, "setp.lt.s64 {p}, {kv}, {}", self.kv_end64);
         self.ctx.col_valid = Some(p);
         p
     }
@@ -477,7 +484,7 @@ impl Gen<'_> {
         let mut params: Vec<String> = Vec::new();
         for name in PARAMS {
             let ty = match name {
-                "q_offset" => ".s64",
+                "q_offset" | "kv_offset" => ".s64",
                 "B" | "H" | "HKV" | "Q" | "KV" | "D" | "group" | "kv_batch_stride"
                 | "map_stride_b" | "map_stride_h" | "kv_rows" => ".u32",
                 _ => ".u64",
@@ -582,20 +589,31 @@ impl Gen<'_> {
         let msb = self.ld_param("map_stride_b", "u32");
         let msh = self.ld_param("map_stride_h", "u32");
         let q_offset = self.ld_param("q_offset", "s64");
+        let kv_offset = self.ld_param("kv_offset", "s64");
+        ins!(self.w, "mov.b64 {}, {kv_offset}", self.kv_offset64);
         for (sv, r32) in ShapeVar::ALL.iter().zip(&shape32) {
             let r = self.shapes[*sv as usize];
             ins!(self.w, "cvt.u64.u32 {r}, {r32}");
         }
-        // K and V hold `kv_rows` keys per head; `KV`, the end of the call's
-        // positions, may be larger (queries past the keys).
+        // K and V hold `kv_rows` keys per head, at positions from
+        // `kv_offset`; `KV`, the end of the call's positions, may be larger
+        // (queries past the keys). In place, `kv_rows` is the longest
+        // sequence's keys, and `kv_len` this sequence's.
         let (h_len, hkv_len, q_len) = (shape32[1], shape32[2], shape32[3]);
         let in_place = self.k.nest.kv == KvSource::InPlace;
+        let kv_rows = self.ld_param("kv_rows", "u32");
         let (kv_len, q_offset) = if in_place {
             self.in_place_setup(b32, q_len)
         } else {
-            (self.ld_param("kv_rows", "u32"), q_offset)
+            (kv_rows, q_offset)
         };
         ins!(self.w, "cvt.u64.u32 {}, {kv_len}", self.kv_rows64);
+        ins!(
+            self.w,
+            "add.s64 {}, {}, {kv_offset}",
+            self.kv_end64,
+            self.kv_rows64
+        );
         ins!(self.w, "mov.b64 {}, 0", self.zero64);
         ins!(self.w, "cvt.u64.u32 {}, {b32}", self.b64);
         ins!(self.w, "cvt.u64.u32 {}, {h32}", self.h64);
@@ -675,10 +693,10 @@ impl Gen<'_> {
         );
         ins!(self.w, "add.s64 {k_head}, {k_ptr}, {head_off}");
         ins!(self.w, "add.s64 {v_head}, {v_ptr}, {head_off}");
-        // This K/V head's V-tile flags: ceil(KV / bkv) bytes at kvh * ceil(KV / bkv)
-        // (for in-place K/V, per sequence: kvh = b * HKV + kh, and KV the
-        // longest sequence's keys).
-        let flag_keys = if in_place { shape32[4] } else { kv_len };
+        // This K/V head's V-tile flags: ceil(kv_rows / bkv) bytes at kvh *
+        // ceil(kv_rows / bkv) (for in-place K/V, per sequence: kvh = b * HKV
+        // + kh, and kv_rows the longest sequence's keys).
+        let flag_keys = kv_rows;
         let flag_head = v_flags.map(|ptr| {
             let (n_kt, fh) = (self.w.r(), self.w.rd());
             ins!(self.w, "add.u32 {n_kt}, {flag_keys}, {}", lay.bkv - 1);
@@ -883,10 +901,14 @@ impl Gen<'_> {
         ins!(self.w, "shl.b32 {t}, {t4}, 1");
         ins!(self.w, "add.u32 {t}, {kv0_32}, {t}");
         ins!(self.w, "cvt.u64.u32 {kv0}, {t}");
+        // The position of this thread's first column: the mask and the
+        // score mod see positions, the tail mask rows.
+        let kv0_pos = self.w.rd();
+        ins!(self.w, "add.s64 {kv0_pos}, {kv0}, {}", self.kv_offset64);
         let (partial, softmax) = (self.w.label("partial"), self.w.label("softmax"));
         ins!(self.w, "@!{full} bra.uni {partial}");
         self.w.section("FULL tile: no mask code");
-        self.tile_body(Section::Full, kv0);
+        self.tile_body(Section::Full, kv0_pos);
         self.w
             .comment("a ragged last tile: columns past KV are -inf");
         let (ragged, end) = (self.w.p(), self.w.r());
@@ -899,7 +921,7 @@ impl Gen<'_> {
         ins!(self.w, "bra.uni {softmax}");
         self.w.place(&partial);
         self.w.section("PARTIAL tile: mask applied");
-        self.tile_body(Section::Partial, kv0);
+        self.tile_body(Section::Partial, kv0_pos);
         self.w.place(&softmax);
         ins!(self.w, "bar.warp.sync -1");
         match self.v_flag {
@@ -1070,7 +1092,8 @@ impl Gen<'_> {
 
     /// The in-place K/V parameters of sequence `b32`: its key count
     /// `kv_lens[b]` (u32) and the absolute position of its first query row,
-    /// `kv_lens[b] - Q` (s64), which puts the last query on its last key.
+    /// `kv_offset + kv_lens[b] - Q` (s64), which puts the last query on its
+    /// last key.
     fn in_place_setup(&mut self, b32: Reg, q_len: Reg) -> (Reg, Reg) {
         let lens = self.global_ptr("kv_lens_ptr");
         let table = self.global_ptr("page_table_ptr");
@@ -1090,6 +1113,7 @@ impl Gen<'_> {
         ins!(self.w, "cvt.u64.u32 {q_start}, {len}");
         ins!(self.w, "cvt.u64.u32 {q64}, {q_len}");
         ins!(self.w, "sub.s64 {q_start}, {q_start}, {q64}");
+        ins!(self.w, "add.s64 {q_start}, {q_start}, {}", self.kv_offset64);
         let table_row = self.w.rd();
         ins!(self.w, "mul.wide.u32 {table_row}, {b32}, {ts}");
         ins!(self.w, "shl.b64 {table_row}, {table_row}, 2");
@@ -1626,7 +1650,8 @@ impl Gen<'_> {
 
     /// The score of every owned element of a FULL or PARTIAL tile, from the
     /// column- and element-level IR code of that loop; the result replaces
-    /// the tile score in `s`.
+    /// the tile score in `s`. `kv0` is the position (`kv_offset` + row) of
+    /// the thread's first column.
     fn tile_body(&mut self, section: Section, kv0: Reg) {
         let lay = self.lay.clone();
         let col_insts = self.insts_at(Level::Col, section);

@@ -49,8 +49,10 @@
 //! lse, err, map_rows, map_full, map_partial, v_flags`, then `u32` shapes `B, H,
 //! HKV, Q, KV, D`, `group` (= H / HKV), `kv_batch_stride` (1, or 0 when k and
 //! v broadcast over the batch), `map_stride_b`, `map_stride_h`, `kv_rows`
-//! (the key rows of k and v; `KV`, the end of the call's positions, is larger
-//! when queries run past the keys), then the `s64` `q_offset`, then, for a
+//! (the key rows of k and v, or of the longest sequence of an in-place call;
+//! `KV`, the end of the call's positions, is larger when queries run past the
+//! keys or keys start at an offset), then the `s64` `q_offset` and
+//! `kv_offset` (key row `j` is at position `kv_offset + j`), then, for a
 //! kernel that reads K/V in place (a paged pool or ragged dense rows), the
 //! [`IN_PLACE_PARAMS`], then one pointer per buffer of the kernel.
 //!
@@ -62,7 +64,8 @@
 //! and end index of its FULL ranges in `map_full` (u32 pairs `start, end`)
 //! and of its PARTIAL tiles in `map_partial` (u32 key tile indices); map
 //! `b * map_stride_b + h * map_stride_h` serves (b, h). `v_flags` holds one
-//! byte per K/V head (`kv_batch * HKV + kv_head`) and key tile, 1 where the
+//! byte per K/V head (`kv_batch * HKV + kv_head`, or `b * HKV + kv_head` in
+//! place) and key tile of `kv_rows` keys, 1 where the
 //! V tile holds NaN or inf in the dtype ([`crate::runtime::device::host::nonfinite_tiles`]); only
 //! the f16/bf16 kernels read it.
 

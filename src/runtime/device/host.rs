@@ -250,8 +250,8 @@ impl InPlaceKv {
     /// sequence's queries at its end; [`launch_args`] refuses other calls).
     pub fn of(bound: &Bound) -> Result<InPlaceKv, TooLarge> {
         assert!(
-            bound.kv_offset == 0 && InPlaceKv::queries_end_the_keys(bound),
-            "an in-place kernel takes K/V whose sequences end on their queries, without a key offset"
+            InPlaceKv::queries_end_the_keys(bound),
+            "an in-place kernel takes K/V whose sequences end on their queries"
         );
         let s = bound.shapes;
         let limit = |what, value| TooLarge::check(what, value, BIG);
@@ -296,7 +296,8 @@ impl InPlaceKv {
     /// in-place kernel places them: a ragged batch or a paged pool, or dense
     /// K/V whose query offset says so.
     pub fn queries_end_the_keys(bound: &Bound) -> bool {
-        bound.is_ragged() || bound.q_offset + bound.shapes.q as i64 == bound.kv_rows as i64
+        bound.is_ragged()
+            || bound.q_offset + bound.shapes.q as i64 == bound.kv_offset + bound.kv_rows as i64
     }
 
     /// The packed row of key `j` of KV head `kh` of sequence `b`.
@@ -314,7 +315,8 @@ impl InPlaceKv {
     /// tile) + kt`, 1 where a key of the tile below the sequence's length
     /// has a V row (by its index, [`InPlaceKv::row`]) flagged nonzero in
     /// `row_flags` (`KvBytes::v_row_flags`, or a resident pool's) (`kv`: the
-    /// longest sequence).
+    /// longest sequence's keys, [`Bound::key_rows`]: the kernel's `kv_rows`;
+    /// a key offset moves positions, not rows, so it adds no tiles).
     pub fn nonfinite_tiles(&self, row_flags: &[u8], hkv: usize, kv: usize, tile: usize) -> Vec<u8> {
         assert!(tile > 0, "tiles hold at least one key");
         let tiles = kv.div_ceil(tile);
@@ -408,9 +410,12 @@ pub fn device_maps(maps: &BlockMaps, heads: usize) -> DeviceMaps {
 /// The scalar kernel parameters after the pointers, in [`super::PARAMS`] order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Scalars {
-    /// `B, H, HKV, Q, KV, D, group, kv_batch_stride, map_stride_b, map_stride_h`.
+    /// `B, H, HKV, Q, KV, D, group, kv_batch_stride, map_stride_b,
+    /// map_stride_h, kv_rows` (the key rows: of dense K/V, or the longest
+    /// sequence's of a ragged batch or a pool).
     pub u32s: [u32; 11],
     pub q_offset: i64,
+    pub kv_offset: i64,
 }
 
 /// A problem the kernel cannot take (a size past its 32-bit indexing or
@@ -455,9 +460,10 @@ pub fn scalars(bound: &Bound, maps: &DeviceMaps) -> Result<Scalars, TooLarge> {
             u32::from(bound.kv_batch != 1),
             maps.stride_b,
             maps.stride_h,
-            limit("the key rows", bound.kv_rows, big)?,
+            limit("the key rows", bound.key_rows(), big)?,
         ],
         q_offset: bound.q_offset,
+        kv_offset: bound.kv_offset,
     })
 }
 
@@ -556,8 +562,8 @@ pub enum Arg {
 /// runtime and the PTX emulator of the tests, so what the emulator checks is
 /// what the GPU is given.
 ///
-/// Fails, without building anything, for a call the kernel cannot take: a
-/// key offset; ragged or paged K/V for a kernel of dense K/V; for an in-place
+/// Fails, without building anything, for a call the kernel cannot take:
+/// ragged or paged K/V for a kernel of dense K/V; for an in-place
 /// kernel, queries that do not end on each sequence's last key (dense K/V
 /// without lengths and with another query offset); K/V stored in another
 /// type than the kernel dequantizes or rounds to; sizes past the kernel's
@@ -582,9 +588,6 @@ pub fn launch_args(
     let s = bound.shapes;
     let refuse = |what: String| Err(super::PtxError::Launch { what });
     let in_place = kernel.nest.kv == KvSource::InPlace;
-    if bound.kv_offset != 0 {
-        return refuse(format!("a key offset ({})", bound.kv_offset));
-    }
     if !in_place && (bound.is_ragged() || bound.pages.is_some()) {
         return refuse(
             "ragged or paged K/V in a kernel of dense K/V (compile it to read K/V in place)".into(),
@@ -592,11 +595,12 @@ pub fn launch_args(
     }
     if in_place && !InPlaceKv::queries_end_the_keys(bound) {
         return refuse(format!(
-            "queries at {} .. {} of {} keys in a kernel that reads K/V in place (it puts each \
-             sequence's queries on its last keys: give the lengths of the sequences)",
+            "queries at {} .. {} and keys at {} .. {} in a kernel that reads K/V in place (it \
+             puts each sequence's queries on its last keys: give the lengths of the sequences)",
             bound.q_offset,
             bound.q_offset + s.q as i64,
-            bound.kv_rows
+            bound.kv_offset,
+            bound.kv_offset + bound.kv_rows as i64
         ));
     }
     check_kv_type(bound.kv_elem, l)?;
@@ -621,7 +625,7 @@ pub fn launch_args(
                 .expect("a resident pool is read in place");
             let flags = pool
                 .v_row_flags()
-                .map(|rows| ip.nonfinite_tiles(rows, s.hkv, s.kv, l.bkv))
+                .map(|rows| ip.nonfinite_tiles(rows, s.hkv, bound.key_rows(), l.bkv))
                 .unwrap_or_default();
             let scales = pool
                 .layout()
@@ -635,7 +639,7 @@ pub fn launch_args(
             let flags = match &in_place_kv {
                 Some(ip) => kv
                     .v_row_flags(l.d_pad, l.dtype)
-                    .map(|rows| ip.nonfinite_tiles(&rows, s.hkv, s.kv, l.bkv))
+                    .map(|rows| ip.nonfinite_tiles(&rows, s.hkv, bound.key_rows(), l.bkv))
                     .unwrap_or_default(),
                 None => match kv.v_for_flags(l.dtype) {
                     Some(v) => {
@@ -670,7 +674,7 @@ pub fn launch_args(
     let values = arrays
         .into_iter()
         .chain(scalars.u32s.map(Arg::U32))
-        .chain([Arg::S64(scalars.q_offset)]);
+        .chain([Arg::S64(scalars.q_offset), Arg::S64(scalars.kv_offset)]);
     push(&super::PARAMS, values.collect());
     if let Some(ip) = in_place_kv {
         let values = [
@@ -928,15 +932,38 @@ mod tests {
         all.extend(super::super::QUANT_PARAMS);
         assert_eq!(names(&args(&quant, &int8).unwrap()), with(&all));
 
-        // Refused: a key offset, ragged K/V in a dense kernel, queries that do
-        // not end on the keys in place, K/V of another type.
-        refused(args(&dense, &end.clone().kv_offset(5)), "a key offset (5)");
+        // A key offset is passed after the query offset; in place, the
+        // queries end on the keys when both offsets move together.
+        let scalar = |a: &[(String, Arg)], name: &str| {
+            a.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+        };
+        let shifted = end.clone().q_offset((kv - q_len + 5) as i64).kv_offset(5);
+        for kernel in [&dense, &in_place] {
+            let a = args(kernel, &shifted).unwrap();
+            assert_eq!(scalar(&a, "kv_offset"), Some(Arg::S64(5)));
+            assert_eq!(scalar(&a, "KV"), Some(Arg::U32((kv + 5) as u32)));
+            assert_eq!(scalar(&a, "kv_rows"), Some(Arg::U32(kv as u32)));
+        }
+        let a = args(&in_place, &ragged.clone().kv_offset(1000)).unwrap();
+        assert_eq!(scalar(&a, "kv_offset"), Some(Arg::S64(1000)));
+        assert_eq!(scalar(&a, "kv_rows"), Some(Arg::U32(kv as u32)));
+
+        // Refused: ragged K/V in a dense kernel, queries that do not end on
+        // the keys in place (a key offset alone moves the keys past them),
+        // K/V of another type.
+        refused(
+            args(&in_place, &end.clone().kv_offset(5)),
+            "queries at 37 .. 40 and keys at 5 .. 45",
+        );
         refused(
             args(&dense, &ragged),
             "ragged or paged K/V in a kernel of dense K/V",
         );
         let start = Inputs::new(q.view(), kvf.view(), kvf.view());
-        refused(args(&in_place, &start), "queries at 0 .. 3 of 40 keys");
+        refused(
+            args(&in_place, &start),
+            "queries at 0 .. 3 and keys at 0 .. 40",
+        );
         refused(
             args(&in_place, &int8),
             "int8 K/V in a kernel compiled for f32 K/V",

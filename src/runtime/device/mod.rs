@@ -127,7 +127,7 @@ impl FromStr for Dtype {
 
 /// The names of the kernel parameters, in order; buffers follow as
 /// `buf0`, `buf1`, ... in the kernel's buffer order.
-pub const PARAMS: [&str; 22] = [
+pub const PARAMS: [&str; 23] = [
     "q",
     "k",
     "v",
@@ -150,20 +150,22 @@ pub const PARAMS: [&str; 22] = [
     "map_stride_h",
     "kv_rows",
     "q_offset",
+    "kv_offset",
 ];
 
-/// The parameters of a kernel that reads K and V in place
-/// ([`crate::tile::nest::KvSource::InPlace`]: a paged pool, or dense rows of
-/// ragged lengths), after `q_offset` and before the buffers: the sequences'
-/// key counts (u32 `[B]`), the page table (u32 `[B, table_stride]`), and the
-/// page size and the strides, in rows of the padded head dim, of a page, a
-/// slot and a KV head in k and v (see [`host::InPlaceKv`]). `q_offset` and
-/// `kv_rows` are unused there: sequence `b`'s queries end on its last key.
 /// The parameters a kernel with quantized K/V ([`Launch::kv_quant`]) takes
 /// after [`IN_PLACE_PARAMS`]: the float32 scale of each K and V row, indexed
 /// like the rows (`row * 4` bytes from the pointer).
 pub const QUANT_PARAMS: [&str; 2] = ["k_scales_ptr", "v_scales_ptr"];
 
+/// The parameters of a kernel that reads K and V in place
+/// ([`crate::tile::nest::KvSource::InPlace`]: a paged pool, or dense rows of
+/// ragged lengths), after `kv_offset` and before the buffers: the sequences'
+/// key counts (u32 `[B]`), the page table (u32 `[B, table_stride]`), and the
+/// page size and the strides, in rows of the padded head dim, of a page, a
+/// slot and a KV head in k and v (see [`host::InPlaceKv`]). `q_offset` is
+/// unused there: sequence `b`'s queries end on its last key, at position
+/// `kv_offset + kv_lens[b] - 1`.
 pub const IN_PLACE_PARAMS: [&str; 7] = [
     "kv_lens_ptr",
     "page_table_ptr",
