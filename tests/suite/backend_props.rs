@@ -1,7 +1,7 @@
 //! Every backend against the reference interpreter on random specs.
 //!
 //! The specs, shapes and data come from `support::specgen` (random masks and
-//! score mods of the field's patterns, GQA/MQA, Q != KV, query offsets, k/v
+//! score mods of the field's patterns, GQA/MQA, Q != KV, query and key offsets, k/v
 //! batch broadcast, fully masked rows). For each case the loop-IR
 //! interpreter and the Cranelift backend (both tile-product
 //! implementations) run under a random tiling, and the PTX backend's f32

@@ -629,6 +629,7 @@ proptest::proptest! {
         let mut inputs = Inputs::new(data.q.view(), k.view(), v.view())
             .q_elem(q_half)
             .q_offset(case.shapes.q_offset)
+            .kv_offset(case.shapes.kv_offset)
             .with_lse();
         inputs.buffers = data.buffers.clone();
         let reference = program.run_reference(&inputs);
@@ -671,6 +672,7 @@ proptest::proptest! {
         let mut inputs = Inputs::new(data.q.view(), k.view(), v.view())
             .q_elem(ElemType::Bf16)
             .q_offset(case.shapes.q_offset)
+            .kv_offset(case.shapes.kv_offset)
             .with_lse();
         inputs.buffers = data.buffers.clone();
         let reference = program.run_reference(&inputs);

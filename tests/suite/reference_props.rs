@@ -110,6 +110,7 @@ fn generator_covers_the_interesting_cases() {
     let (mut errors, mut empty_rows, mut full_rows, mut gqa, mut mqa, mut offset, mut broadcast) =
         (0, 0, 0, 0, 0, 0, 0);
     let (mut q_ne_kv, mut overrides, mut scale, mut score, mut buffers) = (0, 0, 0, 0, 0);
+    let (mut kv_offset, mut keys_after_queries) = (0, 0);
     let (mut bit_ops, mut shift_errors, mut reductions, mut new_math) = (0, 0, 0, 0);
     for _ in 0..200 {
         let case = strategy.new_tree(&mut runner).unwrap().current();
@@ -117,6 +118,8 @@ fn generator_covers_the_interesting_cases() {
         gqa += usize::from(s.hkv > 1 && s.hkv < s.h);
         mqa += usize::from(s.hkv == 1 && s.h > 1);
         offset += usize::from(s.q_offset > 0);
+        kv_offset += usize::from(s.kv_offset > 0);
+        keys_after_queries += usize::from(s.kv_offset > s.q_offset);
         broadcast += usize::from(s.kv_batch == 1 && s.b > 1);
         q_ne_kv += usize::from(s.q != s.kv);
         overrides += usize::from(!case.spec.params.is_empty());
@@ -156,6 +159,8 @@ fn generator_covers_the_interesting_cases() {
         ("GQA", gqa),
         ("MQA", mqa),
         ("query offsets", offset),
+        ("key offsets", kv_offset),
+        ("keys starting after the first query", keys_after_queries),
         ("k/v batch broadcast", broadcast),
         ("Q != KV", q_ne_kv),
         ("param overrides", overrides),
@@ -639,6 +644,7 @@ fn harness_sees_empty_rows_of_a_sliding_window() {
         d: 3,
         kv_batch: 1,
         q_offset: 4,
+        kv_offset: 0,
     };
     let case = GenCase {
         spec,

@@ -60,7 +60,7 @@ pub fn score_matrix(
                 b: b as i64,
                 h: h as i64,
                 q: row as i64 + s.q_offset,
-                kv: kv as i64,
+                kv: kv as i64 + s.kv_offset,
             };
             let visible = match &spec.mask {
                 Some(m) => m.eval(&env, at)?,

@@ -742,13 +742,15 @@ pub struct GenShapes {
     /// Batch of k and v: `b`, or 1 to broadcast.
     pub kv_batch: usize,
     pub q_offset: i64,
+    /// The position of key row 0.
+    pub kv_offset: i64,
 }
 
 impl GenShapes {
     /// `KV` as the spec sees it: the end of the call's positions, keys or
-    /// queries (`max(kv, q_offset + Q)`).
+    /// queries (`max(kv_offset + kv, q_offset + Q)`).
     pub fn kv_end(&self) -> usize {
-        self.kv.max(self.q_offset as usize + self.q)
+        (self.kv_offset as usize + self.kv).max(self.q_offset as usize + self.q)
     }
 
     pub fn get(&self, s: Shape) -> usize {
@@ -890,6 +892,7 @@ impl GenCase {
     pub fn inputs<'a>(&self, data: &'a CaseData) -> Inputs<'a> {
         let mut inputs = Inputs::new(data.q.view(), data.k.view(), data.v.view())
             .q_offset(self.shapes.q_offset)
+            .kv_offset(self.shapes.kv_offset)
             .with_lse();
         inputs.buffers = data.buffers.clone();
         inputs
@@ -1353,8 +1356,8 @@ pub fn arb_spec() -> impl Strategy<Value = GenSpec> {
 }
 
 /// Random shapes: B 1..=3, H in {1, 2, 4} with HKV dividing H, Q and KV
-/// 1..=40 independently, D 1..=16, query offset 0..=40 (0 half the time),
-/// k/v batch 1 (broadcast) a quarter of the time.
+/// 1..=40 independently, D 1..=16, query and key offsets 0..=40 (each 0
+/// half the time), k/v batch 1 (broadcast) a quarter of the time.
 pub fn arb_shapes() -> impl Strategy<Value = GenShapes> {
     (
         1usize..=3,
@@ -1364,22 +1367,26 @@ pub fn arb_shapes() -> impl Strategy<Value = GenShapes> {
         1usize..=40,
         1usize..=16,
         prop_oneof![Just(0i64), 0i64..=40],
+        prop_oneof![Just(0i64), 0i64..=40],
         prop::bool::weighted(0.25),
     )
-        .prop_map(|(b, h, hkv_pick, q, kv, d, q_offset, broadcast)| {
-            let divisors: Vec<usize> = (1..=h).filter(|x| h % x == 0).collect();
-            let hkv = divisors[hkv_pick % divisors.len()];
-            GenShapes {
-                b,
-                h,
-                hkv,
-                q,
-                kv,
-                d,
-                kv_batch: if broadcast { 1 } else { b },
-                q_offset,
-            }
-        })
+        .prop_map(
+            |(b, h, hkv_pick, q, kv, d, q_offset, kv_offset, broadcast)| {
+                let divisors: Vec<usize> = (1..=h).filter(|x| h % x == 0).collect();
+                let hkv = divisors[hkv_pick % divisors.len()];
+                GenShapes {
+                    b,
+                    h,
+                    hkv,
+                    q,
+                    kv,
+                    d,
+                    kv_batch: if broadcast { 1 } else { b },
+                    q_offset,
+                    kv_offset,
+                }
+            },
+        )
 }
 
 /// A random spec, shapes and data seed.
