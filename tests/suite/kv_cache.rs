@@ -310,6 +310,85 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, rng_seed: proptest::test_runner::RngSeed::Fixed(0x0ff5_e7c4), ..ProptestConfig::default() })]
+
+    /// Random specs of `support::specgen` at random query and key offsets,
+    /// their keys cut at random points into chunks (empty ones included),
+    /// each chunk run on its own at its key offset: on the jit (every read
+    /// bounds-checked) and the emulated PTX (f32) a chunk agrees with the
+    /// reference on that chunk (or fails with its error word for word), and
+    /// the chunks merged by `merge_states` equal the reference on the whole
+    /// call. A whole call that fails has a chunk that fails. The keys end no
+    /// later than the queries, so every chunk has the whole call's `KV` and
+    /// takes the same buffers.
+    #[test]
+    fn random_key_chunks_merge_into_the_whole(
+        case in arb_case(),
+        cuts in prop::collection::vec(0usize..=40, 0..4),
+    ) {
+        let mut case = case;
+        let sh = &mut case.shapes;
+        sh.q_offset = sh.q_offset.max((sh.kv_offset as usize + sh.kv) as i64 - sh.q as i64);
+        let (kv, kv_offset) = (sh.kv, sh.kv_offset);
+        let program = attnc::load(case.spec.source_file(), &case.spec.options()).unwrap();
+        let data = case.data();
+        let whole = program.run_reference(&case.inputs(&data));
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(kv)).chain([0, kv]).collect();
+        cuts.sort();
+        let options = attnc::CompileOptions {
+            tiles: attnc::Tiles::Fixed(attnc::mask::Tiling::new(16, 16).unwrap()),
+            check_proven_loads: true,
+            ..Default::default()
+        };
+        let jit = program.compile_jit_with(&options).unwrap();
+        let schedule = attnc::codegen::ptx::schedule(case.shapes.d, attnc::codegen::ptx::Dtype::F32);
+        let (mut jit_parts, mut ptx_parts, mut failed) = (Vec::new(), Vec::new(), false);
+        for w in cuts.windows(2) {
+            let mut inputs = Inputs::new(
+                data.q.view(),
+                data.k.slice(s![.., .., w[0]..w[1], ..]),
+                data.v.slice(s![.., .., w[0]..w[1], ..]),
+            )
+            .q_offset(case.shapes.q_offset)
+            .kv_offset(kv_offset + w[0] as i64)
+            .with_lse();
+            inputs.buffers = data.buffers.clone();
+            let reference = program.run_reference(&inputs);
+            let what = format!("keys {w:?} of {kv} at offset {kv_offset}");
+            let ptx = crate::support::ptx_run::emulate(&program.spec, &schedule, attnc::codegen::ptx::Dtype::F32, &inputs)
+                .map_err(|e| program.first_error_of(&inputs, e));
+            for (backend, got, parts, tol) in [
+                ("jit 16x16", jit.run(&inputs), &mut jit_parts, 1e-5),
+                ("ptx f32 (emulated)", ptx, &mut ptx_parts, 1e-4),
+            ] {
+                match got {
+                    Ok(part) => {
+                        agree_to(&format!("{backend}, {what}"), &case, &reference, Ok(part.clone()), tol)?;
+                        parts.push(part);
+                    }
+                    Err(e) => agree_to(&format!("{backend}, {what}"), &case, &reference, Err(e), tol)?,
+                }
+            }
+            failed |= reference.is_err();
+        }
+        match &whole {
+            Ok(_) => {
+                prop_assert!(!failed, "a chunk failed where the whole call did not");
+                for (backend, parts, tol) in [("jit", &jit_parts, 3e-5), ("ptx", &ptx_parts, 2e-4)] {
+                    let views: Vec<_> = parts
+                        .iter()
+                        .map(|p: &Outputs| (p.out.view(), p.lse.as_ref().unwrap().view()))
+                        .collect();
+                    let merged = merge_states(&views).unwrap();
+                    agree_to(&format!("{backend} chunks {cuts:?} merged"), &case, &whole, Ok(merged), tol)?;
+                }
+            }
+            Err(e) => prop_assert!(failed, "the whole call failed ({e}) and no chunk did"),
+        }
+    }
+}
+
 /// A dense call of uniform length whose keys are cut into chunks, each run on
 /// its own with `kv_offset` (and the queries' absolute offset), merges back
 /// into the unsplit result; so does a split of a ragged decode step.
