@@ -7,7 +7,7 @@
 # and bf16, f32 at N = 1024), printing TFLOP/s.
 #
 # Needs an NVIDIA GPU with compute capability 8.0+ and its driver; no CUDA toolkit (the driver
-# JIT-compiles the PTX). Sized to finish within 6 minutes on an H200, each part time-boxed so that
+# JIT-compiles the PTX). Sized to finish within 7 minutes on an H200, each part time-boxed so that
 # the script stops by itself: the quick parity tests 45 s, the KV-cache parity tests 60 s, the
 # parity over every example 105 s, the benchmark 140 s (it starts no new configuration after
 # ATTNC_BENCH_BUDGET_S, 110 s), and, where python3 has torch, a 30 s baseline: torch's SDPA

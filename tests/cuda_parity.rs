@@ -568,14 +568,8 @@ fn key_offsets_match_the_reference() {
                 .q_offset(q_offset as i64)
                 .kv_offset((kv_offset + range.start) as i64)
                 .with_lse();
-                for (n, data) in &buffers {
-                    let data = match data {
-                        BufferData::Int(ids) if n == "doc" => BufferData::Int(
-                            ids.slice(ndarray::s![..block_end]).to_owned().into_dyn(),
-                        ),
-                        other => other.clone(),
-                    };
-                    inputs = inputs.buffer(n, data);
+                for (n, data) in common::kv_prefix(&buffers, block_end) {
+                    inputs = inputs.buffer(&n, data);
                 }
                 inputs
             };

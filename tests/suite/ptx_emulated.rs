@@ -205,16 +205,7 @@ fn emulated_ptx_reads_paged_pools_and_ragged_rows() {
                     let data = generate_buffer(decl, &shapes, recipe, &mut rng).unwrap();
                     buffers.push((decl.name.clone(), data));
                 }
-                fn with<'a>(
-                    mut inputs: Inputs<'a>,
-                    buffers: &[(String, attnc::BufferData)],
-                ) -> Inputs<'a> {
-                    for (name, data) in buffers {
-                        inputs = inputs.buffer(name, data.clone());
-                    }
-                    inputs.with_lse()
-                }
-                let paged = with(
+                let paged = with_buffers(
                     Inputs::paged(
                         q.view(),
                         kp.view(),
@@ -224,7 +215,7 @@ fn emulated_ptx_reads_paged_pools_and_ragged_rows() {
                     ),
                     &buffers,
                 );
-                let dense = with(
+                let dense = with_buffers(
                     Inputs::new(q.view(), k.view(), v.view()).kv_lens(lens_arr.view()),
                     &buffers,
                 );
@@ -436,20 +427,10 @@ fn emulated_ptx_matches_in_other_layouts() {
             kv: kv_n,
             d,
         };
-        let mut inputs = Inputs::new(q.view(), k.view(), v.view())
-            .with_lse()
-            .q_offset(q_offset);
-        for decl in &spec.buffers {
-            let recipe = match decl.name.as_str() {
-                "slope" => "alibi",
-                "doc" => "docs:3",
-                _ => "uniform",
-            };
-            inputs = inputs.buffer(
-                &decl.name,
-                generate_buffer(decl, &shapes, recipe, &mut rng).unwrap(),
-            );
-        }
+        let inputs = with_buffers(
+            Inputs::new(q.view(), k.view(), v.view()).q_offset(q_offset),
+            &buffers_for(&spec, &shapes, &mut rng),
+        );
         let want = interp(&spec, &schedule, &inputs).unwrap();
         let got = emulate(&spec, &schedule, dtype, &inputs).unwrap();
         let err = max_err(&got, &want);
@@ -500,7 +481,7 @@ fn with_buffers<'a>(mut inputs: Inputs<'a>, buffers: &[(String, attnc::BufferDat
 /// compute them: dense K/V whose keys come before, overlap or follow the
 /// queries (rows that see no key: out 0, lse -inf), and ragged rows and a
 /// shuffled pool (NaN in every stale slot) whose queries end on keys 1000
-/// positions in. The specs read positions absolutely (the sinks of
+/// positions in (and a decode step 2e9 positions in). The specs read positions absolutely (the sinks of
 /// `streaming_llm`, the `doc[KV]` table of `packed_docs`), so a kernel that
 /// dropped the offset fails. The emulated PTX matches the tile interpreter;
 /// and the blocks of one call, merged, give the whole call.
@@ -573,18 +554,7 @@ fn emulated_ptx_takes_key_offsets() {
                         v.slice(ndarray::s![.., .., r.clone(), ..]),
                     );
                     let block_end = (q_offset + q_len).max(kv_offset + r.end);
-                    let prefix: Vec<_> = buffers
-                        .iter()
-                        .map(|(name, data)| match data {
-                            attnc::BufferData::Int(ids) if name == "doc" => (
-                                name.clone(),
-                                attnc::BufferData::Int(
-                                    ids.slice(ndarray::s![..block_end]).to_owned().into_dyn(),
-                                ),
-                            ),
-                            _ => (name.clone(), data.clone()),
-                        })
-                        .collect();
+                    let prefix = common::kv_prefix(&buffers, block_end);
                     let inputs = with_buffers(
                         Inputs::new(q.view(), k, v)
                             .q_offset(q_offset as i64)
@@ -610,13 +580,18 @@ fn emulated_ptx_takes_key_offsets() {
                 );
             }
             // In place: ragged rows and a pool, queries ending on keys at
-            // 1000 + 0 .. len.
+            // kv_offset + 0 .. len.
             let in_place = Schedule {
                 kv: tile::nest::KvSource::InPlace,
                 ..ptx::schedule(d, dtype)
             };
-            for (q_len, ps) in [(1, 16), (20, 7)] {
-                let (lens, kv_offset) = ([q_len, 37, 90], 1000);
+            // The last: a decode step 2e9 positions in (past the kernel's
+            // 32-bit sizes; positions are s64), for specs without a table
+            // of positions.
+            let big = spec.buffers.iter().all(|b| b.name != "doc");
+            let steps = [(1, 16, 1000), (20, 7, 1000), (1, 16, 2_000_000_000)];
+            for (q_len, ps, kv_offset) in steps.into_iter().take(if big { 3 } else { 2 }) {
+                let lens = [q_len, 37, 90];
                 let r = common::ragged(&lens, (h, hkv, q_len, d), ps, &mut rng);
                 let shapes = Shapes {
                     b: lens.len(),
@@ -684,8 +659,9 @@ fn emulated_ptx_reports_the_interpreter_error() {
     let mut rng = Rng::new(3);
     let q = rng.array4((1, 1, 20, 16));
     let schedule = ptx::schedule(16, Dtype::F16);
-    // With a key offset the error names the key's position, not its row.
-    for kv_offset in [0, 10] {
+    // With a key offset the error names the key's position, not its row:
+    // at offset 100 no position is a row.
+    for kv_offset in [0, 100] {
         let pos = attnc::BufferData::Int(ndarray::Array1::zeros(20 + kv_offset).into_dyn());
         let inputs = Inputs::new(q.view(), q.view(), q.view())
             .kv_offset(kv_offset as i64)

@@ -100,7 +100,8 @@ pub(super) struct Ctx {
     pub tile_score: Option<Reg>,
     /// Whether the row is a real one (`< Q`).
     pub row_valid: Option<Reg>,
-    /// Whether the column is a real one (`< KV`), computed on first use.
+    /// Whether the column is a real key (its position `< kv_offset + ` the
+    /// key rows), computed on first use.
     pub col_valid: Option<Reg>,
     /// The conjunction of the two at element level, on first use.
     pub elem_valid: Option<Reg>,
@@ -910,7 +911,7 @@ impl Gen<'_> {
         self.w.section("FULL tile: no mask code");
         self.tile_body(Section::Full, kv0_pos);
         self.w
-            .comment("a ragged last tile: columns past KV are -inf");
+            .comment("a ragged last tile: columns past the key rows are -inf");
         let (ragged, end) = (self.w.p(), self.w.r());
         let no_tail = self.w.label("no_tail");
         ins!(self.w, "add.u32 {end}, {kv0_32}, {}", lay.bkv);
@@ -1068,7 +1069,8 @@ impl Gen<'_> {
         self.w.place(&done);
     }
 
-    /// `off = head + kt * bkv * row bytes`, `rows = min(bkv, KV - kt * bkv)`.
+    /// `off = head + kt * bkv * row bytes`, `rows = min(bkv, kv_len - kt * bkv)`
+    /// (`kv_len`: the key rows, of this sequence in place).
     fn kv_tile_addr(&mut self, kt: Reg, head: Reg, kv_len: Reg, off: Reg, rows: Reg) -> Reg {
         let lay = &self.lay;
         let (bkv, grow) = (lay.bkv, lay.global_row_bytes());
@@ -1719,7 +1721,7 @@ impl Gen<'_> {
         }
     }
 
-    /// Columns at or past KV of a ragged FULL tile become -inf.
+    /// Columns at or past the key rows of a ragged FULL tile become -inf.
     fn tail_mask(&mut self, kv0: Reg) {
         let lay = self.lay.clone();
         let kv_len = self.kv_rows64;

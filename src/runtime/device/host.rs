@@ -244,9 +244,9 @@ impl InPlaceKv {
     ///
     /// # Panics
     ///
-    /// Unless every sequence's queries end on its last key without a key
-    /// offset: a ragged batch, a paged pool, or dense K/V whose query offset
-    /// puts the last query on the last key (the in-place kernel puts each
+    /// Unless every sequence's queries end on its last key: a ragged batch, a
+    /// paged pool, or dense K/V whose offsets put the last query on the last
+    /// key (`q_offset + Q == kv_offset + rows`; the in-place kernel puts each
     /// sequence's queries at its end; [`launch_args`] refuses other calls).
     pub fn of(bound: &Bound) -> Result<InPlaceKv, TooLarge> {
         assert!(
@@ -454,7 +454,10 @@ pub fn scalars(bound: &Bound, maps: &DeviceMaps) -> Result<Scalars, TooLarge> {
             limit("H", s.h, grid)?,
             limit("HKV", s.hkv, grid)?,
             limit("Q", s.q, big)?,
-            limit("KV", s.kv, big)?,
+            // The end of the positions, offsets included: the kernel uses it
+            // as an s64 shape value only (buffer dims), so it may reach any
+            // position binding takes.
+            limit("KV", s.kv, crate::sema::POSITION_LIMIT as usize)?,
             limit("D", s.d, big)?,
             (s.h / s.hkv.max(1)) as u32,
             u32::from(bound.kv_batch != 1),
@@ -565,7 +568,7 @@ pub enum Arg {
 /// Fails, without building anything, for a call the kernel cannot take:
 /// ragged or paged K/V for a kernel of dense K/V; for an in-place
 /// kernel, queries that do not end on each sequence's last key (dense K/V
-/// without lengths and with another query offset); K/V stored in another
+/// without lengths whose `q_offset + Q` is not `kv_offset + rows`); K/V stored in another
 /// type than the kernel dequantizes or rounds to; sizes past the kernel's
 /// 32-bit indexing; a resident `pool` laid out for another pool or kernel
 /// than `inputs`' pool and `ptx`.
@@ -944,9 +947,37 @@ mod tests {
             assert_eq!(scalar(&a, "KV"), Some(Arg::U32((kv + 5) as u32)));
             assert_eq!(scalar(&a, "kv_rows"), Some(Arg::U32(kv as u32)));
         }
-        let a = args(&in_place, &ragged.clone().kv_offset(1000)).unwrap();
+        // In place, `kv_rows` is the longest sequence's keys: not the dense
+        // rows, nor (for a pool) 0; the positions end `kv_offset` later.
+        let shorter = Array1::from_vec(vec![kv as i32 - 5, 17]);
+        let a = args(
+            &in_place,
+            &Inputs::new(q.view(), kvf.view(), kvf.view())
+                .kv_lens(shorter.view())
+                .kv_offset(1000),
+        )
+        .unwrap();
         assert_eq!(scalar(&a, "kv_offset"), Some(Arg::S64(1000)));
-        assert_eq!(scalar(&a, "kv_rows"), Some(Arg::U32(kv as u32)));
+        assert_eq!(scalar(&a, "kv_rows"), Some(Arg::U32(kv as u32 - 5)));
+        assert_eq!(scalar(&a, "KV"), Some(Arg::U32(1000 + kv as u32 - 5)));
+        let pages = Array4::<f32>::from_shape_fn((8, 8, 1, d), |(p, s, _, c)| (p + s + c) as f32);
+        let table =
+            ndarray::Array2::from_shape_vec((2, 5), vec![3, 0, 6, 1, 4, 2, 5, 7, -1, -1]).unwrap();
+        let pool_lens = Array1::from_vec(vec![37, 20]);
+        let pooled = Inputs::paged(
+            q.view(),
+            pages.view(),
+            pages.view(),
+            table.view(),
+            pool_lens.view(),
+        );
+        // A block far into a long sequence: its rows are few, its positions
+        // past the kernel's 32-bit sizes (2^30), within binding's 2^31 - 1.
+        for offset in [0, 7, 2_000_000_000] {
+            let a = args(&in_place, &pooled.clone().kv_offset(offset)).unwrap();
+            assert_eq!(scalar(&a, "kv_rows"), Some(Arg::U32(37)));
+            assert_eq!(scalar(&a, "KV"), Some(Arg::U32(37 + offset as u32)));
+        }
 
         // Refused: ragged K/V in a dense kernel, queries that do not end on
         // the keys in place (a key offset alone moves the keys past them),

@@ -219,3 +219,20 @@ pub fn ragged(
         lens: ndarray::Array1::from_iter(lens.iter().map(|&n| n as i32)),
     }
 }
+
+/// The buffers of a block of a longer call whose positions end at `end`
+/// (ring attention): the `doc[KV]` table of document ids, indexed by
+/// position, cut to the prefix `..end` the block's `KV` covers; the others
+/// as they are.
+pub fn kv_prefix(buffers: &[(String, BufferData)], end: usize) -> Vec<(String, BufferData)> {
+    buffers
+        .iter()
+        .map(|(name, data)| match data {
+            BufferData::Int(ids) if name == "doc" => (
+                name.clone(),
+                BufferData::Int(ids.slice(ndarray::s![..end]).to_owned().into_dyn()),
+            ),
+            _ => (name.clone(), data.clone()),
+        })
+        .collect()
+}
