@@ -542,19 +542,9 @@ fn key_offsets_match_the_reference() {
         for (q_offset, q_len, kv_offset, rows) in
             [(200, 70, 0, 150), (100, 70, 130, 140), (0, 30, 1000, 90)]
         {
-            let b = 2;
             let end = (q_offset + q_len).max(kv_offset + rows);
-            let q = rng.array4((b, h, q_len, d));
-            let k = rng.array4((b, hkv, rows, d));
-            let v = rng.array4((b, hkv, rows, d));
-            let shapes = Shapes {
-                b,
-                h,
-                hkv,
-                q: q_len,
-                kv: end,
-                d,
-            };
+            let (q, k, v, shapes) =
+                common::random_qkv(&mut rng, (2, h, hkv, d), (2, q_len, rows), end);
             let buffers = buffers_for(&program.spec, &shapes, &mut rng);
             // A block of keys `range` of the queries, with the prefix of the
             // `doc[KV]` table its positions end.

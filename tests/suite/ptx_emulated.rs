@@ -416,17 +416,7 @@ fn emulated_ptx_matches_in_other_layouts() {
         let d = schedule.dim.unwrap();
         let mut rng = Rng::new(d as u64 + 1);
         let kv_n = n + q_offset as usize;
-        let q = rng.array4((b, h, n, d));
-        let k = rng.array4((kv_b, hkv, kv_n, d));
-        let v = rng.array4((kv_b, hkv, kv_n, d));
-        let shapes = Shapes {
-            b,
-            h,
-            hkv,
-            q: n,
-            kv: kv_n,
-            d,
-        };
+        let (q, k, v, shapes) = common::random_qkv(&mut rng, (b, h, hkv, d), (kv_b, n, kv_n), kv_n);
         let inputs = with_buffers(
             Inputs::new(q.view(), k.view(), v.view()).q_offset(q_offset),
             &buffers_for(&spec, &shapes, &mut rng),
@@ -515,18 +505,9 @@ fn emulated_ptx_takes_key_offsets() {
             for (q_offset, q_len, kv_offset, rows) in
                 [(90, 30, 0, 70), (40, 30, 50, 60), (0, 20, 1000, 40)]
             {
-                let (b, end) = (2, (q_offset + q_len).max(kv_offset + rows));
-                let q = rng.array4((b, h, q_len, d));
-                let k = rng.array4((b, hkv, rows, d));
-                let v = rng.array4((b, hkv, rows, d));
-                let shapes = Shapes {
-                    b,
-                    h,
-                    hkv,
-                    q: q_len,
-                    kv: end,
-                    d,
-                };
+                let end = (q_offset + q_len).max(kv_offset + rows);
+                let (q, k, v, shapes) =
+                    common::random_qkv(&mut rng, (2, h, hkv, d), (2, q_len, rows), end);
                 let buffers = buffers_for(&spec, &shapes, &mut rng);
                 let inputs = with_buffers(
                     Inputs::new(q.view(), k.view(), v.view())

@@ -236,3 +236,31 @@ pub fn kv_prefix(buffers: &[(String, BufferData)], end: usize) -> Vec<(String, B
         })
         .collect()
 }
+
+/// Random q `[b, h, q_len, d]`, k and v `[kv_b, hkv, rows, d]` (in that
+/// order from `rng`), and the shapes of a call on them whose positions end
+/// at `kv_end`.
+pub fn random_qkv(
+    rng: &mut attnc::bench::Rng,
+    (b, h, hkv, d): (usize, usize, usize, usize),
+    (kv_b, q_len, rows): (usize, usize, usize),
+    kv_end: usize,
+) -> (
+    Array4<f32>,
+    Array4<f32>,
+    Array4<f32>,
+    attnc::sema::eval::Shapes,
+) {
+    let q = rng.array4((b, h, q_len, d));
+    let k = rng.array4((kv_b, hkv, rows, d));
+    let v = rng.array4((kv_b, hkv, rows, d));
+    let shapes = attnc::sema::eval::Shapes {
+        b,
+        h,
+        hkv,
+        q: q_len,
+        kv: kv_end,
+        d,
+    };
+    (q, k, v, shapes)
+}
