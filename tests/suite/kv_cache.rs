@@ -251,7 +251,7 @@ proptest! {
     /// Random specs of `support::specgen` (masks, score mods and buffers of the
     /// field's patterns) on ragged batches: each sequence's length is 1, a page
     /// less one, a page, a page more or random (at least Q), page sizes 1, 7,
-    /// 16 and 64, GQA ratios of the generator. The reference on the paged pool
+    /// 16 and 64, GQA ratios and key offsets of the generator. The reference on the paged pool
     /// equals the reference on dense rows exactly; the jit (every read
     /// bounds-checked) and the interpreter on the pool and on the dense rows
     /// agree with it to 1e-5, or fail with its error word for word. Stale
@@ -284,11 +284,15 @@ proptest! {
         let lens_arr = Array1::from_iter(lens.iter().map(|&n| n as i32));
         let mut rng = Rng::new(case.seed);
         let (kp, vp, table) = common::paged_pool(&data.k, &data.v, &lens, ps, &mut rng);
+        // Every sequence's keys start at the case's key offset.
+        let kv_offset = case.shapes.kv_offset;
         let mut dense = Inputs::new(data.q.view(), data.k.view(), data.v.view())
             .kv_lens(lens_arr.view())
+            .kv_offset(kv_offset)
             .with_lse();
         dense.buffers = data.buffers.clone();
         let mut paged = Inputs::paged(data.q.view(), kp.view(), vp.view(), table.view(), lens_arr.view())
+            .kv_offset(kv_offset)
             .with_lse();
         paged.buffers = data.buffers.clone();
         let reference = program.run_reference(&dense);

@@ -20,7 +20,9 @@ use proptest::test_runner::TestCaseError;
 
 /// Whether a backend agrees with the reference on a generated case: out and
 /// lse within `tol` (NaN where the reference has NaN), or the reference's
-/// error word for word. `what` names the backend in the failure.
+/// error word for word. `what` names the backend in the failure. Inputs that
+/// do not bind are the harness's mistake, not a case: they fail (else a test
+/// whose every case failed binding on every backend would pass).
 pub fn agree_to(
     what: &str,
     case: &specgen::GenCase,
@@ -28,6 +30,12 @@ pub fn agree_to(
     got: Result<attnc::Outputs, attnc::Error>,
     tol: f32,
 ) -> Result<(), TestCaseError> {
+    if let Err(e @ attnc::Error::Bind(_)) = reference {
+        return Err(TestCaseError::fail(format!(
+            "{what}: the test built inputs that do not bind: {e}\nspec:\n{}",
+            case.spec.source
+        )));
+    }
     match (reference, got) {
         (Ok(r), Ok(g)) => {
             let d_out = common::max_abs_diff(g.out.iter(), r.out.iter());
