@@ -32,3 +32,11 @@ cargo fmt --check
 cargo clippy --features cuda --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --features cuda
 cargo test "$@"
+# The examples that check themselves against the reference run too (debug builds, about
+# a minute), so that the code the docs point to keeps working. Only for the whole suite.
+if [ $# -eq 0 ]; then
+    for example in api decode ring; do
+        echo "example $example" >&2
+        cargo run --quiet --example "$example" > /dev/null
+    done
+fi
