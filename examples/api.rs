@@ -5,16 +5,19 @@
 //! 1. loads `examples/packed_docs.attn`, binds its `doc` buffer, runs the
 //!    reference interpreter (and the loop-IR interpreter) on the bundled
 //!    FlexAttention fixture (`tests/fixtures/packed_docs/`) and prints the
-//!    largest difference from FlexAttention's `out` and `lse`;
+//!    largest difference from FlexAttention's `out` and `lse` (at most 1e-5);
 //! 2. loads a spec from a string, overrides a param, runs it on generated
 //!    inputs as a prefill and as a one-row decode step (query offset), and
-//!    shows that both give the same last row;
+//!    checks that both give the same last row;
 //! 3. compiles a spec once to native code (`attnc::compile`) and runs that one
 //!    kernel on several batch sizes, head counts, lengths and head dims, then
 //!    through a plan shared by several layers, checking every result against
 //!    the reference interpreter; a call with a wrong shape is an error value;
 //! 4. prints the rendered diagnostics of a bad spec and of a bad param
 //!    override, the way `attnc check` and `attnc run` print them.
+//!
+//! Every comparison has a tolerance, and every bad input must be refused: the
+//! example exits with a failure otherwise (`scripts/test.sh` runs it).
 
 use std::path::Path;
 
@@ -26,12 +29,12 @@ fn main() -> std::process::ExitCode {
     if let Err(e) = fixture_parity(root)
         .and_then(|()| decode_matches_prefill())
         .and_then(|()| compiled_kernel())
+        .and_then(|()| diagnostics())
     {
         // Every attnc error renders with file, line, column and a caret.
         eprint!("{}", e.render());
         return std::process::ExitCode::FAILURE;
     }
-    diagnostics();
     std::process::ExitCode::SUCCESS
 }
 
@@ -80,22 +83,24 @@ fn fixture_parity(root: &Path) -> Result<(), attnc::Error> {
         "lse[0, 0, 0..4]    = {:?}",
         lse.slice(s![0, 0, 0..4]).to_vec()
     );
-    println!(
-        "max |out - FlexAttention out| = {:.3e}",
-        max_abs_diff(result.out.iter(), flex_out.iter())
-    );
-    println!(
-        "max |lse - FlexAttention lse| = {:.3e}",
-        max_abs_diff(lse.iter(), flex_lse.iter())
-    );
+    within(
+        "max |out - FlexAttention out|",
+        max_abs_diff(result.out.iter(), flex_out.iter()),
+        1e-5,
+    )?;
+    within(
+        "max |lse - FlexAttention lse|",
+        max_abs_diff(lse.iter(), flex_lse.iter()),
+        1e-5,
+    )?;
 
     // The same spec lowered to the tiled loop IR and run by its f32 interpreter.
     let tiled = program.run_interp(&inputs, attnc::mask::Tiling { bq: 32, bkv: 32 })?;
-    println!(
-        "loop IR, 32 x 32 tiles: max |out - FlexAttention out| = {:.3e}",
-        max_abs_diff(tiled.out.iter(), flex_out.iter())
-    );
-    Ok(())
+    within(
+        "loop IR, 32 x 32 tiles: max |out - FlexAttention out|",
+        max_abs_diff(tiled.out.iter(), flex_out.iter()),
+        1e-5,
+    )
 }
 
 /// A spec from a string, a param override, and the query offset: decoding
@@ -155,11 +160,11 @@ fn decode_matches_prefill() -> Result<(), attnc::Error> {
         "                     decode  {:?}",
         decode.lse.as_ref().unwrap().slice(s![0, .., 0]).to_vec()
     );
-    println!(
-        "max |prefill row - decode row| = {:.3e}",
-        max_abs_diff(prefill_row.iter(), decode.out.iter())
-    );
-    Ok(())
+    within(
+        "max |prefill row - decode row|",
+        max_abs_diff(prefill_row.iter(), decode.out.iter()),
+        1e-6,
+    )
 }
 
 /// Compiles a spec once and runs the kernel on new shapes without recompiling,
@@ -206,14 +211,19 @@ fn compiled_kernel() -> Result<(), attnc::Error> {
             .with_lse();
         let got = kernel.run(&inputs)?;
         let want = reference.run_reference(&inputs)?;
-        println!(
-            "B={b} H={h} HKV={hkv} N={n} D={d}: max |jit - reference| out {:.1e}, lse {:.1e}",
+        within(
+            &format!("B={b} H={h} HKV={hkv} N={n} D={d}: max |jit - reference| out"),
             max_abs_diff(got.out.iter(), want.out.iter()),
+            1e-5,
+        )?;
+        within(
+            "                                        lse",
             max_abs_diff(
                 got.lse.as_ref().unwrap().iter(),
-                want.lse.as_ref().unwrap().iter()
-            )
-        );
+                want.lse.as_ref().unwrap().iter(),
+            ),
+            1e-5,
+        )?;
     }
     // Layers with the same mask and buffers share one plan: binding and block
     // maps are done once, each layer brings its own q, k and v.
@@ -231,10 +241,11 @@ fn compiled_kernel() -> Result<(), attnc::Error> {
             .buffer("slope", slope.clone());
         let got = kernel.run_planned(&inputs, &plan)?;
         let want = reference.run_reference(&inputs)?;
-        println!(
-            "layer {layer} through the plan: max |jit - reference| {:.1e}",
-            max_abs_diff(got.out.iter(), want.out.iter())
-        );
+        within(
+            &format!("layer {layer} through the plan: max |jit - reference|"),
+            max_abs_diff(got.out.iter(), want.out.iter()),
+            1e-5,
+        )?;
     }
     // Bad inputs are errors, not crashes: here v has another head dim than k.
     let (q, k, _) = make(1, h, h, n, d);
@@ -242,30 +253,52 @@ fn compiled_kernel() -> Result<(), attnc::Error> {
     let bad = Inputs::new(q.view(), k.view(), v.view())
         .buffer("doc", doc)
         .buffer("slope", slope);
-    match kernel.run(&bad) {
-        Ok(_) => println!("unexpected: mismatched head dims were accepted"),
-        Err(e) => print!("{}", e.render()),
-    }
-    Ok(())
+    refused("mismatched head dims", kernel.run(&bad))
 }
 
 /// What errors look like: values that render with the source snippet.
-fn diagnostics() {
+fn diagnostics() -> Result<(), attnc::Error> {
     println!("\n== diagnostics");
     let bad = "attention local {\n    param window: int = 128\n    mask = causal && q - kv < windw\n    score = score > 0.0\n}\n";
-    match load(SourceFile::new("bad.attn", bad), &SpecOptions::default()) {
-        Ok(_) => println!("unexpected: bad.attn was accepted"),
-        Err(e) => print!("{}", e.render()),
-    }
+    refused(
+        "bad.attn",
+        load(SourceFile::new("bad.attn", bad), &SpecOptions::default()),
+    )?;
     let options = SpecOptions {
         entry: None,
         params: vec![("window".into(), "1.5".into())],
     };
     let text =
         "attention local {\n    param window: int = 128\n    mask = causal && q - kv < window\n}\n";
-    match load(SourceFile::new("local.attn", text), &options) {
-        Ok(_) => println!("unexpected: window=1.5 was accepted"),
-        Err(e) => print!("{}", e.render()),
+    refused(
+        "window=1.5",
+        load(SourceFile::new("local.attn", text), &options),
+    )
+}
+
+/// Prints `what` and `diff`; an error when `diff` is above `tol` (or NaN).
+fn within(what: &str, diff: f32, tol: f32) -> Result<(), attnc::Error> {
+    println!("{what} = {diff:.3e}");
+    if diff <= tol {
+        Ok(())
+    } else {
+        Err(attnc::Error::Check(format!(
+            "{what} is {diff:e}, above {tol:e}"
+        )))
+    }
+}
+
+/// Prints the rendered error of a call that must fail; an error when it
+/// did not.
+fn refused<T>(what: &str, result: Result<T, attnc::Error>) -> Result<(), attnc::Error> {
+    match result {
+        Ok(_) => Err(attnc::Error::Check(format!(
+            "{what} was accepted: it must be refused"
+        ))),
+        Err(e) => {
+            print!("{}", e.render());
+            Ok(())
+        }
     }
 }
 

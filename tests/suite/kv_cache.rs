@@ -269,7 +269,8 @@ proptest! {
         sh.q_offset = 0;
         sh.kv = sh.kv.max(sh.q);
         let (q, kv) = (sh.q, sh.kv);
-        // Sequence 0 is the longest, so `KV` in buffer shapes (max kv_lens) is kv.
+        // Sequence 0 is the longest, so `KV` in buffer shapes (kv_offset +
+        // max kv_lens) is the generator's kv_offset + kv.
         let lens: Vec<usize> = (0..sh.b)
             .map(|b| if b == 0 { kv } else {
                 [1, ps - 1, ps, ps + 1, (kv + 7 * b) % (kv + 1)][picks[b % 3]].clamp(q, kv)

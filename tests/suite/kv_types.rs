@@ -611,7 +611,7 @@ proptest::proptest! {
     })]
 
     /// Random specs of `support::specgen` (masks, score mods, buffers, GQA,
-    /// broadcast k/v, query offsets) with q rounded to bf16 or f16 and K/V
+    /// broadcast k/v, query and key offsets) with q rounded to bf16 or f16 and K/V
     /// stored in a random type: the jit (every read bounds-checked) and the
     /// interpreter agree with the reference on the same stored values, or
     /// fail with its error word for word. (The PTX dequantization has its
