@@ -2006,14 +2006,16 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
         d: 1,
     };
     // Only the shapes of q, k and v matter here: zero-stride views of one
-    // element, D = 1. A view's element count must fit in an isize.
+    // element, D = 1. ndarray takes a shape whose non-zero axes multiply to
+    // at most isize::MAX, even when another axis is 0 and the view is empty.
     for (what, len) in [("--q-len", args.q_len), ("--kv-len", kv_len)] {
-        let elements = (args.batch as u128) * (args.heads as u128) * (len as u128);
-        if elements > isize::MAX as u128 {
+        let sizes = [args.batch, args.heads, len];
+        let nonzero: u128 = sizes.iter().map(|&n| n.max(1) as u128).product();
+        if nonzero > isize::MAX as u128 {
             return Err(Error::Usage(format!(
-                "--batch {} x --heads {} x {what} {len} = {elements} rows: more than an array can hold (2^63 - 1 elements)",
-                args.batch,
-                args.heads,
+                "--batch {} x --heads {} x {what} {len}: more than an array can hold (the non-zero \
+                 sizes multiply to {nonzero}, past 2^63 - 1)",
+                args.batch, args.heads,
             )));
         }
     }

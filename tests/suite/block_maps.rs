@@ -919,6 +919,14 @@ fn cli_bad_inputs_say_what_is_wrong() {
     );
     blocks_fails(docs, &[], "missing buffer `doc`");
     blocks_fails(causal, &["--h", "0"], "--h must be at least 1");
+    // An empty call whose other sizes no array can hold (it panicked: the
+    // check multiplied in the zero length).
+    let huge = u64::MAX.to_string();
+    let (ok, _, err) = attnc(&[
+        "blocks", causal, "--q-len", "0", "--kv-len", "0", "--b", &huge,
+    ]);
+    assert!(!ok && err.contains("more than an array can hold"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
     // Zero lengths are allowed: an empty map.
     let (ok, out, err) = attnc(&[
         "blocks",
