@@ -314,11 +314,13 @@ impl InPlaceKv {
     /// kh` and key tile `kt` of `tile` keys, at `(b * hkv + kh) * ceil(kv /
     /// tile) + kt`, 1 where a key of the tile below the sequence's length
     /// has a V row (by its index, [`InPlaceKv::row`]) flagged nonzero in
-    /// `row_flags` (`KvBytes::v_row_flags`, or a resident pool's) (`kv`: the
-    /// longest sequence's keys, [`Bound::key_rows`]: the kernel's `kv_rows`;
-    /// a key offset moves positions, not rows, so it adds no tiles).
-    pub fn nonfinite_tiles(&self, row_flags: &[u8], hkv: usize, kv: usize, tile: usize) -> Vec<u8> {
+    /// `row_flags` (`KvBytes::v_row_flags`, or a resident pool's). `kv` is
+    /// the longest sequence's keys ([`Bound::key_rows`], the kernel's
+    /// `kv_rows`): a key offset moves positions, not rows, so it adds no
+    /// tiles.
+    pub fn nonfinite_tiles(&self, row_flags: &[u8], hkv: usize, tile: usize) -> Vec<u8> {
         assert!(tile > 0, "tiles hold at least one key");
+        let kv = self.lens.iter().copied().max().unwrap_or(0) as usize;
         let tiles = kv.div_ceil(tile);
         let mut flags = Vec::with_capacity(self.lens.len() * hkv * tiles);
         for (b, &len) in self.lens.iter().enumerate() {
@@ -628,7 +630,7 @@ pub fn launch_args(
                 .expect("a resident pool is read in place");
             let flags = pool
                 .v_row_flags()
-                .map(|rows| ip.nonfinite_tiles(rows, s.hkv, bound.key_rows(), l.bkv))
+                .map(|rows| ip.nonfinite_tiles(rows, s.hkv, l.bkv))
                 .unwrap_or_default();
             let scales = pool
                 .layout()
@@ -642,7 +644,7 @@ pub fn launch_args(
             let flags = match &in_place_kv {
                 Some(ip) => kv
                     .v_row_flags(l.d_pad, l.dtype)
-                    .map(|rows| ip.nonfinite_tiles(&rows, s.hkv, bound.key_rows(), l.bkv))
+                    .map(|rows| ip.nonfinite_tiles(&rows, s.hkv, l.bkv))
                     .unwrap_or_default(),
                 None => match kv.v_for_flags(l.dtype) {
                     Some(v) => {
