@@ -12,11 +12,10 @@
 #[path = "suite/support/common.rs"]
 mod common;
 
-use attnc::bench::{generate_buffer, Rng};
+use attnc::bench::Rng;
 use attnc::codegen::ptx::Dtype;
 use attnc::runtime::cuda::{CudaError, CudaRuntime};
 use attnc::sema::eval::{EvalError, Shapes};
-use attnc::sema::Type;
 use attnc::{BufferData, Inputs, Outputs, SourceFile, SpecOptions};
 
 fn runtime() -> CudaRuntime {
@@ -97,31 +96,6 @@ fn every_fixture_matches_the_reference_in_every_dtype() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// Buffers for a spec at the given shapes: documents of ~1/3 of the
-/// sequence, ALiBi slopes, roots-only trees, fair coins.
-fn buffers_for(
-    spec: &attnc::sema::Spec,
-    shapes: &Shapes,
-    rng: &mut Rng,
-) -> Vec<(String, BufferData)> {
-    spec.buffers
-        .iter()
-        .map(|decl| {
-            let recipe = match (decl.name.as_str(), decl.elem) {
-                ("parent", _) => "const:-1",
-                ("slope", _) => "alibi",
-                (_, Type::Int) => "docs:3",
-                (_, Type::Float) => "uniform",
-                (_, Type::Bool) => "bernoulli:0.5",
-            };
-            (
-                decl.name.clone(),
-                generate_buffer(decl, shapes, recipe, rng).unwrap(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn every_example_matches_at_ragged_sizes_and_large_heads() {
     let rt = runtime();
@@ -157,7 +131,7 @@ fn every_example_matches_at_ragged_sizes_and_large_heads() {
                 d,
             };
             let mut inputs = Inputs::new(q.view(), k.view(), v.view()).with_lse();
-            for (name, data) in buffers_for(&program.spec, &shapes, &mut rng) {
+            for (name, data) in common::buffers_for(&program.spec, &shapes, &mut rng) {
                 inputs = inputs.buffer(&name, data);
             }
             let want = match program.run_reference(&inputs) {
@@ -473,7 +447,7 @@ fn paged_ragged_and_quantized_caches_match_the_reference() {
                 kv: kv_max,
                 d,
             };
-            let buffers = buffers_for(&program.spec, &shapes, &mut rng);
+            let buffers = common::buffers_for(&program.spec, &shapes, &mut rng);
             for elem in [ElemType::F32, ElemType::Int8, ElemType::Fp8] {
                 let (kq, vq) = (
                     KvArray::quantize(k.view(), elem),
@@ -545,7 +519,7 @@ fn key_offsets_match_the_reference() {
             let end = (q_offset + q_len).max(kv_offset + rows);
             let (q, k, v, shapes) =
                 common::random_qkv(&mut rng, (2, h, hkv, d), (2, q_len, rows), end);
-            let buffers = buffers_for(&program.spec, &shapes, &mut rng);
+            let buffers = common::buffers_for(&program.spec, &shapes, &mut rng);
             // A block of keys `range` of the queries, with the prefix of the
             // `doc[KV]` table its positions end.
             let block = |range: std::ops::Range<usize>| {
@@ -604,7 +578,7 @@ fn key_offsets_match_the_reference() {
             kv: kv_offset + 190,
             d,
         };
-        let buffers = buffers_for(&program.spec, &shapes, &mut rng);
+        let buffers = common::buffers_for(&program.spec, &shapes, &mut rng);
         for elem in [ElemType::F32, ElemType::Int8] {
             let (kq, vq, kpq, vpq) = (
                 KvArray::quantize(r.k.view(), elem),

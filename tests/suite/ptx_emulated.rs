@@ -419,7 +419,7 @@ fn emulated_ptx_matches_in_other_layouts() {
         let (q, k, v, shapes) = common::random_qkv(&mut rng, (b, h, hkv, d), (kv_b, n, kv_n), kv_n);
         let inputs = with_buffers(
             Inputs::new(q.view(), k.view(), v.view()).q_offset(q_offset),
-            &buffers_for(&spec, &shapes, &mut rng),
+            &common::buffers_for(&spec, &shapes, &mut rng),
         );
         let want = interp(&spec, &schedule, &inputs).unwrap();
         let got = emulate(&spec, &schedule, dtype, &inputs).unwrap();
@@ -437,27 +437,6 @@ fn emulated_ptx_matches_in_other_layouts() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-}
-
-/// Random buffers for `spec` at `shapes` (`doc` ids in runs of 3, ALiBi
-/// slopes, uniform values otherwise).
-fn buffers_for(
-    spec: &attnc::sema::Spec,
-    shapes: &Shapes,
-    rng: &mut Rng,
-) -> Vec<(String, attnc::BufferData)> {
-    spec.buffers
-        .iter()
-        .map(|decl| {
-            let recipe = match decl.name.as_str() {
-                "slope" => "alibi",
-                "doc" => "docs:3",
-                _ => "uniform",
-            };
-            let data = generate_buffer(decl, shapes, recipe, rng).unwrap();
-            (decl.name.clone(), data)
-        })
-        .collect()
 }
 
 fn with_buffers<'a>(mut inputs: Inputs<'a>, buffers: &[(String, attnc::BufferData)]) -> Inputs<'a> {
@@ -508,7 +487,7 @@ fn emulated_ptx_takes_key_offsets() {
                 let end = (q_offset + q_len).max(kv_offset + rows);
                 let (q, k, v, shapes) =
                     common::random_qkv(&mut rng, (2, h, hkv, d), (2, q_len, rows), end);
-                let buffers = buffers_for(&spec, &shapes, &mut rng);
+                let buffers = common::buffers_for(&spec, &shapes, &mut rng);
                 let inputs = with_buffers(
                     Inputs::new(q.view(), k.view(), v.view())
                         .q_offset(q_offset as i64)
@@ -582,7 +561,7 @@ fn emulated_ptx_takes_key_offsets() {
                     kv: kv_offset + 90,
                     d,
                 };
-                let buffers = buffers_for(&spec, &shapes, &mut rng);
+                let buffers = common::buffers_for(&spec, &shapes, &mut rng);
                 let paged = with_buffers(
                     Inputs::paged(
                         r.q.view(),

@@ -264,3 +264,28 @@ pub fn random_qkv(
     };
     (q, k, v, shapes)
 }
+
+/// Random buffers for `spec` at `shapes`: documents of ~1/3 of the
+/// sequence for int buffers, ALiBi slopes, roots-only trees (`parent`), fair
+/// coins for bool buffers, uniform values for float ones.
+pub fn buffers_for(
+    spec: &attnc::sema::Spec,
+    shapes: &attnc::sema::eval::Shapes,
+    rng: &mut attnc::bench::Rng,
+) -> Vec<(String, BufferData)> {
+    use attnc::sema::Type;
+    spec.buffers
+        .iter()
+        .map(|decl| {
+            let recipe = match (decl.name.as_str(), decl.elem) {
+                ("parent", _) => "const:-1",
+                ("slope", _) => "alibi",
+                (_, Type::Int) => "docs:3",
+                (_, Type::Float) => "uniform",
+                (_, Type::Bool) => "bernoulli:0.5",
+            };
+            let data = attnc::bench::generate_buffer(decl, shapes, recipe, rng).unwrap();
+            (decl.name.clone(), data)
+        })
+        .collect()
+}
