@@ -58,18 +58,13 @@ fn jit_matches_reference_on_focused_specs_with_random_inputs() {
             (1, 1, 1, 7, 3, 0, 5),
         ] {
             let mut rng = attnc::bench::Rng::new(q_len as u64);
-            let q = rng.array4((b, h, q_len, d));
-            let k = rng.array4((b, hkv, kv_len, d));
-            let v = rng.array4((b, hkv, kv_len, d));
-            let shapes = attnc::sema::eval::Shapes {
-                b,
-                h,
-                hkv,
-                q: q_len,
-                // `KV` is the end of the call's positions.
-                kv: kv_len.max(offset as usize + q_len),
-                d,
-            };
+            // `KV` is the end of the call's positions.
+            let (q, k, v, shapes) = common::random_qkv(
+                &mut rng,
+                (b, h, hkv, d),
+                (b, q_len, kv_len),
+                kv_len.max(offset as usize + q_len),
+            );
             let mut inputs = attnc::Inputs::new(q.view(), k.view(), v.view())
                 .q_offset(offset)
                 .with_lse();
