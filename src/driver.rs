@@ -1886,8 +1886,11 @@ mod tests {
             kv: 40,
             d: 8,
         };
-        let dir = std::env::temp_dir().join(format!("attnc-bind-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("attnc-bind-")
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path();
         let bias = dir.join("bias.npy");
         ndarray_npy::write_npy(&bias, &ndarray::arr1(&[0.5f64, -1.0])).unwrap();
         let mut inputs = Inputs::new(q.view(), k.view(), v.view()).with_lse();
@@ -1905,7 +1908,7 @@ mod tests {
             )
             .unwrap();
         assert!(converted, "float64 data is converted");
-        std::fs::remove_dir_all(&dir).unwrap();
+        drop(tmp);
         let want = program
             .run_on(Backend::Reference, &inputs, &mut |_, _| {})
             .unwrap();

@@ -938,8 +938,11 @@ mod tests {
 
     #[test]
     fn float64_is_converted_only_where_asked() {
-        let dir = std::env::temp_dir().join(format!("attnc-npy-f64-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("attnc-npy-f64-")
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path();
         let path = dir.join("q64.npy");
         let a = ndarray::Array4::<f64>::from_shape_fn((1, 2, 3, 4), |(_, h, q, d)| {
             (h * 12 + q * 4 + d) as f64 * 0.1
@@ -961,7 +964,6 @@ mod tests {
         }
         assert!(read_buffer(&path, "s", Type::Float).is_err());
         assert!(read_buffer_converting(&path, "s", Type::Int).is_err());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -1022,13 +1024,17 @@ mod tests {
         let dict =
             "{'descr': '<f4', 'fortran_order': False, 'shape': (0, 2147483648, 2, 2147483648), }";
         let bytes = v1_file_bytes(dict, &[]);
-        let path = std::env::temp_dir().join(format!("attnc-npy-unit-{}.npy", std::process::id()));
-        std::fs::write(&path, &bytes).unwrap();
-        let q = read_f32_4d(&path, "q").unwrap_err().to_string();
-        let doc = read_buffer(&path, "doc", Type::Int)
+        let file = tempfile::Builder::new()
+            .prefix("attnc-npy-unit-")
+            .suffix(".npy")
+            .tempfile()
+            .unwrap();
+        let path = file.path();
+        std::fs::write(path, &bytes).unwrap();
+        let q = read_f32_4d(path, "q").unwrap_err().to_string();
+        let doc = read_buffer(path, "doc", Type::Int)
             .unwrap_err()
             .to_string();
-        let _ = std::fs::remove_file(&path);
         assert!(q.contains("which no array can hold"), "{q}");
         assert!(doc.starts_with("cannot read buffer `doc` from"), "{doc}");
     }

@@ -824,8 +824,11 @@ fn cli_json_reports_counts() {
 
 #[test]
 fn cli_json_sums_per_head_maps() {
-    let dir = std::env::temp_dir().join(format!("attnc-blocks-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("attnc-blocks-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
     let spec = dir.join("heads.attn");
     std::fs::write(
         &spec,
@@ -857,8 +860,11 @@ fn cli_json_sums_per_head_maps() {
 
 #[test]
 fn cli_writes_png() {
-    let dir = std::env::temp_dir().join(format!("attnc-blocks-png-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("attnc-blocks-png-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
     let png_path = dir.join("map.png");
     let (ok, _, err) = attnc(&[
         "blocks",
@@ -903,8 +909,11 @@ fn cli_bad_inputs_say_what_is_wrong() {
     );
     blocks_fails(causal, &["--block", "big"], "bad tile size `big`");
     // A buffer of the wrong shape.
-    let dir = std::env::temp_dir().join(format!("attnc-blocks-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("attnc-blocks-bad-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
     let doc = dir.join("doc.npy");
     ndarray_npy::WriteNpyExt::write_npy(
         &ndarray::Array1::<i64>::zeros(7),

@@ -7,7 +7,6 @@ use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use attnc::npy;
 use attnc::sema::Type;
@@ -59,30 +58,24 @@ fn stdout(o: &Output) -> String {
 }
 
 /// A fresh, empty directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
+struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     fn new() -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("attnc-cli-test-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
+        TempDir(
+            tempfile::Builder::new()
+                .prefix("attnc-cli-test-")
+                .tempdir()
+                .unwrap(),
+        )
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
+        self.0.path().join(name)
     }
 
     fn str(&self, name: &str) -> String {
         self.path(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -1176,7 +1169,7 @@ fn spec_files_beyond_the_size_limit_are_an_error() {
 
 /// The files in `dir`, sorted.
 fn files_in(dir: &TempDir) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(&dir.0)
+    let mut names: Vec<String> = std::fs::read_dir(dir.0.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
@@ -1216,7 +1209,10 @@ fn run_writes_all_outputs_or_none() {
 #[test]
 fn run_with_out_and_lse_the_same_file_is_an_error() {
     let dir = TempDir::new();
-    for lse in [dir.str("out.npy"), format!("{}/./out.npy", dir.0.display())] {
+    for lse in [
+        dir.str("out.npy"),
+        format!("{}/./out.npy", dir.0.path().display()),
+    ] {
         let o = run_packed(&dir, &["--lse", &lse]);
         assert_fails(&o, &["--out `", "and --lse `", "name the same file"]);
         assert_eq!(files_in(&dir), Vec::<String>::new());

@@ -347,8 +347,11 @@ fn assemble_with(
     name: &str,
     spills_are_errors: bool,
 ) -> Result<Figures, String> {
-    let dir = std::env::temp_dir().join(format!("attnc-ptx-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("attnc-ptx-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
     let src = dir.join(format!("{name}.ptx"));
     std::fs::write(&src, text).unwrap();
     let out = Command::new(ptxas)

@@ -687,23 +687,24 @@ fn npy_f32(shape: &[usize]) -> Vec<u8> {
 
 /// Reads `bytes` as an `.npy` file every way the CLI does.
 fn read_npy_every_way(bytes: &[u8]) {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path =
-        std::env::temp_dir().join(format!("attnc-npy-robust-{}-{n}.npy", std::process::id()));
-    std::fs::write(&path, bytes).unwrap();
-    let _ = attnc::npy::read_f32_4d(&path, "q").map_err(|e| e.render());
-    let _ = attnc::npy::read_f32_dyn(&path).map_err(|e| e.render());
+    let file = tempfile::Builder::new()
+        .prefix("attnc-npy-robust-")
+        .suffix(".npy")
+        .tempfile()
+        .unwrap();
+    let path = file.path();
+    std::fs::write(path, bytes).unwrap();
+    let _ = attnc::npy::read_f32_4d(path, "q").map_err(|e| e.render());
+    let _ = attnc::npy::read_f32_dyn(path).map_err(|e| e.render());
     for ty in [Type::Int, Type::Float, Type::Bool] {
-        let _ = attnc::npy::read_buffer(&path, "doc", ty).map_err(|e| e.render());
+        let _ = attnc::npy::read_buffer(path, "doc", ty).map_err(|e| e.render());
     }
     for elem in attnc::ElemType::ALL {
-        let _ = attnc::npy::read_q(&path, elem).map_err(|e| e.render());
-        let _ = attnc::npy::read_kv(&path, "k", elem, None).map_err(|e| e.render());
-        let _ = attnc::npy::read_kv(&path, "k", elem, Some((&path, "--k-scales")))
+        let _ = attnc::npy::read_q(path, elem).map_err(|e| e.render());
+        let _ = attnc::npy::read_kv(path, "k", elem, None).map_err(|e| e.render());
+        let _ = attnc::npy::read_kv(path, "k", elem, Some((path, "--k-scales")))
             .map_err(|e| e.render());
     }
-    let _ = std::fs::remove_file(&path);
 }
 
 /// A mutation of an `.npy` file: the header text, its length field or the data.
@@ -1071,18 +1072,17 @@ proptest! {
     /// seconds. Outputs go to a fresh directory.
     #[test]
     fn command_lines_never_crash(args in arb_command_line()) {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("attnc-cli-robust-{}-{n}", std::process::id()));
+        let tmp = tempfile::Builder::new().prefix("attnc-cli-robust-").tempdir().unwrap();
+        let dir = tmp.path();
         // The command runs in a scratch copy of the files it names: a mutated
         // command line can make any argument an output path (`-o examples/x.attn`,
         // `--lse run`), and must never write into the source tree.
-        copy_inputs(&dir);
+        copy_inputs(dir);
         let out = dir.display().to_string();
         let args: Vec<String> = args.iter().map(|a| a.replace("OUT", &out)).collect();
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_attnc"))
             .args(&args)
-            .current_dir(&dir)
+            .current_dir(dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -1107,7 +1107,6 @@ proptest! {
             std::thread::sleep(std::time::Duration::from_millis(5));
         };
         let err = reader.join().unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
         if std::env::var_os("ATTNC_SHOW_COMMANDS").is_some() {
             eprintln!("{:?} attnc {}", status.and_then(|s| s.code()), args.join(" "));
         }
