@@ -377,7 +377,7 @@ pub enum BindError {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
-    #[error("the {which} scale of key {key} of sequence {b}, KV head {kh} is {value:e}, which is not finite or, times the largest stored value, overflows f32")]
+    #[error("the {which} scale of key {key} of sequence {b}, KV head {kh} is {value:e}, which is not finite")]
     #[diagnostic(
         code(attnc::bind::kv_scales),
         help("every key a sequence uses needs a finite scale (slots past its length may hold anything); a scale quantized from float data (`--kv-dtype int8|fp8` on a float file, `KvArray::quantize`, `KvArray::append`) is NaN or inf when that row of D values holds NaN or inf, which int8 and fp8 with a scale cannot carry")
@@ -388,6 +388,19 @@ pub enum BindError {
         kh: usize,
         key: usize,
         value: f32,
+    },
+    #[error("the {which} scale of key {key} of sequence {b}, KV head {kh} is {value:e}, which dequantizes {stored} to a value past f32")]
+    #[diagnostic(
+        code(attnc::bind::kv_scales),
+        help("every value a sequence uses must dequantize (stored value x scale) to a finite f32: fp8 scales may be at most f32::MAX / 448, int8 scales f32::MAX / 128, or f32::MAX / 127 for a row that holds no -128 (the scales `--kv-dtype`, `KvArray::quantize` and `KvArray::append` compute always fit)")
+    )]
+    ScaleOverflow {
+        which: &'static str,
+        b: usize,
+        kh: usize,
+        key: usize,
+        value: f32,
+        stored: f32,
     },
     #[error("k and v must have the same shape: k is {k:?}, v is {v:?}")]
     #[diagnostic(code(attnc::bind::kv_shape))]
@@ -749,7 +762,7 @@ pub fn bind(spec: &Spec, inputs: &Inputs<'_>) -> Result<Bound, BindError> {
     };
     for (which, data) in [("k", &inputs.k), ("v", &inputs.v)] {
         if let Some(scales) = data.scales() {
-            check_scales(which, scales, data.elem().quant_max(), &bound)?;
+            check_scales(which, data, scales, &bound)?;
         }
     }
     Ok(bound)
@@ -783,8 +796,10 @@ fn check_q_elem(inputs: &Inputs<'_>) -> Result<(), BindError> {
     })
 }
 
-/// Checks that the scale of every key a sequence uses is finite (stale slots
-/// past a sequence's length, or in pages it does not use, may hold anything).
+/// Checks that every key a sequence uses dequantizes to finite values: its
+/// scale is finite, and so is the scale times each value stored in its row
+/// (stale slots past a sequence's length, or in pages it does not use, may
+/// hold anything).
 /// A pool is checked page by page in memory order, each page up to the last
 /// slot a sequence uses in it; dense rows (and a pool that fails) run by run
 /// in the order of the sequences and their keys (a run: the keys of one
@@ -792,14 +807,15 @@ fn check_q_elem(inputs: &Inputs<'_>) -> Result<(), BindError> {
 /// searched for the first bad key, so the error names the first in key order.
 fn check_scales(
     which: &'static str,
+    data: &KvData<'_>,
     scales: &ndarray::ArrayView3<'_, f32>,
-    quant_max: f32,
     bound: &Bound,
 ) -> Result<(), BindError> {
-    // A scale is usable when the largest stored value times it is finite
-    // (so every dequantized value is): |scale| <= f32::MAX / (quant_max +
-    // 1), with room for int8's -128, which a file may hold.
-    let limit = (f32::MAX / (quant_max + 1.0)).to_bits();
+    // Every value a scale dequantizes is finite when |scale| <= f32::MAX /
+    // 128 (int8, whose -128 is past the quantizers' 127) or f32::MAX / 448
+    // (fp8's largest finite value): the test every scale takes. Only a key
+    // whose scale is above it has its row of stored values read.
+    let limit = scale_limit(data.elem()).to_bits();
     let all_finite = |a: ndarray::ArrayView2<'_, f32>| all_within(a, limit);
     let sh = bound.shapes;
     let batches = if bound.pages.is_some() {
@@ -849,7 +865,10 @@ fn check_scales(
                 for kh in 0..sh.hkv {
                     let [i, j, k, _] = bound.kv_index(b, kh, key, 0);
                     let value = scales[[i, j, k]];
-                    if value.magnitude_bits() > limit {
+                    if value.magnitude_bits() <= limit {
+                        continue;
+                    }
+                    if !value.is_finite() {
                         return Err(BindError::NonFiniteScale {
                             which,
                             b,
@@ -858,11 +877,49 @@ fn check_scales(
                             value,
                         });
                     }
+                    if let Some(stored) = overflowing_value(data, [i, j, k], value) {
+                        return Err(BindError::ScaleOverflow {
+                            which,
+                            b,
+                            kh,
+                            key,
+                            value,
+                            stored,
+                        });
+                    }
                 }
             }
         }
     }
     Ok(())
+}
+
+/// The largest |scale| with which every value of `elem` dequantizes to a
+/// finite f32 (int8 holds -128; fp8 e4m3fn at most 448).
+fn scale_limit(elem: ElemType) -> f32 {
+    f32::MAX
+        / match elem {
+            ElemType::Int8 => 128.0,
+            _ => elem.quant_max(),
+        }
+}
+
+/// The value whose dequantization with `scale` (finite, above
+/// [`scale_limit`]) overflows, if any, for the quantized row at `[i, j, k]`.
+/// Only int8 gives such a scale a second look: while 127 times it is finite
+/// it dequantizes a row that holds no -128 (a quantizer's scale, absmax / 127,
+/// reaches it for rows near f32::MAX). The kernels scale the rows no
+/// further than that, so nothing else is read.
+fn overflowing_value(data: &KvData<'_>, [i, j, k]: [usize; 3], scale: f32) -> Option<f32> {
+    match data {
+        KvData::Int8 { data, .. } if (127.0 * scale).is_finite() => data
+            .slice(ndarray::s![i, j, k, ..])
+            .iter()
+            .any(|&x| x == i8::MIN)
+            .then_some(-128.0),
+        KvData::Int8 { .. } => Some(127.0),
+        _ => Some(448.0),
+    }
 }
 
 /// Whether every value's magnitude bits are at most `limit` (the bits of a

@@ -1536,19 +1536,28 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
     })
 }
 
+/// The value of `flag`, a float type (f32, bf16 or f16); `quantized` says
+/// why int8 and fp8 (types of the K/V cache) are not.
+fn float_elem(flag: &str, value: &str, quantized: &str) -> Result<attnc::ElemType, Error> {
+    match value.parse::<attnc::ElemType>() {
+        Ok(e) if !e.is_quantized() => Ok(e),
+        Ok(_) => Err(Error::Usage(format!("`{flag} {value}`: {quantized}"))),
+        Err(_) => Err(Error::Usage(format!(
+            "`{flag} {value}`: unknown element type `{value}` (expected f32, bf16 or f16)"
+        ))),
+    }
+}
+
 /// The element types of q and of K/V from `--dtype` and `--kv-dtype`.
 fn elem_types(
     dtype: &str,
     kv_dtype: Option<&str>,
 ) -> Result<(attnc::ElemType, attnc::ElemType), Error> {
-    let q: attnc::ElemType = dtype
-        .parse()
-        .map_err(|e| Error::Usage(format!("`--dtype {dtype}`: {e}")))?;
-    if q.is_quantized() {
-        return Err(Error::Usage(format!(
-            "`--dtype {dtype}`: q, k and v are f32, bf16 or f16; {dtype} is a type of the K/V cache: `--kv-dtype {dtype}`"
-        )));
-    }
+    let q = float_elem(
+        "--dtype",
+        dtype,
+        &format!("q, k and v are f32, bf16 or f16; {dtype} is a type of the K/V cache: `--kv-dtype {dtype}`"),
+    )?;
     let kv = match kv_dtype {
         None => q,
         Some(t) => t
@@ -1558,36 +1567,51 @@ fn elem_types(
     Ok((q, kv))
 }
 
-/// `attnc run`: reads (or makes) the inputs, runs the spec, writes the
-/// outputs (all or none), and with --check compares with the reference.
-/// Reads an int32 (or int64) `.npy` of `ndim` dims as i32 (a page table or
-/// sequence lengths).
-fn read_ints(
+/// An index file of the call (`--page-table`, `--kv-lens`) of `ndim` dims,
+/// int32 or int64 data.
+fn read_index(
     path: &std::path::Path,
-    what: &str,
+    name: &str,
+    flag: &str,
     ndim: usize,
-) -> Result<ndarray::ArrayD<i32>, Error> {
-    let data = npy::read_buffer(path, what, attnc::sema::Type::Int)?;
-    let attnc::BufferData::Int(a) = data else {
-        unreachable!("read as int")
-    };
+) -> Result<ndarray::ArrayD<i64>, Error> {
+    let a = npy::read_ints(path, &format!("`{name}` ({flag})"))?;
     if a.ndim() != ndim {
         return Err(Error::Usage(format!(
-            "`{}`: {what} has shape {:?}; it is int32 with {ndim} dim{}",
+            "`{}`: {name} has shape {:?}; it is int32 with {ndim} dim{}",
             path.display(),
             a.shape(),
             if ndim == 1 { "" } else { "s" }
         )));
     }
+    Ok(a)
+}
+
+/// `a` (read from `path` as `name`) as int32. An entry outside int32 is an
+/// error where `used` says the call reads it (and what is wrong with it),
+/// else -1: a page table's entries past a sequence's last page may hold
+/// anything.
+fn narrow(
+    a: ndarray::ArrayD<i64>,
+    path: &std::path::Path,
+    name: &str,
+    used: impl Fn(&[usize]) -> Option<String>,
+) -> Result<ndarray::ArrayD<i32>, Error> {
     let mut out = ndarray::ArrayD::<i32>::zeros(a.shape());
     for (o, (i, &x)) in out.iter_mut().zip(a.indexed_iter()) {
-        *o = i32::try_from(x).map_err(|_| {
-            Error::Usage(format!(
-                "`{}`: {what}{:?} is {x}, outside int32",
-                path.display(),
-                ndarray::Dimension::slice(&i)
-            ))
-        })?;
+        let i = ndarray::Dimension::slice(&i);
+        *o = match i32::try_from(x) {
+            Ok(x) => x,
+            Err(_) => match used(i) {
+                None => -1,
+                Some(why) => {
+                    return Err(Error::Usage(format!(
+                        "`{}`: {name}{i:?} is {x}, {why}",
+                        path.display()
+                    )))
+                }
+            },
+        };
     }
     Ok(out)
 }
@@ -1615,6 +1639,8 @@ fn fallback_shapes(inputs: &Inputs<'_>) -> (attnc::sema::eval::Shapes, usize) {
     (shapes, kv_rows)
 }
 
+/// `attnc run`: reads (or makes) the inputs, runs the spec, writes the
+/// outputs (all or none), and with --check compares with the reference.
 fn run_spec(args: RunArgs) -> Result<(), Error> {
     let mut targets = Vec::new();
     if let Some(out) = &args.out {
@@ -1625,20 +1651,11 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
     }
     Staged::check_targets(&targets)?;
     let (q_elem, kv_elem) = elem_types(&args.dtype, args.kv_dtype.as_deref())?;
-    let out_elem = match args.out_dtype.parse::<attnc::ElemType>() {
-        Ok(e) if !e.is_quantized() => e,
-        Ok(e) => {
-            return Err(Error::Usage(format!(
-                "`--out-dtype {e}`: the output is written as f32, bf16 or f16"
-            )))
-        }
-        Err(e) => {
-            return Err(Error::Usage(format!(
-                "`--out-dtype {}`: {e}",
-                args.out_dtype
-            )))
-        }
-    };
+    let out_elem = float_elem(
+        "--out-dtype",
+        &args.out_dtype,
+        "the output is written as f32, bf16 or f16",
+    )?;
     if let Some(t) = args.tolerance.filter(|t| !(*t >= 0.0 && t.is_finite())) {
         return Err(Error::Usage(format!(
             "`--tolerance {t}`: the tolerance is the largest max |diff| that passes, a finite number >= 0 (default 1e-4; see `attnc run --help`)"
@@ -1725,16 +1742,31 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
         let k = kv.pop().expect("read above");
         (q, k, v)
     };
-    let page_table = args
-        .page_table
-        .as_deref()
-        .map(|p| read_ints(p, "page_table", 2))
-        .transpose()?;
-    let kv_lens = args
-        .kv_lens
-        .as_deref()
-        .map(|p| read_ints(p, "kv_lens", 1))
-        .transpose()?;
+    let kv_lens = match args.kv_lens.as_deref() {
+        Some(p) => {
+            let lens = read_index(p, "kv_lens", "--kv-lens", 1)?;
+            Some(narrow(lens, p, "kv_lens", |_| {
+                Some("outside int32".into())
+            })?)
+        }
+        None => None,
+    };
+    let page_table = match args.page_table.as_deref() {
+        Some(p) => {
+            let table = read_index(p, "page_table", "--page-table", 2)?;
+            // Entries past a sequence's last page are never read.
+            let (pages, page_size) = (k.view().shape()[0], k.view().shape()[1] as i64);
+            let len = |b: usize| kv_lens.as_ref().and_then(|l| l.get(b).copied());
+            Some(narrow(table, p, "page_table", |i| {
+                let (b, t) = (i[0], i[1] as i64);
+                let n = i64::from(len(b)?);
+                (t * page_size < n).then(|| {
+                    format!("outside the pool of {pages} pages (sequence {b} has {n} keys)")
+                })
+            })?)
+        }
+        None => None,
+    };
     let mut inputs = Inputs::new(q.view(), k.view(), v.view())
         .q_elem(q_elem)
         .q_offset(args.q_offset)

@@ -809,7 +809,26 @@ pub fn read_kv(
 
 /// Reads a buffer in its declared element type.
 pub fn read_buffer(path: &Path, name: &str, ty: Type) -> Result<BufferData, Error> {
-    read_buffer_of(path, name, ty, false).map(|(data, _)| data)
+    read_buffer_of(path, Subject::Buffer(name), ty, false).map(|(data, _)| data)
+}
+
+/// Reads an index table of a call (a page table, sequence lengths), int32
+/// or int64 data; `what` names it in errors (e.g. "the page table
+/// (`--page-table`)").
+pub fn read_ints(path: &Path, what: &str) -> Result<ndarray::ArrayD<i64>, Error> {
+    match read_buffer_of(path, Subject::Table(what), Type::Int, false)? {
+        (BufferData::Int(a), _) => Ok(a),
+        _ => unreachable!("read as int"),
+    }
+}
+
+/// What a file is read as, for its errors.
+#[derive(Clone, Copy)]
+enum Subject<'a> {
+    /// A buffer of the spec, by name.
+    Buffer(&'a str),
+    /// An index table of the call, described.
+    Table(&'a str),
 }
 
 /// [`read_buffer`] that also takes float64 data for a float buffer and
@@ -819,30 +838,41 @@ pub fn read_buffer_converting(
     name: &str,
     ty: Type,
 ) -> Result<(BufferData, bool), Error> {
-    read_buffer_of(path, name, ty, true)
+    read_buffer_of(path, Subject::Buffer(name), ty, true)
 }
 
 fn read_buffer_of(
     path: &Path,
-    name: &str,
+    subject: Subject<'_>,
     ty: Type,
     allow_f64: bool,
 ) -> Result<(BufferData, bool), Error> {
     let opened = open_npy(path)?;
+    let takes = match ty {
+        Type::Int => "int32 or int64 data",
+        Type::Float if allow_f64 => "float32 or float64 data",
+        Type::Float => "float32 data",
+        Type::Bool => "bool data",
+    };
+    let what = match subject {
+        Subject::Buffer(name) => format!("buffer `{name}`"),
+        Subject::Table(what) => what.to_string(),
+    };
     let wrong = |reason: String| Error::Io {
-        what: format!(
-            "cannot read buffer `{name}` from `{}`: it is declared {ty}, which takes {}",
-            path.display(),
-            match ty {
-                Type::Int => "int32 or int64 data",
-                Type::Float if allow_f64 => "float32 or float64 data",
-                Type::Float => "float32 data",
-                Type::Bool => "bool data",
+        what: match subject {
+            Subject::Buffer(_) => format!(
+                "cannot read {what} from `{}`: it is declared {ty}, which takes {takes}",
+                path.display()
+            ),
+            Subject::Table(_) => {
+                format!(
+                    "cannot read {what} from `{}`: it takes {takes}",
+                    path.display()
+                )
             }
-        ),
+        },
         reason,
     };
-    let what = format!("buffer `{name}`");
     let int32 = wrong_descr(&opened, &I32).is_none() && opened.header.is_some();
     let f64 = allow_f64 && ty == Type::Float && holds_f64(&opened);
     let (accepted, elem, extra): (&[&str], usize, usize) = match ty {
@@ -1032,9 +1062,7 @@ mod tests {
         let path = file.path();
         std::fs::write(path, &bytes).unwrap();
         let q = read_f32_4d(path, "q").unwrap_err().to_string();
-        let doc = read_buffer(path, "doc", Type::Int)
-            .unwrap_err()
-            .to_string();
+        let doc = read_buffer(path, "doc", Type::Int).unwrap_err().to_string();
         assert!(q.contains("which no array can hold"), "{q}");
         assert!(doc.starts_with("cannot read buffer `doc` from"), "{doc}");
     }

@@ -790,7 +790,12 @@ fn quantize_row(
     } else {
         row.clone().fold(0f32, |m, x| m.max(x.abs()))
     };
-    let scale = absmax / elem.quant_max();
+    let mut scale = absmax / elem.quant_max();
+    if scale.is_finite() && !(scale * elem.quant_max()).is_finite() {
+        // absmax near f32::MAX: the quotient rounded up, and the top code
+        // would dequantize past f32. One step down; the top value saturates.
+        scale = f32::from_bits(scale.to_bits() - 1);
+    }
     for (o, x) in out.iter_mut().zip(row) {
         let y = if scale > 0.0 { x / scale } else { 0.0 };
         *o = match elem {

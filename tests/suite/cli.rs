@@ -1601,7 +1601,10 @@ fn run_writes_the_output_in_half_precision() {
             "int8",
             "`--out-dtype int8`: the output is written as f32, bf16 or f16",
         ),
-        ("f64", "`--out-dtype f64`"),
+        (
+            "f64",
+            "`--out-dtype f64`: unknown element type `f64` (expected f32, bf16 or f16)",
+        ),
     ] {
         let o = run_random(&["--out", &dir.str("bad.npy"), "--out-dtype", bad]);
         assert_fails(&o, &[says]);
@@ -2038,6 +2041,8 @@ fn run_reads_half_precision_and_quantized_inputs() {
         (vec!["--kv-dtype".into(), "int8".into(), "--k-scales".into(), dir.str("v_int8_scales.npy"), "--v-scales".into(), dir.str("q.npy")], ["q.npy", "k_int8.npy", "v_int8.npy"], "q.npy` has shape [1, 4, 37, 16]"),
         (vec![], ["k_int8.npy", "k.npy", "v.npy"], "q is float32, bf16 or f16 (int8 and fp8 are types of the K/V cache, `--kv-dtype`)"),
         (vec!["--dtype".into(), "fp8".into()], f32_files, "`--dtype fp8`: q, k and v are f32, bf16 or f16; fp8 is a type of the K/V cache: `--kv-dtype fp8`"),
+        (vec!["--dtype".into(), "f64".into()], f32_files, "`--dtype f64`: unknown element type `f64` (expected f32, bf16 or f16)"),
+        (vec!["--kv-dtype".into(), "f64".into()], f32_files, "`--kv-dtype f64`: unknown element type `f64` (expected f32, bf16, f16, int8 or fp8)"),
     ];
     for (flags, files, needle) in bad {
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
@@ -2457,6 +2462,63 @@ fn run_on_a_paged_pool_and_a_ragged_batch() {
         &bad_out,
     ]);
     assert_fails(&o, &["page_table[0, 1] is 9, outside the pool of 6 pages"]);
+    // An int64 table may hold anything past a sequence's last page, values
+    // outside int32 included; a used entry outside int32 names the pool.
+    let run_paged = |table: &str, lens: &str, out: &str| {
+        attnc(&[
+            "run",
+            spec,
+            "--param",
+            "window=5",
+            "--q",
+            &qs,
+            "--k-pages",
+            &kps,
+            "--v-pages",
+            &vps,
+            "--page-table",
+            table,
+            "--kv-lens",
+            lens,
+            "--out",
+            out,
+        ])
+    };
+    let far = 1i64 << 40;
+    write_npy(
+        &dir.path("table64.npy"),
+        &ndarray::arr2(&[[3i64, 0, far], [1, 4, 2]]),
+    );
+    let wide_out = dir.str("wide.npy");
+    let o = run_paged(&dir.str("table64.npy"), &ls, &wide_out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        read(&wide_out),
+        a,
+        "unused entries outside int32 are never read"
+    );
+    write_npy(
+        &dir.path("table64_used.npy"),
+        &ndarray::arr2(&[[3i64, 0, -1], [1, far, 2]]),
+    );
+    let o = run_paged(&dir.str("table64_used.npy"), &ls, &bad_out);
+    assert_fails(
+        &o,
+        &["page_table[1, 1] is 1099511627776, outside the pool of 6 pages (sequence 1 has 10 keys)"],
+    );
+    write_npy(&dir.path("lens64.npy"), &ndarray::arr1(&[7i64, 1 << 33]));
+    let o = run_paged(&ts, &dir.str("lens64.npy"), &bad_out);
+    assert_fails(&o, &["kv_lens[1] is 8589934592, outside int32"]);
+    // A table of another integer type names the flag, not a spec buffer.
+    write_npy(&dir.path("table_u32.npy"), &table.mapv(|x| x as u32));
+    let o = run_paged(&dir.str("table_u32.npy"), &ls, &bad_out);
+    assert_fails(
+        &o,
+        &[
+            "cannot read `page_table` (--page-table) from",
+            "it takes int32 or int64 data: the file holds uint32 data",
+        ],
+    );
     write_npy(&dir.path("short.npy"), &ndarray::arr1(&[0i32, 10]));
     let sl = dir.str("short.npy");
     let o = attnc(&[

@@ -517,19 +517,62 @@ fn bad_stored_kv_is_refused_on_every_backend() {
             int8.view(),
         )
         .kv_lens(lens.view()),
-        "the k scale of key 2 of sequence 0, KV head 0 is 3e38, which is not finite or, times the largest stored value, overflows f32",
+        "the k scale of key 2 of sequence 0, KV head 0 is 3e38, which dequantizes 127 to a value past f32",
     );
     huge[[0, 0, 2]] = f32::MAX / 128.0;
-    let at_limit = Inputs::new(
-        q.view(),
-        attnc::KvData::Int8 {
+    // An int8 K of `data` and `scales`, with the lengths of the other calls.
+    fn int8_k<'a>(
+        q: &'a Array4<f32>,
+        (data, scales): (&'a Array4<i8>, &'a attnc::ndarray::Array3<f32>),
+        v: &'a KvArray,
+        lens: &'a attnc::ndarray::Array1<i32>,
+    ) -> Inputs<'a> {
+        let k = attnc::KvData::Int8 {
             data: data.view(),
-            scales: huge.view(),
-        },
-        int8.view(),
-    )
-    .kv_lens(lens.view());
-    attnc::bind::bind(&program.spec, &at_limit).unwrap();
+            scales: scales.view(),
+        };
+        Inputs::new(q.view(), k, v.view()).kv_lens(lens.view())
+    }
+    let data = data.to_owned();
+    attnc::bind::bind(&program.spec, &int8_k(&q, (&data, &huge), &int8, &lens)).unwrap();
+    // Above f32::MAX / 128, an int8 scale dequantizes 127 within f32 but
+    // not -128: a row that holds no -128 binds, one that does is refused.
+    huge[[0, 0, 2]] = f32::MAX / 127.5;
+    assert!(!data.slice(s![0, 0, 2, ..]).iter().any(|&x| x == i8::MIN));
+    attnc::bind::bind(&program.spec, &int8_k(&q, (&data, &huge), &int8, &lens)).unwrap();
+    let mut data_min = data.clone();
+    data_min[[0, 0, 2, 3]] = i8::MIN;
+    let want = format!(
+        "the k scale of key 2 of sequence 0, KV head 0 is {:e}, which dequantizes -128 to a value past f32",
+        f32::MAX / 127.5
+    );
+    for got in run_all(&int8_k(&q, (&data_min, &huge), &int8, &lens)) {
+        assert!(got.contains(&want), "{got:?} should say {want:?}");
+    }
+    // fp8 holds up to 448: a scale of f32::MAX / 448 binds, one above it not.
+    let fp8 = KvArray::quantize(k.view(), ElemType::Fp8);
+    let KvArray::Fp8 { data: bits, scales } = &fp8 else {
+        unreachable!()
+    };
+    for (scale, fits) in [(f32::MAX / 448.0, true), (f32::MAX / 440.0, false)] {
+        let mut big = scales.clone();
+        big[[1, 1, 4]] = scale;
+        let v = attnc::KvData::Fp8 {
+            data: bits.view(),
+            scales: big.view(),
+        };
+        let inputs = Inputs::new(q.view(), fp8.view(), v);
+        if fits {
+            attnc::bind::bind(&program.spec, &inputs).unwrap();
+            continue;
+        }
+        let want = format!(
+            "the v scale of key 4 of sequence 1, KV head 1 is {scale:e}, which dequantizes 448 to a value past f32"
+        );
+        for got in run_all(&inputs) {
+            assert!(got.contains(&want), "{got:?} should say {want:?}");
+        }
+    }
     let fine = Inputs::new(
         q.view(),
         int8.view(),
@@ -543,6 +586,45 @@ fn bad_stored_kv_is_refused_on_every_backend() {
     let want = program.run_reference(&fine).unwrap();
     assert!(want.out.iter().all(|x| x.is_finite()));
     assert_close("stale NaN scale", &jit.run(&fine).unwrap(), &want, 2e-5);
+}
+
+/// Rows of values near f32::MAX quantize to scales that bind and dequantize
+/// within f32 (int8's absmax / 127 rounded up past it for absmax = f32::MAX,
+/// and binding refused every int8 scale above f32::MAX / 128 and every fp8
+/// scale above f32::MAX / 449): with one key, every backend returns the
+/// dequantized V row.
+#[test]
+fn rows_near_the_largest_float_quantize_and_run() {
+    let program = program("attention dense { }");
+    let jit = program
+        .compile_jit(attnc::mask::Tiling { bq: 64, bkv: 64 }, GemmImpl::detect())
+        .unwrap();
+    let q = Array4::from_elem((1, 1, 1, 4), 1e-30f32);
+    for top in [f32::MAX, 3.4e38, 3.39e38, -3.39e38] {
+        let k = Array4::from_shape_vec((1, 1, 1, 4), vec![top, 1.0, -2.0, 0.5]).unwrap();
+        for elem in [ElemType::Int8, ElemType::Fp8] {
+            let kv = KvArray::quantize(k.view(), elem);
+            let stored = kv.view();
+            let want: Vec<f32> = (0..4).map(|d| stored.get([0, 0, 0, d])).collect();
+            assert!(want.iter().all(|x| x.is_finite()), "{elem} {top}: {want:?}");
+            assert!(
+                (want[0] - top).abs() <= top.abs() / 64.0,
+                "{elem} {top}: {want:?}"
+            );
+            let inputs = Inputs::new(q.view(), kv.view(), kv.view());
+            let outs = [
+                program.run_reference(&inputs).unwrap().out,
+                program
+                    .run_interp(&inputs, attnc::mask::Tiling { bq: 16, bkv: 16 })
+                    .unwrap()
+                    .out,
+                jit.run(&inputs).unwrap().out,
+            ];
+            for out in outs {
+                assert_eq!(out.as_slice().unwrap(), &want[..], "{elem} {top}");
+            }
+        }
+    }
 }
 
 /// A pool's scales are checked page by page in memory order, but a failure
