@@ -2392,24 +2392,27 @@ fn run_on_a_paged_pool_and_a_ragged_batch() {
         dir.str("lens.npy"),
     );
     let (paged_out, dense_out) = (dir.str("paged.npy"), dir.str("dense.npy"));
-    let paged = [
-        "run",
-        spec,
-        "--param",
-        "window=5",
-        "--q",
-        &qs,
-        "--k-pages",
-        &kps,
-        "--v-pages",
-        &vps,
-        "--page-table",
-        &ts,
-        "--kv-lens",
-        &ls,
-        "--check",
-    ];
-    let o = attnc(&[&paged[..], &["--out", &paged_out]].concat());
+    // `attnc run` on the pool with a table, lengths and more flags.
+    let run_paged = |table: &str, lens: &str, extra: &[&str]| {
+        let args = [
+            "run",
+            spec,
+            "--param",
+            "window=5",
+            "--q",
+            &qs,
+            "--k-pages",
+            &kps,
+            "--v-pages",
+            &vps,
+            "--page-table",
+            table,
+            "--kv-lens",
+            lens,
+        ];
+        attnc(&[&args[..], extra].concat())
+    };
+    let o = run_paged(&ts, &ls, &["--check", "--out", &paged_out]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains(": ok"), "{}", stdout(&o));
     let dense = [
@@ -2444,53 +2447,17 @@ fn run_on_a_paged_pool_and_a_ragged_batch() {
         &dir.path("bad_table.npy"),
         &ndarray::arr2(&[[3i32, 9, -1], [1, 4, 2]]),
     );
-    let bt = dir.str("bad_table.npy");
-    let o = attnc(&[
-        "run",
-        spec,
-        "--q",
-        &qs,
-        "--k-pages",
-        &kps,
-        "--v-pages",
-        &vps,
-        "--page-table",
-        &bt,
-        "--kv-lens",
-        &ls,
-        "--out",
-        &bad_out,
-    ]);
+    let o = run_paged(&dir.str("bad_table.npy"), &ls, &["--out", &bad_out]);
     assert_fails(&o, &["page_table[0, 1] is 9, outside the pool of 6 pages"]);
     // An int64 table may hold anything past a sequence's last page, values
     // outside int32 included; a used entry outside int32 names the pool.
-    let run_paged = |table: &str, lens: &str, out: &str| {
-        attnc(&[
-            "run",
-            spec,
-            "--param",
-            "window=5",
-            "--q",
-            &qs,
-            "--k-pages",
-            &kps,
-            "--v-pages",
-            &vps,
-            "--page-table",
-            table,
-            "--kv-lens",
-            lens,
-            "--out",
-            out,
-        ])
-    };
     let far = 1i64 << 40;
     write_npy(
         &dir.path("table64.npy"),
         &ndarray::arr2(&[[3i64, 0, far], [1, 4, 2]]),
     );
     let wide_out = dir.str("wide.npy");
-    let o = run_paged(&dir.str("table64.npy"), &ls, &wide_out);
+    let o = run_paged(&dir.str("table64.npy"), &ls, &["--out", &wide_out]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         read(&wide_out),
@@ -2501,17 +2468,17 @@ fn run_on_a_paged_pool_and_a_ragged_batch() {
         &dir.path("table64_used.npy"),
         &ndarray::arr2(&[[3i64, 0, -1], [1, far, 2]]),
     );
-    let o = run_paged(&dir.str("table64_used.npy"), &ls, &bad_out);
+    let o = run_paged(&dir.str("table64_used.npy"), &ls, &["--out", &bad_out]);
     assert_fails(
         &o,
         &["page_table[1, 1] is 1099511627776, outside the pool of 6 pages (sequence 1 has 10 keys)"],
     );
     write_npy(&dir.path("lens64.npy"), &ndarray::arr1(&[7i64, 1 << 33]));
-    let o = run_paged(&ts, &dir.str("lens64.npy"), &bad_out);
+    let o = run_paged(&ts, &dir.str("lens64.npy"), &["--out", &bad_out]);
     assert_fails(&o, &["kv_lens[1] is 8589934592, outside int32"]);
     // A table of another integer type names the flag, not a spec buffer.
     write_npy(&dir.path("table_u32.npy"), &table.mapv(|x| x as u32));
-    let o = run_paged(&dir.str("table_u32.npy"), &ls, &bad_out);
+    let o = run_paged(&dir.str("table_u32.npy"), &ls, &["--out", &bad_out]);
     assert_fails(
         &o,
         &[
