@@ -967,6 +967,22 @@ impl JitKernel {
     pub fn gemm_impl(&self) -> crate::codegen::clif::microkernel::GemmImpl {
         self.compiled.gemm
     }
+
+    /// The tile products a call bound as `bound` runs: the kernel's own
+    /// ([`Self::gemm_impl`]) on K/V packed as f32; the native products of
+    /// [`GemmImpl::products_isa`](crate::codegen::clif::GemmImpl::products_isa)
+    /// on K/V read in place (decode, quantized caches) or packed as bf16
+    /// pairs, which have no JIT-generated form.
+    pub fn products_for(
+        &self,
+        bound: &crate::bind::Bound,
+    ) -> crate::codegen::clif::microkernel::GemmImpl {
+        use crate::codegen::clif::GemmImpl;
+        match nest_for(bound, self.tiling, self.bf16_pairs()).1 {
+            crate::tile::nest::KvSource::Packed => self.compiled.gemm,
+            _ => GemmImpl::Native(self.compiled.gemm.products_isa()),
+        }
+    }
 }
 
 impl Program {

@@ -541,7 +541,9 @@ enum Backend {
 enum Gemm {
     /// The fastest tile products on this CPU (native AVX-512/AVX2 where available).
     Auto,
-    /// JIT-generated f32x4 tile products (portable).
+    /// JIT-generated f32x4 tile products (portable) on packed f32 K/V; calls
+    /// that read K/V in place (decode, quantized caches) or multiply bf16
+    /// pairs run the native products, which have no JIT form.
     Jit,
     /// Native Rust tile products for the detected instruction set.
     Native,
@@ -1139,19 +1141,25 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     .q_elem(q_elem);
     bind_buffers(&mut inputs, &program, &shapes, buffers, Some(&mut rng))?;
     require_all_buffers(&program, &inputs)?;
+    // The products this call runs: `--gemm jit` has no JIT-generated form
+    // of the in-place or bf16 pair products, which run natively.
+    let products = match &jit {
+        Some(jit) => Some(jit.products_for(&attnc::bind::bind(&program.spec, &inputs)?)),
+        None => None,
+    };
     let backend_name = match args.backend {
         Backend::Reference => "reference".to_string(),
         Backend::Interp => format!("interp ({bq}x{bkv} tiles)"),
         Backend::Jit => format!(
             "jit ({}, {bq}x{bkv} tiles)",
-            jit.as_ref().map(|j| j.gemm()).unwrap_or_default()
+            products.map(|p| p.name()).unwrap_or_default()
         ),
         Backend::Cuda => unreachable!("rejected above"),
     };
     let probe =
-        match (&jit, args.peak) {
+        match (products, args.peak) {
             (_, false) => None,
-            (Some(jit), true) => Some(jit.gemm_impl().fma_peak()?),
+            (Some(products), true) => Some(products.fma_peak()?),
             (None, true) => return Err(Error::Usage(
                 "`--peak` measures the jit backend's tile products: drop it or use `--backend jit`"
                     .into(),

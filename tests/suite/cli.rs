@@ -704,9 +704,37 @@ fn bench_json(spec: &str, extra: &[&str]) -> serde_json::Value {
 
 #[test]
 fn bench_reports_the_fma_peak_beside_the_runs() {
-    let r = bench_causal_json(&["--runs", "3", "--warmup", "0", "--gemm", "jit", "--peak"]);
+    // A prefill on packed K/V runs the products `--gemm` asks for.
+    let bench = |q_len: &str, extra: &[&str]| {
+        let args = [
+            "bench",
+            "examples/causal.attn",
+            "--q-len",
+            q_len,
+            "--heads",
+            "2",
+        ];
+        let o = attnc(&[&args[..], extra, &["--json"]].concat());
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        serde_json::from_str::<serde_json::Value>(&stdout(&o)).expect("one JSON object")
+    };
+    let jit = ["--runs", "3", "--warmup", "0", "--gemm", "jit", "--peak"];
+    let r = bench("256", &jit);
+    assert_eq!(r["nest"], "rows OneHead, K/V Packed", "{r}");
+    assert!(
+        r["backend"].as_str().unwrap().starts_with("jit (jit, "),
+        "{r}"
+    );
     let peak = &r["fma_peak"];
     assert_eq!(peak["kind"], "jit-f32x4");
+    // A decode reads K/V in place with native products, which have no JIT
+    // form: the report names them, and the peak is theirs.
+    let r = bench("1", &jit);
+    assert_eq!(r["nest"], "rows GqaGroup, K/V InPlace", "{r}");
+    let backend = r["backend"].as_str().unwrap();
+    assert!(backend.starts_with("jit (native-"), "{r}");
+    let kind = r["fma_peak"]["kind"].as_str().unwrap();
+    assert!(kind != "jit-f32x4" && backend.contains(kind), "{r}");
     for key in ["median_gflops", "median_fraction", "best_fraction"] {
         let x = peak[key].as_f64().unwrap_or(-1.0);
         assert!(x.is_finite() && x > 0.0, "{key}: {peak}");
