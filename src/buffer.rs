@@ -30,6 +30,23 @@ impl BufferData {
         }
     }
 
+    /// Whether two buffers hold the same elements bit for bit: `-0.0` and
+    /// `0.0` differ (a mask may tell them apart: `1.0 / x > 0.0`), and a NaN
+    /// equals itself (the derived `==` says a buffer holding one differs
+    /// from itself).
+    pub fn same_bits(&self, other: &BufferData) -> bool {
+        self.shape() == other.shape()
+            && match (self, other) {
+                (BufferData::Int(x), BufferData::Int(y)) => x.iter().eq(y.iter()),
+                (BufferData::Bool(x), BufferData::Bool(y)) => x.iter().eq(y.iter()),
+                (BufferData::Float(x), BufferData::Float(y)) => x
+                    .iter()
+                    .zip(y.iter())
+                    .all(|(p, q)| p.to_bits() == q.to_bits()),
+                _ => false,
+            }
+    }
+
     /// Number of elements.
     pub fn len(&self) -> usize {
         self.shape().iter().product()

@@ -541,6 +541,94 @@ fn overrides_from_the_start(
     }
 }
 
+/// What differs between the binding a plan was made for and a call's, in
+/// words, or `None` when they are the same (buffers compared bit for bit, so
+/// a NaN in a float buffer matches itself).
+fn plan_mismatch(
+    spec: &crate::sema::Spec,
+    plan: &crate::bind::Bound,
+    call: &crate::bind::Bound,
+) -> Option<String> {
+    let differ = |what: &str, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| {
+        Some(format!("{what} {a:?} in the plan, {b:?} in this call"))
+    };
+    let (p, c) = (plan, call);
+    // The offsets first: `KV` in the shapes follows from them.
+    if p.q_offset != c.q_offset {
+        return differ("query offset", &p.q_offset, &c.q_offset);
+    }
+    if p.kv_offset != c.kv_offset {
+        return differ("key offset", &p.kv_offset, &c.kv_offset);
+    }
+    if p.shapes != c.shapes {
+        return Some(format!(
+            "shapes {} in the plan, {} in this call",
+            crate::memory::shapes_text(&p.shapes),
+            crate::memory::shapes_text(&c.shapes)
+        ));
+    }
+    if p.kv_rows != c.kv_rows {
+        return differ("key rows", &p.kv_rows, &c.kv_rows);
+    }
+    if p.kv_batch != c.kv_batch {
+        return differ(
+            "K/V batch (1: shared by every query batch)",
+            &p.kv_batch,
+            &c.kv_batch,
+        );
+    }
+    if p.kv_lens != c.kv_lens {
+        return differ("sequence lengths", &p.kv_lens, &c.kv_lens);
+    }
+    match (&p.pages, &c.pages) {
+        (None, None) => {}
+        (Some(_), None) | (None, Some(_)) => {
+            let layout = |x: &Option<crate::bind::Pages>| match x {
+                Some(_) => "a paged pool",
+                None => "dense K/V rows",
+            };
+            return Some(format!(
+                "{} in the plan, {} in this call",
+                layout(&p.pages),
+                layout(&c.pages)
+            ));
+        }
+        (Some(a), Some(b)) => {
+            if (a.page_size, a.num_pages) != (b.page_size, b.num_pages) {
+                return differ(
+                    "page size and pages",
+                    &(a.page_size, a.num_pages),
+                    &(b.page_size, b.num_pages),
+                );
+            }
+            if a.table != b.table {
+                return Some("the page table differs".into());
+            }
+        }
+    }
+    if p.kv_elem != c.kv_elem {
+        return Some(format!(
+            "K/V stored as {} in the plan, {} in this call",
+            p.kv_elem, c.kv_elem
+        ));
+    }
+    if p.q_elem != c.q_elem {
+        return Some(format!(
+            "q of type {} in the plan, {} in this call",
+            p.q_elem, c.q_elem
+        ));
+    }
+    let changed = p
+        .buffers
+        .iter()
+        .zip(&c.buffers)
+        .position(|(a, b)| !a.same_bits(b))?;
+    Some(format!(
+        "buffer `{}` differs",
+        spec.buffer(crate::sema::BufferId(changed as u32)).name
+    ))
+}
+
 /// Bound inputs and their block maps, reusable across calls with the same
 /// mask, shapes and buffers.
 #[derive(Debug)]
@@ -812,6 +900,7 @@ impl JitKernel {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Outputs, Error> {
         let bound = bind(&self.program.spec, inputs)?;
+        self.check_memory(&bound)?;
         let maps = self
             .maps
             .get_or_build_observed(&self.program.spec, &bound, self.tiling, progress)
@@ -824,6 +913,7 @@ impl JitKernel {
     /// contents of the buffers the mask reads), so repeated calls reuse them.
     pub fn block_maps(&self, inputs: &Inputs<'_>) -> Result<Arc<crate::mask::BlockMaps>, Error> {
         let bound = bind(&self.program.spec, inputs)?;
+        self.check_memory(&bound)?;
         self.maps
             .get_or_build(&self.program.spec, &bound, self.tiling)
             .map_err(|e| self.program.classify_error(inputs, &bound, e))
@@ -833,6 +923,7 @@ impl JitKernel {
     /// many layers with the same mask, shapes and buffers.
     pub fn plan(&self, inputs: &Inputs<'_>) -> Result<Plan, Error> {
         let bound = bind(&self.program.spec, inputs)?;
+        self.check_memory(&bound)?;
         let maps = crate::mask::classify(&self.program.spec, &bound, self.tiling)
             .map_err(|e| self.program.classify_error(inputs, &bound, e))?;
         Ok(Plan {
@@ -846,22 +937,45 @@ impl JitKernel {
     /// the same spec. The inputs must have the plan's shapes, offsets, lengths,
     /// page table and buffers (checked).
     pub fn run_planned(&self, inputs: &Inputs<'_>, plan: &Plan) -> Result<Outputs, Error> {
-        if plan.spec != self.program.spec {
+        let spec = &self.program.spec;
+        if plan.spec != *spec {
+            let of = if plan.spec.name == spec.name {
+                format!("another spec also named `{}`", spec.name)
+            } else {
+                format!("`{}`", plan.spec.name)
+            };
             return Err(Error::Usage(format!(
-                "the plan was made by a kernel of `{}`, and its block maps do not fit `{}`; \
+                "the plan was made by a kernel of {of}, and its block maps do not fit `{}`; \
                  make a plan with this kernel (`plan`)",
-                plan.spec.name, self.program.spec.name
+                spec.name
             )));
         }
-        let bound = bind(&self.program.spec, inputs)?;
-        if bound != plan.bound {
+        let bound = bind(spec, inputs)?;
+        if let Some(what) = plan_mismatch(spec, &plan.bound, &bound) {
             return Err(Error::Usage(format!(
-                "the plan was made for other inputs (shapes {:?}, query offset {}, key offset {}, \
-                 lengths, page table or buffers differ); make a new plan for these",
-                plan.bound.shapes, plan.bound.q_offset, plan.bound.kv_offset
+                "the plan was made for other inputs: {what}; make a new plan for these (`plan`)"
             )));
         }
         self.run_with_maps(inputs, &bound, &plan.maps)
+    }
+
+    /// Checks that a call bound as `bound` fits in memory (its block maps,
+    /// outputs and scratch) before its block maps are built.
+    fn check_memory(&self, bound: &crate::bind::Bound) -> Result<(), Error> {
+        let need = crate::memory::run_estimate(
+            &self.program.spec,
+            &bound.shapes,
+            bound.key_rows(),
+            crate::memory::Backend::Jit,
+            self.tiling,
+            rayon::current_num_threads(),
+        );
+        Ok(need.check(format_args!(
+            "running `{}` on {} with {} tiles",
+            self.program.spec.name,
+            crate::memory::shapes_text(&bound.shapes),
+            self.tiling
+        ))?)
     }
 
     /// The Cranelift IR of the task function, when compiled with `keep_clif`.
@@ -1539,7 +1653,10 @@ mod tests {
         let inputs = Inputs::new(x.view(), x.view(), x.view());
         let plan = kw.plan(&inputs).unwrap();
         match kc.run_planned(&inputs, &plan) {
-            Err(Error::Usage(m)) => assert!(m.contains("made by a kernel of"), "{m}"),
+            Err(Error::Usage(m)) => assert!(
+                m.starts_with("the plan was made by a kernel of another spec also named `a`"),
+                "{m}"
+            ),
             other => panic!("expected a usage error, got {other:?}"),
         }
         let want = kc.run(&inputs).unwrap();
@@ -1547,6 +1664,62 @@ mod tests {
             .run_planned(&inputs, &kc.plan(&inputs).unwrap())
             .unwrap();
         assert_eq!(got.out, want.out);
+    }
+
+    /// `run_planned` takes the very inputs of its plan, NaN in a float
+    /// buffer included (the derived `==` found NaN unequal to itself and
+    /// refused them), and names what differs when they are not.
+    #[test]
+    fn a_plan_names_what_differs_from_its_inputs() {
+        let p = program(
+            "attention a { buffer slope[H]: float\n mask = causal\n score = score + slope[h] }",
+        );
+        let k = jit(&p);
+        let x = Rng::new(5).array4((2, 4, 40, 8));
+        let kv = Rng::new(6).array4((2, 2, 40, 8));
+        fn slope(s1: f32) -> crate::BufferData {
+            let values = vec![0.5, s1, 0.1, 0.2];
+            crate::BufferData::Float(ndarray::ArrayD::from_shape_vec(vec![4], values).unwrap())
+        }
+        fn call<'a>(
+            x: &'a ndarray::Array4<f32>,
+            k: crate::tensor::KvData<'a>,
+            v: crate::tensor::KvData<'a>,
+            s1: f32,
+        ) -> Inputs<'a> {
+            Inputs::new(x.view(), k, v).buffer("slope", slope(s1))
+        }
+        let with = |s1| call(&x, kv.view().into(), kv.view().into(), s1);
+        let inputs = with(f32::NAN);
+        let plan = k.plan(&inputs).unwrap();
+        let want = k.run(&inputs).unwrap();
+        let got = k.run_planned(&inputs, &plan).unwrap();
+        let bits = |o: &Outputs| o.out.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "head 1 NaN, the others finite");
+        assert!(want.out.iter().any(|x| x.is_nan()) && want.out.iter().any(|x| x.is_finite()));
+        let refused = |other: &Inputs<'_>| match k.run_planned(other, &plan) {
+            Err(Error::Usage(m)) => m,
+            other => panic!("expected a usage error, got {other:?}"),
+        };
+        let m = refused(&with(0.3));
+        assert!(m.contains("other inputs: buffer `slope` differs"), "{m}");
+        let bf16 = crate::tensor::KvArray::quantize(kv.view(), crate::tensor::ElemType::Bf16);
+        let m = refused(&call(&x, bf16.view(), bf16.view(), f32::NAN));
+        assert!(
+            m.contains("K/V stored as f32 in the plan, bf16 in this call"),
+            "{m}"
+        );
+        let shared = kv.slice(ndarray::s![..1, .., .., ..]);
+        let m = refused(&call(&x, shared.into(), shared.into(), f32::NAN));
+        assert!(
+            m.contains("K/V batch (1: shared by every query batch) 2 in the plan, 1 in this call"),
+            "{m}"
+        );
+        let m = refused(&with(f32::NAN).kv_offset(3));
+        assert!(
+            m.contains("key offset 0 in the plan, 3 in this call"),
+            "{m}"
+        );
     }
 
     /// A call with no rows (B, H or Q of 0, with key/value heads or not) gives

@@ -1216,7 +1216,8 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         report.nest = Some(format!("rows {rows:?}, K/V {kv:?}"));
     }
     if args.bandwidth {
-        let arrays: Vec<&[u8]> = k.bytes().into_iter().chain(v.bytes()).collect();
+        let (k, v) = (k.bytes(), v.bytes());
+        let arrays: Vec<&[u8]> = k.iter().chain(&v).map(|b| &**b).collect();
         report = attnc::bench::with_memory(report, &arrays, args.runs.max(5));
     }
     if args.json {

@@ -244,7 +244,8 @@ pub fn block_maps(e: &mut Estimate, spec: &Spec, shapes: &Shapes, tiling: Tiling
     let n_h = if deps.contains(Deps::H) { shapes.h } else { 1 };
     let q_tiles = shapes.q.div_ceil(tiling.bq.max(1));
     let maps = (n_b as u128).saturating_mul(n_h as u128);
-    let per_map = (q_tiles as u128 + 1) * 2 * std::mem::size_of::<usize>() as u128;
+    let per_map = (q_tiles as u128 + 1) * 2 * std::mem::size_of::<usize>() as u128
+        + std::mem::size_of::<crate::mask::BlockMap>() as u128;
     e.add(
         format!(
             "{maps} block map{} of {q_tiles} query tiles ({tiling} tiles)",

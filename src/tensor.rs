@@ -440,6 +440,11 @@ impl<'a> KvData<'a> {
 
     /// Rows `[i, j, .., ..]` as an operand of shape `[1, 1, C, D]` (scales
     /// `[1, 1, C]`): one slot of a pool, every KV head.
+    ///
+    /// # Panics
+    ///
+    /// If `[i, j]` is outside the first two axes (or the scales are shorter
+    /// than the data: [`KvData::scales_fit`]).
     pub fn rows_at(&self, i: usize, j: usize) -> KvData<'_> {
         use ndarray::s;
         let at = s![i..i + 1, j..j + 1, .., ..];
@@ -546,12 +551,14 @@ pub enum KvArray {
 
 impl KvArray {
     /// `x` in type `elem`: rounded (bf16, f16; nearest, ties to even) or
-    /// quantized with a scale per row of the last axis (int8, fp8). A row
-    /// holding NaN or inf gets a NaN or infinite scale (its values all
-    /// dequantize to NaN), which binding refuses at a key a sequence uses.
+    /// quantized with a scale per row of the last axis (int8, fp8), in
+    /// standard layout whatever the layout of `x`. A row holding NaN or inf
+    /// gets a NaN or infinite scale (its values all dequantize to NaN), which
+    /// binding refuses at a key a sequence uses.
     pub fn quantize(x: ArrayView4<'_, f32>, elem: ElemType) -> KvArray {
+        let x = x.as_standard_layout();
         match elem {
-            ElemType::F32 => KvArray::F32(x.to_owned()),
+            ElemType::F32 => KvArray::F32(x.into_owned()),
             ElemType::Bf16 => KvArray::Bf16(x.mapv(bf16::from_f32)),
             ElemType::F16 => KvArray::F16(x.mapv(f16::from_f32)),
             ElemType::Int8 | ElemType::Fp8 => {
@@ -578,36 +585,38 @@ impl KvArray {
         }
     }
 
-    /// `x` in type `elem`, as [`KvArray::quantize`] makes it; f32 data is
-    /// moved, not copied.
+    /// `x` in type `elem`, as [`KvArray::quantize`] makes it; f32 data in
+    /// standard layout is moved, not copied.
     pub fn from_f32(x: Array4<f32>, elem: ElemType) -> KvArray {
         match elem {
-            ElemType::F32 => KvArray::F32(x),
+            ElemType::F32 if x.is_standard_layout() => KvArray::F32(x),
             _ => KvArray::quantize(x.view(), elem),
         }
     }
 
     /// The bytes of the data and of the scales (what a call reading every
-    /// row reads).
-    pub fn bytes(&self) -> Vec<&[u8]> {
-        fn raw<T>(a: &[T]) -> &[u8] {
-            // SAFETY: the elements are plain numbers (f32, u16 bit patterns,
-            // i8, u8) without padding; any initialised bytes may be read as u8.
-            unsafe { std::slice::from_raw_parts(a.as_ptr().cast(), std::mem::size_of_val(a)) }
+    /// row reads), in memory order; an array that is not contiguous in
+    /// memory (built by hand from a sliced one) is copied.
+    pub fn bytes(&self) -> Vec<std::borrow::Cow<'_, [u8]>> {
+        use std::borrow::Cow;
+        fn raw<T: Copy, D: ndarray::Dimension>(a: &ndarray::Array<T, D>) -> Cow<'_, [u8]> {
+            fn bytes_of<T>(a: &[T]) -> &[u8] {
+                // SAFETY: the elements are plain numbers (f32, u16 bit
+                // patterns, i8, u8) without padding; any initialised bytes
+                // may be read as u8.
+                unsafe { std::slice::from_raw_parts(a.as_ptr().cast(), std::mem::size_of_val(a)) }
+            }
+            match a.as_slice_memory_order() {
+                Some(xs) => Cow::Borrowed(bytes_of(xs)),
+                None => Cow::Owned(bytes_of(&a.iter().copied().collect::<Vec<T>>()).to_vec()),
+            }
         }
-        let slice = "arrays made by KvArray are in standard layout";
         match self {
-            KvArray::F32(a) => vec![raw(a.as_slice().expect(slice))],
-            KvArray::Bf16(a) => vec![raw(a.as_slice().expect(slice))],
-            KvArray::F16(a) => vec![raw(a.as_slice().expect(slice))],
-            KvArray::Int8 { data, scales } => vec![
-                raw(data.as_slice().expect(slice)),
-                raw(scales.as_slice().expect(slice)),
-            ],
-            KvArray::Fp8 { data, scales } => vec![
-                raw(data.as_slice().expect(slice)),
-                raw(scales.as_slice().expect(slice)),
-            ],
+            KvArray::F32(a) => vec![raw(a)],
+            KvArray::Bf16(a) => vec![raw(a)],
+            KvArray::F16(a) => vec![raw(a)],
+            KvArray::Int8 { data, scales } => vec![raw(data), raw(scales)],
+            KvArray::Fp8 { data, scales } => vec![raw(data), raw(scales)],
         }
     }
 
@@ -884,6 +893,44 @@ mod tests {
             assert_eq!((got - x).abs(), best, "x = {x}");
             x = x * 1.013 + 1e-4;
         }
+    }
+
+    /// Arrays of any layout quantize into standard layout, and `bytes` gives
+    /// every array's bytes without panicking, copying one that is not
+    /// contiguous in memory.
+    #[test]
+    fn quantized_arrays_are_standard_and_their_bytes_any_layout() {
+        use ndarray::ShapeBuilder;
+        let standard = Array4::from_shape_fn((2, 3, 4, 5), |(a, b, c, d)| {
+            (a * 60 + b * 20 + c * 5 + d) as f32 * 0.25 - 7.0
+        });
+        let mut fortran = Array4::<f32>::zeros((2, 3, 4, 5).f());
+        fortran.assign(&standard);
+        let reversed = standard.slice(ndarray::s![..;-1, .., .., ..]);
+        for elem in ElemType::ALL {
+            for x in [fortran.view(), reversed] {
+                let want = KvArray::quantize(x.to_owned().as_standard_layout().view(), elem);
+                for got in [
+                    KvArray::quantize(x, elem),
+                    KvArray::from_f32(x.to_owned(), elem),
+                ] {
+                    assert_eq!(got, want, "{elem}");
+                    assert_eq!(got.view().strides(), want.view().strides(), "{elem}");
+                    assert_eq!(got.bytes(), want.bytes(), "{elem}");
+                    assert_eq!(got.bytes()[0].len(), 120 * elem.size(), "{elem}");
+                }
+            }
+        }
+        // Hand-built: Fortran order (contiguous, borrowed in memory order)
+        // and a sliced array (not contiguous: copied).
+        assert_eq!(KvArray::F32(fortran).bytes()[0].len(), 480);
+        let sliced = standard.clone().slice_move(ndarray::s![.., .., ..;2, ..]);
+        let kv = KvArray::F32(sliced.clone());
+        let values: Vec<f32> = kv.bytes()[0]
+            .chunks(4)
+            .map(|c| f32::from_ne_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(values, sliced.iter().copied().collect::<Vec<_>>());
     }
 
     #[test]

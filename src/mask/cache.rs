@@ -45,24 +45,8 @@ impl Key {
             && ids
                 .iter()
                 .zip(&self.buffers)
-                .all(|(&i, b)| same_bits(&bound.buffers[i], b))
+                .all(|(&i, b)| bound.buffers[i].same_bits(b))
     }
-}
-
-/// Whether two buffers hold the same elements bit for bit: `-0.0` and `0.0`
-/// differ (a mask may tell them apart: `1.0 / x > 0.0`), and a NaN equals
-/// itself, so a buffer holding one still finds its entry.
-fn same_bits(a: &BufferData, b: &BufferData) -> bool {
-    a.shape() == b.shape()
-        && match (a, b) {
-            (BufferData::Int(x), BufferData::Int(y)) => x.iter().eq(y.iter()),
-            (BufferData::Bool(x), BufferData::Bool(y)) => x.iter().eq(y.iter()),
-            (BufferData::Float(x), BufferData::Float(y)) => x
-                .iter()
-                .zip(y.iter())
-                .all(|(p, q)| p.to_bits() == q.to_bits()),
-            _ => false,
-        }
 }
 
 /// Block maps of the last few distinct problems of one spec, most recent first.

@@ -676,6 +676,46 @@ fn tiles_beyond_memory_are_an_error_through_the_api() {
     assert!(err.render().contains("attnc::memory"), "{}", err.render());
 }
 
+/// Block maps per (batch, head) of a call too large for memory are a memory
+/// error from every entry point of a jit kernel, as from the reference and
+/// the interpreter (`run`, `plan` and `block_maps` built them first and
+/// aborted the process on the failed allocation).
+#[test]
+fn block_maps_beyond_memory_are_an_error_through_the_api() {
+    let program = attnc::load(
+        SourceFile::new("t.attn", "attention t { mask = causal && h >= b }"),
+        &attnc::SpecOptions::default(),
+    )
+    .unwrap();
+    let one = Array4::<f32>::ones((1, 1, 1, 1));
+    let n = 1usize << 17;
+    let q = one.broadcast((n, n, 1, 1)).unwrap();
+    let kv = one.broadcast((1, 1, 4, 1)).unwrap();
+    let inputs = Inputs::new(q, kv, kv);
+    let is_memory = |what: &str, err: attnc::Error| {
+        let attnc::Error::Memory(m) = &err else {
+            panic!("{what}: expected a memory error, found {err:?}")
+        };
+        // The tiled backends' largest part: 2^34 block maps.
+        assert!(
+            what == "reference" || m.to_string().contains("17179869184 block maps"),
+            "{what}: {m}"
+        );
+    };
+    is_memory("reference", program.run_reference(&inputs).unwrap_err());
+    let tiles = attnc::mask::Tiling::new(64, 64).unwrap();
+    is_memory("interp", program.run_interp(&inputs, tiles).unwrap_err());
+    let kernel = program
+        .compile_jit_with(&attnc::CompileOptions::default())
+        .unwrap();
+    is_memory("run", kernel.run(&inputs).unwrap_err());
+    is_memory("plan", kernel.plan(&inputs).map(|_| ()).unwrap_err());
+    is_memory(
+        "block_maps",
+        kernel.block_maps(&inputs).map(|_| ()).unwrap_err(),
+    );
+}
+
 /// A valid `.npy` file of `shape` float32 zeros, as bytes.
 fn npy_f32(shape: &[usize]) -> Vec<u8> {
     use ndarray_npy::WriteNpyExt;
