@@ -389,10 +389,10 @@ pub enum BindError {
         key: usize,
         value: f32,
     },
-    #[error("the {which} scale of key {key} of sequence {b}, KV head {kh} is {value:e}, which dequantizes {stored} to a value past f32")]
+    #[error("the {which} scale of key {key} of sequence {b}, KV head {kh} is {value:e}, and {stored} ({held}) times it overflows f32")]
     #[diagnostic(
         code(attnc::bind::kv_scales),
-        help("every value a sequence uses must dequantize (stored value x scale) to a finite f32: fp8 scales may be at most f32::MAX / 448, int8 scales f32::MAX / 128, or f32::MAX / 127 for a row that holds no -128 (the scales `--kv-dtype`, `KvArray::quantize` and `KvArray::append` compute always fit)")
+        help("every value a sequence uses must dequantize (stored value x scale) to a finite f32: fp8 scales may be at most f32::MAX / 448; int8 scales f32::MAX / 128, or larger while 127 x scale is finite for a row that holds no -128 (the scales `--kv-dtype`, `KvArray::quantize` and `KvArray::append` compute always fit)")
     )]
     ScaleOverflow {
         which: &'static str,
@@ -401,6 +401,7 @@ pub enum BindError {
         key: usize,
         value: f32,
         stored: f32,
+        held: &'static str,
     },
     #[error("k and v must have the same shape: k is {k:?}, v is {v:?}")]
     #[diagnostic(code(attnc::bind::kv_shape))]
@@ -877,7 +878,7 @@ fn check_scales(
                             value,
                         });
                     }
-                    if let Some(stored) = overflowing_value(data, [i, j, k], value) {
+                    if let Some((stored, held)) = overflowing_value(data, [i, j, k], value) {
                         return Err(BindError::ScaleOverflow {
                             which,
                             b,
@@ -885,6 +886,7 @@ fn check_scales(
                             key,
                             value,
                             stored,
+                            held,
                         });
                     }
                 }
@@ -905,20 +907,24 @@ fn scale_limit(elem: ElemType) -> f32 {
 }
 
 /// The value whose dequantization with `scale` (finite, above
-/// [`scale_limit`]) overflows, if any, for the quantized row at `[i, j, k]`.
-/// Only int8 gives such a scale a second look: while 127 times it is finite
-/// it dequantizes a row that holds no -128 (a quantizer's scale, absmax / 127,
-/// reaches it for rows near f32::MAX). The kernels scale the rows no
-/// further than that, so nothing else is read.
-fn overflowing_value(data: &KvData<'_>, [i, j, k]: [usize; 3], scale: f32) -> Option<f32> {
+/// [`scale_limit`]) overflows, if any, for the quantized row at `[i, j, k]`,
+/// and what it is to the row. Only int8 gives such a scale a second look:
+/// while 127 times it is finite, it dequantizes a row that holds no -128 (a
+/// quantizer's scale, absmax / 127, goes past f32::MAX / 128 for rows near
+/// f32::MAX).
+fn overflowing_value(
+    data: &KvData<'_>,
+    [i, j, k]: [usize; 3],
+    scale: f32,
+) -> Option<(f32, &'static str)> {
     match data {
         KvData::Int8 { data, .. } if (127.0 * scale).is_finite() => data
             .slice(ndarray::s![i, j, k, ..])
             .iter()
             .any(|&x| x == i8::MIN)
-            .then_some(-128.0),
-        KvData::Int8 { .. } => Some(127.0),
-        _ => Some(448.0),
+            .then_some((-128.0, "a value of that row")),
+        KvData::Int8 { .. } => Some((127.0, "the largest int8 a row may hold")),
+        _ => Some((448.0, "the largest fp8 e4m3fn a row may hold")),
     }
 }
 

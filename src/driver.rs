@@ -542,45 +542,58 @@ fn overrides_from_the_start(
 }
 
 /// What differs between the binding a plan was made for and a call's, in
-/// words, or `None` when they are the same (buffers compared bit for bit, so
-/// a NaN in a float buffer matches itself).
+/// words, or `None` when they are the same. Buffers are compared bit for bit:
+/// a NaN in a float buffer matches itself, and `-0.0` differs from `0.0` (a
+/// mask may tell them apart). Every field of `Bound` is named, so a new one
+/// must be compared here before this compiles.
 fn plan_mismatch(
     spec: &crate::sema::Spec,
     plan: &crate::bind::Bound,
     call: &crate::bind::Bound,
 ) -> Option<String> {
+    let crate::bind::Bound {
+        shapes,
+        q_offset,
+        kv_offset,
+        kv_rows,
+        kv_batch,
+        kv_lens,
+        pages,
+        kv_elem,
+        q_elem,
+        buffers,
+    } = plan;
     let differ = |what: &str, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| {
         Some(format!("{what} {a:?} in the plan, {b:?} in this call"))
     };
-    let (p, c) = (plan, call);
     // The offsets first: `KV` in the shapes follows from them.
-    if p.q_offset != c.q_offset {
-        return differ("query offset", &p.q_offset, &c.q_offset);
+    if *q_offset != call.q_offset {
+        return differ("query offset", q_offset, &call.q_offset);
     }
-    if p.kv_offset != c.kv_offset {
-        return differ("key offset", &p.kv_offset, &c.kv_offset);
+    if *kv_offset != call.kv_offset {
+        return differ("key offset", kv_offset, &call.kv_offset);
     }
-    if p.shapes != c.shapes {
+    if *shapes != call.shapes {
         return Some(format!(
             "shapes {} in the plan, {} in this call",
-            crate::memory::shapes_text(&p.shapes),
-            crate::memory::shapes_text(&c.shapes)
+            crate::memory::shapes_text(shapes),
+            crate::memory::shapes_text(&call.shapes)
         ));
     }
-    if p.kv_rows != c.kv_rows {
-        return differ("key rows", &p.kv_rows, &c.kv_rows);
+    if *kv_rows != call.kv_rows {
+        return differ("key rows", kv_rows, &call.kv_rows);
     }
-    if p.kv_batch != c.kv_batch {
+    if *kv_batch != call.kv_batch {
         return differ(
             "K/V batch (1: shared by every query batch)",
-            &p.kv_batch,
-            &c.kv_batch,
+            kv_batch,
+            &call.kv_batch,
         );
     }
-    if p.kv_lens != c.kv_lens {
-        return differ("sequence lengths", &p.kv_lens, &c.kv_lens);
+    if *kv_lens != call.kv_lens {
+        return differ("sequence lengths", kv_lens, &call.kv_lens);
     }
-    match (&p.pages, &c.pages) {
+    match (pages, &call.pages) {
         (None, None) => {}
         (Some(_), None) | (None, Some(_)) => {
             let layout = |x: &Option<crate::bind::Pages>| match x {
@@ -589,8 +602,8 @@ fn plan_mismatch(
             };
             return Some(format!(
                 "{} in the plan, {} in this call",
-                layout(&p.pages),
-                layout(&c.pages)
+                layout(pages),
+                layout(&call.pages)
             ));
         }
         (Some(a), Some(b)) => {
@@ -606,22 +619,21 @@ fn plan_mismatch(
             }
         }
     }
-    if p.kv_elem != c.kv_elem {
+    if *kv_elem != call.kv_elem {
         return Some(format!(
-            "K/V stored as {} in the plan, {} in this call",
-            p.kv_elem, c.kv_elem
+            "K/V stored as {kv_elem} in the plan, {} in this call",
+            call.kv_elem
         ));
     }
-    if p.q_elem != c.q_elem {
+    if *q_elem != call.q_elem {
         return Some(format!(
-            "q of type {} in the plan, {} in this call",
-            p.q_elem, c.q_elem
+            "q of type {q_elem} in the plan, {} in this call",
+            call.q_elem
         ));
     }
-    let changed = p
-        .buffers
+    let changed = buffers
         .iter()
-        .zip(&c.buffers)
+        .zip(&call.buffers)
         .position(|(a, b)| !a.same_bits(b))?;
     Some(format!(
         "buffer `{}` differs",
@@ -959,19 +971,14 @@ impl JitKernel {
         self.run_with_maps(inputs, &bound, &plan.maps)
     }
 
-    /// Checks that a call bound as `bound` fits in memory (its block maps,
-    /// outputs and scratch) before its block maps are built.
+    /// Checks that the block maps of a call bound as `bound` fit in memory,
+    /// before they are built (the outputs and scratch of a run are checked
+    /// once the maps are there, in `run_with_maps`).
     fn check_memory(&self, bound: &crate::bind::Bound) -> Result<(), Error> {
-        let need = crate::memory::run_estimate(
-            &self.program.spec,
-            &bound.shapes,
-            bound.key_rows(),
-            crate::memory::Backend::Jit,
-            self.tiling,
-            rayon::current_num_threads(),
-        );
+        let mut need = crate::memory::Estimate::new();
+        crate::memory::block_maps(&mut need, &self.program.spec, &bound.shapes, self.tiling);
         Ok(need.check(format_args!(
-            "running `{}` on {} with {} tiles",
+            "building the block maps of `{}` on {} with {} tiles",
             self.program.spec.name,
             crate::memory::shapes_text(&bound.shapes),
             self.tiling
@@ -1458,6 +1465,7 @@ impl Program {
                 self.first_error_of(inputs, error)
             }
             CudaError::Mask(e) => Error::Mask(e),
+            CudaError::Memory(e) => Error::Memory(e),
             CudaError::Codegen(e) => Error::Codegen(e.into()),
             e => {
                 let help = e.help().map(|h| format!(" ({h})")).unwrap_or_default();

@@ -1587,7 +1587,7 @@ fn read_index(
     let a = npy::read_ints(path, &format!("`{name}` ({flag})"))?;
     if a.ndim() != ndim {
         return Err(Error::Usage(format!(
-            "`{}`: {name} has shape {:?}; it is int32 with {ndim} dim{}",
+            "`{}`: {name} has shape {:?}; it is int32 (or int64) with {ndim} dim{}",
             path.display(),
             a.shape(),
             if ndim == 1 { "" } else { "s" }
@@ -1764,12 +1764,19 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
         Some(p) => {
             let table = read_index(p, "page_table", "--page-table", 2)?;
             // Entries past a sequence's last page are never read.
-            let (pages, page_size) = (k.view().shape()[0], k.view().shape()[1] as i64);
+            let (pages, page_size) = (
+                k.view().shape()[0],
+                i64::try_from(k.view().shape()[1]).unwrap_or(i64::MAX),
+            );
             let len = |b: usize| kv_lens.as_ref().and_then(|l| l.get(b).copied());
             Some(narrow(table, p, "page_table", |i| {
                 let (b, t) = (i[0], i[1] as i64);
                 let n = i64::from(len(b)?);
-                (t * page_size < n).then(|| {
+                // Page `t` holds keys from `t * page_size` on (a product past
+                // i64 starts past every length; a page size of 0 is bind's
+                // error, not the table's).
+                let first = t.checked_mul(page_size).filter(|_| page_size > 0)?;
+                (first < n).then(|| {
                     format!("outside the pool of {pages} pages (sequence {b} has {n} keys)")
                 })
             })?)

@@ -813,8 +813,8 @@ pub fn read_buffer(path: &Path, name: &str, ty: Type) -> Result<BufferData, Erro
 }
 
 /// Reads an index table of a call (a page table, sequence lengths), int32
-/// or int64 data; `what` names it in errors (e.g. "the page table
-/// (`--page-table`)").
+/// or int64 data; `what` names it in errors (e.g. "`page_table`
+/// (--page-table)").
 pub fn read_ints(path: &Path, what: &str) -> Result<ndarray::ArrayD<i64>, Error> {
     match read_buffer_of(path, Subject::Table(what), Type::Int, false)? {
         (BufferData::Int(a), _) => Ok(a),

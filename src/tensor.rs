@@ -595,8 +595,8 @@ impl KvArray {
     }
 
     /// The bytes of the data and of the scales (what a call reading every
-    /// row reads), in memory order; an array that is not contiguous in
-    /// memory (built by hand from a sliced one) is copied.
+    /// row reads): borrowed in memory order; an array that is not contiguous
+    /// in memory (built by hand from a sliced one) is copied in logical order.
     pub fn bytes(&self) -> Vec<std::borrow::Cow<'_, [u8]>> {
         use std::borrow::Cow;
         fn raw<T: Copy, D: ndarray::Dimension>(a: &ndarray::Array<T, D>) -> Cow<'_, [u8]> {
@@ -608,7 +608,13 @@ impl KvArray {
             }
             match a.as_slice_memory_order() {
                 Some(xs) => Cow::Borrowed(bytes_of(xs)),
-                None => Cow::Owned(bytes_of(&a.iter().copied().collect::<Vec<T>>()).to_vec()),
+                None => {
+                    let mut out = Vec::with_capacity(std::mem::size_of::<T>() * a.len());
+                    for x in a {
+                        out.extend_from_slice(bytes_of(std::slice::from_ref(x)));
+                    }
+                    Cow::Owned(out)
+                }
             }
         }
         match self {

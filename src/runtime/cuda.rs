@@ -90,6 +90,10 @@ pub enum CudaError {
     #[error(transparent)]
     #[diagnostic(transparent)]
     Eval(#[from] EvalError),
+    /// The host side of a call (its block maps) needs more memory than there is.
+    #[error(transparent)]
+    #[diagnostic(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
 }
 
 fn driver(what: &'static str) -> impl FnOnce(DriverError) -> CudaError {
@@ -445,7 +449,15 @@ impl CudaRuntime {
                 inputs: bound.shapes.d,
             });
         }
-        let maps = classify(spec, &bound, Tiling::new(l.bq, l.bkv)?)?;
+        let tiling = Tiling::new(l.bq, l.bkv)?;
+        let mut need = crate::memory::Estimate::new();
+        crate::memory::block_maps(&mut need, spec, &bound.shapes, tiling);
+        need.check(format_args!(
+            "building the block maps of `{}` on {} with {tiling} tiles",
+            spec.name,
+            crate::memory::shapes_text(&bound.shapes)
+        ))?;
+        let maps = classify(spec, &bound, tiling)?;
         let mut args = Vec::new();
         let resident = pool.map(|p| &p.pool);
         for (name, arg) in host::launch_args(&k.kernel, &k.ptx, inputs, &bound, &maps, resident)? {

@@ -694,7 +694,12 @@ fn bench_causal_json(extra: &[&str]) -> serde_json::Value {
 
 /// `attnc bench` of `spec` on a small shape with `extra` flags, its JSON report parsed.
 fn bench_json(spec: &str, extra: &[&str]) -> serde_json::Value {
-    let mut args = vec!["bench", spec, "--q-len", "64", "--heads", "1"];
+    bench_json_of(spec, "64", "1", extra)
+}
+
+/// [`bench_json`] with `q_len` queries and `heads` heads.
+fn bench_json_of(spec: &str, q_len: &str, heads: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["bench", spec, "--q-len", q_len, "--heads", heads];
     args.extend_from_slice(extra);
     args.push("--json");
     let o = attnc(&args);
@@ -705,19 +710,7 @@ fn bench_json(spec: &str, extra: &[&str]) -> serde_json::Value {
 #[test]
 fn bench_reports_the_fma_peak_beside_the_runs() {
     // A prefill on packed K/V runs the products `--gemm` asks for.
-    let bench = |q_len: &str, extra: &[&str]| {
-        let args = [
-            "bench",
-            "examples/causal.attn",
-            "--q-len",
-            q_len,
-            "--heads",
-            "2",
-        ];
-        let o = attnc(&[&args[..], extra, &["--json"]].concat());
-        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-        serde_json::from_str::<serde_json::Value>(&stdout(&o)).expect("one JSON object")
-    };
+    let bench = |q_len, extra| bench_json_of("examples/causal.attn", q_len, "2", extra);
     let jit = ["--runs", "3", "--warmup", "0", "--gemm", "jit", "--peak"];
     let r = bench("256", &jit);
     assert_eq!(r["nest"], "rows OneHead, K/V Packed", "{r}");
@@ -2500,6 +2493,29 @@ fn run_on_a_paged_pool_and_a_ragged_batch() {
     assert_fails(
         &o,
         &["page_table[1, 1] is 1099511627776, outside the pool of 6 pages (sequence 1 has 10 keys)"],
+    );
+    // A pool of pages of 0 slots is bind's error, whatever the table holds.
+    write_npy(&dir.path("kp0.npy"), &Array4::<f32>::zeros((6, 0, hkv, d)));
+    let kp0 = dir.str("kp0.npy");
+    let o = attnc(&[
+        "run",
+        spec,
+        "--q",
+        &qs,
+        "--k-pages",
+        &kp0,
+        "--v-pages",
+        &kp0,
+        "--page-table",
+        &dir.str("table64_used.npy"),
+        "--kv-lens",
+        &ls,
+        "--out",
+        &bad_out,
+    ]);
+    assert_fails(
+        &o,
+        &["the K/V pool has shape [6, 0, 2, 8]: a page size of 0"],
     );
     write_npy(&dir.path("lens64.npy"), &ndarray::arr1(&[7i64, 1 << 33]));
     let o = run_paged(&ts, &dir.str("lens64.npy"), &["--out", &bad_out]);

@@ -517,7 +517,7 @@ fn bad_stored_kv_is_refused_on_every_backend() {
             int8.view(),
         )
         .kv_lens(lens.view()),
-        "the k scale of key 2 of sequence 0, KV head 0 is 3e38, which dequantizes 127 to a value past f32",
+        "the k scale of key 2 of sequence 0, KV head 0 is 3e38, and 127 (the largest int8 a row may hold) times it overflows f32",
     );
     huge[[0, 0, 2]] = f32::MAX / 128.0;
     // An int8 K of `data` and `scales`, with the lengths of the other calls.
@@ -543,7 +543,7 @@ fn bad_stored_kv_is_refused_on_every_backend() {
     let mut data_min = data.clone();
     data_min[[0, 0, 2, 3]] = i8::MIN;
     let want = format!(
-        "the k scale of key 2 of sequence 0, KV head 0 is {:e}, which dequantizes -128 to a value past f32",
+        "the k scale of key 2 of sequence 0, KV head 0 is {:e}, and -128 (a value of that row) times it overflows f32",
         f32::MAX / 127.5
     );
     for got in run_all(&int8_k(&q, (&data_min, &huge), &int8, &lens)) {
@@ -567,7 +567,7 @@ fn bad_stored_kv_is_refused_on_every_backend() {
             continue;
         }
         let want = format!(
-            "the v scale of key 4 of sequence 1, KV head 1 is {scale:e}, which dequantizes 448 to a value past f32"
+            "the v scale of key 4 of sequence 1, KV head 1 is {scale:e}, and 448 (the largest fp8 e4m3fn a row may hold) times it overflows f32"
         );
         for got in run_all(&inputs) {
             assert!(got.contains(&want), "{got:?} should say {want:?}");
