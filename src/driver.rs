@@ -975,14 +975,12 @@ impl JitKernel {
     /// before they are built (the outputs and scratch of a run are checked
     /// once the maps are there, in `run_with_maps`).
     fn check_memory(&self, bound: &crate::bind::Bound) -> Result<(), Error> {
-        let mut need = crate::memory::Estimate::new();
-        crate::memory::block_maps(&mut need, &self.program.spec, &bound.shapes, self.tiling);
-        Ok(need.check(format_args!(
-            "building the block maps of `{}` on {} with {} tiles",
-            self.program.spec.name,
-            crate::memory::shapes_text(&bound.shapes),
-            self.tiling
-        ))?)
+        let spec = &self.program.spec;
+        Ok(crate::memory::check_block_maps(
+            spec,
+            &bound.shapes,
+            self.tiling,
+        )?)
     }
 
     /// The Cranelift IR of the task function, when compiled with `keep_clif`.

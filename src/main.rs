@@ -1141,12 +1141,10 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     .q_elem(q_elem);
     bind_buffers(&mut inputs, &program, &shapes, buffers, Some(&mut rng))?;
     require_all_buffers(&program, &inputs)?;
+    let bound = attnc::bind::bind(&program.spec, &inputs)?;
     // The products this call runs: `--gemm jit` has no JIT-generated form
     // of the in-place or bf16 pair products, which run natively.
-    let products = match &jit {
-        Some(jit) => Some(jit.products_for(&attnc::bind::bind(&program.spec, &inputs)?)),
-        None => None,
-    };
+    let products = jit.as_ref().map(|jit| jit.products_for(&bound));
     let backend_name = match args.backend {
         Backend::Reference => "reference".to_string(),
         Backend::Interp => format!("interp ({bq}x{bkv} tiles)"),
@@ -1208,7 +1206,6 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     // The nest the tiled backend ran (the jit kernel's choice of bf16 pairs;
     // the interpreter's is the host's).
     if let Some(t) = matches!(args.backend, Backend::Interp | Backend::Jit).then_some(tiling) {
-        let bound = attnc::bind::bind(&program.spec, &inputs)?;
         let pairs = jit
             .as_ref()
             .map_or_else(driver::default_bf16_pairs, |j| j.bf16_pairs());

@@ -255,6 +255,19 @@ pub fn block_maps(e: &mut Estimate, spec: &Spec, shapes: &Shapes, tiling: Tiling
     );
 }
 
+/// Checks, before they are built, that the block maps of `spec` on `shapes`
+/// with `tiling` fit in memory (what a compiled kernel builds before it
+/// runs; its outputs and scratch are checked once the maps are there).
+pub fn check_block_maps(spec: &Spec, shapes: &Shapes, tiling: Tiling) -> Result<(), MemoryError> {
+    let mut need = Estimate::new();
+    block_maps(&mut need, spec, shapes, tiling);
+    need.check(format_args!(
+        "building the block maps of `{}` on {} with {tiling} tiles",
+        spec.name,
+        shapes_text(shapes)
+    ))
+}
+
 /// `shapes` as `B=1 H=8 HKV=8 Q=64 KV=64 D=64`.
 pub fn shapes_text(shapes: &Shapes) -> String {
     let Shapes {

@@ -823,7 +823,6 @@ pub fn read_ints(path: &Path, what: &str) -> Result<ndarray::ArrayD<i64>, Error>
 }
 
 /// What a file is read as, for its errors.
-#[derive(Clone, Copy)]
 enum Subject<'a> {
     /// A buffer of the spec, by name.
     Buffer(&'a str),
@@ -854,23 +853,15 @@ fn read_buffer_of(
         Type::Float => "float32 data",
         Type::Bool => "bool data",
     };
-    let what = match subject {
-        Subject::Buffer(name) => format!("buffer `{name}`"),
-        Subject::Table(what) => what.to_string(),
+    let (what, takes) = match subject {
+        Subject::Buffer(name) => (
+            format!("buffer `{name}`"),
+            format!("it is declared {ty}, which takes {takes}"),
+        ),
+        Subject::Table(what) => (what.to_string(), format!("it takes {takes}")),
     };
     let wrong = |reason: String| Error::Io {
-        what: match subject {
-            Subject::Buffer(_) => format!(
-                "cannot read {what} from `{}`: it is declared {ty}, which takes {takes}",
-                path.display()
-            ),
-            Subject::Table(_) => {
-                format!(
-                    "cannot read {what} from `{}`: it takes {takes}",
-                    path.display()
-                )
-            }
-        },
+        what: format!("cannot read {what} from `{}`: {takes}", path.display()),
         reason,
     };
     let int32 = wrong_descr(&opened, &I32).is_none() && opened.header.is_some();

@@ -450,13 +450,7 @@ impl CudaRuntime {
             });
         }
         let tiling = Tiling::new(l.bq, l.bkv)?;
-        let mut need = crate::memory::Estimate::new();
-        crate::memory::block_maps(&mut need, spec, &bound.shapes, tiling);
-        need.check(format_args!(
-            "building the block maps of `{}` on {} with {tiling} tiles",
-            spec.name,
-            crate::memory::shapes_text(&bound.shapes)
-        ))?;
+        crate::memory::check_block_maps(spec, &bound.shapes, tiling)?;
         let maps = classify(spec, &bound, tiling)?;
         let mut args = Vec::new();
         let resident = pool.map(|p| &p.pool);
