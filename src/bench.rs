@@ -47,8 +47,12 @@ pub struct BenchReport {
     /// Fraction of the Q x KV entries that are visible.
     pub visible_fraction: f64,
     pub peak_rss_mib: f64,
-    /// Bytes of K and V the call must read once (`B x HKV x KV x D x 4 x 2`).
+    /// Bytes of K and V the call must read once: the rows (b, KV head, key)
+    /// that some query reading that KV head sees ([`Visible::key_rows`]), K
+    /// and V, in their stored type (scales included).
     pub kv_bytes: u64,
+    /// Bytes of K and V stored (`B x HKV x KV` rows of each), seen or not.
+    pub kv_stored_bytes: u64,
     /// `kv_bytes` over the median time: the rate at which the call reads its
     /// cache (the figure to set beside the memory bandwidth for decode).
     pub gb_per_s: f64,
@@ -118,6 +122,7 @@ impl BenchReport {
             "visible_fraction": self.visible_fraction,
             "peak_rss_mib": self.peak_rss_mib,
             "kv_bytes": self.kv_bytes,
+            "kv_stored_bytes": self.kv_stored_bytes,
             "gb_per_s": self.gb_per_s,
             "read_gb_per_s": self.memory.as_ref().map(|m| m.read_gb_per_s),
             "memory_ratio": self.memory.as_ref().map(|m| m.ratio),
@@ -167,17 +172,34 @@ impl std::fmt::Display for BenchReport {
             self.gflops_useful,
             100.0 * self.visible_fraction
         )?;
-        writeln!(
-            f,
-            "  K+V {:.1} MiB read at {:.1} GB/s",
-            self.kv_bytes as f64 / (1 << 20) as f64,
-            self.gb_per_s
-        )?;
+        let size = |bytes: u64| {
+            if bytes < 1 << 20 {
+                format!("{:.1} KiB", bytes as f64 / 1024.0)
+            } else {
+                format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+            }
+        };
+        if self.kv_bytes == self.kv_stored_bytes {
+            writeln!(
+                f,
+                "  K+V {} read at {:.1} GB/s",
+                size(self.kv_bytes),
+                self.gb_per_s
+            )?;
+        } else {
+            writeln!(
+                f,
+                "  K+V {} seen by the mask (of {} stored) read at {:.1} GB/s",
+                size(self.kv_bytes),
+                size(self.kv_stored_bytes),
+                self.gb_per_s
+            )?;
+        }
         if let Some(m) = &self.memory {
             writeln!(
                 f,
                 "  memory read at {:.1} GB/s beside the runs (K and V streamed by every thread): \
-                 the call takes {:.2}x the time to read K+V once",
+                 the call takes {:.2}x the time to read that K+V once",
                 m.read_gb_per_s, m.ratio
             )?;
         }
@@ -340,46 +362,76 @@ pub fn generate_buffer(
     })
 }
 
-/// Counts the visible (q, kv) entries of one (b, h) exactly, using the block
-/// map: FULL tiles count whole, PARTIAL tiles element by element.
-pub fn count_visible(program: &Program, inputs: &Inputs<'_>) -> Result<u64, Error> {
+/// What the mask lets a call see, counted exactly by [`count_visible`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Visible {
+    /// Visible (b, h, q, kv) entries.
+    pub entries: u64,
+    /// Key rows (b, KV head, key) that at least one query row reading that
+    /// KV head sees: the rows of K (and of V) the call must read.
+    pub key_rows: u64,
+}
+
+/// Counts what the mask lets the call see, using the block map: FULL tiles
+/// count whole, PARTIAL tiles element by element, at the positions the map
+/// was built for (a ragged or paged batch's queries at the end of each
+/// sequence, keys from the key offset).
+pub fn count_visible(program: &Program, inputs: &Inputs<'_>) -> Result<Visible, Error> {
     let bound = bind(&program.spec, inputs)?;
+    let s = bound.shapes;
+    let group = s.h / s.hkv.max(1);
     let Some(mask) = program.spec.mask else {
-        return Ok((bound.shapes.q * bound.shapes.kv * bound.shapes.b * bound.shapes.h) as u64);
+        let key_rows = match &bound.kv_lens {
+            Some(lens) => lens.iter().sum::<usize>() * s.hkv,
+            None => s.b * s.hkv * bound.kv_rows,
+        } as u64;
+        let entries = match &bound.kv_lens {
+            Some(lens) => lens.iter().sum::<usize>() * s.h * s.q,
+            None => s.b * s.h * s.q * bound.kv_rows,
+        } as u64;
+        return Ok(Visible { entries, key_rows });
     };
     let tiling = Tiling::new(64, 64).expect("64x64 is a valid tiling");
     let maps = classify(&program.spec, &bound, tiling).map_err(Error::Mask)?;
-    let mut ev = Evaluator::new(&program.spec, bound.shapes, &bound.buffers);
-    let mut total = 0u64;
-    let per_map = if maps.is_shared() {
-        (bound.shapes.b * bound.shapes.h) as u64
+    let mut ev = Evaluator::new(&program.spec, s, &bound.buffers);
+    // A shared map is every (b, h)'s: count (0, 0) and scale by the heads.
+    let (heads, per_map, kv_per_map): (Vec<(usize, usize)>, u64, u64) = if maps.is_shared() {
+        (vec![(0, 0)], (s.b * s.h) as u64, (s.b * s.hkv) as u64)
     } else {
-        1
+        let heads = (0..s.b).flat_map(|b| (0..s.h).map(move |h| (b, h)));
+        (heads.collect(), 1, 1)
     };
-    let heads: Vec<(usize, usize)> = if maps.is_shared() {
-        vec![(0, 0)]
-    } else {
-        (0..bound.shapes.b)
-            .flat_map(|b| (0..bound.shapes.h).map(move |h| (b, h)))
-            .collect()
+    let mut total = Visible {
+        entries: 0,
+        key_rows: 0,
     };
-    for (b, h) in heads {
+    // The keys seen by the heads of one (b, KV head) so far: heads walk in
+    // order, so a group's heads are consecutive.
+    let mut seen = vec![false; s.kv.max(bound.kv_rows)];
+    let flush = |seen: &mut Vec<bool>, total: &mut Visible| {
+        total.key_rows += seen.iter().filter(|&&x| x).count() as u64 * kv_per_map;
+        seen.iter_mut().for_each(|x| *x = false);
+    };
+    for (i, &(b, h)) in heads.iter().enumerate() {
         let map = maps.get(b, h);
         let mut count = 0u64;
         for qt in 0..map.q_tiles() {
+            let rows = map.q_rows(qt);
             for (kt, class) in map.tiles(qt) {
-                let rows = map.q_rows(qt);
                 let cols = map.kv_cols(kt as usize);
                 match class {
-                    TileClass::Full => count += (rows.len() * cols.len()) as u64,
+                    TileClass::Full => {
+                        count += (rows.len() * cols.len()) as u64;
+                        seen[cols].iter_mut().for_each(|x| *x = true);
+                    }
                     TileClass::Partial => {
-                        for r in rows {
+                        for r in rows.clone() {
                             for c in cols.clone() {
                                 let p = Point {
                                     b: b as i64,
                                     h: h as i64,
-                                    q: r as i64 + bound.q_offset,
-                                    kv: c as i64,
+                                    q: r as i64 + map.q_offset(),
+                                    kv: c as i64 + map.kv_offset(),
                                     score: 0.0,
                                 };
                                 if ev.eval_bool(mask, p).map_err(|error| Error::Eval {
@@ -387,6 +439,7 @@ pub fn count_visible(program: &Program, inputs: &Inputs<'_>) -> Result<u64, Erro
                                     error,
                                 })? {
                                     count += 1;
+                                    seen[c] = true;
                                 }
                             }
                         }
@@ -395,7 +448,11 @@ pub fn count_visible(program: &Program, inputs: &Inputs<'_>) -> Result<u64, Erro
                 }
             }
         }
-        total += count * per_map;
+        total.entries += count * per_map;
+        let next_group = heads.get(i + 1).map(|&(b, h)| (b, h / group.max(1)));
+        if next_group != Some((b, h / group.max(1))) {
+            flush(&mut seen, &mut total);
+        }
     }
     Ok(total)
 }
@@ -466,9 +523,11 @@ pub fn measure(
         d: config.dim,
     };
     let dense = (shapes.b * shapes.h * shapes.q * shapes.kv) as f64;
-    let kv_rows = shapes.b * shapes.hkv * shapes.kv;
-    let kv_bytes = (2 * config.kv_elem.row_bytes(kv_rows, shapes.d)) as u64;
-    let visible = count_visible(program, inputs)? as f64;
+    let seen = count_visible(program, inputs)?;
+    let kv_bytes = (2 * config.kv_elem.row_bytes(seen.key_rows as usize, shapes.d)) as u64;
+    let kv_stored_rows = shapes.b * shapes.hkv * shapes.kv;
+    let kv_stored_bytes = (2 * config.kv_elem.row_bytes(kv_stored_rows, shapes.d)) as u64;
+    let visible = seen.entries as f64;
     let flops_per_entry = 4.0 * shapes.d as f64;
     let fma_peak = peak.map(|p| {
         let fractions: Vec<f64> = times
@@ -496,6 +555,7 @@ pub fn measure(
         visible_fraction: if dense > 0.0 { visible / dense } else { 0.0 },
         peak_rss_mib: peak_rss_mib(),
         kv_bytes,
+        kv_stored_bytes,
         gb_per_s: kv_bytes as f64 / (median_ms * 1e6),
         fma_peak,
         memory: None,
@@ -587,7 +647,63 @@ mod tests {
         let q = Array4::<f32>::zeros((1, 2, 100, 4));
         let k = Array4::<f32>::zeros((1, 1, 100, 4));
         let inputs = Inputs::new(q.view(), k.view(), k.view());
-        assert_eq!(count_visible(&p, &inputs).unwrap(), 2 * 100 * 101 / 2);
+        let seen = count_visible(&p, &inputs).unwrap();
+        assert_eq!(seen.entries, 2 * 100 * 101 / 2);
+        // Query row 99 sees every key.
+        assert_eq!(seen.key_rows, 100);
+    }
+
+    /// A ragged batch whose heads see different windows, four query heads
+    /// per KV head, keys from an offset: the counts of a brute-force walk
+    /// over every (b, h, q, kv) at the positions binding gives them.
+    #[test]
+    fn visible_counts_follow_ragged_positions_heads_and_key_offsets() {
+        let p = load(
+            SourceFile::new(
+                "w.attn",
+                "attention w { mask = causal && q - kv < 20 + 30 * h }",
+            ),
+            &SpecOptions::default(),
+        )
+        .unwrap();
+        let (b, h, hkv, q_len, kv) = (3usize, 8usize, 2usize, 5usize, 150usize);
+        let q = Array4::<f32>::zeros((b, h, q_len, 4));
+        let k = Array4::<f32>::zeros((b, hkv, kv, 4));
+        let lens = ndarray::arr1(&[150i32, 7, 97]);
+        let brute =
+            |q_start: &dyn Fn(usize) -> i64, kv_start: i64, len: &dyn Fn(usize) -> usize| {
+                let (mut entries, mut key_rows) = (0u64, 0u64);
+                for bi in 0..b {
+                    for g in 0..hkv {
+                        let mut seen = vec![false; kv];
+                        for hi in g * (h / hkv)..(g + 1) * (h / hkv) {
+                            for r in 0..q_len {
+                                for (c, seen) in seen.iter_mut().enumerate().take(len(bi)) {
+                                    let (qp, kp) = (q_start(bi) + r as i64, kv_start + c as i64);
+                                    if kp <= qp && qp - kp < 20 + 30 * hi as i64 {
+                                        entries += 1;
+                                        *seen = true;
+                                    }
+                                }
+                            }
+                        }
+                        key_rows += seen.iter().filter(|&&x| x).count() as u64;
+                    }
+                }
+                Visible { entries, key_rows }
+            };
+        let ragged = Inputs::new(q.view(), k.view(), k.view()).kv_lens(lens.view());
+        let want = brute(&|bi| i64::from(lens[bi]) - q_len as i64, 0, &|bi| {
+            lens[bi] as usize
+        });
+        assert_eq!(count_visible(&p, &ragged).unwrap(), want);
+        assert!(want.key_rows < (b * hkv * kv) as u64 && want.entries > 0);
+        let offset = Inputs::new(q.view(), k.view(), k.view())
+            .q_offset(300)
+            .kv_offset(200);
+        let want = brute(&|_| 300, 200, &|_| kv);
+        assert_eq!(count_visible(&p, &offset).unwrap(), want);
+        assert!(want.key_rows > 0);
     }
 
     /// With a peak probe, every timed run follows one measurement of it, and the

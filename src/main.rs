@@ -174,7 +174,8 @@ struct BenchArgs {
     dtype: String,
     /// Element type of K and V (default: --dtype): f32, bf16, f16, int8 or
     /// fp8 (quantized with a scale per (token, KV head)); `kv_bytes` in
-    /// --json counts the bytes of that type and of the scales.
+    /// --json counts the bytes of that type and of the scales (of the K and V
+    /// rows some query sees; `kv_stored_bytes`, of every row stored).
     #[arg(long, value_name = "f32|bf16|f16|int8|fp8")]
     kv_dtype: Option<String>,
     /// Bind a buffer from a file or a recipe: `--buffer doc=docs:4` (repeatable).
@@ -210,8 +211,8 @@ struct BenchArgs {
     /// After the timed runs, measure the memory read bandwidth by streaming
     /// the arrays of K and V the call reads (the pool, for `--page-size`) with
     /// every worker thread, and report the call's time against the time to
-    /// read its K and V once at that rate (`read_gb_per_s`, `memory_ratio` in
-    /// `--json`).
+    /// read the K and V rows it must (those some query sees) once at that
+    /// rate (`read_gb_per_s`, `memory_ratio` in `--json`).
     #[arg(long)]
     bandwidth: bool,
     /// Print one JSON object instead of text.

@@ -779,6 +779,7 @@ fn bench_measures_the_memory_bandwidth_beside_the_runs() {
         r["kv_bytes"].as_f64().unwrap(),
     );
     assert_eq!(bytes, (2 * 4096 * 64 * 4 * 2) as f64, "{r}");
+    assert_eq!(r["kv_stored_bytes"].as_f64(), Some(bytes), "{r}");
     assert!(bw.is_finite() && bw > 0.0, "{r}");
     let want = median / (bytes / (bw * 1e6));
     assert!((ratio - want).abs() <= 1e-9 * want, "{r}");
@@ -800,6 +801,22 @@ fn bench_measures_the_memory_bandwidth_beside_the_runs() {
         "{}",
         stdout(&o)
     );
+    // That query sits at position 0 (no `--q-offset`): causal, it sees key 0
+    // alone, which is all the call must read of the 256 stored.
+    assert!(
+        stdout(&o).contains("K+V 4.0 KiB seen by the mask (of 1.0 MiB stored) read at"),
+        "{}",
+        stdout(&o)
+    );
+    let r = bench_json_of(
+        "examples/causal.attn",
+        "1",
+        "2",
+        &["--runs", "1", "--kv-len", "256"],
+    );
+    let row = (r["kv_heads"].as_u64().unwrap() * r["dim"].as_u64().unwrap() * 4 * 2) as f64;
+    assert_eq!(r["kv_bytes"].as_f64(), Some(row), "{r}");
+    assert_eq!(r["kv_stored_bytes"].as_f64(), Some(256.0 * row), "{r}");
     let r = bench_causal_json(&["--runs", "1"]);
     assert!(
         r["read_gb_per_s"].is_null() && r["memory_ratio"].is_null(),
