@@ -198,8 +198,9 @@ fn compiled_kernel() -> Result<(), attnc::Error> {
         (q, k, v)
     };
     let buffers = |h: usize, n: usize| {
-        let doc = ndarray::ArrayD::from_shape_fn(vec![n], |i| (i[0] / 100) as i64);
-        let slope = ndarray::ArrayD::from_shape_fn(vec![h], |i| (-(i[0] as f32 + 1.0)).exp2());
+        let doc = attnc::ndarray::ArrayD::from_shape_fn(vec![n], |i| (i[0] / 100) as i64);
+        let slope =
+            attnc::ndarray::ArrayD::from_shape_fn(vec![h], |i| (-(i[0] as f32 + 1.0)).exp2());
         (BufferData::Int(doc), BufferData::Float(slope))
     };
     for (b, h, hkv, n, d) in [(1, 4, 4, 300, 64), (2, 8, 2, 129, 32), (1, 2, 1, 450, 80)] {

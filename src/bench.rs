@@ -76,8 +76,9 @@ pub struct MemoryReport {
     /// the call reads, GB/s.
     pub read_gb_per_s: f64,
     /// The call's median time over the time to read `kv_bytes` once at
-    /// `read_gb_per_s`: 1.0 is memory speed.
-    pub ratio: f64,
+    /// `read_gb_per_s`: 1.0 is memory speed. None when the call must read
+    /// nothing (the mask hides every key).
+    pub ratio: Option<f64>,
 }
 
 /// The FMA peak measured before every timed run, and the runs against it.
@@ -125,7 +126,7 @@ impl BenchReport {
             "kv_stored_bytes": self.kv_stored_bytes,
             "gb_per_s": self.gb_per_s,
             "read_gb_per_s": self.memory.as_ref().map(|m| m.read_gb_per_s),
-            "memory_ratio": self.memory.as_ref().map(|m| m.ratio),
+            "memory_ratio": self.memory.as_ref().and_then(|m| m.ratio),
             "q_dtype": self.q_elem.name(),
             "kv_dtype": self.kv_elem.name(),
             "nest": self.nest,
@@ -196,12 +197,18 @@ impl std::fmt::Display for BenchReport {
             )?;
         }
         if let Some(m) = &self.memory {
-            writeln!(
+            write!(
                 f,
-                "  memory read at {:.1} GB/s beside the runs (K and V streamed by every thread): \
-                 the call takes {:.2}x the time to read that K+V once",
-                m.read_gb_per_s, m.ratio
+                "  memory read at {:.1} GB/s beside the runs (K and V streamed by every thread): ",
+                m.read_gb_per_s
             )?;
+            match m.ratio {
+                Some(ratio) => writeln!(
+                    f,
+                    "the call takes {ratio:.2}x the time to read that K+V once"
+                )?,
+                None => writeln!(f, "the call must read no K or V (the mask hides every key)")?,
+            }
         }
         write!(f, "  peak RSS {:.1} MiB", self.peak_rss_mib)?;
         if let Some(p) = &self.fma_peak {
@@ -572,7 +579,8 @@ pub fn with_memory(mut report: BenchReport, arrays: &[&[u8]], passes: usize) -> 
     let read_gb_per_s = median(&rates);
     report.memory = Some(MemoryReport {
         read_gb_per_s,
-        ratio: report.median_ms / (report.kv_bytes as f64 / (read_gb_per_s * 1e6)),
+        ratio: (report.kv_bytes > 0)
+            .then(|| report.median_ms / (report.kv_bytes as f64 / (read_gb_per_s * 1e6))),
     });
     report
 }

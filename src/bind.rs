@@ -430,7 +430,7 @@ pub enum BindError {
     )]
     Batch { q: usize, kv: usize },
     #[error("H = {h} query heads is not a multiple of HKV = {hkv} key/value heads")]
-    #[diagnostic(code(attnc::bind::heads), help("GQA/MQA needs H to be a multiple of HKV (query head h reads key/value head h / (H / HKV))"))]
+    #[diagnostic(code(attnc::bind::heads), help("k and v need at least one key/value head (HKV >= 1; `--kv-heads`, default H, on the command line), and GQA/MQA needs H to be a multiple of HKV (query head h reads key/value head h / (H / HKV))"))]
     Heads { h: usize, hkv: usize },
     #[error("the query offset must be >= 0, found {0}")]
     #[diagnostic(code(attnc::bind::q_offset), help("the offset is the absolute position of query row 0: 0 for prefill, KV - Q when decoding with a KV cache"))]

@@ -228,30 +228,36 @@ struct EmitArgs {
     /// the target's code instead of a stage.
     #[arg(long, value_enum, value_name = "STAGE")]
     stage: Option<Stage>,
-    /// Tile sizes BQxBKV (or N for NxN), or `auto` (as `attnc run` picks them:
-    /// 128x64 for a spec without a mask, 64x64 otherwise; with --target ptx,
-    /// those of `attnc run --backend cuda`: 64x64 for f16/bf16 up to D = 128,
-    /// 64x32 for f32 and larger heads).
-    #[arg(long, default_value = "auto", value_name = "BQxBKV|auto")]
-    block: String,
-    /// Head dim to specialise on, or `generic`.
-    #[arg(long, default_value = "64", value_name = "D|generic")]
-    dim: String,
-    /// Exponential base of the softmax in the kernel.
-    #[arg(long, value_enum, default_value_t = ExpBase::Exp2)]
-    exp: ExpBase,
-    /// Query length, for `--stage blocks` (the block map needs lengths).
+    /// Tile sizes BQxBKV (or N for NxN), or `auto` (the default; as `attnc
+    /// run` picks them: 128x64 for a spec without a mask, 64x64 otherwise;
+    /// with --target ptx, those of `attnc run --backend cuda`: 64x64 for
+    /// f16/bf16 up to D = 128, 64x32 for f32 and larger heads). For the
+    /// stages from tile-unopt on, and --target ptx.
+    #[arg(long, value_name = "BQxBKV|auto")]
+    block: Option<String>,
+    /// Head dim to specialise on (default 64), or `generic`: for --stage
+    /// tile-unopt|tile|nest and --target ptx.
+    #[arg(long, value_name = "D|generic")]
+    dim: Option<String>,
+    /// Exponential base of the softmax in the kernel (default exp2): for
+    /// --stage tile-unopt|tile|nest and --target ptx.
+    #[arg(long, value_enum)]
+    exp: Option<ExpBase>,
+    /// Query length: the lengths of `--stage blocks`, or the shapes whose loop
+    /// nest --stage tile-unopt|tile|nest prints (with --kv-len, --batch,
+    /// --heads, --kv-heads, --page-size, --dtype, --kv-dtype).
     #[arg(long, value_name = "N")]
     q_len: Option<usize>,
-    /// Key length, for `--stage blocks` (default: the query length).
-    #[arg(long, value_name = "N")]
+    /// With --q-len: key length (default: the query length).
+    #[arg(long, value_name = "N", requires = "q_len")]
     kv_len: Option<usize>,
-    /// With --q-len: batch size B, for the loop nest chosen for these shapes.
-    #[arg(long, default_value_t = 1, value_name = "B", requires = "q_len")]
-    batch: usize,
-    /// With --q-len: query heads H.
-    #[arg(long, default_value_t = 8, value_name = "H", requires = "q_len")]
-    heads: usize,
+    /// With --q-len: batch size B (default 1).
+    #[arg(long, value_name = "B", requires = "q_len")]
+    batch: Option<usize>,
+    /// With --q-len: query heads H (default 8 for the loop nest, 1 for
+    /// `--stage blocks`, as `attnc blocks`).
+    #[arg(long, value_name = "H", requires = "q_len")]
+    heads: Option<usize>,
     /// With --q-len: key/value heads HKV (default: H).
     #[arg(long, value_name = "HKV", requires = "q_len")]
     kv_heads: Option<usize>,
@@ -266,21 +272,22 @@ struct EmitArgs {
     /// Emit code for a target instead of a stage: `ptx` (CUDA PTX for the loop IR).
     #[arg(long, value_enum)]
     target: Option<Target>,
-    /// GPU architecture of the PTX: sm_80 (A100) or sm_90 (H100/H200).
-    #[arg(long, default_value = "sm_80", value_name = "sm_80|sm_90")]
-    arch: String,
+    /// With --target ptx: the GPU architecture of the PTX, sm_80 (A100, the
+    /// default) or sm_90 (H100/H200).
+    #[arg(long, value_name = "sm_80|sm_90")]
+    arch: Option<String>,
     /// Element type of q, k and v: in the PTX kernel, f32 (FMA), f16 or bf16
     /// (tensor cores), f32 by default as for `attnc run --backend cuda`; with
     /// --q-len, the loop nest a CPU call of that type takes on this CPU
     /// (bf16: products on bf16 pairs where it has AVX-512 BF16).
-    #[arg(long, default_value = "f32", value_name = "f32|f16|bf16")]
-    dtype: String,
+    #[arg(long, value_name = "f32|f16|bf16")]
+    dtype: Option<String>,
     /// With --target ptx: K and V stored as int8 or fp8 with a float32 scale
     /// per row, dequantized to --dtype in the tile loads of the kernel that
     /// reads them in place (the one `attnc run --backend cuda` launches for
     /// them). With --q-len: the stored type of K and V of the call whose loop
-    /// nest is printed.
-    #[arg(long, value_name = "int8|fp8")]
+    /// nest is printed (f32, bf16, f16, int8 or fp8; default: --dtype).
+    #[arg(long, value_name = "int8|fp8 (ptx), f32|bf16|f16|int8|fp8 (--q-len)")]
     kv_dtype: Option<String>,
     /// Write the output to this file instead of stdout.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
@@ -379,10 +386,11 @@ struct RunArgs {
     /// The paged value pool, the shape of --k-pages.
     #[arg(long, value_name = "FILE.npy", requires = "k_pages")]
     v_pages: Option<PathBuf>,
-    /// The page table, int32 [B, max_pages]: row b lists sequence b's pages in order.
+    /// The page table, int32 [B, max_pages] (or int64 whose used entries fit
+    /// int32): row b lists sequence b's pages in order.
     #[arg(long, value_name = "FILE.npy", requires = "k_pages")]
     page_table: Option<PathBuf>,
-    /// Keys of every sequence, int32 [B]: with a paged pool, or with --k/--v
+    /// Keys of every sequence, int32 (or int64) [B]: with a paged pool, or with --k/--v
     /// [B, HKV, KVmax, D] for a ragged batch. The queries are the last Q
     /// positions of each sequence.
     #[arg(long, value_name = "FILE.npy", conflicts_with_all = ["random", "q_offset"])]
@@ -620,8 +628,8 @@ fn say_err(text: impl std::fmt::Display) {
 /// a commit, it removes them. Targets that are not regular files (devices
 /// such as `/dev/null`, pipes) cannot be replaced and are written directly.
 struct Staged {
-    /// (temporary file, target).
-    files: Vec<(PathBuf, PathBuf)>,
+    /// (temporary file, target, the flag that named it).
+    files: Vec<(PathBuf, PathBuf, &'static str)>,
 }
 
 impl Staged {
@@ -687,16 +695,18 @@ impl Staged {
         false
     }
 
-    /// Writes `target` through `write`, into a temporary file beside it.
+    /// Writes `target` (named by `flag`) through `write`, into a temporary
+    /// file beside it.
     fn write(
         &mut self,
+        flag: &'static str,
         target: &Path,
         write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<(), String>,
     ) -> Result<(), Error> {
         use std::io::Write;
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let cannot = |reason: String| Error::Io {
-            what: format!("cannot write `{}`", target.display()),
+            what: format!("cannot write `{}` ({flag})", target.display()),
             reason,
         };
         let direct = std::fs::metadata(target).is_ok_and(|m| !m.is_file() && !m.is_dir());
@@ -720,7 +730,7 @@ impl Staged {
         }
         .map_err(|e| cannot(e.to_string()))?;
         if !direct {
-            self.files.push((path, target.to_path_buf()));
+            self.files.push((path, target.to_path_buf(), flag));
         }
         let mut w = std::io::BufWriter::new(file);
         write(&mut w).map_err(cannot)?;
@@ -729,11 +739,11 @@ impl Staged {
 
     /// Renames every temporary file onto its target.
     fn commit(mut self) -> Result<(), Error> {
-        for (tmp, target) in std::mem::take(&mut self.files) {
+        for (tmp, target, flag) in std::mem::take(&mut self.files) {
             if let Err(e) = std::fs::rename(&tmp, &target) {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(Error::Io {
-                    what: format!("cannot write `{}`", target.display()),
+                    what: format!("cannot write `{}` ({flag})", target.display()),
                     reason: e.to_string(),
                 });
             }
@@ -744,7 +754,7 @@ impl Staged {
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        for (tmp, _) in &self.files {
+        for (tmp, _, _) in &self.files {
             let _ = std::fs::remove_file(tmp);
         }
     }
@@ -756,7 +766,7 @@ fn deliver(output: Option<&Path>, text: &str) -> Result<(), Error> {
         Some(path) => {
             Staged::check_targets(&[("-o", path)])?;
             let mut staged = Staged::new();
-            staged.write(path, |w| {
+            staged.write("-o", path, |w| {
                 use std::io::Write;
                 w.write_all(text.as_bytes()).map_err(|e| e.to_string())
             })?;
@@ -1038,6 +1048,34 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         ));
     }
     count("runs", args.runs, usize::MAX)?;
+    count("batch", args.batch, usize::MAX)?;
+    count("heads", args.heads, usize::MAX)?;
+    let kv_heads = count("kv-heads", args.kv_heads.unwrap_or(args.heads), usize::MAX)?;
+    if !args.heads.is_multiple_of(kv_heads) {
+        return Err(Error::Usage(format!(
+            "--heads {} is not a multiple of --kv-heads {kv_heads}: each key/value head serves H / HKV query heads",
+            args.heads
+        )));
+    }
+    call_shapes_fit(
+        args.batch,
+        args.heads,
+        args.q_len,
+        args.kv_len.unwrap_or(args.q_len),
+        args.page_size,
+    )?;
+    if args.gemm != Gemm::Auto && !matches!(args.backend, Backend::Jit) {
+        return Err(Error::Usage(format!(
+            "`--gemm` picks the jit backend's tile products, and this is the {} backend: drop it or use `--backend jit`",
+            backend_name(args.backend)
+        )));
+    }
+    if args.block != "auto" && matches!(args.backend, Backend::Reference) {
+        return Err(Error::Usage(
+            "`--block` sets the tiles of the tiled backends (jit, interp), and the reference backend has none: drop it"
+                .into(),
+        ));
+    }
     let (q_elem, kv_elem) = elem_types(&args.dtype, args.kv_dtype.as_deref())?;
     let threads = args
         .threads
@@ -1059,7 +1097,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     let config = BenchConfig {
         batch: args.batch,
         heads: args.heads,
-        kv_heads: args.kv_heads.unwrap_or(args.heads),
+        kv_heads,
         q_len: args.q_len,
         kv_len: args.kv_len.unwrap_or(args.q_len),
         dim: args.dim,
@@ -1077,6 +1115,17 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         kv: config.kv_len,
         d: config.dim,
     };
+    // `KV` in buffer shapes is the call's: past the keys, the query end
+    // q_offset + Q (docs/language.md), as binding checks them.
+    let buffer_shapes = attnc::sema::eval::Shapes {
+        kv: match args.page_size {
+            Some(_) => config.kv_len,
+            None => config
+                .kv_len
+                .max((config.q_offset.max(0) as usize).saturating_add(config.q_len)),
+        },
+        ..shapes
+    };
     // Everything sized by the flags is estimated before anything is allocated.
     {
         let backend = memory_backend(args.backend).expect("a CPU backend");
@@ -1089,7 +1138,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
             tiling,
             rayon::current_num_threads(),
         );
-        random_inputs_need(&mut need, &program, &shapes, &buffers);
+        random_inputs_need(&mut need, &program, &buffer_shapes, &buffers);
         typed_inputs_need(&mut need, &shapes, q_elem, kv_elem);
         if program.spec.mask.is_some() {
             let tiles = attnc::mask::Tiling::new(64, 64).expect("64x64 is a valid tiling");
@@ -1140,7 +1189,13 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         }
     }
     .q_elem(q_elem);
-    bind_buffers(&mut inputs, &program, &shapes, buffers, Some(&mut rng))?;
+    bind_buffers(
+        &mut inputs,
+        &program,
+        &buffer_shapes,
+        buffers,
+        Some(&mut rng),
+    )?;
     require_all_buffers(&program, &inputs)?;
     let bound = attnc::bind::bind(&program.spec, &inputs)?;
     // The products this call runs: `--gemm jit` has no JIT-generated form
@@ -1216,6 +1271,13 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     if args.bandwidth {
         let (k, v) = (k.bytes(), v.bytes());
         let arrays: Vec<&[u8]> = k.iter().chain(&v).map(|b| &**b).collect();
+        if arrays.iter().all(|a| a.is_empty()) {
+            return Err(Error::Usage(format!(
+                "`--bandwidth` streams the call's K and V, and they hold no bytes (B={} HKV={} \
+                 KV={}): drop it, or give keys",
+                config.batch, config.kv_heads, config.kv_len
+            )));
+        }
         report = attnc::bench::with_memory(report, &arrays, args.runs.max(5));
     }
     if args.json {
@@ -1350,6 +1412,172 @@ fn probe_fallback(program: &driver::Program) -> Option<String> {
 }
 
 /// `attnc emit`: the text of the stage or target asked for.
+/// Refuses shapes no call can have: lengths and sizes past the position
+/// limit (2^31 - 1, as binding refuses them) and, on a paged pool, fewer keys
+/// than queries (the queries are the last Q positions of each sequence).
+fn call_shapes_fit(
+    batch: usize,
+    heads: usize,
+    q_len: usize,
+    kv_len: usize,
+    page_size: Option<usize>,
+) -> Result<(), Error> {
+    let limit = attnc::sema::POSITION_LIMIT as usize;
+    for (flag, n) in [
+        ("--batch", batch),
+        ("--heads", heads),
+        ("--q-len", q_len),
+        ("--kv-len", kv_len),
+    ] {
+        if n > limit {
+            return Err(Error::Usage(format!(
+                "`{flag} {n}` is past the limit of {limit} (2^31 - 1): split the call into smaller ones"
+            )));
+        }
+    }
+    if page_size.is_some() && kv_len < q_len {
+        return Err(Error::Usage(format!(
+            "--kv-len {kv_len} is shorter than --q-len {q_len}: on a paged pool the queries are \
+             the last Q positions of each sequence, so it holds at least Q keys"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses an `attnc emit` flag that the stage or target asked for would
+/// ignore, naming where it applies.
+fn check_emit_flags(args: &EmitArgs) -> Result<(), Error> {
+    use Stage::*;
+    let stage = args.stage.unwrap_or(Tile);
+    let ptx = args.target == Some(Target::Ptx);
+    // Where each flag acts.
+    let nest_stages = [TileUnopt, Tile, Nest];
+    let tiled = matches!(stage, TileUnopt | Tile | Nest | Clif | Blocks);
+    let flags: [(&str, bool, bool, &str); 13] = [
+        (
+            "--block",
+            args.block.is_some(),
+            ptx || tiled,
+            "--stage tile-unopt|tile|nest|clif|blocks and --target ptx",
+        ),
+        (
+            "--dim",
+            args.dim.is_some(),
+            ptx || nest_stages.contains(&stage),
+            "--stage tile-unopt|tile|nest and --target ptx",
+        ),
+        (
+            "--exp",
+            args.exp.is_some(),
+            ptx || nest_stages.contains(&stage),
+            "--stage tile-unopt|tile|nest and --target ptx",
+        ),
+        ("--arch", args.arch.is_some(), ptx, "--target ptx"),
+        (
+            "--page-size",
+            args.page_size.is_some(),
+            ptx || nest_stages.contains(&stage),
+            "--target ptx, and the loop nest of --stage tile-unopt|tile|nest with --q-len",
+        ),
+        (
+            "--dtype",
+            args.dtype.is_some(),
+            ptx || nest_stages.contains(&stage),
+            "--target ptx, and the loop nest of --stage tile-unopt|tile|nest with --q-len",
+        ),
+        (
+            "--kv-dtype",
+            args.kv_dtype.is_some(),
+            ptx || nest_stages.contains(&stage),
+            "--target ptx, and the loop nest of --stage tile-unopt|tile|nest with --q-len",
+        ),
+        (
+            "--q-len",
+            args.q_len.is_some(),
+            !ptx && (stage == Blocks || nest_stages.contains(&stage)),
+            "--stage blocks, and the loop nest of --stage tile-unopt|tile|nest",
+        ),
+        (
+            "--kv-len",
+            args.kv_len.is_some(),
+            !ptx && (stage == Blocks || nest_stages.contains(&stage)),
+            "--stage blocks, and the loop nest of --stage tile-unopt|tile|nest",
+        ),
+        (
+            "--batch",
+            args.batch.is_some(),
+            !ptx && (stage == Blocks || nest_stages.contains(&stage)),
+            "--stage blocks, and the loop nest of --stage tile-unopt|tile|nest",
+        ),
+        (
+            "--heads",
+            args.heads.is_some(),
+            !ptx && (stage == Blocks || nest_stages.contains(&stage)),
+            "--stage blocks, and the loop nest of --stage tile-unopt|tile|nest",
+        ),
+        (
+            "--kv-heads",
+            args.kv_heads.is_some(),
+            !ptx && (stage == Blocks || nest_stages.contains(&stage)),
+            "--stage blocks, and the loop nest of --stage tile-unopt|tile|nest",
+        ),
+        (
+            "--buffer",
+            !args.buffers.is_empty(),
+            !ptx && stage == Blocks,
+            "--stage blocks",
+        ),
+    ];
+    let what = if ptx {
+        "`--target ptx`".to_string()
+    } else {
+        let name = stage
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default();
+        format!("`--stage {name}`")
+    };
+    for (flag, given, applies, applies_to) in flags {
+        if given && !applies {
+            return Err(Error::Usage(format!(
+                "`{flag}` has no effect on {what}: drop it (it applies to {applies_to})"
+            )));
+        }
+    }
+    // A call's shapes, types and pool size pick its loop nest: without
+    // --q-len there is no call.
+    if !ptx && args.q_len.is_none() {
+        for (flag, given) in [
+            ("--page-size", args.page_size.is_some()),
+            ("--dtype", args.dtype.is_some()),
+            ("--kv-dtype", args.kv_dtype.is_some()),
+        ] {
+            if given {
+                return Err(Error::Usage(format!(
+                    "`{flag}` picks the loop nest of a call: pass `--q-len N` too (and --kv-len, \
+                     --batch, --heads, --kv-heads) for the loop nest a call of those shapes takes, \
+                     or `--target ptx` for the PTX kernel"
+                )));
+            }
+        }
+    }
+    if stage == Blocks {
+        for (flag, given) in [
+            ("--page-size", args.page_size.is_some()),
+            ("--dtype", args.dtype.is_some()),
+            ("--kv-dtype", args.kv_dtype.is_some()),
+        ] {
+            if given {
+                return Err(Error::Usage(format!(
+                    "`{flag}` has no effect on `--stage blocks` (the block map depends on the mask \
+                     and the lengths alone): drop it"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn emit(args: EmitArgs) -> Result<String, Error> {
     if args.target == Some(Target::Ptx) {
         if let Some(stage) = args.stage {
@@ -1366,22 +1594,10 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
                 stages.join("|")
             )));
         }
+        check_emit_flags(&args)?;
         return emit_ptx(args);
     }
-    if let (Some(t), None) = (&args.kv_dtype, args.q_len) {
-        return Err(Error::Usage(format!(
-            "`--kv-dtype {t}` is the stored type of K and V of a call: pass `--q-len N` too (and \
-             --kv-len, --page-size ...) for the loop nest that call takes, or `--target ptx` for \
-             the PTX kernel"
-        )));
-    }
-    if args.page_size.is_some() && args.q_len.is_none() {
-        return Err(Error::Usage(
-            "`--page-size` picks the loop nest for shapes: pass `--q-len N` too (and --kv-len, \
-             --batch, --heads, --kv-heads), or `--target ptx` for the PTX kernel that reads a paged pool"
-                .into(),
-        ));
-    }
+    check_emit_flags(&args)?;
     let stage = args.stage.unwrap_or(Stage::Tile);
     if stage == Stage::Blocks {
         let Some(q_len) = args.q_len else {
@@ -1392,13 +1608,13 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
             quiet: false,
             q_len,
             kv_len: args.kv_len,
-            block: args.block,
+            block: args.block.unwrap_or_else(|| "auto".into()),
             q_offset: 0,
             buffers: args.buffers,
-            batch: 1,
+            batch: args.batch.unwrap_or(1),
             kv_lens: None,
-            heads: 1,
-            kv_heads: None,
+            heads: args.heads.unwrap_or(1),
+            kv_heads: args.kv_heads,
             at: "0,0".into(),
             json: false,
             png: None,
@@ -1433,10 +1649,10 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
     if stage == Stage::Checked {
         return Ok(program.spec.to_string());
     }
-    let tiles = parse_tiles(&args.block)?;
+    let tiles = parse_tiles(args.block.as_deref().unwrap_or("auto"))?;
     let tiling = program.tiling(tiles);
     let bkv = tiling.bkv;
-    let dim = match args.dim.as_str() {
+    let dim = match args.dim.as_deref().unwrap_or("64") {
         "generic" => None,
         d => match d.parse::<usize>() {
             Ok(d) if d > 0 => Some(d),
@@ -1452,23 +1668,27 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
     let (rows, kv) = match args.q_len {
         None => (Default::default(), Default::default()),
         Some(q_len) => {
-            let hkv = args.kv_heads.unwrap_or(args.heads);
-            if args.heads == 0 || hkv == 0 || !args.heads.is_multiple_of(hkv) || args.batch == 0 {
+            let (batch, heads) = (args.batch.unwrap_or(1), args.heads.unwrap_or(8));
+            let hkv = args.kv_heads.unwrap_or(heads);
+            if heads == 0 || hkv == 0 || !heads.is_multiple_of(hkv) || batch == 0 {
                 return Err(Error::Usage(format!(
-                    "--heads {} and --kv-heads {hkv} (and --batch {}) must be at least 1, with H a multiple of HKV",
-                    args.heads, args.batch
+                    "--heads {heads} and --kv-heads {hkv} (and --batch {batch}) must be at least 1, with H a multiple of HKV",
                 )));
             }
             let kv_len = args.kv_len.unwrap_or(q_len);
+            call_shapes_fit(batch, heads, q_len, kv_len, args.page_size)?;
             let shapes = attnc::sema::eval::Shapes {
-                b: args.batch,
-                h: args.heads,
+                b: batch,
+                h: heads,
                 hkv,
                 q: q_len,
                 kv: kv_len,
                 d: dim.unwrap_or(64),
             };
-            let (q_elem, kv_elem) = elem_types(&args.dtype, args.kv_dtype.as_deref())?;
+            let (q_elem, kv_elem) = elem_types(
+                args.dtype.as_deref().unwrap_or("f32"),
+                args.kv_dtype.as_deref(),
+            )?;
             let nest = driver::nest_for_shapes(
                 &shapes,
                 args.page_size.is_some(),
@@ -1479,13 +1699,15 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
             );
             let threads = rayon::current_num_threads();
             let walks = match nest.0 {
-                attnc::tile::nest::RowMap::GqaGroup => Some(args.batch * hkv),
-                attnc::tile::nest::RowMap::AllHeads => Some(args.batch),
+                attnc::tile::nest::RowMap::GqaGroup => Some(batch * hkv),
+                attnc::tile::nest::RowMap::AllHeads => Some(batch),
                 attnc::tile::nest::RowMap::OneHead => None,
             };
             let split = match walks {
                 Some(walks) => format!(
-                    "; each key walk split into {} chunk(s) on {threads} threads (for a walk of all {} key tiles)",
+                    "; each key walk split into at most {} chunk(s) on {threads} threads (that many \
+                     for a walk of all {} key tiles; a call splits the tiles its mask lets a walk \
+                     visit, fewer where a window or offset skips some)",
                     attnc::runtime::exec::key_splits(threads, walks, kv_len.div_ceil(bkv)),
                     kv_len.div_ceil(bkv)
                 ),
@@ -1503,8 +1725,8 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
             };
             chosen = format!(
                 "; chosen for B={} H={} HKV={hkv} Q={q_len} KV={kv_len}{}: rows {:?}, K/V {:?}{widened}{split}\n",
-                args.batch,
-                args.heads,
+                batch,
+                heads,
                 args.page_size
                     .map(|p| format!(" in pages of {p}"))
                     .unwrap_or_default(),
@@ -1517,7 +1739,7 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
     let schedule = attnc::tile::Schedule {
         tiling,
         dim,
-        exp2: args.exp == ExpBase::Exp2,
+        exp2: args.exp.unwrap_or(ExpBase::Exp2) == ExpBase::Exp2,
         rows,
         kv,
     };
@@ -1851,9 +2073,11 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
     if let Some(out) = &args.out {
         use ndarray_npy::WriteNpyExt;
         let mut staged = Staged::new();
-        staged.write(out, |w| npy::write_out(w, &outputs.out, out_elem))?;
+        staged.write("--out", out, |w| npy::write_out(w, &outputs.out, out_elem))?;
         if let (Some(path), Some(lse)) = (&args.lse, &outputs.lse) {
-            staged.write(path, |w| lse.write_npy(w).map_err(|e| e.to_string()))?;
+            staged.write("--lse", path, |w| {
+                lse.write_npy(w).map_err(|e| e.to_string())
+            })?;
         }
         staged.commit()?;
         let sh = outputs.out.shape();
@@ -1987,13 +2211,17 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
         .as_deref()
         .map(|text| {
             text.split(',')
-                .map(|n| {
-                    n.trim().parse::<i32>().map_err(|_| {
-                        Error::Usage(format!(
-                            "`--kv-lens {text}`: `{}` is not a length; give the key length of every sequence, e.g. 40,300,75",
-                            n.trim()
-                        ))
-                    })
+                .map(|n| match n.trim().parse::<i64>() {
+                    Ok(n) if n > attnc::sema::POSITION_LIMIT => Err(Error::Usage(format!(
+                        "`--kv-lens {text}`: {n} is past the limit of {} (2^31 - 1); split the sequence into smaller calls",
+                        attnc::sema::POSITION_LIMIT
+                    ))),
+                    // A negative length is binding's error, naming the sequence.
+                    Ok(n) if n >= i64::from(i32::MIN) => Ok(n as i32),
+                    _ => Err(Error::Usage(format!(
+                        "`--kv-lens {text}`: `{}` is not a length; give the key length of every sequence, e.g. 40,300,75",
+                        n.trim()
+                    ))),
                 })
                 .collect::<Result<ndarray::Array1<i32>, Error>>()
         })
@@ -2043,12 +2271,18 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
             at.0, at.1, args.batch, args.heads
         )));
     }
+    // `KV` in buffer shapes: the keys, or past them the query end
+    // q_offset + Q (docs/language.md), as binding checks them.
+    let call_kv = match &lens {
+        Some(_) => kv_len,
+        None => kv_len.max((args.q_offset.max(0) as usize).saturating_add(args.q_len)),
+    };
     let shapes = attnc::sema::eval::Shapes {
         b: args.batch,
         h: args.heads,
         hkv: kv_heads,
         q: args.q_len,
-        kv: kv_len,
+        kv: call_kv,
         d: 1,
     };
     // Only the shapes of q, k and v matter here: zero-stride views of one
@@ -2126,6 +2360,14 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
     let (build_ms, median_ms) = (times[0], times[times.len() / 2]);
     let map = maps.get(at.0, at.1);
     let n_pairs = args.batch * args.heads;
+    // Maps are kept per b and per h where the mask depends on them; count
+    // the ones that differ.
+    let distinct = {
+        let all = maps.maps();
+        (0..all.len())
+            .filter(|&i| !all[..i].contains(&all[i]))
+            .count()
+    };
     let stats = if maps.is_shared() {
         map.stats()
     } else {
@@ -2137,7 +2379,7 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
             reason: e.to_string(),
         })?;
         let mut staged = Staged::new();
-        staged.write(path, |w| {
+        staged.write("--png", path, |w| {
             use std::io::Write;
             w.write_all(&bytes).map_err(|e| e.to_string())
         })?;
@@ -2149,7 +2391,11 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
             "q_len": args.q_len,
             "kv_len": kv_len,
             "q_offset": args.q_offset,
+            "kv_lens": lens.as_ref().map(|l| l.to_vec()),
             "block": [tiling.bq, tiling.bkv],
+            "at": [at.0, at.1],
+            "map_kv_len": map.kv_len(),
+            "map_q_offset": map.q_offset(),
             "q_tiles": map.q_tiles(),
             "kv_tiles": map.kv_tiles(),
             "full": stats.full,
@@ -2166,7 +2412,7 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
             "fallback_elements": maps.fallback().iter().map(|&(_, n)| n).sum::<u64>(),
             "fallback_note": program.fallback_note(&maps),
             "shared": maps.is_shared(),
-            "maps": maps.maps().len(),
+            "maps": distinct,
             "summed_over_bh": !maps.is_shared(),
             "counts": if maps.is_shared() { "one (b, h) map, shared by all".to_string() } else { format!("summed over all {n_pairs} (b, h) pairs") },
         });
@@ -2209,8 +2455,8 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
     } else {
         let _ = writeln!(
             out,
-            "built in {build_ms:.3} ms ({work}); counts summed over all {n_pairs} (b, h) pairs ({} distinct maps)",
-            maps.maps().len()
+            "built in {build_ms:.3} ms ({work}); counts summed over all {n_pairs} (b, h) pairs ({distinct} distinct map{})",
+            if distinct == 1 { "" } else { "s" }
         );
     }
     if let Some(note) = program.fallback_note(&maps) {
@@ -2226,8 +2472,18 @@ fn emit_ptx(args: EmitArgs) -> Result<String, Error> {
         SourceFile::read(&args.spec.spec)?,
         &spec_options(&args.spec)?,
     )?;
-    let arch = args.arch.parse().map_err(Error::Usage)?;
-    let dtype = args.dtype.parse().map_err(Error::Usage)?;
+    let arch = args
+        .arch
+        .as_deref()
+        .unwrap_or("sm_80")
+        .parse()
+        .map_err(Error::Usage)?;
+    let dtype = args
+        .dtype
+        .as_deref()
+        .unwrap_or("f32")
+        .parse()
+        .map_err(Error::Usage)?;
     let kv_elem = match args.kv_dtype.as_deref() {
         None => attnc::ElemType::F32,
         Some(t) => {
@@ -2242,12 +2498,12 @@ fn emit_ptx(args: EmitArgs) -> Result<String, Error> {
             e
         }
     };
-    let dim = match args.dim.parse::<usize>() {
+    let dim_text = args.dim.as_deref().unwrap_or("64");
+    let dim = match dim_text.parse::<usize>() {
         Ok(d) if d > 0 => d,
         _ => {
             return Err(Error::Usage(format!(
-                "`--dim {}`: PTX kernels need a fixed positive head dim, e.g. `--dim 64`",
-                args.dim
+                "`--dim {dim_text}`: PTX kernels need a fixed positive head dim, e.g. `--dim 64`",
             )))
         }
     };
@@ -2255,10 +2511,10 @@ fn emit_ptx(args: EmitArgs) -> Result<String, Error> {
     // in place for a pool, ragged rows or a quantized cache.
     let (mut schedule, kv_quant) =
         driver::ptx_plan_for(dim, dtype, args.page_size.is_some(), kv_elem);
-    if let attnc::Tiles::Fixed(t) = parse_tiles(&args.block)? {
+    if let attnc::Tiles::Fixed(t) = parse_tiles(args.block.as_deref().unwrap_or("auto"))? {
         schedule.tiling = t;
     }
-    schedule.exp2 = args.exp == ExpBase::Exp2;
+    schedule.exp2 = args.exp.unwrap_or(ExpBase::Exp2) == ExpBase::Exp2;
     let kernel = program.kernel(&schedule);
     ptx::emit(
         &kernel,

@@ -609,7 +609,8 @@ impl BlockMaps {
         self.by_h
     }
 
-    /// The distinct maps, row-major over `(b if it matters, h if it matters)`.
+    /// The maps, one per `(b if the mask depends on it, h if it does)`,
+    /// row-major (two of them may be equal: a window per KV head, say).
     pub fn maps(&self) -> &[BlockMap] {
         &self.maps
     }

@@ -59,13 +59,39 @@ pub struct Point {
     pub score: f64,
 }
 
+/// The help of [`EvalError::OutOfRange`]: which index of the read left its
+/// axis, and the fixes.
+fn out_of_range_help(buffer: &str, index: &[i64], shape: &[usize]) -> String {
+    let axis = index
+        .iter()
+        .zip(shape)
+        .position(|(&i, &n)| i < 0 || i as u128 >= n as u128);
+    let guard = match (axis, shape.len()) {
+        (Some(a), 1) => format!(
+            "index {} is outside 0..{}: guard the read so it happens only in range, e.g. \
+             `if i >= 0 && i < {} {{ {buffer}[i] }} else {{ ... }}`",
+            index[a], shape[a], shape[a]
+        ),
+        (Some(a), _) => format!(
+            "index {} (axis {a}) is outside 0..{}: guard the read so that index stays in range, \
+             e.g. `if i >= 0 && i < {} {{ ... }} else {{ ... }}`",
+            index[a], shape[a], shape[a]
+        ),
+        (None, _) => "guard the read so it happens only in range".to_string(),
+    };
+    format!(
+        "{guard}, or bind a larger buffer (positions `q` and `kv` include the call's \
+         --q-offset and --kv-offset)"
+    )
+}
+
 /// A failure while evaluating an expression of the spec on concrete data.
 #[derive(Clone, Debug, PartialEq, thiserror::Error, miette::Diagnostic)]
 pub enum EvalError {
     #[error("read out of range: `{buffer}[{}]` with shape [{}] (at b={}, h={}, q={}, kv={})", join(index), join(shape), at.b, at.h, at.q, at.kv)]
     #[diagnostic(
         code(attnc::run::out_of_range),
-        help("guard the read so it only happens in range, e.g. `if x >= 0 && x < KV {{ {buffer}[x] }} else {{ ... }}`, or bind a larger buffer")
+        help("{}", out_of_range_help(.buffer, .index, .shape))
     )]
     OutOfRange {
         buffer: String,

@@ -698,7 +698,7 @@ fn syntax_hint(source: &str, pos: usize, found: &str, expected: &[&str]) -> Opti
     // What users type from other languages.
     if rest.starts_with("**") {
         return Some(
-            "there is no power operator `**`: write `x * x` for a square, or `exp2(y * log2(x))` for x > 0"
+            "there is no power operator `**`: write `pow(x, y)`, or `x * x` for a square"
                 .to_string(),
         );
     }
