@@ -390,7 +390,7 @@ pub fn count_visible(program: &Program, inputs: &Inputs<'_>) -> Result<Visible, 
     let Some(mask) = program.spec.mask else {
         let key_rows = match &bound.kv_lens {
             Some(lens) => lens.iter().sum::<usize>() * s.hkv,
-            None => s.b * s.hkv * bound.kv_rows,
+            None => bound.kv_batch * s.hkv * bound.kv_rows,
         } as u64;
         let entries = match &bound.kv_lens {
             Some(lens) => lens.iter().sum::<usize>() * s.h * s.q,
@@ -401,9 +401,16 @@ pub fn count_visible(program: &Program, inputs: &Inputs<'_>) -> Result<Visible, 
     let tiling = Tiling::new(64, 64).expect("64x64 is a valid tiling");
     let maps = classify(&program.spec, &bound, tiling).map_err(Error::Mask)?;
     let mut ev = Evaluator::new(&program.spec, s, &bound.buffers);
+    // K and V of batch 1 shared by every sequence: a key row any sequence
+    // sees is read, once.
+    let shared_kv = bound.kv_batch == 1;
     // A shared map is every (b, h)'s: count (0, 0) and scale by the heads.
     let (heads, per_map, kv_per_map): (Vec<(usize, usize)>, u64, u64) = if maps.is_shared() {
-        (vec![(0, 0)], (s.b * s.h) as u64, (s.b * s.hkv) as u64)
+        (
+            vec![(0, 0)],
+            (s.b * s.h) as u64,
+            (bound.kv_batch * s.hkv) as u64,
+        )
     } else {
         let heads = (0..s.b).flat_map(|b| (0..s.h).map(move |h| (b, h)));
         (heads.collect(), 1, 1)
@@ -413,14 +420,28 @@ pub fn count_visible(program: &Program, inputs: &Inputs<'_>) -> Result<Visible, 
         key_rows: 0,
     };
     // The keys seen by the heads of one (b, KV head) so far: heads walk in
-    // order, so a group's heads are consecutive.
-    let mut seen = vec![false; s.kv.max(bound.kv_rows)];
+    // order, so a group's heads are consecutive. For shared K and V, those
+    // of every KV head over all sequences.
+    let key_rows = bound.key_rows();
+    let mut seen = vec![
+        false;
+        if shared_kv {
+            s.hkv * key_rows
+        } else {
+            key_rows
+        }
+    ];
     let flush = |seen: &mut Vec<bool>, total: &mut Visible| {
         total.key_rows += seen.iter().filter(|&&x| x).count() as u64 * kv_per_map;
         seen.iter_mut().for_each(|x| *x = false);
     };
     for (i, &(b, h)) in heads.iter().enumerate() {
         let map = maps.get(b, h);
+        let base = if shared_kv {
+            h / group.max(1) * key_rows
+        } else {
+            0
+        };
         let mut count = 0u64;
         for qt in 0..map.q_tiles() {
             let rows = map.q_rows(qt);
@@ -429,7 +450,9 @@ pub fn count_visible(program: &Program, inputs: &Inputs<'_>) -> Result<Visible, 
                 match class {
                     TileClass::Full => {
                         count += (rows.len() * cols.len()) as u64;
-                        seen[cols].iter_mut().for_each(|x| *x = true);
+                        seen[base + cols.start..base + cols.end]
+                            .iter_mut()
+                            .for_each(|x| *x = true);
                     }
                     TileClass::Partial => {
                         for r in rows.clone() {
@@ -446,7 +469,7 @@ pub fn count_visible(program: &Program, inputs: &Inputs<'_>) -> Result<Visible, 
                                     error,
                                 })? {
                                     count += 1;
-                                    seen[c] = true;
+                                    seen[base + c] = true;
                                 }
                             }
                         }
@@ -457,9 +480,12 @@ pub fn count_visible(program: &Program, inputs: &Inputs<'_>) -> Result<Visible, 
         }
         total.entries += count * per_map;
         let next_group = heads.get(i + 1).map(|&(b, h)| (b, h / group.max(1)));
-        if next_group != Some((b, h / group.max(1))) {
+        if !shared_kv && next_group != Some((b, h / group.max(1))) {
             flush(&mut seen, &mut total);
         }
+    }
+    if shared_kv {
+        flush(&mut seen, &mut total);
     }
     Ok(total)
 }
@@ -712,6 +738,17 @@ mod tests {
         let want = brute(&|_| 300, 200, &|_| kv);
         assert_eq!(count_visible(&p, &offset).unwrap(), want);
         assert!(want.key_rows > 0);
+        // K and V of batch 1, shared by the 3 sequences of q: a row is read
+        // once, whichever sequences see it; queries of sequence b at 10 b.
+        let k1 = Array4::<f32>::zeros((1, hkv, kv, 4));
+        let q1 = Array4::<f32>::zeros((b, h, 1, 4));
+        let shared = Inputs::new(q1.view(), k1.view(), k1.view()).q_offset(60);
+        let seen = count_visible(&p, &shared).unwrap();
+        // Query 60 of head hi sees keys 60 - (20 + 30 hi) + 1 ..= 60, that
+        // is 20, 50 and then all 61 keys: KV head 0 (heads 0-3) keys 0..=60,
+        // KV head 1 (heads 4-7) the same, each once for the 3 sequences.
+        assert_eq!(seen.key_rows, 2 * 61);
+        assert_eq!(seen.entries, 3 * (20 + 50 + 61 * 6));
     }
 
     /// With a peak probe, every timed run follows one measurement of it, and the

@@ -44,7 +44,9 @@ attnc run examples/packed_docs.attn --random --q-len 256 --buffer doc=docs:4 --c
 Stages: ast (the parsed syntax tree with byte spans; every block of the file unless --entry names\n\
 one), checked (the checked spec: typed, names\n\
 resolved, with dependences), tile (the optimised loop IR; --stage tile-unopt for the IR before\n\
-optimisation). The tile IR is generic over batch, heads and lengths; it specialises on the\n\
+optimisation). Without --q-len the tile IR is generic over batch, heads and lengths; with --q-len\n\
+(and --kv-len, --batch, --heads, --kv-heads, --page-size, --dtype, --kv-dtype) it takes the loop nest\n\
+a call of those shapes runs (`--stage nest` prints it alone). It specialises on the\n\
 tile sizes (--block, default auto: 128x64 without a mask, 64x64 otherwise, as for `attnc run`) and the head dim (--dim, default 64; `--dim generic` keeps D symbolic)."
     )]
     Emit(Box<EmitArgs>),
@@ -249,17 +251,17 @@ struct EmitArgs {
     #[arg(long, value_name = "N")]
     q_len: Option<usize>,
     /// With --q-len: key length (default: the query length).
-    #[arg(long, value_name = "N", requires = "q_len")]
+    #[arg(long, value_name = "N")]
     kv_len: Option<usize>,
     /// With --q-len: batch size B (default 1).
-    #[arg(long, value_name = "B", requires = "q_len")]
+    #[arg(long, value_name = "B")]
     batch: Option<usize>,
     /// With --q-len: query heads H (default 8 for the loop nest, 1 for
     /// `--stage blocks`, as `attnc blocks`).
-    #[arg(long, value_name = "H", requires = "q_len")]
+    #[arg(long, value_name = "H")]
     heads: Option<usize>,
     /// With --q-len: key/value heads HKV (default: H).
-    #[arg(long, value_name = "HKV", requires = "q_len")]
+    #[arg(long, value_name = "HKV")]
     kv_heads: Option<usize>,
     /// With --q-len: K and V in a paged pool (or a ragged batch), read in place.
     /// With --target ptx: the kernel that reads K and V in place through a page
@@ -811,6 +813,7 @@ fn random_inputs_need(
     need: &mut attnc::memory::Estimate,
     program: &driver::Program,
     shapes: &attnc::sema::eval::Shapes,
+    buffer_shapes: &attnc::sema::eval::Shapes,
     buffers: &[(String, String)],
 ) {
     use attnc::memory;
@@ -824,7 +827,7 @@ fn random_inputs_need(
         if let (Some(id), false) = (program.spec.buffer_id(name), source.ends_with(".npy")) {
             let decl = program.spec.buffer(id);
             // An undefined dimension is reported when the buffer is bound.
-            let dims = shapes.buffer_shape(decl).unwrap_or_default();
+            let dims = buffer_shapes.buffer_shape(decl).unwrap_or_default();
             need.array(
                 &format!("buffer `{name}`"),
                 &dims,
@@ -1070,6 +1073,14 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
             backend_name(args.backend)
         )));
     }
+    if args.bandwidth && args.batch * kv_heads * args.kv_len.unwrap_or(args.q_len) == 0 {
+        return Err(Error::Usage(format!(
+            "`--bandwidth` streams the call's K and V, and they hold no bytes (B={} HKV={kv_heads} \
+             KV={}): drop it, or give keys",
+            args.batch,
+            args.kv_len.unwrap_or(args.q_len)
+        )));
+    }
     if args.block != "auto" && matches!(args.backend, Backend::Reference) {
         return Err(Error::Usage(
             "`--block` sets the tiles of the tiled backends (jit, interp), and the reference backend has none: drop it"
@@ -1138,7 +1149,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
             tiling,
             rayon::current_num_threads(),
         );
-        random_inputs_need(&mut need, &program, &buffer_shapes, &buffers);
+        random_inputs_need(&mut need, &program, &shapes, &buffer_shapes, &buffers);
         typed_inputs_need(&mut need, &shapes, q_elem, kv_elem);
         if program.spec.mask.is_some() {
             let tiles = attnc::mask::Tiling::new(64, 64).expect("64x64 is a valid tiling");
@@ -1271,13 +1282,6 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     if args.bandwidth {
         let (k, v) = (k.bytes(), v.bytes());
         let arrays: Vec<&[u8]> = k.iter().chain(&v).map(|b| &**b).collect();
-        if arrays.iter().all(|a| a.is_empty()) {
-            return Err(Error::Usage(format!(
-                "`--bandwidth` streams the call's K and V, and they hold no bytes (B={} HKV={} \
-                 KV={}): drop it, or give keys",
-                config.batch, config.kv_heads, config.kv_len
-            )));
-        }
         report = attnc::bench::with_memory(report, &arrays, args.runs.max(5));
     }
     if args.json {
@@ -1411,7 +1415,6 @@ fn probe_fallback(program: &driver::Program) -> Option<String> {
         .map(|n| format!("{n} (probed at Q = KV = {PROBE_LEN}, 64x64 tiles)"))
 }
 
-/// `attnc emit`: the text of the stage or target asked for.
 /// Refuses shapes no call can have: lengths and sizes past the position
 /// limit (2^31 - 1, as binding refuses them) and, on a paged pool, fewer keys
 /// than queries (the queries are the last Q positions of each sequence).
@@ -1547,30 +1550,21 @@ fn check_emit_flags(args: &EmitArgs) -> Result<(), Error> {
     // A call's shapes, types and pool size pick its loop nest: without
     // --q-len there is no call.
     if !ptx && args.q_len.is_none() {
-        for (flag, given) in [
-            ("--page-size", args.page_size.is_some()),
-            ("--dtype", args.dtype.is_some()),
-            ("--kv-dtype", args.kv_dtype.is_some()),
+        let ptx_too = "; `--target ptx` prints the PTX kernel for it";
+        for (flag, given, also) in [
+            ("--page-size", args.page_size.is_some(), ptx_too),
+            ("--dtype", args.dtype.is_some(), ptx_too),
+            ("--kv-dtype", args.kv_dtype.is_some(), ptx_too),
+            ("--kv-len", args.kv_len.is_some(), ""),
+            ("--batch", args.batch.is_some(), ""),
+            ("--heads", args.heads.is_some(), ""),
+            ("--kv-heads", args.kv_heads.is_some(), ""),
         ] {
             if given {
                 return Err(Error::Usage(format!(
-                    "`{flag}` picks the loop nest of a call: pass `--q-len N` too (and --kv-len, \
-                     --batch, --heads, --kv-heads) for the loop nest a call of those shapes takes, \
-                     or `--target ptx` for the PTX kernel"
-                )));
-            }
-        }
-    }
-    if stage == Blocks {
-        for (flag, given) in [
-            ("--page-size", args.page_size.is_some()),
-            ("--dtype", args.dtype.is_some()),
-            ("--kv-dtype", args.kv_dtype.is_some()),
-        ] {
-            if given {
-                return Err(Error::Usage(format!(
-                    "`{flag}` has no effect on `--stage blocks` (the block map depends on the mask \
-                     and the lengths alone): drop it"
+                    "`{flag}` describes a call: pass `--q-len N` too (and --kv-len, --batch, \
+                     --heads, --kv-heads) for the loop nest a call of those shapes takes or, \
+                     with `--stage blocks`, its block map{also}"
                 )));
             }
         }
@@ -1578,6 +1572,7 @@ fn check_emit_flags(args: &EmitArgs) -> Result<(), Error> {
     Ok(())
 }
 
+/// `attnc emit`: the text of the stage or target asked for.
 fn emit(args: EmitArgs) -> Result<String, Error> {
     if args.target == Some(Target::Ptx) {
         if let Some(stage) = args.stage {
@@ -1915,7 +1910,7 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
             d: args.dim,
         };
         let mut need = attnc::memory::Estimate::new();
-        random_inputs_need(&mut need, &program, &shapes, &buffers);
+        random_inputs_need(&mut need, &program, &shapes, &shapes, &buffers);
         typed_inputs_need(&mut need, &shapes, q_elem, kv_elem);
         need.check(format_args!(
             "making random inputs of {}",

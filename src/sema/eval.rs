@@ -69,19 +69,21 @@ fn out_of_range_help(buffer: &str, index: &[i64], shape: &[usize]) -> String {
     let guard = match (axis, shape.len()) {
         (Some(a), 1) => format!(
             "index {} is outside 0..{}: guard the read so it happens only in range, e.g. \
-             `if i >= 0 && i < {} {{ {buffer}[i] }} else {{ ... }}`",
+             `if i >= 0 && i < N {{ {buffer}[i] }} else {{ ... }}` with N its declared size \
+             (here {})",
             index[a], shape[a], shape[a]
         ),
         (Some(a), _) => format!(
             "index {} (axis {a}) is outside 0..{}: guard the read so that index stays in range, \
-             e.g. `if i >= 0 && i < {} {{ ... }} else {{ ... }}`",
+             e.g. `if i >= 0 && i < N {{ ... }} else {{ ... }}` with N the declared size of \
+             axis {a} (here {})",
             index[a], shape[a], shape[a]
         ),
         (None, _) => "guard the read so it happens only in range".to_string(),
     };
     format!(
-        "{guard}, or bind a larger buffer (positions `q` and `kv` include the call's \
-         --q-offset and --kv-offset)"
+        "{guard}, or bind a larger buffer (the positions `q` and `kv` include the call's query \
+         and key offsets)"
     )
 }
 

@@ -2233,10 +2233,7 @@ fn emit_ptx_of_a_quantized_pool() {
         );
     }
     let o = attnc(&["emit", "examples/causal.attn", "--kv-dtype", "int8"]);
-    assert_fails(
-        &o,
-        &["`--kv-dtype` picks the loop nest of a call: pass `--q-len N` too"],
-    );
+    assert_fails(&o, &["`--kv-dtype` describes a call: pass `--q-len N` too"]);
     let o = attnc(&[
         "emit",
         "examples/causal.attn",
@@ -2268,7 +2265,7 @@ fn emit_ptx_of_a_paged_pool() {
     assert_fails(
         &o,
         &[
-            "`--page-size` picks the loop nest of a call: pass `--q-len N` too",
+            "`--page-size` describes a call: pass `--q-len N` too",
             "--q-len",
             "--target ptx",
         ],
@@ -2828,7 +2825,15 @@ fn an_override_can_repair_a_default_that_empties_a_reduction() {
 /// naming where the flag applies.
 #[test]
 fn emit_refuses_flags_its_stage_ignores() {
-    let cases: [(&[&str], &[&str]); 9] = [
+    let cases: [(&[&str], &[&str]); 11] = [
+        (
+            &["--target", "ptx", "--heads", "4"],
+            &["`--heads` has no effect on `--target ptx`"],
+        ),
+        (
+            &["--stage", "nest", "--batch", "2"],
+            &["`--batch` describes a call: pass `--q-len N` too"],
+        ),
         (
             &["--stage", "clif", "--q-len", "4096"],
             &[
@@ -2868,7 +2873,7 @@ fn emit_refuses_flags_its_stage_ignores() {
         ),
         (
             &["--stage", "tile", "--dtype", "bf16"],
-            &["`--dtype` picks the loop nest of a call: pass `--q-len N` too"],
+            &["`--dtype` describes a call: pass `--q-len N` too"],
         ),
         (
             &["--stage", "clif", "--exp", "exp"],
@@ -3038,6 +3043,28 @@ fn bench_refuses_what_it_cannot_honour() {
     for (flags, want) in cases {
         assert_fails(&bench(flags), &[want]);
     }
+    // A mask that hides every key: nothing to read, so no ratio.
+    let dir = TempDir::new();
+    std::fs::write(dir.path("none.attn"), "attention none { mask = kv < 0 }").unwrap();
+    let spec = dir.str("none.attn");
+    let o = attnc(&[
+        "bench",
+        spec.as_str(),
+        "--q-len",
+        "8",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--bandwidth",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("the call must read no K or V (the mask hides every key)")
+            && stdout(&o).contains("K+V 0.0 KiB seen by the mask (of 32.0 KiB stored)"),
+        "{}",
+        stdout(&o)
+    );
     // `doc[KV]` of a call whose queries end past the keys is sized by the
     // query end.
     let o = attnc(&[

@@ -311,7 +311,7 @@ pub enum PtxError {
     )]
     #[diagnostic(
         code(attnc::ptx::shared_memory),
-        help("use smaller tiles (`--block 64x64` on the command line; `ptx::schedule` picks tiles that fit) or a smaller head dim")
+        help("use smaller tiles (drop `--block` on the command line, or give smaller ones such as `--block 32x32`; `ptx::schedule` picks tiles that fit) or a smaller head dim")
     )]
     SharedMemory {
         bytes: usize,
