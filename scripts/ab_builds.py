@@ -47,19 +47,19 @@ def main():
         ap.error("give two or more binaries, then -- and the `attnc bench` arguments")
     if a.rounds < 1:
         ap.error("--rounds must be at least 1")
-    times = {b: [] for b in a.binaries}
+    # By position, not by path: one binary given twice is an A/A check of the noise.
+    times = [[] for _ in a.binaries]
     for r in range(a.rounds):
-        for b in a.binaries:
-            times[b].append(median_ms(b, bench))
-        print(f"round {r + 1}: " + ", ".join(f"{times[b][-1]:.2f}" for b in a.binaries), file=sys.stderr)
-    base = a.binaries[0]
+        for i, b in enumerate(a.binaries):
+            times[i].append(median_ms(b, bench))
+        print(f"round {r + 1}: " + ", ".join(f"{t[-1]:.2f}" for t in times), file=sys.stderr)
     print(f"`attnc bench {' '.join(bench)}`, {a.rounds} alternating rounds\n")
     print("| binary | median ms | range ms | paired speed-up over the first (median, range) |")
     print("|---|---|---|---|")
-    for b in a.binaries:
-        ratios = [x / y for x, y in zip(times[base], times[b])]
+    for b, t in zip(a.binaries, times):
+        ratios = [x / y for x, y in zip(times[0], t)]
         print(
-            f"| {b} | {statistics.median(times[b]):.2f} | {min(times[b]):.2f}-{max(times[b]):.2f} "
+            f"| {b} | {statistics.median(t):.2f} | {min(t):.2f}-{max(t):.2f} "
             f"| {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |"
         )
 

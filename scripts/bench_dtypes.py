@@ -92,7 +92,7 @@ def main():
     ap.add_argument("--python", default=sys.executable, help="python with torch")
     ap.add_argument("--binary", default="target/release/attnc")
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=7, help="paired f32/bf16 prefill rounds")
+    ap.add_argument("--rounds", type=int, default=7, help="paired rounds of each comparison (f32/bf16 prefill, f32/int8 decode)")
     args = ap.parse_args()
     model, have = flags()
     print(f"CPU: {model}; flags: {' '.join(have)}; load before: {load()}\n")
