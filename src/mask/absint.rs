@@ -467,34 +467,79 @@ impl<'s> AbsEval<'s> {
     /// After [`Self::eval`] of `root` left it undecided, the sub-expression
     /// that defeated the analysis: from `root`, down through undecided (or
     /// possibly failing) operands of the logical operators (`!`, `&&`, `||`,
-    /// `if`), to the first node that is undecided while its own operands are
+    /// `if`), to the nodes that are undecided while their own operands are
     /// not logical ones left undecided (a comparison of ranges that overlap,
-    /// a read of a buffer, ...). `None` when `root` is decided.
+    /// a read of a buffer, ...). Of those, the first that is not a comparison
+    /// of two affine forms of the positions: such a comparison is decided
+    /// exactly, so it is open only on a box its boundary crosses, which the
+    /// corner witnesses settle; what makes a box need element-by-element
+    /// evaluation is the other operand (`(q - kv) % d == 0` beside a
+    /// window's edge). The first of them when all are such comparisons.
+    /// `None` when `root` is decided.
     pub fn culprit(&self, root: ExprId) -> Option<ExprId> {
-        let now = |id: ExprId| {
-            let (gen, a) = self.memo[id.0 as usize];
-            (gen == self.generation).then_some(a)
-        };
-        let open = |a: Abs| a.may_fail || matches!(a.v, AVal::Bool(Tri::Unknown));
-        let mut id = root;
-        if !open(now(id)?) {
+        if !Self::open(self.now(root)?) {
             return None;
         }
-        loop {
-            let next = match self.spec.expr(id) {
-                Expr::Unary(UnaryOp::Not, a) => vec![*a],
-                Expr::Binary(BinaryOp::And | BinaryOp::Or, a, b) => vec![*a, *b],
-                Expr::Select {
-                    cond,
-                    then,
-                    otherwise,
-                } => vec![*cond, *then, *otherwise],
-                _ => return Some(id),
-            };
-            match next.into_iter().find(|&o| now(o).is_some_and(open)) {
-                Some(o) => id = o,
-                None => return Some(id),
-            }
+        let mut leaves = Vec::new();
+        self.open_leaves(root, &mut leaves);
+        leaves
+            .iter()
+            .copied()
+            .find(|&id| !self.exact_comparison(id))
+            .or(leaves.first().copied())
+    }
+
+    /// The abstract value of `id` over the last box evaluated, if it was
+    /// evaluated there.
+    fn now(&self, id: ExprId) -> Option<Abs> {
+        let (gen, a) = self.memo[id.0 as usize];
+        (gen == self.generation).then_some(a)
+    }
+
+    fn open(a: Abs) -> bool {
+        a.may_fail || matches!(a.v, AVal::Bool(Tri::Unknown))
+    }
+
+    /// The open nodes under `id` (itself open) that are not logical
+    /// operators with open operands, in operand order.
+    fn open_leaves(&self, id: ExprId, out: &mut Vec<ExprId>) {
+        let operands = match self.spec.expr(id) {
+            Expr::Unary(UnaryOp::Not, a) => vec![*a],
+            Expr::Binary(BinaryOp::And | BinaryOp::Or, a, b) => vec![*a, *b],
+            Expr::Select {
+                cond,
+                then,
+                otherwise,
+            } => vec![*cond, *then, *otherwise],
+            _ => vec![],
+        };
+        let open: Vec<ExprId> = operands
+            .into_iter()
+            .filter(|&o| self.now(o).is_some_and(Self::open))
+            .collect();
+        if open.is_empty() {
+            out.push(id);
+        }
+        for o in open {
+            self.open_leaves(o, out);
+        }
+    }
+
+    /// Whether `id` compares two affine forms of the positions over the last
+    /// box (decided exactly wherever the box does not cross its boundary).
+    fn exact_comparison(&self, id: ExprId) -> bool {
+        let affine = |o: ExprId| {
+            matches!(
+                self.now(o),
+                Some(Abs {
+                    v: AVal::Int(IntRange { aff: Some(_), .. }),
+                    may_fail: false,
+                })
+            )
+        };
+        match self.spec.expr(id) {
+            Expr::Binary(op, a, b) if op.is_comparison() => affine(*a) && affine(*b),
+            _ => false,
         }
     }
 
@@ -1257,6 +1302,42 @@ mod tests {
         for &(mask, b, want) in cases {
             assert_eq!(eval(mask, b).decided(), want, "`{mask}` over {b:?}");
         }
+    }
+
+    /// The culprit of an undecided box: past the window's edge (an affine
+    /// comparison, open only where the box crosses it) to the residue class
+    /// beside it; the first open term when every one is affine.
+    #[test]
+    fn the_culprit_is_the_term_affine_analysis_cannot_settle() {
+        let culprit = |mask: &str, b: QBox| {
+            let s = spec(mask);
+            let buffers: [BufferData; 0] = [];
+            let mut sums = Summaries::new(&buffers);
+            let mut abs = AbsEval::new(&s, shapes(), &[]);
+            abs.eval(s.mask.unwrap(), b, &mut sums);
+            let source = format!("attention t {{ mask = {mask} }}");
+            abs.culprit(s.mask.unwrap()).map(|id| {
+                // The span of a term that opens with `(` starts inside it:
+                // compare without parentheses.
+                let span = s.span(id);
+                source[span.start..span.end].replace(['(', ')'], "")
+            })
+        };
+        // A box across the window's edge at q - kv = 128, below the diagonal.
+        let edge = bx(128, 191, 0, 63);
+        assert_eq!(
+            culprit("causal && q - kv < 128 && (q - kv) % 2 == 0", edge).as_deref(),
+            Some("q - kv % 2 == 0")
+        );
+        assert_eq!(
+            culprit("(q - kv) % 2 == 0 && causal", bx(0, 63, 0, 63)).as_deref(),
+            Some("q - kv % 2 == 0")
+        );
+        assert_eq!(
+            culprit("causal && q - kv < 128", edge).as_deref(),
+            Some("q - kv < 128")
+        );
+        assert_eq!(culprit("causal && q - kv < 128", bx(200, 263, 0, 63)), None);
     }
 
     #[test]
