@@ -1054,12 +1054,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     count("batch", args.batch, usize::MAX)?;
     count("heads", args.heads, usize::MAX)?;
     let kv_heads = count("kv-heads", args.kv_heads.unwrap_or(args.heads), usize::MAX)?;
-    if !args.heads.is_multiple_of(kv_heads) {
-        return Err(Error::Usage(format!(
-            "--heads {} is not a multiple of --kv-heads {kv_heads}: each key/value head serves H / HKV query heads",
-            args.heads
-        )));
-    }
+    heads_divide(args.heads, kv_heads)?;
     call_shapes_fit(
         args.batch,
         args.heads,
@@ -1073,7 +1068,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
             backend_name(args.backend)
         )));
     }
-    if args.bandwidth && args.batch * kv_heads * args.kv_len.unwrap_or(args.q_len) == 0 {
+    if args.bandwidth && [args.batch, kv_heads, args.kv_len.unwrap_or(args.q_len)].contains(&0) {
         return Err(Error::Usage(format!(
             "`--bandwidth` streams the call's K and V, and they hold no bytes (B={} HKV={kv_heads} \
              KV={}): drop it, or give keys",
@@ -1127,14 +1122,10 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         d: config.dim,
     };
     // `KV` in buffer shapes is the call's: past the keys, the query end
-    // q_offset + Q (docs/language.md), as binding checks them.
+    // q_offset + Q (docs/language.md), as binding checks them. (A paged pool
+    // has no query offset and, checked above, at least Q keys.)
     let buffer_shapes = attnc::sema::eval::Shapes {
-        kv: match args.page_size {
-            Some(_) => config.kv_len,
-            None => config
-                .kv_len
-                .max((config.q_offset.max(0) as usize).saturating_add(config.q_len)),
-        },
+        kv: positions_end(0, config.kv_len, config.q_offset, config.q_len),
         ..shapes
     };
     // Everything sized by the flags is estimated before anything is allocated.
@@ -1415,6 +1406,26 @@ fn probe_fallback(program: &driver::Program) -> Option<String> {
         .map(|n| format!("{n} (probed at Q = KV = {PROBE_LEN}, 64x64 tiles)"))
 }
 
+/// Refuses `--heads` that `--kv-heads` does not divide (both at least 1).
+fn heads_divide(heads: usize, kv_heads: usize) -> Result<(), Error> {
+    if heads.is_multiple_of(kv_heads) {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "--heads {heads} is not a multiple of --kv-heads {kv_heads}: each key/value head serves H / HKV query heads"
+    )))
+}
+
+/// `KV` of a call (docs/language.md): the end of the positions it covers,
+/// `max(kv_offset + key rows, q_offset + Q)`, which sizes the buffers
+/// indexed by position.
+fn positions_end(kv_offset: i64, kv_rows: usize, q_offset: i64, q: usize) -> usize {
+    let start = |offset: i64| offset.max(0) as usize;
+    start(kv_offset)
+        .saturating_add(kv_rows)
+        .max(start(q_offset).saturating_add(q))
+}
+
 /// Refuses shapes no call can have: lengths and sizes past the position
 /// limit (2^31 - 1, as binding refuses them) and, on a paged pool, fewer keys
 /// than queries (the queries are the last Q positions of each sequence).
@@ -1447,100 +1458,60 @@ fn call_shapes_fit(
     Ok(())
 }
 
+/// A stage's name on the command line (`tile-unopt`).
+fn stage_name(stage: &Stage) -> String {
+    stage
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
 /// Refuses an `attnc emit` flag that the stage or target asked for would
 /// ignore, naming where it applies.
 fn check_emit_flags(args: &EmitArgs) -> Result<(), Error> {
     use Stage::*;
     let stage = args.stage.unwrap_or(Tile);
     let ptx = args.target == Some(Target::Ptx);
-    // Where each flag acts.
-    let nest_stages = [TileUnopt, Tile, Nest];
-    let tiled = matches!(stage, TileUnopt | Tile | Nest | Clif | Blocks);
-    let flags: [(&str, bool, bool, &str); 13] = [
-        (
-            "--block",
-            args.block.is_some(),
-            ptx || tiled,
-            "--stage tile-unopt|tile|nest|clif|blocks and --target ptx",
-        ),
-        (
-            "--dim",
-            args.dim.is_some(),
-            ptx || nest_stages.contains(&stage),
-            "--stage tile-unopt|tile|nest and --target ptx",
-        ),
-        (
-            "--exp",
-            args.exp.is_some(),
-            ptx || nest_stages.contains(&stage),
-            "--stage tile-unopt|tile|nest and --target ptx",
-        ),
-        ("--arch", args.arch.is_some(), ptx, "--target ptx"),
-        (
-            "--page-size",
-            args.page_size.is_some(),
-            ptx || nest_stages.contains(&stage),
-            "--target ptx, and the loop nest of --stage tile-unopt|tile|nest with --q-len",
-        ),
-        (
-            "--dtype",
-            args.dtype.is_some(),
-            ptx || nest_stages.contains(&stage),
-            "--target ptx, and the loop nest of --stage tile-unopt|tile|nest with --q-len",
-        ),
-        (
-            "--kv-dtype",
-            args.kv_dtype.is_some(),
-            ptx || nest_stages.contains(&stage),
-            "--target ptx, and the loop nest of --stage tile-unopt|tile|nest with --q-len",
-        ),
-        (
-            "--q-len",
-            args.q_len.is_some(),
-            !ptx && (stage == Blocks || nest_stages.contains(&stage)),
-            "--stage blocks, and the loop nest of --stage tile-unopt|tile|nest",
-        ),
-        (
-            "--kv-len",
-            args.kv_len.is_some(),
-            !ptx && (stage == Blocks || nest_stages.contains(&stage)),
-            "--stage blocks, and the loop nest of --stage tile-unopt|tile|nest",
-        ),
-        (
-            "--batch",
-            args.batch.is_some(),
-            !ptx && (stage == Blocks || nest_stages.contains(&stage)),
-            "--stage blocks, and the loop nest of --stage tile-unopt|tile|nest",
-        ),
-        (
-            "--heads",
-            args.heads.is_some(),
-            !ptx && (stage == Blocks || nest_stages.contains(&stage)),
-            "--stage blocks, and the loop nest of --stage tile-unopt|tile|nest",
-        ),
-        (
-            "--kv-heads",
-            args.kv_heads.is_some(),
-            !ptx && (stage == Blocks || nest_stages.contains(&stage)),
-            "--stage blocks, and the loop nest of --stage tile-unopt|tile|nest",
-        ),
+    // Where each flag acts, and the text that says so.
+    let nest = matches!(stage, TileUnopt | Tile | Nest);
+    let tiles = (
+        ptx || nest || matches!(stage, Clif | Blocks),
+        "--stage tile-unopt|tile|nest|clif|blocks and --target ptx",
+    );
+    let kernel = (ptx || nest, "--stage tile-unopt|tile|nest and --target ptx");
+    let call_types = (
+        ptx || nest,
+        "--target ptx, and the loop nest of --stage tile-unopt|tile|nest with --q-len",
+    );
+    let call_shapes = (
+        !ptx && (stage == Blocks || nest),
+        "--stage blocks, and the loop nest of --stage tile-unopt|tile|nest",
+    );
+    let flags = [
+        ("--block", args.block.is_some(), tiles),
+        ("--dim", args.dim.is_some(), kernel),
+        ("--exp", args.exp.is_some(), kernel),
+        ("--arch", args.arch.is_some(), (ptx, "--target ptx")),
+        ("--page-size", args.page_size.is_some(), call_types),
+        ("--dtype", args.dtype.is_some(), call_types),
+        ("--kv-dtype", args.kv_dtype.is_some(), call_types),
+        ("--q-len", args.q_len.is_some(), call_shapes),
+        ("--kv-len", args.kv_len.is_some(), call_shapes),
+        ("--batch", args.batch.is_some(), call_shapes),
+        ("--heads", args.heads.is_some(), call_shapes),
+        ("--kv-heads", args.kv_heads.is_some(), call_shapes),
         (
             "--buffer",
             !args.buffers.is_empty(),
-            !ptx && stage == Blocks,
-            "--stage blocks",
+            (!ptx && stage == Blocks, "--stage blocks"),
         ),
     ];
     let what = if ptx {
         "`--target ptx`".to_string()
     } else {
-        let name = stage
-            .to_possible_value()
-            .map(|v| v.get_name().to_string())
-            .unwrap_or_default();
-        format!("`--stage {name}`")
+        format!("`--stage {}`", stage_name(&stage))
     };
-    for (flag, given, applies, applies_to) in flags {
+    for (flag, given, (applies, applies_to)) in flags {
         if given && !applies {
             return Err(Error::Usage(format!(
                 "`{flag}` has no effect on {what}: drop it (it applies to {applies_to})"
@@ -1576,16 +1547,11 @@ fn check_emit_flags(args: &EmitArgs) -> Result<(), Error> {
 fn emit(args: EmitArgs) -> Result<String, Error> {
     if args.target == Some(Target::Ptx) {
         if let Some(stage) = args.stage {
-            let name = |s: &Stage| {
-                s.to_possible_value()
-                    .map(|v| v.get_name().to_string())
-                    .unwrap_or_default()
-            };
-            let stages: Vec<String> = Stage::value_variants().iter().map(name).collect();
+            let stages: Vec<String> = Stage::value_variants().iter().map(stage_name).collect();
             return Err(Error::Usage(format!(
                 "`--target ptx` prints PTX text, not a compiler stage: drop `--stage {}`, or drop \
                  `--target ptx` to print a stage (--stage {})",
-                name(&stage),
+                stage_name(&stage),
                 stages.join("|")
             )));
         }
@@ -1856,8 +1822,7 @@ fn fallback_shapes(inputs: &Inputs<'_>) -> (attnc::sema::eval::Shapes, usize) {
         h: qs[1],
         hkv: if paged { ks[2] } else { ks[1] },
         q: qs[2],
-        kv: (inputs.kv_offset.max(0) as usize + kv_rows)
-            .max(inputs.q_offset.max(0) as usize + qs[2]),
+        kv: positions_end(inputs.kv_offset, kv_rows, inputs.q_offset, qs[2]),
         d: qs[3],
     };
     (shapes, kv_rows)
@@ -2239,12 +2204,7 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
             return Err(Error::Usage(format!("{flag} must be at least 1, found 0")));
         }
     }
-    if !args.heads.is_multiple_of(kv_heads) {
-        return Err(Error::Usage(format!(
-            "--heads {} is not a multiple of --kv-heads {kv_heads}: each key/value head serves H / HKV query heads",
-            args.heads
-        )));
-    }
+    heads_divide(args.heads, kv_heads)?;
     let at = args
         .at
         .split_once(',')
@@ -2270,7 +2230,7 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
     // q_offset + Q (docs/language.md), as binding checks them.
     let call_kv = match &lens {
         Some(_) => kv_len,
-        None => kv_len.max((args.q_offset.max(0) as usize).saturating_add(args.q_len)),
+        None => positions_end(0, kv_len, args.q_offset, args.q_len),
     };
     let shapes = attnc::sema::eval::Shapes {
         b: args.batch,
