@@ -794,13 +794,16 @@ pub fn nest_for(
 }
 
 /// Whether the tile products of `gemm` on this CPU multiply bf16 pairs with
-/// a dot-product instruction (`vdpbf16ps`, AVX-512 BF16): there a prefill
-/// on bf16 operands runs about 1.5x the f32 speed; elsewhere the pairs are
-/// widened to f32 in the products, which is slower than widening them once
-/// as they are packed.
+/// a dot-product instruction (`vdpbf16ps`, AVX-512 BF16) that is faster than
+/// f32 FMAs on this core ([`pairs::dpbf16_pays`](crate::runtime::gemm::pairs::dpbf16_pays),
+/// measured once per process): there a prefill on bf16 operands ran about
+/// 1.5x the f32 speed. Elsewhere bf16 is widened to f32 once as it is
+/// packed: where the instruction is missing the pairs would be widened in
+/// the products, which is slower, and where it is slow (an Intel Xeon:
+/// half the multiply-adds of FMAs) the pairs ran at 0.62x the f32 speed.
 pub fn has_bf16_dot(gemm: crate::codegen::clif::GemmImpl) -> bool {
-    use crate::runtime::gemm::pairs::PairProducts;
-    PairProducts::for_isa(gemm.products_isa(), false) == PairProducts::Dpbf16
+    use crate::runtime::gemm::pairs::{dpbf16_pays, PairProducts};
+    PairProducts::for_isa(gemm.products_isa(), false) == PairProducts::Dpbf16 && dpbf16_pays()
 }
 
 /// [`has_bf16_dot`] for the default tile products ([`CompileOptions`]'s
@@ -1903,6 +1906,7 @@ mod tests {
             has_bf16_dot(GemmImpl::Native(NativeIsa::Avx512)),
             std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bf16")
+                && crate::runtime::gemm::pairs::dpbf16_pays()
         );
         let tiling = crate::mask::Tiling::new(64, 64).unwrap();
         let prefill = crate::sema::eval::Shapes {

@@ -972,6 +972,24 @@ fn run_with_progress(
 
 /// The library backend `--backend` names, with the tile sizes, tile
 /// products and element type the flags give.
+/// Refuses `--gemm` off the jit backend and `--block` off the tiled CPU
+/// backends (jit, interp), which would otherwise be ignored.
+fn backend_flags(backend: Backend, gemm: Gemm, block: &str) -> Result<(), Error> {
+    if gemm != Gemm::Auto && !matches!(backend, Backend::Jit) {
+        return Err(Error::Usage(format!(
+            "`--gemm` picks the jit backend's tile products, and this is the {} backend: drop it or use `--backend jit`",
+            backend_name(backend)
+        )));
+    }
+    if block != "auto" && !matches!(backend, Backend::Jit | Backend::Interp) {
+        return Err(Error::Usage(format!(
+            "`--block` sets the tiles of the tiled CPU backends (jit, interp), and the {} backend takes none: drop it",
+            backend_name(backend)
+        )));
+    }
+    Ok(())
+}
+
 fn library_backend(
     backend: Backend,
     tiling: Option<attnc::mask::Tiling>,
@@ -1062,12 +1080,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         args.kv_len.unwrap_or(args.q_len),
         args.page_size,
     )?;
-    if args.gemm != Gemm::Auto && !matches!(args.backend, Backend::Jit) {
-        return Err(Error::Usage(format!(
-            "`--gemm` picks the jit backend's tile products, and this is the {} backend: drop it or use `--backend jit`",
-            backend_name(args.backend)
-        )));
-    }
+    backend_flags(args.backend, args.gemm, &args.block)?;
     if args.bandwidth && [args.batch, kv_heads, args.kv_len.unwrap_or(args.q_len)].contains(&0) {
         return Err(Error::Usage(format!(
             "`--bandwidth` streams the call's K and V, and they hold no bytes (B={} HKV={kv_heads} \
@@ -1075,12 +1088,6 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
             args.batch,
             args.kv_len.unwrap_or(args.q_len)
         )));
-    }
-    if args.block != "auto" && matches!(args.backend, Backend::Reference) {
-        return Err(Error::Usage(
-            "`--block` sets the tiles of the tiled backends (jit, interp), and the reference backend has none: drop it"
-                .into(),
-        ));
     }
     let (q_elem, kv_elem) = elem_types(&args.dtype, args.kv_dtype.as_deref())?;
     let threads = args
@@ -1680,7 +1687,7 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
                     attnc::ElemType::Bf16,
                     attnc::tile::nest::KvSource::Packed,
                 ) {
-                " (bf16 widened to f32 as it is packed: this CPU has no bf16 dot product)"
+                " (bf16 widened to f32 as it is packed: this CPU has no bf16 dot product faster than f32 FMAs)"
             } else {
                 ""
             };
@@ -1851,6 +1858,7 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
         )));
     }
     kv_source_flags(&args)?;
+    backend_flags(args.backend, args.gemm, &args.block)?;
     let buffers = assignments(&args.buffers, "buffer")?;
     let program = driver::load(
         SourceFile::read(&args.spec.spec)?,

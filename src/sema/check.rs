@@ -27,6 +27,10 @@ const BUILTIN_NAMES: [&str; 12] = [
 /// exponentially, and the checker stops there with an error naming the chain.
 pub const MAX_INLINED_EXPRS: usize = 100_000;
 
+/// The most function calls that may be inlined inside one another (each
+/// level of a chain of calls is a level of the checker's recursion).
+pub const MAX_CALL_DEPTH: usize = 64;
+
 /// The most terms one reduction may have (`sum(i in 0..N: ...)` is
 /// expanded into N terms when the spec is checked).
 pub const MAX_REDUCTION_LENGTH: i64 = 65_536;
@@ -205,6 +209,8 @@ struct Checker {
     calls: Vec<(String, Span)>,
     /// Whether the inlining budget was exceeded (reported once).
     budget_hit: bool,
+    /// Whether calls nested past [`MAX_CALL_DEPTH`] (reported once).
+    depth_hit: bool,
     /// Checking a function body on its own (arguments are placeholders):
     /// reductions are checked once, not expanded, since their ranges may
     /// depend on the arguments of each call.
@@ -258,6 +264,7 @@ impl Checker {
             own_functions,
             calls: vec![],
             budget_hit: false,
+            depth_hit: false,
             standalone: false,
         }
     }
@@ -358,6 +365,26 @@ impl Checker {
         let name = &f.name.name;
         if let Some(pos) = self.calls.iter().position(|(n, _)| n == name) {
             self.recursion(pos, call);
+            return None;
+        }
+        if self.calls.len() >= MAX_CALL_DEPTH {
+            if !self.depth_hit {
+                self.depth_hit = true;
+                let names: Vec<&str> = self.calls.iter().map(|(n, _)| n.as_str()).collect();
+                let chain = format!(
+                    "`{}` → `{}` → … → `{}` → `{name}`",
+                    names[0],
+                    names[1],
+                    names[names.len() - 1]
+                );
+                let outer = self.calls[0].1;
+                self.error(
+                    "attnc::sema::too_deep",
+                    format!("function calls nest more than {MAX_CALL_DEPTH} deep: {chain}"),
+                    Label::new(outer, "the outermost call of the chain"),
+                )
+                .with_help("each call is inlined where it is made; compute the value in fewer nested calls (a loop of `sum` or one function that does several steps)");
+            }
             return None;
         }
         if self.spec.exprs.len() > MAX_INLINED_EXPRS {
@@ -1640,6 +1667,46 @@ impl Checker {
                 return;
             }
         }
+        let reduction = matches!(n.name.as_str(), "sum" | "any" | "all" | "min" | "max");
+        if what == "buffer" && BUILTIN_NAMES.contains(&n.name.as_str()) {
+            self.error(
+                "attnc::sema::not_a_buffer",
+                format!("`{}` is not a buffer and cannot be indexed", n.name),
+                Label::new(n.span, "a built-in name"),
+            )
+            .with_help("`b h q kv` (indices), `B H HKV Q KV D` (shapes), `causal` and `score` are values; only names declared with `buffer` can be indexed");
+            return;
+        }
+        let function = builtin_function(&n.name) || self.functions.contains_key(&n.name);
+        let called = what == "function";
+        if reduction || (function && !called) {
+            let range_help = format!(
+                "`{0}` over a range is written `{0}(i in 0..N: ...)`, with `i` a new name for each term's index",
+                n.name
+            );
+            let (message, label, help) = if called {
+                (
+                    "a reduction, not a function",
+                    "needs `i in LO..HI:`",
+                    range_help,
+                )
+            } else if function {
+                (
+                    "a function, not a value",
+                    "not called",
+                    format!("call it with its arguments: `{}(...)`", n.name),
+                )
+            } else {
+                ("a reduction, not a value", "not called", range_help)
+            };
+            self.error(
+                "attnc::sema::not_called",
+                format!("`{}` is {message}", n.name),
+                Label::new(n.span, label),
+            )
+            .with_help(help);
+            return;
+        }
         let mut candidates: Vec<String> = self.scope.keys().cloned().collect();
         candidates.extend(BUILTIN_NAMES.iter().map(|s| s.to_string()));
         if what == "function" {
@@ -1651,6 +1718,7 @@ impl Checker {
                 .collect();
         }
         candidates.sort();
+        candidates.retain(|c| *c != n.name);
         let help = match suggest(&n.name, candidates.iter().map(|s| s.as_str())) {
             Some(s) => format!("did you mean `{s}`?"),
             None if what == "function" => format!(
@@ -2121,6 +2189,39 @@ mod tests {
                 .to_string(),
             "(-199)"
         );
+    }
+
+    /// A chain of functions each calling the one before: an error, not a
+    /// stack overflow, whether the chain is used or only checked on its own.
+    #[test]
+    fn long_chains_of_calls_are_errors_not_stack_overflows() {
+        let chain = |n: usize, mask: &str| {
+            let mut src = String::from("fn f0(x: float) -> float { x }\n");
+            for i in 1..=n {
+                src += &format!("fn f{i}(x: float) -> float {{ f{}(x) + 1.0 }}\n", i - 1);
+            }
+            src + &format!("attention a {{ mask = {mask} }}\n")
+        };
+        for src in [
+            chain(3000, "causal"),
+            chain(3000, "f3000(float(q)) > 0.0"),
+            chain(MAX_CALL_DEPTH, "f64(float(q)) > 0.0"),
+        ] {
+            let file = crate::syntax::parse(&src).unwrap();
+            let diags = crate::sema::check(&file).unwrap_err();
+            assert_eq!(diags.len(), 1, "{diags:?}");
+            assert_eq!(diags[0].code, "attnc::sema::too_deep");
+            assert!(
+                diags[0]
+                    .message
+                    .contains("function calls nest more than 64 deep"),
+                "{}",
+                diags[0].message
+            );
+        }
+        // One level less is checked as usual.
+        let src = chain(MAX_CALL_DEPTH - 1, "f63(float(q)) > 0.0");
+        crate::sema::check(&crate::syntax::parse(&src).unwrap()).unwrap();
     }
 
     #[test]

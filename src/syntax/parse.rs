@@ -595,6 +595,9 @@ fn convert_error(source: &str, err: pest::error::Error<Rule>) -> SyntaxError {
         InputLocation::Pos(p) => p,
         InputLocation::Span((s, _)) => s,
     };
+    if let Some(e) = malformed_number(source, pos) {
+        return e;
+    }
     let mut names: Vec<&str> = Vec::new();
     if let ErrorVariant::ParsingError { positives, .. } = &err.variant {
         for r in positives {
@@ -648,6 +651,25 @@ fn convert_error(source: &str, err: pest::error::Error<Rule>) -> SyntaxError {
     }
     let expected = one_of(names.clone());
     let (found, mut span) = found_at(source, pos);
+    // pest names nothing, or items a block would take, where a file's next
+    // word is not a block or a function.
+    let top_level_words = [AN_ITEM, "`attention`", "end of file"];
+    if raw_names.iter().all(|n| top_level_words.contains(n)) && at_top_level(source, pos) {
+        let word = found.trim_matches('`');
+        let help = if AN_ITEM.contains(&format!("`{word}`")) && word != "fn" {
+            format!("`{word} ...` is an item of an attention block: write it inside `attention NAME {{ ... }}`")
+        } else if word.eq_ignore_ascii_case("attention") || word == "attn" {
+            "an attention block starts with the keyword `attention` (lower case): `attention NAME { ... }`".to_string()
+        } else {
+            "a file holds attention blocks (`attention NAME { ... }`) and the functions they share (`fn NAME(ARG: TYPE) -> TYPE { ... }`)".to_string()
+        };
+        return SyntaxError::new(
+            span,
+            format!("expected `attention` or `fn`, found {found}"),
+            "expected an attention block or a function here",
+        )
+        .with_help(help);
+    }
     let mut label = format!("expected {expected} here");
     let before = text_before(source, pos);
     // Something missing at the end of a line is reported after the last token,
@@ -666,6 +688,103 @@ fn convert_error(source: &str, err: pest::error::Error<Rule>) -> SyntaxError {
         e = e.with_help(help);
     }
     e
+}
+
+/// Whether `pos` is outside every `{ ... }` (comments skipped): where a
+/// file expects an attention block or a function.
+fn at_top_level(source: &str, pos: usize) -> bool {
+    let mut depth = 0i64;
+    for line in source[..pos].split('\n') {
+        let code = line.find("//").map_or(line, |c| &line[..c]);
+        for c in code.chars() {
+            match c {
+                '{' => depth += 1,
+                '}' => depth -= 1,
+                _ => {}
+            }
+        }
+    }
+    depth <= 0
+}
+
+/// Whether `word` is a number the grammar reads: a decimal, `0x` or `0b`
+/// int (with `_` separators after the first digit), or a float with a
+/// fraction or an exponent.
+fn is_number(word: &str) -> bool {
+    let digits = |s: &str, ok: fn(char) -> bool| {
+        s.chars().next().is_some_and(ok) && s.chars().all(|c| ok(c) || c == '_')
+    };
+    if let Some(hex) = word.strip_prefix("0x") {
+        return digits(hex, |c| c.is_ascii_hexdigit());
+    }
+    if let Some(bin) = word.strip_prefix("0b") {
+        return digits(bin, |c| c == '0' || c == '1');
+    }
+    if digits(word, |c| c.is_ascii_digit()) {
+        return true;
+    }
+    let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let (mantissa, exponent) = match word.find(['e', 'E']) {
+        Some(i) => (&word[..i], Some(&word[i + 1..])),
+        None => (word, None),
+    };
+    let mantissa_ok = match mantissa.split_once('.') {
+        Some((int, frac)) => all_digits(int) && all_digits(frac),
+        None => all_digits(mantissa) && exponent.is_some(),
+    };
+    let exponent_ok = exponent.is_none_or(|e| all_digits(e.strip_prefix(['+', '-']).unwrap_or(e)));
+    mantissa_ok && exponent_ok
+}
+
+/// A word that starts with a digit, touches `pos` and is not a number the
+/// grammar reads (`1e`, `1e+`, `1.5f`, `2x`, `1.`): an error about the
+/// number, where pest would name the character after it.
+fn malformed_number(source: &str, pos: usize) -> Option<SyntaxError> {
+    let bytes = source.as_bytes();
+    let word_byte = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'.';
+    // `+`/`-` belong to the word right after the `e` of an exponent.
+    let sign_in_word = |i: usize| {
+        (bytes[i] == b'+' || bytes[i] == b'-')
+            && i >= 2
+            && matches!(bytes[i - 1], b'e' | b'E')
+            && (bytes[i - 2].is_ascii_digit() || bytes[i - 2] == b'.')
+    };
+    let mut start = pos.min(bytes.len());
+    while start > 0 && (word_byte(bytes[start - 1]) || sign_in_word(start - 1)) {
+        start -= 1;
+    }
+    if !bytes.get(start).is_some_and(u8::is_ascii_digit) {
+        return None;
+    }
+    let mut end = start;
+    while end < bytes.len() && (word_byte(bytes[end]) || sign_in_word(end)) {
+        end += 1;
+    }
+    let word = &source[start..end];
+    if end < pos || is_number(word) {
+        return None;
+    }
+    let mantissa = word.trim_end_matches(['e', 'E', '+', '-']);
+    let help = if word.ends_with(['e', 'E', '+', '-'])
+        && mantissa.len() < word.len()
+        && is_number(mantissa)
+    {
+        "the exponent of a number needs digits: `1e5`, `2.5e-3`"
+    } else if matches!(word.get(..2), Some("0x" | "0b")) {
+        "a `0x` (hex) or `0b` (binary) number needs digits of its base after the prefix: `0xff`, `0b101`"
+    } else if word.ends_with('.') || word.contains("..") || word.contains(".e") {
+        "a `.` in a number needs digits on both sides: `1.0`, `0.5`"
+    } else {
+        "a number cannot run into letters: put an operator between them (`2 * x`); there are no type suffixes (write `1.5`, not `1.5f`)"
+    };
+    Some(
+        SyntaxError::new(
+            Span::new(start, end),
+            format!("malformed number `{}`", escaped(word)),
+            "not a number",
+        )
+        .with_help(help),
+    )
 }
 
 /// Targeted advice for common slips.
@@ -818,6 +937,89 @@ mod tests {
 
     fn ok(src: &str) -> String {
         parse(src).unwrap().to_string()
+    }
+
+    /// `is_number` agrees with the grammar's literals: every word it
+    /// accepts parses as a score, and none it refuses does.
+    #[test]
+    fn malformed_numbers_are_named_and_numbers_are_not() {
+        for word in [
+            "1",
+            "1_000",
+            "0x5555_5555",
+            "0b1010",
+            "1.5",
+            "2.5e-3",
+            "1e5",
+            "1E+5",
+            "3.0e2",
+        ] {
+            assert!(is_number(word), "{word}");
+            parse(&format!("attention a {{ score = score * {word} }}")).unwrap();
+        }
+        for (word, help) in [
+            ("1e", "exponent"),
+            ("1e+", "exponent"),
+            ("2.5E-", "exponent"),
+            ("1.5f", "letters"),
+            ("2x", "letters"),
+            ("1e5x", "letters"),
+            ("1.", "digits on both sides"),
+            ("1..2", "digits on both sides"),
+            ("0x", "after the prefix"),
+            ("0b2", "after the prefix"),
+        ] {
+            assert!(!is_number(word), "{word}");
+            for src in [
+                format!("attention a {{ score = score * {word} }}"),
+                format!("attention a {{\n    score = score * {word}\n}}\n"),
+            ] {
+                let err = parse(&src).expect_err(word);
+                assert_eq!(err.message, format!("malformed number `{word}`"), "{src}");
+                assert!(
+                    err.help.as_deref().unwrap_or("").contains(help),
+                    "{src}: {err:?}"
+                );
+            }
+        }
+        // A number followed by another is not malformed: the operator is missing.
+        let err = parse("attention a { score = score * 2 3 }").unwrap_err();
+        assert!(
+            err.message.starts_with("expected an operator"),
+            "{}",
+            err.message
+        );
+    }
+
+    /// A file's words outside any block must start a block or a function.
+    #[test]
+    fn words_outside_blocks_ask_for_attention_or_fn() {
+        for (src, help) in [
+            ("mask = causal", "item of an attention block"),
+            (
+                "// a comment\nparam w: int = 3",
+                "item of an attention block",
+            ),
+            (
+                "attention a { mask = causal }\nscore = score",
+                "item of an attention block",
+            ),
+            ("Attention a { mask = causal }", "lower case"),
+            ("attn a { mask = causal }", "lower case"),
+            ("{ }", "a file holds attention blocks"),
+        ] {
+            let err = parse(src).expect_err(src);
+            assert!(
+                err.message
+                    .starts_with("expected `attention` or `fn`, found"),
+                "{src}: {}",
+                err.message
+            );
+            assert!(
+                err.help.as_deref().unwrap_or("").contains(help),
+                "{src}: {err:?}"
+            );
+        }
     }
 
     /// Every keyword of the grammar, used as a name, is explained as one

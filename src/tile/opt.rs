@@ -451,10 +451,15 @@ fn interval_unguarded(k: &Kernel, v: ValueId, depth: usize) -> Interval {
             let ia = get(*a);
             match ia.lo {
                 Some(lo) if lin(Some(lo)).is_some_and(Affine::nonneg) => ia,
-                _ => Interval {
+                // A known lower bound is above -2^62 (`interval` drops the
+                // others), so the argument is not i64::MIN and its absolute
+                // value is not negative.
+                Some(_) => Interval {
                     lo: Some(BoundExpr::exact(Affine::constant(0))),
                     hi: None,
                 },
+                // `abs(i64::MIN)` wraps to itself: nothing is known.
+                None => Interval::default(),
             }
         }
         _ => Interval::default(),
@@ -776,8 +781,20 @@ fn emit_sum(b: &mut Builder, terms: &[(ValueId, i64)], c: i64) -> ValueId {
     }
 }
 
+/// Whether `Σ coeff · term + c` lies in i64 for every value the terms can
+/// take ([`int_range`](super::range::int_range)), so that the wrapping
+/// arithmetic that computes it gives its exact value.
+fn stays_in_i64(b: &Builder, terms: &[(ValueId, i64)], c: i64) -> bool {
+    let bound = terms.iter().fold(i128::from(c).abs(), |acc, &(t, k)| {
+        let r = super::range::int_range(b, t);
+        let m = r.lo.abs().max(r.hi.abs());
+        acc.saturating_add(i128::from(k).abs().saturating_mul(m))
+    });
+    bound <= i128::from(i64::MAX)
+}
+
 /// `x <op> y` at element level, with x - y affine in row- and column-level
-/// terms, becomes `row part <op> column part`.
+/// terms, becomes `row part <op> column part` (where neither form can wrap).
 pub fn simplify_affine(k: &Kernel) -> Kernel {
     rewrite(k, |b, inst, _| {
         let Op::Cmp(op, x, y) = inst.op else {
@@ -786,26 +803,49 @@ pub fn simplify_affine(k: &Kernel) -> Kernel {
         if inst.level != Level::Elem || b.ty(x) != Ty::I64 {
             return None;
         }
-        let mut terms = Vec::new();
-        let mut c = 0i64;
-        if !linear_terms(b, x, 1, &mut terms, &mut c, 0)
-            || !linear_terms(b, y, -1, &mut terms, &mut c, 0)
+        let (mut tx, mut cx, mut ty, mut cy) = (Vec::new(), 0i64, Vec::new(), 0i64);
+        if !linear_terms(b, x, 1, &mut tx, &mut cx, 0)
+            || !linear_terms(b, y, 1, &mut ty, &mut cy, 0)
         {
             return None;
         }
+        // `x - y` and `row - col` below are the same sum of the same terms
+        // (the coefficients merged exactly), and wrapping arithmetic computes
+        // each side modulo 2^64; so `x <op> y` and `row <op> col` agree when
+        // no side's value can leave i64. Otherwise (an unbounded buffer read,
+        // `i64::MIN - kv`, ...) the comparison stays as written.
+        let mut terms: Vec<(ValueId, i128)> = tx.iter().map(|&(t, k)| (t, k as i128)).collect();
+        for &(t, k) in &ty {
+            match terms.iter_mut().find(|(u, _)| *u == t) {
+                Some((_, j)) => *j -= k as i128,
+                None => terms.push((t, -(k as i128))),
+            }
+        }
+        let terms: Vec<(ValueId, i64)> = terms
+            .into_iter()
+            .map(|(t, k)| Some((t, i64::try_from(k).ok()?)))
+            .collect::<Option<_>>()?;
+        let c = cx.checked_sub(cy)?;
         let (row, col): (Vec<_>, Vec<_>) = terms
             .into_iter()
             .filter(|(_, k)| *k != 0)
             .partition(|(t, _)| b.inst(*t).level != Level::Col);
-        if col.is_empty() || row.is_empty() && c == 0 && col.len() == 1 && col[0].1 == -1 {
-            // Nothing to split (or already `0 <op> column`).
-            if col.is_empty() {
-                return None;
-            }
+        let neg_col: Vec<(ValueId, i64)> = col
+            .iter()
+            .map(|&(t, k)| Some((t, k.checked_neg()?)))
+            .collect::<Option<_>>()?;
+        if !stays_in_i64(b, &tx, cx)
+            || !stays_in_i64(b, &ty, cy)
+            || !stays_in_i64(b, &row, c)
+            || !stays_in_i64(b, &neg_col, 0)
+        {
+            return None;
+        }
+        if col.is_empty() {
+            // Nothing to split.
+            return None;
         }
         let lhs = emit_sum(b, &row, c);
-        let neg_col: Vec<(ValueId, i64)> =
-            col.iter().map(|&(t, k)| (t, k.wrapping_neg())).collect();
         let rhs = emit_sum(b, &neg_col, 0);
         Some(b.add(Op::Cmp(op, lhs, rhs), Ty::Bool, None, None))
     })

@@ -40,20 +40,38 @@ impl Range {
     }
 }
 
+/// Where [`int_range`] looks up the instruction of a value: a finished
+/// [`Kernel`], or the [`Builder`](super::builder::Builder) of a rewrite.
+pub trait Insts {
+    fn op_of(&self, v: ValueId) -> &Op;
+}
+
+impl Insts for Kernel {
+    fn op_of(&self, v: ValueId) -> &Op {
+        &self.inst(v).op
+    }
+}
+
+impl Insts for super::builder::Builder {
+    fn op_of(&self, v: ValueId) -> &Op {
+        &self.inst(v).op
+    }
+}
+
 /// The range of int value `v` of `k` (the full i64 range when nothing better
 /// is known: buffer reads, float conversions, divisions by non-constants).
-pub fn int_range(k: &Kernel, v: ValueId) -> Range {
+pub fn int_range(k: &impl Insts, v: ValueId) -> Range {
     range(k, v, 0)
 }
 
-fn range(k: &Kernel, v: ValueId, depth: usize) -> Range {
+fn range(k: &impl Insts, v: ValueId, depth: usize) -> Range {
     // Deep expressions are rare; stop rather than recurse without bound.
     if depth > 64 {
         return Range::FULL;
     }
     let r = |x: ValueId| range(k, x, depth + 1);
     let below_limit = Range::new(0, POSITION_LIMIT as i128 - 1);
-    match &k.inst(v).op {
+    match k.op_of(v) {
         Op::IConst(c) => Range::point(*c),
         Op::Var(Var::B | Var::H | Var::Q | Var::Kv) => below_limit,
         Op::Shape(

@@ -1754,6 +1754,43 @@ fn run_random_flags_are_checked() {
     assert_fails(&o, &["buffer `doc` is not bound", "--buffer doc=docs:4"]);
 }
 
+/// `attnc run` refuses `--gemm` off the jit backend and `--block` off the
+/// tiled CPU backends, as `bench` does, rather than ignoring them.
+#[test]
+fn run_refuses_tile_flags_its_backend_ignores() {
+    let base = [
+        "run",
+        "examples/causal.attn",
+        "--random",
+        "--q-len",
+        "8",
+        "--check",
+    ];
+    for (extra, want) in [
+        (
+            &["--backend", "interp", "--gemm", "jit"][..],
+            "`--gemm` picks the jit backend's tile products, and this is the interp backend",
+        ),
+        (
+            &["--backend", "reference", "--gemm", "native"],
+            "`--gemm` picks the jit backend's tile products, and this is the reference backend",
+        ),
+        (
+            &["--backend", "reference", "--block", "32x32"],
+            "`--block` sets the tiles of the tiled CPU backends (jit, interp), and the reference backend takes none",
+        ),
+    ] {
+        assert_fails(&attnc(&[&base[..], extra].concat()), &[want]);
+    }
+    for extra in [
+        &["--backend", "interp", "--block", "32x32"][..],
+        &["--backend", "jit", "--block", "32x32", "--gemm", "native"],
+    ] {
+        let o = attnc(&[&base[..], extra].concat());
+        assert_eq!(o.status.code(), Some(0), "{extra:?}: {}", stderr(&o));
+    }
+}
+
 /// `attnc blocks` takes the shape flags of `bench` and `run` (`--b`/`--h`
 /// stay as aliases) and defaults `--kv-len` to `--q-len`.
 #[test]
@@ -2729,7 +2766,7 @@ fn emit_prints_the_nest_chosen_for_shapes() {
         assert!(
             text.contains(
                 "rows OneHead, K/V Packed (bf16 widened to f32 as it is packed: \
-                 this CPU has no bf16 dot product)"
+                 this CPU has no bf16 dot product faster than f32 FMAs)"
             ),
             "{text}"
         );
@@ -3029,7 +3066,7 @@ fn bench_refuses_what_it_cannot_honour() {
         ),
         (
             &["--q-len", "8", "--backend", "reference", "--block", "7x5"],
-            "`--block` sets the tiles of the tiled backends (jit, interp), and the reference backend has none",
+            "`--block` sets the tiles of the tiled CPU backends (jit, interp), and the reference backend takes none",
         ),
         (
             &["--q-len", "8", "--backend", "interp", "--gemm", "native"],

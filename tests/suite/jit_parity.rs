@@ -616,6 +616,73 @@ fn reductions_expand_for_the_loaded_param_values() {
     );
 }
 
+/// Comparisons and divisions at the ends of i64 follow the wrapping
+/// arithmetic of the language on every backend: `X <= q` is not rewritten to
+/// `-q <= -X` where `-X` can wrap (`X = i64::MIN`, written or read from a
+/// buffer), and `abs(i64::MIN)` (itself) is not taken as non-negative by the
+/// division and remainder by a constant.
+#[test]
+fn comparisons_and_divisions_at_the_ends_of_i64_match_the_reference() {
+    const MIN: &str = "(-9223372036854775807 - 1)";
+    let specs = [
+        format!("mask = (if kv == 0 {{ {MIN} }} else {{ kv }}) <= q"),
+        format!("mask = (if kv == 1 {{ {MIN} }} else {{ kv }}) < q + 1"),
+        format!("mask = q >= (if kv == 0 {{ {MIN} }} else {{ kv }})"),
+        format!("mask = q + 1 > (if kv == 2 {{ {MIN} }} else {{ kv }})"),
+        format!("score = if (if kv == 0 {{ {MIN} }} else {{ kv }}) <= q {{ score }} else {{ score - 1.0 }}"),
+        "buffer doc[KV]: int\n mask = doc[kv] <= doc[q]".to_string(),
+        "buffer doc[KV]: int\n mask = doc[kv] - 1 < doc[q] + kv".to_string(),
+        "score = score + float(abs(kv - 9223372036854775807 - 1) % 1000) / 1000.0".to_string(),
+        format!("score = score + float(abs(kv + {MIN}) / 1000000000000000000)"),
+        format!("score = score + float(abs(kv + {MIN}) % 3)"),
+    ];
+    let n = 6;
+    let mut doc = vec![0i64; n];
+    doc[0] = i64::MIN;
+    doc[3] = i64::MIN;
+    doc[4] = i64::MAX;
+    for body in specs {
+        let src = format!("attention s {{ {body} }}");
+        let program = attnc::load(
+            attnc::SourceFile::new("s.attn", src.as_str()),
+            &Default::default(),
+        )
+        .unwrap_or_else(|e| panic!("{src}: {e}"));
+        let mut rng = attnc::bench::Rng::new(7);
+        let (q, k, v) = (
+            rng.array4((1, 1, n, 4)),
+            rng.array4((1, 1, n, 4)),
+            rng.array4((1, 1, n, 4)),
+        );
+        let doc =
+            attnc::BufferData::Int(ndarray::ArrayD::from_shape_vec(vec![n], doc.clone()).unwrap());
+        let mut inputs = attnc::Inputs::new(q.view(), k.view(), v.view()).with_lse();
+        if body.contains("doc") {
+            inputs = inputs.buffer("doc", doc);
+        }
+        let want = program.run_reference(&inputs).unwrap();
+        let lse = want.lse.clone().unwrap();
+        for gemm in gemms() {
+            let got = program
+                .compile_jit(attnc::mask::Tiling { bq: 4, bkv: 16 }, gemm)
+                .unwrap()
+                .run(&inputs)
+                .unwrap();
+            common::assert_close(
+                &format!("{src} jit {}", gemm.name()),
+                &got,
+                &want.out,
+                &lse,
+                1e-5,
+            );
+        }
+        let got = program
+            .run_interp(&inputs, attnc::mask::Tiling { bq: 4, bkv: 4 })
+            .unwrap();
+        common::assert_close(&format!("{src} interp"), &got, &want.out, &lse, 1e-5);
+    }
+}
+
 #[test]
 fn huge_dimensions_never_prove_a_read_in_range() {
     // Scaling the dimension by the divisor of the index passes 2^127: the

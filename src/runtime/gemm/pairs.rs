@@ -1,6 +1,7 @@
 //! The tile products on bf16 operands with f32 accumulation, for a
 //! prefill whose q, k and v are all bf16 ([`crate::tile::nest::KvSource::PackedBf16`],
-//! chosen where the CPU has `vdpbf16ps`: [`crate::driver::has_bf16_dot`]).
+//! chosen where the CPU has `vdpbf16ps` and it multiplies faster than f32
+//! FMAs: [`crate::driver::has_bf16_dot`], [`dpbf16_pays`]).
 //!
 //! Operands travel as *pairs*: one `u32` holds two bf16 values, the first in
 //! the low half, as `vdpbf16ps` (AVX-512 BF16) reads them. That instruction
@@ -724,6 +725,70 @@ impl PairProducts {
             PairProducts::Widened(isa) => format!("widened-{isa}"),
         }
     }
+}
+
+/// `iters` rounds of [`FmaPeak::CHAINS`](super::FmaPeak::CHAINS) independent
+/// `vdpbf16ps` on registers (32 multiply-adds each; the contract of
+/// [`FmaPeakFn`](super::FmaPeakFn) with 32 lanes).
+///
+/// # Safety
+///
+/// Needs AVX-512 F and BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe extern "C" fn dpbf16_peak(iters: usize, out: *mut f32) {
+    use std::arch::x86_64::*;
+    // Pairs of 0.5 (bf16 0x3f00): each step adds 0.5 to every lane.
+    let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(0x3f00_3f00));
+    let mut x = [_mm512_set1_ps(0.0); super::FmaPeak::CHAINS];
+    for _ in 0..iters {
+        for v in x.iter_mut() {
+            *v = _mm512_dpbf16_ps(*v, a, a);
+        }
+    }
+    let sum = x[1..].iter().fold(x[0], |s, &v| _mm512_add_ps(s, v));
+    *out = _mm512_reduce_add_ps(sum);
+}
+
+/// How many times the multiply-adds of f32 FMAs `vdpbf16ps` must do per
+/// second on this core for the bf16 pairs to pay off against widening bf16
+/// to f32 once as it is packed (the pairs also halve the bytes the products
+/// read, but repack Q and P).
+const DPBF16_MIN_GAIN: f64 = 1.25;
+
+/// Whether `vdpbf16ps` multiplies at least 1.25 times faster
+/// than the f32 FMAs of AVX-512 on this core, measured once per process
+/// (register-only loops, the best of several short runs of each, about a
+/// millisecond in all). Cores differ: on a Zen 5 host the instruction does
+/// twice the multiply-adds of an FMA, and a bf16 prefill ran 1.5x its f32
+/// speed; on an Intel Xeon with AVX-512 BF16 (2026-12-08) it did 38 GMAC/s
+/// against 82 for FMAs, and the same prefill ran at 0.62x the f32 speed.
+pub fn dpbf16_pays() -> bool {
+    static PAYS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PAYS.get_or_init(|| {
+        if PairProducts::for_isa(super::NativeIsa::Avx512, false) != PairProducts::Dpbf16 {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let fma = super::FmaPeak::native(super::NativeIsa::Avx512)
+                .expect("AVX-512 was detected above");
+            // SAFETY: `dpbf16_peak` implements `FmaPeakFn` with 32-lane
+            // vectors of multiply-adds, on a CPU with AVX-512 BF16 (detected
+            // above); it is a static function, so the owner keeps nothing.
+            let dp = unsafe {
+                super::FmaPeak::from_raw("dpbf16", dpbf16_peak, 32, std::sync::Arc::new(()))
+            };
+            let (iters, reps) = (2000, 9);
+            // Both measured twice, alternating, the best of each kept: a
+            // shared machine only ever makes a run slower.
+            let (f1, d1) = (fma.measure(iters, reps), dp.measure(iters, reps));
+            let (f2, d2) = (fma.measure(iters, reps), dp.measure(iters, reps));
+            d1.max(d2) >= DPBF16_MIN_GAIN * f1.max(f2)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
 }
 
 #[cfg(test)]
