@@ -136,9 +136,19 @@ pub enum Error {
     Memory(#[from] crate::memory::MemoryError),
 }
 
+/// The errors of a spec a diagnostic draws ([`Error::Spec`] keeps them all):
+/// each drawing finds its line from the start of the file, so thousands of
+/// errors in a long file took minutes to print.
+pub const MAX_DRAWN_PROBLEMS: usize = 50;
+
 fn spec_summary(file: &SourceFile, problems: &[SpecProblem]) -> String {
     match problems {
         [one] => one.to_string(),
+        _ if problems.len() > MAX_DRAWN_PROBLEMS => format!(
+            "`{}` has {} errors (the first {MAX_DRAWN_PROBLEMS} are shown)",
+            file.name,
+            problems.len()
+        ),
         _ => format!("`{}` has {} errors", file.name, problems.len()),
     }
 }
@@ -190,9 +200,12 @@ impl Diagnostic for Error {
 
     fn related<'a>(&'a self) -> Option<Box<dyn Iterator<Item = &'a dyn Diagnostic> + 'a>> {
         match self {
-            Error::Spec { problems, .. } if problems.len() > 1 => {
-                Some(Box::new(problems.iter().map(|p| p as &dyn Diagnostic)))
-            }
+            Error::Spec { problems, .. } if problems.len() > 1 => Some(Box::new(
+                problems
+                    .iter()
+                    .take(MAX_DRAWN_PROBLEMS)
+                    .map(|p| p as &dyn Diagnostic),
+            )),
             _ => None,
         }
     }

@@ -970,8 +970,6 @@ fn run_with_progress(
     result
 }
 
-/// The library backend `--backend` names, with the tile sizes, tile
-/// products and element type the flags give.
 /// Refuses `--gemm` off the jit backend and `--block` off the tiled CPU
 /// backends (jit, interp), which would otherwise be ignored.
 fn backend_flags(backend: Backend, gemm: Gemm, block: &str) -> Result<(), Error> {
@@ -990,6 +988,8 @@ fn backend_flags(backend: Backend, gemm: Gemm, block: &str) -> Result<(), Error>
     Ok(())
 }
 
+/// The library backend `--backend` names, with the tile sizes, tile
+/// products and element type the flags give.
 fn library_backend(
     backend: Backend,
     tiling: Option<attnc::mask::Tiling>,

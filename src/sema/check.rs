@@ -31,6 +31,16 @@ pub const MAX_INLINED_EXPRS: usize = 100_000;
 /// level of a chain of calls is a level of the checker's recursion).
 pub const MAX_CALL_DEPTH: usize = 64;
 
+/// The unknown names of a block that get a "did you mean" suggestion.
+const MAX_SUGGESTIONS: usize = 64;
+
+/// The most levels the checker recurses into one expression: each level is
+/// an expression node, which becomes at least one level of the checked
+/// expression, or a call, which adds none; so an expression that reaches
+/// it is deeper than [`super::limits::MAX_DEPTH`] and would be refused
+/// after the check anyway.
+const CHECK_RECURSION: usize = super::limits::MAX_DEPTH + MAX_CALL_DEPTH + 16;
+
 /// The most terms one reduction may have (`sum(i in 0..N: ...)` is
 /// expanded into N terms when the spec is checked).
 pub const MAX_REDUCTION_LENGTH: i64 = 65_536;
@@ -209,8 +219,13 @@ struct Checker {
     calls: Vec<(String, Span)>,
     /// Whether the inlining budget was exceeded (reported once).
     budget_hit: bool,
-    /// Whether calls nested past [`MAX_CALL_DEPTH`] (reported once).
+    /// Whether calls nested past [`MAX_CALL_DEPTH`], or expressions past
+    /// [`CHECK_RECURSION`] (reported once).
     depth_hit: bool,
+    /// Levels of [`Checker::expr`] under way.
+    expr_depth: usize,
+    /// Unknown names reported so far, for [`MAX_SUGGESTIONS`].
+    suggested: usize,
     /// Checking a function body on its own (arguments are placeholders):
     /// reductions are checked once, not expanded, since their ranges may
     /// depend on the arguments of each call.
@@ -265,6 +280,8 @@ impl Checker {
             calls: vec![],
             budget_hit: false,
             depth_hit: false,
+            expr_depth: 0,
+            suggested: 0,
             standalone: false,
         }
     }
@@ -1231,7 +1248,33 @@ impl Checker {
         Type::Float
     }
 
+    /// Checks one expression, recursing into its operands and into the
+    /// bodies of the functions it calls; past [`CHECK_RECURSION`] levels an
+    /// error (the expression would be deeper than
+    /// [`super::limits::MAX_DEPTH`] once checked), not a stack overflow.
     fn expr(&mut self, e: &ast::Expr, ctx: Context) -> Option<(ExprId, Type)> {
+        if self.expr_depth >= CHECK_RECURSION {
+            if !self.depth_hit {
+                self.depth_hit = true;
+                self.error(
+                    "attnc::sema::too_deep",
+                    format!(
+                        "expression is nested too deeply (more than {} levels, counting the bodies of the functions it calls)",
+                        super::limits::MAX_DEPTH
+                    ),
+                    Label::new(e.span, "nested too deeply here"),
+                )
+                .with_help("each call is inlined where it is made, so nested calls of deep function bodies nest as deep as all of them together; compute the value in fewer steps");
+            }
+            return None;
+        }
+        self.expr_depth += 1;
+        let checked = self.expr_at_depth(e, ctx);
+        self.expr_depth -= 1;
+        checked
+    }
+
+    fn expr_at_depth(&mut self, e: &ast::Expr, ctx: Context) -> Option<(ExprId, Type)> {
         let span = e.span;
         match &e.kind {
             ExprKind::Int(i) => Some((
@@ -1668,16 +1711,27 @@ impl Checker {
             }
         }
         let reduction = matches!(n.name.as_str(), "sum" | "any" | "all" | "min" | "max");
-        if what == "buffer" && BUILTIN_NAMES.contains(&n.name.as_str()) {
+        let function = builtin_function(&n.name) || self.functions.contains_key(&n.name);
+        if what == "buffer" && (BUILTIN_NAMES.contains(&n.name.as_str()) || function || reduction) {
+            let (kind, help) = if BUILTIN_NAMES.contains(&n.name.as_str()) {
+                (
+                    "a built-in value",
+                    "`b h q kv` (indices), `B H HKV Q KV D` (shapes), `causal` and `score` are values; only names declared with `buffer` can be indexed or passed to `ancestor`".to_string(),
+                )
+            } else {
+                (
+                    "a function",
+                    format!("call it with its arguments: `{}(...)`", n.name),
+                )
+            };
             self.error(
                 "attnc::sema::not_a_buffer",
-                format!("`{}` is not a buffer and cannot be indexed", n.name),
-                Label::new(n.span, "a built-in name"),
+                format!("`{}` is {kind}, not a buffer", n.name),
+                Label::new(n.span, "not a buffer"),
             )
-            .with_help("`b h q kv` (indices), `B H HKV Q KV D` (shapes), `causal` and `score` are values; only names declared with `buffer` can be indexed");
+            .with_help(help);
             return;
         }
-        let function = builtin_function(&n.name) || self.functions.contains_key(&n.name);
         let called = what == "function";
         if reduction || (function && !called) {
             let range_help = format!(
@@ -1707,18 +1761,29 @@ impl Checker {
             .with_help(help);
             return;
         }
-        let mut candidates: Vec<String> = self.scope.keys().cloned().collect();
-        candidates.extend(BUILTIN_NAMES.iter().map(|s| s.to_string()));
-        if what == "function" {
-            candidates = Func::ALL
-                .iter()
-                .map(|f| f.name().to_string())
-                .chain(["ancestor".to_string()])
-                .chain(self.functions.keys().cloned())
-                .collect();
+        // Each suggestion compares the name with every name in scope: past
+        // the first few dozen unknown names of a block (a file of thousands
+        // of them took minutes), the help lists what is in scope instead.
+        self.suggested += 1;
+        let mut candidates: Vec<String> = Vec::new();
+        if self.suggested <= MAX_SUGGESTIONS {
+            candidates = if what == "function" {
+                Func::ALL
+                    .iter()
+                    .map(|f| f.name().to_string())
+                    .chain(["ancestor".to_string()])
+                    .chain(self.functions.keys().cloned())
+                    .collect()
+            } else {
+                self.scope
+                    .keys()
+                    .cloned()
+                    .chain(BUILTIN_NAMES.iter().map(|s| s.to_string()))
+                    .collect()
+            };
+            candidates.sort();
+            candidates.retain(|c| *c != n.name);
         }
-        candidates.sort();
-        candidates.retain(|c| *c != n.name);
         let help = match suggest(&n.name, candidates.iter().map(|s| s.as_str())) {
             Some(s) => format!("did you mean `{s}`?"),
             None if what == "function" => format!(
@@ -2108,8 +2173,8 @@ fn sema_binop(op: ast::BinaryOp) -> BinaryOp {
 pub fn suggest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
     // Rank by case-insensitive distance, then by exact-case distance.
     let mut best: Option<((usize, usize), &str)> = None;
+    let lower = name.to_lowercase();
     for c in candidates {
-        let d = edit_distance(&name.to_lowercase(), &c.to_lowercase());
         // Any letter is one edit from any other, so a one-letter name only
         // suggests the same letter in another case (`d` -> `D`).
         let limit = if name.chars().count() <= 1 {
@@ -2117,6 +2182,11 @@ pub fn suggest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Opt
         } else {
             (name.len().max(c.len()) / 3).max(1)
         };
+        // The distance is at least the difference of the lengths.
+        if name.len().abs_diff(c.len()) > limit {
+            continue;
+        }
+        let d = edit_distance(&lower, &c.to_lowercase());
         let key = (d, edit_distance(name, c));
         if d <= limit && best.is_none_or(|(bk, _)| key < bk) {
             best = Some((key, c));
@@ -2222,6 +2292,68 @@ mod tests {
         // One level less is checked as usual.
         let src = chain(MAX_CALL_DEPTH - 1, "f63(float(q)) > 0.0");
         crate::sema::check(&crate::syntax::parse(&src).unwrap()).unwrap();
+    }
+
+    /// Calls within the depth limit whose bodies are each nearly as deep as
+    /// the parser allows: an error once the checker is past what the depth
+    /// check would accept, not a stack overflow (a thread with the main
+    /// thread's 8 MiB of stack, as the CLI has).
+    #[test]
+    fn deep_bodies_of_nested_calls_are_errors_not_stack_overflows() {
+        // `f(x) + 1.0 + 1.0 + ...` nests to the left: 200 levels.
+        let deep = |inner: &str| format!("{inner}{}", " + 1.0".repeat(200));
+        let mut src = String::from("fn f0(x: float) -> float { x }\n");
+        for i in 1..40 {
+            src += &format!(
+                "fn f{i}(x: float) -> float {{ {} }}\n",
+                deep(&format!("f{}(x)", i - 1))
+            );
+        }
+        src += "attention a { score = f39(score) }\n";
+        let diags = std::thread::Builder::new()
+            .stack_size(8 << 20)
+            .spawn(move || {
+                let file = crate::syntax::parse(&src).unwrap();
+                crate::sema::check(&file).unwrap_err()
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        assert_eq!(diags[0].code, "attnc::sema::too_deep");
+        assert!(
+            diags[0]
+                .message
+                .contains("counting the bodies of the functions it calls"),
+            "{}",
+            diags[0].message
+        );
+    }
+
+    /// Past the first few dozen unknown names of a block, the help lists
+    /// what is in scope instead of searching it for the nearest name.
+    #[test]
+    fn suggestions_stop_after_the_first_unknown_names() {
+        let mut src = String::from("attention a {\n let x = q\n");
+        for i in 0..(MAX_SUGGESTIONS + 10) {
+            src += &format!(" let y{i} = xx + 1\n");
+        }
+        src += " mask = causal\n}\n";
+        let diags = crate::sema::check(&crate::syntax::parse(&src).unwrap()).unwrap_err();
+        assert_eq!(diags.len(), MAX_SUGGESTIONS + 10);
+        let helps: Vec<&str> = diags.iter().map(|d| d.help.as_deref().unwrap()).collect();
+        assert!(
+            helps[..MAX_SUGGESTIONS]
+                .iter()
+                .all(|h| *h == "did you mean `x`?"),
+            "{helps:?}"
+        );
+        assert!(
+            helps[MAX_SUGGESTIONS..]
+                .iter()
+                .all(|h| h.starts_with("names in scope")),
+            "{helps:?}"
+        );
     }
 
     #[test]

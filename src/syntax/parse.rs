@@ -761,7 +761,12 @@ fn malformed_number(source: &str, pos: usize) -> Option<SyntaxError> {
         end += 1;
     }
     let word = &source[start..end];
-    if end < pos || is_number(word) {
+    // `0..4` is a reduction's range; a word after a declaration keyword is
+    // a name (`let 2x = ...`), which other messages explain.
+    let declares = ["let", "param", "buffer", "fn", "attention"]
+        .iter()
+        .any(|k| text_before(source, start).ends_with(k));
+    if end < pos || is_number(word) || word.contains("..") || declares {
         return None;
     }
     let mantissa = word.trim_end_matches(['e', 'E', '+', '-']);
@@ -772,7 +777,7 @@ fn malformed_number(source: &str, pos: usize) -> Option<SyntaxError> {
         "the exponent of a number needs digits: `1e5`, `2.5e-3`"
     } else if matches!(word.get(..2), Some("0x" | "0b")) {
         "a `0x` (hex) or `0b` (binary) number needs digits of its base after the prefix: `0xff`, `0b101`"
-    } else if word.ends_with('.') || word.contains("..") || word.contains(".e") {
+    } else if word.ends_with('.') || word.contains(".e") {
         "a `.` in a number needs digits on both sides: `1.0`, `0.5`"
     } else {
         "a number cannot run into letters: put an operator between them (`2 * x`); there are no type suffixes (write `1.5`, not `1.5f`)"
@@ -965,7 +970,7 @@ mod tests {
             ("2x", "letters"),
             ("1e5x", "letters"),
             ("1.", "digits on both sides"),
-            ("1..2", "digits on both sides"),
+            ("1.e5", "digits on both sides"),
             ("0x", "after the prefix"),
             ("0b2", "after the prefix"),
         ] {
@@ -989,6 +994,23 @@ mod tests {
             "{}",
             err.message
         );
+        // A reduction's range is not a number, nor is a name after `let`.
+        for src in [
+            "attention a { mask = any(i in 0..4) }",
+            "attention a { score = sum(i in 0..KV, score) }",
+        ] {
+            let err = parse(src).unwrap_err();
+            assert!(!err.message.contains("malformed"), "{src}: {}", err.message);
+            assert!(
+                err.help
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("OP(i in LO..HI: EXPR)"),
+                "{src}: {err:?}"
+            );
+        }
+        let err = parse("attention a { let 2x = 1 mask = causal }").unwrap_err();
+        assert!(!err.message.contains("malformed"), "{}", err.message);
     }
 
     /// A file's words outside any block must start a block or a function.

@@ -309,6 +309,10 @@ fn le(a: BoundExpr, b: BoundExpr) -> bool {
 /// 2^62 for symbols up to `sema::POSITION_LIMIT` (bind caps every shape and
 /// position there): each proven value is then far from wrapping in i64, so
 /// the bounds the proofs trust hold for the wrapping arithmetic that runs.
+/// Arithmetic that can wrap (`+`, `-`, `*`, unary `-`) keeps its bounds only
+/// when it has both: with one side unknown the exact result may leave i64
+/// there and wrap around to the other side (`max(x, 0) + 1` is `i64::MIN`
+/// at `x = i64::MAX`, below the lower bound 1).
 fn interval(k: &Kernel, v: ValueId, depth: usize) -> Interval {
     let fits = |b: &BoundExpr| {
         let limit = crate::sema::POSITION_LIMIT as i128;
@@ -316,10 +320,15 @@ fn interval(k: &Kernel, v: ValueId, depth: usize) -> Interval {
         a.c.abs() + a.a.iter().map(|x| x.abs() * limit).sum::<i128>() < 1 << 62
     };
     let i = interval_unguarded(k, v, depth);
-    Interval {
-        lo: i.lo.filter(fits),
-        hi: i.hi.filter(fits),
+    let (lo, hi) = (i.lo.filter(fits), i.hi.filter(fits));
+    let wraps = matches!(
+        k.inst(v).op,
+        Op::Binary(BinOp::IAdd | BinOp::ISub | BinOp::IMul, ..) | Op::Unary(UnOp::INeg, _)
+    );
+    if wraps && (lo.is_none() || hi.is_none()) {
+        return Interval::default();
     }
+    Interval { lo, hi }
 }
 
 fn interval_unguarded(k: &Kernel, v: ValueId, depth: usize) -> Interval {
@@ -451,9 +460,10 @@ fn interval_unguarded(k: &Kernel, v: ValueId, depth: usize) -> Interval {
             let ia = get(*a);
             match ia.lo {
                 Some(lo) if lin(Some(lo)).is_some_and(Affine::nonneg) => ia,
-                // A known lower bound is above -2^62 (`interval` drops the
-                // others), so the argument is not i64::MIN and its absolute
-                // value is not negative.
+                // A known lower bound holds for the value as computed
+                // (`interval` keeps none that wrapping could break) and is
+                // above -2^62, so the argument is not i64::MIN and its
+                // absolute value is not negative.
                 Some(_) => Interval {
                     lo: Some(BoundExpr::exact(Affine::constant(0))),
                     hi: None,
@@ -725,10 +735,10 @@ fn linear_terms(
         }
         Op::Binary(BinOp::ISub, x, y) if inst.level == Level::Elem => {
             linear_terms(b, x, coeff, terms, c, depth + 1)
-                && linear_terms(b, y, -coeff, terms, c, depth + 1)
+                && linear_terms(b, y, coeff.wrapping_neg(), terms, c, depth + 1)
         }
         Op::Unary(UnOp::INeg, x) if inst.level == Level::Elem => {
-            linear_terms(b, x, -coeff, terms, c, depth + 1)
+            linear_terms(b, x, coeff.wrapping_neg(), terms, c, depth + 1)
         }
         Op::Binary(BinOp::IMul, x, y) if inst.level == Level::Elem => {
             match (b.const_int(x), b.const_int(y)) {
@@ -1131,11 +1141,13 @@ mod tests {
         let Op::Binary(BinOp::IMul, once, _) = k.inst(twice).op else {
             panic!("{k}")
         };
-        // 2^20 * (2^31 - 1) fits below 2^62; 2^40 * (2^31 - 1) does not.
+        // 2^20 * (2^31 - 1) fits below 2^62; 2^40 * (2^31 - 1) does not,
+        // and without its upper bound the product may wrap below 0 (at
+        // kv = 2^23 it is i64::MIN): the lower bound 0 goes too.
         let i = interval(&k, once, 0);
         assert!(i.lo.is_some() && i.hi.is_some(), "{k}");
         let i = interval(&k, twice, 0);
-        assert!(i.lo.is_some() && i.hi.is_none(), "{i:?}");
+        assert!(i.lo.is_none() && i.hi.is_none(), "{i:?}");
     }
 
     fn ops(k: &Kernel) -> Vec<BinOp> {

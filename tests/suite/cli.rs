@@ -24,8 +24,15 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn attnc(args: &[&str]) -> Output {
+    // The bf16 pairs are chosen by timing them; the child takes this
+    // process's choice, which the tests expect.
+    let pairs = attnc::driver::default_bf16_pairs();
     Command::new(env!("CARGO_BIN_EXE_attnc"))
         .args(args)
+        .env(
+            attnc::runtime::gemm::pairs::BF16_PAIRS_VAR,
+            if pairs { "1" } else { "0" },
+        )
         .current_dir(root())
         .output()
         .expect("the attnc binary runs")

@@ -590,3 +590,34 @@ fn positions_past_the_limit_are_refused() {
     let bound = attnc::bind::bind(&program.spec, &inputs).unwrap();
     assert_eq!(bound.shapes().kv, i32::MAX as usize);
 }
+
+/// A spec with more errors than a diagnostic draws: all are kept, the first
+/// `MAX_DRAWN_PROBLEMS` are drawn, and the summary says so.
+#[test]
+fn many_errors_draw_the_first_few() {
+    let n = driver::MAX_DRAWN_PROBLEMS + 7;
+    let mut text = String::from("attention a {\n");
+    for i in 0..n {
+        text += &format!("    let x{i} = unknown{i} + 1\n");
+    }
+    text += "    mask = causal\n}\n";
+    let file = Arc::new(SourceFile::new("many.attn", text));
+    let err = driver::check(&file).unwrap_err();
+    let Error::Spec { problems, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(problems.len(), n);
+    let rendered = err.render();
+    assert!(
+        rendered.contains(&format!(
+            "`many.attn` has {n} errors (the first {} are shown)",
+            driver::MAX_DRAWN_PROBLEMS
+        )),
+        "{rendered}"
+    );
+    assert_eq!(
+        rendered.matches("unknown name `unknown").count(),
+        driver::MAX_DRAWN_PROBLEMS,
+        "{rendered}"
+    );
+}

@@ -359,6 +359,44 @@ fn wrapping_shifts_never_prove_a_read_in_range() {
     }
 }
 
+/// A sum with a lower bound but no upper one can wrap below its lower
+/// bound (`max(doc[kv], 0) + 2^61 - 1` at a large `doc[kv]`): the range proofs
+/// keep no bound of it, and the read is checked and reported out of range as
+/// the reference reports it.
+#[test]
+fn one_sided_bounds_of_wrapping_sums_never_prove_a_read_in_range() {
+    let src = "attention s { buffer doc[KV]: int\n buffer w[4]: float\n score = score + w[min(max(doc[kv], 0) + 2305843009213693951, 3)] }";
+    let program = attnc::load(attnc::SourceFile::new("s.attn", src), &Default::default()).unwrap();
+    let options = attnc::CompileOptions {
+        check_proven_loads: true,
+        ..Default::default()
+    };
+    let kernel = program.compile_jit_with(&options).unwrap();
+    let mut rng = attnc::bench::Rng::new(6);
+    let (q, k, v) = (
+        rng.array4((1, 1, 8, 4)),
+        rng.array4((1, 1, 8, 4)),
+        rng.array4((1, 1, 8, 4)),
+    );
+    let mut doc = vec![0i64; 8];
+    doc[3] = 6917530127152709633;
+    let doc = attnc::BufferData::Int(ndarray::ArrayD::from_shape_vec(vec![8], doc).unwrap());
+    let w = attnc::BufferData::Float(ndarray::ArrayD::zeros(vec![4]));
+    let inputs = attnc::Inputs::new(q.view(), k.view(), v.view())
+        .buffer("doc", doc)
+        .buffer("w", w);
+    let want = program.run_reference(&inputs).unwrap_err().to_string();
+    assert!(want.contains("read out of range"), "{want}");
+    assert_eq!(kernel.run(&inputs).unwrap_err().to_string(), want);
+    assert_eq!(
+        program
+            .run_interp(&inputs, attnc::mask::Tiling { bq: 8, bkv: 16 })
+            .unwrap_err()
+            .to_string(),
+        want
+    );
+}
+
 #[test]
 fn bad_inputs_are_errors_not_crashes() {
     let kernel = attnc::compile(
@@ -632,6 +670,9 @@ fn comparisons_and_divisions_at_the_ends_of_i64_match_the_reference() {
         format!("score = if (if kv == 0 {{ {MIN} }} else {{ kv }}) <= q {{ score }} else {{ score - 1.0 }}"),
         "buffer doc[KV]: int\n mask = doc[kv] <= doc[q]".to_string(),
         "buffer doc[KV]: int\n mask = doc[kv] - 1 < doc[q] + kv".to_string(),
+        // `max(doc[kv], 0) + 1` has a lower bound but wraps to i64::MIN at
+        // doc[kv] = i64::MAX: abs of it is not provably non-negative.
+        "buffer doc[KV]: int\n score = score + float(abs(max(doc[kv], 0) + 1 - kv) % 3)".to_string(),
         "score = score + float(abs(kv - 9223372036854775807 - 1) % 1000) / 1000.0".to_string(),
         format!("score = score + float(abs(kv + {MIN}) / 1000000000000000000)"),
         format!("score = score + float(abs(kv + {MIN}) % 3)"),

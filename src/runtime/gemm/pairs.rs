@@ -756,10 +756,16 @@ unsafe extern "C" fn dpbf16_peak(iters: usize, out: *mut f32) {
 /// read, but repack Q and P).
 const DPBF16_MIN_GAIN: f64 = 1.25;
 
+/// The environment variable that settles [`dpbf16_pays`] without timing.
+pub const BF16_PAIRS_VAR: &str = "ATTNC_BF16_PAIRS";
+
 /// Whether `vdpbf16ps` multiplies at least 1.25 times faster
 /// than the f32 FMAs of AVX-512 on this core, measured once per process
-/// (register-only loops, the best of several short runs of each, about a
-/// millisecond in all). Cores differ: on a Zen 5 host the instruction does
+/// (register-only loops, the best of several short runs of each, well under
+/// a millisecond in all), unless the environment variable
+/// `ATTNC_BF16_PAIRS` says `1` (yes) or `0` (no): a process that must agree
+/// with another on the choice (the tests and the `attnc` they run) passes
+/// its answer on. Cores differ: on a Zen 5 host the instruction does
 /// twice the multiply-adds of an FMA, and a bf16 prefill ran 1.5x its f32
 /// speed; on an Intel Xeon with AVX-512 BF16 (2026-12-08) it did 38 GMAC/s
 /// against 82 for FMAs, and the same prefill ran at 0.62x the f32 speed.
@@ -768,6 +774,14 @@ pub fn dpbf16_pays() -> bool {
     *PAYS.get_or_init(|| {
         if PairProducts::for_isa(super::NativeIsa::Avx512, false) != PairProducts::Dpbf16 {
             return false;
+        }
+        match std::env::var(BF16_PAIRS_VAR).as_deref() {
+            Ok("1") => return true,
+            Ok("0") => return false,
+            Ok(other) => eprintln!(
+                "attnc: {BF16_PAIRS_VAR}={other:?} is neither 1 nor 0; ignored (the bf16 pairs are chosen by timing them)"
+            ),
+            Err(_) => {}
         }
         #[cfg(target_arch = "x86_64")]
         {
