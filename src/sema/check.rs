@@ -1710,10 +1710,11 @@ impl Checker {
                 return;
             }
         }
-        let reduction = matches!(n.name.as_str(), "sum" | "any" | "all" | "min" | "max");
+        let reduction = ast::ReduceOp::ALL.iter().any(|r| r.name() == n.name);
         let function = builtin_function(&n.name) || self.functions.contains_key(&n.name);
-        if what == "buffer" && (BUILTIN_NAMES.contains(&n.name.as_str()) || function || reduction) {
-            let (kind, help) = if BUILTIN_NAMES.contains(&n.name.as_str()) {
+        let builtin = BUILTIN_NAMES.contains(&n.name.as_str());
+        if what == "buffer" && (builtin || function || reduction) {
+            let (kind, help) = if builtin {
                 (
                     "a built-in value",
                     "`b h q kv` (indices), `B H HKV Q KV D` (shapes), `causal` and `score` are values; only names declared with `buffer` can be indexed or passed to `ancestor`".to_string(),
@@ -2261,72 +2262,64 @@ mod tests {
         );
     }
 
-    /// A chain of functions each calling the one before: an error, not a
-    /// stack overflow, whether the chain is used or only checked on its own.
-    #[test]
-    fn long_chains_of_calls_are_errors_not_stack_overflows() {
-        let chain = |n: usize, mask: &str| {
-            let mut src = String::from("fn f0(x: float) -> float { x }\n");
-            for i in 1..=n {
-                src += &format!("fn f{i}(x: float) -> float {{ f{}(x) + 1.0 }}\n", i - 1);
-            }
-            src + &format!("attention a {{ mask = {mask} }}\n")
-        };
-        for src in [
-            chain(3000, "causal"),
-            chain(3000, "f3000(float(q)) > 0.0"),
-            chain(MAX_CALL_DEPTH, "f64(float(q)) > 0.0"),
-        ] {
-            let file = crate::syntax::parse(&src).unwrap();
-            let diags = crate::sema::check(&file).unwrap_err();
-            assert_eq!(diags.len(), 1, "{diags:?}");
-            assert_eq!(diags[0].code, "attnc::sema::too_deep");
-            assert!(
-                diags[0]
-                    .message
-                    .contains("function calls nest more than 64 deep"),
-                "{}",
-                diags[0].message
+    /// `f0(x) = x` and `n` functions `fI(x) = f{I-1}(x) + 1.0 + ...` (with
+    /// `terms` additions), then a block with `item`.
+    fn call_chain(n: usize, terms: usize, item: &str) -> String {
+        let mut src = String::from("fn f0(x: float) -> float { x }\n");
+        for i in 1..=n {
+            src += &format!(
+                "fn f{i}(x: float) -> float {{ f{}(x){} }}\n",
+                i - 1,
+                " + 1.0".repeat(terms)
             );
         }
-        // One level less is checked as usual.
-        let src = chain(MAX_CALL_DEPTH - 1, "f63(float(q)) > 0.0");
-        crate::sema::check(&crate::syntax::parse(&src).unwrap()).unwrap();
+        src + &format!("attention a {{ {item} }}\n")
     }
 
-    /// Calls within the depth limit whose bodies are each nearly as deep as
-    /// the parser allows: an error once the checker is past what the depth
-    /// check would accept, not a stack overflow (a thread with the main
-    /// thread's 8 MiB of stack, as the CLI has).
-    #[test]
-    fn deep_bodies_of_nested_calls_are_errors_not_stack_overflows() {
-        // `f(x) + 1.0 + 1.0 + ...` nests to the left: 200 levels.
-        let deep = |inner: &str| format!("{inner}{}", " + 1.0".repeat(200));
-        let mut src = String::from("fn f0(x: float) -> float { x }\n");
-        for i in 1..40 {
-            src += &format!(
-                "fn f{i}(x: float) -> float {{ {} }}\n",
-                deep(&format!("f{}(x)", i - 1))
-            );
-        }
-        src += "attention a { score = f39(score) }\n";
+    /// The one error of checking `src`, which must be `too_deep`, checked on
+    /// a thread with the main thread's 8 MiB of stack, as the CLI has.
+    fn too_deep(src: String) -> String {
         let diags = std::thread::Builder::new()
             .stack_size(8 << 20)
-            .spawn(move || {
-                let file = crate::syntax::parse(&src).unwrap();
-                crate::sema::check(&file).unwrap_err()
-            })
+            .spawn(move || crate::sema::check(&crate::syntax::parse(&src).unwrap()).unwrap_err())
             .unwrap()
             .join()
             .unwrap();
         assert_eq!(diags.len(), 1, "{diags:?}");
         assert_eq!(diags[0].code, "attnc::sema::too_deep");
+        diags[0].message.clone()
+    }
+
+    /// A chain of functions each calling the one before: an error, not a
+    /// stack overflow, whether the chain is used or only checked on its own.
+    #[test]
+    fn long_chains_of_calls_are_errors_not_stack_overflows() {
+        for src in [
+            call_chain(3000, 1, "mask = causal"),
+            call_chain(3000, 1, "mask = f3000(float(q)) > 0.0"),
+            call_chain(MAX_CALL_DEPTH, 1, "mask = f64(float(q)) > 0.0"),
+        ] {
+            let message = too_deep(src);
+            assert!(
+                message.contains("function calls nest more than 64 deep"),
+                "{message}"
+            );
+        }
+        // One level less is checked as usual.
+        let src = call_chain(MAX_CALL_DEPTH - 1, 1, "mask = f63(float(q)) > 0.0");
+        crate::sema::check(&crate::syntax::parse(&src).unwrap()).unwrap();
+    }
+
+    /// Calls within the depth limit whose bodies are each nearly as deep as
+    /// the parser allows (`f(x) + 1.0 + 1.0 + ...` nests to the left, 200
+    /// levels): an error once the checker is past what the depth check would
+    /// accept, not a stack overflow.
+    #[test]
+    fn deep_bodies_of_nested_calls_are_errors_not_stack_overflows() {
+        let message = too_deep(call_chain(39, 200, "score = f39(score)"));
         assert!(
-            diags[0]
-                .message
-                .contains("counting the bodies of the functions it calls"),
-            "{}",
-            diags[0].message
+            message.contains("counting the bodies of the functions it calls"),
+            "{message}"
         );
     }
 

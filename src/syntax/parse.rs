@@ -656,7 +656,7 @@ fn convert_error(source: &str, err: pest::error::Error<Rule>) -> SyntaxError {
     let top_level_words = [AN_ITEM, "`attention`", "end of file"];
     if raw_names.iter().all(|n| top_level_words.contains(n)) && at_top_level(source, pos) {
         let word = found.trim_matches('`');
-        let help = if AN_ITEM.contains(&format!("`{word}`")) && word != "fn" {
+        let help = if token_name(word) == Some(AN_ITEM) && word != "fn" {
             format!("`{word} ...` is an item of an attention block: write it inside `attention NAME {{ ... }}`")
         } else if word.eq_ignore_ascii_case("attention") || word == "attn" {
             "an attention block starts with the keyword `attention` (lower case): `attention NAME { ... }`".to_string()
@@ -763,17 +763,16 @@ fn malformed_number(source: &str, pos: usize) -> Option<SyntaxError> {
     let word = &source[start..end];
     // `0..4` is a reduction's range; a word after a declaration keyword is
     // a name (`let 2x = ...`), which other messages explain.
-    let declares = ["let", "param", "buffer", "fn", "attention"]
-        .iter()
-        .any(|k| text_before(source, start).ends_with(k));
+    let previous = text_before(source, start)
+        .rsplit(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .next()
+        .unwrap_or("");
+    let declares = ["let", "param", "buffer", "fn", "attention"].contains(&previous);
     if end < pos || is_number(word) || word.contains("..") || declares {
         return None;
     }
     let mantissa = word.trim_end_matches(['e', 'E', '+', '-']);
-    let help = if word.ends_with(['e', 'E', '+', '-'])
-        && mantissa.len() < word.len()
-        && is_number(mantissa)
-    {
+    let help = if word.ends_with(['e', 'E', '+', '-']) && is_number(mantissa) {
         "the exponent of a number needs digits: `1e5`, `2.5e-3`"
     } else if matches!(word.get(..2), Some("0x" | "0b")) {
         "a `0x` (hex) or `0b` (binary) number needs digits of its base after the prefix: `0xff`, `0b101`"

@@ -840,6 +840,10 @@ pub fn simplify_affine(k: &Kernel) -> Kernel {
             .into_iter()
             .filter(|(_, k)| *k != 0)
             .partition(|(t, _)| b.inst(*t).level != Level::Col);
+        if col.is_empty() {
+            // Nothing to split.
+            return None;
+        }
         let neg_col: Vec<(ValueId, i64)> = col
             .iter()
             .map(|&(t, k)| Some((t, k.checked_neg()?)))
@@ -849,10 +853,6 @@ pub fn simplify_affine(k: &Kernel) -> Kernel {
             || !stays_in_i64(b, &row, c)
             || !stays_in_i64(b, &neg_col, 0)
         {
-            return None;
-        }
-        if col.is_empty() {
-            // Nothing to split.
             return None;
         }
         let lhs = emit_sum(b, &row, c);
