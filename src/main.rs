@@ -979,7 +979,9 @@ fn backend_flags(backend: Backend, gemm: Gemm, block: &str) -> Result<(), Error>
             backend_name(backend)
         )));
     }
-    if block != "auto" && !matches!(backend, Backend::Jit | Backend::Interp) {
+    // `auto` as the tile parser reads it (surrounding spaces included).
+    let fixed = block.parse::<attnc::Tiles>().ok() != Some(attnc::Tiles::Auto);
+    if fixed && !matches!(backend, Backend::Jit | Backend::Interp) {
         return Err(Error::Usage(format!(
             "`--block` sets the tiles of the tiled CPU backends (jit, interp), and the {} backend takes none: drop it",
             backend_name(backend)

@@ -1789,9 +1789,11 @@ fn run_refuses_tile_flags_its_backend_ignores() {
     ] {
         assert_fails(&attnc(&[&base[..], extra].concat()), &[want]);
     }
+    // `auto` is read as the tile parser reads it, spaces included.
     for extra in [
         &["--backend", "interp", "--block", "32x32"][..],
         &["--backend", "jit", "--block", "32x32", "--gemm", "native"],
+        &["--backend", "reference", "--block", " auto "],
     ] {
         let o = attnc(&[&base[..], extra].concat());
         assert_eq!(o.status.code(), Some(0), "{extra:?}: {}", stderr(&o));

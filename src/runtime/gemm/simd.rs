@@ -473,26 +473,25 @@ mod x86 {
         unsafe fn load_i8(p: *const i8) -> __m512 {
             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast())))
         }
+        /// The values come out times 2^-8 (see `load_e4m3`).
+        const E4M3_UNIT: f32 = 1.0 / 256.0;
         #[inline(always)]
         unsafe fn load_e4m3(p: *const u8) -> __m512 {
-            let x = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()));
-            let mag = _mm512_and_si512(x, _mm512_set1_epi32(0x7f));
-            // Normal: exponent rebiased from 7 to 127, 3 mantissa bits on top.
-            let normal = _mm512_castsi512_ps(_mm512_add_epi32(
-                _mm512_slli_epi32::<20>(mag),
-                _mm512_set1_epi32(120 << 23),
-            ));
-            // Subnormal (exponent 0): m * 2^-9.
-            let sub = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(1.0 / 512.0));
-            let v = _mm512_mask_blend_ps(
-                _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(8)),
-                normal,
-                sub,
+            // Through f16, as on AVX2 (the exponent and mantissa fields moved
+            // into f16's give 2^-8 times the value, subnormals included), on
+            // sixteen 16-bit lanes of a 256-bit vector, then one `vcvtph2ps`
+            // to sixteen f32 lanes: nine micro-ops, where rebiasing in 32-bit
+            // lanes took thirteen operations, two of them blends of two
+            // micro-ops each (and an fp8 paged decode ran at 1.55x the f32
+            // one against int8's 2.2x).
+            let x = _mm256_slli_epi16::<8>(_mm256_cvtepu8_epi16(_mm_loadu_si128(p.cast())));
+            let bits = _mm256_and_si256(
+                _mm256_srai_epi16::<1>(x),
+                _mm256_set1_epi16(0xbf80u16 as i16),
             );
-            let nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f));
-            let v = _mm512_mask_blend_ps(nan, v, _mm512_set1_ps(f32::NAN));
-            let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(x, _mm512_set1_epi32(0x80)));
-            _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign))
+            let high = _mm256_set1_epi16(0x7f00);
+            let nan = _mm256_cmpeq_epi16(_mm256_and_si256(x, high), high);
+            _mm512_cvtph_ps(_mm256_or_si256(bits, nan))
         }
         #[inline(always)]
         unsafe fn pow2_from_magic(t: __m512) -> __m512 {
