@@ -141,6 +141,7 @@ pub fn classify_observed(
     Ok(BlockMaps {
         b: sh.b,
         h: sh.h,
+        tiling,
         by_b,
         by_h,
         maps,

@@ -515,6 +515,9 @@ pub(crate) fn flex_of<'m>(
 pub struct BlockMaps {
     pub(crate) b: usize,
     pub(crate) h: usize,
+    /// The tile sizes of every map (kept here too: a call with B = 0 or
+    /// H = 0 may have no map at all).
+    pub(crate) tiling: Tiling,
     pub(crate) by_b: bool,
     pub(crate) by_h: bool,
     /// `(by_b ? B : 1) x (by_h ? H : 1)`, row-major.
@@ -620,8 +623,9 @@ impl BlockMaps {
         self.counts
     }
 
+    /// The tile sizes the maps were built with (also when there is none).
     pub fn tiling(&self) -> Tiling {
-        self.maps.first().map(|m| m.tiling()).unwrap_or_default()
+        self.tiling
     }
 
     /// The counts summed over every (b, h) pair of the call (B x H maps,
@@ -636,15 +640,20 @@ impl BlockMaps {
 
     /// FlexAttention's layout: `[B, H, ...]` with B (or H) equal to 1 when
     /// the maps do not depend on b (or h), as FlexAttention broadcasts.
+    ///
+    /// The key axis is as long as the longest sequence's (a ragged batch's
+    /// maps differ in length; a shorter row's indices past its own tiles are
+    /// 0, and its counts say how many are used); a call with no sequence or
+    /// no head gives empty arrays.
     pub fn to_flex(&self) -> FlexLayout {
-        let first = &self.maps[0];
         let b = if self.by_b { self.b } else { 1 };
         let h = if self.by_h { self.h } else { 1 };
         let stride = if self.by_h { self.h } else { 1 };
+        let most = |tiles: fn(&BlockMap) -> usize| self.maps.iter().map(tiles).max().unwrap_or(0);
         flex_of(
-            first.tiling(),
-            first.q_tiles(),
-            first.kv_tiles(),
+            self.tiling,
+            most(BlockMap::q_tiles),
+            most(BlockMap::kv_tiles),
             b,
             h,
             |bi, hi| &self.maps[bi * stride + hi],

@@ -602,3 +602,122 @@ fn views_of_other_layouts_give_the_same_outputs() {
     let want_dense = jit.run(&cache.dense(&program)).unwrap();
     assert_eq!(jit.run(&dense).unwrap(), want_dense);
 }
+
+/// A call with no sequence (B = 0: dense, ragged or paged) or no query head
+/// (H = 0) returns empty outputs on every backend and at every tile size,
+/// as the reference does, also where the mask reads `b` or `h` (and there is
+/// then no block map at all); the flex export of those maps is empty.
+#[test]
+fn calls_with_no_sequence_or_no_head_give_empty_outputs_at_every_tile_size() {
+    use attnc::mask::Tiling;
+    use attnc::{CompileOptions, Tiles};
+    let tilings = [None, Some((16, 16)), Some((1, 16)), Some((32, 64))];
+    for src in [
+        "attention dense { }",
+        "attention c { mask = causal && h >= 0 && b >= 0 }",
+    ] {
+        let program = program(src);
+        for (b, h, hkv, ragged, paged) in [
+            (0, 2, 2, false, false),
+            (0, 2, 1, true, false),
+            (0, 2, 2, false, true),
+            (1, 0, 1, false, false),
+        ] {
+            let q = Array4::<f32>::zeros((b, h, 3, 8));
+            let k = Array4::<f32>::zeros((b, hkv, 5, 8));
+            let pool = Array4::<f32>::zeros((2, 4, hkv, 8));
+            let table = Array2::<i32>::zeros((b, 2));
+            let lens = Array1::<i32>::zeros(b);
+            let mut inputs = if paged {
+                Inputs::paged(
+                    q.view(),
+                    pool.view(),
+                    pool.view(),
+                    table.view(),
+                    lens.view(),
+                )
+            } else {
+                Inputs::new(q.view(), k.view(), k.view())
+            };
+            if ragged {
+                inputs = inputs.kv_lens(lens.view());
+            }
+            let inputs = inputs.with_lse();
+            let case = format!("{src} B{b} H{h} HKV{hkv} ragged {ragged} paged {paged}");
+            let want = program.run_reference(&inputs).unwrap();
+            assert_eq!(want.out.shape(), &[b, h, 3, 8], "{case}");
+            for tiles in tilings {
+                let tiles = tiles.map_or(Tiles::Auto, |(bq, bkv)| {
+                    Tiles::Fixed(Tiling::new(bq, bkv).unwrap())
+                });
+                let jit = program
+                    .compile_jit_with(&CompileOptions {
+                        tiles,
+                        ..CompileOptions::default()
+                    })
+                    .unwrap();
+                let got = jit
+                    .run(&inputs)
+                    .unwrap_or_else(|e| panic!("{case} {tiles:?}: {e}"));
+                assert_eq!(got.out, want.out, "{case} {tiles:?}");
+                assert_eq!(got.lse, want.lse, "{case} {tiles:?}");
+                let maps = jit.block_maps(&inputs).unwrap();
+                assert_eq!(maps.tiling(), jit.tiling(), "{case} {tiles:?}");
+                let flex = maps.to_flex();
+                let per_b = if maps.depends_on_b() { b } else { 1 };
+                let per_h = if maps.depends_on_h() { h } else { 1 };
+                assert_eq!(flex.kv_num_blocks.dim().0, per_b, "{case} {tiles:?}");
+                assert_eq!(flex.kv_num_blocks.dim().1, per_h, "{case} {tiles:?}");
+                let tiling = Tiling::new(16, 16).unwrap();
+                let interp = program.run_interp(&inputs, tiling).unwrap();
+                assert_eq!(interp.out, want.out, "{case}");
+            }
+        }
+    }
+}
+
+/// The flex export of a ragged batch: the key axis is as long as the longest
+/// sequence's, each sequence's counts and first indices are its own map's
+/// (a shorter first sequence once made the export index past its rows).
+#[test]
+fn flex_export_of_a_ragged_batch_spans_the_longest_sequence() {
+    let program = program("attention c { mask = causal }");
+    let jit = program
+        .compile_jit(
+            attnc::mask::Tiling::new(16, 16).unwrap(),
+            GemmImpl::detect(),
+        )
+        .unwrap();
+    let q = Array4::<f32>::zeros((3, 2, 4, 8));
+    let k = Array4::<f32>::zeros((3, 2, 200, 8));
+    let lens = Array1::from(vec![16, 200, 37]);
+    let inputs = Inputs::new(q.view(), k.view(), k.view()).kv_lens(lens.view());
+    let maps = jit.block_maps(&inputs).unwrap();
+    let flex = maps.to_flex();
+    assert_eq!(flex.kv_indices.dim(), (3, 1, 1, 13));
+    for (b, &n) in lens.iter().enumerate() {
+        let map = maps.get(b, 0);
+        assert_eq!(map.kv_tiles(), (n as usize).div_ceil(16));
+        // The queries are the last 4 positions: one partial tile (the last),
+        // the tiles before it full.
+        let partial: Vec<i32> = map.partial(0).iter().map(|&t| t as i32).collect();
+        let used = flex.kv_num_blocks[[b, 0, 0]] as usize;
+        assert_eq!(
+            flex.kv_indices.slice(s![b, 0, 0, ..used]).to_vec(),
+            partial,
+            "sequence {b}"
+        );
+        let full = flex.full_kv_num_blocks[[b, 0, 0]] as usize;
+        let want_full: Vec<i32> = map
+            .full_ranges(0)
+            .iter()
+            .flat_map(|r| r.clone())
+            .map(|t| t as i32)
+            .collect();
+        assert_eq!(
+            flex.full_kv_indices.slice(s![b, 0, 0, ..full]).to_vec(),
+            want_full,
+            "sequence {b}"
+        );
+    }
+}
