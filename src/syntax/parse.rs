@@ -388,7 +388,8 @@ fn build_expr(pair: Pair<'_, Rule>) -> Result<Expr, SyntaxError> {
         Rule::call | Rule::index => {
             let is_call = pair.as_rule() == Rule::call;
             let mut inner = pair.into_inner();
-            let name = ident(inner.next().unwrap());
+            // `callee` / `indexed`: the name and its opening bracket.
+            let name = ident(inner.next().unwrap().into_inner().next().unwrap());
             let args = inner.map(build_expr).collect::<Result<Vec<_>, _>>()?;
             let kind = if is_call {
                 ExprKind::Call(name, args)
@@ -399,7 +400,8 @@ fn build_expr(pair: Pair<'_, Rule>) -> Result<Expr, SyntaxError> {
         }
         Rule::reduce => {
             let mut inner = pair.into_inner();
-            let op_pair = inner.next().unwrap();
+            // `reduce_head`: the reduction's name and its `(`.
+            let op_pair = inner.next().unwrap().into_inner().next().unwrap();
             let op = match op_pair.as_str() {
                 "sum" => ReduceOp::Sum,
                 "any" => ReduceOp::Any,
@@ -466,7 +468,10 @@ fn rule_name(rule: &Rule) -> Option<&'static str> {
         | Rule::unary
         | Rule::paren
         | Rule::call
+        | Rule::callee
         | Rule::index
+        | Rule::indexed
+        | Rule::reduce_head
         | Rule::if_expr => "an expression",
         Rule::float | Rule::uint => "a number",
         Rule::bool_lit => "`true` or `false`",
@@ -792,6 +797,55 @@ fn malformed_number(source: &str, pos: usize) -> Option<SyntaxError> {
 }
 
 /// Targeted advice for common slips.
+/// The `(` or `[` at `pos`, or else the innermost one still open there,
+/// when it starts its line right after a name that ends the line before:
+/// the grammar reads a call's `(` and a read's `[` only on the name's line,
+/// so `max` then `(q, kv)` on the next line is a name and a parenthesis.
+fn bracket_on_next_line(source: &str, pos: usize) -> Option<String> {
+    let mut open = Vec::new();
+    for line_start in
+        std::iter::once(0).chain(source[..pos].match_indices('\n').map(|(i, _)| i + 1))
+    {
+        let line = &source[line_start..pos.max(line_start)];
+        let line = &line[..line.find('\n').unwrap_or(line.len())];
+        let code = line.find("//").map_or(line, |c| &line[..c]);
+        for (i, c) in code.char_indices() {
+            match c {
+                '(' | '[' => open.push(line_start + i),
+                ')' | ']' => {
+                    open.pop();
+                }
+                _ => {}
+            }
+        }
+    }
+    let at = if matches!(source[pos..].chars().next(), Some('(' | '[')) {
+        pos
+    } else {
+        *open.last()?
+    };
+    let line_start = source[..at].rfind('\n').map_or(0, |i| i + 1);
+    if !source[line_start..at].trim().is_empty() {
+        return None;
+    }
+    let before = text_before(source, at);
+    let name = before
+        .rsplit(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .next()
+        .filter(|w| w.starts_with(|c: char| c.is_alphabetic() || c == '_'))?;
+    if before.len() == line_start || token_name(name).is_some() {
+        return None;
+    }
+    let (bracket, what, close) = if source[at..].starts_with('(') {
+        ('(', "a call's", ')')
+    } else {
+        ('[', "a buffer read's", ']')
+    };
+    Some(format!(
+        "`{name}` ends the line before, so this `{bracket}` starts an expression of its own: {what} `{bracket}` goes on the name's line (`{name}{bracket}...{close}`)"
+    ))
+}
+
 fn syntax_hint(source: &str, pos: usize, found: &str, expected: &[&str]) -> Option<String> {
     let rest = &source[pos..];
     let before = text_before(source, pos);
@@ -805,6 +859,9 @@ fn syntax_hint(source: &str, pos: usize, found: &str, expected: &[&str]) -> Opti
             "{found} is an invisible or control character (U+{:04X}) that does not belong here; delete it",
             c as u32
         ));
+    }
+    if let Some(hint) = bracket_on_next_line(source, pos) {
+        return Some(hint);
     }
     if found == "end of file" && expects("`}`") {
         return Some("close the attention block with `}`".to_string());
@@ -1010,6 +1067,61 @@ mod tests {
         }
         let err = parse("attention a { let 2x = 1 mask = causal }").unwrap_err();
         assert!(!err.message.contains("malformed"), "{}", err.message);
+    }
+
+    /// A call's `(`, a reduction's `(` and a read's `[` follow the name on
+    /// its line: on the next line they start an expression of their own (the
+    /// value of a function after its `let`s), and where that expression does
+    /// not belong the hint says why.
+    #[test]
+    fn brackets_on_the_next_line_start_an_expression() {
+        let block = "\nattention a { mask = causal }";
+        let file = parse(&format!(
+            "fn f(x: int) -> int {{\n    let a = x\n    (a + 1) * 2\n}}{block}"
+        ))
+        .unwrap();
+        assert_eq!(
+            file.functions[0].to_string(),
+            "f(x: int) -> int { let a = x; (* (+ a 1) 2) }"
+        );
+        // On the name's line, spaces between are allowed.
+        let file = parse(&format!(
+            "fn f(x: int) -> int {{ max (x, 2) + sum (i in 0..2: i) }}{block}"
+        ))
+        .unwrap();
+        assert_eq!(
+            file.functions[0].to_string(),
+            "f(x: int) -> int { (+ max(x, 2) (sum i 0 2 i)) }"
+        );
+        for (src, name, bracket) in [
+            ("attention a {\n  mask = max\n  (q, kv) > 0\n}", "max", '('),
+            ("attention a {\n  let a = kv\n  (a + 1) > 2\n}", "kv", '('),
+            (
+                "attention a {\n  buffer w[KV]: float\n  score = score + w\n    [kv]\n}",
+                "w",
+                '[',
+            ),
+            (
+                "attention a {\n  score = sum\n (i in 0..2: score)\n}",
+                "sum",
+                '(',
+            ),
+        ] {
+            let err = parse(src).expect_err(src);
+            let help = err.help.unwrap_or_default();
+            assert!(
+                help.contains(&format!(
+                    "`{name}` ends the line before, so this `{bracket}`"
+                )),
+                "{src}: {help}"
+            );
+        }
+        // Not for a parenthesis that follows an operator or starts an item.
+        let err = parse("attention a {\n  mask = q >\n  (kv, 1)\n}").unwrap_err();
+        assert!(!err
+            .help
+            .unwrap_or_default()
+            .contains("ends the line before"));
     }
 
     /// A file's words outside any block must start a block or a function.
