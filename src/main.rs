@@ -281,7 +281,8 @@ struct EmitArgs {
     /// Element type of q, k and v: in the PTX kernel, f32 (FMA), f16 or bf16
     /// (tensor cores), f32 by default as for `attnc run --backend cuda`; with
     /// --q-len, the loop nest a CPU call of that type takes on this CPU
-    /// (bf16: products on bf16 pairs where it has AVX-512 BF16).
+    /// (bf16: products on bf16 pairs where its `vdpbf16ps` outruns its f32
+    /// FMAs, timed once per process; `ATTNC_BF16_PAIRS=1|0` overrides).
     #[arg(long, value_name = "f32|f16|bf16")]
     dtype: Option<String>,
     /// With --target ptx: K and V stored as int8 or fp8 with a float32 scale
@@ -502,10 +503,11 @@ struct RunArgs {
     /// in it: float32/float64 files are rounded to it (nearest, ties to even),
     /// float16 files (with f16) and uint16 files of bf16 bit patterns (with
     /// bf16) are taken as they are. The CPU backends compute in f32 on those
-    /// values, except that where the CPU has AVX-512 BF16 a bf16 prefill (q,
-    /// k and v bf16) runs its tile products on bf16 operands with f32 sums
-    /// (`vdpbf16ps`) and rounds the probabilities to bf16 for P·V, as
-    /// FlashAttention does; the GPU (`--backend cuda`) runs its products in
+    /// values, except that where the CPU's bf16 dot product (AVX-512 BF16)
+    /// outruns its f32 FMAs (timed once per process; `ATTNC_BF16_PAIRS=1|0`
+    /// overrides) a bf16 prefill (q, k and v bf16) runs its tile products on
+    /// bf16 operands with f32 sums (`vdpbf16ps`) and rounds the probabilities
+    /// to bf16 for P·V, as FlashAttention does; the GPU (`--backend cuda`) runs its products in
     /// the type (tensor cores for f16 and bf16).
     #[arg(long, default_value = "f32", value_name = "f32|bf16|f16")]
     dtype: String,
@@ -1393,11 +1395,12 @@ fn run(cmd: Command) -> Result<(), Error> {
 /// Shapes of the block-map probe of `attnc check`.
 const PROBE_LEN: usize = 2048;
 
-/// `attnc check`'s probe of the block-map analysis: a spec whose mask reads
-/// no buffer is classified at Q = KV = [`PROBE_LEN`] in 64x64 tiles (B = H =
+/// `attnc check`'s probe of the block-map analysis: the mask of a spec that
+/// declares no buffer is classified at Q = KV = [`PROBE_LEN`] in 64x64 tiles (B = H =
 /// 1), and a fallback to element evaluation is reported with the
-/// sub-expression that caused it. Masks that read buffers depend on their
-/// data: `attnc blocks` with the data says it there. A mask that fails at
+/// sub-expression that caused it. A spec with buffers needs their data (and
+/// a mask that reads them depends on it): `attnc blocks` with the data says
+/// it there. A mask that fails at
 /// some element of the probe is left to the run to report.
 fn probe_fallback(program: &driver::Program) -> Option<String> {
     let spec = &program.spec;
