@@ -797,8 +797,8 @@ fn malformed_number(source: &str, pos: usize) -> Option<SyntaxError> {
 }
 
 /// Targeted advice for common slips.
-/// The `(` or `[` at `pos`, or else the innermost one still open there,
-/// when it starts its line right after a name that ends the line before:
+/// The `(` or `[` at `pos`, or the innermost one still open at a `,` at
+/// `pos`, when it starts its line right after a name that ends the line before:
 /// the grammar reads a call's `(` and a read's `[` only on the name's line,
 /// so `max` then `(q, kv)` on the next line is a name and a parenthesis.
 fn bracket_on_next_line(source: &str, pos: usize) -> Option<String> {
@@ -819,10 +819,13 @@ fn bracket_on_next_line(source: &str, pos: usize) -> Option<String> {
             }
         }
     }
-    let at = if matches!(source[pos..].chars().next(), Some('(' | '[')) {
-        pos
-    } else {
-        *open.last()?
+    // The bracket itself, where the error is (nothing may follow the line
+    // before's expression there), or a `,` right inside it (arguments meant
+    // for a call); an error elsewhere inside has its own cause and hint.
+    let at = match source[pos..].chars().next() {
+        Some('(' | '[') => pos,
+        Some(',') => *open.last()?,
+        _ => return None,
     };
     let line_start = source[..at].rfind('\n').map_or(0, |i| i + 1);
     if !source[line_start..at].trim().is_empty() {
@@ -833,17 +836,14 @@ fn bracket_on_next_line(source: &str, pos: usize) -> Option<String> {
         .rsplit(|c: char| !(c.is_alphanumeric() || c == '_'))
         .next()
         .filter(|w| w.starts_with(|c: char| c.is_alphabetic() || c == '_'))?;
-    if before.len() == line_start || token_name(name).is_some() {
+    if token_name(name).is_some() {
         return None;
     }
-    let (bracket, what, close) = if source[at..].starts_with('(') {
-        ('(', "a call's", ')')
+    Some(if source[at..].starts_with('(') {
+        format!("`{name}` ends the line before, so this `(` starts an expression of its own: a call's `(` goes on the name's line (`{name}(...)`)")
     } else {
-        ('[', "a buffer read's", ']')
-    };
-    Some(format!(
-        "`{name}` ends the line before, so this `{bracket}` starts an expression of its own: {what} `{bracket}` goes on the name's line (`{name}{bracket}...{close}`)"
-    ))
+        format!("`{name}` ends the line before, and a buffer read's `[` goes on the name's line (`{name}[...]`)")
+    })
 }
 
 fn syntax_hint(source: &str, pos: usize, found: &str, expected: &[&str]) -> Option<String> {
@@ -1110,18 +1110,24 @@ mod tests {
             let err = parse(src).expect_err(src);
             let help = err.help.unwrap_or_default();
             assert!(
-                help.contains(&format!(
-                    "`{name}` ends the line before, so this `{bracket}`"
-                )),
+                help.contains(&format!("`{name}` ends the line before"))
+                    && help.contains(&format!("`{bracket}` goes on the name's line")),
                 "{src}: {help}"
             );
         }
-        // Not for a parenthesis that follows an operator or starts an item.
+        // Not for a parenthesis that follows an operator, nor for a mistake
+        // of its own inside a parenthesis that may start a line (a function's
+        // value after its `let`s): that mistake keeps its hint.
         let err = parse("attention a {\n  mask = q >\n  (kv, 1)\n}").unwrap_err();
         assert!(!err
             .help
             .unwrap_or_default()
             .contains("ends the line before"));
+        for (value, hint) in [("(a > 1 and a < 4)", "`&&`"), ("(a = 1)", "`==`")] {
+            let src = format!("fn f(x: int) -> bool {{\n    let a = x\n    {value}\n}}{block}");
+            let help = parse(&src).expect_err(&src).help.unwrap_or_default();
+            assert!(help.contains(hint), "{src}: {help}");
+        }
     }
 
     /// A file's words outside any block must start a block or a function.

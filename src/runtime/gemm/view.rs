@@ -31,8 +31,10 @@ trait Elem: Copy {
     unsafe fn load<S: Simd>(p: *const Self) -> S::V;
     fn to_f32(self) -> f32;
     /// What [`Elem::load`] gives for an element of value 1 on `S`: a power of
-    /// two whose inverse the products fold into a quantized row's scale
-    /// (e4m3fn on AVX2 widens through f16 to 2^-8 times the value).
+    /// two whose inverse the products apply to their dot products (`qk`) or
+    /// fold into a probability's scale (`pv`, where a probability is at most
+    /// 1) (e4m3fn on AVX-512 and AVX2 widens through f16 to 2^-8 times the
+    /// value).
     #[inline(always)]
     fn unit<S: Simd>() -> f32 {
         1.0
@@ -444,10 +446,12 @@ unsafe fn qk<S: Simd, E: Elem>(
     let full = d - d % S::LANES;
     let zero = S::splat(0.0);
     let scale_v = S::splat(scale);
-    // A quantized row's scale times the softmax scale, over what a loaded
-    // element of value 1 is (a power of two: exact).
-    let row_scale = scale / E::unit::<S>();
-    let row_scale_v = S::splat(row_scale);
+    // What a loaded element of value 1 is, inverted (a power of two: exact),
+    // applied to the dot products before a quantized row's scale (times the
+    // softmax scale): folded into that scale, it would overflow f32 for a
+    // scale within 256 of its largest where the reference's score is finite.
+    let inv_unit = 1.0 / E::unit::<S>();
+    let inv_unit_v = S::splat(inv_unit);
     let tail = S::first_lanes(d - full);
     let (rs, srs) = (view.row_stride as usize, view.scale_row_stride as usize);
     let mut segs = Segments::<E>::new(view, view.k, view.k_scales, key0, cols, d, rows);
@@ -475,7 +479,7 @@ unsafe fn qk<S: Simd, E: Elem>(
                     for (c, x) in sc.iter_mut().enumerate().take(S::LANES) {
                         *x = *scales.add(shead + (j + c) * srs);
                     }
-                    S::mul(S::load(sc.as_ptr()), row_scale_v)
+                    S::mul(S::load(sc.as_ptr()), scale_v)
                 } else {
                     scale_v
                 };
@@ -522,7 +526,10 @@ unsafe fn qk<S: Simd, E: Elem>(
                 for (i, p) in part.iter().enumerate().take(nr) {
                     // SAFETY: lanes `..LANES` of rows `..nr` were written above.
                     let p = std::slice::from_raw_parts(p.as_ptr().cast::<S::V>(), S::LANES);
-                    let sums = S::reduce_rows_sum(p);
+                    let mut sums = S::reduce_rows_sum(p);
+                    if inv_unit != 1.0 {
+                        sums = S::mul(sums, inv_unit_v);
+                    }
                     S::store(
                         s.add((r0 + i) * s_stride + c0 + j),
                         S::mul(sums, key_scales),
@@ -539,7 +546,7 @@ unsafe fn qk<S: Simd, E: Elem>(
                 let (nr, head, shead) = head_block(view, r0, rows, QK_ROWS);
                 let krow = krows.add(head + j * rs);
                 let key_scale = if E::QUANTIZED {
-                    row_scale * *scales.add(shead + j * srs)
+                    scale * *scales.add(shead + j * srs)
                 } else {
                     scale
                 };
@@ -560,7 +567,7 @@ unsafe fn qk<S: Simd, E: Elem>(
                     }
                 }
                 for (i, a) in acc.iter().enumerate().take(nr) {
-                    *s.add((r0 + i) * s_stride + c0 + j) = S::reduce_sum(*a) * key_scale;
+                    *s.add((r0 + i) * s_stride + c0 + j) = S::reduce_sum(*a) * inv_unit * key_scale;
                 }
                 r0 += nr;
             }
@@ -944,7 +951,7 @@ mod tests {
     use super::*;
     use crate::runtime::gemm::NativeIsa;
     use crate::tensor::{KvArray, KvData};
-    use ndarray::{s, Array4};
+    use ndarray::{s, Array3, Array4};
 
     /// A pool `[pages, ps, hkv, d]` whose keys `0 .. n` of the sequence (page
     /// table `table`) hold small integers (V: halves of K), NaN everywhere
@@ -1223,6 +1230,58 @@ mod tests {
                             .filter(move |&c| p[r * cols + c] != 0.0)
                             .map(move |c| f64::from(p[r * cols + c]) * at(vd, key0 + c, head(r), t))
                     });
+                }
+            }
+        }
+    }
+
+    /// An fp8 key scale near its largest (448 x scale finite) under a large
+    /// softmax scale: the 2^-8 at which a vector unit loads fp8 values is
+    /// applied to the dot products, so the scores stay the finite ones of
+    /// f64 (folded into the scale, 256 x 7e35 x 100 overflowed to inf).
+    #[test]
+    fn fp8_scores_at_the_largest_scales_stay_finite() {
+        for isa in NativeIsa::ALL.into_iter().filter(|i| i.is_supported()) {
+            let (qk_fn, _) = view_kernels(isa);
+            for d in [16, 19, 35] {
+                let (ps, cols, scale, key_scale) = (16, 20, 100.0f32, 7e35f32);
+                // Every element the smallest subnormal, 2^-9.
+                let data = Array4::<u8>::from_elem((2, ps, 1, d), 0x01);
+                let scales = Array3::<f32>::from_elem((2, ps, 1), key_scale);
+                let table = [1i32, 0];
+                let view = KvView::pool(
+                    (data.as_ptr(), data.as_ptr()),
+                    (scales.as_ptr(), scales.as_ptr()),
+                    table.as_ptr(),
+                    cols,
+                    [ps, 1, d],
+                    1,
+                    ElemType::Fp8,
+                );
+                let q = vec![1f32; d];
+                let mut s = vec![0f32; cols];
+                // SAFETY: q holds one row of d; the view covers keys 0 .. cols;
+                // s holds one row of cols.
+                unsafe {
+                    qk_fn(
+                        q.as_ptr(),
+                        d,
+                        &view,
+                        0,
+                        d,
+                        1,
+                        cols,
+                        s.as_mut_ptr(),
+                        cols,
+                        scale,
+                    )
+                };
+                let want = f64::from(scale) * f64::from(key_scale) * d as f64 / 512.0;
+                for (c, &got) in s.iter().enumerate() {
+                    assert!(
+                        close(got, want, want),
+                        "{isa} d={d} key {c}: {got} vs {want}"
+                    );
                 }
             }
         }
