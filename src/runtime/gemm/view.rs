@@ -31,10 +31,9 @@ trait Elem: Copy {
     unsafe fn load<S: Simd>(p: *const Self) -> S::V;
     fn to_f32(self) -> f32;
     /// What [`Elem::load`] gives for an element of value 1 on `S`: a power of
-    /// two whose inverse the products apply to their dot products (`qk`) or
-    /// fold into a probability's scale (`pv`, where a probability is at most
-    /// 1) (e4m3fn on AVX-512 and AVX2 widens through f16 to 2^-8 times the
-    /// value).
+    /// two, 2^-8 for e4m3fn on AVX-512 and AVX2, which widen it through f16.
+    /// `qk` applies its inverse to the dot products; `pv` folds it into the
+    /// probabilities' scales (a probability is at most 1).
     #[inline(always)]
     fn unit<S: Simd>() -> f32 {
         1.0
