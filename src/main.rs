@@ -1279,7 +1279,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
             .as_ref()
             .map_or_else(driver::default_bf16_pairs, |j| j.bf16_pairs());
         let (rows, kv) = driver::nest_for(&bound, t, pairs);
-        report.nest = Some(format!("rows {rows:?}, K/V {kv:?}"));
+        report.nest = Some(format!("rows {}, kv {}", rows.name(), kv.name()));
     }
     if args.bandwidth {
         let (k, v) = (k.bytes(), v.bytes());
@@ -1697,14 +1697,14 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
                 ""
             };
             chosen = format!(
-                "; chosen for B={} H={} HKV={hkv} Q={q_len} KV={kv_len}{}: rows {:?}, K/V {:?}{widened}{split}\n",
+                "; chosen for B={} H={} HKV={hkv} Q={q_len} KV={kv_len}{}: rows {}, kv {}{widened}{split}\n",
                 batch,
                 heads,
                 args.page_size
                     .map(|p| format!(" in pages of {p}"))
                     .unwrap_or_default(),
-                nest.0,
-                nest.1
+                nest.0.name(),
+                nest.1.name()
             );
             nest
         }

@@ -220,6 +220,28 @@ impl fmt::Display for Section {
     }
 }
 
+impl RowMap {
+    /// The name the nest's text gives it (`rows gqa_group`).
+    pub fn name(self) -> &'static str {
+        match self {
+            RowMap::OneHead => "one_head",
+            RowMap::GqaGroup => "gqa_group",
+            RowMap::AllHeads => "all_heads",
+        }
+    }
+}
+
+impl KvSource {
+    /// The name the nest's text gives it (`kv in_place`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KvSource::Packed => "packed",
+            KvSource::InPlace => "in_place",
+            KvSource::PackedBf16 => "packed_bf16",
+        }
+    }
+}
+
 impl fmt::Display for LoopNest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.grid {

@@ -720,7 +720,7 @@ fn bench_reports_the_fma_peak_beside_the_runs() {
     let bench = |q_len, extra| bench_json_of("examples/causal.attn", q_len, "2", extra);
     let jit = ["--runs", "3", "--warmup", "0", "--gemm", "jit", "--peak"];
     let r = bench("256", &jit);
-    assert_eq!(r["nest"], "rows OneHead, K/V Packed", "{r}");
+    assert_eq!(r["nest"], "rows one_head, kv packed", "{r}");
     assert!(
         r["backend"].as_str().unwrap().starts_with("jit (jit, "),
         "{r}"
@@ -730,7 +730,7 @@ fn bench_reports_the_fma_peak_beside_the_runs() {
     // A decode reads K/V in place with native products, which have no JIT
     // form: the report names them, and the peak is theirs.
     let r = bench("1", &jit);
-    assert_eq!(r["nest"], "rows GqaGroup, K/V InPlace", "{r}");
+    assert_eq!(r["nest"], "rows gqa_group, kv in_place", "{r}");
     let backend = r["backend"].as_str().unwrap();
     assert!(backend.starts_with("jit (native-"), "{r}");
     let kind = r["fma_peak"]["kind"].as_str().unwrap();
@@ -880,20 +880,20 @@ fn bench_reports_the_types_and_the_loop_nest_it_ran() {
         (
             &serde_json::json!("f32"),
             &serde_json::json!("f32"),
-            &serde_json::json!("rows OneHead, K/V Packed")
+            &serde_json::json!("rows one_head, kv packed")
         ),
         "{r}"
     );
     // bf16 q, k and v: pairs where this CPU has a bf16 dot product.
     let pairs = attnc::driver::default_bf16_pairs();
     let r = prefill(&["--dtype", "bf16"]);
-    let kv = if pairs { "PackedBf16" } else { "Packed" };
+    let kv = if pairs { "packed_bf16" } else { "packed" };
     assert_eq!(r["q_dtype"], "bf16", "{r}");
     assert_eq!(r["kv_dtype"], "bf16", "{r}");
-    assert_eq!(r["nest"], format!("rows OneHead, K/V {kv}"), "{r}");
+    assert_eq!(r["nest"], format!("rows one_head, kv {kv}"), "{r}");
     // The interpreter runs the same nest.
     let r = prefill(&["--dtype", "bf16", "--backend", "interp"]);
-    assert_eq!(r["nest"], format!("rows OneHead, K/V {kv}"), "{r}");
+    assert_eq!(r["nest"], format!("rows one_head, kv {kv}"), "{r}");
     // An int8 decode step on a pool: every head of a sequence in one tile,
     // read in place; the text report says it too.
     let decode = [
@@ -916,11 +916,11 @@ fn bench_reports_the_types_and_the_loop_nest_it_ran() {
     let r: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
     assert_eq!(r["q_dtype"], "f32", "{r}");
     assert_eq!(r["kv_dtype"], "int8", "{r}");
-    assert_eq!(r["nest"], "rows AllHeads, K/V InPlace", "{r}");
+    assert_eq!(r["nest"], "rows all_heads, kv in_place", "{r}");
     let o = attnc(&[&["bench", "examples/causal.attn"][..], &decode].concat());
     assert!(
         stdout(&o)
-            .contains("D=64, q f32, K/V int8, 1 runs\n  loop nest: rows AllHeads, K/V InPlace\n"),
+            .contains("D=64, q f32, K/V int8, 1 runs\n  loop nest: rows all_heads, kv in_place\n"),
         "{}",
         stdout(&o)
     );
@@ -2747,7 +2747,7 @@ fn emit_prints_the_nest_chosen_for_shapes() {
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
     assert!(
-        text.contains("in pages of 16: rows GqaGroup, K/V InPlace; each key walk split into"),
+        text.contains("in pages of 16: rows gqa_group, kv in_place; each key walk split into"),
         "{text}"
     );
     assert!(text.contains("grid kv_heads"), "{text}");
@@ -2755,7 +2755,7 @@ fn emit_prints_the_nest_chosen_for_shapes() {
         "emit", spec, "--stage", "nest", "--q-len", "2048", "--heads", "8",
     ]);
     assert!(
-        stdout(&o).contains("rows OneHead, K/V Packed"),
+        stdout(&o).contains("rows one_head, kv packed"),
         "{}",
         stdout(&o)
     );
@@ -2769,12 +2769,12 @@ fn emit_prints_the_nest_chosen_for_shapes() {
     ]);
     let text = stdout(&o);
     if pairs {
-        assert!(text.contains("rows OneHead, K/V PackedBf16"), "{text}");
+        assert!(text.contains("rows one_head, kv packed_bf16"), "{text}");
         assert!(text.contains("kv packed_bf16"), "{text}");
     } else {
         assert!(
             text.contains(
-                "rows OneHead, K/V Packed (bf16 widened to f32 as it is packed: \
+                "rows one_head, kv packed (bf16 widened to f32 as it is packed: \
                  this CPU has no bf16 dot product faster than f32 FMAs)"
             ),
             "{text}"
@@ -2811,7 +2811,7 @@ fn emit_prints_the_nest_chosen_for_shapes() {
     ]);
     let text = stdout(&o);
     assert!(
-        text.contains("in pages of 16: rows AllHeads, K/V InPlace; each key walk split into"),
+        text.contains("in pages of 16: rows all_heads, kv in_place; each key walk split into"),
         "{text}"
     );
     assert!(text.contains("grid sequences"), "{text}");

@@ -128,7 +128,7 @@ pub fn launch(kernel: &Kernel, opts: &PtxOptions) -> Result<Launch, PtxError> {
     let s = &kernel.schedule;
     if s.rows != RowMap::OneHead || s.kv == crate::tile::nest::KvSource::PackedBf16 {
         return Err(PtxError::Nest {
-            what: format!("rows {:?}, K/V {:?}", s.rows, s.kv),
+            what: format!("rows {}, kv {}", s.rows.name(), s.kv.name()),
         });
     }
     if let Some(e) = opts.kv_quant {
