@@ -1076,23 +1076,24 @@ mod tests {
     #[test]
     fn brackets_on_the_next_line_start_an_expression() {
         let block = "\nattention a { mask = causal }";
-        let file = parse(&format!(
-            "fn f(x: int) -> int {{\n    let a = x\n    (a + 1) * 2\n}}{block}"
-        ))
-        .unwrap();
-        assert_eq!(
-            file.functions[0].to_string(),
-            "f(x: int) -> int { let a = x; (* (+ a 1) 2) }"
-        );
-        // On the name's line, spaces between are allowed.
-        let file = parse(&format!(
-            "fn f(x: int) -> int {{ max (x, 2) + sum (i in 0..2: i) }}{block}"
-        ))
-        .unwrap();
-        assert_eq!(
-            file.functions[0].to_string(),
-            "f(x: int) -> int { (+ max(x, 2) (sum i 0 2 i)) }"
-        );
+        // The value on the line after a `let`; and, on the name's line,
+        // spaces between the name and its bracket.
+        for (body, parsed) in [
+            (
+                "{\n    let a = x\n    (a + 1) * 2\n}",
+                "{ let a = x; (* (+ a 1) 2) }",
+            ),
+            (
+                "{ max (x, 2) + sum (i in 0..2: i) }",
+                "{ (+ max(x, 2) (sum i 0 2 i)) }",
+            ),
+        ] {
+            let file = parse(&format!("fn f(x: int) -> int {body}{block}")).unwrap();
+            assert_eq!(
+                file.functions[0].to_string(),
+                format!("f(x: int) -> int {parsed}")
+            );
+        }
         for (src, name, bracket) in [
             ("attention a {\n  mask = max\n  (q, kv) > 0\n}", "max", '('),
             ("attention a {\n  let a = kv\n  (a + 1) > 2\n}", "kv", '('),
