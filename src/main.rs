@@ -1153,6 +1153,12 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
         );
         random_inputs_need(&mut need, &program, &shapes, &buffer_shapes, &buffers);
         typed_inputs_need(&mut need, &shapes, q_elem, kv_elem);
+        if let Some(ps) = args.page_size {
+            // The pool is made beside the dense rows it is filled from.
+            let pages = args.batch.saturating_mul(config.kv_len.div_ceil(ps.max(1)));
+            let pool = [pages, ps, kv_heads, args.dim];
+            need.array("k pages", &pool, 4).array("v pages", &pool, 4);
+        }
         if program.spec.mask.is_some() {
             let tiles = attnc::mask::Tiling::new(64, 64).expect("64x64 is a valid tiling");
             memory::block_maps(&mut need, &program.spec, &shapes, tiles);

@@ -1027,10 +1027,17 @@ fn assert_beyond_memory(o: &Output, input: &str) {
 /// kernel on touching memory that overcommit granted.)
 #[test]
 fn bench_beyond_memory_is_an_error_naming_the_sizes() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
         (
             &["--q-len", "64", "--kv-len", "1000000000"],
             "KV=1000000000",
+        ),
+        // A pool of pages far longer than the sequences (it panicked on the
+        // shape's overflow, or aborted allocating it).
+        (&["--q-len", "64", "--page-size", "1000000000"], "KV=64"),
+        (
+            &["--q-len", "64", "--page-size", "18446744073709551615"],
+            "KV=64",
         ),
         (
             &["--q-len", "100000000", "--heads", "64", "--dim", "128"],
