@@ -298,6 +298,16 @@ pub fn generate_buffer(
             Err(bad(format!("`{kind}` makes {t} data")))
         }
     };
+    // `iota`, `alibi` and `uniform` take no `:ARG` (one was ignored).
+    let no_arg = || {
+        if recipe.contains(':') {
+            Err(bad(format!(
+                "`{kind}` takes no argument (`{kind}`, not `{recipe}`)"
+            )))
+        } else {
+            Ok(())
+        }
+    };
     let dyn_shape = IxDyn(&shape);
     let shape = &shape;
     let last = *shape.last().unwrap_or(&1).max(&1);
@@ -316,18 +326,21 @@ pub fn generate_buffer(
         }
         "iota" => {
             want(Type::Int)?;
+            no_arg()?;
             BufferData::Int(ArrayD::from_shape_fn(dyn_shape, |i| {
                 i[shape.len() - 1] as i64
             }))
         }
         "alibi" => {
             want(Type::Float)?;
+            no_arg()?;
             BufferData::Float(ArrayD::from_shape_fn(dyn_shape, |i| {
                 2f32.powf(-8.0 * (i[shape.len() - 1] + 1) as f32 / last as f32)
             }))
         }
         "uniform" => {
             want(Type::Float)?;
+            no_arg()?;
             BufferData::Float(
                 ArrayD::from_shape_vec(dyn_shape, (0..n).map(|_| rng.uniform()).collect()).unwrap(),
             )
@@ -832,5 +845,12 @@ mod tests {
         assert_eq!(s[[0]], 0.25);
         assert!(generate_buffer(&p.spec.buffers[0], &shapes, "alibi", &mut rng).is_err());
         assert!(generate_buffer(&p.spec.buffers[0], &shapes, "docs:0", &mut rng).is_err());
+        // A recipe without an argument refuses one rather than ignoring it.
+        for (buffer, recipe) in [(0, "iota:5"), (1, "alibi:2"), (1, "uniform:")] {
+            let err = generate_buffer(&p.spec.buffers[buffer], &shapes, recipe, &mut rng)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("takes no argument"), "{recipe}: {err}");
+        }
     }
 }

@@ -1317,8 +1317,16 @@ impl Program {
     pub fn fallback_note(&self, maps: &crate::mask::BlockMaps) -> Option<String> {
         let by = maps.fallback();
         let total: u64 = by.iter().map(|&(_, n)| n).sum();
+        let given_up = maps.counts().given_up_tiles;
+        let gave_up = (given_up > 0).then(|| {
+            format!(
+                "the analysis stopped at its budget of mask evaluations and left {given_up} \
+                 undecided tile(s) partial: the kernel masks them element by element, which costs \
+                 less than deciding them (docs/block-maps.md)"
+            )
+        });
         if total == 0 {
-            return None;
+            return gave_up.map(|g| format!("note: {g}"));
         }
         let text = &self.file.text;
         let place = |id: crate::sema::ExprId| {
@@ -1360,6 +1368,10 @@ impl Program {
         }
         note += "; masks of positions, affine comparisons and sorted or constant buffers are \
                  decided per tile (docs/block-maps.md)";
+        if let Some(g) = gave_up {
+            note += "; ";
+            note += &g;
+        }
         Some(note)
     }
 

@@ -2383,6 +2383,7 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
             "map_bytes": maps.maps().iter().map(|m| m.heap_bytes()).sum::<usize>(),
             "box_evaluations": maps.counts().box_evaluations,
             "element_evaluations": maps.counts().element_evaluations,
+            "given_up_tiles": maps.counts().given_up_tiles,
             "fallback_elements": maps.fallback().iter().map(|&(_, n)| n).sum::<u64>(),
             "fallback_note": program.fallback_note(&maps),
             "shared": maps.is_shared(),
@@ -2418,8 +2419,17 @@ fn blocks(args: BlocksArgs) -> Result<String, Error> {
     out += &render::stats_text(&stats);
     let work = maps.counts();
     let work = format!(
-        "{} box and {} element evaluations of the mask",
-        work.box_evaluations, work.element_evaluations
+        "{} box and {} element evaluations of the mask{}",
+        work.box_evaluations,
+        work.element_evaluations,
+        if work.given_up_tiles > 0 {
+            format!(
+                ", {} tile(s) left partial at its budget",
+                work.given_up_tiles
+            )
+        } else {
+            String::new()
+        }
     );
     if maps.is_shared() {
         let _ = writeln!(

@@ -23,9 +23,19 @@
 //!    while evaluating the mask is reported here too, and every FULL or
 //!    EMPTY tile is known to evaluate without error.
 //!
-//! Result: the classification is exact (it equals the element-wise one), and
-//! `classify` fails if and only if evaluating the mask at some element of
-//! the problem fails.
+//! 5. All of it within a budget of mask evaluations (abstract and concrete,
+//!    each weighed by the nodes of the mask: [`MIN_BUDGET`], or a 32nd of
+//!    the call's elements if more): past it, every tile left is PARTIAL, so
+//!    the kernel masks it element by element, which costs less than deciding
+//!    it here (a mask of a hundred thousand nodes, or an XOR of positions the
+//!    intervals cannot follow, once took minutes to analyse at sizes the
+//!    attention itself computed in a second).
+//!
+//! Result: within the budget the classification is exact (it equals the
+//! element-wise one), and `classify` fails if and only if evaluating the mask
+//! at some element of the problem fails. Past it, tiles it did not decide are
+//! PARTIAL (a FULL or EMPTY tile is still exact and evaluates without error),
+//! and an error in one of them is found by the kernel that masks it.
 
 use crate::bind::Bound;
 use crate::sema::eval::{EvalError, Evaluator, Point};
@@ -38,6 +48,29 @@ use super::MaskError;
 
 /// Boxes of at most this many elements are evaluated element by element.
 const LEAF: u128 = 32;
+
+/// The least budget of the analysis, in mask nodes evaluated (see the
+/// module docs, item 5): a tenth of a second or so of evaluation.
+const MIN_BUDGET: u64 = 1 << 22;
+
+/// Elements of the call per node of the budget past [`MIN_BUDGET`].
+const ELEMENTS_PER_BUDGET_NODE: u64 = 32;
+
+/// The nodes of the mask's expression DAG (each counted once, as the
+/// evaluators compute a shared node once per box or element).
+fn mask_nodes(spec: &Spec, mask: ExprId) -> u64 {
+    let mut seen = vec![false; spec.exprs.len()];
+    let mut stack = vec![mask];
+    let mut n = 0u64;
+    while let Some(id) = stack.pop() {
+        if std::mem::replace(&mut seen[id.0 as usize], true) {
+            continue;
+        }
+        n += 1;
+        stack.extend(spec.expr(id).operands());
+    }
+    n
+}
 
 /// Classifies every (query tile, key tile) of every (b, h) that needs its
 /// own map. See the module docs.
@@ -95,6 +128,10 @@ pub fn classify_observed(
             }
         }
         Some(mask) => {
+            let elements: u64 = (0..n_b)
+                .map(|b| (sh.q as u64).saturating_mul(bound.kv_len(b) as u64))
+                .fold(0u64, u64::saturating_add)
+                .saturating_mul(n_h as u64);
             let mut c = Classifier {
                 mask,
                 tiling,
@@ -110,6 +147,9 @@ pub fn classify_observed(
                 single: None,
                 element_evaluations: 0,
                 fallback: vec![0; spec.exprs.len()],
+                cost: mask_nodes(spec, mask),
+                budget: MIN_BUDGET.max(elements / ELEMENTS_PER_BUDGET_NODE),
+                given_up: 0,
             };
             let total = (n_b * n_h * q_tiles) as u64;
             for b in 0..n_b {
@@ -125,6 +165,7 @@ pub fn classify_observed(
             counts = AnalysisCounts {
                 box_evaluations: c.abs.evaluations(),
                 element_evaluations: c.element_evaluations,
+                given_up_tiles: c.given_up,
             };
             let mut by: Vec<(ExprId, u64)> = c
                 .fallback
@@ -203,9 +244,31 @@ struct Classifier<'a> {
     /// Per sub-expression of the mask, the elements evaluated one by one in
     /// boxes it left undecided ([`AbsEval::culprit`]).
     fallback: Vec<u64>,
+    /// Nodes of the mask: what one evaluation costs against the budget.
+    cost: u64,
+    /// Mask nodes the analysis may still evaluate (module docs, item 5).
+    budget: u64,
+    /// Tiles left PARTIAL, undecided, when the budget ran out.
+    given_up: u64,
 }
 
 impl<'a> Classifier<'a> {
+    /// Charges one evaluation of the mask (over a box or at an element).
+    fn spend(&mut self) {
+        self.budget = self.budget.saturating_sub(self.cost);
+    }
+
+    /// Whether the budget is spent: every tile left is PARTIAL.
+    fn exhausted(&self) -> bool {
+        self.budget == 0
+    }
+
+    /// An abstract evaluation of the mask over `bx`, charged.
+    fn eval_box(&mut self, bx: QBox) -> Abs {
+        self.spend();
+        self.abs.eval(self.mask, bx, &mut self.sums)
+    }
+
     fn map(
         &mut self,
         b: i64,
@@ -247,7 +310,7 @@ impl<'a> Classifier<'a> {
     /// `qt`; single-tile results are remembered for [`Self::single_tile`].
     fn eval_tiles(&mut self, qt: usize, ka: u32, kb: u32) -> Abs {
         let bx = self.tile_box(qt, ka, kb);
-        let a = self.abs.eval(self.mask, bx, &mut self.sums);
+        let a = self.eval_box(bx);
         if kb == ka + 1 {
             self.single = Some((ka, a));
         }
@@ -292,6 +355,21 @@ impl<'a> Classifier<'a> {
             _ => out.push(s),
         };
         while a < n {
+            if self.exhausted() {
+                // One PARTIAL run per tile, as the kernel walks them.
+                for t in a..n {
+                    push(
+                        out,
+                        Seg {
+                            start: t,
+                            end: t + 1,
+                            class: TileClass::Partial,
+                        },
+                    );
+                }
+                self.given_up += u64::from(n - a);
+                return Ok(());
+            }
             let first = self.single_tile(qt, a);
             let Some(class) = decided_class(&first) else {
                 let class = self.explore_tile(qt, a, first)?;
@@ -352,6 +430,7 @@ impl<'a> Classifier<'a> {
 
     fn eval_at(&mut self, q: i64, kv: i64) -> Result<bool, EvalError> {
         self.element_evaluations += 1;
+        self.spend();
         self.ev.eval_bool(
             self.mask,
             Point {
@@ -378,6 +457,9 @@ impl<'a> Classifier<'a> {
                 (bx.q1, bx.k1),
                 (qm, km),
             ] {
+                if self.exhausted() {
+                    break;
+                }
                 let v = self.eval_at(q, kv)?;
                 w.record(v);
                 if w.both() {
@@ -385,11 +467,18 @@ impl<'a> Classifier<'a> {
                 }
             }
         }
-        // The sub-expression that left the tile undecided (the box is
-        // evaluated again: the memo may hold a later box by now).
-        self.abs.eval(self.mask, bx, &mut self.sums);
-        let culprit = self.abs.culprit(self.mask).unwrap_or(self.mask);
-        self.explore(bx, top.may_fail, culprit, &mut w)?;
+        if !self.exhausted() {
+            // The sub-expression that left the tile undecided (the box is
+            // evaluated again: the memo may hold a later box by now).
+            self.eval_box(bx);
+            let culprit = self.abs.culprit(self.mask).unwrap_or(self.mask);
+            self.explore(bx, top.may_fail, culprit, &mut w)?;
+        }
+        if self.exhausted() && !w.both() {
+            // Stopped before it was decided (or just as it was: no matter).
+            self.given_up += 1;
+            return Ok(TileClass::Partial);
+        }
         Ok(match (w.visible, w.masked) {
             (true, true) => TileClass::Partial,
             (true, false) => TileClass::Full,
@@ -408,12 +497,15 @@ impl<'a> Classifier<'a> {
         culprit: ExprId,
         w: &mut Witness,
     ) -> Result<(), EvalError> {
-        if !may_fail && w.both() {
+        if (!may_fail && w.both()) || self.exhausted() {
             return Ok(());
         }
         if bx.size() <= LEAF {
             for q in bx.q0..=bx.q1 {
                 for kv in bx.k0..=bx.k1 {
+                    if self.exhausted() {
+                        return Ok(());
+                    }
                     self.fallback[culprit.0 as usize] += 1;
                     let v = self.eval_at(q, kv)?;
                     w.record(v);
@@ -432,7 +524,7 @@ impl<'a> Classifier<'a> {
             [QBox { k1: m, ..bx }, QBox { k0: m + 1, ..bx }]
         };
         let results = halves.map(|h| {
-            let a = self.abs.eval(self.mask, h, &mut self.sums);
+            let a = self.eval_box(h);
             (h, a, self.abs.culprit(self.mask).unwrap_or(culprit))
         });
         // Decided halves give witnesses at once; then the others.

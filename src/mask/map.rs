@@ -536,6 +536,9 @@ pub struct AnalysisCounts {
     pub box_evaluations: u64,
     /// Concrete evaluations of the mask at single elements.
     pub element_evaluations: u64,
+    /// Tiles left PARTIAL without being decided, the analysis's budget spent
+    /// (`mask::classify`, item 5): the kernel masks them element by element.
+    pub given_up_tiles: u64,
 }
 
 impl BlockMaps {

@@ -948,3 +948,74 @@ fn cli_bad_inputs_say_what_is_wrong() {
     assert!(ok, "{err}");
     assert!(out.contains("no tiles"), "{out}");
 }
+
+/// A mask the analysis cannot decide, past its budget of evaluations (each
+/// weighed by the mask's nodes): the tiles it did not decide are PARTIAL (the
+/// kernel masks them), the ones it decided are exact, the outputs match the
+/// reference, and an error at an element of a tile it gave up on is the
+/// reference's, found by the kernel. (Such a mask once took 100 s in
+/// `attnc check` and 12 s in the analysis of a call whose attention took 0.2.)
+#[test]
+fn an_analysis_past_its_budget_leaves_undecided_tiles_partial() {
+    use attnc::driver::Program;
+    let heavy = "let x = (q ^ (kv * 3)) & 1023\n    \
+                 mask = any(i in 0..1000: x == i * 2000 + 300) || q == kv";
+    let src = format!("attention heavy {{\n    {heavy}\n}}");
+    let program =
+        attnc::load(SourceFile::new("heavy.attn", &src), &SpecOptions::default()).unwrap();
+    let (n, tiling) = (128, Tiling::new(16, 16).unwrap());
+    let b = bound(&program.spec, 1, 1, n, n, 0, BTreeMap::new());
+    let maps = mask::classify(&program.spec, &b, tiling).unwrap();
+    let counts = maps.counts();
+    assert!(counts.given_up_tiles > 0, "{counts:?}");
+    // About 2000 nodes an evaluation, 2^22 nodes of budget: about 2000.
+    assert!(counts.element_evaluations < 4000, "{counts:?}");
+    let exact = brute(&program.spec, &b, tiling).unwrap();
+    let map = maps.get(0, 0);
+    let mut partial = 0;
+    for (qt, row) in exact[0].iter().enumerate() {
+        for (kt, &want) in row.iter().enumerate() {
+            match map.class(qt, kt) {
+                TileClass::Partial => partial += 1,
+                got => assert_eq!(got, want, "tile ({qt}, {kt})"),
+            }
+        }
+    }
+    assert!(partial as u64 >= counts.given_up_tiles);
+    let note = program.fallback_note(&maps).expect("a note");
+    assert!(note.contains("stopped at its budget"), "{note}");
+    // Every backend computes the same attention.
+    let q = Array4::<f32>::from_shape_fn((1, 1, n, 8), |(_, h, i, t)| {
+        ((h * 7 + i * 3 + t) % 11) as f32 * 0.1 - 0.5
+    });
+    let inputs = Inputs::new(q.view(), q.view(), q.view()).with_lse();
+    let want = program.run_reference(&inputs).unwrap();
+    let jit = program
+        .compile_jit(tiling, attnc::codegen::clif::GemmImpl::detect())
+        .unwrap();
+    let got = jit.run(&inputs).unwrap();
+    let diff = got
+        .out
+        .iter()
+        .zip(&want.out)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-5, "out differs by {diff}");
+    // An error in a tile the analysis gave up on: the reference's.
+    let failing = format!("attention heavy {{\n    {heavy} || 100 / (q - 120) > 1000\n}}");
+    let program: Program = attnc::load(
+        SourceFile::new("heavy.attn", &failing),
+        &SpecOptions::default(),
+    )
+    .unwrap();
+    // The analysis spends its budget on the rows before 120: it does not
+    // meet the error, the kernel does.
+    assert!(mask::classify(&program.spec, &b, tiling).is_ok());
+    let want = program.run_reference(&inputs).unwrap_err().to_string();
+    let jit = program
+        .compile_jit(tiling, attnc::codegen::clif::GemmImpl::detect())
+        .unwrap();
+    let got = jit.run(&inputs).unwrap_err().to_string();
+    assert_eq!(got, want);
+    assert!(want.contains("division by zero"), "{want}");
+}
