@@ -1143,6 +1143,14 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     {
         let backend = memory_backend(args.backend).expect("a CPU backend");
         use attnc::memory;
+        let (_, kv_source) = driver::nest_for_shapes(
+            &shapes,
+            args.page_size.is_some(),
+            q_elem,
+            kv_elem,
+            tiling,
+            driver::default_bf16_pairs(),
+        );
         let mut need = memory::run_estimate(
             &program.spec,
             &shapes,
@@ -1150,6 +1158,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
             backend,
             tiling,
             rayon::current_num_threads(),
+            kv_source != attnc::tile::nest::KvSource::InPlace,
         );
         random_inputs_need(&mut need, &program, &shapes, &buffer_shapes, &buffers);
         typed_inputs_need(&mut need, &shapes, q_elem, kv_elem);
@@ -2029,6 +2038,14 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
             continue;
         };
         let tiles = tiling.unwrap_or_else(|| program.auto_tiling());
+        let (_, kv_source) = driver::nest_for_shapes(
+            &shapes,
+            page_table.is_some(),
+            inputs.q_elem,
+            inputs.k.elem(),
+            tiles,
+            driver::default_bf16_pairs(),
+        );
         let need = attnc::memory::run_estimate(
             &program.spec,
             &shapes,
@@ -2036,6 +2053,7 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
             backend,
             tiles,
             rayon::current_num_threads(),
+            kv_source != attnc::tile::nest::KvSource::InPlace,
         );
         let blocks = match backend {
             attnc::memory::Backend::Reference => String::new(),

@@ -6,8 +6,9 @@
 //! process is killed when it touches the pages, and a reservation beyond the
 //! address space aborts the process. So every such allocation is first
 //! [`Estimate`]d (a lower bound of the bytes it needs) and checked against the
-//! memory available: `MemAvailable` of `/proc/meminfo` on Linux, and the
-//! largest possible allocation (`isize::MAX` bytes) everywhere.
+//! memory available: `MemAvailable` of `/proc/meminfo` on Linux (or less,
+//! under an address-space limit, `ulimit -v`), and the largest possible
+//! allocation (`isize::MAX` bytes) everywhere.
 
 use std::fmt;
 
@@ -25,6 +26,8 @@ const SMALL: u128 = 64 << 20;
 pub enum Limit {
     /// `MemAvailable` in `/proc/meminfo`.
     MemAvailable,
+    /// The process's address-space limit (`ulimit -v`) less what it maps.
+    AddressSpaceLimit,
     /// The largest allocation the address space allows, `isize::MAX` bytes.
     AddressSpace,
 }
@@ -38,6 +41,7 @@ pub enum Limit {
     available = bytes(*available as u128),
     limit = match limit {
         Limit::MemAvailable => "of memory is available (MemAvailable in /proc/meminfo)",
+        Limit::AddressSpaceLimit => "can still be mapped under this process's address-space limit (`ulimit -v`)",
         Limit::AddressSpace => "can be allocated at all (the address space's limit)",
     },
 )]
@@ -96,20 +100,54 @@ pub fn bytes(n: u128) -> String {
 }
 
 /// Bytes of memory the system can give now: `MemAvailable` of
-/// `/proc/meminfo`. `None` where there is no such file (other systems) or it
-/// cannot be read.
+/// `/proc/meminfo`, or less where the process's address space is limited
+/// (`ulimit -v`: the limit less what the process has mapped). `None` where
+/// there is no such file (other systems) or it cannot be read.
 pub fn available() -> Option<u64> {
+    available_and_limit().map(|(bytes, _)| bytes)
+}
+
+/// [`available`], and which limit gave it.
+fn available_and_limit() -> Option<(u64, Limit)> {
     if !cfg!(target_os = "linux") {
         return None;
     }
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    mem_available(&text)
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let system = read("/proc/meminfo").and_then(|t| mem_available(&t));
+    let limited = read("/proc/self/limits")
+        .zip(read("/proc/self/status"))
+        .and_then(|(limits, status)| address_space_left(&limits, &status));
+    match (system, limited) {
+        (Some(a), Some(b)) if b < a => Some((b, Limit::AddressSpaceLimit)),
+        (Some(a), _) => Some((a, Limit::MemAvailable)),
+        (None, b) => b.map(|b| (b, Limit::AddressSpaceLimit)),
+    }
+}
+
+/// The bytes a process may still map under its soft address-space limit
+/// (`Max address space` of `/proc/self/limits`, less `VmSize` of
+/// `/proc/self/status`); `None` when it is unlimited or unreadable.
+fn address_space_left(limits: &str, status: &str) -> Option<u64> {
+    let limit: u64 = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max address space"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let used = mem_field(status, "VmSize:")?;
+    Some(limit.saturating_sub(used))
 }
 
 /// `MemAvailable` in bytes from the text of `/proc/meminfo`.
 fn mem_available(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let mut words = line["MemAvailable:".len()..].split_whitespace();
+    mem_field(meminfo, "MemAvailable:")
+}
+
+/// The field `name` (with its colon) of a `/proc` text in bytes (`N kB`).
+fn mem_field(text: &str, name: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(name))?;
+    let mut words = line[name.len()..].split_whitespace();
     let n: u64 = words.next()?.parse().ok()?;
     let unit = match words.next() {
         Some("kB") | Some("KB") | Some("kb") => 1024,
@@ -170,11 +208,11 @@ impl Estimate {
     /// Fails when the total exceeds the memory available now.
     pub fn check(&self, what: impl fmt::Display) -> Result<(), MemoryError> {
         let available = if self.total() > SMALL {
-            available()
+            available_and_limit()
         } else {
             None
         };
-        self.check_against(what, available)
+        self.check_limit(what, available)
     }
 
     /// Fails when the total exceeds `available` bytes (and, in any case,
@@ -184,10 +222,19 @@ impl Estimate {
         what: impl fmt::Display,
         available: Option<u64>,
     ) -> Result<(), MemoryError> {
+        self.check_limit(what, available.map(|a| (a, Limit::MemAvailable)))
+    }
+
+    /// [`Estimate::check_against`] bytes available under `limit`.
+    fn check_limit(
+        &self,
+        what: impl fmt::Display,
+        available: Option<(u64, Limit)>,
+    ) -> Result<(), MemoryError> {
         let needed = self.total();
         let address_space = isize::MAX as u64;
         let (limit, kind) = match available {
-            Some(a) if a < address_space => (a, Limit::MemAvailable),
+            Some((a, kind)) if a < address_space => (a, kind),
             _ => (address_space, Limit::AddressSpace),
         };
         if needed <= limit as u128 {
@@ -290,15 +337,17 @@ pub fn outputs(e: &mut Estimate, shapes: &Shapes) {
 /// Adds what the Cranelift backend allocates for a run on `shapes` with
 /// `tiling` besides the outputs and the block maps: one tile's scratch per
 /// worker thread (scores, accumulators, row statistics; sized by the tile,
-/// not by the shapes) and the packed keys of a group of heads, `kv_rows`
-/// keys each (the longest sequence's, not `shapes.kv`, which counts the key
-/// offset too).
+/// not by the shapes) and, where its loop nest `packs` K and V (not where it
+/// reads them in place: `driver::nest_for`), the packed keys of a group of
+/// heads, `kv_rows` keys each (the longest sequence's, not `shapes.kv`,
+/// which counts the key offset too).
 pub fn jit_scratch(
     e: &mut Estimate,
     shapes: &Shapes,
     kv_rows: usize,
     tiling: Tiling,
     threads: usize,
+    packs: bool,
 ) {
     let Shapes { hkv, d, .. } = *shapes;
     let kv = kv_rows;
@@ -310,6 +359,9 @@ pub fn jit_scratch(
         format!("tile scratch per thread ({threads} threads, {tiling} tiles)"),
         threads.saturating_mul(tile),
     );
+    if !packs {
+        return;
+    }
     // Packed K of every kv head, in groups of at most the budget (or one head).
     let head = array_bytes(&[kv, d], 4);
     let budget = (crate::runtime::exec::PACK_BUDGET_BYTES as u128).max(head);
@@ -318,7 +370,8 @@ pub fn jit_scratch(
 
 /// A lower bound of the memory a run of `spec` on inputs of `shapes`, whose
 /// longest sequence has `kv_rows` keys, needs beyond the inputs themselves:
-/// the outputs, the block maps and the scratch of `threads` worker threads.
+/// the outputs, the block maps and the scratch of `threads` worker threads
+/// (with packed keys where the jit's nest `packs` K/V: [`jit_scratch`]).
 pub fn run_estimate(
     spec: &Spec,
     shapes: &Shapes,
@@ -326,6 +379,7 @@ pub fn run_estimate(
     backend: Backend,
     tiling: Tiling,
     threads: usize,
+    packs: bool,
 ) -> Estimate {
     let mut e = Estimate::new();
     outputs(&mut e, shapes);
@@ -348,7 +402,7 @@ pub fn run_estimate(
         }
         Backend::Jit => {
             block_maps(&mut e, spec, shapes, tiling);
-            jit_scratch(&mut e, shapes, kv_rows, tiling, threads);
+            jit_scratch(&mut e, shapes, kv_rows, tiling, threads, packs);
         }
     }
     e
@@ -364,9 +418,67 @@ mod tests {
         assert_eq!(mem_available(text), Some(23623160 * 1024));
         assert_eq!(mem_available("MemTotal: 5 kB\n"), None);
         assert_eq!(mem_available("MemAvailable: x kB\n"), None);
+        // `ulimit -v`: the soft limit less what is mapped.
+        let limits = "Max stack size            8388608              unlimited            bytes\n\
+                      Max address space         8000000000           unlimited            bytes\n";
+        let status = "Name:\tattnc\nVmPeak:\t  10 kB\nVmSize:\t 1000 kB\n";
+        assert_eq!(
+            address_space_left(limits, status),
+            Some(8_000_000_000 - 1_024_000)
+        );
+        let unlimited =
+            "Max address space         unlimited            unlimited            bytes\n";
+        assert_eq!(address_space_left(unlimited, status), None);
+        assert_eq!(
+            address_space_left(limits, "VmSize: 9999999999 kB\n"),
+            Some(0)
+        );
         if cfg!(target_os = "linux") {
             assert!(available().is_some_and(|a| a > 0));
         }
+    }
+
+    /// The jit's packed keys are counted only where its nest packs K/V: a
+    /// decode that reads a long cache in place was refused for them.
+    #[test]
+    fn packed_keys_are_counted_only_where_the_nest_packs() {
+        let shapes = Shapes {
+            b: 1,
+            h: 8,
+            hkv: 1,
+            q: 1,
+            kv: 1 << 29,
+            d: 64,
+        };
+        let spec = crate::load(
+            crate::SourceFile::new("c.attn", "attention c { mask = causal }"),
+            &crate::SpecOptions::default(),
+        )
+        .unwrap()
+        .spec;
+        let tiling = Tiling::new(64, 64).unwrap();
+        let estimate =
+            |packs| run_estimate(&spec, &shapes, 1 << 29, Backend::Jit, tiling, 2, packs);
+        let named = |e: &Estimate| {
+            e.parts
+                .iter()
+                .any(|(name, n)| name == "packed keys" && *n > 0)
+        };
+        assert!(named(&estimate(true)));
+        assert!(!named(&estimate(false)));
+        assert!(estimate(false).total() < 1 << 30, "{:?}", estimate(false));
+    }
+
+    /// Under `ulimit -v` the error names that limit.
+    #[test]
+    fn an_address_space_limit_is_named() {
+        let mut e = Estimate::new();
+        e.array("k", &[1 << 20, 1 << 10], 4);
+        let err = e
+            .check_limit("the inputs", Some((1 << 30, Limit::AddressSpaceLimit)))
+            .unwrap_err();
+        assert_eq!(err.limit, Limit::AddressSpaceLimit);
+        assert!(err.to_string().contains("`ulimit -v`"), "{err}");
     }
 
     #[test]

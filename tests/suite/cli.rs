@@ -1067,6 +1067,41 @@ fn bench_beyond_memory_is_an_error_naming_the_sizes() {
     }
 }
 
+/// Under an address-space limit (`ulimit -v`) a run whose inputs fit the
+/// machine but not the limit is refused, naming the limit, before it
+/// allocates (it passed the check and aborted on the allocation).
+#[test]
+fn a_run_beyond_the_address_space_limit_is_an_error() {
+    if !cfg!(target_os = "linux") {
+        eprintln!("not on Linux: /proc/self/limits is not there");
+        return;
+    }
+    // 3 GiB of address space; k and v of 2^20 x 8 x 64 floats are 4 GiB.
+    let o = Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -v 3145728 && exec \"$0\" \"$@\"",
+            env!("CARGO_BIN_EXE_attnc"),
+            "run",
+            "examples/dense.attn",
+            "--random",
+            "--q-len",
+            "64",
+            "--kv-len",
+            "1048576",
+            "--heads",
+            "8",
+            "--dim",
+            "64",
+            "--check",
+        ])
+        .current_dir(root())
+        .output()
+        .expect("sh runs");
+    assert_fails(&o, &["attnc::memory", "`ulimit -v`"]);
+    assert!(!stderr(&o).contains("memory allocation"), "{}", stderr(&o));
+}
+
 #[test]
 fn run_with_tiles_beyond_memory_is_an_error() {
     let dir = TempDir::new();
