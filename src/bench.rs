@@ -279,7 +279,7 @@ pub fn generate_buffer(
 ) -> Result<BufferData, Error> {
     let shape = shapes.buffer_shape(decl).map_err(|d| {
         Error::Usage(format!(
-            "cannot generate buffer `{}`: its dimension `{d}` is negative or undefined for B={}, H={}, HKV={}, Q={}, KV={}, D={}",
+            "cannot generate buffer `{}`: its dimension `{d}` is negative, overflows a 64-bit int or divides by zero for B={}, H={}, HKV={}, Q={}, KV={}, D={}",
             decl.name, shapes.b, shapes.h, shapes.hkv, shapes.q, shapes.kv, shapes.d
         ))
     })?;

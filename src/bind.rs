@@ -546,7 +546,7 @@ pub enum BindError {
         found: Type,
     },
     #[error(
-        "buffer `{name}[{dims}]`: the dimension `{dim}` is negative or undefined for these inputs"
+        "buffer `{name}[{dims}]`: the dimension `{dim}` is negative, overflows a 64-bit int or divides by zero for these inputs"
     )]
     #[diagnostic(code(attnc::bind::buffer_dim), help("the shapes are B={}, H={}, HKV={}, Q={}, KV={}, D={}; a dimension must be at least 0 and its divisors at least 1", shapes.b, shapes.h, shapes.hkv, shapes.q, shapes.kv, shapes.d))]
     BufferDim {

@@ -703,10 +703,11 @@ pub fn check_jit_tiling(tiling: crate::mask::Tiling) -> Result<(), Error> {
         return Ok(());
     }
     let below = bkv / 16 * 16;
-    let nearest = if below == 0 {
-        format!("{bq}x16")
-    } else {
-        format!("{bq}x{below} or {bq}x{}", below + 16)
+    let nearest = match (below, below.checked_add(16)) {
+        (0, _) => format!("{bq}x16"),
+        // No multiple of 16 above `usize::MAX - 15`.
+        (_, None) => format!("{bq}x{below}"),
+        (_, Some(above)) => format!("{bq}x{below} or {bq}x{above}"),
     };
     Err(Error::Usage(format!(
         "tile size {tiling}: the jit backend needs key tiles (the second number) that are a multiple of 16, \

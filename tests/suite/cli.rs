@@ -1613,6 +1613,10 @@ fn run_with_a_key_tile_the_jit_cannot_compile_is_a_usage_error() {
     // The same sizes run on the interp backend.
     let o = run_packed(&dir, &["--block", "64x40", "--backend", "interp"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // At the top of usize there is no multiple of 16 above (the suggestion
+    // once wrapped to `64x0`, or panicked in a debug build).
+    let o = run_packed(&dir, &["--block", "64x18446744073709551615"]);
+    assert_fails(&o, &["Use 64x18446744073709551600, or `--block auto`"]);
 }
 
 /// `attnc run --random` with `extra` appended.

@@ -545,7 +545,7 @@ fn buffer_dimensions_follow_params_and_shapes_at_bind() {
     ] {
         let text = e.render();
         assert!(
-            text.contains("the dimension `KV - 6` is negative or undefined")
+            text.contains("the dimension `KV - 6` is negative, overflows a 64-bit int")
                 && text.contains("KV=4"),
             "{text}"
         );
