@@ -1012,6 +1012,25 @@ fn library_backend(
     })
 }
 
+/// The loop nest a CPU call of `shapes` takes with K/V in pages of
+/// `page_size` (or dense), as `bench` and `emit` make them from their flags.
+fn flags_nest(
+    shapes: &attnc::sema::eval::Shapes,
+    page_size: Option<usize>,
+    q_elem: attnc::ElemType,
+    kv_elem: attnc::ElemType,
+    tiling: attnc::mask::Tiling,
+) -> driver::NestShape {
+    driver::nest_for_shapes(
+        shapes,
+        page_size.is_some(),
+        q_elem,
+        kv_elem,
+        tiling,
+        driver::default_bf16_pairs(),
+    )
+}
+
 /// K and V `[B, HKV, KV, D]` moved into a pool of pages of `ps` slots in a
 /// shuffled order, with its page table and the lengths (every sequence KV).
 /// The dense copies are dropped by the caller's scope; the pool holds the
@@ -1143,14 +1162,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     {
         let backend = memory_backend(args.backend).expect("a CPU backend");
         use attnc::memory;
-        let (_, kv_source) = driver::nest_for_shapes(
-            &shapes,
-            args.page_size.is_some(),
-            q_elem,
-            kv_elem,
-            tiling,
-            driver::default_bf16_pairs(),
-        );
+        let (_, kv_source) = flags_nest(&shapes, args.page_size, q_elem, kv_elem, tiling);
         let mut need = memory::run_estimate(
             &program.spec,
             &shapes,
@@ -1677,14 +1689,7 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
                 args.dtype.as_deref().unwrap_or("f32"),
                 args.kv_dtype.as_deref(),
             )?;
-            let nest = driver::nest_for_shapes(
-                &shapes,
-                args.page_size.is_some(),
-                q_elem,
-                kv_elem,
-                tiling,
-                driver::default_bf16_pairs(),
-            );
+            let nest = flags_nest(&shapes, args.page_size, q_elem, kv_elem, tiling);
             let threads = rayon::current_num_threads();
             let walks = match nest.0 {
                 attnc::tile::nest::RowMap::GqaGroup => Some(batch * hkv),

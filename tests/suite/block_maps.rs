@@ -994,12 +994,7 @@ fn an_analysis_past_its_budget_leaves_undecided_tiles_partial() {
         .compile_jit(tiling, attnc::codegen::clif::GemmImpl::detect())
         .unwrap();
     let got = jit.run(&inputs).unwrap();
-    let diff = got
-        .out
-        .iter()
-        .zip(&want.out)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let diff = crate::support::common::max_abs_diff(&got.out, &want.out);
     assert!(diff < 1e-5, "out differs by {diff}");
     // An error in a tile the analysis gave up on: the reference's.
     let failing = format!("attention heavy {{\n    {heavy} || 100 / (q - 120) > 1000\n}}");
