@@ -1026,15 +1026,13 @@ impl JitKernel {
         // inputs: check it (and the outputs) before anything is allocated.
         let mut need = crate::memory::Estimate::new();
         crate::memory::outputs(&mut need, &bound.shapes);
-        let packs = nest_for(bound, self.tiling, self.bf16_pairs()).1
-            != crate::tile::nest::KvSource::InPlace;
         crate::memory::jit_scratch(
             &mut need,
             &bound.shapes,
             bound.key_rows(),
             self.tiling,
             rayon::current_num_threads(),
-            packs,
+            nest_for(bound, self.tiling, self.bf16_pairs()).1,
         );
         need.check(format_args!(
             "running `{}` on {} with {} tiles",
@@ -1389,8 +1387,6 @@ impl Program {
         tiling: crate::mask::Tiling,
         threads: usize,
     ) -> Result<(), Error> {
-        let packs =
-            nest_for(bound, tiling, default_bf16_pairs()).1 != crate::tile::nest::KvSource::InPlace;
         let need = crate::memory::run_estimate(
             &self.spec,
             &bound.shapes,
@@ -1398,7 +1394,7 @@ impl Program {
             backend,
             tiling,
             threads,
-            packs,
+            nest_for(bound, tiling, default_bf16_pairs()).1,
         );
         Ok(need.check(format_args!(
             "running `{}` on {} ({backend:?})",

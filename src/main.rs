@@ -1012,18 +1012,18 @@ fn library_backend(
     })
 }
 
-/// The loop nest a CPU call of `shapes` takes with K/V in pages of
-/// `page_size` (or dense), as `bench` and `emit` make them from their flags.
+/// The loop nest a CPU call of `shapes` takes with K/V in a pool of pages
+/// (`paged`) or dense, as `bench`, `emit` and `run` make them from their flags.
 fn flags_nest(
     shapes: &attnc::sema::eval::Shapes,
-    page_size: Option<usize>,
+    paged: bool,
     q_elem: attnc::ElemType,
     kv_elem: attnc::ElemType,
     tiling: attnc::mask::Tiling,
 ) -> driver::NestShape {
     driver::nest_for_shapes(
         shapes,
-        page_size.is_some(),
+        paged,
         q_elem,
         kv_elem,
         tiling,
@@ -1162,7 +1162,6 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
     {
         let backend = memory_backend(args.backend).expect("a CPU backend");
         use attnc::memory;
-        let (_, kv_source) = flags_nest(&shapes, args.page_size, q_elem, kv_elem, tiling);
         let mut need = memory::run_estimate(
             &program.spec,
             &shapes,
@@ -1170,7 +1169,7 @@ fn bench(args: BenchArgs) -> Result<(), Error> {
             backend,
             tiling,
             rayon::current_num_threads(),
-            kv_source != attnc::tile::nest::KvSource::InPlace,
+            flags_nest(&shapes, args.page_size.is_some(), q_elem, kv_elem, tiling).1,
         );
         random_inputs_need(&mut need, &program, &shapes, &buffer_shapes, &buffers);
         typed_inputs_need(&mut need, &shapes, q_elem, kv_elem);
@@ -1689,7 +1688,7 @@ fn emit(args: EmitArgs) -> Result<String, Error> {
                 args.dtype.as_deref().unwrap_or("f32"),
                 args.kv_dtype.as_deref(),
             )?;
-            let nest = flags_nest(&shapes, args.page_size, q_elem, kv_elem, tiling);
+            let nest = flags_nest(&shapes, args.page_size.is_some(), q_elem, kv_elem, tiling);
             let threads = rayon::current_num_threads();
             let walks = match nest.0 {
                 attnc::tile::nest::RowMap::GqaGroup => Some(batch * hkv),
@@ -2043,14 +2042,6 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
             continue;
         };
         let tiles = tiling.unwrap_or_else(|| program.auto_tiling());
-        let (_, kv_source) = driver::nest_for_shapes(
-            &shapes,
-            page_table.is_some(),
-            inputs.q_elem,
-            inputs.k.elem(),
-            tiles,
-            driver::default_bf16_pairs(),
-        );
         let need = attnc::memory::run_estimate(
             &program.spec,
             &shapes,
@@ -2058,7 +2049,14 @@ fn run_spec(args: RunArgs) -> Result<(), Error> {
             backend,
             tiles,
             rayon::current_num_threads(),
-            kv_source != attnc::tile::nest::KvSource::InPlace,
+            flags_nest(
+                &shapes,
+                page_table.is_some(),
+                inputs.q_elem,
+                inputs.k.elem(),
+                tiles,
+            )
+            .1,
         );
         let blocks = match backend {
             attnc::memory::Backend::Reference => String::new(),

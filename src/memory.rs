@@ -337,8 +337,8 @@ pub fn outputs(e: &mut Estimate, shapes: &Shapes) {
 /// Adds what the Cranelift backend allocates for a run on `shapes` with
 /// `tiling` besides the outputs and the block maps: one tile's scratch per
 /// worker thread (scores, accumulators, row statistics; sized by the tile,
-/// not by the shapes) and, where its loop nest `packs` K and V (not where it
-/// reads them in place: `driver::nest_for`), the packed keys of a group of
+/// not by the shapes) and, where its loop nest's K/V source `kv_source` packs them
+/// (not where it reads them in place: `driver::nest_for`), the packed keys of a group of
 /// heads, `kv_rows` keys each (the longest sequence's, not `shapes.kv`,
 /// which counts the key offset too).
 pub fn jit_scratch(
@@ -347,7 +347,7 @@ pub fn jit_scratch(
     kv_rows: usize,
     tiling: Tiling,
     threads: usize,
-    packs: bool,
+    kv_source: crate::tile::nest::KvSource,
 ) {
     let Shapes { hkv, d, .. } = *shapes;
     let kv = kv_rows;
@@ -359,7 +359,7 @@ pub fn jit_scratch(
         format!("tile scratch per thread ({threads} threads, {tiling} tiles)"),
         threads.saturating_mul(tile),
     );
-    if !packs {
+    if kv_source == crate::tile::nest::KvSource::InPlace {
         return;
     }
     // Packed K of every kv head, in groups of at most the budget (or one head).
@@ -371,7 +371,7 @@ pub fn jit_scratch(
 /// A lower bound of the memory a run of `spec` on inputs of `shapes`, whose
 /// longest sequence has `kv_rows` keys, needs beyond the inputs themselves:
 /// the outputs, the block maps and the scratch of `threads` worker threads
-/// (with packed keys where the jit's nest `packs` K/V: [`jit_scratch`]).
+/// (with packed keys where the jit's nest packs K/V: [`jit_scratch`]).
 pub fn run_estimate(
     spec: &Spec,
     shapes: &Shapes,
@@ -379,7 +379,7 @@ pub fn run_estimate(
     backend: Backend,
     tiling: Tiling,
     threads: usize,
-    packs: bool,
+    kv_source: crate::tile::nest::KvSource,
 ) -> Estimate {
     let mut e = Estimate::new();
     outputs(&mut e, shapes);
@@ -402,7 +402,7 @@ pub fn run_estimate(
         }
         Backend::Jit => {
             block_maps(&mut e, spec, shapes, tiling);
-            jit_scratch(&mut e, shapes, kv_rows, tiling, threads, packs);
+            jit_scratch(&mut e, shapes, kv_rows, tiling, threads, kv_source);
         }
     }
     e
@@ -457,16 +457,20 @@ mod tests {
         .unwrap()
         .spec;
         let tiling = Tiling::new(64, 64).unwrap();
-        let estimate =
-            |packs| run_estimate(&spec, &shapes, 1 << 29, Backend::Jit, tiling, 2, packs);
+        let estimate = |kv| run_estimate(&spec, &shapes, 1 << 29, Backend::Jit, tiling, 2, kv);
+        use crate::tile::nest::KvSource::{InPlace, Packed};
         let named = |e: &Estimate| {
             e.parts
                 .iter()
                 .any(|(name, n)| name == "packed keys" && *n > 0)
         };
-        assert!(named(&estimate(true)));
-        assert!(!named(&estimate(false)));
-        assert!(estimate(false).total() < 1 << 30, "{:?}", estimate(false));
+        assert!(named(&estimate(Packed)));
+        assert!(!named(&estimate(InPlace)));
+        assert!(
+            estimate(InPlace).total() < 1 << 30,
+            "{:?}",
+            estimate(InPlace)
+        );
     }
 
     /// Under `ulimit -v` the error names that limit.

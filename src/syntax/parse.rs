@@ -699,17 +699,26 @@ fn convert_error(source: &str, err: pest::error::Error<Rule>) -> SyntaxError {
 /// file expects an attention block or a function.
 fn at_top_level(source: &str, pos: usize) -> bool {
     let mut depth = 0i64;
-    for line in source[..pos].split('\n') {
-        let code = line.find("//").map_or(line, |c| &line[..c]);
-        for c in code.chars() {
-            match c {
-                '{' => depth += 1,
-                '}' => depth -= 1,
-                _ => {}
-            }
+    for (_, c) in code_before(source, pos) {
+        match c {
+            '{' => depth += 1,
+            '}' => depth -= 1,
+            _ => {}
         }
     }
     depth <= 0
+}
+
+/// The characters of `source` before `pos` and their offsets, comments
+/// (`//` to the end of a line) left out.
+fn code_before(source: &str, pos: usize) -> impl Iterator<Item = (usize, char)> + '_ {
+    let mut start = 0;
+    source[..pos].split('\n').flat_map(move |line| {
+        let offset = start;
+        start += line.len() + 1;
+        let code = line.find("//").map_or(line, |c| &line[..c]);
+        code.char_indices().map(move |(i, c)| (offset + i, c))
+    })
 }
 
 /// Whether `word` is a number the grammar reads: a decimal, `0x` or `0b`
@@ -803,20 +812,13 @@ fn malformed_number(source: &str, pos: usize) -> Option<SyntaxError> {
 /// so `max` then `(q, kv)` on the next line is a name and a parenthesis.
 fn bracket_on_next_line(source: &str, pos: usize) -> Option<String> {
     let mut open = Vec::new();
-    for line_start in
-        std::iter::once(0).chain(source[..pos].match_indices('\n').map(|(i, _)| i + 1))
-    {
-        let line = &source[line_start..pos.max(line_start)];
-        let line = &line[..line.find('\n').unwrap_or(line.len())];
-        let code = line.find("//").map_or(line, |c| &line[..c]);
-        for (i, c) in code.char_indices() {
-            match c {
-                '(' | '[' => open.push(line_start + i),
-                ')' | ']' => {
-                    open.pop();
-                }
-                _ => {}
+    for (i, c) in code_before(source, pos) {
+        match c {
+            '(' | '[' => open.push(i),
+            ')' | ']' => {
+                open.pop();
             }
+            _ => {}
         }
     }
     // The bracket itself, where the error is (nothing may follow the line

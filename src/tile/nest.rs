@@ -263,17 +263,20 @@ impl fmt::Display for LoopNest {
         match (self.rows, self.grid) {
             (RowMap::OneHead, Grid::QueryTiles { bq }) => writeln!(
                 f,
-                "rows one_head: row i of (b, h, qt) is query q = q_start(b) + qt * {bq} + i of head h"
+                "rows {}: row i of (b, h, qt) is query q = q_start(b) + qt * {bq} + i of head h",
+                RowMap::OneHead.name()
             )?,
             (RowMap::GqaGroup, _) => writeln!(
                 f,
-                "rows gqa_group: row i of (b, kh, chunk) is head h = kh * (H / HKV) + i / Q, \
-                 query q = q_start(b) + i % Q"
+                "rows {}: row i of (b, kh, chunk) is head h = kh * (H / HKV) + i / Q, \
+                 query q = q_start(b) + i % Q",
+                RowMap::GqaGroup.name()
             )?,
             (RowMap::AllHeads, _) => writeln!(
                 f,
-                "rows all_heads: row i of (b, chunk) is head h = i / Q (kv head h / (H / HKV)), \
-                 query q = q_start(b) + i % Q"
+                "rows {}: row i of (b, chunk) is head h = i / Q (kv head h / (H / HKV)), \
+                 query q = q_start(b) + i % Q",
+                RowMap::AllHeads.name()
             )?,
             (RowMap::OneHead, Grid::KvHeads { .. } | Grid::Sequences { .. }) => {
                 unreachable!("a one-head row map has query tiles")
@@ -282,17 +285,20 @@ impl fmt::Display for LoopNest {
         match self.kv {
             KvSource::Packed => writeln!(
                 f,
-                "kv packed: rows j < kv_len(b) of k, v (dense or pages) packed per call as f32; head h reads kv head h / (H / HKV)"
+                "kv {}: rows j < kv_len(b) of k, v (dense or pages) packed per call as f32; head h reads kv head h / (H / HKV)",
+                KvSource::Packed.name()
             )?,
             KvSource::PackedBf16 => writeln!(
                 f,
-                "kv packed_bf16: k, v bf16[B|1, HKV, KV, D] packed per call in pairs; head h reads kv head h / (H / HKV); \
-                 qk and pv on bf16 operands with f32 sums, p rounded to bf16 for pv"
+                "kv {}: k, v bf16[B|1, HKV, KV, D] packed per call in pairs; head h reads kv head h / (H / HKV); \
+                 qk and pv on bf16 operands with f32 sums, p rounded to bf16 for pv",
+                KvSource::PackedBf16.name()
             )?,
             KvSource::InPlace => writeln!(
                 f,
-                "kv in_place: rows j < kv_len(b) of kv head kh read where they are: \
+                "kv {}: rows j < kv_len(b) of kv head kh read where they are: \
                  dense [B, HKV, KV, D] or pages [P, page_size, HKV, D] at table[b, j / page_size]{}",
+                KvSource::InPlace.name(),
                 if self.rows == RowMap::AllHeads {
                     "; a tile reads every kv head of a row together"
                 } else {
